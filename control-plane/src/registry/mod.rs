@@ -1,0 +1,472 @@
+//! The registry: services, their instances, and who may change them.
+//!
+//! This is the core of the control plane. It knows nothing of gRPC or HTTP: the API modules
+//! validate requests, call it, and translate its answers. Every change bumps a monotonic index,
+//! replaces the service's [`ServiceSnapshot`] (watchers see a consistent view), and is written
+//! behind to the [`Store`](crate::store::Store).
+//!
+//! Instances come in two kinds (see [`Origin`]): persistent ones registered through the API, and
+//! ephemeral ones bound to a sidecar's stream through a lease. A stream that breaks without
+//! goodbye makes its instance critical at once and removes it after `reconnect_grace`, unless
+//! the sidecar comes back first.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex, MutexGuard, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use ferry_health::Health;
+use ferry_proto::{v1, validate::FieldError};
+use prost::Message;
+use tokio::sync::watch;
+
+use crate::{
+    metrics::RegistryMetrics,
+    store::{Store, StoreError, StoreWriter, Table, Write},
+};
+
+mod instance;
+mod snapshot;
+
+pub use self::{
+    instance::{Instance, InstanceSpec, Origin, timestamp},
+    snapshot::{Change, ChangeLog, Delta, ServiceSnapshot},
+};
+
+/// Tuning of the registry.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// How long an instance whose sidecar stream broke is kept (critical) for a reconnect.
+    pub reconnect_grace: Duration,
+    /// How many recent changes per service are kept for delta pushes.
+    pub change_log: usize,
+    /// How long an API write waits to be durable before it reports the store's error.
+    pub durable_timeout: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self { reconnect_grace: Duration::from_secs(30), change_log: 256, durable_timeout: Duration::from_secs(5) }
+    }
+}
+
+/// Why the registry refused a change.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RegistryError {
+    /// The request is malformed or conflicts with what is registered; names the field.
+    #[error(transparent)]
+    Invalid(#[from] FieldError),
+    #[error("no instance with id {0:?}")]
+    NotFound(String),
+    /// The change is in memory but could not be made durable in time.
+    #[error("not persisted: {0}")]
+    Unavailable(#[from] StoreError),
+}
+
+/// Identifies one sidecar stream, so a stale stream cannot release a lease a newer one holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionId(u64);
+
+/// A service and how many of its instances can take traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSummary {
+    pub name: Arc<str>,
+    pub index: u64,
+    pub instances: usize,
+    pub routable: usize,
+}
+
+/// The registry of services and instances.
+pub struct Registry {
+    state: Mutex<State>,
+    writer: StoreWriter,
+    config: RegistryConfig,
+    metrics: RegistryMetrics,
+    sessions: AtomicU64,
+    this: Weak<Registry>,
+}
+
+struct State {
+    next_index: u64,
+    services: HashMap<Arc<str>, ServiceEntry>,
+    /// Instance id to its service.
+    ids: HashMap<String, Arc<str>>,
+    /// Leases of sidecar-owned instances, by instance id.
+    leases: HashMap<String, Lease>,
+    next_epoch: u64,
+    placeholders_created: u64,
+}
+
+struct ServiceEntry {
+    tx: watch::Sender<Arc<ServiceSnapshot>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lease {
+    Attached(SessionId),
+    /// The stream is gone; the instance is removed when the timer of this epoch fires.
+    Detached { epoch: u64 },
+}
+
+/// One mutation of an instance, applied by [`State::commit`].
+enum Mutation {
+    Upsert(Instance),
+    Remove,
+}
+
+impl Registry {
+    /// Opens the registry over `store`, restoring what it holds.
+    ///
+    /// Restored sidecar instances keep their health and get a fresh grace period in which their
+    /// sidecars can reconnect, so a control-plane restart does not flap them.
+    pub async fn open(store: Arc<dyn Store>, config: RegistryConfig, metrics: RegistryMetrics) -> Result<Arc<Self>, StoreError> {
+        let rows = store.load(Table::Instances).await?;
+        let mut restored = Vec::with_capacity(rows.len());
+        for (key, value) in rows {
+            let stored = v1::Instance::decode(value.as_slice())
+                .map_err(|e| StoreError::new(format!("instance {key:?} is corrupt: {e}")))?;
+            let instance =
+                Instance::from_stored(stored).map_err(|e| StoreError::new(format!("instance {key:?} is invalid: {e}")))?;
+            restored.push(instance);
+        }
+        let max_index = restored.iter().map(|i| i.index).max().unwrap_or(0);
+        // Indexes start from the clock so that no index handed out after a restart can equal
+        // one a sidecar still holds from before it, even with a memory store.
+        let now_micros = u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros()).unwrap_or(0);
+        let registry = Arc::new_cyclic(|this| Registry {
+            state: Mutex::new(State {
+                next_index: now_micros.max(max_index + 1),
+                services: HashMap::new(),
+                ids: HashMap::new(),
+                leases: HashMap::new(),
+                next_epoch: 0,
+                placeholders_created: 0,
+            }),
+            writer: StoreWriter::spawn(store),
+            config,
+            metrics,
+            sessions: AtomicU64::new(0),
+            this: this.clone(),
+        });
+        registry.restore(restored);
+        Ok(registry)
+    }
+
+    fn restore(&self, instances: Vec<Instance>) {
+        let mut by_service: BTreeMap<Arc<str>, BTreeMap<String, Arc<Instance>>> = BTreeMap::new();
+        let mut state = self.lock();
+        for instance in instances {
+            state.ids.insert(instance.id.clone(), instance.service.clone());
+            self.metrics.instances(instance.health).inc();
+            if instance.node_id().is_some() {
+                let epoch = state.new_epoch();
+                state.leases.insert(instance.id.clone(), Lease::Detached { epoch });
+                self.expire_later(instance.id.clone(), epoch);
+            }
+            by_service.entry(instance.service.clone()).or_default().insert(instance.id.clone(), Arc::new(instance));
+        }
+        for (name, instances) in by_service {
+            let index = state.next_index();
+            let snapshot = ServiceSnapshot {
+                name: name.clone(),
+                index,
+                instances: Arc::new(instances),
+                log: Arc::new(ChangeLog::starting_at(index)),
+                changed_at: Instant::now(),
+            };
+            state.services.insert(name, ServiceEntry { tx: watch::Sender::new(Arc::new(snapshot)) });
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A new identity for a sidecar stream.
+    pub fn new_session(&self) -> SessionId {
+        SessionId(self.sessions.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// Every service with at least one instance, by name.
+    pub fn services(&self) -> Vec<ServiceSummary> {
+        let state = self.lock();
+        let mut services: Vec<_> = state
+            .services
+            .values()
+            .map(|entry| entry.tx.borrow().clone())
+            .filter(|snapshot| snapshot.exists())
+            .map(|snapshot| ServiceSummary {
+                name: snapshot.name.clone(),
+                index: snapshot.index,
+                instances: snapshot.instances.len(),
+                routable: snapshot.routable(),
+            })
+            .collect();
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        services
+    }
+
+    /// The current snapshot of `service`, if it was ever seen.
+    pub fn snapshot(&self, service: &str) -> Option<Arc<ServiceSnapshot>> {
+        self.lock().services.get(service).map(|entry| entry.tx.borrow().clone())
+    }
+
+    /// A receiver of `service`'s snapshots, which sees every later change. Watching a service
+    /// that has no instances yet is allowed: its snapshot has index 0 until one registers.
+    pub fn watch(&self, service: &str) -> watch::Receiver<Arc<ServiceSnapshot>> {
+        let mut state = self.lock();
+        if let Some(entry) = state.services.get(service) {
+            return entry.tx.subscribe();
+        }
+        state.sweep_placeholders();
+        let name: Arc<str> = service.into();
+        let tx = watch::Sender::new(Arc::new(ServiceSnapshot::empty(name.clone())));
+        let rx = tx.subscribe();
+        state.services.insert(name, ServiceEntry { tx });
+        rx
+    }
+
+    /// The instance with `id`.
+    pub fn instance(&self, id: &str) -> Option<Arc<Instance>> {
+        let state = self.lock();
+        let service = state.ids.get(id)?;
+        state.services.get(service)?.tx.borrow().instances.get(id).cloned()
+    }
+
+    /// Registers or replaces a persistent instance and waits until it is durable.
+    pub async fn register(&self, spec: InstanceSpec) -> Result<Arc<Instance>, RegistryError> {
+        let (instance, generation) = {
+            let mut state = self.lock();
+            state.check_id(&spec)?;
+            let existing = state.current(&spec.id);
+            match existing {
+                Some(existing) if existing.node_id().is_some() => {
+                    return Err(FieldError::new(
+                        "id",
+                        format!("{:?} belongs to the sidecar {:?}", spec.id, existing.node_id().unwrap_or_default()),
+                    )
+                    .into());
+                }
+                Some(existing) if existing.matches(&spec) => (existing, None),
+                existing => {
+                    let health = existing.map_or(Health::Passing, |e| e.health);
+                    let instance = Instance::new(spec, Origin::Api, health);
+                    let key = instance_key(&instance);
+                    let (instance, generation) = self.commit(&mut state, Mutation::Upsert(instance), &key);
+                    (instance.expect("an upsert yields the instance"), Some(generation))
+                }
+            }
+        };
+        if let Some(generation) = generation {
+            self.writer.durable(generation, self.config.durable_timeout).await?;
+        }
+        Ok(instance)
+    }
+
+    /// Removes the instance `id`, whatever registered it, and waits until that is durable.
+    pub async fn deregister(&self, id: &str) -> Result<Arc<Instance>, RegistryError> {
+        let (removed, generation) = {
+            let mut state = self.lock();
+            let Some(existing) = state.current(id) else {
+                return Err(RegistryError::NotFound(id.to_owned()));
+            };
+            state.leases.remove(id);
+            let (_, generation) = self.commit(&mut state, Mutation::Remove, &(existing.service.clone(), id.to_owned()));
+            (existing, generation)
+        };
+        self.writer.durable(generation, self.config.durable_timeout).await?;
+        Ok(removed)
+    }
+
+    /// Registers the instance of a sidecar's app under a lease held by `session`.
+    ///
+    /// A sidecar that reconnects (same id) takes its instance back, cancelling its removal.
+    pub fn attach(&self, session: SessionId, node_id: &str, spec: InstanceSpec, health: Health) -> Result<Arc<Instance>, RegistryError> {
+        let mut state = self.lock();
+        state.check_id(&spec)?;
+        let existing = state.current(&spec.id);
+        if let Some(existing) = &existing {
+            if existing.node_id().is_none() {
+                return Err(FieldError::new("instance.id", format!("{:?} is registered through the API", spec.id)).into());
+            }
+        }
+        state.leases.insert(spec.id.clone(), Lease::Attached(session));
+        let origin = Origin::Sidecar { node_id: node_id.to_owned() };
+        match existing {
+            Some(existing) if existing.matches(&spec) && existing.origin == origin && existing.health == health => Ok(existing),
+            _ => {
+                let instance = Instance::new(spec, origin, health);
+                let key = instance_key(&instance);
+                let (instance, _) = self.commit(&mut state, Mutation::Upsert(instance), &key);
+                Ok(instance.expect("an upsert yields the instance"))
+            }
+        }
+    }
+
+    /// Ends `session`'s lease on instance `id`. With `goodbye` the instance is removed at once;
+    /// otherwise it turns critical and is removed after the reconnect grace period.
+    pub fn detach(&self, session: SessionId, id: &str, goodbye: bool) {
+        let mut state = self.lock();
+        if state.leases.get(id) != Some(&Lease::Attached(session)) {
+            return; // A newer stream holds the lease, or the instance was deregistered.
+        }
+        let Some(existing) = state.current(id) else {
+            state.leases.remove(id);
+            return;
+        };
+        let key = (existing.service.clone(), id.to_owned());
+        if goodbye {
+            state.leases.remove(id);
+            self.commit(&mut state, Mutation::Remove, &key);
+            return;
+        }
+        let epoch = state.new_epoch();
+        state.leases.insert(id.to_owned(), Lease::Detached { epoch });
+        if existing.health != Health::Critical {
+            let mut instance = (*existing).clone();
+            instance.health = Health::Critical;
+            self.commit(&mut state, Mutation::Upsert(instance), &key);
+        }
+        drop(state);
+        self.expire_later(id.to_owned(), epoch);
+    }
+
+    /// Sets the health of instance `id`, bumping its service's index only on a change.
+    pub fn set_health(&self, id: &str, health: Health) -> Result<Arc<Instance>, RegistryError> {
+        let mut state = self.lock();
+        let Some(existing) = state.current(id) else {
+            return Err(RegistryError::NotFound(id.to_owned()));
+        };
+        if existing.health == health {
+            return Ok(existing);
+        }
+        let mut instance = (*existing).clone();
+        instance.health = health;
+        let key = instance_key(&instance);
+        let (instance, _) = self.commit(&mut state, Mutation::Upsert(instance), &key);
+        Ok(instance.expect("an upsert yields the instance"))
+    }
+
+    /// Waits until every change so far is durable, for a clean shutdown.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.writer.flush(self.config.durable_timeout).await
+    }
+
+    fn expire_later(&self, id: String, epoch: u64) {
+        let registry = self.this.clone();
+        let grace = self.config.reconnect_grace;
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            if let Some(registry) = registry.upgrade() {
+                registry.expire(&id, epoch);
+            }
+        });
+    }
+
+    fn expire(&self, id: &str, epoch: u64) {
+        let mut state = self.lock();
+        if state.leases.get(id) != Some(&Lease::Detached { epoch }) {
+            return; // The sidecar came back, or the instance is gone already.
+        }
+        state.leases.remove(id);
+        if let Some(existing) = state.current(id) {
+            tracing::info!(id, service = %existing.service, "removing instance: its sidecar did not reconnect");
+            self.commit(&mut state, Mutation::Remove, &(existing.service.clone(), id.to_owned()));
+        }
+    }
+
+    /// Applies one mutation: new index, new snapshot for watchers, write-behind to the store.
+    /// Returns the instance as stored (for upserts) and the store generation of the write.
+    fn commit(&self, state: &mut State, mutation: Mutation, (service, id): &(Arc<str>, String)) -> (Option<Arc<Instance>>, u64) {
+        let index = state.next_index();
+        let entry = state.services.entry(service.clone()).or_insert_with(|| ServiceEntry {
+            tx: watch::Sender::new(Arc::new(ServiceSnapshot::empty(service.clone()))),
+        });
+        let previous = entry.tx.borrow().clone();
+        let mut instances = (*previous.instances).clone();
+        let mut log = (*previous.log).clone();
+        let (stored, write) = match mutation {
+            Mutation::Upsert(mut instance) => {
+                instance.index = index;
+                let instance = Arc::new(instance);
+                if let Some(old) = instances.insert(id.clone(), instance.clone()) {
+                    self.metrics.instances(old.health).dec();
+                }
+                self.metrics.instances(instance.health).inc();
+                let write = Write { table: Table::Instances, key: id.clone(), value: Some(instance.to_proto().encode_to_vec()) };
+                (Some(instance), write)
+            }
+            Mutation::Remove => {
+                if let Some(old) = instances.remove(id) {
+                    self.metrics.instances(old.health).dec();
+                }
+                (None, Write { table: Table::Instances, key: id.clone(), value: None })
+            }
+        };
+        log.record(Change { index, id: id.clone(), instance: stored.clone() }, self.config.change_log);
+        let snapshot = ServiceSnapshot {
+            name: service.clone(),
+            index,
+            instances: Arc::new(instances),
+            log: Arc::new(log),
+            changed_at: Instant::now(),
+        };
+        entry.tx.send_replace(Arc::new(snapshot));
+        match &stored {
+            Some(_) => state.ids.insert(id.clone(), service.clone()),
+            None => state.ids.remove(id),
+        };
+        self.metrics.changes.inc();
+        let generation = self.writer.enqueue(write);
+        (stored, generation)
+    }
+}
+
+fn instance_key(instance: &Instance) -> (Arc<str>, String) {
+    (instance.service.clone(), instance.id.clone())
+}
+
+impl State {
+    fn next_index(&mut self) -> u64 {
+        let index = self.next_index;
+        self.next_index += 1;
+        index
+    }
+
+    fn new_epoch(&mut self) -> u64 {
+        self.next_epoch += 1;
+        self.next_epoch
+    }
+
+    fn current(&self, id: &str) -> Option<Arc<Instance>> {
+        let service = self.ids.get(id)?;
+        self.services.get(service)?.tx.borrow().instances.get(id).cloned()
+    }
+
+    /// Refuses an id that another service already uses.
+    fn check_id(&self, spec: &InstanceSpec) -> Result<(), FieldError> {
+        match self.ids.get(&spec.id) {
+            Some(service) if *service != spec.service => {
+                Err(FieldError::new("id", format!("{:?} is already registered for service {service:?}", spec.id)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Forgets services that have no instances and no watchers, now and then, so that
+    /// subscriptions to names that never appear cannot grow the map without bound.
+    fn sweep_placeholders(&mut self) {
+        self.placeholders_created += 1;
+        if self.placeholders_created % 256 != 0 {
+            return;
+        }
+        self.services.retain(|_, entry| entry.tx.receiver_count() > 0 || entry.tx.borrow().exists());
+    }
+}
+
+#[cfg(test)]
+mod tests;

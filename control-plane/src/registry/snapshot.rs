@@ -1,0 +1,102 @@
+//! Consistent, immutable views of one service, as watchers receive them.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    sync::Arc,
+    time::Instant,
+};
+
+use super::Instance;
+
+/// A service's instances at one registry index. Cheap to clone and share.
+#[derive(Debug, Clone)]
+pub struct ServiceSnapshot {
+    pub name: Arc<str>,
+    /// The registry index of the service's last change; 0 if it never had an instance.
+    pub index: u64,
+    pub instances: Arc<BTreeMap<String, Arc<Instance>>>,
+    /// Recent changes, so a subscriber holding an older index can be sent only the difference.
+    pub log: Arc<ChangeLog>,
+    /// When this snapshot was made, to measure how long pushes take.
+    pub changed_at: Instant,
+}
+
+/// The recent changes of one service.
+#[derive(Debug, Clone, Default)]
+pub struct ChangeLog {
+    /// Deltas can be computed from any index at or above this one.
+    floor: u64,
+    entries: VecDeque<Change>,
+}
+
+/// One instance added, changed or removed at `index`.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub index: u64,
+    pub id: String,
+    /// The instance after the change; `None` when it was removed.
+    pub instance: Option<Arc<Instance>>,
+}
+
+/// What changed between two indexes of a service.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Delta {
+    pub upserted: Vec<Arc<Instance>>,
+    pub removed: Vec<String>,
+}
+
+impl ServiceSnapshot {
+    /// The snapshot of a service that has never had an instance.
+    pub fn empty(name: Arc<str>) -> Self {
+        Self { name, index: 0, instances: Arc::default(), log: Arc::default(), changed_at: Instant::now() }
+    }
+
+    /// Whether any instance of the service is registered.
+    pub fn exists(&self) -> bool {
+        !self.instances.is_empty()
+    }
+
+    /// How many instances can take traffic.
+    pub fn routable(&self) -> usize {
+        self.instances.values().filter(|i| i.health.is_routable()).count()
+    }
+
+    /// The changes from `index` up to this snapshot, or `None` when the log no longer reaches
+    /// back that far (or `index` is not one of this service's past indexes).
+    pub fn changes_since(&self, index: u64) -> Option<Delta> {
+        if index < self.log.floor || index > self.index {
+            return None;
+        }
+        let mut latest: HashMap<&str, &Option<Arc<Instance>>> = HashMap::new();
+        for change in self.log.entries.iter().filter(|c| c.index > index) {
+            latest.insert(&change.id, &change.instance);
+        }
+        let mut delta = Delta::default();
+        for (id, instance) in latest {
+            match instance {
+                Some(instance) => delta.upserted.push(instance.clone()),
+                None => delta.removed.push(id.to_owned()),
+            }
+        }
+        delta.upserted.sort_by(|a, b| a.id.cmp(&b.id));
+        delta.removed.sort();
+        Some(delta)
+    }
+}
+
+impl ChangeLog {
+    /// A log whose deltas start at `floor`.
+    pub fn starting_at(floor: u64) -> Self {
+        Self { floor, entries: VecDeque::new() }
+    }
+
+    /// Records `change`, forgetting the oldest beyond `capacity`.
+    pub fn record(&mut self, change: Change, capacity: usize) {
+        self.entries.push_back(change);
+        while self.entries.len() > capacity {
+            if let Some(dropped) = self.entries.pop_front() {
+                self.floor = dropped.index;
+            }
+        }
+    }
+}

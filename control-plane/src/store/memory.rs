@@ -1,0 +1,40 @@
+//! A store that keeps everything in memory, for tests and throwaway meshes.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Mutex,
+};
+
+use futures::{FutureExt, future::BoxFuture};
+
+use super::{Store, StoreError, Table, Write};
+
+/// Keeps every table in memory; nothing survives the process.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    tables: Mutex<HashMap<Table, BTreeMap<String, Vec<u8>>>>,
+}
+
+impl Store for MemoryStore {
+    fn load(&self, table: Table) -> BoxFuture<'_, Result<Vec<(String, Vec<u8>)>, StoreError>> {
+        let tables = self.tables.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let rows = tables.get(&table).map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
+        futures::future::ready(Ok(rows)).boxed()
+    }
+
+    fn apply(&self, batch: Vec<Write>) -> BoxFuture<'_, Result<(), StoreError>> {
+        let mut tables = self.tables.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for write in batch {
+            let table = tables.entry(write.table).or_default();
+            match write.value {
+                Some(value) => table.insert(write.key, value),
+                None => table.remove(&write.key),
+            };
+        }
+        futures::future::ready(Ok(())).boxed()
+    }
+
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+}

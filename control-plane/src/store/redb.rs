@@ -1,0 +1,109 @@
+//! The embedded default store: one redb file, crash-safe, fsynced on every commit.
+
+use std::{path::Path, sync::Arc};
+
+use futures::{FutureExt, future::BoxFuture};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::{Store, StoreError, Table, Write};
+
+/// A redb database file holding every table.
+#[derive(Debug, Clone)]
+pub struct RedbStore {
+    db: Arc<Database>,
+    path: String,
+}
+
+fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static [u8]> {
+    TableDefinition::new(table.name())
+}
+
+fn error(context: &str, e: impl Into<redb::Error>) -> StoreError {
+    StoreError::new(format!("{context}: {}", e.into()))
+}
+
+impl RedbStore {
+    /// Opens the database at `path`, creating it and its tables when missing.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(|e| error(&format!("opening {}", path.display()), e))?;
+        let txn = db.begin_write().map_err(|e| error("creating tables", e))?;
+        for table in Table::ALL {
+            txn.open_table(definition(table)).map_err(|e| error("creating tables", e))?;
+        }
+        txn.commit().map_err(|e| error("creating tables", e))?;
+        Ok(Self { db: Arc::new(db), path: path.display().to_string() })
+    }
+
+    fn load_blocking(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| error("reading", e))?;
+        let table = txn.open_table(definition(table)).map_err(|e| error("reading", e))?;
+        let mut rows = Vec::new();
+        for row in table.iter().map_err(|e| error("reading", e))? {
+            let (key, value) = row.map_err(|e| error("reading", e))?;
+            rows.push((key.value().to_owned(), value.value().to_vec()));
+        }
+        Ok(rows)
+    }
+
+    fn apply_blocking(&self, batch: Vec<Write>) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(|e| error("writing", e))?;
+        for write in &batch {
+            let mut table = txn.open_table(definition(write.table)).map_err(|e| error("writing", e))?;
+            match &write.value {
+                Some(value) => {
+                    table.insert(write.key.as_str(), value.as_slice()).map_err(|e| error("writing", e))?;
+                }
+                None => {
+                    table.remove(write.key.as_str()).map_err(|e| error("writing", e))?;
+                }
+            }
+        }
+        txn.commit().map_err(|e| error("committing", e))
+    }
+}
+
+impl Store for RedbStore {
+    fn load(&self, table: Table) -> BoxFuture<'_, Result<Vec<(String, Vec<u8>)>, StoreError>> {
+        let this = self.clone();
+        async move {
+            tokio::task::spawn_blocking(move || this.load_blocking(table))
+                .await
+                .map_err(|e| StoreError::new(format!("reading: {e}")))?
+        }
+        .boxed()
+    }
+
+    fn apply(&self, batch: Vec<Write>) -> BoxFuture<'_, Result<(), StoreError>> {
+        let this = self.clone();
+        async move {
+            tokio::task::spawn_blocking(move || this.apply_blocking(batch))
+                .await
+                .map_err(|e| StoreError::new(format!("writing: {e}")))?
+        }
+        .boxed()
+    }
+
+    fn describe(&self) -> String {
+        format!("redb:{}", self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn writes_survive_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ferry.redb");
+        {
+            let store = RedbStore::open(&path).expect("open");
+            let put = |key: &str, value: &[u8]| Write { table: Table::Instances, key: key.into(), value: Some(value.to_vec()) };
+            store.apply(vec![put("a", b"1"), put("b", b"2")]).await.expect("apply");
+            store.apply(vec![Write { table: Table::Instances, key: "a".into(), value: None }]).await.expect("delete");
+        }
+        let store = RedbStore::open(&path).expect("reopen");
+        let rows = store.load(Table::Instances).await.expect("load");
+        assert_eq!(rows, vec![("b".to_owned(), b"2".to_vec())]);
+    }
+}

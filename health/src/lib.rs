@@ -1,0 +1,100 @@
+//! Health in Ferry: the states an instance can be in and what each means for traffic.
+//!
+//! The probes (HTTP, TCP, gRPC, script, TTL) and the hysteresis state machine around them build
+//! on these states; the registry, the push protocol and the sidecar's balancer all read them.
+
+#![forbid(unsafe_code)]
+
+use std::fmt;
+
+use ferry_proto::v1;
+
+/// The health of one instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Health {
+    /// Serving and receiving traffic.
+    #[default]
+    Passing,
+    /// Degraded but still serving; receives traffic.
+    Warning,
+    /// Not serving: failed its checks or lost its sidecar. Receives no traffic.
+    Critical,
+    /// Leaving on purpose: finishes what it has, receives no new traffic.
+    Draining,
+}
+
+impl Health {
+    /// Whether new requests may be sent to an instance in this state.
+    pub fn is_routable(self) -> bool {
+        matches!(self, Self::Passing | Self::Warning)
+    }
+
+    /// The lowercase name used in tables, logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Passing => "passing",
+            Self::Warning => "warning",
+            Self::Critical => "critical",
+            Self::Draining => "draining",
+        }
+    }
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<Health> for v1::Health {
+    fn from(health: Health) -> Self {
+        match health {
+            Health::Passing => Self::Passing,
+            Health::Warning => Self::Warning,
+            Health::Critical => Self::Critical,
+            Health::Draining => Self::Draining,
+        }
+    }
+}
+
+/// A wire value that is not a health state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown health value {0}")]
+pub struct UnknownHealth(pub i32);
+
+impl TryFrom<i32> for Health {
+    type Error = UnknownHealth;
+
+    fn try_from(value: i32) -> Result<Self, Self::Error> {
+        match v1::Health::try_from(value) {
+            Ok(v1::Health::Passing) => Ok(Self::Passing),
+            Ok(v1::Health::Warning) => Ok(Self::Warning),
+            Ok(v1::Health::Critical) => Ok(Self::Critical),
+            Ok(v1::Health::Draining) => Ok(Self::Draining),
+            Ok(v1::Health::Unspecified) | Err(_) => Err(UnknownHealth(value)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_the_wire_value() {
+        for health in [Health::Passing, Health::Warning, Health::Critical, Health::Draining] {
+            let wire = v1::Health::from(health) as i32;
+            assert_eq!(Health::try_from(wire), Ok(health));
+        }
+        assert_eq!(Health::try_from(0), Err(UnknownHealth(0)));
+        assert_eq!(Health::try_from(42), Err(UnknownHealth(42)));
+    }
+
+    #[test]
+    fn only_passing_and_warning_take_traffic() {
+        assert!(Health::Passing.is_routable());
+        assert!(Health::Warning.is_routable());
+        assert!(!Health::Critical.is_routable());
+        assert!(!Health::Draining.is_routable());
+    }
+}

@@ -1,0 +1,301 @@
+//! Validation of the messages that cross a trust boundary.
+//!
+//! Every check returns a [`FieldError`] naming the field path and the reason, so the API server
+//! can answer `InvalidArgument` / HTTP 400 and the sidecar can NACK with the same words.
+
+use std::{collections::HashSet, net::IpAddr};
+
+use crate::v1;
+
+/// The longest service name: one DNS label.
+pub const MAX_SERVICE_NAME: usize = 63;
+/// The longest instance id.
+pub const MAX_INSTANCE_ID: usize = 128;
+/// The most metadata labels on one instance.
+pub const MAX_METADATA: usize = 64;
+/// The largest instance weight.
+pub const MAX_WEIGHT: u32 = 10_000;
+/// The weight of an instance registered without one.
+pub const DEFAULT_WEIGHT: u32 = 100;
+
+/// A message field that failed validation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct FieldError {
+    /// Path of the field, such as `instance.port` or `resources[2].delta.upserted[0].address`.
+    pub field: String,
+    /// Why the value was refused.
+    pub reason: String,
+}
+
+impl FieldError {
+    /// A field error at `field`.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self { field: field.into(), reason: reason.into() }
+    }
+
+    /// The same error, seen from the message that holds this one in its field `parent`.
+    pub fn within(mut self, parent: &str) -> Self {
+        self.field = if self.field.is_empty() { parent.to_owned() } else { format!("{parent}.{}", self.field) };
+        self
+    }
+}
+
+/// Checks a service name: a DNS label of lowercase letters, digits and '-'.
+pub fn service_name(field: &str, name: &str) -> Result<(), FieldError> {
+    if name.is_empty() {
+        return Err(FieldError::new(field, "must not be empty"));
+    }
+    if name.len() > MAX_SERVICE_NAME {
+        return Err(FieldError::new(field, format!("must be at most {MAX_SERVICE_NAME} characters, got {}", name.len())));
+    }
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        return Err(FieldError::new(field, format!("{name:?} must contain only lowercase letters, digits and '-'")));
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return Err(FieldError::new(field, format!("{name:?} must not start or end with '-'")));
+    }
+    Ok(())
+}
+
+/// Checks an instance id: 1 to 128 of letters, digits, '.', '_', ':' and '-'.
+pub fn instance_id(field: &str, id: &str) -> Result<(), FieldError> {
+    if id.is_empty() {
+        return Err(FieldError::new(field, "must not be empty"));
+    }
+    if id.len() > MAX_INSTANCE_ID {
+        return Err(FieldError::new(field, format!("must be at most {MAX_INSTANCE_ID} characters, got {}", id.len())));
+    }
+    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-')) {
+        return Err(FieldError::new(field, format!("{id:?} must contain only letters, digits, '.', '_', ':' and '-'")));
+    }
+    Ok(())
+}
+
+/// Checks an address: an IPv4 or IPv6 literal, or a DNS host name.
+pub fn address(field: &str, address: &str) -> Result<(), FieldError> {
+    if address.is_empty() {
+        return Err(FieldError::new(field, "must not be empty"));
+    }
+    if address.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let invalid = |why: &str| Err(FieldError::new(field, format!("{address:?} is not an IP address or host name: {why}")));
+    if address.contains(':') {
+        return invalid("not a valid IPv6 address");
+    }
+    if address.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return invalid("not a valid IPv4 address");
+    }
+    if address.len() > 253 {
+        return invalid("longer than 253 characters");
+    }
+    let name = address.strip_suffix('.').unwrap_or(address);
+    for label in name.split('.') {
+        let valid = !label.is_empty()
+            && label.len() <= 63
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !valid {
+            return invalid("each dot-separated label must be 1 to 63 letters, digits or inner '-'");
+        }
+    }
+    Ok(())
+}
+
+/// Checks a TCP port: 1 to 65535.
+pub fn port(field: &str, port: u32) -> Result<(), FieldError> {
+    if port == 0 || port > u32::from(u16::MAX) {
+        return Err(FieldError::new(field, format!("must be between 1 and 65535, got {port}")));
+    }
+    Ok(())
+}
+
+/// Checks metadata labels: at most 64, keys of 1 to 63 letters, digits, '.', '_', '-' or '/',
+/// values of at most 256 characters.
+pub fn metadata<'a>(field: &str, labels: impl IntoIterator<Item = (&'a String, &'a String)>) -> Result<(), FieldError> {
+    let mut count = 0;
+    for (key, value) in labels {
+        count += 1;
+        let valid_key = !key.is_empty()
+            && key.len() <= 63
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'));
+        if !valid_key {
+            return Err(FieldError::new(
+                format!("{field}[{key:?}]"),
+                "keys must be 1 to 63 letters, digits, '.', '_', '-' or '/'",
+            ));
+        }
+        if value.len() > 256 {
+            return Err(FieldError::new(format!("{field}[{key:?}]"), "values must be at most 256 characters"));
+        }
+    }
+    if count > MAX_METADATA {
+        return Err(FieldError::new(field, format!("at most {MAX_METADATA} labels, got {count}")));
+    }
+    Ok(())
+}
+
+/// Checks a locality label (region or zone): empty, or up to 63 letters, digits, '.', '_', '-'.
+pub fn locality(field: &str, value: &str) -> Result<(), FieldError> {
+    if value.len() > 63 || !value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
+        return Err(FieldError::new(field, format!("{value:?} must be up to 63 letters, digits, '.', '_' or '-'")));
+    }
+    Ok(())
+}
+
+/// Checks a weight: 0 (the default) up to [`MAX_WEIGHT`].
+pub fn weight(field: &str, weight: u32) -> Result<(), FieldError> {
+    if weight > MAX_WEIGHT {
+        return Err(FieldError::new(field, format!("must be between 1 and {MAX_WEIGHT} (0 for the default), got {weight}")));
+    }
+    Ok(())
+}
+
+/// Checks an instance offered for registration. The id may be empty: the registry makes one.
+/// Fields the registry sets (health, origin, node id, timestamps, index) are not checked.
+pub fn instance(instance: &v1::Instance) -> Result<(), FieldError> {
+    service_name("service", &instance.service)?;
+    if !instance.id.is_empty() {
+        instance_id("id", &instance.id)?;
+    }
+    address("address", &instance.address)?;
+    port("port", instance.port)?;
+    metadata("metadata", &instance.metadata)?;
+    locality("region", &instance.region)?;
+    locality("zone", &instance.zone)?;
+    weight("weight", instance.weight)?;
+    Ok(())
+}
+
+/// Checks an endpoint pushed to a sidecar.
+pub fn endpoint(endpoint: &v1::Endpoint) -> Result<(), FieldError> {
+    instance_id("id", &endpoint.id)?;
+    address("address", &endpoint.address)?;
+    port("port", endpoint.port)?;
+    if v1::Health::try_from(endpoint.health).is_err() {
+        return Err(FieldError::new("health", format!("unknown health value {}", endpoint.health)));
+    }
+    metadata("metadata", &endpoint.metadata)?;
+    weight("weight", endpoint.weight)?;
+    Ok(())
+}
+
+/// Checks a push before a sidecar applies it: every resource well formed, no service twice.
+pub fn push(push: &v1::Push) -> Result<(), FieldError> {
+    if push.nonce.is_empty() {
+        return Err(FieldError::new("nonce", "must not be empty"));
+    }
+    let mut seen = HashSet::with_capacity(push.resources.len());
+    for (i, resources) in push.resources.iter().enumerate() {
+        let at = format!("resources[{i}]");
+        service_resources(resources).map_err(|e| e.within(&at))?;
+        if !seen.insert(resources.service.as_str()) {
+            return Err(FieldError::new(format!("{at}.service"), format!("{:?} appears twice in one push", resources.service)));
+        }
+    }
+    Ok(())
+}
+
+fn service_resources(resources: &v1::ServiceResources) -> Result<(), FieldError> {
+    use v1::service_resources::Endpoints;
+
+    service_name("service", &resources.service)?;
+    let check_all = |field: &str, endpoints: &[v1::Endpoint]| {
+        let mut ids = HashSet::with_capacity(endpoints.len());
+        for (i, e) in endpoints.iter().enumerate() {
+            let at = format!("{field}[{i}]");
+            endpoint(e).map_err(|err| err.within(&at))?;
+            if !ids.insert(e.id.as_str()) {
+                return Err(FieldError::new(format!("{at}.id"), format!("{:?} appears twice", e.id)));
+            }
+        }
+        Ok(())
+    };
+    match &resources.endpoints {
+        Some(Endpoints::Snapshot(set)) => check_all("snapshot.endpoints", &set.endpoints),
+        Some(Endpoints::Delta(delta)) => {
+            if delta.base_version >= resources.version {
+                return Err(FieldError::new(
+                    "delta.base_version",
+                    format!("{} must be below the resource version {}", delta.base_version, resources.version),
+                ));
+            }
+            check_all("delta.upserted", &delta.upserted)?;
+            for (i, id) in delta.removed.iter().enumerate() {
+                instance_id(&format!("delta.removed[{i}]"), id)?;
+            }
+            Ok(())
+        }
+        None if resources.exists => Err(FieldError::new("endpoints", "an existing service needs a snapshot or a delta")),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> v1::Instance {
+        v1::Instance {
+            service: "catalog".into(),
+            address: "127.0.0.1".into(),
+            port: 8080,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn accepts_a_minimal_instance() {
+        assert_eq!(instance(&valid()), Ok(()));
+        let named = v1::Instance { address: "db-1.eu.internal".into(), id: "db-1".into(), ..valid() };
+        assert_eq!(instance(&named), Ok(()));
+        let v6 = v1::Instance { address: "::1".into(), ..valid() };
+        assert_eq!(instance(&v6), Ok(()));
+    }
+
+    #[test]
+    fn names_the_bad_field() {
+        let cases = [
+            (v1::Instance { service: String::new(), ..valid() }, "service"),
+            (v1::Instance { service: "Catalog".into(), ..valid() }, "service"),
+            (v1::Instance { port: 0, ..valid() }, "port"),
+            (v1::Instance { port: 70_000, ..valid() }, "port"),
+            (v1::Instance { address: "not an address".into(), ..valid() }, "address"),
+            (v1::Instance { address: "300.1.1.1".into(), ..valid() }, "address"),
+            (v1::Instance { address: "fe80::zz".into(), ..valid() }, "address"),
+            (v1::Instance { id: "a/b".into(), ..valid() }, "id"),
+            (v1::Instance { weight: 10_001, ..valid() }, "weight"),
+        ];
+        for (bad, field) in cases {
+            let err = instance(&bad).expect_err(field);
+            assert_eq!(err.field, field, "{err}");
+        }
+    }
+
+    #[test]
+    fn push_errors_carry_the_path() {
+        let push = v1::Push {
+            nonce: "1".into(),
+            resources: vec![v1::ServiceResources {
+                service: "catalog".into(),
+                version: 2,
+                exists: true,
+                endpoints: Some(v1::service_resources::Endpoints::Snapshot(v1::Endpoints {
+                    endpoints: vec![v1::Endpoint { id: "a".into(), address: "10.0.0.1".into(), port: 0, ..Default::default() }],
+                })),
+            }],
+        };
+        let err = super::push(&push).expect_err("port 0");
+        assert_eq!(err.field, "resources[0].snapshot.endpoints[0].port");
+    }
+
+    #[test]
+    fn json_uses_proto_field_names() {
+        let json = serde_json::to_value(v1::Instance { node_id: "n1".into(), ..valid() }).expect("serialize");
+        assert_eq!(json["node_id"], "n1");
+        let back: v1::Instance = serde_json::from_value(json).expect("deserialize");
+        assert_eq!(back.node_id, "n1");
+    }
+}
