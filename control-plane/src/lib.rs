@@ -6,6 +6,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod config;
+pub mod discovery;
 pub mod metrics;
 pub mod registry;
+pub mod server;
 pub mod store;

@@ -16,13 +16,13 @@ use std::{
         Arc, Mutex, MutexGuard, Weak,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use ferry_health::Health;
 use ferry_proto::{v1, validate::FieldError};
 use prost::Message;
-use tokio::sync::watch;
+use tokio::{sync::watch, time::Instant};
 
 use crate::{
     metrics::RegistryMetrics,

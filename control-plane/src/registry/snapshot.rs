@@ -3,8 +3,9 @@
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     sync::Arc,
-    time::Instant,
 };
+
+use tokio::time::Instant;
 
 use super::Instance;
 

@@ -1,0 +1,156 @@
+//! `ferry.v1.Discovery`: the config stream of every sidecar, and the status of all of them.
+//!
+//! The first message of a stream must be `Hello`. It is validated, the sidecar's instance (if it
+//! has an app) is attached to the registry under a lease held by this stream, and a `Welcome`
+//! answers. From then on a [`Session`] runs the stream. When the stream ends the lease is
+//! released: at once with a goodbye, after the reconnect grace period without one.
+
+use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
+
+use ferry_health::Health;
+use ferry_proto::{
+    v1::{self, control_message, discovery_server::Discovery, sidecar_message},
+    validate::{self, FieldError},
+};
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    api::registry_status,
+    metrics::PushMetrics,
+    registry::{InstanceSpec, Registry},
+};
+
+mod session;
+mod status;
+
+pub use self::{
+    session::{Ended, Session, SessionConfig},
+    status::{SidecarRecord, Sidecars},
+};
+
+/// How long a new stream may take to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The gRPC `Discovery` service.
+#[derive(Clone)]
+pub struct DiscoveryService {
+    registry: Arc<Registry>,
+    sidecars: Arc<Sidecars>,
+    config: SessionConfig,
+    metrics: PushMetrics,
+    server_id: String,
+    shutdown: CancellationToken,
+}
+
+/// A validated Hello.
+struct Hello {
+    node_id: String,
+    service: String,
+    instance: Option<InstanceSpec>,
+    versions: HashMap<String, u64>,
+    build: String,
+}
+
+impl TryFrom<v1::Hello> for Hello {
+    type Error = FieldError;
+
+    fn try_from(hello: v1::Hello) -> Result<Self, FieldError> {
+        validate::instance_id("node_id", &hello.node_id)?;
+        validate::service_name("service", &hello.service)?;
+        let instance = match hello.instance {
+            Some(instance) => {
+                let spec = InstanceSpec::try_from(instance).map_err(|e| e.within("instance"))?;
+                if *spec.service != *hello.service {
+                    return Err(FieldError::new("instance.service", format!("{:?} must equal service {:?}", spec.service, hello.service)));
+                }
+                Some(spec)
+            }
+            None => None,
+        };
+        if hello.build.len() > 128 {
+            return Err(FieldError::new("build", "must be at most 128 characters"));
+        }
+        Ok(Self { node_id: hello.node_id, service: hello.service, instance, versions: hello.versions, build: hello.build })
+    }
+}
+
+impl DiscoveryService {
+    /// A service whose streams end when `shutdown` fires.
+    pub fn new(
+        registry: Arc<Registry>,
+        sidecars: Arc<Sidecars>,
+        config: SessionConfig,
+        metrics: PushMetrics,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let server_id = format!("{:016x}", rand::random::<u64>());
+        Self { registry, sidecars, config, metrics, server_id, shutdown }
+    }
+}
+
+type ControlStream = Pin<Box<dyn Stream<Item = Result<v1::ControlMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type StreamStream = ControlStream;
+
+    async fn stream(&self, request: Request<Streaming<v1::SidecarMessage>>) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded(format!("hello: not received within {HELLO_TIMEOUT:?}")))??;
+        let hello = match first.and_then(|m| m.message) {
+            Some(sidecar_message::Message::Hello(hello)) => hello,
+            _ => return Err(Status::invalid_argument("hello: the first message on a stream must be hello")),
+        };
+        let hello = Hello::try_from(hello).map_err(|e| Status::invalid_argument(e.within("hello").to_string()))?;
+
+        let session_id = self.registry.new_session();
+        let instance = match hello.instance {
+            Some(spec) => Some(
+                self.registry
+                    .attach(session_id, &hello.node_id, spec, Health::Passing)
+                    .map_err(|e| registry_status(e, "hello.instance"))?,
+            ),
+            None => None,
+        };
+        let instance_id = instance.as_ref().map(|i| i.id.clone());
+        tracing::info!(node = %hello.node_id, service = %hello.service, instance = ?instance_id, %peer, "sidecar connected");
+
+        let (outbound, rx) = mpsc::channel(1);
+        let welcome = v1::Welcome { instance: instance.map(|i| i.to_proto()), server_id: self.server_id.clone() };
+        outbound
+            .try_send(Ok(v1::ControlMessage { message: Some(control_message::Message::Welcome(welcome)) }))
+            .map_err(|_| Status::internal("the new stream's channel is full"))?;
+
+        let record = Arc::new(SidecarRecord::new(hello.node_id.clone(), hello.service, instance_id.clone(), peer, hello.build));
+        let session =
+            Session::new(session_id, self.registry.clone(), self.config.clone(), self.metrics.clone(), record.clone(), hello.versions);
+        let (registry, sidecars, metrics, shutdown) =
+            (self.registry.clone(), self.sidecars.clone(), self.metrics.clone(), self.shutdown.clone());
+        tokio::spawn(async move {
+            let _listed = sidecars.connect(session_id, record);
+            metrics.connected.inc();
+            let ended = session.run(inbound, outbound, shutdown).await;
+            metrics.connected.dec();
+            tracing::info!(node = %hello.node_id, ?ended, "sidecar disconnected");
+            if let Some(id) = instance_id {
+                match ended {
+                    Ended::Goodbye => registry.detach(session_id, &id, true),
+                    Ended::Broken => registry.detach(session_id, &id, false),
+                    // The sidecar did nothing wrong; the next control plane restores its lease.
+                    Ended::Shutdown => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_sidecars(&self, _request: Request<v1::ListSidecarsRequest>) -> Result<Response<v1::ListSidecarsResponse>, Status> {
+        Ok(Response::new(v1::ListSidecarsResponse { sidecars: self.sidecars.list(&self.registry) }))
+    }
+}

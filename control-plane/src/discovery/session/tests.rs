@@ -1,0 +1,295 @@
+use std::time::Duration;
+
+use ferry_proto::v1::{self, service_resources::Endpoints};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::*;
+use crate::{
+    metrics::Metrics,
+    registry::{InstanceSpec, RegistryConfig},
+    store::MemoryStore,
+};
+
+/// A session driven over channels, as the gRPC layer drives it.
+struct Harness {
+    registry: Arc<Registry>,
+    to_session: mpsc::Sender<Result<v1::SidecarMessage, Status>>,
+    from_session: mpsc::Receiver<Result<v1::ControlMessage, Status>>,
+    record: Arc<SidecarRecord>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Ended>,
+}
+
+async fn harness_with(held: HashMap<String, u64>, registry: Option<Arc<Registry>>) -> Harness {
+    let registry = match registry {
+        Some(registry) => registry,
+        None => Registry::open(Arc::new(MemoryStore::default()), RegistryConfig::default(), Metrics::unregistered().registry)
+            .await
+            .expect("opens"),
+    };
+    let record = Arc::new(SidecarRecord::new("node-1".into(), "frontend".into(), None, "test".into(), "test".into()));
+    let session = Session::new(
+        registry.new_session(),
+        registry.clone(),
+        SessionConfig::default(),
+        Metrics::unregistered().push,
+        record.clone(),
+        held,
+    );
+    let (to_session, inbound) = mpsc::channel(16);
+    let (outbound, from_session) = mpsc::channel(1);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(session.run(ReceiverStream::new(inbound), outbound, shutdown.clone()));
+    Harness { registry, to_session, from_session, record, shutdown, task }
+}
+
+async fn harness() -> Harness {
+    harness_with(HashMap::new(), None).await
+}
+
+fn spec(service: &str, id: &str, port: u16) -> InstanceSpec {
+    InstanceSpec::try_from(v1::Instance {
+        id: id.into(),
+        service: service.into(),
+        address: "127.0.0.1".into(),
+        port: u32::from(port),
+        ..Default::default()
+    })
+    .expect("valid")
+}
+
+fn message(message: v1::sidecar_message::Message) -> Result<v1::SidecarMessage, Status> {
+    Ok(v1::SidecarMessage { message: Some(message) })
+}
+
+impl Harness {
+    async fn send(&self, m: v1::sidecar_message::Message) {
+        self.to_session.send(message(m)).await.expect("session alive");
+    }
+
+    async fn subscribe(&self, services: &[&str]) {
+        self.send(v1::sidecar_message::Message::Subscribe(v1::Subscribe {
+            services: services.iter().map(|s| s.to_string()).collect(),
+        }))
+        .await;
+    }
+
+    async fn ack(&self, nonce: &str) {
+        self.send(v1::sidecar_message::Message::Ack(v1::Ack { nonce: nonce.into() })).await;
+    }
+
+    async fn nack(&self, nonce: &str, error: &str) {
+        self.send(v1::sidecar_message::Message::Nack(v1::Nack { nonce: nonce.into(), error: error.into() })).await;
+    }
+
+    /// The next push, failing the test after a minute of (paused) time.
+    async fn push(&mut self) -> v1::Push {
+        let message = tokio::time::timeout(Duration::from_secs(60), self.from_session.recv())
+            .await
+            .expect("a push within a minute")
+            .expect("stream open")
+            .expect("not an error");
+        match message.message {
+            Some(v1::control_message::Message::Push(push)) => push,
+            other => panic!("expected a push, got {other:?}"),
+        }
+    }
+
+    /// Asserts that nothing is pushed for a while.
+    async fn no_push(&mut self) {
+        let next = tokio::time::timeout(Duration::from_secs(5), self.from_session.recv()).await;
+        assert!(next.is_err(), "unexpected push: {next:?}");
+    }
+}
+
+fn endpoint_ports(resources: &v1::ServiceResources) -> Vec<u32> {
+    match &resources.endpoints {
+        Some(Endpoints::Snapshot(set)) => set.endpoints.iter().map(|e| e.port).collect(),
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn pushes_only_what_the_sidecar_subscribed_to() {
+    let mut h = harness().await;
+    h.registry.register(spec("catalog", "c1", 8080)).await.expect("registers");
+    h.registry.register(spec("inventory", "i1", 9090)).await.expect("registers");
+
+    h.subscribe(&["catalog"]).await;
+    let push = h.push().await;
+    assert_eq!(push.resources.len(), 1);
+    assert_eq!(push.resources[0].service, "catalog");
+    assert!(push.resources[0].exists);
+    assert_eq!(endpoint_ports(&push.resources[0]), [8080]);
+    h.ack(&push.nonce).await;
+
+    h.registry.register(spec("inventory", "i2", 9091)).await.expect("registers");
+    h.no_push().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unknown_service_is_pushed_as_absent_then_appears() {
+    let mut h = harness().await;
+    h.subscribe(&["ghost"]).await;
+    let push = h.push().await;
+    assert_eq!(push.resources[0].service, "ghost");
+    assert!(!push.resources[0].exists);
+    assert_eq!(push.resources[0].endpoints, None);
+    h.ack(&push.nonce).await;
+
+    h.registry.register(spec("ghost", "g1", 7000)).await.expect("registers");
+    let push = h.push().await;
+    assert!(push.resources[0].exists);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_changes_is_coalesced_within_the_bound() {
+    let mut h = harness().await;
+    h.subscribe(&["catalog"]).await;
+    let first = h.push().await;
+    h.ack(&first.nonce).await;
+
+    let start = Instant::now();
+    for i in 0..20u16 {
+        h.registry.register(spec("catalog", &format!("c{i}"), 8000 + i)).await.expect("registers");
+    }
+    let push = h.push().await;
+    let waited = start.elapsed();
+    assert!(waited <= Duration::from_millis(50), "pushed after {waited:?}");
+    assert_eq!(push.resources.len(), 1);
+    let version = h.registry.snapshot("catalog").expect("exists").index;
+    assert_eq!(push.resources[0].version, version, "one push carries the whole burst");
+    h.no_push().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_sidecar_gets_the_latest_state_not_every_step() {
+    let mut h = harness().await;
+    h.subscribe(&["catalog"]).await;
+    // Do not read: changes pile up behind the one push the channel holds.
+    for i in 0..10u16 {
+        h.registry.register(spec("catalog", &format!("c{i}"), 8000 + i)).await.expect("registers");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let latest = h.registry.snapshot("catalog").expect("exists").index;
+    let mut pushes = 0;
+    loop {
+        let push = h.push().await;
+        pushes += 1;
+        h.ack(&push.nonce).await;
+        if push.resources[0].version == latest {
+            break;
+        }
+    }
+    assert!(pushes <= 3, "{pushes} pushes for 10 changes");
+}
+
+#[tokio::test(start_paused = true)]
+async fn versions_held_from_hello_are_not_resent_and_older_ones_get_a_delta() {
+    let registry = Registry::open(Arc::new(MemoryStore::default()), RegistryConfig::default(), Metrics::unregistered().registry)
+        .await
+        .expect("opens");
+    for i in 0..5u16 {
+        registry.register(spec("catalog", &format!("c{i}"), 8000 + i)).await.expect("registers");
+    }
+    registry.register(spec("inventory", "i1", 9000)).await.expect("registers");
+    let catalog_before = registry.snapshot("catalog").expect("exists").index;
+    let inventory_now = registry.snapshot("inventory").expect("exists").index;
+    registry.register(spec("catalog", "c5", 8005)).await.expect("registers");
+
+    let held = HashMap::from([("catalog".to_owned(), catalog_before), ("inventory".to_owned(), inventory_now)]);
+    let mut h = harness_with(held, Some(registry)).await;
+    h.subscribe(&["catalog", "inventory"]).await;
+    let push = h.push().await;
+    assert_eq!(push.resources.len(), 1, "inventory is unchanged");
+    let Some(Endpoints::Delta(delta)) = &push.resources[0].endpoints else {
+        panic!("expected a delta, got {:?}", push.resources[0].endpoints)
+    };
+    assert_eq!(delta.base_version, catalog_before);
+    assert_eq!(delta.upserted.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["c5"]);
+    assert!(delta.removed.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn acks_and_nacks_are_tracked() {
+    let mut h = harness().await;
+    h.registry.register(spec("catalog", "c1", 8080)).await.expect("registers");
+    h.subscribe(&["catalog"]).await;
+    let push = h.push().await;
+    h.ack(&push.nonce).await;
+    tokio::task::yield_now().await;
+    let status = h.record_status();
+    assert_eq!(status.subscriptions[0].acked_version, push.resources[0].version);
+    assert!(status.last_nack.is_none());
+
+    // A rejected delta is followed by a snapshot; a rejected snapshot is not resent until the
+    // service changes.
+    h.registry.register(spec("catalog", "c2", 8081)).await.expect("registers");
+    let delta = h.push().await;
+    assert!(matches!(delta.resources[0].endpoints, Some(Endpoints::Delta(_))));
+    h.nack(&delta.nonce, "cannot apply").await;
+    let rejected = h.push().await;
+    assert!(matches!(rejected.resources[0].endpoints, Some(Endpoints::Snapshot(_))));
+    h.nack(&rejected.nonce, "cannot apply").await;
+    h.no_push().await;
+    let status = h.record_status();
+    let nack = status.last_nack.expect("nack kept");
+    assert_eq!(nack.error, "cannot apply");
+    assert_eq!(nack.versions.get("catalog"), Some(&rejected.resources[0].version));
+    assert_eq!(status.subscriptions[0].acked_version, push.resources[0].version, "still on the last good version");
+
+    h.registry.register(spec("catalog", "c3", 8082)).await.expect("registers");
+    let next = h.push().await;
+    assert!(next.resources[0].version > rejected.resources[0].version);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rejected_delta_is_followed_by_a_snapshot() {
+    let mut h = harness().await;
+    for i in 0..4u16 {
+        h.registry.register(spec("catalog", &format!("c{i}"), 8000 + i)).await.expect("registers");
+    }
+    h.subscribe(&["catalog"]).await;
+    let push = h.push().await;
+    h.ack(&push.nonce).await;
+    h.registry.register(spec("catalog", "c9", 8009)).await.expect("registers");
+    let delta = h.push().await;
+    assert!(matches!(delta.resources[0].endpoints, Some(Endpoints::Delta(_))));
+    h.nack(&delta.nonce, "delta base mismatch").await;
+    let snapshot = h.push().await;
+    assert_eq!(snapshot.resources[0].version, delta.resources[0].version);
+    assert_eq!(endpoint_ports(&snapshot.resources[0]).len(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn goodbye_ends_the_session_and_shutdown_too() {
+    let h = harness().await;
+    h.send(v1::sidecar_message::Message::Goodbye(v1::Goodbye { reason: "done".into() })).await;
+    assert_eq!(h.task.await.expect("joins"), Ended::Goodbye);
+
+    let h = harness().await;
+    h.shutdown.cancel();
+    assert_eq!(h.task.await.expect("joins"), Ended::Shutdown);
+
+    let h = harness().await;
+    drop(h.to_session);
+    assert_eq!(h.task.await.expect("joins"), Ended::Broken);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bad_subscription_ends_the_stream_with_the_field() {
+    let mut h = harness().await;
+    h.subscribe(&["Not_A_Name"]).await;
+    let error = h.from_session.recv().await.expect("a message").expect_err("an error");
+    assert_eq!(error.code(), tonic::Code::InvalidArgument);
+    assert!(error.message().starts_with("subscribe.services[0]"), "{}", error.message());
+}
+
+impl Harness {
+    fn record_status(&self) -> v1::SidecarStatus {
+        let sidecars = Arc::new(super::super::Sidecars::default());
+        let _guard = sidecars.connect(self.registry.new_session(), self.record.clone());
+        sidecars.list(&self.registry).remove(0)
+    }
+}

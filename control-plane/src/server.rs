@@ -1,0 +1,143 @@
+//! Wires the registry, the push engine and the APIs to their listeners, and runs them until
+//! shutdown.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use ferry_proto::v1::{discovery_server::DiscoveryServer, registry_server::RegistryServer};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    api::{
+        grpc::RegistryService,
+        http::{self, HttpState},
+    },
+    config::Config,
+    discovery::{DiscoveryService, SessionConfig, Sidecars},
+    metrics::Metrics,
+    registry::{Registry, RegistryConfig},
+    store,
+};
+
+/// A running control plane.
+pub struct ControlPlane {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub registry: Arc<Registry>,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl ControlPlane {
+    /// Opens the store, binds every listener and starts serving.
+    pub async fn start(config: &Config) -> anyhow::Result<Self> {
+        let store = store::open(&config.store, &config.data_dir)?;
+        let mut prometheus = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::new(&mut prometheus);
+        let registry_config = RegistryConfig { reconnect_grace: config.reconnect_grace, ..Default::default() };
+        let description = store.describe();
+        let registry = Registry::open(store, registry_config, metrics.registry.clone())
+            .await
+            .with_context(|| format!("loading the registry from {description}"))?;
+
+        let grpc_listener = TcpListener::bind(config.grpc).await.with_context(|| format!("binding --grpc {}", config.grpc))?;
+        let http_listener = TcpListener::bind(config.http).await.with_context(|| format!("binding --http {}", config.http))?;
+        let grpc_addr = grpc_listener.local_addr()?;
+        let http_addr = http_listener.local_addr()?;
+
+        let shutdown = CancellationToken::new();
+        let sidecars = Arc::new(Sidecars::default());
+        let session_config = SessionConfig { max_delay: config.push_max_delay, ..Default::default() };
+        let discovery = DiscoveryService::new(registry.clone(), sidecars.clone(), session_config, metrics.push.clone(), shutdown.clone());
+        let registry_api = RegistryService::new(registry.clone(), shutdown.clone());
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter.set_serving::<RegistryServer<RegistryService>>().await;
+        health_reporter.set_serving::<DiscoveryServer<DiscoveryService>>().await;
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let grpc = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(RegistryServer::new(registry_api))
+            .add_service(DiscoveryServer::new(discovery))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown.clone().cancelled_owned());
+        let http_router = http::router(HttpState { registry: registry.clone(), sidecars, metrics: Arc::new(prometheus) });
+        let http = axum::serve(http_listener, http_router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+
+        let tasks = vec![
+            tokio::spawn(async move { grpc.await.context("gRPC server") }),
+            tokio::spawn(async move { http.await.context("HTTP server") }),
+        ];
+        tracing::info!(grpc = %grpc_addr, http = %http_addr, store = %description, "listening");
+        Ok(Self { grpc_addr, http_addr, registry, shutdown, tasks })
+    }
+
+    /// Stops accepting, ends every stream, waits for the servers and flushes the store.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            task.await??;
+        }
+        self.registry.flush().await?;
+        Ok(())
+    }
+
+    /// Waits until a server fails; a healthy control plane never returns from this.
+    pub async fn failed(&mut self) -> anyhow::Error {
+        let (result, index, _) = futures::future::select_all(self.tasks.iter_mut()).await;
+        self.tasks.remove(index);
+        match result {
+            Ok(Ok(())) => anyhow::anyhow!("a server stopped"),
+            Ok(Err(error)) => error,
+            Err(error) => error.into(),
+        }
+    }
+}
+
+/// Runs a control plane until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let mut control_plane = ControlPlane::start(&config).await?;
+    tokio::select! {
+        () = shutdown_signal() => {
+            tracing::info!("shutting down");
+            control_plane.shutdown().await
+        }
+        error = control_plane.failed() => Err(error),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
