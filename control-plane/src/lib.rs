@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod config;
+pub mod ctl;
 pub mod discovery;
 pub mod metrics;
 pub mod registry;

@@ -174,7 +174,7 @@ pub fn endpoint(endpoint: &v1::Endpoint) -> Result<(), FieldError> {
     instance_id("id", &endpoint.id)?;
     address("address", &endpoint.address)?;
     port("port", endpoint.port)?;
-    if v1::Health::try_from(endpoint.health).is_err() {
+    if !matches!(v1::Health::try_from(endpoint.health), Ok(h) if h != v1::Health::Unspecified) {
         return Err(FieldError::new("health", format!("unknown health value {}", endpoint.health)));
     }
     metadata("metadata", &endpoint.metadata)?;

@@ -1,0 +1,275 @@
+//! `ferryctl`: the command line over the control plane's gRPC API.
+//!
+//! Tables for people by default, `-o json` (the proto3 JSON mapping) for scripts. Input is
+//! validated here with the same rules as the server, so mistakes are caught before a round trip.
+
+use std::{collections::BTreeMap, process::ExitCode, time::SystemTime};
+
+use anyhow::{Context, anyhow};
+use clap::{Parser, Subcommand, ValueEnum};
+use ferry_proto::{
+    types::Timestamp,
+    v1::{self, discovery_client::DiscoveryClient, registry_client::RegistryClient},
+    validate,
+};
+use serde::Serialize;
+use tonic::transport::Channel;
+
+mod table;
+
+use self::table::Table;
+
+/// Ferry's command line: inspect and change the mesh through the control plane.
+#[derive(Debug, Parser)]
+#[command(name = "ferryctl", version, about)]
+pub struct Cli {
+    /// The control plane's gRPC address.
+    #[arg(long, env = "FERRY_CONTROL_PLANE", default_value = "http://127.0.0.1:7070", global = true, value_name = "URL")]
+    pub control_plane: String,
+
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table, global = true)]
+    pub output: Output,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List services with their instance counts.
+    Services,
+    /// List a service's instances with their health.
+    Instances {
+        service: String,
+        /// Only instances that can take traffic.
+        #[arg(long)]
+        passing: bool,
+    },
+    /// Register a persistent instance (one no sidecar owns, such as a database).
+    Register {
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        address: String,
+        #[arg(long)]
+        port: u32,
+        /// Defaults to SERVICE-ADDRESS-PORT.
+        #[arg(long)]
+        id: Option<String>,
+        /// A metadata label; repeat for more.
+        #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        metadata: Vec<(String, String)>,
+        #[arg(long, default_value = "")]
+        region: String,
+        #[arg(long, default_value = "")]
+        zone: String,
+        /// Relative load-balancing weight, 1 to 10000.
+        #[arg(long, default_value_t = 0, hide_default_value = true)]
+        weight: u32,
+    },
+    /// Remove an instance by id.
+    Deregister { id: String },
+    /// Show connected sidecars, the versions they acknowledged, and any rejected push.
+    Status,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    let (key, value) = s.split_once('=').ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+/// An error from the user's input rather than from the control plane.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+/// Runs `ferryctl` with the process arguments.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() { ExitCode::from(64) } else { ExitCode::SUCCESS };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: starting the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(error) if error.is::<UsageError>() => {
+            eprintln!("error: {error}");
+            ExitCode::from(64)
+        }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one command and returns what to print.
+pub async fn run(cli: Cli) -> anyhow::Result<String> {
+    let output = cli.output;
+    match cli.command {
+        Command::Services => {
+            let response = registry(&cli.control_plane).await?.list_services(v1::ListServicesRequest {}).await?.into_inner();
+            render(output, &response, services_table)
+        }
+        Command::Instances { service, passing } => {
+            validate::service_name("SERVICE", &service).map_err(|e| UsageError(e.to_string()))?;
+            let request = v1::ListInstancesRequest { service, passing_only: passing };
+            let response = registry(&cli.control_plane).await?.list_instances(request).await?.into_inner();
+            render(output, &response, instances_table)
+        }
+        Command::Register { service, address, port, id, metadata, region, zone, weight } => {
+            let instance = v1::Instance {
+                id: id.unwrap_or_default(),
+                service,
+                address,
+                port,
+                metadata: metadata.into_iter().collect(),
+                region,
+                zone,
+                weight,
+                ..Default::default()
+            };
+            validate::instance(&instance).map_err(|e| UsageError(format!("--{}", e.to_string().replace('_', "-"))))?;
+            let response =
+                registry(&cli.control_plane).await?.register(v1::RegisterRequest { instance: Some(instance) }).await?.into_inner();
+            render(output, &response, |r| {
+                let i = r.instance.clone().unwrap_or_default();
+                format!("registered {} ({}:{}) in service {}\n", i.id, i.address, i.port, i.service)
+            })
+        }
+        Command::Deregister { id } => {
+            validate::instance_id("ID", &id).map_err(|e| UsageError(e.to_string()))?;
+            let response = registry(&cli.control_plane).await?.deregister(v1::DeregisterRequest { id }).await?.into_inner();
+            render(output, &response, |r| {
+                let i = r.instance.clone().unwrap_or_default();
+                format!("deregistered {} from service {}\n", i.id, i.service)
+            })
+        }
+        Command::Status => {
+            let channel = connect(&cli.control_plane).await?;
+            let response = DiscoveryClient::new(channel).list_sidecars(v1::ListSidecarsRequest {}).await?.into_inner();
+            render(output, &response, status_table)
+        }
+    }
+}
+
+async fn connect(url: &str) -> anyhow::Result<Channel> {
+    let endpoint = Channel::from_shared(url.to_owned()).map_err(|e| UsageError(format!("--control-plane {url:?}: {e}")))?;
+    endpoint.connect().await.with_context(|| format!("cannot reach the control plane at {url}"))
+}
+
+async fn registry(url: &str) -> anyhow::Result<RegistryClient<Channel>> {
+    Ok(RegistryClient::new(connect(url).await?))
+}
+
+fn render<T: Serialize>(output: Output, value: &T, table: impl Fn(&T) -> String) -> anyhow::Result<String> {
+    match output {
+        Output::Table => Ok(table(value)),
+        Output::Json => Ok(serde_json::to_string_pretty(value).map_err(|e| anyhow!("encoding JSON: {e}"))? + "\n"),
+    }
+}
+
+fn health_label(health: i32) -> &'static str {
+    ferry_health::Health::try_from(health).map_or("unknown", |h| h.as_str())
+}
+
+fn ago(timestamp: Option<&Timestamp>) -> String {
+    let Some(ts) = timestamp else { return "-".into() };
+    let then = std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(ts.seconds).unwrap_or(0));
+    match SystemTime::now().duration_since(then) {
+        Ok(elapsed) => format!("{} ago", humantime::format_duration(std::time::Duration::from_secs(elapsed.as_secs()))),
+        Err(_) => "just now".into(),
+    }
+}
+
+fn services_table(response: &v1::ListServicesResponse) -> String {
+    let mut table = Table::new(&["SERVICE", "INSTANCES", "PASSING", "INDEX"]);
+    for s in &response.services {
+        table.row(vec![s.name.clone(), s.instances.to_string(), s.passing.to_string(), s.index.to_string()]);
+    }
+    table.render()
+}
+
+fn instances_table(response: &v1::ListInstancesResponse) -> String {
+    let mut table = Table::new(&["ID", "ADDRESS", "HEALTH", "ORIGIN", "ZONE", "WEIGHT", "METADATA"]);
+    for i in &response.instances {
+        let origin = match v1::Origin::try_from(i.origin) {
+            Ok(v1::Origin::Sidecar) => format!("sidecar {}", i.node_id),
+            Ok(v1::Origin::Api) => "api".into(),
+            _ => "unknown".into(),
+        };
+        let metadata: BTreeMap<_, _> = i.metadata.iter().collect();
+        let metadata = metadata.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+        let zone = [i.region.as_str(), i.zone.as_str()].iter().filter(|s| !s.is_empty()).copied().collect::<Vec<_>>().join("/");
+        table.row(vec![
+            i.id.clone(),
+            format!("{}:{}", i.address, i.port),
+            health_label(i.health).into(),
+            origin,
+            if zone.is_empty() { "-".into() } else { zone },
+            i.weight.to_string(),
+            if metadata.is_empty() { "-".into() } else { metadata },
+        ]);
+    }
+    table.render()
+}
+
+fn status_table(response: &v1::ListSidecarsResponse) -> String {
+    if response.sidecars.is_empty() {
+        return "no sidecars connected\n".into();
+    }
+    let mut table = Table::new(&["NODE", "SERVICE", "CONNECTED", "SUBSCRIPTION", "ACKED", "CURRENT", "STATE"]);
+    let mut nacks = Vec::new();
+    for sidecar in &response.sidecars {
+        let first = |table: &mut Table, cells: [String; 4]| {
+            let [subscription, acked, current, state] = cells;
+            table.row(vec![sidecar.node_id.clone(), sidecar.service.clone(), ago(sidecar.connected_at.as_ref()), subscription, acked, current, state]);
+        };
+        if sidecar.subscriptions.is_empty() {
+            first(&mut table, ["-".into(), "-".into(), "-".into(), "-".into()]);
+        }
+        for s in &sidecar.subscriptions {
+            let nacked = sidecar.last_nack.as_ref().is_some_and(|n| n.versions.get(&s.service) == Some(&s.sent_version) && s.acked_version != s.sent_version);
+            let state = if s.acked_version == s.current_version {
+                "in sync"
+            } else if nacked {
+                "rejected"
+            } else {
+                "pending"
+            };
+            first(&mut table, [s.service.clone(), s.acked_version.to_string(), s.current_version.to_string(), state.into()]);
+        }
+        if let Some(nack) = &sidecar.last_nack {
+            nacks.push(format!("{} rejected push {} {}: {}", sidecar.node_id, nack.nonce, ago(nack.at.as_ref()), nack.error));
+        }
+    }
+    let mut out = table.render();
+    if !nacks.is_empty() {
+        out.push_str("\nLAST REJECTED PUSH\n");
+        for line in nacks {
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    out
+}

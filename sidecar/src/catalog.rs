@@ -1,0 +1,300 @@
+//! The config a sidecar holds: one watchable state per service it talks to.
+//!
+//! Readers (the balancers) get a `watch::Receiver` per service and never lock anything on the
+//! request path. The control-plane client applies each push here atomically: the whole push is
+//! validated and every delta checked against the version held before anything is published, so
+//! a rejected push leaves the last good config untouched.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use ferry_health::Health;
+use ferry_proto::{
+    v1::{self, service_resources::Endpoints},
+    validate,
+};
+use tokio::sync::{Notify, watch};
+
+/// What the sidecar knows of one service.
+#[derive(Debug, Clone)]
+pub enum ServiceState {
+    /// Subscribed, waiting for the control plane's first answer.
+    Pending,
+    Known(Arc<ServiceConfig>),
+}
+
+/// One service's config at one version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    pub name: Arc<str>,
+    pub version: u64,
+    /// Whether any instance of the service is registered.
+    pub exists: bool,
+    /// Every endpoint, routable or not, by id.
+    pub endpoints: BTreeMap<String, Arc<Endpoint>>,
+}
+
+/// An instance of a service, as the sidecar balances over it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub id: String,
+    pub address: String,
+    pub port: u16,
+    pub health: Health,
+    pub metadata: BTreeMap<String, String>,
+    pub region: String,
+    pub zone: String,
+    pub weight: u32,
+}
+
+/// Too many services were asked for; a bound against unbounded on-demand subscriptions.
+#[derive(Debug, thiserror::Error)]
+#[error("the sidecar already tracks {0} services, its limit")]
+pub struct TooManyServices(pub usize);
+
+/// Every service the sidecar is subscribed to, with its current state.
+pub struct Catalog {
+    services: Mutex<HashMap<Arc<str>, watch::Sender<ServiceState>>>,
+    subscriptions_changed: Notify,
+    max_services: usize,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl ServiceConfig {
+    /// How many endpoints can take traffic.
+    pub fn routable(&self) -> usize {
+        self.endpoints.values().filter(|e| e.health.is_routable()).count()
+    }
+}
+
+impl TryFrom<&v1::Endpoint> for Endpoint {
+    type Error = validate::FieldError;
+
+    fn try_from(endpoint: &v1::Endpoint) -> Result<Self, Self::Error> {
+        validate::endpoint(endpoint)?;
+        Ok(Self {
+            id: endpoint.id.clone(),
+            address: endpoint.address.clone(),
+            port: u16::try_from(endpoint.port).map_err(|_| validate::FieldError::new("port", "out of range"))?,
+            health: Health::try_from(endpoint.health).map_err(|e| validate::FieldError::new("health", e.to_string()))?,
+            metadata: endpoint.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            region: endpoint.region.clone(),
+            zone: endpoint.zone.clone(),
+            weight: if endpoint.weight == 0 { validate::DEFAULT_WEIGHT } else { endpoint.weight },
+        })
+    }
+}
+
+impl Catalog {
+    /// An empty catalog that tracks at most `max_services` services.
+    pub fn new(max_services: usize) -> Self {
+        Self { services: Mutex::default(), subscriptions_changed: Notify::new(), max_services }
+    }
+
+    /// The state of `service`, subscribing to it if this is the first time it is asked for.
+    pub fn watch(&self, service: &str) -> Result<watch::Receiver<ServiceState>, TooManyServices> {
+        let mut services = lock(&self.services);
+        if let Some(sender) = services.get(service) {
+            return Ok(sender.subscribe());
+        }
+        if services.len() >= self.max_services {
+            return Err(TooManyServices(self.max_services));
+        }
+        let sender = watch::Sender::new(ServiceState::Pending);
+        let receiver = sender.subscribe();
+        services.insert(service.into(), sender);
+        drop(services);
+        self.subscriptions_changed.notify_one();
+        Ok(receiver)
+    }
+
+    /// Every service subscribed to.
+    pub fn subscriptions(&self) -> Vec<Arc<str>> {
+        lock(&self.services).keys().cloned().collect()
+    }
+
+    /// Resolves when a service was added since the last call.
+    pub async fn subscriptions_changed(&self) {
+        self.subscriptions_changed.notified().await;
+    }
+
+    /// The version of every service held, for Hello.
+    pub fn versions(&self) -> HashMap<String, u64> {
+        lock(&self.services)
+            .iter()
+            .filter_map(|(name, sender)| match &*sender.borrow() {
+                ServiceState::Known(config) => Some((name.to_string(), config.version)),
+                ServiceState::Pending => None,
+            })
+            .collect()
+    }
+
+    /// Every service and its state, by name.
+    pub fn states(&self) -> BTreeMap<Arc<str>, ServiceState> {
+        lock(&self.services).iter().map(|(name, sender)| (name.clone(), sender.borrow().clone())).collect()
+    }
+
+    /// The state of `service`, if subscribed.
+    pub fn state(&self, service: &str) -> Option<ServiceState> {
+        lock(&self.services).get(service).map(|sender| sender.borrow().clone())
+    }
+
+    /// Applies `push` whole or not at all. The error is the NACK text.
+    pub fn apply(&self, push: &v1::Push) -> Result<(), String> {
+        validate::push(push).map_err(|e| e.to_string())?;
+        let mut services = lock(&self.services);
+        let mut updates = Vec::with_capacity(push.resources.len());
+        for (i, resources) in push.resources.iter().enumerate() {
+            let held = services.get(resources.service.as_str()).and_then(|sender| match &*sender.borrow() {
+                ServiceState::Known(config) => Some(config.clone()),
+                ServiceState::Pending => None,
+            });
+            let config = next_config(resources, held.as_deref()).map_err(|e| e.within(&format!("resources[{i}]")).to_string())?;
+            updates.push(config);
+        }
+        for config in updates {
+            let name = config.name.clone();
+            let state = ServiceState::Known(Arc::new(config));
+            match services.get(&name) {
+                Some(sender) => {
+                    sender.send_replace(state);
+                }
+                None => {
+                    services.insert(name, watch::Sender::new(state));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The config after `resources`, given the config held.
+fn next_config(resources: &v1::ServiceResources, held: Option<&ServiceConfig>) -> Result<ServiceConfig, validate::FieldError> {
+    let convert = |field: &str, endpoints: &[v1::Endpoint]| -> Result<Vec<Endpoint>, validate::FieldError> {
+        endpoints.iter().enumerate().map(|(i, e)| Endpoint::try_from(e).map_err(|err| err.within(&format!("{field}[{i}]")))).collect()
+    };
+    let endpoints = match &resources.endpoints {
+        None => BTreeMap::new(),
+        Some(Endpoints::Snapshot(set)) => {
+            convert("snapshot.endpoints", &set.endpoints)?.into_iter().map(|e| (e.id.clone(), Arc::new(e))).collect()
+        }
+        Some(Endpoints::Delta(delta)) => {
+            let held = held.filter(|h| h.version == delta.base_version).ok_or_else(|| {
+                validate::FieldError::new(
+                    "delta.base_version",
+                    format!(
+                        "{} does not match the version held, {}",
+                        delta.base_version,
+                        held.map_or("none".to_owned(), |h| h.version.to_string())
+                    ),
+                )
+            })?;
+            let mut endpoints = held.endpoints.clone();
+            for id in &delta.removed {
+                endpoints.remove(id);
+            }
+            for endpoint in convert("delta.upserted", &delta.upserted)? {
+                endpoints.insert(endpoint.id.clone(), Arc::new(endpoint));
+            }
+            endpoints
+        }
+    };
+    Ok(ServiceConfig { name: resources.service.as_str().into(), version: resources.version, exists: resources.exists, endpoints })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(id: &str, port: u32) -> v1::Endpoint {
+        v1::Endpoint {
+            id: id.into(),
+            address: "127.0.0.1".into(),
+            port,
+            health: v1::Health::Passing as i32,
+            ..Default::default()
+        }
+    }
+
+    fn snapshot(service: &str, version: u64, endpoints: Vec<v1::Endpoint>) -> v1::ServiceResources {
+        v1::ServiceResources {
+            service: service.into(),
+            version,
+            exists: !endpoints.is_empty(),
+            endpoints: Some(Endpoints::Snapshot(v1::Endpoints { endpoints })),
+        }
+    }
+
+    fn push(resources: Vec<v1::ServiceResources>) -> v1::Push {
+        v1::Push { nonce: "1".into(), resources }
+    }
+
+    fn known(catalog: &Catalog, service: &str) -> Arc<ServiceConfig> {
+        match catalog.state(service) {
+            Some(ServiceState::Known(config)) => config,
+            other => panic!("expected {service} known, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_first_request_subscribes_and_sees_the_push() {
+        let catalog = Catalog::new(16);
+        let rx = catalog.watch("catalog").expect("room");
+        assert!(matches!(*rx.borrow(), ServiceState::Pending));
+        assert_eq!(catalog.subscriptions().len(), 1);
+        catalog.apply(&push(vec![snapshot("catalog", 5, vec![endpoint("a", 8080)])])).expect("applies");
+        assert!(rx.has_changed().expect("open"));
+        assert_eq!(known(&catalog, "catalog").routable(), 1);
+        assert_eq!(catalog.versions(), HashMap::from([("catalog".to_owned(), 5)]));
+    }
+
+    #[test]
+    fn deltas_apply_on_the_version_they_were_made_from() {
+        let catalog = Catalog::new(16);
+        catalog.apply(&push(vec![snapshot("catalog", 5, vec![endpoint("a", 8080), endpoint("b", 8081)])])).expect("applies");
+        let delta = v1::ServiceResources {
+            service: "catalog".into(),
+            version: 7,
+            exists: true,
+            endpoints: Some(Endpoints::Delta(v1::EndpointDelta {
+                base_version: 5,
+                upserted: vec![endpoint("c", 8082)],
+                removed: vec!["a".into()],
+            })),
+        };
+        catalog.apply(&push(vec![delta.clone()])).expect("applies");
+        let config = known(&catalog, "catalog");
+        assert_eq!(config.version, 7);
+        assert_eq!(config.endpoints.keys().collect::<Vec<_>>(), ["b", "c"]);
+
+        // The same delta again no longer matches the held version.
+        let error = catalog.apply(&push(vec![delta])).expect_err("base mismatch");
+        assert!(error.starts_with("resources[0].delta.base_version"), "{error}");
+        assert_eq!(known(&catalog, "catalog").version, 7, "kept the last good config");
+    }
+
+    #[test]
+    fn a_bad_push_changes_nothing() {
+        let catalog = Catalog::new(16);
+        catalog.apply(&push(vec![snapshot("catalog", 5, vec![endpoint("a", 8080)])])).expect("applies");
+        let bad = push(vec![snapshot("inventory", 3, vec![endpoint("i", 9000)]), snapshot("catalog", 6, vec![endpoint("b", 0)])]);
+        let error = catalog.apply(&bad).expect_err("port 0");
+        assert_eq!(error, "resources[1].snapshot.endpoints[0].port: must be between 1 and 65535, got 0");
+        assert_eq!(known(&catalog, "catalog").version, 5);
+        assert!(catalog.state("inventory").is_none(), "no part of the push was applied");
+    }
+
+    #[test]
+    fn on_demand_subscriptions_are_bounded() {
+        let catalog = Catalog::new(2);
+        catalog.watch("a").expect("room");
+        catalog.watch("b").expect("room");
+        catalog.watch("a").expect("already tracked");
+        assert!(catalog.watch("c").is_err());
+    }
+}

@@ -1,0 +1,213 @@
+//! The sidecar's command line. Every flag also reads a `FERRY_*` environment variable; values
+//! are parsed and checked here, before anything binds, and a bad one names its flag.
+
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use clap::Parser;
+use ferry_proto::validate;
+
+/// Ferry's sidecar: proxies the app's calls into the mesh and the mesh's calls to the app.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "ferry-sidecar", version, about)]
+pub struct Config {
+    /// The service this sidecar's app belongs to (or, with no app, the name it calls out as).
+    #[arg(long, env = "FERRY_SERVICE", value_parser = parse_service, value_name = "NAME")]
+    pub service: String,
+
+    /// The app's address (HOST:PORT). Without it the sidecar registers no instance.
+    #[arg(long, env = "FERRY_APP", value_parser = parse_host_port, value_name = "ADDR")]
+    pub app: Option<HostPort>,
+
+    /// The control plane's gRPC URL.
+    #[arg(long, env = "FERRY_CONTROL_PLANE", default_value = "http://127.0.0.1:7070", value_parser = parse_url, value_name = "URL")]
+    pub control_plane: String,
+
+    /// Where the app sends its outbound HTTP (as a proxy, or with the service in Host).
+    #[arg(long, env = "FERRY_OUTBOUND", default_value = "127.0.0.1:15001", value_name = "ADDR")]
+    pub outbound: SocketAddr,
+
+    /// Where other sidecars reach this app; the address published in the registry.
+    #[arg(long, env = "FERRY_INBOUND", default_value = "0.0.0.0:15006", value_name = "ADDR")]
+    pub inbound: SocketAddr,
+
+    /// The admin listener: /ready, /live, /config, /metrics.
+    #[arg(long, env = "FERRY_ADMIN", default_value = "127.0.0.1:15000", value_name = "ADDR")]
+    pub admin: SocketAddr,
+
+    /// The host other sidecars use to reach this one; defaults to the inbound listener's IP, or
+    /// the local address that routes to the control plane.
+    #[arg(long, env = "FERRY_ADVERTISE", value_parser = parse_address, value_name = "HOST")]
+    pub advertise: Option<String>,
+
+    /// A local port for one upstream service; repeat for more.
+    #[arg(long = "upstream", env = "FERRY_UPSTREAM", value_delimiter = ';', value_parser = parse_upstream, value_name = "NAME=ADDR[,protocol=http]")]
+    pub upstreams: Vec<Upstream>,
+
+    /// A metadata label of the instance, such as version=v2; repeat for more.
+    #[arg(long = "meta", env = "FERRY_META", value_delimiter = ';', value_parser = parse_key_value, value_name = "KEY=VALUE")]
+    pub metadata: Vec<(String, String)>,
+
+    /// The region of the instance.
+    #[arg(long, env = "FERRY_REGION", default_value = "", value_parser = parse_locality, hide_default_value = true)]
+    pub region: String,
+
+    /// The zone of the instance.
+    #[arg(long, env = "FERRY_ZONE", default_value = "", value_parser = parse_locality, hide_default_value = true)]
+    pub zone: String,
+
+    /// The instance's load-balancing weight, 1 to 10000.
+    #[arg(long, env = "FERRY_WEIGHT", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub weight: u32,
+
+    /// The instance id; defaults to SERVICE-ADVERTISE-PORT.
+    #[arg(long, env = "FERRY_ID", value_parser = parse_id, value_name = "ID")]
+    pub id: Option<String>,
+
+    /// The sidecar's identity on the config stream; defaults to the instance id.
+    #[arg(long, env = "FERRY_NODE_ID", value_parser = parse_id, value_name = "ID")]
+    pub node_id: Option<String>,
+
+    /// How long connecting to an endpoint or the control plane may take.
+    #[arg(long, env = "FERRY_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub connect_timeout: Duration,
+
+    /// How long to wait for an upstream's response headers (none by default).
+    #[arg(long, env = "FERRY_RESPONSE_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub response_timeout: Option<Duration>,
+
+    /// How long a request for a service the sidecar has no config for yet waits for it.
+    #[arg(long, env = "FERRY_DISCOVERY_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub discovery_timeout: Duration,
+
+    /// Log filter, such as `info` or `ferry_sidecar=debug`.
+    #[arg(long, env = "FERRY_LOG", default_value = "info", value_name = "FILTER")]
+    pub log: String,
+}
+
+/// A host and port, such as `127.0.0.1:8080` or `localhost:8080`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+/// A local listener for one upstream service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub service: Arc<str>,
+    pub listen: SocketAddr,
+}
+
+impl Config {
+    /// The instance's metadata labels.
+    pub fn metadata_map(&self) -> BTreeMap<String, String> {
+        self.metadata.iter().cloned().collect()
+    }
+}
+
+fn parse_service(s: &str) -> Result<String, String> {
+    validate::service_name("service", s).map_err(|e| e.reason)?;
+    Ok(s.to_owned())
+}
+
+fn parse_id(s: &str) -> Result<String, String> {
+    validate::instance_id("id", s).map_err(|e| e.reason)?;
+    Ok(s.to_owned())
+}
+
+fn parse_address(s: &str) -> Result<String, String> {
+    validate::address("address", s).map_err(|e| e.reason)?;
+    Ok(s.to_owned())
+}
+
+fn parse_locality(s: &str) -> Result<String, String> {
+    validate::locality("locality", s).map_err(|e| e.reason)?;
+    Ok(s.to_owned())
+}
+
+fn parse_url(s: &str) -> Result<String, String> {
+    let uri: http::Uri = s.parse().map_err(|e| format!("not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") if uri.host().is_some() => Ok(s.to_owned()),
+        _ => Err("must be http://HOST:PORT or https://HOST:PORT".into()),
+    }
+}
+
+/// Parses `HOST:PORT`, `[V6]:PORT` or `IP:PORT`.
+pub fn parse_host_port(s: &str) -> Result<HostPort, String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        if addr.port() == 0 {
+            return Err("the port must not be 0".into());
+        }
+        return Ok(HostPort { host: addr.ip().to_string(), port: addr.port() });
+    }
+    let (host, port) = s.rsplit_once(':').ok_or("must be HOST:PORT")?;
+    let port: u16 = port.parse().map_err(|_| format!("{port:?} is not a port"))?;
+    if port == 0 {
+        return Err("the port must not be 0".into());
+    }
+    validate::address("host", host).map_err(|e| e.reason)?;
+    Ok(HostPort { host: host.to_owned(), port })
+}
+
+fn parse_upstream(s: &str) -> Result<Upstream, String> {
+    let (name, rest) = s.split_once('=').ok_or("must be NAME=ADDR[,protocol=http]")?;
+    validate::service_name("name", name).map_err(|e| format!("the service {}", e.reason))?;
+    let mut parts = rest.split(',');
+    let addr = parts.next().unwrap_or_default();
+    let listen: SocketAddr = addr.parse().map_err(|_| format!("{addr:?} is not an IP:PORT to listen on"))?;
+    for option in parts {
+        match option.split_once('=') {
+            Some(("protocol", "http")) => {}
+            Some(("protocol", "tcp")) => return Err("protocol=tcp (opaque TCP) is not supported yet; use protocol=http".into()),
+            _ => return Err(format!("unknown option {option:?}: expected protocol=http")),
+        }
+    }
+    Ok(Upstream { service: name.into(), listen })
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    let (key, value) = s.split_once('=').ok_or("must be KEY=VALUE")?;
+    let pair = (key.to_owned(), value.to_owned());
+    validate::metadata("meta", [(&pair.0, &pair.1)]).map_err(|e| e.reason)?;
+    Ok(pair)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("ferry-sidecar").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn a_typical_command_line_parses() {
+        let config = parse(&[
+            "--service", "catalog", "--app", "127.0.0.1:8080", "--meta", "version=v2", "--zone", "eu-1a",
+            "--upstream", "inventory=127.0.0.1:9001", "--upstream", "pricing=127.0.0.1:9002,protocol=http",
+        ])
+        .expect("parses");
+        assert_eq!(config.app, Some(HostPort { host: "127.0.0.1".into(), port: 8080 }));
+        assert_eq!(config.metadata_map().get("version").map(String::as_str), Some("v2"));
+        assert_eq!(config.upstreams.len(), 2);
+        assert_eq!(&*config.upstreams[1].service, "pricing");
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        for (args, flag) in [
+            (vec!["--service", "Bad_Name"], "--service"),
+            (vec!["--service", "a", "--app", "nope"], "--app"),
+            (vec!["--service", "a", "--app", "localhost:0"], "--app"),
+            (vec!["--service", "a", "--upstream", "x"], "--upstream"),
+            (vec!["--service", "a", "--upstream", "db=127.0.0.1:9000,protocol=tcp"], "--upstream"),
+            (vec!["--service", "a", "--meta", "novalue"], "--meta"),
+            (vec!["--service", "a", "--control-plane", "ftp://x"], "--control-plane"),
+            (vec!["--service", "a", "--connect-timeout", "soon"], "--connect-timeout"),
+        ] {
+            let error = parse(&args).expect_err(flag).to_string();
+            assert!(error.contains(flag), "{flag}: {error}");
+        }
+    }
+}

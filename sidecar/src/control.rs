@@ -1,0 +1,247 @@
+//! The sidecar's side of the config stream (`ferry.v1.Discovery/Stream`).
+//!
+//! Connects, says Hello (node id, the app's instance, the versions already held), subscribes to
+//! every service in the [`Catalog`] and to each new one as requests ask for it, applies pushes
+//! and ACKs or NACKs each by nonce. When the control plane is unreachable or goes away, the
+//! catalog keeps serving the last good config and the client reconnects with jittered
+//! exponential backoff. On shutdown it says goodbye, so the instance is removed at once.
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, SystemTime},
+};
+
+use ferry_proto::v1::{self, control_message, discovery_client::DiscoveryClient, sidecar_message};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+use crate::{
+    catalog::Catalog,
+    metrics::{Metrics, ResultLabels},
+};
+
+/// How to reach the control plane and what to tell it.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    pub url: String,
+    pub node_id: String,
+    pub service: String,
+    /// The app's instance; `None` for a sidecar without an app.
+    pub instance: Option<v1::Instance>,
+    pub connect_timeout: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+/// The stream's state, for `/ready`, `/config` and logs.
+#[derive(Debug, Default)]
+pub struct ControlStatus {
+    inner: Mutex<ControlState>,
+}
+
+/// A copy of the stream's state.
+#[derive(Debug, Clone, Default)]
+pub struct ControlState {
+    pub connected: bool,
+    /// The instance as the control plane registered it, once it has.
+    pub registered: Option<v1::Instance>,
+    pub server_id: String,
+    pub last_contact: Option<SystemTime>,
+    pub last_error: Option<String>,
+    pub pushes_applied: u64,
+    pub pushes_rejected: u64,
+    pub last_rejection: Option<String>,
+}
+
+impl ControlStatus {
+    fn lock(&self) -> MutexGuard<'_, ControlState> {
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A copy of the current state.
+    pub fn get(&self) -> ControlState {
+        self.lock().clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ControlState)) {
+        f(&mut self.lock());
+    }
+}
+
+/// Why one stream ended.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("connecting: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("{}", describe(.0))]
+    Status(#[from] tonic::Status),
+    #[error("{0}")]
+    Protocol(String),
+}
+
+fn describe(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+/// Runs the config stream until `shutdown`, reconnecting as needed.
+pub async fn run(config: ControlConfig, catalog: Arc<Catalog>, status: Arc<ControlStatus>, metrics: Metrics, shutdown: CancellationToken) {
+    let mut failures = 0u32;
+    loop {
+        let mut welcomed = false;
+        let result = stream(&config, &catalog, &status, &metrics, &shutdown, &mut welcomed).await;
+        status.update(|s| s.connected = false);
+        metrics.control_plane_connected.set(0);
+        match result {
+            Ok(()) => return,
+            Err(error) => {
+                if welcomed {
+                    failures = 0;
+                }
+                failures = failures.saturating_add(1);
+                let delay = backoff(config.backoff_base, config.backoff_max, failures);
+                tracing::warn!(url = %config.url, %error, retry_in = ?delay, "control plane stream down; serving the last config");
+                status.update(|s| s.last_error = Some(error.to_string()));
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+/// Full-jitter exponential backoff: a random delay up to `base * 2^(attempt-1)`, capped.
+fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
+    let ceiling = base.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(16))).min(max);
+    let millis = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX).max(1);
+    Duration::from_millis(rand::random_range(millis / 4..=millis))
+}
+
+fn message(message: sidecar_message::Message) -> v1::SidecarMessage {
+    v1::SidecarMessage { message: Some(message) }
+}
+
+fn try_send(outbound: &mpsc::Sender<v1::SidecarMessage>, m: sidecar_message::Message) -> Result<(), StreamError> {
+    outbound.try_send(message(m)).map_err(|_| StreamError::Protocol("the outbound queue is full".into()))
+}
+
+async fn stream(
+    config: &ControlConfig,
+    catalog: &Catalog,
+    status: &ControlStatus,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+    welcomed: &mut bool,
+) -> Result<(), StreamError> {
+    let endpoint = Endpoint::from_shared(config.url.clone())
+        .map_err(StreamError::Connect)?
+        .connect_timeout(config.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    let channel = tokio::select! {
+        channel = endpoint.connect() => channel?,
+        () = shutdown.cancelled() => return Ok(()),
+    };
+    let mut client = DiscoveryClient::new(channel);
+
+    let (outbound, rx) = mpsc::channel(64);
+    let mut subscribed: HashSet<Arc<str>> = catalog.subscriptions().into_iter().collect();
+    let hello = v1::Hello {
+        node_id: config.node_id.clone(),
+        service: config.service.clone(),
+        instance: config.instance.clone(),
+        versions: catalog.versions(),
+        build: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    try_send(&outbound, sidecar_message::Message::Hello(hello))?;
+    if !subscribed.is_empty() {
+        let services = subscribed.iter().map(|s| s.to_string()).collect();
+        try_send(&outbound, sidecar_message::Message::Subscribe(v1::Subscribe { services }))?;
+    }
+    let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+
+    match inbound.message().await?.and_then(|m| m.message) {
+        Some(control_message::Message::Welcome(welcome)) => {
+            *welcomed = true;
+            tracing::info!(url = %config.url, server = %welcome.server_id, registered = ?welcome.instance.as_ref().map(|i| &i.id), "connected to the control plane");
+            status.update(|s| {
+                s.connected = true;
+                s.registered = welcome.instance.or(s.registered.take());
+                s.server_id = welcome.server_id;
+                s.last_contact = Some(SystemTime::now());
+                s.last_error = None;
+            });
+            metrics.control_plane_connected.set(1);
+        }
+        other => return Err(StreamError::Protocol(format!("expected welcome, got {other:?}"))),
+    }
+
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                let goodbye = v1::Goodbye { reason: "shutting down".into() };
+                if outbound.send(message(sidecar_message::Message::Goodbye(goodbye))).await.is_ok() {
+                    drop(outbound);
+                    // The control plane closes the stream once it has the goodbye.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async { while let Ok(Some(_)) = inbound.message().await {} }).await;
+                }
+                return Ok(());
+            }
+            () = catalog.subscriptions_changed() => {
+                let new: Vec<String> =
+                    catalog.subscriptions().into_iter().filter(|s| subscribed.insert(s.clone())).map(|s| s.to_string()).collect();
+                if !new.is_empty() {
+                    tracing::debug!(services = ?new, "subscribing");
+                    try_send(&outbound, sidecar_message::Message::Subscribe(v1::Subscribe { services: new }))?;
+                }
+            }
+            received = inbound.message() => {
+                let Some(received) = received? else {
+                    return Err(StreamError::Protocol("the control plane closed the stream".into()));
+                };
+                status.update(|s| s.last_contact = Some(SystemTime::now()));
+                if let Some(control_message::Message::Push(push)) = received.message {
+                    let answer = match catalog.apply(&push) {
+                        Ok(()) => {
+                            metrics.config_updates.get_or_create(&ResultLabels { result: "applied" }).inc();
+                            status.update(|s| s.pushes_applied += 1);
+                            tracing::debug!(nonce = %push.nonce, resources = push.resources.len(), "applied push");
+                            sidecar_message::Message::Ack(v1::Ack { nonce: push.nonce })
+                        }
+                        Err(error) => {
+                            metrics.config_updates.get_or_create(&ResultLabels { result: "rejected" }).inc();
+                            tracing::warn!(nonce = %push.nonce, %error, "rejected push; keeping the last good config");
+                            status.update(|s| {
+                                s.pushes_rejected += 1;
+                                s.last_rejection = Some(error.clone());
+                            });
+                            sidecar_message::Message::Nack(v1::Nack { nonce: push.nonce, error })
+                        }
+                    };
+                    outbound.send(message(answer)).await.map_err(|_| StreamError::Protocol("stream closed".into()))?;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_up_to_the_cap() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(5);
+        for attempt in 1..30 {
+            let delay = backoff(base, max, attempt);
+            let ceiling = (base * 2u32.pow((attempt - 1).min(16))).min(max);
+            assert!(delay <= ceiling && delay >= ceiling / 4, "attempt {attempt}: {delay:?}");
+        }
+    }
+}

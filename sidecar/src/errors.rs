@@ -1,0 +1,220 @@
+//! The errors the proxy makes itself, and the responses they become at the edge.
+//!
+//! Layers fail with small typed errors. Only the server edge turns an error into a response,
+//! by walking the error's `source()` chain for a known type: a 502, 503 or 504 with an
+//! `x-ferry-error` header holding a stable reason code and one sentence, such as
+//! `no_endpoints: catalog has 0 of 3 passing`. gRPC callers get the same as a trailers-only
+//! response with a `grpc-status`, so their client libraries report it properly.
+
+use std::{error::Error as StdError, fmt::Write, sync::Arc, time::Duration};
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::http::{
+    Body, BoxError,
+    client::{ConnectError, UpstreamError},
+    full,
+};
+
+/// The header that carries the reason of a response the proxy made itself.
+pub const FERRY_ERROR: &str = "x-ferry-error";
+
+/// The request names no service: no absolute URI, no `Host`.
+#[derive(Debug, thiserror::Error)]
+#[error("the request names no destination: send an absolute URI or a Host header")]
+pub struct NoDestination;
+
+/// The request's authority cannot be a mesh service.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a mesh service name")]
+pub struct InvalidDestination(pub String);
+
+/// The control plane knows no instance of the service.
+#[derive(Debug, thiserror::Error)]
+#[error("no service named {0:?} is registered")]
+pub struct UnknownService(pub Arc<str>);
+
+/// The service exists but none of its instances can take traffic.
+#[derive(Debug, thiserror::Error)]
+#[error("{service} has 0 of {total} passing")]
+pub struct NoEndpoints {
+    pub service: Arc<str>,
+    pub total: usize,
+}
+
+/// The sidecar has no config for the service yet and none arrived in time.
+#[derive(Debug, thiserror::Error)]
+#[error("no config for {service} arrived within {timeout:?}; is the control plane reachable?")]
+pub struct DiscoveryTimeout {
+    pub service: Arc<str>,
+    pub timeout: Duration,
+}
+
+/// The upstream did not answer in time.
+#[derive(Debug, thiserror::Error)]
+#[error("no response within {0:?}")]
+pub struct ResponseTimeout(pub Duration);
+
+/// The inbound sidecar could not reach its own app: the request never got there.
+#[derive(Debug, thiserror::Error)]
+#[error("the app is unreachable: {0}")]
+pub struct AppUnreachable(#[source] pub BoxError);
+
+/// The inbound sidecar reached its app but the exchange failed.
+#[derive(Debug, thiserror::Error)]
+#[error("the app failed: {0}")]
+pub struct AppFailed(#[source] pub BoxError);
+
+/// A request the proxy does not handle, such as CONNECT.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unsupported(pub &'static str);
+
+/// What a synthetic response says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reason {
+    pub code: &'static str,
+    pub status: StatusCode,
+    /// gRPC status code for gRPC callers.
+    pub grpc: u8,
+}
+
+const UNAVAILABLE: u8 = 14;
+const DEADLINE_EXCEEDED: u8 = 4;
+const UNIMPLEMENTED: u8 = 12;
+const INTERNAL: u8 = 13;
+
+/// The reason for `error`, from the first known error in its source chain.
+pub fn reason(error: &(dyn StdError + 'static)) -> Reason {
+    let reason = |code, status, grpc| Reason { code, status, grpc };
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if error.is::<NoDestination>() || error.is::<InvalidDestination>() {
+            return reason("bad_destination", StatusCode::BAD_REQUEST, INTERNAL);
+        }
+        if error.is::<UnknownService>() {
+            return reason("unknown_service", StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE);
+        }
+        if error.is::<NoEndpoints>() {
+            return reason("no_endpoints", StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE);
+        }
+        if error.is::<DiscoveryTimeout>() {
+            return reason("discovery_timeout", StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE);
+        }
+        if error.is::<ResponseTimeout>() {
+            return reason("upstream_timeout", StatusCode::GATEWAY_TIMEOUT, DEADLINE_EXCEEDED);
+        }
+        if error.is::<AppUnreachable>() {
+            return reason("app_unreachable", StatusCode::BAD_GATEWAY, UNAVAILABLE);
+        }
+        if error.is::<AppFailed>() {
+            return reason("app_failed", StatusCode::BAD_GATEWAY, UNAVAILABLE);
+        }
+        if error.is::<ConnectError>() {
+            return reason("upstream_connect_failed", StatusCode::BAD_GATEWAY, UNAVAILABLE);
+        }
+        if error.is::<UpstreamError>() {
+            return reason("upstream_reset", StatusCode::BAD_GATEWAY, UNAVAILABLE);
+        }
+        if error.is::<Unsupported>() {
+            return reason("unsupported", StatusCode::NOT_IMPLEMENTED, UNIMPLEMENTED);
+        }
+        next = error.source();
+    }
+    reason("proxy_error", StatusCode::BAD_GATEWAY, INTERNAL)
+}
+
+/// The response for `error`; `grpc` when the request was a gRPC call.
+pub fn synthetic_response(error: &BoxError, grpc: bool) -> Response<Body> {
+    let reason = reason(error.as_ref());
+    let sentence = format!("{}: {}", reason.code, chain(error.as_ref()));
+    let header_value = HeaderValue::from_str(&visible_ascii(&sentence)).unwrap_or(HeaderValue::from_static(reason.code));
+    let mut response = if grpc {
+        let mut response = Response::new(crate::http::empty());
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from(u16::from(reason.grpc)));
+        if let Ok(message) = HeaderValue::from_str(&percent_encode(&sentence)) {
+            headers.insert("grpc-message", message);
+        }
+        response
+    } else {
+        let mut response = Response::new(full(format!("{sentence}\n")));
+        *response.status_mut() = reason.status;
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        response
+    };
+    response.headers_mut().insert(FERRY_ERROR, header_value);
+    response
+}
+
+/// The error and its sources, joined, without repeating a source its parent already printed.
+fn chain(error: &(dyn StdError + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(source) = next {
+        let part = source.to_string();
+        if !text.contains(&part) {
+            let _ = write!(text, ": {part}");
+        }
+        next = source.source();
+    }
+    text
+}
+
+fn visible_ascii(text: &str) -> String {
+    text.chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).collect()
+}
+
+/// gRPC's percent-encoding of `grpc-message`.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(byte as char);
+        } else {
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+    out
+}
+
+/// Whether `request` headers announce a gRPC call.
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_endpoints_is_a_503_with_the_reason_and_sentence() {
+        let error: BoxError = Box::new(NoEndpoints { service: "catalog".into(), total: 3 });
+        let response = synthetic_response(&error, false);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[FERRY_ERROR], "no_endpoints: catalog has 0 of 3 passing");
+    }
+
+    #[test]
+    fn the_reason_is_found_down_the_source_chain() {
+        let inner: BoxError = Box::new(ResponseTimeout(Duration::from_secs(2)));
+        let error: BoxError = Box::new(AppFailed(inner));
+        assert_eq!(reason(error.as_ref()).code, "app_failed");
+        #[derive(Debug, thiserror::Error)]
+        #[error("wrapped")]
+        struct Wrapper(#[source] BoxError);
+        let error: BoxError = Box::new(Wrapper(Box::new(ResponseTimeout(Duration::from_secs(2)))));
+        assert_eq!(reason(error.as_ref()).code, "upstream_timeout");
+    }
+
+    #[test]
+    fn grpc_callers_get_a_trailers_only_status() {
+        let error: BoxError = Box::new(UnknownService("ghost".into()));
+        let response = synthetic_response(&error, true);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["grpc-status"], "14");
+        assert!(response.headers()["grpc-message"].to_str().expect("ascii").starts_with("unknown_service"));
+        assert_eq!(percent_encode("a%b\n"), "a%25b%0A");
+    }
+}

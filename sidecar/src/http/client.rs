@@ -1,0 +1,354 @@
+//! A client bound to one endpoint, with pooled connections, that forwards requests in the
+//! protocol they arrived in.
+//!
+//! HTTP/1.1 requests go over a pool of HTTP/1.1 connections; HTTP/2 requests (gRPC among them)
+//! share one multiplexed h2c connection. The request's authority is kept as it is (`catalog`,
+//! not the endpoint's address), which is why this is written on hyper's connection API instead
+//! of `hyper_util`'s legacy client, whose pool key is the authority it sends.
+//!
+//! Errors say whether the request provably never left ([`ConnectError`], or a pooled connection
+//! that closed before the request was written, which is retried once on a fresh connection) or
+//! failed after it was sent ([`UpstreamError`]), because only the first is always safe to retry.
+
+use std::{
+    fmt, io,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use futures::{
+    FutureExt,
+    future::{BoxFuture, Shared},
+};
+use http::{Request, Response, Uri, Version, header, uri::Scheme};
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::{Body, BoxError};
+
+/// How connections to endpoints are made.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub connect_timeout: Duration,
+    /// Idle HTTP/1.1 connections kept per endpoint.
+    pub max_idle_per_endpoint: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self { connect_timeout: Duration::from_secs(1), max_idle_per_endpoint: 64 }
+    }
+}
+
+/// The connection to the endpoint could not be made: the request was never sent.
+#[derive(Debug, thiserror::Error)]
+#[error("connecting to {address}: {reason}")]
+pub struct ConnectError {
+    pub address: String,
+    pub reason: ConnectFailure,
+}
+
+/// Why a connection failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConnectFailure {
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Io(Arc<io::Error>),
+    #[error("handshake failed: {0}")]
+    Handshake(Arc<hyper::Error>),
+}
+
+/// The request was sent (or may have been) and the exchange failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{address}: {source}")]
+pub struct UpstreamError {
+    pub address: String,
+    #[source]
+    pub source: hyper::Error,
+}
+
+/// A pooled client of one endpoint. Cheap to clone; clones share the pool.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    host: String,
+    port: u16,
+    address: String,
+    config: ClientConfig,
+    idle_h1: Mutex<Vec<http1::SendRequest<Body>>>,
+    h2: Mutex<H2>,
+}
+
+type H2Connect = Shared<BoxFuture<'static, Result<http2::SendRequest<Body>, Arc<ConnectError>>>>;
+
+enum H2 {
+    None,
+    Connecting(H2Connect),
+    Ready(http2::SendRequest<Body>),
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client").field("address", &self.inner.address).finish()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Client {
+    /// A client of `host:port`. Nothing connects until the first request.
+    pub fn new(host: impl Into<String>, port: u16, config: ClientConfig) -> Self {
+        let host = host.into();
+        let address = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+        Self { inner: Arc::new(Inner { host, port, address, config, idle_h1: Mutex::default(), h2: Mutex::new(H2::None) }) }
+    }
+
+    /// The endpoint's `host:port`.
+    pub fn address(&self) -> &str {
+        &self.inner.address
+    }
+
+    /// Sends `request` to the endpoint in its own HTTP version.
+    pub async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, BoxError> {
+        if request.version() == Version::HTTP_2 {
+            self.send_h2(request).await
+        } else {
+            self.send_h1(request).await
+        }
+    }
+
+    async fn send_h1(&self, mut request: Request<Body>) -> Result<Response<Incoming>, BoxError> {
+        origin_form(&mut request);
+        let pooled = self.checkout_h1();
+        let reused = pooled.is_some();
+        let mut sender = match pooled {
+            Some(sender) => sender,
+            None => self.connect_h1().await?,
+        };
+        let sent = sender.try_send_request(request);
+        self.checkin_h1(sender);
+        match sent.await {
+            Ok(response) => Ok(response),
+            Err(mut error) => match error.take_message() {
+                // A pooled connection closed before the request was written: the request never
+                // left, so it is safe to send again on a new connection.
+                Some(request) if reused => {
+                    let mut sender = self.connect_h1().await?;
+                    let sent = sender.send_request(request);
+                    self.checkin_h1(sender);
+                    sent.await.map_err(|source| self.upstream(source))
+                }
+                _ => Err(self.upstream(error.into_error())),
+            },
+        }
+    }
+
+    async fn send_h2(&self, mut request: Request<Body>) -> Result<Response<Incoming>, BoxError> {
+        absolute_form(&mut request);
+        let mut sender = self.h2_sender().await?;
+        match sender.try_send_request(request).await {
+            Ok(response) => Ok(response),
+            Err(mut error) => match error.take_message() {
+                Some(request) => {
+                    self.forget_h2(&sender);
+                    let mut sender = self.h2_sender().await?;
+                    sender.send_request(request).await.map_err(|source| self.upstream(source))
+                }
+                None => Err(self.upstream(error.into_error())),
+            },
+        }
+    }
+
+    fn upstream(&self, source: hyper::Error) -> BoxError {
+        Box::new(UpstreamError { address: self.inner.address.clone(), source })
+    }
+
+    /// Takes an idle HTTP/1.1 connection that can send now, dropping closed ones.
+    fn checkout_h1(&self) -> Option<http1::SendRequest<Body>> {
+        let mut idle = lock(&self.inner.idle_h1);
+        idle.retain(|sender| !sender.is_closed());
+        let ready = idle.iter().position(|sender| sender.is_ready())?;
+        Some(idle.swap_remove(ready))
+    }
+
+    /// Returns a connection to the pool. It is busy until its response is read; checkout skips
+    /// it until then.
+    fn checkin_h1(&self, sender: http1::SendRequest<Body>) {
+        let mut idle = lock(&self.inner.idle_h1);
+        if idle.len() < self.inner.config.max_idle_per_endpoint && !sender.is_closed() {
+            idle.push(sender);
+        }
+    }
+
+    async fn connect_h1(&self) -> Result<http1::SendRequest<Body>, ConnectError> {
+        let io = self.inner.connect().await?;
+        let (mut sender, connection) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| self.inner.connect_error(ConnectFailure::Handshake(Arc::new(e))))?;
+        let address = self.inner.address.clone();
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%address, %error, "HTTP/1.1 connection ended");
+            }
+        });
+        sender.ready().await.map_err(|e| self.inner.connect_error(ConnectFailure::Handshake(Arc::new(e))))?;
+        Ok(sender)
+    }
+
+    /// The shared HTTP/2 connection, connecting once for all concurrent callers.
+    async fn h2_sender(&self) -> Result<http2::SendRequest<Body>, BoxError> {
+        let connecting = {
+            let mut h2 = lock(&self.inner.h2);
+            match &*h2 {
+                H2::Ready(sender) if !sender.is_closed() => return Ok(sender.clone()),
+                H2::Connecting(connecting) => connecting.clone(),
+                _ => {
+                    let inner = self.inner.clone();
+                    let connecting = async move { inner.connect_h2().await.map_err(Arc::new) }.boxed().shared();
+                    *h2 = H2::Connecting(connecting.clone());
+                    connecting
+                }
+            }
+        };
+        let result = connecting.await;
+        let mut h2 = lock(&self.inner.h2);
+        match result {
+            Ok(sender) => {
+                if matches!(&*h2, H2::Connecting(_)) {
+                    *h2 = H2::Ready(sender.clone());
+                }
+                Ok(sender)
+            }
+            Err(error) => {
+                if matches!(&*h2, H2::Connecting(_)) {
+                    *h2 = H2::None;
+                }
+                Err(Box::new(ConnectError { address: error.address.clone(), reason: error.reason.clone() }))
+            }
+        }
+    }
+
+    fn forget_h2(&self, broken: &http2::SendRequest<Body>) {
+        let mut h2 = lock(&self.inner.h2);
+        if let H2::Ready(sender) = &*h2 {
+            if sender.is_closed() || broken.is_closed() {
+                *h2 = H2::None;
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn connect_error(&self, reason: ConnectFailure) -> ConnectError {
+        ConnectError { address: self.address.clone(), reason }
+    }
+
+    async fn connect(&self) -> Result<TokioIo<TcpStream>, ConnectError> {
+        let timeout = self.config.connect_timeout;
+        let stream = tokio::time::timeout(timeout, TcpStream::connect((self.host.as_str(), self.port)))
+            .await
+            .map_err(|_| self.connect_error(ConnectFailure::Timeout(timeout)))?
+            .map_err(|e| self.connect_error(ConnectFailure::Io(Arc::new(e))))?;
+        let _ = stream.set_nodelay(true);
+        Ok(TokioIo::new(stream))
+    }
+
+    async fn connect_h2(&self) -> Result<http2::SendRequest<Body>, ConnectError> {
+        let io = self.connect().await?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(io)
+            .await
+            .map_err(|e| self.connect_error(ConnectFailure::Handshake(Arc::new(e))))?;
+        let address = self.address.clone();
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%address, %error, "HTTP/2 connection ended");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// HTTP/1.1 sends the path in the request line and the authority in `Host`.
+fn origin_form(request: &mut Request<Body>) {
+    if let Some(authority) = request.uri().authority().cloned() {
+        if !request.headers().contains_key(header::HOST) {
+            if let Ok(host) = authority.as_str().parse() {
+                request.headers_mut().insert(header::HOST, host);
+            }
+        }
+    }
+    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    if let Ok(uri) = path.parse::<Uri>() {
+        *request.uri_mut() = uri;
+    }
+}
+
+/// HTTP/2 needs `:scheme` and `:authority`, taken from `Host` when the URI lacks them.
+fn absolute_form(request: &mut Request<Body>) {
+    if request.uri().scheme().is_some() && request.uri().authority().is_some() {
+        return;
+    }
+    let authority = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_else(|| "localhost".to_owned());
+    let mut parts = request.uri().clone().into_parts();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = authority.parse().ok();
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *request.uri_mut() = uri;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::empty;
+
+    #[test]
+    fn http1_requests_use_origin_form_and_keep_the_authority_in_host() {
+        let mut request = Request::builder().uri("http://catalog:80/items?x=1").body(empty()).expect("valid");
+        origin_form(&mut request);
+        assert_eq!(request.uri(), "/items?x=1");
+        assert_eq!(request.headers()[header::HOST], "catalog:80");
+    }
+
+    #[test]
+    fn http2_requests_get_scheme_and_authority_from_host() {
+        let mut request =
+            Request::builder().version(Version::HTTP_2).uri("/pkg.Svc/Call").header(header::HOST, "inventory").body(empty()).expect("valid");
+        absolute_form(&mut request);
+        assert_eq!(request.uri(), "http://inventory/pkg.Svc/Call");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        drop(listener);
+        let client = Client::new("127.0.0.1", port, ClientConfig::default());
+        let request = Request::builder().uri("/").body(empty()).expect("valid");
+        let error = client.send(request).await.expect_err("nothing listens");
+        assert!(error.is::<ConnectError>(), "{error}");
+    }
+}

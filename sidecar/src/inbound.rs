@@ -1,0 +1,72 @@
+//! The inbound proxy: requests from other sidecars to this sidecar's app.
+//!
+//! The address the registry publishes for the app's instance is this listener's, so mesh traffic
+//! arrives here and is forwarded to `--app` in the protocol it came in. When the app cannot be
+//! reached the answer says so (`x-ferry-error: app_unreachable`), which tells the calling sidecar
+//! the request never got to the app.
+
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use futures::{FutureExt, future::BoxFuture};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tower::Service;
+
+use crate::{
+    errors::{AppFailed, AppUnreachable, is_grpc},
+    http::{
+        Body, BoxError, boxed,
+        client::{Client, ConnectError},
+    },
+    metrics::Metrics,
+    proxy::{forwardable, respond},
+};
+
+/// The inbound proxy service. Cheap to clone.
+#[derive(Clone)]
+pub struct Inbound {
+    app: Client,
+    service: Arc<str>,
+    metrics: Metrics,
+}
+
+impl Inbound {
+    /// Forwards to the app behind `app`; `service` labels the metrics.
+    pub fn new(app: Client, service: Arc<str>, metrics: Metrics) -> Self {
+        Self { app, service, metrics }
+    }
+
+    async fn forward(&self, request: Request<Incoming>) -> Result<Response<Body>, BoxError> {
+        match self.app.send(forwardable(request)).await {
+            Ok(response) => Ok(response.map(boxed)),
+            Err(error) if error.is::<ConnectError>() => Err(Box::new(AppUnreachable(error))),
+            Err(error) => Err(Box::new(AppFailed(error))),
+        }
+    }
+}
+
+impl Service<Request<Incoming>> for Inbound {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let this = self.clone();
+        async move {
+            let started = Instant::now();
+            let grpc = is_grpc(request.headers());
+            let result = this.forward(request).await;
+            Ok(respond(&this.metrics, "inbound", this.service.clone(), grpc, started, result))
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,80 @@
+//! The sidecar's Prometheus metrics.
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+/// Every metric of the sidecar.
+#[derive(Clone)]
+pub struct Metrics {
+    pub control_plane_connected: Gauge,
+    pub config_updates: Family<ResultLabels, Counter>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<DirectionLabels, Histogram>,
+}
+
+/// Whether a config push was applied.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+/// One class of requests through the proxy.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub direction: &'static str,
+    pub service: Arc<str>,
+    /// `2xx`..`5xx`, or the `x-ferry-error` reason code of a response the proxy made itself.
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them under the `ferry_` prefix.
+    pub fn new(registry: &mut Registry) -> Self {
+        let registry = registry.sub_registry_with_prefix("ferry");
+        let metrics = Self {
+            control_plane_connected: Gauge::default(),
+            config_updates: Family::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.0, 18))),
+        };
+        registry.register(
+            "control_plane_connected",
+            "1 while the config stream to the control plane is up",
+            metrics.control_plane_connected.clone(),
+        );
+        registry.register("config_updates", "Config pushes received, by whether they were applied", metrics.config_updates.clone());
+        registry.register("requests", "Requests proxied, by direction, service and status", metrics.requests.clone());
+        registry.register(
+            "request_duration_seconds",
+            "Time from a request's arrival to its response headers",
+            metrics.request_duration.clone(),
+        );
+        metrics
+    }
+
+    /// Counts one request and its latency.
+    pub fn record(&self, direction: &'static str, service: Arc<str>, status: &'static str, elapsed: std::time::Duration) {
+        self.requests.get_or_create(&RequestLabels { direction, service, status }).inc();
+        self.request_duration.get_or_create(&DirectionLabels { direction }).observe(elapsed.as_secs_f64());
+    }
+
+    /// Metrics registered nowhere, for tests.
+    pub fn unregistered() -> Self {
+        Self::new(&mut Registry::default())
+    }
+}
