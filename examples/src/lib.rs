@@ -1,1 +1,17 @@
-//! placeholder
+//! Ferry's demo: three small services that call each other over the mesh, and the launcher that
+//! starts them with a control plane and a sidecar each.
+//!
+//! - `frontend` (HTTP) answers `GET /` by calling `catalog` through its sidecar.
+//! - `catalog` (HTTP) answers `GET /items` by calling `inventory` over gRPC through its sidecar.
+//! - `inventory` (gRPC) answers `ferry.demo.v1.Inventory/GetStock`.
+
+#![forbid(unsafe_code)]
+
+pub mod apps;
+pub mod demo;
+
+/// Generated code of `ferry.demo.v1`.
+#[allow(clippy::all, clippy::unwrap_used, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("ferry.demo.v1");
+}

@@ -8,12 +8,16 @@
 #![forbid(unsafe_code)]
 
 use std::{
+    ffi::OsString,
+    io::IsTerminal,
     net::{IpAddr, SocketAddr, UdpSocket},
+    process::ExitCode,
     sync::Arc,
     time::Duration,
 };
 
 use anyhow::Context;
+use clap::Parser;
 use ferry_proto::v1;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -219,6 +223,45 @@ async fn advertise_host(inbound_ip: IpAddr, control_plane: &str) -> String {
         None => {
             tracing::warn!("cannot tell which address reaches the control plane; advertising 127.0.0.1 (set --advertise)");
             "127.0.0.1".to_owned()
+        }
+    }
+}
+
+/// Runs the sidecar as its binary does: parses `args` (exit 64 on bad config), logs to stderr,
+/// and proxies until SIGINT or SIGTERM.
+pub fn main_with_args<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let config = match Config::try_parse_from(args) {
+        Ok(config) => config,
+        Err(error) => {
+            let _ = error.print();
+            // Help and version are not errors; bad config exits with EX_USAGE.
+            return if error.use_stderr() { ExitCode::from(64) } else { ExitCode::SUCCESS };
+        }
+    };
+    let filter = match tracing_subscriber::EnvFilter::try_new(&config.log) {
+        Ok(filter) => filter,
+        Err(error) => {
+            eprintln!("error: invalid value {:?} for '--log <FILTER>': {error}", config.log);
+            return ExitCode::from(64);
+        }
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: starting the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            ExitCode::FAILURE
         }
     }
 }

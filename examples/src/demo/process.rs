@@ -1,0 +1,129 @@
+//! The demo's child processes: the control plane and the sidecars, started from this very binary
+//! (`ferry-demo` runs them as `ferry-demo __control-plane ...` and `ferry-demo __sidecar ...`),
+//! so one `cargo run` builds everything the demo needs.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use anyhow::{Context, anyhow, bail};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    process::{Child, Command},
+    sync::oneshot,
+};
+
+/// The hidden first argument that makes `ferry-demo` run a control plane.
+pub const CONTROL_PLANE: &str = "__control-plane";
+/// The hidden first argument that makes `ferry-demo` run a sidecar.
+pub const SIDECAR: &str = "__sidecar";
+
+/// A child process with the addresses it reported.
+pub struct Process {
+    pub name: String,
+    pub log: PathBuf,
+    /// The `key=value` pairs of its "listening" log line.
+    pub bound: HashMap<String, String>,
+    child: Child,
+}
+
+impl Process {
+    /// Starts `ferry-demo ROLE ARGS...`, logging to `logs/NAME.log`, and waits for its
+    /// "listening" line.
+    pub async fn start(role: &str, name: &str, args: &[String], logs: &Path) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("locating ferry-demo")?;
+        let log = logs.join(format!("{name}.log"));
+        let mut child = Command::new(exe)
+            .arg(role)
+            .args(args)
+            .env("FERRY_LOG", "info")
+            // The child exits when this pipe closes, so no process outlives the demo.
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let stderr = child.stderr.take().ok_or_else(|| anyhow!("{name}: no stderr"))?;
+        let mut file = tokio::fs::File::create(&log).await.with_context(|| format!("creating {}", log.display()))?;
+        let (listening, bound) = oneshot::channel();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            let mut listening = Some(listening);
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains(" listening ") {
+                    if let Some(listening) = listening.take() {
+                        let _ = listening.send(parse_pairs(&line));
+                    }
+                }
+                let _ = file.write_all(line.as_bytes()).await;
+                let _ = file.write_all(b"\n").await;
+            }
+        });
+        let bound = match tokio::time::timeout(Duration::from_secs(30), bound).await {
+            Ok(Ok(bound)) => bound,
+            _ => bail!("{name} did not start; see {}", log.display()),
+        };
+        Ok(Self { name: name.to_owned(), log, bound, child })
+    }
+
+    /// The address it reported under `key`.
+    pub fn addr(&self, key: &str) -> anyhow::Result<SocketAddr> {
+        let value = self.bound.get(key).ok_or_else(|| anyhow!("{} reported no {key} address", self.name))?;
+        value.parse().with_context(|| format!("{}: {key}={value}", self.name))
+    }
+
+    /// Whether it has exited, with its status.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Stops it.
+    pub async fn stop(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}
+
+/// The `key=value` pairs of a log line.
+fn parse_pairs(line: &str) -> HashMap<String, String> {
+    line.split_whitespace().filter_map(|token| token.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
+}
+
+/// In a child: exits the process when the parent's end of stdin closes.
+pub fn exit_with_parent() {
+    std::thread::spawn(|| {
+        let mut sink = [0u8; 64];
+        loop {
+            match std::io::Read::read(&mut std::io::stdin(), &mut sink) {
+                Ok(0) | Err(_) => std::process::exit(0),
+                Ok(_) => {}
+            }
+        }
+    });
+}
+
+/// `addr` if it can be bound now, else port 0.
+pub fn preferred(addr: &str) -> String {
+    match std::net::TcpListener::bind(addr) {
+        Ok(_) => addr.to_owned(),
+        Err(_) => "127.0.0.1:0".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_addresses_from_the_listening_line() {
+        let line = "2026-11-25T16:23:02Z  INFO ferry_sidecar: listening outbound=127.0.0.1:46359 inbound=none admin=127.0.0.1:1";
+        let pairs = parse_pairs(line);
+        assert_eq!(pairs["outbound"], "127.0.0.1:46359");
+        assert_eq!(pairs["inbound"], "none");
+    }
+}
