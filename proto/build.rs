@@ -19,9 +19,6 @@ fn main() -> Result<(), Box<dyn Error>> {
         .compile_fds(descriptors)?;
 
     // The JSON form of every message is the proto3 JSON mapping, with the proto field names.
-    pbjson_build::Builder::new()
-        .register_descriptors(&encoded)?
-        .preserve_proto_field_names()
-        .build(&[".ferry.v1"])?;
+    pbjson_build::Builder::new().register_descriptors(&encoded)?.preserve_proto_field_names().build(&[".ferry.v1"])?;
     Ok(())
 }

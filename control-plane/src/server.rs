@@ -50,7 +50,8 @@ impl ControlPlane {
         let shutdown = CancellationToken::new();
         let sidecars = Arc::new(Sidecars::default());
         let session_config = SessionConfig { max_delay: config.push_max_delay, ..Default::default() };
-        let discovery = DiscoveryService::new(registry.clone(), sidecars.clone(), session_config, metrics.push.clone(), shutdown.clone());
+        let discovery =
+            DiscoveryService::new(registry.clone(), sidecars.clone(), session_config, metrics.push.clone(), shutdown.clone());
         let registry_api = RegistryService::new(registry.clone(), shutdown.clone());
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();

@@ -238,12 +238,7 @@ mod tests {
     use super::*;
 
     fn valid() -> v1::Instance {
-        v1::Instance {
-            service: "catalog".into(),
-            address: "127.0.0.1".into(),
-            port: 8080,
-            ..Default::default()
-        }
+        v1::Instance { service: "catalog".into(), address: "127.0.0.1".into(), port: 8080, ..Default::default() }
     }
 
     #[test]

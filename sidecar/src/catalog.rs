@@ -176,7 +176,11 @@ impl Catalog {
 /// The config after `resources`, given the config held.
 fn next_config(resources: &v1::ServiceResources, held: Option<&ServiceConfig>) -> Result<ServiceConfig, validate::FieldError> {
     let convert = |field: &str, endpoints: &[v1::Endpoint]| -> Result<Vec<Endpoint>, validate::FieldError> {
-        endpoints.iter().enumerate().map(|(i, e)| Endpoint::try_from(e).map_err(|err| err.within(&format!("{field}[{i}]")))).collect()
+        endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Endpoint::try_from(e).map_err(|err| err.within(&format!("{field}[{i}]"))))
+            .collect()
     };
     let endpoints = match &resources.endpoints {
         None => BTreeMap::new(),

@@ -184,8 +184,18 @@ mod tests {
     #[test]
     fn a_typical_command_line_parses() {
         let config = parse(&[
-            "--service", "catalog", "--app", "127.0.0.1:8080", "--meta", "version=v2", "--zone", "eu-1a",
-            "--upstream", "inventory=127.0.0.1:9001", "--upstream", "pricing=127.0.0.1:9002,protocol=http",
+            "--service",
+            "catalog",
+            "--app",
+            "127.0.0.1:8080",
+            "--meta",
+            "version=v2",
+            "--zone",
+            "eu-1a",
+            "--upstream",
+            "inventory=127.0.0.1:9001",
+            "--upstream",
+            "pricing=127.0.0.1:9002,protocol=http",
         ])
         .expect("parses");
         assert_eq!(config.app, Some(HostPort { host: "127.0.0.1".into(), port: 8080 }));

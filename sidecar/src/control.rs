@@ -87,7 +87,13 @@ fn describe(status: &tonic::Status) -> String {
 }
 
 /// Runs the config stream until `shutdown`, reconnecting as needed.
-pub async fn run(config: ControlConfig, catalog: Arc<Catalog>, status: Arc<ControlStatus>, metrics: Metrics, shutdown: CancellationToken) {
+pub async fn run(
+    config: ControlConfig,
+    catalog: Arc<Catalog>,
+    status: Arc<ControlStatus>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
     let mut failures = 0u32;
     loop {
         let mut welcomed = false;

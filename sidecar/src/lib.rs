@@ -174,7 +174,8 @@ impl Sidecar {
         });
         let admin_shutdown = shutdown.clone();
         servers.push(tokio::spawn(async move {
-            if let Err(error) = axum::serve(admin_listener, admin).with_graceful_shutdown(admin_shutdown.cancelled_owned()).await {
+            if let Err(error) = axum::serve(admin_listener, admin).with_graceful_shutdown(admin_shutdown.cancelled_owned()).await
+            {
                 tracing::error!(%error, "admin listener failed");
             }
         }));
@@ -249,7 +250,11 @@ where
             return ExitCode::from(64);
         }
     };
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -57,7 +57,11 @@ impl Metrics {
             "1 while the config stream to the control plane is up",
             metrics.control_plane_connected.clone(),
         );
-        registry.register("config_updates", "Config pushes received, by whether they were applied", metrics.config_updates.clone());
+        registry.register(
+            "config_updates",
+            "Config pushes received, by whether they were applied",
+            metrics.config_updates.clone(),
+        );
         registry.register("requests", "Requests proxied, by direction, service and status", metrics.requests.clone());
         registry.register(
             "request_duration_seconds",

@@ -1,1 +1,270 @@
-//! placeholder
+//! The harness of Ferry's end-to-end tests: it builds and starts the real binaries on
+//! `127.0.0.1` with port 0, reads the addresses they bound from their start-up log line, and
+//! waits on readiness and convergence (never on a fixed sleep).
+
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    sync::oneshot,
+};
+
+pub mod apps;
+pub mod client;
+
+/// The longest any wait in a test may take before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// The path of one of Ferry's binaries, up to date with the source.
+///
+/// The first call builds every binary of the workspace with `cargo build --workspace --tests
+/// --bins`: the same features as `cargo test --workspace`, so under that command it only links
+/// what is not fresh yet, and under `cargo test -p ferry-tests` it still never runs a stale
+/// binary.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<HashMap<String, PathBuf>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let messages = escargot::CargoBuild::new()
+            .arg("--workspace")
+            .tests()
+            .bins()
+            .current_release()
+            .exec()
+            .unwrap_or_else(|e| panic!("building the binaries: {e}"));
+        let mut built = HashMap::new();
+        for message in messages {
+            let message = message.unwrap_or_else(|e| panic!("building the binaries: {e}"));
+            if let Ok(escargot::format::Message::CompilerArtifact(artifact)) = message.decode() {
+                let is_bin = artifact.target.kind.iter().any(|k| k == "bin");
+                if let (true, false, Some(executable)) = (is_bin, artifact.profile.test, artifact.executable) {
+                    built.insert(artifact.target.name.to_string(), executable.to_path_buf());
+                }
+            }
+        }
+        built
+    });
+    built.get(name).cloned().unwrap_or_else(|| panic!("no binary named {name} in the workspace"))
+}
+
+/// Polls `check` until it returns `Some`, failing the test with `what` after [`PATIENCE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {PATIENCE:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A running Ferry process with the addresses from its "listening" line and its log.
+pub struct Process {
+    name: String,
+    child: Child,
+    pub bound: HashMap<String, String>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    /// Starts `binary ARGS...` and waits for its "listening" line.
+    pub async fn start(name: &str, binary_name: &str, args: &[String]) -> Self {
+        let mut child = Command::new(binary(binary_name))
+            .args(args)
+            .env("FERRY_LOG", "info,ferry_sidecar=debug,ferry_control_plane=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (listening, bound) = oneshot::channel();
+        let lines = log.clone();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr).lines();
+            let mut listening = Some(listening);
+            while let Ok(Some(line)) = reader.next_line().await {
+                if line.contains(" listening ")
+                    && let Some(listening) = listening.take() {
+                        let pairs =
+                            line.split_whitespace().filter_map(|t| t.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned()));
+                        let _ = listening.send(pairs.collect::<HashMap<_, _>>());
+                    }
+                lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+        let bound = match tokio::time::timeout(PATIENCE, bound).await {
+            Ok(Ok(bound)) => bound,
+            _ => panic!("{name} did not start:\n{}", log.lock().unwrap_or_else(|p| p.into_inner()).join("\n")),
+        };
+        Self { name: name.to_owned(), child, bound, log }
+    }
+
+    /// The address reported under `key`.
+    pub fn addr(&self, key: &str) -> SocketAddr {
+        let value = self.bound.get(key).unwrap_or_else(|| panic!("{} reported no {key}", self.name));
+        value.parse().unwrap_or_else(|_| panic!("{}: {key}={value}", self.name))
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
+    }
+
+    /// Kills it (SIGKILL: no goodbye, no flush) and waits for it to exit.
+    pub async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// Stops it with SIGTERM and waits for it to exit.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        }
+        match tokio::time::timeout(PATIENCE, self.child.wait()).await {
+            Ok(Ok(status)) => status,
+            _ => panic!("{} did not exit after SIGTERM:\n{}", self.name, self.log()),
+        }
+    }
+}
+
+/// A control plane on loopback, with its own data directory.
+pub struct ControlPlane {
+    pub process: Process,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub data_dir: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl ControlPlane {
+    /// A control plane with the embedded store in a fresh directory.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let data_dir = dir.path().to_path_buf();
+        let mut control_plane = Self::start_in(&data_dir, &[]).await;
+        control_plane._dir = Some(dir);
+        control_plane
+    }
+
+    /// A control plane keeping its store in `data_dir`, with extra flags (which may replace the
+    /// default `--grpc 127.0.0.1:0` and `--http 127.0.0.1:0`).
+    pub async fn start_in(data_dir: &Path, extra: &[&str]) -> Self {
+        let mut args: Vec<String> = vec!["--data-dir".into(), data_dir.display().to_string()];
+        for flag in ["--grpc", "--http"] {
+            if !extra.contains(&flag) {
+                args.extend([flag.to_owned(), "127.0.0.1:0".to_owned()]);
+            }
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let process = Process::start("control-plane", "ferry-control-plane", &args).await;
+        let (grpc, http) = (process.addr("grpc"), process.addr("http"));
+        Self { process, grpc, http, data_dir: data_dir.to_path_buf(), _dir: None }
+    }
+
+    /// The gRPC URL sidecars and ferryctl use.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// The HTTP API's base URL.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
+    /// Waits until the registry lists `count` passing instances of `service`.
+    pub async fn wait_passing(&self, service: &str, count: usize) {
+        let url = format!("{}/v1/services/{service}?passing", self.http_url());
+        eventually(&format!("{count} passing instances of {service}"), || async {
+            let (status, _, body) = client::get(&url).await.ok()?;
+            let body: serde_json::Value = serde_json::from_slice(&body).ok()?;
+            let instances = body["instances"].as_array().map_or(0, Vec::len);
+            (status == 200 && instances == count).then_some(())
+        })
+        .await;
+    }
+}
+
+/// A sidecar on loopback.
+pub struct Sidecar {
+    pub process: Process,
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub inbound: Option<SocketAddr>,
+}
+
+impl Sidecar {
+    /// A sidecar for `service` (fronting `app`, if any) with extra flags, once it is ready.
+    pub async fn start(control_plane: &str, service: &str, app: Option<SocketAddr>, extra: &[&str]) -> Self {
+        let sidecar = Self::spawn(control_plane, service, app, extra).await;
+        sidecar.wait_ready().await;
+        sidecar
+    }
+
+    /// The same, without waiting for readiness.
+    pub async fn spawn(control_plane: &str, service: &str, app: Option<SocketAddr>, extra: &[&str]) -> Self {
+        let mut args: Vec<String> = vec![
+            "--service".into(),
+            service.into(),
+            "--control-plane".into(),
+            control_plane.into(),
+            "--outbound".into(),
+            "127.0.0.1:0".into(),
+            "--inbound".into(),
+            "127.0.0.1:0".into(),
+            "--admin".into(),
+            "127.0.0.1:0".into(),
+        ];
+        if let Some(app) = app {
+            args.push("--app".into());
+            args.push(app.to_string());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let process = Process::start(&format!("{service}-sidecar"), "ferry-sidecar", &args).await;
+        let outbound = process.addr("outbound");
+        let admin = process.addr("admin");
+        let inbound = process.bound.get("inbound").and_then(|v| v.parse().ok());
+        Self { process, outbound, admin, inbound }
+    }
+
+    /// Waits until `/ready` answers 200.
+    pub async fn wait_ready(&self) {
+        let url = format!("http://{}/ready", self.admin);
+        eventually("the sidecar to be ready", || async { (client::get(&url).await.ok()?.0 == 200).then_some(()) }).await;
+    }
+
+    /// The sidecar's `/config`.
+    pub async fn config(&self) -> serde_json::Value {
+        let (_, _, body) = client::get(&format!("http://{}/config", self.admin)).await.expect("admin answers");
+        serde_json::from_slice(&body).expect("config is JSON")
+    }
+
+    /// Waits until the sidecar holds `count` passing endpoints of `service`.
+    pub async fn wait_endpoints(&self, service: &str, count: usize) {
+        eventually(&format!("{count} passing endpoints of {service} in the sidecar"), || async {
+            let config = self.config().await;
+            let endpoints = config["services"][service]["endpoints"].as_array()?;
+            let passing = endpoints.iter().filter(|e| e["health"] == "passing").count();
+            (passing == count).then_some(())
+        })
+        .await;
+    }
+}

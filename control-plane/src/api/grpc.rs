@@ -54,11 +54,17 @@ impl RegistryApi for RegistryService {
         Ok(Response::new(v1::DeregisterResponse { instance: Some(removed.to_proto()) }))
     }
 
-    async fn list_services(&self, _request: Request<v1::ListServicesRequest>) -> Result<Response<v1::ListServicesResponse>, Status> {
+    async fn list_services(
+        &self,
+        _request: Request<v1::ListServicesRequest>,
+    ) -> Result<Response<v1::ListServicesResponse>, Status> {
         Ok(Response::new(services_response(self.registry.services())))
     }
 
-    async fn list_instances(&self, request: Request<v1::ListInstancesRequest>) -> Result<Response<v1::ListInstancesResponse>, Status> {
+    async fn list_instances(
+        &self,
+        request: Request<v1::ListInstancesRequest>,
+    ) -> Result<Response<v1::ListInstancesResponse>, Status> {
         let request = request.into_inner();
         validate::service_name("service", &request.service).map_err(invalid)?;
         match self.registry.snapshot(&request.service) {

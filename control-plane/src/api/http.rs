@@ -79,7 +79,9 @@ impl From<RegistryError> for ApiError {
         match error {
             RegistryError::Invalid(field) => Self::bad_request(field),
             RegistryError::NotFound(_) => Self::not_found(error),
-            RegistryError::Unavailable(_) => Self { status: StatusCode::SERVICE_UNAVAILABLE, error: error.to_string(), field: None },
+            RegistryError::Unavailable(_) => {
+                Self { status: StatusCode::SERVICE_UNAVAILABLE, error: error.to_string(), field: None }
+            }
         }
     }
 }
@@ -112,9 +114,8 @@ async fn list_instances(
 }
 
 async fn register(State(state): State<HttpState>, body: Bytes) -> Result<Json<v1::RegisterResponse>, ApiError> {
-    let instance: v1::Instance = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(validate::FieldError::new("body", format!("not a valid Instance in JSON: {e}")))
-    })?;
+    let instance: v1::Instance = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(validate::FieldError::new("body", format!("not a valid Instance in JSON: {e}"))))?;
     let spec = InstanceSpec::try_from(instance).map_err(ApiError::bad_request)?;
     let instance = state.registry.register(spec).await?;
     tracing::info!(id = %instance.id, service = %instance.service, "registered through the API");

@@ -150,8 +150,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
                 ..Default::default()
             };
             validate::instance(&instance).map_err(|e| UsageError(format!("--{}", e.to_string().replace('_', "-"))))?;
-            let response =
-                registry(&cli.control_plane).await?.register(v1::RegisterRequest { instance: Some(instance) }).await?.into_inner();
+            let response = registry(&cli.control_plane)
+                .await?
+                .register(v1::RegisterRequest { instance: Some(instance) })
+                .await?
+                .into_inner();
             render(output, &response, |r| {
                 let i = r.instance.clone().unwrap_or_default();
                 format!("registered {} ({}:{}) in service {}\n", i.id, i.address, i.port, i.service)
@@ -243,13 +246,24 @@ fn status_table(response: &v1::ListSidecarsResponse) -> String {
     for sidecar in &response.sidecars {
         let first = |table: &mut Table, cells: [String; 4]| {
             let [subscription, acked, current, state] = cells;
-            table.row(vec![sidecar.node_id.clone(), sidecar.service.clone(), ago(sidecar.connected_at.as_ref()), subscription, acked, current, state]);
+            table.row(vec![
+                sidecar.node_id.clone(),
+                sidecar.service.clone(),
+                ago(sidecar.connected_at.as_ref()),
+                subscription,
+                acked,
+                current,
+                state,
+            ]);
         };
         if sidecar.subscriptions.is_empty() {
             first(&mut table, ["-".into(), "-".into(), "-".into(), "-".into()]);
         }
         for s in &sidecar.subscriptions {
-            let nacked = sidecar.last_nack.as_ref().is_some_and(|n| n.versions.get(&s.service) == Some(&s.sent_version) && s.acked_version != s.sent_version);
+            let nacked = sidecar
+                .last_nack
+                .as_ref()
+                .is_some_and(|n| n.versions.get(&s.service) == Some(&s.sent_version) && s.acked_version != s.sent_version);
             let state = if s.acked_version == s.current_version {
                 "in sync"
             } else if nacked {

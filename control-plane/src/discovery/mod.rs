@@ -64,7 +64,10 @@ impl TryFrom<v1::Hello> for Hello {
             Some(instance) => {
                 let spec = InstanceSpec::try_from(instance).map_err(|e| e.within("instance"))?;
                 if *spec.service != *hello.service {
-                    return Err(FieldError::new("instance.service", format!("{:?} must equal service {:?}", spec.service, hello.service)));
+                    return Err(FieldError::new(
+                        "instance.service",
+                        format!("{:?} must equal service {:?}", spec.service, hello.service),
+                    ));
                 }
                 Some(spec)
             }
@@ -128,8 +131,14 @@ impl Discovery for DiscoveryService {
             .map_err(|_| Status::internal("the new stream's channel is full"))?;
 
         let record = Arc::new(SidecarRecord::new(hello.node_id.clone(), hello.service, instance_id.clone(), peer, hello.build));
-        let session =
-            Session::new(session_id, self.registry.clone(), self.config.clone(), self.metrics.clone(), record.clone(), hello.versions);
+        let session = Session::new(
+            session_id,
+            self.registry.clone(),
+            self.config.clone(),
+            self.metrics.clone(),
+            record.clone(),
+            hello.versions,
+        );
         let (registry, sidecars, metrics, shutdown) =
             (self.registry.clone(), self.sidecars.clone(), self.metrics.clone(), self.shutdown.clone());
         tokio::spawn(async move {
@@ -150,7 +159,10 @@ impl Discovery for DiscoveryService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn list_sidecars(&self, _request: Request<v1::ListSidecarsRequest>) -> Result<Response<v1::ListSidecarsResponse>, Status> {
+    async fn list_sidecars(
+        &self,
+        _request: Request<v1::ListSidecarsRequest>,
+    ) -> Result<Response<v1::ListSidecarsResponse>, Status> {
         Ok(Response::new(v1::ListSidecarsResponse { sidecars: self.sidecars.list(&self.registry) }))
     }
 }

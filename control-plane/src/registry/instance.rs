@@ -202,7 +202,10 @@ mod tests {
         let mut instance = Instance::new(spec, Origin::Sidecar { node_id: "n1".into() }, Health::Warning);
         instance.index = 7;
         let restored = Instance::from_stored(instance.to_proto()).expect("restores");
-        assert_eq!(restored.registered_at.duration_since(UNIX_EPOCH).ok(), instance.registered_at.duration_since(UNIX_EPOCH).ok());
+        assert_eq!(
+            restored.registered_at.duration_since(UNIX_EPOCH).ok(),
+            instance.registered_at.duration_since(UNIX_EPOCH).ok()
+        );
         assert_eq!(restored, instance);
     }
 }

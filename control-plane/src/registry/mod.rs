@@ -109,7 +109,9 @@ struct ServiceEntry {
 enum Lease {
     Attached(SessionId),
     /// The stream is gone; the instance is removed when the timer of this epoch fires.
-    Detached { epoch: u64 },
+    Detached {
+        epoch: u64,
+    },
 }
 
 /// One mutation of an instance, applied by [`State::commit`].
@@ -285,15 +287,20 @@ impl Registry {
     /// Registers the instance of a sidecar's app under a lease held by `session`.
     ///
     /// A sidecar that reconnects (same id) takes its instance back, cancelling its removal.
-    pub fn attach(&self, session: SessionId, node_id: &str, spec: InstanceSpec, health: Health) -> Result<Arc<Instance>, RegistryError> {
+    pub fn attach(
+        &self,
+        session: SessionId,
+        node_id: &str,
+        spec: InstanceSpec,
+        health: Health,
+    ) -> Result<Arc<Instance>, RegistryError> {
         let mut state = self.lock();
         state.check_id(&spec)?;
         let existing = state.current(&spec.id);
-        if let Some(existing) = &existing {
-            if existing.node_id().is_none() {
-                return Err(FieldError::new("instance.id", format!("{:?} is registered through the API", spec.id)).into());
+        if let Some(existing) = &existing
+            && existing.node_id().is_none() {
+                return Err(FieldError::new("id", format!("{:?} is registered through the API", spec.id)).into());
             }
-        }
         state.leases.insert(spec.id.clone(), Lease::Attached(session));
         let origin = Origin::Sidecar { node_id: node_id.to_owned() };
         match existing {
@@ -383,9 +390,10 @@ impl Registry {
     /// Returns the instance as stored (for upserts) and the store generation of the write.
     fn commit(&self, state: &mut State, mutation: Mutation, (service, id): &(Arc<str>, String)) -> (Option<Arc<Instance>>, u64) {
         let index = state.next_index();
-        let entry = state.services.entry(service.clone()).or_insert_with(|| ServiceEntry {
-            tx: watch::Sender::new(Arc::new(ServiceSnapshot::empty(service.clone()))),
-        });
+        let entry = state
+            .services
+            .entry(service.clone())
+            .or_insert_with(|| ServiceEntry { tx: watch::Sender::new(Arc::new(ServiceSnapshot::empty(service.clone()))) });
         let previous = entry.tx.borrow().clone();
         let mut instances = (*previous.instances).clone();
         let mut log = (*previous.log).clone();
@@ -461,7 +469,7 @@ impl State {
     /// subscriptions to names that never appear cannot grow the map without bound.
     fn sweep_placeholders(&mut self) {
         self.placeholders_created += 1;
-        if self.placeholders_created % 256 != 0 {
+        if !self.placeholders_created.is_multiple_of(256) {
             return;
         }
         self.services.retain(|_, entry| entry.tx.receiver_count() > 0 || entry.tx.borrow().exists());

@@ -7,7 +7,7 @@ use std::{
 
 use futures::{FutureExt, future::BoxFuture};
 
-use super::{Store, StoreError, Table, Write};
+use super::{Rows, Store, StoreError, Table, Write};
 
 /// Keeps every table in memory; nothing survives the process.
 #[derive(Debug, Default)]
@@ -16,7 +16,7 @@ pub struct MemoryStore {
 }
 
 impl Store for MemoryStore {
-    fn load(&self, table: Table) -> BoxFuture<'_, Result<Vec<(String, Vec<u8>)>, StoreError>> {
+    fn load(&self, table: Table) -> BoxFuture<'_, Result<Rows, StoreError>> {
         let tables = self.tables.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let rows = tables.get(&table).map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
         futures::future::ready(Ok(rows)).boxed()

@@ -53,10 +53,13 @@ impl StoreError {
     }
 }
 
+/// Every key and value of one table.
+pub type Rows = Vec<(String, Vec<u8>)>;
+
 /// Durable key-value storage. Batches are applied atomically and in the order given.
 pub trait Store: Send + Sync + 'static {
     /// Every key and value in `table`.
-    fn load(&self, table: Table) -> BoxFuture<'_, Result<Vec<(String, Vec<u8>)>, StoreError>>;
+    fn load(&self, table: Table) -> BoxFuture<'_, Result<Rows, StoreError>>;
 
     /// Applies the writes of `batch` in one transaction.
     fn apply(&self, batch: Vec<Write>) -> BoxFuture<'_, Result<(), StoreError>>;

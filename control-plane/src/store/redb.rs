@@ -5,7 +5,7 @@ use std::{path::Path, sync::Arc};
 use futures::{FutureExt, future::BoxFuture};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Store, StoreError, Table, Write};
+use super::{Rows, Store, StoreError, Table, Write};
 
 /// A redb database file holding every table.
 #[derive(Debug, Clone)]
@@ -34,7 +34,7 @@ impl RedbStore {
         Ok(Self { db: Arc::new(db), path: path.display().to_string() })
     }
 
-    fn load_blocking(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    fn load_blocking(&self, table: Table) -> Result<Rows, StoreError> {
         let txn = self.db.begin_read().map_err(|e| error("reading", e))?;
         let table = txn.open_table(definition(table)).map_err(|e| error("reading", e))?;
         let mut rows = Vec::new();
@@ -63,7 +63,7 @@ impl RedbStore {
 }
 
 impl Store for RedbStore {
-    fn load(&self, table: Table) -> BoxFuture<'_, Result<Vec<(String, Vec<u8>)>, StoreError>> {
+    fn load(&self, table: Table) -> BoxFuture<'_, Result<Rows, StoreError>> {
         let this = self.clone();
         async move {
             tokio::task::spawn_blocking(move || this.load_blocking(table))

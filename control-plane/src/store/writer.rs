@@ -129,7 +129,7 @@ mod tests {
     use futures::{FutureExt, future::BoxFuture};
 
     use super::*;
-    use crate::store::MemoryStore;
+    use crate::store::{MemoryStore, Rows};
 
     /// Fails the first `failures` commits, then delegates to memory.
     struct Flaky {
@@ -139,7 +139,7 @@ mod tests {
     }
 
     impl Store for Flaky {
-        fn load(&self, table: Table) -> BoxFuture<'_, Result<Vec<(String, Vec<u8>)>, StoreError>> {
+        fn load(&self, table: Table) -> BoxFuture<'_, Result<Rows, StoreError>> {
             self.inner.load(table)
         }
 
@@ -163,7 +163,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn retries_until_committed_and_keeps_the_latest_value() {
-        let store = Arc::new(Flaky { failures: AtomicUsize::new(2), inner: MemoryStore::default(), commits: AtomicUsize::new(0) });
+        let store =
+            Arc::new(Flaky { failures: AtomicUsize::new(2), inner: MemoryStore::default(), commits: AtomicUsize::new(0) });
         let writer = StoreWriter::spawn(store.clone());
         writer.enqueue(put("a", "1"));
         let generation = writer.enqueue(put("a", "2"));
@@ -174,7 +175,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn reports_the_store_error_when_not_committed_in_time() {
-        let store = Arc::new(Flaky { failures: AtomicUsize::new(1000), inner: MemoryStore::default(), commits: AtomicUsize::new(0) });
+        let store =
+            Arc::new(Flaky { failures: AtomicUsize::new(1000), inner: MemoryStore::default(), commits: AtomicUsize::new(0) });
         let writer = StoreWriter::spawn(store);
         let generation = writer.enqueue(put("a", "1"));
         let err = writer.durable(generation, Duration::from_secs(1)).await.expect_err("never commits");
@@ -183,7 +185,8 @@ mod tests {
 
     #[tokio::test]
     async fn groups_a_burst_into_few_commits() {
-        let store = Arc::new(Flaky { failures: AtomicUsize::new(0), inner: MemoryStore::default(), commits: AtomicUsize::new(0) });
+        let store =
+            Arc::new(Flaky { failures: AtomicUsize::new(0), inner: MemoryStore::default(), commits: AtomicUsize::new(0) });
         let writer = StoreWriter::spawn(store.clone());
         let mut last = 0;
         for i in 0..1000 {

@@ -136,7 +136,14 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
 
     let traffic = Arc::new(Traffic::default());
     let in_flight = Arc::new(Semaphore::new(32));
-    let driver = tokio::spawn(drive(http.clone(), client_outbound, options.rate, traffic.clone(), in_flight.clone(), stop_traffic.clone()));
+    let driver = tokio::spawn(drive(
+        http.clone(),
+        client_outbound,
+        options.rate,
+        traffic.clone(),
+        in_flight.clone(),
+        stop_traffic.clone(),
+    ));
 
     let started = Instant::now();
     let interactive = options.duration.is_none() && std::io::stdout().is_terminal();
@@ -159,7 +166,12 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
                 traffic.errors.load(Ordering::Relaxed)
             );
         }
-        if let Some(dead) = instances.iter_mut().map(|i| &mut i.sidecar).chain([&mut client]).find_map(|p| p.exited().map(|s| (p.name.clone(), s, p.log.clone()))) {
+        if let Some(dead) = instances
+            .iter_mut()
+            .map(|i| &mut i.sidecar)
+            .chain([&mut client])
+            .find_map(|p| p.exited().map(|s| (p.name.clone(), s, p.log.clone())))
+        {
             failure = Some(format!("{} exited ({}); see {}", dead.0, dead.1, dead.2.display()));
             break;
         }
@@ -178,7 +190,8 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
 
     let ok = traffic.ok.load(Ordering::Relaxed);
     let errors = traffic.errors.load(Ordering::Relaxed);
-    let idle: Vec<String> = instances.iter().filter(|i| i.counters.served.load(Ordering::Relaxed) == 0).map(|i| i.id.clone()).collect();
+    let idle: Vec<String> =
+        instances.iter().filter(|i| i.counters.served.load(Ordering::Relaxed) == 0).map(|i| i.id.clone()).collect();
     for instance in instances {
         instance.sidecar.stop().await;
     }
@@ -267,11 +280,10 @@ async fn wait_ready(http: &HttpClient, sidecar: &Process) -> anyhow::Result<()> 
     loop {
         let uri = format!("http://{admin}/ready");
         let request = http::Request::get(uri).body(Empty::new())?;
-        if let Ok(response) = http.request(request).await {
-            if response.status().is_success() {
+        if let Ok(response) = http.request(request).await
+            && response.status().is_success() {
                 return Ok(());
             }
-        }
         if Instant::now() > deadline {
             bail!("{} is not ready after 30s; see {}", sidecar.name, sidecar.log.display());
         }
@@ -285,11 +297,10 @@ async fn wait_registered(registry: &mut RegistryClient<Channel>, replicas: usize
     'services: for service in SERVICES {
         loop {
             let request = v1::ListInstancesRequest { service: service.into(), passing_only: true };
-            if let Ok(response) = registry.list_instances(request).await {
-                if response.into_inner().instances.len() >= replicas {
+            if let Ok(response) = registry.list_instances(request).await
+                && response.into_inner().instances.len() >= replicas {
                     continue 'services;
                 }
-            }
             if Instant::now() > deadline {
                 bail!("{service} did not reach {replicas} passing instances within 30s");
             }
@@ -300,7 +311,14 @@ async fn wait_registered(registry: &mut RegistryClient<Channel>, replicas: usize
 }
 
 /// Sends `rate` requests a second to frontend through the client sidecar until `shutdown`.
-async fn drive(http: HttpClient, outbound: SocketAddr, rate: u32, traffic: Arc<Traffic>, in_flight: Arc<Semaphore>, shutdown: CancellationToken) {
+async fn drive(
+    http: HttpClient,
+    outbound: SocketAddr,
+    rate: u32,
+    traffic: Arc<Traffic>,
+    in_flight: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

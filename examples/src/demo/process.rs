@@ -55,11 +55,10 @@ impl Process {
             let mut lines = BufReader::new(stderr).lines();
             let mut listening = Some(listening);
             while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains(" listening ") {
-                    if let Some(listening) = listening.take() {
+                if line.contains(" listening ")
+                    && let Some(listening) = listening.take() {
                         let _ = listening.send(parse_pairs(&line));
                     }
-                }
                 let _ = file.write_all(line.as_bytes()).await;
                 let _ = file.write_all(b"\n").await;
             }

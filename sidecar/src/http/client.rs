@@ -120,11 +120,7 @@ impl Client {
 
     /// Sends `request` to the endpoint in its own HTTP version.
     pub async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, BoxError> {
-        if request.version() == Version::HTTP_2 {
-            self.send_h2(request).await
-        } else {
-            self.send_h1(request).await
-        }
+        if request.version() == Version::HTTP_2 { self.send_h2(request).await } else { self.send_h1(request).await }
     }
 
     async fn send_h1(&self, mut request: Request<Body>) -> Result<Response<Incoming>, BoxError> {
@@ -241,11 +237,10 @@ impl Client {
 
     fn forget_h2(&self, broken: &http2::SendRequest<Body>) {
         let mut h2 = lock(&self.inner.h2);
-        if let H2::Ready(sender) = &*h2 {
-            if sender.is_closed() || broken.is_closed() {
+        if let H2::Ready(sender) = &*h2
+            && (sender.is_closed() || broken.is_closed()) {
                 *h2 = H2::None;
             }
-        }
     }
 }
 
@@ -285,13 +280,11 @@ impl Inner {
 
 /// HTTP/1.1 sends the path in the request line and the authority in `Host`.
 fn origin_form(request: &mut Request<Body>) {
-    if let Some(authority) = request.uri().authority().cloned() {
-        if !request.headers().contains_key(header::HOST) {
-            if let Ok(host) = authority.as_str().parse() {
+    if let Some(authority) = request.uri().authority().cloned()
+        && !request.headers().contains_key(header::HOST)
+            && let Ok(host) = authority.as_str().parse() {
                 request.headers_mut().insert(header::HOST, host);
             }
-        }
-    }
     let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
     if let Ok(uri) = path.parse::<Uri>() {
         *request.uri_mut() = uri;
@@ -335,8 +328,12 @@ mod tests {
 
     #[test]
     fn http2_requests_get_scheme_and_authority_from_host() {
-        let mut request =
-            Request::builder().version(Version::HTTP_2).uri("/pkg.Svc/Call").header(header::HOST, "inventory").body(empty()).expect("valid");
+        let mut request = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("/pkg.Svc/Call")
+            .header(header::HOST, "inventory")
+            .body(empty())
+            .expect("valid");
         absolute_form(&mut request);
         assert_eq!(request.uri(), "http://inventory/pkg.Svc/Call");
     }

@@ -117,11 +117,10 @@ impl<S: Clone> Shared<S> {
         let state = self.state.borrow().clone();
         let ServiceState::Known(config) = state else { return };
         let mut builder = self.builder.lock().unwrap_or_else(|p| p.into_inner());
-        if let Endpoints::Known { version, .. } = **self.endpoints.load() {
-            if version == config.version {
+        if let Endpoints::Known { version, .. } = **self.endpoints.load()
+            && version == config.version {
                 return;
             }
-        }
         let mut built = HashMap::with_capacity(config.endpoints.len());
         let mut routable = Vec::new();
         for endpoint in config.endpoints.values() {
@@ -170,7 +169,9 @@ impl<S: Clone> Shared<S> {
             }
         }
         self.refresh();
-        self.pick()?.ok_or_else(|| -> BoxError { Box::new(DiscoveryTimeout { service: self.service.clone(), timeout: self.discovery_timeout }) })
+        self.pick()?.ok_or_else(|| -> BoxError {
+            Box::new(DiscoveryTimeout { service: self.service.clone(), timeout: self.discovery_timeout })
+        })
     }
 }
 
@@ -308,7 +309,12 @@ mod tests {
         assert_eq!(waiting.await.expect("joins").expect("answers"), "a");
 
         let pending = watch::Sender::new(ServiceState::Pending);
-        let mut starved = super::Balance::new("ghost".into(), pending.subscribe(), |e: Arc<Endpoint>| Echo(e.id.clone()), Duration::from_secs(5));
+        let mut starved = super::Balance::new(
+            "ghost".into(),
+            pending.subscribe(),
+            |e: Arc<Endpoint>| Echo(e.id.clone()),
+            Duration::from_secs(5),
+        );
         let error = call(&mut starved).await.expect_err("times out");
         assert!(error.is::<DiscoveryTimeout>(), "{error}");
         drop(balance);

@@ -40,7 +40,9 @@ mod tests {
 
     #[test]
     fn every_form_of_a_service_name_resolves() {
-        for authority in ["catalog", "catalog.ferry", "catalog:80", "catalog.ferry:8080", "Catalog.Service.Ferry.", "catalog.service.ferry:80"] {
+        for authority in
+            ["catalog", "catalog.ferry", "catalog:80", "catalog.ferry:8080", "Catalog.Service.Ferry.", "catalog.service.ferry:80"]
+        {
             assert_eq!(service_of_authority(authority).expect(authority), "catalog", "{authority}");
         }
     }

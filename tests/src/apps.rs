@@ -1,0 +1,115 @@
+//! Apps that stand behind sidecars in the tests: an HTTP app that says who it is and what it
+//! saw, and a gRPC app serving `grpc.health.v1`.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::server::HealthReporter;
+
+/// An HTTP/1.1 and h2c app answering every request with its name.
+pub struct HttpApp {
+    pub addr: SocketAddr,
+    pub name: String,
+    hits: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl HttpApp {
+    /// Starts an app called `name` on a free loopback port.
+    pub async fn start(name: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let hits = Arc::new(AtomicU64::new(0));
+        let (app_name, app_hits) = (name.to_owned(), hits.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (name, hits) = (app_name.clone(), app_hits.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                        hits.fetch_add(1, Ordering::Relaxed);
+                        let host = request
+                            .headers()
+                            .get(http::header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                            .map(str::to_owned)
+                            .or_else(|| request.uri().authority().map(|a| a.to_string()))
+                            .unwrap_or_default();
+                        let response = Response::builder()
+                            .header("x-served-by", name.as_str())
+                            .header("x-seen-version", format!("{:?}", request.version()))
+                            .header("x-seen-host", host)
+                            .header("x-seen-path", request.uri().path_and_query().map_or("/", |p| p.as_str()))
+                            .body(Full::new(Bytes::from(name.clone())))
+                            .expect("valid response");
+                        async move { Ok::<_, Infallible>(response) }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
+                });
+            }
+        });
+        Self { addr, name: name.to_owned(), hits, task }
+    }
+
+    /// How many requests it has served.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    /// Stops accepting; the port is closed.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for HttpApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A gRPC app serving the standard health service.
+pub struct GrpcApp {
+    pub addr: SocketAddr,
+    pub reporter: HealthReporter,
+    task: JoinHandle<()>,
+}
+
+impl GrpcApp {
+    /// Starts the app with the service `ferry.test.Echo` reported as serving.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter.set_service_status("ferry.test.Echo", tonic_health::ServingStatus::Serving).await;
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(TcpListenerStream::new(listener))
+                .await;
+        });
+        Self { addr, reporter, task }
+    }
+}
+
+impl Drop for GrpcApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,176 @@
+//! Instances coming and going, and the control plane going away: traffic follows the registry,
+//! and keeps flowing on the last config while the control plane is down.
+
+use std::collections::HashSet;
+
+use ferry_tests::{
+    ControlPlane, Sidecar,
+    apps::HttpApp,
+    client::{self, header, proxy_get, text},
+    eventually,
+};
+
+/// The apps that answered `n` requests for `service` through `outbound`.
+async fn answers(outbound: std::net::SocketAddr, service: &str, n: usize) -> Vec<String> {
+    let mut seen = Vec::with_capacity(n);
+    for _ in 0..n {
+        let answer = proxy_get(outbound, &format!("http://{service}/")).await.expect("answered");
+        assert_eq!(answer.0, 200, "{}: {}", header(&answer, "x-ferry-error"), text(&answer));
+        seen.push(text(&answer));
+    }
+    seen
+}
+
+async fn put_instance(control_plane: &ControlPlane, json: &str) -> client::Answer {
+    let uri = format!("{}/v1/instances", control_plane.http_url());
+    let request = http::Request::put(&uri)
+        .header(http::header::HOST, control_plane.http.to_string())
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(json.to_owned())))
+        .expect("valid request");
+    let stream = tokio::net::TcpStream::connect(control_plane.http).await.expect("connects");
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.expect("handshake");
+    tokio::spawn(connection);
+    let response = sender.send_request(request).await.expect("answered");
+    let (parts, body) = response.into_parts();
+    let body = http_body_util::BodyExt::collect(body).await.expect("body").to_bytes();
+    (parts.status, parts.headers, body)
+}
+
+async fn delete_instance(control_plane: &ControlPlane, id: &str) -> client::Answer {
+    let request = http::Request::delete(format!("/v1/instances/{id}"))
+        .header(http::header::HOST, control_plane.http.to_string())
+        .body(http_body_util::Empty::new())
+        .expect("valid request");
+    client::send_h1(control_plane.http, request).await.expect("answered")
+}
+
+#[tokio::test]
+async fn a_deregistered_instance_stops_receiving_traffic() {
+    let control_plane = ControlPlane::start().await;
+    let external = HttpApp::start("external").await;
+    let meshed = HttpApp::start("meshed").await;
+    let registered = put_instance(
+        &control_plane,
+        &format!(r#"{{"id": "catalog-ext", "service": "catalog", "address": "127.0.0.1", "port": {}}}"#, external.addr.port()),
+    )
+    .await;
+    assert_eq!(registered.0, 200, "{}", text(&registered));
+    let _meshed = Sidecar::start(&control_plane.url(), "catalog", Some(meshed.addr), &[]).await;
+    let client = Sidecar::start(&control_plane.url(), "frontend", None, &["--upstream", "catalog=127.0.0.1:0"]).await;
+    client.wait_endpoints("catalog", 2).await;
+    let seen: HashSet<_> = answers(client.outbound, "catalog", 10).await.into_iter().collect();
+    assert_eq!(seen, HashSet::from(["external".to_owned(), "meshed".to_owned()]));
+
+    let removed = delete_instance(&control_plane, "catalog-ext").await;
+    assert_eq!(removed.0, 200, "{}", text(&removed));
+    client.wait_endpoints("catalog", 1).await;
+    let hits = external.hits();
+    assert!(answers(client.outbound, "catalog", 20).await.iter().all(|a| a == "meshed"));
+    assert_eq!(external.hits(), hits, "no request reached the deregistered instance");
+}
+
+#[tokio::test]
+async fn a_killed_instance_stops_receiving_traffic_and_a_stopped_one_leaves() {
+    let control_plane = ControlPlane::start().await;
+    let apps = [HttpApp::start("one").await, HttpApp::start("two").await, HttpApp::start("three").await];
+    let mut one = Sidecar::start(&control_plane.url(), "catalog", Some(apps[0].addr), &["--id", "catalog-one"]).await;
+    let mut two = Sidecar::start(&control_plane.url(), "catalog", Some(apps[1].addr), &["--id", "catalog-two"]).await;
+    let _three = Sidecar::start(&control_plane.url(), "catalog", Some(apps[2].addr), &["--id", "catalog-three"]).await;
+    let client = Sidecar::start(&control_plane.url(), "frontend", None, &["--upstream", "catalog=127.0.0.1:0"]).await;
+    client.wait_endpoints("catalog", 3).await;
+
+    // Killed without goodbye: critical at once, so no more traffic.
+    one.process.kill().await;
+    client.wait_endpoints("catalog", 2).await;
+    let hits = apps[0].hits();
+    let seen: HashSet<_> = answers(client.outbound, "catalog", 20).await.into_iter().collect();
+    assert_eq!(seen, HashSet::from(["two".to_owned(), "three".to_owned()]));
+    assert_eq!(apps[0].hits(), hits);
+    let (_, _, body) = client::get(&format!("{}/v1/instances/catalog-one", control_plane.http_url())).await.expect("answered");
+    let instance: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(instance["health"], "HEALTH_CRITICAL", "{instance}");
+
+    // Stopped with SIGTERM: it says goodbye and its instance is removed at once.
+    assert!(two.process.terminate().await.success());
+    eventually("catalog-two to be deregistered", || async {
+        let answer = client::get(&format!("{}/v1/instances/catalog-two", control_plane.http_url())).await.ok()?;
+        (answer.0 == 404).then_some(())
+    })
+    .await;
+    client.wait_endpoints("catalog", 1).await;
+    assert!(answers(client.outbound, "catalog", 10).await.iter().all(|a| a == "three"));
+}
+
+#[tokio::test]
+async fn traffic_keeps_flowing_while_the_control_plane_is_down_and_sidecars_reconnect() {
+    let mut control_plane = ControlPlane::start().await;
+    let app = HttpApp::start("catalog-app").await;
+    let _catalog = Sidecar::start(&control_plane.url(), "catalog", Some(app.addr), &["--id", "catalog-1"]).await;
+    let client = Sidecar::start(
+        &control_plane.url(),
+        "frontend",
+        None,
+        &["--upstream", "catalog=127.0.0.1:0", "--discovery-timeout", "300ms"],
+    )
+    .await;
+    client.wait_endpoints("catalog", 1).await;
+
+    control_plane.process.kill().await;
+    eventually("the client to notice", || async { (client.config().await["control_plane"]["connected"] == false).then_some(()) })
+        .await;
+    assert!(answers(client.outbound, "catalog", 20).await.iter().all(|a| a == "catalog-app"));
+    let answer = proxy_get(client.outbound, "http://never-seen/").await.expect("answered");
+    assert_eq!(answer.0, 503);
+    assert!(header(&answer, "x-ferry-error").starts_with("discovery_timeout: "), "{answer:?}");
+
+    // A new control plane on the same address: every sidecar reconnects and re-registers.
+    let restarted = ControlPlane::start_in(&control_plane.data_dir, &["--grpc", &control_plane.grpc.to_string()]).await;
+    eventually("the client to reconnect", || async {
+        (client.config().await["control_plane"]["connected"] == true).then_some(())
+    })
+    .await;
+    restarted.wait_passing("catalog", 1).await;
+    assert!(answers(client.outbound, "catalog", 5).await.iter().all(|a| a == "catalog-app"));
+}
+
+#[tokio::test]
+async fn a_sidecar_started_before_its_control_plane_waits_for_it() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let address = format!("127.0.0.1:{port}");
+    let app = HttpApp::start("catalog-app").await;
+    let catalog = Sidecar::spawn(&format!("http://{address}"), "catalog", Some(app.addr), &[]).await;
+    let (status, _, body) = client::get(&format!("http://{}/ready", catalog.admin)).await.expect("admin answers");
+    assert_eq!(status, 503, "not ready without a control plane: {}", String::from_utf8_lossy(&body));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let control_plane = ControlPlane::start_in(dir.path(), &["--grpc", &address]).await;
+    catalog.wait_ready().await;
+    control_plane.wait_passing("catalog", 1).await;
+}
+
+#[tokio::test]
+async fn a_persistent_registration_survives_a_control_plane_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut control_plane = ControlPlane::start_in(dir.path(), &[]).await;
+    let registered = put_instance(
+        &control_plane,
+        r#"{"id": "db-1", "service": "db", "address": "db.internal", "port": 5432, "metadata": {"role": "primary"}, "zone": "eu-1a"}"#,
+    )
+    .await;
+    assert_eq!(registered.0, 200, "{}", text(&registered));
+
+    // No clean shutdown: what the API acknowledged is already durable.
+    control_plane.process.kill().await;
+    let restarted = ControlPlane::start_in(dir.path(), &[]).await;
+    let (status, _, body) = client::get(&format!("{}/v1/instances/db-1", restarted.http_url())).await.expect("answered");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let instance: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(instance["service"], "db");
+    assert_eq!(instance["address"], "db.internal");
+    assert_eq!(instance["port"], 5432);
+    assert_eq!(instance["metadata"]["role"], "primary");
+    assert_eq!(instance["zone"], "eu-1a");
+    assert_eq!(instance["origin"], "ORIGIN_API");
+}

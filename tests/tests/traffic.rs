@@ -1,0 +1,134 @@
+//! Traffic between services through two sidecars: HTTP/1.1 (proxy and Host modes), HTTP/2 with
+//! prior knowledge, and gRPC (unary, server streaming, trailers), plus the errors the mesh
+//! makes itself.
+
+use std::collections::HashSet;
+
+use ferry_tests::{
+    ControlPlane, Sidecar,
+    apps::{GrpcApp, HttpApp},
+    client::{self, grpc_channel, h2_get, header, host_get, proxy_get, text},
+};
+use futures::StreamExt;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+#[tokio::test]
+async fn http_traffic_crosses_two_sidecars_in_every_client_mode() {
+    let control_plane = ControlPlane::start().await;
+    let app = HttpApp::start("catalog-app").await;
+    let _catalog = Sidecar::start(&control_plane.url(), "catalog", Some(app.addr), &[]).await;
+    let client = Sidecar::start(&control_plane.url(), "frontend", None, &[]).await;
+    control_plane.wait_passing("catalog", 1).await;
+
+    // HTTP proxy mode, as `curl -x` and HTTP_PROXY clients send it.
+    let answer = proxy_get(client.outbound, "http://catalog/items?page=2").await.expect("proxied");
+    assert_eq!(answer.0, 200, "{}", text(&answer));
+    assert_eq!(text(&answer), "catalog-app");
+    assert_eq!(header(&answer, "x-seen-path"), "/items?page=2");
+    assert_eq!(header(&answer, "x-seen-host"), "catalog");
+    assert_eq!(header(&answer, "x-seen-version"), "HTTP/1.1");
+
+    // Host-header mode, in each spelling.
+    for host in ["catalog", "catalog.ferry", "catalog:80", "catalog.service.ferry"] {
+        let answer = host_get(client.outbound, host, "/").await.expect("routed");
+        assert_eq!(answer.0, 200, "Host: {host}: {}", text(&answer));
+        assert_eq!(text(&answer), "catalog-app");
+    }
+
+    // HTTP/2 with prior knowledge stays HTTP/2 to the app.
+    let answer = h2_get(client.outbound, "catalog", "/h2").await.expect("h2c");
+    assert_eq!(answer.0, 200, "{}", text(&answer));
+    assert_eq!(header(&answer, "x-seen-version"), "HTTP/2.0");
+    assert_eq!(header(&answer, "x-seen-path"), "/h2");
+    assert!(app.hits() >= 6);
+}
+
+#[tokio::test]
+async fn grpc_calls_and_streams_cross_two_sidecars() {
+    let control_plane = ControlPlane::start().await;
+    let app = GrpcApp::start().await;
+    let _echo = Sidecar::start(&control_plane.url(), "echo", Some(app.addr), &[]).await;
+    let client = Sidecar::start(&control_plane.url(), "caller", None, &[]).await;
+    control_plane.wait_passing("echo", 1).await;
+
+    let mut health = HealthClient::new(grpc_channel(client.outbound, "echo"));
+    let reply = health.check(HealthCheckRequest { service: "ferry.test.Echo".into() }).await.expect("unary call");
+    assert_eq!(reply.into_inner().status(), ServingStatus::Serving);
+
+    // A gRPC error travels in a trailers-only response and arrives intact.
+    let error = health.check(HealthCheckRequest { service: "no.such.Service".into() }).await.expect_err("not found");
+    assert_eq!(error.code(), tonic::Code::NotFound);
+
+    // Server streaming: every message and the status in the trailers pass through.
+    let mut updates = health.watch(HealthCheckRequest { service: "ferry.test.Echo".into() }).await.expect("stream").into_inner();
+    let first = updates.next().await.expect("a first message").expect("ok");
+    assert_eq!(first.status(), ServingStatus::Serving);
+    app.reporter.set_service_status("ferry.test.Echo", tonic_health::ServingStatus::NotServing).await;
+    let second = updates.next().await.expect("a second message").expect("ok");
+    assert_eq!(second.status(), ServingStatus::NotServing);
+}
+
+#[tokio::test]
+async fn requests_are_balanced_over_every_instance() {
+    let control_plane = ControlPlane::start().await;
+    let apps = [HttpApp::start("catalog-1").await, HttpApp::start("catalog-2").await, HttpApp::start("catalog-3").await];
+    let mut sidecars = Vec::new();
+    for app in &apps {
+        sidecars.push(Sidecar::start(&control_plane.url(), "catalog", Some(app.addr), &[]).await);
+    }
+    let client = Sidecar::start(&control_plane.url(), "frontend", None, &[]).await;
+    control_plane.wait_passing("catalog", 3).await;
+    client::proxy_get(client.outbound, "http://catalog/").await.expect("first request subscribes");
+    client.wait_endpoints("catalog", 3).await;
+
+    let mut seen = HashSet::new();
+    for _ in 0..30 {
+        let answer = proxy_get(client.outbound, "http://catalog/").await.expect("routed");
+        assert_eq!(answer.0, 200);
+        seen.insert(text(&answer));
+    }
+    assert_eq!(seen.len(), 3, "round robin reaches every instance: {seen:?}");
+}
+
+#[tokio::test]
+async fn an_upstream_port_routes_to_its_service_whatever_the_host() {
+    let control_plane = ControlPlane::start().await;
+    let app = HttpApp::start("inventory-app").await;
+    let _inventory = Sidecar::start(&control_plane.url(), "inventory", Some(app.addr), &[]).await;
+    let client = Sidecar::start(&control_plane.url(), "catalog", None, &["--upstream", "inventory=127.0.0.1:0"]).await;
+    let upstreams = client.process.bound.get("upstreams").expect("upstreams reported").clone();
+    let port: std::net::SocketAddr = upstreams.strip_prefix("inventory@").expect("inventory@ADDR").parse().expect("addr");
+
+    let answer = host_get(port, "localhost", "/stock").await.expect("routed");
+    assert_eq!(answer.0, 200, "{}", text(&answer));
+    assert_eq!(text(&answer), "inventory-app");
+}
+
+#[tokio::test]
+async fn the_mesh_explains_what_it_cannot_route() {
+    let control_plane = ControlPlane::start().await;
+    let client = Sidecar::start(&control_plane.url(), "frontend", None, &[]).await;
+
+    let answer = proxy_get(client.outbound, "http://ghost/").await.expect("answered");
+    assert_eq!(answer.0, 503);
+    assert!(header(&answer, "x-ferry-error").starts_with("unknown_service: "), "{answer:?}");
+
+    let answer = host_get(client.outbound, "example.com", "/").await.expect("answered");
+    assert_eq!(answer.0, 400);
+    assert!(header(&answer, "x-ferry-error").starts_with("bad_destination: "), "{answer:?}");
+
+    // An instance whose app is gone: the peer sidecar says the app is unreachable.
+    let app = HttpApp::start("gone").await;
+    let _gone = Sidecar::start(&control_plane.url(), "gone", Some(app.addr), &[]).await;
+    control_plane.wait_passing("gone", 1).await;
+    app.stop();
+    let answer = proxy_get(client.outbound, "http://gone/").await.expect("answered");
+    assert_eq!(answer.0, 502);
+    assert!(header(&answer, "x-ferry-error").starts_with("app_unreachable: "), "{answer:?}");
+
+    // gRPC callers get a gRPC status.
+    let mut health = HealthClient::new(grpc_channel(client.outbound, "ghost"));
+    let error = health.check(HealthCheckRequest::default()).await.expect_err("unknown service");
+    assert_eq!(error.code(), tonic::Code::Unavailable);
+    assert!(error.message().starts_with("unknown_service"), "{}", error.message());
+}
