@@ -8,7 +8,7 @@ use crate::store::StoreKind;
 
 /// Ferry's control plane: the service registry, config push to sidecars, and the APIs.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "ferry-control-plane", version, about)]
+#[command(name = "ferry-control-plane", version)]
 pub struct Config {
     /// Address of the gRPC API and the sidecars' config streams.
     #[arg(long, env = "FERRY_GRPC", default_value = "0.0.0.0:7070", value_name = "ADDR")]

@@ -8,7 +8,7 @@ use ferry_proto::validate;
 
 /// Ferry's sidecar: proxies the app's calls into the mesh and the mesh's calls to the app.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "ferry-sidecar", version, about)]
+#[command(name = "ferry-sidecar", version)]
 pub struct Config {
     /// The service this sidecar's app belongs to (or, with no app, the name it calls out as).
     #[arg(long, env = "FERRY_SERVICE", value_parser = parse_service, value_name = "NAME")]

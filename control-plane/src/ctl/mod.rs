@@ -21,7 +21,7 @@ use self::table::Table;
 
 /// Ferry's command line: inspect and change the mesh through the control plane.
 #[derive(Debug, Parser)]
-#[command(name = "ferryctl", version, about)]
+#[command(name = "ferryctl", version)]
 pub struct Cli {
     /// The control plane's gRPC address.
     #[arg(long, env = "FERRY_CONTROL_PLANE", default_value = "http://127.0.0.1:7070", global = true, value_name = "URL")]
@@ -48,6 +48,7 @@ pub enum Command {
     Services,
     /// List a service's instances with their health.
     Instances {
+        /// The service to list.
         service: String,
         /// Only instances that can take traffic.
         #[arg(long)]
@@ -55,28 +56,36 @@ pub enum Command {
     },
     /// Register a persistent instance (one no sidecar owns, such as a database).
     Register {
+        /// The service the instance belongs to.
         #[arg(long)]
         service: String,
+        /// The IP address or host name peers connect to.
         #[arg(long)]
         address: String,
+        /// The port peers connect to.
         #[arg(long)]
         port: u32,
-        /// Defaults to SERVICE-ADDRESS-PORT.
+        /// The instance id; defaults to SERVICE-ADDRESS-PORT.
         #[arg(long)]
         id: Option<String>,
-        /// A metadata label; repeat for more.
+        /// A metadata label such as version=v2; repeat for more.
         #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_key_value)]
         metadata: Vec<(String, String)>,
-        #[arg(long, default_value = "")]
-        region: String,
-        #[arg(long, default_value = "")]
-        zone: String,
-        /// Relative load-balancing weight, 1 to 10000.
-        #[arg(long, default_value_t = 0, hide_default_value = true)]
-        weight: u32,
+        /// The region of the instance.
+        #[arg(long)]
+        region: Option<String>,
+        /// The zone of the instance.
+        #[arg(long)]
+        zone: Option<String>,
+        /// Relative load-balancing weight, 1 to 10000 (default 100).
+        #[arg(long)]
+        weight: Option<u32>,
     },
     /// Remove an instance by id.
-    Deregister { id: String },
+    Deregister {
+        /// The instance's id.
+        id: String,
+    },
     /// Show connected sidecars, the versions they acknowledged, and any rejected push.
     Status,
 }
@@ -144,9 +153,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
                 address,
                 port,
                 metadata: metadata.into_iter().collect(),
-                region,
-                zone,
-                weight,
+                region: region.unwrap_or_default(),
+                zone: zone.unwrap_or_default(),
+                weight: weight.unwrap_or_default(),
                 ..Default::default()
             };
             validate::instance(&instance).map_err(|e| UsageError(format!("--{}", e.to_string().replace('_', "-"))))?;

@@ -8,7 +8,7 @@ use ferry_examples::demo::{self, process};
 /// Runs a control plane, two replicas of frontend, catalog and inventory with a sidecar each,
 /// and traffic through them, with a live summary.
 #[derive(Debug, Parser)]
-#[command(name = "ferry-demo", version, about)]
+#[command(name = "ferry-demo", version)]
 struct Args {
     /// Stop after this long (such as 10s) and exit 0 only if traffic flowed without errors.
     #[arg(long, value_parser = humantime::parse_duration)]

@@ -111,7 +111,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
             "--outbound",
             &preferred("127.0.0.1:15001"),
             "--admin",
-            "127.0.0.1:0",
+            &preferred("127.0.0.1:15000"),
             "--upstream",
             "frontend=127.0.0.1:0",
         ]),
@@ -130,7 +130,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
 
     println!("control plane  grpc {control_plane_url}  http http://{}", control_plane.addr("http")?);
     println!("client sidecar {client_outbound}   try: curl -x http://{client_outbound} http://frontend/");
-    println!("               upstream port {client_upstream}");
+    println!("               admin http://{}/config   upstream port {client_upstream}", client.addr("admin")?);
     println!("logs           {}", logs.display());
     println!();
 
