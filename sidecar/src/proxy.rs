@@ -19,10 +19,13 @@ pub fn forwardable(request: Request<Incoming>) -> Request<Body> {
     Request::from_parts(parts, boxed(body))
 }
 
-/// The response as it goes back to the previous hop.
+/// The response as it goes back to the previous hop, in this hop's HTTP version.
 pub fn returnable(response: Response<Body>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    // An HTTP/1.0 upstream must not make this hop's response HTTP/1.0 (and close the connection);
+    // HTTP/2 connections ignore the field.
+    parts.version = http::Version::HTTP_11;
     Response::from_parts(parts, body)
 }
 

@@ -102,11 +102,12 @@ impl Process {
             let mut listening = Some(listening);
             while let Ok(Some(line)) = reader.next_line().await {
                 if line.contains(" listening ")
-                    && let Some(listening) = listening.take() {
-                        let pairs =
-                            line.split_whitespace().filter_map(|t| t.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned()));
-                        let _ = listening.send(pairs.collect::<HashMap<_, _>>());
-                    }
+                    && let Some(listening) = listening.take()
+                {
+                    let pairs =
+                        line.split_whitespace().filter_map(|t| t.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned()));
+                    let _ = listening.send(pairs.collect::<HashMap<_, _>>());
+                }
                 lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
         });

@@ -16,7 +16,7 @@ use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus,
 async fn http_traffic_crosses_two_sidecars_in_every_client_mode() {
     let control_plane = ControlPlane::start().await;
     let app = HttpApp::start("catalog-app").await;
-    let _catalog = Sidecar::start(&control_plane.url(), "catalog", Some(app.addr), &[]).await;
+    let catalog = Sidecar::start(&control_plane.url(), "catalog", Some(app.addr), &[]).await;
     let client = Sidecar::start(&control_plane.url(), "frontend", None, &[]).await;
     control_plane.wait_passing("catalog", 1).await;
 
@@ -41,6 +41,20 @@ async fn http_traffic_crosses_two_sidecars_in_every_client_mode() {
     assert_eq!(header(&answer, "x-seen-version"), "HTTP/2.0");
     assert_eq!(header(&answer, "x-seen-path"), "/h2");
     assert!(app.hits() >= 6);
+
+    // Both ends count what they proxied, and the control plane what it pushed.
+    let (_, _, metrics) = client::get(&format!("http://{}/metrics", client.admin)).await.expect("metrics");
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(metrics.contains(r#"ferry_requests_total{direction="outbound",service="catalog",status="2xx"} 6"#), "{metrics}");
+    let (_, _, metrics) = client::get(&format!("http://{}/metrics", catalog.admin)).await.expect("metrics");
+    assert!(
+        String::from_utf8_lossy(&metrics)
+            .contains(r#"ferry_requests_total{direction="inbound",service="catalog",status="2xx"} 6"#)
+    );
+    let (_, _, metrics) = client::get(&format!("{}/metrics", control_plane.http_url())).await.expect("metrics");
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(metrics.contains("ferry_sidecars_connected 2"), "{metrics}");
+    assert!(!metrics.contains("ferry_push_acks_total 0"), "{metrics}");
 }
 
 #[tokio::test]

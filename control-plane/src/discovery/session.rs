@@ -358,13 +358,14 @@ fn endpoints_for(snapshot: &ServiceSnapshot, held: Option<u64>) -> Option<Endpoi
     }
     if let Some(base) = held
         && let Some(delta) = snapshot.changes_since(base)
-            && delta.upserted.len() + delta.removed.len() < snapshot.instances.len() {
-                return Some(Endpoints::Delta(v1::EndpointDelta {
-                    base_version: base,
-                    upserted: delta.upserted.iter().map(|i| i.to_endpoint()).collect(),
-                    removed: delta.removed,
-                }));
-            }
+        && delta.upserted.len() + delta.removed.len() < snapshot.instances.len()
+    {
+        return Some(Endpoints::Delta(v1::EndpointDelta {
+            base_version: base,
+            upserted: delta.upserted.iter().map(|i| i.to_endpoint()).collect(),
+            removed: delta.removed,
+        }));
+    }
     Some(Endpoints::Snapshot(v1::Endpoints { endpoints: snapshot.instances.values().map(|i| i.to_endpoint()).collect() }))
 }
 

@@ -298,9 +298,10 @@ impl Registry {
         state.check_id(&spec)?;
         let existing = state.current(&spec.id);
         if let Some(existing) = &existing
-            && existing.node_id().is_none() {
-                return Err(FieldError::new("id", format!("{:?} is registered through the API", spec.id)).into());
-            }
+            && existing.node_id().is_none()
+        {
+            return Err(FieldError::new("id", format!("{:?} is registered through the API", spec.id)).into());
+        }
         state.leases.insert(spec.id.clone(), Lease::Attached(session));
         let origin = Origin::Sidecar { node_id: node_id.to_owned() };
         match existing {

@@ -281,9 +281,10 @@ async fn wait_ready(http: &HttpClient, sidecar: &Process) -> anyhow::Result<()> 
         let uri = format!("http://{admin}/ready");
         let request = http::Request::get(uri).body(Empty::new())?;
         if let Ok(response) = http.request(request).await
-            && response.status().is_success() {
-                return Ok(());
-            }
+            && response.status().is_success()
+        {
+            return Ok(());
+        }
         if Instant::now() > deadline {
             bail!("{} is not ready after 30s; see {}", sidecar.name, sidecar.log.display());
         }
@@ -298,9 +299,10 @@ async fn wait_registered(registry: &mut RegistryClient<Channel>, replicas: usize
         loop {
             let request = v1::ListInstancesRequest { service: service.into(), passing_only: true };
             if let Ok(response) = registry.list_instances(request).await
-                && response.into_inner().instances.len() >= replicas {
-                    continue 'services;
-                }
+                && response.into_inner().instances.len() >= replicas
+            {
+                continue 'services;
+            }
             if Instant::now() > deadline {
                 bail!("{service} did not reach {replicas} passing instances within 30s");
             }

@@ -56,9 +56,10 @@ impl Process {
             let mut listening = Some(listening);
             while let Ok(Some(line)) = lines.next_line().await {
                 if line.contains(" listening ")
-                    && let Some(listening) = listening.take() {
-                        let _ = listening.send(parse_pairs(&line));
-                    }
+                    && let Some(listening) = listening.take()
+                {
+                    let _ = listening.send(parse_pairs(&line));
+                }
                 let _ = file.write_all(line.as_bytes()).await;
                 let _ = file.write_all(b"\n").await;
             }

@@ -238,9 +238,10 @@ impl Client {
     fn forget_h2(&self, broken: &http2::SendRequest<Body>) {
         let mut h2 = lock(&self.inner.h2);
         if let H2::Ready(sender) = &*h2
-            && (sender.is_closed() || broken.is_closed()) {
-                *h2 = H2::None;
-            }
+            && (sender.is_closed() || broken.is_closed())
+        {
+            *h2 = H2::None;
+        }
     }
 }
 
@@ -282,9 +283,10 @@ impl Inner {
 fn origin_form(request: &mut Request<Body>) {
     if let Some(authority) = request.uri().authority().cloned()
         && !request.headers().contains_key(header::HOST)
-            && let Ok(host) = authority.as_str().parse() {
-                request.headers_mut().insert(header::HOST, host);
-            }
+        && let Ok(host) = authority.as_str().parse()
+    {
+        request.headers_mut().insert(header::HOST, host);
+    }
     let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
     if let Ok(uri) = path.parse::<Uri>() {
         *request.uri_mut() = uri;

@@ -118,9 +118,10 @@ impl<S: Clone> Shared<S> {
         let ServiceState::Known(config) = state else { return };
         let mut builder = self.builder.lock().unwrap_or_else(|p| p.into_inner());
         if let Endpoints::Known { version, .. } = **self.endpoints.load()
-            && version == config.version {
-                return;
-            }
+            && version == config.version
+        {
+            return;
+        }
         let mut built = HashMap::with_capacity(config.endpoints.len());
         let mut routable = Vec::new();
         for endpoint in config.endpoints.values() {
@@ -209,6 +210,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use ferry_health::Health;
+    use tower_test::assert_request_eq;
 
     use super::*;
     use crate::catalog::ServiceConfig;
@@ -269,6 +271,31 @@ mod tests {
             seen.push(call(&mut balance).await.expect("answers"));
         }
         assert_eq!(seen, ["a", "c", "a", "c"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_request_reaches_exactly_one_endpoint_service() {
+        // Mock endpoint services: each request must arrive, unchanged, at the endpoint picked.
+        let (mock_a, mut handle_a) = tower_test::mock::pair::<&'static str, &'static str>();
+        let (mock_b, mut handle_b) = tower_test::mock::pair::<&'static str, &'static str>();
+        let mocks = std::sync::Mutex::new(HashMap::from([("a".to_owned(), mock_a), ("b".to_owned(), mock_b)]));
+        let state = watch::Sender::new(config(1, &[("a", Health::Passing), ("b", Health::Passing)]));
+        let mut balance = Balance::new(
+            "catalog".into(),
+            state.subscribe(),
+            move |e: Arc<Endpoint>| mocks.lock().expect("not poisoned").remove(&e.id).expect("one endpoint service per endpoint"),
+            Duration::from_secs(5),
+        );
+
+        let first = tokio::spawn(balance.ready().await.expect("ready").call("first"));
+        let (request, respond) = handle_a.next_request().await.expect("a gets the first request");
+        assert_eq!(request, "first");
+        respond.send_response("from a");
+        assert_eq!(first.await.expect("joins").expect("answers"), "from a");
+
+        let second = tokio::spawn(balance.ready().await.expect("ready").call("second"));
+        assert_request_eq!(handle_b, "second").send_response("from b");
+        assert_eq!(second.await.expect("joins").expect("answers"), "from b");
     }
 
     #[tokio::test(start_paused = true)]
