@@ -113,32 +113,10 @@ impl ControlPlane {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut control_plane = ControlPlane::start(&config).await?;
     tokio::select! {
-        () = shutdown_signal() => {
+        () = ferry_runtime::shutdown_signal() => {
             tracing::info!("shutting down");
             control_plane.shutdown().await
         }
         error = control_plane.failed() => Err(error),
     }
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM");
-                let _ = interrupt.await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
 }

@@ -198,7 +198,8 @@ pub fn push(push: &v1::Push) -> Result<(), FieldError> {
     Ok(())
 }
 
-fn service_resources(resources: &v1::ServiceResources) -> Result<(), FieldError> {
+/// Checks the resources of one service in a push.
+pub fn service_resources(resources: &v1::ServiceResources) -> Result<(), FieldError> {
     use v1::service_resources::Endpoints;
 
     service_name("service", &resources.service)?;

@@ -6,7 +6,7 @@
 //! a rejected push leaves the last good config untouched.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, Mutex, MutexGuard},
 };
 
@@ -144,18 +144,29 @@ impl Catalog {
         lock(&self.services).get(service).map(|sender| sender.borrow().clone())
     }
 
-    /// Applies `push` whole or not at all. The error is the NACK text.
-    pub fn apply(&self, push: &v1::Push) -> Result<(), String> {
-        validate::push(push).map_err(|e| e.to_string())?;
+    /// Applies `push` whole or not at all.
+    pub fn apply(&self, push: &v1::Push) -> Result<(), Rejection> {
+        let everything = || push.resources.iter().map(|r| r.service.clone()).collect();
+        if push.nonce.is_empty() {
+            return Err(Rejection { error: "nonce: must not be empty".into(), services: everything() });
+        }
         let mut services = lock(&self.services);
         let mut updates = Vec::with_capacity(push.resources.len());
+        let mut seen = HashSet::with_capacity(push.resources.len());
         for (i, resources) in push.resources.iter().enumerate() {
+            let reject = |error: validate::FieldError| Rejection {
+                error: error.within(&format!("resources[{i}]")).to_string(),
+                services: vec![resources.service.clone()],
+            };
+            validate::service_resources(resources).map_err(reject)?;
+            if !seen.insert(resources.service.as_str()) {
+                return Err(reject(validate::FieldError::new("service", "appears twice in one push")));
+            }
             let held = services.get(resources.service.as_str()).and_then(|sender| match &*sender.borrow() {
                 ServiceState::Known(config) => Some(config.clone()),
                 ServiceState::Pending => None,
             });
-            let config = next_config(resources, held.as_deref()).map_err(|e| e.within(&format!("resources[{i}]")).to_string())?;
-            updates.push(config);
+            updates.push(next_config(resources, held.as_deref()).map_err(reject)?);
         }
         for config in updates {
             let name = config.name.clone();
@@ -171,6 +182,13 @@ impl Catalog {
         }
         Ok(())
     }
+}
+
+/// Why a push was not applied: the NACK's text and the services at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub error: String,
+    pub services: Vec<String>,
 }
 
 /// The config after `resources`, given the config held.
@@ -277,8 +295,9 @@ mod tests {
         assert_eq!(config.endpoints.keys().collect::<Vec<_>>(), ["b", "c"]);
 
         // The same delta again no longer matches the held version.
-        let error = catalog.apply(&push(vec![delta])).expect_err("base mismatch");
-        assert!(error.starts_with("resources[0].delta.base_version"), "{error}");
+        let rejection = catalog.apply(&push(vec![delta])).expect_err("base mismatch");
+        assert!(rejection.error.starts_with("resources[0].delta.base_version"), "{rejection:?}");
+        assert_eq!(rejection.services, ["catalog"]);
         assert_eq!(known(&catalog, "catalog").version, 7, "kept the last good config");
     }
 
@@ -287,8 +306,9 @@ mod tests {
         let catalog = Catalog::new(16);
         catalog.apply(&push(vec![snapshot("catalog", 5, vec![endpoint("a", 8080)])])).expect("applies");
         let bad = push(vec![snapshot("inventory", 3, vec![endpoint("i", 9000)]), snapshot("catalog", 6, vec![endpoint("b", 0)])]);
-        let error = catalog.apply(&bad).expect_err("port 0");
-        assert_eq!(error, "resources[1].snapshot.endpoints[0].port: must be between 1 and 65535, got 0");
+        let rejection = catalog.apply(&bad).expect_err("port 0");
+        assert_eq!(rejection.error, "resources[1].snapshot.endpoints[0].port: must be between 1 and 65535, got 0");
+        assert_eq!(rejection.services, ["catalog"], "only the resource at fault is named");
         assert_eq!(known(&catalog, "catalog").version, 5);
         assert!(catalog.state("inventory").is_none(), "no part of the push was applied");
     }

@@ -23,6 +23,9 @@ use crate::{
     metrics::{Metrics, ResultLabels},
 };
 
+/// How long the control plane may take to answer Hello.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How to reach the control plane and what to tell it.
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
@@ -169,9 +172,20 @@ async fn stream(
         let services = subscribed.iter().map(|s| s.to_string()).collect();
         try_send(&outbound, sidecar_message::Message::Subscribe(v1::Subscribe { services }))?;
     }
-    let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+    // A control plane (or something in front of it) that accepts the stream but never answers
+    // must not hold the sidecar forever: keepalives alone would keep such a stream open.
+    let welcome = async {
+        let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+        let first = inbound.message().await?;
+        Ok::<_, StreamError>((inbound, first))
+    };
+    let (mut inbound, first) = tokio::select! {
+        answered = tokio::time::timeout(WELCOME_TIMEOUT, welcome) => answered
+            .map_err(|_| StreamError::Protocol(format!("no welcome within {WELCOME_TIMEOUT:?}")))??,
+        () = shutdown.cancelled() => return Ok(()),
+    };
 
-    match inbound.message().await?.and_then(|m| m.message) {
+    match first.and_then(|m| m.message) {
         Some(control_message::Message::Welcome(welcome)) => {
             *welcomed = true;
             tracing::info!(url = %config.url, server = %welcome.server_id, registered = ?welcome.instance.as_ref().map(|i| &i.id), "connected to the control plane");
@@ -219,14 +233,14 @@ async fn stream(
                             tracing::debug!(nonce = %push.nonce, resources = push.resources.len(), "applied push");
                             sidecar_message::Message::Ack(v1::Ack { nonce: push.nonce })
                         }
-                        Err(error) => {
+                        Err(rejection) => {
                             metrics.config_updates.get_or_create(&ResultLabels { result: "rejected" }).inc();
-                            tracing::warn!(nonce = %push.nonce, %error, "rejected push; keeping the last good config");
+                            tracing::warn!(nonce = %push.nonce, error = %rejection.error, "rejected push; keeping the last good config");
                             status.update(|s| {
                                 s.pushes_rejected += 1;
-                                s.last_rejection = Some(error.clone());
+                                s.last_rejection = Some(rejection.error.clone());
                             });
-                            sidecar_message::Message::Nack(v1::Nack { nonce: push.nonce, error })
+                            sidecar_message::Message::Nack(v1::Nack { nonce: push.nonce, error: rejection.error, services: rejection.services })
                         }
                     };
                     outbound.send(message(answer)).await.map_err(|_| StreamError::Protocol("stream closed".into()))?;

@@ -9,7 +9,6 @@
 
 use std::{
     ffi::OsString,
-    io::IsTerminal,
     net::{IpAddr, SocketAddr, UdpSocket},
     process::ExitCode,
     sync::Arc,
@@ -17,7 +16,6 @@ use std::{
 };
 
 use anyhow::Context;
-use clap::Parser;
 use ferry_proto::v1;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -235,60 +233,14 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let config = match Config::try_parse_from(args) {
-        Ok(config) => config,
-        Err(error) => {
-            let _ = error.print();
-            // Help and version are not errors; bad config exits with EX_USAGE.
-            return if error.use_stderr() { ExitCode::from(64) } else { ExitCode::SUCCESS };
-        }
-    };
-    let filter = match tracing_subscriber::EnvFilter::try_new(&config.log) {
-        Ok(filter) => filter,
-        Err(error) => {
-            eprintln!("error: invalid value {:?} for '--log <FILTER>': {error}", config.log);
-            return ExitCode::from(64);
-        }
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: starting the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!("{error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    ferry_runtime::main(args, |config: &Config| config.log.clone(), run)
 }
 
 /// Runs a sidecar until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let sidecar = Sidecar::start(config).await?;
-    shutdown_signal().await;
+    ferry_runtime::shutdown_signal().await;
     tracing::info!("shutting down");
     sidecar.shutdown().await;
     Ok(())
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    let Ok(mut terminate) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
-        let _ = interrupt.await;
-        return;
-    };
-    tokio::select! {
-        _ = interrupt => {}
-        _ = terminate.recv() => {}
-    }
 }

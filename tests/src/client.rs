@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode, Version};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
@@ -46,6 +46,22 @@ pub async fn get(url: &str) -> Result<Answer, Error> {
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let request = Request::get(path).header(http::header::HOST, authority).body(Empty::new())?;
     send_h1(addr, request).await
+}
+
+/// `method path` to the API at `addr` with a JSON `body`.
+pub async fn send_json(addr: SocketAddr, method: http::Method, path: &str, body: &str) -> Result<Answer, Error> {
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, addr.to_string())
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_owned())))?;
+    let stream = TcpStream::connect(addr).await?;
+    let (mut sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let response = sender.send_request(request).await?;
+    let (parts, body) = response.into_parts();
+    Ok((parts.status, parts.headers, body.collect().await?.to_bytes()))
 }
 
 /// `GET url` through the HTTP proxy at `proxy`, as `curl -x` does.

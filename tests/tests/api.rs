@@ -13,17 +13,7 @@ async fn registry(control_plane: &ControlPlane) -> RegistryClient<Channel> {
 }
 
 async fn put(control_plane: &ControlPlane, json: &str) -> client::Answer {
-    let request = http::Request::put("/v1/instances")
-        .header(http::header::HOST, control_plane.http.to_string())
-        .body(http_body_util::Full::new(bytes::Bytes::from(json.to_owned())))
-        .expect("valid request");
-    let stream = tokio::net::TcpStream::connect(control_plane.http).await.expect("connects");
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.expect("handshake");
-    tokio::spawn(connection);
-    let response = sender.send_request(request).await.expect("answered");
-    let (parts, body) = response.into_parts();
-    (parts.status, parts.headers, http_body_util::BodyExt::collect(body).await.expect("body").to_bytes())
+    client::send_json(control_plane.http, http::Method::PUT, "/v1/instances", json).await.expect("answered")
 }
 
 fn instance(id: &str, service: &str, address: &str, port: u32) -> v1::Instance {

@@ -22,28 +22,11 @@ async fn answers(outbound: std::net::SocketAddr, service: &str, n: usize) -> Vec
 }
 
 async fn put_instance(control_plane: &ControlPlane, json: &str) -> client::Answer {
-    let uri = format!("{}/v1/instances", control_plane.http_url());
-    let request = http::Request::put(&uri)
-        .header(http::header::HOST, control_plane.http.to_string())
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(json.to_owned())))
-        .expect("valid request");
-    let stream = tokio::net::TcpStream::connect(control_plane.http).await.expect("connects");
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.expect("handshake");
-    tokio::spawn(connection);
-    let response = sender.send_request(request).await.expect("answered");
-    let (parts, body) = response.into_parts();
-    let body = http_body_util::BodyExt::collect(body).await.expect("body").to_bytes();
-    (parts.status, parts.headers, body)
+    client::send_json(control_plane.http, http::Method::PUT, "/v1/instances", json).await.expect("answered")
 }
 
 async fn delete_instance(control_plane: &ControlPlane, id: &str) -> client::Answer {
-    let request = http::Request::delete(format!("/v1/instances/{id}"))
-        .header(http::header::HOST, control_plane.http.to_string())
-        .body(http_body_util::Empty::new())
-        .expect("valid request");
-    client::send_h1(control_plane.http, request).await.expect("answered")
+    client::send_json(control_plane.http, http::Method::DELETE, &format!("/v1/instances/{id}"), "").await.expect("answered")
 }
 
 #[tokio::test]

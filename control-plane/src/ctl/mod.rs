@@ -102,12 +102,9 @@ struct UsageError(String);
 
 /// Runs `ferryctl` with the process arguments.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match ferry_runtime::parse::<Cli, _, _>(std::env::args_os()) {
         Ok(cli) => cli,
-        Err(error) => {
-            let _ = error.print();
-            return if error.use_stderr() { ExitCode::from(64) } else { ExitCode::SUCCESS };
-        }
+        Err(code) => return code,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -123,7 +120,7 @@ pub fn main() -> ExitCode {
         }
         Err(error) if error.is::<UsageError>() => {
             eprintln!("error: {error}");
-            ExitCode::from(64)
+            ExitCode::from(ferry_runtime::EXIT_USAGE)
         }
         Err(error) => {
             eprintln!("error: {error:#}");

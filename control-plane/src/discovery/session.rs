@@ -13,7 +13,7 @@
 //! is not resent until the service changes again.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::Arc,
     time::Duration,
 };
@@ -140,6 +140,9 @@ impl Session {
     {
         loop {
             let flush_at = self.flush_at();
+            // Biased: answers and subscriptions first, then every ready change, then the push, so
+            // changes that arrive together leave together. A sidecar that floods its own stream
+            // only delays its own pushes.
             let flush_now = flush_at.is_some_and(|at| at <= Instant::now());
             tokio::select! {
                 biased;
@@ -327,26 +330,38 @@ impl Session {
         tracing::warn!(node = %self.record.node_id, nonce = %nack.nonce, error = %nack.error, "sidecar rejected a push");
         let push = self.take_in_flight(&nack.nonce);
         let versions = push.iter().flat_map(|p| p.carried.iter().map(|(s, v, _)| (s.to_string(), *v))).collect();
+        let at_fault: HashSet<String> = nack.services.iter().cloned().collect();
         self.record.nacked(v1::NackStatus {
             nonce: nack.nonce,
             error: nack.error,
             at: Some(crate::registry::timestamp(std::time::SystemTime::now())),
             versions,
         });
-        let Some(push) = push else { return };
-        for (service, version, was_snapshot) in push.carried {
-            if let Some(subscription) = self.subscriptions.get_mut(&service) {
-                // The sidecar kept what it had acknowledged.
+        let Some(push) = push else {
+            // Too old to know what it carried: resend everything in full.
+            for subscription in self.subscriptions.values_mut() {
                 subscription.sent = subscription.acked;
+                subscription.needs_snapshot = true;
+                subscription.dirty = true;
+            }
+            self.dirty_since.get_or_insert_with(Instant::now);
+            return;
+        };
+        for (service, version, was_snapshot) in push.carried {
+            let Some(subscription) = self.subscriptions.get_mut(&service) else { continue };
+            // A push is applied whole: the sidecar kept what it had acknowledged, and the
+            // resources that were fine are sent again.
+            subscription.sent = subscription.acked;
+            subscription.dirty = true;
+            if at_fault.is_empty() || at_fault.contains(&*service) {
                 if was_snapshot {
                     subscription.rejected = Some(version);
                 } else {
                     subscription.needs_snapshot = true;
                 }
-                subscription.dirty = true;
-                self.dirty_since.get_or_insert_with(Instant::now);
             }
         }
+        self.dirty_since.get_or_insert_with(Instant::now);
     }
 }
 

@@ -226,7 +226,8 @@ impl Registry {
         }
         state.sweep_placeholders();
         let name: Arc<str> = service.into();
-        let tx = watch::Sender::new(Arc::new(ServiceSnapshot::empty(name.clone())));
+        let floor = state.next_index;
+        let tx = watch::Sender::new(Arc::new(ServiceSnapshot::empty(name.clone(), floor)));
         let rx = tx.subscribe();
         state.services.insert(name, ServiceEntry { tx });
         rx
@@ -253,7 +254,8 @@ impl Registry {
                     )
                     .into());
                 }
-                Some(existing) if existing.matches(&spec) => (existing, None),
+                // Unchanged, but an earlier write of it may still be pending: wait for all of them.
+                Some(existing) if existing.matches(&spec) => (existing, Some(self.writer.pending())),
                 existing => {
                     let health = existing.map_or(Health::Passing, |e| e.health);
                     let instance = Instance::new(spec, Origin::Api, health);
@@ -394,7 +396,7 @@ impl Registry {
         let entry = state
             .services
             .entry(service.clone())
-            .or_insert_with(|| ServiceEntry { tx: watch::Sender::new(Arc::new(ServiceSnapshot::empty(service.clone()))) });
+            .or_insert_with(|| ServiceEntry { tx: watch::Sender::new(Arc::new(ServiceSnapshot::empty(service.clone(), index))) });
         let previous = entry.tx.borrow().clone();
         let mut instances = (*previous.instances).clone();
         let mut log = (*previous.log).clone();

@@ -47,9 +47,17 @@ pub struct Delta {
 }
 
 impl ServiceSnapshot {
-    /// The snapshot of a service that has never had an instance.
-    pub fn empty(name: Arc<str>) -> Self {
-        Self { name, index: 0, instances: Arc::default(), log: Arc::default(), changed_at: Instant::now() }
+    /// The snapshot of a service with no instance yet, whose deltas start at `floor`: versions
+    /// a sidecar may hold from before it (say, from before the service was forgotten) get a full
+    /// snapshot.
+    pub fn empty(name: Arc<str>, floor: u64) -> Self {
+        Self {
+            name,
+            index: 0,
+            instances: Arc::default(),
+            log: Arc::new(ChangeLog::starting_at(floor)),
+            changed_at: Instant::now(),
+        }
     }
 
     /// Whether any instance of the service is registered.

@@ -179,3 +179,19 @@ async fn persistent_and_sidecar_instances_survive_a_restart() {
     assert!(registry.instance("c1").is_none());
     assert!(registry.instance("db-1").is_some());
 }
+
+#[tokio::test]
+async fn a_recreated_service_refuses_deltas_from_before() {
+    let registry = registry().await;
+    registry.register(spec("catalog", "c1", 8080)).await.expect("registers");
+    registry.register(spec("catalog", "c2", 8081)).await.expect("registers");
+    let held = registry.snapshot("catalog").expect("exists").index;
+    registry.deregister("c1").await.expect("deregisters");
+    registry.deregister("c2").await.expect("deregisters");
+    // Forget the empty service the way the sweep does, then let it come back.
+    registry.lock().services.remove("catalog");
+    registry.register(spec("catalog", "c3", 8082)).await.expect("registers");
+    let snapshot = registry.snapshot("catalog").expect("exists");
+    assert_eq!(snapshot.changes_since(held), None, "a delta from {held} would miss the removals of c1 and c2");
+    assert_eq!(snapshot.changes_since(0), None);
+}

@@ -74,10 +74,14 @@ impl StoreWriter {
         }
     }
 
+    /// The generation of the latest write queued.
+    pub fn pending(&self) -> u64 {
+        lock(&self.shared.pending).generation
+    }
+
     /// Waits until everything queued so far is committed, for a clean shutdown.
     pub async fn flush(&self, limit: Duration) -> Result<(), StoreError> {
-        let generation = lock(&self.shared.pending).generation;
-        self.durable(generation, limit).await
+        self.durable(self.pending(), limit).await
     }
 }
 

@@ -36,12 +36,9 @@ fn main() -> ExitCode {
         }
         _ => {}
     }
-    let args = match Args::try_parse() {
+    let args = match ferry_runtime::parse::<Args, _, _>(std::env::args_os()) {
         Ok(args) => args,
-        Err(error) => {
-            let _ = error.print();
-            return if error.use_stderr() { ExitCode::from(64) } else { ExitCode::SUCCESS };
-        }
+        Err(code) => return code,
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

@@ -26,6 +26,7 @@ use hyper::{
     client::conn::{http1, http2},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
 
 use super::{Body, BoxError};
@@ -34,13 +35,16 @@ use super::{Body, BoxError};
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     pub connect_timeout: Duration,
-    /// Idle HTTP/1.1 connections kept per endpoint.
-    pub max_idle_per_endpoint: usize,
+    /// HTTP/1.1 connections (busy or idle) kept for reuse per endpoint. Requests beyond it still
+    /// get a connection, used once; limiting concurrency is the circuit breaker's job.
+    pub max_pooled_per_endpoint: usize,
+    /// TCP keepalive on upstream connections, so a peer that vanished is noticed.
+    pub tcp_keepalive: Duration,
 }
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        Self { connect_timeout: Duration::from_secs(1), max_idle_per_endpoint: 64 }
+        Self { connect_timeout: Duration::from_secs(1), max_pooled_per_endpoint: 256, tcp_keepalive: Duration::from_secs(30) }
     }
 }
 
@@ -61,6 +65,8 @@ pub enum ConnectFailure {
     Io(Arc<io::Error>),
     #[error("handshake failed: {0}")]
     Handshake(Arc<hyper::Error>),
+    #[error("the new connection closed before the request was written")]
+    ClosedBeforeSend,
 }
 
 /// The request was sent (or may have been) and the exchange failed.
@@ -79,12 +85,21 @@ pub struct Client {
 }
 
 struct Inner {
+    target: Target,
+    /// HTTP/1.1 connections, busy ones included: a connection is ready again once its response
+    /// has been read.
+    pool_h1: Mutex<Vec<http1::SendRequest<Body>>>,
+    h2: Mutex<H2>,
+}
+
+/// Where and how to connect. The HTTP/2 connect future owns a copy, not the client, so an
+/// abandoned connect cannot keep the client alive.
+#[derive(Clone)]
+struct Target {
     host: String,
     port: u16,
     address: String,
     config: ClientConfig,
-    idle_h1: Mutex<Vec<http1::SendRequest<Body>>>,
-    h2: Mutex<H2>,
 }
 
 type H2Connect = Shared<BoxFuture<'static, Result<http2::SendRequest<Body>, Arc<ConnectError>>>>;
@@ -97,7 +112,7 @@ enum H2 {
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Client").field("address", &self.inner.address).finish()
+        f.debug_struct("Client").field("address", &self.inner.target.address).finish()
     }
 }
 
@@ -110,12 +125,13 @@ impl Client {
     pub fn new(host: impl Into<String>, port: u16, config: ClientConfig) -> Self {
         let host = host.into();
         let address = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
-        Self { inner: Arc::new(Inner { host, port, address, config, idle_h1: Mutex::default(), h2: Mutex::new(H2::None) }) }
+        let target = Target { host, port, address, config };
+        Self { inner: Arc::new(Inner { target, pool_h1: Mutex::default(), h2: Mutex::new(H2::None) }) }
     }
 
     /// The endpoint's `host:port`.
     pub fn address(&self) -> &str {
-        &self.inner.address
+        &self.inner.target.address
     }
 
     /// Sends `request` to the endpoint in its own HTTP version.
@@ -129,7 +145,7 @@ impl Client {
         let reused = pooled.is_some();
         let mut sender = match pooled {
             Some(sender) => sender,
-            None => self.connect_h1().await?,
+            None => self.inner.target.connect_h1().await?,
         };
         let sent = sender.try_send_request(request);
         self.checkin_h1(sender);
@@ -139,12 +155,13 @@ impl Client {
                 // A pooled connection closed before the request was written: the request never
                 // left, so it is safe to send again on a new connection.
                 Some(request) if reused => {
-                    let mut sender = self.connect_h1().await?;
+                    let mut sender = self.inner.target.connect_h1().await?;
                     let sent = sender.send_request(request);
                     self.checkin_h1(sender);
                     sent.await.map_err(|source| self.upstream(source))
                 }
-                _ => Err(self.upstream(error.into_error())),
+                Some(_) => Err(Box::new(self.inner.target.connect_error(ConnectFailure::ClosedBeforeSend))),
+                None => Err(self.upstream(error.into_error())),
             },
         }
     }
@@ -156,7 +173,7 @@ impl Client {
             Ok(response) => Ok(response),
             Err(mut error) => match error.take_message() {
                 Some(request) => {
-                    self.forget_h2(&sender);
+                    self.forget_closed_h2();
                     let mut sender = self.h2_sender().await?;
                     sender.send_request(request).await.map_err(|source| self.upstream(source))
                 }
@@ -166,40 +183,24 @@ impl Client {
     }
 
     fn upstream(&self, source: hyper::Error) -> BoxError {
-        Box::new(UpstreamError { address: self.inner.address.clone(), source })
+        Box::new(UpstreamError { address: self.inner.target.address.clone(), source })
     }
 
     /// Takes an idle HTTP/1.1 connection that can send now, dropping closed ones.
     fn checkout_h1(&self) -> Option<http1::SendRequest<Body>> {
-        let mut idle = lock(&self.inner.idle_h1);
-        idle.retain(|sender| !sender.is_closed());
-        let ready = idle.iter().position(|sender| sender.is_ready())?;
-        Some(idle.swap_remove(ready))
+        let mut pool = lock(&self.inner.pool_h1);
+        pool.retain(|sender| !sender.is_closed());
+        let ready = pool.iter().position(|sender| sender.is_ready())?;
+        Some(pool.swap_remove(ready))
     }
 
     /// Returns a connection to the pool. It is busy until its response is read; checkout skips
     /// it until then.
     fn checkin_h1(&self, sender: http1::SendRequest<Body>) {
-        let mut idle = lock(&self.inner.idle_h1);
-        if idle.len() < self.inner.config.max_idle_per_endpoint && !sender.is_closed() {
-            idle.push(sender);
+        let mut pool = lock(&self.inner.pool_h1);
+        if pool.len() < self.inner.target.config.max_pooled_per_endpoint && !sender.is_closed() {
+            pool.push(sender);
         }
-    }
-
-    async fn connect_h1(&self) -> Result<http1::SendRequest<Body>, ConnectError> {
-        let io = self.inner.connect().await?;
-        let (mut sender, connection) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|e| self.inner.connect_error(ConnectFailure::Handshake(Arc::new(e))))?;
-        let address = self.inner.address.clone();
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%address, %error, "HTTP/1.1 connection ended");
-            }
-        });
-        sender.ready().await.map_err(|e| self.inner.connect_error(ConnectFailure::Handshake(Arc::new(e))))?;
-        Ok(sender)
     }
 
     /// The shared HTTP/2 connection, connecting once for all concurrent callers.
@@ -210,24 +211,27 @@ impl Client {
                 H2::Ready(sender) if !sender.is_closed() => return Ok(sender.clone()),
                 H2::Connecting(connecting) => connecting.clone(),
                 _ => {
-                    let inner = self.inner.clone();
-                    let connecting = async move { inner.connect_h2().await.map_err(Arc::new) }.boxed().shared();
+                    let target = self.inner.target.clone();
+                    let connecting = async move { target.connect_h2().await.map_err(Arc::new) }.boxed().shared();
                     *h2 = H2::Connecting(connecting.clone());
                     connecting
                 }
             }
         };
-        let result = connecting.await;
+        let result = connecting.clone().await;
         let mut h2 = lock(&self.inner.h2);
+        // Only the attempt still in the slot may fill or clear it: a late waiter of an older
+        // attempt must not overwrite a newer one.
+        let current = matches!(&*h2, H2::Connecting(slot) if slot.ptr_eq(&connecting));
         match result {
             Ok(sender) => {
-                if matches!(&*h2, H2::Connecting(_)) {
+                if current {
                     *h2 = H2::Ready(sender.clone());
                 }
                 Ok(sender)
             }
             Err(error) => {
-                if matches!(&*h2, H2::Connecting(_)) {
+                if current {
                     *h2 = H2::None;
                 }
                 Err(Box::new(ConnectError { address: error.address.clone(), reason: error.reason.clone() }))
@@ -235,17 +239,16 @@ impl Client {
         }
     }
 
-    fn forget_h2(&self, broken: &http2::SendRequest<Body>) {
+    /// Forgets the HTTP/2 connection if it has closed, so the next request connects anew.
+    fn forget_closed_h2(&self) {
         let mut h2 = lock(&self.inner.h2);
-        if let H2::Ready(sender) = &*h2
-            && (sender.is_closed() || broken.is_closed())
-        {
+        if matches!(&*h2, H2::Ready(sender) if sender.is_closed()) {
             *h2 = H2::None;
         }
     }
 }
 
-impl Inner {
+impl Target {
     fn connect_error(&self, reason: ConnectFailure) -> ConnectError {
         ConnectError { address: self.address.clone(), reason }
     }
@@ -257,7 +260,25 @@ impl Inner {
             .map_err(|_| self.connect_error(ConnectFailure::Timeout(timeout)))?
             .map_err(|e| self.connect_error(ConnectFailure::Io(Arc::new(e))))?;
         let _ = stream.set_nodelay(true);
+        let keepalive = TcpKeepalive::new().with_time(self.config.tcp_keepalive).with_interval(self.config.tcp_keepalive);
+        if let Err(error) = SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+            tracing::debug!(address = %self.address, %error, "cannot set TCP keepalive");
+        }
         Ok(TokioIo::new(stream))
+    }
+
+    async fn connect_h1(&self) -> Result<http1::SendRequest<Body>, ConnectError> {
+        let io = self.connect().await?;
+        let (mut sender, connection) =
+            http1::Builder::new().handshake(io).await.map_err(|e| self.connect_error(ConnectFailure::Handshake(Arc::new(e))))?;
+        let address = self.address.clone();
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%address, %error, "HTTP/1.1 connection ended");
+            }
+        });
+        sender.ready().await.map_err(|e| self.connect_error(ConnectFailure::Handshake(Arc::new(e))))?;
+        Ok(sender)
     }
 
     async fn connect_h2(&self) -> Result<http2::SendRequest<Body>, ConnectError> {
@@ -317,6 +338,8 @@ fn absolute_form(request: &mut Request<Body>) {
 
 #[cfg(test)]
 mod tests {
+    use http::StatusCode;
+
     use super::*;
     use crate::http::empty;
 
@@ -338,6 +361,57 @@ mod tests {
             .expect("valid");
         absolute_form(&mut request);
         assert_eq!(request.uri(), "http://inventory/pkg.Svc/Call");
+    }
+
+    /// An HTTP/1.1 + h2c server that counts the connections it accepts.
+    async fn counting_server() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_request| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(bytes::Bytes::from("ok"))))
+                    });
+                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                });
+            }
+        });
+        (addr, connections)
+    }
+
+    async fn get(client: &Client, version: Version) -> StatusCode {
+        let request = Request::builder().version(version).uri("/").header(header::HOST, "svc").body(empty()).expect("valid");
+        let response = client.send(request).await.expect("answers");
+        let status = response.status();
+        http_body_util::BodyExt::collect(response.into_body()).await.expect("body");
+        status
+    }
+
+    #[tokio::test]
+    async fn http1_connections_are_reused() {
+        let (addr, connections) = counting_server().await;
+        let client = Client::new("127.0.0.1", addr.port(), ClientConfig::default());
+        for _ in 0..5 {
+            assert_eq!(get(&client, Version::HTTP_11).await, StatusCode::OK);
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_http2_requests_share_one_connection() {
+        let (addr, connections) = counting_server().await;
+        let client = Client::new("127.0.0.1", addr.port(), ClientConfig::default());
+        let requests: Vec<_> = (0..10).map(|_| get(&client, Version::HTTP_2)).collect();
+        for status in futures::future::join_all(requests).await {
+            assert_eq!(status, StatusCode::OK);
+        }
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

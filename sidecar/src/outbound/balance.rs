@@ -114,9 +114,10 @@ async fn follow<S: Clone>(shared: Weak<Shared<S>>, mut state: watch::Receiver<Se
 impl<S: Clone> Shared<S> {
     /// Brings the endpoint list up to the service's current state.
     fn refresh(&self) {
+        // Read the state under the builder's lock, so two refreshes cannot store out of order.
+        let mut builder = self.builder.lock().unwrap_or_else(|p| p.into_inner());
         let state = self.state.borrow().clone();
         let ServiceState::Known(config) = state else { return };
-        let mut builder = self.builder.lock().unwrap_or_else(|p| p.into_inner());
         if let Endpoints::Known { version, .. } = **self.endpoints.load()
             && version == config.version
         {

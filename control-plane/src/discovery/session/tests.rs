@@ -80,7 +80,12 @@ impl Harness {
     }
 
     async fn nack(&self, nonce: &str, error: &str) {
-        self.send(v1::sidecar_message::Message::Nack(v1::Nack { nonce: nonce.into(), error: error.into() })).await;
+        self.send(v1::sidecar_message::Message::Nack(v1::Nack {
+            nonce: nonce.into(),
+            error: error.into(),
+            services: Vec::new(),
+        }))
+        .await;
     }
 
     /// The next push, failing the test after a minute of (paused) time.
@@ -260,6 +265,24 @@ async fn a_rejected_delta_is_followed_by_a_snapshot() {
     let snapshot = h.push().await;
     assert_eq!(snapshot.resources[0].version, delta.resources[0].version);
     assert_eq!(endpoint_ports(&snapshot.resources[0]).len(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rejection_blames_only_the_services_the_sidecar_names() {
+    let mut h = harness().await;
+    h.registry.register(spec("catalog", "c1", 8080)).await.expect("registers");
+    h.registry.register(spec("inventory", "i1", 9090)).await.expect("registers");
+    h.subscribe(&["catalog", "inventory"]).await;
+    let push = h.push().await;
+    assert_eq!(push.resources.len(), 2);
+    let nack = v1::Nack { nonce: push.nonce.clone(), error: "resources[1]: bad".into(), services: vec!["inventory".into()] };
+    h.send(v1::sidecar_message::Message::Nack(nack)).await;
+
+    // catalog was fine but not applied (a push is applied whole): it comes again, alone.
+    let again = h.push().await;
+    assert_eq!(again.resources.iter().map(|r| r.service.as_str()).collect::<Vec<_>>(), ["catalog"]);
+    h.ack(&again.nonce).await;
+    h.no_push().await;
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,0 +1,84 @@
+//! Process plumbing shared by Ferry's long-running binaries, so each `main` reads the same:
+//! parse the config (a bad value exits 64, `EX_USAGE`, naming the flag, before anything binds),
+//! log to stderr, run on a multi-threaded runtime until the work ends, map the result to an exit
+//! code. Also the shutdown signal they all wait for.
+
+#![forbid(unsafe_code)]
+
+use std::{ffi::OsString, io::IsTerminal, process::ExitCode};
+
+use clap::Parser;
+
+/// The exit status of a bad command line or config (`EX_USAGE`).
+pub const EXIT_USAGE: u8 = 64;
+
+/// Parses `args` into `C`, or says why not and returns the exit code: 0 for `--help` and
+/// `--version`, [`EXIT_USAGE`] for anything invalid.
+pub fn parse<C, I, T>(args: I) -> Result<C, ExitCode>
+where
+    C: Parser,
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    C::try_parse_from(args).map_err(|error| {
+        let _ = error.print();
+        if error.use_stderr() { ExitCode::from(EXIT_USAGE) } else { ExitCode::SUCCESS }
+    })
+}
+
+/// Runs a binary: parses `args` into `C`, logs to stderr with the filter `log(&config)` returns,
+/// and runs `main(config)` to completion on a multi-threaded runtime.
+pub fn main<C, I, T, F, Fut>(args: I, log: impl FnOnce(&C) -> String, main: F) -> ExitCode
+where
+    C: Parser,
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+    F: FnOnce(C) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let config = match parse::<C, _, _>(args) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let filter = log(&config);
+    let filter = match tracing_subscriber::EnvFilter::try_new(&filter) {
+        Ok(filter) => filter,
+        Err(error) => {
+            eprintln!("error: invalid value {filter:?} for '--log <FILTER>': {error}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: starting the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    let Ok(mut terminate) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+        tracing::warn!("cannot listen for SIGTERM; stopping on SIGINT only");
+        let _ = interrupt.await;
+        return;
+    };
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate.recv() => {}
+    }
+}
