@@ -52,7 +52,8 @@ async fn bad_registrations_are_refused_naming_the_field_and_change_nothing() {
         (r#"{"service": "web", "address": "10.0.0.2", "port": 0}"#, "port"),
         (r#"{"service": "web", "address": "300.1.2.3", "port": 80}"#, "address"),
         (r#"{"id": "db-1", "service": "cache", "address": "10.0.0.3", "port": 6379}"#, "id"),
-        (r#"{"service": "web", "address": "10.0.0.2", "port": "eighty"}"#, "body"),
+        (r#"{"service": "web", "address": "10.0.0.2", "port": "eighty"}"#, "port"),
+        (r#"{"service": "web", "address": "10.0.0.2", "port": 80, "metadata": ["v2"]}"#, "metadata"),
         ("not json", "body"),
     ];
     for (body, field) in http_cases {

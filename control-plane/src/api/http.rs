@@ -113,9 +113,27 @@ async fn list_instances(
     Ok(response)
 }
 
+/// Decodes a JSON body into `T`, naming the field whose value does not fit when there is one.
+fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, validate::FieldError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| validate::FieldError::new("body", format!("not JSON: {e}")))?;
+    serde_json::from_value(value.clone()).map_err(|error| {
+        // Find the member that fails on its own, so the error can name it.
+        let culprit = value.as_object().and_then(|members| {
+            members.iter().find(|(name, member)| {
+                let alone = serde_json::Value::Object([((*name).clone(), (*member).clone())].into_iter().collect());
+                serde_json::from_value::<T>(alone).is_err()
+            })
+        });
+        match culprit {
+            Some((name, _)) => validate::FieldError::new(name.clone(), format!("invalid value: {error}")),
+            None => validate::FieldError::new("body", format!("does not match the expected message: {error}")),
+        }
+    })
+}
+
 async fn register(State(state): State<HttpState>, body: Bytes) -> Result<Json<v1::RegisterResponse>, ApiError> {
-    let instance: v1::Instance = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(validate::FieldError::new("body", format!("not a valid Instance in JSON: {e}"))))?;
+    let instance: v1::Instance = decode(&body).map_err(ApiError::bad_request)?;
     let spec = InstanceSpec::try_from(instance).map_err(ApiError::bad_request)?;
     let instance = state.registry.register(spec).await?;
     tracing::info!(id = %instance.id, service = %instance.service, "registered through the API");
