@@ -11,11 +11,11 @@ use crate::store::StoreKind;
 #[command(name = "ferry-control-plane", version)]
 pub struct Config {
     /// Address of the gRPC API and the sidecars' config streams.
-    #[arg(long, env = "FERRY_GRPC", default_value = "0.0.0.0:7070", value_name = "ADDR")]
+    #[arg(long, env = "FERRY_GRPC", default_value = "0.0.0.0:7070", value_parser = ferry_runtime::parse_listen_addr, value_name = "ADDR")]
     pub grpc: SocketAddr,
 
     /// Address of the HTTP/JSON API and /metrics.
-    #[arg(long, env = "FERRY_HTTP", default_value = "0.0.0.0:7071", value_name = "ADDR")]
+    #[arg(long, env = "FERRY_HTTP", default_value = "0.0.0.0:7071", value_parser = ferry_runtime::parse_listen_addr, value_name = "ADDR")]
     pub http: SocketAddr,
 
     /// Directory of the embedded store.

@@ -40,7 +40,8 @@ pub struct PushMetrics {
     pub bytes: Counter,
     pub acks: Counter,
     pub nacks: Counter,
-    /// From a registry change to the push that carries it leaving for a sidecar.
+    /// From a registry change (or a new subscription, if later) to the push that carries it
+    /// leaving for a sidecar; observed per service resource.
     pub propagation: Histogram,
     /// From a push leaving to its ACK arriving.
     pub ack_latency: Histogram,
@@ -88,7 +89,7 @@ impl Metrics {
         registry.register("push_nacks", "Pushes rejected by sidecars", p.nacks.clone());
         registry.register(
             "push_propagation_seconds",
-            "Time from a registry change to the push carrying it being sent",
+            "Time from a registry change, or a later subscription, to the push carrying it being sent",
             p.propagation.clone(),
         );
         registry.register("push_ack_seconds", "Time from a push being sent to its ACK", p.ack_latency.clone());

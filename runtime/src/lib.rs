@@ -5,7 +5,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::{ffi::OsString, io::IsTerminal, process::ExitCode};
+use std::{ffi::OsString, io::IsTerminal, net::SocketAddr, process::ExitCode};
 
 use clap::Parser;
 
@@ -63,10 +63,31 @@ where
     match runtime.block_on(main(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error:#}");
+            tracing::error!("{}", error_chain(error.as_ref()));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Parses a listen address, `IP:PORT`, with an error that says what is expected.
+pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| format!("{s:?} is not IP:PORT, such as 127.0.0.1:7070 or [::]:7070 (port 0 picks a free one)"))
+}
+
+/// An error and its sources in one line, leaving out a source whose text its parent already
+/// shows (many errors print their source in their own message).
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(source) = next {
+        let part = source.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        next = source.source();
+    }
+    text
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -80,5 +101,31 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = interrupt => {}
         _ = terminate.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer: {0}")]
+    struct Repeats(#[source] std::io::Error);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Hides(#[source] std::io::Error);
+
+    #[test]
+    fn error_chains_do_not_repeat_themselves() {
+        let refused = || std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert_eq!(error_chain(&Repeats(refused())), "outer: refused");
+        assert_eq!(error_chain(&Hides(refused())), "outer: refused");
+    }
+
+    #[test]
+    fn listen_addresses_must_be_ip_and_port() {
+        assert_eq!(parse_listen_addr("127.0.0.1:0"), Ok(SocketAddr::from(([127, 0, 0, 1], 0))));
+        assert!(parse_listen_addr("localhost:7070").expect_err("a name").contains("IP:PORT"));
     }
 }

@@ -23,15 +23,15 @@ pub struct Config {
     pub control_plane: String,
 
     /// Where the app sends its outbound HTTP (as a proxy, or with the service in Host).
-    #[arg(long, env = "FERRY_OUTBOUND", default_value = "127.0.0.1:15001", value_name = "ADDR")]
+    #[arg(long, env = "FERRY_OUTBOUND", default_value = "127.0.0.1:15001", value_parser = ferry_runtime::parse_listen_addr, value_name = "ADDR")]
     pub outbound: SocketAddr,
 
     /// Where other sidecars reach this app; the address published in the registry.
-    #[arg(long, env = "FERRY_INBOUND", default_value = "0.0.0.0:15006", value_name = "ADDR")]
+    #[arg(long, env = "FERRY_INBOUND", default_value = "0.0.0.0:15006", value_parser = ferry_runtime::parse_listen_addr, value_name = "ADDR")]
     pub inbound: SocketAddr,
 
     /// The admin listener: /ready, /live, /config, /metrics.
-    #[arg(long, env = "FERRY_ADMIN", default_value = "127.0.0.1:15000", value_name = "ADDR")]
+    #[arg(long, env = "FERRY_ADMIN", default_value = "127.0.0.1:15000", value_parser = ferry_runtime::parse_listen_addr, value_name = "ADDR")]
     pub admin: SocketAddr,
 
     /// The host other sidecars use to reach this one; defaults to the inbound listener's IP, or
@@ -63,11 +63,12 @@ pub struct Config {
     #[arg(long, env = "FERRY_ID", value_parser = parse_id, value_name = "ID")]
     pub id: Option<String>,
 
-    /// The sidecar's identity on the config stream; defaults to the instance id.
+    /// The sidecar's identity on the config stream; defaults to the instance id, or to
+    /// SERVICE-<random> without an app.
     #[arg(long, env = "FERRY_NODE_ID", value_parser = parse_id, value_name = "ID")]
     pub node_id: Option<String>,
 
-    /// How long connecting to an endpoint or the control plane may take.
+    /// How long connecting to an endpoint or to the app may take.
     #[arg(long, env = "FERRY_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub connect_timeout: Duration,
 

@@ -77,7 +77,7 @@ impl ControlStatus {
 /// Why one stream ended.
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
-    #[error("connecting: {0}")]
+    #[error("connecting: {}", ferry_runtime::error_chain(.0))]
     Connect(#[from] tonic::transport::Error),
     #[error("{}", describe(.0))]
     Status(#[from] tonic::Status),
@@ -188,7 +188,7 @@ async fn stream(
     match first.and_then(|m| m.message) {
         Some(control_message::Message::Welcome(welcome)) => {
             *welcomed = true;
-            tracing::info!(url = %config.url, server = %welcome.server_id, registered = ?welcome.instance.as_ref().map(|i| &i.id), "connected to the control plane");
+            tracing::info!(url = %config.url, server = %welcome.server_id, instance = welcome.instance.as_ref().map_or("none", |i| i.id.as_str()), "connected to the control plane");
             status.update(|s| {
                 s.connected = true;
                 s.registered = welcome.instance.or(s.registered.take());

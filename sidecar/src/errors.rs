@@ -127,7 +127,7 @@ pub fn reason(error: &(dyn StdError + 'static)) -> Reason {
 /// The response for `error`; `grpc` when the request was a gRPC call.
 pub fn synthetic_response(error: &BoxError, grpc: bool) -> Response<Body> {
     let reason = reason(error.as_ref());
-    let sentence = format!("{}: {}", reason.code, chain(error.as_ref()));
+    let sentence = format!("{}: {}", reason.code, ferry_runtime::error_chain(error.as_ref()));
     let header_value = HeaderValue::from_str(&visible_ascii(&sentence)).unwrap_or(HeaderValue::from_static(reason.code));
     let mut response = if grpc {
         let mut response = Response::new(crate::http::empty());
@@ -146,20 +146,6 @@ pub fn synthetic_response(error: &BoxError, grpc: bool) -> Response<Body> {
     };
     response.headers_mut().insert(FERRY_ERROR, header_value);
     response
-}
-
-/// The error and its sources, joined, without repeating a source its parent already printed.
-fn chain(error: &(dyn StdError + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut next = error.source();
-    while let Some(source) = next {
-        let part = source.to_string();
-        if !text.contains(&part) {
-            let _ = write!(text, ": {part}");
-        }
-        next = source.source();
-    }
-    text
 }
 
 fn visible_ascii(text: &str) -> String {

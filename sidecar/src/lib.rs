@@ -46,6 +46,9 @@ use crate::{
 /// The most services one sidecar tracks, declared and on demand together.
 const MAX_SERVICES: usize = 1024;
 
+/// How long connecting to the control plane may take.
+const CONTROL_PLANE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long open connections get to finish at shutdown.
 const DRAIN: Duration = Duration::from_secs(1);
 
@@ -140,7 +143,7 @@ impl Sidecar {
                 node_id: node_id.clone(),
                 service: config.service.clone(),
                 instance: instance.clone(),
-                connect_timeout: config.connect_timeout.max(Duration::from_secs(2)),
+                connect_timeout: CONTROL_PLANE_CONNECT_TIMEOUT,
                 backoff_base: Duration::from_millis(200),
                 backoff_max: Duration::from_secs(10),
             },

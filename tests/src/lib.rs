@@ -35,7 +35,9 @@ pub const PATIENCE: Duration = Duration::from_secs(20);
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<HashMap<String, PathBuf>> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
+        // Quiet: the progress lines go to a pipe nobody reads, which must not fill up.
         let messages = escargot::CargoBuild::new()
+            .arg("--quiet")
             .arg("--workspace")
             .tests()
             .bins()

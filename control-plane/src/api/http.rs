@@ -51,6 +51,9 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/sidecars", get(sidecars))
         .route("/metrics", get(metrics))
         .route("/ready", get(|| async { "ready\n" }))
+        .fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
+            ApiError::not_found(format!("no endpoint {method} {}; see docs/api.md", uri.path()))
+        })
         .with_state(state)
 }
 

@@ -28,7 +28,7 @@ pub struct Cli {
     pub control_plane: String,
 
     /// Output format.
-    #[arg(short, long, value_enum, default_value_t = Output::Table, global = true)]
+    #[arg(short, long, env = "FERRY_OUTPUT", value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,
 
     #[command(subcommand)]
@@ -123,7 +123,7 @@ pub fn main() -> ExitCode {
             ExitCode::from(ferry_runtime::EXIT_USAGE)
         }
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", ferry_runtime::error_chain(error.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -94,6 +94,9 @@ struct Subscription {
     rejected: Option<u64>,
     /// A delta was rejected: the next push must be a full snapshot.
     needs_snapshot: bool,
+    /// When the sidecar subscribed: a change older than that waited for the subscription, not
+    /// for the push engine.
+    subscribed_at: Instant,
 }
 
 struct InFlight {
@@ -223,7 +226,15 @@ impl Session {
             self.record.subscribed(&name, held);
             self.subscriptions.insert(
                 name.clone(),
-                Subscription { latest, dirty: false, sent: held, acked: held, rejected: None, needs_snapshot: false },
+                Subscription {
+                    latest,
+                    dirty: false,
+                    sent: held,
+                    acked: held,
+                    rejected: None,
+                    needs_snapshot: false,
+                    subscribed_at: Instant::now(),
+                },
             );
             // The stream yields the current snapshot first, which marks the service dirty.
             self.watches.insert(name, WatchStream::new(watch));
@@ -254,7 +265,7 @@ impl Session {
         self.dirty_since = None;
         let mut resources = Vec::new();
         let mut carried = Vec::new();
-        let mut oldest_change: Option<Instant> = None;
+        let now = Instant::now();
         for (name, subscription) in &mut self.subscriptions {
             if !std::mem::take(&mut subscription.dirty) {
                 continue;
@@ -280,17 +291,14 @@ impl Session {
             carried.push((name.clone(), snapshot.index, is_snapshot));
             subscription.sent = Some(snapshot.index);
             self.record.sent(name, snapshot.index);
-            oldest_change = Some(oldest_change.map_or(snapshot.changed_at, |t| t.min(snapshot.changed_at)));
+            let due_since = snapshot.changed_at.max(subscription.subscribed_at);
+            self.metrics.propagation.observe(now.saturating_duration_since(due_since).as_secs_f64());
         }
         if resources.is_empty() {
             return None;
         }
         self.next_nonce += 1;
         let nonce = self.next_nonce.to_string();
-        let now = Instant::now();
-        if let Some(changed_at) = oldest_change {
-            self.metrics.propagation.observe(now.saturating_duration_since(changed_at).as_secs_f64());
-        }
         self.last_push = Some(now);
         self.in_flight.push_back(InFlight { nonce: nonce.clone(), sent_at: now, carried });
         while self.in_flight.len() > MAX_IN_FLIGHT {

@@ -198,10 +198,14 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     client.stop().await;
     control_plane.stop().await;
 
+    let success = failure.is_none() && ok > 0 && errors == 0 && idle.is_empty();
+    if !success {
+        let kept = dir.keep();
+        println!("logs kept in {}", kept.join("logs").display());
+    }
     if let Some(failure) = failure {
         bail!(failure);
     }
-    let success = ok > 0 && errors == 0 && idle.is_empty();
     if success {
         println!("traffic flowed through every instance without errors");
     } else if ok == 0 {
