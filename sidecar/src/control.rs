@@ -23,6 +23,9 @@ use crate::{
     metrics::{Metrics, ResultLabels},
 };
 
+/// The largest push the sidecar accepts.
+const MAX_PUSH_BYTES: usize = 64 << 20;
+
 /// How long the control plane may take to answer Hello.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -156,7 +159,8 @@ async fn stream(
         channel = endpoint.connect() => channel?,
         () = shutdown.cancelled() => return Ok(()),
     };
-    let mut client = DiscoveryClient::new(channel);
+    // A push carries whole services; tonic's 4 MiB default would cap a service near 50,000 endpoints.
+    let mut client = DiscoveryClient::new(channel).max_decoding_message_size(MAX_PUSH_BYTES);
 
     let (outbound, rx) = mpsc::channel(64);
     let mut subscribed: HashSet<Arc<str>> = catalog.subscriptions().into_iter().collect();
