@@ -1,0 +1,1 @@
+//! Ferry DNS (work in progress).
