@@ -18,6 +18,14 @@ pub struct Config {
     #[arg(long, env = "FERRY_HTTP", default_value = "0.0.0.0:7071", value_parser = ferry_runtime::parse_listen_addr, value_name = "ADDR")]
     pub http: SocketAddr,
 
+    /// Address of the DNS interface (UDP and TCP): NAME.service.ferry and friends.
+    #[arg(long, env = "FERRY_DNS", default_value = "0.0.0.0:8600", value_parser = ferry_runtime::parse_listen_addr, value_name = "ADDR")]
+    pub dns: SocketAddr,
+
+    /// TTL of DNS answers, and of the SOA minimum that bounds negative caching.
+    #[arg(long, env = "FERRY_DNS_TTL", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub dns_ttl: Duration,
+
     /// Directory of the embedded store.
     #[arg(long, env = "FERRY_DATA_DIR", default_value = "ferry-data", value_name = "DIR")]
     pub data_dir: PathBuf,
@@ -35,6 +43,11 @@ pub struct Config {
     /// reconnect before it is removed.
     #[arg(long, env = "FERRY_RECONNECT_GRACE", default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub reconnect_grace: Duration,
+
+    /// Allow script checks on instances registered through the API: they run commands on the
+    /// control plane's host, so they are off unless asked for.
+    #[arg(long, env = "FERRY_ENABLE_SCRIPT_CHECKS")]
+    pub enable_script_checks: bool,
 
     /// Log filter, such as `info` or `ferry_control_plane=debug`.
     #[arg(long, env = "FERRY_LOG", default_value = "info", value_name = "FILTER")]

@@ -7,9 +7,11 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod checks;
 pub mod config;
 pub mod ctl;
 pub mod discovery;
+pub mod dns;
 pub mod metrics;
 pub mod registry;
 pub mod server;

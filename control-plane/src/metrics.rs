@@ -1,6 +1,6 @@
 //! The control plane's Prometheus metrics, registered once and handed to the parts that count.
 
-use ferry_health::Health;
+use ferry_health::{Health, HealthMetrics};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{
@@ -17,6 +17,7 @@ use prometheus_client::{
 pub struct Metrics {
     pub registry: RegistryMetrics,
     pub push: PushMetrics,
+    pub health: HealthMetrics,
 }
 
 /// Counts of the registry.
@@ -76,7 +77,9 @@ impl Metrics {
                 propagation: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
                 ack_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             },
+            health: HealthMetrics::default(),
         };
+        metrics.health.register(registry);
         let r = &metrics.registry;
         registry.register("registry_changes", "Changes applied to the registry", r.changes.clone());
         registry.register("registry_instances", "Registered instances by health", r.instances.clone());

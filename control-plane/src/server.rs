@@ -9,13 +9,17 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
+use ferry_health::RunnerOptions;
+
 use crate::{
     api::{
         grpc::RegistryService,
         http::{self, HttpState},
     },
+    checks::HealthChecks,
     config::Config,
     discovery::{DiscoveryService, SessionConfig, Sidecars},
+    dns::RegistryDirectory,
     metrics::Metrics,
     registry::{Registry, RegistryConfig},
     store,
@@ -25,6 +29,7 @@ use crate::{
 pub struct ControlPlane {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    pub dns_addr: SocketAddr,
     pub registry: Arc<Registry>,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -44,6 +49,11 @@ impl ControlPlane {
 
         let grpc_listener = TcpListener::bind(config.grpc).await.with_context(|| format!("binding --grpc {}", config.grpc))?;
         let http_listener = TcpListener::bind(config.http).await.with_context(|| format!("binding --http {}", config.http))?;
+        let dns_udp =
+            tokio::net::UdpSocket::bind(config.dns).await.with_context(|| format!("binding --dns {} (UDP)", config.dns))?;
+        let dns_addr = dns_udp.local_addr()?;
+        // TCP on the port UDP got, so that port 0 gives one port for both.
+        let dns_tcp = TcpListener::bind(dns_addr).await.with_context(|| format!("binding --dns {dns_addr} (TCP)"))?;
         let grpc_addr = grpc_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
 
@@ -52,7 +62,13 @@ impl ControlPlane {
         let session_config = SessionConfig { max_delay: config.push_max_delay, ..Default::default() };
         let discovery =
             DiscoveryService::new(registry.clone(), sidecars.clone(), session_config, metrics.push.clone(), shutdown.clone());
-        let registry_api = RegistryService::new(registry.clone(), shutdown.clone());
+        let checks = HealthChecks::new(
+            registry.clone(),
+            RunnerOptions { stagger: true, scripts_allowed: config.enable_script_checks, ..RunnerOptions::default() },
+            metrics.health.clone(),
+        );
+        checks.sync_all();
+        let registry_api = RegistryService::new(registry.clone(), checks.clone(), shutdown.clone());
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<RegistryServer<RegistryService>>().await;
@@ -76,15 +92,26 @@ impl ControlPlane {
             .add_service(RegistryServer::new(registry_api))
             .add_service(DiscoveryServer::new(discovery))
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown.clone().cancelled_owned());
-        let http_router = http::router(HttpState { registry: registry.clone(), sidecars, metrics: Arc::new(prometheus) });
+        let http_router = http::router(HttpState {
+            registry: registry.clone(),
+            checks,
+            sidecars,
+            metrics: Arc::new(prometheus),
+            shutdown: shutdown.clone(),
+        });
         let http = axum::serve(http_listener, http_router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+
+        let dns_config = ferry_dns::DnsConfig { ttl: config.dns_ttl, negative_ttl: config.dns_ttl };
+        let dns =
+            ferry_dns::serve(dns_udp, dns_tcp, Arc::new(RegistryDirectory::new(registry.clone())), dns_config, shutdown.clone());
 
         let tasks = vec![
             tokio::spawn(async move { grpc.await.context("gRPC server") }),
             tokio::spawn(async move { http.await.context("HTTP server") }),
+            tokio::spawn(async move { dns.await.context("DNS server") }),
         ];
-        tracing::info!(grpc = %grpc_addr, http = %http_addr, store = %description, "listening");
-        Ok(Self { grpc_addr, http_addr, registry, shutdown, tasks })
+        tracing::info!(grpc = %grpc_addr, http = %http_addr, dns = %dns_addr, store = %description, "listening");
+        Ok(Self { grpc_addr, http_addr, dns_addr, registry, shutdown, tasks })
     }
 
     /// Stops accepting, ends every stream, waits for the servers and flushes the store.

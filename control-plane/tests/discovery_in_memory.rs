@@ -5,11 +5,13 @@ use std::sync::Arc;
 
 use ferry_control_plane::{
     api::grpc::RegistryService,
+    checks::HealthChecks,
     discovery::{DiscoveryService, SessionConfig, Sidecars},
     metrics::Metrics,
     registry::{Registry, RegistryConfig},
     store::MemoryStore,
 };
+use ferry_health::RunnerOptions;
 use ferry_proto::v1::{
     self, control_message, discovery_client::DiscoveryClient, discovery_server::DiscoveryServer, registry_client::RegistryClient,
     registry_server::RegistryServer, sidecar_message,
@@ -35,7 +37,8 @@ async fn serve() -> (Channel, Arc<Registry>) {
         shutdown.clone(),
     );
     let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-    let api = RegistryService::new(registry.clone(), shutdown);
+    let checks = HealthChecks::new(registry.clone(), RunnerOptions::default(), metrics.health.clone());
+    let api = RegistryService::new(registry.clone(), checks, shutdown);
     tokio::spawn(async move {
         Server::builder()
             .add_service(DiscoveryServer::new(discovery))

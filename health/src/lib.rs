@@ -1,13 +1,32 @@
-//! Health in Ferry: the states an instance can be in and what each means for traffic.
+//! Health in Ferry: the states an instance can be in, the checks that decide them, and the
+//! state machine between the two.
 //!
-//! The probes (HTTP, TCP, gRPC, script, TTL) and the hysteresis state machine around them build
-//! on these states; the registry, the push protocol and the sidecar's balancer all read them.
+//! - [`Health`]: passing, warning, critical, draining, and what each means for traffic.
+//! - [`spec`]: what a check is (HTTP, TCP, gRPC, script or TTL; interval, timeout, thresholds).
+//! - [`probe`]: the probes themselves.
+//! - [`state`]: hysteresis per check and flap damping per instance.
+//! - [`runner`]: runs an instance's checks and publishes its health; the sidecar runs one for its
+//!   app, the control plane one per instance registered through the API.
 
 #![forbid(unsafe_code)]
 
 use std::fmt;
 
 use ferry_proto::v1;
+
+pub mod metrics;
+pub mod probe;
+pub mod runner;
+pub mod spec;
+pub mod state;
+
+pub use self::{
+    metrics::HealthMetrics,
+    probe::Target,
+    runner::{CheckStatus, Report, Runner, RunnerOptions, TtlError},
+    spec::{CheckSpec, Probe},
+    state::FlapPolicy,
+};
 
 /// The health of one instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]

@@ -3,7 +3,7 @@
 //! Every check returns a [`FieldError`] naming the field path and the reason, so the API server
 //! can answer `InvalidArgument` / HTTP 400 and the sidecar can NACK with the same words.
 
-use std::{collections::HashSet, net::IpAddr};
+use std::{collections::HashSet, net::IpAddr, time::Duration};
 
 use crate::v1;
 
@@ -17,6 +17,12 @@ pub const MAX_METADATA: usize = 64;
 pub const MAX_WEIGHT: u32 = 10_000;
 /// The weight of an instance registered without one.
 pub const DEFAULT_WEIGHT: u32 = 100;
+/// The most checks on one instance.
+pub const MAX_CHECKS: usize = 16;
+/// The largest success or failure threshold of a check.
+pub const MAX_THRESHOLD: u32 = 10;
+/// The shortest interval between probes.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A message field that failed validation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -154,7 +160,8 @@ pub fn weight(field: &str, weight: u32) -> Result<(), FieldError> {
 }
 
 /// Checks an instance offered for registration. The id may be empty: the registry makes one.
-/// Fields the registry sets (health, origin, node id, timestamps, index) are not checked.
+/// Fields the registry sets (health, origin, node id, timestamps, index, check status) are not
+/// checked.
 pub fn instance(instance: &v1::Instance) -> Result<(), FieldError> {
     service_name("service", &instance.service)?;
     if !instance.id.is_empty() {
@@ -166,6 +173,133 @@ pub fn instance(instance: &v1::Instance) -> Result<(), FieldError> {
     locality("region", &instance.region)?;
     locality("zone", &instance.zone)?;
     weight("weight", instance.weight)?;
+    if instance.checks.len() > MAX_CHECKS {
+        return Err(FieldError::new("checks", format!("at most {MAX_CHECKS} checks, got {}", instance.checks.len())));
+    }
+    let mut ids = HashSet::new();
+    for (i, c) in instance.checks.iter().enumerate() {
+        let at = format!("checks[{i}]");
+        check(c).map_err(|e| e.within(&at))?;
+        if !c.id.is_empty() && !ids.insert(c.id.as_str()) {
+            return Err(FieldError::new(format!("{at}.id"), format!("{:?} appears twice", c.id)));
+        }
+    }
+    if let Some(after) = &instance.deregister_critical_after {
+        let after = duration("deregister_critical_after", after)?;
+        if after < Duration::from_secs(1) {
+            return Err(FieldError::new("deregister_critical_after", "must be at least 1s"));
+        }
+    }
+    Ok(())
+}
+
+/// Converts a protobuf duration, refusing negative and malformed ones.
+pub fn duration(field: &str, duration: &crate::types::Duration) -> Result<Duration, FieldError> {
+    let seconds = u64::try_from(duration.seconds).map_err(|_| FieldError::new(field, "must not be negative"))?;
+    let nanos = u32::try_from(duration.nanos)
+        .ok()
+        .filter(|n| *n < 1_000_000_000)
+        .ok_or_else(|| FieldError::new(field, "nanos must be 0 to 999999999"))?;
+    Ok(Duration::new(seconds, nanos))
+}
+
+/// Checks a `HOST:PORT` (or `[V6]:PORT`) target.
+pub fn host_port(field: &str, value: &str) -> Result<(), FieldError> {
+    let Some((host, port_text)) = value.rsplit_once(':') else {
+        return Err(FieldError::new(field, format!("{value:?} must be HOST:PORT")));
+    };
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    address(field, host)?;
+    let port_number: u32 = port_text.parse().map_err(|_| FieldError::new(field, format!("{port_text:?} is not a port")))?;
+    port(field, port_number)
+}
+
+/// Checks the URL of an HTTP check: `http://HOST[:PORT]/PATH`, or a path starting with `/`.
+pub fn http_url(field: &str, url: &str) -> Result<(), FieldError> {
+    if url.is_empty() {
+        return Err(FieldError::new(field, "must not be empty: give http://HOST:PORT/PATH or a /path"));
+    }
+    if url.len() > 2048 || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(FieldError::new(field, "must be at most 2048 characters with no spaces"));
+    }
+    if url.starts_with('/') {
+        return Ok(());
+    }
+    if url.starts_with("https://") {
+        return Err(FieldError::new(field, "https checks are not supported yet; use http://"));
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(FieldError::new(field, format!("{url:?} must start with http:// or /")));
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let has_port = authority.rsplit_once(':').is_some_and(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()));
+    if has_port { host_port(field, authority) } else { address(field, authority) }
+}
+
+/// Checks one health check offered for registration.
+pub fn check(check: &v1::Check) -> Result<(), FieldError> {
+    use v1::check::Probe;
+
+    if !check.id.is_empty() {
+        instance_id("id", &check.id)?;
+    }
+    match &check.probe {
+        None => return Err(FieldError::new("probe", "one of http, tcp, grpc, script or ttl is required")),
+        Some(Probe::Http(http)) => {
+            http_url("http.url", &http.url)?;
+            if http.expected_status != 0 && !(100..=599).contains(&http.expected_status) {
+                return Err(FieldError::new("http.expected_status", format!("must be 100 to 599, got {}", http.expected_status)));
+            }
+        }
+        Some(Probe::Tcp(tcp)) if !tcp.address.is_empty() => host_port("tcp.address", &tcp.address)?,
+        Some(Probe::Tcp(_)) => {}
+        Some(Probe::Grpc(grpc)) => {
+            if !grpc.address.is_empty() {
+                host_port("grpc.address", &grpc.address)?;
+            }
+            if grpc.service.len() > 256 {
+                return Err(FieldError::new("grpc.service", "must be at most 256 characters"));
+            }
+        }
+        Some(Probe::Script(script)) => {
+            if script.args.first().is_none_or(String::is_empty) {
+                return Err(FieldError::new("script.args", "the first argument, the command, is required"));
+            }
+            if script.args.len() > 64 || script.args.iter().any(|a| a.len() > 1024) {
+                return Err(FieldError::new("script.args", "at most 64 arguments of at most 1024 characters"));
+            }
+        }
+        Some(Probe::Ttl(ttl)) => {
+            let value = ttl.ttl.as_ref().ok_or_else(|| FieldError::new("ttl.ttl", "required, such as \"30s\""))?;
+            let value = duration("ttl.ttl", value)?;
+            if !(Duration::from_secs(1)..=Duration::from_secs(24 * 3600)).contains(&value) {
+                return Err(FieldError::new("ttl.ttl", format!("must be 1s to 24h, got {value:?}")));
+            }
+        }
+    }
+    let interval = match &check.interval {
+        Some(interval) => Some(duration("interval", interval)?),
+        None => None,
+    };
+    if let Some(interval) = interval
+        && interval < MIN_INTERVAL
+    {
+        return Err(FieldError::new("interval", format!("must be at least {MIN_INTERVAL:?}, got {interval:?}")));
+    }
+    if let Some(timeout) = &check.timeout {
+        let timeout = duration("timeout", timeout)?;
+        if timeout.is_zero() {
+            return Err(FieldError::new("timeout", "must be more than 0"));
+        }
+        if interval.is_some_and(|interval| timeout > interval) {
+            return Err(FieldError::new("timeout", "must not exceed the interval"));
+        }
+    }
+    for (field, threshold) in [("success_threshold", check.success_threshold), ("failure_threshold", check.failure_threshold)] {
+        if threshold > MAX_THRESHOLD {
+            return Err(FieldError::new(field, format!("must be 1 to {MAX_THRESHOLD} (0 for the default), got {threshold}")));
+        }
+    }
     Ok(())
 }
 
@@ -268,6 +402,28 @@ mod tests {
             let err = instance(&bad).expect_err(field);
             assert_eq!(err.field, field, "{err}");
         }
+    }
+
+    #[test]
+    fn bad_checks_name_their_field() {
+        use v1::check::Probe;
+        let with =
+            |probe: Probe| v1::Instance { checks: vec![v1::Check { probe: Some(probe), ..Default::default() }], ..valid() };
+        let cases = [
+            (v1::Instance { checks: vec![v1::Check::default()], ..valid() }, "checks[0].probe"),
+            (with(Probe::Http(v1::HttpProbe { url: "ftp://x".into(), ..Default::default() })), "checks[0].http.url"),
+            (with(Probe::Http(v1::HttpProbe { url: "https://x/".into(), ..Default::default() })), "checks[0].http.url"),
+            (with(Probe::Http(v1::HttpProbe { url: "/ok".into(), expected_status: 42 })), "checks[0].http.expected_status"),
+            (with(Probe::Tcp(v1::TcpProbe { address: "nohost".into() })), "checks[0].tcp.address"),
+            (with(Probe::Script(v1::ScriptProbe { args: vec![] })), "checks[0].script.args"),
+            (with(Probe::Ttl(v1::TtlProbe { ttl: None })), "checks[0].ttl.ttl"),
+        ];
+        for (bad, field) in cases {
+            let err = instance(&bad).expect_err(field);
+            assert_eq!(err.field, field, "{err}");
+        }
+        let good = with(Probe::Http(v1::HttpProbe { url: "http://10.0.0.1:8080/healthz".into(), expected_status: 204 }));
+        assert_eq!(instance(&good), Ok(()));
     }
 
     #[test]

@@ -12,6 +12,12 @@ use clap::Parser;
 /// The exit status of a bad command line or config (`EX_USAGE`).
 pub const EXIT_USAGE: u8 = 64;
 
+/// A configuration error found after parsing (when flags must be read together); [`main`]
+/// exits with [`EXIT_USAGE`] for it. The message names the flag.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
 /// Parses `args` into `C`, or says why not and returns the exit code: 0 for `--help` and
 /// `--version`, [`EXIT_USAGE`] for anything invalid.
 pub fn parse<C, I, T>(args: I) -> Result<C, ExitCode>
@@ -40,7 +46,11 @@ where
         Ok(config) => config,
         Err(code) => return code,
     };
-    let filter = log(&config);
+    let mut filter = log(&config);
+    if !filter.contains("hickory") {
+        // hickory-server logs every DNS query at info.
+        filter.push_str(",hickory_server=warn,hickory_proto=warn");
+    }
     let filter = match tracing_subscriber::EnvFilter::try_new(&filter) {
         Ok(filter) => filter,
         Err(error) => {
@@ -62,6 +72,10 @@ where
     };
     match runtime.block_on(main(config)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.is::<UsageError>() => {
+            eprintln!("error: {error}");
+            ExitCode::from(EXIT_USAGE)
+        }
         Err(error) => {
             tracing::error!("{}", error_chain(error.as_ref()));
             ExitCode::FAILURE

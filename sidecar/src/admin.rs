@@ -1,20 +1,25 @@
-//! The admin listener: `/ready`, `/live`, `/config` and `/metrics`.
+//! The admin listener: `/ready`, `/live`, `/config`, `/metrics`; `PUT /ttl/{pass,warn,fail}` for
+//! the app to renew its TTL check; `POST /shutdown` to drain and stop.
 
 use std::sync::Arc;
 
 use axum::{
     Json, Router,
-    extract::State,
+    body::Bytes,
+    extract::{Path, Query, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post, put},
 };
+use ferry_health::{Health, TtlError};
 use ferry_proto::v1;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     catalog::{Catalog, ServiceState},
     control::ControlStatus,
+    health::AppHealth,
 };
 
 /// What the admin handlers read.
@@ -28,6 +33,10 @@ pub struct AdminState {
     pub declared: Vec<Arc<str>>,
     pub catalog: Arc<Catalog>,
     pub control: Arc<ControlStatus>,
+    /// The app's checks; `None` without an app.
+    pub health: Option<Arc<AppHealth>>,
+    /// Cancelled by `POST /shutdown`.
+    pub shutdown: CancellationToken,
     pub metrics: Arc<prometheus_client::registry::Registry>,
 }
 
@@ -38,6 +47,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/live", get(|| async { "live\n" }))
         .route("/config", get(config))
         .route("/metrics", get(metrics))
+        .route("/ttl/{status}", put(ttl))
+        .route("/shutdown", post(shutdown))
         .with_state(state)
 }
 
@@ -46,6 +57,9 @@ impl AdminState {
     pub fn not_ready(&self) -> Vec<String> {
         let control = self.control.get();
         let mut reasons = Vec::new();
+        if self.health.as_ref().is_some_and(|h| h.is_draining()) || self.shutdown.is_cancelled() {
+            reasons.push("draining".to_owned());
+        }
         if control.last_contact.is_none() {
             reasons.push(format!("no config from the control plane at {} yet", self.control_plane));
         }
@@ -116,6 +130,52 @@ async fn config(State(state): State<AdminState>) -> Json<Value> {
         },
         "services": services,
     }))
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct TtlQuery {
+    check: Option<String>,
+}
+
+async fn ttl(
+    State(state): State<AdminState>,
+    Path(status): Path<String>,
+    Query(query): Query<TtlQuery>,
+    body: Bytes,
+) -> Response {
+    let bad = |field: &str, reason: String| {
+        (StatusCode::BAD_REQUEST, Json(json!({ "error": format!("{field}: {reason}"), "field": field }))).into_response()
+    };
+    let status = match status.as_str() {
+        "pass" => Health::Passing,
+        "warn" => Health::Warning,
+        "fail" => Health::Critical,
+        other => return bad("status", format!("{other:?} must be pass, warn or fail")),
+    };
+    let Some(health) = &state.health else {
+        return bad("check", "this sidecar has no app, so no checks".into());
+    };
+    if body.len() > 4096 {
+        return bad("body", "the output must be at most 4096 bytes".into());
+    }
+    let output = String::from_utf8_lossy(&body).trim().to_owned();
+    match health.ttl(query.check.as_deref(), status, output).await {
+        Ok(check) => Json(json!({
+            "id": check.id,
+            "status": check.status.as_str(),
+            "output": check.output,
+        }))
+        .into_response(),
+        Err(error @ (TtlError::NoTtlCheck | TtlError::UnknownCheck(_))) => {
+            (StatusCode::NOT_FOUND, Json(json!({ "error": format!("check: {error}"), "field": "check" }))).into_response()
+        }
+        Err(error) => bad("check", error.to_string()),
+    }
+}
+
+async fn shutdown(State(state): State<AdminState>) -> Response {
+    state.shutdown.cancel();
+    (StatusCode::ACCEPTED, "draining\n").into_response()
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {

@@ -4,6 +4,7 @@
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use clap::Parser;
+use ferry_health::CheckSpec;
 use ferry_proto::validate;
 
 /// Ferry's sidecar: proxies the app's calls into the mesh and the mesh's calls to the app.
@@ -80,6 +81,30 @@ pub struct Config {
     #[arg(long, env = "FERRY_DISCOVERY_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub discovery_timeout: Duration,
 
+    /// A health check of the app, run by the sidecar: http:/PATH, tcp, grpc[:SERVICE],
+    /// script:COMMAND ARGS..., ttl:30s; each may add ,interval=D ,timeout=D ,success=N
+    /// ,failure=N (and ,expect=STATUS for http). Repeat for more.
+    #[arg(long = "check", env = "FERRY_CHECK", value_delimiter = ';', value_parser = parse_check, value_name = "SPEC")]
+    pub checks: Vec<String>,
+
+    /// Time between probes of each check that does not set its own.
+    #[arg(long, env = "FERRY_CHECK_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub check_interval: Duration,
+
+    /// On SIGTERM or POST /shutdown: how long the instance stays draining (no new traffic is
+    /// sent to it, requests still arriving are served) before the sidecar deregisters and exits.
+    #[arg(long, env = "FERRY_DRAIN", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub drain: Duration,
+
+    /// Answer DNS for NAME.service.ferry on this address (UDP and TCP) from the config the
+    /// sidecar holds, so lookups survive a control-plane outage.
+    #[arg(long, env = "FERRY_DNS", value_parser = ferry_runtime::parse_listen_addr, value_name = "ADDR")]
+    pub dns: Option<SocketAddr>,
+
+    /// TTL of the DNS answers.
+    #[arg(long, env = "FERRY_DNS_TTL", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub dns_ttl: Duration,
+
     /// Log filter, such as `info` or `ferry_sidecar=debug`.
     #[arg(long, env = "FERRY_LOG", default_value = "info", value_name = "FILTER")]
     pub log: String,
@@ -104,6 +129,27 @@ impl Config {
     pub fn metadata_map(&self) -> BTreeMap<String, String> {
         self.metadata.iter().cloned().collect()
     }
+
+    /// The app's checks, with `--check-interval` where a check sets none, and their ids.
+    pub fn check_specs(&self, instance_id: &str) -> Result<Vec<CheckSpec>, ferry_runtime::UsageError> {
+        if !self.checks.is_empty() && self.app.is_none() {
+            return Err(ferry_runtime::UsageError("--check: needs --app, the app to check".into()));
+        }
+        let mut specs = Vec::with_capacity(self.checks.len());
+        for text in &self.checks {
+            let spec = CheckSpec::parse(text, self.check_interval)
+                .map_err(|e| ferry_runtime::UsageError(format!("--check {text:?}: {e}")))?;
+            specs.push(spec);
+        }
+        ferry_health::spec::assign_ids(instance_id, &mut specs);
+        Ok(specs)
+    }
+}
+
+fn parse_check(s: &str) -> Result<String, String> {
+    // The syntax is checked here; the interval is applied once every flag is known.
+    CheckSpec::parse(s, ferry_health::spec::DEFAULT_INTERVAL)?;
+    Ok(s.to_owned())
 }
 
 fn parse_service(s: &str) -> Result<String, String> {

@@ -20,8 +20,12 @@ use tonic::transport::Endpoint;
 
 use crate::{
     catalog::Catalog,
+    health::{HealthWatch, Urgency},
     metrics::{Metrics, ResultLabels},
 };
+
+/// Output-only health changes are sent at most this often; status changes go at once.
+const OUTPUT_REFRESH: Duration = Duration::from_secs(10);
 
 /// The largest push the sidecar accepts.
 const MAX_PUSH_BYTES: usize = 64 << 20;
@@ -37,6 +41,8 @@ pub struct ControlConfig {
     pub service: String,
     /// The app's instance; `None` for a sidecar without an app.
     pub instance: Option<v1::Instance>,
+    /// The app's health, reported in Hello and whenever it changes; `None` without an app.
+    pub health: Option<HealthWatch>,
     pub connect_timeout: Duration,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
@@ -136,6 +142,20 @@ fn message(message: sidecar_message::Message) -> v1::SidecarMessage {
     v1::SidecarMessage { message: Some(message) }
 }
 
+async fn health_changed(health: Option<&mut HealthWatch>) {
+    match health {
+        Some(health) => health.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn try_send(outbound: &mpsc::Sender<v1::SidecarMessage>, m: sidecar_message::Message) -> Result<(), StreamError> {
     outbound.try_send(message(m)).map_err(|_| StreamError::Protocol("the outbound queue is full".into()))
 }
@@ -164,7 +184,15 @@ async fn stream(
 
     let (outbound, rx) = mpsc::channel(64);
     let mut subscribed: HashSet<Arc<str>> = catalog.subscriptions().into_iter().collect();
+    let mut health = config.health.clone();
+    let mut sent: Option<Urgency> = None;
+    let initial = health.as_mut().map(|h| {
+        let (report, urgency) = h.current();
+        sent = Some(urgency);
+        report
+    });
     let hello = v1::Hello {
+        health: initial,
         node_id: config.node_id.clone(),
         service: config.service.clone(),
         instance: config.instance.clone(),
@@ -205,8 +233,32 @@ async fn stream(
         other => return Err(StreamError::Protocol(format!("expected welcome, got {other:?}"))),
     }
 
+    let mut output_due: Option<tokio::time::Instant> = None;
+    let mut last_report = tokio::time::Instant::now();
     loop {
         tokio::select! {
+            () = health_changed(health.as_mut()) => {
+                let Some(watch) = health.as_mut() else { continue };
+                let (report, urgency) = watch.current();
+                if sent != Some(urgency) || last_report.elapsed() >= OUTPUT_REFRESH {
+                    sent = Some(urgency);
+                    last_report = tokio::time::Instant::now();
+                    output_due = None;
+                    try_send(&outbound, sidecar_message::Message::Health(report))?;
+                } else {
+                    // Only outputs changed: show them, but at a bounded rate.
+                    output_due.get_or_insert(last_report + OUTPUT_REFRESH);
+                }
+            }
+            () = sleep_until(output_due), if output_due.is_some() => {
+                if let Some(watch) = health.as_mut() {
+                    let (report, urgency) = watch.current();
+                    sent = Some(urgency);
+                    last_report = tokio::time::Instant::now();
+                    try_send(&outbound, sidecar_message::Message::Health(report))?;
+                }
+                output_due = None;
+            }
             () = shutdown.cancelled() => {
                 let goodbye = v1::Goodbye { reason: "shutting down".into() };
                 if outbound.send(message(sidecar_message::Message::Goodbye(goodbye))).await.is_ok() {

@@ -7,7 +7,10 @@
 
 use std::{
     convert::Infallible,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::Instant,
 };
@@ -33,12 +36,37 @@ pub struct Inbound {
     app: Client,
     service: Arc<str>,
     metrics: Metrics,
+    in_flight: InFlight,
+}
+
+/// Counts the inbound requests not answered yet, so a drain can tell when nothing is pending.
+#[derive(Clone, Default, Debug)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// How many requests are in flight.
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn enter(&self) -> InFlightGuard {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        InFlightGuard(self.0.clone())
+    }
+}
+
+struct InFlightGuard(Arc<AtomicUsize>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Inbound {
     /// Forwards to the app behind `app`; `service` labels the metrics.
-    pub fn new(app: Client, service: Arc<str>, metrics: Metrics) -> Self {
-        Self { app, service, metrics }
+    pub fn new(app: Client, service: Arc<str>, metrics: Metrics, in_flight: InFlight) -> Self {
+        Self { app, service, metrics, in_flight }
     }
 
     async fn forward(&self, request: Request<Incoming>) -> Result<Response<Body>, BoxError> {
@@ -61,7 +89,9 @@ impl Service<Request<Incoming>> for Inbound {
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let this = self.clone();
+        let in_flight = self.in_flight.enter();
         async move {
+            let _in_flight = in_flight;
             let started = Instant::now();
             let grpc = is_grpc(request.headers());
             let result = this.forward(request).await;

@@ -16,6 +16,7 @@ use prometheus_client::{
 /// Every metric of the sidecar.
 #[derive(Clone)]
 pub struct Metrics {
+    pub health: ferry_health::HealthMetrics,
     pub control_plane_connected: Gauge,
     pub config_updates: Family<ResultLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
@@ -47,11 +48,13 @@ impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
         let registry = registry.sub_registry_with_prefix("ferry");
         let metrics = Self {
+            health: ferry_health::HealthMetrics::default(),
             control_plane_connected: Gauge::default(),
             config_updates: Family::default(),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.0, 18))),
         };
+        metrics.health.register(registry);
         registry.register(
             "control_plane_connected",
             "1 while the config stream to the control plane is up",

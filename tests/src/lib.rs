@@ -172,7 +172,7 @@ impl ControlPlane {
     /// default `--grpc 127.0.0.1:0` and `--http 127.0.0.1:0`).
     pub async fn start_in(data_dir: &Path, extra: &[&str]) -> Self {
         let mut args: Vec<String> = vec!["--data-dir".into(), data_dir.display().to_string()];
-        for flag in ["--grpc", "--http"] {
+        for flag in ["--grpc", "--http", "--dns"] {
             if !extra.contains(&flag) {
                 args.extend([flag.to_owned(), "127.0.0.1:0".to_owned()]);
             }

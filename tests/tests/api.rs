@@ -67,7 +67,7 @@ async fn bad_registrations_are_refused_naming_the_field_and_change_nothing() {
     let after = registry.list_services(v1::ListServicesRequest {}).await.expect("lists").into_inner();
     assert_eq!(after, before, "nothing stored changed");
     let kept = registry
-        .list_instances(v1::ListInstancesRequest { service: "db".into(), passing_only: false })
+        .list_instances(v1::ListInstancesRequest { service: "db".into(), passing_only: false, ..Default::default() })
         .await
         .expect("lists")
         .into_inner();
@@ -78,8 +78,11 @@ async fn bad_registrations_are_refused_naming_the_field_and_change_nothing() {
 async fn the_watch_stream_sends_every_change() {
     let control_plane = ControlPlane::start().await;
     let mut registry = registry(&control_plane).await;
-    let mut updates =
-        registry.watch(v1::WatchRequest { service: "db".into(), passing_only: false }).await.expect("watches").into_inner();
+    let mut updates = registry
+        .watch(v1::WatchRequest { service: "db".into(), passing_only: false, ..Default::default() })
+        .await
+        .expect("watches")
+        .into_inner();
     let first = updates.next().await.expect("current state").expect("ok");
     assert!(first.instances.is_empty());
 

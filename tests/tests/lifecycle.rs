@@ -59,7 +59,8 @@ async fn a_killed_instance_stops_receiving_traffic_and_a_stopped_one_leaves() {
     let control_plane = ControlPlane::start().await;
     let apps = [HttpApp::start("one").await, HttpApp::start("two").await, HttpApp::start("three").await];
     let mut one = Sidecar::start(&control_plane.url(), "catalog", Some(apps[0].addr), &["--id", "catalog-one"]).await;
-    let mut two = Sidecar::start(&control_plane.url(), "catalog", Some(apps[1].addr), &["--id", "catalog-two"]).await;
+    let mut two =
+        Sidecar::start(&control_plane.url(), "catalog", Some(apps[1].addr), &["--id", "catalog-two", "--drain", "200ms"]).await;
     let _three = Sidecar::start(&control_plane.url(), "catalog", Some(apps[2].addr), &["--id", "catalog-three"]).await;
     let client = Sidecar::start(&control_plane.url(), "frontend", None, &["--upstream", "catalog=127.0.0.1:0"]).await;
     client.wait_endpoints("catalog", 3).await;

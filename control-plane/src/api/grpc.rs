@@ -11,20 +11,24 @@ use tokio_stream::{Stream, wrappers::WatchStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::{instances_response, registry_status, services_response};
-use crate::registry::{InstanceSpec, Registry};
+use super::{Filter, instances_response, registry_status, services_response, ttl_status};
+use crate::{
+    checks::{HealthChecks, TtlFailure},
+    registry::{InstanceSpec, Registry},
+};
 
 /// The gRPC `Registry` service.
 #[derive(Clone)]
 pub struct RegistryService {
     registry: Arc<Registry>,
+    checks: Arc<HealthChecks>,
     shutdown: CancellationToken,
 }
 
 impl RegistryService {
     /// A service whose watch streams end when `shutdown` fires.
-    pub fn new(registry: Arc<Registry>, shutdown: CancellationToken) -> Self {
-        Self { registry, shutdown }
+    pub fn new(registry: Arc<Registry>, checks: Arc<HealthChecks>, shutdown: CancellationToken) -> Self {
+        Self { registry, checks, shutdown }
     }
 }
 
@@ -41,15 +45,18 @@ impl RegistryApi for RegistryService {
     async fn register(&self, request: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterResponse>, Status> {
         let instance = request.into_inner().instance.ok_or_else(|| Status::invalid_argument("instance: required"))?;
         let spec = InstanceSpec::try_from(instance).map_err(|e| invalid(e.within("instance")))?;
+        self.checks.admit(&spec).map_err(|e| invalid(e.within("instance")))?;
         let instance = self.registry.register(spec).await.map_err(|e| registry_status(e, "instance"))?;
+        self.checks.sync(&instance);
         tracing::info!(id = %instance.id, service = %instance.service, "registered through the API");
-        Ok(Response::new(v1::RegisterResponse { instance: Some(instance.to_proto()) }))
+        Ok(Response::new(v1::RegisterResponse { instance: Some(self.registry.describe(&instance)) }))
     }
 
     async fn deregister(&self, request: Request<v1::DeregisterRequest>) -> Result<Response<v1::DeregisterResponse>, Status> {
         let id = request.into_inner().id;
         validate::instance_id("id", &id).map_err(invalid)?;
         let removed = self.registry.deregister(&id).await.map_err(|e| registry_status(e, ""))?;
+        self.checks.forget(&id);
         tracing::info!(id = %removed.id, service = %removed.service, "deregistered through the API");
         Ok(Response::new(v1::DeregisterResponse { instance: Some(removed.to_proto()) }))
     }
@@ -67,8 +74,9 @@ impl RegistryApi for RegistryService {
     ) -> Result<Response<v1::ListInstancesResponse>, Status> {
         let request = request.into_inner();
         validate::service_name("service", &request.service).map_err(invalid)?;
+        let filter = Filter::from_request(request.passing_only, &request.metadata, &request.zone).map_err(invalid)?;
         match self.registry.snapshot(&request.service) {
-            Some(snapshot) if snapshot.exists() => Ok(Response::new(instances_response(&snapshot, request.passing_only))),
+            Some(snapshot) if snapshot.exists() => Ok(Response::new(instances_response(&self.registry, &snapshot, &filter))),
             _ => Err(Status::not_found(format!("service {:?} has no instances", request.service))),
         }
     }
@@ -76,10 +84,27 @@ impl RegistryApi for RegistryService {
     async fn watch(&self, request: Request<v1::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let request = request.into_inner();
         validate::service_name("service", &request.service).map_err(invalid)?;
-        let passing_only = request.passing_only;
+        let filter = Filter::from_request(request.passing_only, &request.metadata, &request.zone).map_err(invalid)?;
+        let registry = self.registry.clone();
         let updates = WatchStream::new(self.registry.watch(&request.service))
-            .map(move |snapshot| Ok(instances_response(&snapshot, passing_only)))
+            .map(move |snapshot| Ok(instances_response(&registry, &snapshot, &filter)))
             .take_until(self.shutdown.clone().cancelled_owned());
         Ok(Response::new(Box::pin(updates)))
+    }
+
+    async fn update_ttl(&self, request: Request<v1::UpdateTtlRequest>) -> Result<Response<v1::UpdateTtlResponse>, Status> {
+        let request = request.into_inner();
+        validate::instance_id("check_id", &request.check_id).map_err(invalid)?;
+        let status = ttl_status("status", request.status).map_err(invalid)?;
+        if request.output.len() > 4096 {
+            return Err(Status::invalid_argument("output: must be at most 4096 bytes"));
+        }
+        let check = self.checks.ttl(&request.check_id, status, request.output).await.map_err(|failure| match failure {
+            TtlFailure::UnknownCheck(_) => Status::not_found(failure.to_string().replacen("id:", "check_id:", 1)),
+            _ => Status::invalid_argument(failure.to_string().replacen("id:", "check_id:", 1)),
+        })?;
+        let described = self.registry.check_owner(&check.id).map(|owner| self.registry.describe(&owner));
+        let check = described.and_then(|i| i.checks.into_iter().find(|c| c.id == check.id));
+        Ok(Response::new(v1::UpdateTtlResponse { check }))
     }
 }

@@ -1,20 +1,21 @@
 //! The HTTP/JSON API. Bodies are the proto3 JSON form of the `ferry.v1` messages, so a
 //! registration reads the same over HTTP, gRPC and `ferryctl -o json`.
 //!
-//! | method and path              | answer                                               |
-//! |------------------------------|------------------------------------------------------|
-//! | `GET /v1/services`           | `ListServicesResponse`                               |
-//! | `GET /v1/services/{name}`    | `ListInstancesResponse` (`?passing` for routable only), `X-Ferry-Index` |
-//! | `PUT /v1/instances`          | body `Instance`; answers `RegisterResponse`           |
-//! | `GET /v1/instances/{id}`     | `Instance`                                           |
-//! | `DELETE /v1/instances/{id}`  | `DeregisterResponse`                                 |
-//! | `GET /v1/sidecars`           | `ListSidecarsResponse`                               |
-//! | `GET /metrics`               | Prometheus text                                      |
-//! | `GET /ready`                 | 200 once serving                                     |
+//! | method and path                       | answer                                        |
+//! |---------------------------------------|-----------------------------------------------|
+//! | `GET /v1/services`                    | `ListServicesResponse`                        |
+//! | `GET /v1/services/{name}`             | `ListInstancesResponse`, header `X-Ferry-Index`; `?passing`, `?meta=KEY:VALUE` (repeatable), `?zone=Z` filter; `?index=N&wait=D` blocks until the service's index differs from N |
+//! | `PUT /v1/instances`                   | body `Instance`; answers `RegisterResponse`    |
+//! | `GET /v1/instances/{id}`              | `Instance`                                    |
+//! | `DELETE /v1/instances/{id}`           | `DeregisterResponse`                          |
+//! | `PUT /v1/checks/{id}/{pass,warn,fail}`| renews a TTL check; body: the output to show  |
+//! | `GET /v1/sidecars`                    | `ListSidecarsResponse`                        |
+//! | `GET /metrics`                        | Prometheus text                               |
+//! | `GET /ready`                          | 200 once serving                              |
 //!
 //! Errors answer `{"error": "...", "field": "..."}` with 400, 404 or 503.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
@@ -22,23 +23,34 @@ use axum::{
     extract::{Path, Query, State},
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, put},
 };
+use ferry_health::Health;
 use ferry_proto::{v1, validate};
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
-use super::{instances_response, services_response};
+use super::{Filter, instances_response, services_response};
 use crate::{
+    checks::{HealthChecks, TtlFailure},
     discovery::Sidecars,
     registry::{InstanceSpec, Registry, RegistryError},
 };
+
+/// How long a blocking query waits when it does not say.
+const DEFAULT_WAIT: Duration = Duration::from_secs(300);
+/// The longest a blocking query may wait.
+const MAX_WAIT: Duration = Duration::from_secs(600);
 
 /// What the handlers share.
 #[derive(Clone)]
 pub struct HttpState {
     pub registry: Arc<Registry>,
+    pub checks: Arc<HealthChecks>,
     pub sidecars: Arc<Sidecars>,
     pub metrics: Arc<prometheus_client::registry::Registry>,
+    /// Blocking queries answer at once when the server starts shutting down.
+    pub shutdown: CancellationToken,
 }
 
 /// The API's router.
@@ -46,8 +58,9 @@ pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/v1/services", get(list_services))
         .route("/v1/services/{name}", get(list_instances))
-        .route("/v1/instances", axum::routing::put(register))
+        .route("/v1/instances", put(register))
         .route("/v1/instances/{id}", get(instance).delete(deregister))
+        .route("/v1/checks/{id}/{status}", put(update_ttl))
         .route("/v1/sidecars", get(sidecars))
         .route("/metrics", get(metrics))
         .route("/ready", get(|| async { "ready\n" }))
@@ -99,19 +112,75 @@ async fn list_services(State(state): State<HttpState>) -> Json<v1::ListServicesR
     Json(services_response(state.registry.services()))
 }
 
+/// The query of `GET /v1/services/{name}`.
+struct InstancesQuery {
+    filter: Filter,
+    index: Option<u64>,
+    wait: Duration,
+}
+
+impl InstancesQuery {
+    fn parse(pairs: Vec<(String, String)>) -> Result<Self, validate::FieldError> {
+        let mut query = Self { filter: Filter::default(), index: None, wait: DEFAULT_WAIT };
+        let mut metadata = BTreeMap::new();
+        for (key, value) in pairs {
+            match key.as_str() {
+                "passing" => query.filter.routable_only = value.is_empty() || value == "true" || value == "1",
+                "meta" => {
+                    let (k, v) = value.split_once(':').ok_or_else(|| {
+                        validate::FieldError::new("meta", format!("{value:?} must be KEY:VALUE, such as version:v2"))
+                    })?;
+                    metadata.insert(k.to_owned(), v.to_owned());
+                }
+                "zone" => {
+                    validate::locality("zone", &value)?;
+                    query.filter.zone = Some(value);
+                }
+                "index" => {
+                    let index =
+                        value.parse().map_err(|_| validate::FieldError::new("index", format!("{value:?} is not a number")))?;
+                    query.index = Some(index);
+                }
+                "wait" => {
+                    let wait = humantime::parse_duration(&value)
+                        .map_err(|e| validate::FieldError::new("wait", format!("{value:?}: {e}")))?;
+                    query.wait = wait.min(MAX_WAIT);
+                }
+                other => {
+                    return Err(validate::FieldError::new(
+                        other,
+                        "unknown parameter: expected passing, meta, zone, index or wait",
+                    ));
+                }
+            }
+        }
+        validate::metadata("meta", &metadata)?;
+        query.filter.metadata = metadata;
+        Ok(query)
+    }
+}
+
 async fn list_instances(
     State(state): State<HttpState>,
     Path(name): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
+    Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
     validate::service_name("name", &name).map_err(ApiError::bad_request)?;
-    let routable_only = query.get("passing").is_some_and(|v| v.is_empty() || v == "true" || v == "1");
-    let snapshot = state
-        .registry
-        .snapshot(&name)
-        .filter(|s| s.exists())
-        .ok_or_else(|| ApiError::not_found(format!("service {name:?} has no instances")))?;
-    let mut response = Json(instances_response(&snapshot, routable_only)).into_response();
+    let query = InstancesQuery::parse(pairs).map_err(ApiError::bad_request)?;
+    let mut watch = state.registry.watch(&name);
+    if let Some(index) = query.index {
+        // A blocking query: answer when the index moves away from the one the client holds
+        // (forward, or backward after a restart), when the wait ends, or at shutdown.
+        tokio::select! {
+            _ = tokio::time::timeout(query.wait, watch.wait_for(|snapshot| snapshot.index != index)) => {}
+            () = state.shutdown.cancelled() => {}
+        }
+    }
+    let snapshot = watch.borrow().clone();
+    if !snapshot.exists() && query.index.is_none() {
+        return Err(ApiError::not_found(format!("service {name:?} has no instances")));
+    }
+    let mut response = Json(instances_response(&state.registry, &snapshot, &query.filter)).into_response();
     response.headers_mut().insert("x-ferry-index", HeaderValue::from(snapshot.index));
     Ok(response)
 }
@@ -138,21 +207,58 @@ fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, validate::Fi
 async fn register(State(state): State<HttpState>, body: Bytes) -> Result<Json<v1::RegisterResponse>, ApiError> {
     let instance: v1::Instance = decode(&body).map_err(ApiError::bad_request)?;
     let spec = InstanceSpec::try_from(instance).map_err(ApiError::bad_request)?;
+    state.checks.admit(&spec).map_err(ApiError::bad_request)?;
     let instance = state.registry.register(spec).await?;
+    state.checks.sync(&instance);
     tracing::info!(id = %instance.id, service = %instance.service, "registered through the API");
-    Ok(Json(v1::RegisterResponse { instance: Some(instance.to_proto()) }))
+    Ok(Json(v1::RegisterResponse { instance: Some(state.registry.describe(&instance)) }))
 }
 
 async fn instance(State(state): State<HttpState>, Path(id): Path<String>) -> Result<Json<v1::Instance>, ApiError> {
     let instance = state.registry.instance(&id).ok_or_else(|| ApiError::not_found(RegistryError::NotFound(id)))?;
-    Ok(Json(instance.to_proto()))
+    Ok(Json(state.registry.describe(&instance)))
 }
 
 async fn deregister(State(state): State<HttpState>, Path(id): Path<String>) -> Result<Json<v1::DeregisterResponse>, ApiError> {
     validate::instance_id("id", &id).map_err(ApiError::bad_request)?;
     let removed = state.registry.deregister(&id).await?;
+    state.checks.forget(&id);
     tracing::info!(id = %removed.id, service = %removed.service, "deregistered through the API");
     Ok(Json(v1::DeregisterResponse { instance: Some(removed.to_proto()) }))
+}
+
+async fn update_ttl(
+    State(state): State<HttpState>,
+    Path((id, status)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<v1::Check>, ApiError> {
+    validate::instance_id("id", &id).map_err(ApiError::bad_request)?;
+    let status = match status.as_str() {
+        "pass" => Health::Passing,
+        "warn" => Health::Warning,
+        "fail" => Health::Critical,
+        other => {
+            return Err(ApiError::bad_request(validate::FieldError::new(
+                "status",
+                format!("{other:?} must be pass, warn or fail"),
+            )));
+        }
+    };
+    if body.len() > 4096 {
+        return Err(ApiError::bad_request(validate::FieldError::new("body", "the output must be at most 4096 bytes")));
+    }
+    let output = String::from_utf8_lossy(&body).trim().to_owned();
+    let check = state.checks.ttl(&id, status, output).await.map_err(|failure| {
+        let error = failure.to_string();
+        let reason = error.strip_prefix("id: ").unwrap_or(&error).to_owned();
+        match failure {
+            TtlFailure::UnknownCheck(_) => ApiError { status: StatusCode::NOT_FOUND, error, field: Some("id".into()) },
+            _ => ApiError::bad_request(validate::FieldError::new("id", reason)),
+        }
+    })?;
+    let owner = state.registry.check_owner(&check.id).map(|owner| state.registry.describe(&owner));
+    let described = owner.and_then(|i| i.checks.into_iter().find(|c| c.id == check.id));
+    described.map(Json).ok_or_else(|| ApiError::not_found(format!("check {:?} is gone", check.id)))
 }
 
 async fn sidecars(State(state): State<HttpState>) -> Json<v1::ListSidecarsResponse> {

@@ -1,11 +1,15 @@
 //! The control plane's APIs: gRPC `ferry.v1.Registry` and the HTTP/JSON API. Both validate at
-//! the edge, call the [`Registry`](crate::registry::Registry) and translate its answers, so they
-//! cannot drift apart.
+//! the edge, call the [`Registry`] and translate its answers, so they cannot drift apart.
 
-use ferry_proto::v1;
+use std::collections::BTreeMap;
+
+use ferry_proto::{
+    v1,
+    validate::{self, FieldError},
+};
 use tonic::Status;
 
-use crate::registry::{RegistryError, ServiceSnapshot, ServiceSummary};
+use crate::registry::{Instance, Registry, RegistryError, ServiceSnapshot, ServiceSummary};
 
 pub mod grpc;
 pub mod http;
@@ -19,17 +23,47 @@ pub fn registry_status(error: RegistryError, prefix: &str) -> Status {
     }
 }
 
-/// A service's instances as the API shows them.
-pub fn instances_response(snapshot: &ServiceSnapshot, routable_only: bool) -> v1::ListInstancesResponse {
+/// Which instances of a service a query wants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Only instances that can take traffic.
+    pub routable_only: bool,
+    /// Only instances carrying every one of these labels.
+    pub metadata: BTreeMap<String, String>,
+    /// Only instances in this zone.
+    pub zone: Option<String>,
+}
+
+impl Filter {
+    /// A filter from the fields of a gRPC request.
+    pub fn from_request(
+        routable_only: bool,
+        metadata: &std::collections::HashMap<String, String>,
+        zone: &str,
+    ) -> Result<Self, FieldError> {
+        validate::metadata("metadata", metadata)?;
+        validate::locality("zone", zone)?;
+        Ok(Self {
+            routable_only,
+            metadata: metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            zone: Some(zone.to_owned()).filter(|z| !z.is_empty()),
+        })
+    }
+
+    /// Whether `instance` passes the filter.
+    pub fn accepts(&self, instance: &Instance) -> bool {
+        (!self.routable_only || instance.health.is_routable())
+            && self.zone.as_ref().is_none_or(|zone| instance.zone == *zone)
+            && self.metadata.iter().all(|(k, v)| instance.metadata.get(k) == Some(v))
+    }
+}
+
+/// A service's instances as the API shows them, with their checks' status.
+pub fn instances_response(registry: &Registry, snapshot: &ServiceSnapshot, filter: &Filter) -> v1::ListInstancesResponse {
     v1::ListInstancesResponse {
         service: snapshot.name.to_string(),
         index: snapshot.index,
-        instances: snapshot
-            .instances
-            .values()
-            .filter(|i| !routable_only || i.health.is_routable())
-            .map(|i| i.to_proto())
-            .collect(),
+        instances: snapshot.instances.values().filter(|i| filter.accepts(i)).map(|i| registry.describe(i)).collect(),
     }
 }
 
@@ -45,5 +79,15 @@ pub fn services_response(services: Vec<ServiceSummary>) -> v1::ListServicesRespo
                 passing: u32::try_from(s.routable).unwrap_or(u32::MAX),
             })
             .collect(),
+    }
+}
+
+/// The health a TTL renewal sets, from the API's value.
+pub fn ttl_status(field: &str, value: i32) -> Result<ferry_health::Health, FieldError> {
+    match ferry_health::Health::try_from(value) {
+        Ok(health @ (ferry_health::Health::Passing | ferry_health::Health::Warning | ferry_health::Health::Critical)) => {
+            Ok(health)
+        }
+        _ => Err(FieldError::new(field, "must be HEALTH_PASSING, HEALTH_WARNING or HEALTH_CRITICAL")),
     }
 }

@@ -3,7 +3,11 @@
 //! Tables for people by default, `-o json` (the proto3 JSON mapping) for scripts. Input is
 //! validated here with the same rules as the server, so mistakes are caught before a round trip.
 
-use std::{collections::BTreeMap, process::ExitCode, time::SystemTime};
+use std::{
+    collections::BTreeMap,
+    process::ExitCode,
+    time::{Duration, SystemTime},
+};
 
 use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -53,6 +57,12 @@ pub enum Command {
         /// Only instances that can take traffic.
         #[arg(long)]
         passing: bool,
+        /// Only instances with this metadata label; repeat for more.
+        #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        metadata: Vec<(String, String)>,
+        /// Only instances in this zone.
+        #[arg(long)]
+        zone: Option<String>,
     },
     /// Register a persistent instance (one no sidecar owns, such as a database).
     Register {
@@ -80,6 +90,16 @@ pub enum Command {
         /// Relative load-balancing weight, 1 to 10000 (default 100).
         #[arg(long)]
         weight: Option<u32>,
+        /// A health check the control plane runs: http://HOST:PORT/PATH, tcp://HOST:PORT,
+        /// grpc://HOST:PORT[/SERVICE], ttl:30s, or script:COMMAND ARGS...; repeat for more.
+        #[arg(long = "check", value_name = "CHECK", value_parser = parse_check)]
+        checks: Vec<v1::Check>,
+        /// Time between probes of every check given.
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        interval: Option<Duration>,
+        /// Remove the instance once it has been critical this long.
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        deregister_critical_after: Option<Duration>,
     },
     /// Remove an instance by id.
     Deregister {
@@ -88,6 +108,32 @@ pub enum Command {
     },
     /// Show connected sidecars, the versions they acknowledged, and any rejected push.
     Status,
+}
+
+/// Parses `--check`: an HTTP URL, `tcp://HOST:PORT`, `grpc://HOST:PORT[/SERVICE]`, `ttl:30s` or
+/// `script:COMMAND ARGS...`.
+fn parse_check(s: &str) -> Result<v1::Check, String> {
+    use v1::check::Probe;
+    let probe = if s.starts_with("http://") || s.starts_with("https://") {
+        Probe::Http(v1::HttpProbe { url: s.to_owned(), expected_status: 0 })
+    } else if let Some(address) = s.strip_prefix("tcp://") {
+        Probe::Tcp(v1::TcpProbe { address: address.to_owned() })
+    } else if let Some(rest) = s.strip_prefix("grpc://") {
+        let (address, service) = rest.split_once('/').unwrap_or((rest, ""));
+        Probe::Grpc(v1::GrpcProbe { address: address.to_owned(), service: service.to_owned() })
+    } else if let Some(ttl) = s.strip_prefix("ttl:") {
+        let ttl = humantime::parse_duration(ttl).map_err(|e| format!("ttl {ttl:?}: {e}"))?;
+        Probe::Ttl(v1::TtlProbe { ttl: Some(ferry_health::spec::proto_duration(ttl)) })
+    } else if let Some(command) = s.strip_prefix("script:") {
+        Probe::Script(v1::ScriptProbe { args: command.split_whitespace().map(str::to_owned).collect() })
+    } else {
+        return Err(
+            "expected http://HOST:PORT/PATH, tcp://HOST:PORT, grpc://HOST:PORT[/SERVICE], ttl:DURATION or script:COMMAND".into(),
+        );
+    };
+    let check = v1::Check { probe: Some(probe), ..Default::default() };
+    validate::check(&check).map_err(|e| e.to_string())?;
+    Ok(check)
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
@@ -137,14 +183,38 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
             let response = registry(&cli.control_plane).await?.list_services(v1::ListServicesRequest {}).await?.into_inner();
             render(output, &response, services_table)
         }
-        Command::Instances { service, passing } => {
+        Command::Instances { service, passing, metadata, zone } => {
             validate::service_name("SERVICE", &service).map_err(|e| UsageError(e.to_string()))?;
-            let request = v1::ListInstancesRequest { service, passing_only: passing };
+            let request = v1::ListInstancesRequest {
+                service,
+                passing_only: passing,
+                metadata: metadata.into_iter().collect(),
+                zone: zone.unwrap_or_default(),
+            };
             let response = registry(&cli.control_plane).await?.list_instances(request).await?.into_inner();
             render(output, &response, instances_table)
         }
-        Command::Register { service, address, port, id, metadata, region, zone, weight } => {
+        Command::Register {
+            service,
+            address,
+            port,
+            id,
+            metadata,
+            region,
+            zone,
+            weight,
+            mut checks,
+            interval,
+            deregister_critical_after,
+        } => {
+            if let Some(interval) = interval {
+                for check in &mut checks {
+                    check.interval = Some(ferry_health::spec::proto_duration(interval));
+                }
+            }
             let instance = v1::Instance {
+                checks,
+                deregister_critical_after: deregister_critical_after.map(ferry_health::spec::proto_duration),
                 id: id.unwrap_or_default(),
                 service,
                 address,
@@ -155,7 +225,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
                 weight: weight.unwrap_or_default(),
                 ..Default::default()
             };
-            validate::instance(&instance).map_err(|e| UsageError(format!("--{}", e.to_string().replace('_', "-"))))?;
+            validate::instance(&instance).map_err(|e| {
+                // Name the flag: checks[0].interval is --interval, port is --port.
+                let field = e.field.rsplit('.').next().unwrap_or(&e.field).replace('_', "-");
+                UsageError(format!("--{field}: {} ({})", e.reason, e.field))
+            })?;
             let response = registry(&cli.control_plane)
                 .await?
                 .register(v1::RegisterRequest { instance: Some(instance) })
@@ -240,7 +314,35 @@ fn instances_table(response: &v1::ListInstancesResponse) -> String {
             if metadata.is_empty() { "-".into() } else { metadata },
         ]);
     }
-    table.render()
+    let mut out = table.render();
+    let checks: Vec<_> = response.instances.iter().flat_map(|i| i.checks.iter().map(move |c| (i, c))).collect();
+    if !checks.is_empty() {
+        let mut table = Table::new(&["CHECK", "KIND", "STATUS", "SINCE", "OUTPUT"]);
+        for (_, check) in checks {
+            let kind = match &check.probe {
+                Some(v1::check::Probe::Http(_)) => "http",
+                Some(v1::check::Probe::Tcp(_)) => "tcp",
+                Some(v1::check::Probe::Grpc(_)) => "grpc",
+                Some(v1::check::Probe::Script(_)) => "script",
+                Some(v1::check::Probe::Ttl(_)) => "ttl",
+                None => "-",
+            };
+            let mut output: String = check.output.lines().next().unwrap_or_default().chars().take(80).collect();
+            if output.is_empty() {
+                output = "-".into();
+            }
+            table.row(vec![
+                check.id.clone(),
+                kind.into(),
+                health_label(check.status).into(),
+                ago(check.last_transition.as_ref()),
+                output,
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&table.render());
+    }
+    out
 }
 
 fn status_table(response: &v1::ListSidecarsResponse) -> String {

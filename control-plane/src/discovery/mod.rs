@@ -7,7 +7,7 @@
 
 use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
 
-use ferry_health::Health;
+use ferry_health::{CheckStatus, Health};
 use ferry_proto::{
     v1::{self, control_message, discovery_server::Discovery, sidecar_message},
     validate::{self, FieldError},
@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     api::registry_status,
     metrics::PushMetrics,
-    registry::{InstanceSpec, Registry},
+    registry::{InstanceSpec, Registry, system_time},
 };
 
 mod session;
@@ -50,8 +50,35 @@ struct Hello {
     node_id: String,
     service: String,
     instance: Option<InstanceSpec>,
+    health: Option<(Health, Vec<CheckStatus>)>,
     versions: HashMap<String, u64>,
     build: String,
+}
+
+/// Validates a health report from a sidecar.
+pub(crate) fn health_report(report: &v1::HealthReport) -> Result<(Health, Vec<CheckStatus>), FieldError> {
+    let health = Health::try_from(report.health).map_err(|e| FieldError::new("health", e.to_string()))?;
+    if report.checks.len() > validate::MAX_CHECKS {
+        return Err(FieldError::new("checks", format!("at most {} checks", validate::MAX_CHECKS)));
+    }
+    let mut statuses = Vec::with_capacity(report.checks.len());
+    for (i, check) in report.checks.iter().enumerate() {
+        let at = |field: &str| format!("checks[{i}].{field}");
+        validate::instance_id(&at("id"), &check.id)?;
+        let status = Health::try_from(check.status).map_err(|e| FieldError::new(at("status"), e.to_string()))?;
+        let output = ferry_health::state::truncate(check.output.clone());
+        let kind = match &check.probe {
+            Some(v1::check::Probe::Http(_)) => "http",
+            Some(v1::check::Probe::Tcp(_)) => "tcp",
+            Some(v1::check::Probe::Grpc(_)) => "grpc",
+            Some(v1::check::Probe::Script(_)) => "script",
+            Some(v1::check::Probe::Ttl(_)) => "ttl",
+            None => "unknown",
+        };
+        let last_transition = check.last_transition.map_or_else(std::time::SystemTime::now, system_time);
+        statuses.push(CheckStatus { id: check.id.clone(), kind, status, output, last_transition });
+    }
+    Ok((health, statuses))
 }
 
 impl TryFrom<v1::Hello> for Hello {
@@ -76,7 +103,15 @@ impl TryFrom<v1::Hello> for Hello {
         if hello.build.len() > 128 {
             return Err(FieldError::new("build", "must be at most 128 characters"));
         }
-        Ok(Self { node_id: hello.node_id, service: hello.service, instance, versions: hello.versions, build: hello.build })
+        let health = hello.health.as_ref().map(health_report).transpose().map_err(|e| e.within("health"))?;
+        Ok(Self {
+            node_id: hello.node_id,
+            service: hello.service,
+            instance,
+            health,
+            versions: hello.versions,
+            build: hello.build,
+        })
     }
 }
 
@@ -113,19 +148,23 @@ impl Discovery for DiscoveryService {
         let hello = Hello::try_from(hello).map_err(|e| Status::invalid_argument(e.within("hello").to_string()))?;
 
         let session_id = self.registry.new_session();
+        let (health, statuses) = hello.health.unwrap_or((Health::Passing, Vec::new()));
         let instance = match hello.instance {
-            Some(spec) => Some(
-                self.registry
-                    .attach(session_id, &hello.node_id, spec, Health::Passing)
-                    .map_err(|e| registry_status(e, "hello.instance"))?,
-            ),
+            Some(spec) => {
+                let instance = self
+                    .registry
+                    .attach(session_id, &hello.node_id, spec, health)
+                    .map_err(|e| registry_status(e, "hello.instance"))?;
+                let _ = self.registry.record_health(&instance.id, health, statuses, Some(session_id));
+                Some(instance)
+            }
             None => None,
         };
         let instance_id = instance.as_ref().map(|i| i.id.clone());
         tracing::info!(node = %hello.node_id, service = %hello.service, instance = ?instance_id, %peer, "sidecar connected");
 
         let (outbound, rx) = mpsc::channel(1);
-        let welcome = v1::Welcome { instance: instance.map(|i| i.to_proto()), server_id: self.server_id.clone() };
+        let welcome = v1::Welcome { instance: instance.map(|i| self.registry.describe(&i)), server_id: self.server_id.clone() };
         outbound
             .try_send(Ok(v1::ControlMessage { message: Some(control_message::Message::Welcome(welcome)) }))
             .map_err(|_| Status::internal("the new stream's channel is full"))?;

@@ -200,6 +200,16 @@ impl Session {
                 tracing::info!(node = %self.record.node_id, reason = %goodbye.reason, "sidecar said goodbye");
                 return Ok(false);
             }
+            Some(sidecar_message::Message::Health(report)) => {
+                let (health, statuses) =
+                    super::health_report(&report).map_err(|e| Status::invalid_argument(e.within("health").to_string()))?;
+                let Some(id) = self.record.instance_id.clone() else {
+                    return Err(Status::invalid_argument("health: this sidecar registered no instance"));
+                };
+                if let Ok(true) = self.registry.record_health(&id, health, statuses, Some(self.id)) {
+                    tracing::info!(node = %self.record.node_id, instance = %id, %health, "instance health changed");
+                }
+            }
             Some(sidecar_message::Message::Hello(_)) => return Err(Status::invalid_argument("hello: sent twice on one stream")),
             None => return Err(Status::invalid_argument("message: empty")),
         }

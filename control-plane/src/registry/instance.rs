@@ -6,7 +6,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use ferry_health::Health;
+use ferry_health::{CheckSpec, Health, spec::assign_ids};
 use ferry_proto::{
     types::Timestamp,
     v1,
@@ -29,6 +29,10 @@ pub struct Instance {
     pub registered_at: SystemTime,
     /// The registry index of this instance's last change.
     pub index: u64,
+    /// The checks that decide its health; their status is kept beside the instance.
+    pub checks: Vec<CheckSpec>,
+    /// An API instance critical this long is removed.
+    pub deregister_critical_after: Option<Duration>,
 }
 
 /// Who registered an instance, which decides its lifecycle.
@@ -51,6 +55,8 @@ pub struct InstanceSpec {
     pub region: String,
     pub zone: String,
     pub weight: u32,
+    pub checks: Vec<CheckSpec>,
+    pub deregister_critical_after: Option<Duration>,
 }
 
 impl TryFrom<v1::Instance> for InstanceSpec {
@@ -67,6 +73,20 @@ impl TryFrom<v1::Instance> for InstanceSpec {
         };
         // A generated id can outgrow the limit with a long host name.
         validate::instance_id("id", &id)?;
+        let mut checks = instance
+            .checks
+            .iter()
+            .enumerate()
+            .map(|(i, check)| CheckSpec::try_from(check).map_err(|e| e.within(&format!("checks[{i}]"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        assign_ids(&id, &mut checks);
+        for (i, check) in checks.iter().enumerate() {
+            validate::instance_id(&format!("checks[{i}].id"), &check.id)?;
+        }
+        let deregister_critical_after = match &instance.deregister_critical_after {
+            Some(after) => Some(validate::duration("deregister_critical_after", after)?),
+            None => None,
+        };
         Ok(Self {
             id,
             service: instance.service.into(),
@@ -76,6 +96,8 @@ impl TryFrom<v1::Instance> for InstanceSpec {
             region: instance.region,
             zone: instance.zone,
             weight: if instance.weight == 0 { validate::DEFAULT_WEIGHT } else { instance.weight },
+            checks,
+            deregister_critical_after,
         })
     }
 }
@@ -96,6 +118,8 @@ impl Instance {
             origin,
             registered_at: SystemTime::now(),
             index: 0,
+            checks: spec.checks,
+            deregister_critical_after: spec.deregister_critical_after,
         }
     }
 
@@ -117,9 +141,12 @@ impl Instance {
             && self.region == spec.region
             && self.zone == spec.zone
             && self.weight == spec.weight
+            && self.checks == spec.checks
+            && self.deregister_critical_after == spec.deregister_critical_after
     }
 
-    /// The instance as the API shows it.
+    /// The instance as it is stored, its checks without status. The API shows it through
+    /// [`Registry::describe`](super::Registry::describe), which adds the checks' status.
     pub fn to_proto(&self) -> v1::Instance {
         let (origin, node_id) = match &self.origin {
             Origin::Api => (v1::Origin::Api, String::new()),
@@ -139,6 +166,8 @@ impl Instance {
             node_id,
             registered_at: Some(timestamp(self.registered_at)),
             index: self.index,
+            checks: self.checks.iter().map(CheckSpec::to_proto).collect(),
+            deregister_critical_after: self.deregister_critical_after.map(ferry_health::spec::proto_duration),
         }
     }
 
@@ -177,7 +206,8 @@ pub fn timestamp(time: SystemTime) -> Timestamp {
     Timestamp { seconds: i64::try_from(since.as_secs()).unwrap_or(i64::MAX), nanos: since.subsec_nanos() as i32 }
 }
 
-fn system_time(ts: Timestamp) -> SystemTime {
+/// The time a protobuf timestamp stands for (the epoch for nonsense).
+pub fn system_time(ts: Timestamp) -> SystemTime {
     let seconds = u64::try_from(ts.seconds).unwrap_or(0);
     let nanos = u32::try_from(ts.nanos).unwrap_or(0).min(999_999_999);
     UNIX_EPOCH + Duration::new(seconds, nanos)

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use ferry_health::Health;
+use ferry_health::{CheckStatus, Health};
 use ferry_proto::{v1, validate::FieldError};
 use prost::Message;
 use tokio::{sync::watch, time::Instant};
@@ -33,7 +33,7 @@ mod instance;
 mod snapshot;
 
 pub use self::{
-    instance::{Instance, InstanceSpec, Origin, timestamp},
+    instance::{Instance, InstanceSpec, Origin, system_time, timestamp},
     snapshot::{Change, ChangeLog, Delta, ServiceSnapshot},
 };
 
@@ -97,6 +97,11 @@ struct State {
     ids: HashMap<String, Arc<str>>,
     /// Leases of sidecar-owned instances, by instance id.
     leases: HashMap<String, Lease>,
+    /// Check id to the id of the instance it belongs to.
+    check_owners: HashMap<String, String>,
+    /// What each instance's checks found last, by instance id. Kept beside the snapshots: a
+    /// check's output changing is shown but never bumps an index or costs a push.
+    check_statuses: HashMap<String, Vec<CheckStatus>>,
     next_epoch: u64,
     placeholders_created: u64,
 }
@@ -116,7 +121,7 @@ enum Lease {
 
 /// One mutation of an instance, applied by [`State::commit`].
 enum Mutation {
-    Upsert(Instance),
+    Upsert(Box<Instance>),
     Remove,
 }
 
@@ -145,6 +150,8 @@ impl Registry {
                 services: HashMap::new(),
                 ids: HashMap::new(),
                 leases: HashMap::new(),
+                check_owners: HashMap::new(),
+                check_statuses: HashMap::new(),
                 next_epoch: 0,
                 placeholders_created: 0,
             }),
@@ -163,6 +170,9 @@ impl Registry {
         let mut state = self.lock();
         for instance in instances {
             state.ids.insert(instance.id.clone(), instance.service.clone());
+            for check in &instance.checks {
+                state.check_owners.insert(check.id.clone(), instance.id.clone());
+            }
             self.metrics.instances(instance.health).inc();
             if instance.node_id().is_some() {
                 let epoch = state.new_epoch();
@@ -245,6 +255,7 @@ impl Registry {
         let (instance, generation) = {
             let mut state = self.lock();
             state.check_id(&spec)?;
+            state.check_check_ids(&spec)?;
             let existing = state.current(&spec.id);
             match existing {
                 Some(existing) if existing.node_id().is_some() => {
@@ -257,10 +268,15 @@ impl Registry {
                 // Unchanged, but an earlier write of it may still be pending: wait for all of them.
                 Some(existing) if existing.matches(&spec) => (existing, Some(self.writer.pending())),
                 existing => {
-                    let health = existing.map_or(Health::Passing, |e| e.health);
+                    // New checks start critical until they pass; unchanged ones keep their verdict.
+                    let health = match existing {
+                        Some(existing) if existing.checks == spec.checks => existing.health,
+                        _ if spec.checks.is_empty() => Health::Passing,
+                        _ => Health::Critical,
+                    };
                     let instance = Instance::new(spec, Origin::Api, health);
                     let key = instance_key(&instance);
-                    let (instance, generation) = self.commit(&mut state, Mutation::Upsert(instance), &key);
+                    let (instance, generation) = self.commit(&mut state, Mutation::Upsert(Box::new(instance)), &key);
                     (instance.expect("an upsert yields the instance"), Some(generation))
                 }
             }
@@ -298,6 +314,7 @@ impl Registry {
     ) -> Result<Arc<Instance>, RegistryError> {
         let mut state = self.lock();
         state.check_id(&spec)?;
+        state.check_check_ids(&spec)?;
         let existing = state.current(&spec.id);
         if let Some(existing) = &existing
             && existing.node_id().is_none()
@@ -311,7 +328,7 @@ impl Registry {
             _ => {
                 let instance = Instance::new(spec, origin, health);
                 let key = instance_key(&instance);
-                let (instance, _) = self.commit(&mut state, Mutation::Upsert(instance), &key);
+                let (instance, _) = self.commit(&mut state, Mutation::Upsert(Box::new(instance)), &key);
                 Ok(instance.expect("an upsert yields the instance"))
             }
         }
@@ -339,7 +356,7 @@ impl Registry {
         if existing.health != Health::Critical {
             let mut instance = (*existing).clone();
             instance.health = Health::Critical;
-            self.commit(&mut state, Mutation::Upsert(instance), &key);
+            self.commit(&mut state, Mutation::Upsert(Box::new(instance)), &key);
         }
         drop(state);
         self.expire_later(id.to_owned(), epoch);
@@ -357,8 +374,69 @@ impl Registry {
         let mut instance = (*existing).clone();
         instance.health = health;
         let key = instance_key(&instance);
-        let (instance, _) = self.commit(&mut state, Mutation::Upsert(instance), &key);
+        let (instance, _) = self.commit(&mut state, Mutation::Upsert(Box::new(instance)), &key);
         Ok(instance.expect("an upsert yields the instance"))
+    }
+
+    /// Records what the checks of instance `id` found. The statuses are kept as they are; the
+    /// health, when it changed, is committed like any change. With `session`, only the sidecar
+    /// stream holding the instance's lease may report. Returns whether the health changed.
+    pub fn record_health(
+        &self,
+        id: &str,
+        health: Health,
+        statuses: Vec<CheckStatus>,
+        session: Option<SessionId>,
+    ) -> Result<bool, RegistryError> {
+        let mut state = self.lock();
+        if session.is_some_and(|session| state.leases.get(id) != Some(&Lease::Attached(session))) {
+            return Ok(false);
+        }
+        let Some(existing) = state.current(id) else {
+            return Err(RegistryError::NotFound(id.to_owned()));
+        };
+        state.check_statuses.insert(id.to_owned(), statuses);
+        if existing.health == health {
+            return Ok(false);
+        }
+        let mut instance = (*existing).clone();
+        instance.health = health;
+        let key = instance_key(&instance);
+        self.commit(&mut state, Mutation::Upsert(Box::new(instance)), &key);
+        Ok(true)
+    }
+
+    /// The instance as the API shows it, with what its checks found last.
+    pub fn describe(&self, instance: &Instance) -> v1::Instance {
+        let mut described = instance.to_proto();
+        let state = self.lock();
+        if let Some(statuses) = state.check_statuses.get(&instance.id) {
+            for check in &mut described.checks {
+                if let Some(status) = statuses.iter().find(|s| s.id == check.id) {
+                    check.status = v1::Health::from(status.status) as i32;
+                    check.output = status.output.clone();
+                    check.last_transition = Some(timestamp(status.last_transition));
+                }
+            }
+        }
+        described
+    }
+
+    /// Every instance registered through the API.
+    pub fn persistent_instances(&self) -> Vec<Arc<Instance>> {
+        let state = self.lock();
+        state
+            .services
+            .values()
+            .flat_map(|entry| entry.tx.borrow().instances.values().filter(|i| i.node_id().is_none()).cloned().collect::<Vec<_>>())
+            .collect()
+    }
+
+    /// The instance a check belongs to.
+    pub fn check_owner(&self, check_id: &str) -> Option<Arc<Instance>> {
+        let state = self.lock();
+        let id = state.check_owners.get(check_id)?;
+        state.current(id)
     }
 
     /// Waits until every change so far is durable, for a clean shutdown.
@@ -401,7 +479,8 @@ impl Registry {
         let mut instances = (*previous.instances).clone();
         let mut log = (*previous.log).clone();
         let (stored, write) = match mutation {
-            Mutation::Upsert(mut instance) => {
+            Mutation::Upsert(instance) => {
+                let mut instance = *instance;
                 instance.index = index;
                 let instance = Arc::new(instance);
                 if let Some(old) = instances.insert(id.clone(), instance.clone()) {
@@ -427,10 +506,23 @@ impl Registry {
             changed_at: Instant::now(),
         };
         entry.tx.send_replace(Arc::new(snapshot));
+        state.check_owners.retain(|_, owner| owner != id);
         match &stored {
-            Some(_) => state.ids.insert(id.clone(), service.clone()),
-            None => state.ids.remove(id),
-        };
+            Some(instance) => {
+                state.ids.insert(id.clone(), service.clone());
+                for check in &instance.checks {
+                    state.check_owners.insert(check.id.clone(), id.clone());
+                }
+                let ids: Vec<&str> = instance.checks.iter().map(|c| c.id.as_str()).collect();
+                if let Some(statuses) = state.check_statuses.get_mut(id) {
+                    statuses.retain(|s| ids.contains(&s.id.as_str()));
+                }
+            }
+            None => {
+                state.ids.remove(id);
+                state.check_statuses.remove(id);
+            }
+        }
         self.metrics.changes.inc();
         let generation = self.writer.enqueue(write);
         (stored, generation)
@@ -466,6 +558,22 @@ impl State {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Refuses check ids that another instance already uses.
+    fn check_check_ids(&self, spec: &InstanceSpec) -> Result<(), FieldError> {
+        for (i, check) in spec.checks.iter().enumerate() {
+            match self.check_owners.get(&check.id) {
+                Some(owner) if *owner != spec.id => {
+                    return Err(FieldError::new(
+                        format!("checks[{i}].id"),
+                        format!("{:?} is already a check of instance {owner:?}", check.id),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Forgets services that have no instances and no watchers, now and then, so that

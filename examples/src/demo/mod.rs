@@ -33,7 +33,7 @@ use crate::apps::{self, Counters, Page};
 
 pub mod process;
 
-use self::process::{CONTROL_PLANE, Process, SIDECAR, preferred};
+use self::process::{CONTROL_PLANE, Process, SIDECAR, preferred, preferred_udp};
 
 /// The demo's services, in start order (callees first).
 const SERVICES: [&str; 3] = ["inventory", "catalog", "frontend"];
@@ -83,6 +83,8 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
             &preferred("127.0.0.1:7070"),
             "--http",
             &preferred("127.0.0.1:7071"),
+            "--dns",
+            &preferred_udp("127.0.0.1:8600"),
             "--data-dir",
             &dir.path().join("data").display().to_string(),
         ]),
@@ -301,7 +303,7 @@ async fn wait_registered(registry: &mut RegistryClient<Channel>, replicas: usize
     let deadline = Instant::now() + Duration::from_secs(30);
     'services: for service in SERVICES {
         loop {
-            let request = v1::ListInstancesRequest { service: service.into(), passing_only: true };
+            let request = v1::ListInstancesRequest { service: service.into(), passing_only: true, ..Default::default() };
             if let Ok(response) = registry.list_instances(request).await
                 && response.into_inner().instances.len() >= replicas
             {
@@ -356,7 +358,7 @@ async fn drive(
 async fn health(registry: &mut RegistryClient<Channel>) -> HashMap<String, String> {
     let mut health = HashMap::new();
     for service in SERVICES {
-        let request = v1::ListInstancesRequest { service: service.into(), passing_only: false };
+        let request = v1::ListInstancesRequest { service: service.into(), passing_only: false, ..Default::default() };
         if let Ok(response) = registry.list_instances(request).await {
             for instance in response.into_inner().instances {
                 let label = v1::Health::try_from(instance.health).map_or("unknown", |h| match h {

@@ -115,6 +115,14 @@ pub fn preferred(addr: &str) -> String {
     }
 }
 
+/// `addr` if it can be bound now over UDP and TCP, else port 0.
+pub fn preferred_udp(addr: &str) -> String {
+    match (std::net::UdpSocket::bind(addr), std::net::TcpListener::bind(addr)) {
+        (Ok(_), Ok(_)) => addr.to_owned(),
+        _ => "127.0.0.1:0".to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

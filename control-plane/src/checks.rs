@@ -1,0 +1,175 @@
+//! The control plane's health checks: it runs the checks of the instances registered through
+//! the API (a sidecar runs its own app's), records what they find in the registry, renews their
+//! TTL checks, and removes an instance that stays critical past its `deregister_critical_after`.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard, Weak},
+    time::Duration,
+};
+
+use ferry_health::{CheckStatus, Health, HealthMetrics, Probe, Runner, RunnerOptions, Target, TtlError};
+use ferry_proto::validate::FieldError;
+use tokio::{sync::watch, task::JoinHandle, time::Instant};
+
+use crate::registry::{Instance, InstanceSpec, Registry, RegistryError};
+
+/// Runs the checks of API instances.
+pub struct HealthChecks {
+    registry: Arc<Registry>,
+    options: RunnerOptions,
+    metrics: HealthMetrics,
+    running: Mutex<HashMap<String, Supervised>>,
+    this: Weak<HealthChecks>,
+}
+
+/// The checks of one instance, running.
+struct Supervised {
+    instance: Arc<Instance>,
+    runner: Arc<Runner>,
+    forward: JoinHandle<()>,
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        self.forward.abort();
+    }
+}
+
+/// Why a TTL renewal through the API failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TtlFailure {
+    #[error("id: no check {0:?} is registered")]
+    UnknownCheck(String),
+    #[error("id: {check:?} runs in the sidecar {node:?}; renew it there (PUT /ttl/pass on its admin listener)")]
+    OwnedBySidecar { check: String, node: String },
+    #[error("id: {0}")]
+    Refused(TtlError),
+}
+
+impl HealthChecks {
+    /// A supervisor recording into `registry`.
+    pub fn new(registry: Arc<Registry>, options: RunnerOptions, metrics: HealthMetrics) -> Arc<Self> {
+        Arc::new_cyclic(|this| Self { registry, options, metrics, running: Mutex::default(), this: this.clone() })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Supervised>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Refuses checks this control plane will not run.
+    pub fn admit(&self, spec: &InstanceSpec) -> Result<(), FieldError> {
+        for (i, check) in spec.checks.iter().enumerate() {
+            if matches!(check.probe, Probe::Script { .. }) && !self.options.scripts_allowed {
+                return Err(FieldError::new(
+                    format!("checks[{i}].script"),
+                    "script checks are disabled; start the control plane with --enable-script-checks",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts, restarts or stops the checks of `instance` to match what it registered.
+    pub fn sync(&self, instance: &Arc<Instance>) {
+        if instance.node_id().is_some() {
+            return;
+        }
+        let mut running = self.lock();
+        if let Some(current) = running.get(&instance.id) {
+            let same = current.instance.checks == instance.checks
+                && current.instance.address == instance.address
+                && current.instance.port == instance.port
+                && current.instance.deregister_critical_after == instance.deregister_critical_after;
+            if same {
+                return;
+            }
+        }
+        running.remove(&instance.id);
+        if instance.checks.is_empty() {
+            return;
+        }
+        let target = Target { host: instance.address.clone(), port: instance.port };
+        let runner = Arc::new(Runner::start(instance.checks.clone(), target, self.options, self.metrics.clone()));
+        let forward = tokio::spawn(forward(
+            self.registry.clone(),
+            self.this.clone(),
+            instance.id.clone(),
+            runner.report(),
+            instance.deregister_critical_after,
+        ));
+        running.insert(instance.id.clone(), Supervised { instance: instance.clone(), runner, forward });
+    }
+
+    /// Starts the checks of every API instance in the registry, after a restart.
+    pub fn sync_all(&self) {
+        for instance in self.registry.persistent_instances() {
+            self.sync(&instance);
+        }
+    }
+
+    /// Stops the checks of instance `id`.
+    pub fn forget(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    /// Renews the TTL check `check_id` of an API instance.
+    pub async fn ttl(&self, check_id: &str, status: Health, output: String) -> Result<CheckStatus, TtlFailure> {
+        let owner = self.registry.check_owner(check_id).ok_or_else(|| TtlFailure::UnknownCheck(check_id.to_owned()))?;
+        if let Some(node) = owner.node_id() {
+            return Err(TtlFailure::OwnedBySidecar { check: check_id.to_owned(), node: node.to_owned() });
+        }
+        let runner = self.lock().get(&owner.id).map(|s| s.runner.clone());
+        let runner = runner.ok_or_else(|| TtlFailure::UnknownCheck(check_id.to_owned()))?;
+        runner.ttl(Some(check_id), status, output).await.map_err(TtlFailure::Refused)
+    }
+}
+
+/// Copies reports into the registry, and removes the instance once it has been critical for
+/// `deregister_after`.
+async fn forward(
+    registry: Arc<Registry>,
+    checks: Weak<HealthChecks>,
+    id: String,
+    mut report: watch::Receiver<ferry_health::Report>,
+    deregister_after: Option<Duration>,
+) {
+    let mut critical_since: Option<Instant> = None;
+    loop {
+        let current = report.borrow_and_update().clone();
+        match registry.record_health(&id, current.health, current.checks, None) {
+            Err(RegistryError::NotFound(_)) => return,
+            Err(error) => tracing::warn!(%id, %error, "cannot record health"),
+            Ok(changed) => {
+                if changed {
+                    tracing::info!(%id, health = %current.health, "health changed");
+                }
+            }
+        }
+        critical_since = match current.health {
+            Health::Critical => Some(critical_since.unwrap_or_else(Instant::now)),
+            _ => None,
+        };
+        let deadline = deregister_after.zip(critical_since).map(|(after, since)| since + after);
+        tokio::select! {
+            changed = report.changed() => if changed.is_err() { return },
+            () = sleep_until(deadline), if deadline.is_some() => {
+                tracing::info!(%id, after = ?deregister_after, "removing instance: critical for longer than deregister_critical_after");
+                if let Err(error) = registry.deregister(&id).await {
+                    tracing::warn!(%id, %error, "cannot remove the critical instance");
+                }
+                if let Some(checks) = checks.upgrade() {
+                    checks.forget(&id);
+                }
+                return;
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,416 @@
+//! Building the records of a response from what the directory holds.
+//!
+//! Everything here is synchronous and deterministic (the rotation offset is an argument), so the
+//! shape of every answer is unit-tested without sockets.
+//!
+//! Negative answers follow RFC 2308: NXDOMAIN (the name does not exist) and NODATA (the name
+//! exists, the type does not) both carry the zone's SOA in the authority section, and a resolver
+//! caches them for `min(SOA TTL, SOA MINIMUM)`; both are set to [`DnsConfig::negative_ttl`] so a
+//! service that appears is seen within that bound.
+
+use std::{collections::HashSet, net::IpAddr, time::Duration};
+
+use hickory_proto::{
+    op::ResponseCode,
+    rr::{
+        Name, RData, Record, RecordType,
+        rdata::{A, AAAA, SOA, SRV},
+    },
+};
+
+use crate::{DnsConfig, DnsEndpoint, name::ZONE_LABEL};
+
+/// SRV priority and weight of every endpoint: all are equal, the client picks among them.
+const SRV_PRIORITY: u16 = 1;
+const SRV_WEIGHT: u16 = 1;
+/// SOA timers. Nothing transfers this zone, so only `minimum` (and the SOA's TTL) matter; these
+/// are the usual values so tools that print them do not look alarming.
+const SOA_SERIAL: u32 = 1;
+const SOA_REFRESH: i32 = 3600;
+const SOA_RETRY: i32 = 600;
+const SOA_EXPIRE: i32 = 86_400;
+
+/// An endpoint address that is neither an IP literal nor a valid host name.
+#[derive(Debug, thiserror::Error)]
+#[error("endpoint address {0:?} is neither an IP literal nor a host name")]
+pub(crate) struct InvalidAddress(String);
+
+/// The sections and code of one response.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Answer {
+    pub(crate) code: ResponseCode,
+    /// Whether this server is the authority for the name (the AA bit).
+    pub(crate) authoritative: bool,
+    pub(crate) answers: Vec<Record>,
+    /// The zone's SOA, in the authority section of negative answers.
+    pub(crate) soa: Option<Record>,
+    pub(crate) additionals: Vec<Record>,
+}
+
+impl Answer {
+    /// The name is outside `ferry.`: this server has no say about it.
+    pub(crate) fn refused() -> Self {
+        Self::error(ResponseCode::Refused)
+    }
+
+    /// The answer could not be worked out (the directory did not answer in time).
+    pub(crate) fn servfail() -> Self {
+        Self::error(ResponseCode::ServFail)
+    }
+
+    fn error(code: ResponseCode) -> Self {
+        Self { code, authoritative: false, answers: Vec::new(), soa: None, additionals: Vec::new() }
+    }
+}
+
+/// The `ferry.` zone: its SOA and TTLs.
+#[derive(Debug, Clone)]
+pub(crate) struct Zone {
+    ttl: u32,
+    soa: Record,
+}
+
+impl Zone {
+    /// The zone as `config` shapes it.
+    pub(crate) fn new(config: &DnsConfig) -> Self {
+        let negative_ttl = ttl_secs(config.negative_ttl);
+        let origin = Name::from_labels([ZONE_LABEL]).expect("`ferry` is a valid label");
+        let rname = Name::from_labels([&b"hostmaster"[..], ZONE_LABEL]).expect("`hostmaster.ferry` is a valid name");
+        let soa = SOA::new(origin.clone(), rname, SOA_SERIAL, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, negative_ttl);
+        Self { ttl: ttl_secs(config.ttl), soa: Record::from_rdata(origin, negative_ttl, RData::SOA(soa)) }
+    }
+
+    /// The name does not exist (RFC 2308 section 2.1).
+    pub(crate) fn nxdomain(&self) -> Answer {
+        Answer { code: ResponseCode::NXDomain, ..self.nodata() }
+    }
+
+    /// The name exists but has no records of the asked type (RFC 2308 section 2.2).
+    pub(crate) fn nodata(&self) -> Answer {
+        Answer {
+            code: ResponseCode::NoError,
+            authoritative: true,
+            answers: Vec::new(),
+            soa: Some(self.soa.clone()),
+            additionals: Vec::new(),
+        }
+    }
+
+    fn records(answers: Vec<Record>, additionals: Vec<Record>) -> Answer {
+        Answer { code: ResponseCode::NoError, authoritative: true, answers, soa: None, additionals }
+    }
+
+    /// `ferry.`: its SOA, and nothing else.
+    pub(crate) fn apex(&self, qtype: RecordType) -> Answer {
+        match qtype {
+            RecordType::SOA | RecordType::ANY => Self::records(vec![self.soa.clone()], Vec::new()),
+            _ => self.nodata(),
+        }
+    }
+
+    /// `HEX.addr.ferry.`: the address it spells, as A or AAAA.
+    pub(crate) fn addr(&self, qname: &Name, qtype: RecordType, ip: IpAddr) -> Answer {
+        let wanted =
+            matches!((qtype, ip), (RecordType::A, IpAddr::V4(_)) | (RecordType::AAAA, IpAddr::V6(_)) | (RecordType::ANY, _));
+        if !wanted {
+            return self.nodata();
+        }
+        Self::records(vec![self.address_record(qname.clone(), ip)], Vec::new())
+    }
+
+    /// `[TAG.]NAME.service.ferry.`: the service's routable `endpoints` (those of version `tag`,
+    /// when given), rotated left by `rotation` so successive queries spread load.
+    ///
+    /// A and AAAA hold only IP endpoints (a host name has no address of ours to give); SRV holds
+    /// every endpoint, its target the `addr.ferry.` name of an IP (with that A/AAAA added) or the
+    /// host name itself. ANY gets the A and AAAA records.
+    pub(crate) fn service(
+        &self,
+        qname: &Name,
+        qtype: RecordType,
+        endpoints: &[DnsEndpoint],
+        tag: Option<&str>,
+        rotation: usize,
+    ) -> Answer {
+        let targets: Vec<(Target, u16)> = endpoints
+            .iter()
+            .filter(|endpoint| tag.is_none_or(|tag| endpoint.version.as_deref().is_some_and(|v| v.eq_ignore_ascii_case(tag))))
+            .filter_map(|endpoint| match Target::parse(&endpoint.address) {
+                Ok(target) => Some((target, endpoint.port)),
+                Err(error) => {
+                    tracing::debug!(%error, id = %endpoint.id, "endpoint left out of DNS");
+                    None
+                }
+            })
+            .collect();
+
+        let answer = match qtype {
+            RecordType::A => self.addresses(qname, &targets, rotation, IpAddr::is_ipv4),
+            RecordType::AAAA => self.addresses(qname, &targets, rotation, IpAddr::is_ipv6),
+            RecordType::ANY => self.addresses(qname, &targets, rotation, |_| true),
+            RecordType::SRV => self.srv(qname, targets, rotation),
+            _ => return self.nodata(),
+        };
+        if answer.answers.is_empty() { self.nodata() } else { answer }
+    }
+
+    /// One A/AAAA record per distinct address that `family` accepts: an RRset holds no
+    /// duplicates (RFC 2181 section 5), and two instances may share a host.
+    fn addresses(&self, qname: &Name, targets: &[(Target, u16)], rotation: usize, family: fn(&IpAddr) -> bool) -> Answer {
+        let mut seen = HashSet::new();
+        let mut ips: Vec<IpAddr> =
+            targets.iter().filter_map(|(target, _)| target.ip()).filter(|ip| family(ip) && seen.insert(*ip)).collect();
+        rotate(&mut ips, rotation);
+        let answers = ips.into_iter().map(|ip| self.address_record(qname.clone(), ip)).collect();
+        Self::records(answers, Vec::new())
+    }
+
+    fn srv(&self, qname: &Name, mut targets: Vec<(Target, u16)>, rotation: usize) -> Answer {
+        rotate(&mut targets, rotation);
+        let mut seen = HashSet::new();
+        let mut answers = Vec::with_capacity(targets.len());
+        let mut additionals = Vec::new();
+        for (target, port) in targets {
+            let target_name = match target {
+                Target::Ip(ip) => {
+                    let name = crate::name::addr_name(ip);
+                    if seen.insert(ip) {
+                        additionals.push(self.address_record(name.clone(), ip));
+                    }
+                    name
+                }
+                Target::Host(name) => name,
+            };
+            let srv = SRV::new(SRV_PRIORITY, SRV_WEIGHT, port, target_name);
+            answers.push(Record::from_rdata(qname.clone(), self.ttl, RData::SRV(srv)));
+        }
+        Self::records(answers, additionals)
+    }
+
+    fn address_record(&self, name: Name, ip: IpAddr) -> Record {
+        let rdata = match ip {
+            IpAddr::V4(v4) => RData::A(A(v4)),
+            IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+        };
+        Record::from_rdata(name, self.ttl, rdata)
+    }
+}
+
+/// Where an endpoint's address points.
+#[derive(Debug, Clone, PartialEq)]
+enum Target {
+    Ip(IpAddr),
+    Host(Name),
+}
+
+impl Target {
+    fn parse(address: &str) -> Result<Self, InvalidAddress> {
+        // Accept the bracketed form of IPv6 too, as URLs and socket addresses spell it.
+        let literal = address.strip_prefix('[').and_then(|a| a.strip_suffix(']')).unwrap_or(address);
+        if let Ok(ip) = literal.parse::<IpAddr>() {
+            // An IPv4-mapped IPv6 address is an IPv4 endpoint: answer it as A.
+            return Ok(Self::Ip(ip.to_canonical()));
+        }
+        let invalid = || InvalidAddress(address.to_owned());
+        if address.is_empty() || address.contains(':') {
+            return Err(invalid());
+        }
+        let mut name = Name::from_ascii(address).map_err(|_| invalid())?;
+        name.set_fqdn(true);
+        Ok(Self::Host(name))
+    }
+
+    fn ip(&self) -> Option<IpAddr> {
+        match self {
+            Self::Ip(ip) => Some(*ip),
+            Self::Host(_) => None,
+        }
+    }
+}
+
+/// Rotates `items` left by `by`, wrapping: the round robin of successive answers.
+fn rotate<T>(items: &mut [T], by: usize) {
+    if !items.is_empty() {
+        let by = by % items.len();
+        items.rotate_left(by);
+    }
+}
+
+/// A TTL in whole seconds, saturating at the largest TTL RFC 2181 section 8 allows (2^31 - 1).
+fn ttl_secs(ttl: Duration) -> u32 {
+    u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX).min(i32::MAX.unsigned_abs())
+}
+
+/// The IPv4 and IPv6 addresses in an answer section, in order; for tests.
+#[cfg(test)]
+pub(crate) fn addresses_of(records: &[Record]) -> Vec<IpAddr> {
+    records
+        .iter()
+        .filter_map(|record| match &record.data {
+            RData::A(A(v4)) => Some(IpAddr::V4(*v4)),
+            RData::AAAA(AAAA(v6)) => Some(IpAddr::V6(*v6)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv6Addr;
+
+    use super::*;
+
+    fn zone() -> Zone {
+        Zone::new(&DnsConfig { ttl: Duration::from_secs(7), negative_ttl: Duration::from_secs(3) })
+    }
+
+    fn endpoint(id: &str, address: &str, port: u16, version: Option<&str>) -> DnsEndpoint {
+        DnsEndpoint { id: id.to_owned(), address: address.to_owned(), port, version: version.map(str::to_owned) }
+    }
+
+    fn catalog() -> Vec<DnsEndpoint> {
+        vec![
+            endpoint("a", "10.0.0.1", 8080, Some("v1")),
+            endpoint("b", "10.0.0.2", 8080, Some("v2")),
+            endpoint("c", "fd00::3", 8080, Some("v2")),
+            endpoint("d", "catalog-d.internal", 9090, Some("v2")),
+            endpoint("e", "10.0.0.2", 8081, None),
+        ]
+    }
+
+    fn qname() -> Name {
+        Name::from_ascii("catalog.service.ferry.").expect("valid")
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("test addresses are valid")
+    }
+
+    fn soa_minimum(answer: &Answer) -> Option<u32> {
+        match answer.soa.as_ref().map(|soa| &soa.data) {
+            Some(RData::SOA(soa)) => Some(soa.minimum),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_holds_distinct_ipv4_endpoints_with_the_ttl() {
+        let answer = zone().service(&qname(), RecordType::A, &catalog(), None, 0);
+        assert_eq!(answer.code, ResponseCode::NoError);
+        assert!(answer.authoritative);
+        assert_eq!(addresses_of(&answer.answers), [ip("10.0.0.1"), ip("10.0.0.2")]);
+        assert!(answer.answers.iter().all(|r| r.ttl == 7 && r.name == qname()));
+        assert_eq!(answer.soa, None);
+    }
+
+    #[test]
+    fn a_rotates_with_the_offset() {
+        let zone = zone();
+        let endpoints: Vec<_> = (1..=3).map(|i| endpoint(&i.to_string(), &format!("10.0.0.{i}"), 80, None)).collect();
+        let order = |rotation| addresses_of(&zone.service(&qname(), RecordType::A, &endpoints, None, rotation).answers);
+        assert_eq!(order(0), [ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.0.3")]);
+        assert_eq!(order(1), [ip("10.0.0.2"), ip("10.0.0.3"), ip("10.0.0.1")]);
+        assert_eq!(order(5), [ip("10.0.0.3"), ip("10.0.0.1"), ip("10.0.0.2")]);
+        assert_eq!(order(3), order(0));
+    }
+
+    #[test]
+    fn aaaa_holds_ipv6_endpoints() {
+        let answer = zone().service(&qname(), RecordType::AAAA, &catalog(), None, 0);
+        assert_eq!(addresses_of(&answer.answers), [ip("fd00::3")]);
+    }
+
+    #[test]
+    fn tag_filters_on_version() {
+        let answer = zone().service(&qname(), RecordType::A, &catalog(), Some("v2"), 0);
+        assert_eq!(addresses_of(&answer.answers), [ip("10.0.0.2")]);
+        let answer = zone().service(&qname(), RecordType::SRV, &catalog(), Some("v2"), 0);
+        assert_eq!(answer.answers.len(), 3);
+        let answer = zone().service(&qname(), RecordType::A, &catalog(), Some("v9"), 0);
+        assert_eq!(answer, zone().nodata());
+    }
+
+    #[test]
+    fn srv_targets_addr_names_and_host_names() {
+        let answer = zone().service(&qname(), RecordType::SRV, &catalog(), None, 0);
+        let srvs: Vec<(u16, u16, u16, String)> = answer
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::SRV(srv) => Some((srv.priority, srv.weight, srv.port, srv.target.to_ascii())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            srvs,
+            [
+                (1, 1, 8080, "0a000001.addr.ferry.".to_owned()),
+                (1, 1, 8080, "0a000002.addr.ferry.".to_owned()),
+                (1, 1, 8080, format!("{:032x}.addr.ferry.", u128::from(ip_v6("fd00::3")))),
+                (1, 1, 9090, "catalog-d.internal.".to_owned()),
+                (1, 1, 8081, "0a000002.addr.ferry.".to_owned()),
+            ]
+        );
+        // One address record per distinct IP target, named as the SRV target names it.
+        assert_eq!(addresses_of(&answer.additionals), [ip("10.0.0.1"), ip("10.0.0.2"), ip("fd00::3")]);
+        assert_eq!(answer.additionals[0].name.to_ascii(), "0a000001.addr.ferry.");
+    }
+
+    fn ip_v6(s: &str) -> Ipv6Addr {
+        s.parse().expect("valid")
+    }
+
+    #[test]
+    fn no_matching_records_is_nodata_with_soa() {
+        let zone = zone();
+        assert_eq!(zone.service(&qname(), RecordType::A, &[], None, 0), zone.nodata());
+        assert_eq!(zone.service(&qname(), RecordType::TXT, &catalog(), None, 0), zone.nodata());
+        let hosts_only = [endpoint("d", "catalog-d.internal", 9090, None)];
+        assert_eq!(zone.service(&qname(), RecordType::A, &hosts_only, None, 0), zone.nodata());
+        let nodata = zone.nodata();
+        assert_eq!(nodata.code, ResponseCode::NoError);
+        assert!(nodata.answers.is_empty());
+        assert_eq!(soa_minimum(&nodata), Some(3));
+    }
+
+    #[test]
+    fn nxdomain_carries_soa_with_negative_ttl() {
+        let answer = zone().nxdomain();
+        assert_eq!(answer.code, ResponseCode::NXDomain);
+        assert_eq!(soa_minimum(&answer), Some(3));
+        assert_eq!(answer.soa.as_ref().map(|soa| soa.ttl), Some(3));
+        assert_eq!(answer.soa.as_ref().map(|soa| soa.name.to_ascii()), Some("ferry.".to_owned()));
+    }
+
+    #[test]
+    fn addr_answers_only_its_family() {
+        let zone = zone();
+        let name = Name::from_ascii("0a000001.addr.ferry.").expect("valid");
+        let answer = zone.addr(&name, RecordType::A, ip("10.0.0.1"));
+        assert_eq!(addresses_of(&answer.answers), [ip("10.0.0.1")]);
+        assert_eq!(zone.addr(&name, RecordType::AAAA, ip("10.0.0.1")), zone.nodata());
+    }
+
+    #[test]
+    fn apex_answers_soa() {
+        let zone = zone();
+        assert_eq!(zone.apex(RecordType::SOA).answers.len(), 1);
+        assert_eq!(zone.apex(RecordType::A), zone.nodata());
+    }
+
+    #[test]
+    fn endpoint_addresses() {
+        assert_eq!(Target::parse("10.1.2.3").ok(), Some(Target::Ip(ip("10.1.2.3"))));
+        assert_eq!(Target::parse("[::1]").ok(), Some(Target::Ip(ip("::1"))));
+        assert_eq!(Target::parse("::ffff:10.1.2.3").ok(), Some(Target::Ip(ip("10.1.2.3"))));
+        assert_eq!(Target::parse("db.internal").ok(), Some(Target::Host(Name::from_ascii("db.internal.").expect("valid"))));
+        assert!(Target::parse("").is_err());
+        assert!(Target::parse("not:an:address").is_err());
+    }
+
+    #[test]
+    fn ttls_are_whole_seconds_and_bounded() {
+        assert_eq!(ttl_secs(Duration::from_millis(5_900)), 5);
+        assert_eq!(ttl_secs(Duration::from_secs(u64::MAX)), 2_147_483_647);
+    }
+}

@@ -1,0 +1,263 @@
+//! The probes: each runs once and says what it found.
+
+use std::{process::Stdio, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use tokio::net::TcpStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+use crate::{Health, spec::Probe};
+
+/// The address a probe targets when its check names none: the instance (control plane) or
+/// the app (sidecar).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+}
+
+impl Target {
+    /// `host:port`, with brackets around an IPv6 host.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') { format!("[{}]:{}", self.host, self.port) } else { format!("{}:{}", self.host, self.port) }
+    }
+}
+
+/// A result: the status and what to show for it.
+pub type Outcome = (Health, String);
+
+/// Runs one kind of probe, keeping what it can reuse between runs (an HTTP client, a gRPC
+/// channel).
+pub struct Prober {
+    probe: Probe,
+    target: Target,
+    http: Option<Client<HttpConnector, Empty<Bytes>>>,
+    grpc: Option<Channel>,
+}
+
+/// The body bytes an HTTP probe reads and shows.
+const BODY_LIMIT: usize = 4096;
+
+impl Prober {
+    /// A prober of `probe` against `target`.
+    pub fn new(probe: Probe, target: Target) -> Self {
+        let http = matches!(probe, Probe::Http { .. }).then(|| Client::builder(TokioExecutor::new()).build_http());
+        let grpc = match &probe {
+            Probe::Grpc { address, .. } => {
+                let authority = address.clone().unwrap_or_else(|| target.authority());
+                Endpoint::from_shared(format!("http://{authority}")).ok().map(|e| e.connect_lazy())
+            }
+            _ => None,
+        };
+        Self { probe, target, http, grpc }
+    }
+
+    /// Probes once, giving up after `timeout`. TTL checks are not probed: `None`.
+    pub async fn run(&mut self, timeout: Duration) -> Option<Outcome> {
+        let outcome = match &self.probe {
+            Probe::Ttl { .. } => return None,
+            Probe::Http { url, expected_status } => {
+                let url = if url.starts_with('/') { format!("http://{}{url}", self.target.authority()) } else { url.clone() };
+                bounded(timeout, format!("HTTP GET {url}"), http(self.http.as_ref(), url.clone(), *expected_status)).await
+            }
+            Probe::Tcp { address } => {
+                let address = address.clone().unwrap_or_else(|| self.target.authority());
+                bounded(timeout, format!("TCP connect {address}"), tcp(address.clone())).await
+            }
+            Probe::Grpc { service, .. } => {
+                bounded(timeout, "gRPC health check".into(), grpc(self.grpc.clone(), service.clone())).await
+            }
+            Probe::Script { args } => script(args, timeout).await,
+        };
+        Some(outcome)
+    }
+}
+
+/// Runs `probe`, turning a timeout into a critical result.
+async fn bounded(timeout: Duration, what: String, probe: impl Future<Output = Outcome>) -> Outcome {
+    match tokio::time::timeout(timeout, probe).await {
+        Ok(outcome) => outcome,
+        Err(_) => (Health::Critical, format!("{what}: no answer within {timeout:?}")),
+    }
+}
+
+async fn http(client: Option<&Client<HttpConnector, Empty<Bytes>>>, url: String, expected: Option<u16>) -> Outcome {
+    let Some(client) = client else { return (Health::Critical, "no HTTP client".into()) };
+    let request = match http::Request::get(&url).header(http::header::USER_AGENT, "ferry-health-check").body(Empty::new()) {
+        Ok(request) => request,
+        Err(error) => return (Health::Critical, format!("HTTP GET {url}: {error}")),
+    };
+    let response = match client.request(request).await {
+        Ok(response) => response,
+        Err(error) => return (Health::Critical, format!("HTTP GET {url}: {}", source_chain(&error))),
+    };
+    let status = response.status();
+    let body = match Limited::new(response.into_body(), BODY_LIMIT).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    let text = String::from_utf8_lossy(&body[..body.len().min(256)]).trim().to_owned();
+    let health = match expected {
+        Some(expected) if status.as_u16() == expected => Health::Passing,
+        Some(_) => Health::Critical,
+        None if status.is_success() => Health::Passing,
+        None if status == http::StatusCode::TOO_MANY_REQUESTS => Health::Warning,
+        None => Health::Critical,
+    };
+    let output = if text.is_empty() { format!("HTTP GET {url}: {status}") } else { format!("HTTP GET {url}: {status}: {text}") };
+    (health, output)
+}
+
+async fn tcp(address: String) -> Outcome {
+    match TcpStream::connect(address.as_str()).await {
+        Ok(_) => (Health::Passing, format!("TCP connect {address}: connected")),
+        Err(error) => (Health::Critical, format!("TCP connect {address}: {error}")),
+    }
+}
+
+async fn grpc(channel: Option<Channel>, service: String) -> Outcome {
+    let Some(channel) = channel else { return (Health::Critical, "gRPC health check: invalid address".into()) };
+    let asked = if service.is_empty() { "the server".to_owned() } else { format!("{service:?}") };
+    match HealthClient::new(channel).check(HealthCheckRequest { service: service.clone() }).await {
+        Ok(reply) => match reply.into_inner().status() {
+            ServingStatus::Serving => (Health::Passing, format!("gRPC health of {asked}: SERVING")),
+            other => (Health::Critical, format!("gRPC health of {asked}: {}", other.as_str_name())),
+        },
+        Err(status) => (Health::Critical, format!("gRPC health of {asked}: {:?}: {}", status.code(), status.message())),
+    }
+}
+
+async fn script(args: &[String], timeout: Duration) -> Outcome {
+    let Some((command, rest)) = args.split_first() else { return (Health::Critical, "script: no command".into()) };
+    let child = tokio::process::Command::new(command)
+        .args(rest)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn();
+    let child = match child {
+        Ok(child) => child,
+        Err(error) => return (Health::Critical, format!("script {command}: cannot start: {error}")),
+    };
+    let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(output)) => output,
+        Ok(Err(error)) => return (Health::Critical, format!("script {command}: {error}")),
+        Err(_) => return (Health::Critical, format!("script {command}: killed after {timeout:?}")),
+    };
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    let text = text.trim();
+    let health = match output.status.code() {
+        Some(0) => Health::Passing,
+        Some(1) => Health::Warning,
+        _ => Health::Critical,
+    };
+    let code = output.status.code().map_or("a signal".to_owned(), |c| c.to_string());
+    let output =
+        if text.is_empty() { format!("script {command}: exit {code}") } else { format!("script {command}: exit {code}: {text}") };
+    (health, output)
+}
+
+fn source_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(source) = next {
+        let part = source.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        next = source.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU16, Ordering},
+    };
+
+    use super::*;
+
+    /// An HTTP server answering every request with the status in `status`.
+    async fn server(status: Arc<AtomicU16>) -> Target {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let status = status.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_request| {
+                        let code = status.load(Ordering::SeqCst);
+                        async move {
+                            let mut response = http::Response::new(http_body_util::Full::new(Bytes::from("body text")));
+                            *response.status_mut() = http::StatusCode::from_u16(code).unwrap_or_default();
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Target { host: "127.0.0.1".into(), port }
+    }
+
+    #[tokio::test]
+    async fn http_maps_statuses_to_health() {
+        let status = Arc::new(AtomicU16::new(200));
+        let target = server(status.clone()).await;
+        let mut prober = Prober::new(Probe::Http { url: "/healthz".into(), expected_status: None }, target.clone());
+        for (code, health) in [(200, Health::Passing), (204, Health::Passing), (429, Health::Warning), (500, Health::Critical)] {
+            status.store(code, Ordering::SeqCst);
+            let (got, output) = prober.run(Duration::from_secs(2)).await.expect("probed");
+            assert_eq!(got, health, "{code}: {output}");
+            assert!(output.contains(&code.to_string()) && output.contains("/healthz"), "{output}");
+        }
+        let mut expecting = Prober::new(Probe::Http { url: "/healthz".into(), expected_status: Some(500) }, target);
+        assert_eq!(expecting.run(Duration::from_secs(2)).await.map(|o| o.0), Some(Health::Passing));
+    }
+
+    #[tokio::test]
+    async fn tcp_passes_while_the_port_is_open() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let target = Target { host: "127.0.0.1".into(), port: listener.local_addr().expect("addr").port() };
+        let mut prober = Prober::new(Probe::Tcp { address: None }, target);
+        assert_eq!(prober.run(Duration::from_secs(2)).await.map(|o| o.0), Some(Health::Passing));
+        drop(listener);
+        let (health, output) = prober.run(Duration::from_secs(2)).await.expect("probed");
+        assert_eq!(health, Health::Critical, "{output}");
+    }
+
+    #[tokio::test]
+    async fn scripts_map_exit_codes_and_time_out() {
+        let target = Target { host: "127.0.0.1".into(), port: 1 };
+        for (code, health) in [(0, Health::Passing), (1, Health::Warning), (2, Health::Critical)] {
+            let args = vec!["sh".into(), "-c".into(), format!("echo checked; exit {code}")];
+            let (got, output) =
+                Prober::new(Probe::Script { args }, target.clone()).run(Duration::from_secs(5)).await.expect("ran");
+            assert_eq!(got, health, "{output}");
+            assert!(output.contains("checked") && output.contains(&format!("exit {code}")), "{output}");
+        }
+        let slow = vec!["sleep".into(), "5".into()];
+        let (health, output) =
+            Prober::new(Probe::Script { args: slow }, target.clone()).run(Duration::from_millis(100)).await.expect("ran");
+        assert_eq!(health, Health::Critical);
+        assert!(output.contains("killed after"), "{output}");
+        let missing = vec!["/nonexistent/check".into()];
+        let (health, output) =
+            Prober::new(Probe::Script { args: missing }, target).run(Duration::from_secs(1)).await.expect("ran");
+        assert_eq!(health, Health::Critical);
+        assert!(output.contains("cannot start"), "{output}");
+    }
+}

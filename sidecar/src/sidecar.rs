@@ -1,0 +1,325 @@
+//! A sidecar, started: every listener bound, the config stream running, the app's checks
+//! running; and its way out: drain, goodbye, stop.
+
+use std::{
+    net::{IpAddr, SocketAddr, UdpSocket},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context;
+use ferry_proto::v1;
+use tokio::{net::TcpListener, task::JoinHandle, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    admin::{self, AdminState},
+    catalog::Catalog,
+    config::Config,
+    control::{self, ControlConfig, ControlStatus},
+    dns::CatalogDirectory,
+    health::AppHealth,
+    http::{
+        self,
+        client::{Client, ClientConfig},
+    },
+    inbound::{InFlight, Inbound},
+    metrics::Metrics,
+    outbound::{Outbound, OutboundConfig},
+};
+
+/// The most services one sidecar tracks, declared and on demand together.
+const MAX_SERVICES: usize = 1024;
+
+/// How long connecting to the control plane may take.
+const CONTROL_PLANE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long open connections get to finish once the listeners stop.
+const CLOSE: Duration = Duration::from_secs(2);
+
+/// The least a drain lasts, even when the app is gone: time for the control plane to tell the
+/// other sidecars that this instance is draining.
+const MIN_DRAIN: Duration = Duration::from_millis(500);
+
+/// A running sidecar.
+pub struct Sidecar {
+    pub outbound_addr: SocketAddr,
+    pub inbound_addr: Option<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    pub upstream_addrs: Vec<(Arc<str>, SocketAddr)>,
+    pub dns_addr: Option<SocketAddr>,
+    app: Option<crate::config::HostPort>,
+    health: Option<Arc<AppHealth>>,
+    in_flight: InFlight,
+    drain_window: Duration,
+    /// Cancelled by `POST /shutdown`.
+    shutdown_requested: CancellationToken,
+    shutdown: CancellationToken,
+    control: JoinHandle<()>,
+    servers: Vec<JoinHandle<()>>,
+}
+
+async fn bind(flag: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("binding {flag} {addr}"))
+}
+
+impl Sidecar {
+    /// Binds every listener, connects to the control plane in the background and starts serving.
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let outbound_listener = bind("--outbound", config.outbound).await?;
+        let admin_listener = bind("--admin", config.admin).await?;
+        let inbound_listener = match &config.app {
+            Some(_) => Some(bind("--inbound", config.inbound).await?),
+            None => None,
+        };
+        let mut upstream_listeners = Vec::with_capacity(config.upstreams.len());
+        for upstream in &config.upstreams {
+            upstream_listeners.push((upstream.service.clone(), bind("--upstream", upstream.listen).await?));
+        }
+        let dns_sockets = match config.dns {
+            Some(addr) => {
+                let udp = tokio::net::UdpSocket::bind(addr).await.with_context(|| format!("binding --dns {addr} (UDP)"))?;
+                // TCP on the port UDP got, so that port 0 gives one port for both.
+                let tcp_addr = udp.local_addr()?;
+                Some((udp, bind("--dns (TCP)", tcp_addr).await?))
+            }
+            None => None,
+        };
+
+        let outbound_addr = outbound_listener.local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
+        let inbound_addr = inbound_listener.as_ref().map(TcpListener::local_addr).transpose()?;
+        let dns_addr = dns_sockets.as_ref().map(|(udp, _)| udp.local_addr()).transpose()?;
+        let upstream_addrs: Vec<(Arc<str>, SocketAddr)> =
+            upstream_listeners.iter().map(|(name, l)| Ok((name.clone(), l.local_addr()?))).collect::<std::io::Result<_>>()?;
+
+        let mut prometheus = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::new(&mut prometheus);
+
+        let mut instance = match inbound_addr {
+            Some(inbound) => {
+                let host = match &config.advertise {
+                    Some(host) => host.clone(),
+                    None => advertise_host(inbound.ip(), &config.control_plane).await,
+                };
+                let id = config.id.clone().unwrap_or_else(|| format!("{}-{}-{}", config.service, host, inbound.port()));
+                Some(v1::Instance {
+                    id,
+                    service: config.service.clone(),
+                    address: host,
+                    port: u32::from(inbound.port()),
+                    metadata: config.metadata_map().into_iter().collect(),
+                    region: config.region.clone(),
+                    zone: config.zone.clone(),
+                    weight: config.weight,
+                    ..Default::default()
+                })
+            }
+            None => None,
+        };
+        let health = match (&mut instance, &config.app) {
+            (Some(instance), Some(app)) => {
+                let checks = config.check_specs(&instance.id)?;
+                let health = AppHealth::start(checks, app, metrics.health.clone());
+                instance.checks = health.specs();
+                Some(Arc::new(health))
+            }
+            _ => {
+                config.check_specs("none")?;
+                None
+            }
+        };
+        if let Some(instance) = &instance {
+            ferry_proto::validate::instance(instance).context("the instance this sidecar would register")?;
+        }
+        let node_id = config
+            .node_id
+            .clone()
+            .or_else(|| instance.as_ref().map(|i| i.id.clone()))
+            .unwrap_or_else(|| format!("{}-{:08x}", config.service, rand::random::<u32>()));
+
+        let catalog = Arc::new(Catalog::new(MAX_SERVICES));
+        let client_config = ClientConfig { connect_timeout: config.connect_timeout, ..Default::default() };
+        let outbound = Outbound::new(
+            catalog.clone(),
+            OutboundConfig {
+                discovery_timeout: config.discovery_timeout,
+                response_timeout: config.response_timeout,
+                client: client_config.clone(),
+            },
+            metrics.clone(),
+        );
+        // Declared upstreams are subscribed from the start, not on their first request.
+        for upstream in &config.upstreams {
+            outbound.destination(&upstream.service).map_err(|e| anyhow::anyhow!("--upstream {}: {e}", upstream.service))?;
+        }
+
+        let shutdown = CancellationToken::new();
+        let shutdown_requested = CancellationToken::new();
+        let status = Arc::new(ControlStatus::default());
+        let control = tokio::spawn(control::run(
+            ControlConfig {
+                url: config.control_plane.clone(),
+                node_id: node_id.clone(),
+                service: config.service.clone(),
+                instance: instance.clone(),
+                health: health.as_ref().map(|h| h.watch()),
+                connect_timeout: CONTROL_PLANE_CONNECT_TIMEOUT,
+                backoff_base: Duration::from_millis(200),
+                backoff_max: Duration::from_secs(10),
+            },
+            catalog.clone(),
+            status.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+
+        let service: Arc<str> = config.service.as_str().into();
+        let in_flight = InFlight::default();
+        let mut servers = Vec::new();
+        servers.push(tokio::spawn(http::server::serve("outbound", outbound_listener, outbound.clone(), shutdown.clone(), CLOSE)));
+        for (name, listener) in upstream_listeners {
+            servers.push(tokio::spawn(http::server::serve("upstream", listener, outbound.fixed(name), shutdown.clone(), CLOSE)));
+        }
+        if let (Some(listener), Some(app)) = (inbound_listener, &config.app) {
+            let client = Client::new(app.host.clone(), app.port, client_config);
+            let inbound = Inbound::new(client, service.clone(), metrics.clone(), in_flight.clone());
+            servers.push(tokio::spawn(http::server::serve("inbound", listener, inbound, shutdown.clone(), CLOSE)));
+        }
+        if let Some((udp, tcp)) = dns_sockets {
+            let directory = Arc::new(CatalogDirectory::new(catalog.clone(), config.discovery_timeout));
+            let dns_config = ferry_dns::DnsConfig { ttl: config.dns_ttl, negative_ttl: config.dns_ttl };
+            let dns_shutdown = shutdown.clone();
+            servers.push(tokio::spawn(async move {
+                if let Err(error) = ferry_dns::serve(udp, tcp, directory, dns_config, dns_shutdown).await {
+                    tracing::error!(%error, "DNS listener failed");
+                }
+            }));
+        }
+        let admin = admin::router(AdminState {
+            service,
+            node_id: node_id.clone(),
+            control_plane: config.control_plane.clone(),
+            has_app: config.app.is_some(),
+            declared: config.upstreams.iter().map(|u| u.service.clone()).collect(),
+            catalog,
+            control: status,
+            health: health.clone(),
+            shutdown: shutdown_requested.clone(),
+            metrics: Arc::new(prometheus),
+        });
+        let admin_shutdown = shutdown.clone();
+        servers.push(tokio::spawn(async move {
+            if let Err(error) = axum::serve(admin_listener, admin).with_graceful_shutdown(admin_shutdown.cancelled_owned()).await
+            {
+                tracing::error!(%error, "admin listener failed");
+            }
+        }));
+
+        let upstreams = upstream_addrs.iter().map(|(name, addr)| format!("{name}@{addr}")).collect::<Vec<_>>().join(",");
+        tracing::info!(
+            outbound = %outbound_addr,
+            inbound = %inbound_addr.map_or("none".to_owned(), |a| a.to_string()),
+            admin = %admin_addr,
+            upstreams = %if upstreams.is_empty() { "none" } else { &upstreams },
+            dns = %dns_addr.map_or("none".to_owned(), |a| a.to_string()),
+            node = %node_id,
+            instance = %instance.as_ref().map_or("none", |i| i.id.as_str()),
+            "listening"
+        );
+        Ok(Self {
+            outbound_addr,
+            inbound_addr,
+            admin_addr,
+            upstream_addrs,
+            dns_addr,
+            app: config.app.clone(),
+            health,
+            in_flight,
+            drain_window: config.drain,
+            shutdown_requested,
+            shutdown,
+            control,
+            servers,
+        })
+    }
+
+    /// Resolves when `POST /shutdown` asks the sidecar to leave.
+    pub async fn shutdown_requested(&self) {
+        self.shutdown_requested.cancelled().await;
+    }
+
+    /// Drains the app's instance: it turns `draining`, so the control plane tells every sidecar to
+    /// send it nothing new, while this sidecar keeps serving what still arrives (inbound) and
+    /// what the app still sends (outbound). Ends when the drain window closes, or earlier when
+    /// the app has exited and nothing is in flight, or when `interrupt` resolves.
+    pub async fn drain(&self, interrupt: impl Future<Output = ()>) {
+        let (Some(health), Some(app)) = (&self.health, &self.app) else { return };
+        health.drain();
+        tracing::info!(window = ?self.drain_window, "draining");
+        let started = Instant::now();
+        let deadline = started + self.drain_window;
+        tokio::pin!(interrupt);
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::info!("drain window closed");
+                return;
+            }
+            if now >= started + MIN_DRAIN && self.in_flight.get() == 0 && app_has_exited(app).await {
+                tracing::info!("the app has exited and nothing is in flight");
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(100).min(deadline - now)) => {}
+                () = &mut interrupt => {
+                    tracing::info!("interrupted: ending the drain now");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Says goodbye to the control plane (removing the instance), stops accepting and waits
+    /// briefly for open connections.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.control).await;
+        for server in self.servers {
+            let _ = server.await;
+        }
+    }
+}
+
+/// Whether nothing listens at the app's address any more.
+async fn app_has_exited(app: &crate::config::HostPort) -> bool {
+    let connect = tokio::net::TcpStream::connect((app.host.as_str(), app.port));
+    matches!(
+        tokio::time::timeout(Duration::from_millis(200), connect).await,
+        Ok(Err(error)) if error.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
+
+/// The host to publish: the inbound listener's IP when it is a specific one, otherwise the local
+/// address the system would use to reach the control plane.
+async fn advertise_host(inbound_ip: IpAddr, control_plane: &str) -> String {
+    if !inbound_ip.is_unspecified() {
+        return inbound_ip.to_string();
+    }
+    let detected = async {
+        let uri: ::http::Uri = control_plane.parse().ok()?;
+        let host = uri.host()?.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let port = uri.port_u16().unwrap_or(7070);
+        let target = tokio::net::lookup_host((host.as_str(), port)).await.ok()?.next()?;
+        let socket = UdpSocket::bind(if target.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }).ok()?;
+        socket.connect(target).ok()?;
+        Some(socket.local_addr().ok()?.ip())
+    };
+    match detected.await {
+        Some(ip) => ip.to_string(),
+        None => {
+            tracing::warn!("cannot tell which address reaches the control plane; advertising 127.0.0.1 (set --advertise)");
+            "127.0.0.1".to_owned()
+        }
+    }
+}
