@@ -49,11 +49,8 @@ impl ControlPlane {
 
         let grpc_listener = TcpListener::bind(config.grpc).await.with_context(|| format!("binding --grpc {}", config.grpc))?;
         let http_listener = TcpListener::bind(config.http).await.with_context(|| format!("binding --http {}", config.http))?;
-        let dns_udp =
-            tokio::net::UdpSocket::bind(config.dns).await.with_context(|| format!("binding --dns {} (UDP)", config.dns))?;
+        let (dns_udp, dns_tcp) = ferry_dns::bind(config.dns).await.with_context(|| format!("binding --dns {}", config.dns))?;
         let dns_addr = dns_udp.local_addr()?;
-        // TCP on the port UDP got, so that port 0 gives one port for both.
-        let dns_tcp = TcpListener::bind(dns_addr).await.with_context(|| format!("binding --dns {dns_addr} (TCP)"))?;
         let grpc_addr = grpc_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
 

@@ -29,7 +29,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::{io, sync::Arc, time::Duration};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use futures::future::BoxFuture;
 use hickory_server::Server;
@@ -84,6 +84,21 @@ impl Default for DnsConfig {
     fn default() -> Self {
         Self { ttl: Duration::from_secs(5), negative_ttl: Duration::from_secs(5) }
     }
+}
+
+/// Binds a UDP socket and a TCP listener on the same address. With port 0 both get one free
+/// port: UDP picks it, and when TCP finds that port taken, another is tried.
+pub async fn bind(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
+    let mut last_error = None;
+    for _ in 0..16 {
+        let udp = UdpSocket::bind(addr).await?;
+        match TcpListener::bind(udp.local_addr()?).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(error) if addr.port() == 0 && error.kind() == io::ErrorKind::AddrInUse => last_error = Some(error),
+            Err(error) => return Err(error),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| io::Error::other("no port free for both UDP and TCP")))
 }
 
 /// Serves DNS on `udp` and `tcp` until `shutdown` is cancelled.

@@ -77,12 +77,7 @@ impl Sidecar {
             upstream_listeners.push((upstream.service.clone(), bind("--upstream", upstream.listen).await?));
         }
         let dns_sockets = match config.dns {
-            Some(addr) => {
-                let udp = tokio::net::UdpSocket::bind(addr).await.with_context(|| format!("binding --dns {addr} (UDP)"))?;
-                // TCP on the port UDP got, so that port 0 gives one port for both.
-                let tcp_addr = udp.local_addr()?;
-                Some((udp, bind("--dns (TCP)", tcp_addr).await?))
-            }
+            Some(addr) => Some(ferry_dns::bind(addr).await.with_context(|| format!("binding --dns {addr}"))?),
             None => None,
         };
 

@@ -22,11 +22,13 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::server::HealthReporter;
 
-/// An HTTP/1.1 and h2c app answering every request with its name.
+/// An HTTP/1.1 and h2c app answering every request with its name, except `/healthz`, which
+/// answers the status set with [`HttpApp::set_health`] (200 at first).
 pub struct HttpApp {
     pub addr: SocketAddr,
     pub name: String,
     hits: Arc<AtomicU64>,
+    health: Arc<std::sync::atomic::AtomicU16>,
     task: JoinHandle<()>,
 }
 
@@ -36,13 +38,19 @@ impl HttpApp {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let hits = Arc::new(AtomicU64::new(0));
-        let (app_name, app_hits) = (name.to_owned(), hits.clone());
+        let health = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let (app_name, app_hits, app_health) = (name.to_owned(), hits.clone(), health.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
-                let (name, hits) = (app_name.clone(), app_hits.clone());
+                let (name, hits, health) = (app_name.clone(), app_hits.clone(), app_health.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                        if request.uri().path() == "/healthz" {
+                            let mut response = Response::new(Full::new(Bytes::from_static(b"health")));
+                            *response.status_mut() = http::StatusCode::from_u16(health.load(Ordering::Relaxed)).unwrap_or_default();
+                            return std::future::ready(Ok::<_, Infallible>(response));
+                        }
                         hits.fetch_add(1, Ordering::Relaxed);
                         let host = request
                             .headers()
@@ -58,13 +66,18 @@ impl HttpApp {
                             .header("x-seen-path", request.uri().path_and_query().map_or("/", |p| p.as_str()))
                             .body(Full::new(Bytes::from(name.clone())))
                             .expect("valid response");
-                        async move { Ok::<_, Infallible>(response) }
+                        std::future::ready(Ok::<_, Infallible>(response))
                     });
                     let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
                 });
             }
         });
-        Self { addr, name: name.to_owned(), hits, task }
+        Self { addr, name: name.to_owned(), hits, health, task }
+    }
+
+    /// Makes `/healthz` answer `status`.
+    pub fn set_health(&self, status: u16) {
+        self.health.store(status, Ordering::Relaxed);
     }
 
     /// How many requests it has served.

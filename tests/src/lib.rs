@@ -193,6 +193,21 @@ impl ControlPlane {
         format!("http://{}", self.http)
     }
 
+    /// The instance `id` as the HTTP API shows it, if registered.
+    pub async fn instance(&self, id: &str) -> Option<serde_json::Value> {
+        let (status, _, body) = client::get(&format!("{}/v1/instances/{id}", self.http_url())).await.ok()?;
+        (status == 200).then(|| serde_json::from_slice(&body).ok()).flatten()
+    }
+
+    /// Waits until instance `id` has `health` (such as `"HEALTH_CRITICAL"`) and returns it.
+    pub async fn wait_health(&self, id: &str, health: &str) -> serde_json::Value {
+        eventually(&format!("{id} to be {health}"), || async {
+            let instance = self.instance(id).await?;
+            (instance["health"] == health).then_some(instance)
+        })
+        .await
+    }
+
     /// Waits until the registry lists `count` passing instances of `service`.
     pub async fn wait_passing(&self, service: &str, count: usize) {
         let url = format!("{}/v1/services/{service}?passing", self.http_url());

@@ -190,18 +190,48 @@ fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, validate::Fi
     let value: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| validate::FieldError::new("body", format!("not JSON: {e}")))?;
     serde_json::from_value(value.clone()).map_err(|error| {
-        // Find the member that fails on its own, so the error can name it.
-        let culprit = value.as_object().and_then(|members| {
-            members.iter().find(|(name, member)| {
-                let alone = serde_json::Value::Object([((*name).clone(), (*member).clone())].into_iter().collect());
-                serde_json::from_value::<T>(alone).is_err()
-            })
-        });
-        match culprit {
-            Some((name, _)) => validate::FieldError::new(name.clone(), format!("invalid value: {error}")),
-            None => validate::FieldError::new("body", format!("does not match the expected message: {error}")),
+        let path = culprit::<T>(&value, &|inner| inner, String::new());
+        if path.is_empty() {
+            validate::FieldError::new("body", format!("does not match the expected message: {error}"))
+        } else {
+            validate::FieldError::new(path, format!("invalid value: {error}"))
         }
     })
+}
+
+/// The path of the deepest member of `value` that fails to decode on its own (rewrapped by
+/// `wrap` into a whole message), so an error can name `checks[0].interval` rather than the body.
+fn culprit<T: serde::de::DeserializeOwned>(
+    value: &serde_json::Value,
+    wrap: &dyn Fn(serde_json::Value) -> serde_json::Value,
+    path: String,
+) -> String {
+    use serde_json::Value;
+    let fails = |candidate: Value| serde_json::from_value::<T>(wrap(candidate)).is_err();
+    match value {
+        // An empty container failing too means the container itself is the wrong type.
+        Value::Object(_) if fails(Value::Object(Default::default())) => path,
+        Value::Array(_) if fails(Value::Array(Vec::new())) => path,
+        Value::Object(members) => {
+            for (name, member) in members {
+                let alone = |inner: Value| Value::Object([(name.clone(), inner)].into_iter().collect());
+                if fails(alone(member.clone())) {
+                    let here = if path.is_empty() { name.clone() } else { format!("{path}.{name}") };
+                    return culprit::<T>(member, &|inner| wrap(alone(inner)), here);
+                }
+            }
+            path
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                if fails(Value::Array(vec![item.clone()])) {
+                    return culprit::<T>(item, &|inner| wrap(Value::Array(vec![inner])), format!("{path}[{i}]"));
+                }
+            }
+            path
+        }
+        _ => path,
+    }
 }
 
 async fn register(State(state): State<HttpState>, body: Bytes) -> Result<Json<v1::RegisterResponse>, ApiError> {
