@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use ferry_dns::{Directory, DnsEndpoint};
+use ferry_dns::{Directory, DnsEndpoint, Lookup};
 use futures::{FutureExt, future::BoxFuture};
 
 use crate::registry::Registry;
@@ -20,7 +20,7 @@ impl RegistryDirectory {
 }
 
 impl Directory for RegistryDirectory {
-    fn lookup(&self, service: &str) -> BoxFuture<'_, Option<Vec<DnsEndpoint>>> {
+    fn lookup(&self, service: &str) -> BoxFuture<'_, Lookup> {
         let endpoints = self.registry.snapshot(service).filter(|s| s.exists()).map(|snapshot| {
             snapshot
                 .instances
@@ -34,6 +34,6 @@ impl Directory for RegistryDirectory {
                 })
                 .collect()
         });
-        futures::future::ready(endpoints).boxed()
+        futures::future::ready(Lookup::from(endpoints)).boxed()
     }
 }

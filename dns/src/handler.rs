@@ -35,7 +35,7 @@ use hickory_server::{
 use tokio::sync::Semaphore;
 
 use crate::{
-    Directory, DnsConfig,
+    Directory, DnsConfig, Lookup,
     answer::{Answer, Zone},
     name::MeshName,
 };
@@ -101,8 +101,12 @@ impl Responder {
             MeshName::EmptyNonTerminal => self.zone.nodata(),
             MeshName::Addr(ip) => self.zone.addr(qname, qtype, ip),
             MeshName::Service { name, tag } => match self.lookup(&name).await {
-                Ok(None) => self.zone.nxdomain(),
-                Ok(Some(endpoints)) => {
+                Ok(Lookup::NoSuchService) => self.zone.nxdomain(),
+                Ok(Lookup::Unknown) => {
+                    tracing::debug!(service = %name, "the directory cannot tell; answering SERVFAIL");
+                    Answer::servfail()
+                }
+                Ok(Lookup::Endpoints(endpoints)) => {
                     let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
                     self.zone.service(qname, qtype, &endpoints, tag.as_deref(), rotation)
                 }
@@ -119,7 +123,7 @@ impl Responder {
         }
     }
 
-    async fn lookup(&self, service: &str) -> Result<Option<Vec<crate::DnsEndpoint>>, LookupError> {
+    async fn lookup(&self, service: &str) -> Result<Lookup, LookupError> {
         let _permit = self.lookups.try_acquire().map_err(|_| LookupError::Overloaded(self.max_lookups))?;
         tokio::time::timeout(self.lookup_timeout, self.directory.lookup(service))
             .await
@@ -225,8 +229,8 @@ mod tests {
     }
 
     impl Directory for Memory {
-        fn lookup(&self, service: &str) -> BoxFuture<'_, Option<Vec<DnsEndpoint>>> {
-            let found = self.services.get(service).cloned();
+        fn lookup(&self, service: &str) -> BoxFuture<'_, Lookup> {
+            let found = Lookup::from(self.services.get(service).cloned());
             let hang = self.hang.clone();
             async move {
                 if let Some(hang) = hang {

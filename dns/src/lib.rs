@@ -60,13 +60,30 @@ pub struct DnsEndpoint {
     pub version: Option<String>,
 }
 
+/// What a [`Directory`] knows of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// The routable (passing/warning) endpoints; empty when the service exists but none is
+    /// routable (=> NODATA).
+    Endpoints(Vec<DnsEndpoint>),
+    /// No instance of the service is registered (=> NXDOMAIN).
+    NoSuchService,
+    /// The directory cannot tell now, say a sidecar with no config for the service and no
+    /// control plane to ask (=> SERVFAIL, which resolvers do not cache as an absence).
+    Unknown,
+}
+
+impl From<Option<Vec<DnsEndpoint>>> for Lookup {
+    fn from(found: Option<Vec<DnsEndpoint>>) -> Self {
+        found.map_or(Self::NoSuchService, Self::Endpoints)
+    }
+}
+
 /// Where answers come from.
 pub trait Directory: Send + Sync + 'static {
-    /// The routable (passing/warning) endpoints of `service`; `None` when no instance of the
-    /// service is registered at all (=> NXDOMAIN), `Some(vec![])` when it exists but none is
-    /// routable (=> NODATA). May wait briefly (the sidecar subscribes on demand), at most
+    /// What is known of `service`. May wait briefly (the sidecar subscribes on demand), at most
     /// [`LOOKUP_TIMEOUT`], after which the query is answered SERVFAIL.
-    fn lookup(&self, service: &str) -> BoxFuture<'_, Option<Vec<DnsEndpoint>>>;
+    fn lookup(&self, service: &str) -> BoxFuture<'_, Lookup>;
 }
 
 /// How answers are cached by the resolvers that receive them.

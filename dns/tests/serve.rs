@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use ferry_dns::{Directory, DnsConfig, DnsEndpoint};
+use ferry_dns::{Directory, DnsConfig, DnsEndpoint, Lookup};
 use futures::{FutureExt, future::BoxFuture};
 use hickory_resolver::{
     Resolver, TokioResolver,
@@ -38,8 +38,8 @@ const NEGATIVE_TTL: u32 = 3;
 struct Memory(HashMap<String, Vec<DnsEndpoint>>);
 
 impl Directory for Memory {
-    fn lookup(&self, service: &str) -> BoxFuture<'_, Option<Vec<DnsEndpoint>>> {
-        futures::future::ready(self.0.get(service).cloned()).boxed()
+    fn lookup(&self, service: &str) -> BoxFuture<'_, Lookup> {
+        futures::future::ready(Lookup::from(self.0.get(service).cloned())).boxed()
     }
 }
 

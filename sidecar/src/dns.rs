@@ -3,7 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use ferry_dns::{Directory, DnsEndpoint};
+use ferry_dns::{Directory, DnsEndpoint, Lookup};
 use futures::{FutureExt, future::BoxFuture};
 
 use crate::catalog::{Catalog, ServiceState};
@@ -24,15 +24,16 @@ impl CatalogDirectory {
 }
 
 impl Directory for CatalogDirectory {
-    fn lookup(&self, service: &str) -> BoxFuture<'_, Option<Vec<DnsEndpoint>>> {
+    fn lookup(&self, service: &str) -> BoxFuture<'_, Lookup> {
         let service = service.to_owned();
         async move {
-            let mut state = self.catalog.watch(&service).ok()?;
+            // Too many services tracked, or no config in time: unknown, not absent.
+            let Ok(mut state) = self.catalog.watch(&service) else { return Lookup::Unknown };
             let known = tokio::time::timeout(self.wait, state.wait_for(|s| matches!(s, ServiceState::Known(_)))).await;
-            let Ok(Ok(state)) = known else { return None };
-            let ServiceState::Known(config) = &*state else { return None };
+            let Ok(Ok(state)) = known else { return Lookup::Unknown };
+            let ServiceState::Known(config) = &*state else { return Lookup::Unknown };
             if !config.exists {
-                return None;
+                return Lookup::NoSuchService;
             }
             let endpoints = config
                 .endpoints
@@ -45,7 +46,7 @@ impl Directory for CatalogDirectory {
                     version: e.metadata.get("version").cloned(),
                 })
                 .collect();
-            Some(endpoints)
+            Lookup::Endpoints(endpoints)
         }
         .boxed()
     }

@@ -48,7 +48,8 @@ impl HttpApp {
                     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                         if request.uri().path() == "/healthz" {
                             let mut response = Response::new(Full::new(Bytes::from_static(b"health")));
-                            *response.status_mut() = http::StatusCode::from_u16(health.load(Ordering::Relaxed)).unwrap_or_default();
+                            *response.status_mut() =
+                                http::StatusCode::from_u16(health.load(Ordering::Relaxed)).unwrap_or_default();
                             return std::future::ready(Ok::<_, Infallible>(response));
                         }
                         hits.fetch_add(1, Ordering::Relaxed);

@@ -22,6 +22,7 @@ use tokio::{
 
 pub mod apps;
 pub mod client;
+pub mod dns;
 
 /// The longest any wait in a test may take before it fails.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -154,6 +155,7 @@ pub struct ControlPlane {
     pub process: Process,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    pub dns: SocketAddr,
     pub data_dir: PathBuf,
     _dir: Option<tempfile::TempDir>,
 }
@@ -179,8 +181,8 @@ impl ControlPlane {
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let process = Process::start("control-plane", "ferry-control-plane", &args).await;
-        let (grpc, http) = (process.addr("grpc"), process.addr("http"));
-        Self { process, grpc, http, data_dir: data_dir.to_path_buf(), _dir: None }
+        let (grpc, http, dns) = (process.addr("grpc"), process.addr("http"), process.addr("dns"));
+        Self { process, grpc, http, dns, data_dir: data_dir.to_path_buf(), _dir: None }
     }
 
     /// The gRPC URL sidecars and ferryctl use.

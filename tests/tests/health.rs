@@ -4,7 +4,11 @@
 
 use std::time::Duration;
 
-use ferry_tests::{ControlPlane, Sidecar, apps::{GrpcApp, HttpApp}, binary, client, eventually};
+use ferry_tests::{
+    ControlPlane, Sidecar,
+    apps::{GrpcApp, HttpApp},
+    binary, client, eventually,
+};
 
 async fn put(control_plane: &ControlPlane, path: &str, body: &str) -> client::Answer {
     client::send_json(control_plane.http, http::Method::PUT, path, body).await.expect("answered")
@@ -18,8 +22,13 @@ fn check<'a>(instance: &'a serde_json::Value, kind: &str) -> &'a serde_json::Val
 async fn a_sidecar_http_check_follows_its_app() {
     let control_plane = ControlPlane::start().await;
     let app = HttpApp::start("catalog-app").await;
-    let _catalog =
-        Sidecar::start(&control_plane.url(), "catalog", Some(app.addr), &["--id", "catalog-1", "--check", "http:/healthz,interval=100ms"]).await;
+    let _catalog = Sidecar::start(
+        &control_plane.url(),
+        "catalog",
+        Some(app.addr),
+        &["--id", "catalog-1", "--check", "http:/healthz,interval=100ms"],
+    )
+    .await;
     let passing = control_plane.wait_health("catalog-1", "HEALTH_PASSING").await;
     assert_eq!(check(&passing, "http")["id"], "catalog-1:http");
 
@@ -82,8 +91,10 @@ async fn an_api_tcp_check_fails_when_the_port_closes_and_the_instance_is_then_re
     drop(listener);
     let critical = control_plane.wait_health("db-1", "HEALTH_CRITICAL").await;
     assert!(check(&critical, "tcp")["output"].as_str().expect("output").contains("refused"), "{critical}");
-    eventually("db-1 to be removed after deregister_critical_after", || async { control_plane.instance("db-1").await.is_none().then_some(()) })
-        .await;
+    eventually("db-1 to be removed after deregister_critical_after", || async {
+        control_plane.instance("db-1").await.is_none().then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -132,10 +143,7 @@ async fn ttl_checks_expire_and_are_renewed_through_the_api_and_the_sidecar() {
     assert!(check(&expired, "ttl")["output"].as_str().expect("output").contains("expired"), "{expired}");
 
     // Bad renewals name what is wrong.
-    let cases = [
-        ("/v1/checks/job-1:ttl/maybe", 400, "status"),
-        ("/v1/checks/nope/pass", 404, "id"),
-    ];
+    let cases = [("/v1/checks/job-1:ttl/maybe", 400, "status"), ("/v1/checks/nope/pass", 404, "id")];
     for (path, status, field) in cases {
         let answer = put(&control_plane, path, "").await;
         assert_eq!(answer.0, status, "{path}: {}", client::text(&answer));
@@ -177,7 +185,20 @@ async fn bad_check_specs_are_refused_naming_the_field() {
 
     for spec in ["ping", "http", "ttl:soon", "http:/x,timeout=20s"] {
         let output = tokio::process::Command::new(binary("ferry-sidecar"))
-            .args(["--service", "web", "--app", "127.0.0.1:8080", "--check", spec, "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--inbound", "127.0.0.1:0"])
+            .args([
+                "--service",
+                "web",
+                "--app",
+                "127.0.0.1:8080",
+                "--check",
+                spec,
+                "--outbound",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--inbound",
+                "127.0.0.1:0",
+            ])
             .output()
             .await
             .expect("runs");
