@@ -70,7 +70,11 @@ pub async fn inventory(
     counters: Arc<Counters>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    // The standard health service, which the sidecar's `--check grpc` asks.
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<InventoryServer<InventoryApp>>().await;
     tonic::transport::Server::builder()
+        .add_service(health)
         .add_service(InventoryServer::new(InventoryApp { instance, counters }))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;

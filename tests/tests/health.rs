@@ -22,7 +22,7 @@ fn check<'a>(instance: &'a serde_json::Value, kind: &str) -> &'a serde_json::Val
 async fn a_sidecar_http_check_follows_its_app() {
     let control_plane = ControlPlane::start().await;
     let app = HttpApp::start("catalog-app").await;
-    let _catalog = Sidecar::start(
+    let catalog = Sidecar::start(
         &control_plane.url(),
         "catalog",
         Some(app.addr),
@@ -43,6 +43,16 @@ async fn a_sidecar_http_check_follows_its_app() {
     control_plane.wait_health("catalog-1", "HEALTH_WARNING").await;
     app.set_health(200);
     control_plane.wait_health("catalog-1", "HEALTH_PASSING").await;
+
+    // The sidecar counts results and transitions per kind of check.
+    let (_, _, metrics) = client::get(&format!("http://{}/metrics", catalog.admin)).await.expect("metrics");
+    let metrics = String::from_utf8_lossy(&metrics);
+    for line in [
+        r#"ferry_health_check_results_total{kind="http",status="critical"}"#,
+        r#"ferry_health_check_transitions_total{kind="http",to="warning"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
 
     // ferryctl shows the check, its status and its output.
     let output = tokio::process::Command::new(binary("ferryctl"))

@@ -1,7 +1,7 @@
 //! Instances coming and going, and the control plane going away: traffic follows the registry,
 //! and keeps flowing on the last config while the control plane is down.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::Arc};
 
 use ferry_tests::{
     ControlPlane, Sidecar,
@@ -157,4 +157,52 @@ async fn a_persistent_registration_survives_a_control_plane_restart() {
     assert_eq!(instance["metadata"]["role"], "primary");
     assert_eq!(instance["zone"], "eu-1a");
     assert_eq!(instance["origin"], "ORIGIN_API");
+}
+
+#[tokio::test]
+async fn a_control_plane_restart_does_not_flap_instances_whose_sidecars_reconnect() {
+    use ferry_proto::v1::{self, registry_client::RegistryClient};
+    use futures::StreamExt;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut control_plane = ControlPlane::start_in(dir.path(), &[]).await;
+    let apps = [HttpApp::start("one").await, HttpApp::start("two").await];
+    let mut sidecars = Vec::new();
+    for (n, app) in apps.iter().enumerate() {
+        let id = format!("catalog-{n}");
+        sidecars.push(Sidecar::start(&control_plane.url(), "catalog", Some(app.addr), &["--id", &id]).await);
+    }
+    let caller = Sidecar::start(&control_plane.url(), "frontend", None, &["--upstream", "catalog=127.0.0.1:0"]).await;
+    caller.wait_endpoints("catalog", 2).await;
+
+    control_plane.process.kill().await;
+    let restarted = ControlPlane::start_in(dir.path(), &["--grpc", &control_plane.grpc.to_string()]).await;
+    // Watch from the first moment: every view of the service must show both instances passing.
+    let channel = tonic::transport::Channel::from_shared(restarted.url()).expect("URL").connect().await.expect("connects");
+    let request = v1::WatchRequest { service: "catalog".into(), ..Default::default() };
+    let mut updates = RegistryClient::new(channel).watch(request).await.expect("watches").into_inner();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorder = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(update)) = updates.next().await {
+                let healths: Vec<i32> = update.instances.iter().map(|i| i.health).collect();
+                seen.lock().unwrap_or_else(|p| p.into_inner()).push(healths);
+            }
+        })
+    };
+    eventually("all three sidecars to reconnect", || async {
+        let (_, _, body) = client::get(&format!("{}/v1/sidecars", restarted.http_url())).await.ok()?;
+        let body: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        (body["sidecars"].as_array().map_or(0, Vec::len) == 3).then_some(())
+    })
+    .await;
+    assert_eq!(answers(caller.outbound, "catalog", 10).await.len(), 10);
+    recorder.abort();
+    let seen = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert!(!seen.is_empty());
+    let passing = v1::Health::Passing as i32;
+    for healths in &seen {
+        assert_eq!(healths, &vec![passing, passing], "a view with an instance not passing: {seen:?}");
+    }
 }

@@ -236,6 +236,8 @@ async fn start_instance(
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let app = listener.local_addr()?;
     let zone = if n % 2 == 1 { "demo-a" } else { "demo-b" };
+    // Each sidecar checks its app: inventory over gRPC health, the others over HTTP.
+    let check = if service == "inventory" { "grpc:ferry.demo.v1.Inventory,interval=2s" } else { "http:/healthz,interval=2s" };
     let sidecar = Process::start(
         SIDECAR,
         &format!("{id}-sidecar"),
@@ -258,6 +260,8 @@ async fn start_instance(
             "version=v1",
             "--zone",
             zone,
+            "--check",
+            check,
         ]),
         logs,
     )
