@@ -24,7 +24,7 @@ use hickory_resolver::{
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream, UdpSocket},
+    net::{TcpStream, UdpSocket},
     task::JoinHandle,
 };
 use tokio_util::sync::CancellationToken;
@@ -78,8 +78,8 @@ impl TestServer {
     /// Binds both sockets before `serve` starts, so queries sent right away wait in the kernel
     /// queues: no readiness wait is needed.
     async fn start() -> Self {
-        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind UDP on loopback");
-        let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind TCP on loopback");
+        // One port for both, as a resolver retrying a truncated answer over TCP expects.
+        let (udp, tcp) = ferry_dns::bind("127.0.0.1:0".parse().expect("address")).await.expect("bind on loopback");
         let (udp_addr, tcp_addr) = (udp.local_addr().expect("UDP address"), tcp.local_addr().expect("TCP address"));
         let config = DnsConfig { ttl: Duration::from_secs(TTL.into()), negative_ttl: Duration::from_secs(NEGATIVE_TTL.into()) };
         let shutdown = CancellationToken::new();
