@@ -70,27 +70,42 @@ impl HealthChecks {
         Ok(())
     }
 
-    /// Starts, restarts or stops the checks of `instance` to match what it registered.
-    pub fn sync(&self, instance: &Arc<Instance>) {
-        if instance.node_id().is_some() {
-            return;
+    /// Starts, restarts or stops the checks of instance `id` to match what the registry holds
+    /// now. Safe to call in any order and any number of times: each call reconciles with the
+    /// registry's current state, so racing registrations cannot leave stale checks running.
+    pub fn sync(&self, id: &str) {
+        self.reconcile(id, None);
+    }
+
+    /// Starts the checks of every API instance in the registry, after a restart. Each instance
+    /// keeps its stored health until its checks have results, so a restart does not flap it.
+    pub fn sync_all(&self) {
+        for instance in self.registry.persistent_instances() {
+            self.reconcile(&instance.id, Some(instance.health));
         }
+    }
+
+    fn reconcile(&self, id: &str, assume: Option<Health>) {
         let mut running = self.lock();
-        if let Some(current) = running.get(&instance.id) {
+        let instance = self.registry.instance(id).filter(|i| i.node_id().is_none() && !i.checks.is_empty());
+        let Some(instance) = instance else {
+            running.remove(id);
+            return;
+        };
+        if let Some(current) = running.get(id) {
             let same = current.instance.checks == instance.checks
                 && current.instance.address == instance.address
                 && current.instance.port == instance.port
-                && current.instance.deregister_critical_after == instance.deregister_critical_after;
+                && current.instance.deregister_critical_after == instance.deregister_critical_after
+                && !current.forward.is_finished();
             if same {
                 return;
             }
         }
-        running.remove(&instance.id);
-        if instance.checks.is_empty() {
-            return;
-        }
+        running.remove(id);
         let target = Target { host: instance.address.clone(), port: instance.port };
-        let runner = Arc::new(Runner::start(instance.checks.clone(), target, self.options, self.metrics.clone()));
+        let options = RunnerOptions { assume, ..self.options };
+        let runner = Arc::new(Runner::start(instance.checks.clone(), target, options, self.metrics.clone()));
         let forward = tokio::spawn(forward(
             self.registry.clone(),
             self.this.clone(),
@@ -98,19 +113,7 @@ impl HealthChecks {
             runner.report(),
             instance.deregister_critical_after,
         ));
-        running.insert(instance.id.clone(), Supervised { instance: instance.clone(), runner, forward });
-    }
-
-    /// Starts the checks of every API instance in the registry, after a restart.
-    pub fn sync_all(&self) {
-        for instance in self.registry.persistent_instances() {
-            self.sync(&instance);
-        }
-    }
-
-    /// Stops the checks of instance `id`.
-    pub fn forget(&self, id: &str) {
-        self.lock().remove(id);
+        running.insert(instance.id.clone(), Supervised { instance, runner, forward });
     }
 
     /// Renews the TTL check `check_id` of an API instance.
@@ -138,7 +141,12 @@ async fn forward(
     loop {
         let current = report.borrow_and_update().clone();
         match registry.record_health(&id, current.health, current.checks, None) {
-            Err(RegistryError::NotFound(_)) => return,
+            Err(RegistryError::NotFound(_)) => {
+                if let Some(checks) = checks.upgrade() {
+                    checks.sync(&id);
+                }
+                return;
+            }
             Err(error) => tracing::warn!(%id, %error, "cannot record health"),
             Ok(changed) => {
                 if changed {
@@ -146,11 +154,12 @@ async fn forward(
                 }
             }
         }
+        // Only a critical verdict of checks that have run counts, not the assumption before them.
         critical_since = match current.health {
-            Health::Critical => Some(critical_since.unwrap_or_else(Instant::now)),
+            Health::Critical if current.settled => Some(critical_since.unwrap_or_else(Instant::now)),
             _ => None,
         };
-        let deadline = deregister_after.zip(critical_since).map(|(after, since)| since + after);
+        let deadline = deregister_after.zip(critical_since).and_then(|(after, since)| since.checked_add(after));
         tokio::select! {
             changed = report.changed() => if changed.is_err() { return },
             () = sleep_until(deadline), if deadline.is_some() => {
@@ -159,7 +168,7 @@ async fn forward(
                     tracing::warn!(%id, %error, "cannot remove the critical instance");
                 }
                 if let Some(checks) = checks.upgrade() {
-                    checks.forget(&id);
+                    checks.sync(&id);
                 }
                 return;
             }

@@ -95,6 +95,7 @@ impl ControlPlane {
             sidecars,
             metrics: Arc::new(prometheus),
             shutdown: shutdown.clone(),
+            blocking: Arc::new(tokio::sync::Semaphore::new(http::MAX_BLOCKING_QUERIES)),
         });
         let http = axum::serve(http_listener, http_router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
 

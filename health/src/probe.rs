@@ -133,36 +133,85 @@ async fn grpc(channel: Option<Channel>, service: String) -> Outcome {
     }
 }
 
+/// The output of a script kept for the check's output; the rest is read and dropped, so a
+/// chatty script never blocks on a full pipe nor fills memory.
+const SCRIPT_OUTPUT_LIMIT: usize = 4096;
+
 async fn script(args: &[String], timeout: Duration) -> Outcome {
     let Some((command, rest)) = args.split_first() else { return (Health::Critical, "script: no command".into()) };
-    let child = tokio::process::Command::new(command)
-        .args(rest)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn();
-    let child = match child {
+    let mut child = tokio::process::Command::new(command);
+    child.args(rest).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    // Its own process group, so that what it starts can be stopped with it.
+    #[cfg(unix)]
+    child.process_group(0);
+    let mut child = match child.spawn() {
         Ok(child) => child,
         Err(error) => return (Health::Critical, format!("script {command}: cannot start: {error}")),
     };
-    let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(Ok(output)) => output,
+    let group = child.id();
+    let stdout = child.stdout.take().map(|pipe| tokio::spawn(read_bounded(pipe)));
+    let stderr = child.stderr.take().map(|pipe| tokio::spawn(read_bounded(pipe)));
+    let status = tokio::time::timeout(timeout, child.wait()).await;
+    // Whatever it left behind goes too: a check must not leave processes running.
+    kill_group(group).await;
+    let status = match status {
+        Ok(Ok(status)) => status,
         Ok(Err(error)) => return (Health::Critical, format!("script {command}: {error}")),
-        Err(_) => return (Health::Critical, format!("script {command}: killed after {timeout:?}")),
+        Err(_) => {
+            let _ = child.start_kill();
+            return (Health::Critical, format!("script {command}: killed after {timeout:?}"));
+        }
     };
-    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    let mut text = String::new();
+    for reader in [stdout, stderr].into_iter().flatten() {
+        // The pipes close with the group; do not wait long for them.
+        if let Ok(Ok(bytes)) = tokio::time::timeout(Duration::from_millis(200), reader).await {
+            text.push_str(&String::from_utf8_lossy(&bytes));
+        }
+    }
     let text = text.trim();
-    let health = match output.status.code() {
+    let health = match status.code() {
         Some(0) => Health::Passing,
         Some(1) => Health::Warning,
         _ => Health::Critical,
     };
-    let code = output.status.code().map_or("a signal".to_owned(), |c| c.to_string());
+    let code = status.code().map_or("a signal".to_owned(), |c| c.to_string());
     let output =
         if text.is_empty() { format!("script {command}: exit {code}") } else { format!("script {command}: exit {code}: {text}") };
     (health, output)
+}
+
+/// Reads a pipe to its end, keeping the first [`SCRIPT_OUTPUT_LIMIT`] bytes.
+async fn read_bounded(mut pipe: impl tokio::io::AsyncRead + Unpin) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut kept = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match pipe.read(&mut buffer).await {
+            Ok(0) | Err(_) => return kept,
+            Ok(n) => {
+                let room = SCRIPT_OUTPUT_LIMIT.saturating_sub(kept.len());
+                kept.extend_from_slice(&buffer[..n.min(room)]);
+            }
+        }
+    }
+}
+
+/// Kills the process group `group` (a script and anything it started).
+async fn kill_group(group: Option<u32>) {
+    #[cfg(unix)]
+    if let Some(group) = group {
+        // The `kill` command, rather than a signal call, keeps this crate free of unsafe code.
+        let _ = tokio::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{group}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await;
+    }
+    #[cfg(not(unix))]
+    let _ = group;
 }
 
 fn source_chain(error: &dyn std::error::Error) -> String {
@@ -254,6 +303,14 @@ mod tests {
             Prober::new(Probe::Script { args: slow }, target.clone()).run(Duration::from_millis(100)).await.expect("ran");
         assert_eq!(health, Health::Critical);
         assert!(output.contains("killed after"), "{output}");
+        // Processes a script leaves behind are stopped with it.
+        let marker = format!("ferry-leftover-{}", std::process::id());
+        let leaver = vec!["sh".into(), "-c".into(), format!("sleep 30 & echo {marker}; exit 0")];
+        let (health, _) =
+            Prober::new(Probe::Script { args: leaver }, target.clone()).run(Duration::from_secs(5)).await.expect("ran");
+        assert_eq!(health, Health::Passing);
+        let ps = tokio::process::Command::new("ps").args(["-eo", "args"]).output().await.expect("ps runs");
+        assert!(!String::from_utf8_lossy(&ps.stdout).lines().any(|l| l.trim() == "sleep 30"), "the background sleep was killed");
         let missing = vec!["/nonexistent/check".into()];
         let (health, output) =
             Prober::new(Probe::Script { args: missing }, target).run(Duration::from_secs(1)).await.expect("ran");

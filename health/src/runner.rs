@@ -31,11 +31,15 @@ pub struct RunnerOptions {
     pub stagger: bool,
     /// Whether script checks may run; when not, they stay critical and say why.
     pub scripts_allowed: bool,
+    /// The health to assume until the checks have results: the last known health of an instance
+    /// whose checks restart (after a control-plane restart), so it does not flap. `None`: a new
+    /// instance, critical until its checks pass.
+    pub assume: Option<Health>,
 }
 
 impl Default for RunnerOptions {
     fn default() -> Self {
-        Self { flap: FlapPolicy::default(), stagger: false, scripts_allowed: true }
+        Self { flap: FlapPolicy::default(), stagger: false, scripts_allowed: true, assume: None }
     }
 }
 
@@ -56,6 +60,9 @@ pub struct Report {
     pub checks: Vec<CheckStatus>,
     /// Counts changes of a status or of the health; output-only changes leave it alone.
     pub generation: u64,
+    /// Whether every check has a result yet; before that the health is an assumption, and a
+    /// critical one must not count as the instance failing.
+    pub settled: bool,
 }
 
 /// Why a TTL renewal was refused.
@@ -95,11 +102,13 @@ impl Drop for Runner {
 impl Runner {
     /// Starts running `checks` against `target`.
     pub fn start(checks: Vec<CheckSpec>, target: Target, options: RunnerOptions, metrics: HealthMetrics) -> Self {
-        let states: Vec<CheckState> = checks.iter().map(|_| CheckState::new()).collect();
+        let assumed = options.assume.filter(|h| *h != Health::Draining).unwrap_or(Health::Critical);
+        let states: Vec<CheckState> = checks.iter().map(|_| CheckState::assuming(assumed)).collect();
         let initial = Report {
-            health: if checks.is_empty() { Health::Passing } else { Health::Critical },
+            health: if checks.is_empty() { Health::Passing } else { assumed },
             checks: checks.iter().zip(&states).map(|(c, s)| status_of(c, s)).collect(),
             generation: 0,
+            settled: checks.is_empty(),
         };
         let (report_tx, report) = watch::channel(initial);
         let (commands, commands_rx) = mpsc::channel(16);
@@ -168,8 +177,10 @@ async fn aggregate(
                 ttl_deadlines[index] = Some(Instant::now() + *ttl);
             }
             Probe::Script { .. } if !options.scripts_allowed => {
-                states[index].output =
-                    "script checks are disabled on this control plane; start it with --enable-script-checks".into();
+                states[index].force(
+                    Health::Critical,
+                    "script checks are disabled on this control plane; start it with --enable-script-checks".into(),
+                );
             }
             _ => {
                 probes.spawn(probe_loop(index, check.clone(), target.clone(), options.stagger, results_tx.clone()));
@@ -272,7 +283,12 @@ fn renew(
 }
 
 fn publish(report: &watch::Sender<Report>, checks: &[CheckSpec], states: &[CheckState], health: Health, generation: u64) {
-    let next = Report { health, checks: checks.iter().zip(states).map(|(c, s)| status_of(c, s)).collect(), generation };
+    let next = Report {
+        health,
+        checks: checks.iter().zip(states).map(|(c, s)| status_of(c, s)).collect(),
+        generation,
+        settled: states.iter().all(|s| s.checked),
+    };
     report.send_if_modified(|current| {
         if *current == next {
             return false;
@@ -361,6 +377,21 @@ mod tests {
         let second = next(&mut report).await;
         assert_eq!(second.checks[0].output, "two");
         assert_eq!(second.generation, first.generation, "only the output changed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restored_instance_keeps_its_health_until_its_checks_say_otherwise() {
+        let options = RunnerOptions { assume: Some(Health::Passing), ..RunnerOptions::default() };
+        let runner = Runner::start(vec![ttl_check("app:ttl", 30)], target(), options, HealthMetrics::default());
+        let mut report = runner.report();
+        let first = report.borrow_and_update().clone();
+        assert_eq!((first.health, first.settled), (Health::Passing, false), "no flap while the checks restart");
+        let mut expired = next(&mut report).await;
+        while !expired.settled {
+            assert_eq!(expired.health, Health::Passing);
+            expired = next(&mut report).await;
+        }
+        assert_eq!(expired.health, Health::Critical, "the TTL ran out: a real result");
     }
 
     #[tokio::test(start_paused = true)]

@@ -26,6 +26,9 @@ pub struct CheckState {
     /// What the last result said, truncated to [`MAX_OUTPUT`].
     pub output: String,
     pub last_transition: SystemTime,
+    /// Whether a result (a probe, a renewal, an expiry) has set the status, rather than an
+    /// assumption.
+    pub checked: bool,
     /// Consecutive results of the other class (passing vs failing) than the status.
     streak: u32,
 }
@@ -43,12 +46,19 @@ fn passing(health: Health) -> bool {
 impl CheckState {
     /// A check that has not run yet: critical until it passes.
     pub fn new() -> Self {
-        Self { status: Health::Critical, output: "not checked yet".into(), last_transition: SystemTime::now(), streak: 0 }
+        Self::assuming(Health::Critical)
+    }
+
+    /// A check not run yet, assumed to be `status` (the last known health of an instance whose
+    /// checks restart), until its results say otherwise through the usual thresholds.
+    pub fn assuming(status: Health) -> Self {
+        Self { status, output: "not checked yet".into(), last_transition: SystemTime::now(), checked: false, streak: 0 }
     }
 
     /// Records one probe result; returns whether the status changed.
     pub fn record(&mut self, result: Health, output: String, success_threshold: u32, failure_threshold: u32) -> bool {
         self.output = truncate(output);
+        self.checked = true;
         if passing(result) == passing(self.status) {
             self.streak = 0;
             return self.set(result);
@@ -65,6 +75,7 @@ impl CheckState {
     /// Sets the status directly (a TTL renewal or expiry); returns whether it changed.
     pub fn force(&mut self, status: Health, output: String) -> bool {
         self.output = truncate(output);
+        self.checked = true;
         self.streak = 0;
         self.set(status)
     }

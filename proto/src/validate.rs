@@ -23,6 +23,10 @@ pub const MAX_CHECKS: usize = 16;
 pub const MAX_THRESHOLD: u32 = 10;
 /// The shortest interval between probes.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// The longest interval between probes.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// The longest duration any field takes.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// A message field that failed validation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -186,8 +190,8 @@ pub fn instance(instance: &v1::Instance) -> Result<(), FieldError> {
     }
     if let Some(after) = &instance.deregister_critical_after {
         let after = duration("deregister_critical_after", after)?;
-        if after < Duration::from_secs(1) {
-            return Err(FieldError::new("deregister_critical_after", "must be at least 1s"));
+        if !(Duration::from_secs(1)..=MAX_DURATION).contains(&after) {
+            return Err(FieldError::new("deregister_critical_after", format!("must be 1s to 365 days, got {after:?}")));
         }
     }
     Ok(())
@@ -282,9 +286,9 @@ pub fn check(check: &v1::Check) -> Result<(), FieldError> {
         None => None,
     };
     if let Some(interval) = interval
-        && interval < MIN_INTERVAL
+        && !(MIN_INTERVAL..=MAX_INTERVAL).contains(&interval)
     {
-        return Err(FieldError::new("interval", format!("must be at least {MIN_INTERVAL:?}, got {interval:?}")));
+        return Err(FieldError::new("interval", format!("must be {MIN_INTERVAL:?} to 24h, got {interval:?}")));
     }
     if let Some(timeout) = &check.timeout {
         let timeout = duration("timeout", timeout)?;

@@ -241,23 +241,38 @@ async fn stream(
                 let Some(watch) = health.as_mut() else { continue };
                 let (report, urgency) = watch.current();
                 if sent != Some(urgency) || last_report.elapsed() >= OUTPUT_REFRESH {
-                    sent = Some(urgency);
-                    last_report = tokio::time::Instant::now();
-                    output_due = None;
-                    try_send(&outbound, sidecar_message::Message::Health(report))?;
+                    match outbound.try_send(message(sidecar_message::Message::Health(report))) {
+                        Ok(()) => {
+                            sent = Some(urgency);
+                            last_report = tokio::time::Instant::now();
+                            output_due = None;
+                        }
+                        // Reports coalesce: when the queue is full, the latest goes a little later.
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            output_due = Some(tokio::time::Instant::now() + Duration::from_millis(100));
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => return Err(StreamError::Protocol("stream closed".into())),
+                    }
                 } else {
                     // Only outputs changed: show them, but at a bounded rate.
                     output_due.get_or_insert(last_report + OUTPUT_REFRESH);
                 }
             }
             () = sleep_until(output_due), if output_due.is_some() => {
+                output_due = None;
                 if let Some(watch) = health.as_mut() {
                     let (report, urgency) = watch.current();
-                    sent = Some(urgency);
-                    last_report = tokio::time::Instant::now();
-                    try_send(&outbound, sidecar_message::Message::Health(report))?;
+                    match outbound.try_send(message(sidecar_message::Message::Health(report))) {
+                        Ok(()) => {
+                            sent = Some(urgency);
+                            last_report = tokio::time::Instant::now();
+                        }
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            output_due = Some(tokio::time::Instant::now() + Duration::from_millis(100));
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => return Err(StreamError::Protocol("stream closed".into())),
+                    }
                 }
-                output_due = None;
             }
             () = shutdown.cancelled() => {
                 let goodbye = v1::Goodbye { reason: "shutting down".into() };

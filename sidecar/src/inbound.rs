@@ -23,7 +23,7 @@ use tower::Service;
 use crate::{
     errors::{AppFailed, AppUnreachable, is_grpc},
     http::{
-        Body, BoxError, boxed,
+        Body, BoxError, Guarded, boxed,
         client::{Client, ConnectError},
     },
     metrics::Metrics,
@@ -69,9 +69,10 @@ impl Inbound {
         Self { app, service, metrics, in_flight }
     }
 
-    async fn forward(&self, request: Request<Incoming>) -> Result<Response<Body>, BoxError> {
+    async fn forward(&self, request: Request<Incoming>, in_flight: InFlightGuard) -> Result<Response<Body>, BoxError> {
         match self.app.send(forwardable(request)).await {
-            Ok(response) => Ok(response.map(boxed)),
+            // In flight until the whole body is sent, so a drain does not cut a stream short.
+            Ok(response) => Ok(response.map(|body| boxed(Guarded::new(body, in_flight)))),
             Err(error) if error.is::<ConnectError>() => Err(Box::new(AppUnreachable(error))),
             Err(error) => Err(Box::new(AppFailed(error))),
         }
@@ -91,10 +92,9 @@ impl Service<Request<Incoming>> for Inbound {
         let this = self.clone();
         let in_flight = self.in_flight.enter();
         async move {
-            let _in_flight = in_flight;
             let started = Instant::now();
             let grpc = is_grpc(request.headers());
-            let result = this.forward(request).await;
+            let result = this.forward(request, in_flight).await;
             Ok(respond(&this.metrics, "inbound", this.service.clone(), grpc, started, result))
         }
         .boxed()

@@ -247,3 +247,31 @@ async fn a_flapping_app_is_held_critical() {
     assert_eq!(check(&instance, "http")["status"], "HEALTH_PASSING", "{instance}");
     assert_eq!(instance["health"], "HEALTH_CRITICAL", "held down although the check passes: {instance}");
 }
+
+#[tokio::test]
+async fn api_instances_keep_their_health_across_a_restart_until_their_checks_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut control_plane = ControlPlane::start_in(dir.path(), &[]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let body = format!(
+        r#"{{"id": "db-1", "service": "db", "address": "127.0.0.1", "port": {port},
+            "checks": [{{"tcp": {{}}, "interval": "1s"}}], "deregister_critical_after": "1s"}}"#
+    );
+    assert_eq!(put(&control_plane, "/v1/instances", &body).await.0, 200);
+    control_plane.wait_health("db-1", "HEALTH_PASSING").await;
+
+    control_plane.process.kill().await;
+    let restarted = ControlPlane::start_in(dir.path(), &[]).await;
+    let instance = restarted.instance("db-1").await.expect("restored");
+    assert_eq!(instance["health"], "HEALTH_PASSING", "no flap while the checks restart: {instance}");
+    // Not critical, and so not removed, before its first probe; then passing on its own result.
+    let checked = eventually("the first probe after the restart", || async {
+        let instance = restarted.instance("db-1").await.expect("still registered");
+        assert_eq!(instance["health"], "HEALTH_PASSING", "{instance}");
+        check(&instance, "tcp")["output"].as_str().is_some_and(|o| o.contains("connected")).then_some(instance)
+    })
+    .await;
+    assert_eq!(checked["health"], "HEALTH_PASSING");
+    drop(listener);
+}

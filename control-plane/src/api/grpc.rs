@@ -46,8 +46,11 @@ impl RegistryApi for RegistryService {
         let instance = request.into_inner().instance.ok_or_else(|| Status::invalid_argument("instance: required"))?;
         let spec = InstanceSpec::try_from(instance).map_err(|e| invalid(e.within("instance")))?;
         self.checks.admit(&spec).map_err(|e| invalid(e.within("instance")))?;
-        let instance = self.registry.register(spec).await.map_err(|e| registry_status(e, "instance"))?;
-        self.checks.sync(&instance);
+        let id = spec.id.clone();
+        let registered = self.registry.register(spec).await;
+        // Also when the store failed: the change is in memory, and the checks follow memory.
+        self.checks.sync(&id);
+        let instance = registered.map_err(|e| registry_status(e, "instance"))?;
         tracing::info!(id = %instance.id, service = %instance.service, "registered through the API");
         Ok(Response::new(v1::RegisterResponse { instance: Some(self.registry.describe(&instance)) }))
     }
@@ -55,8 +58,9 @@ impl RegistryApi for RegistryService {
     async fn deregister(&self, request: Request<v1::DeregisterRequest>) -> Result<Response<v1::DeregisterResponse>, Status> {
         let id = request.into_inner().id;
         validate::instance_id("id", &id).map_err(invalid)?;
-        let removed = self.registry.deregister(&id).await.map_err(|e| registry_status(e, ""))?;
-        self.checks.forget(&id);
+        let removed = self.registry.deregister(&id).await;
+        self.checks.sync(&id);
+        let removed = removed.map_err(|e| registry_status(e, ""))?;
         tracing::info!(id = %removed.id, service = %removed.service, "deregistered through the API");
         Ok(Response::new(v1::DeregisterResponse { instance: Some(removed.to_proto()) }))
     }

@@ -41,6 +41,8 @@ use crate::{
 const DEFAULT_WAIT: Duration = Duration::from_secs(300);
 /// The longest a blocking query may wait.
 const MAX_WAIT: Duration = Duration::from_secs(600);
+/// The most blocking queries held at once; past that they are refused, to be retried.
+pub const MAX_BLOCKING_QUERIES: usize = 10_000;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -51,6 +53,8 @@ pub struct HttpState {
     pub metrics: Arc<prometheus_client::registry::Registry>,
     /// Blocking queries answer at once when the server starts shutting down.
     pub shutdown: CancellationToken,
+    /// Permits for blocking queries.
+    pub blocking: Arc<tokio::sync::Semaphore>,
 }
 
 /// The API's router.
@@ -168,6 +172,14 @@ async fn list_instances(
     validate::service_name("name", &name).map_err(ApiError::bad_request)?;
     let query = InstancesQuery::parse(pairs).map_err(ApiError::bad_request)?;
     let mut watch = state.registry.watch(&name);
+    let _permit = match query.index {
+        Some(_) => Some(state.blocking.clone().try_acquire_owned().map_err(|_| ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            error: format!("{MAX_BLOCKING_QUERIES} blocking queries are already waiting; retry later"),
+            field: None,
+        })?),
+        None => None,
+    };
     if let Some(index) = query.index {
         // A blocking query: answer when the index moves away from the one the client holds
         // (forward, or backward after a restart), when the wait ends, or at shutdown.
@@ -238,8 +250,11 @@ async fn register(State(state): State<HttpState>, body: Bytes) -> Result<Json<v1
     let instance: v1::Instance = decode(&body).map_err(ApiError::bad_request)?;
     let spec = InstanceSpec::try_from(instance).map_err(ApiError::bad_request)?;
     state.checks.admit(&spec).map_err(ApiError::bad_request)?;
-    let instance = state.registry.register(spec).await?;
-    state.checks.sync(&instance);
+    let id = spec.id.clone();
+    let registered = state.registry.register(spec).await;
+    // Also when the store failed: the change is in memory, and the checks follow memory.
+    state.checks.sync(&id);
+    let instance = registered?;
     tracing::info!(id = %instance.id, service = %instance.service, "registered through the API");
     Ok(Json(v1::RegisterResponse { instance: Some(state.registry.describe(&instance)) }))
 }
@@ -251,8 +266,9 @@ async fn instance(State(state): State<HttpState>, Path(id): Path<String>) -> Res
 
 async fn deregister(State(state): State<HttpState>, Path(id): Path<String>) -> Result<Json<v1::DeregisterResponse>, ApiError> {
     validate::instance_id("id", &id).map_err(ApiError::bad_request)?;
-    let removed = state.registry.deregister(&id).await?;
-    state.checks.forget(&id);
+    let removed = state.registry.deregister(&id).await;
+    state.checks.sync(&id);
+    let removed = removed?;
     tracing::info!(id = %removed.id, service = %removed.service, "deregistered through the API");
     Ok(Json(v1::DeregisterResponse { instance: Some(removed.to_proto()) }))
 }

@@ -75,7 +75,9 @@ pub(crate) fn health_report(report: &v1::HealthReport) -> Result<(Health, Vec<Ch
             Some(v1::check::Probe::Ttl(_)) => "ttl",
             None => "unknown",
         };
-        let last_transition = check.last_transition.map_or_else(std::time::SystemTime::now, system_time);
+        // A sidecar's clock, or a bad peer, must not put a transition in the future.
+        let now = std::time::SystemTime::now();
+        let last_transition = check.last_transition.map_or(now, system_time).min(now);
         statuses.push(CheckStatus { id: check.id.clone(), kind, status, output, last_transition });
     }
     Ok((health, statuses))

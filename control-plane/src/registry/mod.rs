@@ -476,6 +476,8 @@ impl Registry {
             .entry(service.clone())
             .or_insert_with(|| ServiceEntry { tx: watch::Sender::new(Arc::new(ServiceSnapshot::empty(service.clone(), index))) });
         let previous = entry.tx.borrow().clone();
+        let old_checks: Vec<String> =
+            previous.instances.get(id).map(|old| old.checks.iter().map(|c| c.id.clone()).collect()).unwrap_or_default();
         let mut instances = (*previous.instances).clone();
         let mut log = (*previous.log).clone();
         let (stored, write) = match mutation {
@@ -506,7 +508,11 @@ impl Registry {
             changed_at: Instant::now(),
         };
         entry.tx.send_replace(Arc::new(snapshot));
-        state.check_owners.retain(|_, owner| owner != id);
+        for check in old_checks {
+            if state.check_owners.get(&check) == Some(id) {
+                state.check_owners.remove(&check);
+            }
+        }
         match &stored {
             Some(instance) => {
                 state.ids.insert(id.clone(), service.clone());
