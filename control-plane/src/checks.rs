@@ -8,8 +8,8 @@ use std::{
     time::Duration,
 };
 
-use ferry_health::{CheckStatus, Health, HealthMetrics, Probe, Runner, RunnerOptions, Target, TtlError};
-use ferry_proto::validate::FieldError;
+use ferry_health::{Health, HealthMetrics, Probe, Runner, RunnerOptions, Target, TtlError};
+use ferry_proto::{v1, validate::FieldError};
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
 use crate::registry::{Instance, InstanceSpec, Registry, RegistryError};
@@ -117,14 +117,22 @@ impl HealthChecks {
     }
 
     /// Renews the TTL check `check_id` of an API instance.
-    pub async fn ttl(&self, check_id: &str, status: Health, output: String) -> Result<CheckStatus, TtlFailure> {
+    /// Renews the TTL check `check_id` of an API instance; answers the check as it is now.
+    pub async fn ttl(&self, check_id: &str, status: Health, output: String) -> Result<v1::Check, TtlFailure> {
         let owner = self.registry.check_owner(check_id).ok_or_else(|| TtlFailure::UnknownCheck(check_id.to_owned()))?;
         if let Some(node) = owner.node_id() {
             return Err(TtlFailure::OwnedBySidecar { check: check_id.to_owned(), node: node.to_owned() });
         }
         let runner = self.lock().get(&owner.id).map(|s| s.runner.clone());
         let runner = runner.ok_or_else(|| TtlFailure::UnknownCheck(check_id.to_owned()))?;
-        runner.ttl(Some(check_id), status, output).await.map_err(TtlFailure::Refused)
+        let renewed = runner.ttl(Some(check_id), status, output).await.map_err(TtlFailure::Refused)?;
+        let spec = owner.checks.iter().find(|c| c.id == renewed.id).map(ferry_health::CheckSpec::to_proto).unwrap_or_default();
+        Ok(v1::Check {
+            status: v1::Health::from(renewed.status) as i32,
+            output: renewed.output,
+            last_transition: Some(crate::registry::timestamp(renewed.last_transition)),
+            ..spec
+        })
     }
 }
 

@@ -152,6 +152,21 @@ async fn ttl_checks_expire_and_are_renewed_through_the_api_and_the_sidecar() {
     let expired = control_plane.wait_health("job-1", "HEALTH_CRITICAL").await;
     assert!(check(&expired, "ttl")["output"].as_str().expect("output").contains("expired"), "{expired}");
 
+    // The same over gRPC.
+    let channel = tonic::transport::Channel::from_shared(control_plane.url()).expect("URL").connect().await.expect("connects");
+    let mut registry = ferry_proto::v1::registry_client::RegistryClient::new(channel);
+    let request = ferry_proto::v1::UpdateTtlRequest {
+        check_id: "job-1:ttl".into(),
+        status: ferry_proto::v1::Health::Warning as i32,
+        output: "slow".into(),
+    };
+    let renewed = registry.update_ttl(request).await.expect("renewed").into_inner().check.expect("the check");
+    assert_eq!((renewed.status, renewed.output.as_str()), (ferry_proto::v1::Health::Warning as i32, "slow"));
+    control_plane.wait_health("job-1", "HEALTH_WARNING").await;
+    let request = ferry_proto::v1::UpdateTtlRequest { check_id: "job-1:ttl".into(), status: 0, output: String::new() };
+    let status = registry.update_ttl(request).await.expect_err("no status");
+    assert!(status.message().starts_with("status:"), "{}", status.message());
+
     // Bad renewals name what is wrong.
     let cases = [("/v1/checks/job-1:ttl/maybe", 400, "status"), ("/v1/checks/nope/pass", 404, "id")];
     for (path, status, field) in cases {

@@ -107,8 +107,6 @@ impl RegistryApi for RegistryService {
             TtlFailure::UnknownCheck(_) => Status::not_found(failure.to_string().replacen("id:", "check_id:", 1)),
             _ => Status::invalid_argument(failure.to_string().replacen("id:", "check_id:", 1)),
         })?;
-        let described = self.registry.check_owner(&check.id).map(|owner| self.registry.describe(&owner));
-        let check = described.and_then(|i| i.checks.into_iter().find(|c| c.id == check.id));
-        Ok(Response::new(v1::UpdateTtlResponse { check }))
+        Ok(Response::new(v1::UpdateTtlResponse { check: Some(check) }))
     }
 }
