@@ -95,7 +95,7 @@ async fn http(client: Option<&Client<HttpConnector, Empty<Bytes>>>, url: String,
     };
     let response = match client.request(request).await {
         Ok(response) => response,
-        Err(error) => return (Health::Critical, format!("HTTP GET {url}: {}", source_chain(&error))),
+        Err(error) => return (Health::Critical, format!("HTTP GET {url}: {}", ferry_runtime::error_chain(&error))),
     };
     let status = response.status();
     let body = match Limited::new(response.into_body(), BODY_LIMIT).collect().await {
@@ -212,20 +212,6 @@ async fn kill_group(group: Option<u32>) {
     }
     #[cfg(not(unix))]
     let _ = group;
-}
-
-fn source_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut next = error.source();
-    while let Some(source) = next {
-        let part = source.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        next = source.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -19,3 +19,39 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ferry_descriptor.bin"));
 
 pub use pbjson_types as types;
+
+/// Conversions between protobuf timestamps and [`SystemTime`](std::time::SystemTime).
+pub mod time {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use crate::types::Timestamp;
+
+    /// A protobuf timestamp for `time`.
+    pub fn timestamp(time: SystemTime) -> Timestamp {
+        let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+        Timestamp {
+            seconds: i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(since.subsec_nanos()).unwrap_or(0),
+        }
+    }
+
+    /// The time a protobuf timestamp stands for (the epoch for nonsense).
+    pub fn system_time(ts: Timestamp) -> SystemTime {
+        let seconds = u64::try_from(ts.seconds).unwrap_or(0);
+        let nanos = u32::try_from(ts.nanos).unwrap_or(0).min(999_999_999);
+        UNIX_EPOCH + Duration::new(seconds, nanos)
+    }
+}
+
+impl v1::check::Probe {
+    /// The kind of probe, as used in check ids, tables and metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Http(_) => "http",
+            Self::Tcp(_) => "tcp",
+            Self::Grpc(_) => "grpc",
+            Self::Script(_) => "script",
+            Self::Ttl(_) => "ttl",
+        }
+    }
+}

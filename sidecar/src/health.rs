@@ -84,19 +84,11 @@ impl HealthWatch {
                     id: status.id.clone(),
                     status: v1::Health::from(status.status) as i32,
                     output: status.output.clone(),
-                    last_transition: Some(timestamp(status.last_transition)),
+                    last_transition: Some(ferry_proto::time::timestamp(status.last_transition)),
                     ..spec
                 }
             })
             .collect();
         (v1::HealthReport { health: v1::Health::from(health) as i32, checks }, (report.generation, draining))
-    }
-}
-
-fn timestamp(time: std::time::SystemTime) -> ferry_proto::types::Timestamp {
-    let since = time.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    ferry_proto::types::Timestamp {
-        seconds: i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(since.subsec_nanos()).unwrap_or(0),
     }
 }

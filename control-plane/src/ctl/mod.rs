@@ -319,14 +319,7 @@ fn instances_table(response: &v1::ListInstancesResponse) -> String {
     if !checks.is_empty() {
         let mut table = Table::new(&["CHECK", "KIND", "STATUS", "SINCE", "OUTPUT"]);
         for (_, check) in checks {
-            let kind = match &check.probe {
-                Some(v1::check::Probe::Http(_)) => "http",
-                Some(v1::check::Probe::Tcp(_)) => "tcp",
-                Some(v1::check::Probe::Grpc(_)) => "grpc",
-                Some(v1::check::Probe::Script(_)) => "script",
-                Some(v1::check::Probe::Ttl(_)) => "ttl",
-                None => "-",
-            };
+            let kind = check.probe.as_ref().map_or("-", v1::check::Probe::kind);
             let mut output: String = check.output.lines().next().unwrap_or_default().chars().take(80).collect();
             if output.is_empty() {
                 output = "-".into();

@@ -67,14 +67,7 @@ pub(crate) fn health_report(report: &v1::HealthReport) -> Result<(Health, Vec<Ch
         validate::instance_id(&at("id"), &check.id)?;
         let status = Health::try_from(check.status).map_err(|e| FieldError::new(at("status"), e.to_string()))?;
         let output = ferry_health::state::truncate(check.output.clone());
-        let kind = match &check.probe {
-            Some(v1::check::Probe::Http(_)) => "http",
-            Some(v1::check::Probe::Tcp(_)) => "tcp",
-            Some(v1::check::Probe::Grpc(_)) => "grpc",
-            Some(v1::check::Probe::Script(_)) => "script",
-            Some(v1::check::Probe::Ttl(_)) => "ttl",
-            None => "unknown",
-        };
+        let kind = check.probe.as_ref().map_or("unknown", v1::check::Probe::kind);
         // A sidecar's clock, or a bad peer, must not put a transition in the future.
         let now = std::time::SystemTime::now();
         let last_transition = check.last_transition.map_or(now, system_time).min(now);

@@ -8,7 +8,6 @@ use std::{
 
 use ferry_health::{CheckSpec, Health, spec::assign_ids};
 use ferry_proto::{
-    types::Timestamp,
     v1,
     validate::{self, FieldError},
 };
@@ -200,18 +199,7 @@ impl Instance {
     }
 }
 
-/// A protobuf timestamp for `time`.
-pub fn timestamp(time: SystemTime) -> Timestamp {
-    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
-    Timestamp { seconds: i64::try_from(since.as_secs()).unwrap_or(i64::MAX), nanos: since.subsec_nanos() as i32 }
-}
-
-/// The time a protobuf timestamp stands for (the epoch for nonsense).
-pub fn system_time(ts: Timestamp) -> SystemTime {
-    let seconds = u64::try_from(ts.seconds).unwrap_or(0);
-    let nanos = u32::try_from(ts.nanos).unwrap_or(0).min(999_999_999);
-    UNIX_EPOCH + Duration::new(seconds, nanos)
-}
+pub use ferry_proto::time::{system_time, timestamp};
 
 #[cfg(test)]
 mod tests {
