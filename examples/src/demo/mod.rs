@@ -152,10 +152,13 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     let mut failure = None;
+    // Ctrl-C or SIGTERM ends the run cleanly: children stopped, working directory removed.
+    let stop = ferry_runtime::shutdown_signal();
+    tokio::pin!(stop);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = tokio::signal::ctrl_c() => break,
+            () = &mut stop => break,
         }
         let health = health(&mut registry).await;
         if interactive {

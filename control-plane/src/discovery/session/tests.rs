@@ -316,3 +316,23 @@ impl Harness {
         sidecars.list(&self.registry).remove(0)
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn small_changes_to_a_service_are_pushed_as_deltas() {
+    let mut h = harness().await;
+    h.registry.register(spec("catalog", "c1", 8080)).await.expect("registers");
+    h.registry.register(spec("catalog", "c2", 8081)).await.expect("registers");
+    h.subscribe(&["catalog"]).await;
+    let first = h.push().await;
+    h.ack(&first.nonce).await;
+    for i in 0..5u16 {
+        h.registry.register(spec("catalog", &format!("x{i}"), 9000 + i)).await.expect("registers");
+        let push = h.push().await;
+        assert!(matches!(push.resources[0].endpoints, Some(Endpoints::Delta(_))), "{push:?}");
+        h.ack(&push.nonce).await;
+        h.registry.deregister(&format!("x{i}")).await.expect("deregisters");
+        let push = h.push().await;
+        assert!(matches!(push.resources[0].endpoints, Some(Endpoints::Delta(_))), "{push:?}");
+        h.ack(&push.nonce).await;
+    }
+}
