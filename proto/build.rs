@@ -4,7 +4,7 @@ use std::{env, error::Error, fs, path::PathBuf};
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["ferry/v1/registry.proto", "ferry/v1/discovery.proto"];
+const PROTOS: &[&str] = &["ferry/v1/registry.proto", "ferry/v1/discovery.proto", "ferry/v1/config.proto"];
 
 fn main() -> Result<(), Box<dyn Error>> {
     println!("cargo:rerun-if-changed=proto");

@@ -12,8 +12,10 @@ pub mod config;
 pub mod ctl;
 pub mod discovery;
 pub mod dns;
+pub mod index;
 pub mod metrics;
 pub mod registry;
+pub mod resources;
 pub mod server;
 pub mod store;
 

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use ferry_proto::v1::{discovery_server::DiscoveryServer, registry_server::RegistryServer};
+use ferry_proto::v1::{config_server::ConfigServer, discovery_server::DiscoveryServer, registry_server::RegistryServer};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -13,6 +13,7 @@ use ferry_health::RunnerOptions;
 
 use crate::{
     api::{
+        config::ConfigService,
         grpc::RegistryService,
         http::{self, HttpState},
     },
@@ -20,8 +21,10 @@ use crate::{
     config::Config,
     discovery::{DiscoveryService, SessionConfig, Sidecars},
     dns::RegistryDirectory,
+    index::Indexes,
     metrics::Metrics,
     registry::{Registry, RegistryConfig},
+    resources::Resources,
     store,
 };
 
@@ -43,9 +46,13 @@ impl ControlPlane {
         let metrics = Metrics::new(&mut prometheus);
         let registry_config = RegistryConfig { reconnect_grace: config.reconnect_grace, ..Default::default() };
         let description = store.describe();
-        let registry = Registry::open(store, registry_config, metrics.registry.clone())
+        let indexes = Arc::new(Indexes::default());
+        let registry = Registry::open(store.clone(), registry_config, metrics.registry.clone(), indexes.clone())
             .await
             .with_context(|| format!("loading the registry from {description}"))?;
+        let resources = Resources::open(store, indexes, Duration::from_secs(5))
+            .await
+            .with_context(|| format!("loading routes and policies from {description}"))?;
 
         let grpc_listener = TcpListener::bind(config.grpc).await.with_context(|| format!("binding --grpc {}", config.grpc))?;
         let http_listener = TcpListener::bind(config.http).await.with_context(|| format!("binding --http {}", config.http))?;
@@ -57,8 +64,14 @@ impl ControlPlane {
         let shutdown = CancellationToken::new();
         let sidecars = Arc::new(Sidecars::default());
         let session_config = SessionConfig { max_delay: config.push_max_delay, ..Default::default() };
-        let discovery =
-            DiscoveryService::new(registry.clone(), sidecars.clone(), session_config, metrics.push.clone(), shutdown.clone());
+        let discovery = DiscoveryService::new(
+            registry.clone(),
+            resources.clone(),
+            sidecars.clone(),
+            session_config,
+            metrics.push.clone(),
+            shutdown.clone(),
+        );
         let checks = HealthChecks::new(
             registry.clone(),
             RunnerOptions { stagger: true, scripts_allowed: config.enable_script_checks, ..RunnerOptions::default() },
@@ -70,6 +83,7 @@ impl ControlPlane {
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<RegistryServer<RegistryService>>().await;
         health_reporter.set_serving::<DiscoveryServer<DiscoveryService>>().await;
+        health_reporter.set_serving::<ConfigServer<ConfigService>>().await;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -88,6 +102,7 @@ impl ControlPlane {
             .add_service(reflection_v1alpha)
             .add_service(RegistryServer::new(registry_api))
             .add_service(DiscoveryServer::new(discovery))
+            .add_service(ConfigServer::new(ConfigService::new(resources.clone())))
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown.clone().cancelled_owned());
         let http_router = http::router(HttpState {
             registry: registry.clone(),
@@ -96,6 +111,7 @@ impl ControlPlane {
             metrics: Arc::new(prometheus),
             shutdown: shutdown.clone(),
             blocking: Arc::new(tokio::sync::Semaphore::new(http::MAX_BLOCKING_QUERIES)),
+            resources: resources.clone(),
         });
         let http = axum::serve(http_listener, http_router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
 

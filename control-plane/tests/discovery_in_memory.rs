@@ -9,6 +9,7 @@ use ferry_control_plane::{
     discovery::{DiscoveryService, SessionConfig, Sidecars},
     metrics::Metrics,
     registry::{Registry, RegistryConfig},
+    resources::Resources,
     store::MemoryStore,
 };
 use ferry_health::RunnerOptions;
@@ -25,12 +26,17 @@ use tonic::transport::{Channel, Endpoint, Server, Uri};
 /// Serves both services on one end of a duplex pipe and returns a channel over the other.
 async fn serve() -> (Channel, Arc<Registry>) {
     let metrics = Metrics::unregistered();
-    let registry = Registry::open(Arc::new(MemoryStore::default()), RegistryConfig::default(), metrics.registry.clone())
+    let registry =
+        Registry::open(Arc::new(MemoryStore::default()), RegistryConfig::default(), metrics.registry.clone(), Default::default())
+            .await
+            .expect("opens");
+    let shutdown = CancellationToken::new();
+    let resources = Resources::open(Arc::new(MemoryStore::default()), Default::default(), std::time::Duration::from_secs(5))
         .await
         .expect("opens");
-    let shutdown = CancellationToken::new();
     let discovery = DiscoveryService::new(
         registry.clone(),
+        resources,
         Arc::new(Sidecars::default()),
         SessionConfig::default(),
         metrics.push,

@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod json;
 pub mod validate;
 
 /// Generated code of the `ferry.v1` package.

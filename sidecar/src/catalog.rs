@@ -26,7 +26,7 @@ pub enum ServiceState {
 }
 
 /// One service's config at one version.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServiceConfig {
     pub name: Arc<str>,
     pub version: u64,
@@ -34,6 +34,10 @@ pub struct ServiceConfig {
     pub exists: bool,
     /// Every endpoint, routable or not, by id.
     pub endpoints: BTreeMap<String, Arc<Endpoint>>,
+    /// How requests to the service are routed, if a route was applied.
+    pub route: Option<Arc<v1::Route>>,
+    /// The service's subsets, if a policy was applied.
+    pub policy: Option<Arc<v1::ServicePolicy>>,
 }
 
 /// An instance of a service, as the sidecar balances over it.
@@ -226,7 +230,38 @@ fn next_config(resources: &v1::ServiceResources, held: Option<&ServiceConfig>) -
             endpoints
         }
     };
-    Ok(ServiceConfig { name: resources.service.as_str().into(), version: resources.version, exists: resources.exists, endpoints })
+    // Route and policy: replaced when the push carries them, kept as held otherwise.
+    let route = match &resources.route {
+        Some(update) => match &update.route {
+            Some(route) => {
+                validate::route(route).map_err(|e| e.within("route.route"))?;
+                if route.service != resources.service {
+                    return Err(validate::FieldError::new("route.route.service", "must be the service it is pushed for"));
+                }
+                Some(Arc::new(route.clone()))
+            }
+            None => None,
+        },
+        None => held.and_then(|h| h.route.clone()),
+    };
+    let policy = match &resources.policy {
+        Some(update) => match &update.policy {
+            Some(policy) => {
+                validate::policy(policy).map_err(|e| e.within("policy.policy"))?;
+                Some(Arc::new(policy.clone()))
+            }
+            None => None,
+        },
+        None => held.and_then(|h| h.policy.clone()),
+    };
+    Ok(ServiceConfig {
+        name: resources.service.as_str().into(),
+        version: resources.version,
+        exists: resources.exists,
+        endpoints,
+        route,
+        policy,
+    })
 }
 
 #[cfg(test)]
@@ -249,6 +284,7 @@ mod tests {
             version,
             exists: !endpoints.is_empty(),
             endpoints: Some(Endpoints::Snapshot(v1::Endpoints { endpoints })),
+            ..Default::default()
         }
     }
 
@@ -288,6 +324,7 @@ mod tests {
                 upserted: vec![endpoint("c", 8082)],
                 removed: vec!["a".into()],
             })),
+            ..Default::default()
         };
         catalog.apply(&push(vec![delta.clone()])).expect("applies");
         let config = known(&catalog, "catalog");

@@ -34,12 +34,22 @@ pub struct InvalidDestination(pub String);
 #[error("no service named {0:?} is registered")]
 pub struct UnknownService(pub Arc<str>);
 
-/// The service exists but none of its instances can take traffic.
+/// The service (or the subset of it a route chose) exists but none of its instances can take
+/// traffic.
 #[derive(Debug, thiserror::Error)]
-#[error("{service} has 0 of {total} passing")]
+#[error("{service}{} has 0 of {total} passing", subset.as_ref().map(|s| format!(" (subset {s})")).unwrap_or_default())]
 pub struct NoEndpoints {
     pub service: Arc<str>,
+    pub subset: Option<Arc<str>>,
     pub total: usize,
+}
+
+/// A route chose a subset the service's policy does not define.
+#[derive(Debug, thiserror::Error)]
+#[error("{service} has no subset {subset:?} in its policy")]
+pub struct UnknownSubset {
+    pub service: Arc<str>,
+    pub subset: Arc<str>,
 }
 
 /// The sidecar has no config for the service yet and none arrived in time.
@@ -97,6 +107,9 @@ pub fn reason(error: &(dyn StdError + 'static)) -> Reason {
         }
         if error.is::<NoEndpoints>() {
             return reason("no_endpoints", StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE);
+        }
+        if error.is::<UnknownSubset>() {
+            return reason("unknown_subset", StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE);
         }
         if error.is::<DiscoveryTimeout>() {
             return reason("discovery_timeout", StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE);
@@ -176,7 +189,7 @@ mod tests {
 
     #[test]
     fn no_endpoints_is_a_503_with_the_reason_and_sentence() {
-        let error: BoxError = Box::new(NoEndpoints { service: "catalog".into(), total: 3 });
+        let error: BoxError = Box::new(NoEndpoints { service: "catalog".into(), subset: None, total: 3 });
         let response = synthetic_response(&error, false);
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[FERRY_ERROR], "no_endpoints: catalog has 0 of 3 passing");

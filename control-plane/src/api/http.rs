@@ -55,10 +55,12 @@ pub struct HttpState {
     pub shutdown: CancellationToken,
     /// Permits for blocking queries.
     pub blocking: Arc<tokio::sync::Semaphore>,
+    pub resources: Arc<crate::resources::Resources>,
 }
 
 /// The API's router.
 pub fn router(state: HttpState) -> Router {
+    let resources = super::config::router(state.resources.clone());
     Router::new()
         .route("/v1/services", get(list_services))
         .route("/v1/services/{name}", get(list_instances))
@@ -72,6 +74,7 @@ pub fn router(state: HttpState) -> Router {
             ApiError::not_found(format!("no endpoint {method} {}; see docs/api.md", uri.path()))
         })
         .with_state(state)
+        .merge(resources)
 }
 
 /// An error as the API answers it.
@@ -197,57 +200,8 @@ async fn list_instances(
     Ok(response)
 }
 
-/// Decodes a JSON body into `T`, naming the field whose value does not fit when there is one.
-fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, validate::FieldError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| validate::FieldError::new("body", format!("not JSON: {e}")))?;
-    serde_json::from_value(value.clone()).map_err(|error| {
-        let path = culprit::<T>(&value, &|inner| inner, String::new());
-        if path.is_empty() {
-            validate::FieldError::new("body", format!("does not match the expected message: {error}"))
-        } else {
-            validate::FieldError::new(path, format!("invalid value: {error}"))
-        }
-    })
-}
-
-/// The path of the deepest member of `value` that fails to decode on its own (rewrapped by
-/// `wrap` into a whole message), so an error can name `checks[0].interval` rather than the body.
-fn culprit<T: serde::de::DeserializeOwned>(
-    value: &serde_json::Value,
-    wrap: &dyn Fn(serde_json::Value) -> serde_json::Value,
-    path: String,
-) -> String {
-    use serde_json::Value;
-    let fails = |candidate: Value| serde_json::from_value::<T>(wrap(candidate)).is_err();
-    match value {
-        // An empty container failing too means the container itself is the wrong type.
-        Value::Object(_) if fails(Value::Object(Default::default())) => path,
-        Value::Array(_) if fails(Value::Array(Vec::new())) => path,
-        Value::Object(members) => {
-            for (name, member) in members {
-                let alone = |inner: Value| Value::Object([(name.clone(), inner)].into_iter().collect());
-                if fails(alone(member.clone())) {
-                    let here = if path.is_empty() { name.clone() } else { format!("{path}.{name}") };
-                    return culprit::<T>(member, &|inner| wrap(alone(inner)), here);
-                }
-            }
-            path
-        }
-        Value::Array(items) => {
-            for (i, item) in items.iter().enumerate() {
-                if fails(Value::Array(vec![item.clone()])) {
-                    return culprit::<T>(item, &|inner| wrap(Value::Array(vec![inner])), format!("{path}[{i}]"));
-                }
-            }
-            path
-        }
-        _ => path,
-    }
-}
-
 async fn register(State(state): State<HttpState>, body: Bytes) -> Result<Json<v1::RegisterResponse>, ApiError> {
-    let instance: v1::Instance = decode(&body).map_err(ApiError::bad_request)?;
+    let instance: v1::Instance = ferry_proto::json::decode_slice("ferry.v1.Instance", &body).map_err(ApiError::bad_request)?;
     let spec = InstanceSpec::try_from(instance).map_err(ApiError::bad_request)?;
     state.checks.admit(&spec).map_err(ApiError::bad_request)?;
     let id = spec.id.clone();

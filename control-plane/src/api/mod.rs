@@ -11,6 +11,7 @@ use tonic::Status;
 
 use crate::registry::{Instance, Registry, RegistryError, ServiceSnapshot, ServiceSummary};
 
+pub mod config;
 pub mod grpc;
 pub mod http;
 

@@ -21,6 +21,7 @@ use crate::{
     api::registry_status,
     metrics::PushMetrics,
     registry::{InstanceSpec, Registry, system_time},
+    resources::Resources,
 };
 
 mod session;
@@ -38,6 +39,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct DiscoveryService {
     registry: Arc<Registry>,
+    resources: Arc<Resources>,
     sidecars: Arc<Sidecars>,
     config: SessionConfig,
     metrics: PushMetrics,
@@ -114,13 +116,14 @@ impl DiscoveryService {
     /// A service whose streams end when `shutdown` fires.
     pub fn new(
         registry: Arc<Registry>,
+        resources: Arc<Resources>,
         sidecars: Arc<Sidecars>,
         config: SessionConfig,
         metrics: PushMetrics,
         shutdown: CancellationToken,
     ) -> Self {
         let server_id = format!("{:016x}", rand::random::<u64>());
-        Self { registry, sidecars, config, metrics, server_id, shutdown }
+        Self { registry, resources, sidecars, config, metrics, server_id, shutdown }
     }
 }
 
@@ -168,6 +171,7 @@ impl Discovery for DiscoveryService {
         let session = Session::new(
             session_id,
             self.registry.clone(),
+            self.resources.clone(),
             self.config.clone(),
             self.metrics.clone(),
             record.clone(),

@@ -32,6 +32,7 @@ use super::status::SidecarRecord;
 use crate::{
     metrics::{KindLabels, PushMetrics},
     registry::{Registry, ServiceSnapshot, SessionId},
+    resources::{Resources, ServiceConfig},
 };
 
 /// Limits and timing of sessions.
@@ -69,13 +70,15 @@ pub enum Ended {
 pub struct Session {
     id: SessionId,
     registry: Arc<Registry>,
+    resources: Arc<Resources>,
     config: SessionConfig,
     metrics: PushMetrics,
     record: Arc<SidecarRecord>,
     /// Versions the sidecar said it holds, used when it subscribes.
     held: HashMap<String, u64>,
     subscriptions: HashMap<Arc<str>, Subscription>,
-    watches: StreamMap<Arc<str>, WatchStream<Arc<ServiceSnapshot>>>,
+    endpoint_watches: StreamMap<Arc<str>, WatchStream<Arc<ServiceSnapshot>>>,
+    config_watches: StreamMap<Arc<str>, WatchStream<Arc<ServiceConfig>>>,
     in_flight: VecDeque<InFlight>,
     next_nonce: u64,
     /// When the oldest unpushed change arrived.
@@ -83,33 +86,69 @@ pub struct Session {
     last_push: Option<Instant>,
 }
 
+/// What the sidecar holds of a service (or will, once the pushes in flight land).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    /// The service's version: the largest of the parts'.
+    version: u64,
+    /// The registry index of the endpoints; `None` when only the version is known (from Hello).
+    endpoints: Option<u64>,
+    route: Option<u64>,
+    policy: Option<u64>,
+}
+
+impl Held {
+    /// Only the version is known: every part must be sent if it changed.
+    fn version_only(version: u64) -> Self {
+        Self { version, endpoints: None, route: None, policy: None }
+    }
+}
+
 struct Subscription {
-    latest: Arc<ServiceSnapshot>,
+    endpoints: Arc<ServiceSnapshot>,
+    config: Arc<ServiceConfig>,
     dirty: bool,
-    /// The version last pushed and not rejected: what the sidecar holds, or soon will.
-    sent: Option<u64>,
-    /// The version last acknowledged.
-    acked: Option<u64>,
-    /// A snapshot of this version was rejected: do not send it again.
+    /// What was last pushed and not rejected.
+    sent: Option<Held>,
+    /// What was last acknowledged.
+    acked: Option<Held>,
+    /// A full push of this version was rejected: do not send it again.
     rejected: Option<u64>,
-    /// A delta was rejected: the next push must be a full snapshot.
-    needs_snapshot: bool,
+    /// A push built on what the sidecar held was rejected: the next one carries everything.
+    needs_full: bool,
     /// When the sidecar subscribed: a change older than that waited for the subscription, not
     /// for the push engine.
     subscribed_at: Instant,
 }
 
+impl Subscription {
+    /// The service's version now.
+    fn version(&self) -> u64 {
+        self.endpoints.index.max(self.config.version)
+    }
+
+    fn held_now(&self) -> Held {
+        Held {
+            version: self.version(),
+            endpoints: Some(self.endpoints.index),
+            route: Some(self.config.route_version),
+            policy: Some(self.config.policy_version),
+        }
+    }
+}
+
 struct InFlight {
     nonce: String,
     sent_at: Instant,
-    /// (service, version, whether it was a full snapshot)
-    carried: Vec<(Arc<str>, u64, bool)>,
+    /// (service, what the push gave, whether it carried everything)
+    carried: Vec<(Arc<str>, Held, bool)>,
 }
 
 impl Session {
     pub fn new(
         id: SessionId,
         registry: Arc<Registry>,
+        resources: Arc<Resources>,
         config: SessionConfig,
         metrics: PushMetrics,
         record: Arc<SidecarRecord>,
@@ -118,12 +157,14 @@ impl Session {
         Self {
             id,
             registry,
+            resources,
             config,
             metrics,
             record,
             held,
             subscriptions: HashMap::new(),
-            watches: StreamMap::new(),
+            endpoint_watches: StreamMap::new(),
+            config_watches: StreamMap::new(),
             in_flight: VecDeque::new(),
             next_nonce: 0,
             dirty_since: None,
@@ -169,7 +210,8 @@ impl Session {
                     }
                     None => return Ended::Broken,
                 },
-                Some((service, snapshot)) = self.watches.next() => self.changed(&service, snapshot),
+                Some((service, snapshot)) = self.endpoint_watches.next() => self.endpoints_changed(&service, snapshot),
+                Some((service, config)) = self.config_watches.next() => self.config_changed(&service, config),
                 permit = outbound.reserve(), if flush_now => match permit {
                     Ok(permit) => {
                         if let Some(push) = self.build_push() {
@@ -189,7 +231,8 @@ impl Session {
             Some(sidecar_message::Message::Subscribe(subscribe)) => self.subscribe(subscribe.services)?,
             Some(sidecar_message::Message::Unsubscribe(unsubscribe)) => {
                 for service in unsubscribe.services {
-                    self.watches.remove(service.as_str());
+                    self.endpoint_watches.remove(service.as_str());
+                    self.config_watches.remove(service.as_str());
                     self.subscriptions.remove(service.as_str());
                     self.record.unsubscribed(&service);
                 }
@@ -229,34 +272,85 @@ impl Session {
                     self.config.max_subscriptions
                 )));
             }
-            let watch = self.registry.watch(&service);
-            let latest = watch.borrow().clone();
-            let held = self.held.get(&service).copied();
-            let name = latest.name.clone();
-            self.record.subscribed(&name, held);
-            self.subscriptions.insert(
-                name.clone(),
-                Subscription {
-                    latest,
-                    dirty: false,
-                    sent: held,
-                    acked: held,
-                    rejected: None,
-                    needs_snapshot: false,
-                    subscribed_at: Instant::now(),
-                },
-            );
-            // The stream yields the current snapshot first, which marks the service dirty.
-            self.watches.insert(name, WatchStream::new(watch));
+            self.add_subscription(&service);
         }
         Ok(())
     }
 
-    fn changed(&mut self, service: &Arc<str>, snapshot: Arc<ServiceSnapshot>) {
+    /// Starts following `service`. Its watch streams yield the current state first, which marks
+    /// it dirty; the subscription is also marked dirty at once, for pushes built right away.
+    fn add_subscription(&mut self, service: &str) {
+        let endpoints = self.registry.watch(service);
+        let config = self.resources.watch(service);
+        let latest = endpoints.borrow().clone();
+        let current_config = config.borrow().clone();
+        let name = latest.name.clone();
+        let held = self.held.get(service).map(|&version| {
+            // Versions come from one counter: a held version newer than the service's config
+            // can only be an endpoints index, and the config cannot have changed since.
+            if current_config.version < version {
+                Held {
+                    version,
+                    endpoints: Some(version),
+                    route: Some(current_config.route_version),
+                    policy: Some(current_config.policy_version),
+                }
+            } else {
+                Held::version_only(version)
+            }
+        });
+        self.record.subscribed(&name, held.map(|h| h.version));
+        self.subscriptions.insert(
+            name.clone(),
+            Subscription {
+                endpoints: latest,
+                config: current_config,
+                dirty: true,
+                sent: held,
+                acked: held,
+                rejected: None,
+                needs_full: false,
+                subscribed_at: Instant::now(),
+            },
+        );
+        self.dirty_since.get_or_insert_with(Instant::now);
+        self.endpoint_watches.insert(name.clone(), WatchStream::new(endpoints));
+        self.config_watches.insert(name, WatchStream::new(config));
+    }
+
+    fn endpoints_changed(&mut self, service: &Arc<str>, snapshot: Arc<ServiceSnapshot>) {
         if let Some(subscription) = self.subscriptions.get_mut(service) {
-            subscription.latest = snapshot;
+            subscription.endpoints = snapshot;
             subscription.dirty = true;
             self.dirty_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    fn config_changed(&mut self, service: &Arc<str>, config: Arc<ServiceConfig>) {
+        if let Some(subscription) = self.subscriptions.get_mut(service) {
+            subscription.config = config;
+            subscription.dirty = true;
+            self.dirty_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Subscribes to the services the subscribed routes send traffic to, so that a route and
+    /// what it references arrive in one push.
+    fn follow_dependencies(&mut self) {
+        let needed: Vec<String> = self
+            .subscriptions
+            .values()
+            .flat_map(|s| s.config.dependencies())
+            .filter(|d| !self.subscriptions.contains_key(d.as_str()))
+            .collect();
+        for service in needed {
+            if self.subscriptions.len() >= self.config.max_subscriptions {
+                tracing::warn!(node = %self.record.node_id, %service, "cannot follow a route's backend: too many subscriptions");
+                break;
+            }
+            if !self.subscriptions.contains_key(service.as_str()) {
+                self.add_subscription(&service);
+            }
         }
     }
 
@@ -273,35 +367,32 @@ impl Session {
     /// Builds one push of every dirty service whose version the sidecar does not hold.
     fn build_push(&mut self) -> Option<v1::ControlMessage> {
         self.dirty_since = None;
+        self.follow_dependencies();
+        let now = Instant::now();
         let mut resources = Vec::new();
         let mut carried = Vec::new();
-        let now = Instant::now();
         for (name, subscription) in &mut self.subscriptions {
             if !std::mem::take(&mut subscription.dirty) {
                 continue;
             }
-            let snapshot = &subscription.latest;
-            if subscription.sent == Some(snapshot.index) || subscription.rejected == Some(snapshot.index) {
+            let version = subscription.version();
+            if subscription.sent.map(|h| h.version) == Some(version) || subscription.rejected == Some(version) {
                 continue;
             }
-            let endpoints = endpoints_for(snapshot, subscription.sent.filter(|_| !subscription.needs_snapshot));
-            let is_snapshot = !matches!(endpoints, Some(Endpoints::Delta(_)));
-            let kind = match &endpoints {
+            let base = subscription.sent.filter(|_| !subscription.needs_full);
+            let (service_resources, full) = resources_for(name, subscription, base);
+            let kind = match &service_resources.endpoints {
                 Some(Endpoints::Delta(_)) => "delta",
                 Some(Endpoints::Snapshot(_)) => "snapshot",
                 None => "absent",
             };
             self.metrics.resources.get_or_create(&KindLabels { kind }).inc();
-            resources.push(v1::ServiceResources {
-                service: name.to_string(),
-                version: snapshot.index,
-                exists: snapshot.exists(),
-                endpoints,
-            });
-            carried.push((name.clone(), snapshot.index, is_snapshot));
-            subscription.sent = Some(snapshot.index);
-            self.record.sent(name, snapshot.index);
-            let due_since = snapshot.changed_at.max(subscription.subscribed_at);
+            resources.push(service_resources);
+            let held = subscription.held_now();
+            carried.push((name.clone(), held, full));
+            subscription.sent = Some(held);
+            self.record.sent(name, version);
+            let due_since = subscription.endpoints.changed_at.max(subscription.subscribed_at);
             self.metrics.propagation.observe(now.saturating_duration_since(due_since).as_secs_f64());
         }
         if resources.is_empty() {
@@ -334,11 +425,11 @@ impl Session {
         };
         self.metrics.acks.inc();
         self.metrics.ack_latency.observe(push.sent_at.elapsed().as_secs_f64());
-        for (service, version, _) in push.carried {
+        for (service, held, _) in push.carried {
             if let Some(subscription) = self.subscriptions.get_mut(&service) {
-                subscription.acked = Some(version);
-                subscription.needs_snapshot = false;
-                self.record.acked(&service, version);
+                subscription.acked = Some(held);
+                subscription.needs_full = false;
+                self.record.acked(&service, held.version);
             }
         }
     }
@@ -347,7 +438,7 @@ impl Session {
         self.metrics.nacks.inc();
         tracing::warn!(node = %self.record.node_id, nonce = %nack.nonce, error = %nack.error, "sidecar rejected a push");
         let push = self.take_in_flight(&nack.nonce);
-        let versions = push.iter().flat_map(|p| p.carried.iter().map(|(s, v, _)| (s.to_string(), *v))).collect();
+        let versions = push.iter().flat_map(|p| p.carried.iter().map(|(s, held, _)| (s.to_string(), held.version))).collect();
         let at_fault: HashSet<String> = nack.services.iter().cloned().collect();
         self.record.nacked(v1::NackStatus {
             nonce: nack.nonce,
@@ -359,23 +450,23 @@ impl Session {
             // Too old to know what it carried: resend everything in full.
             for subscription in self.subscriptions.values_mut() {
                 subscription.sent = subscription.acked;
-                subscription.needs_snapshot = true;
+                subscription.needs_full = true;
                 subscription.dirty = true;
             }
             self.dirty_since.get_or_insert_with(Instant::now);
             return;
         };
-        for (service, version, was_snapshot) in push.carried {
+        for (service, held, full) in push.carried {
             let Some(subscription) = self.subscriptions.get_mut(&service) else { continue };
             // A push is applied whole: the sidecar kept what it had acknowledged, and the
             // resources that were fine are sent again.
             subscription.sent = subscription.acked;
             subscription.dirty = true;
             if at_fault.is_empty() || at_fault.contains(&*service) {
-                if was_snapshot {
-                    subscription.rejected = Some(version);
+                if full {
+                    subscription.rejected = Some(held.version);
                 } else {
-                    subscription.needs_snapshot = true;
+                    subscription.needs_full = true;
                 }
             }
         }
@@ -383,23 +474,50 @@ impl Session {
     }
 }
 
-/// The endpoints of `snapshot` for a sidecar holding `held`: a delta when the log allows and it
-/// is smaller than the whole set, the full set otherwise, nothing for a service without instances.
-fn endpoints_for(snapshot: &ServiceSnapshot, held: Option<u64>) -> Option<Endpoints> {
-    if !snapshot.exists() {
-        return None;
+/// The resources of one service for a sidecar holding `base` (everything when `None`), and
+/// whether they carry everything (nothing built on what the sidecar holds).
+fn resources_for(name: &Arc<str>, subscription: &Subscription, base: Option<Held>) -> (v1::ServiceResources, bool) {
+    let snapshot = &subscription.endpoints;
+    let config = &subscription.config;
+    let version = subscription.version();
+    let endpoints = match base {
+        _ if !snapshot.exists() => None,
+        Some(base) => match base.endpoints {
+            // Unchanged endpoints: an empty delta, so the route can move on its own.
+            Some(held) if held == snapshot.index => Some(Endpoints::Delta(v1::EndpointDelta {
+                base_version: base.version,
+                upserted: Vec::new(),
+                removed: Vec::new(),
+            })),
+            Some(held) => delta(snapshot, held, base.version),
+            None => None,
+        },
+        None => None,
     }
-    if let Some(base) = held
-        && let Some(delta) = snapshot.changes_since(base)
-        && delta.upserted.len() + delta.removed.len() < snapshot.instances.len()
-    {
-        return Some(Endpoints::Delta(v1::EndpointDelta {
-            base_version: base,
+    .or_else(|| {
+        snapshot.exists().then(|| {
+            Endpoints::Snapshot(v1::Endpoints { endpoints: snapshot.instances.values().map(|i| i.to_endpoint()).collect() })
+        })
+    });
+    let route = (base.and_then(|b| b.route) != Some(config.route_version))
+        .then(|| v1::RouteUpdate { route: config.route.as_deref().cloned() });
+    let policy = (base.and_then(|b| b.policy) != Some(config.policy_version))
+        .then(|| v1::PolicyUpdate { policy: config.policy.as_deref().cloned() });
+    let full = base.is_none();
+    (v1::ServiceResources { service: name.to_string(), version, exists: snapshot.exists(), endpoints, route, policy }, full)
+}
+
+/// The endpoint changes since index `held`, as a delta from the service version `base_version`,
+/// when the change log reaches back that far and the delta is smaller than the whole set.
+fn delta(snapshot: &ServiceSnapshot, held: u64, base_version: u64) -> Option<Endpoints> {
+    let delta = snapshot.changes_since(held)?;
+    (delta.upserted.len() + delta.removed.len() < snapshot.instances.len()).then(|| {
+        Endpoints::Delta(v1::EndpointDelta {
+            base_version,
             upserted: delta.upserted.iter().map(|i| i.to_endpoint()).collect(),
             removed: delta.removed,
-        }));
-    }
-    Some(Endpoints::Snapshot(v1::Endpoints { endpoints: snapshot.instances.values().map(|i| i.to_endpoint()).collect() }))
+        })
+    })
 }
 
 async fn sleep_until(at: Option<Instant>) {

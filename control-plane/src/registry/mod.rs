@@ -16,7 +16,7 @@ use std::{
         Arc, Mutex, MutexGuard, Weak,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use ferry_health::{CheckStatus, Health};
@@ -25,6 +25,7 @@ use prost::Message;
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
+    index::Indexes,
     metrics::RegistryMetrics,
     store::{Store, StoreError, StoreWriter, Table, Write},
 };
@@ -82,6 +83,7 @@ pub struct ServiceSummary {
 
 /// The registry of services and instances.
 pub struct Registry {
+    indexes: Arc<Indexes>,
     state: Mutex<State>,
     writer: StoreWriter,
     config: RegistryConfig,
@@ -91,7 +93,6 @@ pub struct Registry {
 }
 
 struct State {
-    next_index: u64,
     services: HashMap<Arc<str>, ServiceEntry>,
     /// Instance id to its service.
     ids: HashMap<String, Arc<str>>,
@@ -130,7 +131,12 @@ impl Registry {
     ///
     /// Restored sidecar instances keep their health and get a fresh grace period in which their
     /// sidecars can reconnect, so a control-plane restart does not flap them.
-    pub async fn open(store: Arc<dyn Store>, config: RegistryConfig, metrics: RegistryMetrics) -> Result<Arc<Self>, StoreError> {
+    pub async fn open(
+        store: Arc<dyn Store>,
+        config: RegistryConfig,
+        metrics: RegistryMetrics,
+        indexes: Arc<Indexes>,
+    ) -> Result<Arc<Self>, StoreError> {
         let rows = store.load(Table::Instances).await?;
         let mut restored = Vec::with_capacity(rows.len());
         for (key, value) in rows {
@@ -140,13 +146,10 @@ impl Registry {
                 Instance::from_stored(stored).map_err(|e| StoreError::new(format!("instance {key:?} is invalid: {e}")))?;
             restored.push(instance);
         }
-        let max_index = restored.iter().map(|i| i.index).max().unwrap_or(0);
-        // Indexes start from the clock so that no index handed out after a restart can equal
-        // one a sidecar still holds from before it, even with a memory store.
-        let now_micros = u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros()).unwrap_or(0);
+        indexes.advance_past(restored.iter().map(|i| i.index).max().unwrap_or(0));
         let registry = Arc::new_cyclic(|this| Registry {
+            indexes,
             state: Mutex::new(State {
-                next_index: now_micros.max(max_index + 1),
                 services: HashMap::new(),
                 ids: HashMap::new(),
                 leases: HashMap::new(),
@@ -182,7 +185,7 @@ impl Registry {
             by_service.entry(instance.service.clone()).or_default().insert(instance.id.clone(), Arc::new(instance));
         }
         for (name, instances) in by_service {
-            let index = state.next_index();
+            let index = self.indexes.next();
             let snapshot = ServiceSnapshot {
                 name: name.clone(),
                 index,
@@ -236,7 +239,7 @@ impl Registry {
         }
         state.sweep_placeholders();
         let name: Arc<str> = service.into();
-        let floor = state.next_index;
+        let floor = self.indexes.peek();
         let tx = watch::Sender::new(Arc::new(ServiceSnapshot::empty(name.clone(), floor)));
         let rx = tx.subscribe();
         state.services.insert(name, ServiceEntry { tx });
@@ -470,7 +473,7 @@ impl Registry {
     /// Applies one mutation: new index, new snapshot for watchers, write-behind to the store.
     /// Returns the instance as stored (for upserts) and the store generation of the write.
     fn commit(&self, state: &mut State, mutation: Mutation, (service, id): &(Arc<str>, String)) -> (Option<Arc<Instance>>, u64) {
-        let index = state.next_index();
+        let index = self.indexes.next();
         let entry = state
             .services
             .entry(service.clone())
@@ -540,12 +543,6 @@ fn instance_key(instance: &Instance) -> (Arc<str>, String) {
 }
 
 impl State {
-    fn next_index(&mut self) -> u64 {
-        let index = self.next_index;
-        self.next_index += 1;
-        index
-    }
-
     fn new_epoch(&mut self) -> u64 {
         self.next_epoch += 1;
         self.next_epoch

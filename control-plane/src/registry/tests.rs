@@ -14,7 +14,7 @@ fn spec(service: &str, id: &str, port: u16) -> InstanceSpec {
 
 async fn registry_with(store: Arc<dyn Store>, grace: Duration) -> Arc<Registry> {
     let config = RegistryConfig { reconnect_grace: grace, ..Default::default() };
-    Registry::open(store, config, Metrics::unregistered().registry).await.expect("opens")
+    Registry::open(store, config, Metrics::unregistered().registry, Default::default()).await.expect("opens")
 }
 
 async fn registry() -> Arc<Registry> {
@@ -96,7 +96,7 @@ async fn deltas_carry_only_the_changes() {
 async fn the_change_log_is_bounded() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
     let config = RegistryConfig { change_log: 4, ..Default::default() };
-    let registry = Registry::open(store, config, Metrics::unregistered().registry).await.expect("opens");
+    let registry = Registry::open(store, config, Metrics::unregistered().registry, Default::default()).await.expect("opens");
     registry.register(spec("catalog", "c0", 8000)).await.expect("registers");
     let old = registry.snapshot("catalog").expect("exists").index;
     for i in 1..10 {

@@ -19,16 +19,22 @@ pub use self::{memory::MemoryStore, redb::RedbStore, writer::StoreWriter};
 pub enum Table {
     /// Registered instances, keyed by id, valued by an encoded `ferry.v1.Instance`.
     Instances,
+    /// Routes, keyed by service, valued by an encoded `ferry.v1.HistoryResponse` (newest first).
+    Routes,
+    /// Service policies, stored as routes are.
+    Policies,
 }
 
 impl Table {
     /// Every table, for stores that create them up front.
-    pub const ALL: [Table; 1] = [Table::Instances];
+    pub const ALL: [Table; 3] = [Table::Instances, Table::Routes, Table::Policies];
 
     /// The table's name in the store.
     pub fn name(self) -> &'static str {
         match self {
             Self::Instances => "instances",
+            Self::Routes => "routes",
+            Self::Policies => "policies",
         }
     }
 }

@@ -30,7 +30,7 @@ use tower::{Service, ServiceExt};
 
 use crate::{
     catalog::{Endpoint, ServiceState},
-    errors::{DiscoveryTimeout, NoEndpoints, UnknownService},
+    errors::{DiscoveryTimeout, NoEndpoints, UnknownService, UnknownSubset},
     http::BoxError,
     svc::NewService,
 };
@@ -48,6 +48,8 @@ impl<S> Clone for Balance<S> {
 
 struct Shared<S> {
     service: Arc<str>,
+    /// Only endpoints carrying the labels of this subset (from the service's policy).
+    subset: Option<Arc<str>>,
     endpoints: ArcSwap<Endpoints<S>>,
     next: AtomicUsize,
     state: watch::Receiver<ServiceState>,
@@ -59,7 +61,7 @@ struct Shared<S> {
 /// The endpoint services currently in use.
 enum Endpoints<S> {
     Pending,
-    Known { version: u64, exists: bool, total: usize, routable: Vec<S> },
+    Known { version: u64, exists: bool, total: usize, routable: Vec<S>, subset_defined: bool },
 }
 
 /// Builds endpoint services, keeping one per endpoint across updates.
@@ -85,8 +87,24 @@ where
     where
         N: NewService<Arc<Endpoint>, Service = S> + Send + 'static,
     {
+        Self::subset(service, None, state, new_endpoint, discovery_timeout)
+    }
+
+    /// A balancer over the endpoints of `service` in `subset` (all of them when `None`), as the
+    /// service's policy defines the subset.
+    pub fn subset<N>(
+        service: Arc<str>,
+        subset: Option<Arc<str>>,
+        state: watch::Receiver<ServiceState>,
+        new_endpoint: N,
+        discovery_timeout: Duration,
+    ) -> Self
+    where
+        N: NewService<Arc<Endpoint>, Service = S> + Send + 'static,
+    {
         let shared = Arc::new(Shared {
             service,
+            subset,
             endpoints: ArcSwap::from_pointee(Endpoints::Pending),
             next: AtomicUsize::new(0),
             state: state.clone(),
@@ -111,6 +129,16 @@ async fn follow<S: Clone>(shared: Weak<Shared<S>>, mut state: watch::Receiver<Se
     }
 }
 
+impl<S> Balance<S> {
+    /// How many endpoints can take traffic; `None` before the service's first config.
+    pub fn routable(&self) -> Option<usize> {
+        match &**self.shared.endpoints.load() {
+            Endpoints::Pending => None,
+            Endpoints::Known { routable, .. } => Some(routable.len()),
+        }
+    }
+}
+
 impl<S: Clone> Shared<S> {
     /// Brings the endpoint list up to the service's current state.
     fn refresh(&self) {
@@ -123,9 +151,21 @@ impl<S: Clone> Shared<S> {
         {
             return;
         }
+        let labels = self
+            .subset
+            .as_ref()
+            .map(|subset| config.policy.as_ref().and_then(|policy| policy.subsets.get(&**subset)).map(|s| s.labels.clone()));
+        let subset_defined = !matches!(labels, Some(None));
+        let in_subset = |endpoint: &Endpoint| match &labels {
+            Some(Some(labels)) => labels.iter().all(|(k, v)| endpoint.metadata.get(k) == Some(v)),
+            Some(None) => false,
+            None => true,
+        };
         let mut built = HashMap::with_capacity(config.endpoints.len());
         let mut routable = Vec::new();
-        for endpoint in config.endpoints.values() {
+        let mut total = 0;
+        for endpoint in config.endpoints.values().filter(|e| in_subset(e)) {
+            total += 1;
             let key = (endpoint.address.clone(), endpoint.port);
             let service = match builder.built.remove(&key) {
                 Some(service) => service,
@@ -140,8 +180,9 @@ impl<S: Clone> Shared<S> {
         self.endpoints.store(Arc::new(Endpoints::Known {
             version: config.version,
             exists: config.exists,
-            total: config.endpoints.len(),
+            total,
             routable,
+            subset_defined,
         }));
     }
 
@@ -150,8 +191,11 @@ impl<S: Clone> Shared<S> {
         match &**self.endpoints.load() {
             Endpoints::Pending => Ok(None),
             Endpoints::Known { exists: false, .. } => Err(Box::new(UnknownService(self.service.clone()))),
+            Endpoints::Known { subset_defined: false, .. } => {
+                Err(Box::new(UnknownSubset { service: self.service.clone(), subset: self.subset.clone().unwrap_or_default() }))
+            }
             Endpoints::Known { routable, total, .. } if routable.is_empty() => {
-                Err(Box::new(NoEndpoints { service: self.service.clone(), total: *total }))
+                Err(Box::new(NoEndpoints { service: self.service.clone(), subset: self.subset.clone(), total: *total }))
             }
             Endpoints::Known { routable, .. } => {
                 let i = self.next.fetch_add(1, Ordering::Relaxed) % routable.len();
@@ -252,7 +296,14 @@ mod tests {
                 (id.to_string(), Arc::new(endpoint))
             })
             .collect();
-        ServiceState::Known(Arc::new(ServiceConfig { name: "catalog".into(), version, exists: !endpoints.is_empty(), endpoints }))
+        ServiceState::Known(Arc::new(ServiceConfig {
+            name: "catalog".into(),
+            version,
+            exists: !endpoints.is_empty(),
+            endpoints,
+            route: None,
+            policy: None,
+        }))
     }
 
     fn balance(state: &watch::Sender<ServiceState>) -> Balance<Echo> {

@@ -17,7 +17,7 @@ use arc_swap::ArcSwap;
 use futures::{FutureExt, future::BoxFuture};
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 use crate::{
     catalog::{Catalog, Endpoint},
@@ -31,9 +31,11 @@ use crate::{
 };
 
 pub mod balance;
+pub mod route;
+pub mod router;
 pub mod target;
 
-pub use self::balance::Balance;
+pub use self::{balance::Balance, router::Router};
 
 /// How outbound requests are handled.
 #[derive(Debug, Clone)]
@@ -74,7 +76,7 @@ impl Service<Request<Body>> for EndpointService {
 }
 
 /// The stack of one destination service.
-pub type Destination = Balance<EndpointService>;
+pub type Destination = Router;
 
 /// The outbound proxy service. Cheap to clone.
 #[derive(Clone)]
@@ -114,14 +116,8 @@ impl Outbound {
             return Ok(destination.clone());
         }
         let state = self.inner.catalog.watch(service)?;
-        let client = self.inner.config.client.clone();
         let name: Arc<str> = service.into();
-        let destination = Balance::new(
-            name.clone(),
-            state,
-            move |endpoint: Arc<Endpoint>| EndpointService::new(&endpoint, client.clone()),
-            self.inner.config.discovery_timeout,
-        );
+        let destination = Router::new(name.clone(), self.inner.catalog.clone(), state, self.inner.config.clone());
         let mut destinations = HashMap::clone(&self.inner.destinations.load());
         destinations.insert(name, destination.clone());
         self.inner.destinations.store(Arc::new(destinations));
@@ -141,7 +137,7 @@ impl Outbound {
         };
         // Boxed before it is awaited in another async block: rustc cannot otherwise prove the
         // stack's future `Send` (rust-lang/rust#64552).
-        let call = destination.oneshot(forwardable(request)).boxed();
+        let call = destination.route(forwardable(request));
         match self.inner.config.response_timeout {
             Some(timeout) => async move {
                 match tokio::time::timeout(timeout, call).await {

@@ -8,12 +8,14 @@ use super::*;
 use crate::{
     metrics::Metrics,
     registry::{InstanceSpec, RegistryConfig},
+    resources::Resources,
     store::MemoryStore,
 };
 
 /// A session driven over channels, as the gRPC layer drives it.
 struct Harness {
     registry: Arc<Registry>,
+    resources: Arc<Resources>,
     to_session: mpsc::Sender<Result<v1::SidecarMessage, Status>>,
     from_session: mpsc::Receiver<Result<v1::ControlMessage, Status>>,
     record: Arc<SidecarRecord>,
@@ -24,14 +26,23 @@ struct Harness {
 async fn harness_with(held: HashMap<String, u64>, registry: Option<Arc<Registry>>) -> Harness {
     let registry = match registry {
         Some(registry) => registry,
-        None => Registry::open(Arc::new(MemoryStore::default()), RegistryConfig::default(), Metrics::unregistered().registry)
-            .await
-            .expect("opens"),
+        None => Registry::open(
+            Arc::new(MemoryStore::default()),
+            RegistryConfig::default(),
+            Metrics::unregistered().registry,
+            Default::default(),
+        )
+        .await
+        .expect("opens"),
     };
     let record = Arc::new(SidecarRecord::new("node-1".into(), "frontend".into(), None, "test".into(), "test".into()));
+    let resources = Resources::open(Arc::new(MemoryStore::default()), Arc::new(Default::default()), Duration::from_secs(5))
+        .await
+        .expect("opens");
     let session = Session::new(
         registry.new_session(),
         registry.clone(),
+        resources.clone(),
         SessionConfig::default(),
         Metrics::unregistered().push,
         record.clone(),
@@ -41,7 +52,7 @@ async fn harness_with(held: HashMap<String, u64>, registry: Option<Arc<Registry>
     let (outbound, from_session) = mpsc::channel(1);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(session.run(ReceiverStream::new(inbound), outbound, shutdown.clone()));
-    Harness { registry, to_session, from_session, record, shutdown, task }
+    Harness { registry, resources, to_session, from_session, record, shutdown, task }
 }
 
 async fn harness() -> Harness {
@@ -192,9 +203,14 @@ async fn a_slow_sidecar_gets_the_latest_state_not_every_step() {
 
 #[tokio::test(start_paused = true)]
 async fn versions_held_from_hello_are_not_resent_and_older_ones_get_a_delta() {
-    let registry = Registry::open(Arc::new(MemoryStore::default()), RegistryConfig::default(), Metrics::unregistered().registry)
-        .await
-        .expect("opens");
+    let registry = Registry::open(
+        Arc::new(MemoryStore::default()),
+        RegistryConfig::default(),
+        Metrics::unregistered().registry,
+        Default::default(),
+    )
+    .await
+    .expect("opens");
     for i in 0..5u16 {
         registry.register(spec("catalog", &format!("c{i}"), 8000 + i)).await.expect("registers");
     }
@@ -335,4 +351,59 @@ async fn small_changes_to_a_service_are_pushed_as_deltas() {
         assert!(matches!(push.resources[0].endpoints, Some(Endpoints::Delta(_))), "{push:?}");
         h.ack(&push.nonce).await;
     }
+}
+
+async fn apply(resources: &Resources, yaml: &str) {
+    let items = ferry_proto::json::resources_from_yaml(yaml)
+        .expect("valid")
+        .into_iter()
+        .map(|r| v1::ApplyItem { resource: Some(r), expected_version: None })
+        .collect();
+    resources.apply(items, false).await.expect("applies");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_route_change_is_pushed_with_the_endpoints_unchanged() {
+    let mut h = harness().await;
+    h.registry.register(spec("catalog", "c1", 8080)).await.expect("registers");
+    h.subscribe(&["catalog"]).await;
+    let first = h.push().await;
+    assert!(first.resources[0].route.as_ref().is_some_and(|u| u.route.is_none()), "no route yet: {first:?}");
+    h.ack(&first.nonce).await;
+
+    apply(&h.resources, "kind: Route\nservice: catalog\nrules: [ { timeout: 2s } ]\n").await;
+    let push = h.push().await;
+    let resources = &push.resources[0];
+    assert!(resources.version > first.resources[0].version);
+    assert_eq!(resources.route.as_ref().and_then(|u| u.route.as_ref()).map(|r| r.rules.len()), Some(1));
+    assert!(resources.policy.is_none(), "the policy did not change");
+    let Some(Endpoints::Delta(delta)) = &resources.endpoints else {
+        panic!("expected an empty delta, got {:?}", resources.endpoints)
+    };
+    assert!(delta.upserted.is_empty() && delta.removed.is_empty());
+    assert_eq!(delta.base_version, first.resources[0].version);
+    h.ack(&push.nonce).await;
+    h.no_push().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_route_arrives_with_the_services_it_sends_to() {
+    let mut h = harness().await;
+    h.registry.register(spec("catalog", "c1", 8080)).await.expect("registers");
+    h.registry.register(spec("catalog-next", "n1", 9090)).await.expect("registers");
+    h.subscribe(&["catalog"]).await;
+    let first = h.push().await;
+    h.ack(&first.nonce).await;
+
+    apply(
+        &h.resources,
+        "kind: Route\nservice: catalog\nrules: [ { backends: [ { weight: 90 }, { service: catalog-next, weight: 10 } ] } ]\n",
+    )
+    .await;
+    let push = h.push().await;
+    let mut services: Vec<&str> = push.resources.iter().map(|r| r.service.as_str()).collect();
+    services.sort();
+    assert_eq!(services, ["catalog", "catalog-next"], "one push carries the route and its backend");
+    let next = push.resources.iter().find(|r| r.service == "catalog-next").expect("carried");
+    assert!(matches!(next.endpoints, Some(Endpoints::Snapshot(_))));
 }

@@ -7,6 +7,10 @@ use std::{collections::HashSet, net::IpAddr, time::Duration};
 
 use crate::v1;
 
+mod config;
+
+pub use self::config::*;
+
 /// The longest service name: one DNS label.
 pub const MAX_SERVICE_NAME: usize = 63;
 /// The longest instance id.
@@ -441,6 +445,7 @@ mod tests {
                 endpoints: Some(v1::service_resources::Endpoints::Snapshot(v1::Endpoints {
                     endpoints: vec![v1::Endpoint { id: "a".into(), address: "10.0.0.1".into(), port: 0, ..Default::default() }],
                 })),
+                ..Default::default()
             }],
         };
         let err = super::push(&push).expect_err("port 0");

@@ -1,0 +1,398 @@
+//! Route and ServicePolicy resources: validated, versioned, stored with their last versions, and
+//! watched per service by the push engine.
+//!
+//! An apply is all or nothing: every resource is validated (and its `expected_version` checked)
+//! before any is stored, so an invalid one refuses the request and nothing applied changes.
+//! Versions come from the same counter as registry indexes, so a service's version (the largest
+//! of its endpoints', route's and policy's) moves whenever any of them does.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, SystemTime},
+};
+
+use ferry_proto::{
+    json,
+    time::timestamp,
+    v1,
+    validate::{self, FieldError},
+};
+use prost::Message;
+use tokio::sync::watch;
+
+use crate::{
+    index::Indexes,
+    store::{Store, StoreError, StoreWriter, Table, Write},
+};
+
+/// How many versions of a resource are kept for `history` and `rollback`.
+pub const HISTORY: usize = 10;
+
+/// The two kinds of resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Route,
+    Policy,
+}
+
+impl Kind {
+    /// The kind of a resource.
+    pub fn of(resource: &v1::Resource) -> Option<(Kind, &str)> {
+        match &resource.kind {
+            Some(v1::resource::Kind::Route(route)) => Some((Kind::Route, &route.service)),
+            Some(v1::resource::Kind::Policy(policy)) => Some((Kind::Policy, &policy.service)),
+            None => None,
+        }
+    }
+
+    /// The kind named in a request.
+    pub fn from_proto(kind: i32) -> Option<Kind> {
+        match v1::ResourceKind::try_from(kind) {
+            Ok(v1::ResourceKind::Route) => Some(Kind::Route),
+            Ok(v1::ResourceKind::Policy) => Some(Kind::Policy),
+            _ => None,
+        }
+    }
+
+    /// The name used in messages: `route` or `policy`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Route => "route",
+            Kind::Policy => "policy",
+        }
+    }
+
+    fn table(self) -> Table {
+        match self {
+            Kind::Route => Table::Routes,
+            Kind::Policy => Table::Policies,
+        }
+    }
+}
+
+/// What a service's sidecars are sent besides its endpoints.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceConfig {
+    /// The version of the last change to either resource (a delete included); 0 if none ever.
+    pub version: u64,
+    pub route: Option<Arc<v1::Route>>,
+    pub route_version: u64,
+    pub policy: Option<Arc<v1::ServicePolicy>>,
+    pub policy_version: u64,
+}
+
+impl ServiceConfig {
+    /// The other services the route sends traffic to (backends and mirrors).
+    pub fn dependencies(&self) -> Vec<String> {
+        let Some(route) = &self.route else { return Vec::new() };
+        let mut services = HashSet::new();
+        for rule in &route.rules {
+            let mirrors = rule.mirror.iter().filter_map(|m| m.backend.as_ref());
+            for backend in rule.backends.iter().chain(mirrors) {
+                if !backend.service.is_empty() && backend.service != route.service {
+                    services.insert(backend.service.clone());
+                }
+            }
+        }
+        let mut services: Vec<String> = services.into_iter().collect();
+        services.sort();
+        services
+    }
+}
+
+/// Why a change to the resources was refused.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ResourceError {
+    #[error(transparent)]
+    Invalid(#[from] FieldError),
+    #[error("no {} for service {service:?}", kind.name())]
+    NotFound { kind: Kind, service: String },
+    /// `expected_version` did not match.
+    #[error("{field}: the {} of {service:?} is at version {actual}, not {expected}", kind.name())]
+    Conflict { field: String, kind: Kind, service: String, expected: u64, actual: u64 },
+    #[error("not persisted: {0}")]
+    Unavailable(#[from] StoreError),
+}
+
+/// A resource and its past versions, newest first; an entry without a resource is a delete.
+#[derive(Debug, Clone, Default)]
+struct Record {
+    history: VecDeque<v1::HistoryEntry>,
+}
+
+impl Record {
+    fn current(&self) -> Option<&v1::Resource> {
+        self.history.front().and_then(|entry| entry.resource.as_ref())
+    }
+
+    fn version(&self) -> u64 {
+        self.history.front().map_or(0, |entry| entry.version)
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        v1::HistoryResponse { entries: self.history.iter().cloned().collect() }.encode_to_vec()
+    }
+}
+
+struct State {
+    records: HashMap<(Kind, Arc<str>), Record>,
+    watchers: HashMap<Arc<str>, watch::Sender<Arc<ServiceConfig>>>,
+}
+
+/// The resources of the mesh.
+pub struct Resources {
+    state: Mutex<State>,
+    writer: StoreWriter,
+    indexes: Arc<Indexes>,
+    durable_timeout: Duration,
+}
+
+impl Resources {
+    /// Opens the resources kept in `store`.
+    pub async fn open(store: Arc<dyn Store>, indexes: Arc<Indexes>, durable_timeout: Duration) -> Result<Arc<Self>, StoreError> {
+        let mut records = HashMap::new();
+        for kind in [Kind::Route, Kind::Policy] {
+            for (key, value) in store.load(kind.table()).await? {
+                let stored = v1::HistoryResponse::decode(value.as_slice())
+                    .map_err(|e| StoreError::new(format!("{} {key:?} is corrupt: {e}", kind.name())))?;
+                let record = Record { history: stored.entries.into_iter().collect() };
+                indexes.advance_past(record.version());
+                records.insert((kind, Arc::from(key.as_str())), record);
+            }
+        }
+        Ok(Arc::new(Self {
+            state: Mutex::new(State { records, watchers: HashMap::new() }),
+            writer: StoreWriter::spawn(store),
+            indexes,
+            durable_timeout,
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The config of `service` now and after every change.
+    pub fn watch(&self, service: &str) -> watch::Receiver<Arc<ServiceConfig>> {
+        let mut state = self.lock();
+        if let Some(sender) = state.watchers.get(service) {
+            return sender.subscribe();
+        }
+        // Forget watchers nobody holds any more, so names watched once cannot pile up.
+        state.watchers.retain(|_, sender| sender.receiver_count() > 0);
+        let config = Arc::new(service_config(&state, service));
+        let sender = watch::Sender::new(config);
+        let receiver = sender.subscribe();
+        state.watchers.insert(service.into(), sender);
+        receiver
+    }
+
+    /// The config of `service` now.
+    pub fn config(&self, service: &str) -> Arc<ServiceConfig> {
+        Arc::new(service_config(&self.lock(), service))
+    }
+
+    /// The resource of `kind` for `service`.
+    pub fn get(&self, kind: Kind, service: &str) -> Option<v1::Resource> {
+        self.lock().records.get(&(kind, Arc::from(service))).and_then(Record::current).cloned()
+    }
+
+    /// Every resource, of `kind` and for `service` when given, by kind then service.
+    pub fn list(&self, kind: Option<Kind>, service: Option<&str>) -> Vec<v1::Resource> {
+        let state = self.lock();
+        let mut found: Vec<(&(Kind, Arc<str>), &v1::Resource)> = state
+            .records
+            .iter()
+            .filter(|((k, s), _)| kind.is_none_or(|kind| kind == *k) && service.is_none_or(|service| **s == *service))
+            .filter_map(|(key, record)| record.current().map(|r| (key, r)))
+            .collect();
+        found.sort_by(|a, b| (a.0.0 == Kind::Policy, &a.0.1).cmp(&(b.0.0 == Kind::Policy, &b.0.1)));
+        found.into_iter().map(|(_, r)| r.clone()).collect()
+    }
+
+    /// The kept versions of a resource, newest first.
+    pub fn history(&self, kind: Kind, service: &str) -> Vec<v1::HistoryEntry> {
+        self.lock().records.get(&(kind, Arc::from(service))).map(|r| r.history.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Validates every item, then (unless `dry_run`) stores the ones that change, all at one
+    /// version. Returns each resource as stored, with the change as a diff.
+    pub async fn apply(&self, items: Vec<v1::ApplyItem>, dry_run: bool) -> Result<Vec<v1::AppliedResource>, ResourceError> {
+        let (applied, generation) = {
+            let mut state = self.lock();
+            let mut seen = HashSet::new();
+            let mut plans = Vec::with_capacity(items.len());
+            for (i, item) in items.into_iter().enumerate() {
+                let at = format!("items[{i}]");
+                let mut resource = item.resource.ok_or_else(|| FieldError::new(format!("{at}.resource"), "required"))?;
+                validate::resource(&resource).map_err(|e| e.within(&format!("{at}.resource")))?;
+                let (kind, service) = Kind::of(&resource)
+                    .map(|(k, s)| (k, Arc::<str>::from(s)))
+                    .ok_or_else(|| FieldError::new(&at, "no resource"))?;
+                if !seen.insert((kind, service.clone())) {
+                    return Err(
+                        FieldError::new(&at, format!("a second {} for service {service:?} in one apply", kind.name())).into()
+                    );
+                }
+                let record = state.records.get(&(kind, service.clone()));
+                let current = record.and_then(Record::current);
+                let actual = if current.is_some() { record.map_or(0, Record::version) } else { 0 };
+                if let Some(expected) = item.expected_version
+                    && expected != actual
+                {
+                    let field = format!("{at}.expected_version");
+                    return Err(ResourceError::Conflict { field, kind, service: service.to_string(), expected, actual });
+                }
+                set_version(&mut resource, 0, None);
+                let before = current.map(comparable).unwrap_or_default();
+                let after = comparable(&resource);
+                plans.push((kind, service, resource, before, after));
+            }
+            let version = if dry_run { 0 } else { self.indexes.next() };
+            let now = SystemTime::now();
+            let mut applied = Vec::with_capacity(plans.len());
+            let mut generation = None;
+            let mut touched = HashSet::new();
+            for (kind, service, mut resource, before, after) in plans {
+                let changed = before != after;
+                let diff = diff(&before, &after);
+                if !changed {
+                    let current = state.records.get(&(kind, service.clone())).and_then(Record::current).cloned();
+                    applied.push(v1::AppliedResource { resource: current.or(Some(resource)), changed, diff });
+                    continue;
+                }
+                if !dry_run {
+                    set_version(&mut resource, version, Some(now));
+                    let record = state.records.entry((kind, service.clone())).or_default();
+                    record.history.push_front(v1::HistoryEntry {
+                        version,
+                        at: Some(timestamp(now)),
+                        resource: Some(resource.clone()),
+                    });
+                    record.history.truncate(HISTORY);
+                    let write = Write { table: kind.table(), key: service.to_string(), value: Some(record.encode()) };
+                    generation = Some(self.writer.enqueue(write));
+                    touched.insert(service);
+                }
+                applied.push(v1::AppliedResource { resource: Some(resource), changed, diff });
+            }
+            for service in touched {
+                notify(&state, &service);
+            }
+            (applied, generation)
+        };
+        if let Some(generation) = generation {
+            self.writer.durable(generation, self.durable_timeout).await?;
+        }
+        Ok(applied)
+    }
+
+    /// Deletes the resource of `kind` for `service`; it stays in the history.
+    pub async fn delete(&self, kind: Kind, service: &str, expected_version: Option<u64>) -> Result<v1::Resource, ResourceError> {
+        let (removed, generation) = {
+            let mut state = self.lock();
+            let key = (kind, Arc::<str>::from(service));
+            let record = state.records.get(&key);
+            let Some(current) = record.and_then(Record::current).cloned() else {
+                return Err(ResourceError::NotFound { kind, service: service.to_owned() });
+            };
+            let actual = record.map_or(0, Record::version);
+            if let Some(expected) = expected_version
+                && expected != actual
+            {
+                let field = "expected_version".to_owned();
+                return Err(ResourceError::Conflict { field, kind, service: service.to_owned(), expected, actual });
+            }
+            let version = self.indexes.next();
+            let record = state.records.entry(key.clone()).or_default();
+            record.history.push_front(v1::HistoryEntry { version, at: Some(timestamp(SystemTime::now())), resource: None });
+            record.history.truncate(HISTORY);
+            let generation =
+                self.writer.enqueue(Write { table: kind.table(), key: service.to_owned(), value: Some(record.encode()) });
+            notify(&state, &key.1);
+            (current, generation)
+        };
+        self.writer.durable(generation, self.durable_timeout).await?;
+        Ok(removed)
+    }
+
+    /// Waits until every change so far is durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.writer.flush(self.durable_timeout).await
+    }
+}
+
+/// The config of `service` in `state`.
+fn service_config(state: &State, service: &str) -> ServiceConfig {
+    let key = |kind| (kind, Arc::<str>::from(service));
+    let route = state.records.get(&key(Kind::Route));
+    let policy = state.records.get(&key(Kind::Policy));
+    let route_version = route.map_or(0, Record::version);
+    let policy_version = policy.map_or(0, Record::version);
+    ServiceConfig {
+        version: route_version.max(policy_version),
+        route: route.and_then(Record::current).and_then(|r| match &r.kind {
+            Some(v1::resource::Kind::Route(route)) => Some(Arc::new(route.clone())),
+            _ => None,
+        }),
+        route_version,
+        policy: policy.and_then(Record::current).and_then(|r| match &r.kind {
+            Some(v1::resource::Kind::Policy(policy)) => Some(Arc::new(policy.clone())),
+            _ => None,
+        }),
+        policy_version,
+    }
+}
+
+fn notify(state: &State, service: &str) {
+    if let Some(sender) = state.watchers.get(service) {
+        sender.send_replace(Arc::new(service_config(state, service)));
+    }
+}
+
+fn set_version(resource: &mut v1::Resource, version: u64, at: Option<SystemTime>) {
+    let applied_at = at.map(timestamp);
+    match &mut resource.kind {
+        Some(v1::resource::Kind::Route(route)) => {
+            route.version = version;
+            route.applied_at = applied_at;
+        }
+        Some(v1::resource::Kind::Policy(policy)) => {
+            policy.version = version;
+            policy.applied_at = applied_at;
+        }
+        None => {}
+    }
+}
+
+/// The resource as YAML without its version and time, for comparing and diffing.
+fn comparable(resource: &v1::Resource) -> String {
+    let mut resource = resource.clone();
+    set_version(&mut resource, 0, None);
+    json::resource_to_yaml(&resource)
+}
+
+/// The line changes from `before` to `after`: `-` removed, `+` added, ` ` kept.
+fn diff(before: &str, after: &str) -> String {
+    if before == after {
+        return String::new();
+    }
+    let mut out = String::new();
+    for change in similar::TextDiff::from_lines(before, after).iter_all_changes() {
+        let sign = match change.tag() {
+            similar::ChangeTag::Delete => '-',
+            similar::ChangeTag::Insert => '+',
+            similar::ChangeTag::Equal => ' ',
+        };
+        out.push(sign);
+        out.push_str(change.value());
+        if !change.value().ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,134 @@
+use super::*;
+use crate::store::MemoryStore;
+
+async fn resources_on(store: Arc<dyn Store>) -> Arc<Resources> {
+    Resources::open(store, Arc::new(Indexes::default()), Duration::from_secs(5)).await.expect("opens")
+}
+
+async fn resources() -> Arc<Resources> {
+    resources_on(Arc::new(MemoryStore::default())).await
+}
+
+fn items(yaml: &str) -> Vec<v1::ApplyItem> {
+    json::resources_from_yaml(yaml)
+        .expect("valid YAML")
+        .into_iter()
+        .map(|r| v1::ApplyItem { resource: Some(r), expected_version: None })
+        .collect()
+}
+
+const CANARY: &str =
+    "kind: Route\nservice: catalog\nrules: [ { backends: [ { subset: v1, weight: 90 }, { subset: v2, weight: 10 } ] } ]\n";
+const POLICY: &str =
+    "kind: ServicePolicy\nservice: catalog\nsubsets: { v1: { labels: { version: v1 } }, v2: { labels: { version: v2 } } }\n";
+
+fn route_version(resource: &v1::Resource) -> u64 {
+    match &resource.kind {
+        Some(v1::resource::Kind::Route(route)) => route.version,
+        _ => 0,
+    }
+}
+
+#[tokio::test]
+async fn apply_stores_versions_and_watchers_see_them() {
+    let resources = resources().await;
+    let mut watch = resources.watch("catalog");
+    assert_eq!(watch.borrow_and_update().version, 0);
+    let applied = resources.apply(items(&format!("{POLICY}---\n{CANARY}")), false).await.expect("applies");
+    assert!(applied.iter().all(|a| a.changed));
+    assert!(applied[1].diff.contains("+kind: Route"), "{}", applied[1].diff);
+    let config = watch.borrow_and_update().clone();
+    assert!(config.version > 0);
+    assert_eq!(config.route_version, config.policy_version, "one apply, one version");
+    assert_eq!(config.route.as_ref().map(|r| r.rules.len()), Some(1));
+
+    // The same again changes nothing and keeps the version.
+    let again = resources.apply(items(CANARY), false).await.expect("applies");
+    assert!(!again[0].changed);
+    assert_eq!(route_version(again[0].resource.as_ref().expect("resource")), config.route_version);
+}
+
+#[tokio::test]
+async fn an_invalid_resource_refuses_the_whole_apply() {
+    let resources = resources().await;
+    resources.apply(items(CANARY), false).await.expect("applies");
+    let before = resources.list(None, None);
+    let mut batch = items(POLICY);
+    let mut bad = items(CANARY).remove(0);
+    if let Some(v1::resource::Kind::Route(route)) = &mut bad.resource.as_mut().expect("resource").kind {
+        route.rules[0].backends[0].weight = 20_000;
+    }
+    batch.push(bad);
+    let error = resources.apply(batch, false).await.expect_err("invalid");
+    let ResourceError::Invalid(field) = error else { panic!("{error}") };
+    assert_eq!(field.field, "items[1].resource.rules[0].backends[0].weight");
+    assert_eq!(resources.list(None, None), before, "nothing changed, the valid policy neither");
+}
+
+#[tokio::test]
+async fn expected_versions_guard_concurrent_edits() {
+    let resources = resources().await;
+    let mut first = items(CANARY);
+    first[0].expected_version = Some(0);
+    let applied = resources.apply(first, false).await.expect("creates");
+    let version = route_version(applied[0].resource.as_ref().expect("resource"));
+
+    let mut stale = items(&CANARY.replace("90", "50").replace("10 }", "50 }"));
+    stale[0].expected_version = Some(version - 1);
+    assert!(matches!(resources.apply(stale, false).await, Err(ResourceError::Conflict { actual, .. }) if actual == version));
+    let mut current = items(&CANARY.replace("90", "50").replace("10 }", "50 }"));
+    current[0].expected_version = Some(version);
+    resources.apply(current, false).await.expect("applies at the expected version");
+}
+
+#[tokio::test]
+async fn a_dry_run_shows_the_diff_and_stores_nothing() {
+    let resources = resources().await;
+    resources.apply(items(CANARY), false).await.expect("applies");
+    let dry = resources.apply(items(&CANARY.replace("weight: 10", "weight: 30")), true).await.expect("validates");
+    assert!(dry[0].changed);
+    assert!(dry[0].diff.contains("-    weight: 10") && dry[0].diff.contains("+    weight: 30"), "{}", dry[0].diff);
+    let stored = resources.get(Kind::Route, "catalog").expect("stored");
+    assert!(json::resource_to_yaml(&stored).contains("weight: 10"));
+}
+
+#[tokio::test]
+async fn history_keeps_the_last_versions_and_deletes() {
+    let resources = resources().await;
+    for weight in 1..=12 {
+        resources.apply(items(&CANARY.replace("weight: 10", &format!("weight: {weight}"))), false).await.expect("applies");
+    }
+    resources.delete(Kind::Route, "catalog", None).await.expect("deletes");
+    assert!(resources.get(Kind::Route, "catalog").is_none());
+    let history = resources.history(Kind::Route, "catalog");
+    assert_eq!(history.len(), HISTORY);
+    assert!(history[0].resource.is_none(), "the newest entry is the delete");
+    assert!(history.windows(2).all(|w| w[0].version > w[1].version), "newest first");
+    assert!(matches!(resources.delete(Kind::Route, "catalog", None).await, Err(ResourceError::NotFound { .. })));
+}
+
+#[tokio::test]
+async fn resources_survive_a_restart() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let version = {
+        let resources = resources_on(store.clone()).await;
+        resources.apply(items(&format!("{POLICY}---\n{CANARY}")), false).await.expect("applies");
+        resources.flush().await.expect("flushes");
+        resources.config("catalog").version
+    };
+    let indexes = Arc::new(Indexes::default());
+    let reopened = Resources::open(store, indexes.clone(), Duration::from_secs(5)).await.expect("reopens");
+    assert_eq!(reopened.config("catalog").version, version);
+    assert_eq!(reopened.list(None, None).len(), 2);
+    assert!(indexes.peek() > version, "new versions come after stored ones");
+}
+
+#[test]
+fn dependencies_are_the_other_services_a_route_sends_to() {
+    let route = "kind: Route\nservice: catalog\nrules:\n  - backends: [ { subset: v1 }, { service: catalog-next, weight: 1 } ]\n    mirror: { backend: { service: shadow }, percent: 5 }\n";
+    let Some(v1::resource::Kind::Route(route)) = json::resources_from_yaml(route).expect("valid").remove(0).kind else {
+        panic!()
+    };
+    let config = ServiceConfig { route: Some(Arc::new(route)), ..Default::default() };
+    assert_eq!(config.dependencies(), ["catalog-next", "shadow"]);
+}

@@ -1,0 +1,251 @@
+//! The JSON and YAML forms of `ferry.v1` messages.
+//!
+//! Output is the proto3 JSON mapping with the proto field names. Input is the same mapping, made
+//! kinder to people: a duration may be written `500ms` or `1m30s` as well as `0.5s`, and a number
+//! or boolean where a string is expected is taken as that string (so YAML's `on: [503]` works).
+//! Unknown fields are refused. Every error names the field path, such as `rules[0].timeout`.
+//!
+//! The message's shape comes from the descriptors compiled into this crate, so the rules follow
+//! the `.proto` files without a line of per-message code.
+
+use std::sync::OnceLock;
+
+use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::{FILE_DESCRIPTOR_SET, v1, validate::FieldError};
+
+fn pool() -> &'static DescriptorPool {
+    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
+    POOL.get_or_init(|| DescriptorPool::decode(FILE_DESCRIPTOR_SET).expect("the descriptors compiled into ferry-proto decode"))
+}
+
+/// Decodes `value` as the message `name` (such as `ferry.v1.Instance`).
+pub fn decode<T: DeserializeOwned>(name: &str, mut value: Value) -> Result<T, FieldError> {
+    let message = pool().get_message_by_name(name).ok_or_else(|| FieldError::new("body", format!("unknown message {name}")))?;
+    normalize_message(&mut value, &message, "")?;
+    serde_json::from_value::<T>(value.clone()).map_err(|error| {
+        let path = culprit::<T>(&value, &|inner| inner, String::new());
+        if path.is_empty() {
+            FieldError::new("body", format!("does not match {name}: {error}"))
+        } else {
+            FieldError::new(path, format!("invalid value: {error}"))
+        }
+    })
+}
+
+/// Decodes a JSON body as the message `name`.
+pub fn decode_slice<T: DeserializeOwned>(name: &str, body: &[u8]) -> Result<T, FieldError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| FieldError::new("body", format!("not JSON: {e}")))?;
+    decode(name, value)
+}
+
+fn join(path: &str, name: &str) -> String {
+    if path.is_empty() { name.to_owned() } else { format!("{path}.{name}") }
+}
+
+fn normalize_message(value: &mut Value, message: &MessageDescriptor, path: &str) -> Result<(), FieldError> {
+    let Value::Object(members) = value else {
+        return Err(FieldError::new(if path.is_empty() { "body" } else { path }, "must be an object"));
+    };
+    for (name, member) in members.iter_mut() {
+        let field = message.get_field_by_name(name).or_else(|| message.get_field_by_json_name(name)).ok_or_else(|| {
+            let known: Vec<String> = message.fields().map(|f| f.name().to_owned()).collect();
+            FieldError::new(join(path, name), format!("unknown field; {} has {}", message.name(), known.join(", ")))
+        })?;
+        normalize_field(member, &field, &join(path, name))?;
+    }
+    Ok(())
+}
+
+fn normalize_field(value: &mut Value, field: &FieldDescriptor, path: &str) -> Result<(), FieldError> {
+    if value.is_null() {
+        return Ok(());
+    }
+    if field.is_map() {
+        let Kind::Message(entry) = field.kind() else { return Ok(()) };
+        let value_field = entry.map_entry_value_field();
+        let Value::Object(entries) = value else { return Err(FieldError::new(path, "must be an object (a map)")) };
+        for (key, entry_value) in entries.iter_mut() {
+            normalize_value(entry_value, &value_field.kind(), &format!("{path}[{key:?}]"))?;
+        }
+        return Ok(());
+    }
+    if field.is_list() {
+        let Value::Array(items) = value else { return Err(FieldError::new(path, "must be a list")) };
+        for (i, item) in items.iter_mut().enumerate() {
+            normalize_value(item, &field.kind(), &format!("{path}[{i}]"))?;
+        }
+        return Ok(());
+    }
+    normalize_value(value, &field.kind(), path)
+}
+
+fn normalize_value(value: &mut Value, kind: &Kind, path: &str) -> Result<(), FieldError> {
+    match kind {
+        Kind::Message(message) if message.full_name() == "google.protobuf.Duration" => {
+            if let Value::String(text) = value {
+                *text = proto_duration(text).map_err(|reason| FieldError::new(path, reason))?;
+            }
+        }
+        Kind::Message(message) if message.full_name().starts_with("google.protobuf.") => {}
+        Kind::Message(message) => normalize_message(value, message, path)?,
+        Kind::String => match value {
+            Value::Number(number) => *value = Value::String(number.to_string()),
+            Value::Bool(flag) => *value = Value::String(flag.to_string()),
+            _ => {}
+        },
+        _ => {}
+    }
+    Ok(())
+}
+
+/// A duration in the proto3 JSON form (`1.5s`) from that form or a human one (`1500ms`, `1m`).
+fn proto_duration(text: &str) -> Result<String, String> {
+    let trimmed = text.trim();
+    if let Some(seconds) = trimmed.strip_suffix('s')
+        && seconds.parse::<f64>().is_ok_and(|s| s.is_finite())
+    {
+        return Ok(trimmed.to_owned());
+    }
+    let duration =
+        humantime::parse_duration(trimmed).map_err(|e| format!("{text:?} is not a duration such as 500ms or 2s: {e}"))?;
+    let nanos = duration.subsec_nanos();
+    Ok(if nanos == 0 { format!("{}s", duration.as_secs()) } else { format!("{}.{nanos:09}s", duration.as_secs()) })
+}
+
+/// The path of the deepest member of `value` that fails to decode on its own (rewrapped by
+/// `wrap` into a whole message), so an error can name `checks[0].interval` rather than the body.
+fn culprit<T: DeserializeOwned>(value: &Value, wrap: &dyn Fn(Value) -> Value, path: String) -> String {
+    let fails = |candidate: Value| serde_json::from_value::<T>(wrap(candidate)).is_err();
+    match value {
+        // An empty container failing too means the container itself is the wrong type.
+        Value::Object(_) if fails(Value::Object(Default::default())) => path,
+        Value::Array(_) if fails(Value::Array(Vec::new())) => path,
+        Value::Object(members) => {
+            for (name, member) in members {
+                let alone = |inner: Value| Value::Object([(name.clone(), inner)].into_iter().collect());
+                if fails(alone(member.clone())) {
+                    return culprit::<T>(member, &|inner| wrap(alone(inner)), join(&path, name));
+                }
+            }
+            path
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                if fails(Value::Array(vec![item.clone()])) {
+                    return culprit::<T>(item, &|inner| wrap(Value::Array(vec![inner])), format!("{path}[{i}]"));
+                }
+            }
+            path
+        }
+        _ => path,
+    }
+}
+
+/// The `kind:` of a Route in YAML and JSON documents.
+pub const ROUTE: &str = "Route";
+/// The `kind:` of a ServicePolicy.
+pub const POLICY: &str = "ServicePolicy";
+
+/// A resource from one document: an object with `kind: Route` or `kind: ServicePolicy` and the
+/// fields of that message.
+pub fn resource_from_value(mut value: Value) -> Result<v1::Resource, FieldError> {
+    let Value::Object(members) = &mut value else { return Err(FieldError::new("", "a resource is an object with a kind")) };
+    let kind = members.shift_remove("kind").ok_or_else(|| FieldError::new("kind", format!("required: {ROUTE} or {POLICY}")))?;
+    let kind = match kind.as_str() {
+        Some(ROUTE) => v1::resource::Kind::Route(decode("ferry.v1.Route", value)?),
+        Some(POLICY) => v1::resource::Kind::Policy(decode("ferry.v1.ServicePolicy", value)?),
+        _ => return Err(FieldError::new("kind", format!("{kind} is not {ROUTE} or {POLICY}"))),
+    };
+    Ok(v1::Resource { kind: Some(kind) })
+}
+
+/// Every resource of a multi-document YAML text (documents separated by `---`), validated.
+/// Errors name the document: `documents[1].rules[0].timeout`.
+pub fn resources_from_yaml(text: &str) -> Result<Vec<v1::Resource>, FieldError> {
+    use serde::Deserialize;
+    let mut resources = Vec::new();
+    for (i, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let at = format!("documents[{i}]");
+        let value = Value::deserialize(document).map_err(|e| FieldError::new(&at, format!("not valid YAML: {e}")))?;
+        if value.is_null() {
+            continue;
+        }
+        let resource = resource_from_value(value).map_err(|e| e.within(&at))?;
+        crate::validate::resource(&resource).map_err(|e| e.within(&at))?;
+        resources.push(resource);
+    }
+    Ok(resources)
+}
+
+/// A resource as a JSON object with its `kind` first.
+pub fn resource_to_value(resource: &v1::Resource) -> Value {
+    let (kind, body) = match &resource.kind {
+        Some(v1::resource::Kind::Route(route)) => (ROUTE, serde_json::to_value(route)),
+        Some(v1::resource::Kind::Policy(policy)) => (POLICY, serde_json::to_value(policy)),
+        None => return Value::Null,
+    };
+    let mut object = serde_json::Map::new();
+    object.insert("kind".into(), Value::String(kind.into()));
+    if let Ok(Value::Object(fields)) = body {
+        object.extend(fields);
+    }
+    Value::Object(object)
+}
+
+/// A resource as a YAML document.
+pub fn resource_to_yaml(resource: &v1::Resource) -> String {
+    serde_yaml_ng::to_string(&resource_to_value(resource)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_may_be_written_for_people() {
+        assert_eq!(proto_duration("500ms").as_deref(), Ok("0.500000000s"));
+        assert_eq!(proto_duration("2s").as_deref(), Ok("2s"));
+        assert_eq!(proto_duration("1.5s").as_deref(), Ok("1.5s"));
+        assert_eq!(proto_duration("1m 30s").as_deref(), Ok("90s"));
+        assert!(proto_duration("soon").is_err());
+        let check: v1::Check = decode("ferry.v1.Check", serde_json::json!({"tcp": {}, "interval": "250ms"})).expect("decodes");
+        assert_eq!(check.interval.map(|d| (d.seconds, d.nanos)), Some((0, 250_000_000)));
+    }
+
+    #[test]
+    fn errors_name_the_nested_field() {
+        let bad = serde_json::json!({"service": "web", "checks": [{"tcp": {}, "interval": "soon"}]});
+        let error = decode::<v1::Instance>("ferry.v1.Instance", bad).expect_err("bad duration");
+        assert_eq!(error.field, "checks[0].interval");
+        let unknown = serde_json::json!({"service": "web", "prot": 80});
+        let error = decode::<v1::Instance>("ferry.v1.Instance", unknown).expect_err("unknown field");
+        assert_eq!(error.field, "prot");
+        assert!(error.reason.contains("port"), "{error}");
+        let typed = serde_json::json!({"service": "web", "port": "eighty"});
+        assert_eq!(decode::<v1::Instance>("ferry.v1.Instance", typed).expect_err("not a number").field, "port");
+    }
+
+    #[test]
+    fn yaml_documents_round_trip() {
+        let yaml = "kind: ServicePolicy\nservice: catalog\nsubsets: { v1: { labels: { version: v1 } } }\n---\nkind: Route\nservice: catalog\nrules: [ { backends: [ { subset: v1 } ], timeout: 1500ms } ]\n";
+        let resources = resources_from_yaml(yaml).expect("parses");
+        assert_eq!(resources.len(), 2);
+        let text = resource_to_yaml(&resources[1]);
+        assert!(text.starts_with("kind: Route\n"), "{text}");
+        assert_eq!(resources_from_yaml(&text).expect("parses again"), vec![resources[1].clone()]);
+    }
+
+    #[test]
+    fn yaml_errors_name_the_document() {
+        let yaml = "kind: Route\nservice: catalog\n---\nkind: Route\nservice: catalog\nrules: [ { timeout: -1s } ]\n";
+        let error = resources_from_yaml(yaml).expect_err("bad second document");
+        assert!(error.field.starts_with("documents[1].rules[0].timeout"), "{error}");
+        let error = resources_from_yaml("kind: Gateway\nservice: x\n").expect_err("unknown kind");
+        assert_eq!(error.field, "documents[0].kind");
+        let error = resources_from_yaml("kind: Route\nservice: [\n").expect_err("broken YAML");
+        assert_eq!(error.field, "documents[0]");
+    }
+}

@@ -1,0 +1,363 @@
+//! Validation of Route and ServicePolicy resources. Every error names the field path, such as
+//! `rules[1].backends[0].weight`.
+
+use std::{collections::HashSet, time::Duration};
+
+use super::{FieldError, duration, metadata, service_name};
+use crate::v1;
+
+/// The most rules in one route.
+pub const MAX_RULES: usize = 64;
+/// The most backends of one rule.
+pub const MAX_BACKENDS: usize = 16;
+/// The most subsets of one policy.
+pub const MAX_SUBSETS: usize = 64;
+/// The most attempts a retry policy allows, the first included.
+pub const MAX_ATTEMPTS: u32 = 10;
+/// The longest timeout, delay or per-try timeout.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The conditions `retries.on` accepts besides status codes.
+pub const RETRY_CONDITIONS: [&str; 5] = ["connect-failure", "refused-stream", "reset", "5xx", "gateway-error"];
+
+/// The gRPC status names `retries.on` accepts.
+pub const GRPC_CODES: [&str; 16] = [
+    "cancelled",
+    "unknown",
+    "invalid-argument",
+    "deadline-exceeded",
+    "not-found",
+    "already-exists",
+    "permission-denied",
+    "resource-exhausted",
+    "failed-precondition",
+    "aborted",
+    "out-of-range",
+    "unimplemented",
+    "internal",
+    "unavailable",
+    "data-loss",
+    "unauthenticated",
+];
+
+/// Headers a route may not match or rewrite: they describe a hop, not the request.
+const HOP_BY_HOP: [&str; 9] =
+    ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"];
+
+/// Checks a Route.
+pub fn route(route: &v1::Route) -> Result<(), FieldError> {
+    service_name("service", &route.service)?;
+    if route.rules.len() > MAX_RULES {
+        return Err(FieldError::new("rules", format!("at most {MAX_RULES} rules, got {}", route.rules.len())));
+    }
+    for (i, rule) in route.rules.iter().enumerate() {
+        route_rule(rule).map_err(|e| e.within(&format!("rules[{i}]")))?;
+    }
+    Ok(())
+}
+
+fn route_rule(rule: &v1::RouteRule) -> Result<(), FieldError> {
+    if rule.name.len() > 63 {
+        return Err(FieldError::new("name", "must be at most 63 characters"));
+    }
+    let match_ = rule.r#match.clone().unwrap_or_default();
+    route_match(&match_).map_err(|e| e.within("match"))?;
+    if rule.backends.len() > MAX_BACKENDS {
+        return Err(FieldError::new("backends", format!("at most {MAX_BACKENDS} backends, got {}", rule.backends.len())));
+    }
+    let mut seen = HashSet::new();
+    for (i, b) in rule.backends.iter().enumerate() {
+        let at = format!("backends[{i}]");
+        backend(b).map_err(|e| e.within(&at))?;
+        if !seen.insert((b.service.as_str(), b.subset.as_str())) {
+            return Err(FieldError::new(at, "the same backend appears twice"));
+        }
+    }
+    if rule.backends.len() > 1 && rule.backends.iter().all(|b| b.weight == 0) {
+        return Err(FieldError::new("backends", "give at least one backend a weight above 0"));
+    }
+    let timeout = optional_duration("timeout", rule.timeout.as_ref())?;
+    if let Some(retries) = &rule.retries {
+        retry_policy(retries, timeout).map_err(|e| e.within("retries"))?;
+    }
+    for (field, rewrite) in [("request_headers", &rule.request_headers), ("response_headers", &rule.response_headers)] {
+        if let Some(rewrite) = rewrite {
+            header_rewrite(rewrite).map_err(|e| e.within(field))?;
+        }
+    }
+    if !rule.rewrite_path_prefix.is_empty() {
+        if match_.path_prefix.is_empty() {
+            return Err(FieldError::new("rewrite_path_prefix", "needs match.path_prefix, the prefix it replaces"));
+        }
+        path("rewrite_path_prefix", &rule.rewrite_path_prefix)?;
+    }
+    if let Some(fault) = &rule.fault {
+        if let Some(delay) = &fault.delay {
+            percent("fault.delay.percent", delay.percent)?;
+            if optional_duration("fault.delay.duration", delay.duration.as_ref())?.is_none() {
+                return Err(FieldError::new("fault.delay.duration", "required, such as \"2s\""));
+            }
+        }
+        if let Some(abort) = &fault.abort {
+            percent("fault.abort.percent", abort.percent)?;
+            if !(200..=599).contains(&abort.status) {
+                return Err(FieldError::new(
+                    "fault.abort.status",
+                    format!("must be an HTTP status, 200 to 599, got {}", abort.status),
+                ));
+            }
+        }
+    }
+    if let Some(mirror) = &rule.mirror {
+        percent("mirror.percent", mirror.percent)?;
+        let backend_ = mirror.backend.as_ref().ok_or_else(|| FieldError::new("mirror.backend", "required"))?;
+        backend(backend_).map_err(|e| e.within("mirror.backend"))?;
+    }
+    Ok(())
+}
+
+fn route_match(m: &v1::RouteMatch) -> Result<(), FieldError> {
+    let paths = [&m.path_exact, &m.path_prefix, &m.path_regex].iter().filter(|p| !p.is_empty()).count();
+    if paths > 1 {
+        return Err(FieldError::new("path_exact", "give at most one of path_exact, path_prefix and path_regex"));
+    }
+    if !m.path_exact.is_empty() {
+        path("path_exact", &m.path_exact)?;
+    }
+    if !m.path_prefix.is_empty() {
+        path("path_prefix", &m.path_prefix)?;
+    }
+    if !m.path_regex.is_empty() {
+        regex("path_regex", &m.path_regex)?;
+    }
+    if !m.method.is_empty() && (m.method.len() > 16 || !m.method.bytes().all(|b| b.is_ascii_uppercase())) {
+        return Err(FieldError::new("method", format!("{:?} must be an uppercase method such as GET", m.method)));
+    }
+    for (name, value) in &m.headers {
+        header_name(&format!("headers[{name:?}]"), name)?;
+        if value.len() > 1024 {
+            return Err(FieldError::new(format!("headers[{name:?}]"), "values must be at most 1024 characters"));
+        }
+    }
+    for (name, pattern) in &m.header_regex {
+        header_name(&format!("header_regex[{name:?}]"), name)?;
+        regex(&format!("header_regex[{name:?}]"), pattern)?;
+    }
+    for (i, name) in m.header_present.iter().enumerate() {
+        header_name(&format!("header_present[{i}]"), name)?;
+    }
+    for name in m.query.keys() {
+        query_name(&format!("query[{name:?}]"), name)?;
+    }
+    for (name, pattern) in &m.query_regex {
+        query_name(&format!("query_regex[{name:?}]"), name)?;
+        regex(&format!("query_regex[{name:?}]"), pattern)?;
+    }
+    Ok(())
+}
+
+/// Checks a backend: a subset, another service, or both, and a weight.
+pub fn backend(b: &v1::Backend) -> Result<(), FieldError> {
+    if !b.service.is_empty() {
+        service_name("service", &b.service)?;
+    }
+    if !b.subset.is_empty() {
+        subset_name("subset", &b.subset)?;
+    }
+    if b.weight > 10_000 {
+        return Err(FieldError::new("weight", format!("must be 0..=10000, got {}", b.weight)));
+    }
+    Ok(())
+}
+
+fn retry_policy(retries: &v1::RetryPolicy, timeout: Option<Duration>) -> Result<(), FieldError> {
+    if !(1..=MAX_ATTEMPTS).contains(&retries.attempts) {
+        return Err(FieldError::new("attempts", format!("must be 1 to {MAX_ATTEMPTS}, got {}", retries.attempts)));
+    }
+    if let Some(per_try) = optional_duration("per_try_timeout", retries.per_try_timeout.as_ref())?
+        && timeout.is_some_and(|timeout| per_try > timeout)
+    {
+        return Err(FieldError::new("per_try_timeout", "must not exceed the rule's timeout"));
+    }
+    for (i, condition) in retries.on.iter().enumerate() {
+        let known = RETRY_CONDITIONS.contains(&condition.as_str())
+            || GRPC_CODES.contains(&condition.as_str())
+            || condition.parse::<u16>().is_ok_and(|code| (100..=599).contains(&code));
+        if !known {
+            return Err(FieldError::new(
+                format!("on[{i}]"),
+                format!("{condition:?} is not one of {}, a status code or a gRPC status name", RETRY_CONDITIONS.join(", ")),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn header_rewrite(rewrite: &v1::HeaderRewrite) -> Result<(), FieldError> {
+    for (field, names) in [("set", rewrite.set.keys().collect::<Vec<_>>()), ("add", rewrite.add.keys().collect::<Vec<_>>())] {
+        for name in names {
+            header_name(&format!("{field}[{name:?}]"), name)?;
+        }
+    }
+    for (field, map) in [("set", &rewrite.set), ("add", &rewrite.add)] {
+        for (name, value) in map {
+            if value.len() > 1024 || value.bytes().any(|b| b == b'\r' || b == b'\n') {
+                return Err(FieldError::new(format!("{field}[{name:?}]"), "values must be one line of at most 1024 characters"));
+            }
+        }
+    }
+    for (i, name) in rewrite.remove.iter().enumerate() {
+        header_name(&format!("remove[{i}]"), name)?;
+    }
+    Ok(())
+}
+
+/// Checks a ServicePolicy.
+pub fn policy(policy: &v1::ServicePolicy) -> Result<(), FieldError> {
+    service_name("service", &policy.service)?;
+    if policy.subsets.len() > MAX_SUBSETS {
+        return Err(FieldError::new("subsets", format!("at most {MAX_SUBSETS} subsets, got {}", policy.subsets.len())));
+    }
+    for (name, subset) in &policy.subsets {
+        let at = format!("subsets[{name:?}]");
+        subset_name(&at, name)?;
+        if subset.labels.is_empty() {
+            return Err(FieldError::new(format!("{at}.labels"), "a subset needs at least one label, such as version: v2"));
+        }
+        metadata(&format!("{at}.labels"), &subset.labels)?;
+    }
+    Ok(())
+}
+
+/// Checks a resource of either kind.
+pub fn resource(resource: &v1::Resource) -> Result<(), FieldError> {
+    match &resource.kind {
+        Some(v1::resource::Kind::Route(r)) => route(r),
+        Some(v1::resource::Kind::Policy(p)) => policy(p),
+        None => Err(FieldError::new("kind", "a resource is a route or a policy")),
+    }
+}
+
+fn subset_name(field: &str, name: &str) -> Result<(), FieldError> {
+    service_name(field, name).map_err(|e| FieldError::new(field, e.reason.replace("service", "subset")))
+}
+
+fn path(field: &str, value: &str) -> Result<(), FieldError> {
+    if !value.starts_with('/') || value.len() > 1024 || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(FieldError::new(field, format!("{value:?} must start with / and have no spaces (at most 1024 characters)")));
+    }
+    Ok(())
+}
+
+fn regex(field: &str, pattern: &str) -> Result<(), FieldError> {
+    if pattern.len() > 1024 {
+        return Err(FieldError::new(field, "must be at most 1024 characters"));
+    }
+    regex::RegexBuilder::new(pattern).size_limit(1 << 20).build().map(|_| ()).map_err(|e| {
+        FieldError::new(field, format!("not a valid regular expression: {}", e.to_string().lines().last().unwrap_or_default()))
+    })
+}
+
+fn header_name(field: &str, name: &str) -> Result<(), FieldError> {
+    let valid = !name.is_empty()
+        && name.len() <= 128
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !valid {
+        return Err(FieldError::new(field, format!("{name:?} is not a header name")));
+    }
+    if HOP_BY_HOP.contains(&name.to_ascii_lowercase().as_str()) {
+        return Err(FieldError::new(field, format!("{name:?} describes a connection, not a request; it cannot be used here")));
+    }
+    Ok(())
+}
+
+fn query_name(field: &str, name: &str) -> Result<(), FieldError> {
+    if name.is_empty() || name.len() > 128 {
+        return Err(FieldError::new(field, "query parameter names are 1 to 128 characters"));
+    }
+    Ok(())
+}
+
+fn percent(field: &str, value: f64) -> Result<(), FieldError> {
+    if !(0.0..=100.0).contains(&value) {
+        return Err(FieldError::new(field, format!("must be 0 to 100, got {value}")));
+    }
+    Ok(())
+}
+
+fn optional_duration(field: &str, value: Option<&crate::types::Duration>) -> Result<Option<Duration>, FieldError> {
+    let Some(value) = value else { return Ok(None) };
+    let value = duration(field, value)?;
+    if value.is_zero() || value > MAX_TIMEOUT {
+        return Err(FieldError::new(field, format!("must be more than 0 and at most 1h, got {value:?}")));
+    }
+    Ok(Some(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::json;
+
+    /// A route from YAML, decoded but not validated.
+    fn parse_route(yaml: &str) -> v1::Route {
+        let value: serde_json::Value = serde_yaml_ng::from_str(yaml).expect("YAML");
+        match json::resource_from_value(value).expect("decodes").kind {
+            Some(v1::resource::Kind::Route(route)) => route,
+            other => panic!("not a route: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_the_documented_example() {
+        let route = parse_route(
+            r#"
+kind: Route
+service: catalog
+rules:
+  - match: { path_prefix: /api, headers: { x-canary: "true" } }
+    backends: [ { subset: v2 } ]
+    timeout: 2s
+    retries: { attempts: 3, per_try_timeout: 500ms, on: [connect-failure, 503] }
+  - backends: [ { subset: v1, weight: 90 }, { subset: v2, weight: 10 } ]
+"#,
+        );
+        assert_eq!(super::route(&route), Ok(()));
+        assert_eq!(route.rules[0].retries.as_ref().map(|r| r.on.clone()), Some(vec!["connect-failure".into(), "503".into()]));
+    }
+
+    #[test]
+    fn names_the_bad_field() {
+        let cases = [
+            ("rules: [ { backends: [ { subset: v1, weight: 20000 } ] } ]", "rules[0].backends[0].weight"),
+            (
+                "rules: [ {}, { backends: [ { subset: v1, weight: 90 }, { subset: v2, weight: 10001 } ] } ]",
+                "rules[1].backends[1].weight",
+            ),
+            ("rules: [ { match: { path_regex: '(' } } ]", "rules[0].match.path_regex"),
+            ("rules: [ { match: { path_prefix: api } } ]", "rules[0].match.path_prefix"),
+            ("rules: [ { match: { path_prefix: /a, path_exact: /b } } ]", "rules[0].match.path_exact"),
+            ("rules: [ { retries: { attempts: 0 } } ]", "rules[0].retries.attempts"),
+            ("rules: [ { retries: { attempts: 2, on: [sometimes] } } ]", "rules[0].retries.on[0]"),
+            ("rules: [ { timeout: 2s, retries: { attempts: 2, per_try_timeout: 3s } } ]", "rules[0].retries.per_try_timeout"),
+            ("rules: [ { fault: { abort: { percent: 150, status: 503 } } } ]", "rules[0].fault.abort.percent"),
+            ("rules: [ { fault: { abort: { percent: 10, status: 42 } } } ]", "rules[0].fault.abort.status"),
+            ("rules: [ { rewrite_path_prefix: /v2 } ]", "rules[0].rewrite_path_prefix"),
+            ("rules: [ { request_headers: { set: { connection: close } } } ]", "rules[0].request_headers.set[\"connection\"]"),
+            ("rules: [ { mirror: { percent: 5 } } ]", "rules[0].mirror.backend"),
+            ("rules: [ { backends: [ { subset: v1 }, { subset: v2 } ] } ]", "rules[0].backends"),
+        ];
+        for (rules, field) in cases {
+            let route = parse_route(&format!("kind: Route\nservice: catalog\n{rules}\n"));
+            let error = super::route(&route).expect_err(field);
+            assert_eq!(error.field, field, "{rules}: {error}");
+        }
+    }
+
+    #[test]
+    fn policies_need_labelled_subsets() {
+        let yaml = "kind: ServicePolicy\nservice: catalog\nsubsets: { v1: { labels: { version: v1 } }, v2: { labels: {} } }\n";
+        let error = json::resources_from_yaml(yaml).expect_err("an empty subset");
+        assert_eq!(error.field, "documents[0].subsets[\"v2\"].labels");
+    }
+}
