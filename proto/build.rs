@@ -13,12 +13,19 @@ fn main() -> Result<(), Box<dyn Error>> {
     let encoded = descriptors.encode_to_vec();
     fs::write(out.join("ferry_descriptor.bin"), &encoded)?;
 
-    tonic_prost_build::configure()
-        .compile_well_known_types(true)
-        .extern_path(".google.protobuf", "::pbjson_types")
-        .compile_fds(descriptors)?;
+    // Maps of the routing resources are ordered, so their YAML, JSON and diffs are stable.
+    const ORDERED: &[&str] = &[".ferry.v1.RouteMatch", ".ferry.v1.HeaderRewrite", ".ferry.v1.ServicePolicy", ".ferry.v1.Subset"];
+    let mut builder = tonic_prost_build::configure();
+    for path in ORDERED {
+        builder = builder.btree_map(path);
+    }
+    builder.compile_well_known_types(true).extern_path(".google.protobuf", "::pbjson_types").compile_fds(descriptors)?;
 
     // The JSON form of every message is the proto3 JSON mapping, with the proto field names.
-    pbjson_build::Builder::new().register_descriptors(&encoded)?.preserve_proto_field_names().build(&[".ferry.v1"])?;
+    pbjson_build::Builder::new()
+        .register_descriptors(&encoded)?
+        .preserve_proto_field_names()
+        .btree_map(ORDERED.iter().copied())
+        .build(&[".ferry.v1"])?;
     Ok(())
 }

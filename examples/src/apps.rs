@@ -11,6 +11,7 @@ use std::{
 
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use serde::{Deserialize, Serialize};
@@ -24,11 +25,21 @@ use crate::proto::{
     inventory_server::{Inventory, InventoryServer},
 };
 
+/// The header in which catalog says which version of it answered.
+pub const VERSION_HEADER: &str = "x-version";
+/// The header that opts a request into the canary; frontend passes it on to catalog.
+pub const CANARY_HEADER: &str = "x-canary";
+/// The header in which a sidecar says why it answered a request itself.
+pub const FERRY_ERROR_HEADER: &str = "x-ferry-error";
+
 /// What one app instance has done.
 #[derive(Debug, Default)]
 pub struct Counters {
     pub served: AtomicU64,
     pub failed: AtomicU64,
+    /// Calls this app made that the mesh answered with an injected fault (`fault_abort`), which
+    /// also count as failed.
+    pub injected: AtomicU64,
 }
 
 impl Counters {
@@ -100,28 +111,39 @@ pub struct Items {
 #[derive(Clone)]
 struct CatalogApp {
     instance: String,
+    /// Sent in [`VERSION_HEADER`].
+    version: HeaderValue,
     counters: Arc<Counters>,
     inventory: InventoryClient<Channel>,
 }
 
 /// Serves catalog's HTTP API on `listener`, calling inventory through the sidecar at `outbound`.
+/// Every answer says `version` in [`VERSION_HEADER`].
 pub async fn catalog(
     listener: TcpListener,
     instance: String,
+    version: &str,
     outbound: SocketAddr,
     counters: Arc<Counters>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let version = HeaderValue::from_str(version).map_err(|_| anyhow::anyhow!("version {version:?} is not a header value"))?;
     // The sidecar routes by :authority, so the channel connects to the sidecar but names
     // `inventory` as its origin.
     let channel = Endpoint::from_shared(format!("http://{outbound}"))?.origin("http://inventory".parse()?).connect_lazy();
-    let app = CatalogApp { instance, counters, inventory: InventoryClient::new(channel) };
+    let app = CatalogApp { instance, version, counters, inventory: InventoryClient::new(channel) };
     let router = Router::new().route("/items", get(list_items)).route("/healthz", get(|| async { "ok" })).with_state(app);
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
 
 async fn list_items(State(app): State<CatalogApp>) -> axum::response::Response {
+    let mut response = items(&app).await;
+    response.headers_mut().insert(VERSION_HEADER, app.version.clone());
+    response
+}
+
+async fn items(app: &CatalogApp) -> axum::response::Response {
     let mut items = Vec::with_capacity(SKUS.len());
     for sku in SKUS {
         match app.inventory.clone().get_stock(GetStockRequest { sku: sku.to_owned() }).await {
@@ -144,6 +166,8 @@ async fn list_items(State(app): State<CatalogApp>) -> axum::response::Response {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Page {
     pub frontend: String,
+    /// The version of catalog that answered, from its [`VERSION_HEADER`].
+    pub catalog_version: String,
     pub catalog: Items,
 }
 
@@ -170,14 +194,25 @@ pub async fn frontend(
     Ok(())
 }
 
-async fn page(State(app): State<FrontendApp>) -> axum::response::Response {
-    match get_json::<Items>(&app.client, app.outbound, "catalog", "/items").await {
-        Ok(items) => {
+async fn page(State(app): State<FrontendApp>, headers: HeaderMap) -> axum::response::Response {
+    // Routes match on what the caller's sidecar sees: a header the app does not pass on is a
+    // header no route of catalog can match.
+    let mut forwarded = HeaderMap::new();
+    if let Some(canary) = headers.get(CANARY_HEADER) {
+        forwarded.insert(CANARY_HEADER, canary.clone());
+    }
+    match get_json::<Items>(&app.client, app.outbound, "catalog", "/items", forwarded).await {
+        Ok(reply) => {
             app.counters.served();
-            Json(Page { frontend: app.instance.clone(), catalog: items }).into_response()
+            let catalog_version = reply.headers.get(VERSION_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("unknown");
+            let page = Page { frontend: app.instance.clone(), catalog_version: catalog_version.to_owned(), catalog: reply.body };
+            Json(page).into_response()
         }
         Err(error) => {
             app.counters.failed();
+            if error.is_injected() {
+                app.counters.injected.fetch_add(1, Ordering::Relaxed);
+            }
             (StatusCode::BAD_GATEWAY, format!("catalog: {error}")).into_response()
         }
     }
@@ -189,31 +224,55 @@ pub enum CallError {
     #[error("{0}")]
     Transport(#[from] hyper_util::client::legacy::Error),
     #[error("{status}: {body}")]
-    Status { status: StatusCode, body: String },
+    Status {
+        status: StatusCode,
+        body: String,
+        /// The sidecar's [`FERRY_ERROR_HEADER`], when the mesh answered rather than the app.
+        mesh_error: Option<String>,
+    },
     #[error("reading the body: {0}")]
     Body(#[from] hyper::Error),
     #[error("decoding JSON: {0}")]
     Json(#[from] serde_json::Error),
 }
 
-/// GETs `path` of `service` through the sidecar at `outbound`, naming the service in `Host`.
+impl CallError {
+    /// Whether the mesh failed the call on purpose: a fault injected by a route.
+    pub fn is_injected(&self) -> bool {
+        matches!(self, Self::Status { mesh_error: Some(reason), .. } if reason.starts_with("fault_abort"))
+    }
+}
+
+/// A decoded answer with its headers.
+#[derive(Debug)]
+pub struct Reply<T> {
+    pub body: T,
+    pub headers: HeaderMap,
+}
+
+/// GETs `path` of `service` with `headers` through the sidecar at `outbound`, naming the service
+/// in `Host`.
 pub async fn get_json<T: for<'de> Deserialize<'de>>(
     client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
     outbound: SocketAddr,
     service: &str,
     path: &str,
-) -> Result<T, CallError> {
-    let request = http::Request::get(format!("http://{outbound}{path}"))
+    headers: HeaderMap,
+) -> Result<Reply<T>, CallError> {
+    let mut request = http::Request::get(format!("http://{outbound}{path}"))
         .header(http::header::HOST, service)
         .body(Empty::new())
-        .map_err(|e| CallError::Status { status: StatusCode::BAD_REQUEST, body: e.to_string() })?;
+        .map_err(|e| CallError::Status { status: StatusCode::BAD_REQUEST, body: e.to_string(), mesh_error: None })?;
+    request.headers_mut().extend(headers);
     let response = client.request(request).await?;
-    let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
-    if !status.is_success() {
-        return Err(CallError::Status { status, body: String::from_utf8_lossy(&body).trim().to_owned() });
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await?.to_bytes();
+    if !parts.status.is_success() {
+        let mesh_error = parts.headers.get(FERRY_ERROR_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let body = String::from_utf8_lossy(&body).trim().to_owned();
+        return Err(CallError::Status { status: parts.status, body, mesh_error });
     }
-    Ok(serde_json::from_slice(&body)?)
+    Ok(Reply { body: serde_json::from_slice(&body)?, headers: parts.headers })
 }
 
 impl IntoResponse for CallError {

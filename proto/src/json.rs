@@ -156,10 +156,27 @@ pub fn resource_from_value(mut value: Value) -> Result<v1::Resource, FieldError>
     let kind = members.shift_remove("kind").ok_or_else(|| FieldError::new("kind", format!("required: {ROUTE} or {POLICY}")))?;
     let kind = match kind.as_str() {
         Some(ROUTE) => v1::resource::Kind::Route(decode("ferry.v1.Route", value)?),
-        Some(POLICY) => v1::resource::Kind::Policy(decode("ferry.v1.ServicePolicy", value)?),
+        Some(POLICY) => v1::resource::Kind::Policy(decode("ferry.v1.ServicePolicy", subsets_shorthand(value))?),
         _ => return Err(FieldError::new("kind", format!("{kind} is not {ROUTE} or {POLICY}"))),
     };
     Ok(v1::Resource { kind: Some(kind) })
+}
+
+/// `subsets: { v2: { version: v2 } }` is short for `subsets: { v2: { labels: { version: v2 } } }`:
+/// a subset written as labels alone (string values, no `labels` key) is wrapped.
+fn subsets_shorthand(mut value: Value) -> Value {
+    if let Some(Value::Object(subsets)) = value.get_mut("subsets") {
+        for subset in subsets.values_mut() {
+            if let Value::Object(fields) = subset
+                && !fields.contains_key("labels")
+                && !fields.is_empty()
+                && fields.values().all(Value::is_string)
+            {
+                *subset = serde_json::json!({ "labels": std::mem::take(fields) });
+            }
+        }
+    }
+    value
 }
 
 /// Every resource of a multi-document YAML text (documents separated by `---`), validated.
@@ -203,6 +220,13 @@ pub fn resource_to_yaml(resource: &v1::Resource) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subsets_may_be_written_as_their_labels() {
+        let long = resources_from_yaml("kind: ServicePolicy\nservice: catalog\nsubsets: { v2: { labels: { version: v2 } } }\n");
+        let short = resources_from_yaml("kind: ServicePolicy\nservice: catalog\nsubsets: { v2: { version: v2 } }\n");
+        assert_eq!(long.expect("long form"), short.expect("short form"));
+    }
 
     #[test]
     fn durations_may_be_written_for_people() {

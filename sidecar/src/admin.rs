@@ -1,13 +1,13 @@
 //! The admin listener: `/ready`, `/live`, `/config`, `/metrics`; `PUT /ttl/{pass,warn,fail}` for
 //! the app to renew its TTL check; `POST /shutdown` to drain and stop.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{Path, Query, State},
-    http::{StatusCode, header},
+    extract::{Path, Query, RawQuery, State},
+    http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header},
     response::{IntoResponse, Response},
     routing::{get, post, put},
 };
@@ -20,6 +20,7 @@ use crate::{
     catalog::{Catalog, ServiceState},
     control::ControlStatus,
     health::AppHealth,
+    outbound::Outbound,
 };
 
 /// What the admin handlers read.
@@ -29,9 +30,13 @@ pub struct AdminState {
     pub node_id: String,
     pub control_plane: String,
     pub has_app: bool,
+    /// A gateway's own service: `/explain` explains its route when no service is given.
+    pub gateway: Option<Arc<str>>,
     /// Services declared with `--upstream`: the sidecar is not ready until it has their config.
     pub declared: Vec<Arc<str>>,
     pub catalog: Arc<Catalog>,
+    /// For `/explain`: the routers the outbound proxy uses.
+    pub outbound: Outbound,
     pub control: Arc<ControlStatus>,
     /// The app's checks; `None` without an app.
     pub health: Option<Arc<AppHealth>>,
@@ -46,6 +51,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/ready", get(ready))
         .route("/live", get(|| async { "live\n" }))
         .route("/config", get(config))
+        .route("/explain", get(explain))
         .route("/metrics", get(metrics))
         .route("/ttl/{status}", put(ttl))
         .route("/shutdown", post(shutdown))
@@ -130,6 +136,71 @@ async fn config(State(state): State<AdminState>) -> Json<Value> {
         },
         "services": services,
     }))
+}
+
+/// `GET /explain?service=S&path=P[&method=M][&header=K:V...][&host=H]`: how this sidecar would
+/// route such a request, from the config it holds.
+async fn explain(State(state): State<AdminState>, RawQuery(query): RawQuery) -> Response {
+    let bad = |field: &str, reason: String| {
+        (StatusCode::BAD_REQUEST, Json(json!({ "error": format!("{field}: {reason}"), "field": field }))).into_response()
+    };
+    let (mut service, mut path, mut method, mut host) = (None, "/".to_owned(), Method::GET, None);
+    let mut headers = HeaderMap::new();
+    for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or_default().as_bytes()) {
+        match &*key {
+            "service" => service = Some(value.into_owned()),
+            "path" => path = value.into_owned(),
+            "host" => host = Some(value.into_owned()),
+            "method" => match Method::from_bytes(value.as_bytes()) {
+                Ok(m) => method = m,
+                Err(_) => return bad("method", format!("{value:?} is not an HTTP method")),
+            },
+            "header" => {
+                let Some((name, value)) = value.split_once([':', '=']) else {
+                    return bad("header", format!("{value:?} must be NAME:VALUE"));
+                };
+                match (HeaderName::from_bytes(name.trim().as_bytes()), HeaderValue::from_str(value.trim())) {
+                    (Ok(name), Ok(value)) => {
+                        headers.append(name, value);
+                    }
+                    _ => return bad("header", format!("{name:?}: {value:?} is not a valid header")),
+                }
+            }
+            other => return bad(other, "unknown parameter: expected service, path, method, header or host".into()),
+        }
+    }
+    let service = match (service, &state.gateway) {
+        (Some(service), _) => service,
+        (None, Some(gateway)) => gateway.to_string(),
+        (None, None) => return bad("service", "required: the service whose route to explain".into()),
+    };
+    if !path.starts_with('/') {
+        path.insert(0, '/');
+    }
+    let uri = match host {
+        Some(host) => format!("http://{host}{path}").parse::<Uri>(),
+        None => path.parse::<Uri>(),
+    };
+    let uri = match uri {
+        Ok(uri) => uri,
+        Err(error) => return bad("path", format!("{path:?} is not a valid path: {error}")),
+    };
+    let router = match state.outbound.destination(&service) {
+        Ok(router) => router,
+        Err(error) => return bad("service", ferry_runtime::error_chain(error.as_ref())),
+    };
+    // A service this sidecar had not used yet: give its config a moment to arrive.
+    let _ = router.known(Duration::from_secs(2)).await;
+    let mut explanation = router.explain(&method, &uri, &headers);
+    explanation["node_id"] = json!(state.node_id);
+    explanation["request"] = json!({
+        "method": method.as_str(),
+        "path": uri.path(),
+        "query": uri.query(),
+        "host": uri.host(),
+        "headers": headers.iter().map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?"))).collect::<Vec<_>>(),
+    });
+    Json(explanation).into_response()
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -11,9 +11,23 @@ use ferry_proto::validate;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "ferry-sidecar", version)]
 pub struct Config {
-    /// The service this sidecar's app belongs to (or, with no app, the name it calls out as).
-    #[arg(long, env = "FERRY_SERVICE", value_parser = parse_service, value_name = "NAME")]
+    /// The service this sidecar's app belongs to (or, with no app, the name it calls out as;
+    /// for a gateway, the service whose route it serves, "gateway" by default).
+    #[arg(
+        long,
+        env = "FERRY_SERVICE",
+        value_parser = parse_service,
+        value_name = "NAME",
+        required = false,
+        required_unless_present = "gateway",
+        default_value_if("gateway", clap::builder::ArgPredicate::IsPresent, Some("gateway"))
+    )]
     pub service: String,
+
+    /// Run as a gateway: no app of its own; requests arriving on --outbound from outside the
+    /// mesh are routed by the Route of --service (matching host and path) to mesh services.
+    #[arg(long, env = "FERRY_GATEWAY", conflicts_with_all = ["app", "checks"])]
+    pub gateway: bool,
 
     /// The app's address (HOST:PORT). Without it the sidecar registers no instance.
     #[arg(long, env = "FERRY_APP", value_parser = parse_host_port, value_name = "ADDR")]
@@ -249,6 +263,18 @@ mod tests {
         assert_eq!(config.metadata_map().get("version").map(String::as_str), Some("v2"));
         assert_eq!(config.upstreams.len(), 2);
         assert_eq!(&*config.upstreams[1].service, "pricing");
+    }
+
+    #[test]
+    fn a_gateway_needs_no_service_and_no_app() {
+        let config = parse(&["--gateway", "--outbound", "0.0.0.0:8080"]).expect("parses");
+        assert!(config.gateway);
+        assert_eq!(config.service, "gateway");
+        assert_eq!(parse(&["--gateway", "--service", "edge"]).expect("parses").service, "edge");
+        let error = parse(&["--gateway", "--app", "127.0.0.1:8080"]).expect_err("no app").to_string();
+        assert!(error.contains("--app"), "{error}");
+        let error = parse(&[]).expect_err("a service or --gateway").to_string();
+        assert!(error.contains("--service"), "{error}");
     }
 
     #[test]

@@ -52,6 +52,15 @@ pub struct UnknownSubset {
     pub subset: Arc<str>,
 }
 
+/// A gateway's route has no rule for the request (or the gateway has no route yet).
+#[derive(Debug, thiserror::Error)]
+#[error("no rule of {gateway}'s route matches host {host:?}, path {path:?}")]
+pub struct NoRoute {
+    pub gateway: Arc<str>,
+    pub host: String,
+    pub path: String,
+}
+
 /// The sidecar has no config for the service yet and none arrived in time.
 #[derive(Debug, thiserror::Error)]
 #[error("no config for {service} arrived within {timeout:?}; is the control plane reachable?")]
@@ -110,6 +119,9 @@ pub fn reason(error: &(dyn StdError + 'static)) -> Reason {
         }
         if error.is::<UnknownSubset>() {
             return reason("unknown_subset", StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE);
+        }
+        if error.is::<NoRoute>() {
+            return reason("no_route", StatusCode::NOT_FOUND, UNIMPLEMENTED);
         }
         if error.is::<DiscoveryTimeout>() {
             return reason("discovery_timeout", StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE);

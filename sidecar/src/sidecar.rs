@@ -141,12 +141,18 @@ impl Sidecar {
                 discovery_timeout: config.discovery_timeout,
                 response_timeout: config.response_timeout,
                 client: client_config.clone(),
+                gateway: config.gateway.then(|| Arc::from(config.service.as_str())),
             },
             metrics.clone(),
         );
+        let mut declared: Vec<Arc<str>> = config.upstreams.iter().map(|u| u.service.clone()).collect();
+        if config.gateway {
+            // A gateway needs its route before it is ready.
+            declared.push(config.service.as_str().into());
+        }
         // Declared upstreams are subscribed from the start, not on their first request.
-        for upstream in &config.upstreams {
-            outbound.destination(&upstream.service).map_err(|e| anyhow::anyhow!("--upstream {}: {e}", upstream.service))?;
+        for service in &declared {
+            outbound.destination(service).map_err(|e| anyhow::anyhow!("{service}: {e}"))?;
         }
 
         let shutdown = CancellationToken::new();
@@ -172,7 +178,8 @@ impl Sidecar {
         let service: Arc<str> = config.service.as_str().into();
         let in_flight = InFlight::default();
         let mut servers = Vec::new();
-        servers.push(tokio::spawn(http::server::serve("outbound", outbound_listener, outbound.clone(), shutdown.clone(), CLOSE)));
+        let edge = if config.gateway { outbound.fixed(service.clone()) } else { outbound.clone() };
+        servers.push(tokio::spawn(http::server::serve("outbound", outbound_listener, edge, shutdown.clone(), CLOSE)));
         for (name, listener) in upstream_listeners {
             servers.push(tokio::spawn(http::server::serve("upstream", listener, outbound.fixed(name), shutdown.clone(), CLOSE)));
         }
@@ -192,12 +199,14 @@ impl Sidecar {
             }));
         }
         let admin = admin::router(AdminState {
+            gateway: config.gateway.then(|| service.clone()),
             service,
             node_id: node_id.clone(),
             control_plane: config.control_plane.clone(),
             has_app: config.app.is_some(),
-            declared: config.upstreams.iter().map(|u| u.service.clone()).collect(),
+            declared,
             catalog,
+            outbound,
             control: status,
             health: health.clone(),
             shutdown: shutdown_requested.clone(),

@@ -127,3 +127,133 @@ impl Drop for GrpcApp {
         self.task.abort();
     }
 }
+
+/// Serves HTTP/1.1 and h2c on `listener`, answering each request with `answer`, until the task
+/// is aborted.
+fn serve<F, Fut>(listener: TcpListener, answer: F) -> JoinHandle<()>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let answer = answer.clone();
+                    async move { Ok::<_, Infallible>(answer(request).await) }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    })
+}
+
+/// A plain answer from an app called `name`, with `x-served-by` and `x-seen-path`.
+fn answer_from(name: &str, status: http::StatusCode, path: &str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("x-served-by", name)
+        .header("x-seen-path", path)
+        .body(Full::new(Bytes::from(name.to_owned())))
+        .expect("valid response")
+}
+
+/// An HTTP app that answers every request (but `/healthz`, at once) only after a fixed delay:
+/// the upstream a timeout gives up on.
+pub struct SlowApp {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl SlowApp {
+    /// Starts an app called `name` that takes `delay` to answer.
+    pub async fn start(name: &str, delay: std::time::Duration) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let name: Arc<str> = name.into();
+        let task = serve(listener, move |request: Request<Incoming>| {
+            let name = name.clone();
+            async move {
+                let path = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+                if path != "/healthz" {
+                    tokio::time::sleep(delay).await;
+                }
+                answer_from(&name, http::StatusCode::OK, &path)
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+impl Drop for SlowApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A request as an app received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: http::Method,
+    /// The path and query.
+    pub path: String,
+    pub headers: http::HeaderMap,
+}
+
+/// An HTTP app that records every request it receives (but `/healthz`) and answers with its
+/// name in `x-served-by` and the path in `x-seen-path`; it can be told to fail the next few
+/// requests with 503.
+pub struct RecordingApp {
+    pub addr: SocketAddr,
+    pub name: String,
+    seen: Arc<std::sync::Mutex<Vec<Seen>>>,
+    failures: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl RecordingApp {
+    /// Starts an app called `name` on a free loopback port.
+    pub async fn start(name: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let failures = Arc::new(AtomicU64::new(0));
+        let (app_name, app_seen, app_failures): (Arc<str>, _, _) = (name.into(), seen.clone(), failures.clone());
+        let task = serve(listener, move |request: Request<Incoming>| {
+            let path = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+            let status = if path == "/healthz" {
+                http::StatusCode::OK
+            } else {
+                let seen = Seen { method: request.method().clone(), path: path.clone(), headers: request.headers().clone() };
+                app_seen.lock().unwrap_or_else(|p| p.into_inner()).push(seen);
+                let failing = app_failures.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
+                if failing { http::StatusCode::SERVICE_UNAVAILABLE } else { http::StatusCode::OK }
+            };
+            std::future::ready(answer_from(&app_name, status, &path))
+        });
+        Self { addr, name: name.to_owned(), seen, failures, task }
+    }
+
+    /// Every request received so far, oldest first.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// How many requests it has received.
+    pub fn hits(&self) -> usize {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Makes the next `count` requests fail with 503.
+    pub fn fail_next(&self, count: u64) {
+        self.failures.store(count, Ordering::Relaxed);
+    }
+}
+
+impl Drop for RecordingApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

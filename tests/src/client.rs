@@ -99,3 +99,26 @@ pub fn text(answer: &Answer) -> String {
 pub fn header<'a>(answer: &'a Answer, name: &str) -> &'a str {
     answer.1.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
 }
+
+/// `method path` to the API at `addr` with `body` of type `content_type` (such as
+/// `application/yaml`).
+pub async fn send_body(
+    addr: SocketAddr,
+    method: http::Method,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> Result<Answer, Error> {
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, addr.to_string())
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(Full::new(Bytes::from(body.to_owned())))?;
+    let stream = TcpStream::connect(addr).await?;
+    let (mut sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let response = sender.send_request(request).await?;
+    let (parts, body) = response.into_parts();
+    Ok((parts.status, parts.headers, body.collect().await?.to_bytes()))
+}

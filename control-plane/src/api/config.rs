@@ -153,9 +153,9 @@ async fn apply(
                 serde_json::Value::Array(items) => items
                     .into_iter()
                     .enumerate()
-                    .map(|(i, item)| json::resource_from_value(item).map_err(|e| e.within(&format!("[{i}]"))))
+                    .map(|(i, item)| json_resource(item).map_err(|e| e.within(&format!("[{i}]"))))
                     .collect(),
-                single => json::resource_from_value(single).map(|r| vec![r]),
+                single => json_resource(single).map(|r| vec![r]),
             })
     };
     let resources_in = match parsed {
@@ -170,6 +170,14 @@ async fn apply(
         }
         Err(error) => http_error(error),
     }
+}
+
+/// One resource of a JSON apply body, validated here (as YAML documents are) so that errors name
+/// the field within the body, not within the apply's list of items.
+fn json_resource(value: serde_json::Value) -> Result<v1::Resource, FieldError> {
+    let resource = json::resource_from_value(value)?;
+    validate::resource(&resource)?;
+    Ok(resource)
 }
 
 async fn list(resources: &Resources, kind: Kind) -> Response {

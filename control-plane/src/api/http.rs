@@ -260,7 +260,7 @@ async fn update_ttl(
 }
 
 async fn sidecars(State(state): State<HttpState>) -> Json<v1::ListSidecarsResponse> {
-    Json(v1::ListSidecarsResponse { sidecars: state.sidecars.list(&state.registry) })
+    Json(v1::ListSidecarsResponse { sidecars: state.sidecars.list(&state.registry, &state.resources) })
 }
 
 async fn metrics(State(state): State<HttpState>) -> Response {

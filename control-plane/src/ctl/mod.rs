@@ -1,7 +1,8 @@
 //! `ferryctl`: the command line over the control plane's gRPC API.
 //!
-//! Tables for people by default, `-o json` (the proto3 JSON mapping) for scripts. Input is
-//! validated here with the same rules as the server, so mistakes are caught before a round trip.
+//! Tables for people by default, `-o json` or `-o yaml` (the proto3 JSON mapping) for scripts.
+//! Input is validated here with the same rules as the server, so mistakes are caught before a
+//! round trip.
 
 use std::{
     collections::BTreeMap,
@@ -19,9 +20,11 @@ use ferry_proto::{
 use serde::Serialize;
 use tonic::transport::Channel;
 
+mod config;
+mod explain;
 mod table;
 
-use self::table::Table;
+use self::{config::KindArg, table::Table};
 
 /// Ferry's command line: inspect and change the mesh through the control plane.
 #[derive(Debug, Parser)]
@@ -44,6 +47,7 @@ pub struct Cli {
 pub enum Output {
     Table,
     Json,
+    Yaml,
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,8 +110,80 @@ pub enum Command {
         /// The instance's id.
         id: String,
     },
-    /// Show connected sidecars, the versions they acknowledged, and any rejected push.
+    /// Show connected sidecars, the versions they acknowledged, and any rejected push; then,
+    /// for every route and policy, which sidecars run its current version, which have yet to,
+    /// and which rejected it and why.
     Status,
+    /// Apply Route and ServicePolicy resources from multi-document YAML (or JSON), all or none.
+    Apply {
+        /// The file to read, or - for standard input.
+        #[arg(short = 'f', long = "filename", value_name = "FILE|-")]
+        file: String,
+        /// Validate on the server and print what would change, without applying.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show routes or policies, of one service or all.
+    Get {
+        /// routes or policies.
+        kind: KindArg,
+        /// Only this service's.
+        service: Option<String>,
+    },
+    /// Delete a service's route or policy.
+    Delete {
+        /// route or policy.
+        kind: KindArg,
+        /// The service.
+        service: String,
+        /// Fail unless the resource is at this version.
+        #[arg(long, value_name = "VERSION")]
+        expected_version: Option<u64>,
+    },
+    /// The versions kept of a service's route or policy (the last 10), newest first.
+    History {
+        /// route or policy.
+        kind: KindArg,
+        /// The service.
+        service: String,
+    },
+    /// Apply an earlier version of a route or policy again (the one before the current by
+    /// default). Fails if it changed meanwhile.
+    Rollback {
+        /// route or policy.
+        kind: KindArg,
+        /// The service.
+        service: String,
+        /// The version to return to, from `ferryctl history`.
+        #[arg(long, value_name = "VERSION")]
+        to: Option<u64>,
+    },
+    /// Ask a sidecar how it would route a request: the rule that matches, the backends and
+    /// subsets it picks from, the timeout and retries, from the config it holds.
+    Explain {
+        /// The service the request is for.
+        service: String,
+        /// The request's path, with its query if any.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// The request's method.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// A request header, NAME=VALUE or NAME:VALUE; repeat for more.
+        #[arg(long = "header", value_name = "NAME=VALUE", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+        /// The request's host (for a gateway's routes).
+        #[arg(long)]
+        host: Option<String>,
+        /// The sidecar's admin listener.
+        #[arg(long, env = "FERRY_SIDECAR_ADMIN", default_value = "127.0.0.1:15000", value_name = "ADDR")]
+        sidecar: String,
+    },
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s.split_once(['=', ':']).ok_or_else(|| format!("{s:?} is not NAME=VALUE"))?;
+    Ok((name.trim().to_owned(), value.trim().to_owned()))
 }
 
 /// Parses `--check`: an HTTP URL, `tcp://HOST:PORT`, `grpc://HOST:PORT[/SERVICE]`, `ttl:30s` or
@@ -251,7 +327,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Status => {
             let channel = connect(&cli.control_plane).await?;
             let response = DiscoveryClient::new(channel).list_sidecars(v1::ListSidecarsRequest {}).await?.into_inner();
-            render(output, &response, status_table)
+            let rollouts = config::rollouts(&cli.control_plane, &response).await?;
+            match output {
+                Output::Table => Ok(status_table(&response) + &config::rollouts_text(&rollouts)),
+                _ => encode(output, &serde_json::json!({ "sidecars": response.sidecars, "resources": rollouts })),
+            }
+        }
+        Command::Apply { file, dry_run } => config::apply(&cli.control_plane, output, &file, dry_run).await,
+        Command::Get { kind, service } => config::get(&cli.control_plane, output, kind, service).await,
+        Command::Delete { kind, service, expected_version } => {
+            config::delete(&cli.control_plane, output, kind, service, expected_version).await
+        }
+        Command::History { kind, service } => config::history(&cli.control_plane, output, kind, service).await,
+        Command::Rollback { kind, service, to } => config::rollback(&cli.control_plane, output, kind, service, to).await,
+        Command::Explain { service, path, method, headers, host, sidecar } => {
+            validate::service_name("SERVICE", &service).map_err(|e| UsageError(e.to_string()))?;
+            explain::explain(explain::Question { service, path, method, headers, host, sidecar }, output).await
         }
     }
 }
@@ -268,7 +359,15 @@ async fn registry(url: &str) -> anyhow::Result<RegistryClient<Channel>> {
 fn render<T: Serialize>(output: Output, value: &T, table: impl Fn(&T) -> String) -> anyhow::Result<String> {
     match output {
         Output::Table => Ok(table(value)),
-        Output::Json => Ok(serde_json::to_string_pretty(value).map_err(|e| anyhow!("encoding JSON: {e}"))? + "\n"),
+        _ => encode(output, value),
+    }
+}
+
+/// `value` as JSON or YAML (a table is the caller's business).
+fn encode<T: Serialize>(output: Output, value: &T) -> anyhow::Result<String> {
+    match output {
+        Output::Yaml => serde_yaml_ng::to_string(value).map_err(|e| anyhow!("encoding YAML: {e}")),
+        _ => Ok(serde_json::to_string_pretty(value).map_err(|e| anyhow!("encoding JSON: {e}"))? + "\n"),
     }
 }
 

@@ -201,6 +201,6 @@ impl Discovery for DiscoveryService {
         &self,
         _request: Request<v1::ListSidecarsRequest>,
     ) -> Result<Response<v1::ListSidecarsResponse>, Status> {
-        Ok(Response::new(v1::ListSidecarsResponse { sidecars: self.sidecars.list(&self.registry) }))
+        Ok(Response::new(v1::ListSidecarsResponse { sidecars: self.sidecars.list(&self.registry, &self.resources) }))
     }
 }

@@ -88,13 +88,13 @@ pub struct Session {
 
 /// What the sidecar holds of a service (or will, once the pushes in flight land).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Held {
+pub(crate) struct Held {
     /// The service's version: the largest of the parts'.
-    version: u64,
+    pub(crate) version: u64,
     /// The registry index of the endpoints; `None` when only the version is known (from Hello).
-    endpoints: Option<u64>,
-    route: Option<u64>,
-    policy: Option<u64>,
+    pub(crate) endpoints: Option<u64>,
+    pub(crate) route: Option<u64>,
+    pub(crate) policy: Option<u64>,
 }
 
 impl Held {
@@ -299,7 +299,7 @@ impl Session {
                 Held::version_only(version)
             }
         });
-        self.record.subscribed(&name, held.map(|h| h.version));
+        self.record.subscribed(&name, held);
         self.subscriptions.insert(
             name.clone(),
             Subscription {
@@ -391,7 +391,7 @@ impl Session {
             let held = subscription.held_now();
             carried.push((name.clone(), held, full));
             subscription.sent = Some(held);
-            self.record.sent(name, version);
+            self.record.sent(name, held);
             let due_since = subscription.endpoints.changed_at.max(subscription.subscribed_at);
             self.metrics.propagation.observe(now.saturating_duration_since(due_since).as_secs_f64());
         }
@@ -429,7 +429,7 @@ impl Session {
             if let Some(subscription) = self.subscriptions.get_mut(&service) {
                 subscription.acked = Some(held);
                 subscription.needs_full = false;
-                self.record.acked(&service, held.version);
+                self.record.acked(&service, held);
             }
         }
     }
@@ -463,6 +463,7 @@ impl Session {
             subscription.sent = subscription.acked;
             subscription.dirty = true;
             if at_fault.is_empty() || at_fault.contains(&*service) {
+                self.record.rejected(&service, held);
                 if full {
                     subscription.rejected = Some(held.version);
                 } else {

@@ -8,7 +8,11 @@ use std::{
 
 use ferry_proto::v1;
 
-use crate::registry::{Registry, SessionId, timestamp};
+use super::session::Held;
+use crate::{
+    registry::{Registry, SessionId, timestamp},
+    resources::Resources,
+};
 
 /// The sidecars connected right now.
 #[derive(Default)]
@@ -29,9 +33,16 @@ pub struct SidecarRecord {
 
 #[derive(Default)]
 struct Progress {
-    /// Per subscribed service: (last version sent, last version acknowledged).
-    services: HashMap<Arc<str>, (Option<u64>, Option<u64>)>,
+    /// Per subscribed service.
+    services: HashMap<Arc<str>, ServiceProgress>,
     last_nack: Option<v1::NackStatus>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct ServiceProgress {
+    sent: Option<Held>,
+    acked: Option<Held>,
+    rejected: Option<Held>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -44,23 +55,29 @@ impl SidecarRecord {
         Self { node_id, service, instance_id, peer, build, connected_at: SystemTime::now(), progress: Mutex::default() }
     }
 
-    pub(crate) fn subscribed(&self, service: &Arc<str>, held: Option<u64>) {
-        lock(&self.progress).services.insert(service.clone(), (held, held));
+    pub(crate) fn subscribed(&self, service: &Arc<str>, held: Option<Held>) {
+        lock(&self.progress).services.insert(service.clone(), ServiceProgress { sent: held, acked: held, rejected: None });
     }
 
     pub(crate) fn unsubscribed(&self, service: &str) {
         lock(&self.progress).services.remove(service);
     }
 
-    pub(crate) fn sent(&self, service: &Arc<str>, version: u64) {
+    pub(crate) fn sent(&self, service: &Arc<str>, held: Held) {
         if let Some(entry) = lock(&self.progress).services.get_mut(service) {
-            entry.0 = Some(version);
+            entry.sent = Some(held);
         }
     }
 
-    pub(crate) fn acked(&self, service: &Arc<str>, version: u64) {
+    pub(crate) fn acked(&self, service: &Arc<str>, held: Held) {
         if let Some(entry) = lock(&self.progress).services.get_mut(service) {
-            entry.1 = Some(version);
+            entry.acked = Some(held);
+        }
+    }
+
+    pub(crate) fn rejected(&self, service: &Arc<str>, held: Held) {
+        if let Some(entry) = lock(&self.progress).services.get_mut(service) {
+            entry.rejected = Some(held);
         }
     }
 
@@ -68,16 +85,27 @@ impl SidecarRecord {
         lock(&self.progress).last_nack = Some(nack);
     }
 
-    fn to_proto(&self, registry: &Registry) -> v1::SidecarStatus {
+    fn to_proto(&self, registry: &Registry, resources: &Resources) -> v1::SidecarStatus {
         let progress = lock(&self.progress);
         let mut subscriptions: Vec<_> = progress
             .services
             .iter()
-            .map(|(service, (sent, acked))| v1::SubscriptionStatus {
-                service: service.to_string(),
-                current_version: registry.snapshot(service).map_or(0, |s| s.index),
-                sent_version: sent.unwrap_or(0),
-                acked_version: acked.unwrap_or(0),
+            .map(|(service, p)| {
+                let config = resources.config(service);
+                let part = |current: u64, of: fn(&Held) -> Option<u64>| v1::ResourceProgress {
+                    current_version: current,
+                    sent_version: p.sent.as_ref().and_then(of).unwrap_or(0),
+                    acked_version: p.acked.as_ref().and_then(of).unwrap_or(0),
+                    rejected_version: p.rejected.as_ref().and_then(of).unwrap_or(0),
+                };
+                v1::SubscriptionStatus {
+                    service: service.to_string(),
+                    current_version: registry.snapshot(service).map_or(0, |s| s.index).max(config.version),
+                    sent_version: p.sent.map_or(0, |h| h.version),
+                    acked_version: p.acked.map_or(0, |h| h.version),
+                    route: Some(part(config.route_version, |h| h.route)),
+                    policy: Some(part(config.policy_version, |h| h.policy)),
+                }
             })
             .collect();
         subscriptions.sort_by(|a, b| a.service.cmp(&b.service));
@@ -102,9 +130,9 @@ impl Sidecars {
     }
 
     /// Every connected sidecar, by node id.
-    pub fn list(&self, registry: &Registry) -> Vec<v1::SidecarStatus> {
+    pub fn list(&self, registry: &Registry, resources: &Resources) -> Vec<v1::SidecarStatus> {
         let records: Vec<_> = lock(&self.connected).values().cloned().collect();
-        let mut list: Vec<_> = records.iter().map(|r| r.to_proto(registry)).collect();
+        let mut list: Vec<_> = records.iter().map(|r| r.to_proto(registry, resources)).collect();
         list.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         list
     }

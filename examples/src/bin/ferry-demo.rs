@@ -3,16 +3,45 @@
 use std::{process::ExitCode, time::Duration};
 
 use clap::Parser;
-use ferry_examples::demo::{self, process};
+use ferry_examples::demo::{self, process, scenario::Scenario};
 
 /// Runs a control plane, two replicas of frontend, catalog and inventory with a sidecar each,
 /// and traffic through them, with a live summary.
+///
+/// With --replicas 2 or more, the last catalog replica runs version v2, the others v1. The
+/// routing scenarios of examples/routes/ change where catalog's traffic goes: apply one with
+/// --scenario once traffic flows, or, when stdin is a terminal, by typing a key and Enter while
+/// the demo runs: c canary, h header-canary, f fault, r reset (delete the routes), q quit. One
+/// request in 5 carries `x-canary: true`.
+///
+/// With --duration, the exit status judges the scenario in force at the end, on the requests
+/// sent after it took effect (once every sidecar that calls the service acknowledged it). In
+/// every case every instance must have served traffic and no process may have exited; then:
+///
+///   no scenario: no request failed.
+///
+///   canary: no request failed, both catalog versions answered, and v2's share is within 4
+///   standard deviations (and at least 1 point) of the route's weight, 10%.
+///
+///   header-canary: no request failed; every request with `x-canary: true` was answered by
+///   catalog v2 and every other one by v1.
+///
+///   fault: injected aborts are expected, so failures alone do not fail the run. The share of
+///   frontend's calls to catalog that the mesh aborted must be within 4 standard deviations (and
+///   at least 1 point) of the route's 10%, and at least 95% of the requests through frontend must
+///   succeed, thanks to the client's retries.
 #[derive(Debug, Parser)]
 #[command(name = "ferry-demo", version)]
 struct Args {
-    /// Stop after this long (such as 10s) and exit 0 only if traffic flowed without errors.
+    /// Stop after this long (such as 10s) and exit 0 only if the traffic did what the scenario
+    /// in force says (see above).
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
+
+    /// Apply this scenario of examples/routes/ through the control plane's Config API once
+    /// traffic reaches every instance.
+    #[arg(long, value_enum)]
+    scenario: Option<Scenario>,
 
     /// Requests per second sent to frontend.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -47,7 +76,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let options = demo::Options { duration: args.duration, rate: args.rate, replicas: args.replicas as usize };
+    let options =
+        demo::Options { duration: args.duration, rate: args.rate, replicas: args.replicas as usize, scenario: args.scenario };
     match runtime.block_on(demo::run(options)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,

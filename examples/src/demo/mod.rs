@@ -4,39 +4,57 @@
 //! Every request crosses the mesh three times: client → frontend (HTTP), frontend → catalog
 //! (HTTP, service named in `Host`), catalog → inventory (gRPC, service named in `:authority`),
 //! each time from the caller's sidecar to the callee's.
+//!
+//! The last catalog replica runs version v2, the others v1, so the routing scenarios of
+//! `examples/routes/` ([`scenario`]) have a canary to send traffic to. A scenario is applied
+//! through the control plane's Config API with `--scenario`, or with a key while the demo runs.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     io::IsTerminal,
     net::SocketAddr,
     path::Path,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
 use ferry_proto::v1::{self, registry_client::RegistryClient};
 use http_body_util::Empty;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, mpsc},
 };
-use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::apps::{self, Counters, Page};
+use crate::apps::{self, Counters};
 
+pub mod actions;
+pub mod config_api;
 pub mod process;
+mod routing;
+pub mod scenario;
+mod summary;
+pub mod traffic;
 
-use self::process::{CONTROL_PLANE, Process, SIDECAR, preferred, preferred_udp};
+use self::{
+    actions::Action,
+    config_api::ConfigApi,
+    process::{CONTROL_PLANE, Process, SIDECAR, preferred, preferred_udp},
+    routing::Routing,
+    scenario::Scenario,
+    summary::Summary,
+    traffic::{HttpClient, Traffic},
+};
 
 /// The demo's services, in start order (callees first).
 const SERVICES: [&str; 3] = ["inventory", "catalog", "frontend"];
+/// How far back the live SHARE column looks, in seconds (one snapshot a second)...
+const LIVE_SPAN: usize = 10;
+/// ...and that span in words.
+const LIVE_SPAN_WORDS: &str = "10s";
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -47,51 +65,43 @@ pub struct Options {
     pub rate: u32,
     /// Instances per service.
     pub replicas: usize,
+    /// The scenario to apply once traffic flows.
+    pub scenario: Option<Scenario>,
 }
-
-type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
 /// One app instance with its sidecar.
 struct Instance {
     service: &'static str,
     id: String,
+    /// The `version` its sidecar carries in its metadata: what routes' subsets select.
+    version: &'static str,
     counters: Arc<Counters>,
     sidecar: Process,
 }
 
-/// What the traffic driver has seen.
-#[derive(Default)]
-struct Traffic {
-    ok: AtomicU64,
-    errors: AtomicU64,
-    last_error: Mutex<Option<String>>,
-    last_path: Mutex<Option<String>>,
-}
-
-/// Runs the demo. Returns whether traffic flowed through every instance without errors.
+/// Runs the demo. Returns whether the traffic did what the scenario in force at the end says
+/// (with no scenario: flowed through every instance without errors).
 pub async fn run(options: Options) -> anyhow::Result<bool> {
+    if let Some(scenario) = options.scenario {
+        if scenario.needs_v2() && options.replicas < 2 {
+            bail!("--scenario {} needs --replicas 2 or more: the last catalog replica is the v2 it sends to", scenario.name());
+        }
+        // A scenario whose YAML does not say what to expect fails before anything starts.
+        scenario.expectation().map_err(anyhow::Error::msg)?;
+    }
     let dir = tempfile::Builder::new().prefix("ferry-demo-").tempdir().context("creating a working directory")?;
     let logs = dir.path().join("logs");
     std::fs::create_dir_all(&logs)?;
     println!("ferry demo: starting a control plane and {} services with a sidecar each", options.replicas * SERVICES.len());
 
-    let control_plane = Process::start(
-        CONTROL_PLANE,
-        "control-plane",
-        &args(&[
-            "--grpc",
-            &preferred("127.0.0.1:7070"),
-            "--http",
-            &preferred("127.0.0.1:7071"),
-            "--dns",
-            &preferred_udp("127.0.0.1:8600"),
-            "--data-dir",
-            &dir.path().join("data").display().to_string(),
-        ]),
-        &logs,
-    )
-    .await?;
+    let data = dir.path().join("data");
+    let control_plane = match start_control_plane(&data, &logs, Ports::Usual).await {
+        Ok(control_plane) => control_plane,
+        // Another process took a usual port between the check and the bind.
+        Err(_) => start_control_plane(&data, &logs, Ports::Any).await?,
+    };
     let control_plane_url = format!("http://{}", control_plane.addr("grpc")?);
+    let api = ConfigApi::new(control_plane.addr("http")?);
     // Apps stop only after the traffic has, so no request in flight meets a stopped app.
     let stop_apps = CancellationToken::new();
     let stop_traffic = CancellationToken::new();
@@ -99,27 +109,15 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     let mut instances = Vec::new();
     for service in SERVICES {
         for n in 1..=options.replicas {
-            instances.push(start_instance(service, n, &control_plane_url, &logs, &stop_apps).await?);
+            // One catalog replica, the last, is the canary.
+            let version = if service == "catalog" && n == options.replicas && n > 1 { "v2" } else { "v1" };
+            instances.push(start_instance(service, n, version, &control_plane_url, &logs, &stop_apps).await?);
         }
     }
-    let mut client = Process::start(
-        SIDECAR,
-        "client-sidecar",
-        &args(&[
-            "--service",
-            "demo-client",
-            "--control-plane",
-            &control_plane_url,
-            "--outbound",
-            &preferred("127.0.0.1:15001"),
-            "--admin",
-            &preferred("127.0.0.1:15000"),
-            "--upstream",
-            "frontend=127.0.0.1:0",
-        ]),
-        &logs,
-    )
-    .await?;
+    let mut client = match start_client(&control_plane_url, &logs, Ports::Usual).await {
+        Ok(client) => client,
+        Err(_) => start_client(&control_plane_url, &logs, Ports::Any).await?,
+    };
     let client_outbound = client.addr("outbound")?;
     let client_upstream = client.bound.get("upstreams").cloned().unwrap_or_default();
 
@@ -130,15 +128,24 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     let mut registry = RegistryClient::new(Channel::from_shared(control_plane_url.clone())?.connect().await?);
     wait_registered(&mut registry, options.replicas).await?;
 
-    println!("control plane  grpc {control_plane_url}  http http://{}", control_plane.addr("http")?);
+    let keys = std::io::stdin().is_terminal();
+    println!("control plane  grpc {control_plane_url}  http {}", api.base());
     println!("client sidecar {client_outbound}   try: curl -x http://{client_outbound} http://frontend/");
     println!("               admin http://{}/config   upstream port {client_upstream}", client.addr("admin")?);
     println!("logs           {}", logs.display());
+    println!(
+        "routes         curl -H 'content-type: application/yaml' --data-binary @{} {}/v1/apply",
+        Scenario::Canary.path(),
+        api.base()
+    );
+    if keys {
+        println!("               or type a key: {}", actions::keys_help());
+    }
     println!();
 
     let traffic = Arc::new(Traffic::default());
     let in_flight = Arc::new(Semaphore::new(32));
-    let driver = tokio::spawn(drive(
+    let driver = tokio::spawn(traffic::drive(
         http.clone(),
         client_outbound,
         options.rate,
@@ -147,8 +154,14 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         stop_traffic.clone(),
     ));
 
+    let full_screen = options.duration.is_none() && std::io::stdout().is_terminal();
+    let mut lines = keys.then(actions::read_lines);
+    let (mut routing, mut outcomes) = Routing::new(api.clone(), &instances);
+    if let Some(scenario) = options.scenario {
+        routing.apply_when_warm(scenario, &instances);
+    }
     let started = Instant::now();
-    let interactive = options.duration.is_none() && std::io::stdout().is_terminal();
+    let mut recent: VecDeque<Vec<u64>> = VecDeque::from([served(&instances)]);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     let mut failure = None;
@@ -156,20 +169,63 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     let stop = ferry_runtime::shutdown_signal();
     tokio::pin!(stop);
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
+        // Whether a second has passed, rather than a key typed or an action finished.
+        let second = tokio::select! {
+            _ = tick.tick() => true,
             () = &mut stop => break,
+            line = next_line(&mut lines) => {
+                let Some(line) = line else {
+                    // Stdin closed: no more keys.
+                    lines = None;
+                    continue;
+                };
+                let note = match Action::parse(&line) {
+                    Some(Action::Quit) => break,
+                    Some(action) => routing.start(action),
+                    None if line.trim().is_empty() => continue,
+                    None => routing.note(format!("{:?} is not a key; {}", line.trim(), actions::keys_help())),
+                };
+                if !full_screen {
+                    println!("{note}");
+                }
+                false
+            }
+            Some(outcome) = outcomes.recv() => {
+                let report = routing.finish(outcome, &traffic, &instances);
+                if !full_screen {
+                    print!("{report}");
+                }
+                false
+            }
+        };
+        if second {
+            recent.push_back(served(&instances));
+            if recent.len() > LIVE_SPAN + 1 {
+                recent.pop_front();
+            }
         }
-        let health = health(&mut registry).await;
-        if interactive {
-            print!("\x1b[2J\x1b[H{}", summary(started.elapsed(), &traffic, &instances, &health));
-        } else {
-            println!(
-                "{:>4}s  {} ok  {} errors",
-                started.elapsed().as_secs(),
-                traffic.ok.load(Ordering::Relaxed),
-                traffic.errors.load(Ordering::Relaxed)
-            );
+        if full_screen || second {
+            let health = health(&mut registry).await;
+            let (since, span) = routing.live_since(&recent, LIVE_SPAN_WORDS);
+            let view = Summary {
+                elapsed: started.elapsed(),
+                traffic: &traffic,
+                instances: &instances,
+                health: &health,
+                since,
+                span: &span,
+                scenario: routing.active.map(|(s, at)| (s, at.elapsed())),
+                keys,
+                last_action: routing.last_action.as_deref(),
+            };
+            if full_screen {
+                print!("\x1b[2J\x1b[H{}", view.render());
+            } else {
+                println!("{}", view.line());
+            }
+        }
+        if !second {
+            continue;
         }
         if let Some(dead) = instances
             .iter_mut()
@@ -191,10 +247,25 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     let _ = tokio::time::timeout(Duration::from_secs(5), in_flight.acquire_many(32)).await;
     stop_apps.cancel();
     let health = health(&mut registry).await;
-    println!("\n{}", summary(started.elapsed(), &traffic, &instances, &health));
+    let (since, span) = routing.window_since();
+    let window = span.to_owned();
+    let view = Summary {
+        elapsed: started.elapsed(),
+        traffic: &traffic,
+        instances: &instances,
+        health: &health,
+        since,
+        span,
+        scenario: routing.active.map(|(s, at)| (s, at.elapsed())),
+        keys: false,
+        last_action: None,
+    };
+    println!("\n{}", view.render());
 
-    let ok = traffic.ok.load(Ordering::Relaxed);
-    let errors = traffic.errors.load(Ordering::Relaxed);
+    let verdict = routing.verdict(&traffic, &instances).map_err(anyhow::Error::msg)?;
+    for line in &verdict.lines {
+        println!("{line}");
+    }
     let idle: Vec<String> =
         instances.iter().filter(|i| i.counters.served.load(Ordering::Relaxed) == 0).map(|i| i.id.clone()).collect();
     for instance in instances {
@@ -203,7 +274,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     client.stop().await;
     control_plane.stop().await;
 
-    let success = failure.is_none() && ok > 0 && errors == 0 && idle.is_empty();
+    let success = failure.is_none() && routing.failures.is_empty() && idle.is_empty() && verdict.passed;
     if !success {
         let kept = dir.keep();
         println!("logs kept in {}", kept.join("logs").display());
@@ -211,14 +282,20 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     if let Some(failure) = failure {
         bail!(failure);
     }
-    if success {
-        println!("traffic flowed through every instance without errors");
-    } else if ok == 0 {
-        println!("FAILED: no request succeeded");
-    } else if errors > 0 {
-        println!("FAILED: {errors} requests failed");
-    } else {
+    for failure in &routing.failures {
+        println!("FAILED: {failure}");
+    }
+    if !idle.is_empty() {
         println!("FAILED: no traffic reached {}", idle.join(", "));
+    }
+    match routing.active {
+        _ if !verdict.passed => println!("FAILED: {}: the traffic did not do what it should (see above)", verdict.label),
+        // The window of a run without routes is the whole run; after a reset, it starts there.
+        None if success => println!("traffic flowed through every instance without errors {window}"),
+        Some((scenario, _)) if success => {
+            println!("traffic flowed through every instance and did what the {} scenario says", scenario.name())
+        }
+        _ => {}
     }
     Ok(success)
 }
@@ -227,10 +304,81 @@ fn args(values: &[&str]) -> Vec<String> {
     values.iter().map(|v| v.to_string()).collect()
 }
 
+/// Which ports the control plane and the client sidecar listen on.
+#[derive(Debug, Clone, Copy)]
+enum Ports {
+    /// The usual ones (the README's), each when it is free.
+    Usual,
+    /// Any free ones.
+    Any,
+}
+
+impl Ports {
+    fn tcp(self, usual: &str) -> String {
+        match self {
+            Ports::Usual => preferred(usual),
+            Ports::Any => "127.0.0.1:0".to_owned(),
+        }
+    }
+
+    fn udp(self, usual: &str) -> String {
+        match self {
+            Ports::Usual => preferred_udp(usual),
+            Ports::Any => "127.0.0.1:0".to_owned(),
+        }
+    }
+}
+
+/// Starts the control plane, keeping its store in `data`.
+async fn start_control_plane(data: &Path, logs: &Path, ports: Ports) -> anyhow::Result<Process> {
+    let args = args(&[
+        "--grpc",
+        &ports.tcp("127.0.0.1:7070"),
+        "--http",
+        &ports.tcp("127.0.0.1:7071"),
+        "--dns",
+        &ports.udp("127.0.0.1:8600"),
+        "--data-dir",
+        &data.display().to_string(),
+    ]);
+    Process::start(CONTROL_PLANE, "control-plane", &args, logs).await
+}
+
+/// Starts the sidecar the traffic goes through.
+async fn start_client(control_plane: &str, logs: &Path, ports: Ports) -> anyhow::Result<Process> {
+    let args = args(&[
+        "--service",
+        "demo-client",
+        "--control-plane",
+        control_plane,
+        "--outbound",
+        &ports.tcp("127.0.0.1:15001"),
+        "--admin",
+        &ports.tcp("127.0.0.1:15000"),
+        "--upstream",
+        "frontend=127.0.0.1:0",
+    ]);
+    Process::start(SIDECAR, "client-sidecar", &args, logs).await
+}
+
+/// The requests each instance has served.
+fn served(instances: &[Instance]) -> Vec<u64> {
+    instances.iter().map(|i| i.counters.served.load(Ordering::Relaxed)).collect()
+}
+
+/// The next typed line; never, when keys are not read.
+async fn next_line(lines: &mut Option<mpsc::Receiver<String>>) -> Option<String> {
+    match lines {
+        Some(lines) => lines.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Starts one app instance with its sidecar.
 async fn start_instance(
     service: &'static str,
     n: usize,
+    version: &'static str,
     control_plane: &str,
     logs: &Path,
     shutdown: &CancellationToken,
@@ -260,7 +408,7 @@ async fn start_instance(
             "--admin",
             "127.0.0.1:0",
             "--meta",
-            "version=v1",
+            &format!("version={version}"),
             "--zone",
             zone,
             "--check",
@@ -274,7 +422,7 @@ async fn start_instance(
     let stop = shutdown.clone().cancelled_owned();
     let task = match service {
         "inventory" => tokio::spawn(apps::inventory(listener, id.clone(), counters.clone(), stop)),
-        "catalog" => tokio::spawn(apps::catalog(listener, id.clone(), outbound, counters.clone(), stop)),
+        "catalog" => tokio::spawn(apps::catalog(listener, id.clone(), version, outbound, counters.clone(), stop)),
         _ => tokio::spawn(apps::frontend(listener, id.clone(), outbound, counters.clone(), stop)),
     };
     let name = id.clone();
@@ -283,7 +431,7 @@ async fn start_instance(
             eprintln!("{name}: {error:#}");
         }
     });
-    Ok(Instance { service, id, counters, sidecar })
+    Ok(Instance { service, id, version, counters, sidecar })
 }
 
 /// Waits until a sidecar's admin `/ready` answers 200.
@@ -325,42 +473,6 @@ async fn wait_registered(registry: &mut RegistryClient<Channel>, replicas: usize
     Ok(())
 }
 
-/// Sends `rate` requests a second to frontend through the client sidecar until `shutdown`.
-async fn drive(
-    http: HttpClient,
-    outbound: SocketAddr,
-    rate: u32,
-    traffic: Arc<Traffic>,
-    in_flight: Arc<Semaphore>,
-    shutdown: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = shutdown.cancelled() => return,
-        }
-        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
-        let (http, traffic) = (http.clone(), traffic.clone());
-        tokio::spawn(async move {
-            match apps::get_json::<Page>(&http, outbound, "frontend", "/").await {
-                Ok(page) => {
-                    traffic.ok.fetch_add(1, Ordering::Relaxed);
-                    let inventories: Vec<&str> = page.catalog.items.iter().map(|i| i.inventory.as_str()).collect();
-                    let path = format!("{} -> {} -> {}", page.frontend, page.catalog.catalog, inventories.join(","));
-                    *traffic.last_path.lock().unwrap_or_else(|p| p.into_inner()) = Some(path);
-                }
-                Err(error) => {
-                    traffic.errors.fetch_add(1, Ordering::Relaxed);
-                    *traffic.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
-                }
-            }
-            drop(permit);
-        });
-    }
-}
-
 /// The health of every instance, by id, as the control plane reports it.
 async fn health(registry: &mut RegistryClient<Channel>) -> HashMap<String, String> {
     let mut health = HashMap::new();
@@ -380,34 +492,4 @@ async fn health(registry: &mut RegistryClient<Channel>) -> HashMap<String, Strin
         }
     }
     health
-}
-
-fn summary(elapsed: Duration, traffic: &Traffic, instances: &[Instance], health: &HashMap<String, String>) -> String {
-    let ok = traffic.ok.load(Ordering::Relaxed);
-    let errors = traffic.errors.load(Ordering::Relaxed);
-    let rate = (ok + errors) as f64 / elapsed.as_secs_f64().max(0.001);
-    let mut out = format!(
-        "ferry demo  {}s  {} requests through frontend ({rate:.1}/s)  {errors} errors\n\
-         client -> frontend -> catalog -> inventory (gRPC); every hop sidecar to sidecar\n\n",
-        elapsed.as_secs(),
-        ok + errors,
-    );
-    out.push_str(&format!("{:<10} {:<12} {:<9} {:>7} {:>7}\n", "SERVICE", "INSTANCE", "HEALTH", "SERVED", "FAILED"));
-    for instance in instances {
-        out.push_str(&format!(
-            "{:<10} {:<12} {:<9} {:>7} {:>7}\n",
-            instance.service,
-            instance.id,
-            health.get(&instance.id).map_or("-", String::as_str),
-            instance.counters.served.load(Ordering::Relaxed),
-            instance.counters.failed.load(Ordering::Relaxed),
-        ));
-    }
-    if let Some(path) = traffic.last_path.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-        out.push_str(&format!("\nlast request: {path}\n"));
-    }
-    if let Some(error) = traffic.last_error.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-        out.push_str(&format!("last error:   {error}\n"));
-    }
-    out
 }

@@ -153,6 +153,28 @@ fn route_match(m: &v1::RouteMatch) -> Result<(), FieldError> {
         query_name(&format!("query_regex[{name:?}]"), name)?;
         regex(&format!("query_regex[{name:?}]"), pattern)?;
     }
+    for (i, host) in m.hosts.iter().enumerate() {
+        host_pattern(&format!("hosts[{i}]"), host)?;
+    }
+    Ok(())
+}
+
+/// A host name to match, optionally `*.` and a domain: lowercase DNS labels, no port.
+fn host_pattern(field: &str, host: &str) -> Result<(), FieldError> {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if host.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(FieldError::new(
+            field,
+            format!("{host:?} must be a lowercase host name such as shop.example.com or *.example.com, without a port"),
+        ));
+    }
     Ok(())
 }
 

@@ -45,6 +45,8 @@ pub struct OutboundConfig {
     /// How long to wait for response headers; `None` waits as long as the client does.
     pub response_timeout: Option<Duration>,
     pub client: ClientConfig,
+    /// In a gateway, its own service name: requests are routed by that service's route alone.
+    pub gateway: Option<Arc<str>>,
 }
 
 /// One endpoint's client as a tower service.

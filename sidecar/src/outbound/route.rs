@@ -120,7 +120,7 @@ pub struct Rewrite {
 impl Rewrite {
     fn compile(rewrite: Option<&v1::HeaderRewrite>) -> Result<Self, String> {
         let Some(rewrite) = rewrite else { return Ok(Self::default()) };
-        let pairs = |map: &std::collections::HashMap<String, String>| -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+        let pairs = |map: &std::collections::BTreeMap<String, String>| -> Result<Vec<(HeaderName, HeaderValue)>, String> {
             map.iter()
                 .map(|(k, v)| {
                     Ok((
@@ -192,6 +192,28 @@ struct Matcher {
     method: Option<Method>,
     headers: Vec<(HeaderName, ValueMatch)>,
     query: Vec<(String, ValueMatch)>,
+    /// Exact host names, and domains (from `*.domain`) whose subdomains match.
+    hosts: Vec<HostMatch>,
+}
+
+#[derive(Debug)]
+enum HostMatch {
+    Exact(String),
+    /// `.example.com`, from `*.example.com`.
+    Suffix(String),
+}
+
+impl HostMatch {
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            Self::Exact(exact) => host.eq_ignore_ascii_case(exact),
+            Self::Suffix(suffix) => {
+                host.len() > suffix.len()
+                    && host.is_char_boundary(host.len() - suffix.len())
+                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+            }
+        }
+    }
 }
 
 /// A regex matched against the whole value.
@@ -234,10 +256,19 @@ impl Matcher {
         for (name, pattern) in &m.query_regex {
             query.push((name.clone(), ValueMatch::Regex(whole(pattern)?)));
         }
-        Ok(Self { path, method, headers, query })
+        let hosts = m
+            .hosts
+            .iter()
+            .map(|h| match h.strip_prefix('*') {
+                Some(suffix) => HostMatch::Suffix(suffix.to_owned()),
+                None => HostMatch::Exact(h.clone()),
+            })
+            .collect();
+        Ok(Self { path, method, headers, query, hosts })
     }
 
-    fn matches(&self, method: &Method, path: &str, query: Option<&str>, headers: &HeaderMap) -> bool {
+    fn matches(&self, request: &RequestInfo<'_>) -> bool {
+        let RequestInfo { method, path, query, headers, host } = *request;
         let path_ok = match &self.path {
             PathMatch::Any => true,
             PathMatch::Exact(exact) => path == exact,
@@ -248,6 +279,41 @@ impl Matcher {
             && self.method.as_ref().is_none_or(|m| m == method)
             && self.headers.iter().all(|(name, condition)| condition.matches(headers.get(name).and_then(|v| v.to_str().ok())))
             && self.query.iter().all(|(name, condition)| condition.matches(query_value(query, name)))
+            && (self.hosts.is_empty() || host.is_some_and(|host| self.hosts.iter().any(|h| h.matches(host))))
+    }
+}
+
+/// What rules match on, taken from a request.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfo<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+    /// The host, without its port: from the URI's authority, else the Host header.
+    pub host: Option<&'a str>,
+}
+
+impl<'a> RequestInfo<'a> {
+    /// The matchable parts of a request.
+    pub fn of(method: &'a Method, uri: &'a http::Uri, headers: &'a HeaderMap) -> Self {
+        let host = uri
+            .host()
+            .or_else(|| headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(strip_port))
+            .map(|h| h.trim_end_matches('.'));
+        Self { method, path: uri.path(), query: uri.query(), headers, host }
+    }
+}
+
+/// `host:port` → `host`, `[::1]:80` → `[::1]`.
+fn strip_port(authority: &str) -> &str {
+    match authority.rsplit_once(':') {
+        Some((host, port))
+            if port.bytes().all(|b| b.is_ascii_digit()) && !host.is_empty() && (!host.contains(':') || host.ends_with(']')) =>
+        {
+            host
+        }
+        _ => authority,
     }
 }
 
@@ -334,8 +400,8 @@ impl RouteTable {
     }
 
     /// The first rule matching the request, if any.
-    pub fn find(&self, method: &Method, path: &str, query: Option<&str>, headers: &HeaderMap) -> Option<&Rule> {
-        self.rules.iter().find(|rule| rule.matcher.matches(method, path, query, headers))
+    pub fn find(&self, request: &RequestInfo<'_>) -> Option<&Rule> {
+        self.rules.iter().find(|rule| rule.matcher.matches(request))
     }
 
     /// Every backend the route sends to or mirrors to.
@@ -386,7 +452,10 @@ rules:
 "#,
         );
         let find = |method: &str, path: &str, query: Option<&str>, hs: &[(&str, &str)]| {
-            table.find(&Method::from_bytes(method.as_bytes()).expect("method"), path, query, &headers(hs)).map(|r| r.index)
+            let method = Method::from_bytes(method.as_bytes()).expect("method");
+            let headers = headers(hs);
+            let request = RequestInfo { method: &method, path, query, headers: &headers, host: None };
+            table.find(&request).map(|r| r.index)
         };
         assert_eq!(find("GET", "/api/items", None, &[("x-canary", "true")]), Some(0));
         assert_eq!(find("GET", "/api/items", None, &[("x-canary", "false")]), None);
@@ -398,6 +467,26 @@ rules:
         assert_eq!(find("GET", "/", None, &[("user-agent", "Foo Mobile Bar")]), Some(3));
         assert_eq!(table.rules[0].label(), "rules[0] (canary)");
         assert_eq!(table.references().len(), 3, "v2, v1 and the whole service");
+    }
+
+    #[test]
+    fn hosts_match_exactly_or_by_domain() {
+        let table =
+            table("kind: Route\nservice: catalog\nrules:\n  - match: { hosts: [shop.example.com, \"*.api.example.com\"] }\n");
+        let method = Method::GET;
+        let find = |uri: &str, host: Option<&str>| {
+            let uri: http::Uri = uri.parse().expect("uri");
+            let headers = headers(&host.map(|h| vec![("host", h)]).unwrap_or_default());
+            table.find(&RequestInfo::of(&method, &uri, &headers)).map(|r| r.index)
+        };
+        assert_eq!(find("/", Some("shop.example.com")), Some(0));
+        assert_eq!(find("/", Some("SHOP.example.com:8080")), Some(0), "case and port do not matter");
+        assert_eq!(find("http://eu.api.example.com/x", None), Some(0), "the URI's authority counts");
+        assert_eq!(find("/", Some("api.example.com")), None, "a wildcard needs a subdomain");
+        assert_eq!(find("/", Some("example.com")), None);
+        assert_eq!(find("/", None), None, "no host, no match");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("::1"), "::1");
     }
 
     #[test]

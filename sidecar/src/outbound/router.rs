@@ -5,10 +5,12 @@
 //! mirrored. With no route, or no matching rule, requests go to all of the service's endpoints.
 //!
 //! A new route takes effect only once everything it references is known: the other services it
-//! sends to and the subsets it names. Until then the previous route stays in force (or none), so
-//! applying a route before its policy, or before its backend's first config, does not become a
-//! burst of 503s. The control plane sends a route and the services it references in one push, so
-//! the wait is normally nil.
+//! sends to, the subsets it names, and an instance up in each subset it sends requests to (but
+//! on a gateway, which has nothing to fall back on). Until then the previous route stays in
+//! force (or none), so applying a route before its policy, before its backend's first config, or
+//! before the first v2 instance is up does not become a burst of 503s. The control plane sends a
+//! route and the services it references in one push, so the wait is normally nil. Once in force,
+//! a route stays in force until a newer one is.
 
 use std::{
     collections::HashMap,
@@ -27,11 +29,11 @@ use tower::Service;
 
 use super::{
     Balance, EndpointService, OutboundConfig,
-    route::{BackendRef, Retries, RouteTable, Rule},
+    route::{BackendRef, RequestInfo, Retries, RouteTable, Rule},
 };
 use crate::{
     catalog::{Catalog, Endpoint, ServiceState},
-    errors::{FERRY_ERROR, ResponseTimeout, is_grpc},
+    errors::{DiscoveryTimeout, FERRY_ERROR, NoRoute, ResponseTimeout, is_grpc},
     http::{
         Body, BoxError,
         client::{ConnectError, UpstreamError},
@@ -52,6 +54,9 @@ pub struct Router {
 
 struct Inner {
     service: Arc<str>,
+    /// A gateway's own route: no matching rule means no route, not the service's endpoints
+    /// (a gateway has none).
+    gateway: bool,
     catalog: Arc<Catalog>,
     config: OutboundConfig,
     state: watch::Receiver<ServiceState>,
@@ -59,6 +64,9 @@ struct Inner {
     table: ArcSwapOption<RouteTable>,
     /// Why a newer route is not in force yet, if one is held.
     held: Mutex<Option<String>>,
+    /// Set once the route has been evaluated against the service's first config: until then a
+    /// request waits, rather than going out as if there were no route.
+    settled: watch::Sender<bool>,
     balancers: Mutex<HashMap<BackendRef, Balance<EndpointService>>>,
     mirrors: Arc<Semaphore>,
     task: Mutex<Option<tokio::task::AbortHandle>>,
@@ -79,13 +87,16 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Router {
     /// A router for `service`, following its state (and that of the services its route uses).
     pub fn new(service: Arc<str>, catalog: Arc<Catalog>, state: watch::Receiver<ServiceState>, config: OutboundConfig) -> Self {
+        let gateway = config.gateway.as_ref() == Some(&service);
         let inner = Arc::new(Inner {
             service,
+            gateway,
             catalog,
             config,
             state: state.clone(),
             table: ArcSwapOption::empty(),
             held: Mutex::new(None),
+            settled: watch::Sender::new(false),
             balancers: Mutex::new(HashMap::new()),
             mirrors: Arc::new(Semaphore::new(MAX_MIRRORS)),
             task: Mutex::new(None),
@@ -99,12 +110,23 @@ impl Router {
     pub fn route(&self, request: Request<Body>) -> BoxFuture<'static, Result<Response<Body>, BoxError>> {
         let inner = self.inner.clone();
         async move {
+            if !*inner.settled.borrow() {
+                let limit = inner.config.discovery_timeout;
+                let mut settled = inner.settled.subscribe();
+                if !matches!(tokio::time::timeout(limit, settled.wait_for(|s| *s)).await, Ok(Ok(_))) {
+                    return Err(Box::new(DiscoveryTimeout { service: inner.service.clone(), timeout: limit }) as BoxError);
+                }
+            }
             let table = inner.table.load_full();
-            let rule = table.as_ref().and_then(|t| {
-                t.find(request.method(), request.uri().path(), request.uri().query(), request.headers()).map(|r| r.index)
-            });
+            let info = RequestInfo::of(request.method(), request.uri(), request.headers());
+            let rule = table.as_ref().and_then(|t| t.find(&info).map(|r| r.index));
             match (table, rule) {
                 (Some(table), Some(index)) => inner.apply(&table.rules[index], request).await,
+                _ if inner.gateway => Err(Box::new(NoRoute {
+                    gateway: inner.service.clone(),
+                    host: info.host.unwrap_or_default().to_owned(),
+                    path: info.path.to_owned(),
+                }) as BoxError),
                 _ => {
                     let backend = BackendRef { service: inner.service.clone(), subset: None };
                     send(inner.balancer(&backend)?, request).await
@@ -114,16 +136,28 @@ impl Router {
         .boxed()
     }
 
+    /// Waits, up to `limit`, for the control plane's first word on the service and the route
+    /// it carries to be evaluated.
+    pub async fn known(&self, limit: Duration) -> bool {
+        let mut settled = self.inner.settled.subscribe();
+        matches!(tokio::time::timeout(limit, settled.wait_for(|s| *s)).await, Ok(Ok(_)))
+    }
+
     /// What would happen to a request: the rule, backends, timeout and retries, from the route
     /// in force.
     pub fn explain(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Value {
         let inner = &self.inner;
         let table = inner.table.load_full();
         let held = lock(&inner.held).clone();
-        let rule = table.as_ref().and_then(|t| t.find(method, uri.path(), uri.query(), headers));
+        let info = RequestInfo::of(method, uri, headers);
+        let rule = table.as_ref().and_then(|t| t.find(&info));
         let default_backend =
             [super::route::WeightedBackend { backend: BackendRef { service: inner.service.clone(), subset: None }, weight: 1 }];
-        let backends = rule.map_or(&default_backend[..], |r| &r.backends[..]);
+        let backends = match rule {
+            Some(rule) => &rule.backends[..],
+            None if inner.gateway => &[],
+            None => &default_backend[..],
+        };
         let total: u32 = backends.iter().map(|b| b.weight).sum();
         let backends: Vec<Value> = backends
             .iter()
@@ -158,6 +192,8 @@ impl Router {
             "mirror": rule.and_then(|r| r.mirror.as_ref()).map(|(b, p)| json!({ "backend": b.to_string(), "percent": p })),
             "rewrite_path_prefix": rule.and_then(|r| r.rewrite_prefix.as_ref()).map(|(from, to)| json!({ "from": from, "to": to })),
             "no_rule_matches": rule.is_none(),
+            "gateway": inner.gateway,
+            "host": info.host,
         })
     }
 }
@@ -167,6 +203,9 @@ async fn follow(inner: Weak<Inner>, mut own: watch::Receiver<ServiceState>) {
     loop {
         let Some(strong) = inner.upgrade() else { return };
         let mut dependencies = strong.refresh();
+        if matches!(*strong.state.borrow(), ServiceState::Known(_)) {
+            strong.settled.send_if_modified(|settled| !std::mem::replace(settled, true));
+        }
         drop(strong);
         let dependency_changed = async {
             if dependencies.is_empty() {
@@ -202,6 +241,12 @@ impl Inner {
         };
         let mut watches = Vec::new();
         let mut missing = Vec::new();
+        // A subset that requests are sent to (mirrors aside: best effort) must have an instance
+        // up, or the new route would answer 503 where the last one served. A gateway does not
+        // wait: with no route in force it serves nothing at all.
+        let sends_to = |reference: &BackendRef| {
+            !self.gateway && table.rules.iter().flat_map(|r| &r.backends).any(|b| b.weight > 0 && &b.backend == reference)
+        };
         for reference in table.references() {
             let target = if reference.service == self.service {
                 Some(config.clone())
@@ -220,16 +265,25 @@ impl Inner {
             };
             match (&target, &reference.subset) {
                 (None, _) => missing.push(format!("no config for service {} yet", reference.service)),
-                (Some(target), Some(subset)) if !target.policy.as_ref().is_some_and(|p| p.subsets.contains_key(&**subset)) => {
-                    missing.push(format!("subset {subset} of {} is not defined by its policy", reference.service));
-                }
+                (Some(target), Some(subset)) => match target.policy.as_ref().and_then(|p| p.subsets.get(&**subset)) {
+                    None => missing.push(format!("subset {subset} of {} is not defined by its policy", reference.service)),
+                    Some(definition) if sends_to(&reference) => {
+                        let in_subset = |e: &Endpoint| definition.labels.iter().all(|(k, v)| e.metadata.get(k) == Some(v));
+                        if !target.endpoints.values().any(|e| e.health.is_routable() && in_subset(e)) {
+                            missing.push(format!("subset {subset} of {} has no instance up yet", reference.service));
+                        }
+                    }
+                    Some(_) => {}
+                },
                 _ => {}
             }
         }
-        if missing.is_empty() {
-            if self.table.load().as_ref().map(|t| t.version) != Some(table.version) {
-                tracing::info!(service = %self.service, version = table.version, rules = table.rules.len(), "route in force");
-            }
+        let in_force = self.table.load().as_ref().map(|t| t.version) == Some(table.version);
+        if in_force {
+            // A route in force stays in force: instances leaving later do not take it back.
+            *lock(&self.held) = None;
+        } else if missing.is_empty() {
+            tracing::info!(service = %self.service, version = table.version, rules = table.rules.len(), "route in force");
             self.table.store(Some(Arc::new(table)));
             *lock(&self.held) = None;
         } else {
@@ -462,6 +516,8 @@ fn roll(percent: f64) -> bool {
 fn rewrite_prefix(parts: &mut Parts, prefix: &str, replacement: &str) {
     let path = parts.uri.path();
     let Some(rest) = path.strip_prefix(prefix) else { return };
+    // `/stock` → `/` on `/stock/42` gives `/42`, not `//42`.
+    let rest = if replacement.ends_with('/') { rest.strip_prefix('/').unwrap_or(rest) } else { rest };
     let mut rewritten = format!("{replacement}{rest}");
     if rewritten.is_empty() {
         rewritten.push('/');
@@ -521,6 +577,9 @@ mod tests {
         let (mut parts, ()) = Request::get("/old").body(()).expect("valid").into_parts();
         rewrite_prefix(&mut parts, "/old", "");
         assert_eq!(parts.uri, "/");
+        let (mut parts, ()) = Request::get("/stock/42").body(()).expect("valid").into_parts();
+        rewrite_prefix(&mut parts, "/stock", "/");
+        assert_eq!(parts.uri, "/42", "no double slash");
     }
 
     #[test]
@@ -539,6 +598,65 @@ mod tests {
             reason: crate::http::client::ConnectFailure::Timeout(Duration::from_secs(1)),
         }));
         assert!(should_retry(&retries, &Method::POST, &refused), "never sent: safe whatever the method");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_request_waits_for_the_route_instead_of_bypassing_it() {
+        use ferry_proto::v1::service_resources::Endpoints;
+        let catalog = Arc::new(Catalog::new(16));
+        let config = OutboundConfig {
+            discovery_timeout: Duration::from_secs(5),
+            response_timeout: None,
+            client: crate::http::client::ClientConfig::default(),
+            gateway: None,
+        };
+        let router = Router::new("catalog".into(), catalog.clone(), catalog.watch("catalog").expect("room"), config);
+        let pending = tokio::spawn(router.route(Request::get("/items").body(crate::http::empty()).expect("request")));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!pending.is_finished(), "no config yet: the request waits");
+
+        // The first config carries a route whose only rule aborts: the waiting request must get
+        // the abort, not go to the endpoint as if there were no route.
+        let route = ferry_proto::json::resources_from_yaml(
+            "kind: Route\nservice: catalog\nrules:\n  - fault: { abort: { percent: 100, status: 418 } }\n",
+        )
+        .expect("valid")
+        .remove(0);
+        let Some(ferry_proto::v1::resource::Kind::Route(mut route)) = route.kind else { panic!("a route") };
+        route.version = 3;
+        let endpoint = ferry_proto::v1::Endpoint {
+            id: "a".into(),
+            address: "127.0.0.1".into(),
+            port: 9,
+            health: ferry_proto::v1::Health::Passing as i32,
+            ..Default::default()
+        };
+        let resources = ferry_proto::v1::ServiceResources {
+            service: "catalog".into(),
+            version: 3,
+            exists: true,
+            endpoints: Some(Endpoints::Snapshot(ferry_proto::v1::Endpoints { endpoints: vec![endpoint] })),
+            route: Some(ferry_proto::v1::RouteUpdate { route: Some(route) }),
+            ..Default::default()
+        };
+        catalog.apply(&ferry_proto::v1::Push { nonce: "1".into(), resources: vec![resources] }).expect("applies");
+        let response = pending.await.expect("joins").expect("answered");
+        assert_eq!(response.status(), StatusCode::IM_A_TEAPOT);
+
+        // With no config at all within the discovery timeout, the request fails saying so.
+        let silent = Router::new(
+            "inventory".into(),
+            catalog.clone(),
+            catalog.watch("inventory").expect("room"),
+            OutboundConfig {
+                discovery_timeout: Duration::from_secs(5),
+                response_timeout: None,
+                client: crate::http::client::ClientConfig::default(),
+                gateway: None,
+            },
+        );
+        let error = silent.route(Request::get("/").body(crate::http::empty()).expect("request")).await.expect_err("times out");
+        assert!(error.is::<DiscoveryTimeout>(), "{error}");
     }
 
     #[test]

@@ -329,7 +329,7 @@ impl Harness {
     fn record_status(&self) -> v1::SidecarStatus {
         let sidecars = Arc::new(super::super::Sidecars::default());
         let _guard = sidecars.connect(self.registry.new_session(), self.record.clone());
-        sidecars.list(&self.registry).remove(0)
+        sidecars.list(&self.registry, &self.resources).remove(0)
     }
 }
 

@@ -1,0 +1,391 @@
+//! The routing commands of `ferryctl`: apply, get, delete, history, rollback, and the
+//! per-resource half of `status`.
+
+use std::io::Read;
+
+use anyhow::Context;
+use clap::ValueEnum;
+use ferry_proto::{
+    json,
+    v1::{self, config_client::ConfigClient},
+    validate,
+};
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use super::{Output, UsageError, ago, connect, table::Table};
+
+/// Which kind of resource a command is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KindArg {
+    /// Routes (Route resources).
+    #[value(alias = "routes")]
+    Route,
+    /// Service policies (ServicePolicy resources).
+    #[value(alias = "policies", alias = "servicepolicy", alias = "servicepolicies")]
+    Policy,
+}
+
+impl KindArg {
+    fn proto(self) -> v1::ResourceKind {
+        match self {
+            Self::Route => v1::ResourceKind::Route,
+            Self::Policy => v1::ResourceKind::Policy,
+        }
+    }
+}
+
+async fn client(url: &str) -> anyhow::Result<ConfigClient<Channel>> {
+    Ok(ConfigClient::new(connect(url).await?))
+}
+
+fn check_service(service: &str) -> Result<(), UsageError> {
+    validate::service_name("SERVICE", service).map_err(|e| UsageError(e.to_string()))
+}
+
+/// `ferryctl apply -f FILE|- [--dry-run]`.
+pub async fn apply(url: &str, output: Output, file: &str, dry_run: bool) -> anyhow::Result<String> {
+    let text = if file == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).context("reading the resources from standard input")?;
+        text
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?
+    };
+    let name = if file == "-" { "<stdin>" } else { file };
+    // Checked here with the server's rules, so a mistake is named before anything is sent.
+    let resources = json::resources_from_yaml(&text).map_err(|e| anyhow::anyhow!("{name}: {e}; nothing was applied"))?;
+    if resources.is_empty() {
+        return Err(UsageError(format!("{name}: no resources in the file")).into());
+    }
+    let items =
+        resources.into_iter().map(|resource| v1::ApplyItem { resource: Some(resource), expected_version: None }).collect();
+    let response = client(url).await?.apply(v1::ApplyRequest { items, dry_run }).await?.into_inner();
+    match output {
+        Output::Table => Ok(applied_text(&response, dry_run)),
+        _ => render_resources(output, response.applied.iter().filter_map(|a| a.resource.as_ref())),
+    }
+}
+
+fn label(resource: &v1::Resource) -> (String, u64) {
+    match &resource.kind {
+        Some(v1::resource::Kind::Route(r)) => (format!("route/{}", r.service), r.version),
+        Some(v1::resource::Kind::Policy(p)) => (format!("policy/{}", p.service), p.version),
+        None => ("unknown".into(), 0),
+    }
+}
+
+fn applied_text(response: &v1::ApplyResponse, dry_run: bool) -> String {
+    let mut out = String::new();
+    for applied in &response.applied {
+        let Some(resource) = &applied.resource else { continue };
+        let (name, version) = label(resource);
+        let line = match (dry_run, applied.changed) {
+            (true, true) => format!("{name} would change (dry run):\n"),
+            (true, false) => format!("{name} unchanged (dry run)\n"),
+            (false, true) => format!("{name} applied, version {version}\n"),
+            (false, false) => format!("{name} unchanged, version {version}\n"),
+        };
+        out.push_str(&line);
+        if applied.changed && dry_run {
+            for diff_line in applied.diff.lines() {
+                out.push_str("  ");
+                out.push_str(diff_line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// Resources as YAML documents, a JSON array, or a table.
+fn render_resources<'a>(output: Output, resources: impl Iterator<Item = &'a v1::Resource>) -> anyhow::Result<String> {
+    let resources: Vec<&v1::Resource> = resources.collect();
+    match output {
+        Output::Yaml => Ok(resources.iter().map(|r| json::resource_to_yaml(r)).collect::<Vec<_>>().join("---\n")),
+        Output::Json => {
+            let values: Vec<_> = resources.iter().map(|r| json::resource_to_value(r)).collect();
+            Ok(serde_json::to_string_pretty(&values)? + "\n")
+        }
+        Output::Table => {
+            if resources.is_empty() {
+                return Ok("no resources\n".into());
+            }
+            let mut table = Table::new(&["RESOURCE", "VERSION", "APPLIED", "SUMMARY"]);
+            for resource in resources {
+                let (name, version) = label(resource);
+                let (applied_at, summary) = match &resource.kind {
+                    Some(v1::resource::Kind::Route(r)) => (r.applied_at.as_ref(), route_summary(r)),
+                    Some(v1::resource::Kind::Policy(p)) => (p.applied_at.as_ref(), policy_summary(p)),
+                    None => (None, String::new()),
+                };
+                table.row(vec![name, version.to_string(), ago(applied_at), summary]);
+            }
+            Ok(table.render())
+        }
+    }
+}
+
+fn route_summary(route: &v1::Route) -> String {
+    let rules: Vec<String> = route
+        .rules
+        .iter()
+        .map(|rule| {
+            let backends: Vec<String> = rule
+                .backends
+                .iter()
+                .map(|b| {
+                    let target = match (b.service.as_str(), b.subset.as_str()) {
+                        ("", "") => route.service.clone(),
+                        ("", subset) => subset.to_owned(),
+                        (service, "") => service.to_owned(),
+                        (service, subset) => format!("{service}/{subset}"),
+                    };
+                    if rule.backends.len() > 1 { format!("{target}:{}", b.weight) } else { target }
+                })
+                .collect();
+            let target = if backends.is_empty() { route.service.clone() } else { backends.join(",") };
+            match &rule.name {
+                name if !name.is_empty() => format!("{name}→{target}"),
+                _ => target,
+            }
+        })
+        .collect();
+    format!("{} rule(s): {}", route.rules.len(), rules.join("; "))
+}
+
+fn policy_summary(policy: &v1::ServicePolicy) -> String {
+    let mut subsets: Vec<String> = policy
+        .subsets
+        .iter()
+        .map(|(name, subset)| {
+            let mut labels: Vec<String> = subset.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            labels.sort();
+            format!("{name}({})", labels.join(","))
+        })
+        .collect();
+    subsets.sort();
+    format!("subsets: {}", if subsets.is_empty() { "-".into() } else { subsets.join(" ") })
+}
+
+/// `ferryctl get routes|policies [SERVICE]`.
+pub async fn get(url: &str, output: Output, kind: KindArg, service: Option<String>) -> anyhow::Result<String> {
+    if let Some(service) = &service {
+        check_service(service)?;
+    }
+    let request = v1::ListRequest { kind: kind.proto() as i32, service: service.unwrap_or_default() };
+    let response = client(url).await?.list(request).await?.into_inner();
+    render_resources(output, response.resources.iter())
+}
+
+/// `ferryctl delete route|policy SERVICE`.
+pub async fn delete(url: &str, output: Output, kind: KindArg, service: String, expected: Option<u64>) -> anyhow::Result<String> {
+    check_service(&service)?;
+    let request = v1::DeleteRequest { kind: kind.proto() as i32, service, expected_version: expected };
+    let response = client(url).await?.delete(request).await?.into_inner();
+    match (output, &response.resource) {
+        (Output::Table, Some(resource)) => Ok(format!("{} deleted\n", label(resource).0)),
+        (_, resource) => render_resources(output, resource.iter()),
+    }
+}
+
+#[derive(Serialize)]
+struct HistoryRow {
+    version: u64,
+    at: Option<String>,
+    deleted: bool,
+    resource: serde_json::Value,
+}
+
+/// `ferryctl history route|policy SERVICE`.
+pub async fn history(url: &str, output: Output, kind: KindArg, service: String) -> anyhow::Result<String> {
+    check_service(&service)?;
+    let response = client(url)
+        .await?
+        .history(v1::HistoryRequest { kind: kind.proto() as i32, service: service.clone() })
+        .await?
+        .into_inner();
+    if response.entries.is_empty() {
+        return Err(anyhow::anyhow!("{} {service} has no history", kind_name(kind)));
+    }
+    match output {
+        Output::Table => {
+            let mut table = Table::new(&["VERSION", "APPLIED", "CHANGE"]);
+            for entry in &response.entries {
+                let change = match &entry.resource {
+                    None => "deleted".to_owned(),
+                    Some(resource) => match &resource.kind {
+                        Some(v1::resource::Kind::Route(r)) => route_summary(r),
+                        Some(v1::resource::Kind::Policy(p)) => policy_summary(p),
+                        None => String::new(),
+                    },
+                };
+                table.row(vec![entry.version.to_string(), ago(entry.at.as_ref()), change]);
+            }
+            Ok(table.render())
+        }
+        Output::Json | Output::Yaml => {
+            let rows: Vec<HistoryRow> = response
+                .entries
+                .iter()
+                .map(|e| HistoryRow {
+                    version: e.version,
+                    at: e.at.map(|t| humantime::format_rfc3339_seconds(ferry_proto::time::system_time(t)).to_string()),
+                    deleted: e.resource.is_none(),
+                    resource: e.resource.as_ref().map(json::resource_to_value).unwrap_or_default(),
+                })
+                .collect();
+            super::encode(output, &rows)
+        }
+    }
+}
+
+fn kind_name(kind: KindArg) -> &'static str {
+    match kind {
+        KindArg::Route => "the route of",
+        KindArg::Policy => "the policy of",
+    }
+}
+
+/// `ferryctl rollback route|policy SERVICE [--to VERSION]`: applies an earlier version again
+/// (the one before the current by default), on condition that nobody changed it meanwhile.
+pub async fn rollback(url: &str, output: Output, kind: KindArg, service: String, to: Option<u64>) -> anyhow::Result<String> {
+    check_service(&service)?;
+    let mut config = client(url).await?;
+    let entries =
+        config.history(v1::HistoryRequest { kind: kind.proto() as i32, service: service.clone() }).await?.into_inner().entries;
+    // Newest first.
+    let Some(current) = entries.first() else {
+        return Err(anyhow::anyhow!("{} {service} has no history to roll back", kind_name(kind)));
+    };
+    let target = match to {
+        Some(version) => entries.iter().find(|e| e.version == version).ok_or_else(|| {
+            let kept: Vec<String> = entries.iter().map(|e| e.version.to_string()).collect();
+            UsageError(format!("--to {version}: not among the versions kept ({})", kept.join(", ")))
+        })?,
+        None => entries
+            .get(1)
+            .ok_or_else(|| anyhow::anyhow!("{} {service} has only one version; nothing to roll back to", kind_name(kind)))?,
+    };
+    if target.version == current.version {
+        return Err(UsageError(format!("--to {}: that is the current version", target.version)).into());
+    }
+    let applied = match &target.resource {
+        Some(resource) => {
+            let item = v1::ApplyItem { resource: Some(resource.clone()), expected_version: Some(current_version(current)) };
+            let response = config.apply(v1::ApplyRequest { items: vec![item], dry_run: false }).await?.into_inner();
+            response.applied.into_iter().next().and_then(|a| a.resource)
+        }
+        None => {
+            let request = v1::DeleteRequest {
+                kind: kind.proto() as i32,
+                service: service.clone(),
+                expected_version: Some(current_version(current)),
+            };
+            config.delete(request).await?;
+            None
+        }
+    };
+    match (output, &applied) {
+        (Output::Table, Some(resource)) => {
+            Ok(format!("{} rolled back to version {}: now version {}\n", label(resource).0, target.version, label(resource).1))
+        }
+        (Output::Table, None) => Ok(format!("rolled back to version {}: {service} has none now\n", target.version)),
+        (_, applied) => render_resources(output, applied.iter()),
+    }
+}
+
+/// The version an update must expect: the current one, or 0 when the newest entry deleted it.
+fn current_version(entry: &v1::HistoryEntry) -> u64 {
+    if entry.resource.is_some() { entry.version } else { 0 }
+}
+
+/// One resource's rollout across the sidecars that use it.
+#[derive(Debug, Serialize)]
+pub struct Rollout {
+    pub resource: String,
+    pub version: u64,
+    pub acked: Vec<String>,
+    pub pending: Vec<String>,
+    pub rejected: Vec<Rejected>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Rejected {
+    pub node_id: String,
+    pub error: String,
+}
+
+/// For every route and policy: which sidecars hold its current version, which do not yet, and
+/// which rejected it.
+pub async fn rollouts(url: &str, sidecars: &v1::ListSidecarsResponse) -> anyhow::Result<Vec<Rollout>> {
+    let resources = client(url).await?.list(v1::ListRequest::default()).await?.into_inner().resources;
+    let mut rollouts = Vec::new();
+    for resource in &resources {
+        let (name, version) = label(resource);
+        let (service, route) = match &resource.kind {
+            Some(v1::resource::Kind::Route(r)) => (r.service.as_str(), true),
+            Some(v1::resource::Kind::Policy(p)) => (p.service.as_str(), false),
+            None => continue,
+        };
+        let mut rollout = Rollout { resource: name, version, acked: Vec::new(), pending: Vec::new(), rejected: Vec::new() };
+        for sidecar in &sidecars.sidecars {
+            let Some(subscription) = sidecar.subscriptions.iter().find(|s| s.service == service) else { continue };
+            let progress = if route { subscription.route } else { subscription.policy }.unwrap_or_default();
+            if progress.acked_version >= version {
+                rollout.acked.push(sidecar.node_id.clone());
+            } else if progress.rejected_version >= version {
+                let error = sidecar.last_nack.as_ref().map_or_else(String::new, |n| n.error.clone());
+                rollout.rejected.push(Rejected { node_id: sidecar.node_id.clone(), error });
+            } else {
+                rollout.pending.push(sidecar.node_id.clone());
+            }
+        }
+        rollouts.push(rollout);
+    }
+    Ok(rollouts)
+}
+
+/// The rollouts as text, after the sidecar table.
+pub fn rollouts_text(rollouts: &[Rollout]) -> String {
+    if rollouts.is_empty() {
+        return String::new();
+    }
+    let mut table = Table::new(&["RESOURCE", "VERSION", "ACKED", "PENDING", "REJECTED", "STATE"]);
+    let mut details = String::new();
+    for rollout in rollouts {
+        let state = if !rollout.rejected.is_empty() {
+            "rejected"
+        } else if !rollout.pending.is_empty() {
+            "rolling out"
+        } else if rollout.acked.is_empty() {
+            "unused"
+        } else {
+            "live everywhere"
+        };
+        table.row(vec![
+            rollout.resource.clone(),
+            rollout.version.to_string(),
+            rollout.acked.len().to_string(),
+            rollout.pending.len().to_string(),
+            rollout.rejected.len().to_string(),
+            state.into(),
+        ]);
+        for node in &rollout.pending {
+            details.push_str(&format!("{} v{}: pending on {node}\n", rollout.resource, rollout.version));
+        }
+        for rejected in &rollout.rejected {
+            details.push_str(&format!(
+                "{} v{}: rejected by {}: {}\n",
+                rollout.resource, rollout.version, rejected.node_id, rejected.error
+            ));
+        }
+    }
+    let mut out = String::from("\n");
+    out.push_str(&table.render());
+    if !details.is_empty() {
+        out.push('\n');
+        out.push_str(&details);
+    }
+    out
+}

@@ -1,0 +1,161 @@
+//! The control plane's Config API over HTTP, as the demo uses it: apply a scenario's YAML as a
+//! person would with curl, delete routes, and wait until the sidecars that call a service have
+//! acknowledged its new version, which is when a route is in force.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use ferry_proto::v1;
+use http::{Method, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use serde::de::DeserializeOwned;
+
+/// How long one call to the API may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A failed call to the control plane's HTTP API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{method} {url}: {reason}")]
+    Unreachable { method: Method, url: String, reason: String },
+    #[error("{method} {url} answered {status}: {message}")]
+    Refused { method: Method, url: String, status: StatusCode, message: String },
+    #[error("{method} {url}: the answer is not the JSON expected: {reason}")]
+    Undecodable { method: Method, url: String, reason: String },
+}
+
+/// The sidecars that call a service, and how far they are from a version of it.
+#[derive(Debug, Clone)]
+pub struct Convergence {
+    /// Sidecars subscribed to the service.
+    pub callers: usize,
+    /// Those that have not acknowledged the version yet, with what they hold.
+    pub behind: Vec<String>,
+}
+
+/// The control plane's HTTP API.
+#[derive(Clone)]
+pub struct ConfigApi {
+    http: Client<HttpConnector, Full<Bytes>>,
+    base: String,
+}
+
+impl ConfigApi {
+    /// The API at `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self { http: Client::builder(TokioExecutor::new()).build_http(), base: format!("http://{addr}") }
+    }
+
+    /// Its base URL, such as `http://127.0.0.1:7071`.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// `POST /v1/apply` of multi-document YAML: every resource as stored, with its diff.
+    pub async fn apply(&self, yaml: &'static str) -> Result<Vec<v1::AppliedResource>, ApiError> {
+        let body = Some(("application/yaml", Bytes::from_static(yaml.as_bytes())));
+        let (url, status, bytes) = self.call(Method::POST, "/v1/apply", body).await?;
+        let answer: v1::ApplyResponse = decode(Method::POST, &url, status, &bytes)?;
+        Ok(answer.applied)
+    }
+
+    /// `DELETE /v1/routes/{service}`: the version that deleted it, or `None` if there was none.
+    pub async fn delete_route(&self, service: &str) -> Result<Option<u64>, ApiError> {
+        let (url, status, bytes) = self.call(Method::DELETE, &format!("/v1/routes/{service}"), None).await?;
+        if status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        decode::<serde_json::Value>(Method::DELETE, &url, status, &bytes)?;
+        // The delete answers the route it removed; its own version is the newest in the history.
+        let (url, status, bytes) = self.call(Method::GET, &format!("/v1/routes/{service}/history"), None).await?;
+        let history: v1::HistoryResponse = decode(Method::GET, &url, status, &bytes)?;
+        Ok(history.entries.first().map(|entry| entry.version))
+    }
+
+    /// Where the sidecars that call `service` stand with respect to its `version`.
+    pub async fn convergence(&self, service: &str, version: u64) -> Result<Convergence, ApiError> {
+        let (url, status, bytes) = self.call(Method::GET, "/v1/sidecars", None).await?;
+        let answer: v1::ListSidecarsResponse = decode(Method::GET, &url, status, &bytes)?;
+        let mut convergence = Convergence { callers: 0, behind: Vec::new() };
+        for sidecar in answer.sidecars {
+            for subscription in sidecar.subscriptions.iter().filter(|s| s.service == service) {
+                convergence.callers += 1;
+                if subscription.acked_version < version {
+                    let mut behind = format!("{} holds {service} version {}", sidecar.node_id, subscription.acked_version);
+                    if let Some(nack) = &sidecar.last_nack {
+                        behind.push_str(&format!(" and last rejected a push: {}", nack.error));
+                    }
+                    convergence.behind.push(behind);
+                }
+            }
+        }
+        Ok(convergence)
+    }
+
+    /// Waits up to `limit` until every sidecar calling `service` holds `version`; returns how
+    /// many there are, or why they are not there yet.
+    pub async fn wait_in_force(&self, service: &str, version: u64, limit: Duration) -> Result<usize, String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let last = match self.convergence(service, version).await {
+                Ok(convergence) if convergence.behind.is_empty() => return Ok(convergence.callers),
+                Ok(convergence) => convergence.behind.join("; "),
+                Err(error) => error.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(format!("{service} version {version} is not in force after {limit:?}: {last}"));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&'static str, Bytes)>,
+    ) -> Result<(String, StatusCode, Bytes), ApiError> {
+        let url = format!("{}{path}", self.base);
+        let unreachable = |reason: String| ApiError::Unreachable { method: method.clone(), url: url.clone(), reason };
+        let mut request = http::Request::builder().method(method.clone()).uri(&url);
+        let body = match body {
+            Some((content_type, bytes)) => {
+                request = request.header(header::CONTENT_TYPE, content_type);
+                Full::new(bytes)
+            }
+            None => Full::new(Bytes::new()),
+        };
+        let request = request.body(body).map_err(|e| unreachable(e.to_string()))?;
+        let exchange = async {
+            let response = self.http.request(request).await.map_err(|e| ferry_runtime::error_chain(&e))?;
+            let status = response.status();
+            let bytes = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+            Ok::<_, String>((status, bytes))
+        };
+        match tokio::time::timeout(CALL_TIMEOUT, exchange).await {
+            Ok(Ok((status, bytes))) => Ok((url, status, bytes)),
+            Ok(Err(reason)) => Err(unreachable(reason)),
+            Err(_) => Err(unreachable(format!("no answer within {CALL_TIMEOUT:?}"))),
+        }
+    }
+}
+
+/// Decodes a successful answer; an error answer becomes [`ApiError::Refused`] with the API's
+/// own words (`{"error": "...", "field": "..."}`).
+fn decode<T: DeserializeOwned>(method: Method, url: &str, status: StatusCode, bytes: &[u8]) -> Result<T, ApiError> {
+    if !status.is_success() {
+        let message = serde_json::from_slice::<serde_json::Value>(bytes)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(bytes).trim().to_owned());
+        return Err(ApiError::Refused { method, url: url.to_owned(), status, message });
+    }
+    serde_json::from_slice(bytes).map_err(|e| ApiError::Undecodable { method, url: url.to_owned(), reason: e.to_string() })
+}

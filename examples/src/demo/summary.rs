@@ -1,0 +1,140 @@
+//! The demo's summary: every instance with its version, health, the requests it served and its
+//! share of its service's, catalog's split by version, and what the last action did.
+
+use std::{collections::HashMap, fmt::Write as _, sync::atomic::Ordering, time::Duration};
+
+use super::{Instance, actions, scenario::Scenario, traffic::Traffic};
+
+/// What the summary shows.
+pub struct Summary<'a> {
+    pub elapsed: Duration,
+    pub traffic: &'a Traffic,
+    pub instances: &'a [Instance],
+    pub health: &'a HashMap<String, String>,
+    /// Each instance's served count at the start of the span the SHARE column covers...
+    pub since: &'a [u64],
+    /// ...and that span in words, such as "over the last 10s".
+    pub span: &'a str,
+    /// The scenario in force, and for how long.
+    pub scenario: Option<(Scenario, Duration)>,
+    /// Whether keys are read, so their help is shown.
+    pub keys: bool,
+    pub last_action: Option<&'a str>,
+}
+
+/// Each instance's requests served since `since`, and its share of its service's.
+fn shares(instances: &[Instance], since: &[u64]) -> Vec<(u64, Option<f64>)> {
+    let served: Vec<u64> = instances
+        .iter()
+        .enumerate()
+        .map(|(i, instance)| {
+            instance.counters.served.load(Ordering::Relaxed).saturating_sub(since.get(i).copied().unwrap_or_default())
+        })
+        .collect();
+    instances
+        .iter()
+        .zip(&served)
+        .map(|(instance, &mine)| {
+            let total: u64 =
+                instances.iter().zip(&served).filter(|(other, _)| other.service == instance.service).map(|(_, n)| n).sum();
+            (mine, (total > 0).then(|| mine as f64 / total as f64))
+        })
+        .collect()
+}
+
+/// Catalog's requests since `since` by version, such as `v1 90.2%  v2 9.8%  (of 184)`.
+pub fn catalog_split(instances: &[Instance], since: &[u64]) -> Option<String> {
+    let mut versions: Vec<(&str, u64)> = Vec::new();
+    for (instance, (served, _)) in instances.iter().zip(shares(instances, since)) {
+        if instance.service != "catalog" {
+            continue;
+        }
+        match versions.iter_mut().find(|(v, _)| *v == instance.version) {
+            Some((_, n)) => *n += served,
+            None => versions.push((instance.version, served)),
+        }
+    }
+    let total: u64 = versions.iter().map(|(_, n)| n).sum();
+    if total == 0 {
+        return None;
+    }
+    let parts: Vec<String> = versions.iter().map(|(v, n)| format!("{v} {:.1}%", *n as f64 * 100.0 / total as f64)).collect();
+    Some(format!("{}  (of {total})", parts.join("  ")))
+}
+
+fn millis(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+impl Summary<'_> {
+    /// The whole summary, for a screen.
+    pub fn render(&self) -> String {
+        let ok = self.traffic.ok.load(Ordering::Relaxed);
+        let errors = self.traffic.errors.load(Ordering::Relaxed);
+        let rate = (ok + errors) as f64 / self.elapsed.as_secs_f64().max(0.001);
+        let mut out = format!(
+            "ferry demo  {}s  {} requests through frontend ({rate:.1}/s)  {errors} errors",
+            self.elapsed.as_secs(),
+            ok + errors,
+        );
+        if let Some([p50, p90, p99]) = self.traffic.window().percentiles() {
+            let _ = write!(out, "  latency p50 {} p90 {} p99 {}", millis(p50), millis(p90), millis(p99));
+        }
+        out.push_str("\nclient -> frontend -> catalog -> inventory (gRPC); every hop sidecar to sidecar\n");
+        match self.scenario {
+            Some((scenario, for_)) => {
+                let _ = writeln!(out, "scenario: {} ({}), in force for {}s", scenario.name(), scenario.path(), for_.as_secs());
+            }
+            None => out.push_str("scenario: none: no routes, every instance takes its share\n"),
+        }
+        let _ = writeln!(
+            out,
+            "\n{:<10} {:<12} {:<8} {:<9} {:>7} {:>7} {:>7}",
+            "SERVICE", "INSTANCE", "VERSION", "HEALTH", "SERVED", "FAILED", "SHARE"
+        );
+        for (instance, (_, share)) in self.instances.iter().zip(shares(self.instances, self.since)) {
+            let _ = writeln!(
+                out,
+                "{:<10} {:<12} {:<8} {:<9} {:>7} {:>7} {:>7}",
+                instance.service,
+                instance.id,
+                instance.version,
+                self.health.get(&instance.id).map_or("-", String::as_str),
+                instance.counters.served.load(Ordering::Relaxed),
+                instance.counters.failed.load(Ordering::Relaxed),
+                share.map_or("-".to_owned(), |s| format!("{:.1}%", s * 100.0)),
+            );
+        }
+        let _ = writeln!(out, "SHARE: of its service's requests {}", self.span);
+        if let Some(split) = catalog_split(self.instances, self.since) {
+            let _ = writeln!(out, "catalog by version {}: {split}", self.span);
+        }
+        if let Some(path) = self.traffic.last_path() {
+            let _ = writeln!(out, "\nlast request: {path}");
+        }
+        if let Some(error) = self.traffic.last_error() {
+            let _ = writeln!(out, "last error:   {error}");
+        }
+        if self.keys {
+            let _ = writeln!(out, "\n{}", actions::keys_help());
+        }
+        if let Some(action) = self.last_action {
+            let _ = write!(out, "\n{action}");
+        }
+        out
+    }
+
+    /// One line, for a log that scrolls.
+    pub fn line(&self) -> String {
+        let mut line = format!(
+            "{:>4}s  {} ok  {} errors",
+            self.elapsed.as_secs(),
+            self.traffic.ok.load(Ordering::Relaxed),
+            self.traffic.errors.load(Ordering::Relaxed)
+        );
+        if let Some(split) = catalog_split(self.instances, self.since) {
+            let _ = write!(line, "  catalog {}: {split}", self.span);
+        }
+        line
+    }
+}

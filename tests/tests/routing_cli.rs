@@ -1,0 +1,253 @@
+//! Routing from the operator's side: `ferryctl apply`, `get`, `history`, `rollback`, `status`
+//! (ACK and NACK per sidecar), `explain` against a running sidecar, and the gateway routing
+//! requests from outside the mesh by host.
+
+use std::{io::Write, process::Output};
+
+use ferry_proto::v1::{self, discovery_client::DiscoveryClient, sidecar_message::Message};
+use ferry_tests::{ControlPlane, Sidecar, apps::HttpApp, binary, client, eventually};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+async fn ferryctl(control_plane: &ControlPlane, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut command = std::process::Command::new(binary("ferryctl"));
+    command.args(["--control-plane", &control_plane.url()]).args(args);
+    let stdin = stdin.map(str::to_owned);
+    tokio::task::spawn_blocking(move || {
+        command.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        let mut child = command.spawn().expect("ferryctl starts");
+        if let Some(text) = stdin {
+            child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("writes stdin");
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().expect("ferryctl runs")
+    })
+    .await
+    .expect("joins")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+const POLICY: &str = "kind: ServicePolicy\nservice: catalog\nsubsets: { v1: { version: v1 }, v2: { version: v2 } }\n";
+
+fn route_to(subset: &str) -> String {
+    format!("kind: Route\nservice: catalog\nrules:\n  - backends: [ {{ subset: {subset} }} ]\n")
+}
+
+/// Starts catalog v1 and v2, each behind a sidecar, and a client sidecar that holds both.
+async fn mesh(control_plane: &ControlPlane) -> (HttpApp, HttpApp, Vec<Sidecar>, Sidecar) {
+    let (v1, v2) = (HttpApp::start("catalog-v1").await, HttpApp::start("catalog-v2").await);
+    let url = control_plane.url();
+    let s1 = Sidecar::start(&url, "catalog", Some(v1.addr), &["--meta", "version=v1", "--id", "catalog-1"]).await;
+    let s2 = Sidecar::start(&url, "catalog", Some(v2.addr), &["--meta", "version=v2", "--id", "catalog-2"]).await;
+    let client = Sidecar::start(&url, "client", None, &["--node-id", "client-1", "--upstream", "catalog=127.0.0.1:0"]).await;
+    client.wait_endpoints("catalog", 2).await;
+    (v1, v2, vec![s1, s2], client)
+}
+
+async fn served_by(client: &Sidecar) -> String {
+    let answer = client::proxy_get(client.outbound, "http://catalog/").await.expect("answered");
+    assert_eq!(answer.0, 200, "{}", client::text(&answer));
+    client::header(&answer, "x-served-by").to_owned()
+}
+
+/// Waits until every request goes to `app` (a route's change has reached the client).
+async fn wait_served_by(client: &Sidecar, app: &str) {
+    eventually(&format!("requests to reach {app}"), || async {
+        for _ in 0..5 {
+            if served_by(client).await != app {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn apply_get_history_and_rollback_through_ferryctl() {
+    let control_plane = ControlPlane::start().await;
+    let (_v1, _v2, _servers, client) = mesh(&control_plane).await;
+
+    // A dry run validates on the server and shows the change, but applies nothing.
+    let yaml = format!("{POLICY}---\n{}", route_to("v2"));
+    let output = ferryctl(&control_plane, &["apply", "-f", "-", "--dry-run"], Some(&yaml)).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.contains("route/catalog would change (dry run)") && text.contains("+  - subset: v2"), "{text}");
+    let output = ferryctl(&control_plane, &["get", "routes"], None).await;
+    assert_eq!(stdout(&output), "no resources\n");
+
+    // Applied from a file.
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("routes.yaml");
+    std::fs::write(&file, &yaml).expect("writes");
+    let output = ferryctl(&control_plane, &["apply", "-f", &file.display().to_string()], None).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("route/catalog applied, version"), "{}", stdout(&output));
+    wait_served_by(&client, "catalog-v2").await;
+
+    // Invalid input is refused with the document and field, and changes nothing.
+    let bad = format!("{POLICY}---\nkind: Route\nservice: catalog\nrules:\n  - backends: [ {{ subset: v1, weight: 20000 }} ]\n");
+    let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(&bad)).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("documents[1].rules[0].backends[0].weight: must be 0..=10000"), "{}", stderr(&output));
+    let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some("kind: Route\nservice: catalog\nrules: [ {\n")).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("documents[0]: not valid YAML"), "{}", stderr(&output));
+    assert_eq!(served_by(&client).await, "catalog-v2");
+
+    // A second version, then the history and a rollback to the first.
+    let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(&route_to("v1"))).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    wait_served_by(&client, "catalog-v1").await;
+    let output = ferryctl(&control_plane, &["-o", "json", "history", "route", "catalog"], None).await;
+    let history: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let versions: Vec<u64> =
+        history.as_array().expect("entries").iter().map(|e| e["version"].as_u64().expect("version")).collect();
+    assert_eq!(versions.len(), 2, "{history}");
+    assert!(versions[0] > versions[1], "newest first: {versions:?}");
+    let output = ferryctl(&control_plane, &["rollback", "route", "catalog", "--to", &versions[1].to_string()], None).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains(&format!("rolled back to version {}", versions[1])), "{}", stdout(&output));
+    wait_served_by(&client, "catalog-v2").await;
+
+    // get, as YAML that applies again unchanged.
+    let output = ferryctl(&control_plane, &["-o", "yaml", "get", "routes", "catalog"], None).await;
+    let yaml = stdout(&output);
+    assert!(yaml.starts_with("kind: Route\nservice: catalog\n"), "{yaml}");
+    let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(&yaml)).await;
+    assert!(stdout(&output).contains("route/catalog unchanged"), "{}", stdout(&output));
+
+    // Deleting the route sends traffic to every endpoint again.
+    let output = ferryctl(&control_plane, &["delete", "route", "catalog"], None).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    eventually("both versions to serve again", || async {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..20 {
+            seen.insert(served_by(&client).await);
+        }
+        (seen.len() == 2).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn status_shows_per_resource_acks_and_nacks_and_explain_reads_the_sidecars_config() {
+    let control_plane = ControlPlane::start().await;
+    let (_v1, _v2, _servers, client) = mesh(&control_plane).await;
+    let yaml = format!(
+        "{POLICY}---\nkind: Route\nservice: catalog\nrules:\n  - name: canary\n    match: {{ path_prefix: /api, headers: {{ x-canary: \"true\" }} }}\n    backends: [ {{ subset: v2 }} ]\n    timeout: 2s\n    retries: {{ attempts: 3, per_try_timeout: 500ms, on: [connect-failure, 503] }}\n  - backends: [ {{ subset: v1, weight: 90 }}, {{ subset: v2, weight: 10 }} ]\n"
+    );
+    let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(&yaml)).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    // A sidecar of another build that cannot apply what it is sent: it says so with a NACK.
+    let channel = Channel::from_shared(control_plane.url()).expect("URL").connect().await.expect("connects");
+    let (to_server, outgoing) = mpsc::channel(8);
+    // Queued before the call: the control plane answers the stream once it has the Hello.
+    let hello = v1::Hello { node_id: "old-sidecar".into(), service: "legacy".into(), ..Default::default() };
+    to_server.send(v1::SidecarMessage { message: Some(Message::Hello(hello)) }).await.expect("sends");
+    let subscribe = v1::Subscribe { services: vec!["catalog".into()] };
+    to_server.send(v1::SidecarMessage { message: Some(Message::Subscribe(subscribe)) }).await.expect("sends");
+    let mut incoming = DiscoveryClient::new(channel).stream(ReceiverStream::new(outgoing)).await.expect("stream").into_inner();
+    let nonce = loop {
+        let message = incoming.next().await.expect("a message").expect("not an error");
+        if let Some(v1::control_message::Message::Push(push)) = message.message {
+            break push.nonce;
+        }
+    };
+    let nack =
+        v1::Nack { nonce, error: "rules[0].retries.on: this build does not know 503".into(), services: vec!["catalog".into()] };
+    to_server.send(v1::SidecarMessage { message: Some(Message::Nack(nack)) }).await.expect("sends");
+
+    let text = eventually("status to show the ACK and the NACK", || async {
+        let text = stdout(&ferryctl(&control_plane, &["status"], None).await);
+        let route = text.lines().find(|l| l.starts_with("route/catalog"))?;
+        (route.contains("rejected") && text.contains("client-1") && route.split_whitespace().nth(2) == Some("1")).then_some(text)
+    })
+    .await;
+    assert!(
+        text.contains("route/catalog v")
+            && text.contains("rejected by old-sidecar: rules[0].retries.on: this build does not know 503"),
+        "{text}"
+    );
+    let output = ferryctl(&control_plane, &["-o", "json", "status"], None).await;
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let route =
+        json["resources"].as_array().expect("resources").iter().find(|r| r["resource"] == "route/catalog").expect("route");
+    assert_eq!(route["acked"], serde_json::json!(["client-1"]), "{json}");
+    assert_eq!(route["rejected"][0]["node_id"], "old-sidecar", "{json}");
+    drop(to_server);
+
+    // explain asks the client sidecar, from what it holds.
+    let admin = client.admin.to_string();
+    let explain = |args: &'static [&'static str]| {
+        let mut all = vec!["-o", "json", "explain", "catalog", "--sidecar", admin.as_str()];
+        all.extend_from_slice(args);
+        let control_plane = &control_plane;
+        async move {
+            let output = ferryctl(control_plane, &all, None).await;
+            assert!(output.status.success(), "{}", stderr(&output));
+            serde_json::from_slice::<serde_json::Value>(&output.stdout).expect("JSON")
+        }
+    };
+    let canary = eventually("the client to hold the route", || async {
+        let canary = explain(&["--path", "/api/items", "--header", "x-canary=true"]).await;
+        (canary["rule"]["label"] == "rules[0] (canary)").then_some(canary)
+    })
+    .await;
+    assert_eq!(canary["backends"][0]["backend"], "catalog/v2", "{canary}");
+    assert_eq!(canary["timeout"], "2s", "{canary}");
+    assert_eq!(canary["retries"]["attempts"], 3, "{canary}");
+    assert_eq!(canary["retries"]["per_try_timeout"], "500ms", "{canary}");
+    let split = explain(&["--path", "/api/items"]).await;
+    assert_eq!(split["rule"]["index"], 1, "{split}");
+    assert_eq!(split["backends"][0]["share_percent"], 90.0, "{split}");
+    assert_eq!(split["backends"][1]["routable_endpoints"], 1, "{split}");
+    let output = ferryctl(&control_plane, &["explain", "catalog", "--sidecar", &admin, "--path", "/x"], None).await;
+    let text = stdout(&output);
+    assert!(text.contains("rule:     rules[1]") && text.contains("backend:  catalog/v1 weight 90 (90.0%)"), "{text}");
+}
+
+#[tokio::test]
+async fn the_gateway_routes_by_host_and_path() {
+    let control_plane = ControlPlane::start().await;
+    let url = control_plane.url();
+    let (catalog, inventory) = (HttpApp::start("catalog").await, HttpApp::start("inventory").await);
+    let _catalog = Sidecar::start(&url, "catalog", Some(catalog.addr), &[]).await;
+    let _inventory = Sidecar::start(&url, "inventory", Some(inventory.addr), &[]).await;
+    let routes = "kind: Route\nservice: gateway\nrules:\n  - match: { hosts: [shop.example.com], path_prefix: /stock }\n    backends: [ { service: inventory } ]\n    rewrite_path_prefix: /\n  - match: { hosts: [shop.example.com, \"*.shop.example.com\"] }\n    backends: [ { service: catalog } ]\n";
+    let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(routes)).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    // No app, no --service: a gateway is ready once it holds its route.
+    let gateway = Sidecar::start(&url, "gateway", None, &["--gateway"]).await;
+    let get = |host: &'static str, path: &'static str| client::host_get(gateway.outbound, host, path);
+
+    let answer = eventually("the gateway to route to inventory", || async {
+        let answer = get("shop.example.com", "/stock/42").await.ok()?;
+        (answer.0 == 200).then_some(answer)
+    })
+    .await;
+    assert_eq!(client::header(&answer, "x-served-by"), "inventory");
+    assert_eq!(client::header(&answer, "x-seen-path"), "/42", "the prefix is rewritten");
+    let answer = get("eu.shop.example.com:8080", "/items").await.expect("answered");
+    assert_eq!((answer.0.as_u16(), client::header(&answer, "x-served-by")), (200, "catalog"), "{}", client::text(&answer));
+
+    // A host the route does not name is not routed, even one that names a mesh service.
+    for host in ["other.example.com", "catalog"] {
+        let answer = get(host, "/items").await.expect("answered");
+        assert_eq!(answer.0, 404, "{host}: {}", client::text(&answer));
+        assert!(client::header(&answer, "x-ferry-error").starts_with("no_route"), "{host}");
+    }
+    assert_eq!(catalog.hits() + inventory.hits(), 2);
+}
