@@ -128,6 +128,80 @@ impl Drop for GrpcApp {
     }
 }
 
+/// A gRPC app whose `grpc.health.v1.Health/Check` fails with UNAVAILABLE as many times as
+/// [`FlakyGrpcApp::fail_next`] says, then answers SERVING; it counts the calls it gets.
+pub struct FlakyGrpcApp {
+    pub addr: SocketAddr,
+    state: Arc<FlakyState>,
+    task: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct FlakyState {
+    calls: AtomicU64,
+    failures: AtomicU64,
+}
+
+#[derive(Clone)]
+struct FlakyHealth(Arc<FlakyState>);
+
+#[tonic::async_trait]
+impl tonic_health::pb::health_server::Health for FlakyHealth {
+    type WatchStream = futures::stream::Empty<Result<tonic_health::pb::HealthCheckResponse, tonic::Status>>;
+
+    async fn check(
+        &self,
+        _request: tonic::Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<tonic::Response<tonic_health::pb::HealthCheckResponse>, tonic::Status> {
+        self.0.calls.fetch_add(1, Ordering::Relaxed);
+        let failing = self.0.failures.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
+        if failing {
+            return Err(tonic::Status::unavailable("failing on purpose"));
+        }
+        Ok(tonic::Response::new(tonic_health::pb::HealthCheckResponse { status: 1 }))
+    }
+
+    async fn watch(
+        &self,
+        _request: tonic::Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this app"))
+    }
+}
+
+impl FlakyGrpcApp {
+    /// Starts the app on a free loopback port.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(FlakyState::default());
+        let service = tonic_health::pb::health_server::HealthServer::new(FlakyHealth(state.clone()));
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(TcpListenerStream::new(listener))
+                .await;
+        });
+        Self { addr, state, task }
+    }
+
+    /// Makes the next `count` calls fail with UNAVAILABLE.
+    pub fn fail_next(&self, count: u64) {
+        self.state.failures.store(count, Ordering::Relaxed);
+    }
+
+    /// How many calls it has had.
+    pub fn calls(&self) -> u64 {
+        self.state.calls.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for FlakyGrpcApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Serves HTTP/1.1 and h2c on `listener`, answering each request with `answer`, until the task
 /// is aborted.
 fn serve<F, Fut>(listener: TcpListener, answer: F) -> JoinHandle<()>

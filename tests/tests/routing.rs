@@ -24,7 +24,7 @@ use std::{
 use ferry_proto::v1::{self, config_client::ConfigClient};
 use ferry_tests::{
     ControlPlane, Sidecar,
-    apps::{HttpApp, RecordingApp, SlowApp},
+    apps::{FlakyGrpcApp, HttpApp, RecordingApp, SlowApp},
     client::{self, Answer, header, text},
     eventually,
 };
@@ -634,6 +634,34 @@ async fn safe_requests_are_retried_past_failures() {
     assert_eq!(attempts(Method::GET, "/retried", 5).await, (StatusCode::SERVICE_UNAVAILABLE, 3), "attempts run out");
     assert_eq!(attempts(Method::POST, "/retried", 1).await, (StatusCode::SERVICE_UNAVAILABLE, 1), "a POST is not repeated");
     assert_eq!(attempts(Method::GET, "/once", 1).await, (StatusCode::SERVICE_UNAVAILABLE, 1), "no retries configured");
+}
+
+#[tokio::test]
+async fn grpc_calls_are_retried_on_the_grpc_statuses_a_route_names() {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let control_plane = ControlPlane::start().await;
+    let app = FlakyGrpcApp::start().await;
+    let (_server, caller) = tokio::join!(instance(&control_plane, "checker", app.addr, "v1"), caller(&control_plane));
+    let rules = "  - match: { path_prefix: /grpc.health.v1.Health/ }
+    retries: { attempts: 3, on: [ unavailable ] }
+";
+    apply(&control_plane, &route("checker", "grpc", rules)).await;
+    wait_for_route(&caller, "checker", "grpc").await;
+
+    // gRPC request bodies have no content-length: the body streams through and is kept for a
+    // retry. Every gRPC call is a POST, and is retried all the same on a status the route names.
+    let mut client = HealthClient::new(client::grpc_channel(caller.outbound, "checker"));
+    app.fail_next(2);
+    let before = app.calls();
+    let answer = client.check(HealthCheckRequest { service: String::new() }).await.expect("the third attempt succeeds");
+    assert_eq!(answer.into_inner().status, 1);
+    assert_eq!(app.calls() - before, 3);
+
+    app.fail_next(5);
+    let before = app.calls();
+    let error = client.check(HealthCheckRequest { service: String::new() }).await.expect_err("attempts run out");
+    assert_eq!(error.code(), tonic::Code::Unavailable, "{error}");
+    assert_eq!(app.calls() - before, 3);
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@ use http::{HeaderMap, HeaderName, header};
 use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
 
 pub mod client;
+pub mod replay;
 pub mod server;
 
 /// Any error, boxed.

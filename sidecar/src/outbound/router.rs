@@ -38,6 +38,7 @@ use crate::{
         Body, BoxError,
         client::{ConnectError, UpstreamError},
         full,
+        replay::ReplayBody,
     },
 };
 
@@ -427,9 +428,14 @@ fn send(mut balance: Balance<EndpointService>, request: Request<Body>) -> BoxFut
     balance.call(request)
 }
 
-/// A request body, kept whole when it is small enough to send more than once.
+/// A request body, ready to be sent more than once when it is small enough.
 enum Prepared {
+    /// Known whole (a small `content-length`): it can be mirrored and retried.
     Bytes(Bytes),
+    /// Streamed to the first attempt as it arrives, with a copy of up to [`MAX_REPLAY_BODY`]
+    /// kept for later ones (gRPC calls, chunked uploads).
+    Replay(ReplayBody),
+    /// Sent once.
     Stream(Option<Body>),
 }
 
@@ -441,18 +447,23 @@ impl Prepared {
         let length = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         match length {
             Some(length) if length <= MAX_REPLAY_BODY => Ok(Self::Bytes(body.collect().await?.to_bytes())),
-            _ => Ok(Self::Stream(Some(body))),
+            Some(_) => Ok(Self::Stream(Some(body))),
+            None => Ok(Self::Replay(ReplayBody::new(body, MAX_REPLAY_BODY as usize))),
         }
     }
 
     fn replayable(&self) -> bool {
-        matches!(self, Self::Bytes(_))
+        match self {
+            Self::Bytes(_) => true,
+            Self::Replay(body) => body.can_replay(),
+            Self::Stream(_) => false,
+        }
     }
 
     fn bytes(&self) -> Option<Bytes> {
         match self {
             Self::Bytes(bytes) => Some(bytes.clone()),
-            Self::Stream(_) => None,
+            Self::Replay(_) | Self::Stream(_) => None,
         }
     }
 
@@ -460,6 +471,9 @@ impl Prepared {
     fn next(&mut self) -> Result<Body, BoxError> {
         match self {
             Self::Bytes(bytes) => Ok(full(bytes.clone())),
+            Self::Replay(body) => {
+                body.replay().map(crate::http::boxed).ok_or_else(|| "the request body cannot be sent again".into())
+            }
             Self::Stream(body) => body.take().ok_or_else(|| "the request body was already sent".into()),
         }
     }
@@ -473,7 +487,10 @@ fn should_retry(retries: &Retries, method: &Method, result: &Result<Response<Bod
     match result {
         Ok(response) => {
             let grpc_status = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
-            idempotent && retries.retry_response(response.status().as_u16(), grpc_status)
+            // Every gRPC call is a POST: a route that names gRPC statuses declares its calls
+            // safe to repeat on those.
+            (idempotent && retries.retry_response(response.status().as_u16(), None))
+                || (is_grpc(response.headers()) && retries.retry_response(0, grpc_status))
         }
         Err(error) => {
             if error.is::<ConnectError>() {
@@ -593,6 +610,15 @@ mod tests {
         assert!(should_retry(&retries, &Method::GET, &failed(503)));
         assert!(!should_retry(&retries, &Method::POST, &failed(503)), "the POST reached the app");
         assert!(!should_retry(&retries, &Method::GET, &failed(404)));
+        let unavailable = || -> Result<Response<Body>, BoxError> {
+            let mut response = Response::new(crate::http::empty());
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            response.headers_mut().insert("grpc-status", HeaderValue::from_static("14"));
+            Ok(response)
+        };
+        assert!(!should_retry(&retries, &Method::POST, &unavailable()), "no gRPC status named");
+        let grpc = Retries { attempts: 3, grpc: vec![14], ..Retries::default() };
+        assert!(should_retry(&grpc, &Method::POST, &unavailable()), "a named gRPC status is retried, though gRPC is POST");
         let refused: Result<Response<Body>, BoxError> = Err(Box::new(ConnectError {
             address: "x".into(),
             reason: crate::http::client::ConnectFailure::Timeout(Duration::from_secs(1)),
