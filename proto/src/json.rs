@@ -96,9 +96,45 @@ fn normalize_value(value: &mut Value, kind: &Kind, path: &str) -> Result<(), Fie
             Value::Bool(flag) => *value = Value::String(flag.to_string()),
             _ => {}
         },
+        Kind::Uint32 | Kind::Fixed32 => whole(value, path, u64::from(u32::MAX))?,
+        Kind::Uint64 | Kind::Fixed64 => whole(value, path, u64::MAX)?,
+        Kind::Double | Kind::Float => {
+            let number = match value {
+                Value::Number(number) => number.as_f64(),
+                Value::String(text) => text.trim().parse::<f64>().ok().filter(|n| n.is_finite()),
+                _ => None,
+            };
+            if number.is_none() {
+                return Err(FieldError::new(path, format!("must be a number, got {}", shown(value))));
+            }
+        }
+        Kind::Bool if !value.is_boolean() => {
+            return Err(FieldError::new(path, format!("must be true or false, got {}", shown(value))));
+        }
         _ => {}
     }
     Ok(())
+}
+
+/// Checks an unsigned integer, written as a number or (as proto3 JSON allows) a string.
+fn whole(value: &Value, path: &str, max: u64) -> Result<(), FieldError> {
+    let number = match value {
+        Value::Number(number) => number.as_u64(),
+        Value::String(text) => text.trim().parse::<u64>().ok(),
+        _ => None,
+    };
+    match number {
+        Some(n) if n <= max => Ok(()),
+        _ => Err(FieldError::new(path, format!("must be a whole number from 0 to {max}, got {}", shown(value)))),
+    }
+}
+
+/// A value as the user wrote it, for an error.
+fn shown(value: &Value) -> String {
+    match value {
+        Value::String(text) => format!("{text:?}"),
+        other => other.to_string(),
+    }
 }
 
 /// A duration in the proto3 JSON form (`1.5s`) from that form or a human one (`1500ms`, `1m`).
@@ -182,6 +218,11 @@ fn subsets_shorthand(mut value: Value) -> Value {
 /// Every resource of a multi-document YAML text (documents separated by `---`), validated.
 /// Errors name the document: `documents[1].rules[0].timeout`.
 pub fn resources_from_yaml(text: &str) -> Result<Vec<v1::Resource>, FieldError> {
+    Ok(documents_from_yaml(text)?.into_iter().map(|(_, resource)| resource).collect())
+}
+
+/// The same, each resource with the index of its document (empty documents are skipped).
+pub fn documents_from_yaml(text: &str) -> Result<Vec<(usize, v1::Resource)>, FieldError> {
     use serde::Deserialize;
     let mut resources = Vec::new();
     for (i, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
@@ -192,9 +233,19 @@ pub fn resources_from_yaml(text: &str) -> Result<Vec<v1::Resource>, FieldError> 
         }
         let resource = resource_from_value(value).map_err(|e| e.within(&at))?;
         crate::validate::resource(&resource).map_err(|e| e.within(&at))?;
-        resources.push(resource);
+        resources.push((i, resource));
     }
     Ok(resources)
+}
+
+/// Renames the item an apply error names (`items[1].resource.rules[0]...`) after the YAML
+/// document it came from (`documents[2].rules[0]...`), given each item's document index.
+pub fn name_document(text: &str, documents: &[usize]) -> String {
+    let Some(rest) = text.strip_prefix("items[") else { return text.to_owned() };
+    let Some((index, rest)) = rest.split_once(']') else { return text.to_owned() };
+    let Some(document) = index.parse::<usize>().ok().and_then(|i| documents.get(i)) else { return text.to_owned() };
+    let rest = rest.strip_prefix(".resource").unwrap_or(rest);
+    format!("documents[{document}]{rest}")
 }
 
 /// A resource as a JSON object with its `kind` first.
@@ -220,6 +271,37 @@ pub fn resource_to_yaml(resource: &v1::Resource) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_of_the_wrong_kind_are_named() {
+        for (yaml, expected) in [
+            ("weight: -1", "documents[0].rules[0].backends[0].weight: must be a whole number from 0 to 4294967295, got -1"),
+            (
+                "weight: \"90%\"",
+                "documents[0].rules[0].backends[0].weight: must be a whole number from 0 to 4294967295, got \"90%\"",
+            ),
+            ("weight: 1.5", "documents[0].rules[0].backends[0].weight: must be a whole number from 0 to 4294967295, got 1.5"),
+        ] {
+            let text = format!("kind: Route\nservice: catalog\nrules: [ {{ backends: [ {{ {yaml} }} ] }} ]\n");
+            assert_eq!(resources_from_yaml(&text).expect_err(yaml).to_string(), expected);
+        }
+        let text = "kind: Route\nservice: catalog\nrules: [ { backends: [ { weight: \"30\" } ] } ]\n";
+        assert!(resources_from_yaml(text).is_ok(), "proto3 JSON allows integers as strings");
+        let text = "kind: Route\nservice: catalog\nrules: [ { fault: { abort: { percent: lots, status: 503 } } } ]\n";
+        assert_eq!(
+            resources_from_yaml(text).expect_err("percent").to_string(),
+            "documents[0].rules[0].fault.abort.percent: must be a number, got \"lots\""
+        );
+    }
+
+    #[test]
+    fn apply_errors_are_named_after_their_document() {
+        let documents = [0, 2];
+        assert_eq!(name_document("items[1].resource.rules[0].timeout: bad", &documents), "documents[2].rules[0].timeout: bad");
+        assert_eq!(name_document("items[1].resource: bad", &documents), "documents[2]: bad");
+        assert_eq!(name_document("items[5].resource: bad", &documents), "items[5].resource: bad", "unknown items stay");
+        assert_eq!(name_document("service: bad", &documents), "service: bad");
+    }
 
     #[test]
     fn subsets_may_be_written_as_their_labels() {

@@ -77,6 +77,12 @@ impl AdminState {
                 reasons.push(format!("no config for upstream {service} yet"));
             }
         }
+        // A gateway routes nothing without a route in force.
+        if let Some(gateway) = &self.gateway
+            && let Some(why) = self.outbound.destination(gateway).ok().and_then(|router| router.without_route())
+        {
+            reasons.push(why);
+        }
         reasons
     }
 }
@@ -103,6 +109,12 @@ async fn config(State(state): State<AdminState>) -> Json<Value> {
                     "state": "known",
                     "version": config.version,
                     "exists": config.exists,
+                    "route": config.route.as_deref(),
+                    "policy": config.policy.as_deref(),
+                    "route_in_force": state.outbound.existing(&name).map(|router| {
+                        let (version, held) = router.route_status();
+                        json!({ "version": version, "held": held })
+                    }),
                     "endpoints": config.endpoints.values().map(|e| json!({
                         "id": e.id,
                         "address": e.address,

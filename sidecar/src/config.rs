@@ -45,7 +45,7 @@ pub struct Config {
     #[arg(long, env = "FERRY_INBOUND", default_value = "0.0.0.0:15006", value_parser = ferry_runtime::parse_listen_addr, value_name = "ADDR")]
     pub inbound: SocketAddr,
 
-    /// The admin listener: /ready, /live, /config, /metrics.
+    /// The admin listener: /ready, /live, /config, /explain, /metrics.
     #[arg(long, env = "FERRY_ADMIN", default_value = "127.0.0.1:15000", value_parser = ferry_runtime::parse_listen_addr, value_name = "ADDR")]
     pub admin: SocketAddr,
 

@@ -52,13 +52,13 @@ pub struct UnknownSubset {
     pub subset: Arc<str>,
 }
 
-/// A gateway's route has no rule for the request (or the gateway has no route yet).
+/// A gateway's route has no rule for the request, or the gateway has no route in force.
 #[derive(Debug, thiserror::Error)]
-#[error("no rule of {gateway}'s route matches host {host:?}, path {path:?}")]
-pub struct NoRoute {
-    pub gateway: Arc<str>,
-    pub host: String,
-    pub path: String,
+pub enum NoRoute {
+    #[error("no rule of {gateway}'s route matches host {host:?}, path {path:?}")]
+    NoRule { gateway: Arc<str>, host: String, path: String },
+    #[error("{gateway} has no route in force: {why}")]
+    NoTable { gateway: Arc<str>, why: String },
 }
 
 /// The sidecar has no config for the service yet and none arrived in time.

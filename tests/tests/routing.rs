@@ -579,15 +579,19 @@ async fn a_route_waits_for_its_subset_without_failing_requests() {
         assert_eq!(text(&answer), "catalog-v1");
     };
 
-    // The route names subset v2 before any policy defines it: held.
+    // A route naming subset v2 before any policy defines it is refused, naming the field.
     let canary = "  - backends: [ { subset: v2 } ]\n    response_headers: { set: { x-route: canary } }\n";
-    let versions = apply(&control_plane, &route("catalog", "canary", canary)).await;
-    wait_for_version(&caller, "catalog", versions[0]).await;
-    progress(load.clone()).await;
-    not_in_force().await;
+    let refused =
+        client::send_body(control_plane.http, Method::POST, "/v1/apply", "application/yaml", &route("catalog", "canary", canary))
+            .await
+            .expect("answered");
+    assert_eq!(refused.0, StatusCode::BAD_REQUEST, "{}", text(&refused));
+    let error: Value = serde_json::from_slice(&refused.2).expect("JSON");
+    assert_eq!(error["field"], "documents[0].rules[1].backends[0].subset", "{error}");
 
-    // The policy defines v2, but no instance is in it yet: still held.
-    let versions = apply(&control_plane, CATALOG_POLICY).await;
+    // The policy defines v2, but no instance is in it yet: the route is held.
+    apply(&control_plane, CATALOG_POLICY).await;
+    let versions = apply(&control_plane, &route("catalog", "canary", canary)).await;
     wait_for_version(&caller, "catalog", versions[0]).await;
     progress(load.clone()).await;
     not_in_force().await;

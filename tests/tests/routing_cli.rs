@@ -82,7 +82,7 @@ async fn apply_get_history_and_rollback_through_ferryctl() {
     let output = ferryctl(&control_plane, &["apply", "-f", "-", "--dry-run"], Some(&yaml)).await;
     assert!(output.status.success(), "{}", stderr(&output));
     let text = stdout(&output);
-    assert!(text.contains("route/catalog would change (dry run)") && text.contains("+  - subset: v2"), "{text}");
+    assert!(text.contains("route/catalog would be created (dry run)") && text.contains("+  - subset: v2"), "{text}");
     let output = ferryctl(&control_plane, &["get", "routes"], None).await;
     assert_eq!(stdout(&output), "no resources\n");
 
@@ -104,6 +104,12 @@ async fn apply_get_history_and_rollback_through_ferryctl() {
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr(&output).contains("documents[0]: not valid YAML"), "{}", stderr(&output));
     assert_eq!(served_by(&client).await, "catalog-v2");
+
+    // The policy cannot go while the route uses its subsets.
+    let output = ferryctl(&control_plane, &["delete", "policy", "catalog"], None).await;
+    assert_eq!(output.status.code(), Some(1));
+    let error = stderr(&output);
+    assert!(error.contains("cannot be deleted: subset \"v2\" is used by route/catalog rules[0].backends[0]"), "{error}");
 
     // A second version, then the history and a rollback to the first.
     let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(&route_to("v1"))).await;
@@ -149,6 +155,12 @@ async fn status_shows_per_resource_acks_and_nacks_and_explain_reads_the_sidecars
     );
     let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(&yaml)).await;
     assert!(output.status.success(), "{}", stderr(&output));
+    // A route to a service with no instance yet is accepted, with a note: sidecars hold it.
+    let ghost = "kind: Route\nservice: reports\nrules: [ { backends: [ { service: ghost } ] } ]\n";
+    let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(ghost)).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let note = "note: route/reports: service ghost has no instance that can take traffic";
+    assert!(stdout(&output).contains(note), "{}", stdout(&output));
 
     // A sidecar of another build that cannot apply what it is sent: it says so with a NACK.
     let channel = Channel::from_shared(control_plane.url()).expect("URL").connect().await.expect("connects");
@@ -180,6 +192,9 @@ async fn status_shows_per_resource_acks_and_nacks_and_explain_reads_the_sidecars
             && text.contains("rejected by old-sidecar: rules[0].retries.on: this build does not know 503"),
         "{text}"
     );
+    let reports = text.lines().find(|l| l.starts_with("route/reports")).expect("listed");
+    assert!(reports.ends_with("held"), "{text}");
+    assert!(text.contains("service ghost has no instance that can take traffic"), "{text}");
     let output = ferryctl(&control_plane, &["-o", "json", "status"], None).await;
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
     let route =
@@ -226,12 +241,25 @@ async fn the_gateway_routes_by_host_and_path() {
     let _catalog = Sidecar::start(&url, "catalog", Some(catalog.addr), &[]).await;
     let _inventory = Sidecar::start(&url, "inventory", Some(inventory.addr), &[]).await;
     let routes = "kind: Route\nservice: gateway\nrules:\n  - match: { hosts: [shop.example.com], path_prefix: /stock }\n    backends: [ { service: inventory } ]\n    rewrite_path_prefix: /\n  - match: { hosts: [shop.example.com, \"*.shop.example.com\"] }\n    backends: [ { service: catalog } ]\n";
+    // No app, no --service. Without a route in force a gateway can route nothing: it is not
+    // ready, and says why.
+    let gateway = Sidecar::spawn(&url, "gateway", None, &["--gateway"]).await;
+    let get = |host: &'static str, path: &'static str| client::host_get(gateway.outbound, host, path);
+    let ready = format!("http://{}/ready", gateway.admin);
+    let not_ready = eventually("the gateway to say why it is not ready", || async {
+        let answer = client::get(&ready).await.ok()?;
+        client::text(&answer).contains("no Route for service gateway is applied").then_some(answer)
+    })
+    .await;
+    assert_eq!(not_ready.0, 503);
+    let answer = get("shop.example.com", "/items").await.expect("answered");
+    assert_eq!(answer.0, 404);
+    let error = client::header(&answer, "x-ferry-error");
+    assert!(error.contains("gateway has no route in force"), "{error}");
+
     let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(routes)).await;
     assert!(output.status.success(), "{}", stderr(&output));
-
-    // No app, no --service: a gateway is ready once it holds its route.
-    let gateway = Sidecar::start(&url, "gateway", None, &["--gateway"]).await;
-    let get = |host: &'static str, path: &'static str| client::host_get(gateway.outbound, host, path);
+    gateway.wait_ready().await;
 
     let answer = eventually("the gateway to route to inventory", || async {
         let answer = get("shop.example.com", "/stock/42").await.ok()?;

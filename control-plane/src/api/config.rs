@@ -26,7 +26,7 @@ fn status(error: ResourceError) -> Status {
     match error {
         ResourceError::Invalid(field) => Status::invalid_argument(field.to_string()),
         ResourceError::NotFound { .. } => Status::not_found(error.to_string()),
-        ResourceError::Conflict { .. } => Status::failed_precondition(error.to_string()),
+        ResourceError::Conflict { .. } | ResourceError::InUse(_) => Status::failed_precondition(error.to_string()),
         ResourceError::Unavailable(_) => Status::unavailable(error.to_string()),
     }
 }
@@ -112,6 +112,7 @@ fn http_error(error: ResourceError) -> Response {
         ResourceError::Invalid(field) => (StatusCode::BAD_REQUEST, Some(field.field.clone())),
         ResourceError::NotFound { .. } => (StatusCode::NOT_FOUND, None),
         ResourceError::Conflict { field, .. } => (StatusCode::CONFLICT, Some(field.clone())),
+        ResourceError::InUse(_) => (StatusCode::CONFLICT, None),
         ResourceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, None),
     };
     let mut body = serde_json::json!({ "error": error.to_string() });
@@ -134,8 +135,33 @@ pub fn router(resources: Arc<Resources>) -> Router {
         .with_state(resources)
 }
 
-/// `POST /v1/apply[?dry_run]`: multi-document YAML (`Content-Type: application/yaml`), or JSON:
-/// one resource or a list, each with its `kind`.
+/// Whether a body is JSON: by its content type, or else by its first character (YAML
+/// otherwise, so `curl --data-binary @routes.yaml` works without a content type).
+fn is_json(headers: &HeaderMap, body: &[u8]) -> bool {
+    match headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+        Some(kind) if kind.contains("json") => true,
+        Some(kind) if kind.contains("yaml") => false,
+        _ => matches!(body.iter().find(|b| !b.is_ascii_whitespace()), Some(b'{' | b'[')),
+    }
+}
+
+/// Renames the item an apply error names after where it came from in the body.
+fn rename_items(error: ResourceError, rename: impl Fn(&str) -> String) -> ResourceError {
+    match error {
+        ResourceError::Invalid(mut field) => {
+            field.field = rename(&field.field);
+            ResourceError::Invalid(field)
+        }
+        ResourceError::Conflict { field, kind, service, expected, actual } => {
+            ResourceError::Conflict { field: rename(&field), kind, service, expected, actual }
+        }
+        other => other,
+    }
+}
+
+/// `POST /v1/apply[?dry_run]`: multi-document YAML, or JSON: one resource or a list, each with
+/// its `kind`. Errors name the document (`documents[1].rules[0]...`) or the list item
+/// (`[1].rules[0]...`).
 async fn apply(
     State(resources): State<Arc<Resources>>,
     Query(query): Query<HashMap<String, String>>,
@@ -143,32 +169,38 @@ async fn apply(
     body: Bytes,
 ) -> Response {
     let dry_run = query.get("dry_run").is_some_and(|v| v.is_empty() || v == "true" || v == "1");
-    let yaml = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("yaml"));
-    let parsed = if yaml {
-        json::resources_from_yaml(&String::from_utf8_lossy(&body))
-    } else {
+    let json = is_json(&headers, &body);
+    let list = json && matches!(body.iter().find(|b| !b.is_ascii_whitespace()), Some(b'['));
+    let parsed: Result<Vec<(usize, v1::Resource)>, FieldError> = if json {
         serde_json::from_slice::<serde_json::Value>(&body)
-            .map_err(|e| FieldError::new("body", format!("not JSON: {e}")))
+            .map_err(|e| FieldError::new("body", format!("not JSON: {e} (send YAML with content-type: application/yaml)")))
             .and_then(|value| match value {
                 serde_json::Value::Array(items) => items
                     .into_iter()
                     .enumerate()
-                    .map(|(i, item)| json_resource(item).map_err(|e| e.within(&format!("[{i}]"))))
+                    .map(|(i, item)| json_resource(item).map(|r| (i, r)).map_err(|e| e.within(&format!("[{i}]"))))
                     .collect(),
-                single => json_resource(single).map(|r| vec![r]),
+                single => json_resource(single).map(|r| vec![(0, r)]),
             })
+    } else {
+        json::documents_from_yaml(&String::from_utf8_lossy(&body))
     };
-    let resources_in = match parsed {
+    let documents = match parsed {
         Ok(parsed) => parsed,
         Err(error) => return http_error(error.into()),
     };
-    let items = resources_in.into_iter().map(|r| v1::ApplyItem { resource: Some(r), expected_version: None }).collect();
+    let indexes: Vec<usize> = documents.iter().map(|(i, _)| *i).collect();
+    let items = documents.into_iter().map(|(_, r)| v1::ApplyItem { resource: Some(r), expected_version: None }).collect();
     match resources.apply(items, dry_run).await {
         Ok(applied) => {
             log_applied(&applied, dry_run);
             Json(v1::ApplyResponse { applied }).into_response()
         }
-        Err(error) => http_error(error),
+        Err(error) if list => {
+            http_error(rename_items(error, |field| json::name_document(field, &indexes).replacen("documents", "", 1)))
+        }
+        Err(error) if json => http_error(strip_item_prefix(error)),
+        Err(error) => http_error(rename_items(error, |field| json::name_document(field, &indexes))),
     }
 }
 
@@ -210,28 +242,39 @@ async fn get_policy(State(resources): State<Arc<Resources>>, Path(service): Path
     get_one(&resources, Kind::Policy, service)
 }
 
-/// `PUT /v1/{routes,policies}/{service}[?expected_version=N]` with the resource's JSON.
-async fn put_one(resources: &Resources, kind: Kind, service: String, query: HashMap<String, String>, body: Bytes) -> Response {
+/// `PUT /v1/{routes,policies}/{service}[?expected_version=N]` with the resource as JSON or YAML.
+async fn put_one(
+    resources: &Resources,
+    kind: Kind,
+    service: String,
+    query: HashMap<String, String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let expected_version = match query.get("expected_version").map(|v| v.parse::<u64>()) {
         Some(Ok(version)) => Some(version),
         Some(Err(_)) => return http_error(FieldError::new("expected_version", "must be a number").into()),
         None => None,
     };
-    let value: serde_json::Value = match serde_json::from_slice(&body) {
-        Ok(value) => value,
-        Err(error) => return http_error(FieldError::new("body", format!("not JSON: {error}")).into()),
+    let value: Result<serde_json::Value, String> = if is_json(&headers, &body) {
+        serde_json::from_slice(&body).map_err(|e| format!("not JSON: {e}"))
+    } else {
+        serde_yaml_ng::from_slice(&body).map_err(|e| format!("not valid YAML: {e}"))
     };
-    let mut value = value;
+    let mut value = match value {
+        Ok(value) => value,
+        Err(error) => return http_error(FieldError::new("body", error).into()),
+    };
     if let serde_json::Value::Object(members) = &mut value {
-        members.shift_remove("kind");
+        let name = match kind {
+            Kind::Route => json::ROUTE,
+            Kind::Policy => json::POLICY,
+        };
+        members.insert("kind".into(), name.into());
         members.entry("service").or_insert_with(|| service.clone().into());
     }
-    let resource = match kind {
-        Kind::Route => json::decode::<v1::Route>("ferry.v1.Route", value).map(v1::resource::Kind::Route),
-        Kind::Policy => json::decode::<v1::ServicePolicy>("ferry.v1.ServicePolicy", value).map(v1::resource::Kind::Policy),
-    };
-    let resource = match resource {
-        Ok(resource) => v1::Resource { kind: Some(resource) },
+    let resource = match json::resource_from_value(value) {
+        Ok(resource) => resource,
         Err(error) => return http_error(error.into()),
     };
     if Kind::of(&resource).is_some_and(|(_, s)| s != service) {
@@ -249,31 +292,29 @@ async fn put_one(resources: &Resources, kind: Kind, service: String, query: Hash
 
 /// Field paths of a single PUT are relative to the body, not to an apply's item list.
 fn strip_item_prefix(error: ResourceError) -> ResourceError {
-    match error {
-        ResourceError::Invalid(mut field) => {
-            field.field = field.field.strip_prefix("items[0].resource.").map(str::to_owned).unwrap_or(field.field);
-            ResourceError::Invalid(field)
-        }
-        other => other,
-    }
+    rename_items(error, |field| {
+        field.strip_prefix("items[0].resource.").or_else(|| field.strip_prefix("items[0].")).unwrap_or(field).to_owned()
+    })
 }
 
 async fn put_route(
     State(resources): State<Arc<Resources>>,
     Path(service): Path<String>,
     Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    put_one(&resources, Kind::Route, service, query, body).await
+    put_one(&resources, Kind::Route, service, query, headers, body).await
 }
 
 async fn put_policy(
     State(resources): State<Arc<Resources>>,
     Path(service): Path<String>,
     Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    put_one(&resources, Kind::Policy, service, query, body).await
+    put_one(&resources, Kind::Policy, service, query, headers, body).await
 }
 
 async fn delete_one(resources: &Resources, kind: Kind, service: String) -> Response {

@@ -54,17 +54,103 @@ pub async fn apply(url: &str, output: Output, file: &str, dry_run: bool) -> anyh
     };
     let name = if file == "-" { "<stdin>" } else { file };
     // Checked here with the server's rules, so a mistake is named before anything is sent.
-    let resources = json::resources_from_yaml(&text).map_err(|e| anyhow::anyhow!("{name}: {e}; nothing was applied"))?;
-    if resources.is_empty() {
-        return Err(UsageError(format!("{name}: no resources in the file")).into());
+    let documents = json::documents_from_yaml(&text).map_err(|e| anyhow::anyhow!("{name}: {e}; nothing was applied"))?;
+    if documents.is_empty() {
+        return Err(anyhow::anyhow!("{name}: no resources in the file; nothing was applied"));
     }
-    let items =
-        resources.into_iter().map(|resource| v1::ApplyItem { resource: Some(resource), expected_version: None }).collect();
-    let response = client(url).await?.apply(v1::ApplyRequest { items, dry_run }).await?.into_inner();
+    let indexes: Vec<usize> = documents.iter().map(|(i, _)| *i).collect();
+    let items = documents.into_iter().map(|(_, r)| v1::ApplyItem { resource: Some(r), expected_version: None }).collect();
+    let response = match client(url).await?.apply(v1::ApplyRequest { items, dry_run }).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            // The server names the item; the user knows the document.
+            let message = json::name_document(status.message(), &indexes);
+            return Err(anyhow::anyhow!("{name}: {message}; nothing was applied"));
+        }
+    };
     match output {
-        Output::Table => Ok(applied_text(&response, dry_run)),
+        Output::Table => {
+            let notes = notes(url, response.applied.iter().filter_map(|a| a.resource.as_ref())).await;
+            let mut text = applied_text(&response, dry_run);
+            for note in notes {
+                text.push_str(&format!("note: {note}\n"));
+            }
+            Ok(text)
+        }
         _ => render_resources(output, response.applied.iter().filter_map(|a| a.resource.as_ref())),
     }
+}
+
+/// What would keep the routes among `resources` from taking effect, from the registry now:
+/// a backend service with no instance, or a subset with none up. A sidecar holds a new route
+/// until that changes (the previous one stays in force).
+async fn notes<'a>(url: &str, resources: impl Iterator<Item = &'a v1::Resource>) -> Vec<String> {
+    let routes: Vec<&v1::Route> = resources
+        .filter_map(|r| match &r.kind {
+            Some(v1::resource::Kind::Route(route)) => Some(route),
+            _ => None,
+        })
+        .collect();
+    if routes.is_empty() {
+        return Vec::new();
+    }
+    let Ok(mut config) = client(url).await else { return Vec::new() };
+    let Ok(mut registry) = super::registry(url).await else { return Vec::new() };
+    let policies = config
+        .list(v1::ListRequest { kind: v1::ResourceKind::Policy as i32, service: String::new() })
+        .await
+        .map(|r| r.into_inner().resources)
+        .unwrap_or_default();
+    let mut notes = Vec::new();
+    for route in routes {
+        notes
+            .extend(blockers(route, &policies, &mut registry).await.into_iter().map(|b| format!("route/{}: {b}", route.service)));
+    }
+    notes
+}
+
+/// Why sidecars would hold `route`: the backends it sends to (weight above 0) that have no
+/// instance able to take traffic.
+async fn blockers(
+    route: &v1::Route,
+    policies: &[v1::Resource],
+    registry: &mut v1::registry_client::RegistryClient<Channel>,
+) -> Vec<String> {
+    let mut blockers = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for rule in &route.rules {
+        let single = rule.backends.len() == 1;
+        for backend in rule.backends.iter().filter(|b| b.weight > 0 || single) {
+            let service = if backend.service.is_empty() { route.service.clone() } else { backend.service.clone() };
+            if !seen.insert((service.clone(), backend.subset.clone())) {
+                continue;
+            }
+            let request = v1::ListInstancesRequest { service: service.clone(), passing_only: true, ..Default::default() };
+            let instances = match registry.list_instances(request).await {
+                Ok(response) => response.into_inner().instances,
+                Err(status) if status.code() == tonic::Code::NotFound => Vec::new(),
+                Err(_) => continue,
+            };
+            let labels = policies.iter().find_map(|p| match &p.kind {
+                Some(v1::resource::Kind::Policy(p)) if p.service == service => p.subsets.get(&backend.subset).map(|s| &s.labels),
+                _ => None,
+            });
+            let up = instances
+                .iter()
+                .filter(|i| labels.is_none_or(|labels| labels.iter().all(|(k, v)| i.metadata.get(k) == Some(v))))
+                .count();
+            if up == 0 {
+                blockers.push(match backend.subset.as_str() {
+                    "" => format!("service {service} has no instance that can take traffic"),
+                    subset => format!("subset {subset} of {service} has no instance that can take traffic"),
+                });
+            }
+        }
+    }
+    if !blockers.is_empty() {
+        blockers.push("until then sidecars keep the route they had (a gateway routes by it at once)".into());
+    }
+    blockers
 }
 
 fn label(resource: &v1::Resource) -> (String, u64) {
@@ -80,7 +166,9 @@ fn applied_text(response: &v1::ApplyResponse, dry_run: bool) -> String {
     for applied in &response.applied {
         let Some(resource) = &applied.resource else { continue };
         let (name, version) = label(resource);
+        let new = applied.diff.lines().all(|l| !l.starts_with('-'));
         let line = match (dry_run, applied.changed) {
+            (true, true) if new => format!("{name} would be created (dry run):\n"),
             (true, true) => format!("{name} would change (dry run):\n"),
             (true, false) => format!("{name} unchanged (dry run)\n"),
             (false, true) => format!("{name} applied, version {version}\n"),
@@ -173,8 +261,17 @@ pub async fn get(url: &str, output: Output, kind: KindArg, service: Option<Strin
     if let Some(service) = &service {
         check_service(service)?;
     }
-    let request = v1::ListRequest { kind: kind.proto() as i32, service: service.unwrap_or_default() };
+    let request = v1::ListRequest { kind: kind.proto() as i32, service: service.clone().unwrap_or_default() };
     let response = client(url).await?.list(request).await?.into_inner();
+    if let Some(service) = service
+        && response.resources.is_empty()
+    {
+        let kind = match kind {
+            KindArg::Route => "route",
+            KindArg::Policy => "policy",
+        };
+        return Err(anyhow::anyhow!("no {kind} for service {service:?}"));
+    }
     render_resources(output, response.resources.iter())
 }
 
@@ -290,7 +387,14 @@ pub async fn rollback(url: &str, output: Output, kind: KindArg, service: String,
         (Output::Table, Some(resource)) => {
             Ok(format!("{} rolled back to version {}: now version {}\n", label(resource).0, target.version, label(resource).1))
         }
-        (Output::Table, None) => Ok(format!("rolled back to version {}: {service} has none now\n", target.version)),
+        (Output::Table, None) => Ok(format!(
+            "{}/{service} rolled back to version {}: it is deleted now\n",
+            match kind {
+                KindArg::Route => "route",
+                KindArg::Policy => "policy",
+            },
+            target.version
+        )),
         (_, applied) => render_resources(output, applied.iter()),
     }
 }
@@ -308,6 +412,8 @@ pub struct Rollout {
     pub acked: Vec<String>,
     pub pending: Vec<String>,
     pub rejected: Vec<Rejected>,
+    /// What keeps sidecars from putting this version in force, from the registry now.
+    pub waiting_for: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -320,6 +426,7 @@ pub struct Rejected {
 /// which rejected it.
 pub async fn rollouts(url: &str, sidecars: &v1::ListSidecarsResponse) -> anyhow::Result<Vec<Rollout>> {
     let resources = client(url).await?.list(v1::ListRequest::default()).await?.into_inner().resources;
+    let mut registry = super::registry(url).await?;
     let mut rollouts = Vec::new();
     for resource in &resources {
         let (name, version) = label(resource);
@@ -328,7 +435,12 @@ pub async fn rollouts(url: &str, sidecars: &v1::ListSidecarsResponse) -> anyhow:
             Some(v1::resource::Kind::Policy(p)) => (p.service.as_str(), false),
             None => continue,
         };
-        let mut rollout = Rollout { resource: name, version, acked: Vec::new(), pending: Vec::new(), rejected: Vec::new() };
+        let waiting_for = match &resource.kind {
+            Some(v1::resource::Kind::Route(route)) => blockers(route, &resources, &mut registry).await,
+            _ => Vec::new(),
+        };
+        let mut rollout =
+            Rollout { resource: name, version, acked: Vec::new(), pending: Vec::new(), rejected: Vec::new(), waiting_for };
         for sidecar in &sidecars.sidecars {
             let Some(subscription) = sidecar.subscriptions.iter().find(|s| s.service == service) else { continue };
             let progress = if route { subscription.route } else { subscription.policy }.unwrap_or_default();
@@ -356,6 +468,8 @@ pub fn rollouts_text(rollouts: &[Rollout]) -> String {
     for rollout in rollouts {
         let state = if !rollout.rejected.is_empty() {
             "rejected"
+        } else if !rollout.waiting_for.is_empty() {
+            "held"
         } else if !rollout.pending.is_empty() {
             "rolling out"
         } else if rollout.acked.is_empty() {
@@ -373,6 +487,9 @@ pub fn rollouts_text(rollouts: &[Rollout]) -> String {
         ]);
         for node in &rollout.pending {
             details.push_str(&format!("{} v{}: pending on {node}\n", rollout.resource, rollout.version));
+        }
+        for reason in &rollout.waiting_for {
+            details.push_str(&format!("{} v{}: {reason}\n", rollout.resource, rollout.version));
         }
         for rejected in &rollout.rejected {
             details.push_str(&format!(

@@ -28,7 +28,9 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn explain(question: Question, output: Output) -> anyhow::Result<String> {
     let base = if question.sidecar.contains("://") { question.sidecar.clone() } else { format!("http://{}", question.sidecar) };
     let mut query = form_urlencoded::Serializer::new(String::new());
-    query.append_pair("service", &question.service).append_pair("path", &question.path).append_pair("method", &question.method);
+    // Methods are case-sensitive in HTTP, but nobody means `post` as a method of its own.
+    let method = question.method.to_ascii_uppercase();
+    query.append_pair("service", &question.service).append_pair("path", &question.path).append_pair("method", &method);
     for (name, value) in &question.headers {
         query.append_pair("header", &format!("{name}:{value}"));
     }
@@ -44,12 +46,20 @@ pub async fn explain(question: Question, output: Output) -> anyhow::Result<Strin
         .with_context(|| format!("cannot reach the sidecar's admin listener at {}", question.sidecar))?;
     let status = response.status();
     let body = response.into_body().collect().await.context("reading the sidecar's answer")?.to_bytes();
-    let value: Value = serde_json::from_slice(&body).with_context(|| {
-        format!("the sidecar answered {status} with something other than JSON: {}", String::from_utf8_lossy(&body))
-    })?;
-    if !status.is_success() {
-        let error = value["error"].as_str().unwrap_or("no reason given");
-        return Err(anyhow::anyhow!("the sidecar refused: {error}"));
+    let hint = format!("is {} a sidecar's admin listener (--sidecar, default 127.0.0.1:15000)?", question.sidecar);
+    let Ok(value) = serde_json::from_slice::<Value>(&body) else {
+        let text = String::from_utf8_lossy(&body);
+        return Err(anyhow::anyhow!("{} answered {status}, not an explanation: {}; {hint}", question.sidecar, text.trim()));
+    };
+    match status {
+        _ if status.is_success() => {}
+        http::StatusCode::BAD_REQUEST => {
+            return Err(anyhow::anyhow!("the sidecar refused: {}", value["error"].as_str().unwrap_or("no reason given")));
+        }
+        _ => {
+            let error = value["error"].as_str().unwrap_or("no reason given");
+            return Err(anyhow::anyhow!("{} answered {status}: {error}; {hint}", question.sidecar));
+        }
     }
     match output {
         Output::Table => Ok(text(&value)),
@@ -65,15 +75,23 @@ fn text(v: &Value) -> String {
         out.push('\n');
     };
     line(format!(
-        "{} {}{} to {} (as seen by sidecar {})",
+        "{} {}{}{} to {} (as seen by sidecar {})",
         request["method"].as_str().unwrap_or("GET"),
         request["host"].as_str().unwrap_or_default(),
         request["path"].as_str().unwrap_or("/"),
+        request["query"].as_str().map(|q| format!("?{q}")).unwrap_or_default(),
         v["service"].as_str().unwrap_or("?"),
         v["node_id"].as_str().unwrap_or("?"),
     ));
+    if v["service_exists"].as_bool() == Some(false) && v["gateway"].as_bool() != Some(true) {
+        line(format!(
+            "service:  no instance of {} is registered: requests to it get 503 unknown_service",
+            v["service"].as_str().unwrap_or("?")
+        ));
+    }
     match v["route_version"].as_u64() {
         Some(version) => line(format!("route:    version {version}")),
+        None if v["gateway"].as_bool() == Some(true) => line("route:    none in force: the gateway answers 404 no_route".into()),
         None => line("route:    none (every request goes to all of the service's endpoints)".into()),
     }
     if let Some(held) = v["held_route"].as_str() {
@@ -81,7 +99,9 @@ fn text(v: &Value) -> String {
     }
     match v["rule"]["label"].as_str() {
         Some(rule) => line(format!("rule:     {rule}")),
-        None if v["gateway"].as_bool() == Some(true) => line("rule:     none matches: the gateway answers 404 no_route".into()),
+        None if v["gateway"].as_bool() == Some(true) && v["route_version"].is_u64() => {
+            line("rule:     none matches: the gateway answers 404 no_route".into())
+        }
         None if v["route_version"].is_u64() => line("rule:     none matches: all endpoints of the service".into()),
         None => {}
     }

@@ -245,7 +245,10 @@ pub fn main() -> ExitCode {
             ExitCode::from(ferry_runtime::EXIT_USAGE)
         }
         Err(error) => {
-            eprintln!("error: {}", ferry_runtime::error_chain(error.as_ref()));
+            match error.downcast_ref::<tonic::Status>() {
+                Some(status) => eprintln!("error: {}", status_text(status)),
+                None => eprintln!("error: {}", ferry_runtime::error_chain(error.as_ref())),
+            }
             ExitCode::FAILURE
         }
     }
@@ -344,6 +347,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
             validate::service_name("SERVICE", &service).map_err(|e| UsageError(e.to_string()))?;
             explain::explain(explain::Question { service, path, method, headers, host, sidecar }, output).await
         }
+    }
+}
+
+/// A refusal from the control plane, in its own words: the message already says what is wrong
+/// and where, so the code is only named where it adds something.
+fn status_text(status: &tonic::Status) -> String {
+    use tonic::Code;
+    match status.code() {
+        Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => {
+            status.message().to_owned()
+        }
+        Code::Unavailable => format!("the control plane is unavailable: {}", status.message()),
+        Code::DeadlineExceeded => format!("the control plane did not answer in time: {}", status.message()),
+        code => format!("{}: {}", code.description(), status.message()),
     }
 }
 

@@ -111,6 +111,9 @@ pub enum ResourceError {
     /// `expected_version` did not match.
     #[error("{field}: the {} of {service:?} is at version {actual}, not {expected}", kind.name())]
     Conflict { field: String, kind: Kind, service: String, expected: u64, actual: u64 },
+    /// A delete would leave a route naming a subset nobody defines.
+    #[error("{0}")]
+    InUse(String),
     #[error("not persisted: {0}")]
     Unavailable(#[from] StoreError),
 }
@@ -238,10 +241,16 @@ impl Resources {
                 let record = state.records.get(&(kind, service.clone()));
                 let current = record.and_then(Record::current);
                 let actual = if current.is_some() { record.map_or(0, Record::version) } else { 0 };
-                if let Some(expected) = item.expected_version
+                // A resource that carries its version (as `ferryctl get` prints it) is applied
+                // only over that version, so an edited copy cannot undo a newer change.
+                let (expected, field) = match (item.expected_version, version_of(&resource)) {
+                    (Some(expected), _) => (Some(expected), format!("{at}.expected_version")),
+                    (None, 0) => (None, String::new()),
+                    (None, version) => (Some(version), format!("{at}.resource.version")),
+                };
+                if let Some(expected) = expected
                     && expected != actual
                 {
-                    let field = format!("{at}.expected_version");
                     return Err(ResourceError::Conflict { field, kind, service: service.to_string(), expected, actual });
                 }
                 set_version(&mut resource, 0, None);
@@ -249,6 +258,8 @@ impl Resources {
                 let after = comparable(&resource);
                 plans.push((kind, service, resource, before, after));
             }
+            let batch: Vec<(usize, &v1::Resource)> = plans.iter().enumerate().map(|(i, p)| (i, &p.2)).collect();
+            check_references(&state, &batch, None)?;
             let version = if dry_run { 0 } else { self.indexes.next() };
             let now = SystemTime::now();
             let mut applied = Vec::with_capacity(plans.len());
@@ -304,6 +315,14 @@ impl Resources {
                 let field = "expected_version".to_owned();
                 return Err(ResourceError::Conflict { field, kind, service: service.to_owned(), expected, actual });
             }
+            if kind == Kind::Policy {
+                check_references(&state, &[], Some(service)).map_err(|e| match e {
+                    ResourceError::Invalid(field) => {
+                        ResourceError::InUse(format!("the policy of {service:?} cannot be deleted: {}", field.reason))
+                    }
+                    other => other,
+                })?;
+            }
             let version = self.indexes.next();
             let record = state.records.entry(key.clone()).or_default();
             record.history.push_front(v1::HistoryEntry { version, at: Some(timestamp(SystemTime::now())), resource: None });
@@ -321,6 +340,102 @@ impl Resources {
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.writer.flush(self.durable_timeout).await
     }
+}
+
+/// The version a resource carries; 0 when none.
+fn version_of(resource: &v1::Resource) -> u64 {
+    match &resource.kind {
+        Some(v1::resource::Kind::Route(route)) => route.version,
+        Some(v1::resource::Kind::Policy(policy)) => policy.version,
+        None => 0,
+    }
+}
+
+/// Checks that every subset a route names is defined by its service's policy, as they would be
+/// with `batch` applied (items by their index in the request) and the policy of `deleted`
+/// removed.
+fn check_references(state: &State, batch: &[(usize, &v1::Resource)], deleted: Option<&str>) -> Result<(), ResourceError> {
+    let in_batch = |kind: Kind, service: &str| {
+        batch.iter().find(|(_, r)| Kind::of(r).is_some_and(|(k, s)| k == kind && s == service)).copied()
+    };
+    let policy = |service: &str| -> Option<(Option<usize>, Option<&v1::ServicePolicy>)> {
+        let (item, resource) = match in_batch(Kind::Policy, service) {
+            Some((i, resource)) => (Some(i), Some(resource)),
+            None if deleted == Some(service) => (None, None),
+            None => (None, state.records.get(&(Kind::Policy, Arc::from(service))).and_then(Record::current)),
+        };
+        let policy = resource.and_then(|r| match &r.kind {
+            Some(v1::resource::Kind::Policy(p)) => Some(p),
+            _ => None,
+        });
+        Some((item, policy))
+    };
+    // The routes as they would be: the batch's, then the stored ones it does not replace.
+    let mut routes: Vec<(Option<usize>, &v1::Route)> = Vec::new();
+    for (i, resource) in batch {
+        if let Some(v1::resource::Kind::Route(route)) = &resource.kind {
+            routes.push((Some(*i), route));
+        }
+    }
+    for ((kind, service), record) in &state.records {
+        if *kind == Kind::Route
+            && in_batch(Kind::Route, service).is_none()
+            && let Some(v1::resource::Kind::Route(route)) = record.current().and_then(|r| r.kind.as_ref())
+        {
+            routes.push((None, route));
+        }
+    }
+    for (route_item, route) in routes {
+        for (r, rule) in route.rules.iter().enumerate() {
+            let mirror = rule.mirror.iter().filter_map(|m| m.backend.as_ref().map(|b| (b, "mirror.backend".to_owned())));
+            let backends = rule.backends.iter().enumerate().map(|(b, backend)| (backend, format!("backends[{b}]")));
+            for (backend, at) in backends.chain(mirror) {
+                if backend.subset.is_empty() {
+                    continue;
+                }
+                let target = if backend.service.is_empty() { route.service.as_str() } else { backend.service.as_str() };
+                let Some((policy_item, policy)) = policy(target) else { continue };
+                if policy.is_some_and(|p| p.subsets.contains_key(&backend.subset)) {
+                    continue;
+                }
+                // Only a change in this request can break a reference; the stored ones held.
+                if route_item.is_none() && policy_item.is_none() && deleted != Some(target) {
+                    continue;
+                }
+                let defined = policy.map(|p| p.subsets.keys().cloned().collect::<Vec<_>>().join(", ")).unwrap_or_default();
+                let has = if defined.is_empty() {
+                    format!("{target} has no policy defining subsets")
+                } else {
+                    format!("{target}'s policy defines {defined}")
+                };
+                let error = match (route_item, policy_item) {
+                    (Some(i), _) => FieldError::new(
+                        format!("items[{i}].resource.rules[{r}].{at}.subset"),
+                        format!(
+                            "{:?} is not a subset of {target}: {has}; apply a ServicePolicy defining it with the route or first",
+                            backend.subset
+                        ),
+                    ),
+                    (None, Some(i)) => FieldError::new(
+                        format!("items[{i}].resource.subsets"),
+                        format!(
+                            "subset {:?} is used by route/{} rules[{r}].{at}; change that route first",
+                            backend.subset, route.service
+                        ),
+                    ),
+                    (None, None) => FieldError::new(
+                        "service",
+                        format!(
+                            "subset {:?} is used by route/{} rules[{r}].{at}; change that route first",
+                            backend.subset, route.service
+                        ),
+                    ),
+                };
+                return Err(error.into());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The config of `service` in `state`.

@@ -51,7 +51,7 @@ async fn apply_stores_versions_and_watchers_see_them() {
 #[tokio::test]
 async fn an_invalid_resource_refuses_the_whole_apply() {
     let resources = resources().await;
-    resources.apply(items(CANARY), false).await.expect("applies");
+    resources.apply(items(&format!("{POLICY}---\n{CANARY}")), false).await.expect("applies");
     let before = resources.list(None, None);
     let mut batch = items(POLICY);
     let mut bad = items(CANARY).remove(0);
@@ -68,6 +68,7 @@ async fn an_invalid_resource_refuses_the_whole_apply() {
 #[tokio::test]
 async fn expected_versions_guard_concurrent_edits() {
     let resources = resources().await;
+    resources.apply(items(POLICY), false).await.expect("applies");
     let mut first = items(CANARY);
     first[0].expected_version = Some(0);
     let applied = resources.apply(first, false).await.expect("creates");
@@ -82,9 +83,53 @@ async fn expected_versions_guard_concurrent_edits() {
 }
 
 #[tokio::test]
+async fn a_resource_carrying_its_version_applies_only_over_that_version() {
+    let resources = resources().await;
+    let applied = resources.apply(items(&format!("{POLICY}---\n{CANARY}")), false).await.expect("applies");
+    let saved = applied[1].resource.clone().expect("resource");
+    let edited = |resource: &v1::Resource, weight: u32| {
+        let mut resource = resource.clone();
+        if let Some(v1::resource::Kind::Route(route)) = &mut resource.kind {
+            route.rules[0].backends[0].weight = weight;
+        }
+        vec![v1::ApplyItem { resource: Some(resource), expected_version: None }]
+    };
+    let newer = resources.apply(edited(&saved, 80), false).await.expect("over the version it carries");
+    let error = resources.apply(edited(&saved, 70), false).await.expect_err("a stale copy");
+    let ResourceError::Conflict { field, actual, .. } = error else { panic!("{error}") };
+    assert_eq!(field, "items[0].resource.version");
+    assert_eq!(actual, route_version(newer[0].resource.as_ref().expect("resource")));
+}
+
+#[tokio::test]
+async fn subsets_a_route_names_must_be_defined() {
+    let resources = resources().await;
+    let error = resources.apply(items(CANARY), false).await.expect_err("no policy yet");
+    let ResourceError::Invalid(field) = error else { panic!("{error}") };
+    assert_eq!(field.field, "items[0].resource.rules[0].backends[0].subset");
+    assert!(field.reason.contains("catalog has no policy"), "{}", field.reason);
+
+    // With the policy in the same apply, in either order.
+    resources.apply(items(&format!("{CANARY}---\n{POLICY}")), false).await.expect("applies");
+
+    // The policy cannot drop a subset the route uses, nor be deleted under it.
+    let narrower = POLICY.replace(", v2: { labels: { version: v2 } }", "");
+    let error = resources.apply(items(&narrower), false).await.expect_err("v2 is in use");
+    let ResourceError::Invalid(field) = error else { panic!("{error}") };
+    assert_eq!(field.field, "items[0].resource.subsets");
+    assert!(field.reason.contains("\"v2\" is used by route/catalog rules[0].backends[1]"), "{}", field.reason);
+    let error = resources.delete(Kind::Policy, "catalog", None).await.expect_err("in use");
+    assert!(matches!(error, ResourceError::InUse(_)), "{error}");
+
+    // Once the route no longer names them, they can go.
+    resources.delete(Kind::Route, "catalog", None).await.expect("deletes the route");
+    resources.delete(Kind::Policy, "catalog", None).await.expect("deletes the policy");
+}
+
+#[tokio::test]
 async fn a_dry_run_shows_the_diff_and_stores_nothing() {
     let resources = resources().await;
-    resources.apply(items(CANARY), false).await.expect("applies");
+    resources.apply(items(&format!("{POLICY}---\n{CANARY}")), false).await.expect("applies");
     let dry = resources.apply(items(&CANARY.replace("weight: 10", "weight: 30")), true).await.expect("validates");
     assert!(dry[0].changed);
     assert!(dry[0].diff.contains("-    weight: 10") && dry[0].diff.contains("+    weight: 30"), "{}", dry[0].diff);
@@ -95,6 +140,7 @@ async fn a_dry_run_shows_the_diff_and_stores_nothing() {
 #[tokio::test]
 async fn history_keeps_the_last_versions_and_deletes() {
     let resources = resources().await;
+    resources.apply(items(POLICY), false).await.expect("applies");
     for weight in 1..=12 {
         resources.apply(items(&CANARY.replace("weight: 10", &format!("weight: {weight}"))), false).await.expect("applies");
     }

@@ -1,8 +1,10 @@
 //! The control plane's Config API over HTTP, as the demo uses it: apply a scenario's YAML as a
-//! person would with curl, delete routes, and wait until the sidecars that call a service have
-//! acknowledged its new version, which is when a route is in force.
+//! person would with curl, delete routes, read the routes the control plane holds, and wait until
+//! the sidecars that call a service have acknowledged its new version, which is when a route is
+//! in force.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     time::{Duration, Instant},
 };
@@ -77,6 +79,44 @@ impl ConfigApi {
         let (url, status, bytes) = self.call(Method::GET, &format!("/v1/routes/{service}/history"), None).await?;
         let history: v1::HistoryResponse = decode(Method::GET, &url, status, &bytes)?;
         Ok(history.entries.first().map(|entry| entry.version))
+    }
+
+    /// `GET /v1/routes`: every route the control plane holds, by service.
+    pub async fn routes(&self) -> Result<BTreeMap<String, v1::Route>, ApiError> {
+        let (url, status, bytes) = self.call(Method::GET, "/v1/routes", None).await?;
+        let answer: v1::ListResponse = decode(Method::GET, &url, status, &bytes)?;
+        Ok(answer
+            .resources
+            .into_iter()
+            .filter_map(|resource| match resource.kind {
+                Some(v1::resource::Kind::Route(route)) => Some((route.service.clone(), route)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The sidecars that call one of `services` and do not hold its current route yet (the
+    /// version that deleted it, for a deleted one), each with what it holds. Empty when the
+    /// routes of `services` are in force everywhere.
+    pub async fn routes_behind(&self, services: &BTreeSet<String>) -> Result<Vec<String>, ApiError> {
+        let (url, status, bytes) = self.call(Method::GET, "/v1/sidecars", None).await?;
+        let answer: v1::ListSidecarsResponse = decode(Method::GET, &url, status, &bytes)?;
+        let mut behind = Vec::new();
+        for sidecar in &answer.sidecars {
+            for subscription in sidecar.subscriptions.iter().filter(|s| services.contains(&s.service)) {
+                let route = subscription.route.unwrap_or_default();
+                // The service's version covers its route: a sidecar that acknowledged a version
+                // of the service past the route's change holds that change.
+                let held = route.acked_version.max(subscription.acked_version);
+                if held < route.current_version {
+                    behind.push(format!(
+                        "{} holds route/{} v{}, not v{}",
+                        sidecar.node_id, subscription.service, route.acked_version, route.current_version
+                    ));
+                }
+            }
+        }
+        Ok(behind)
     }
 
     /// Where the sidecars that call `service` stand with respect to its `version`.

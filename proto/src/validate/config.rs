@@ -276,7 +276,9 @@ fn regex(field: &str, pattern: &str) -> Result<(), FieldError> {
         return Err(FieldError::new(field, "must be at most 1024 characters"));
     }
     regex::RegexBuilder::new(pattern).size_limit(1 << 20).build().map(|_| ()).map_err(|e| {
-        FieldError::new(field, format!("not a valid regular expression: {}", e.to_string().lines().last().unwrap_or_default()))
+        let text = e.to_string();
+        let reason = text.lines().last().unwrap_or_default().trim_start_matches("error: ");
+        FieldError::new(field, format!("{pattern:?} is not a valid regular expression: {reason}"))
     })
 }
 
@@ -286,6 +288,9 @@ fn header_name(field: &str, name: &str) -> Result<(), FieldError> {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     if !valid {
         return Err(FieldError::new(field, format!("{name:?} is not a header name")));
+    }
+    if name.eq_ignore_ascii_case("host") {
+        return Err(FieldError::new(field, "the host is matched with match.hosts, and cannot be rewritten"));
     }
     if HOP_BY_HOP.contains(&name.to_ascii_lowercase().as_str()) {
         return Err(FieldError::new(field, format!("{name:?} describes a connection, not a request; it cannot be used here")));

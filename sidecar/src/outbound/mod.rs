@@ -126,6 +126,11 @@ impl Outbound {
         Ok(destination)
     }
 
+    /// The stack for `service`, if one was built (nothing is subscribed).
+    pub fn existing(&self, service: &str) -> Option<Destination> {
+        self.inner.destinations.load().get(service).cloned()
+    }
+
     /// Sends `request` on to `service`. Returns a boxed future, which keeps the stack's future
     /// types out of the caller's async block.
     fn forward(&self, service: &str, request: Request<Incoming>) -> BoxFuture<'static, Result<Response<Body>, BoxError>> {

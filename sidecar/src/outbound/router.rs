@@ -123,11 +123,14 @@ impl Router {
             let rule = table.as_ref().and_then(|t| t.find(&info).map(|r| r.index));
             match (table, rule) {
                 (Some(table), Some(index)) => inner.apply(&table.rules[index], request).await,
-                _ if inner.gateway => Err(Box::new(NoRoute {
+                (Some(_), None) if inner.gateway => Err(Box::new(NoRoute::NoRule {
                     gateway: inner.service.clone(),
                     host: info.host.unwrap_or_default().to_owned(),
                     path: info.path.to_owned(),
                 }) as BoxError),
+                (None, _) if inner.gateway => {
+                    Err(Box::new(NoRoute::NoTable { gateway: inner.service.clone(), why: inner.why_no_route() }) as BoxError)
+                }
                 _ => {
                     let backend = BackendRef { service: inner.service.clone(), subset: None };
                     send(inner.balancer(&backend)?, request).await
@@ -135,6 +138,16 @@ impl Router {
             }
         }
         .boxed()
+    }
+
+    /// The version of the route in force, if any, and why a newer one is held, if one is.
+    pub fn route_status(&self) -> (Option<u64>, Option<String>) {
+        (self.inner.table.load().as_ref().map(|t| t.version), lock(&self.inner.held).clone())
+    }
+
+    /// Why no route is in force, or `None` when one is.
+    pub fn without_route(&self) -> Option<String> {
+        self.inner.table.load().is_none().then(|| self.inner.why_no_route())
     }
 
     /// Waits, up to `limit`, for the control plane's first word on the service and the route
@@ -193,6 +206,10 @@ impl Router {
             "mirror": rule.and_then(|r| r.mirror.as_ref()).map(|(b, p)| json!({ "backend": b.to_string(), "percent": p })),
             "rewrite_path_prefix": rule.and_then(|r| r.rewrite_prefix.as_ref()).map(|(from, to)| json!({ "from": from, "to": to })),
             "no_rule_matches": rule.is_none(),
+            "service_exists": match &*inner.state.borrow() {
+                ServiceState::Known(config) => Some(config.exists),
+                ServiceState::Pending => None,
+            },
             "gateway": inner.gateway,
             "host": info.host,
         })
@@ -223,6 +240,15 @@ async fn follow(inner: Weak<Inner>, mut own: watch::Receiver<ServiceState>) {
 }
 
 impl Inner {
+    /// Why no route is in force (when none is).
+    fn why_no_route(&self) -> String {
+        match (&*self.state.borrow(), lock(&self.held).clone()) {
+            (_, Some(held)) => held,
+            (ServiceState::Pending, None) => format!("no config for {} from the control plane yet", self.service),
+            (ServiceState::Known(_), None) => format!("no Route for service {} is applied", self.service),
+        }
+    }
+
     /// Puts the service's current route in force if everything it references is known, and
     /// returns the watches of the other services it references.
     fn refresh(&self) -> Vec<watch::Receiver<ServiceState>> {
@@ -242,9 +268,9 @@ impl Inner {
         };
         let mut watches = Vec::new();
         let mut missing = Vec::new();
-        // A subset that requests are sent to (mirrors aside: best effort) must have an instance
-        // up, or the new route would answer 503 where the last one served. A gateway does not
-        // wait: with no route in force it serves nothing at all.
+        // A service or subset that requests are sent to (mirrors aside: best effort) must have
+        // an instance up, or the new route would answer 503 where the last one served. A gateway
+        // does not wait: with no route in force it serves nothing at all.
         let sends_to = |reference: &BackendRef| {
             !self.gateway && table.rules.iter().flat_map(|r| &r.backends).any(|b| b.weight > 0 && &b.backend == reference)
         };
@@ -266,6 +292,9 @@ impl Inner {
             };
             match (&target, &reference.subset) {
                 (None, _) => missing.push(format!("no config for service {} yet", reference.service)),
+                (Some(target), None) if sends_to(&reference) && !target.endpoints.values().any(|e| e.health.is_routable()) => {
+                    missing.push(format!("service {} has no instance up yet", reference.service));
+                }
                 (Some(target), Some(subset)) => match target.policy.as_ref().and_then(|p| p.subsets.get(&**subset)) {
                     None => missing.push(format!("subset {subset} of {} is not defined by its policy", reference.service)),
                     Some(definition) if sends_to(&reference) => {
