@@ -1,9 +1,17 @@
 //! The README's first command: the demo runs three services over the mesh without errors, and
-//! its routing scenarios do what their routes say.
+//! its routing scenarios do what their routes say; routes applied from another shell, as the
+//! README's tour does, show in its summary without being judged as its own.
 
-use std::{process::Stdio, time::Duration};
+use std::{
+    net::SocketAddr,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use ferry_tests::binary;
+use ferry_tests::{binary, client, eventually};
+use http::{Method, StatusCode};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 
 /// Demos run one at a time: each takes the README's ports when they are free, and two starting
 /// at once would both find them free.
@@ -54,4 +62,81 @@ async fn the_canary_scenario_sends_a_tenth_of_catalog_traffic_to_v2() {
     assert!(v1 > 0 && v2 > 0, "both versions served traffic: {split}");
     assert!(v1 > v2, "a 90/10 split gives v1 most of the traffic: {split}");
     assert!(output.contains("did what the canary scenario says"), "{output}");
+}
+
+/// Appends every line `from` writes to `to`.
+fn collect(from: impl AsyncRead + Unpin + Send + 'static, to: Arc<Mutex<String>>) {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(from).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let mut to = to.lock().unwrap_or_else(|p| p.into_inner());
+            to.push_str(&line);
+            to.push('\n');
+        }
+    });
+}
+
+/// The README's tour applies routes with ferryctl while the demo runs. A fault route of one's
+/// own fails requests on purpose: the summary shows it as applied outside the demo, the verdict
+/// reports its traffic without judging it, and once it is deleted the demo judges again.
+#[tokio::test]
+async fn routes_applied_outside_the_demo_are_shown_and_not_judged() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut demo = tokio::process::Command::new(binary("ferry-demo"))
+        .args(["--duration", "16s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("runs");
+    let output = Arc::new(Mutex::new(String::new()));
+    collect(demo.stdout.take().expect("piped"), output.clone());
+    collect(demo.stderr.take().expect("piped"), output.clone());
+    let now = || output.lock().unwrap_or_else(|p| p.into_inner()).clone();
+
+    // "control plane  grpc http://127.0.0.1:7070  http http://127.0.0.1:7071"
+    let api: SocketAddr = eventually("the demo to print its addresses", || async {
+        let text = now();
+        let line = text.lines().find(|l| l.starts_with("control plane"))?.to_owned();
+        line.rsplit("http://").next()?.trim().parse().ok()
+    })
+    .await;
+    eventually("traffic", || async { now().contains(" ok ").then_some(()) }).await;
+
+    let fault = include_str!("../../examples/routes/fault.yaml");
+    let applied = client::send_body(api, Method::POST, "/v1/apply", "application/yaml", fault).await.expect("answered");
+    assert_eq!(applied.0, StatusCode::OK, "{}", client::text(&applied));
+    eventually("the summary to show the fault as applied outside the demo", || async {
+        now().contains("applied outside the demo (the routes of examples/routes/fault.yaml)").then_some(())
+    })
+    .await;
+    eventually("the summary line to name them", || async { now().contains("  routes: route/catalog v").then_some(()) }).await;
+
+    for service in ["catalog", "frontend"] {
+        let deleted = client::send_body(api, Method::DELETE, &format!("/v1/routes/{service}"), "application/json", "")
+            .await
+            .expect("answered");
+        assert_eq!(deleted.0, StatusCode::OK, "{}", client::text(&deleted));
+    }
+    eventually("the summary to show the routes deleted", || async {
+        now().contains("deleted outside the demo: the routes in force are none").then_some(())
+    })
+    .await;
+
+    let status =
+        tokio::time::timeout(Duration::from_secs(60), demo.wait()).await.expect("the demo ends by itself").expect("runs");
+    // The readers may still hold the last lines.
+    let output = eventually("the verdict", || async { now().contains("traffic flowed through").then(now) }).await;
+    assert!(status.success(), "{output}");
+    assert!(!output.contains("FAILED:"), "{output}");
+    assert!(output.contains("not judged: "), "the fault's traffic is reported:\n{output}");
+    // The two deletions may be seen at one poll or at two: "since the deletion of route/catalog
+    // and route/frontend took effect", or of route/frontend alone.
+    let verdict = output.lines().find(|l| l.starts_with("traffic flowed through")).unwrap_or_default();
+    assert!(
+        verdict.starts_with("traffic flowed through every instance without errors since the deletion of route/")
+            && verdict.ends_with("took effect"),
+        "the traffic after the deletion is judged:\n{output}"
+    );
 }

@@ -5,8 +5,9 @@ use std::{process::ExitCode, time::Duration};
 use clap::Parser;
 use ferry_examples::demo::{self, process, scenario::Scenario};
 
-/// Runs a control plane, two replicas of frontend, catalog and inventory with a sidecar each,
-/// and traffic through them, with a live summary.
+/// Runs a control plane, the services frontend, catalog and inventory (2 replicas each unless
+/// --replicas says otherwise) with a sidecar per instance, and traffic through them, with a live
+/// summary.
 ///
 /// With --replicas 2 or more, the last catalog replica runs version v2, the others v1. The
 /// routing scenarios of examples/routes/ change where catalog's traffic goes: apply one with
@@ -14,9 +15,25 @@ use ferry_examples::demo::{self, process, scenario::Scenario};
 /// the demo runs: c canary, h header-canary, f fault, r reset (delete the routes), q quit. One
 /// request in 5 carries `x-canary: true`.
 ///
-/// With --duration, the exit status judges the scenario in force at the end, on the requests
-/// sent after it took effect (once every sidecar that calls the service acknowledged it). In
-/// every case every instance must have served traffic and no process may have exited; then:
+/// The control plane listens on 127.0.0.1:7070 (gRPC), 7071 (HTTP) and 8600 (DNS), the client
+/// sidecar on 127.0.0.1:15001 (admin 15000), each when it is free; when one is not, the demo
+/// takes any free port and prints why, with the addresses the README's commands need instead.
+///
+/// The summary shows the routes in force at the control plane, read every second, whoever
+/// applied them. Routes applied, changed or deleted outside the demo (with ferryctl or curl) are
+/// not one of its scenarios: the summary says so ("route/catalog v12 applied outside the demo"),
+/// and the verdict reports the requests sent under them, errors included, but never judges them
+/// and never fails because of them: a route of your own may fail requests on purpose (ferryctl
+/// apply -f examples/routes/fault.yaml), and only you know what it should do. Once the routes in
+/// force are the demo's own again, or none at all (whoever deleted them), the verdict judges the
+/// requests sent after every sidecar holds that, as below. If routes changed outside the demo
+/// are still in force at the end, the run passes when every instance served traffic and no
+/// process exited.
+///
+/// With --duration, the exit status judges the scenario the demo put in force and still in force
+/// at the end, on the requests sent after it took effect (once every sidecar that calls the
+/// service acknowledged it). In every case every instance must have served traffic and no
+/// process may have exited; then:
 ///
 ///   no scenario: no request failed.
 ///

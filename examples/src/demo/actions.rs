@@ -90,19 +90,23 @@ pub struct Outcome {
     pub accepted: bool,
     /// Whether the change is in force on every sidecar it concerns.
     pub in_force: bool,
+    /// The routes it changed, by service: the version it applied, or `None` where it deleted the
+    /// route (or found none). What the control plane holds beyond these was not the demo's doing.
+    pub routes: BTreeMap<String, Option<u64>>,
 }
 
 /// Applies `scenario`, deletes the demo's other routes, and waits until the sidecars hold it all.
 pub async fn apply(api: &ConfigApi, scenario: Scenario) -> Outcome {
     let started = Instant::now();
     let mut report = format!("{}: POST {}/v1/apply with {}\n", scenario.name(), api.base(), scenario.path());
-    let fail = |mut report: String, error: String, accepted: bool| {
+    let mut routes = BTreeMap::new();
+    let fail = |mut report: String, error: String, accepted: bool, routes| {
         let _ = writeln!(report, "  FAILED: {error}");
-        Outcome { action: Action::Apply(scenario), report, accepted, in_force: false }
+        Outcome { action: Action::Apply(scenario), report, accepted, in_force: false, routes }
     };
     let applied = match api.apply(scenario.yaml()).await {
         Ok(applied) => applied,
-        Err(error) => return fail(report, error.to_string(), false),
+        Err(error) => return fail(report, error.to_string(), false, routes),
     };
     // The version each service must reach for the whole scenario to be in force.
     let mut targets: BTreeMap<String, u64> = BTreeMap::new();
@@ -112,6 +116,9 @@ pub async fn apply(api: &ConfigApi, scenario: Scenario) -> Outcome {
             Some(v1::resource::Kind::Policy(policy)) => ("ServicePolicy", &policy.service, policy.version),
             None => continue,
         };
+        if let Some(v1::resource::Kind::Route(_)) = item.resource.as_ref().and_then(|r| r.kind.as_ref()) {
+            routes.insert(service.clone(), Some(version));
+        }
         let change = if item.changed { "changed" } else { "unchanged" };
         let _ = writeln!(report, "  {kind} {service}: version {version} ({change})");
         for line in item.diff.lines() {
@@ -127,12 +134,15 @@ pub async fn apply(api: &ConfigApi, scenario: Scenario) -> Outcome {
             Ok(Some(version)) => {
                 let _ = writeln!(report, "  DELETE /v1/routes/{service}: deleted at version {version} (another scenario's)");
                 targets.insert(service.to_owned(), version);
+                routes.insert(service.to_owned(), None);
             }
-            Ok(None) => {}
-            Err(error) => return fail(report, error.to_string(), true),
+            Ok(None) => {
+                routes.insert(service.to_owned(), None);
+            }
+            Err(error) => return fail(report, error.to_string(), true, routes),
         }
     }
-    finish(api, Action::Apply(scenario), report, targets, started).await
+    finish(api, Action::Apply(scenario), report, targets, started, routes).await
 }
 
 /// Deletes the demo's routes, so traffic goes to every instance again. Policies stay: they only
@@ -141,6 +151,7 @@ pub async fn reset(api: &ConfigApi) -> Outcome {
     let started = Instant::now();
     let mut report = String::from("reset:\n");
     let mut targets = BTreeMap::new();
+    let mut routes = BTreeMap::new();
     for service in ROUTED {
         match api.delete_route(service).await {
             Ok(Some(version)) => {
@@ -152,11 +163,12 @@ pub async fn reset(api: &ConfigApi) -> Outcome {
             }
             Err(error) => {
                 let _ = writeln!(report, "  FAILED: {error}");
-                return Outcome { action: Action::Reset, report, accepted: false, in_force: false };
+                return Outcome { action: Action::Reset, report, accepted: false, in_force: false, routes };
             }
         }
+        routes.insert(service.to_owned(), None);
     }
-    finish(api, Action::Reset, report, targets, started).await
+    finish(api, Action::Reset, report, targets, started, routes).await
 }
 
 /// Waits until every service in `targets` is at its version on the sidecars that call it.
@@ -166,6 +178,7 @@ async fn finish(
     mut report: String,
     targets: BTreeMap<String, u64>,
     started: Instant,
+    routes: BTreeMap<String, Option<u64>>,
 ) -> Outcome {
     let mut in_force = true;
     for (service, version) in targets {
@@ -186,7 +199,7 @@ async fn finish(
             }
         }
     }
-    Outcome { action, report, accepted: true, in_force }
+    Outcome { action, report, accepted: true, in_force, routes }
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! The last catalog replica runs version v2, the others v1, so the routing scenarios of
 //! `examples/routes/` ([`scenario`]) have a canary to send traffic to. A scenario is applied
 //! through the control plane's Config API with `--scenario`, or with a key while the demo runs.
+//! The summary shows the routes the control plane holds ([`in_force`]), whoever applied them.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -33,6 +34,8 @@ use crate::apps::{self, Counters};
 
 pub mod actions;
 pub mod config_api;
+pub mod in_force;
+pub mod ports;
 pub mod process;
 mod routing;
 pub mod scenario;
@@ -42,7 +45,8 @@ pub mod traffic;
 use self::{
     actions::Action,
     config_api::ConfigApi,
-    process::{CONTROL_PLANE, Process, SIDECAR, preferred, preferred_udp},
+    ports::{Port, port_notes},
+    process::{CONTROL_PLANE, Process, SIDECAR},
     routing::Routing,
     scenario::Scenario,
     summary::Summary,
@@ -90,15 +94,42 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         scenario.expectation().map_err(anyhow::Error::msg)?;
     }
     let dir = tempfile::Builder::new().prefix("ferry-demo-").tempdir().context("creating a working directory")?;
-    let logs = dir.path().join("logs");
-    std::fs::create_dir_all(&logs)?;
-    println!("ferry demo: starting a control plane and {} services with a sidecar each", options.replicas * SERVICES.len());
+    let result = run_in(dir.path(), options).await;
+    // The logs of a run that failed, or could not start, are what explains it.
+    if !matches!(result, Ok(true)) {
+        let kept = dir.keep();
+        println!("logs kept in {}", kept.join("logs").display());
+    }
+    result
+}
 
-    let data = dir.path().join("data");
-    let control_plane = match start_control_plane(&data, &logs, Ports::Usual).await {
+/// Runs the demo with its logs and store under `dir`.
+async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    println!(
+        "ferry demo: starting a control plane, {} services x {} {} (each instance behind its own sidecar) and a client sidecar",
+        SERVICES.len(),
+        options.replicas,
+        if options.replicas == 1 { "replica" } else { "replicas" },
+    );
+
+    let data = dir.join("data");
+    let mut control_plane_ports = [
+        Port::tcp("the control plane's gRPC (ferryctl)", "grpc", "127.0.0.1:7070"),
+        Port::tcp("the control plane's HTTP API", "http", "127.0.0.1:7071"),
+        Port::dns("the control plane's DNS", "dns", "127.0.0.1:8600"),
+    ];
+    let control_plane = match start_control_plane("control-plane", &data, &logs, &control_plane_ports).await {
         Ok(control_plane) => control_plane,
-        // Another process took a usual port between the check and the bind.
-        Err(_) => start_control_plane(&data, &logs, Ports::Any).await?,
+        // A usual port was taken between the check and the bind, or the start failed for
+        // another reason, which the error gives.
+        Err(error) => {
+            let why = format!("was given up: the control plane did not start with the usual ports: {error:#}");
+            control_plane_ports.iter_mut().for_each(|port| port.any(&why));
+            // Under another name, so that the log of the first try stays as the error names it.
+            start_control_plane("control-plane-free-ports", &data, &logs, &control_plane_ports).await?
+        }
     };
     let control_plane_url = format!("http://{}", control_plane.addr("grpc")?);
     let api = ConfigApi::new(control_plane.addr("http")?);
@@ -114,9 +145,17 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
             instances.push(start_instance(service, n, version, &control_plane_url, &logs, &stop_apps).await?);
         }
     }
-    let mut client = match start_client(&control_plane_url, &logs, Ports::Usual).await {
+    let mut client_ports = [
+        Port::tcp("the client sidecar's outbound (curl -x)", "outbound", "127.0.0.1:15001"),
+        Port::tcp("the client sidecar's admin", "admin", "127.0.0.1:15000"),
+    ];
+    let mut client = match start_client("client-sidecar", &control_plane_url, &logs, &client_ports).await {
         Ok(client) => client,
-        Err(_) => start_client(&control_plane_url, &logs, Ports::Any).await?,
+        Err(error) => {
+            let why = format!("was given up: the client sidecar did not start with the usual ports: {error:#}");
+            client_ports.iter_mut().for_each(|port| port.any(&why));
+            start_client("client-sidecar-free-ports", &control_plane_url, &logs, &client_ports).await?
+        }
     };
     let client_outbound = client.addr("outbound")?;
     let client_upstream = client.bound.get("upstreams").cloned().unwrap_or_default();
@@ -133,10 +172,27 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     println!("client sidecar {client_outbound}   try: curl -x http://{client_outbound} http://frontend/");
     println!("               admin http://{}/config   upstream port {client_upstream}", client.addr("admin")?);
     println!("logs           {}", logs.display());
+    let bound: Vec<(&Port, String)> = control_plane_ports
+        .iter()
+        .map(|port| (port, &control_plane))
+        .chain(client_ports.iter().map(|port| (port, &client)))
+        .map(|(port, process)| (port, process.bound.get(port.key).cloned().unwrap_or_default()))
+        .collect();
+    for line in port_notes(&bound) {
+        println!("{line}");
+    }
     println!(
         "routes         curl -H 'content-type: application/yaml' --data-binary @{} {}/v1/apply",
         Scenario::Canary.path(),
         api.base()
+    );
+    let ferryctl = match control_plane_url.as_str() {
+        "http://127.0.0.1:7070" => "ferryctl".to_owned(),
+        other => format!("ferryctl --control-plane {other}"),
+    };
+    println!(
+        "               or {ferryctl} apply -f {}: the summary shows the routes in force, whoever applied them",
+        Scenario::Canary.path()
     );
     if keys {
         println!("               or type a key: {}", actions::keys_help());
@@ -160,6 +216,8 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     if let Some(scenario) = options.scenario {
         routing.apply_when_warm(scenario, &instances);
     }
+    // Someone may change the routes from another shell: the summary shows what is in force.
+    let (mut routes_seen, poller) = in_force::watch(api.clone(), Duration::from_secs(1));
     let started = Instant::now();
     let mut recent: VecDeque<Vec<u64>> = VecDeque::from([served(&instances)]);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -203,10 +261,17 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
             if recent.len() > LIVE_SPAN + 1 {
                 recent.pop_front();
             }
+            let seen = routes_seen.borrow().clone();
+            if let Some(note) = routing.observe(seen, &traffic, &instances)
+                && !full_screen
+            {
+                println!("{note}");
+            }
         }
         if full_screen || second {
             let health = health(&mut registry).await;
             let (since, span) = routing.live_since(&recent, LIVE_SPAN_WORDS);
+            let routes = routing.in_force();
             let view = Summary {
                 elapsed: started.elapsed(),
                 traffic: &traffic,
@@ -214,7 +279,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
                 health: &health,
                 since,
                 span: &span,
-                scenario: routing.active.map(|(s, at)| (s, at.elapsed())),
+                routes: (&routes.0, &routes.1),
                 keys,
                 last_action: routing.last_action.as_deref(),
             };
@@ -245,10 +310,27 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     let _ = driver.await;
     // Let requests already sent finish.
     let _ = tokio::time::timeout(Duration::from_secs(5), in_flight.acquire_many(32)).await;
+    // A last look at the routes, asked after the last request ended, so that a change made
+    // from another shell up to the end is not judged as the demo's.
+    let drained = Instant::now();
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while routes_seen.borrow_and_update().as_ref().is_none_or(|seen| seen.asked_at < drained) {
+            if routes_seen.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let seen = routes_seen.borrow().clone();
+    if let Some(note) = routing.observe(seen, &traffic, &instances) {
+        println!("{note}");
+    }
+    poller.abort();
     stop_apps.cancel();
     let health = health(&mut registry).await;
     let (since, span) = routing.window_since();
     let window = span.to_owned();
+    let routes = routing.in_force();
     let view = Summary {
         elapsed: started.elapsed(),
         traffic: &traffic,
@@ -256,7 +338,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
         health: &health,
         since,
         span,
-        scenario: routing.active.map(|(s, at)| (s, at.elapsed())),
+        routes: (&routes.0, &routes.1),
         keys: false,
         last_action: None,
     };
@@ -275,10 +357,6 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     control_plane.stop().await;
 
     let success = failure.is_none() && routing.failures.is_empty() && idle.is_empty() && verdict.passed;
-    if !success {
-        let kept = dir.keep();
-        println!("logs kept in {}", kept.join("logs").display());
-    }
     if let Some(failure) = failure {
         bail!(failure);
     }
@@ -290,6 +368,9 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     }
     match routing.active {
         _ if !verdict.passed => println!("FAILED: {}: the traffic did not do what it should (see above)", verdict.label),
+        _ if !verdict.judged && success => println!(
+            "traffic flowed through every instance; the routes in force at the end were changed outside the demo, so their traffic is reported (above), not judged"
+        ),
         // The window of a run without routes is the whole run; after a reset, it starts there.
         None if success => println!("traffic flowed through every instance without errors {window}"),
         Some((scenario, _)) if success => {
@@ -304,61 +385,30 @@ fn args(values: &[&str]) -> Vec<String> {
     values.iter().map(|v| v.to_string()).collect()
 }
 
-/// Which ports the control plane and the client sidecar listen on.
-#[derive(Debug, Clone, Copy)]
-enum Ports {
-    /// The usual ones (the README's), each when it is free.
-    Usual,
-    /// Any free ones.
-    Any,
+/// Starts the control plane, keeping its store in `data`, on `ports` (gRPC, HTTP, DNS).
+async fn start_control_plane(name: &str, data: &Path, logs: &Path, ports: &[Port; 3]) -> anyhow::Result<Process> {
+    let [grpc, http, dns] = ports;
+    let args =
+        args(&["--grpc", &grpc.arg(), "--http", &http.arg(), "--dns", &dns.arg(), "--data-dir", &data.display().to_string()]);
+    Process::start(CONTROL_PLANE, name, &args, logs).await
 }
 
-impl Ports {
-    fn tcp(self, usual: &str) -> String {
-        match self {
-            Ports::Usual => preferred(usual),
-            Ports::Any => "127.0.0.1:0".to_owned(),
-        }
-    }
-
-    fn udp(self, usual: &str) -> String {
-        match self {
-            Ports::Usual => preferred_udp(usual),
-            Ports::Any => "127.0.0.1:0".to_owned(),
-        }
-    }
-}
-
-/// Starts the control plane, keeping its store in `data`.
-async fn start_control_plane(data: &Path, logs: &Path, ports: Ports) -> anyhow::Result<Process> {
-    let args = args(&[
-        "--grpc",
-        &ports.tcp("127.0.0.1:7070"),
-        "--http",
-        &ports.tcp("127.0.0.1:7071"),
-        "--dns",
-        &ports.udp("127.0.0.1:8600"),
-        "--data-dir",
-        &data.display().to_string(),
-    ]);
-    Process::start(CONTROL_PLANE, "control-plane", &args, logs).await
-}
-
-/// Starts the sidecar the traffic goes through.
-async fn start_client(control_plane: &str, logs: &Path, ports: Ports) -> anyhow::Result<Process> {
+/// Starts the sidecar the traffic goes through, on `ports` (outbound, admin).
+async fn start_client(name: &str, control_plane: &str, logs: &Path, ports: &[Port; 2]) -> anyhow::Result<Process> {
+    let [outbound, admin] = ports;
     let args = args(&[
         "--service",
         "demo-client",
         "--control-plane",
         control_plane,
         "--outbound",
-        &ports.tcp("127.0.0.1:15001"),
+        &outbound.arg(),
         "--admin",
-        &ports.tcp("127.0.0.1:15000"),
+        &admin.arg(),
         "--upstream",
         "frontend=127.0.0.1:0",
     ]);
-    Process::start(SIDECAR, "client-sidecar", &args, logs).await
+    Process::start(SIDECAR, name, &args, logs).await
 }
 
 /// The requests each instance has served.

@@ -54,18 +54,31 @@ impl Process {
         tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
             let mut listening = Some(listening);
+            // What says why it exited: its last error line (`... ERROR ferry_runtime: binding
+            // --grpc ...`, or clap's `error: ...`), else its last line.
+            let (mut last, mut last_error) = (String::new(), None);
             while let Ok(Some(line)) = lines.next_line().await {
                 if line.contains(" listening ")
                     && let Some(listening) = listening.take()
                 {
-                    let _ = listening.send(parse_pairs(&line));
+                    let _ = listening.send(Ok(parse_pairs(&line)));
                 }
                 let _ = file.write_all(line.as_bytes()).await;
                 let _ = file.write_all(b"\n").await;
+                if line.contains(" ERROR ") || line.starts_with("error:") {
+                    last_error = Some(line.clone());
+                }
+                if !line.trim().is_empty() {
+                    last = line;
+                }
+            }
+            if let Some(listening) = listening.take() {
+                let _ = listening.send(Err(last_error.unwrap_or(last)));
             }
         });
         let bound = match tokio::time::timeout(Duration::from_secs(30), bound).await {
-            Ok(Ok(bound)) => bound,
+            Ok(Ok(Ok(bound))) => bound,
+            Ok(Ok(Err(last))) if !last.is_empty() => bail!("{name} exited: {}; see {}", reason(&last), log.display()),
             _ => bail!("{name} did not start; see {}", log.display()),
         };
         Ok(Self { name: name.to_owned(), log, bound, child })
@@ -89,6 +102,16 @@ impl Process {
     }
 }
 
+/// The message of a log line: `binding --grpc 127.0.0.1:7070: Address already in use (os error
+/// 98)` out of `2026-11-25T18:36:17Z ERROR ferry_runtime: binding --grpc ...`.
+fn reason(line: &str) -> &str {
+    let line = line.trim();
+    match line.split_once(" ERROR ") {
+        Some((_, rest)) => rest.split_once(": ").map_or(rest, |(_, message)| message),
+        None => line,
+    }
+}
+
 /// The `key=value` pairs of a log line.
 fn parse_pairs(line: &str) -> HashMap<String, String> {
     line.split_whitespace().filter_map(|token| token.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
@@ -107,22 +130,6 @@ pub fn exit_with_parent() {
     });
 }
 
-/// `addr` if it can be bound now, else port 0.
-pub fn preferred(addr: &str) -> String {
-    match std::net::TcpListener::bind(addr) {
-        Ok(_) => addr.to_owned(),
-        Err(_) => "127.0.0.1:0".to_owned(),
-    }
-}
-
-/// `addr` if it can be bound now over UDP and TCP, else port 0.
-pub fn preferred_udp(addr: &str) -> String {
-    match (std::net::UdpSocket::bind(addr), std::net::TcpListener::bind(addr)) {
-        (Ok(_), Ok(_)) => addr.to_owned(),
-        _ => "127.0.0.1:0".to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,5 +140,12 @@ mod tests {
         let pairs = parse_pairs(line);
         assert_eq!(pairs["outbound"], "127.0.0.1:46359");
         assert_eq!(pairs["inbound"], "none");
+    }
+
+    #[test]
+    fn a_failed_start_says_why_without_the_log_prefix() {
+        let line = "2026-11-25T18:36:17.147926Z ERROR ferry_runtime: binding --grpc 127.0.0.1:7070: Address already in use (os error 98)";
+        assert_eq!(reason(line), "binding --grpc 127.0.0.1:7070: Address already in use (os error 98)");
+        assert_eq!(reason("error: --grpc: invalid value\n"), "error: --grpc: invalid value");
     }
 }

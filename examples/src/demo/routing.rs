@@ -1,8 +1,15 @@
-//! What a run does with routes: the scenario in force, the action under way, and the window of
-//! traffic the scenario is judged on, which starts once a change is in force.
+//! What a run does with routes: the scenario in force, the action under way, the routes the
+//! control plane actually holds (which someone else may have changed), and the window of traffic
+//! the verdict judges, which starts once a change is in force.
+//!
+//! The demo judges only routes it put in force itself, or no routes at all. Routes applied,
+//! changed or deleted outside it (with `ferryctl`, say) open a window that is reported and never
+//! judged: the demo cannot know what they are meant to do, and a route of one's own may fail
+//! requests on purpose.
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeMap, VecDeque},
+    fmt::Write as _,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -16,8 +23,9 @@ use super::{
     Instance,
     actions::{self, Action, Outcome},
     config_api::ConfigApi,
+    in_force::{self, Change, RoutesSeen},
     scenario::{Expectation, Measured, Scenario, Verdict},
-    traffic::Traffic,
+    traffic::{self, Traffic},
 };
 use crate::apps::Counters;
 
@@ -45,13 +53,47 @@ impl Baseline {
     }
 }
 
+/// The routes in force that the demo did not put there.
+struct Outside {
+    /// How they differ from the demo's own, as last seen.
+    changes: Vec<Change>,
+    /// The changes in words, with the scenario whose routes they are, if any.
+    description: String,
+    /// When the demo first saw them.
+    since: Instant,
+    /// Whether every sidecar that calls their services holds them.
+    in_force: bool,
+}
+
+/// The span of traffic the verdict is about.
+struct Window {
+    started: Instant,
+    /// What started it, in words ("since the reset").
+    words: String,
+    /// The routes changed outside the demo its requests were sent under, if they were: such a
+    /// window is reported, never judged.
+    outside: Option<String>,
+}
+
+/// A window of requests sent under routes changed outside the demo, for the final report.
+struct Unjudged {
+    /// When it started and ended, counted from the start of the traffic.
+    from: Duration,
+    to: Option<Duration>,
+    description: String,
+    traffic: Arc<traffic::Window>,
+    /// The counters when it started, and when it ended.
+    start: Baseline,
+    end: Option<Baseline>,
+}
+
 /// The routing state of a run.
 pub(super) struct Routing {
     api: ConfigApi,
     outcomes: mpsc::Sender<Outcome>,
     /// When the run's traffic started, for the times in reports.
     started: Instant,
-    /// The scenario in force, and since when.
+    /// The scenario the demo put in force, and since when.
     pub active: Option<(Scenario, Instant)>,
     busy: Option<Action>,
     /// Whether `--scenario` still waits to be applied.
@@ -61,8 +103,20 @@ pub(super) struct Routing {
     /// Why the `--scenario` of the run failed, if it did.
     pub failures: Vec<String>,
     baseline: Baseline,
-    /// When the window started, and what started it, in words ("since the reset").
-    window: (Instant, String),
+    window: Window,
+    /// The route versions the demo's own actions left, by service: what it expects the control
+    /// plane to hold. The control plane starts empty, so at first: no routes.
+    own: BTreeMap<String, u64>,
+    /// When the last action finished: a poll sent before then may not show what it did.
+    finished_at: Instant,
+    /// The routes in force, as last seen.
+    seen: Option<RoutesSeen>,
+    /// How the routes in force differ from the demo's own, while they do.
+    outside: Option<Outside>,
+    /// The routes in force became the demo's own again (or none) by changes outside it: the
+    /// words of the judged window that starts once every sidecar holds them.
+    returning: Option<String>,
+    unjudged: Vec<Unjudged>,
 }
 
 impl Routing {
@@ -79,7 +133,13 @@ impl Routing {
             last_action: None,
             failures: Vec::new(),
             baseline: Baseline::take(instances),
-            window: (Instant::now(), "since the start".to_owned()),
+            window: Window { started: Instant::now(), words: "since the start".to_owned(), outside: None },
+            own: BTreeMap::new(),
+            finished_at: Instant::now(),
+            seen: None,
+            outside: None,
+            returning: None,
+            unjudged: Vec::new(),
         };
         (routing, receiver)
     }
@@ -130,7 +190,14 @@ impl Routing {
     /// report.
     pub fn finish(&mut self, outcome: Outcome, traffic: &Traffic, instances: &[Instance]) -> &str {
         self.busy = None;
+        self.finished_at = Instant::now();
         let from_flag = std::mem::take(&mut self.flag_pending);
+        for (service, version) in &outcome.routes {
+            match version {
+                Some(version) => self.own.insert(service.clone(), *version),
+                None => self.own.remove(service),
+            };
+        }
         if outcome.accepted {
             self.active = match outcome.action {
                 Action::Apply(scenario) => Some((scenario, Instant::now())),
@@ -140,9 +207,11 @@ impl Routing {
                 Action::Apply(scenario) => format!("since {} took effect", scenario.name()),
                 _ => format!("since the {}", outcome.action.name()),
             };
-            traffic.new_window();
-            self.baseline = Baseline::take(instances);
-            self.window = (Instant::now(), words);
+            // The next poll compares the control plane with what the demo left: routes changed
+            // outside it that are still there are found again, and their window starts then.
+            self.outside = None;
+            self.returning = None;
+            self.new_window(words, None, traffic, instances);
         }
         if from_flag && !outcome.in_force {
             self.failures.push(format!("--scenario {} did not take effect (see its report above)", outcome.action.name()));
@@ -151,33 +220,234 @@ impl Routing {
         self.last_action.insert(report)
     }
 
+    /// Takes in the routes the control plane holds. A change the demo did not make opens a
+    /// window that is not judged; a return to the demo's own routes (or to none) opens a judged
+    /// one once every sidecar holds it. Returns what changed, in words, if anything did.
+    pub fn observe(&mut self, seen: Option<RoutesSeen>, traffic: &Traffic, instances: &[Instance]) -> Option<String> {
+        let seen = seen?;
+        // While an action is under way, the routes move because of it; after it, a poll sent
+        // before it finished may not show it yet.
+        let fresh = self.busy.is_none() && seen.asked_at >= self.finished_at && seen.error.is_none();
+        let notes = if fresh { self.compare(&seen, traffic, instances) } else { Vec::new() };
+        self.seen = Some(seen);
+        if notes.is_empty() {
+            return None;
+        }
+        Some(self.note(notes.join("\n")).to_owned())
+    }
+
+    fn compare(&mut self, seen: &RoutesSeen, traffic: &Traffic, instances: &[Instance]) -> Vec<String> {
+        let mut notes = Vec::new();
+        let mut deleted: Vec<String> = Vec::new();
+        // No route at all is the demo's own starting point, whoever deleted them: it judges it
+        // as it would after its reset.
+        if seen.routes.is_empty() && !self.own.is_empty() {
+            deleted.extend(self.own.keys().map(|s| format!("route/{s}")));
+            self.own.clear();
+            self.active = None;
+        }
+        let changes = in_force::changes(&self.own, &seen.routes);
+        if !changes.is_empty() {
+            match &mut self.outside {
+                Some(outside) if outside.changes == changes => {
+                    if seen.in_force() && !outside.in_force {
+                        outside.in_force = true;
+                        notes.push(format!("{}: in force on every sidecar that calls them", outside.description));
+                    }
+                }
+                _ => {
+                    let mut description = in_force::describe(&changes);
+                    if let Some(scenario) = in_force::same_as_scenario(&seen.routes) {
+                        let _ = write!(description, " (the routes of {})", scenario.path());
+                    }
+                    notes.push(format!(
+                        "{description}{}: not one of the demo's scenarios, so it reports the traffic sent under them and does not judge it",
+                        if seen.in_force() { ", in force on every sidecar" } else { "" }
+                    ));
+                    self.returning = None;
+                    self.outside = Some(Outside {
+                        changes,
+                        description: description.clone(),
+                        since: Instant::now(),
+                        in_force: seen.in_force(),
+                    });
+                    self.new_window("since the change outside the demo".to_owned(), Some(description), traffic, instances);
+                }
+            }
+            return notes;
+        }
+        if let Some(outside) = self.outside.take() {
+            // Versions only grow, so the routes in force can match the demo's again only by the
+            // routes applied outside it being deleted.
+            deleted.extend(outside.changes.iter().filter_map(|change| match change {
+                Change::Applied { service, .. } => Some(format!("route/{service}")),
+                Change::Deleted { .. } => None,
+            }));
+        }
+        if !deleted.is_empty() {
+            deleted.sort();
+            deleted.dedup();
+            let names = in_force::and(&deleted);
+            let what = format!("{names} deleted outside the demo");
+            let now = match self.active {
+                Some((scenario, _)) => format!("the demo's {} again", scenario.name()),
+                None => "none".to_owned(),
+            };
+            notes.push(format!("{what}: the routes in force are {now}"));
+            if self.window.outside.is_none() {
+                // The window of the demo's own routes ends with them.
+                self.new_window(format!("since the deletion of {names}"), Some(what), traffic, instances);
+            }
+            self.returning = Some(format!("since the deletion of {names} took effect"));
+        }
+        if seen.in_force()
+            && let Some(words) = self.returning.take()
+        {
+            let judged = "on every sidecar: the verdict judges the requests sent from now on";
+            match notes.last_mut() {
+                Some(note) => {
+                    let _ = write!(note, ", {judged}");
+                }
+                None => notes.push(format!("the routes in force are {judged}")),
+            }
+            self.new_window(words, None, traffic, instances);
+        }
+        notes
+    }
+
+    /// Starts a window: requests sent from now on are measured from here.
+    fn new_window(&mut self, words: String, outside: Option<String>, traffic: &Traffic, instances: &[Instance]) {
+        let at = self.started.elapsed();
+        if let Some(open) = self.unjudged.last_mut().filter(|u| u.to.is_none()) {
+            open.to = Some(at);
+            open.end = Some(Baseline::take(instances));
+        }
+        traffic.new_window();
+        self.baseline = Baseline::take(instances);
+        if let Some(description) = &outside {
+            self.unjudged.push(Unjudged {
+                from: at,
+                to: None,
+                description: description.clone(),
+                traffic: traffic.window(),
+                start: Baseline::take(instances),
+                end: None,
+            });
+        }
+        self.window = Window { started: Instant::now(), words, outside };
+    }
+
+    /// The routes in force, for the summary: in full, and short for a line that scrolls.
+    pub fn in_force(&self) -> (String, String) {
+        let (mut full, mut short) = if let Some(outside) = &self.outside {
+            let rollout = match self.seen.as_ref().and_then(|s| s.behind.first()) {
+                _ if outside.in_force => "in force on every sidecar".to_owned(),
+                Some(behind) => format!("not on every sidecar yet ({behind})"),
+                None => "not on every sidecar yet".to_owned(),
+            };
+            let mut full = format!("routes: {}, seen {}s ago, {rollout}", outside.description, outside.since.elapsed().as_secs());
+            let kept: Vec<String> = self
+                .own
+                .iter()
+                .filter(|(service, version)| {
+                    self.seen.as_ref().and_then(|s| s.routes.get(*service)).map(|r| r.version) == Some(**version)
+                })
+                .map(|(service, version)| format!("route/{service} v{version}"))
+                .collect();
+            if let (Some((scenario, _)), false) = (self.active, kept.is_empty()) {
+                let _ = write!(full, "; {} left of the demo's {}", in_force::and(&kept), scenario.name());
+            }
+            full.push_str(": not one of the demo's scenarios, so not judged");
+            (full, format!("routes: {}", outside.description))
+        } else if let Some((scenario, since)) = self.active {
+            let routes: Vec<String> = self.own.iter().map(|(service, version)| format!("route/{service} v{version}")).collect();
+            let routes = in_force::and(&routes);
+            (
+                format!(
+                    "routes: {} ({}), in force for {}s: {routes}",
+                    scenario.name(),
+                    scenario.path(),
+                    since.elapsed().as_secs()
+                ),
+                format!("routes: {} ({routes})", scenario.name()),
+            )
+        } else {
+            ("routes: none: every instance takes its share".to_owned(), "routes: none".to_owned())
+        };
+        if self.returning.is_some() {
+            full.push_str(" (not on every sidecar yet: judged once it is)");
+            short.push_str(" (not on every sidecar yet)");
+        }
+        if let Some(busy) = self.busy {
+            full = format!("{full}; {} under way", busy.name());
+        }
+        if let Some(error) = self.seen.as_ref().and_then(|s| s.error.as_deref()) {
+            let _ = write!(full, " (as last read; cannot read them now: {error})");
+            short.push_str(" (as last read)");
+        }
+        (full, short)
+    }
+
     /// What the live SHARE column covers: the last `span` of snapshots (`recent`, oldest first,
     /// one a second), or the window when it is younger.
     pub fn live_since<'a>(&'a self, recent: &'a VecDeque<Vec<u64>>, span: &str) -> (&'a [u64], String) {
         match recent.front() {
-            Some(oldest) if self.window.0.elapsed().as_secs() as usize >= recent.len().saturating_sub(1) => {
+            Some(oldest) if self.window.started.elapsed().as_secs() as usize >= recent.len().saturating_sub(1) => {
                 (oldest, format!("over the last {span}"))
             }
-            _ => (&self.baseline.served, self.window.1.clone()),
+            _ => (&self.baseline.served, self.window.words.clone()),
         }
     }
 
     /// What the whole window covers, for the final summary.
     pub fn window_since(&self) -> (&[u64], &str) {
-        (&self.baseline.served, &self.window.1)
+        (&self.baseline.served, &self.window.words)
     }
 
-    /// Judges the window by what the scenario in force expects.
+    /// Judges the window by what the scenario in force expects; a window sent under routes
+    /// changed outside the demo is reported, not judged.
     pub fn verdict(&mut self, traffic: &Traffic, instances: &[Instance]) -> Result<Verdict, String> {
         if self.flag_pending {
             self.failures.push("the run ended before --scenario was applied".to_owned());
+        }
+        let (end, now) = (self.started.elapsed(), Baseline::take(instances));
+        let mut lines: Vec<String> = self
+            .unjudged
+            .iter()
+            // A window that closed before any request was sent under it (the routes changed
+            // again within a poll) has nothing to report.
+            .filter(|u| u.to.is_none() || u.traffic.ok() + u.traffic.errors() > 0)
+            .map(|u| {
+                let (ok, errors) = (u.traffic.ok(), u.traffic.errors());
+                let mut line = format!(
+                    "not judged: {}s to {}s, under {}: {} requests through frontend, {errors} failed",
+                    u.from.as_secs(),
+                    u.to.unwrap_or(end).as_secs(),
+                    u.description,
+                    ok + errors,
+                );
+                let last = u.end.as_ref().unwrap_or(&now);
+                let injected = last.injected.saturating_sub(u.start.injected);
+                if injected > 0 {
+                    let calls = last.catalog_calls.saturating_sub(u.start.catalog_calls);
+                    let _ = write!(line, "; the mesh aborted {injected} of frontend's {calls} calls to catalog");
+                }
+                let versions: Vec<String> =
+                    u.traffic.versions().iter().map(|(v, (plain, canary))| format!("{v} {}", plain + canary)).collect();
+                if !versions.is_empty() {
+                    let _ = write!(line, "; catalog answered {}", versions.join(", "));
+                }
+                line
+            })
+            .collect();
+        if self.window.outside.is_some() {
+            return Ok(Verdict { label: "routes changed outside the demo".to_owned(), passed: true, judged: false, lines });
         }
         let (label, expectation) = match self.active {
             Some((scenario, _)) => (scenario.name(), scenario.expectation()?),
             None => ("no routes", Expectation::Clean),
         };
         let window = traffic.window();
-        let now = Baseline::take(instances);
         let delay = match expectation {
             Expectation::Fault { delay: Some((_, delay)), .. } => Some(delay),
             _ => None,
@@ -190,6 +460,9 @@ impl Routing {
             injected: now.injected.saturating_sub(self.baseline.injected),
             slow: delay.and_then(|d| window.slow_share(d)),
         };
-        Ok(expectation.judge(label, &measured))
+        let mut verdict = expectation.judge(label, &measured);
+        lines.append(&mut verdict.lines);
+        verdict.lines = lines;
+        Ok(verdict)
     }
 }

@@ -160,6 +160,9 @@ pub struct Verdict {
     /// The scenario judged, or "no routes".
     pub label: String,
     pub passed: bool,
+    /// Whether the traffic was judged at all: not when it was sent under routes changed outside
+    /// the demo, which it cannot know the intent of.
+    pub judged: bool,
     pub lines: Vec<String>,
 }
 
@@ -276,7 +279,7 @@ impl Expectation {
                 }
             }
         }
-        Verdict { label: label.to_owned(), passed, lines }
+        Verdict { label: label.to_owned(), passed, judged: true, lines }
     }
 }
 

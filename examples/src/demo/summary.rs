@@ -1,9 +1,10 @@
-//! The demo's summary: every instance with its version, health, the requests it served and its
-//! share of its service's, catalog's split by version, and what the last action did.
+//! The demo's summary: the routes in force, every instance with its version, health, the requests
+//! it served and its share of its service's, catalog's split by version, and what the last action
+//! did.
 
 use std::{collections::HashMap, fmt::Write as _, sync::atomic::Ordering, time::Duration};
 
-use super::{Instance, actions, scenario::Scenario, traffic::Traffic};
+use super::{Instance, actions, traffic::Traffic};
 
 /// What the summary shows.
 pub struct Summary<'a> {
@@ -15,8 +16,8 @@ pub struct Summary<'a> {
     pub since: &'a [u64],
     /// ...and that span in words, such as "over the last 10s".
     pub span: &'a str,
-    /// The scenario in force, and for how long.
-    pub scenario: Option<(Scenario, Duration)>,
+    /// The routes in force at the control plane, whoever applied them: in full, and short.
+    pub routes: (&'a str, &'a str),
     /// Whether keys are read, so their help is shown.
     pub keys: bool,
     pub last_action: Option<&'a str>,
@@ -81,12 +82,7 @@ impl Summary<'_> {
             let _ = write!(out, "  latency p50 {} p90 {} p99 {}", millis(p50), millis(p90), millis(p99));
         }
         out.push_str("\nclient -> frontend -> catalog -> inventory (gRPC); every hop sidecar to sidecar\n");
-        match self.scenario {
-            Some((scenario, for_)) => {
-                let _ = writeln!(out, "scenario: {} ({}), in force for {}s", scenario.name(), scenario.path(), for_.as_secs());
-            }
-            None => out.push_str("scenario: none: no routes, every instance takes its share\n"),
-        }
+        let _ = writeln!(out, "{}", self.routes.0);
         let _ = writeln!(
             out,
             "\n{:<10} {:<12} {:<8} {:<9} {:>7} {:>7} {:>7}",
@@ -132,6 +128,7 @@ impl Summary<'_> {
             self.traffic.ok.load(Ordering::Relaxed),
             self.traffic.errors.load(Ordering::Relaxed)
         );
+        let _ = write!(line, "  {}", self.routes.1);
         if let Some(split) = catalog_split(self.instances, self.since) {
             let _ = write!(line, "  catalog {}: {split}", self.span);
         }
