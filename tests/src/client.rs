@@ -50,18 +50,7 @@ pub async fn get(url: &str) -> Result<Answer, Error> {
 
 /// `method path` to the API at `addr` with a JSON `body`.
 pub async fn send_json(addr: SocketAddr, method: http::Method, path: &str, body: &str) -> Result<Answer, Error> {
-    let request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(http::header::HOST, addr.to_string())
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body.to_owned())))?;
-    let stream = TcpStream::connect(addr).await?;
-    let (mut sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let response = sender.send_request(request).await?;
-    let (parts, body) = response.into_parts();
-    Ok((parts.status, parts.headers, body.collect().await?.to_bytes()))
+    send_body(addr, method, path, "application/json", body).await
 }
 
 /// `GET url` through the HTTP proxy at `proxy`, as `curl -x` does.

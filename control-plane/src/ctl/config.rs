@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::ValueEnum;
 use ferry_proto::{
     json,
-    v1::{self, config_client::ConfigClient},
+    v1::{self, config_client::ConfigClient, registry_client::RegistryClient},
     validate,
 };
 use serde::Serialize;
@@ -27,6 +27,13 @@ pub enum KindArg {
 }
 
 impl KindArg {
+    fn noun(self) -> &'static str {
+        match self {
+            Self::Route => "route",
+            Self::Policy => "policy",
+        }
+    }
+
     fn proto(self) -> v1::ResourceKind {
         match self {
             Self::Route => v1::ResourceKind::Route,
@@ -60,7 +67,8 @@ pub async fn apply(url: &str, output: Output, file: &str, dry_run: bool) -> anyh
     }
     let indexes: Vec<usize> = documents.iter().map(|(i, _)| *i).collect();
     let items = documents.into_iter().map(|(_, r)| v1::ApplyItem { resource: Some(r), expected_version: None }).collect();
-    let response = match client(url).await?.apply(v1::ApplyRequest { items, dry_run }).await {
+    let channel = connect(url).await?;
+    let response = match ConfigClient::new(channel.clone()).apply(v1::ApplyRequest { items, dry_run }).await {
         Ok(response) => response.into_inner(),
         Err(status) => {
             // The server names the item; the user knows the document.
@@ -70,7 +78,7 @@ pub async fn apply(url: &str, output: Output, file: &str, dry_run: bool) -> anyh
     };
     match output {
         Output::Table => {
-            let notes = notes(url, response.applied.iter().filter_map(|a| a.resource.as_ref())).await;
+            let notes = notes(channel, response.applied.iter().filter_map(|a| a.resource.as_ref())).await;
             let mut text = applied_text(&response, dry_run);
             for note in notes {
                 text.push_str(&format!("note: {note}\n"));
@@ -84,7 +92,7 @@ pub async fn apply(url: &str, output: Output, file: &str, dry_run: bool) -> anyh
 /// What would keep the routes among `resources` from taking effect, from the registry now:
 /// a backend service with no instance, or a subset with none up. A sidecar holds a new route
 /// until that changes (the previous one stays in force).
-async fn notes<'a>(url: &str, resources: impl Iterator<Item = &'a v1::Resource>) -> Vec<String> {
+async fn notes<'a>(channel: Channel, resources: impl Iterator<Item = &'a v1::Resource>) -> Vec<String> {
     let routes: Vec<&v1::Route> = resources
         .filter_map(|r| match &r.kind {
             Some(v1::resource::Kind::Route(route)) => Some(route),
@@ -94,9 +102,8 @@ async fn notes<'a>(url: &str, resources: impl Iterator<Item = &'a v1::Resource>)
     if routes.is_empty() {
         return Vec::new();
     }
-    let Ok(mut config) = client(url).await else { return Vec::new() };
-    let Ok(mut registry) = super::registry(url).await else { return Vec::new() };
-    let policies = config
+    let mut registry = RegistryClient::new(channel.clone());
+    let policies = ConfigClient::new(channel)
         .list(v1::ListRequest { kind: v1::ResourceKind::Policy as i32, service: String::new() })
         .await
         .map(|r| r.into_inner().resources)
@@ -111,11 +118,7 @@ async fn notes<'a>(url: &str, resources: impl Iterator<Item = &'a v1::Resource>)
 
 /// Why sidecars would hold `route`: the backends it sends to (weight above 0) that have no
 /// instance able to take traffic.
-async fn blockers(
-    route: &v1::Route,
-    policies: &[v1::Resource],
-    registry: &mut v1::registry_client::RegistryClient<Channel>,
-) -> Vec<String> {
+async fn blockers(route: &v1::Route, policies: &[v1::Resource], registry: &mut RegistryClient<Channel>) -> Vec<String> {
     let mut blockers = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for rule in &route.rules {
@@ -266,11 +269,7 @@ pub async fn get(url: &str, output: Output, kind: KindArg, service: Option<Strin
     if let Some(service) = service
         && response.resources.is_empty()
     {
-        let kind = match kind {
-            KindArg::Route => "route",
-            KindArg::Policy => "policy",
-        };
-        return Err(anyhow::anyhow!("no {kind} for service {service:?}"));
+        return Err(anyhow::anyhow!("no {} for service {service:?}", kind.noun()));
     }
     render_resources(output, response.resources.iter())
 }
@@ -337,11 +336,8 @@ pub async fn history(url: &str, output: Output, kind: KindArg, service: String) 
     }
 }
 
-fn kind_name(kind: KindArg) -> &'static str {
-    match kind {
-        KindArg::Route => "the route of",
-        KindArg::Policy => "the policy of",
-    }
+fn kind_name(kind: KindArg) -> String {
+    format!("the {} of", kind.noun())
 }
 
 /// `ferryctl rollback route|policy SERVICE [--to VERSION]`: applies an earlier version again
@@ -387,14 +383,9 @@ pub async fn rollback(url: &str, output: Output, kind: KindArg, service: String,
         (Output::Table, Some(resource)) => {
             Ok(format!("{} rolled back to version {}: now version {}\n", label(resource).0, target.version, label(resource).1))
         }
-        (Output::Table, None) => Ok(format!(
-            "{}/{service} rolled back to version {}: it is deleted now\n",
-            match kind {
-                KindArg::Route => "route",
-                KindArg::Policy => "policy",
-            },
-            target.version
-        )),
+        (Output::Table, None) => {
+            Ok(format!("{}/{service} rolled back to version {}: it is deleted now\n", kind.noun(), target.version))
+        }
         (_, applied) => render_resources(output, applied.iter()),
     }
 }
@@ -424,9 +415,9 @@ pub struct Rejected {
 
 /// For every route and policy: which sidecars hold its current version, which do not yet, and
 /// which rejected it.
-pub async fn rollouts(url: &str, sidecars: &v1::ListSidecarsResponse) -> anyhow::Result<Vec<Rollout>> {
-    let resources = client(url).await?.list(v1::ListRequest::default()).await?.into_inner().resources;
-    let mut registry = super::registry(url).await?;
+pub async fn rollouts(channel: Channel, sidecars: &v1::ListSidecarsResponse) -> anyhow::Result<Vec<Rollout>> {
+    let resources = ConfigClient::new(channel.clone()).list(v1::ListRequest::default()).await?.into_inner().resources;
+    let mut registry = RegistryClient::new(channel);
     let mut rollouts = Vec::new();
     for resource in &resources {
         let (name, version) = label(resource);

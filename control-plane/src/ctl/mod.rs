@@ -329,8 +329,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
         }
         Command::Status => {
             let channel = connect(&cli.control_plane).await?;
-            let response = DiscoveryClient::new(channel).list_sidecars(v1::ListSidecarsRequest {}).await?.into_inner();
-            let rollouts = config::rollouts(&cli.control_plane, &response).await?;
+            let response = DiscoveryClient::new(channel.clone()).list_sidecars(v1::ListSidecarsRequest {}).await?.into_inner();
+            let rollouts = config::rollouts(channel, &response).await?;
             match output {
                 Output::Table => Ok(status_table(&response) + &config::rollouts_text(&rollouts)),
                 _ => encode(output, &serde_json::json!({ "sidecars": response.sidecars, "resources": rollouts })),

@@ -358,7 +358,8 @@ fn check_references(state: &State, batch: &[(usize, &v1::Resource)], deleted: Op
     let in_batch = |kind: Kind, service: &str| {
         batch.iter().find(|(_, r)| Kind::of(r).is_some_and(|(k, s)| k == kind && s == service)).copied()
     };
-    let policy = |service: &str| -> Option<(Option<usize>, Option<&v1::ServicePolicy>)> {
+    // A service's policy as it would be, and the batch item that sets it, if one does.
+    let policy = |service: &str| -> (Option<usize>, Option<&v1::ServicePolicy>) {
         let (item, resource) = match in_batch(Kind::Policy, service) {
             Some((i, resource)) => (Some(i), Some(resource)),
             None if deleted == Some(service) => (None, None),
@@ -368,7 +369,7 @@ fn check_references(state: &State, batch: &[(usize, &v1::Resource)], deleted: Op
             Some(v1::resource::Kind::Policy(p)) => Some(p),
             _ => None,
         });
-        Some((item, policy))
+        (item, policy)
     };
     // The routes as they would be: the batch's, then the stored ones it does not replace.
     let mut routes: Vec<(Option<usize>, &v1::Route)> = Vec::new();
@@ -394,7 +395,7 @@ fn check_references(state: &State, batch: &[(usize, &v1::Resource)], deleted: Op
                     continue;
                 }
                 let target = if backend.service.is_empty() { route.service.as_str() } else { backend.service.as_str() };
-                let Some((policy_item, policy)) = policy(target) else { continue };
+                let (policy_item, policy) = policy(target);
                 if policy.is_some_and(|p| p.subsets.contains_key(&backend.subset)) {
                     continue;
                 }

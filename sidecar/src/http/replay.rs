@@ -159,23 +159,21 @@ impl http_body::Body for ReplayBody {
 
     fn size_hint(&self) -> SizeHint {
         let shared = lock(&self.shared);
-        match (&self.body, &shared.body) {
-            (Some(body), _) | (None, Some(body)) if !shared.over => {
-                let rest = body.size_hint();
-                let kept: u64 = shared.chunks[self.position.min(shared.chunks.len())..].iter().map(|c| c.len() as u64).sum();
-                let mut hint = SizeHint::new();
-                hint.set_lower(rest.lower() + kept);
-                if let Some(upper) = rest.upper() {
-                    hint.set_upper(upper + kept);
-                }
-                hint
-            }
-            _ if shared.ended && !shared.over => {
-                let kept: u64 = shared.chunks[self.position.min(shared.chunks.len())..].iter().map(|c| c.len() as u64).sum();
-                SizeHint::with_exact(kept)
-            }
-            _ => SizeHint::default(),
+        if shared.over {
+            return SizeHint::default();
         }
+        let kept: u64 = shared.chunks[self.position.min(shared.chunks.len())..].iter().map(|c| c.len() as u64).sum();
+        let rest = match (&self.body, &shared.body) {
+            (Some(body), _) | (None, Some(body)) => body.size_hint(),
+            _ if shared.ended => SizeHint::with_exact(0),
+            _ => return SizeHint::default(),
+        };
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + kept);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + kept);
+        }
+        hint
     }
 }
 
