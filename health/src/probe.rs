@@ -116,6 +116,11 @@ async fn http(client: Option<&Client<HttpConnector, Empty<Bytes>>>, url: String,
 
 async fn tcp(address: String) -> Outcome {
     match TcpStream::connect(address.as_str()).await {
+        // With nothing listening, a connect from an ephemeral port to itself can "succeed"
+        // (TCP simultaneous open); that is no server.
+        Ok(stream) if stream.local_addr().ok() == stream.peer_addr().ok() => {
+            (Health::Critical, format!("TCP connect {address}: nothing listening (connected to itself)"))
+        }
         Ok(_) => (Health::Passing, format!("TCP connect {address}: connected")),
         Err(error) => (Health::Critical, format!("TCP connect {address}: {error}")),
     }
@@ -269,8 +274,13 @@ mod tests {
         let target = Target { host: "127.0.0.1".into(), port: listener.local_addr().expect("addr").port() };
         let mut prober = Prober::new(Probe::Tcp { address: None }, target);
         assert_eq!(prober.run(Duration::from_secs(2)).await.map(|o| o.0), Some(Health::Passing));
-        drop(listener);
-        let (health, output) = prober.run(Duration::from_secs(2)).await.expect("probed");
+        // A port that is bound but not listening refuses connections, and stays ours so no
+        // other test can start listening on it meanwhile.
+        let closed = tokio::net::TcpSocket::new_v4().expect("socket");
+        closed.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let target = Target { host: "127.0.0.1".into(), port: closed.local_addr().expect("addr").port() };
+        let (health, output) =
+            Prober::new(Probe::Tcp { address: None }, target).run(Duration::from_secs(2)).await.expect("probed");
         assert_eq!(health, Health::Critical, "{output}");
     }
 

@@ -416,9 +416,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_connection_is_a_connect_error() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        drop(listener);
+        // Bound but not listening: refuses connections, and no other test can take the port.
+        let closed = tokio::net::TcpSocket::new_v4().expect("socket");
+        closed.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let port = closed.local_addr().expect("addr").port();
         let client = Client::new("127.0.0.1", port, ClientConfig::default());
         let request = Request::builder().uri("/").body(empty()).expect("valid");
         let error = client.send(request).await.expect_err("nothing listens");
