@@ -248,6 +248,71 @@ pub fn policy(policy: &v1::ServicePolicy) -> Result<(), FieldError> {
         }
         metadata(&format!("{at}.labels"), &subset.labels)?;
     }
+    if !LOAD_BALANCERS.contains(&policy.load_balancer.as_str()) {
+        return Err(FieldError::new(
+            "load_balancer",
+            format!("{:?} is not a load balancer: expected one of {}", policy.load_balancer, LOAD_BALANCERS[1..].join(", ")),
+        ));
+    }
+    if !policy.hash_header.is_empty() {
+        header_name("hash_header", &policy.hash_header)?;
+        if policy.load_balancer != "ring-hash" {
+            return Err(FieldError::new("hash_header", "only used with load_balancer: ring-hash"));
+        }
+    }
+    if let Some(breaker) = &policy.circuit_breaker {
+        if let Some(max) = breaker.max_concurrent {
+            count("circuit_breaker.max_concurrent", max, 1, MAX_LIMIT)?;
+        }
+        if let Some(max) = breaker.max_pending {
+            count("circuit_breaker.max_pending", max, 0, MAX_LIMIT)?;
+        }
+    }
+    if let Some(outlier) = &policy.outlier_detection {
+        if let Some(failures) = outlier.consecutive_failures {
+            count("outlier_detection.consecutive_failures", failures, 1, 1000)?;
+        }
+        optional_duration("outlier_detection.base_ejection", outlier.base_ejection.as_ref())?;
+        if let Some(percent) = outlier.max_ejection_percent {
+            count("outlier_detection.max_ejection_percent", percent, 0, 100)?;
+        }
+    }
+    if let Some(budget) = &policy.retry_budget {
+        if let Some(ratio) = budget.ratio
+            && !(0.0..=10.0).contains(&ratio)
+        {
+            return Err(FieldError::new("retry_budget.ratio", format!("must be 0 to 10, got {ratio}")));
+        }
+        if let Some(min) = budget.min_per_second {
+            count("retry_budget.min_per_second", min, 0, MAX_LIMIT)?;
+        }
+        if let Some(window) = optional_duration("retry_budget.window", budget.window.as_ref())?
+            && !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&window)
+        {
+            return Err(FieldError::new("retry_budget.window", format!("must be 1s to 60s, got {window:?}")));
+        }
+    }
+    optional_duration("slow_start", policy.slow_start.as_ref())?;
+    if let Some(percent) = policy.locality.as_ref().and_then(|l| l.min_passing_percent) {
+        count("locality.min_passing_percent", percent, 1, 100)?;
+    }
+    if let Some(timeout) = optional_duration("connect_timeout", policy.connect_timeout.as_ref())?
+        && timeout > Duration::from_secs(60)
+    {
+        return Err(FieldError::new("connect_timeout", format!("must be at most 60s, got {timeout:?}")));
+    }
+    Ok(())
+}
+
+/// The load balancers a policy may name; empty is the default, p2c-ewma.
+pub const LOAD_BALANCERS: &[&str] = &["", "p2c-ewma", "round-robin", "least-request", "ring-hash"];
+/// The highest request limit a circuit breaker takes.
+const MAX_LIMIT: u32 = 1_000_000;
+
+fn count(field: &str, value: u32, min: u32, max: u32) -> Result<(), FieldError> {
+    if !(min..=max).contains(&value) {
+        return Err(FieldError::new(field, format!("must be {min}..={max}, got {value}")));
+    }
     Ok(())
 }
 
@@ -386,5 +451,46 @@ rules:
         let yaml = "kind: ServicePolicy\nservice: catalog\nsubsets: { v1: { labels: { version: v1 } }, v2: { labels: {} } }\n";
         let error = json::resources_from_yaml(yaml).expect_err("an empty subset");
         assert_eq!(error.field, "documents[0].subsets[\"v2\"].labels");
+    }
+
+    #[test]
+    fn accepts_the_documented_resilience_knobs() {
+        let yaml = r#"
+kind: ServicePolicy
+service: catalog
+subsets: { v1: { version: v1 } }
+load_balancer: ring-hash
+hash_header: x-user
+circuit_breaker: { max_concurrent: 1024, max_pending: 0 }
+outlier_detection: { consecutive_failures: 5, base_ejection: 30s, max_ejection_percent: 50 }
+retry_budget: { ratio: 0.2, min_per_second: 10, window: 10s }
+slow_start: 30s
+locality: { min_passing_percent: 70 }
+connect_timeout: 250ms
+"#;
+        let resources = json::resources_from_yaml(yaml).expect("valid");
+        let Some(v1::resource::Kind::Policy(policy)) = &resources[0].kind else { panic!("a policy") };
+        assert_eq!(policy.circuit_breaker.as_ref().and_then(|c| c.max_pending), Some(0));
+        assert_eq!(policy.retry_budget.as_ref().and_then(|b| b.ratio), Some(0.2));
+    }
+
+    #[test]
+    fn names_the_bad_resilience_field() {
+        let cases = [
+            ("load_balancer: random", "load_balancer"),
+            ("hash_header: x-user", "hash_header"),
+            ("circuit_breaker: { max_concurrent: 0 }", "circuit_breaker.max_concurrent"),
+            ("outlier_detection: { max_ejection_percent: 120 }", "outlier_detection.max_ejection_percent"),
+            ("outlier_detection: { consecutive_failures: 0 }", "outlier_detection.consecutive_failures"),
+            ("retry_budget: { ratio: -1 }", "retry_budget.ratio"),
+            ("retry_budget: { window: 2m }", "retry_budget.window"),
+            ("locality: { min_passing_percent: 0 }", "locality.min_passing_percent"),
+            ("slow_start: 0s", "slow_start"),
+        ];
+        for (knob, field) in cases {
+            let yaml = format!("kind: ServicePolicy\nservice: catalog\n{knob}\n");
+            let error = json::resources_from_yaml(&yaml).expect_err(field);
+            assert_eq!(error.field, format!("documents[0].{field}"), "{knob}: {error}");
+        }
     }
 }

@@ -30,7 +30,9 @@ use crate::{
     proxy::{forwardable, respond},
 };
 
+pub mod attempt;
 pub mod balance;
+pub mod policy;
 pub mod route;
 pub mod router;
 pub mod target;

@@ -1,0 +1,27 @@
+//! What one request's attempts share: the endpoints already tried, so that a retry goes to a
+//! different endpoint when one exists.
+
+use std::sync::{Arc, Mutex};
+
+/// The endpoints (by instance id) an outbound request was already sent to. The retry layer puts
+/// one in each attempt's extensions; the balancer avoids the endpoints it lists when another
+/// can take the request, and records the one it picks.
+#[derive(Debug, Clone, Default)]
+pub struct Tried(Arc<Mutex<Vec<Arc<str>>>>);
+
+impl Tried {
+    /// Records that the request went to `endpoint`.
+    pub fn record(&self, endpoint: Arc<str>) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(endpoint);
+    }
+
+    /// Whether the request already went to `endpoint`.
+    pub fn contains(&self, endpoint: &str) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|e| &**e == endpoint)
+    }
+
+    /// The endpoints tried, in order.
+    pub fn endpoints(&self) -> Vec<Arc<str>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
