@@ -21,6 +21,7 @@ pub struct Metrics {
     pub config_updates: Family<ResultLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<DirectionLabels, Histogram>,
+    pub balance: crate::outbound::balance::BalanceMetrics,
 }
 
 /// Whether a config push was applied.
@@ -53,7 +54,9 @@ impl Metrics {
             config_updates: Family::default(),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.0, 18))),
+            balance: Default::default(),
         };
+        metrics.balance.register(registry);
         metrics.health.register(registry);
         registry.register(
             "control_plane_connected",

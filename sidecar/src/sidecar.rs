@@ -142,6 +142,8 @@ impl Sidecar {
                 response_timeout: config.response_timeout,
                 client: client_config.clone(),
                 gateway: config.gateway.then(|| Arc::from(config.service.as_str())),
+                zone: (!config.zone.is_empty()).then(|| Arc::from(config.zone.as_str())),
+                balance_metrics: metrics.balance.clone(),
             },
             metrics.clone(),
         );

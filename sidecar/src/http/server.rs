@@ -1,7 +1,7 @@
 //! Serves a listener: HTTP/1.1 and HTTP/2 (h2c prior knowledge included) on every connection,
 //! chosen by what the client speaks.
 
-use std::{convert::Infallible, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, time::Duration};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -12,9 +12,13 @@ use hyper_util::{
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower::Service;
+use tower::{Service, ServiceExt};
 
 use super::Body;
+
+/// The address of the client a request came from, in the request's extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
 
 /// Accepts connections on `listener` and serves each with `service` until `shutdown` fires;
 /// then stops accepting and gives open connections up to `drain` to finish.
@@ -34,10 +38,14 @@ where
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
+                Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
+                    let service = service.clone().map_request(move |mut request: Request<Incoming>| {
+                        request.extensions_mut().insert(ClientAddr(peer));
+                        request
+                    });
                     let connection = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service.clone()))
+                        .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
                         .into_owned();
                     let connection = graceful.watch(connection);
                     tokio::spawn(async move {

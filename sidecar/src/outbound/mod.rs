@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use tower::Service;
 
 use crate::{
-    catalog::{Catalog, Endpoint},
+    catalog::Catalog,
     errors::{ResponseTimeout, Unsupported, is_grpc},
     http::{
         Body, BoxError, boxed,
@@ -37,7 +37,10 @@ pub mod route;
 pub mod router;
 pub mod target;
 
-pub use self::{balance::Balance, router::Router};
+pub use self::{
+    balance::{Balance, BalanceMetrics},
+    router::Router,
+};
 
 /// How outbound requests are handled.
 #[derive(Debug, Clone)]
@@ -49,6 +52,9 @@ pub struct OutboundConfig {
     pub client: ClientConfig,
     /// In a gateway, its own service name: requests are routed by that service's route alone.
     pub gateway: Option<Arc<str>>,
+    /// This sidecar's zone: its balancers prefer endpoints there.
+    pub zone: Option<Arc<str>>,
+    pub balance_metrics: BalanceMetrics,
 }
 
 /// One endpoint's client as a tower service.
@@ -58,9 +64,12 @@ pub struct EndpointService {
 }
 
 impl EndpointService {
-    /// A service sending to `endpoint`.
-    pub fn new(endpoint: &Endpoint, config: ClientConfig) -> Self {
-        Self { client: Client::new(endpoint.address.clone(), endpoint.port, config) }
+    /// A service sending to `target`'s endpoint.
+    pub fn new(target: &balance::Target, mut config: ClientConfig) -> Self {
+        if let Some(timeout) = target.connect_timeout {
+            config.connect_timeout = timeout;
+        }
+        Self { client: Client::new(target.endpoint.address.clone(), target.endpoint.port, config) }
     }
 }
 

@@ -335,12 +335,16 @@ impl Inner {
         }
         let state = if backend.service == self.service { self.state.clone() } else { self.catalog.watch(&backend.service)? };
         let client = self.config.client.clone();
-        let balance = Balance::subset(
+        let balance = Balance::new(
             backend.service.clone(),
             backend.subset.clone(),
             state,
-            move |endpoint: Arc<Endpoint>| EndpointService::new(&endpoint, client.clone()),
-            self.config.discovery_timeout,
+            move |target: super::balance::Target| EndpointService::new(&target, client.clone()),
+            super::balance::BalanceConfig {
+                discovery_timeout: self.config.discovery_timeout,
+                zone: self.config.zone.clone(),
+                metrics: self.config.balance_metrics.clone(),
+            },
         );
         balancers.insert(backend.clone(), balance.clone());
         Ok(balance)
@@ -614,6 +618,7 @@ fn fault_response(status: u16, rule: &str, grpc: bool) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbound::BalanceMetrics;
 
     #[test]
     fn prefixes_are_rewritten_keeping_the_query() {
@@ -664,6 +669,8 @@ mod tests {
             response_timeout: None,
             client: crate::http::client::ClientConfig::default(),
             gateway: None,
+            zone: None,
+            balance_metrics: BalanceMetrics::default(),
         };
         let router = Router::new("catalog".into(), catalog.clone(), catalog.watch("catalog").expect("room"), config);
         let pending = tokio::spawn(router.route(Request::get("/items").body(crate::http::empty()).expect("request")));
@@ -708,6 +715,8 @@ mod tests {
                 response_timeout: None,
                 client: crate::http::client::ClientConfig::default(),
                 gateway: None,
+                zone: None,
+                balance_metrics: BalanceMetrics::default(),
             },
         );
         let error = silent.route(Request::get("/").body(crate::http::empty()).expect("request")).await.expect_err("times out");

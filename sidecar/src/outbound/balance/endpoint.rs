@@ -1,0 +1,274 @@
+//! What a balancer knows about each endpoint beyond its config: its load (requests in flight
+//! and a peak-EWMA latency estimate), how long it has been routable (for slow start), and its
+//! outlier state (consecutive failures, ejections). Kept across config updates for as long as
+//! the endpoint stays.
+
+use std::{
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use tokio::time::Instant;
+
+use super::{metrics::BalanceMetrics, outcome::Outcome};
+use crate::outbound::policy::Ejection;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One endpoint as a balancer tracks it.
+#[derive(Debug)]
+pub struct Tracked {
+    pub id: Arc<str>,
+    in_flight: AtomicUsize,
+    rtt: Mutex<Ewma>,
+    /// Since when it has been routable, for slow start.
+    routable_since: Mutex<Option<Instant>>,
+    outlier: Mutex<Outlier>,
+    /// A probe request is in flight to this endpoint, whose ejection has run out.
+    probing: AtomicBool,
+}
+
+/// A peak-EWMA latency estimate: jumps up to any slower sample at once, decays towards faster
+/// ones (and towards zero while idle) with the configured decay time.
+#[derive(Debug)]
+struct Ewma {
+    seconds: f64,
+    updated: Instant,
+}
+
+impl Ewma {
+    fn decayed(&self, now: Instant, decay: Duration) -> f64 {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.seconds * (-elapsed / decay.as_secs_f64().max(1e-3)).exp()
+    }
+
+    fn observe(&mut self, now: Instant, sample: f64, decay: Duration) {
+        if sample > self.seconds {
+            self.seconds = sample;
+        } else {
+            let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+            let weight = (-elapsed / decay.as_secs_f64().max(1e-3)).exp();
+            self.seconds = self.seconds * weight + sample * (1.0 - weight);
+        }
+        self.updated = now;
+    }
+}
+
+#[derive(Debug, Default)]
+struct Outlier {
+    consecutive_failures: u32,
+    times_ejected: u32,
+    /// Ejected until then; once past, the next request is a probe.
+    ejected_until: Option<Instant>,
+    last_ejected: Option<Instant>,
+}
+
+/// Whether an endpoint can take a request now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    Available,
+    /// Its ejection ran out: it can take one probe request.
+    Probe,
+    Ejected,
+}
+
+impl Tracked {
+    pub fn new(id: &str, default_rtt: Duration, now: Instant) -> Self {
+        Self {
+            id: id.into(),
+            in_flight: AtomicUsize::new(0),
+            rtt: Mutex::new(Ewma { seconds: default_rtt.as_secs_f64(), updated: now }),
+            routable_since: Mutex::new(None),
+            outlier: Mutex::new(Outlier::default()),
+            probing: AtomicBool::new(false),
+        }
+    }
+
+    /// An exchange starts.
+    pub fn start(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An exchange ended.
+    pub fn finish(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The peak-EWMA cost of sending one more request here: latency × (in flight + 1).
+    pub fn cost(&self, now: Instant, decay: Duration) -> f64 {
+        lock(&self.rtt).decayed(now, decay) * (self.in_flight() + 1) as f64
+    }
+
+    /// The latency estimate, in seconds.
+    pub fn latency(&self, now: Instant, decay: Duration) -> f64 {
+        lock(&self.rtt).decayed(now, decay)
+    }
+
+    pub fn observe_latency(&self, now: Instant, sample: Duration, decay: Duration) {
+        lock(&self.rtt).observe(now, sample.as_secs_f64(), decay);
+    }
+
+    /// Notes whether the endpoint is routable now; `warm` starts it past any slow start.
+    pub fn set_routable(&self, routable: bool, now: Instant, warm: bool) {
+        let mut since = lock(&self.routable_since);
+        match (routable, *since) {
+            (true, None) => *since = Some(if warm { now.checked_sub(Duration::from_secs(3600)).unwrap_or(now) } else { now }),
+            (false, _) => *since = None,
+            (true, Some(_)) => {}
+        }
+    }
+
+    /// Its share during slow start: from 10% when it became routable up to 100% at the end of
+    /// the window.
+    pub fn ramp(&self, now: Instant, window: Option<Duration>) -> f64 {
+        let (Some(window), Some(since)) = (window, *lock(&self.routable_since)) else { return 1.0 };
+        let elapsed = now.saturating_duration_since(since).as_secs_f64();
+        (elapsed / window.as_secs_f64()).clamp(0.1, 1.0)
+    }
+
+    pub fn availability(&self, now: Instant) -> Availability {
+        match lock(&self.outlier).ejected_until {
+            None => Availability::Available,
+            Some(until) if now < until => Availability::Ejected,
+            Some(_) if self.probing.load(Ordering::Acquire) => Availability::Ejected,
+            Some(_) => Availability::Probe,
+        }
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        lock(&self.outlier).ejected_until.is_some()
+    }
+
+    /// Claims the one probe request of an endpoint whose ejection ran out.
+    pub fn claim_probe(&self) -> bool {
+        self.probing.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+}
+
+/// The endpoints of one balancer as outlier detection sees them: it decides ejections against
+/// the whole set, so that no more than the allowed share is ejected at once.
+#[derive(Debug)]
+pub struct Pool {
+    pub label: Arc<str>,
+    /// The routable endpoints.
+    members: ArcSwap<Vec<Arc<Tracked>>>,
+    ejection: ArcSwap<Option<Ejection>>,
+    ejecting: Mutex<()>,
+    pub metrics: BalanceMetrics,
+}
+
+impl Pool {
+    pub fn new(label: Arc<str>, metrics: BalanceMetrics) -> Self {
+        Self { label, members: ArcSwap::default(), ejection: ArcSwap::from_pointee(None), ejecting: Mutex::new(()), metrics }
+    }
+
+    /// The routable endpoints and the ejection settings, after a config update.
+    pub fn update(&self, members: Vec<Arc<Tracked>>, ejection: Option<Ejection>) {
+        if ejection.is_none() {
+            for member in &members {
+                let mut outlier = lock(&member.outlier);
+                outlier.ejected_until = None;
+                outlier.consecutive_failures = 0;
+            }
+        }
+        self.members.store(Arc::new(members));
+        self.ejection.store(Arc::new(ejection));
+        self.publish();
+    }
+
+    /// Sets the endpoint gauges.
+    pub fn publish(&self) {
+        let members = self.members.load();
+        let ejected = members.iter().filter(|m| m.is_ejected()).count();
+        self.metrics.set_endpoints(&self.label, members.len() - ejected, ejected);
+    }
+
+    /// Learns from one exchange with `tracked`; `probe` when it was the probe of an ejected
+    /// endpoint.
+    pub fn report(&self, tracked: &Tracked, outcome: Option<Outcome>, probe: bool, now: Instant) {
+        let ejection = **self.ejection.load();
+        let release = || {
+            if probe {
+                tracked.probing.store(false, Ordering::Release);
+            }
+        };
+        let Some(ejection) = ejection else { return release() };
+        let mut outlier = lock(&tracked.outlier);
+        match outcome {
+            None | Some(Outcome::Neutral) => {}
+            Some(Outcome::Success) => {
+                outlier.consecutive_failures = 0;
+                if probe && outlier.ejected_until.is_some() {
+                    outlier.ejected_until = None;
+                    tracing::info!(pool = %self.label, endpoint = %tracked.id, "a probe succeeded: the endpoint is back");
+                    drop(outlier);
+                    release();
+                    self.publish();
+                    return;
+                }
+            }
+            Some(Outcome::Failure) => {
+                outlier.consecutive_failures = outlier.consecutive_failures.saturating_add(1);
+                if probe && outlier.ejected_until.is_some() {
+                    outlier.times_ejected = outlier.times_ejected.saturating_add(1);
+                    let duration = ejection.base.saturating_mul(outlier.times_ejected).min(ejection.max);
+                    outlier.ejected_until = Some(now + duration);
+                    outlier.last_ejected = Some(now);
+                    tracing::info!(pool = %self.label, endpoint = %tracked.id, ?duration, "a probe failed: ejected again");
+                    self.metrics.ejected(&self.label);
+                } else if outlier.ejected_until.is_none() && outlier.consecutive_failures >= ejection.consecutive_failures {
+                    drop(outlier);
+                    release();
+                    self.eject(tracked, &ejection, now);
+                    return;
+                }
+            }
+        }
+        drop(outlier);
+        release();
+    }
+
+    /// Ejects `tracked` unless that would eject more than the allowed share, or the last one.
+    fn eject(&self, tracked: &Tracked, ejection: &Ejection, now: Instant) {
+        let _ejecting = lock(&self.ejecting);
+        let members = self.members.load();
+        if !members.iter().any(|m| m.id == tracked.id) {
+            return;
+        }
+        let total = members.len();
+        let ejected = members.iter().filter(|m| m.is_ejected()).count();
+        // Counted after this ejection, and one always stays.
+        let after = ejected + 1;
+        if after >= total || after * 100 > ejection.max_percent as usize * total {
+            tracing::debug!(pool = %self.label, endpoint = %tracked.id, ejected, total, "not ejected: the ejection limit is reached");
+            return;
+        }
+        let mut outlier = lock(&tracked.outlier);
+        if outlier.ejected_until.is_some() {
+            return;
+        }
+        // An endpoint healthy for a long while starts its ejection count afresh.
+        if outlier.last_ejected.is_some_and(|at| now.saturating_duration_since(at) > ejection.max * 2) {
+            outlier.times_ejected = 0;
+        }
+        outlier.times_ejected = outlier.times_ejected.saturating_add(1);
+        let duration = ejection.base.saturating_mul(outlier.times_ejected).min(ejection.max);
+        outlier.ejected_until = Some(now + duration);
+        outlier.last_ejected = Some(now);
+        let failures = outlier.consecutive_failures;
+        drop(outlier);
+        tracing::warn!(pool = %self.label, endpoint = %tracked.id, failures, ?duration, "endpoint ejected after consecutive failures");
+        self.metrics.ejected(&self.label);
+        self.publish();
+    }
+}
