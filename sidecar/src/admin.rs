@@ -115,6 +115,7 @@ async fn config(State(state): State<AdminState>) -> Json<Value> {
                         let (version, held) = router.route_status();
                         json!({ "version": version, "held": held })
                     }),
+                    "balancers": state.outbound.existing(&name).map(|router| router.balancers()),
                     "endpoints": config.endpoints.values().map(|e| json!({
                         "id": e.id,
                         "address": e.address,

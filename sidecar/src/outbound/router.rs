@@ -145,6 +145,13 @@ impl Router {
         (self.inner.table.load().as_ref().map(|t| t.version), lock(&self.inner.held).clone())
     }
 
+    /// What each of its balancers holds: algorithm, endpoints with their load and ejections.
+    pub fn balancers(&self) -> Value {
+        let balancers = lock(&self.inner.balancers);
+        let map: serde_json::Map<String, Value> = balancers.iter().map(|(backend, b)| (backend.to_string(), b.describe())).collect();
+        Value::Object(map)
+    }
+
     /// Why no route is in force, or `None` when one is.
     pub fn without_route(&self) -> Option<String> {
         self.inner.table.load().is_none().then(|| self.inner.why_no_route())
