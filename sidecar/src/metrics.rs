@@ -21,6 +21,8 @@ pub struct Metrics {
     pub config_updates: Family<ResultLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<DirectionLabels, Histogram>,
+    pub tcp_connections: Family<TcpLabels, Counter>,
+    pub tcp_connections_open: Family<ServiceLabels, Gauge>,
 }
 
 /// Whether a config push was applied.
@@ -43,6 +45,20 @@ pub struct DirectionLabels {
     pub direction: &'static str,
 }
 
+/// The fate of one connection accepted by a TCP upstream listener.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub service: Arc<str>,
+    /// `connected`, or why the connection could not be placed: `no_endpoints`,
+    /// `unknown_service`, `discovery_timeout`, `connect_failed`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: Arc<str>,
+}
+
 impl Metrics {
     /// Creates the metrics and registers them under the `ferry_` prefix.
     pub fn new(registry: &mut Registry) -> Self {
@@ -53,6 +69,8 @@ impl Metrics {
             config_updates: Family::default(),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.0, 18))),
+            tcp_connections: Family::default(),
+            tcp_connections_open: Family::default(),
         };
         metrics.health.register(registry);
         registry.register(
@@ -70,6 +88,16 @@ impl Metrics {
             "request_duration_seconds",
             "Time from a request's arrival to its response headers",
             metrics.request_duration.clone(),
+        );
+        registry.register(
+            "tcp_connections",
+            "Connections accepted by TCP upstream listeners, by service and outcome",
+            metrics.tcp_connections.clone(),
+        );
+        registry.register(
+            "tcp_connections_open",
+            "TCP upstream connections open now, by service",
+            metrics.tcp_connections_open.clone(),
         );
         metrics
     }
