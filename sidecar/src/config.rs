@@ -1,7 +1,7 @@
 //! The sidecar's command line. Every flag also reads a `FERRY_*` environment variable; values
 //! are parsed and checked here, before anything binds, and a bad one names its flag.
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use clap::Parser;
 use ferry_health::CheckSpec;
@@ -114,6 +114,11 @@ pub struct Config {
     /// sidecar holds, so lookups survive a control-plane outage.
     #[arg(long, env = "FERRY_DNS", value_parser = ferry_runtime::parse_listen_addr, value_name = "ADDR")]
     pub dns: Option<SocketAddr>,
+
+    /// Keep the last good config in this directory (created if missing) and start from it when
+    /// the control plane is unreachable; one directory per sidecar.
+    #[arg(long, env = "FERRY_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 
     /// TTL of the DNS answers.
     #[arg(long, env = "FERRY_DNS_TTL", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod proxy;
 pub mod sidecar;
+pub mod state;
 pub mod svc;
 pub mod tcp;
 

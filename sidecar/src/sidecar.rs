@@ -26,6 +26,7 @@ use crate::{
     inbound::{InFlight, Inbound},
     metrics::Metrics,
     outbound::{Outbound, OutboundConfig},
+    state::{self, StateDir},
     tcp::{TcpConfig, TcpUpstream},
 };
 
@@ -58,6 +59,8 @@ pub struct Sidecar {
     shutdown: CancellationToken,
     control: JoinHandle<()>,
     servers: Vec<JoinHandle<()>>,
+    /// The state dir's writer and restorer.
+    background: Vec<JoinHandle<()>>,
 }
 
 /// A per-upstream listener and what serves it.
@@ -73,6 +76,13 @@ async fn bind(flag: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
 impl Sidecar {
     /// Binds every listener, connects to the control plane in the background and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let state_dir = match &config.state_dir {
+            Some(dir) => Some(
+                StateDir::create(dir)
+                    .map_err(|e| ferry_runtime::UsageError(format!("--state-dir {}: cannot create it: {e}", dir.display())))?,
+            ),
+            None => None,
+        };
         let outbound_listener = bind("--outbound", config.outbound).await?;
         let admin_listener = bind("--admin", config.admin).await?;
         let inbound_listener = match &config.app {
@@ -186,6 +196,17 @@ impl Sidecar {
         let shutdown = CancellationToken::new();
         let shutdown_requested = CancellationToken::new();
         let status = Arc::new(ControlStatus::default());
+        // Before the config stream, so the writer sees every push.
+        let mut background = Vec::new();
+        if let Some(dir) = &state_dir {
+            background.push(tokio::spawn(state::keep(dir.clone(), catalog.clone(), metrics.clone(), shutdown.clone())));
+            background.push(tokio::spawn(state::restore_when_unreachable(
+                dir.clone(),
+                catalog.clone(),
+                status.clone(),
+                shutdown.clone(),
+            )));
+        }
         let control = tokio::spawn(control::run(
             ControlConfig {
                 url: config.control_plane.clone(),
@@ -244,6 +265,8 @@ impl Sidecar {
             health: health.clone(),
             shutdown: shutdown_requested.clone(),
             metrics: Arc::new(prometheus),
+            sidecar_metrics: metrics.clone(),
+            state_file: state_dir.as_ref().map(|dir| dir.file().to_path_buf()),
         });
         let admin_shutdown = shutdown.clone();
         servers.push(tokio::spawn(async move {
@@ -262,6 +285,7 @@ impl Sidecar {
             dns = %dns_addr.map_or("none".to_owned(), |a| a.to_string()),
             node = %node_id,
             instance = %instance.as_ref().map_or("none", |i| i.id.as_str()),
+            state = %state_dir.as_ref().map_or("none".to_owned(), |dir| dir.file().display().to_string()),
             "listening"
         );
         Ok(Self {
@@ -278,6 +302,7 @@ impl Sidecar {
             shutdown,
             control,
             servers,
+            background,
         })
     }
 
@@ -324,6 +349,10 @@ impl Sidecar {
         let _ = tokio::time::timeout(Duration::from_secs(3), self.control).await;
         for server in self.servers {
             let _ = server.await;
+        }
+        // The last config change is written before the sidecar exits.
+        for task in self.background {
+            let _ = task.await;
         }
     }
 }
