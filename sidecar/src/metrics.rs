@@ -62,6 +62,7 @@ pub struct TcpLabels {
     pub outcome: &'static str,
 }
 
+/// One service.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabels {
     pub service: Arc<str>,
