@@ -1,7 +1,11 @@
 //! The admin listener: `/ready`, `/live`, `/config`, `/metrics`; `PUT /ttl/{pass,warn,fail}` for
 //! the app to renew its TTL check; `POST /shutdown` to drain and stop.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use axum::{
     Json, Router,
@@ -18,8 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     catalog::{Catalog, ServiceState},
-    control::ControlStatus,
+    control::{ConfigSource, ControlStatus},
     health::AppHealth,
+    metrics::Metrics,
     outbound::Outbound,
 };
 
@@ -43,6 +48,10 @@ pub struct AdminState {
     /// Cancelled by `POST /shutdown`.
     pub shutdown: CancellationToken,
     pub metrics: Arc<prometheus_client::registry::Registry>,
+    /// The gauges computed at each scrape.
+    pub sidecar_metrics: Metrics,
+    /// The state file of `--state-dir`, if any.
+    pub state_file: Option<PathBuf>,
 }
 
 /// The admin router.
@@ -66,10 +75,12 @@ impl AdminState {
         if self.health.as_ref().is_some_and(|h| h.is_draining()) || self.shutdown.is_cancelled() {
             reasons.push("draining".to_owned());
         }
-        if control.last_contact.is_none() {
+        // Restored from --state-dir: serve on it until the control plane is back.
+        let from_state_dir = matches!(control.config_source, ConfigSource::StateDir { .. });
+        if control.last_contact.is_none() && !from_state_dir {
             reasons.push(format!("no config from the control plane at {} yet", self.control_plane));
         }
-        if self.has_app && control.registered.is_none() {
+        if self.has_app && control.registered.is_none() && !from_state_dir {
             reasons.push("the app's instance is not registered yet".to_owned());
         }
         for service in &self.declared {
@@ -137,6 +148,13 @@ async fn config(State(state): State<AdminState>) -> Json<Value> {
         "node_id": state.node_id,
         "instance": instance,
         "ready": state.not_ready().is_empty(),
+        "config_source": control.config_source.as_str(),
+        "last_contact_seconds_ago": control.config_age(SystemTime::now()).map(|age| age.as_secs_f64()),
+        "state_file": state.state_file.as_ref().map(|path| path.display().to_string()),
+        "restored_config_saved_at": match control.config_source {
+            ConfigSource::StateDir { saved_at } => Some(humantime::format_rfc3339_millis(saved_at).to_string()),
+            _ => None,
+        },
         "control_plane": {
             "url": state.control_plane,
             "connected": control.connected,
@@ -263,6 +281,7 @@ async fn shutdown(State(state): State<AdminState>) -> Response {
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
+    state.sidecar_metrics.observe_control(&state.control.get());
     let mut text = String::new();
     if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &state.metrics) {
         return (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {error}\n")).into_response();

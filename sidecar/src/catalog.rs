@@ -3,7 +3,8 @@
 //! Readers (the balancers) get a `watch::Receiver` per service and never lock anything on the
 //! request path. The control-plane client applies each push here atomically: the whole push is
 //! validated and every delta checked against the version held before anything is published, so
-//! a rejected push leaves the last good config untouched.
+//! a rejected push leaves the last good config untouched. A config saved in `--state-dir` is
+//! restored here too, only into services the control plane has not answered for.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -62,6 +63,8 @@ pub struct TooManyServices(pub usize);
 pub struct Catalog {
     services: Mutex<HashMap<Arc<str>, watch::Sender<ServiceState>>>,
     subscriptions_changed: Notify,
+    /// Counts the pushes applied, for whoever keeps a copy of the config.
+    applied: watch::Sender<u64>,
     max_services: usize,
 }
 
@@ -73,6 +76,38 @@ impl ServiceConfig {
     /// How many endpoints can take traffic.
     pub fn routable(&self) -> usize {
         self.endpoints.values().filter(|e| e.health.is_routable()).count()
+    }
+
+    /// The whole config as the control plane would push it from nothing: a snapshot of the
+    /// endpoints, the route and the policy, at its version.
+    pub fn to_resources(&self) -> v1::ServiceResources {
+        v1::ServiceResources {
+            service: self.name.to_string(),
+            version: self.version,
+            exists: self.exists,
+            endpoints: self.exists.then(|| {
+                Endpoints::Snapshot(v1::Endpoints {
+                    endpoints: self.endpoints.values().map(|e| v1::Endpoint::from(&**e)).collect(),
+                })
+            }),
+            route: Some(v1::RouteUpdate { route: self.route.as_deref().cloned() }),
+            policy: Some(v1::PolicyUpdate { policy: self.policy.as_deref().cloned() }),
+        }
+    }
+}
+
+impl From<&Endpoint> for v1::Endpoint {
+    fn from(endpoint: &Endpoint) -> Self {
+        Self {
+            id: endpoint.id.clone(),
+            address: endpoint.address.clone(),
+            port: u32::from(endpoint.port),
+            health: v1::Health::from(endpoint.health) as i32,
+            metadata: endpoint.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            region: endpoint.region.clone(),
+            zone: endpoint.zone.clone(),
+            weight: endpoint.weight,
+        }
     }
 }
 
@@ -97,7 +132,7 @@ impl TryFrom<&v1::Endpoint> for Endpoint {
 impl Catalog {
     /// An empty catalog that tracks at most `max_services` services.
     pub fn new(max_services: usize) -> Self {
-        Self { services: Mutex::default(), subscriptions_changed: Notify::new(), max_services }
+        Self { services: Mutex::default(), subscriptions_changed: Notify::new(), applied: watch::Sender::new(0), max_services }
     }
 
     /// The state of `service`, subscribing to it if this is the first time it is asked for.
@@ -148,30 +183,19 @@ impl Catalog {
         lock(&self.services).get(service).map(|sender| sender.borrow().clone())
     }
 
+    /// Changes every time a push is applied.
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
     /// Applies `push` whole or not at all.
     pub fn apply(&self, push: &v1::Push) -> Result<(), Rejection> {
-        let everything = || push.resources.iter().map(|r| r.service.clone()).collect();
         if push.nonce.is_empty() {
-            return Err(Rejection { error: "nonce: must not be empty".into(), services: everything() });
+            let services = push.resources.iter().map(|r| r.service.clone()).collect();
+            return Err(Rejection { error: "nonce: must not be empty".into(), services });
         }
         let mut services = lock(&self.services);
-        let mut updates = Vec::with_capacity(push.resources.len());
-        let mut seen = HashSet::with_capacity(push.resources.len());
-        for (i, resources) in push.resources.iter().enumerate() {
-            let reject = |error: validate::FieldError| Rejection {
-                error: error.within(&format!("resources[{i}]")).to_string(),
-                services: vec![resources.service.clone()],
-            };
-            validate::service_resources(resources).map_err(reject)?;
-            if !seen.insert(resources.service.as_str()) {
-                return Err(reject(validate::FieldError::new("service", "appears twice in one push")));
-            }
-            let held = services.get(resources.service.as_str()).and_then(|sender| match &*sender.borrow() {
-                ServiceState::Known(config) => Some(config.clone()),
-                ServiceState::Pending => None,
-            });
-            updates.push(next_config(resources, held.as_deref()).map_err(reject)?);
-        }
+        let updates = validated(&services, &push.resources, true)?;
         for config in updates {
             let name = config.name.clone();
             let state = ServiceState::Known(Arc::new(config));
@@ -184,8 +208,79 @@ impl Catalog {
                 }
             }
         }
+        drop(services);
+        self.applied.send_modify(|applied| *applied = applied.wrapping_add(1));
         Ok(())
     }
+
+    /// Restores a saved config, whole or not at all, into the services the control plane has
+    /// sent nothing for yet (its answers always win). Each service must be a full snapshot.
+    /// Returns the services restored; those new to the catalog are subscribed to.
+    pub fn restore(&self, resources: &[v1::ServiceResources]) -> Result<Vec<Arc<str>>, Rejection> {
+        let mut services = lock(&self.services);
+        let updates = validated(&services, resources, false)?;
+        let new = updates.iter().filter(|config| !services.contains_key(&config.name)).count();
+        if services.len() + new > self.max_services {
+            return Err(Rejection {
+                error: format!(
+                    "{} services would be more than the {} the sidecar tracks",
+                    services.len() + new,
+                    self.max_services
+                ),
+                services: Vec::new(),
+            });
+        }
+        let mut restored = Vec::with_capacity(updates.len());
+        for config in updates {
+            let name = config.name.clone();
+            let state = ServiceState::Known(Arc::new(config));
+            match services.get(&name) {
+                Some(sender) => {
+                    let pending = matches!(*sender.borrow(), ServiceState::Pending);
+                    if !pending {
+                        continue;
+                    }
+                    sender.send_replace(state);
+                }
+                None => {
+                    services.insert(name.clone(), watch::Sender::new(state));
+                }
+            }
+            restored.push(name);
+        }
+        drop(services);
+        if new > 0 {
+            self.subscriptions_changed.notify_one();
+        }
+        Ok(restored)
+    }
+}
+
+/// The config of each of `resources`, checked whole: built on the config held when `on_held`,
+/// from nothing otherwise.
+fn validated(
+    services: &HashMap<Arc<str>, watch::Sender<ServiceState>>,
+    resources: &[v1::ServiceResources],
+    on_held: bool,
+) -> Result<Vec<ServiceConfig>, Rejection> {
+    let mut updates = Vec::with_capacity(resources.len());
+    let mut seen = HashSet::with_capacity(resources.len());
+    for (i, resources) in resources.iter().enumerate() {
+        let reject = |error: validate::FieldError| Rejection {
+            error: error.within(&format!("resources[{i}]")).to_string(),
+            services: vec![resources.service.clone()],
+        };
+        validate::service_resources(resources).map_err(reject)?;
+        if !seen.insert(resources.service.as_str()) {
+            return Err(reject(validate::FieldError::new("service", "appears twice in one push")));
+        }
+        let held = services.get(resources.service.as_str()).filter(|_| on_held).and_then(|sender| match &*sender.borrow() {
+            ServiceState::Known(config) => Some(config.clone()),
+            ServiceState::Pending => None,
+        });
+        updates.push(next_config(resources, held.as_deref()).map_err(reject)?);
+    }
+    Ok(updates)
 }
 
 /// Why a push was not applied: the NACK's text and the services at fault.
@@ -348,6 +443,83 @@ mod tests {
         assert_eq!(rejection.services, ["catalog"], "only the resource at fault is named");
         assert_eq!(known(&catalog, "catalog").version, 5);
         assert!(catalog.state("inventory").is_none(), "no part of the push was applied");
+    }
+
+    #[test]
+    fn a_config_turned_back_into_resources_restores_the_same() {
+        let catalog = Catalog::new(16);
+        let mut resources = snapshot("catalog", 5, vec![endpoint("a", 8080), endpoint("b", 8081)]);
+        resources.endpoints = match resources.endpoints {
+            Some(Endpoints::Snapshot(mut set)) => {
+                set.endpoints[1].health = v1::Health::Warning as i32;
+                set.endpoints[1].metadata.insert("version".into(), "v2".into());
+                set.endpoints[1].zone = "eu-1a".into();
+                Some(Endpoints::Snapshot(set))
+            }
+            other => other,
+        };
+        resources.policy = Some(v1::PolicyUpdate {
+            policy: Some(v1::ServicePolicy {
+                service: "catalog".into(),
+                subsets: [("v2".to_owned(), v1::Subset { labels: [("version".to_owned(), "v2".to_owned())].into() })].into(),
+                ..Default::default()
+            }),
+        });
+        catalog.apply(&push(vec![resources, snapshot("ghost", 3, vec![])])).expect("applies");
+        let saved: Vec<_> = catalog
+            .states()
+            .into_values()
+            .filter_map(|s| match s {
+                ServiceState::Known(config) => Some(config.to_resources()),
+                ServiceState::Pending => None,
+            })
+            .collect();
+
+        let restored = Catalog::new(16);
+        let mut names = restored.restore(&saved).expect("restores");
+        names.sort();
+        assert_eq!(names, [Arc::from("catalog"), Arc::from("ghost")]);
+        assert_eq!(known(&restored, "catalog"), known(&catalog, "catalog"));
+        assert_eq!(known(&restored, "ghost"), known(&catalog, "ghost"));
+        assert!(!known(&restored, "ghost").exists);
+        assert_eq!(restored.versions(), catalog.versions());
+    }
+
+    #[test]
+    fn a_restore_never_replaces_what_the_control_plane_sent() {
+        let catalog = Catalog::new(16);
+        let _pending = catalog.watch("pending").expect("room");
+        catalog.apply(&push(vec![snapshot("catalog", 9, vec![endpoint("new", 8080)])])).expect("applies");
+        let applied = catalog.applied();
+        let saved = vec![
+            snapshot("catalog", 5, vec![endpoint("old", 8080)]),
+            snapshot("pending", 2, vec![endpoint("p", 8081)]),
+            snapshot("other", 4, vec![endpoint("o", 8082)]),
+        ];
+        let mut restored = catalog.restore(&saved).expect("restores");
+        restored.sort();
+        assert_eq!(restored, [Arc::from("other"), Arc::from("pending")]);
+        assert_eq!(known(&catalog, "catalog").version, 9, "the control plane's answer stays");
+        assert_eq!(known(&catalog, "pending").version, 2);
+        assert!(catalog.subscriptions().iter().any(|s| &**s == "other"), "restored services are subscribed to");
+        assert!(!applied.has_changed().expect("open"), "a restore is no push");
+
+        // Invalid saved config restores nothing.
+        let fresh = Catalog::new(16);
+        let bad = vec![snapshot("a", 1, vec![endpoint("a", 80)]), snapshot("b", 1, vec![endpoint("b", 0)])];
+        let rejection = fresh.restore(&bad).expect_err("port 0");
+        assert!(rejection.error.starts_with("resources[1].snapshot.endpoints[0].port"), "{rejection:?}");
+        assert!(fresh.states().is_empty());
+        let delta = v1::ServiceResources {
+            service: "a".into(),
+            version: 2,
+            exists: true,
+            endpoints: Some(Endpoints::Delta(v1::EndpointDelta { base_version: 1, ..Default::default() })),
+            ..Default::default()
+        };
+        assert!(fresh.restore(&[delta]).is_err(), "a delta has nothing to apply to");
+        let too_many: Vec<_> = (0..17).map(|i| snapshot(&format!("s{i}"), 1, vec![endpoint("e", 80)])).collect();
+        assert!(fresh.restore(&too_many).is_err());
     }
 
     #[test]

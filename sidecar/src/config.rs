@@ -1,7 +1,7 @@
 //! The sidecar's command line. Every flag also reads a `FERRY_*` environment variable; values
 //! are parsed and checked here, before anything binds, and a bad one names its flag.
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use clap::Parser;
 use ferry_health::CheckSpec;
@@ -54,8 +54,8 @@ pub struct Config {
     #[arg(long, env = "FERRY_ADVERTISE", value_parser = parse_address, value_name = "HOST")]
     pub advertise: Option<String>,
 
-    /// A local port for one upstream service; repeat for more.
-    #[arg(long = "upstream", env = "FERRY_UPSTREAM", value_delimiter = ';', value_parser = parse_upstream, value_name = "NAME=ADDR[,protocol=http]")]
+    /// A local port for one upstream service, HTTP (the default) or opaque TCP; repeat for more.
+    #[arg(long = "upstream", env = "FERRY_UPSTREAM", value_delimiter = ';', value_parser = parse_upstream, value_name = "NAME=ADDR[,protocol=http|tcp]")]
     pub upstreams: Vec<Upstream>,
 
     /// A metadata label of the instance, such as version=v2; repeat for more.
@@ -115,6 +115,11 @@ pub struct Config {
     #[arg(long, env = "FERRY_DNS", value_parser = ferry_runtime::parse_listen_addr, value_name = "ADDR")]
     pub dns: Option<SocketAddr>,
 
+    /// Keep the last good config in this directory (created if missing) and start from it when
+    /// the control plane is unreachable; one directory per sidecar.
+    #[arg(long, env = "FERRY_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
     /// TTL of the DNS answers.
     #[arg(long, env = "FERRY_DNS_TTL", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub dns_ttl: Duration,
@@ -136,6 +141,17 @@ pub struct HostPort {
 pub struct Upstream {
     pub service: Arc<str>,
     pub listen: SocketAddr,
+    pub protocol: UpstreamProtocol,
+}
+
+/// What an upstream listener carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, HTTP/2 and gRPC, proxied request by request with the service's route.
+    #[default]
+    Http,
+    /// Opaque bytes: each connection is relayed whole to one endpoint of the service.
+    Tcp,
 }
 
 impl Config {
@@ -212,19 +228,21 @@ pub fn parse_host_port(s: &str) -> Result<HostPort, String> {
 }
 
 fn parse_upstream(s: &str) -> Result<Upstream, String> {
-    let (name, rest) = s.split_once('=').ok_or("must be NAME=ADDR[,protocol=http]")?;
+    let (name, rest) = s.split_once('=').ok_or("must be NAME=ADDR[,protocol=http|tcp]")?;
     validate::service_name("name", name).map_err(|e| format!("the service {}", e.reason))?;
     let mut parts = rest.split(',');
     let addr = parts.next().unwrap_or_default();
     let listen: SocketAddr = addr.parse().map_err(|_| format!("{addr:?} is not an IP:PORT to listen on"))?;
+    let mut protocol = UpstreamProtocol::Http;
     for option in parts {
-        match option.split_once('=') {
-            Some(("protocol", "http")) => {}
-            Some(("protocol", "tcp")) => return Err("protocol=tcp (opaque TCP) is not supported yet; use protocol=http".into()),
-            _ => return Err(format!("unknown option {option:?}: expected protocol=http")),
-        }
+        protocol = match option.split_once('=') {
+            Some(("protocol", "http")) => UpstreamProtocol::Http,
+            Some(("protocol", "tcp")) => UpstreamProtocol::Tcp,
+            Some(("protocol", other)) => return Err(format!("unknown protocol {other:?}: expected http or tcp")),
+            _ => return Err(format!("unknown option {option:?}: expected protocol=http or protocol=tcp")),
+        };
     }
-    Ok(Upstream { service: name.into(), listen })
+    Ok(Upstream { service: name.into(), listen, protocol })
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
@@ -257,12 +275,17 @@ mod tests {
             "inventory=127.0.0.1:9001",
             "--upstream",
             "pricing=127.0.0.1:9002,protocol=http",
+            "--upstream",
+            "db=127.0.0.1:9003,protocol=tcp",
         ])
         .expect("parses");
         assert_eq!(config.app, Some(HostPort { host: "127.0.0.1".into(), port: 8080 }));
         assert_eq!(config.metadata_map().get("version").map(String::as_str), Some("v2"));
-        assert_eq!(config.upstreams.len(), 2);
+        assert_eq!(config.upstreams.len(), 3);
         assert_eq!(&*config.upstreams[1].service, "pricing");
+        assert_eq!(config.upstreams[0].protocol, UpstreamProtocol::Http);
+        assert_eq!(config.upstreams[1].protocol, UpstreamProtocol::Http);
+        assert_eq!(config.upstreams[2].protocol, UpstreamProtocol::Tcp);
     }
 
     #[test]
@@ -284,7 +307,8 @@ mod tests {
             (vec!["--service", "a", "--app", "nope"], "--app"),
             (vec!["--service", "a", "--app", "localhost:0"], "--app"),
             (vec!["--service", "a", "--upstream", "x"], "--upstream"),
-            (vec!["--service", "a", "--upstream", "db=127.0.0.1:9000,protocol=tcp"], "--upstream"),
+            (vec!["--service", "a", "--upstream", "db=127.0.0.1:9000,protocol=udp"], "--upstream"),
+            (vec!["--service", "a", "--upstream", "db=127.0.0.1:9000,mode=tcp"], "--upstream"),
             (vec!["--service", "a", "--meta", "novalue"], "--meta"),
             (vec!["--service", "a", "--control-plane", "ftp://x"], "--control-plane"),
             (vec!["--service", "a", "--connect-timeout", "soon"], "--connect-timeout"),

@@ -8,12 +8,12 @@
 
 use std::{
     collections::HashSet,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use ferry_proto::v1::{self, control_message, discovery_client::DiscoveryClient, sidecar_message};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
@@ -48,10 +48,10 @@ pub struct ControlConfig {
     pub backoff_max: Duration,
 }
 
-/// The stream's state, for `/ready`, `/config` and logs.
-#[derive(Debug, Default)]
+/// The stream's state, for `/ready`, `/config`, metrics and logs.
+#[derive(Debug)]
 pub struct ControlStatus {
-    inner: Mutex<ControlState>,
+    inner: watch::Sender<ControlState>,
 }
 
 /// A copy of the stream's state.
@@ -61,25 +61,78 @@ pub struct ControlState {
     /// The instance as the control plane registered it, once it has.
     pub registered: Option<v1::Instance>,
     pub server_id: String,
+    /// When the sidecar last heard from the control plane: its last message, or the moment a
+    /// stream that was up ended.
     pub last_contact: Option<SystemTime>,
     pub last_error: Option<String>,
     pub pushes_applied: u64,
     pub pushes_rejected: u64,
     pub last_rejection: Option<String>,
+    /// Where the config held comes from.
+    pub config_source: ConfigSource,
+}
+
+/// Where the config a sidecar holds comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// Nothing yet.
+    #[default]
+    None,
+    /// Pushes from the control plane.
+    ControlPlane,
+    /// The state file of `--state-dir`, written at `saved_at`: the control plane has not
+    /// answered since the sidecar started.
+    StateDir { saved_at: SystemTime },
+}
+
+impl ConfigSource {
+    /// Its name in `/config`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::ControlPlane => "control-plane",
+            Self::StateDir { .. } => "state-dir",
+        }
+    }
+}
+
+impl ControlState {
+    /// How old the config may be: zero while the stream is up (the control plane would have
+    /// pushed any change), otherwise the time since the last contact, or, for a config from the
+    /// state dir, since the file was written. `None` with no config at all.
+    pub fn config_age(&self, now: SystemTime) -> Option<Duration> {
+        if self.connected {
+            return Some(Duration::ZERO);
+        }
+        let since = match (self.last_contact, self.config_source) {
+            (Some(contact), _) => contact,
+            (None, ConfigSource::StateDir { saved_at }) => saved_at,
+            (None, _) => return None,
+        };
+        Some(now.duration_since(since).unwrap_or_default())
+    }
+}
+
+impl Default for ControlStatus {
+    fn default() -> Self {
+        Self { inner: watch::Sender::new(ControlState::default()) }
+    }
 }
 
 impl ControlStatus {
-    fn lock(&self) -> MutexGuard<'_, ControlState> {
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     /// A copy of the current state.
     pub fn get(&self) -> ControlState {
-        self.lock().clone()
+        self.inner.borrow().clone()
     }
 
-    fn update(&self, f: impl FnOnce(&mut ControlState)) {
-        f(&mut self.lock());
+    /// Sees every change of the state.
+    pub fn watch(&self) -> watch::Receiver<ControlState> {
+        self.inner.subscribe()
+    }
+
+    /// Changes the state.
+    pub fn update(&self, f: impl FnOnce(&mut ControlState)) {
+        self.inner.send_modify(f);
     }
 }
 
@@ -110,7 +163,13 @@ pub async fn run(
     loop {
         let mut welcomed = false;
         let result = stream(&config, &catalog, &status, &metrics, &shutdown, &mut welcomed).await;
-        status.update(|s| s.connected = false);
+        status.update(|s| {
+            // The stream was up until now.
+            if s.connected {
+                s.last_contact = Some(SystemTime::now());
+            }
+            s.connected = false;
+        });
         metrics.control_plane_connected.set(0);
         match result {
             Ok(()) => return,
@@ -221,12 +280,17 @@ async fn stream(
         Some(control_message::Message::Welcome(welcome)) => {
             *welcomed = true;
             tracing::info!(url = %config.url, server = %welcome.server_id, instance = welcome.instance.as_ref().map_or("none", |i| i.id.as_str()), "connected to the control plane");
+            // With nothing subscribed, no push follows: the welcome is the whole config.
+            let nothing_to_push = catalog.subscriptions().is_empty();
             status.update(|s| {
                 s.connected = true;
                 s.registered = welcome.instance.or(s.registered.take());
                 s.server_id = welcome.server_id;
                 s.last_contact = Some(SystemTime::now());
                 s.last_error = None;
+                if nothing_to_push {
+                    s.config_source = ConfigSource::ControlPlane;
+                }
             });
             metrics.control_plane_connected.set(1);
         }
@@ -300,7 +364,10 @@ async fn stream(
                     let answer = match catalog.apply(&push) {
                         Ok(()) => {
                             metrics.config_updates.get_or_create(&ResultLabels { result: "applied" }).inc();
-                            status.update(|s| s.pushes_applied += 1);
+                            status.update(|s| {
+                                s.pushes_applied += 1;
+                                s.config_source = ConfigSource::ControlPlane;
+                            });
                             tracing::debug!(nonce = %push.nonce, resources = push.resources.len(), "applied push");
                             sidecar_message::Message::Ack(v1::Ack { nonce: push.nonce })
                         }
@@ -324,6 +391,23 @@ async fn stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_config_is_as_old_as_the_last_contact_or_the_state_file() {
+        let now = SystemTime::now();
+        let mut state = ControlState::default();
+        assert_eq!(state.config_age(now), None, "no config at all");
+        let saved_at = now - Duration::from_secs(600);
+        state.config_source = ConfigSource::StateDir { saved_at };
+        assert_eq!(state.config_age(now), Some(Duration::from_secs(600)));
+        state.connected = true;
+        assert_eq!(state.config_age(now), Some(Duration::ZERO), "a live stream would have brought any change");
+        state.connected = false;
+        state.last_contact = Some(now - Duration::from_secs(7));
+        assert_eq!(state.config_age(now), Some(Duration::from_secs(7)));
+        state.last_contact = Some(now + Duration::from_secs(7));
+        assert_eq!(state.config_age(now), Some(Duration::ZERO), "a clock step back is no negative age");
+    }
 
     #[test]
     fn backoff_grows_with_jitter_up_to_the_cap() {

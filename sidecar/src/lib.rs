@@ -3,7 +3,8 @@
 //! It registers the app's instance with the control plane over a config stream, keeps the
 //! endpoints of the services the app calls, and proxies HTTP/1.1 and HTTP/2 (gRPC included):
 //! outbound from the app to the mesh, balanced over passing endpoints, and inbound from the mesh
-//! to the app. No request path depends on the control plane being up.
+//! to the app; and relays opaque TCP connections to services whose instances take raw TCP. No
+//! request path depends on the control plane being up.
 
 #![forbid(unsafe_code)]
 
@@ -22,7 +23,9 @@ pub mod metrics;
 pub mod outbound;
 pub mod proxy;
 pub mod sidecar;
+pub mod state;
 pub mod svc;
+pub mod tcp;
 
 use crate::config::Config;
 pub use crate::sidecar::Sidecar;

@@ -1,6 +1,9 @@
 //! The sidecar's Prometheus metrics.
 
-use std::sync::Arc;
+use std::{
+    sync::{Arc, atomic::AtomicU64},
+    time::SystemTime,
+};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -22,6 +25,13 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<DirectionLabels, Histogram>,
     pub balance: crate::outbound::balance::BalanceMetrics,
+    pub tcp_connections: Family<TcpLabels, Counter>,
+    pub tcp_connections_open: Family<ServiceLabels, Gauge>,
+    /// Set at each scrape, from the control stream's state.
+    pub config_age_seconds: Gauge<f64, AtomicU64>,
+    /// Set at each scrape, from the control stream's state.
+    pub config_from_state_dir: Gauge,
+    pub state_writes: Family<ResultLabels, Counter>,
 }
 
 /// Whether a config push was applied.
@@ -44,6 +54,21 @@ pub struct DirectionLabels {
     pub direction: &'static str,
 }
 
+/// The fate of one connection accepted by a TCP upstream listener.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub service: Arc<str>,
+    /// `connected`, or why the connection could not be placed: `no_endpoints`,
+    /// `unknown_service`, `discovery_timeout`, `connect_failed`.
+    pub outcome: &'static str,
+}
+
+/// One service.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: Arc<str>,
+}
+
 impl Metrics {
     /// Creates the metrics and registers them under the `ferry_` prefix.
     pub fn new(registry: &mut Registry) -> Self {
@@ -55,6 +80,11 @@ impl Metrics {
             requests: Family::default(),
             request_duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.0, 18))),
             balance: Default::default(),
+            tcp_connections: Family::default(),
+            tcp_connections_open: Family::default(),
+            config_age_seconds: Gauge::default(),
+            config_from_state_dir: Gauge::default(),
+            state_writes: Family::default(),
         };
         metrics.balance.register(registry);
         metrics.health.register(registry);
@@ -74,7 +104,41 @@ impl Metrics {
             "Time from a request's arrival to its response headers",
             metrics.request_duration.clone(),
         );
+        registry.register(
+            "tcp_connections",
+            "Connections accepted by TCP upstream listeners, by service and outcome",
+            metrics.tcp_connections.clone(),
+        );
+        registry.register(
+            "tcp_connections_open",
+            "TCP upstream connections open now, by service",
+            metrics.tcp_connections_open.clone(),
+        );
+        registry.register(
+            "config_age_seconds",
+            "How old the config may be: 0 while the config stream is up, else seconds since the control plane was last heard from \
+             (or since the state file was written, for a config from --state-dir); +Inf with no config",
+            metrics.config_age_seconds.clone(),
+        );
+        registry.register(
+            "config_from_state_dir",
+            "1 while the config held was restored from --state-dir and the control plane has not answered since",
+            metrics.config_from_state_dir.clone(),
+        );
+        registry.register(
+            "state_writes",
+            "Writes of the config to --state-dir, by whether they succeeded",
+            metrics.state_writes.clone(),
+        );
         metrics
+    }
+
+    /// Brings the gauges computed from the control stream's state up to date, before a scrape.
+    pub fn observe_control(&self, state: &crate::control::ControlState) {
+        let age = state.config_age(SystemTime::now()).map_or(f64::INFINITY, |age| age.as_secs_f64());
+        self.config_age_seconds.set(age);
+        let from_state_dir = matches!(state.config_source, crate::control::ConfigSource::StateDir { .. });
+        self.config_from_state_dir.set(i64::from(from_state_dir));
     }
 
     /// Counts one request and its latency.

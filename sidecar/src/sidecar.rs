@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     admin::{self, AdminState},
     catalog::Catalog,
-    config::Config,
+    config::{Config, UpstreamProtocol},
     control::{self, ControlConfig, ControlStatus},
     dns::CatalogDirectory,
     health::AppHealth,
@@ -26,6 +26,8 @@ use crate::{
     inbound::{InFlight, Inbound},
     metrics::Metrics,
     outbound::{Outbound, OutboundConfig},
+    state::{self, StateDir},
+    tcp::{TcpConfig, TcpUpstream},
 };
 
 /// The most services one sidecar tracks, declared and on demand together.
@@ -57,6 +59,14 @@ pub struct Sidecar {
     shutdown: CancellationToken,
     control: JoinHandle<()>,
     servers: Vec<JoinHandle<()>>,
+    /// The state dir's writer and restorer.
+    background: Vec<JoinHandle<()>>,
+}
+
+/// A per-upstream listener and what serves it.
+enum UpstreamServer {
+    Http(Outbound, TcpListener),
+    Tcp(TcpUpstream, TcpListener),
 }
 
 async fn bind(flag: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -66,6 +76,13 @@ async fn bind(flag: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
 impl Sidecar {
     /// Binds every listener, connects to the control plane in the background and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let state_dir = match &config.state_dir {
+            Some(dir) => Some(
+                StateDir::create(dir)
+                    .map_err(|e| ferry_runtime::UsageError(format!("--state-dir {}: cannot create it: {e}", dir.display())))?,
+            ),
+            None => None,
+        };
         let outbound_listener = bind("--outbound", config.outbound).await?;
         let admin_listener = bind("--admin", config.admin).await?;
         let inbound_listener = match &config.app {
@@ -74,7 +91,7 @@ impl Sidecar {
         };
         let mut upstream_listeners = Vec::with_capacity(config.upstreams.len());
         for upstream in &config.upstreams {
-            upstream_listeners.push((upstream.service.clone(), bind("--upstream", upstream.listen).await?));
+            upstream_listeners.push((upstream.clone(), bind("--upstream", upstream.listen).await?));
         }
         let dns_sockets = match config.dns {
             Some(addr) => Some(ferry_dns::bind(addr).await.with_context(|| format!("binding --dns {addr}"))?),
@@ -86,7 +103,7 @@ impl Sidecar {
         let inbound_addr = inbound_listener.as_ref().map(TcpListener::local_addr).transpose()?;
         let dns_addr = dns_sockets.as_ref().map(|(udp, _)| udp.local_addr()).transpose()?;
         let upstream_addrs: Vec<(Arc<str>, SocketAddr)> =
-            upstream_listeners.iter().map(|(name, l)| Ok((name.clone(), l.local_addr()?))).collect::<std::io::Result<_>>()?;
+            upstream_listeners.iter().map(|(u, l)| Ok((u.service.clone(), l.local_addr()?))).collect::<std::io::Result<_>>()?;
 
         let mut prometheus = prometheus_client::registry::Registry::default();
         let metrics = Metrics::new(&mut prometheus);
@@ -152,14 +169,46 @@ impl Sidecar {
             // A gateway needs its route before it is ready.
             declared.push(config.service.as_str().into());
         }
-        // Declared upstreams are subscribed from the start, not on their first request.
-        for service in &declared {
-            outbound.destination(service).map_err(|e| anyhow::anyhow!("{service}: {e}"))?;
+        // Declared upstreams are subscribed from the start, not on their first request: TCP ones
+        // through the catalog alone, HTTP ones (and a gateway's own service) with their stack.
+        let tcp_config = TcpConfig {
+            discovery_timeout: config.discovery_timeout,
+            connect_timeout: config.connect_timeout,
+            keepalive: client_config.tcp_keepalive,
+        };
+        let mut upstream_servers = Vec::with_capacity(upstream_listeners.len());
+        for (upstream, listener) in upstream_listeners {
+            let service = upstream.service;
+            let server = match upstream.protocol {
+                UpstreamProtocol::Tcp => {
+                    let state = catalog.watch(&service).map_err(|e| anyhow::anyhow!("{service}: {e}"))?;
+                    UpstreamServer::Tcp(TcpUpstream::new(service, state, tcp_config.clone(), metrics.clone()), listener)
+                }
+                UpstreamProtocol::Http => {
+                    outbound.destination(&service).map_err(|e| anyhow::anyhow!("{service}: {e}"))?;
+                    UpstreamServer::Http(outbound.fixed(service), listener)
+                }
+            };
+            upstream_servers.push(server);
+        }
+        if config.gateway {
+            outbound.destination(&config.service).map_err(|e| anyhow::anyhow!("{}: {e}", config.service))?;
         }
 
         let shutdown = CancellationToken::new();
         let shutdown_requested = CancellationToken::new();
         let status = Arc::new(ControlStatus::default());
+        // Before the config stream, so the writer sees every push.
+        let mut background = Vec::new();
+        if let Some(dir) = &state_dir {
+            background.push(tokio::spawn(state::keep(dir.clone(), catalog.clone(), metrics.clone(), shutdown.clone())));
+            background.push(tokio::spawn(state::restore_when_unreachable(
+                dir.clone(),
+                catalog.clone(),
+                status.clone(),
+                shutdown.clone(),
+            )));
+        }
         let control = tokio::spawn(control::run(
             ControlConfig {
                 url: config.control_plane.clone(),
@@ -182,8 +231,13 @@ impl Sidecar {
         let mut servers = Vec::new();
         let edge = if config.gateway { outbound.fixed(service.clone()) } else { outbound.clone() };
         servers.push(tokio::spawn(http::server::serve("outbound", outbound_listener, edge, shutdown.clone(), CLOSE)));
-        for (name, listener) in upstream_listeners {
-            servers.push(tokio::spawn(http::server::serve("upstream", listener, outbound.fixed(name), shutdown.clone(), CLOSE)));
+        for server in upstream_servers {
+            servers.push(match server {
+                UpstreamServer::Http(outbound, listener) => {
+                    tokio::spawn(http::server::serve("upstream", listener, outbound, shutdown.clone(), CLOSE))
+                }
+                UpstreamServer::Tcp(upstream, listener) => tokio::spawn(upstream.serve(listener, shutdown.clone(), CLOSE)),
+            });
         }
         if let (Some(listener), Some(app)) = (inbound_listener, &config.app) {
             let client = Client::new(app.host.clone(), app.port, client_config);
@@ -213,6 +267,8 @@ impl Sidecar {
             health: health.clone(),
             shutdown: shutdown_requested.clone(),
             metrics: Arc::new(prometheus),
+            sidecar_metrics: metrics.clone(),
+            state_file: state_dir.as_ref().map(|dir| dir.file().to_path_buf()),
         });
         let admin_shutdown = shutdown.clone();
         servers.push(tokio::spawn(async move {
@@ -231,6 +287,7 @@ impl Sidecar {
             dns = %dns_addr.map_or("none".to_owned(), |a| a.to_string()),
             node = %node_id,
             instance = %instance.as_ref().map_or("none", |i| i.id.as_str()),
+            state = %state_dir.as_ref().map_or("none".to_owned(), |dir| dir.file().display().to_string()),
             "listening"
         );
         Ok(Self {
@@ -247,6 +304,7 @@ impl Sidecar {
             shutdown,
             control,
             servers,
+            background,
         })
     }
 
@@ -293,6 +351,10 @@ impl Sidecar {
         let _ = tokio::time::timeout(Duration::from_secs(3), self.control).await;
         for server in self.servers {
             let _ = server.await;
+        }
+        // The last config change is written before the sidecar exits.
+        for task in self.background {
+            let _ = task.await;
         }
     }
 }

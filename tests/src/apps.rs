@@ -1,5 +1,5 @@
 //! Apps that stand behind sidecars in the tests: an HTTP app that says who it is and what it
-//! saw, and a gRPC app serving `grpc.health.v1`.
+//! saw, a gRPC app serving `grpc.health.v1`, and a TCP echo app.
 
 use std::{
     convert::Infallible,
@@ -327,6 +327,55 @@ impl RecordingApp {
 }
 
 impl Drop for RecordingApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A TCP app that echoes every byte back on each connection until the client closes, and counts
+/// the connections it accepted and those still open.
+pub struct TcpEchoApp {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicU64>,
+    open: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl TcpEchoApp {
+    /// Starts the app on a free loopback port.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (accepted, open) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (app_accepted, app_open) = (accepted.clone(), open.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else { continue };
+                app_accepted.fetch_add(1, Ordering::Relaxed);
+                app_open.fetch_add(1, Ordering::Relaxed);
+                let open = app_open.clone();
+                tokio::spawn(async move {
+                    let (mut read, mut write) = stream.split();
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                    open.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+        });
+        Self { addr, accepted, open, task }
+    }
+
+    /// How many connections it has accepted.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// How many connections are open now.
+    pub fn open(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for TcpEchoApp {
     fn drop(&mut self) {
         self.task.abort();
     }

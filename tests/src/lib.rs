@@ -265,6 +265,17 @@ impl Sidecar {
         Self { process, outbound, admin, inbound }
     }
 
+    /// The address of the `--upstream` listener of `service`, from the "listening" line
+    /// (`upstreams=NAME@ADDR,...`).
+    pub fn upstream(&self, service: &str) -> SocketAddr {
+        let upstreams = self.process.bound.get("upstreams").unwrap_or_else(|| panic!("no upstreams reported"));
+        let addr = upstreams
+            .split(',')
+            .find_map(|u| u.strip_prefix(service)?.strip_prefix('@'))
+            .unwrap_or_else(|| panic!("no upstream {service} in {upstreams}"));
+        addr.parse().unwrap_or_else(|_| panic!("upstream {service}: {addr}"))
+    }
+
     /// Waits until `/ready` answers 200.
     pub async fn wait_ready(&self) {
         let url = format!("http://{}/ready", self.admin);
