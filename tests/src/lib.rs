@@ -23,6 +23,7 @@ use tokio::{
 pub mod apps;
 pub mod client;
 pub mod dns;
+pub mod faulty;
 
 /// The longest any wait in a test may take before it fails.
 pub const PATIENCE: Duration = Duration::from_secs(20);
