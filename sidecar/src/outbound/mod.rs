@@ -32,6 +32,8 @@ use crate::{
 
 pub mod attempt;
 pub mod balance;
+pub mod budget;
+pub mod limit;
 pub mod policy;
 pub mod route;
 pub mod router;
