@@ -23,7 +23,7 @@ use crate::{
     catalog::{Catalog, Endpoint},
     errors::{ResponseTimeout, Unsupported, is_grpc},
     http::{
-        Body, BoxError, boxed,
+        Body, BoxError,
         client::{Client, ClientConfig},
     },
     metrics::Metrics,
@@ -79,7 +79,7 @@ impl Service<Request<Body>> for EndpointService {
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let client = self.client.clone();
-        async move { Ok(client.send(request).await?.map(boxed)) }.boxed()
+        async move { client.send(request).await }.boxed()
     }
 }
 
