@@ -204,18 +204,29 @@ impl Router {
             None if inner.gateway => &[],
             None => &default_backend[..],
         };
+        let retries = match rule {
+            Some(rule) => Some(rule.retries.as_ref().unwrap_or(&inner.default_retries)),
+            None if inner.gateway => None,
+            None => Some(&inner.default_retries),
+        };
+        let own = inner.guards.get(&inner.service);
+        own.follow(&inner.state);
         let total: u32 = backends.iter().map(|b| b.weight).sum();
         let backends: Vec<Value> = backends
             .iter()
             .map(|b| {
-                let routable = inner.balancer(&b.backend).ok().and_then(|backend| backend.balance.routable());
+                let built = inner.balancer(&b.backend).ok();
                 json!({
                     "backend": b.backend.to_string(),
                     "service": &*b.backend.service,
                     "subset": b.backend.subset.as_deref(),
                     "weight": b.weight,
                     "share_percent": if total == 0 { 0.0 } else { f64::from(b.weight) * 100.0 / f64::from(total) },
-                    "routable_endpoints": routable,
+                    "routable_endpoints": built.as_ref().and_then(|built| built.balance.routable()),
+                    "circuit_breaker": built.map(|built| {
+                        built.guard.follow(&built.state);
+                        breaker(&built.guard)
+                    }),
                 })
             })
             .collect();
@@ -226,11 +237,21 @@ impl Router {
             "rule": rule.map(|r| json!({ "index": r.index, "name": r.name, "label": r.label() })),
             "backends": backends,
             "timeout": rule.and_then(|r| r.timeout).map(|t| humantime::format_duration(t).to_string()),
-            "retries": rule.and_then(|r| r.retries.as_ref()).map(|r| json!({
+            "retries": retries.map(|r| json!({
                 "attempts": r.attempts,
                 "per_try_timeout": r.per_try_timeout.map(|t| humantime::format_duration(t).to_string()),
                 "on": r.describe(),
+                "default": rule.is_none_or(|r| r.retries.is_none()),
+                "grpc_idempotent_only": r.grpc_idempotent_only,
             })),
+            "retry_budget": json!({
+                "ratio": own.budget.settings().ratio,
+                "min_per_second": own.budget.settings().min_per_second,
+                "window": humantime::format_duration(own.budget.settings().window).to_string(),
+                "requests_in_window": own.budget.counts().0,
+                "retries_in_window": own.budget.counts().1,
+            }),
+            "circuit_breaker": breaker(&own),
             "fault": rule.map(|r| json!({
                 "delay": r.delay.map(|(p, d)| json!({ "percent": p, "duration": humantime::format_duration(d).to_string() })),
                 "abort": r.abort.map(|(p, s)| json!({ "percent": p, "status": s })),
@@ -246,6 +267,18 @@ impl Router {
             "host": info.host,
         })
     }
+}
+
+/// A circuit breaker's limits and its current use, for `/explain`.
+fn breaker(guard: &Guard) -> Value {
+    let limits = guard.limit.limits();
+    json!({
+        "service": &*guard.service,
+        "max_concurrent": limits.max_concurrent,
+        "max_pending": limits.max_pending,
+        "in_flight": guard.limit.in_flight(),
+        "pending": guard.limit.pending(),
+    })
 }
 
 /// Re-evaluates the route whenever the service, or a service its route uses, changes.
