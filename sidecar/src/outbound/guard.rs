@@ -29,8 +29,11 @@ pub struct Guards {
 
 /// The retry budget and circuit breaker of one destination service.
 pub struct Guard {
+    /// The destination service.
     pub service: Arc<str>,
+    /// Charged by every retry decision.
     pub budget: RetryBudget,
+    /// Taken by every attempt.
     pub limit: Arc<ConcurrencyLimit>,
     /// The policy version they follow; `u64::MAX` before the first.
     version: AtomicU64,

@@ -126,7 +126,9 @@ fn never_processed(error: &(dyn std::error::Error + 'static)) -> bool {
 /// 2015): before retry `n` (from 1), a random wait between 0 and `base × 2ⁿ⁻¹`, at most `cap`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
+    /// The longest wait before the first retry.
     pub base: Duration,
+    /// The longest wait before any retry.
     pub cap: Duration,
 }
 
@@ -154,7 +156,9 @@ pub type Sent = (Arc<Guard>, BoxFuture<'static, Result<Response<Body>, BoxError>
 
 /// How one request's attempts run.
 pub struct Attempts<'a> {
+    /// How many attempts in all, and on which failures.
     pub retries: &'a Retries,
+    /// The wait between attempts.
     pub backoff: Backoff,
     /// No retry starts, its backoff included, that would begin past this.
     pub deadline: Option<Instant>,
