@@ -87,6 +87,11 @@ pub struct Config {
     #[arg(long, env = "FERRY_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub connect_timeout: Duration,
 
+    /// How long a pooled connection to an endpoint or to the app may sit unused before it is
+    /// closed.
+    #[arg(long, env = "FERRY_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub idle_timeout: Duration,
+
     /// How long to wait for an upstream's response headers (none by default).
     #[arg(long, env = "FERRY_RESPONSE_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub response_timeout: Option<Duration>,

@@ -84,6 +84,18 @@ pub struct AppUnreachable(#[source] pub BoxError);
 #[error("the app failed: {0}")]
 pub struct AppFailed(#[source] pub BoxError);
 
+/// The calling sidecar's circuit breaker for the service is full: every slot is in use and the
+/// queue for them too, so the request was shed without being sent.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{service} already has {max_concurrent} requests in flight and {max_pending} waiting from this sidecar (its circuit breaker's limits)"
+)]
+pub struct Overloaded {
+    pub service: Arc<str>,
+    pub max_concurrent: usize,
+    pub max_pending: usize,
+}
+
 /// A request the proxy does not handle, such as CONNECT.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -128,6 +140,11 @@ pub fn reason(error: &(dyn StdError + 'static)) -> Reason {
         }
         if error.is::<ResponseTimeout>() {
             return reason("upstream_timeout", StatusCode::GATEWAY_TIMEOUT, DEADLINE_EXCEEDED);
+        }
+        if error.is::<Overloaded>() {
+            // UNAVAILABLE rather than RESOURCE_EXHAUSTED: gRPC clients retry it, and another
+            // sidecar (or this one, a moment later) may well have room.
+            return reason("overloaded", StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE);
         }
         if error.is::<AppUnreachable>() {
             return reason("app_unreachable", StatusCode::BAD_GATEWAY, UNAVAILABLE);
@@ -217,6 +234,15 @@ mod tests {
         struct Wrapper(#[source] BoxError);
         let error: BoxError = Box::new(Wrapper(Box::new(ResponseTimeout(Duration::from_secs(2)))));
         assert_eq!(reason(error.as_ref()).code, "upstream_timeout");
+    }
+
+    #[test]
+    fn shed_requests_are_503_overloaded_and_grpc_unavailable() {
+        let error: BoxError = Box::new(Overloaded { service: "catalog".into(), max_concurrent: 1, max_pending: 0 });
+        let response = synthetic_response(&error, false);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(response.headers()[FERRY_ERROR].to_str().expect("ascii").starts_with("overloaded: catalog already has 1"));
+        assert_eq!(synthetic_response(&error, true).headers()["grpc-status"], "14");
     }
 
     #[test]

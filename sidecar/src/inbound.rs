@@ -3,7 +3,11 @@
 //! The address the registry publishes for the app's instance is this listener's, so mesh traffic
 //! arrives here and is forwarded to `--app` in the protocol it came in. When the app cannot be
 //! reached the answer says so (`x-ferry-error: app_unreachable`), which tells the calling sidecar
-//! the request never got to the app.
+//! the request never got to the app, so that it may try another instance whatever the method.
+//! For that answer to be trusted, `x-ferry-error` leaves this listener only on answers this
+//! sidecar made: one in the app's own response (an app relaying an answer its own sidecar gave
+//! it) is renamed `x-ferry-upstream-error`. The request's `x-ferry-attempt` reaches the app as
+//! it came.
 
 use std::{
     convert::Infallible,
@@ -21,7 +25,7 @@ use hyper::body::Incoming;
 use tower::Service;
 
 use crate::{
-    errors::{AppFailed, AppUnreachable, is_grpc},
+    errors::{AppFailed, AppUnreachable, FERRY_ERROR, is_grpc},
     http::{
         Body, BoxError, Guarded, boxed,
         client::{Client, ConnectError},
@@ -29,6 +33,9 @@ use crate::{
     metrics::Metrics,
     proxy::{forwardable, respond},
 };
+
+/// Where an app's own `x-ferry-error` goes, so that the header always means this sidecar.
+pub const UPSTREAM_ERROR: &str = "x-ferry-upstream-error";
 
 /// The inbound proxy service. Cheap to clone.
 #[derive(Clone)]
@@ -72,7 +79,12 @@ impl Inbound {
     async fn forward(&self, request: Request<Incoming>, in_flight: InFlightGuard) -> Result<Response<Body>, BoxError> {
         match self.app.send(forwardable(request)).await {
             // In flight until the whole body is sent, so a drain does not cut a stream short.
-            Ok(response) => Ok(response.map(|body| boxed(Guarded::new(body, in_flight)))),
+            Ok(mut response) => {
+                if let Some(relayed) = response.headers_mut().remove(FERRY_ERROR) {
+                    response.headers_mut().insert(UPSTREAM_ERROR, relayed);
+                }
+                Ok(response.map(|body| boxed(Guarded::new(body, in_flight))))
+            }
             Err(error) if error.is::<ConnectError>() => Err(Box::new(AppUnreachable(error))),
             Err(error) => Err(Box::new(AppFailed(error))),
         }

@@ -32,6 +32,10 @@ pub struct Metrics {
     /// Set at each scrape, from the control stream's state.
     pub config_from_state_dir: Gauge,
     pub state_writes: Family<ResultLabels, Counter>,
+    pub retries: Family<RetryLabels, Counter>,
+    pub retries_refused: Family<DestinationLabels, Counter>,
+    pub requests_shed: Family<DestinationLabels, Counter>,
+    pub requests_in_flight: Family<DestinationLabels, Gauge>,
 }
 
 /// Whether a config push was applied.
@@ -45,6 +49,9 @@ pub struct ResultLabels {
 pub struct RequestLabels {
     pub direction: &'static str,
     pub service: Arc<str>,
+    /// The route rule that sent the request (`rules[0] (canary)`), `default` when no rule
+    /// matched or the service has no route, `-` when the request never reached a router.
+    pub route: Arc<str>,
     /// `2xx`..`5xx`, or the `x-ferry-error` reason code of a response the proxy made itself.
     pub status: &'static str,
 }
@@ -52,6 +59,7 @@ pub struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
     pub direction: &'static str,
+    pub service: Arc<str>,
 }
 
 /// The fate of one connection accepted by a TCP upstream listener.
@@ -69,6 +77,26 @@ pub struct ServiceLabels {
     pub service: Arc<str>,
 }
 
+/// Retries of requests to one destination service, by why they were retried.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub service: Arc<str>,
+    /// `connect_failure`, `refused_stream`, `app_unreachable`, `reset`, `timeout`, `status`,
+    /// `grpc_status`.
+    pub reason: &'static str,
+}
+
+/// One destination service of the outbound proxy.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationLabels {
+    pub service: Arc<str>,
+}
+
+/// The route rule that handled an outbound request, put in its response's extensions for the
+/// `route` label.
+#[derive(Clone, Debug)]
+pub struct RouteLabel(pub Arc<str>);
+
 impl Metrics {
     /// Creates the metrics and registers them under the `ferry_` prefix.
     pub fn new(registry: &mut Registry) -> Self {
@@ -85,6 +113,10 @@ impl Metrics {
             config_age_seconds: Gauge::default(),
             config_from_state_dir: Gauge::default(),
             state_writes: Family::default(),
+            retries: Family::default(),
+            retries_refused: Family::default(),
+            requests_shed: Family::default(),
+            requests_in_flight: Family::default(),
         };
         metrics.balance.register(registry);
         metrics.health.register(registry);
@@ -98,7 +130,7 @@ impl Metrics {
             "Config pushes received, by whether they were applied",
             metrics.config_updates.clone(),
         );
-        registry.register("requests", "Requests proxied, by direction, service and status", metrics.requests.clone());
+        registry.register("requests", "Requests proxied, by direction, service, route rule and status", metrics.requests.clone());
         registry.register(
             "request_duration_seconds",
             "Time from a request's arrival to its response headers",
@@ -130,6 +162,22 @@ impl Metrics {
             "Writes of the config to --state-dir, by whether they succeeded",
             metrics.state_writes.clone(),
         );
+        registry.register("retries", "Outbound retries sent, by destination service and why", metrics.retries.clone());
+        registry.register(
+            "retries_refused",
+            "Outbound retries the destination's retry budget refused (the last attempt's answer was returned)",
+            metrics.retries_refused.clone(),
+        );
+        registry.register(
+            "requests_shed",
+            "Outbound requests failed at once with 503 overloaded: the destination's circuit breaker was full",
+            metrics.requests_shed.clone(),
+        );
+        registry.register(
+            "requests_in_flight",
+            "Outbound requests holding a slot of the destination's circuit breaker: dispatched, body not ended",
+            metrics.requests_in_flight.clone(),
+        );
         metrics
     }
 
@@ -142,9 +190,18 @@ impl Metrics {
     }
 
     /// Counts one request and its latency.
-    pub fn record(&self, direction: &'static str, service: Arc<str>, status: &'static str, elapsed: std::time::Duration) {
-        self.requests.get_or_create(&RequestLabels { direction, service, status }).inc();
-        self.request_duration.get_or_create(&DirectionLabels { direction }).observe(elapsed.as_secs_f64());
+    pub fn record(
+        &self,
+        direction: &'static str,
+        service: Arc<str>,
+        route: Arc<str>,
+        status: &'static str,
+        elapsed: std::time::Duration,
+    ) {
+        self.request_duration
+            .get_or_create(&DirectionLabels { direction, service: service.clone() })
+            .observe(elapsed.as_secs_f64());
+        self.requests.get_or_create(&RequestLabels { direction, service, route, status }).inc();
     }
 
     /// Metrics registered nowhere, for tests.

@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use crate::{
     errors::{self, FERRY_ERROR},
     http::{Body, BoxError, boxed, strip_hop_by_hop},
-    metrics::Metrics,
+    metrics::{Metrics, RouteLabel},
 };
 
 /// The request as it goes on to the next hop.
@@ -52,6 +52,10 @@ pub fn respond(
     started: Instant,
     result: Result<Response<Body>, BoxError>,
 ) -> Response<Body> {
+    let route = match &result {
+        Ok(response) => response.extensions().get::<RouteLabel>().map_or_else(|| Arc::from("-"), |r| r.0.clone()),
+        Err(_) => Arc::from("-"),
+    };
     let (response, synthetic) = match result {
         Ok(response) => (returnable(response), None),
         Err(error) => {
@@ -61,6 +65,6 @@ pub fn respond(
         }
     };
     debug_assert!(synthetic.is_none() || response.headers().contains_key(FERRY_ERROR));
-    metrics.record(direction, service, status_label(&response, synthetic), started.elapsed());
+    metrics.record(direction, service, route, status_label(&response, synthetic), started.elapsed());
     response
 }

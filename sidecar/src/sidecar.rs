@@ -151,7 +151,8 @@ impl Sidecar {
             .unwrap_or_else(|| format!("{}-{:08x}", config.service, rand::random::<u32>()));
 
         let catalog = Arc::new(Catalog::new(MAX_SERVICES));
-        let client_config = ClientConfig { connect_timeout: config.connect_timeout, ..Default::default() };
+        let client_config =
+            ClientConfig { connect_timeout: config.connect_timeout, idle_timeout: config.idle_timeout, ..Default::default() };
         let outbound = Outbound::new(
             catalog.clone(),
             OutboundConfig {

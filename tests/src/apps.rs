@@ -380,3 +380,83 @@ impl Drop for TcpEchoApp {
         self.task.abort();
     }
 }
+
+/// An HTTP app that holds every request (but `/healthz`) until [`HoldingApp::release`]: the
+/// slow upstream of circuit-breaker and timeout tests, without a fixed delay. On `/stream` it
+/// answers at once with headers and a first chunk (`first,`), and holds only the rest of the
+/// body (`last`).
+pub struct HoldingApp {
+    pub addr: SocketAddr,
+    arrived: Arc<AtomicU64>,
+    released: tokio::sync::watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+type HeldBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+impl HoldingApp {
+    /// Starts the app on a free loopback port.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let arrived = Arc::new(AtomicU64::new(0));
+        let released = tokio::sync::watch::Sender::new(false);
+        let (app_arrived, app_released) = (arrived.clone(), released.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (arrived, released) = (app_arrived.clone(), app_released.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                        let (arrived, mut released) = (arrived.clone(), released.subscribe());
+                        async move { Ok::<_, Infallible>(HoldingApp::answer(request, &arrived, &mut released).await) }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
+                });
+            }
+        });
+        Self { addr, arrived, released, task }
+    }
+
+    async fn answer(
+        request: Request<Incoming>,
+        arrived: &AtomicU64,
+        released: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Response<HeldBody> {
+        use http_body_util::BodyExt;
+        let path = request.uri().path().to_owned();
+        if path == "/healthz" {
+            return Response::new(Full::new(Bytes::from_static(b"ok")).boxed());
+        }
+        arrived.fetch_add(1, Ordering::SeqCst);
+        if path == "/stream" {
+            let mut released = released.clone();
+            let rest = async move {
+                let _ = released.wait_for(|r| *r).await;
+                Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from_static(b"last")))
+            };
+            let first =
+                futures::stream::once(async { Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from_static(b"first,"))) });
+            let body = http_body_util::StreamBody::new(futures::StreamExt::chain(first, futures::stream::once(rest)));
+            return Response::new(BodyExt::boxed(body));
+        }
+        let _ = released.wait_for(|r| *r).await;
+        Response::new(Full::new(Bytes::from_static(b"released")).boxed())
+    }
+
+    /// How many requests have arrived (held or not).
+    pub fn arrived(&self) -> u64 {
+        self.arrived.load(Ordering::SeqCst)
+    }
+
+    /// Lets every held request, and every later one, go.
+    pub fn release(&self) {
+        self.released.send_replace(true);
+    }
+}
+
+impl Drop for HoldingApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

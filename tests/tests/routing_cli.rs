@@ -231,6 +231,13 @@ async fn status_shows_per_resource_acks_and_nacks_and_explain_reads_the_sidecars
     let output = ferryctl(&control_plane, &["explain", "catalog", "--sidecar", &admin, "--path", "/x"], None).await;
     let text = stdout(&output);
     assert!(text.contains("rule:     rules[1]") && text.contains("backend:  catalog/v1 weight 90 (90.0%)"), "{text}");
+    // The circuit breaker per calling sidecar, and in all, from the control plane's count.
+    assert!(
+        text.contains("circuit breaker: catalog: 1024 concurrent / 256 pending per calling sidecar (here 0 in flight"),
+        "{text}"
+    );
+    assert!(text.contains(" call catalog: up to ") && text.contains(" concurrent in all"), "{text}");
+    assert!(text.contains("budget:   retries up to 20% of requests + 10/s over 10s"), "{text}");
 }
 
 #[tokio::test]

@@ -45,11 +45,14 @@ async fn http_traffic_crosses_two_sidecars_in_every_client_mode() {
     // Both ends count what they proxied, and the control plane what it pushed.
     let (_, _, metrics) = client::get(&format!("http://{}/metrics", client.admin)).await.expect("metrics");
     let metrics = String::from_utf8_lossy(&metrics);
-    assert!(metrics.contains(r#"ferry_requests_total{direction="outbound",service="catalog",status="2xx"} 6"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"ferry_requests_total{direction="outbound",service="catalog",route="default",status="2xx"} 6"#),
+        "{metrics}"
+    );
     let (_, _, metrics) = client::get(&format!("http://{}/metrics", catalog.admin)).await.expect("metrics");
     assert!(
         String::from_utf8_lossy(&metrics)
-            .contains(r#"ferry_requests_total{direction="inbound",service="catalog",status="2xx"} 6"#)
+            .contains(r#"ferry_requests_total{direction="inbound",service="catalog",route="-",status="2xx"} 6"#)
     );
     let (_, _, metrics) = client::get(&format!("{}/metrics", control_plane.http_url())).await.expect("metrics");
     let metrics = String::from_utf8_lossy(&metrics);

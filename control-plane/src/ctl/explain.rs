@@ -1,10 +1,12 @@
 //! `ferryctl explain`: asks a sidecar's admin listener how it would route a request, from the
-//! config it actually holds.
+//! config it actually holds, and the control plane how many sidecars call the service, to put
+//! the per-sidecar circuit breaker in perspective.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::Context;
 use bytes::Bytes;
+use ferry_proto::v1::{self, discovery_client::DiscoveryClient};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use serde_json::Value;
@@ -25,7 +27,7 @@ pub struct Question {
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Asks the sidecar and renders its answer.
-pub async fn explain(question: Question, output: Output) -> anyhow::Result<String> {
+pub async fn explain(question: Question, output: Output, control_plane: &str) -> anyhow::Result<String> {
     let base = if question.sidecar.contains("://") { question.sidecar.clone() } else { format!("http://{}", question.sidecar) };
     let mut query = form_urlencoded::Serializer::new(String::new());
     // Methods are case-sensitive in HTTP, but nobody means `post` as a method of its own.
@@ -61,10 +63,50 @@ pub async fn explain(question: Question, output: Output) -> anyhow::Result<Strin
             return Err(anyhow::anyhow!("{} answered {status}: {error}; {hint}", question.sidecar));
         }
     }
+    let mut value = value;
+    // Best effort: without the control plane, the limits are shown per sidecar only.
+    if let Some(callers) = callers(control_plane).await {
+        value["calling_sidecars"] = serde_json::to_value(callers).unwrap_or_default();
+    }
     match output {
         Output::Table => Ok(text(&value)),
         _ => super::encode(output, &value),
     }
+}
+
+/// How many connected sidecars subscribe to each service, from the control plane's
+/// `ListSidecars` (what `ferryctl status` shows).
+async fn callers(control_plane: &str) -> Option<BTreeMap<String, usize>> {
+    let ask = async {
+        let channel = super::connect(control_plane).await.ok()?;
+        DiscoveryClient::new(channel).list_sidecars(v1::ListSidecarsRequest {}).await.ok()
+    };
+    let response = tokio::time::timeout(TIMEOUT, ask).await.ok()??.into_inner();
+    let mut callers = BTreeMap::new();
+    for sidecar in &response.sidecars {
+        for subscription in &sidecar.subscriptions {
+            *callers.entry(subscription.service.clone()).or_insert(0) += 1;
+        }
+    }
+    Some(callers)
+}
+
+/// The circuit breaker line of one service.
+fn breaker_line(breaker: &Value, callers: &Value) -> Option<String> {
+    let service = breaker["service"].as_str()?;
+    let (concurrent, pending) = (breaker["max_concurrent"].as_u64()?, breaker["max_pending"].as_u64()?);
+    let mut line = format!(
+        "circuit breaker: {service}: {concurrent} concurrent / {pending} pending per calling sidecar (here {} in flight, {} waiting)",
+        breaker["in_flight"], breaker["pending"],
+    );
+    if let Some(count) = callers.get(service).and_then(Value::as_u64) {
+        let plural = if count == 1 { "" } else { "s" };
+        line.push_str(&format!(
+            "; {count} sidecar{plural} call {service}: up to {} concurrent in all",
+            count.saturating_mul(concurrent)
+        ));
+    }
+    Some(line)
 }
 
 fn text(v: &Value) -> String {
@@ -129,6 +171,32 @@ fn text(v: &Value) -> String {
                 .unwrap_or_default(),
         )),
         None => line("retries:  none".into()),
+    }
+    if v["retries"]["default"].as_bool() == Some(true) {
+        line("          (the mesh's default: any method when the request never reached the app; gRPC statuses and resets only for idempotent methods)".into());
+    }
+    if let Some(budget) = v["retry_budget"].as_object() {
+        line(format!(
+            "budget:   retries up to {}% of requests + {}/s over {} (now {} request(s), {} retry(ies) in the window)",
+            budget["ratio"].as_f64().unwrap_or(0.0) * 100.0,
+            budget["min_per_second"],
+            budget["window"].as_str().unwrap_or("?"),
+            budget["requests_in_window"],
+            budget["retries_in_window"],
+        ));
+    }
+    let mut breakers: Vec<&Value> = vec![&v["circuit_breaker"]];
+    for backend in v["backends"].as_array().into_iter().flatten() {
+        if backend["circuit_breaker"]["service"] != v["circuit_breaker"]["service"]
+            && !breakers.iter().any(|b| b["service"] == backend["circuit_breaker"]["service"])
+        {
+            breakers.push(&backend["circuit_breaker"]);
+        }
+    }
+    for breaker in breakers {
+        if let Some(text) = breaker_line(breaker, &v["calling_sidecars"]) {
+            line(text);
+        }
     }
     if let Some(delay) = v["fault"]["delay"].as_object() {
         line(format!("fault:    delay {} of {}%", delay["duration"].as_str().unwrap_or("?"), delay["percent"]));

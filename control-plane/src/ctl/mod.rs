@@ -345,7 +345,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Rollback { kind, service, to } => config::rollback(&cli.control_plane, output, kind, service, to).await,
         Command::Explain { service, path, method, headers, host, sidecar } => {
             validate::service_name("SERVICE", &service).map_err(|e| UsageError(e.to_string()))?;
-            explain::explain(explain::Question { service, path, method, headers, host, sidecar }, output).await
+            explain::explain(explain::Question { service, path, method, headers, host, sidecar }, output, &cli.control_plane)
+                .await
         }
     }
 }
@@ -364,7 +365,7 @@ fn status_text(status: &tonic::Status) -> String {
     }
 }
 
-async fn connect(url: &str) -> anyhow::Result<Channel> {
+pub(crate) async fn connect(url: &str) -> anyhow::Result<Channel> {
     let endpoint = Channel::from_shared(url.to_owned()).map_err(|e| UsageError(format!("--control-plane {url:?}: {e}")))?;
     endpoint.connect().await.with_context(|| format!("cannot reach the control plane at {url}"))
 }

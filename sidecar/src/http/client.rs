@@ -6,13 +6,22 @@
 //! not the endpoint's address), which is why this is written on hyper's connection API instead
 //! of `hyper_util`'s legacy client, whose pool key is the authority it sends.
 //!
+//! Connections idle longer than [`ClientConfig::idle_timeout`] are closed, so that a sidecar
+//! does not hold sockets open to endpoints it no longer calls (and does not send on one the
+//! peer is about to close). A sweep per client looks every half timeout; an HTTP/1.1 connection
+//! counts as idle from its last request (or the last sweep that saw it busy), the HTTP/2 one
+//! from the end of its last stream.
+//!
 //! Errors say whether the request provably never left ([`ConnectError`], or a pooled connection
 //! that closed before the request was written, which is retried once on a fresh connection) or
 //! failed after it was sent ([`UpstreamError`]), because only the first is always safe to retry.
 
 use std::{
     fmt, io,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard, Weak,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -27,9 +36,9 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use socket2::{SockRef, TcpKeepalive};
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, time::Instant};
 
-use super::{Body, BoxError};
+use super::{Body, BoxError, Guarded, boxed};
 
 /// How connections to endpoints are made.
 #[derive(Debug, Clone)]
@@ -40,11 +49,18 @@ pub struct ClientConfig {
     pub max_pooled_per_endpoint: usize,
     /// TCP keepalive on upstream connections, so a peer that vanished is noticed.
     pub tcp_keepalive: Duration,
+    /// Pooled connections with no request for this long are closed.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        Self { connect_timeout: Duration::from_secs(1), max_pooled_per_endpoint: 256, tcp_keepalive: Duration::from_secs(30) }
+        Self {
+            connect_timeout: Duration::from_secs(1),
+            max_pooled_per_endpoint: 256,
+            tcp_keepalive: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(90),
+        }
     }
 }
 
@@ -88,8 +104,34 @@ struct Inner {
     target: Target,
     /// HTTP/1.1 connections, busy ones included: a connection is ready again once its response
     /// has been read.
-    pool_h1: Mutex<Vec<http1::SendRequest<Body>>>,
+    pool_h1: Mutex<Vec<Pooled>>,
     h2: Mutex<H2>,
+    /// Streams open on the HTTP/2 connection, and when the last one ended.
+    h2_activity: Arc<Activity>,
+    /// Whether the idle sweep runs.
+    sweeping: AtomicBool,
+}
+
+/// A pooled HTTP/1.1 connection and when it was last seen in use.
+struct Pooled {
+    sender: http1::SendRequest<Body>,
+    last_used: Instant,
+}
+
+#[derive(Debug)]
+struct Activity {
+    streams: AtomicUsize,
+    last_active: Mutex<Instant>,
+}
+
+/// One HTTP/2 stream open, until its response body is dropped.
+struct OpenStream(Arc<Activity>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        *lock(&self.0.last_active) = Instant::now();
+        self.0.streams.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Where and how to connect. The HTTP/2 connect future owns a copy, not the client, so an
@@ -126,7 +168,10 @@ impl Client {
         let host = host.into();
         let address = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
         let target = Target { host, port, address, config };
-        Self { inner: Arc::new(Inner { target, pool_h1: Mutex::default(), h2: Mutex::new(H2::None) }) }
+        let h2_activity = Arc::new(Activity { streams: AtomicUsize::new(0), last_active: Mutex::new(Instant::now()) });
+        let inner =
+            Inner { target, pool_h1: Mutex::default(), h2: Mutex::new(H2::None), h2_activity, sweeping: AtomicBool::new(false) };
+        Self { inner: Arc::new(inner) }
     }
 
     /// The endpoint's `host:port`.
@@ -135,8 +180,37 @@ impl Client {
     }
 
     /// Sends `request` to the endpoint in its own HTTP version.
-    pub async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, BoxError> {
-        if request.version() == Version::HTTP_2 { self.send_h2(request).await } else { self.send_h1(request).await }
+    pub async fn send(&self, request: Request<Body>) -> Result<Response<Body>, BoxError> {
+        if request.version() == Version::HTTP_2 {
+            let stream = self.open_stream();
+            let response = self.send_h2(request).await?;
+            Ok(response.map(|body| boxed(Guarded::new(body, stream))))
+        } else {
+            Ok(self.send_h1(request).await?.map(boxed))
+        }
+    }
+
+    fn open_stream(&self) -> OpenStream {
+        self.inner.h2_activity.streams.fetch_add(1, Ordering::AcqRel);
+        OpenStream(self.inner.h2_activity.clone())
+    }
+
+    /// Starts the idle sweep, once: it ends with the client.
+    fn sweep(&self) {
+        if self.inner.sweeping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let period = (self.inner.target.config.idle_timeout / 2).max(Duration::from_millis(100));
+        let inner = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval_at(Instant::now() + period, period);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                let Some(inner) = Weak::upgrade(&inner) else { return };
+                inner.close_idle(Instant::now());
+            }
+        });
     }
 
     async fn send_h1(&self, mut request: Request<Body>) -> Result<Response<Incoming>, BoxError> {
@@ -145,7 +219,10 @@ impl Client {
         let reused = pooled.is_some();
         let mut sender = match pooled {
             Some(sender) => sender,
-            None => self.inner.target.connect_h1().await?,
+            None => {
+                self.sweep();
+                self.inner.target.connect_h1().await?
+            }
         };
         let sent = sender.try_send_request(request);
         self.checkin_h1(sender);
@@ -186,12 +263,15 @@ impl Client {
         Box::new(UpstreamError { address: self.inner.target.address.clone(), source })
     }
 
-    /// Takes an idle HTTP/1.1 connection that can send now, dropping closed ones.
+    /// Takes an idle HTTP/1.1 connection that can send now, dropping closed and expired ones.
     fn checkout_h1(&self) -> Option<http1::SendRequest<Body>> {
+        let idle_timeout = self.inner.target.config.idle_timeout;
+        let now = Instant::now();
         let mut pool = lock(&self.inner.pool_h1);
-        pool.retain(|sender| !sender.is_closed());
-        let ready = pool.iter().position(|sender| sender.is_ready())?;
-        Some(pool.swap_remove(ready))
+        let expired = |c: &Pooled| c.sender.is_ready() && now.duration_since(c.last_used) > idle_timeout;
+        pool.retain(|c| !c.sender.is_closed() && !expired(c));
+        let ready = pool.iter().position(|c| c.sender.is_ready())?;
+        Some(pool.swap_remove(ready).sender)
     }
 
     /// Returns a connection to the pool. It is busy until its response is read; checkout skips
@@ -199,7 +279,7 @@ impl Client {
     fn checkin_h1(&self, sender: http1::SendRequest<Body>) {
         let mut pool = lock(&self.inner.pool_h1);
         if pool.len() < self.inner.target.config.max_pooled_per_endpoint && !sender.is_closed() {
-            pool.push(sender);
+            pool.push(Pooled { sender, last_used: Instant::now() });
         }
     }
 
@@ -211,6 +291,7 @@ impl Client {
                 H2::Ready(sender) if !sender.is_closed() => return Ok(sender.clone()),
                 H2::Connecting(connecting) => connecting.clone(),
                 _ => {
+                    self.sweep();
                     let target = self.inner.target.clone();
                     let connecting = async move { target.connect_h2().await.map_err(Arc::new) }.boxed().shared();
                     *h2 = H2::Connecting(connecting.clone());
@@ -243,6 +324,30 @@ impl Client {
     fn forget_closed_h2(&self) {
         let mut h2 = lock(&self.inner.h2);
         if matches!(&*h2, H2::Ready(sender) if sender.is_closed()) {
+            *h2 = H2::None;
+        }
+    }
+}
+
+impl Inner {
+    /// Closes the connections idle for longer than the idle timeout.
+    fn close_idle(&self, now: Instant) {
+        let idle_timeout = self.target.config.idle_timeout;
+        let mut pool = lock(&self.pool_h1);
+        pool.retain_mut(|c| {
+            if !c.sender.is_ready() {
+                // Busy (or closed): in use until at least now.
+                c.last_used = now;
+            }
+            !c.sender.is_closed() && now.duration_since(c.last_used) <= idle_timeout
+        });
+        drop(pool);
+        let idle = self.h2_activity.streams.load(Ordering::Acquire) == 0
+            && now.duration_since(*lock(&self.h2_activity.last_active)) > idle_timeout;
+        let mut h2 = lock(&self.h2);
+        if idle && matches!(&*h2, H2::Ready(_)) {
+            // Dropping the last sender closes the connection.
+            tracing::debug!(address = %self.target.address, "closing the idle HTTP/2 connection");
             *h2 = H2::None;
         }
     }
@@ -363,25 +468,28 @@ mod tests {
         assert_eq!(request.uri(), "http://inventory/pkg.Svc/Call");
     }
 
-    /// An HTTP/1.1 + h2c server that counts the connections it accepts.
-    async fn counting_server() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    /// An HTTP/1.1 + h2c server that counts the connections it accepts, and those still open.
+    async fn counting_server() -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = connections.clone();
+        let (connections, open) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (counted, still_open) = (connections.clone(), open.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                counted.fetch_add(1, Ordering::SeqCst);
+                still_open.fetch_add(1, Ordering::SeqCst);
+                let still_open = still_open.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(|_request| async {
                         Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(bytes::Bytes::from("ok"))))
                     });
                     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                    still_open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
-        (addr, connections)
+        (addr, connections, open)
     }
 
     async fn get(client: &Client, version: Version) -> StatusCode {
@@ -394,7 +502,7 @@ mod tests {
 
     #[tokio::test]
     async fn http1_connections_are_reused() {
-        let (addr, connections) = counting_server().await;
+        let (addr, connections, _) = counting_server().await;
         let client = Client::new("127.0.0.1", addr.port(), ClientConfig::default());
         for _ in 0..5 {
             assert_eq!(get(&client, Version::HTTP_11).await, StatusCode::OK);
@@ -405,13 +513,54 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_http2_requests_share_one_connection() {
-        let (addr, connections) = counting_server().await;
+        let (addr, connections, _) = counting_server().await;
         let client = Client::new("127.0.0.1", addr.port(), ClientConfig::default());
         let requests: Vec<_> = (0..10).map(|_| get(&client, Version::HTTP_2)).collect();
         for status in futures::future::join_all(requests).await {
             assert_eq!(status, StatusCode::OK);
         }
         assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_after_the_idle_timeout() {
+        let (addr, connections, open) = counting_server().await;
+        let config = ClientConfig { idle_timeout: Duration::from_secs(90), ..ClientConfig::default() };
+        let client = Client::new("127.0.0.1", addr.port(), config);
+        let both = || async {
+            assert_eq!(get(&client, Version::HTTP_11).await, StatusCode::OK);
+            assert_eq!(get(&client, Version::HTTP_2).await, StatusCode::OK);
+        };
+        let settle = || async {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        };
+        both().await;
+        assert_eq!(connections.load(Ordering::SeqCst), 2);
+
+        // Idle for less than the timeout: kept, and reused.
+        tokio::time::pause();
+        tokio::time::advance(Duration::from_secs(80)).await;
+        settle().await;
+        tokio::time::resume();
+        both().await;
+        assert_eq!(connections.load(Ordering::SeqCst), 2, "reused within the idle timeout");
+
+        // Idle for longer: the sweep closes both, with no request to notice it.
+        tokio::time::pause();
+        tokio::time::advance(Duration::from_secs(200)).await;
+        settle().await;
+        tokio::time::resume();
+        for _ in 0..200 {
+            if open.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(open.load(Ordering::SeqCst), 0, "the server saw both connections close");
+        both().await;
+        assert_eq!(connections.load(Ordering::SeqCst), 4, "new connections after the idle ones closed");
     }
 
     #[tokio::test]

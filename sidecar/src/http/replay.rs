@@ -147,6 +147,13 @@ impl http_body::Body for ReplayBody {
                         frame
                     }
                 };
+                // Ended as soon as the original says so, not one empty poll later: an HTTP/2
+                // sender then puts END_STREAM on this frame instead of sending an empty DATA
+                // frame after it (servers count small frames against a flood budget).
+                if this.body.as_ref().is_some_and(http_body::Body::is_end_stream) {
+                    shared.ended = true;
+                    this.body = None;
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
         }
@@ -232,6 +239,16 @@ mod tests {
         assert_eq!(read(first).await.0, Bytes::from("1234567890"), "the first attempt gets all of it");
         assert!(keeper.replay().is_none());
         assert_eq!(keeper.complete(), None);
+    }
+
+    #[tokio::test]
+    async fn the_end_shows_with_the_last_frame() {
+        let mut first = ReplayBody::new(crate::http::full("only"), 1024);
+        let frame = first.frame().await.expect("a frame").expect("no error");
+        assert_eq!(frame.into_data().expect("data"), "only");
+        assert!(http_body::Body::is_end_stream(&first), "no empty poll needed to see the end");
+        assert_eq!(first.complete(), Some(Bytes::from("only")));
+        assert_eq!(read(first.replay().expect("replayable")).await.0, Bytes::from("only"));
     }
 
     #[tokio::test]

@@ -23,7 +23,7 @@ use crate::{
     catalog::Catalog,
     errors::{ResponseTimeout, Unsupported, is_grpc},
     http::{
-        Body, BoxError, boxed,
+        Body, BoxError,
         client::{Client, ClientConfig},
     },
     metrics::Metrics,
@@ -32,13 +32,18 @@ use crate::{
 
 pub mod attempt;
 pub mod balance;
+pub mod budget;
+pub mod guard;
+pub mod limit;
 pub mod policy;
+pub mod retry;
 pub mod route;
 pub mod router;
 pub mod target;
 
 pub use self::{
     balance::{Balance, BalanceMetrics},
+    guard::Guards,
     router::Router,
 };
 
@@ -84,7 +89,7 @@ impl Service<Request<Body>> for EndpointService {
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let client = self.client.clone();
-        async move { Ok(client.send(request).await?.map(boxed)) }.boxed()
+        async move { client.send(request).await }.boxed()
     }
 }
 
@@ -104,13 +109,15 @@ struct Inner {
     config: OutboundConfig,
     destinations: ArcSwap<HashMap<Arc<str>, Destination>>,
     building: Mutex<()>,
+    guards: Arc<Guards>,
     metrics: Metrics,
 }
 
 impl Outbound {
     /// An outbound proxy resolving services through `catalog`.
     pub fn new(catalog: Arc<Catalog>, config: OutboundConfig, metrics: Metrics) -> Self {
-        let inner = Inner { catalog, config, destinations: ArcSwap::default(), building: Mutex::new(()), metrics };
+        let guards = Arc::new(Guards::new(metrics.clone()));
+        let inner = Inner { catalog, config, destinations: ArcSwap::default(), building: Mutex::new(()), guards, metrics };
         Self { inner: Arc::new(inner), fixed: None }
     }
 
@@ -130,7 +137,8 @@ impl Outbound {
         }
         let state = self.inner.catalog.watch(service)?;
         let name: Arc<str> = service.into();
-        let destination = Router::new(name.clone(), self.inner.catalog.clone(), state, self.inner.config.clone());
+        let destination =
+            Router::new(name.clone(), self.inner.catalog.clone(), state, self.inner.config.clone(), self.inner.guards.clone());
         let mut destinations = HashMap::clone(&self.inner.destinations.load());
         destinations.insert(name, destination.clone());
         self.inner.destinations.store(Arc::new(destinations));
@@ -153,9 +161,14 @@ impl Outbound {
             Ok(destination) => destination,
             Err(error) => return futures::future::ready(Err(error)).boxed(),
         };
+        let mut request = forwardable(request);
+        if let Some(timeout) = self.inner.config.response_timeout {
+            // Retries do not start a backoff that would end past it.
+            request.extensions_mut().insert(router::Deadline(tokio::time::Instant::now() + timeout));
+        }
         // Boxed before it is awaited in another async block: rustc cannot otherwise prove the
         // stack's future `Send` (rust-lang/rust#64552).
-        let call = destination.route(forwardable(request));
+        let call = destination.route(request);
         match self.inner.config.response_timeout {
             Some(timeout) => async move {
                 match tokio::time::timeout(timeout, call).await {

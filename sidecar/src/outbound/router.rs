@@ -24,26 +24,32 @@ use futures::{FutureExt, future::BoxFuture};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header, request::Parts};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, watch};
-use tower::Service;
+use tokio::{
+    sync::{Semaphore, watch},
+    time::Instant,
+};
+use tower::{Layer, Service, ServiceExt};
 
 use super::{
     Balance, EndpointService, OutboundConfig,
+    guard::{Guard, Guards},
+    limit::LimitLayer,
+    retry::{self, Backoff, Prepared},
     route::{BackendRef, RequestInfo, Retries, RouteTable, Rule},
 };
 use crate::{
     catalog::{Catalog, Endpoint, ServiceState},
     errors::{DiscoveryTimeout, FERRY_ERROR, NoRoute, ResponseTimeout, is_grpc},
-    http::{
-        Body, BoxError,
-        client::{ConnectError, UpstreamError},
-        full,
-        replay::ReplayBody,
-    },
+    http::{Body, BoxError, full},
+    metrics::RouteLabel,
 };
 
-/// Request bodies up to this size are kept so the request can be retried or mirrored.
-pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
+pub use super::retry::MAX_REPLAY_BODY;
+
+/// The latest time a request may be answered by, set by the outbound edge (its
+/// `--response-timeout`) in the request's extensions. A route's own timeout may come sooner.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline(pub Instant);
 /// Mirrored requests in flight at once, per destination; past that, copies are skipped.
 const MAX_MIRRORS: usize = 64;
 
@@ -68,7 +74,11 @@ struct Inner {
     /// Set once the route has been evaluated against the service's first config: until then a
     /// request waits, rather than going out as if there were no route.
     settled: watch::Sender<bool>,
-    balancers: Mutex<HashMap<BackendRef, Balance<EndpointService>>>,
+    balancers: Mutex<HashMap<BackendRef, Backend>>,
+    guards: Arc<Guards>,
+    /// The retry policy of requests no rule with `retries` covers.
+    default_retries: Retries,
+    backoff: Backoff,
     mirrors: Arc<Semaphore>,
     task: Mutex<Option<tokio::task::AbortHandle>>,
 }
@@ -81,13 +91,35 @@ impl Drop for Inner {
     }
 }
 
+/// Where one backend's requests go: its balancer, and the guard and state of its service.
+#[derive(Clone)]
+struct Backend {
+    balance: Balance<EndpointService>,
+    guard: Arc<Guard>,
+    state: watch::Receiver<ServiceState>,
+}
+
+impl Backend {
+    /// Sends one attempt within the service's circuit breaker, following its policy first.
+    fn send(&self, request: Request<Body>) -> BoxFuture<'static, Result<Response<Body>, BoxError>> {
+        self.guard.follow(&self.state);
+        LimitLayer::new(self.guard.limit.clone()).layer(self.balance.clone()).oneshot(request).boxed()
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Router {
     /// A router for `service`, following its state (and that of the services its route uses).
-    pub fn new(service: Arc<str>, catalog: Arc<Catalog>, state: watch::Receiver<ServiceState>, config: OutboundConfig) -> Self {
+    pub fn new(
+        service: Arc<str>,
+        catalog: Arc<Catalog>,
+        state: watch::Receiver<ServiceState>,
+        config: OutboundConfig,
+        guards: Arc<Guards>,
+    ) -> Self {
         let gateway = config.gateway.as_ref() == Some(&service);
         let inner = Arc::new(Inner {
             service,
@@ -99,6 +131,9 @@ impl Router {
             held: Mutex::new(None),
             settled: watch::Sender::new(false),
             balancers: Mutex::new(HashMap::new()),
+            guards,
+            default_retries: retry::mesh_default(),
+            backoff: Backoff::default(),
             mirrors: Arc::new(Semaphore::new(MAX_MIRRORS)),
             task: Mutex::new(None),
         });
@@ -122,7 +157,7 @@ impl Router {
             let info = RequestInfo::of(request.method(), request.uri(), request.headers());
             let rule = table.as_ref().and_then(|t| t.find(&info).map(|r| r.index));
             match (table, rule) {
-                (Some(table), Some(index)) => inner.apply(&table.rules[index], request).await,
+                (Some(table), Some(index)) => inner.apply(Some(&table.rules[index]), request).await,
                 (Some(_), None) if inner.gateway => Err(Box::new(NoRoute::NoRule {
                     gateway: inner.service.clone(),
                     host: info.host.unwrap_or_default().to_owned(),
@@ -131,10 +166,7 @@ impl Router {
                 (None, _) if inner.gateway => {
                     Err(Box::new(NoRoute::NoTable { gateway: inner.service.clone(), why: inner.why_no_route() }) as BoxError)
                 }
-                _ => {
-                    let backend = BackendRef { service: inner.service.clone(), subset: None };
-                    send(inner.balancer(&backend)?, request).await
-                }
+                _ => inner.apply(None, request).await,
             }
         }
         .boxed()
@@ -148,7 +180,8 @@ impl Router {
     /// What each of its balancers holds: algorithm, endpoints with their load and ejections.
     pub fn balancers(&self) -> Value {
         let balancers = lock(&self.inner.balancers);
-        let map: serde_json::Map<String, Value> = balancers.iter().map(|(backend, b)| (backend.to_string(), b.describe())).collect();
+        let map: serde_json::Map<String, Value> =
+            balancers.iter().map(|(backend, b)| (backend.to_string(), b.balance.describe())).collect();
         Value::Object(map)
     }
 
@@ -179,18 +212,29 @@ impl Router {
             None if inner.gateway => &[],
             None => &default_backend[..],
         };
+        let retries = match rule {
+            Some(rule) => Some(rule.retries.as_ref().unwrap_or(&inner.default_retries)),
+            None if inner.gateway => None,
+            None => Some(&inner.default_retries),
+        };
+        let own = inner.guards.get(&inner.service);
+        own.follow(&inner.state);
         let total: u32 = backends.iter().map(|b| b.weight).sum();
         let backends: Vec<Value> = backends
             .iter()
             .map(|b| {
-                let routable = inner.balancer(&b.backend).ok().and_then(|balance| balance.routable());
+                let built = inner.balancer(&b.backend).ok();
                 json!({
                     "backend": b.backend.to_string(),
                     "service": &*b.backend.service,
                     "subset": b.backend.subset.as_deref(),
                     "weight": b.weight,
                     "share_percent": if total == 0 { 0.0 } else { f64::from(b.weight) * 100.0 / f64::from(total) },
-                    "routable_endpoints": routable,
+                    "routable_endpoints": built.as_ref().and_then(|built| built.balance.routable()),
+                    "circuit_breaker": built.map(|built| {
+                        built.guard.follow(&built.state);
+                        breaker(&built.guard)
+                    }),
                 })
             })
             .collect();
@@ -201,11 +245,21 @@ impl Router {
             "rule": rule.map(|r| json!({ "index": r.index, "name": r.name, "label": r.label() })),
             "backends": backends,
             "timeout": rule.and_then(|r| r.timeout).map(|t| humantime::format_duration(t).to_string()),
-            "retries": rule.and_then(|r| r.retries.as_ref()).map(|r| json!({
+            "retries": retries.map(|r| json!({
                 "attempts": r.attempts,
                 "per_try_timeout": r.per_try_timeout.map(|t| humantime::format_duration(t).to_string()),
                 "on": r.describe(),
+                "default": rule.is_none_or(|r| r.retries.is_none()),
+                "grpc_idempotent_only": r.grpc_idempotent_only,
             })),
+            "retry_budget": json!({
+                "ratio": own.budget.settings().ratio,
+                "min_per_second": own.budget.settings().min_per_second,
+                "window": humantime::format_duration(own.budget.settings().window).to_string(),
+                "requests_in_window": own.budget.counts().0,
+                "retries_in_window": own.budget.counts().1,
+            }),
+            "circuit_breaker": breaker(&own),
             "fault": rule.map(|r| json!({
                 "delay": r.delay.map(|(p, d)| json!({ "percent": p, "duration": humantime::format_duration(d).to_string() })),
                 "abort": r.abort.map(|(p, s)| json!({ "percent": p, "status": s })),
@@ -221,6 +275,18 @@ impl Router {
             "host": info.host,
         })
     }
+}
+
+/// A circuit breaker's limits and its current use, for `/explain`.
+fn breaker(guard: &Guard) -> Value {
+    let limits = guard.limit.limits();
+    json!({
+        "service": &*guard.service,
+        "max_concurrent": limits.max_concurrent,
+        "max_pending": limits.max_pending,
+        "in_flight": guard.limit.in_flight(),
+        "pending": guard.limit.pending(),
+    })
 }
 
 /// Re-evaluates the route whenever the service, or a service its route uses, changes.
@@ -334,18 +400,18 @@ impl Inner {
         watches
     }
 
-    /// The balancer of a backend, built on first use.
-    fn balancer(&self, backend: &BackendRef) -> Result<Balance<EndpointService>, BoxError> {
+    /// The balancer of a backend, built on first use, with its service's guard.
+    fn balancer(&self, backend: &BackendRef) -> Result<Backend, BoxError> {
         let mut balancers = lock(&self.balancers);
-        if let Some(balance) = balancers.get(backend) {
-            return Ok(balance.clone());
+        if let Some(built) = balancers.get(backend) {
+            return Ok(built.clone());
         }
         let state = if backend.service == self.service { self.state.clone() } else { self.catalog.watch(&backend.service)? };
         let client = self.config.client.clone();
         let balance = Balance::new(
             backend.service.clone(),
             backend.subset.clone(),
-            state,
+            state.clone(),
             move |target: super::balance::Target| EndpointService::new(&target, client.clone()),
             super::balance::BalanceConfig {
                 discovery_timeout: self.config.discovery_timeout,
@@ -353,18 +419,19 @@ impl Inner {
                 metrics: self.config.balance_metrics.clone(),
             },
         );
-        balancers.insert(backend.clone(), balance.clone());
-        Ok(balance)
+        let built = Backend { balance, guard: self.guards.get(&backend.service), state };
+        balancers.insert(backend.clone(), built.clone());
+        Ok(built)
     }
 
     /// Picks a backend by weight among those with endpoints to take traffic; when none has, the
     /// first, whose balancer then says why.
-    fn pick(&self, rule: &Rule) -> Result<Balance<EndpointService>, BoxError> {
+    fn pick(&self, rule: &Rule) -> Result<Backend, BoxError> {
         let mut candidates = Vec::with_capacity(rule.backends.len());
         for backend in rule.backends.iter().filter(|b| b.weight > 0) {
-            let balance = self.balancer(&backend.backend)?;
-            if balance.routable() != Some(0) {
-                candidates.push((balance, backend.weight));
+            let built = self.balancer(&backend.backend)?;
+            if built.balance.routable() != Some(0) {
+                candidates.push((built, backend.weight));
             }
         }
         let total: u32 = candidates.iter().map(|(_, w)| *w).sum();
@@ -373,87 +440,103 @@ impl Inner {
             return self.balancer(&first.backend);
         }
         let mut roll = rand::random_range(0..total);
-        for (balance, weight) in candidates {
+        for (built, weight) in candidates {
             if roll < weight {
-                return Ok(balance);
+                return Ok(built);
             }
             roll -= weight;
         }
         Err("no backend could be picked".into())
     }
 
-    /// Applies a matched rule to a request.
-    async fn apply(self: &Arc<Self>, rule: &Rule, request: Request<Body>) -> Result<Response<Body>, BoxError> {
-        let grpc = is_grpc(request.headers());
-        if let Some((percent, status)) = rule.abort
+    /// Applies the matched rule (or, with none, the service's defaults) to a request.
+    async fn apply(self: &Arc<Self>, rule: Option<&Rule>, request: Request<Body>) -> Result<Response<Body>, BoxError> {
+        let label = RouteLabel(rule.map_or_else(|| Arc::from("default"), |r| Arc::from(r.label())));
+        if let Some(rule) = rule
+            && let Some((percent, status)) = rule.abort
             && roll(percent)
         {
-            return Ok(fault_response(status, &rule.label(), grpc));
+            let mut response = fault_response(status, &rule.label(), is_grpc(request.headers()));
+            response.extensions_mut().insert(label);
+            return Ok(response);
         }
-        let work = self.attempts(rule, request);
-        let mut response = match rule.timeout {
+        let timeout = rule.and_then(|r| r.timeout);
+        let edge = request.extensions().get::<Deadline>().map(|d| d.0);
+        let deadline = match (edge, timeout.map(|t| Instant::now() + t)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let work = self.attempts(rule, request, deadline);
+        let mut response = match timeout {
             Some(timeout) => {
                 tokio::time::timeout(timeout, work).await.map_err(|_| -> BoxError { Box::new(ResponseTimeout(timeout)) })??
             }
             None => work.await?,
         };
-        rule.response_headers.apply(response.headers_mut());
+        if let Some(rule) = rule {
+            rule.response_headers.apply(response.headers_mut());
+        }
+        response.extensions_mut().insert(label);
         Ok(response)
     }
 
     /// The delay, the request's rewrites, the mirror, and the attempts.
-    async fn attempts(self: &Arc<Self>, rule: &Rule, request: Request<Body>) -> Result<Response<Body>, BoxError> {
-        if let Some((percent, delay)) = rule.delay
-            && roll(percent)
-        {
-            tokio::time::sleep(delay).await;
-        }
+    async fn attempts(
+        self: &Arc<Self>,
+        rule: Option<&Rule>,
+        request: Request<Body>,
+        deadline: Option<Instant>,
+    ) -> Result<Response<Body>, BoxError> {
         let (mut parts, body) = request.into_parts();
-        rule.request_headers.apply(&mut parts.headers);
-        if let Some((prefix, replacement)) = &rule.rewrite_prefix {
-            rewrite_prefix(&mut parts, prefix, replacement);
+        if let Some(rule) = rule {
+            if let Some((percent, delay)) = rule.delay
+                && roll(percent)
+            {
+                tokio::time::sleep(delay).await;
+            }
+            rule.request_headers.apply(&mut parts.headers);
+            if let Some((prefix, replacement)) = &rule.rewrite_prefix {
+                rewrite_prefix(&mut parts, prefix, replacement);
+            }
         }
-        let retries = rule.retries.as_ref();
-        let attempts = retries.map_or(1, |r| r.attempts);
-        let mut body = if attempts > 1 || rule.mirror.is_some() {
-            Prepared::from(body, &parts.headers).await?
+        let retries = rule.and_then(|r| r.retries.as_ref()).unwrap_or(&self.default_retries);
+        let mirror = rule.and_then(|r| r.mirror.as_ref());
+        let retrying = retries.attempts > 1 && retry::incoming_attempt(&parts.headers) <= 1;
+        // A body is kept for retries only when one may follow; a mirror needs it whole.
+        let body = if retrying || mirror.is_some() {
+            Prepared::from(body, &parts.headers, mirror.is_some()).await?
         } else {
             Prepared::Stream(Some(body))
         };
-        if let (Some((backend, percent)), Some(bytes)) = (&rule.mirror, body.bytes())
+        if let (Some((backend, percent)), Some(bytes)) = (mirror, body.bytes())
             && roll(*percent)
         {
             self.mirror(backend, &parts, bytes);
         }
-        let mut attempt = 1;
-        loop {
-            let balance = self.pick(rule)?;
-            let request = Request::from_parts(parts.clone(), body.next()?);
-            let sent = send(balance, request);
-            let result = match retries.and_then(|r| r.per_try_timeout) {
-                Some(limit) => tokio::time::timeout(limit, sent).await.unwrap_or_else(|_| Err(Box::new(ResponseTimeout(limit)))),
-                None => sent.await,
-            };
-            let Some(retries) = retries.filter(|_| attempt < attempts && body.replayable()) else { return result };
-            if !should_retry(retries, &parts.method, &result) {
-                return result;
-            }
-            tracing::debug!(service = %self.service, rule = %rule.label(), attempt, "retrying");
-            attempt += 1;
-            // Full-jitter exponential backoff: 25 ms doubling, at most 250 ms.
-            let ceiling = (25u64 << (attempt - 2).min(4)).min(250);
-            tokio::time::sleep(Duration::from_millis(rand::random_range(0..=ceiling))).await;
-        }
+        let own = BackendRef { service: self.service.clone(), subset: None };
+        let label = rule.map_or_else(|| "default".to_owned(), Rule::label);
+        let attempts = retry::Attempts { retries, backoff: self.backoff, deadline, label: &label };
+        attempts
+            .run(parts, body, |request| {
+                let backend = match rule {
+                    Some(rule) => self.pick(rule)?,
+                    None => self.balancer(&own)?,
+                };
+                Ok((backend.guard.clone(), backend.send(request)))
+            })
+            .await
     }
 
-    /// Sends a copy of the request to `backend`, fire and forget.
+    /// Sends a copy of the request to `backend`, fire and forget. Copies bypass the circuit
+    /// breaker (they are bounded by their own limit, and never delay the caller) and the retry
+    /// budget (they are never retried).
     fn mirror(self: &Arc<Self>, backend: &BackendRef, parts: &Parts, body: Bytes) {
         let Ok(permit) = self.mirrors.clone().try_acquire_owned() else { return };
-        let Ok(balance) = self.balancer(backend) else { return };
+        let Ok(built) = self.balancer(backend) else { return };
         let mut request = Request::from_parts(parts.clone(), full(body));
         request.headers_mut().insert("x-ferry-mirror", HeaderValue::from_static("true"));
         tokio::spawn(async move {
-            if let Ok(response) = send(balance, request).await {
+            if let Ok(response) = send(built.balance, request).await {
                 // Read and drop, so the connection can be reused.
                 let _ = response.into_body().collect().await;
             }
@@ -466,102 +549,6 @@ impl Inner {
 /// the endpoint service's body lifetime concrete inside async blocks.
 fn send(mut balance: Balance<EndpointService>, request: Request<Body>) -> BoxFuture<'static, Result<Response<Body>, BoxError>> {
     balance.call(request)
-}
-
-/// A request body, ready to be sent more than once when it is small enough.
-enum Prepared {
-    /// Known whole (a small `content-length`): it can be mirrored and retried.
-    Bytes(Bytes),
-    /// Streamed to the first attempt as it arrives, with a copy of up to [`MAX_REPLAY_BODY`]
-    /// kept for later ones (gRPC calls, chunked uploads).
-    Replay(ReplayBody),
-    /// Sent once.
-    Stream(Option<Body>),
-}
-
-impl Prepared {
-    async fn from(body: Body, headers: &HeaderMap) -> Result<Self, BoxError> {
-        if http_body::Body::is_end_stream(&body) {
-            return Ok(Self::Bytes(Bytes::new()));
-        }
-        let length = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-        match length {
-            Some(length) if length <= MAX_REPLAY_BODY => Ok(Self::Bytes(body.collect().await?.to_bytes())),
-            Some(_) => Ok(Self::Stream(Some(body))),
-            None => Ok(Self::Replay(ReplayBody::new(body, MAX_REPLAY_BODY as usize))),
-        }
-    }
-
-    fn replayable(&self) -> bool {
-        match self {
-            Self::Bytes(_) => true,
-            Self::Replay(body) => body.can_replay(),
-            Self::Stream(_) => false,
-        }
-    }
-
-    fn bytes(&self) -> Option<Bytes> {
-        match self {
-            Self::Bytes(bytes) => Some(bytes.clone()),
-            Self::Replay(_) | Self::Stream(_) => None,
-        }
-    }
-
-    /// The body for the next attempt.
-    fn next(&mut self) -> Result<Body, BoxError> {
-        match self {
-            Self::Bytes(bytes) => Ok(full(bytes.clone())),
-            Self::Replay(body) => {
-                body.replay().map(crate::http::boxed).ok_or_else(|| "the request body cannot be sent again".into())
-            }
-            Self::Stream(body) => body.take().ok_or_else(|| "the request body was already sent".into()),
-        }
-    }
-}
-
-/// Whether an attempt's outcome calls for another.
-fn should_retry(retries: &Retries, method: &Method, result: &Result<Response<Body>, BoxError>) -> bool {
-    // A request that reached the upstream is retried only when repeating it is harmless.
-    let idempotent =
-        matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE);
-    match result {
-        Ok(response) => {
-            let grpc_status = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
-            // Every gRPC call is a POST: a route that names gRPC statuses declares its calls
-            // safe to repeat on those.
-            (idempotent && retries.retry_response(response.status().as_u16(), None))
-                || (is_grpc(response.headers()) && retries.retry_response(0, grpc_status))
-        }
-        Err(error) => {
-            if error.is::<ConnectError>() {
-                return retries.connect_failure;
-            }
-            if refused_stream(error.as_ref()) {
-                return retries.refused_stream;
-            }
-            if error.is::<UpstreamError>() {
-                return idempotent && retries.reset;
-            }
-            if error.is::<ResponseTimeout>() {
-                return idempotent && (retries.reset || retries.any_5xx || retries.gateway_error);
-            }
-            false
-        }
-    }
-}
-
-/// Whether the upstream refused the HTTP/2 stream, so the request was never processed.
-fn refused_stream(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(error) = next {
-        if let Some(h2) = error.downcast_ref::<h2::Error>()
-            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-        {
-            return true;
-        }
-        next = error.source();
-    }
-    false
 }
 
 /// True with a `percent` in 100 chance.
@@ -640,33 +627,6 @@ mod tests {
         assert_eq!(parts.uri, "/42", "no double slash");
     }
 
-    #[test]
-    fn only_safe_requests_are_retried_after_they_reached_the_upstream() {
-        let retries = Retries { attempts: 3, any_5xx: true, connect_failure: true, ..Retries::default() };
-        let failed = |status: u16| -> Result<Response<Body>, BoxError> {
-            let mut response = Response::new(crate::http::empty());
-            *response.status_mut() = StatusCode::from_u16(status).expect("status");
-            Ok(response)
-        };
-        assert!(should_retry(&retries, &Method::GET, &failed(503)));
-        assert!(!should_retry(&retries, &Method::POST, &failed(503)), "the POST reached the app");
-        assert!(!should_retry(&retries, &Method::GET, &failed(404)));
-        let unavailable = || -> Result<Response<Body>, BoxError> {
-            let mut response = Response::new(crate::http::empty());
-            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-            response.headers_mut().insert("grpc-status", HeaderValue::from_static("14"));
-            Ok(response)
-        };
-        assert!(!should_retry(&retries, &Method::POST, &unavailable()), "no gRPC status named");
-        let grpc = Retries { attempts: 3, grpc: vec![14], ..Retries::default() };
-        assert!(should_retry(&grpc, &Method::POST, &unavailable()), "a named gRPC status is retried, though gRPC is POST");
-        let refused: Result<Response<Body>, BoxError> = Err(Box::new(ConnectError {
-            address: "x".into(),
-            reason: crate::http::client::ConnectFailure::Timeout(Duration::from_secs(1)),
-        }));
-        assert!(should_retry(&retries, &Method::POST, &refused), "never sent: safe whatever the method");
-    }
-
     #[tokio::test(start_paused = true)]
     async fn a_first_request_waits_for_the_route_instead_of_bypassing_it() {
         use ferry_proto::v1::service_resources::Endpoints;
@@ -679,7 +639,9 @@ mod tests {
             zone: None,
             balance_metrics: BalanceMetrics::default(),
         };
-        let router = Router::new("catalog".into(), catalog.clone(), catalog.watch("catalog").expect("room"), config);
+        let guards = Arc::new(Guards::new(crate::metrics::Metrics::unregistered()));
+        let router =
+            Router::new("catalog".into(), catalog.clone(), catalog.watch("catalog").expect("room"), config, guards.clone());
         let pending = tokio::spawn(router.route(Request::get("/items").body(crate::http::empty()).expect("request")));
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!pending.is_finished(), "no config yet: the request waits");
@@ -725,6 +687,7 @@ mod tests {
                 zone: None,
                 balance_metrics: BalanceMetrics::default(),
             },
+            guards,
         );
         let error = silent.route(Request::get("/").body(crate::http::empty()).expect("request")).await.expect_err("times out");
         assert!(error.is::<DiscoveryTimeout>(), "{error}");
