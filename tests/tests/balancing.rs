@@ -292,3 +292,60 @@ async fn locality_keeps_requests_in_the_callers_zone() {
     assert!(served.get("b-1").is_some_and(|n| *n > 0), "zone-b takes traffic: {served:?}");
     assert!(!served.contains_key("a-2"), "the critical instance gets nothing: {served:?}");
 }
+
+#[tokio::test]
+async fn killing_an_instance_under_load_fails_no_get() {
+    let control_plane = ControlPlane::start().await;
+    let apps = [HttpApp::start("one").await, HttpApp::start("two").await, HttpApp::start("three").await];
+    let (one, two, three, caller) = tokio::join!(
+        instance(&control_plane, apps[0].addr, &[]),
+        instance(&control_plane, apps[1].addr, &[]),
+        instance(&control_plane, apps[2].addr, &[]),
+        caller(&control_plane, &[]),
+    );
+    let mut victim = three;
+    control_plane.wait_passing("catalog", 3).await;
+    wait_for_balancer(&caller, "p2c-ewma", 3).await;
+
+    // Four workers send 600 GETs in all; once a third of them are through, instance three dies
+    // at once (its sidecar killed, its app gone): no goodbye, no drain.
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (third_done, mut third_seen) = tokio::sync::watch::channel(false);
+    let load = {
+        let sent = sent.clone();
+        let outbound = caller.outbound;
+        async move {
+            let answers: Vec<Answer> = futures::stream::iter(0..600)
+                .map(|_| {
+                    let sent = sent.clone();
+                    let third_done = third_done.clone();
+                    async move {
+                        let answer = get(outbound, &[]).await;
+                        if sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 200 {
+                            third_done.send_replace(true);
+                        }
+                        answer
+                    }
+                })
+                .buffer_unordered(4)
+                .collect()
+                .await;
+            answers
+        }
+    };
+    let kill = async {
+        let _ = third_seen.wait_for(|done| *done).await;
+        victim.process.kill().await;
+        apps[2].stop();
+    };
+    let (answers, ()) = tokio::join!(load, kill);
+    let failed: Vec<String> = answers
+        .iter()
+        .filter(|a| a.0 != 200)
+        .map(|a| format!("{} {}: {}", a.0, header(a, "x-ferry-error"), text(a)))
+        .collect();
+    assert!(failed.is_empty(), "{} of 600 GETs failed: {failed:?}", failed.len());
+    let served: HashSet<String> = answers.iter().map(served_by).collect();
+    assert!(served.contains("one") && served.contains("two"), "{served:?}");
+    drop((one, two));
+}
