@@ -25,6 +25,7 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<DirectionLabels, Histogram>,
     pub balance: crate::outbound::balance::BalanceMetrics,
+    pub connections_open: Family<ListenerLabels, Gauge>,
     pub tcp_connections: Family<TcpLabels, Counter>,
     pub tcp_connections_open: Family<ServiceLabels, Gauge>,
     /// Set at each scrape, from the control stream's state.
@@ -97,7 +98,18 @@ pub struct DestinationLabels {
 #[derive(Clone, Debug)]
 pub struct RouteLabel(pub Arc<str>);
 
+/// One kind of listener.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: &'static str,
+}
+
 impl Metrics {
+    /// The gauge of connections open on a kind of listener.
+    pub fn connections(&self, listener: &'static str) -> Gauge {
+        self.connections_open.get_or_create(&ListenerLabels { listener }).clone()
+    }
+
     /// Creates the metrics and registers them under the `ferry_` prefix.
     pub fn new(registry: &mut Registry) -> Self {
         let registry = registry.sub_registry_with_prefix("ferry");
@@ -108,6 +120,7 @@ impl Metrics {
             requests: Family::default(),
             request_duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.0, 18))),
             balance: Default::default(),
+            connections_open: Family::default(),
             tcp_connections: Family::default(),
             tcp_connections_open: Family::default(),
             config_age_seconds: Gauge::default(),
@@ -119,6 +132,11 @@ impl Metrics {
             requests_in_flight: Family::default(),
         };
         metrics.balance.register(registry);
+        registry.register(
+            "connections_open",
+            "HTTP connections being served, by listener: outbound, upstream (per-upstream ports), inbound",
+            metrics.connections_open.clone(),
+        );
         metrics.health.register(registry);
         registry.register(
             "control_plane_connected",

@@ -231,19 +231,38 @@ impl Sidecar {
         let in_flight = InFlight::default();
         let mut servers = Vec::new();
         let edge = if config.gateway { outbound.fixed(service.clone()) } else { outbound.clone() };
-        servers.push(tokio::spawn(http::server::serve("outbound", outbound_listener, edge, shutdown.clone(), CLOSE)));
+        servers.push(tokio::spawn(http::server::serve(
+            "outbound",
+            outbound_listener,
+            edge,
+            shutdown.clone(),
+            CLOSE,
+            metrics.connections("outbound"),
+        )));
         for server in upstream_servers {
             servers.push(match server {
-                UpstreamServer::Http(outbound, listener) => {
-                    tokio::spawn(http::server::serve("upstream", listener, outbound, shutdown.clone(), CLOSE))
-                }
+                UpstreamServer::Http(outbound, listener) => tokio::spawn(http::server::serve(
+                    "upstream",
+                    listener,
+                    outbound,
+                    shutdown.clone(),
+                    CLOSE,
+                    metrics.connections("upstream"),
+                )),
                 UpstreamServer::Tcp(upstream, listener) => tokio::spawn(upstream.serve(listener, shutdown.clone(), CLOSE)),
             });
         }
         if let (Some(listener), Some(app)) = (inbound_listener, &config.app) {
             let client = Client::new(app.host.clone(), app.port, client_config);
             let inbound = Inbound::new(client, service.clone(), metrics.clone(), in_flight.clone());
-            servers.push(tokio::spawn(http::server::serve("inbound", listener, inbound, shutdown.clone(), CLOSE)));
+            servers.push(tokio::spawn(http::server::serve(
+                "inbound",
+                listener,
+                inbound,
+                shutdown.clone(),
+                CLOSE,
+                metrics.connections("inbound"),
+            )));
         }
         if let Some((udp, tcp)) = dns_sockets {
             let directory = Arc::new(CatalogDirectory::new(catalog.clone(), config.discovery_timeout));

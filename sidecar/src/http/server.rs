@@ -10,6 +10,7 @@ use hyper_util::{
     server::{conn::auto, graceful::GracefulShutdown},
     service::TowerToHyperService,
 };
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
@@ -21,9 +22,16 @@ use super::Body;
 pub struct ClientAddr(pub SocketAddr);
 
 /// Accepts connections on `listener` and serves each with `service` until `shutdown` fires;
-/// then stops accepting and gives open connections up to `drain` to finish.
-pub async fn serve<S>(name: &'static str, listener: TcpListener, service: S, shutdown: CancellationToken, drain: Duration)
-where
+/// then stops accepting and gives open connections up to `drain` to finish. `open` counts the
+/// connections being served.
+pub async fn serve<S>(
+    name: &'static str,
+    listener: TcpListener,
+    service: S,
+    shutdown: CancellationToken,
+    drain: Duration,
+    open: Gauge,
+) where
     S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
@@ -48,10 +56,13 @@ where
                         .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
                         .into_owned();
                     let connection = graceful.watch(connection);
+                    let open = open.clone();
+                    open.inc();
                     tokio::spawn(async move {
                         if let Err(error) = connection.await {
                             tracing::debug!(listener = name, %error, "connection ended with an error");
                         }
+                        open.dec();
                     });
                 }
                 Err(error) => {

@@ -38,7 +38,9 @@ const GRPC_UNAVAILABLE: u32 = 14;
 
 /// The retry policy of requests that match no rule, or a rule without `retries`: up to 3
 /// attempts on connect failures, refused streams and apps their sidecar could not reach (any
-/// method), and on resets and gRPC UNAVAILABLE (idempotent methods only).
+/// method), on resets (idempotent methods only), and on a trailers-only gRPC UNAVAILABLE: the
+/// status gRPC defines as retryable, which servers and proxies answer for calls they did not
+/// process.
 pub fn mesh_default() -> Retries {
     Retries {
         attempts: 3,
@@ -46,7 +48,6 @@ pub fn mesh_default() -> Retries {
         refused_stream: true,
         reset: true,
         grpc: vec![GRPC_UNAVAILABLE],
-        grpc_idempotent_only: true,
         ..Retries::default()
     }
 }
@@ -80,10 +81,9 @@ pub fn retry_reason(retries: &Retries, method: &Method, result: &Result<Response
             if idempotent && retries.retry_response(response.status().as_u16(), None) {
                 return Some("status");
             }
-            // Every gRPC call is a POST: a route that names gRPC statuses declares its calls
-            // safe to repeat on those.
-            let grpc_allowed = idempotent || !retries.grpc_idempotent_only;
-            (grpc_allowed && is_grpc(response.headers()) && retries.retry_response(0, grpc_status)).then_some("grpc_status")
+            // Every gRPC call is a POST: the gRPC statuses of the policy (the route's, or the
+            // mesh's UNAVAILABLE) declare the calls safe to repeat on those.
+            (is_grpc(response.headers()) && retries.retry_response(0, grpc_status)).then_some("grpc_status")
         }
         Err(error) => {
             if error.is::<ConnectError>() {
@@ -324,7 +324,7 @@ mod tests {
             assert_eq!(retry_reason(&default, &method, &app_down()), Some("app_unreachable"), "{method}");
             assert_eq!(retry_reason(&default, &method, &status(503)), None, "an app's own 5xx: {method}");
         }
-        assert_eq!(retry_reason(&default, &Method::POST, &grpc_unavailable()), None, "the call may have run");
+        assert_eq!(retry_reason(&default, &Method::POST, &grpc_unavailable()), Some("grpc_status"), "gRPC's retryable status");
         assert_eq!(retry_reason(&default, &Method::GET, &grpc_unavailable()), Some("grpc_status"));
     }
 

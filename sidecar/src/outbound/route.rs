@@ -77,9 +77,6 @@ pub struct Retries {
     pub statuses: Vec<u16>,
     /// gRPC status codes, as numbers.
     pub grpc: Vec<u32>,
-    /// The gRPC statuses apply to idempotent methods only (the mesh's default policy); a
-    /// route that names them declares its calls, all `POST`, safe to repeat on those.
-    pub grpc_idempotent_only: bool,
 }
 
 impl Retries {

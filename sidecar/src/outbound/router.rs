@@ -250,7 +250,6 @@ impl Router {
                 "per_try_timeout": r.per_try_timeout.map(|t| humantime::format_duration(t).to_string()),
                 "on": r.describe(),
                 "default": rule.is_none_or(|r| r.retries.is_none()),
-                "grpc_idempotent_only": r.grpc_idempotent_only,
             })),
             "retry_budget": json!({
                 "ratio": own.budget.settings().ratio,
