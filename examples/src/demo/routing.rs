@@ -372,7 +372,12 @@ impl Routing {
                 format!("routes: {} ({routes})", scenario.name()),
             )
         } else {
-            ("routes: none: every instance takes its share".to_owned(), "routes: none".to_owned())
+            (
+                "routes: none: each request goes to the faster of two instances picked at random (p2c-ewma); \
+                 at this light load, mostly the one that answered fastest"
+                    .to_owned(),
+                "routes: none".to_owned(),
+            )
         };
         if self.returning.is_some() {
             full.push_str(" (not on every sidecar yet: judged once it is)");

@@ -32,6 +32,8 @@ pub struct Tracked {
     outlier: Mutex<Outlier>,
     /// A probe request is in flight to this endpoint, whose ejection has run out.
     probing: AtomicBool,
+    /// Its latency has been sampled at least once.
+    measured: AtomicBool,
 }
 
 /// A peak-EWMA latency estimate: jumps up to any slower sample at once, decays towards faster
@@ -87,6 +89,7 @@ impl Tracked {
             routable_since: Mutex::new(None),
             outlier: Mutex::new(Outlier::default()),
             probing: AtomicBool::new(false),
+            measured: AtomicBool::new(false),
         }
     }
 
@@ -114,7 +117,13 @@ impl Tracked {
         lock(&self.rtt).decayed(now, decay)
     }
 
+    /// Whether its latency has been sampled yet.
+    pub fn measured(&self) -> bool {
+        self.measured.load(Ordering::Relaxed)
+    }
+
     pub fn observe_latency(&self, now: Instant, sample: Duration, decay: Duration) {
+        self.measured.store(true, Ordering::Relaxed);
         lock(&self.rtt).observe(now, sample.as_secs_f64(), decay);
     }
 

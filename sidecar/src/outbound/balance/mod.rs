@@ -391,10 +391,29 @@ impl<S: Clone> Shared<S> {
         // 4. The algorithm, over weights ramped for slow start.
         let weights: Vec<f64> =
             members.iter().map(|m| f64::from(m.endpoint.weight.max(1)) * m.tracked.ramp(now, balancing.slow_start)).collect();
+        // An endpoint not measured yet is assumed a little faster than the fastest one measured
+        // (the default RTT when none is), so it is tried soon and learnt, rather than starved
+        // behind endpoints that happened to answer first.
+        let unmeasured = std::cell::OnceCell::new();
+        let ewma_cost = |i: usize| {
+            let tracked = &members[i].tracked;
+            if tracked.measured() {
+                return tracked.cost(now, balancing.decay);
+            }
+            let baseline = *unmeasured.get_or_init(|| {
+                members
+                    .iter()
+                    .filter(|m| m.tracked.measured())
+                    .map(|m| m.tracked.latency(now, balancing.decay))
+                    .fold(None, |min: Option<f64>, l| Some(min.map_or(l, |m| m.min(l))))
+                    .unwrap_or(balancing.default_rtt.as_secs_f64())
+            });
+            0.9 * baseline * (tracked.in_flight() + 1) as f64
+        };
         let mut picked = None;
         for _ in 0..3 {
             let index = match balancing.algorithm {
-                Algorithm::P2cEwma => pick::two_choices(&candidates, &weights, |i| members[i].tracked.cost(now, balancing.decay)),
+                Algorithm::P2cEwma => pick::two_choices(&candidates, &weights, ewma_cost),
                 Algorithm::LeastRequest => pick::two_choices(&candidates, &weights, |i| members[i].tracked.in_flight() as f64),
                 Algorithm::RoundRobin => known.round_robin.pick(&candidates, &weights),
                 Algorithm::RingHash => {
@@ -831,6 +850,18 @@ mod tests {
         }
         let slow = setup.hits("slow");
         assert!(slow * 100 < 800 * 10, "the slow endpoint got {slow} of 800");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn p2c_ewma_tries_every_endpoint_early_at_light_load() {
+        let mut setup = setup(config(1, &[("a", PASSING), ("b", PASSING), ("c", PASSING)], None));
+        for id in ["a", "b", "c"] {
+            setup.behaviour.set(id, 200, Duration::from_millis(5));
+        }
+        // One request at a time: an endpoint not measured yet is not starved behind the first
+        // to answer (whose 5 ms beat the 30 ms assumed of the unknown).
+        let counts = setup.spread(12).await;
+        assert_eq!(counts.len(), 3, "{counts:?}");
     }
 
     #[tokio::test(start_paused = true)]
