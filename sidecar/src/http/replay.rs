@@ -121,6 +121,13 @@ impl http_body::Body for ReplayBody {
             Poll::Ready(None) => {
                 shared.ended = true;
                 this.body = None;
+                // Trailers an earlier copy read (and stored) before it gave the body back.
+                if !this.trailers_sent
+                    && let Some(trailers) = shared.trailers.clone()
+                {
+                    this.trailers_sent = true;
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error))),

@@ -76,6 +76,9 @@ pub fn retry_reason(retries: &Retries, method: &Method, result: &Result<Response
         matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE);
     match result {
         Ok(response) if app_unreachable(response) => retries.connect_failure.then_some("app_unreachable"),
+        // The peer sidecar reached its app and the exchange broke: the app may have done the
+        // work, whatever gRPC status the answer carries.
+        Ok(response) if app_failed(response) => (idempotent && retries.reset).then_some("reset"),
         Ok(response) => {
             let grpc_status = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
             if idempotent && retries.retry_response(response.status().as_u16(), None) {
@@ -86,21 +89,39 @@ pub fn retry_reason(retries: &Retries, method: &Method, result: &Result<Response
             (is_grpc(response.headers()) && retries.retry_response(0, grpc_status)).then_some("grpc_status")
         }
         Err(error) => {
-            if error.is::<ConnectError>() {
+            // Looked for down the source chain: the balancer wraps errors of panic mode.
+            if caused_by::<ConnectError>(error.as_ref()) {
                 return retries.connect_failure.then_some("connect_failure");
             }
             if never_processed(error.as_ref()) {
                 return retries.refused_stream.then_some("refused_stream");
             }
-            if error.is::<UpstreamError>() {
+            if caused_by::<UpstreamError>(error.as_ref()) {
                 return (idempotent && retries.reset).then_some("reset");
             }
-            if error.is::<ResponseTimeout>() {
+            if caused_by::<ResponseTimeout>(error.as_ref()) {
                 return (idempotent && (retries.reset || retries.any_5xx || retries.gateway_error)).then_some("timeout");
             }
             None
         }
     }
+}
+
+/// Whether the endpoint's sidecar reached its app and the exchange then failed.
+fn app_failed(response: &Response<Body>) -> bool {
+    response.headers().get(FERRY_ERROR).is_some_and(|v| v.as_bytes().starts_with(b"app_failed"))
+}
+
+/// Whether `error` or one of its sources is a `T`.
+fn caused_by<T: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if error.is::<T>() {
+            return true;
+        }
+        next = error.source();
+    }
+    false
 }
 
 /// Whether an HTTP/2 upstream said it never processed the stream: `REFUSED_STREAM`, or a
@@ -184,6 +205,10 @@ impl Attempts<'_> {
         let mut attempt = 1;
         loop {
             mark_attempt(&mut parts.headers, attempt);
+            if let Some(limit) = self.retries.per_try_timeout {
+                // The balancer times the attempt itself, so that outlier detection counts it.
+                parts.extensions.insert(crate::outbound::balance::AttemptTimeout(limit));
+            }
             let (guard, sent) = send(Request::from_parts(parts.clone(), body.for_attempt()?))?;
             if attempt == 1 {
                 guard.budget.deposit();
@@ -300,6 +325,23 @@ mod tests {
         let mut response = status(502)?;
         response.headers_mut().insert(FERRY_ERROR, HeaderValue::from_static("app_unreachable: connecting to 127.0.0.1:1"));
         Ok(response)
+    }
+
+    #[test]
+    fn a_call_that_reached_the_app_is_not_repeated_whatever_its_grpc_status() {
+        let default = mesh_default();
+        let mut broke = grpc_unavailable();
+        if let Ok(response) = &mut broke {
+            response.headers_mut().insert(FERRY_ERROR, HeaderValue::from_static("app_failed: connection reset"));
+        }
+        assert_eq!(retry_reason(&default, &Method::POST, &broke), None, "the app may have done the work");
+        assert_eq!(retry_reason(&default, &Method::GET, &broke), Some("reset"), "an idempotent call may be repeated");
+        // Errors wrapped on the way (panic mode) are still recognised.
+        #[derive(Debug, thiserror::Error)]
+        #[error("wrapped")]
+        struct Wrapped(#[source] BoxError);
+        let wrapped: Result<Response<Body>, BoxError> = Err(Box::new(Wrapped(connect_failed().expect_err("an error"))));
+        assert_eq!(retry_reason(&default, &Method::POST, &wrapped), Some("connect_failure"));
     }
 
     #[test]

@@ -535,14 +535,21 @@ impl Inner {
         let mut request = Request::from_parts(parts.clone(), full(body));
         request.headers_mut().insert("x-ferry-mirror", HeaderValue::from_static("true"));
         tokio::spawn(async move {
-            if let Ok(response) = send(built.balance, request).await {
-                // Read and drop, so the connection can be reused.
-                let _ = response.into_body().collect().await;
-            }
+            let copy = async {
+                if let Ok(response) = send(built.balance, request).await {
+                    // Read and drop, so the connection can be reused.
+                    let _ = response.into_body().collect().await;
+                }
+            };
+            // A mirror that never answers must not keep its slot for good.
+            let _ = tokio::time::timeout(MIRROR_TIMEOUT, copy).await;
             drop(permit);
         });
     }
 }
+
+/// How long a mirrored copy may take, answer and body, before it is dropped.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Sends one request through a balancer. Balancers are always ready, and the boxed future keeps
 /// the endpoint service's body lifetime concrete inside async blocks.

@@ -17,6 +17,11 @@ use tokio::time::Instant;
 use super::{metrics::BalanceMetrics, outcome::Outcome};
 use crate::outbound::policy::Ejection;
 
+/// The least a failure counts as in the latency estimate.
+const PENALTY_FLOOR: Duration = Duration::from_millis(30);
+/// The most failures push the latency estimate to.
+const PENALTY_CEILING: Duration = Duration::from_secs(10);
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -117,6 +122,15 @@ impl Tracked {
         lock(&self.rtt).decayed(now, decay)
     }
 
+    /// Counts a failure against the latency estimate: doubled, and at least the default RTT,
+    /// so that an endpoint failing fast is not taken for a fast one.
+    pub fn penalize(&self, now: Instant, decay: Duration) {
+        self.measured.store(true, Ordering::Relaxed);
+        let mut rtt = lock(&self.rtt);
+        let penalty = (rtt.decayed(now, decay) * 2.0).clamp(PENALTY_FLOOR.as_secs_f64(), PENALTY_CEILING.as_secs_f64());
+        rtt.observe(now, penalty, decay);
+    }
+
     /// Whether its latency has been sampled yet.
     pub fn measured(&self) -> bool {
         self.measured.load(Ordering::Relaxed)
@@ -140,7 +154,8 @@ impl Tracked {
     /// Its share during slow start: from 10% when it became routable up to 100% at the end of
     /// the window.
     pub fn ramp(&self, now: Instant, window: Option<Duration>) -> f64 {
-        let (Some(window), Some(since)) = (window, *lock(&self.routable_since)) else { return 1.0 };
+        let Some(window) = window else { return 1.0 };
+        let Some(since) = *lock(&self.routable_since) else { return 1.0 };
         let elapsed = now.saturating_duration_since(since).as_secs_f64();
         (elapsed / window.as_secs_f64()).clamp(0.1, 1.0)
     }
@@ -154,8 +169,14 @@ impl Tracked {
         }
     }
 
+    /// Whether it is ejected at `now` (an ejection run out, its probe pending, is not counted).
+    pub fn is_ejected_at(&self, now: Instant) -> bool {
+        lock(&self.outlier).ejected_until.is_some_and(|until| now < until)
+    }
+
+    /// Whether it is ejected now.
     pub fn is_ejected(&self) -> bool {
-        lock(&self.outlier).ejected_until.is_some()
+        self.is_ejected_at(Instant::now())
     }
 
     /// Claims the one probe request of an endpoint whose ejection ran out.
@@ -255,7 +276,7 @@ impl Pool {
             return;
         }
         let total = members.len();
-        let ejected = members.iter().filter(|m| m.is_ejected()).count();
+        let ejected = members.iter().filter(|m| m.is_ejected_at(now)).count();
         // Counted after this ejection, and one always stays.
         let after = ejected + 1;
         if after >= total || after * 100 > ejection.max_percent as usize * total {

@@ -46,7 +46,7 @@ use super::{
 };
 use crate::{
     catalog::{Endpoint, ServiceState},
-    errors::{DiscoveryTimeout, FERRY_ERROR, NoEndpoints, UnknownService, UnknownSubset},
+    errors::{DiscoveryTimeout, FERRY_ERROR, NoEndpoints, ResponseTimeout, UnknownService, UnknownSubset},
     http::{Body, BoxError, boxed, server::ClientAddr},
     svc::NewService,
 };
@@ -65,6 +65,11 @@ pub struct Target {
     pub endpoint: Arc<Endpoint>,
     pub connect_timeout: Option<Duration>,
 }
+
+/// A deadline for one attempt, in its request's extensions: the balancer times the exchange
+/// itself, so that an endpoint that does not answer in time counts as failing.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptTimeout(pub Duration);
 
 /// How a balancer is set up.
 #[derive(Debug, Clone)]
@@ -410,7 +415,9 @@ impl<S: Clone> Shared<S> {
             });
             0.9 * baseline * (tracked.in_flight() + 1) as f64
         };
+        let fallback = candidates.clone();
         let mut picked = None;
+        let mut claimed = false;
         for _ in 0..3 {
             let index = match balancing.algorithm {
                 Algorithm::P2cEwma => pick::two_choices(&candidates, &weights, ewma_cost),
@@ -426,17 +433,21 @@ impl<S: Clone> Shared<S> {
             };
             let Some(index) = index else { break };
             // An endpoint whose ejection ran out takes a single probe request at a time.
-            if availability[index] == Availability::Probe && !panic && !members[index].tracked.claim_probe() {
-                candidates.retain(|c| *c != index);
-                if candidates.is_empty() {
-                    break;
+            if availability[index] == Availability::Probe && !panic {
+                if !members[index].tracked.claim_probe() {
+                    candidates.retain(|c| *c != index);
+                    if candidates.is_empty() {
+                        break;
+                    }
+                    continue;
                 }
-                continue;
+                claimed = true;
             }
             picked = Some(index);
             break;
         }
-        let Some(index) = picked.or_else(|| candidates.first().copied()) else {
+        // Probes lost to other requests: send it anyway, as in panic mode, not as a probe.
+        let Some(index) = picked.or_else(|| candidates.first().copied()).or_else(|| fallback.first().copied()) else {
             return Err(Box::new(NoEndpoints { service: self.service.clone(), subset: self.subset.clone(), total: known.total }));
         };
         let member = &members[index];
@@ -446,7 +457,7 @@ impl<S: Clone> Shared<S> {
         Ok(Some(Choice {
             service: member.service.clone(),
             tracked: member.tracked.clone(),
-            probe: availability[index] == Availability::Probe && !panic,
+            probe: claimed,
             panic,
             decay: balancing.decay,
             routable: members.len(),
@@ -459,7 +470,10 @@ fn hash_key<B>(request: &Request<B>, header: Option<&http::HeaderName>) -> Optio
     if let Some(value) = header.and_then(|h| request.headers().get(h)) {
         return Some(pick::hash(&[value.as_bytes()]));
     }
-    request.extensions().get::<ClientAddr>().map(|addr| pick::hash(&[addr.0.ip().to_string().as_bytes()]))
+    request.extensions().get::<ClientAddr>().map(|addr| match addr.0.ip() {
+        std::net::IpAddr::V4(ip) => pick::hash(&[&ip.octets()]),
+        std::net::IpAddr::V6(ip) => pick::hash(&[&ip.octets()]),
+    })
 }
 
 /// The endpoint picked for one request.
@@ -497,6 +511,15 @@ impl Exchange {
     }
 }
 
+impl Exchange {
+    /// Reports a probe's outcome as soon as it is known, releasing the probe.
+    fn settle_probe(&mut self, outcome: Option<Outcome>) {
+        if std::mem::replace(&mut self.probe, false) {
+            self.pool.report(&self.tracked, outcome, true, Instant::now());
+        }
+    }
+}
+
 impl Verdict for Exchange {
     fn decide(mut self, outcome: Option<Outcome>) {
         let now = Instant::now();
@@ -504,6 +527,10 @@ impl Verdict for Exchange {
             // Given up before any answer: it was at least this slow.
             self.answered = true;
             self.tracked.observe_latency(now, now.saturating_duration_since(self.started), self.decay);
+        }
+        if outcome == Some(Outcome::Failure) {
+            // A failure, however fast, must not make the endpoint look fast to P2C.
+            self.tracked.penalize(now, self.decay);
         }
         self.pool.report(&self.tracked, outcome, std::mem::replace(&mut self.probe, false), now);
     }
@@ -566,10 +593,23 @@ where
             };
             let Choice { service, tracked, probe, panic, decay, routable } = choice;
             let mut exchange = Exchange::start(tracked, shared.pool.clone(), probe, decay);
-            match service.oneshot(request).await {
+            let limit = request.extensions().get::<AttemptTimeout>().map(|t| t.0);
+            let sent = service.oneshot(request);
+            let result = match limit {
+                Some(limit) => match tokio::time::timeout(limit, sent).await {
+                    Ok(result) => result.map_err(Into::into),
+                    Err(_) => Err(Box::new(ResponseTimeout(limit)) as BoxError),
+                },
+                None => sent.await.map_err(Into::into),
+            };
+            match result {
                 Ok(response) => {
                     exchange.answered();
                     let known = outcome::of_head(response.status(), response.headers());
+                    if known.is_some() {
+                        // The head decides: a probe need not wait for a long body to end.
+                        exchange.settle_probe(known);
+                    }
                     let (mut parts, body) = response.into_parts();
                     if panic && known == Some(Outcome::Failure) && !parts.headers.contains_key(FERRY_ERROR) {
                         let sentence =
@@ -582,7 +622,6 @@ where
                 }
                 Err(error) => {
                     exchange.decide(Some(Outcome::Failure));
-                    let error: BoxError = error.into();
                     if panic {
                         return Err(
                             Box::new(PanicMode { backend: shared.pool.label.clone(), routable, source: error }) as BoxError
@@ -1087,6 +1126,33 @@ mod tests {
         }
         assert_eq!(failed_calls.load(std::sync::atomic::Ordering::SeqCst), 5, "ejected after 5 UNAVAILABLE trailers");
         assert_eq!(metrics.ejections(&Arc::from("catalog")), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_that_times_out_is_ejected_and_failing_fast_does_not_attract_traffic() {
+        let mut setup =
+            setup(config(1, &[("a", PASSING), ("b", PASSING), ("hung", PASSING)], Some("load_balancer: round-robin")));
+        setup.behaviour.set("hung", 200, Duration::from_secs(3600));
+        for _ in 0..30 {
+            let mut request = Request::new(());
+            request.extensions_mut().insert(AttemptTimeout(Duration::from_millis(100)));
+            let _ = setup.send(request).await;
+        }
+        assert_eq!(setup.hits("hung"), 5, "ejected after 5 attempts timed out");
+        assert_eq!(setup.metrics.ejections(&Arc::from("catalog")), 1);
+
+        // Under P2C, an endpoint answering 503 at once looks slow, not fast.
+        let mut setup = self::setup(config(
+            1,
+            &[("a", PASSING), ("b", PASSING), ("bad", PASSING)],
+            Some("outlier_detection: { disabled: true }"),
+        ));
+        for id in ["a", "b"] {
+            setup.behaviour.set(id, 200, Duration::from_millis(5));
+        }
+        setup.behaviour.set("bad", 503, Duration::ZERO);
+        setup.spread(300).await;
+        assert!(setup.hits("bad") < 60, "the fast-failing endpoint got {} of 300", setup.hits("bad"));
     }
 
     #[tokio::test(start_paused = true)]
