@@ -22,6 +22,7 @@ use tokio::{
 
 pub mod apps;
 pub mod client;
+pub mod cpbench;
 pub mod dns;
 pub mod faulty;
 
@@ -59,6 +60,16 @@ pub fn binary(name: &str) -> PathBuf {
         built
     });
     built.get(name).cloned().unwrap_or_else(|| panic!("no binary named {name} in the workspace"))
+}
+
+/// The `key=value` pairs of a process's "listening" line (such as `grpc=127.0.0.1:34567`), or
+/// `None` for any other line.
+pub fn bound_addresses(line: &str) -> Option<HashMap<String, String>> {
+    if !line.contains(" listening ") {
+        return None;
+    }
+    let pairs = line.split_whitespace().filter_map(|t| t.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned()));
+    Some(pairs.collect())
 }
 
 /// Polls `check` until it returns `Some`, failing the test with `what` after [`PATIENCE`].
@@ -105,12 +116,10 @@ impl Process {
             let mut reader = BufReader::new(stderr).lines();
             let mut listening = Some(listening);
             while let Ok(Some(line)) = reader.next_line().await {
-                if line.contains(" listening ")
+                if let Some(bound) = bound_addresses(&line)
                     && let Some(listening) = listening.take()
                 {
-                    let pairs =
-                        line.split_whitespace().filter_map(|t| t.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned()));
-                    let _ = listening.send(pairs.collect::<HashMap<_, _>>());
+                    let _ = listening.send(bound);
                 }
                 lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }

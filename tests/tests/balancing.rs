@@ -339,11 +339,8 @@ async fn killing_an_instance_under_load_fails_no_get() {
         apps[2].stop();
     };
     let (answers, ()) = tokio::join!(load, kill);
-    let failed: Vec<String> = answers
-        .iter()
-        .filter(|a| a.0 != 200)
-        .map(|a| format!("{} {}: {}", a.0, header(a, "x-ferry-error"), text(a)))
-        .collect();
+    let failed: Vec<String> =
+        answers.iter().filter(|a| a.0 != 200).map(|a| format!("{} {}: {}", a.0, header(a, "x-ferry-error"), text(a))).collect();
     assert!(failed.is_empty(), "{} of 600 GETs failed: {failed:?}", failed.len());
     let served: HashSet<String> = answers.iter().map(served_by).collect();
     assert!(served.contains("one") && served.contains("two"), "{served:?}");

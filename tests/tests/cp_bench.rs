@@ -1,0 +1,42 @@
+//! The control-plane benchmark runs end to end in its quick mode and reports every figure. How
+//! fast the control plane is does not matter here: only that each figure is there and positive.
+
+use std::process::Command;
+
+use ferry_tests::binary;
+
+#[test]
+fn the_quick_benchmark_reports_every_figure() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let json = dir.path().join("cp-bench.json");
+    let output = Command::new(binary("ferry-cp-bench"))
+        .arg("--quick")
+        .arg("--json")
+        .arg(&json)
+        .arg("--control-plane-binary")
+        .arg(binary("ferry-control-plane"))
+        .output()
+        .expect("ferry-cp-bench runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "ferry-cp-bench failed:\n{stderr}");
+    assert!(stderr.contains("first config"), "no table on stderr:\n{stderr}");
+
+    let text = std::fs::read_to_string(&json).expect("the JSON file is written");
+    let figures: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let expected: &[(&str, &[&str])] = &[
+        ("", &["sidecars", "services", "endpoints", "subscriptions_per_sidecar"]),
+        ("first_config", &["p50_ms", "p99_ms", "max_ms", "all_configured_ms"]),
+        ("propagation", &["changes", "p50_ms", "p99_ms", "max_ms", "slowest_sidecar_p99_ms"]),
+        ("bytes_per_change", &["delta_bytes", "snapshot_bytes", "service_endpoints"]),
+        ("memory", &["rss_endpoints_only_bytes", "rss_with_sidecars_bytes", "bytes_per_sidecar"]),
+        ("cpu", &["first_config_cpu_seconds", "propagation_cpu_seconds", "cpu_ms_per_change"]),
+    ];
+    for (section, keys) in expected {
+        let object = if section.is_empty() { &figures } else { &figures[section] };
+        for key in *keys {
+            let value = object[key].as_f64();
+            assert!(value.is_some_and(|v| v > 0.0), "{section}.{key} is {:?}, not a positive number:\n{text}", object[key]);
+        }
+    }
+    assert_eq!(figures["sidecars"], 100, "--quick runs 100 sidecars");
+}
