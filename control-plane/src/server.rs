@@ -54,8 +54,8 @@ impl ControlPlane {
             .await
             .with_context(|| format!("loading routes and policies from {description}"))?;
 
-        let grpc_listener = TcpListener::bind(config.grpc).await.with_context(|| format!("binding --grpc {}", config.grpc))?;
-        let http_listener = TcpListener::bind(config.http).await.with_context(|| format!("binding --http {}", config.http))?;
+        let grpc_listener = listen(config.grpc).with_context(|| format!("binding --grpc {}", config.grpc))?;
+        let http_listener = listen(config.http).with_context(|| format!("binding --http {}", config.http))?;
         let (dns_udp, dns_tcp) = ferry_dns::bind(config.dns).await.with_context(|| format!("binding --dns {}", config.dns))?;
         let dns_addr = dns_udp.local_addr()?;
         let grpc_addr = grpc_listener.local_addr()?;
@@ -160,4 +160,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         error = control_plane.failed() => Err(error),
     }
+}
+
+/// Connections the listeners queue before they are accepted. Thousands of sidecars reconnect at
+/// once after a control-plane restart; with a short queue the kernel resets some of them (the
+/// kernel caps it at `net.core.somaxconn`).
+const BACKLOG: u32 = 8192;
+
+/// Binds a listener with a backlog sized for every sidecar reconnecting at once.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
