@@ -148,7 +148,8 @@ impl Router {
     /// What each of its balancers holds: algorithm, endpoints with their load and ejections.
     pub fn balancers(&self) -> Value {
         let balancers = lock(&self.inner.balancers);
-        let map: serde_json::Map<String, Value> = balancers.iter().map(|(backend, b)| (backend.to_string(), b.describe())).collect();
+        let map: serde_json::Map<String, Value> =
+            balancers.iter().map(|(backend, b)| (backend.to_string(), b.describe())).collect();
         Value::Object(map)
     }
 
