@@ -451,7 +451,7 @@ pub fn haproxy_config(threads: usize, http1: SocketAddr, h2c: SocketAddr, upstre
     format!(
         "global
     nbthread {threads}
-    maxconn 20000
+    maxconn 8192
 
 defaults
     mode http

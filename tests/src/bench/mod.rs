@@ -526,9 +526,7 @@ fn closed_loop(
 fn run_cp_bench(options: &Options, dir: &Path) -> ControlPlaneBench {
     let binary = options.cp_bench.clone().unwrap_or_else(|| bin_dir(options).join("ferry-cp-bench"));
     if !binary.is_file() {
-        return ControlPlaneBench::Absent {
-            reason: format!("ferry-cp-bench is not built ({} does not exist)", binary.display()),
-        };
+        return ControlPlaneBench::Absent { reason: "ferry-cp-bench is not built (no such binary next to ferry-bench)".into() };
     }
     let json = dir.join("cp-bench.json");
     let mut command = Command::new(&binary);

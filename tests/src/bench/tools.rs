@@ -57,7 +57,10 @@ impl Tools {
         let first_line = |program: &Path, arg: &str| {
             let output = Command::new(program).arg(arg).output().ok()?;
             let text = if output.stdout.is_empty() { output.stderr } else { output.stdout };
-            Some(String::from_utf8_lossy(&text).lines().next()?.trim().to_owned())
+            let line = String::from_utf8_lossy(&text).lines().next()?.to_owned();
+            // "wrk 4.1.0 [epoll] Copyright (C) ...", "HAProxy version 2.6.12 2023/01/01 - https://haproxy.org/"
+            let line = line.split(" Copyright").next().unwrap_or_default();
+            Some(line.split(" - http").next().unwrap_or_default().trim().to_owned())
         };
         [(&self.wrk, "-v"), (&self.h2load, "--version"), (&self.haproxy, "-v"), (&self.nginx, "-v")]
             .into_iter()
