@@ -169,6 +169,9 @@ pub struct ProtocolResult {
 pub struct ProcessMemory {
     pub name: String,
     pub idle_rss_bytes: u64,
+    /// Of the idle RSS, anonymous memory (heap, stacks) and file-backed pages (code).
+    pub idle_rss_anon_bytes: u64,
+    pub idle_rss_file_bytes: u64,
     /// The largest RSS sampled during the runs.
     pub load_rss_peak_bytes: u64,
     /// `VmHWM` after the runs: the peak since start, start-up included.
@@ -362,7 +365,7 @@ pub fn main(options: Options) -> anyhow::Result<()> {
 /// Runs every scenario on a started path, then stops it.
 fn measure_path(running: Running, scenario: &Scenario, tools: &tools::Tools, upstream: u32) -> PathResult {
     let pids = running.pids();
-    let idle: Vec<u64> = pids.iter().map(|&pid| procstat::memory(pid).map_or(0, |m| m.rss)).collect();
+    let idle: Vec<procstat::Memory> = pids.iter().map(|&pid| procstat::memory(pid).unwrap_or_default()).collect();
     let mut load_peaks = Peaks { total: 0, per_process: vec![0; pids.len()] };
     let mut protocols = Vec::new();
     for protocol in Protocol::ALL {
@@ -437,7 +440,9 @@ fn measure_path(running: Running, scenario: &Scenario, tools: &tools::Tools, ups
         .enumerate()
         .map(|(i, process)| ProcessMemory {
             name: process.name.clone(),
-            idle_rss_bytes: idle[i],
+            idle_rss_bytes: idle[i].rss,
+            idle_rss_anon_bytes: idle[i].rss_anon,
+            idle_rss_file_bytes: idle[i].rss_file,
             load_rss_peak_bytes: load_peaks.per_process[i],
             hwm_bytes: procstat::memory(process.pid).map_or(0, |m| m.hwm),
         })
@@ -446,7 +451,7 @@ fn measure_path(running: Running, scenario: &Scenario, tools: &tools::Tools, ups
     let result = PathResult {
         path: running.kind,
         description: running.kind.description().into(),
-        idle_rss_bytes: has_proxies.then(|| idle.iter().sum()),
+        idle_rss_bytes: has_proxies.then(|| idle.iter().map(|m| m.rss).sum()),
         load_rss_bytes: has_proxies.then_some(load_peaks.total),
         processes,
         protocols,
@@ -537,6 +542,8 @@ fn run_cp_bench(options: &Options, dir: &Path) -> ControlPlaneBench {
         command.arg("--sidecars").arg(sidecars.to_string());
     }
     command.arg("--json").arg(&json);
+    // It finds target/release/ferry-control-plane relative to where it runs.
+    command.current_dir(workspace_root());
     let shown =
         format!("ferry-cp-bench {}", command.get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" "))
             .replace(&json.display().to_string(), "PATH");

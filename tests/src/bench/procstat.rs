@@ -51,16 +51,25 @@ pub struct Memory {
     pub rss: u64,
     /// The peak resident set size since the process started.
     pub hwm: u64,
+    /// Of `rss`, the anonymous pages (heap, stacks) ...
+    pub rss_anon: u64,
+    /// ... and the file-backed ones (mostly the binary's code and read-only data).
+    pub rss_file: u64,
 }
 
-/// Parses `VmRSS` and `VmHWM` (in kB) from `/proc/PID/status`.
+/// Parses `VmRSS`, `VmHWM`, `RssAnon` and `RssFile` (in kB) from `/proc/PID/status`.
 pub fn parse_status(text: &str) -> Option<Memory> {
     let field = |name: &str| -> Option<u64> {
         let line = text.lines().find(|l| l.starts_with(name))?;
         let kb: u64 = line[name.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
         Some(kb * 1024)
     };
-    Some(Memory { rss: field("VmRSS:")?, hwm: field("VmHWM:")? })
+    Some(Memory {
+        rss: field("VmRSS:")?,
+        hwm: field("VmHWM:")?,
+        rss_anon: field("RssAnon:").unwrap_or(0),
+        rss_file: field("RssFile:").unwrap_or(0),
+    })
 }
 
 /// Memory of a live process.
@@ -151,8 +160,10 @@ mod tests {
 
     #[test]
     fn status_memory_is_in_bytes() {
-        let text = "Name:\tferry-sidecar\nVmPeak:\t  100000 kB\nVmHWM:\t    9000 kB\nVmRSS:\t    4096 kB\nThreads:\t3\n";
-        assert_eq!(parse_status(text), Some(Memory { rss: 4096 * 1024, hwm: 9000 * 1024 }));
+        let text = "Name:\tferry-sidecar\nVmPeak:\t  100000 kB\nVmHWM:\t    9000 kB\nVmRSS:\t    4096 kB\n\
+                    RssAnon:\t    1024 kB\nRssFile:\t    3072 kB\nThreads:\t3\n";
+        let memory = Memory { rss: 4096 * 1024, hwm: 9000 * 1024, rss_anon: 1024 * 1024, rss_file: 3072 * 1024 };
+        assert_eq!(parse_status(text), Some(memory));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::{
 use anyhow::Context;
 use serde::Serialize;
 
-use super::{ControlPlaneBench, PathResult, Results, dataplane::PathKind, load::Protocol};
+use super::{ControlPlaneBench, PathResult, ProcessMemory, Results, dataplane::PathKind, load::Protocol};
 
 mod charts;
 
@@ -188,13 +188,13 @@ pub struct TargetCheck {
 }
 
 /// The largest of one memory figure over every sidecar process of the Ferry paths.
-fn sidecar_max(results: &Results, figure: fn(&super::ProcessMemory) -> u64) -> Option<(u64, String)> {
+fn sidecar_max(results: &Results, figure: fn(&ProcessMemory) -> u64) -> Option<(u64, String, &ProcessMemory)> {
     results
         .paths
         .iter()
         .filter(|p| matches!(p.path, PathKind::FerryOneHop | PathKind::FerryMesh))
-        .flat_map(|p| p.processes.iter().map(move |process| (figure(process), format!("{} {}", p.path, process.name))))
-        .max_by_key(|(bytes, _)| *bytes)
+        .flat_map(|p| p.processes.iter().map(move |process| (figure(process), format!("{} {}", p.path, process.name), process)))
+        .max_by_key(|(bytes, _, _)| *bytes)
 }
 
 /// Checks the targets the project set itself.
@@ -228,16 +228,28 @@ pub fn targets(results: &Results) -> Vec<TargetCheck> {
             _ => not_measured(target, "no 1,000 rps run of ferry-mesh and direct"),
         });
     }
-    for (target, limit, figure) in [
-        ("Sidecar RSS ≤ 5 MB idle", 5_000_000, (|p: &super::ProcessMemory| p.idle_rss_bytes) as fn(&super::ProcessMemory) -> u64),
-        ("Sidecar RSS ≤ 15 MB under load", 15_000_000, |p: &super::ProcessMemory| p.load_rss_peak_bytes),
+    // Idle memory is also shown split, as the binary's code is much of it.
+    for (target, limit, figure, idle) in [
+        ("Sidecar RSS ≤ 5 MB idle", 5_000_000, (|p: &ProcessMemory| p.idle_rss_bytes) as fn(&ProcessMemory) -> u64, true),
+        ("Sidecar RSS ≤ 15 MB under load", 15_000_000, |p: &ProcessMemory| p.load_rss_peak_bytes, false),
     ] {
         checks.push(match sidecar_max(results, figure) {
-            Some((bytes, which)) => TargetCheck {
-                target: target.into(),
-                measured: format!("{} (largest: {which})", mb(bytes as f64)),
-                verdict: Verdict::from(bytes <= limit),
-            },
+            Some((bytes, which, process)) => {
+                let idle_split = if idle {
+                    format!(
+                        ": {} anonymous, {} file-backed",
+                        mb(process.idle_rss_anon_bytes as f64),
+                        mb(process.idle_rss_file_bytes as f64)
+                    )
+                } else {
+                    String::new()
+                };
+                TargetCheck {
+                    target: target.into(),
+                    measured: format!("{} (largest: {which}{idle_split})", mb(bytes as f64)),
+                    verdict: Verdict::from(bytes <= limit),
+                }
+            }
             None => not_measured(target.into(), "no sidecar was measured"),
         });
     }
@@ -544,16 +556,27 @@ fn write_cpu(md: &mut String, results: &Results, layout: &Layout, charts: &Chart
 
 fn write_memory(md: &mut String, results: &Results, layout: &Layout, charts: &Charts) {
     let _ = writeln!(md, "## Memory\n");
-    let _ = writeln!(md, "| path | process | idle RSS | RSS under load (peak) | VmHWM | idle vs haproxy | load vs haproxy |");
-    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        md,
+        "Resident memory of the proxy processes. Idle RSS is split into anonymous memory (heap, stacks) and \
+         file-backed pages (mostly the binary's own code), which every process of the same binary shares with the \
+         others on a host.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| path | process | idle RSS | idle anon / file | RSS under load (peak) | VmHWM | idle vs haproxy | load vs haproxy |"
+    );
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|");
     for path in results.paths.iter().filter(|p| p.path != PathKind::Direct) {
         for process in &path.processes {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | | |",
+                "| {} | {} | {} | {} / {} | {} | {} | | |",
                 path.path,
                 process.name,
                 mb(process.idle_rss_bytes as f64),
+                mb(process.idle_rss_anon_bytes as f64),
+                mb(process.idle_rss_file_bytes as f64),
                 mb(process.load_rss_peak_bytes as f64),
                 mb(process.hwm_bytes as f64)
             );
@@ -563,7 +586,7 @@ fn write_memory(md: &mut String, results: &Results, layout: &Layout, charts: &Ch
             let [load_ratio, _] = ratio_cells(results, Key::RssLoad, path, Protocol::Http1);
             let _ = writeln!(
                 md,
-                "| **{}** | **total** | **{}** | **{}** | | {idle_ratio} | {load_ratio} |",
+                "| **{}** | **total** | **{}** | | **{}** | | {idle_ratio} | {load_ratio} |",
                 path.path,
                 mb(idle as f64),
                 mb(load as f64)
