@@ -86,6 +86,8 @@ pub struct Scenario {
     pub quick: bool,
     pub run_seconds: u64,
     pub warmup_seconds: u64,
+    /// Throughput runs per path and protocol; the median is reported.
+    pub rounds: usize,
     pub wrk_connections: u32,
     pub h2load_connections: u32,
     pub h2load_streams: u32,
@@ -103,6 +105,7 @@ impl Scenario {
                 quick,
                 run_seconds: 1,
                 warmup_seconds: 0,
+                rounds: 1,
                 wrk_connections: 16,
                 h2load_connections: 4,
                 h2load_streams: 8,
@@ -115,6 +118,7 @@ impl Scenario {
                 quick,
                 run_seconds: 10,
                 warmup_seconds: 2,
+                rounds: 3,
                 wrk_connections: 64,
                 h2load_connections: 16,
                 h2load_streams: 16,
@@ -144,6 +148,8 @@ pub struct ThroughputRun {
     #[serde(flatten)]
     pub result: Throughput,
     pub cost: Cost,
+    /// Requests per second of every round; this run is the median one.
+    pub rounds_rps: Vec<f64>,
 }
 
 /// An open-loop run and its cost.
@@ -253,6 +259,8 @@ pub struct Results {
     pub scenario: Scenario,
     pub paths: Vec<PathResult>,
     pub control_plane: ControlPlaneBench,
+    /// What could not be measured (the run then exits non-zero).
+    pub problems: Vec<String>,
 }
 
 /// Whether this process runs as root.
@@ -323,142 +331,232 @@ pub fn main(options: Options) -> anyhow::Result<()> {
         dir: dir.path().to_path_buf(),
     };
 
-    let paths = if options.paths.is_empty() { PathKind::ALL.to_vec() } else { options.paths.clone() };
+    let kinds = if options.paths.is_empty() { PathKind::ALL.to_vec() } else { options.paths.clone() };
     let upstream = dataplane::Upstream::start(dir.path())?;
     let cp = dataplane::ControlPlane::start(&setup)?;
     let probe = dataplane::Probe::new()?;
-    let mut results = Vec::new();
-    for kind in paths {
-        eprintln!("ferry-bench: {kind}");
-        let started = Instant::now();
-        let result = match dataplane::start(kind, &setup, upstream.addr, &cp, &probe) {
-            Ok(running) => measure_path(running, &scenario, &tools, upstream.pid()),
-            Err(error) => {
+    // Every path is up at once and each scenario runs on one path after the other, so that a
+    // neighbour's load that comes and goes on a shared machine spreads over all paths.
+    let mut paths: Vec<PathRun> = kinds
+        .into_iter()
+        .map(|kind| {
+            let running = dataplane::start(kind, &setup, upstream.addr, &cp, &probe).map_err(|error| {
                 eprintln!("ferry-bench: {kind} failed to start: {error:#}");
-                PathResult {
+                format!("{error:#}")
+            });
+            PathRun::new(kind, running)
+        })
+        .collect();
+    let started = Instant::now();
+    let suite = Suite { scenario: &scenario, tools: &tools, upstream: upstream.pid() };
+    let mut problems = suite.run(&mut paths);
+    eprintln!("ferry-bench: data path measured in {:.0?}", started.elapsed());
+    let results: Vec<PathResult> = paths.into_iter().map(PathRun::finish).collect();
+    problems.extend(results.iter().filter_map(|p| Some(format!("{} did not start: {}", p.path, p.failed.as_ref()?))));
+    drop(cp);
+    drop(upstream);
+
+    let control_plane = run_cp_bench(&options, dir.path());
+    if let ControlPlaneBench::Failed { reason, .. } = &control_plane {
+        problems.push(format!("ferry-cp-bench failed: {reason}"));
+    }
+    let results = Results { date, machine, tools: tools.versions(), threads, scenario, paths: results, control_plane, problems };
+    report::write(&results, &layout)?;
+    eprintln!("ferry-bench: wrote {} and {}", layout.markdown.display(), layout.json().display());
+    if options.keep {
+        eprintln!("ferry-bench: kept {}", dir.keep().display());
+    }
+    if !results.problems.is_empty() {
+        bail!("the report is written, but some figures are missing:\n  {}", results.problems.join("\n  "));
+    }
+    Ok(())
+}
+
+/// One path while the suite runs: its processes and what was measured so far.
+struct PathRun {
+    kind: PathKind,
+    running: Result<Running, String>,
+    idle: Vec<procstat::Memory>,
+    peaks: Peaks,
+    protocols: Vec<ProtocolResult>,
+}
+
+impl PathRun {
+    fn new(kind: PathKind, running: Result<Running, String>) -> Self {
+        let pids = running.as_ref().map(Running::pids).unwrap_or_default();
+        let idle = pids.iter().map(|&pid| procstat::memory(pid).unwrap_or_default()).collect();
+        let peaks = Peaks { total: 0, per_process: vec![0; pids.len()] };
+        let protocols = Protocol::ALL
+            .into_iter()
+            .map(|protocol| {
+                let unavailable = running.as_ref().ok().and_then(|r| r.addr(protocol).err());
+                ProtocolResult { protocol, unavailable, throughput: None, rates: Vec::new() }
+            })
+            .collect();
+        Self { kind, running, idle, peaks, protocols }
+    }
+
+    /// Where `protocol` goes, when this path carries it.
+    fn addr(&self, protocol: Protocol) -> Option<std::net::SocketAddr> {
+        self.running.as_ref().ok()?.addr(protocol).ok()
+    }
+
+    fn protocol(&mut self, protocol: Protocol) -> &mut ProtocolResult {
+        let index = Protocol::ALL.iter().position(|p| *p == protocol).expect("every protocol has a result");
+        &mut self.protocols[index]
+    }
+
+    /// Stops the path and returns its figures.
+    fn finish(self) -> PathResult {
+        let kind = self.kind;
+        let running = match self.running {
+            Ok(running) => running,
+            Err(error) => {
+                return PathResult {
                     path: kind,
                     description: kind.description().into(),
                     processes: Vec::new(),
                     idle_rss_bytes: None,
                     load_rss_bytes: None,
                     protocols: Vec::new(),
-                    failed: Some(format!("{error:#}")),
-                }
+                    failed: Some(error),
+                };
             }
         };
-        eprintln!("ferry-bench: {kind} done in {:.0?}", started.elapsed());
-        results.push(result);
+        let processes: Vec<ProcessMemory> = running
+            .proxies
+            .iter()
+            .enumerate()
+            .map(|(i, process)| ProcessMemory {
+                name: process.name.clone(),
+                idle_rss_bytes: self.idle[i].rss,
+                idle_rss_anon_bytes: self.idle[i].rss_anon,
+                idle_rss_file_bytes: self.idle[i].rss_file,
+                load_rss_peak_bytes: self.peaks.per_process[i],
+                hwm_bytes: procstat::memory(process.pid).map_or(0, |m| m.hwm),
+            })
+            .collect();
+        let has_proxies = !processes.is_empty();
+        running.stop();
+        PathResult {
+            path: kind,
+            description: kind.description().into(),
+            idle_rss_bytes: has_proxies.then(|| self.idle.iter().map(|m| m.rss).sum()),
+            load_rss_bytes: has_proxies.then_some(self.peaks.total),
+            processes,
+            protocols: self.protocols,
+            failed: None,
+        }
     }
-    drop(cp);
-    drop(upstream);
-
-    let control_plane = run_cp_bench(&options, dir.path());
-    let results = Results { date, machine, tools: tools.versions(), threads, scenario, paths: results, control_plane };
-    report::write(&results, &layout)?;
-    eprintln!("ferry-bench: wrote {} and {}", layout.markdown.display(), layout.json().display());
-    if options.keep {
-        eprintln!("ferry-bench: kept {}", dir.keep().display());
-    }
-    Ok(())
 }
 
-/// Runs every scenario on a started path, then stops it.
-fn measure_path(running: Running, scenario: &Scenario, tools: &tools::Tools, upstream: u32) -> PathResult {
-    let pids = running.pids();
-    let idle: Vec<procstat::Memory> = pids.iter().map(|&pid| procstat::memory(pid).unwrap_or_default()).collect();
-    let mut load_peaks = Peaks { total: 0, per_process: vec![0; pids.len()] };
-    let mut protocols = Vec::new();
-    for protocol in Protocol::ALL {
-        let addr = match running.addr(protocol) {
-            Ok(addr) => addr,
-            Err(reason) => {
-                eprintln!("ferry-bench:   {} n/a: {reason}", protocol.name());
-                protocols.push(ProtocolResult { protocol, unavailable: Some(reason), throughput: None, rates: Vec::new() });
-                continue;
-            }
-        };
-        let mut result = ProtocolResult { protocol, unavailable: None, throughput: None, rates: Vec::new() };
-        if scenario.warmup_seconds > 0 {
-            let _ = closed_loop(tools, scenario, protocol, addr, scenario.warmup_seconds);
-        }
-        let throughput = measured(&running, upstream, &mut load_peaks, || {
-            let (tool, result) = closed_loop(tools, scenario, protocol, addr, scenario.run_seconds)?;
-            let requests = result.requests;
-            Ok(((tool, result), requests))
-        });
-        match throughput {
-            Ok(((tool, throughput), cost)) => {
-                eprintln!(
-                    "ferry-bench:   {} {tool}: {:.0} rps, {} errors",
-                    protocol.name(),
-                    throughput.requests_per_second,
-                    throughput.errors
-                );
-                result.throughput = Some(ThroughputRun { tool, result: throughput, cost });
-            }
-            Err(error) => eprintln!("ferry-bench:   {} throughput failed: {error:#}", protocol.name()),
-        }
-        for &rate in &scenario.rates {
-            let config = OpenLoop {
-                target: addr,
-                authority: dataplane::AUTHORITY.into(),
-                protocol,
-                rate,
-                duration: Duration::from_secs(scenario.run_seconds),
-                connections: match protocol {
-                    Protocol::Http1 => scenario.open_loop_http1_connections,
-                    Protocol::Http2 => scenario.open_loop_h2c_connections,
-                },
-                timeout: Duration::from_secs(5),
-            };
-            let run = measured(&running, upstream, &mut load_peaks, || {
-                let result = load::run(&config)?;
-                let ok = result.ok;
-                Ok((result, ok))
-            });
-            match run {
-                Ok((run, cost)) => {
-                    eprintln!(
-                        "ferry-bench:   {} @{rate}: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, {:.0} rps achieved, {} errors",
-                        protocol.name(),
-                        run.p50_ms,
-                        run.p99_ms,
-                        run.p999_ms,
-                        run.achieved_rps,
-                        run.errors
-                    );
-                    result.rates.push(RateRun { result: run, cost });
+/// The scenarios, run over every path.
+struct Suite<'a> {
+    scenario: &'a Scenario,
+    tools: &'a tools::Tools,
+    upstream: u32,
+}
+
+impl Suite<'_> {
+    /// Runs every scenario; returns what failed.
+    fn run(&self, paths: &mut [PathRun]) -> Vec<String> {
+        let mut problems = Vec::new();
+        let scenario = self.scenario;
+        for protocol in Protocol::ALL {
+            if scenario.warmup_seconds > 0 {
+                for path in paths.iter().filter(|p| p.addr(protocol).is_some()) {
+                    let addr = path.addr(protocol).expect("filtered on it");
+                    let _ = closed_loop(self.tools, scenario, protocol, addr, scenario.warmup_seconds);
                 }
-                Err(error) => eprintln!("ferry-bench:   {} @{rate} failed: {error:#}", protocol.name()),
+            }
+            // Throughput: several rounds over all paths, the median kept.
+            let mut rounds: Vec<Vec<ThroughputRun>> = paths.iter().map(|_| Vec::new()).collect();
+            for round in 0..scenario.rounds {
+                for (path, runs) in paths.iter_mut().zip(rounds.iter_mut()) {
+                    let Some(addr) = path.addr(protocol) else { continue };
+                    let Ok(running) = path.running.as_ref() else { continue };
+                    let measured = measured(running, self.upstream, &mut path.peaks, || {
+                        let (tool, result) = closed_loop(self.tools, scenario, protocol, addr, scenario.run_seconds)?;
+                        let requests = result.requests;
+                        Ok(((tool, result), requests))
+                    });
+                    match measured {
+                        Ok(((tool, result), cost)) => {
+                            eprintln!(
+                                "ferry-bench: {} {} round {}: {:.0} rps, {} errors",
+                                path.kind,
+                                protocol.name(),
+                                round + 1,
+                                result.requests_per_second,
+                                result.errors
+                            );
+                            runs.push(ThroughputRun { tool, result, cost, rounds_rps: Vec::new() });
+                        }
+                        Err(error) => {
+                            eprintln!("ferry-bench: {} {} throughput failed: {error:#}", path.kind, protocol.name());
+                            problems.push(format!("{} {} throughput: {error:#}", path.kind, protocol.name()));
+                        }
+                    }
+                }
+            }
+            for (path, runs) in paths.iter_mut().zip(rounds) {
+                path.protocol(protocol).throughput = median(runs);
+            }
+            for &rate in &scenario.rates {
+                for path in paths.iter_mut() {
+                    let Some(addr) = path.addr(protocol) else { continue };
+                    let Ok(running) = path.running.as_ref() else { continue };
+                    let config = OpenLoop {
+                        target: addr,
+                        authority: dataplane::AUTHORITY.into(),
+                        protocol,
+                        rate,
+                        duration: Duration::from_secs(scenario.run_seconds),
+                        connections: match protocol {
+                            Protocol::Http1 => scenario.open_loop_http1_connections,
+                            Protocol::Http2 => scenario.open_loop_h2c_connections,
+                        },
+                        timeout: Duration::from_secs(5),
+                    };
+                    let run = measured(running, self.upstream, &mut path.peaks, || {
+                        let result = load::run(&config)?;
+                        let ok = result.ok;
+                        Ok((result, ok))
+                    });
+                    match run {
+                        Ok((result, cost)) => {
+                            eprintln!(
+                                "ferry-bench: {} {} @{rate}: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, {:.0} rps, {} errors",
+                                path.kind,
+                                protocol.name(),
+                                result.p50_ms,
+                                result.p99_ms,
+                                result.p999_ms,
+                                result.achieved_rps,
+                                result.errors
+                            );
+                            path.protocol(protocol).rates.push(RateRun { result, cost });
+                        }
+                        Err(error) => {
+                            eprintln!("ferry-bench: {} {} @{rate} failed: {error:#}", path.kind, protocol.name());
+                            problems.push(format!("{} {} at {rate} rps: {error:#}", path.kind, protocol.name()));
+                        }
+                    }
+                }
             }
         }
-        protocols.push(result);
+        problems
     }
-    let processes: Vec<ProcessMemory> = running
-        .proxies
-        .iter()
-        .enumerate()
-        .map(|(i, process)| ProcessMemory {
-            name: process.name.clone(),
-            idle_rss_bytes: idle[i].rss,
-            idle_rss_anon_bytes: idle[i].rss_anon,
-            idle_rss_file_bytes: idle[i].rss_file,
-            load_rss_peak_bytes: load_peaks.per_process[i],
-            hwm_bytes: procstat::memory(process.pid).map_or(0, |m| m.hwm),
-        })
-        .collect();
-    let has_proxies = !processes.is_empty();
-    let result = PathResult {
-        path: running.kind,
-        description: running.kind.description().into(),
-        idle_rss_bytes: has_proxies.then(|| idle.iter().map(|m| m.rss).sum()),
-        load_rss_bytes: has_proxies.then_some(load_peaks.total),
-        processes,
-        protocols,
-        failed: None,
-    };
-    running.stop();
-    result
+}
+
+/// The run with the median throughput, holding every round's rate.
+fn median(mut runs: Vec<ThroughputRun>) -> Option<ThroughputRun> {
+    let all: Vec<f64> = runs.iter().map(|r| r.result.requests_per_second).collect();
+    runs.sort_by(|a, b| a.result.requests_per_second.total_cmp(&b.result.requests_per_second));
+    let middle = runs.len().checked_sub(1)? / 2;
+    let mut run = runs.swap_remove(middle);
+    run.rounds_rps = all;
+    Some(run)
 }
 
 /// The largest RSS seen over several runs.
@@ -578,4 +676,33 @@ fn run_cp_bench(options: &Options, dir: &Path) -> ControlPlaneBench {
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(rps: f64) -> ThroughputRun {
+        let result = Throughput { requests_per_second: rps, ..Throughput::default() };
+        ThroughputRun { tool: "wrk".into(), result, cost: Cost::default(), rounds_rps: Vec::new() }
+    }
+
+    #[test]
+    fn the_median_round_is_kept_with_every_rounds_rate() {
+        let median = median(vec![run(30.0), run(10.0), run(20.0)]).expect("three rounds");
+        assert_eq!(median.result.requests_per_second, 20.0);
+        assert_eq!(median.rounds_rps, [30.0, 10.0, 20.0]);
+        assert_eq!(median_of(&[run(5.0)]), 5.0);
+        assert!(super::median(Vec::new()).is_none());
+    }
+
+    fn median_of(runs: &[ThroughputRun]) -> f64 {
+        super::median(runs.to_vec()).map_or(0.0, |r| r.result.requests_per_second)
+    }
+
+    #[test]
+    fn paths_are_named_as_in_the_report() {
+        assert_eq!(parse_path("ferry-mesh"), Ok(PathKind::FerryMesh));
+        assert!(parse_path("envoy").expect_err("unknown").contains("direct, ferry-1hop"));
+    }
 }

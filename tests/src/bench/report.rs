@@ -391,6 +391,13 @@ fn markdown(results: &Results, targets: &[TargetCheck], layout: &Layout, charts:
     }
     let _ = writeln!(md);
 
+    if !results.problems.is_empty() {
+        let _ = writeln!(md, "**Not measured** (the run exited with an error):\n");
+        for problem in &results.problems {
+            let _ = writeln!(md, "- {}", problem.lines().next().unwrap_or_default());
+        }
+        let _ = writeln!(md);
+    }
     write_setup(&mut md, results);
     write_throughput(&mut md, results, layout, charts);
     write_latency(&mut md, results, layout, charts);
@@ -420,7 +427,10 @@ fn write_setup(md: &mut String, results: &Results) {
          over one multiplexed h2c connection to the endpoint); HAProxy does the same (`proto h2` on the h2c backend's \
          server, `http-reuse always`); nginx's proxy speaks only HTTP/1.1 to upstreams, so it forwards h2c requests \
          over HTTP/1.1 keep-alive (`keepalive 256`).\n\
-         - **Throughput** (closed loop): `wrk -t1 -c{wrk_c} -d{s}s` (HTTP/1.1) and `h2load -t1 -c{h2_c} -m{h2_m} -D {s}` (h2c){warmup}.\n\
+         - **Order**: every path is started before the first run and each scenario runs on every path in turn, so \
+         that load from neighbours on a shared machine, which comes and goes, falls on all paths alike.\n\
+         - **Throughput** (closed loop): `wrk -t1 -c{wrk_c} -d{s}s` (HTTP/1.1) and `h2load -t1 -c{h2_c} -m{h2_m} -D {s}` \
+         (h2c){warmup}; {rounds} round(s), the median reported.\n\
          - **Latency** (open loop): requests sent at {rates} rps for {s} s each, on {ol1} HTTP/1.1 keep-alive \
          connections or {ol2} h2c connections; each latency counts from the request's intended send time (no \
          coordinated omission) and is recorded in an HDR histogram.\n\
@@ -435,6 +445,7 @@ fn write_setup(md: &mut String, results: &Results) {
         s = scenario.run_seconds,
         h2_c = scenario.h2load_connections,
         h2_m = scenario.h2load_streams,
+        rounds = scenario.rounds,
         warmup = if scenario.warmup_seconds > 0 {
             format!(", each after a {} s warm-up of the same tool", scenario.warmup_seconds)
         } else {
@@ -449,27 +460,35 @@ fn write_setup(md: &mut String, results: &Results) {
 
 fn write_throughput(md: &mut String, results: &Results, layout: &Layout, charts: &Charts) {
     let _ = writeln!(md, "## Throughput\n");
-    let _ =
-        writeln!(md, "Requests per second at saturation (closed loop); the ratios are to HAProxy's and to the direct path's.\n");
-    let _ = writeln!(md, "| path | protocol | requests/s | vs haproxy | vs direct | errors | mean latency (closed loop) |");
-    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        md,
+        "Requests per second at saturation (closed loop), the median of {} round(s) over all paths in turn; the ratios \
+         are to HAProxy's and to the direct path's.\n",
+        results.scenario.rounds
+    );
+    let _ = writeln!(
+        md,
+        "| path | protocol | requests/s | vs haproxy | vs direct | errors | mean latency (closed loop) | every round |"
+    );
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---|");
     for path in &results.paths {
         for protocol in Protocol::ALL {
             let result = path.protocols.iter().find(|p| p.protocol == protocol);
             if let Some(reason) = result.and_then(|r| r.unavailable.as_ref()) {
-                let _ = writeln!(md, "| {} | {} | n/a: {reason} | | | | |", path.path, label(protocol));
+                let _ = writeln!(md, "| {} | {} | n/a: {reason} | | | | | |", path.path, label(protocol));
                 continue;
             }
             let run = result.and_then(|r| r.throughput.as_ref());
             let [vs_haproxy, vs_direct] = ratio_cells(results, Key::Throughput, path, protocol);
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {vs_haproxy} | {vs_direct} | {} | {} |",
+                "| {} | {} | {} | {vs_haproxy} | {vs_direct} | {} | {} | {} |",
                 path.path,
                 label(protocol),
                 or_na(run.map(|r| int(r.result.requests_per_second))),
                 or_na(run.map(|r| int(r.result.errors as f64))),
                 or_na(run.and_then(|r| r.result.mean_latency_ms).map(|v| format!("{} ms", ms(v)))),
+                run.map(|r| r.rounds_rps.iter().map(|v| int(*v)).collect::<Vec<_>>().join(", ")).unwrap_or_default(),
             );
         }
     }
