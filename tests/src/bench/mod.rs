@@ -319,7 +319,8 @@ pub fn main(options: Options) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("ferry-bench-").tempdir()?;
     if is_root() {
         // nginx's workers run as nobody and need to reach their temp paths.
-        let _ = Command::new("chmod").arg("755").arg(dir.path()).status();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
     }
     eprintln!("ferry-bench: {} threads per proxy; configs and logs in {}", threads, dir.path().display());
     let setup = dataplane::Setup {

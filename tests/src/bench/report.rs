@@ -379,9 +379,10 @@ fn markdown(results: &Results, targets: &[TargetCheck], layout: &Layout, charts:
     let _ = writeln!(
         md,
         "Everything (the client, the proxies, the upstream) shares these {} cores on loopback, so the figures compare \
-         the paths with one another on this machine; they are not capacity figures. One run, no repetitions: on a shared \
-         or noisy machine, differences of 10-20% are within the noise.\n",
-        machine.cores
+         the paths with one another on this machine; they are not capacity figures. Throughput is the median of {} \
+         round(s); every latency and CPU figure comes from a single run. On a shared or noisy machine, differences of \
+         10-20% are within the noise.\n",
+        machine.cores, results.scenario.rounds
     );
 
     let _ = writeln!(md, "## Targets\n");

@@ -30,7 +30,7 @@ impl Tools {
         let missing: Vec<(&str, &str)> = TOOLS.iter().copied().filter(|(tool, _)| which(tool).is_none()).collect();
         if !missing.is_empty() {
             let packages: Vec<&str> = missing.iter().map(|(_, package)| *package).collect();
-            if !is_root() {
+            if !super::is_root() {
                 bail!(
                     "missing {}: install the Debian/Ubuntu packages with `sudo apt-get install -y {}` (or run as root, \
                      and ferry-bench installs them)",
@@ -76,10 +76,6 @@ fn which(program: &str) -> Option<PathBuf> {
         .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
         .map(|dir| dir.join(program))
         .find(|candidate| candidate.is_file())
-}
-
-fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 fn run_quietly(command: &mut Command) -> anyhow::Result<()> {
