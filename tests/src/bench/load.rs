@@ -363,7 +363,10 @@ mod tests {
             };
             let result = run(&config).expect("runs");
             assert_eq!((result.scheduled, result.ok, result.errors), (200, 200, 0), "{protocol:?}: {result:?}");
-            assert!(result.achieved_rps > 300.0 && result.achieved_rps < 500.0, "{protocol:?}: {result:?}");
+            // Nothing is sent before it is due: the last of 200 at 400 rps leaves at 497.5 ms. (No
+            // tight lower bound: a loaded machine may stall the run.)
+            assert!(result.seconds >= 0.4975 && result.achieved_rps <= 402.0, "{protocol:?}: {result:?}");
+            assert!(result.achieved_rps > 100.0, "{protocol:?}: {result:?}");
             assert!(result.p50_ms > 0.0 && result.p50_ms <= result.p99_ms && result.p99_ms <= result.max_ms);
         }
     }
