@@ -21,6 +21,7 @@ use tokio::{
 };
 
 pub mod apps;
+pub mod bench;
 pub mod client;
 pub mod cpbench;
 pub mod dns;

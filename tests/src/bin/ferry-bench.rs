@@ -1,0 +1,34 @@
+//! `ferry-bench`: Ferry's benchmark suite. See [`ferry_tests::bench`].
+//!
+//! `ferry-bench upstream` (not for direct use) serves the benchmark's upstream in a process of
+//! its own and prints `listening addr=ADDR`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use ferry_tests::bench;
+
+fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("upstream") {
+        return upstream();
+    }
+    match bench::main(bench::Options::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ferry-bench: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn upstream() -> ExitCode {
+    let served = std::net::TcpListener::bind("127.0.0.1:0").map_err(anyhow::Error::from).and_then(|listener| {
+        // The same shape as Ferry's own start-up line, which the driver reads.
+        eprintln!("ferry-bench-upstream listening addr={}", listener.local_addr()?);
+        bench::dataplane::serve_upstream(listener)
+    });
+    if let Err(error) = served {
+        eprintln!("ferry-bench upstream: {error:#}");
+    }
+    ExitCode::FAILURE
+}
