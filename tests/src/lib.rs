@@ -206,6 +206,22 @@ impl ControlPlane {
         format!("http://{}", self.http)
     }
 
+    /// Applies multi-document YAML through `POST /v1/apply`, which must succeed, and returns the
+    /// versions stored, in document order.
+    pub async fn apply(&self, yaml: &str) -> Vec<u64> {
+        let answer =
+            client::send_body(self.http, http::Method::POST, "/v1/apply", "application/yaml", yaml).await.expect("answered");
+        assert_eq!(answer.0, 200, "applying:\n{yaml}\n{}", client::text(&answer));
+        let body: serde_json::Value = serde_json::from_slice(&answer.2).expect("JSON");
+        let applied = body["applied"].as_array().expect("applied resources");
+        // The proto3 JSON form (`{"route": {...}}`), where a u64 is a string.
+        let version = |resource: &serde_json::Value| {
+            let body = if resource["route"].is_object() { &resource["route"] } else { &resource["policy"] };
+            body["version"].as_str().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no version in {resource}"))
+        };
+        applied.iter().map(|a| version(&a["resource"])).collect()
+    }
+
     /// The instance `id` as the HTTP API shows it, if registered.
     pub async fn instance(&self, id: &str) -> Option<serde_json::Value> {
         let (status, _, body) = client::get(&format!("{}/v1/instances/{id}", self.http_url())).await.ok()?;

@@ -23,7 +23,7 @@ use ferry_tests::{
     faulty::FaultyApp,
 };
 use futures::StreamExt;
-use http::{Method, Request};
+use http::Request;
 use http_body_util::Empty;
 use serde_json::Value;
 
@@ -53,13 +53,6 @@ async fn spread(outbound: SocketAddr, count: usize, concurrency: usize) -> BTree
         *served.entry(served_by(answer)).or_default() += 1;
     }
     served
-}
-
-/// Applies YAML documents through `POST /v1/apply`.
-async fn apply(control_plane: &ControlPlane, yaml: &str) {
-    let answer =
-        client::send_body(control_plane.http, Method::POST, "/v1/apply", "application/yaml", yaml).await.expect("answered");
-    assert_eq!(answer.0, 200, "applying:\n{yaml}\n{}", text(&answer));
 }
 
 /// An instance of `catalog`: a sidecar in front of `app`, with extra flags.
@@ -131,7 +124,7 @@ async fn an_instance_answering_503_is_ejected_and_failures_stop() {
     // Round-robin sends the failing instance every third request. Under P2C over peak-EWMA, one
     // slow answer from it on a loaded machine would keep it out of picks for longer than a test
     // waits, ejection or not.
-    apply(&control_plane, "kind: ServicePolicy\nservice: catalog\nload_balancer: round-robin\n").await;
+    control_plane.apply("kind: ServicePolicy\nservice: catalog\nload_balancer: round-robin\n").await;
     let (good_1, good_2) = (FaultyApp::start("good-1", 200).await, FaultyApp::start("good-2", 200).await);
     let failing = FaultyApp::start("failing", 503).await;
     let (_good_1, _good_2, _failing, caller) = tokio::join!(
@@ -177,7 +170,7 @@ async fn an_instance_answering_503_is_ejected_and_failures_stop() {
 #[tokio::test]
 async fn a_ring_hash_key_sticks_and_moves_only_when_its_instance_leaves() {
     let control_plane = ControlPlane::start().await;
-    apply(&control_plane, "kind: ServicePolicy\nservice: catalog\nload_balancer: ring-hash\nhash_header: x-user\n").await;
+    control_plane.apply("kind: ServicePolicy\nservice: catalog\nload_balancer: ring-hash\nhash_header: x-user\n").await;
     let apps = [HttpApp::start("catalog-1").await, HttpApp::start("catalog-2").await, HttpApp::start("catalog-3").await];
     // Fixed ids place the instances on the ring the same way in every run.
     let (one, two, three, caller) = tokio::join!(
@@ -240,7 +233,7 @@ async fn a_new_instance_ramps_up_during_slow_start() {
     let control_plane = ControlPlane::start().await;
     // A long window next to the test's own timing, so even a slow machine sends all the
     // requests below early in the ramp.
-    apply(&control_plane, "kind: ServicePolicy\nservice: catalog\nload_balancer: round-robin\nslow_start: 20s\n").await;
+    control_plane.apply("kind: ServicePolicy\nservice: catalog\nload_balancer: round-robin\nslow_start: 20s\n").await;
     let (old_1, old_2, new) = (HttpApp::start("old-1").await, HttpApp::start("old-2").await, HttpApp::start("new").await);
     let (_old_1, _old_2, caller) = tokio::join!(
         instance(&control_plane, old_1.addr, &[]),

@@ -36,23 +36,6 @@ rules:
     )
 }
 
-/// Applies YAML through the HTTP API; the versions stored.
-async fn apply(control_plane: &ControlPlane, yaml: &str) -> Vec<u64> {
-    let answer =
-        client::send_body(control_plane.http, Method::POST, "/v1/apply", "application/yaml", yaml).await.expect("answered");
-    assert_eq!(answer.0, 200, "applying:\n{yaml}\n{}", text(&answer));
-    let body: Value = serde_json::from_slice(&answer.2).expect("JSON");
-    let applied = body["applied"].as_array().expect("applied resources");
-    applied
-        .iter()
-        .map(|a| {
-            let resource = &a["resource"];
-            let body = if resource["route"].is_object() { &resource["route"] } else { &resource["policy"] };
-            body["version"].as_str().and_then(|v| v.parse().ok()).expect("a version")
-        })
-        .collect()
-}
-
 async fn wait_for_route(caller: &Sidecar, service: &str, tag: &str) {
     let url = format!("http://{service}/probe/{tag}");
     eventually(&format!("route {tag} of {service} in force"), || async {
@@ -119,7 +102,7 @@ async fn a_post_that_reached_the_app_is_never_retried() {
     let (_orders, caller) = tokio::join!(instance(&control_plane, "orders", Some(app.addr), &[]), caller(&control_plane));
     // Even a route that retries 5xx three times must not repeat a POST the app has seen.
     let rules = "  - retries: { attempts: 3, on: [ connect-failure, 5xx, reset ] }\n";
-    apply(&control_plane, &route("orders", "post", rules)).await;
+    control_plane.apply(&route("orders", "post", rules)).await;
     wait_for_route(&caller, "orders", "post").await;
 
     app.fail_next(1);
@@ -128,7 +111,7 @@ async fn a_post_that_reached_the_app_is_never_retried() {
     assert_eq!(app.hits(), 1, "the app saw the POST once");
 
     // The mesh's default policy (no rule) does not repeat it either.
-    apply(&control_plane, "kind: Route\nservice: orders\nrules:\n  - match: { path_exact: /never }\n").await;
+    control_plane.apply("kind: Route\nservice: orders\nrules:\n  - match: { path_exact: /never }\n").await;
     eventually("the default policy in force", || async {
         let explained =
             client::get(&format!("http://{}/explain?service=orders&path=/orders&method=POST", caller.admin)).await.ok()?;
@@ -183,7 +166,7 @@ async fn the_retry_budget_bounds_retries_when_every_instance_fails() {
     // A small floor, so that the ratio is what bounds a few hundred requests.
     let policy = "kind: ServicePolicy\nservice: catalog\nretry_budget: { ratio: 0.2, min_per_second: 1, window: 10s }\n";
     let rules = "  - retries: { attempts: 3, on: [ 5xx ] }\n";
-    let versions = apply(&control_plane, &format!("{policy}---\n{}", route("catalog", "budget", rules))).await;
+    let versions = control_plane.apply(&format!("{policy}---\n{}", route("catalog", "budget", rules))).await;
     wait_for_route(&caller, "catalog", "budget").await;
     wait_for_version(&caller, "catalog", versions[0]).await;
     let before = a.hits() + b.hits();
@@ -214,7 +197,7 @@ async fn a_request_that_is_already_a_retry_is_not_retried_again() {
     let app = RecordingApp::start("flaky").await;
     let (_flaky, caller) = tokio::join!(instance(&control_plane, "flaky", Some(app.addr), &[]), caller(&control_plane));
     let rules = "  - retries: { attempts: 3, on: [ 5xx ] }\n";
-    apply(&control_plane, &route("flaky", "hop", rules)).await;
+    control_plane.apply(&route("flaky", "hop", rules)).await;
     wait_for_route(&caller, "flaky", "hop").await;
 
     app.fail_next(1);
@@ -237,7 +220,7 @@ async fn a_full_circuit_breaker_sheds_with_503_overloaded() {
     let app = HoldingApp::start().await;
     let (_slow, caller) = tokio::join!(instance(&control_plane, "slow", Some(app.addr), &[]), caller(&control_plane));
     let policy = "kind: ServicePolicy\nservice: slow\ncircuit_breaker: { max_concurrent: 1, max_pending: 0 }\n";
-    let versions = apply(&control_plane, policy).await;
+    let versions = control_plane.apply(policy).await;
     wait_endpoints(&caller, "slow", 1).await;
     wait_for_version(&caller, "slow", versions[0]).await;
 
@@ -269,7 +252,7 @@ async fn a_streaming_body_outlives_the_route_timeout_met_by_its_headers() {
     let app = HoldingApp::start().await;
     let (_streamer, caller) = tokio::join!(instance(&control_plane, "streamer", Some(app.addr), &[]), caller(&control_plane));
     let rules = "  - timeout: 300ms\n";
-    apply(&control_plane, &route("streamer", "stream", rules)).await;
+    control_plane.apply(&route("streamer", "stream", rules)).await;
     wait_for_route(&caller, "streamer", "stream").await;
 
     // Headers and a first chunk come at once; the rest waits for the app's release.

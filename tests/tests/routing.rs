@@ -57,24 +57,6 @@ rules:
     )
 }
 
-/// Applies multi-document YAML through `POST /v1/apply` and returns the versions stored, in
-/// document order.
-async fn apply(control_plane: &ControlPlane, yaml: &str) -> Vec<u64> {
-    let answer =
-        client::send_body(control_plane.http, Method::POST, "/v1/apply", "application/yaml", yaml).await.expect("answered");
-    assert_eq!(answer.0, 200, "applying:\n{yaml}\n{}", text(&answer));
-    let body: Value = serde_json::from_slice(&answer.2).expect("JSON");
-    let applied = body["applied"].as_array().expect("applied resources");
-    applied.iter().map(|a| version_of(&a["resource"])).collect()
-}
-
-/// The version of a resource in its proto3 JSON form (`{"route": {...}}`), where a u64 is a
-/// string.
-fn version_of(resource: &Value) -> u64 {
-    let body = if resource["route"].is_object() { &resource["route"] } else { &resource["policy"] };
-    body["version"].as_str().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no version in {resource}"))
-}
-
 /// `GET path` from the control plane's HTTP API, as JSON.
 async fn get_json(control_plane: &ControlPlane, path: &str) -> (StatusCode, Value) {
     let answer = client::get(&format!("{}{path}", control_plane.http_url())).await.expect("answered");
@@ -159,7 +141,7 @@ async fn a_90_10_split_holds_within_five_sigma() {
         caller(&control_plane),
     );
     let split = "  - backends: [ { subset: v1, weight: 90 }, { subset: v2, weight: 10 } ]\n";
-    apply(&control_plane, &format!("{CATALOG_POLICY}---\n{}", route("catalog", "split", split))).await;
+    control_plane.apply(&format!("{CATALOG_POLICY}---\n{}", route("catalog", "split", split))).await;
     wait_for_route(&caller, "catalog", "split").await;
     caller.wait_endpoints("catalog", 2).await;
 
@@ -215,7 +197,7 @@ async fn requests_go_where_the_first_matching_rule_says() {
   - backends: [ { subset: v1 } ]
     response_headers: { set: { x-rule: default } }
 "#;
-    apply(&control_plane, &format!("{CATALOG_POLICY}---\n{}", route("catalog", "matches", rules))).await;
+    control_plane.apply(&format!("{CATALOG_POLICY}---\n{}", route("catalog", "matches", rules))).await;
     wait_for_route(&caller, "catalog", "matches").await;
     caller.wait_endpoints("catalog", 2).await;
 
@@ -271,7 +253,7 @@ async fn a_route_timeout_answers_504_upstream_timeout() {
     timeout: 5s
     retries: { attempts: 2, per_try_timeout: 200ms, on: [ 5xx ] }
 ";
-    apply(&control_plane, &route("slow", "timeouts", rules)).await;
+    control_plane.apply(&route("slow", "timeouts", rules)).await;
     wait_for_route(&caller, "slow", "timeouts").await;
 
     let timed = |path: &'static str| async move {
@@ -309,7 +291,7 @@ async fn faults_abort_and_delay_their_share_of_requests() {
   - match: { path_prefix: /delay-all }
     fault: { delay: { percent: 100, duration: 500ms } }
 ";
-    apply(&control_plane, &route("catalog", "faults", rules)).await;
+    control_plane.apply(&route("catalog", "faults", rules)).await;
     wait_for_route(&caller, "catalog", "faults").await;
 
     let hits_before = app.hits();
@@ -354,7 +336,7 @@ async fn mirrors_get_copies_and_callers_only_the_primary_answer() {
     backends: [ { subset: v1 } ]
     mirror: { backend: { subset: v2 }, percent: 100 }
 ";
-    apply(&control_plane, &format!("{CATALOG_POLICY}---\n{}", route("catalog", "mirrors", rules))).await;
+    control_plane.apply(&format!("{CATALOG_POLICY}---\n{}", route("catalog", "mirrors", rules))).await;
     wait_for_route(&caller, "catalog", "mirrors").await;
     caller.wait_endpoints("catalog", 2).await;
     // The copies' answers must not matter: the shadow fails every one.
@@ -397,7 +379,7 @@ async fn bad_resources_are_refused_naming_the_field_and_change_nothing() {
     backends: [ { subset: v2 } ]
   - backends: [ { subset: v1 } ]
 ";
-    apply(&control_plane, &format!("{CATALOG_POLICY}---\n{}", route("catalog", "good", rules))).await;
+    control_plane.apply(&format!("{CATALOG_POLICY}---\n{}", route("catalog", "good", rules))).await;
     wait_for_route(&caller, "catalog", "good").await;
     caller.wait_endpoints("catalog", 2).await;
     let (_, route_before) = get_json(&control_plane, "/v1/routes/catalog").await;
@@ -505,7 +487,7 @@ async fn routes_survive_a_control_plane_restart() {
     backends: [ { subset: v2 } ]
   - backends: [ { subset: v1 } ]
 ";
-    let versions = apply(&first, &format!("{CATALOG_POLICY}---\n{}", route("catalog", "durable", rules))).await;
+    let versions = first.apply(&format!("{CATALOG_POLICY}---\n{}", route("catalog", "durable", rules))).await;
     let (_, route_before) = get_json(&first, "/v1/routes/catalog").await;
     let (_, policy_before) = get_json(&first, "/v1/policies/catalog").await;
     first.process.kill().await;
@@ -528,7 +510,7 @@ async fn routes_survive_a_control_plane_restart() {
     }
 
     // Versions keep counting up from where they were.
-    let newer = apply(&second, &route("catalog", "newer", "  - backends: [ { subset: v2 } ]\n")).await;
+    let newer = second.apply(&route("catalog", "newer", "  - backends: [ { subset: v2 } ]\n")).await;
     assert!(newer[0] > versions.iter().copied().max().unwrap_or_default(), "{newer:?} after {versions:?}");
 }
 
@@ -590,8 +572,8 @@ async fn a_route_waits_for_its_subset_without_failing_requests() {
     assert_eq!(error["field"], "documents[0].rules[1].backends[0].subset", "{error}");
 
     // The policy defines v2, but no instance is in it yet: the route is held.
-    apply(&control_plane, CATALOG_POLICY).await;
-    let versions = apply(&control_plane, &route("catalog", "canary", canary)).await;
+    control_plane.apply(CATALOG_POLICY).await;
+    let versions = control_plane.apply(&route("catalog", "canary", canary)).await;
     wait_for_version(&caller, "catalog", versions[0]).await;
     progress(load.clone()).await;
     not_in_force().await;
@@ -621,7 +603,7 @@ async fn safe_requests_are_retried_past_failures() {
     retries: { attempts: 3, on: [ connect-failure, 5xx ] }
   - match: { path_prefix: /once }
 ";
-    apply(&control_plane, &route("flaky", "retries", rules)).await;
+    control_plane.apply(&route("flaky", "retries", rules)).await;
     wait_for_route(&caller, "flaky", "retries").await;
 
     let attempts = |method: Method, path: &'static str, failures: u64| {
@@ -649,7 +631,7 @@ async fn grpc_calls_are_retried_on_the_grpc_statuses_a_route_names() {
     let rules = "  - match: { path_prefix: /grpc.health.v1.Health/ }
     retries: { attempts: 3, on: [ unavailable ] }
 ";
-    apply(&control_plane, &route("checker", "grpc", rules)).await;
+    control_plane.apply(&route("checker", "grpc", rules)).await;
     wait_for_route(&caller, "checker", "grpc").await;
 
     // gRPC request bodies have no content-length: the body streams through and is kept for a
@@ -678,7 +660,7 @@ async fn headers_and_path_prefixes_are_rewritten() {
     request_headers: { set: { x-env: staging }, add: { x-tag: added }, remove: [ x-secret ] }
     response_headers: { set: { x-route: rewritten }, add: { x-extra: one }, remove: [ x-served-by ] }
 ";
-    apply(&control_plane, &route("catalog", "rewrites", rules)).await;
+    control_plane.apply(&route("catalog", "rewrites", rules)).await;
     wait_for_route(&caller, "catalog", "rewrites").await;
 
     let sent = [("x-env", "prod"), ("x-tag", "original"), ("x-secret", "s3cr3t")];
