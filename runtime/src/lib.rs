@@ -42,6 +42,19 @@ where
     F: FnOnce(C) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
+    main_on_threads(None, args, log, main)
+}
+
+/// As [`main`], on a runtime of `threads` worker threads; `None` is tokio's default (one per
+/// core, or `TOKIO_WORKER_THREADS`).
+pub fn main_on_threads<C, I, T, F, Fut>(threads: Option<usize>, args: I, log: impl FnOnce(&C) -> String, main: F) -> ExitCode
+where
+    C: Parser,
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+    F: FnOnce(C) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
     let config = match parse::<C, _, _>(args) {
         Ok(config) => config,
         Err(code) => return code,
@@ -63,7 +76,12 @@ where
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(threads) = threads {
+        builder.worker_threads(threads.max(1));
+    }
+    let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: starting the runtime: {error}");

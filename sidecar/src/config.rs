@@ -92,6 +92,12 @@ pub struct Config {
     #[arg(long, env = "FERRY_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub idle_timeout: Duration,
 
+    /// Threads serving the data path (the outbound, inbound and upstream listeners). Each
+    /// serves the connections handed to it from accept to close, with upstream connections of
+    /// its own. Defaults to one per CPU core.
+    #[arg(long, env = "FERRY_WORKERS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
+
     /// How long to wait for an upstream's response headers (none by default).
     #[arg(long, env = "FERRY_RESPONSE_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub response_timeout: Option<Duration>,

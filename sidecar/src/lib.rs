@@ -26,6 +26,7 @@ pub mod sidecar;
 pub mod state;
 pub mod svc;
 pub mod tcp;
+pub mod workers;
 
 use crate::config::Config;
 pub use crate::sidecar::Sidecar;
@@ -37,7 +38,10 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    ferry_runtime::main(args, |config: &Config| config.log.clone(), run)
+    // The data path runs on its own workers (see [`workers`]); the main runtime carries the
+    // control stream, admin API, health checks, DNS and the accept loops, for which one thread is
+    // plenty.
+    ferry_runtime::main_on_threads(Some(1), args, |config: &Config| config.log.clone(), run)
 }
 
 /// Runs a sidecar until SIGINT, SIGTERM or `POST /shutdown`, then drains it (a second signal

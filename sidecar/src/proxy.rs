@@ -52,9 +52,11 @@ pub fn respond(
     started: Instant,
     result: Result<Response<Body>, BoxError>,
 ) -> Response<Body> {
+    /// The route label of requests no route applies to (inbound ones, failed ones).
+    static NO_ROUTE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("-"));
     let route = match &result {
-        Ok(response) => response.extensions().get::<RouteLabel>().map_or_else(|| Arc::from("-"), |r| r.0.clone()),
-        Err(_) => Arc::from("-"),
+        Ok(response) => response.extensions().get::<RouteLabel>().map_or_else(|| NO_ROUTE.clone(), |r| r.0.clone()),
+        Err(_) => NO_ROUTE.clone(),
     };
     let (response, synthetic) = match result {
         Ok(response) => (returnable(response), None),

@@ -28,6 +28,7 @@ use crate::{
     outbound::{Outbound, OutboundConfig},
     state::{self, StateDir},
     tcp::{TcpConfig, TcpUpstream},
+    workers::Workers,
 };
 
 /// The most services one sidecar tracks, declared and on demand together.
@@ -61,6 +62,7 @@ pub struct Sidecar {
     servers: Vec<JoinHandle<()>>,
     /// The state dir's writer and restorer.
     background: Vec<JoinHandle<()>>,
+    workers: Workers,
 }
 
 /// A per-upstream listener and what serves it.
@@ -151,8 +153,17 @@ impl Sidecar {
             .unwrap_or_else(|| format!("{}-{:08x}", config.service, rand::random::<u32>()));
 
         let catalog = Arc::new(Catalog::new(MAX_SERVICES));
-        let client_config =
-            ClientConfig { connect_timeout: config.connect_timeout, idle_timeout: config.idle_timeout, ..Default::default() };
+        let workers = match config.workers {
+            Some(count) => usize::from(count),
+            None => std::thread::available_parallelism().map_or(1, usize::from),
+        };
+        let workers = Workers::start(workers)?;
+        let client_config = ClientConfig {
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.idle_timeout,
+            workers: workers.count(),
+            ..Default::default()
+        };
         let outbound = Outbound::new(
             catalog.clone(),
             OutboundConfig {
@@ -238,6 +249,7 @@ impl Sidecar {
             shutdown.clone(),
             CLOSE,
             metrics.connections("outbound"),
+            workers.clone(),
         )));
         for server in upstream_servers {
             servers.push(match server {
@@ -248,6 +260,7 @@ impl Sidecar {
                     shutdown.clone(),
                     CLOSE,
                     metrics.connections("upstream"),
+                    workers.clone(),
                 )),
                 UpstreamServer::Tcp(upstream, listener) => tokio::spawn(upstream.serve(listener, shutdown.clone(), CLOSE)),
             });
@@ -262,6 +275,7 @@ impl Sidecar {
                 shutdown.clone(),
                 CLOSE,
                 metrics.connections("inbound"),
+                workers.clone(),
             )));
         }
         if let Some((udp, tcp)) = dns_sockets {
@@ -325,6 +339,7 @@ impl Sidecar {
             control,
             servers,
             background,
+            workers,
         })
     }
 
@@ -376,6 +391,7 @@ impl Sidecar {
         for task in self.background {
             let _ = task.await;
         }
+        self.workers.stop();
     }
 }
 

@@ -2,7 +2,10 @@
 //! protocol they arrived in.
 //!
 //! HTTP/1.1 requests go over a pool of HTTP/1.1 connections; HTTP/2 requests (gRPC among them)
-//! share one multiplexed h2c connection. The request's authority is kept as it is (`catalog`,
+//! share a multiplexed h2c connection. Each data-path worker ([`crate::workers`]) has its own
+//! pool and its own h2c connection, in a slot of the client: a request sent from a worker goes
+//! out on a connection that worker drives, so the exchange stays on one thread. Callers off
+//! the workers share one further slot. The request's authority is kept as it is (`catalog`,
 //! not the endpoint's address), which is why this is written on hyper's connection API instead
 //! of `hyper_util`'s legacy client, whose pool key is the authority it sends.
 //!
@@ -51,6 +54,8 @@ pub struct ClientConfig {
     pub tcp_keepalive: Duration,
     /// Pooled connections with no request for this long are closed.
     pub idle_timeout: Duration,
+    /// The data path's workers: each gets connections of its own.
+    pub workers: usize,
 }
 
 impl Default for ClientConfig {
@@ -60,6 +65,7 @@ impl Default for ClientConfig {
             max_pooled_per_endpoint: 256,
             tcp_keepalive: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(90),
+            workers: 0,
         }
     }
 }
@@ -102,14 +108,27 @@ pub struct Client {
 
 struct Inner {
     target: Target,
+    /// One per worker, and one (the first) for callers off the workers.
+    slots: Box<[Slot]>,
+    /// Whether the idle sweep runs.
+    sweeping: AtomicBool,
+}
+
+/// The connections of one worker.
+struct Slot {
     /// HTTP/1.1 connections, busy ones included: a connection is ready again once its response
     /// has been read.
     pool_h1: Mutex<Vec<Pooled>>,
     h2: Mutex<H2>,
     /// Streams open on the HTTP/2 connection, and when the last one ended.
     h2_activity: Arc<Activity>,
-    /// Whether the idle sweep runs.
-    sweeping: AtomicBool,
+}
+
+impl Slot {
+    fn new() -> Self {
+        let h2_activity = Arc::new(Activity { streams: AtomicUsize::new(0), last_active: Mutex::new(Instant::now()) });
+        Self { pool_h1: Mutex::default(), h2: Mutex::new(H2::None), h2_activity }
+    }
 }
 
 /// A pooled HTTP/1.1 connection and when it was last seen in use.
@@ -167,11 +186,19 @@ impl Client {
     pub fn new(host: impl Into<String>, port: u16, config: ClientConfig) -> Self {
         let host = host.into();
         let address = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+        let slots = (0..=config.workers).map(|_| Slot::new()).collect();
         let target = Target { host, port, address, config };
-        let h2_activity = Arc::new(Activity { streams: AtomicUsize::new(0), last_active: Mutex::new(Instant::now()) });
-        let inner =
-            Inner { target, pool_h1: Mutex::default(), h2: Mutex::new(H2::None), h2_activity, sweeping: AtomicBool::new(false) };
-        Self { inner: Arc::new(inner) }
+        Self { inner: Arc::new(Inner { target, slots, sweeping: AtomicBool::new(false) }) }
+    }
+
+    /// The connections of the calling worker (or of callers off the workers).
+    fn slot(&self) -> &Slot {
+        let slots = &self.inner.slots;
+        let index = match crate::workers::current() {
+            Some(worker) if slots.len() > 1 => 1 + worker % (slots.len() - 1),
+            _ => 0,
+        };
+        &slots[index]
     }
 
     /// The endpoint's `host:port`.
@@ -182,17 +209,13 @@ impl Client {
     /// Sends `request` to the endpoint in its own HTTP version.
     pub async fn send(&self, request: Request<Body>) -> Result<Response<Body>, BoxError> {
         if request.version() == Version::HTTP_2 {
-            let stream = self.open_stream();
-            let response = self.send_h2(request).await?;
+            let slot = self.slot();
+            let stream = slot.open_stream();
+            let response = self.send_h2(slot, request).await?;
             Ok(response.map(|body| boxed(Guarded::new(body, stream))))
         } else {
-            Ok(self.send_h1(request).await?.map(boxed))
+            Ok(self.send_h1(self.slot(), request).await?.map(boxed))
         }
-    }
-
-    fn open_stream(&self) -> OpenStream {
-        self.inner.h2_activity.streams.fetch_add(1, Ordering::AcqRel);
-        OpenStream(self.inner.h2_activity.clone())
     }
 
     /// Starts the idle sweep, once: it ends with the client.
@@ -213,9 +236,9 @@ impl Client {
         });
     }
 
-    async fn send_h1(&self, mut request: Request<Body>) -> Result<Response<Incoming>, BoxError> {
+    async fn send_h1(&self, slot: &Slot, mut request: Request<Body>) -> Result<Response<Incoming>, BoxError> {
         origin_form(&mut request);
-        let pooled = self.checkout_h1();
+        let pooled = self.checkout_h1(slot);
         let reused = pooled.is_some();
         let mut sender = match pooled {
             Some(sender) => sender,
@@ -225,7 +248,7 @@ impl Client {
             }
         };
         let sent = sender.try_send_request(request);
-        self.checkin_h1(sender);
+        self.checkin_h1(slot, sender);
         match sent.await {
             Ok(response) => Ok(response),
             Err(mut error) => match error.take_message() {
@@ -234,7 +257,7 @@ impl Client {
                 Some(request) if reused => {
                     let mut sender = self.inner.target.connect_h1().await?;
                     let sent = sender.send_request(request);
-                    self.checkin_h1(sender);
+                    self.checkin_h1(slot, sender);
                     sent.await.map_err(|source| self.upstream(source))
                 }
                 Some(_) => Err(Box::new(self.inner.target.connect_error(ConnectFailure::ClosedBeforeSend))),
@@ -243,15 +266,15 @@ impl Client {
         }
     }
 
-    async fn send_h2(&self, mut request: Request<Body>) -> Result<Response<Incoming>, BoxError> {
+    async fn send_h2(&self, slot: &Slot, mut request: Request<Body>) -> Result<Response<Incoming>, BoxError> {
         absolute_form(&mut request);
-        let mut sender = self.h2_sender().await?;
+        let mut sender = self.h2_sender(slot).await?;
         match sender.try_send_request(request).await {
             Ok(response) => Ok(response),
             Err(mut error) => match error.take_message() {
                 Some(request) => {
-                    self.forget_closed_h2();
-                    let mut sender = self.h2_sender().await?;
+                    slot.forget_closed_h2();
+                    let mut sender = self.h2_sender(slot).await?;
                     sender.send_request(request).await.map_err(|source| self.upstream(source))
                 }
                 None => Err(self.upstream(error.into_error())),
@@ -264,10 +287,10 @@ impl Client {
     }
 
     /// Takes an idle HTTP/1.1 connection that can send now, dropping closed and expired ones.
-    fn checkout_h1(&self) -> Option<http1::SendRequest<Body>> {
+    fn checkout_h1(&self, slot: &Slot) -> Option<http1::SendRequest<Body>> {
         let idle_timeout = self.inner.target.config.idle_timeout;
         let now = Instant::now();
-        let mut pool = lock(&self.inner.pool_h1);
+        let mut pool = lock(&slot.pool_h1);
         let expired = |c: &Pooled| c.sender.is_ready() && now.duration_since(c.last_used) > idle_timeout;
         pool.retain(|c| !c.sender.is_closed() && !expired(c));
         let ready = pool.iter().position(|c| c.sender.is_ready())?;
@@ -276,17 +299,17 @@ impl Client {
 
     /// Returns a connection to the pool. It is busy until its response is read; checkout skips
     /// it until then.
-    fn checkin_h1(&self, sender: http1::SendRequest<Body>) {
-        let mut pool = lock(&self.inner.pool_h1);
+    fn checkin_h1(&self, slot: &Slot, sender: http1::SendRequest<Body>) {
+        let mut pool = lock(&slot.pool_h1);
         if pool.len() < self.inner.target.config.max_pooled_per_endpoint && !sender.is_closed() {
             pool.push(Pooled { sender, last_used: Instant::now() });
         }
     }
 
     /// The shared HTTP/2 connection, connecting once for all concurrent callers.
-    async fn h2_sender(&self) -> Result<http2::SendRequest<Body>, BoxError> {
+    async fn h2_sender(&self, slot: &Slot) -> Result<http2::SendRequest<Body>, BoxError> {
         let connecting = {
-            let mut h2 = lock(&self.inner.h2);
+            let mut h2 = lock(&slot.h2);
             match &*h2 {
                 H2::Ready(sender) if !sender.is_closed() => return Ok(sender.clone()),
                 H2::Connecting(connecting) => connecting.clone(),
@@ -300,7 +323,7 @@ impl Client {
             }
         };
         let result = connecting.clone().await;
-        let mut h2 = lock(&self.inner.h2);
+        let mut h2 = lock(&slot.h2);
         // Only the attempt still in the slot may fill or clear it: a late waiter of an older
         // attempt must not overwrite a newer one.
         let current = matches!(&*h2, H2::Connecting(slot) if slot.ptr_eq(&connecting));
@@ -319,10 +342,17 @@ impl Client {
             }
         }
     }
+}
+
+impl Slot {
+    fn open_stream(&self) -> OpenStream {
+        self.h2_activity.streams.fetch_add(1, Ordering::AcqRel);
+        OpenStream(self.h2_activity.clone())
+    }
 
     /// Forgets the HTTP/2 connection if it has closed, so the next request connects anew.
     fn forget_closed_h2(&self) {
-        let mut h2 = lock(&self.inner.h2);
+        let mut h2 = lock(&self.h2);
         if matches!(&*h2, H2::Ready(sender) if sender.is_closed()) {
             *h2 = H2::None;
         }
@@ -332,7 +362,14 @@ impl Client {
 impl Inner {
     /// Closes the connections idle for longer than the idle timeout.
     fn close_idle(&self, now: Instant) {
-        let idle_timeout = self.target.config.idle_timeout;
+        for slot in &self.slots {
+            slot.close_idle(now, self.target.config.idle_timeout, &self.target.address);
+        }
+    }
+}
+
+impl Slot {
+    fn close_idle(&self, now: Instant, idle_timeout: Duration, address: &str) {
         let mut pool = lock(&self.pool_h1);
         pool.retain_mut(|c| {
             if !c.sender.is_ready() {
@@ -347,7 +384,7 @@ impl Inner {
         let mut h2 = lock(&self.h2);
         if idle && matches!(&*h2, H2::Ready(_)) {
             // Dropping the last sender closes the connection.
-            tracing::debug!(address = %self.target.address, "closing the idle HTTP/2 connection");
+            tracing::debug!(%address, "closing the idle HTTP/2 connection");
             *h2 = H2::None;
         }
     }
@@ -520,6 +557,30 @@ mod tests {
             assert_eq!(status, StatusCode::OK);
         }
         assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn each_worker_sends_on_connections_of_its_own() {
+        let (addr, connections, _) = counting_server().await;
+        let workers = crate::workers::Workers::start(2).expect("workers");
+        let config = ClientConfig { workers: workers.count(), ..ClientConfig::default() };
+        let client = Client::new("127.0.0.1", addr.port(), config);
+        for version in [Version::HTTP_11, Version::HTTP_2] {
+            for _ in 0..3 {
+                // Round robin: the first request of each pair runs on worker 0, the second on 1.
+                for _ in 0..2 {
+                    let client = client.clone();
+                    let status = workers.next().spawn(async move { get(&client, version).await }).await.expect("ran");
+                    assert_eq!(status, StatusCode::OK);
+                }
+            }
+        }
+        assert_eq!(
+            connections.load(Ordering::SeqCst),
+            4,
+            "one HTTP/1.1 and one HTTP/2 connection per worker, each reused by its worker's requests"
+        );
+        workers.stop();
     }
 
     #[tokio::test]

@@ -11,19 +11,20 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
 
 use super::Body;
+use crate::workers::Workers;
 
 /// The address of the client a request came from, in the request's extensions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddr(pub SocketAddr);
 
-/// Accepts connections on `listener` and serves each with `service` until `shutdown` fires;
-/// then stops accepting and gives open connections up to `drain` to finish. `open` counts the
-/// connections being served.
+/// Accepts connections on `listener` and serves each with `service`, on the next of `workers`,
+/// until `shutdown` fires; then stops accepting and gives open connections up to `drain` to
+/// finish. `open` counts the connections being served.
 pub async fn serve<S>(
     name: &'static str,
     listener: TcpListener,
@@ -31,6 +32,7 @@ pub async fn serve<S>(
     shutdown: CancellationToken,
     drain: Duration,
     open: Gauge,
+    workers: Workers,
 ) where
     S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -52,13 +54,26 @@ pub async fn serve<S>(
                         request.extensions_mut().insert(ClientAddr(peer));
                         request
                     });
+                    // The connection moves to a worker's reactor, and is served there.
+                    let worker = workers.next();
+                    let moved = stream.into_std().and_then(|stream| {
+                        let _context = worker.enter();
+                        TcpStream::from_std(stream)
+                    });
+                    let stream = match moved {
+                        Ok(stream) => stream,
+                        Err(error) => {
+                            tracing::warn!(listener = name, %error, "cannot hand the connection to a worker");
+                            continue;
+                        }
+                    };
                     let connection = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
                         .into_owned();
                     let connection = graceful.watch(connection);
                     let open = open.clone();
                     open.inc();
-                    tokio::spawn(async move {
+                    worker.spawn(async move {
                         if let Err(error) = connection.await {
                             tracing::debug!(listener = name, %error, "connection ended with an error");
                         }

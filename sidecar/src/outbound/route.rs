@@ -43,6 +43,8 @@ pub struct Rule {
     /// Its position in the route, from 0.
     pub index: usize,
     pub name: String,
+    /// How it reads in metrics, logs and `ferryctl explain`: see [`Rule::label`].
+    label: Arc<str>,
     matcher: Matcher,
     /// Never empty: a rule without backends sends to the whole service.
     pub backends: Vec<WeightedBackend>,
@@ -58,9 +60,10 @@ pub struct Rule {
 }
 
 impl Rule {
-    /// How the rule reads in `ferryctl explain`: its name, or its position.
-    pub fn label(&self) -> String {
-        if self.name.is_empty() { format!("rules[{}]", self.index) } else { format!("rules[{}] ({})", self.index, self.name) }
+    /// How the rule reads in `ferryctl explain`, metrics and logs: its position, and its name
+    /// when it has one.
+    pub fn label(&self) -> &Arc<str> {
+        &self.label
     }
 }
 
@@ -381,9 +384,11 @@ impl RouteTable {
                 let prefix = rule.r#match.as_ref().map(|m| m.path_prefix.clone()).unwrap_or_default();
                 (prefix, rule.rewrite_path_prefix.clone())
             });
+            let label = if rule.name.is_empty() { format!("rules[{index}]") } else { format!("rules[{index}] ({})", rule.name) };
             rules.push(Rule {
                 index,
                 name: rule.name.clone(),
+                label: label.into(),
                 matcher: Matcher::compile(rule.r#match.as_ref())?,
                 backends,
                 timeout: duration(rule.timeout.as_ref()),
@@ -465,7 +470,7 @@ rules:
         assert_eq!(find("GET", "/", Some("a=b&verbose=1"), &[("x-debug", "")]), Some(2));
         assert_eq!(find("GET", "/", Some("verbose=2"), &[("x-debug", "")]), None);
         assert_eq!(find("GET", "/", None, &[("user-agent", "Foo Mobile Bar")]), Some(3));
-        assert_eq!(table.rules[0].label(), "rules[0] (canary)");
+        assert_eq!(&**table.rules[0].label(), "rules[0] (canary)");
         assert_eq!(table.references().len(), 3, "v2, v1 and the whole service");
     }
 

@@ -78,6 +78,8 @@ struct Inner {
     guards: Arc<Guards>,
     /// The retry policy of requests no rule with `retries` covers.
     default_retries: Retries,
+    /// The route label of requests no rule covers.
+    default_label: Arc<str>,
     backoff: Backoff,
     mirrors: Arc<Semaphore>,
     task: Mutex<Option<tokio::task::AbortHandle>>,
@@ -133,6 +135,7 @@ impl Router {
             balancers: Mutex::new(HashMap::new()),
             guards,
             default_retries: retry::mesh_default(),
+            default_label: Arc::from("default"),
             backoff: Backoff::default(),
             mirrors: Arc::new(Semaphore::new(MAX_MIRRORS)),
             task: Mutex::new(None),
@@ -242,7 +245,7 @@ impl Router {
             "service": &*inner.service,
             "route_version": table.as_ref().map(|t| t.version),
             "held_route": held,
-            "rule": rule.map(|r| json!({ "index": r.index, "name": r.name, "label": r.label() })),
+            "rule": rule.map(|r| json!({ "index": r.index, "name": r.name, "label": &**r.label() })),
             "backends": backends,
             "timeout": rule.and_then(|r| r.timeout).map(|t| humantime::format_duration(t).to_string()),
             "retries": retries.map(|r| json!({
@@ -450,12 +453,12 @@ impl Inner {
 
     /// Applies the matched rule (or, with none, the service's defaults) to a request.
     async fn apply(self: &Arc<Self>, rule: Option<&Rule>, request: Request<Body>) -> Result<Response<Body>, BoxError> {
-        let label = RouteLabel(rule.map_or_else(|| Arc::from("default"), |r| Arc::from(r.label())));
+        let label = RouteLabel(rule.map_or_else(|| self.default_label.clone(), |r| r.label().clone()));
         if let Some(rule) = rule
             && let Some((percent, status)) = rule.abort
             && roll(percent)
         {
-            let mut response = fault_response(status, &rule.label(), is_grpc(request.headers()));
+            let mut response = fault_response(status, rule.label(), is_grpc(request.headers()));
             response.extensions_mut().insert(label);
             return Ok(response);
         }
@@ -513,8 +516,8 @@ impl Inner {
             self.mirror(backend, &parts, bytes);
         }
         let own = BackendRef { service: self.service.clone(), subset: None };
-        let label = rule.map_or_else(|| "default".to_owned(), Rule::label);
-        let attempts = retry::Attempts { retries, backoff: self.backoff, deadline, label: &label };
+        let label = rule.map_or(&self.default_label, Rule::label);
+        let attempts = retry::Attempts { retries, backoff: self.backoff, deadline, label };
         attempts
             .run(parts, body, |request| {
                 let backend = match rule {

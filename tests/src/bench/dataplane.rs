@@ -213,7 +213,7 @@ pub struct Setup {
     pub control_plane: PathBuf,
     pub haproxy: PathBuf,
     pub nginx: PathBuf,
-    /// Worker threads of the sidecar (`TOKIO_WORKER_THREADS`), HAProxy (`nbthread`) and nginx
+    /// Data-path threads of the sidecar (`FERRY_WORKERS`), HAProxy (`nbthread`) and nginx
     /// (`worker_processes`).
     pub threads: usize,
     /// Where configs, logs and data go.
@@ -383,7 +383,7 @@ fn sidecar_command(setup: &Setup, control_plane: &ControlPlane, service: &str) -
         .args(["--service", service, "--control-plane", &format!("http://{}", control_plane.grpc)])
         .args(["--outbound", "127.0.0.1:0", "--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .env("FERRY_LOG", "info")
-        .env("TOKIO_WORKER_THREADS", setup.threads.to_string());
+        .env("FERRY_WORKERS", setup.threads.to_string());
     command
 }
 

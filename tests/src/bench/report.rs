@@ -297,9 +297,31 @@ pub fn write(results: &Results, layout: &Layout) -> anyhow::Result<()> {
     let json = serde_json::to_string_pretty(&output)?;
     std::fs::write(layout.json(), json + "\n").with_context(|| format!("writing {}", layout.json().display()))?;
     let charts = charts(results, &layout.data)?;
-    let markdown = markdown(results, &output.targets, layout, &charts);
+    let mut markdown = markdown(results, &output.targets, layout, &charts);
+    // The hand-written record below the marker (what each optimisation changed) outlives the run.
+    if let Ok(previous) = std::fs::read_to_string(&layout.markdown) {
+        let history = kept_history(&previous);
+        if !history.is_empty() {
+            markdown.push('\n');
+            markdown.push_str(history);
+        }
+    }
     std::fs::write(&layout.markdown, markdown).with_context(|| format!("writing {}", layout.markdown.display()))?;
     Ok(())
+}
+
+/// The line after which `benchmarks.md` is written by hand, and kept when the figures above it
+/// are regenerated.
+pub const HISTORY_MARKER: &str =
+    "<!-- Written by hand from here on: ferry-bench keeps it when it regenerates the figures above. -->";
+
+/// The hand-written part of a previous `benchmarks.md`, from its marker on; empty when it has
+/// none.
+fn kept_history(previous: &str) -> &str {
+    match previous.find(HISTORY_MARKER) {
+        Some(at) => &previous[at..],
+        None => "",
+    }
 }
 
 fn label(protocol: Protocol) -> &'static str {
@@ -421,11 +443,12 @@ fn write_setup(md: &mut String, results: &Results) {
         md,
         "\n- **Upstream**: a hyper server (a process of its own, tokio's default runtime) answering every request with \
          a 1 KiB body, over HTTP/1.1 keep-alive and h2c.\n\
-         - **Threads**: the sidecar runs tokio's multi-threaded runtime with its default of one worker per core, {threads} \
-         here (set explicitly with `TOKIO_WORKER_THREADS={threads}`); HAProxy runs `nbthread {threads}` and nginx \
-         `worker_processes {threads}`.\n\
+         - **Threads**: the sidecar serves its data path on its default of one worker thread per core, {threads} \
+         here (set explicitly with `FERRY_WORKERS={threads}`), each a single-threaded runtime that serves the \
+         connections handed to it from accept to close, beside one thread for the control stream and admin API; \
+         HAProxy runs `nbthread {threads}` and nginx `worker_processes {threads}`.\n\
          - **Proxies' upstream protocol**: the sidecar forwards each request in the protocol it arrived in (h2c requests \
-         over one multiplexed h2c connection to the endpoint); HAProxy does the same (`proto h2` on the h2c backend's \
+         over one multiplexed h2c connection to the endpoint per worker); HAProxy does the same (`proto h2` on the h2c backend's \
          server, `http-reuse always`); nginx's proxy speaks only HTTP/1.1 to upstreams, so it forwards h2c requests \
          over HTTP/1.1 keep-alive (`keepalive 256`).\n\
          - **Order**: every path is started before the first run and each scenario runs on every path in turn, so \
@@ -709,6 +732,13 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn the_hand_written_history_is_kept() {
+        let previous = format!("# Benchmarks\n\nold figures\n\n{HISTORY_MARKER}\n\n## Optimisation\n\nbefore and after\n");
+        assert_eq!(kept_history(&previous), format!("{HISTORY_MARKER}\n\n## Optimisation\n\nbefore and after\n"));
+        assert_eq!(kept_history("# Benchmarks\n\nno marker\n"), "");
+    }
 
     #[test]
     fn dates_are_civil_utc() {
