@@ -17,7 +17,10 @@ use crate::http::{
 };
 
 /// The header that carries the reason of a response the proxy made itself.
-pub const FERRY_ERROR: &str = "x-ferry-error";
+pub const FERRY_ERROR: http::HeaderName = http::HeaderName::from_static("x-ferry-error");
+
+/// The gRPC status of a response, in its headers (trailers-only) or trailers.
+pub const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
 /// The request names no service: no absolute URI, no `Host`.
 #[derive(Debug, thiserror::Error)]

@@ -1,7 +1,11 @@
 //! The sidecar's Prometheus metrics.
 
 use std::{
-    sync::{Arc, atomic::AtomicU64},
+    cell::RefCell,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::SystemTime,
 };
 
@@ -37,7 +41,32 @@ pub struct Metrics {
     pub retries_refused: Family<DestinationLabels, Counter>,
     pub requests_shed: Family<DestinationLabels, Counter>,
     pub requests_in_flight: Family<DestinationLabels, Gauge>,
+    /// Tells these metrics from others in the same process, for [`HANDLES`].
+    id: u64,
 }
+
+/// The request metrics of one label set, found once: a family lookup hashes every label.
+struct Handles {
+    metrics: u64,
+    direction: &'static str,
+    /// Compared by address; holding them keeps the addresses from being reused.
+    service: Arc<str>,
+    route: Arc<str>,
+    status: &'static str,
+    requests: Counter,
+    duration: Histogram,
+}
+
+/// The most label sets [`HANDLES`] keeps per thread; past it, the cache starts over.
+const MAX_HANDLES: usize = 64;
+
+thread_local! {
+    /// Per thread, so that the data path's workers look their metrics up without a lock.
+    static HANDLES: RefCell<Vec<Handles>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Gives each [`Metrics`] its id.
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 /// Whether a config push was applied.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -130,6 +159,7 @@ impl Metrics {
             retries_refused: Family::default(),
             requests_shed: Family::default(),
             requests_in_flight: Family::default(),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         };
         metrics.balance.register(registry);
         registry.register(
@@ -216,14 +246,60 @@ impl Metrics {
         status: &'static str,
         elapsed: std::time::Duration,
     ) {
-        self.request_duration
-            .get_or_create(&DirectionLabels { direction, service: service.clone() })
-            .observe(elapsed.as_secs_f64());
-        self.requests.get_or_create(&RequestLabels { direction, service, route, status }).inc();
+        HANDLES.with_borrow_mut(|cache| {
+            let found = cache.iter().position(|h| {
+                h.metrics == self.id
+                    && std::ptr::eq(h.direction, direction)
+                    && Arc::ptr_eq(&h.service, &service)
+                    && Arc::ptr_eq(&h.route, &route)
+                    && std::ptr::eq(h.status, status)
+            });
+            let index = match found {
+                Some(index) => index,
+                None => {
+                    if cache.len() >= MAX_HANDLES {
+                        cache.clear();
+                    }
+                    let duration =
+                        self.request_duration.get_or_create(&DirectionLabels { direction, service: service.clone() }).clone();
+                    let labels = RequestLabels { direction, service: service.clone(), route: route.clone(), status };
+                    let requests = self.requests.get_or_create(&labels).clone();
+                    cache.push(Handles { metrics: self.id, direction, service, route, status, requests, duration });
+                    cache.len() - 1
+                }
+            };
+            let handles = &cache[index];
+            handles.duration.observe(elapsed.as_secs_f64());
+            handles.requests.inc();
+        });
     }
 
     /// Metrics registered nowhere, for tests.
     pub fn unregistered() -> Self {
         Self::new(&mut Registry::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_count_into_their_own_metrics_and_series() {
+        let (a, b) = (Metrics::unregistered(), Metrics::unregistered());
+        let (service, route): (Arc<str>, Arc<str>) = ("catalog".into(), "default".into());
+        let elapsed = std::time::Duration::from_millis(1);
+        for _ in 0..3 {
+            a.record("outbound", service.clone(), route.clone(), "2xx", elapsed);
+        }
+        b.record("outbound", service.clone(), route.clone(), "2xx", elapsed);
+        // The same labels in other allocations are the same series.
+        a.record("outbound", "catalog".into(), "default".into(), "2xx", elapsed);
+        a.record("outbound", service.clone(), route.clone(), "5xx", elapsed);
+        let count = |metrics: &Metrics, status| {
+            let labels = RequestLabels { direction: "outbound", service: service.clone(), route: route.clone(), status };
+            metrics.requests.get_or_create(&labels).get()
+        };
+        assert_eq!((count(&a, "2xx"), count(&a, "5xx"), count(&b, "2xx")), (4, 1, 1));
     }
 }

@@ -291,10 +291,21 @@ impl Client {
         let idle_timeout = self.inner.target.config.idle_timeout;
         let now = Instant::now();
         let mut pool = lock(&slot.pool_h1);
-        let expired = |c: &Pooled| c.sender.is_ready() && now.duration_since(c.last_used) > idle_timeout;
-        pool.retain(|c| !c.sender.is_closed() && !expired(c));
-        let ready = pool.iter().position(|c| c.sender.is_ready())?;
-        Some(pool.swap_remove(ready).sender)
+        // From the most recently returned: the others may idle out. Busy ones stay.
+        let mut index = pool.len();
+        while index > 0 {
+            index -= 1;
+            if pool[index].sender.is_closed() {
+                pool.swap_remove(index);
+            } else if pool[index].sender.is_ready() {
+                let pooled = pool.swap_remove(index);
+                if now.duration_since(pooled.last_used) <= idle_timeout {
+                    return Some(pooled.sender);
+                }
+                // Expired: dropped, which closes it.
+            }
+        }
+        None
     }
 
     /// Returns a connection to the pool. It is busy until its response is read; checkout skips

@@ -80,9 +80,19 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
+/// Whether a header is one [`strip_hop_by_hop`] may remove or rewrite.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::TE || name == header::TRANSFER_ENCODING || HOP_BY_HOP.contains(name)
+}
+
 /// Removes hop-by-hop headers, including any the `Connection` header names. `TE: trailers`
 /// stays: gRPC needs it end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over their few names settles it, where a removal by
+    // name would hash each of the nine.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

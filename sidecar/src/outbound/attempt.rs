@@ -3,11 +3,14 @@
 
 use std::sync::{Arc, Mutex};
 
+use smallvec::SmallVec;
+
 /// The endpoints (by instance id) an outbound request was already sent to. The retry layer puts
 /// one in each attempt's extensions; the balancer avoids the endpoints it lists when another
-/// can take the request, and records the one it picks.
+/// can take the request, and records the one it picks. Room for three (the default number of
+/// attempts) is kept inline.
 #[derive(Debug, Clone, Default)]
-pub struct Tried(Arc<Mutex<Vec<Arc<str>>>>);
+pub struct Tried(Arc<Mutex<SmallVec<[Arc<str>; 3]>>>);
 
 impl Tried {
     /// Records that the request went to `endpoint`.
@@ -22,6 +25,6 @@ impl Tried {
 
     /// The endpoints tried, in order.
     pub fn endpoints(&self) -> Vec<Arc<str>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).to_vec()
     }
 }

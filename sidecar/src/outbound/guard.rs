@@ -75,9 +75,16 @@ impl Guards {
 impl Guard {
     /// Brings the budget and limits up to the service's policy, when it changed.
     pub fn follow(&self, state: &watch::Receiver<ServiceState>) {
-        let policy = match &*state.borrow() {
-            ServiceState::Known(config) => config.policy.clone(),
-            ServiceState::Pending => return,
+        let policy = {
+            let state = state.borrow();
+            let ServiceState::Known(config) = &*state else { return };
+            let version = config.policy.as_ref().map_or(0, |p| p.version);
+            // Read first: on every request the version is the same, and a read keeps the
+            // cache line shared between the workers.
+            if self.version.load(Ordering::Acquire) == version {
+                return;
+            }
+            config.policy.clone()
         };
         let version = policy.as_ref().map_or(0, |p| p.version);
         if self.version.swap(version, Ordering::AcqRel) != version {

@@ -192,14 +192,29 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let (inner, limit) = (self.inner.clone(), self.limit.clone());
-        async move {
-            let permit = limit.acquire().await?;
-            let response = inner.oneshot(request).await.map_err(Into::into)?;
-            Ok(response.map(|body| boxed(ReleaseAtEnd { body, permit: Some(permit) })))
-        }
-        .boxed()
+        send(self.limit.clone(), self.inner.clone(), request)
     }
+}
+
+/// Sends `request` through `service` holding a slot of `limit` until the response body ends:
+/// what [`Limit`] does, without a service of its own around the inner one.
+pub fn send<S, B>(
+    limit: Arc<ConcurrencyLimit>,
+    service: S,
+    request: Request<B>,
+) -> BoxFuture<'static, Result<Response<Body>, BoxError>>
+where
+    S: Service<Request<B>, Response = Response<Body>> + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+    B: Send + 'static,
+{
+    async move {
+        let permit = limit.acquire().await?;
+        let response = service.oneshot(request).await.map_err(Into::into)?;
+        Ok(response.map(|body| boxed(ReleaseAtEnd { body, permit: Some(permit) })))
+    }
+    .boxed()
 }
 
 /// A response body that gives its slot back as soon as it ends, fails, or is dropped.

@@ -102,6 +102,8 @@ pub struct Outbound {
     inner: Arc<Inner>,
     /// Set for a per-upstream listener: every request goes to this service.
     fixed: Option<Arc<str>>,
+    /// The fixed service's stack, once built (stacks are never dropped).
+    fixed_destination: Arc<std::sync::OnceLock<Destination>>,
 }
 
 struct Inner {
@@ -118,12 +120,12 @@ impl Outbound {
     pub fn new(catalog: Arc<Catalog>, config: OutboundConfig, metrics: Metrics) -> Self {
         let guards = Arc::new(Guards::new(metrics.clone()));
         let inner = Inner { catalog, config, destinations: ArcSwap::default(), building: Mutex::new(()), guards, metrics };
-        Self { inner: Arc::new(inner), fixed: None }
+        Self { inner: Arc::new(inner), fixed: None, fixed_destination: Arc::default() }
     }
 
     /// The same proxy, sending every request to `service` whatever its authority.
     pub fn fixed(&self, service: Arc<str>) -> Self {
-        Self { inner: self.inner.clone(), fixed: Some(service) }
+        Self { inner: self.inner.clone(), fixed: Some(service), fixed_destination: Arc::default() }
     }
 
     /// The stack for `service`, built (and subscribed to) on first use.
@@ -157,9 +159,17 @@ impl Outbound {
             let error: BoxError = Box::new(Unsupported("CONNECT tunnels are not supported: send plain HTTP through the proxy"));
             return futures::future::ready(Err(error)).boxed();
         }
-        let destination = match self.destination(service) {
-            Ok(destination) => destination,
-            Err(error) => return futures::future::ready(Err(error)).boxed(),
+        let destination = match self.fixed_destination.get() {
+            Some(destination) => destination.clone(),
+            None => match self.destination(service) {
+                Ok(destination) => {
+                    if self.fixed.is_some() {
+                        let _ = self.fixed_destination.set(destination.clone());
+                    }
+                    destination
+                }
+                Err(error) => return futures::future::ready(Err(error)).boxed(),
+            },
         };
         let mut request = forwardable(request);
         if let Some(timeout) = self.inner.config.response_timeout {

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::{attempt::Tried, guard::Guard, route::Retries};
 use crate::{
-    errors::{FERRY_ERROR, ResponseTimeout, is_grpc},
+    errors::{FERRY_ERROR, GRPC_STATUS, ResponseTimeout, is_grpc},
     http::{
         Body, BoxError,
         client::{ConnectError, UpstreamError},
@@ -31,7 +31,7 @@ pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
 
 /// The attempt number an outbound sidecar puts on each attempt it sends: 1 for the first. A
 /// request arriving with a number above 1 is itself a retry, and is not retried again here.
-pub const ATTEMPT_HEADER: &str = "x-ferry-attempt";
+pub const ATTEMPT_HEADER: http::HeaderName = http::HeaderName::from_static("x-ferry-attempt");
 
 /// The gRPC status UNAVAILABLE.
 const GRPC_UNAVAILABLE: u32 = 14;
@@ -75,18 +75,26 @@ pub fn retry_reason(retries: &Retries, method: &Method, result: &Result<Response
     let idempotent =
         matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE);
     match result {
-        Ok(response) if app_unreachable(response) => retries.connect_failure.then_some("app_unreachable"),
-        // The peer sidecar reached its app and the exchange broke: the app may have done the
-        // work, whatever gRPC status the answer carries.
-        Ok(response) if app_failed(response) => (idempotent && retries.reset).then_some("reset"),
         Ok(response) => {
-            let grpc_status = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+            let ferry_error = response.headers().get(FERRY_ERROR).map(HeaderValue::as_bytes);
+            if ferry_error.is_some_and(|e| e.starts_with(b"app_unreachable")) {
+                return retries.connect_failure.then_some("app_unreachable");
+            }
+            if ferry_error.is_some_and(|e| e.starts_with(b"app_failed")) {
+                // The peer sidecar reached its app and the exchange broke: the app may have
+                // done the work, whatever gRPC status the answer carries.
+                return (idempotent && retries.reset).then_some("reset");
+            }
             if idempotent && retries.retry_response(response.status().as_u16(), None) {
                 return Some("status");
             }
             // Every gRPC call is a POST: the gRPC statuses of the policy (the route's, or the
             // mesh's UNAVAILABLE) declare the calls safe to repeat on those.
-            (is_grpc(response.headers()) && retries.retry_response(0, grpc_status)).then_some("grpc_status")
+            if !is_grpc(response.headers()) {
+                return None;
+            }
+            let grpc_status = response.headers().get(GRPC_STATUS).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+            retries.retry_response(0, grpc_status).then_some("grpc_status")
         }
         Err(error) => {
             // Looked for down the source chain: the balancer wraps errors of panic mode.
@@ -105,11 +113,6 @@ pub fn retry_reason(retries: &Retries, method: &Method, result: &Result<Response
             None
         }
     }
-}
-
-/// Whether the endpoint's sidecar reached its app and the exchange then failed.
-fn app_failed(response: &Response<Body>) -> bool {
-    response.headers().get(FERRY_ERROR).is_some_and(|v| v.as_bytes().starts_with(b"app_failed"))
 }
 
 /// Whether `error` or one of its sources is a `T`.

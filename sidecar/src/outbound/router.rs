@@ -28,12 +28,12 @@ use tokio::{
     sync::{Semaphore, watch},
     time::Instant,
 };
-use tower::{Layer, Service, ServiceExt};
+use tower::Service;
 
 use super::{
     Balance, EndpointService, OutboundConfig,
     guard::{Guard, Guards},
-    limit::LimitLayer,
+    limit,
     retry::{self, Backoff, Prepared},
     route::{BackendRef, RequestInfo, Retries, RouteTable, Rule},
 };
@@ -75,6 +75,9 @@ struct Inner {
     /// request waits, rather than going out as if there were no route.
     settled: watch::Sender<bool>,
     balancers: Mutex<HashMap<BackendRef, Backend>>,
+    /// The balancer of the whole service, which requests no rule covers go to: kept apart so
+    /// that they need no lock.
+    own: std::sync::OnceLock<Backend>,
     guards: Arc<Guards>,
     /// The retry policy of requests no rule with `retries` covers.
     default_retries: Retries,
@@ -105,7 +108,7 @@ impl Backend {
     /// Sends one attempt within the service's circuit breaker, following its policy first.
     fn send(&self, request: Request<Body>) -> BoxFuture<'static, Result<Response<Body>, BoxError>> {
         self.guard.follow(&self.state);
-        LimitLayer::new(self.guard.limit.clone()).layer(self.balance.clone()).oneshot(request).boxed()
+        limit::send(self.guard.limit.clone(), self.balance.clone(), request)
     }
 }
 
@@ -133,6 +136,7 @@ impl Router {
             held: Mutex::new(None),
             settled: watch::Sender::new(false),
             balancers: Mutex::new(HashMap::new()),
+            own: std::sync::OnceLock::new(),
             guards,
             default_retries: retry::mesh_default(),
             default_label: Arc::from("default"),
@@ -426,6 +430,15 @@ impl Inner {
         Ok(built)
     }
 
+    /// The balancer of the whole service.
+    fn own(&self) -> Result<Backend, BoxError> {
+        if let Some(own) = self.own.get() {
+            return Ok(own.clone());
+        }
+        let built = self.balancer(&BackendRef { service: self.service.clone(), subset: None })?;
+        Ok(self.own.get_or_init(|| built).clone())
+    }
+
     /// Picks a backend by weight among those with endpoints to take traffic; when none has, the
     /// first, whose balancer then says why.
     fn pick(&self, rule: &Rule) -> Result<Backend, BoxError> {
@@ -515,14 +528,13 @@ impl Inner {
         {
             self.mirror(backend, &parts, bytes);
         }
-        let own = BackendRef { service: self.service.clone(), subset: None };
         let label = rule.map_or(&self.default_label, Rule::label);
         let attempts = retry::Attempts { retries, backoff: self.backoff, deadline, label };
         attempts
             .run(parts, body, |request| {
                 let backend = match rule {
                     Some(rule) => self.pick(rule)?,
-                    None => self.balancer(&own)?,
+                    None => self.own()?,
                 };
                 Ok((backend.guard.clone(), backend.send(request)))
             })

@@ -32,6 +32,7 @@ use std::{
 use arc_swap::ArcSwap;
 use futures::{FutureExt, future::BoxFuture};
 use http::{HeaderValue, Request, Response};
+use smallvec::SmallVec;
 use tokio::{sync::watch, time::Instant};
 use tower::{Service, ServiceExt};
 
@@ -367,9 +368,11 @@ impl<S: Clone> Shared<S> {
         let balancing = &known.resilience.balancing;
         let members = &known.members;
 
+        // (Kept inline up to 16 endpoints: no allocation per request for most services.)
         // 1. Not ejected; all of them when every one is (panic mode).
-        let availability: Vec<Availability> = members.iter().map(|m| m.tracked.availability(now)).collect();
-        let mut candidates: Vec<usize> = (0..members.len()).filter(|i| availability[*i] != Availability::Ejected).collect();
+        let availability: SmallVec<[Availability; 16]> = members.iter().map(|m| m.tracked.availability(now)).collect();
+        let mut candidates: SmallVec<[usize; 16]> =
+            (0..members.len()).filter(|i| availability[*i] != Availability::Ejected).collect();
         let panic = candidates.is_empty();
         if panic {
             candidates = (0..members.len()).collect();
@@ -380,7 +383,7 @@ impl<S: Clone> Shared<S> {
             && !zone.is_empty()
             && known.zone_total > 0
         {
-            let local: Vec<usize> = candidates.iter().copied().filter(|i| members[*i].endpoint.zone == zone).collect();
+            let local: SmallVec<[usize; 16]> = candidates.iter().copied().filter(|i| members[*i].endpoint.zone == zone).collect();
             if !local.is_empty() && local.len() * 100 >= min_percent as usize * known.zone_total {
                 candidates = local;
             }
@@ -388,13 +391,14 @@ impl<S: Clone> Shared<S> {
         // 3. Somewhere this request has not been yet.
         let tried = request.extensions().get::<Tried>();
         if let Some(tried) = tried {
-            let fresh: Vec<usize> = candidates.iter().copied().filter(|i| !tried.contains(&members[*i].tracked.id)).collect();
+            let fresh: SmallVec<[usize; 16]> =
+                candidates.iter().copied().filter(|i| !tried.contains(&members[*i].tracked.id)).collect();
             if !fresh.is_empty() {
                 candidates = fresh;
             }
         }
         // 4. The algorithm, over weights ramped for slow start.
-        let weights: Vec<f64> =
+        let weights: SmallVec<[f64; 16]> =
             members.iter().map(|m| f64::from(m.endpoint.weight.max(1)) * m.tracked.ramp(now, balancing.slow_start)).collect();
         // An endpoint not measured yet is assumed a little faster than the fastest one measured
         // (the default RTT when none is), so it is tried soon and learnt, rather than starved
@@ -415,7 +419,7 @@ impl<S: Clone> Shared<S> {
             });
             0.9 * baseline * (tracked.in_flight() + 1) as f64
         };
-        let fallback = candidates.clone();
+        let fallback = candidates.first().copied();
         let mut picked = None;
         let mut claimed = false;
         for _ in 0..3 {
@@ -447,7 +451,7 @@ impl<S: Clone> Shared<S> {
             break;
         }
         // Probes lost to other requests: send it anyway, as in panic mode, not as a probe.
-        let Some(index) = picked.or_else(|| candidates.first().copied()).or_else(|| fallback.first().copied()) else {
+        let Some(index) = picked.or_else(|| candidates.first().copied()).or(fallback) else {
             return Err(Box::new(NoEndpoints { service: self.service.clone(), subset: self.subset.clone(), total: known.total }));
         };
         let member = &members[index];

@@ -36,7 +36,7 @@ const GRPC_UNAVAILABLE: u32 = 14;
 
 /// The `grpc-status` in `headers`, if any.
 pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
-    headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok())
+    headers.get(crate::errors::GRPC_STATUS).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok())
 }
 
 /// What a gRPC status says about the endpoint.
