@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied request, counted by valgrind's callgrind: the one-hop
+# sidecar and HAProxy, over HTTP/1.1 and h2c, on loopback.
+#
+# Unlike requests per second on a shared 2-core machine, an instruction count does not depend on
+# what else the machine is doing: the same binary and inputs give the same figure within a few
+# tenths of a percent. It counts user space only (the proxy, its libraries and libc), not the
+# kernel's socket work, which every proxy pays alike. Each figure is the difference between a run
+# of N2 and one of N1 requests, over N2 - N1, so start-up does not count.
+#
+# Usage: tests/bench/instructions.sh [SIDECAR_BINARY]
+# Needs the release binaries (cargo build --release -p ferry-sidecar -p ferry-control-plane -p
+# ferry-tests --bins), valgrind, h2load (nghttp2-client) and haproxy.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+release=target/release
+sidecar="${1:-$release/ferry-sidecar}"
+n1=2000
+n2=12000
+for tool in valgrind h2load haproxy curl; do
+    command -v "$tool" >/dev/null || { echo "instructions.sh: $tool is needed" >&2; exit 1; }
+done
+
+dir="$(mktemp -d)"
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    rm -rf "$dir"
+}
+trap cleanup EXIT
+
+# The log line "NAME ... KEY=VALUE" a process prints when it listens.
+wait_for() {
+    local file="$1" key="$2"
+    for _ in $(seq 1 200); do
+        if grep -q "$key=" "$file" 2>/dev/null; then
+            grep -o "$key=[^ ]*" "$file" | head -1 | cut -d= -f2
+            return
+        fi
+        sleep 0.1
+    done
+    echo "instructions.sh: no $key in $file:" >&2
+    cat "$file" >&2
+    exit 1
+}
+
+wait_ok() {
+    for _ in $(seq 1 300); do
+        [ "$(curl -s -o /dev/null -w '%{http_code}' "$1" || true)" = 200 ] && return
+        sleep 0.1
+    done
+    echo "instructions.sh: $1 never answered 200" >&2
+    exit 1
+}
+
+"$release/ferry-control-plane" --grpc 127.0.0.1:0 --http 127.0.0.1:0 --dns 127.0.0.1:0 --store memory \
+    --data-dir "$dir/cp" >"$dir/cp.log" 2>&1 &
+pids+=($!)
+"$release/ferry-bench" upstream >"$dir/upstream.log" 2>&1 &
+pids+=($!)
+grpc="$(wait_for "$dir/cp.log" grpc)"
+http="$(wait_for "$dir/cp.log" http)"
+upstream="$(wait_for "$dir/upstream.log" addr)"
+curl -sf -X PUT "http://$http/v1/instances" \
+    -d "{\"id\": \"bench-upstream\", \"service\": \"bench\", \"address\": \"127.0.0.1\", \"port\": ${upstream##*:}}" >/dev/null
+
+cat >"$dir/haproxy.cfg" <<EOF
+global
+    nbthread 2
+    maxconn 8192
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend http1
+    bind 127.0.0.1:0
+    default_backend upstream_http1
+backend upstream_http1
+    server upstream $upstream
+EOF
+
+# Total instructions of one proxy run under callgrind that serves N requests.
+# proxy_run NAME PROTOCOL N
+proxy_run() {
+    local name="$1" protocol="$2" n="$3" out="$dir/callgrind.out" log="$dir/run.log" url
+    rm -f "$out"
+    case "$name" in
+        ferry-1hop)
+            FERRY_WORKERS=2 valgrind --tool=callgrind --callgrind-out-file="$out" "$sidecar" --service bench-client \
+                --control-plane "http://$grpc" --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --upstream bench=127.0.0.1:0 \
+                >"$log" 2>&1 &
+            local pid=$!
+            url="http://$(wait_for "$log" upstreams | sed 's/^bench@//')/"
+            ;;
+        haproxy)
+            # HAProxy cannot print a port it picked: find a free one first.
+            local port
+            port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+            sed "s/bind 127.0.0.1:0/bind 127.0.0.1:$port/" "$dir/haproxy.cfg" >"$dir/haproxy-run.cfg"
+            if [ "$protocol" = h2c ]; then
+                sed -i "s/bind 127.0.0.1:$port/bind 127.0.0.1:$port proto h2/; s/server upstream $upstream/server upstream $upstream proto h2/" \
+                    "$dir/haproxy-run.cfg"
+            fi
+            valgrind --tool=callgrind --callgrind-out-file="$out" haproxy -db -f "$dir/haproxy-run.cfg" >"$log" 2>&1 &
+            local pid=$!
+            url="http://127.0.0.1:$port/"
+            ;;
+    esac
+    local flags=(-c 16 -t 1)
+    if [ "$protocol" = h1 ]; then flags+=(--h1 -m 1); else flags+=(-m 4); fi
+    # Readiness: a request through the proxy (h2load's own first requests would count a failure).
+    for _ in $(seq 1 300); do
+        h2load "${flags[@]}" -n 16 "$url" 2>/dev/null | grep -q "16 succeeded" && break
+        sleep 0.2
+    done
+    h2load "${flags[@]}" -n "$n" "$url" >"$dir/h2load.out" 2>&1
+    grep -q "$n succeeded" "$dir/h2load.out" || { echo "instructions.sh: $name $protocol: not every request succeeded" >&2; cat "$dir/h2load.out" >&2; exit 1; }
+    kill -TERM "$pid"
+    wait "$pid" || true
+    grep '^summary:' "$out" | awk '{print $2}'
+}
+
+echo "| path | protocol | instructions per request |"
+echo "|---|---|---:|"
+for name in ferry-1hop haproxy; do
+    for protocol in h1 h2c; do
+        a="$(proxy_run "$name" "$protocol" "$n1")"
+        b="$(proxy_run "$name" "$protocol" "$n2")"
+        label=$([ "$protocol" = h1 ] && echo "HTTP/1.1" || echo h2c)
+        echo "| $name | $label | $(((b - a) / (n2 - n1))) |"
+    done
+done
