@@ -262,7 +262,9 @@ impl Sidecar {
                     metrics.connections("upstream"),
                     workers.clone(),
                 )),
-                UpstreamServer::Tcp(upstream, listener) => tokio::spawn(upstream.serve(listener, shutdown.clone(), CLOSE)),
+                UpstreamServer::Tcp(upstream, listener) => {
+                    tokio::spawn(upstream.serve(listener, shutdown.clone(), CLOSE, workers.clone()))
+                }
             });
         }
         if let (Some(listener), Some(app)) = (inbound_listener, &config.app) {

@@ -37,6 +37,7 @@ use crate::{
     catalog::{Endpoint, ServiceConfig, ServiceState},
     errors::{DiscoveryTimeout, NoEndpoints, UnknownService},
     metrics::{Metrics, ServiceLabels, TcpLabels},
+    workers::Workers,
 };
 
 /// The most endpoints one connection tries before it is given up.
@@ -160,13 +161,26 @@ impl TcpUpstream {
 
     /// Accepts connections on `listener` and relays each until `shutdown`; then stops accepting
     /// and gives open connections up to `close` to end before cutting them.
-    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken, close: Duration) {
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken, close: Duration, workers: Workers) {
         let mut connections = JoinSet::new();
         loop {
             tokio::select! {
                 accepted = listener.accept(), if connections.len() < MAX_OPEN => match accepted {
                     Ok((stream, peer)) => {
-                        connections.spawn(self.clone().relay(stream, peer));
+                        // Relayed on the next worker, whose reactor takes the connection.
+                        let worker = workers.next();
+                        let moved = stream.into_std().and_then(|stream| {
+                            let _context = worker.enter();
+                            TcpStream::from_std(stream)
+                        });
+                        match moved {
+                            Ok(stream) => {
+                                connections.spawn_on(self.clone().relay(stream, peer), worker);
+                            }
+                            Err(error) => {
+                                tracing::warn!(service = %self.shared.service, %error, "cannot hand the connection to a worker");
+                            }
+                        }
                     }
                     Err(error) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -589,7 +603,8 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(upstream.serve(listener, shutdown.clone(), Duration::from_secs(1)));
+        let workers = Workers::start(2).expect("workers");
+        let server = tokio::spawn(upstream.serve(listener, shutdown.clone(), Duration::from_secs(1), workers));
 
         for i in 0..6 {
             let mut client = TcpStream::connect(addr).await.expect("connects");
