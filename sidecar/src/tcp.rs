@@ -167,14 +167,8 @@ impl TcpUpstream {
             tokio::select! {
                 accepted = listener.accept(), if connections.len() < MAX_OPEN => match accepted {
                     Ok((stream, peer)) => {
-                        // Relayed on the next worker, whose reactor takes the connection.
-                        let worker = workers.next();
-                        let moved = stream.into_std().and_then(|stream| {
-                            let _context = worker.enter();
-                            TcpStream::from_std(stream)
-                        });
-                        match moved {
-                            Ok(stream) => {
+                        match workers.adopt(stream) {
+                            Ok((stream, worker)) => {
                                 connections.spawn_on(self.clone().relay(stream, peer), worker);
                             }
                             Err(error) => {

@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::Context;
-use tokio::runtime::Handle;
+use tokio::{net::TcpStream, runtime::Handle};
 use tokio_util::sync::CancellationToken;
 
 thread_local! {
@@ -93,6 +93,15 @@ impl Workers {
     pub fn next(&self) -> &Handle {
         let index = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.handles.len();
         &self.inner.handles[index]
+    }
+
+    /// Moves an accepted connection to the next worker's reactor: the stream returned, and the
+    /// worker to serve it on.
+    pub fn adopt(&self, stream: TcpStream) -> std::io::Result<(TcpStream, &Handle)> {
+        let worker = self.next();
+        let stream = stream.into_std()?;
+        let _context = worker.enter();
+        Ok((TcpStream::from_std(stream)?, worker))
     }
 
     /// Stops the worker threads; tasks still running on them are dropped.

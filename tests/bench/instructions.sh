@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # User-space instructions per proxied request, counted by valgrind's callgrind: the one-hop
-# sidecar and HAProxy, over HTTP/1.1 and h2c, on loopback.
+# sidecar and HAProxy (each with one thread per core), over HTTP/1.1 and h2c, on loopback.
 #
 # Unlike requests per second on a shared 2-core machine, an instruction count does not depend on
 # what else the machine is doing: the same binary and inputs give the same figure within a few
@@ -45,15 +45,6 @@ wait_for() {
     exit 1
 }
 
-wait_ok() {
-    for _ in $(seq 1 300); do
-        [ "$(curl -s -o /dev/null -w '%{http_code}' "$1" || true)" = 200 ] && return
-        sleep 0.1
-    done
-    echo "instructions.sh: $1 never answered 200" >&2
-    exit 1
-}
-
 "$release/ferry-control-plane" --grpc 127.0.0.1:0 --http 127.0.0.1:0 --dns 127.0.0.1:0 --store memory \
     --data-dir "$dir/cp" >"$dir/cp.log" 2>&1 &
 pids+=($!)
@@ -65,23 +56,13 @@ upstream="$(wait_for "$dir/upstream.log" addr)"
 curl -sf -X PUT "http://$http/v1/instances" \
     -d "{\"id\": \"bench-upstream\", \"service\": \"bench\", \"address\": \"127.0.0.1\", \"port\": ${upstream##*:}}" >/dev/null
 
-cat >"$dir/haproxy.cfg" <<EOF
-global
-    nbthread 2
-    maxconn 8192
-defaults
-    mode http
-    option http-keep-alive
-    http-reuse always
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-frontend http1
-    bind 127.0.0.1:0
-    default_backend upstream_http1
-backend upstream_http1
-    server upstream $upstream
-EOF
+# HAProxy cannot print a port it picked: free ones are found first, for its two frontends.
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+haproxy_http1="127.0.0.1:$(free_port)"
+haproxy_h2c="127.0.0.1:$(free_port)"
+"$release/ferry-bench" haproxy-config "$haproxy_http1" "$haproxy_h2c" "$upstream" >"$dir/haproxy.cfg"
 
 # Total instructions of one proxy run under callgrind that serves N requests.
 # proxy_run NAME PROTOCOL N
@@ -90,24 +71,16 @@ proxy_run() {
     rm -f "$out"
     case "$name" in
         ferry-1hop)
-            FERRY_WORKERS=2 valgrind --tool=callgrind --callgrind-out-file="$out" "$sidecar" --service bench-client \
+            valgrind --tool=callgrind --callgrind-out-file="$out" "$sidecar" --service bench-client \
                 --control-plane "http://$grpc" --outbound 127.0.0.1:0 --admin 127.0.0.1:0 --upstream bench=127.0.0.1:0 \
                 >"$log" 2>&1 &
             local pid=$!
             url="http://$(wait_for "$log" upstreams | sed 's/^bench@//')/"
             ;;
         haproxy)
-            # HAProxy cannot print a port it picked: find a free one first.
-            local port
-            port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-            sed "s/bind 127.0.0.1:0/bind 127.0.0.1:$port/" "$dir/haproxy.cfg" >"$dir/haproxy-run.cfg"
-            if [ "$protocol" = h2c ]; then
-                sed -i "s/bind 127.0.0.1:$port/bind 127.0.0.1:$port proto h2/; s/server upstream $upstream/server upstream $upstream proto h2/" \
-                    "$dir/haproxy-run.cfg"
-            fi
-            valgrind --tool=callgrind --callgrind-out-file="$out" haproxy -db -f "$dir/haproxy-run.cfg" >"$log" 2>&1 &
+            valgrind --tool=callgrind --callgrind-out-file="$out" haproxy -db -f "$dir/haproxy.cfg" >"$log" 2>&1 &
             local pid=$!
-            url="http://127.0.0.1:$port/"
+            if [ "$protocol" = h1 ]; then url="http://$haproxy_http1/"; else url="http://$haproxy_h2c/"; fi
             ;;
     esac
     local flags=(-c 16 -t 1)

@@ -250,6 +250,25 @@ impl ControlPlane {
     }
 }
 
+/// What a route's probe rule ([`probe_route`]) answers with: an injected abort, so once the
+/// route is in force the app never sees a probe.
+pub const PROBE_STATUS: u16 = 418;
+
+/// A Route for `service` made of a probe rule for `/probe/{tag}` and then `rules` (YAML list
+/// items indented by two spaces). The probe tells a test when this version of the route is in
+/// force: [`Sidecar::wait_for_route`].
+pub fn probe_route(service: &str, tag: &str, rules: &str) -> String {
+    format!(
+        "kind: Route
+service: {service}
+rules:
+  - name: probe
+    match: {{ path_exact: /probe/{tag} }}
+    fault: {{ abort: {{ percent: 100, status: {PROBE_STATUS} }} }}
+{rules}"
+    )
+}
+
 /// A sidecar on loopback.
 pub struct Sidecar {
     pub process: Process,
@@ -313,6 +332,25 @@ impl Sidecar {
     pub async fn config(&self) -> serde_json::Value {
         let (_, _, body) = client::get(&format!("http://{}/config", self.admin)).await.expect("admin answers");
         serde_json::from_slice(&body).expect("config is JSON")
+    }
+
+    /// Waits until the route of [`probe_route`] tagged `tag` is in force for `service` here.
+    pub async fn wait_for_route(&self, service: &str, tag: &str) {
+        let url = format!("http://{service}/probe/{tag}");
+        eventually(&format!("route {tag} of {service} to be in force"), || async {
+            let answer = client::proxy_get(self.outbound, &url).await.ok()?;
+            (answer.0 == PROBE_STATUS).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits until the sidecar holds `service` at `version` or later.
+    pub async fn wait_for_version(&self, service: &str, version: u64) {
+        eventually(&format!("{service} at version {version} in the caller"), || async {
+            let held = self.config().await["services"][service]["version"].as_u64()?;
+            (held >= version).then_some(())
+        })
+        .await;
     }
 
     /// Waits until the sidecar holds `count` passing endpoints of `service`.

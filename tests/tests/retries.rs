@@ -12,7 +12,7 @@ use ferry_tests::{
     ControlPlane, Sidecar,
     apps::{HoldingApp, HttpApp, RecordingApp},
     client::{self, Answer, header, text},
-    eventually,
+    eventually, probe_route,
 };
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -20,36 +20,6 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpStream;
-
-const PROBE_STATUS: u16 = 418;
-
-/// A Route for `service`: a probe rule for `/probe/{tag}`, then `rules`.
-fn route(service: &str, tag: &str, rules: &str) -> String {
-    format!(
-        "kind: Route
-service: {service}
-rules:
-  - name: probe
-    match: {{ path_exact: /probe/{tag} }}
-    fault: {{ abort: {{ percent: 100, status: {PROBE_STATUS} }} }}
-{rules}"
-    )
-}
-
-async fn wait_for_route(caller: &Sidecar, service: &str, tag: &str) {
-    let url = format!("http://{service}/probe/{tag}");
-    eventually(&format!("route {tag} of {service} in force"), || async {
-        (client::proxy_get(caller.outbound, &url).await.ok()?.0 == PROBE_STATUS).then_some(())
-    })
-    .await;
-}
-
-async fn wait_for_version(caller: &Sidecar, service: &str, version: u64) {
-    eventually(&format!("{service} at version {version} in the caller"), || async {
-        (caller.config().await["services"][service]["version"].as_u64()? >= version).then_some(())
-    })
-    .await;
-}
 
 /// `method url` through the proxy at `outbound` with `headers` and a small body.
 async fn send(outbound: SocketAddr, method: Method, url: &str, headers: &[(&str, &str)], body: &'static str) -> Answer {
@@ -102,8 +72,8 @@ async fn a_post_that_reached_the_app_is_never_retried() {
     let (_orders, caller) = tokio::join!(instance(&control_plane, "orders", Some(app.addr), &[]), caller(&control_plane));
     // Even a route that retries 5xx three times must not repeat a POST the app has seen.
     let rules = "  - retries: { attempts: 3, on: [ connect-failure, 5xx, reset ] }\n";
-    control_plane.apply(&route("orders", "post", rules)).await;
-    wait_for_route(&caller, "orders", "post").await;
+    control_plane.apply(&probe_route("orders", "post", rules)).await;
+    caller.wait_for_route("orders", "post").await;
 
     app.fail_next(1);
     let answer = send(caller.outbound, Method::POST, "http://orders/orders", &[], "order-1").await;
@@ -166,9 +136,9 @@ async fn the_retry_budget_bounds_retries_when_every_instance_fails() {
     // A small floor, so that the ratio is what bounds a few hundred requests.
     let policy = "kind: ServicePolicy\nservice: catalog\nretry_budget: { ratio: 0.2, min_per_second: 1, window: 10s }\n";
     let rules = "  - retries: { attempts: 3, on: [ 5xx ] }\n";
-    let versions = control_plane.apply(&format!("{policy}---\n{}", route("catalog", "budget", rules))).await;
-    wait_for_route(&caller, "catalog", "budget").await;
-    wait_for_version(&caller, "catalog", versions[0]).await;
+    let versions = control_plane.apply(&format!("{policy}---\n{}", probe_route("catalog", "budget", rules))).await;
+    caller.wait_for_route("catalog", "budget").await;
+    caller.wait_for_version("catalog", versions[0]).await;
     let before = a.hits() + b.hits();
     a.fail_next(u64::MAX);
     b.fail_next(u64::MAX);
@@ -197,8 +167,8 @@ async fn a_request_that_is_already_a_retry_is_not_retried_again() {
     let app = RecordingApp::start("flaky").await;
     let (_flaky, caller) = tokio::join!(instance(&control_plane, "flaky", Some(app.addr), &[]), caller(&control_plane));
     let rules = "  - retries: { attempts: 3, on: [ 5xx ] }\n";
-    control_plane.apply(&route("flaky", "hop", rules)).await;
-    wait_for_route(&caller, "flaky", "hop").await;
+    control_plane.apply(&probe_route("flaky", "hop", rules)).await;
+    caller.wait_for_route("flaky", "hop").await;
 
     app.fail_next(1);
     let answer = send(caller.outbound, Method::GET, "http://flaky/", &[("x-ferry-attempt", "2")], "").await;
@@ -222,7 +192,7 @@ async fn a_full_circuit_breaker_sheds_with_503_overloaded() {
     let policy = "kind: ServicePolicy\nservice: slow\ncircuit_breaker: { max_concurrent: 1, max_pending: 0 }\n";
     let versions = control_plane.apply(policy).await;
     wait_endpoints(&caller, "slow", 1).await;
-    wait_for_version(&caller, "slow", versions[0]).await;
+    caller.wait_for_version("slow", versions[0]).await;
 
     let outbound = caller.outbound;
     let first = tokio::spawn(async move { client::proxy_get(outbound, "http://slow/held").await.expect("answered") });
@@ -252,8 +222,8 @@ async fn a_streaming_body_outlives_the_route_timeout_met_by_its_headers() {
     let app = HoldingApp::start().await;
     let (_streamer, caller) = tokio::join!(instance(&control_plane, "streamer", Some(app.addr), &[]), caller(&control_plane));
     let rules = "  - timeout: 300ms\n";
-    control_plane.apply(&route("streamer", "stream", rules)).await;
-    wait_for_route(&caller, "streamer", "stream").await;
+    control_plane.apply(&probe_route("streamer", "stream", rules)).await;
+    caller.wait_for_route("streamer", "stream").await;
 
     // Headers and a first chunk come at once; the rest waits for the app's release.
     let stream = TcpStream::connect(caller.outbound).await.expect("connects");

@@ -26,36 +26,18 @@ use ferry_tests::{
     ControlPlane, Sidecar,
     apps::{FlakyGrpcApp, HttpApp, RecordingApp, SlowApp},
     client::{self, Answer, header, text},
-    eventually,
+    eventually, probe_route,
 };
 use futures::StreamExt;
 use http::{Method, Request, StatusCode};
 use http_body_util::Empty;
 use serde_json::Value;
 
-/// What a route's probe rule answers with: an injected abort, so once the route is in force the
-/// app never sees a probe.
-const PROBE_STATUS: u16 = 418;
-
 /// The subsets of `catalog` most tests route to.
 const CATALOG_POLICY: &str = "kind: ServicePolicy
 service: catalog
 subsets: { v1: { labels: { version: v1 } }, v2: { labels: { version: v2 } } }
 ";
-
-/// A Route for `service` made of a probe rule for `/probe/{tag}` and then `rules` (YAML list
-/// items indented by two spaces).
-fn route(service: &str, tag: &str, rules: &str) -> String {
-    format!(
-        "kind: Route
-service: {service}
-rules:
-  - name: probe
-    match: {{ path_exact: /probe/{tag} }}
-    fault: {{ abort: {{ percent: 100, status: {PROBE_STATUS} }} }}
-{rules}"
-    )
-}
 
 /// `GET path` from the control plane's HTTP API, as JSON.
 async fn get_json(control_plane: &ControlPlane, path: &str) -> (StatusCode, Value) {
@@ -71,25 +53,6 @@ async fn instance(control_plane: &ControlPlane, service: &str, app: SocketAddr, 
 /// A sidecar with no app, the one the tests send through.
 async fn caller(control_plane: &ControlPlane) -> Sidecar {
     Sidecar::start(&control_plane.url(), "frontend", None, &[]).await
-}
-
-/// Waits until the route tagged `tag` is in force for `service` in `caller`.
-async fn wait_for_route(caller: &Sidecar, service: &str, tag: &str) {
-    let url = format!("http://{service}/probe/{tag}");
-    eventually(&format!("route {tag} of {service} to be in force"), || async {
-        let answer = client::proxy_get(caller.outbound, &url).await.ok()?;
-        (answer.0 == PROBE_STATUS).then_some(())
-    })
-    .await;
-}
-
-/// Waits until `caller` holds `service` at `version` or later.
-async fn wait_for_version(caller: &Sidecar, service: &str, version: u64) {
-    eventually(&format!("{service} at version {version} in the caller"), || async {
-        let held = caller.config().await["services"][service]["version"].as_u64()?;
-        (held >= version).then_some(())
-    })
-    .await;
 }
 
 /// `method url` through the proxy at `outbound`, with extra headers.
@@ -141,8 +104,8 @@ async fn a_90_10_split_holds_within_five_sigma() {
         caller(&control_plane),
     );
     let split = "  - backends: [ { subset: v1, weight: 90 }, { subset: v2, weight: 10 } ]\n";
-    control_plane.apply(&format!("{CATALOG_POLICY}---\n{}", route("catalog", "split", split))).await;
-    wait_for_route(&caller, "catalog", "split").await;
+    control_plane.apply(&format!("{CATALOG_POLICY}---\n{}", probe_route("catalog", "split", split))).await;
+    caller.wait_for_route("catalog", "split").await;
     caller.wait_endpoints("catalog", 2).await;
 
     let answers = load(caller.outbound, "http://catalog/", 2000, 16).await;
@@ -197,8 +160,8 @@ async fn requests_go_where_the_first_matching_rule_says() {
   - backends: [ { subset: v1 } ]
     response_headers: { set: { x-rule: default } }
 "#;
-    control_plane.apply(&format!("{CATALOG_POLICY}---\n{}", route("catalog", "matches", rules))).await;
-    wait_for_route(&caller, "catalog", "matches").await;
+    control_plane.apply(&format!("{CATALOG_POLICY}---\n{}", probe_route("catalog", "matches", rules))).await;
+    caller.wait_for_route("catalog", "matches").await;
     caller.wait_endpoints("catalog", 2).await;
 
     // (method, path and query, headers, the rule expected to take it)
@@ -253,8 +216,8 @@ async fn a_route_timeout_answers_504_upstream_timeout() {
     timeout: 5s
     retries: { attempts: 2, per_try_timeout: 200ms, on: [ 5xx ] }
 ";
-    control_plane.apply(&route("slow", "timeouts", rules)).await;
-    wait_for_route(&caller, "slow", "timeouts").await;
+    control_plane.apply(&probe_route("slow", "timeouts", rules)).await;
+    caller.wait_for_route("slow", "timeouts").await;
 
     let timed = |path: &'static str| async move {
         let started = Instant::now();
@@ -291,8 +254,8 @@ async fn faults_abort_and_delay_their_share_of_requests() {
   - match: { path_prefix: /delay-all }
     fault: { delay: { percent: 100, duration: 500ms } }
 ";
-    control_plane.apply(&route("catalog", "faults", rules)).await;
-    wait_for_route(&caller, "catalog", "faults").await;
+    control_plane.apply(&probe_route("catalog", "faults", rules)).await;
+    caller.wait_for_route("catalog", "faults").await;
 
     let hits_before = app.hits();
     let answers = load(caller.outbound, "http://catalog/abort", 1000, 16).await;
@@ -336,8 +299,8 @@ async fn mirrors_get_copies_and_callers_only_the_primary_answer() {
     backends: [ { subset: v1 } ]
     mirror: { backend: { subset: v2 }, percent: 100 }
 ";
-    control_plane.apply(&format!("{CATALOG_POLICY}---\n{}", route("catalog", "mirrors", rules))).await;
-    wait_for_route(&caller, "catalog", "mirrors").await;
+    control_plane.apply(&format!("{CATALOG_POLICY}---\n{}", probe_route("catalog", "mirrors", rules))).await;
+    caller.wait_for_route("catalog", "mirrors").await;
     caller.wait_endpoints("catalog", 2).await;
     // The copies' answers must not matter: the shadow fails every one.
     shadow.fail_next(u64::MAX);
@@ -379,8 +342,8 @@ async fn bad_resources_are_refused_naming_the_field_and_change_nothing() {
     backends: [ { subset: v2 } ]
   - backends: [ { subset: v1 } ]
 ";
-    control_plane.apply(&format!("{CATALOG_POLICY}---\n{}", route("catalog", "good", rules))).await;
-    wait_for_route(&caller, "catalog", "good").await;
+    control_plane.apply(&format!("{CATALOG_POLICY}---\n{}", probe_route("catalog", "good", rules))).await;
+    caller.wait_for_route("catalog", "good").await;
     caller.wait_endpoints("catalog", 2).await;
     let (_, route_before) = get_json(&control_plane, "/v1/routes/catalog").await;
     let (_, policy_before) = get_json(&control_plane, "/v1/policies/catalog").await;
@@ -470,7 +433,7 @@ async fn bad_resources_are_refused_naming_the_field_and_change_nothing() {
     assert_eq!(history["entries"].as_array().map(Vec::len), Some(1), "{history}");
 
     // And traffic is routed as before.
-    wait_for_route(&caller, "catalog", "good").await;
+    caller.wait_for_route("catalog", "good").await;
     for _ in 0..10 {
         let canary = send(caller.outbound, Method::GET, "http://catalog/", &[("x-canary", "true")]).await;
         assert_eq!(text(&canary), "catalog-v2");
@@ -487,7 +450,7 @@ async fn routes_survive_a_control_plane_restart() {
     backends: [ { subset: v2 } ]
   - backends: [ { subset: v1 } ]
 ";
-    let versions = first.apply(&format!("{CATALOG_POLICY}---\n{}", route("catalog", "durable", rules))).await;
+    let versions = first.apply(&format!("{CATALOG_POLICY}---\n{}", probe_route("catalog", "durable", rules))).await;
     let (_, route_before) = get_json(&first, "/v1/routes/catalog").await;
     let (_, policy_before) = get_json(&first, "/v1/policies/catalog").await;
     first.process.kill().await;
@@ -502,7 +465,7 @@ async fn routes_survive_a_control_plane_restart() {
     let (v1, v2) = (HttpApp::start("catalog-v1").await, HttpApp::start("catalog-v2").await);
     let (_v1, _v2, caller) =
         tokio::join!(instance(&second, "catalog", v1.addr, "v1"), instance(&second, "catalog", v2.addr, "v2"), caller(&second),);
-    wait_for_route(&caller, "catalog", "durable").await;
+    caller.wait_for_route("catalog", "durable").await;
     caller.wait_endpoints("catalog", 2).await;
     for _ in 0..5 {
         assert_eq!(text(&send(caller.outbound, Method::GET, "http://catalog/", &[("x-canary", "true")]).await), "catalog-v2");
@@ -510,7 +473,7 @@ async fn routes_survive_a_control_plane_restart() {
     }
 
     // Versions keep counting up from where they were.
-    let newer = second.apply(&route("catalog", "newer", "  - backends: [ { subset: v2 } ]\n")).await;
+    let newer = second.apply(&probe_route("catalog", "newer", "  - backends: [ { subset: v2 } ]\n")).await;
     assert!(newer[0] > versions.iter().copied().max().unwrap_or_default(), "{newer:?} after {versions:?}");
 }
 
@@ -563,24 +526,29 @@ async fn a_route_waits_for_its_subset_without_failing_requests() {
 
     // A route naming subset v2 before any policy defines it is refused, naming the field.
     let canary = "  - backends: [ { subset: v2 } ]\n    response_headers: { set: { x-route: canary } }\n";
-    let refused =
-        client::send_body(control_plane.http, Method::POST, "/v1/apply", "application/yaml", &route("catalog", "canary", canary))
-            .await
-            .expect("answered");
+    let refused = client::send_body(
+        control_plane.http,
+        Method::POST,
+        "/v1/apply",
+        "application/yaml",
+        &probe_route("catalog", "canary", canary),
+    )
+    .await
+    .expect("answered");
     assert_eq!(refused.0, StatusCode::BAD_REQUEST, "{}", text(&refused));
     let error: Value = serde_json::from_slice(&refused.2).expect("JSON");
     assert_eq!(error["field"], "documents[0].rules[1].backends[0].subset", "{error}");
 
     // The policy defines v2, but no instance is in it yet: the route is held.
     control_plane.apply(CATALOG_POLICY).await;
-    let versions = control_plane.apply(&route("catalog", "canary", canary)).await;
-    wait_for_version(&caller, "catalog", versions[0]).await;
+    let versions = control_plane.apply(&probe_route("catalog", "canary", canary)).await;
+    caller.wait_for_version("catalog", versions[0]).await;
     progress(load.clone()).await;
     not_in_force().await;
 
     // A v2 instance arrives: the route takes effect.
     let _v2 = instance(&control_plane, "catalog", v2.addr, "v2").await;
-    wait_for_route(&caller, "catalog", "canary").await;
+    caller.wait_for_route("catalog", "canary").await;
     let answer = client::proxy_get(caller.outbound, "http://catalog/").await.expect("answered");
     assert_eq!(text(&answer), "catalog-v2");
     assert_eq!(header(&answer, "x-route"), "canary");
@@ -603,8 +571,8 @@ async fn safe_requests_are_retried_past_failures() {
     retries: { attempts: 3, on: [ connect-failure, 5xx ] }
   - match: { path_prefix: /once }
 ";
-    control_plane.apply(&route("flaky", "retries", rules)).await;
-    wait_for_route(&caller, "flaky", "retries").await;
+    control_plane.apply(&probe_route("flaky", "retries", rules)).await;
+    caller.wait_for_route("flaky", "retries").await;
 
     let attempts = |method: Method, path: &'static str, failures: u64| {
         let (app, outbound) = (&app, caller.outbound);
@@ -631,8 +599,8 @@ async fn grpc_calls_are_retried_on_the_grpc_statuses_a_route_names() {
     let rules = "  - match: { path_prefix: /grpc.health.v1.Health/ }
     retries: { attempts: 3, on: [ unavailable ] }
 ";
-    control_plane.apply(&route("checker", "grpc", rules)).await;
-    wait_for_route(&caller, "checker", "grpc").await;
+    control_plane.apply(&probe_route("checker", "grpc", rules)).await;
+    caller.wait_for_route("checker", "grpc").await;
 
     // gRPC request bodies have no content-length: the body streams through and is kept for a
     // retry. Every gRPC call is a POST, and is retried all the same on a status the route names.
@@ -660,8 +628,8 @@ async fn headers_and_path_prefixes_are_rewritten() {
     request_headers: { set: { x-env: staging }, add: { x-tag: added }, remove: [ x-secret ] }
     response_headers: { set: { x-route: rewritten }, add: { x-extra: one }, remove: [ x-served-by ] }
 ";
-    control_plane.apply(&route("catalog", "rewrites", rules)).await;
-    wait_for_route(&caller, "catalog", "rewrites").await;
+    control_plane.apply(&probe_route("catalog", "rewrites", rules)).await;
+    caller.wait_for_route("catalog", "rewrites").await;
 
     let sent = [("x-env", "prod"), ("x-tag", "original"), ("x-secret", "s3cr3t")];
     for (path, rewritten) in [("/api/v1/items?page=2", "/v2/items?page=2"), ("/api/v1", "/v2")] {

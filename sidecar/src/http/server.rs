@@ -11,7 +11,7 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
 
@@ -54,14 +54,8 @@ pub async fn serve<S>(
                         request.extensions_mut().insert(ClientAddr(peer));
                         request
                     });
-                    // The connection moves to a worker's reactor, and is served there.
-                    let worker = workers.next();
-                    let moved = stream.into_std().and_then(|stream| {
-                        let _context = worker.enter();
-                        TcpStream::from_std(stream)
-                    });
-                    let stream = match moved {
-                        Ok(stream) => stream,
+                    let (stream, worker) = match workers.adopt(stream) {
+                        Ok(adopted) => adopted,
                         Err(error) => {
                             tracing::warn!(listener = name, %error, "cannot hand the connection to a worker");
                             continue;

@@ -75,7 +75,7 @@ impl Guards {
 impl Guard {
     /// Brings the budget and limits up to the service's policy, when it changed.
     pub fn follow(&self, state: &watch::Receiver<ServiceState>) {
-        let policy = {
+        let (version, policy) = {
             let state = state.borrow();
             let ServiceState::Known(config) = &*state else { return };
             let version = config.policy.as_ref().map_or(0, |p| p.version);
@@ -84,9 +84,8 @@ impl Guard {
             if self.version.load(Ordering::Acquire) == version {
                 return;
             }
-            config.policy.clone()
+            (version, config.policy.clone())
         };
-        let version = policy.as_ref().map_or(0, |p| p.version);
         if self.version.swap(version, Ordering::AcqRel) != version {
             let resilience = Resilience::of(policy.as_deref());
             self.budget.update(resilience.budget);

@@ -62,12 +62,6 @@ pub fn mark_attempt(headers: &mut HeaderMap, attempt: u32) {
     headers.insert(ATTEMPT_HEADER, HeaderValue::from(attempt));
 }
 
-/// Whether a response is the endpoint's sidecar saying it could not reach its app: the request
-/// never got there. The inbound sidecar only lets `x-ferry-error` out on answers it made itself.
-pub fn app_unreachable(response: &Response<Body>) -> bool {
-    response.headers().get(FERRY_ERROR).is_some_and(|v| v.as_bytes().starts_with(b"app_unreachable"))
-}
-
 /// Why an attempt's outcome calls for another, as the `reason` label of `ferry_retries_total`;
 /// `None` when it does not.
 pub fn retry_reason(retries: &Retries, method: &Method, result: &Result<Response<Body>, BoxError>) -> Option<&'static str> {
@@ -77,6 +71,8 @@ pub fn retry_reason(retries: &Retries, method: &Method, result: &Result<Response
     match result {
         Ok(response) => {
             let ferry_error = response.headers().get(FERRY_ERROR).map(HeaderValue::as_bytes);
+            // The endpoint's sidecar could not reach its app: the request never got there. (The
+            // inbound sidecar only lets `x-ferry-error` out on answers it made itself.)
             if ferry_error.is_some_and(|e| e.starts_with(b"app_unreachable")) {
                 return retries.connect_failure.then_some("app_unreachable");
             }

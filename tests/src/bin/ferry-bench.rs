@@ -1,7 +1,8 @@
 //! `ferry-bench`: Ferry's benchmark suite. See [`ferry_tests::bench`].
 //!
 //! `ferry-bench upstream` (not for direct use) serves the benchmark's upstream in a process of
-//! its own and prints `listening addr=ADDR`.
+//! its own and prints `listening addr=ADDR`. `ferry-bench haproxy-config HTTP1 H2C UPSTREAM`
+//! prints the HAProxy config the suite runs (`tests/bench/instructions.sh` uses it).
 
 use std::process::ExitCode;
 
@@ -11,6 +12,9 @@ use ferry_tests::bench;
 fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("upstream") {
         return upstream();
+    }
+    if std::env::args().nth(1).as_deref() == Some("haproxy-config") {
+        return haproxy_config();
     }
     match bench::main(bench::Options::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -31,4 +35,19 @@ fn upstream() -> ExitCode {
         eprintln!("ferry-bench upstream: {error:#}");
     }
     ExitCode::FAILURE
+}
+
+fn haproxy_config() -> ExitCode {
+    let addresses: Result<Vec<std::net::SocketAddr>, _> = std::env::args().skip(2).map(|a| a.parse()).collect();
+    match addresses.as_deref() {
+        Ok([http1, h2c, upstream]) => {
+            let threads = std::thread::available_parallelism().map_or(1, usize::from);
+            print!("{}", bench::dataplane::haproxy_config(threads, *http1, *h2c, *upstream));
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("usage: ferry-bench haproxy-config HTTP1_ADDR H2C_ADDR UPSTREAM_ADDR");
+            ExitCode::from(64)
+        }
+    }
 }
