@@ -4,6 +4,7 @@
 
 use std::{
     collections::HashMap,
+    net::IpAddr,
     sync::{Arc, Mutex, MutexGuard, Weak},
     time::Duration,
 };
@@ -19,9 +20,22 @@ pub struct HealthChecks {
     registry: Arc<Registry>,
     options: RunnerOptions,
     metrics: HealthMetrics,
+    /// Networks checks may target although they are link-local or metadata addresses.
+    allowed_targets: Vec<ipnet::IpNet>,
     running: Mutex<HashMap<String, Supervised>>,
     this: Weak<HealthChecks>,
 }
+
+/// Networks no check may probe unless `--allow-check-target` lists them: link-local
+/// addresses, where clouds serve instance metadata and credentials, and AWS's IPv6 metadata
+/// address. A check is a request the control plane makes for whoever registers it.
+const FORBIDDEN_TARGETS: [&str; 3] = ["169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128"];
+
+/// Host names of cloud metadata services.
+const METADATA_HOSTS: [&str; 3] = ["metadata.google.internal", "metadata", "instance-data"];
+
+/// How long resolving a check's host may take when it is registered.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The checks of one instance, running.
 struct Supervised {
@@ -48,24 +62,87 @@ pub enum TtlFailure {
 }
 
 impl HealthChecks {
-    /// A supervisor recording into `registry`.
-    pub fn new(registry: Arc<Registry>, options: RunnerOptions, metrics: HealthMetrics) -> Arc<Self> {
-        Arc::new_cyclic(|this| Self { registry, options, metrics, running: Mutex::default(), this: this.clone() })
+    /// A supervisor recording into `registry`; checks may target `allowed_targets` although
+    /// they are link-local or metadata networks.
+    pub fn new(
+        registry: Arc<Registry>,
+        options: RunnerOptions,
+        metrics: HealthMetrics,
+        allowed_targets: Vec<ipnet::IpNet>,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|this| Self {
+            registry,
+            options,
+            metrics,
+            allowed_targets,
+            running: Mutex::default(),
+            this: this.clone(),
+        })
+    }
+
+    /// Whether a check may probe `ip`.
+    fn allowed(&self, ip: IpAddr) -> bool {
+        let forbidden = FORBIDDEN_TARGETS.iter().filter_map(|n| n.parse::<ipnet::IpNet>().ok()).any(|n| n.contains(&ip));
+        !forbidden || self.allowed_targets.iter().any(|n| n.contains(&ip))
+    }
+
+    /// Refuses a check whose target is (or resolves to) a forbidden address.
+    async fn check_target(&self, field: &str, host: &str, port: u16) -> Result<(), FieldError> {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let refuse = |what: String| {
+            Err(FieldError::new(
+                field,
+                format!(
+                    "{what}: link-local and cloud metadata addresses may not be probed; list the network with --allow-check-target to allow it"
+                ),
+            ))
+        };
+        if METADATA_HOSTS.iter().any(|m| host.eq_ignore_ascii_case(m)) {
+            return refuse(format!("{host} is a cloud metadata service"));
+        }
+        let addresses: Vec<IpAddr> = match host.parse::<IpAddr>() {
+            Ok(ip) => vec![ip],
+            Err(_) => match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port))).await {
+                Ok(Ok(found)) => found.map(|a| a.ip()).collect(),
+                // Unresolvable now: the check will say so when it runs.
+                _ => Vec::new(),
+            },
+        };
+        match addresses.into_iter().find(|ip| !self.allowed(*ip)) {
+            Some(ip) if ip.to_string() == host => refuse(format!("{ip}")),
+            Some(ip) => refuse(format!("{host} resolves to {ip}")),
+            None => Ok(()),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Supervised>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Refuses checks this control plane will not run.
-    pub fn admit(&self, spec: &InstanceSpec) -> Result<(), FieldError> {
+    /// Refuses checks this control plane will not run: scripts unless enabled, and probes of
+    /// link-local or metadata addresses unless allowed.
+    pub async fn admit(&self, spec: &InstanceSpec) -> Result<(), FieldError> {
         for (i, check) in spec.checks.iter().enumerate() {
-            if matches!(check.probe, Probe::Script { .. }) && !self.options.scripts_allowed {
-                return Err(FieldError::new(
-                    format!("checks[{i}].script"),
-                    "script checks are disabled; start the control plane with --enable-script-checks",
-                ));
-            }
+            let target = |address: &Option<String>| split_host_port(address.as_deref(), &spec.address, spec.port);
+            let (field, (host, port)) = match &check.probe {
+                Probe::Script { .. } if !self.options.scripts_allowed => {
+                    return Err(FieldError::new(
+                        format!("checks[{i}].script"),
+                        "script checks are disabled; start the control plane with --enable-script-checks",
+                    ));
+                }
+                Probe::Http { url, .. } => {
+                    let host_port = match url.strip_prefix("http://") {
+                        Some(rest) => Some(rest.split('/').next().unwrap_or_default().to_owned()),
+                        None => None,
+                    };
+                    (format!("checks[{i}].http.url"), target(&host_port))
+                }
+                Probe::Tcp { address } => (format!("checks[{i}].tcp.address"), target(address)),
+                Probe::Grpc { address, .. } => (format!("checks[{i}].grpc.address"), target(address)),
+                Probe::Script { .. } | Probe::Ttl { .. } => continue,
+            };
+            self.check_target(&field, &host, port).await?;
         }
         Ok(())
     }
@@ -116,7 +193,6 @@ impl HealthChecks {
         running.insert(instance.id.clone(), Supervised { instance, runner, forward });
     }
 
-    /// Renews the TTL check `check_id` of an API instance.
     /// Renews the TTL check `check_id` of an API instance; answers the check as it is now.
     pub async fn ttl(&self, check_id: &str, status: Health, output: String) -> Result<v1::Check, TtlFailure> {
         let owner = self.registry.check_owner(check_id).ok_or_else(|| TtlFailure::UnknownCheck(check_id.to_owned()))?;
@@ -184,9 +260,72 @@ async fn forward(
     }
 }
 
+/// The host and port of `address` (`HOST:PORT`, `[V6]:PORT`, or `HOST` on port 80), or the
+/// instance's own when it names none.
+fn split_host_port(address: Option<&str>, host: &str, port: u16) -> (String, u16) {
+    let Some(address) = address.filter(|a| !a.is_empty()) else { return (host.to_owned(), port) };
+    if let Ok(socket) = address.parse::<std::net::SocketAddr>() {
+        return (socket.ip().to_string(), socket.port());
+    }
+    match address.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(':') => (host.to_owned(), port.parse().unwrap_or(80)),
+        _ => (address.to_owned(), 80),
+    }
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{index::Indexes, metrics::RegistryMetrics, registry::RegistryConfig, store::MemoryStore};
+
+    async fn checks(allowed: &[&str]) -> Arc<HealthChecks> {
+        let registry = Registry::open(
+            Arc::new(MemoryStore::default()),
+            RegistryConfig::default(),
+            RegistryMetrics::default(),
+            Arc::new(Indexes::default()),
+        )
+        .await
+        .expect("registry");
+        let allowed = allowed.iter().map(|n| n.parse().expect("CIDR")).collect();
+        HealthChecks::new(registry, RunnerOptions::default(), HealthMetrics::default(), allowed)
+    }
+
+    fn spec(address: &str, check: v1::check::Probe) -> InstanceSpec {
+        InstanceSpec::try_from(v1::Instance {
+            service: "db".into(),
+            address: address.into(),
+            port: 80,
+            checks: vec![v1::Check { probe: Some(check), ..Default::default() }],
+            ..Default::default()
+        })
+        .expect("valid")
+    }
+
+    #[tokio::test]
+    async fn checks_may_not_probe_metadata_addresses_unless_allowed() {
+        use v1::check::Probe as P;
+        let checks = checks(&[]).await;
+        let http = |url: &str| P::Http(v1::HttpProbe { url: url.into(), expected_status: 0 });
+        let error = checks.admit(&spec("10.0.0.1", http("http://169.254.169.254/latest/meta-data/"))).await.expect_err("IMDS");
+        assert_eq!(error.field, "checks[0].http.url");
+        assert!(error.reason.contains("--allow-check-target"), "{error}");
+        let error = checks.admit(&spec("169.254.169.254", http("/healthz"))).await.expect_err("the instance itself");
+        assert_eq!(error.field, "checks[0].http.url");
+        let tcp = P::Tcp(v1::TcpProbe { address: "[fd00:ec2::254]:80".into() });
+        assert!(checks.admit(&spec("10.0.0.1", tcp)).await.is_err(), "AWS IPv6 metadata");
+        let named = http("http://metadata.google.internal/computeMetadata/v1/");
+        assert!(checks.admit(&spec("10.0.0.1", named)).await.is_err());
+        assert!(checks.admit(&spec("127.0.0.1", http("/healthz"))).await.is_ok());
+        let allowed = self::checks(&["169.254.10.0/24"]).await;
+        assert!(allowed.admit(&spec("169.254.10.5", http("/healthz"))).await.is_ok());
+        assert!(allowed.admit(&spec("169.254.169.254", http("/healthz"))).await.is_err(), "only what is listed");
     }
 }

@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
 use crate::store::StoreKind;
 
@@ -49,7 +49,146 @@ pub struct Config {
     #[arg(long, env = "FERRY_ENABLE_SCRIPT_CHECKS")]
     pub enable_script_checks: bool,
 
+    /// How API calls are authenticated: `token` (a bearer token on every call) or `none`
+    /// (development only: anyone may do anything; workload certificates and mTLS stay on).
+    #[arg(long, env = "FERRY_AUTH", value_enum, default_value_t = AuthMode::Token)]
+    pub auth: AuthMode,
+
+    /// The secret of the admin token, instead of one made at first start and written to
+    /// <data-dir>/admin.token.
+    #[arg(long, env = "FERRY_BOOTSTRAP_TOKEN", value_name = "SECRET", hide_env_values = true)]
+    pub bootstrap_token: Option<String>,
+
+    /// Whether the gRPC and HTTP listeners speak TLS, with a certificate from the mesh's CA
+    /// (`off`: plaintext, for development).
+    #[arg(long, env = "FERRY_API_TLS", value_enum, default_value_t = Switch::On)]
+    pub api_tls: Switch,
+
+    /// A name (DNS or IP) the API certificate covers; repeat for more. Default: the host name,
+    /// localhost, the loopback addresses and the addresses the listeners are bound to.
+    #[arg(long = "advertise-name", env = "FERRY_ADVERTISE_NAME", value_delimiter = ',', value_name = "NAME")]
+    pub advertise_names: Vec<String>,
+
+    /// The mesh's trust domain: workload identities are spiffe://<trust-domain>/service/<name>.
+    #[arg(long, env = "FERRY_TRUST_DOMAIN", default_value = ferry_tls::identity::DEFAULT_TRUST_DOMAIN, value_parser = parse_trust_domain, value_name = "DOMAIN")]
+    pub trust_domain: String,
+
+    /// Lifetime of workload certificates; sidecars renew at 70 % of it (10s at least).
+    #[arg(long, env = "FERRY_CERT_TTL", default_value = "24h", value_parser = parse_cert_ttl, value_name = "DURATION")]
+    pub cert_ttl: Duration,
+
+    /// An operator's issuer certificate (PEM; may be followed by its chain) to sign workload
+    /// certificates with, instead of the control plane's own CA. Needs --ca-key.
+    #[arg(long, env = "FERRY_CA_CERT", requires = "ca_key", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// The private key of --ca-cert (PEM).
+    #[arg(long, env = "FERRY_CA_KEY", requires = "ca_cert", value_name = "FILE")]
+    pub ca_key: Option<PathBuf>,
+
+    /// A network health checks may target although it is link-local or a cloud metadata
+    /// address (refused by default), such as 169.254.10.0/24; repeat for more.
+    #[arg(long = "allow-check-target", env = "FERRY_ALLOW_CHECK_TARGET", value_delimiter = ',', value_name = "CIDR")]
+    pub allow_check_targets: Vec<ipnet::IpNet>,
+
+    #[command(flatten)]
+    pub limits: LimitsConfig,
+
     /// Log filter, such as `info` or `ferry_control_plane=debug`.
     #[arg(long, env = "FERRY_LOG", default_value = "info", value_name = "FILTER")]
     pub log: String,
+}
+
+/// `--auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    Token,
+    None,
+}
+
+/// An on/off flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+/// The bounds on what a peer can make the control plane (and every sidecar) hold. Each error
+/// that hits one names it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitsConfig {
+    /// Instances one service may have.
+    #[arg(long, env = "FERRY_MAX_INSTANCES_PER_SERVICE", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000), value_name = "N")]
+    pub max_instances_per_service: u32,
+
+    /// Bytes of metadata (keys and values) one instance may carry.
+    #[arg(long, env = "FERRY_MAX_METADATA_BYTES", default_value_t = 16 << 10, value_parser = clap::value_parser!(u32).range(64..=(1 << 20)), value_name = "BYTES")]
+    pub max_metadata_bytes: u32,
+
+    /// Checks one instance may have.
+    #[arg(long, env = "FERRY_MAX_CHECKS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=(ferry_proto::validate::MAX_CHECKS as i64)), value_name = "N")]
+    pub max_checks: u32,
+
+    /// Header conditions (headers, header_regex, header_present) across one route's or
+    /// authorization policy's rules.
+    #[arg(long, env = "FERRY_MAX_HEADER_RULES", default_value_t = ferry_proto::validate::Limits::DEFAULT.header_rules as u32, value_parser = clap::value_parser!(u32).range(1..=(ferry_proto::validate::Limits::CEILING.header_rules as i64)), value_name = "N")]
+    pub max_header_rules: u32,
+
+    /// Regular expressions across one resource's rules.
+    #[arg(long, env = "FERRY_MAX_REGEXES", default_value_t = ferry_proto::validate::Limits::DEFAULT.regexes as u32, value_parser = clap::value_parser!(u32).range(1..=(ferry_proto::validate::Limits::CEILING.regexes as i64)), value_name = "N")]
+    pub max_regexes: u32,
+
+    /// Compiled size of one resource's regular expressions together, in bytes.
+    #[arg(long, env = "FERRY_MAX_REGEX_BYTES", default_value_t = ferry_proto::validate::Limits::DEFAULT.regex_bytes as u32, value_parser = clap::value_parser!(u32).range(1024..=(ferry_proto::validate::Limits::CEILING.regex_bytes as i64)), value_name = "BYTES")]
+    pub max_regex_bytes: u32,
+
+    /// Services one sidecar may subscribe to.
+    #[arg(long, env = "FERRY_MAX_SUBSCRIPTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000), value_name = "N")]
+    pub max_subscriptions: u32,
+
+    /// Concurrent gRPC streams on one connection.
+    #[arg(long, env = "FERRY_MAX_STREAMS_PER_CONNECTION", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=10_000), value_name = "N")]
+    pub max_streams_per_connection: u32,
+
+    /// Bytes of error text kept from one NACK; the rest is cut.
+    #[arg(long, env = "FERRY_MAX_NACK_BYTES", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(64..=(1 << 20)), value_name = "BYTES")]
+    pub max_nack_bytes: u32,
+
+    /// The largest push (encoded) sent to a sidecar; a change that would make a service's
+    /// push larger is refused. Sidecars accept up to 64 MiB.
+    #[arg(long, env = "FERRY_MAX_PUSH_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u32).range((64 << 10)..=(64 << 20)), value_name = "BYTES")]
+    pub max_push_bytes: u32,
+
+    /// Connections each API listener (gRPC, HTTP) holds open at once.
+    #[arg(long, env = "FERRY_MAX_CONNECTIONS", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..=1_000_000), value_name = "N")]
+    pub max_connections: u32,
+
+    /// How long a new API connection may take to finish its TLS handshake, and an HTTP client
+    /// to send a request's headers.
+    #[arg(long, env = "FERRY_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub handshake_timeout: Duration,
+}
+
+impl LimitsConfig {
+    /// The limits resources are validated within.
+    pub fn resources(&self) -> ferry_proto::validate::Limits {
+        ferry_proto::validate::Limits {
+            header_rules: self.max_header_rules as usize,
+            regexes: self.max_regexes as usize,
+            regex_bytes: self.max_regex_bytes as usize,
+        }
+    }
+}
+
+fn parse_trust_domain(s: &str) -> Result<String, String> {
+    ferry_tls::identity::check_trust_domain(s)?;
+    Ok(s.to_owned())
+}
+
+fn parse_cert_ttl(s: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
+    if ttl < Duration::from_secs(10) || ttl > Duration::from_secs(365 * 24 * 3600) {
+        return Err(format!("{s:?} must be 10s to 365 days"));
+    }
+    Ok(ttl)
 }

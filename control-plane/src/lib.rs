@@ -7,12 +7,15 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
+pub mod ca;
 pub mod checks;
 pub mod config;
 pub mod ctl;
 pub mod discovery;
 pub mod dns;
 pub mod index;
+pub mod listener;
 pub mod metrics;
 pub mod registry;
 pub mod resources;

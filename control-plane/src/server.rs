@@ -1,12 +1,25 @@
-//! Wires the registry, the push engine and the APIs to their listeners, and runs them until
-//! shutdown.
+//! Wires the registry, the CA, the tokens, the push engine and the APIs to their listeners, and
+//! runs them until shutdown.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use anyhow::Context;
-use ferry_proto::v1::{config_server::ConfigServer, discovery_server::DiscoveryServer, registry_server::RegistryServer};
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use ferry_proto::v1::{
+    ca_server::CaServer, config_server::ConfigServer, discovery_server::DiscoveryServer, identity_server::IdentityServer,
+    registry_server::RegistryServer, tokens_server::TokensServer,
+};
+use futures::StreamExt;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
+    service::TowerToHyperService,
+};
+use tokio::{net::TcpListener, sync::mpsc};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use ferry_health::RunnerOptions;
@@ -16,16 +29,20 @@ use crate::{
         config::ConfigService,
         grpc::RegistryService,
         http::{self, HttpState},
+        security::{self, SecurityService},
     },
+    auth::{Auth, AuthLayer, Tokens},
+    ca::{API_CERT_LIFETIME, Authority, CaConfig, CaError},
     checks::HealthChecks,
-    config::Config,
+    config::{AuthMode, Config, Switch},
     discovery::{DiscoveryService, SessionConfig, Sidecars},
     dns::RegistryDirectory,
     index::Indexes,
+    listener::{self, Api, ApiCert, ApiStream},
     metrics::Metrics,
     registry::{Registry, RegistryConfig},
     resources::Resources,
-    store,
+    store::{self, StoreKind},
 };
 
 /// A running control plane.
@@ -34,6 +51,7 @@ pub struct ControlPlane {
     pub http_addr: SocketAddr,
     pub dns_addr: SocketAddr,
     pub registry: Arc<Registry>,
+    pub authority: Arc<Authority>,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -44,15 +62,42 @@ impl ControlPlane {
         let store = store::open(&config.store, &config.data_dir)?;
         let mut prometheus = prometheus_client::registry::Registry::default();
         let metrics = Metrics::new(&mut prometheus);
-        let registry_config = RegistryConfig { reconnect_grace: config.reconnect_grace, ..Default::default() };
+        let limits = &config.limits;
+        let registry_config = RegistryConfig {
+            reconnect_grace: config.reconnect_grace,
+            max_instances_per_service: limits.max_instances_per_service as usize,
+            max_metadata_bytes: limits.max_metadata_bytes as usize,
+            max_checks: limits.max_checks as usize,
+            max_push_bytes: limits.max_push_bytes as usize,
+            ..Default::default()
+        };
         let description = store.describe();
         let indexes = Arc::new(Indexes::default());
         let registry = Registry::open(store.clone(), registry_config, metrics.registry.clone(), indexes.clone())
             .await
             .with_context(|| format!("loading the registry from {description}"))?;
-        let resources = Resources::open(store, indexes, Duration::from_secs(5))
+        let resources = Resources::open(store.clone(), indexes, Duration::from_secs(5), limits.resources())
             .await
             .with_context(|| format!("loading routes and policies from {description}"))?;
+        let ca_config = CaConfig {
+            trust_domain: config.trust_domain.clone(),
+            cert_ttl: config.cert_ttl,
+            operator: config.ca_cert.clone().zip(config.ca_key.clone()),
+            data_dir: config.data_dir.clone(),
+            key_files: config.store == StoreKind::Redb,
+        };
+        let authority = Authority::open(ca_config, store.clone()).await.map_err(|error| match error {
+            CaError::Config(why) => anyhow::Error::new(ferry_runtime::UsageError(why)),
+            other => anyhow::Error::new(other).context("opening the certificate authority"),
+        })?;
+        let tokens = Tokens::open(store).await.with_context(|| format!("loading the API tokens from {description}"))?;
+        match config.auth {
+            AuthMode::Token => tokens.bootstrap(&config.data_dir, config.bootstrap_token.as_deref()).await?,
+            AuthMode::None => tracing::warn!(
+                "--auth none: every API call is allowed without a token; for development only (workload certificates and mTLS stay on)"
+            ),
+        }
+        let auth = Auth { tokens: tokens.clone(), required: config.auth == AuthMode::Token };
 
         let grpc_listener = listen(config.grpc).with_context(|| format!("binding --grpc {}", config.grpc))?;
         let http_listener = listen(config.http).with_context(|| format!("binding --http {}", config.http))?;
@@ -62,12 +107,40 @@ impl ControlPlane {
         let http_addr = http_listener.local_addr()?;
 
         let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let (grpc_tls, http_tls) = match config.api_tls {
+            Switch::On => {
+                let names = api_names(config, &[grpc_addr, http_addr]);
+                let (chain, key, not_after) = authority.api_certificate(&names)?;
+                let cert = Arc::new(ApiCert::new(ApiCert::certified(&chain, &key)?));
+                tasks.push(tokio::spawn(renew_api_certificate(authority.clone(), cert.clone(), names, not_after, shutdown.clone())));
+                let grpc = listener::tls_config(cert.clone(), &[ferry_tls::mesh::ALPN_H2])?;
+                let http = listener::tls_config(cert, &[ferry_tls::mesh::ALPN_H2, ferry_tls::mesh::ALPN_HTTP1])?;
+                (Some(grpc), Some(http))
+            }
+            Switch::Off => {
+                tracing::warn!("--api-tls off: the API listeners speak plaintext; tokens cross the network in the clear");
+                (None, None)
+            }
+        };
+        let listener_limits = listener::Limits {
+            max_connections: limits.max_connections as usize,
+            handshake_timeout: limits.handshake_timeout,
+            header_read_timeout: limits.handshake_timeout,
+        };
+
         let sidecars = Arc::new(Sidecars::default());
-        let session_config = SessionConfig { max_delay: config.push_max_delay, ..Default::default() };
+        let session_config = SessionConfig {
+            max_delay: config.push_max_delay,
+            max_subscriptions: limits.max_subscriptions as usize,
+            max_nack_bytes: limits.max_nack_bytes as usize,
+        };
         let discovery = DiscoveryService::new(
             registry.clone(),
             resources.clone(),
             sidecars.clone(),
+            authority.clone(),
+            tokens.clone(),
             session_config,
             metrics.push.clone(),
             shutdown.clone(),
@@ -76,9 +149,11 @@ impl ControlPlane {
             registry.clone(),
             RunnerOptions { stagger: true, scripts_allowed: config.enable_script_checks, ..RunnerOptions::default() },
             metrics.health.clone(),
+            config.allow_check_targets.clone(),
         );
         checks.sync_all();
         let registry_api = RegistryService::new(registry.clone(), checks.clone(), shutdown.clone());
+        let security = SecurityService { authority: authority.clone(), tokens: tokens.clone(), sidecars: sidecars.clone() };
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<RegistryServer<RegistryService>>().await;
@@ -93,39 +168,71 @@ impl ControlPlane {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
 
+        let grpc_incoming = listener::accept(Api::Grpc, grpc_listener, grpc_tls, listener_limits, shutdown.clone());
         let grpc = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .max_concurrent_streams(Some(limits.max_streams_per_connection))
+            .layer(AuthLayer::new(auth.clone()))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(RegistryServer::new(registry_api))
             .add_service(DiscoveryServer::new(discovery))
-            .add_service(ConfigServer::new(ConfigService::new(resources.clone())))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown.clone().cancelled_owned());
-        let http_router = http::router(HttpState {
-            registry: registry.clone(),
-            checks,
-            sidecars,
-            metrics: Arc::new(prometheus),
-            shutdown: shutdown.clone(),
-            blocking: Arc::new(tokio::sync::Semaphore::new(http::MAX_BLOCKING_QUERIES)),
-            resources: resources.clone(),
-        });
-        let http = axum::serve(http_listener, http_router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+            .add_service(ConfigServer::new(ConfigService::new(resources.clone(), sidecars.clone())))
+            .add_service(IdentityServer::new(security.clone()))
+            .add_service(CaServer::new(security.clone()))
+            .add_service(TokensServer::new(security.clone()))
+            .serve_with_incoming_shutdown(
+                ReceiverStream::new(grpc_incoming).map(Ok::<_, std::io::Error>),
+                shutdown.clone().cancelled_owned(),
+            );
+        let http_router = http::router(
+            HttpState {
+                registry: registry.clone(),
+                checks,
+                sidecars: sidecars.clone(),
+                metrics: Arc::new(prometheus),
+                shutdown: shutdown.clone(),
+                blocking: Arc::new(tokio::sync::Semaphore::new(http::MAX_BLOCKING_QUERIES)),
+                resources: resources.clone(),
+                authority: authority.clone(),
+            },
+            security,
+            auth,
+        );
+        let http_incoming = listener::accept(Api::Http, http_listener, http_tls, listener_limits, shutdown.clone());
+        let http = serve_http(http_incoming, http_router, listener_limits, shutdown.clone());
 
         let dns_config = ferry_dns::DnsConfig { ttl: config.dns_ttl, negative_ttl: config.dns_ttl };
         let dns =
             ferry_dns::serve(dns_udp, dns_tcp, Arc::new(RegistryDirectory::new(registry.clone())), dns_config, shutdown.clone());
 
-        let tasks = vec![
-            tokio::spawn(async move { grpc.await.context("gRPC server") }),
-            tokio::spawn(async move { http.await.context("HTTP server") }),
-            tokio::spawn(async move { dns.await.context("DNS server") }),
-        ];
-        tracing::info!(grpc = %grpc_addr, http = %http_addr, dns = %dns_addr, store = %description, "listening");
-        Ok(Self { grpc_addr, http_addr, dns_addr, registry, shutdown, tasks })
+        tasks.push(tokio::spawn(async move { grpc.await.context("gRPC server") }));
+        tasks.push(tokio::spawn(async move {
+            http.await;
+            Ok(())
+        }));
+        tasks.push(tokio::spawn(async move { dns.await.context("DNS server") }));
+        let (ca, sc, down) = (authority.clone(), sidecars, shutdown.clone());
+        tasks.push(tokio::spawn(async move {
+            security::supervise_rotation(ca, sc, down).await;
+            Ok(())
+        }));
+        let scheme = if config.api_tls == Switch::On { "https" } else { "http" };
+        tracing::info!(
+            grpc = %grpc_addr,
+            http = %http_addr,
+            dns = %dns_addr,
+            store = %description,
+            api = scheme,
+            auth = ?config.auth,
+            trust_domain = %config.trust_domain,
+            ca = %config.data_dir.join("ca.pem").display(),
+            "listening"
+        );
+        Ok(Self { grpc_addr, http_addr, dns_addr, registry, authority, shutdown, tasks })
     }
 
     /// Stops accepting, ends every stream, waits for the servers and flushes the store.
@@ -148,6 +255,112 @@ impl ControlPlane {
             Err(error) => error.into(),
         }
     }
+}
+
+/// The names the API certificate covers: `--advertise-name`, or the host name, localhost, the
+/// loopback addresses and the addresses the listeners answer on.
+fn api_names(config: &Config, bound: &[SocketAddr]) -> Vec<String> {
+    if !config.advertise_names.is_empty() {
+        return config.advertise_names.clone();
+    }
+    let mut names = Vec::new();
+    if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let host = host.trim().to_ascii_lowercase();
+        if ferry_proto::validate::address("host", &host).is_ok() && !host.is_empty() {
+            names.push(host);
+        }
+    }
+    names.extend(["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()]);
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for addr in bound {
+        if addr.ip().is_unspecified() {
+            ips.extend(if_addrs::get_if_addrs().unwrap_or_default().into_iter().map(|i| i.ip()));
+        } else {
+            ips.push(addr.ip());
+        }
+    }
+    for ip in ips {
+        let ip = ip.to_string();
+        if !names.contains(&ip) {
+            names.push(ip);
+        }
+    }
+    names
+}
+
+/// Renews the API certificate at 70 % of its life, and whenever the CA's issuer changes (so a
+/// client trusting only the new root after a rotation still verifies it).
+async fn renew_api_certificate(
+    authority: Arc<Authority>,
+    cert: Arc<ApiCert>,
+    names: Vec<String>,
+    mut not_after: SystemTime,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut bundle = authority.watch();
+    let mut issuer = bundle.borrow_and_update().issuer_pem.clone();
+    loop {
+        let left = not_after.duration_since(SystemTime::now()).unwrap_or_default();
+        let renew_in = left.saturating_sub(API_CERT_LIFETIME.min(left + Duration::from_secs(1)) * 3 / 10);
+        tokio::select! {
+            () = tokio::time::sleep(renew_in) => {}
+            changed = bundle.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let now = bundle.borrow_and_update().issuer_pem.clone();
+                if now == issuer {
+                    continue;
+                }
+                issuer = now;
+            }
+            () = shutdown.cancelled() => return Ok(()),
+        }
+        match authority.api_certificate(&names).and_then(|(chain, key, end)| {
+            ApiCert::certified(&chain, &key).map(|k| (k, end)).map_err(|e| CaError::Config(e.to_string()))
+        }) {
+            Ok((key, end)) => {
+                cert.set(key);
+                not_after = end;
+                tracing::info!("renewed the API certificate");
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot renew the API certificate; retrying in a minute");
+                not_after = SystemTime::now() + Duration::from_secs(60) + API_CERT_LIFETIME * 3 / 10;
+            }
+        }
+    }
+}
+
+/// Serves the HTTP API on the connections `incoming` yields until `shutdown`, then gives open
+/// requests a few seconds.
+async fn serve_http(
+    mut incoming: mpsc::Receiver<ApiStream>,
+    router: axum::Router,
+    limits: listener::Limits,
+    shutdown: CancellationToken,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    builder.http2().timer(TokioTimer::new()).keep_alive_interval(Duration::from_secs(20)).max_concurrent_streams(256);
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            stream = incoming.recv() => {
+                let Some(stream) = stream else { break };
+                let service = TowerToHyperService::new(router.clone());
+                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(%error, "HTTP API connection ended with an error");
+                    }
+                });
+            }
+            () = shutdown.cancelled() => break,
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
 }
 
 /// Runs a control plane until SIGINT or SIGTERM.

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::Health;
 
 /// The longest output kept per check.
-pub const MAX_OUTPUT: usize = 1024;
+pub const MAX_OUTPUT: usize = 256;
 
 /// What one check has concluded so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,10 +90,10 @@ impl CheckState {
     }
 }
 
-/// `output` cut to [`MAX_OUTPUT`] bytes (on a character boundary), marked when cut.
+/// `output` cut to at most [`MAX_OUTPUT`] bytes (on a character boundary), marked when cut.
 pub fn truncate(mut output: String) -> String {
     if output.len() > MAX_OUTPUT {
-        let mut end = MAX_OUTPUT;
+        let mut end = MAX_OUTPUT - '…'.len_utf8();
         while !output.is_char_boundary(end) {
             end -= 1;
         }
@@ -205,7 +205,7 @@ mod tests {
     fn outputs_are_truncated() {
         let mut state = CheckState::new();
         state.record(Health::Passing, "x".repeat(5000), 1, 1);
-        assert!(state.output.len() <= MAX_OUTPUT + '…'.len_utf8());
+        assert!(state.output.len() <= MAX_OUTPUT);
     }
 
     #[test]

@@ -184,16 +184,21 @@ fn culprit<T: DeserializeOwned>(value: &Value, wrap: &dyn Fn(Value) -> Value, pa
 pub const ROUTE: &str = "Route";
 /// The `kind:` of a ServicePolicy.
 pub const POLICY: &str = "ServicePolicy";
+/// The `kind:` of an AuthorizationPolicy.
+pub const AUTHORIZATION: &str = "AuthorizationPolicy";
 
-/// A resource from one document: an object with `kind: Route` or `kind: ServicePolicy` and the
-/// fields of that message.
+/// A resource from one document: an object with `kind: Route`, `kind: ServicePolicy` or `kind:
+/// AuthorizationPolicy` and the fields of that message.
 pub fn resource_from_value(mut value: Value) -> Result<v1::Resource, FieldError> {
     let Value::Object(members) = &mut value else { return Err(FieldError::new("", "a resource is an object with a kind")) };
-    let kind = members.shift_remove("kind").ok_or_else(|| FieldError::new("kind", format!("required: {ROUTE} or {POLICY}")))?;
+    let kind = members
+        .shift_remove("kind")
+        .ok_or_else(|| FieldError::new("kind", format!("required: {ROUTE}, {POLICY} or {AUTHORIZATION}")))?;
     let kind = match kind.as_str() {
         Some(ROUTE) => v1::resource::Kind::Route(decode("ferry.v1.Route", value)?),
         Some(POLICY) => v1::resource::Kind::Policy(decode("ferry.v1.ServicePolicy", subsets_shorthand(value))?),
-        _ => return Err(FieldError::new("kind", format!("{kind} is not {ROUTE} or {POLICY}"))),
+        Some(AUTHORIZATION) => v1::resource::Kind::Authorization(decode("ferry.v1.AuthorizationPolicy", value)?),
+        _ => return Err(FieldError::new("kind", format!("{kind} is not {ROUTE}, {POLICY} or {AUTHORIZATION}"))),
     };
     Ok(v1::Resource { kind: Some(kind) })
 }
@@ -222,8 +227,12 @@ pub fn resources_from_yaml(text: &str) -> Result<Vec<v1::Resource>, FieldError> 
 }
 
 /// The same, each resource with the index of its document (empty documents are skipped).
+///
+/// Aliases (`*name`) are refused before anything is built: resources never need them, and a
+/// few kilobytes of nested aliases expand to gigabytes (the "billion laughs").
 pub fn documents_from_yaml(text: &str) -> Result<Vec<(usize, v1::Resource)>, FieldError> {
     use serde::Deserialize;
+    refuse_aliases(text)?;
     let mut resources = Vec::new();
     for (i, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let at = format!("documents[{i}]");
@@ -236,6 +245,38 @@ pub fn documents_from_yaml(text: &str) -> Result<Vec<(usize, v1::Resource)>, Fie
         resources.push((i, resource));
     }
     Ok(resources)
+}
+
+/// Refuses YAML that uses an alias, naming the document and line, by reading the text as a
+/// stream of parser events: no value is built, so the cost is linear in the text.
+pub fn refuse_aliases(text: &str) -> Result<(), FieldError> {
+    use yaml_rust2::parser::{Event, Parser};
+    let mut parser = Parser::new_from_str(text);
+    let mut document = 0usize;
+    let mut started = false;
+    loop {
+        // A syntax error is left for the full parse, which describes it better.
+        let Ok((event, mark)) = parser.next_token() else { return Ok(()) };
+        match event {
+            Event::StreamEnd => return Ok(()),
+            Event::DocumentStart => {
+                if started {
+                    document += 1;
+                }
+                started = true;
+            }
+            Event::Alias(_) => {
+                return Err(FieldError::new(
+                    format!("documents[{document}]"),
+                    format!(
+                        "line {}: YAML aliases (*name) are not accepted; write the value out in full",
+                        mark.line()
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Renames the item an apply error names (`items[1].resource.rules[0]...`) after the YAML
@@ -253,6 +294,7 @@ pub fn resource_to_value(resource: &v1::Resource) -> Value {
     let (kind, body) = match &resource.kind {
         Some(v1::resource::Kind::Route(route)) => (ROUTE, serde_json::to_value(route)),
         Some(v1::resource::Kind::Policy(policy)) => (POLICY, serde_json::to_value(policy)),
+        Some(v1::resource::Kind::Authorization(policy)) => (AUTHORIZATION, serde_json::to_value(policy)),
         None => return Value::Null,
     };
     let mut object = serde_json::Map::new();
@@ -342,6 +384,33 @@ mod tests {
         let text = resource_to_yaml(&resources[1]);
         assert!(text.starts_with("kind: Route\n"), "{text}");
         assert_eq!(resources_from_yaml(&text).expect("parses again"), vec![resources[1].clone()]);
+    }
+
+    #[test]
+    fn aliases_are_refused_before_they_expand() {
+        // The "billion laughs": nine levels of nine aliases each, ~50 KB once padded.
+        let mut text = String::from("kind: Route\nservice: catalog\na0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+        for i in 1..110 {
+            let refs = vec![format!("*a{}", i - 1); 100].join(",");
+            text.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+        }
+        assert!(text.len() > 50_000);
+        let started = std::time::Instant::now();
+        let error = resources_from_yaml(&text).expect_err("aliases");
+        assert_eq!(error.field, "documents[0]");
+        assert!(error.reason.contains("line 4: YAML aliases"), "{error}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1), "refused in {:?}", started.elapsed());
+        let second = "kind: Route\nservice: a\n---\nkind: Route\nservice: &s b\nrules: []\nx: *s\n";
+        assert_eq!(resources_from_yaml(second).expect_err("alias").field, "documents[1]");
+    }
+
+    #[test]
+    fn authorization_policies_round_trip() {
+        let yaml = "kind: AuthorizationPolicy\nservice: catalog\ndefault: deny\nrules:\n- from:\n  - frontend\n  match:\n    path_prefix: /items\n    method: GET\n  action: allow\n";
+        let resources = resources_from_yaml(yaml).expect("parses");
+        let text = resource_to_yaml(&resources[0]);
+        assert!(text.starts_with("kind: AuthorizationPolicy\n"), "{text}");
+        assert_eq!(resources_from_yaml(&text).expect("parses again"), resources);
     }
 
     #[test]

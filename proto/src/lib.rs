@@ -6,7 +6,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod authz;
 pub mod json;
+pub mod matching;
 pub mod validate;
 
 /// Generated code of the `ferry.v1` package.

@@ -24,6 +24,7 @@ use crate::{
     catalog::{Catalog, ServiceState},
     control::{ConfigSource, ControlStatus},
     health::AppHealth,
+    mesh::Mesh,
     metrics::Metrics,
     outbound::Outbound,
 };
@@ -52,6 +53,8 @@ pub struct AdminState {
     pub sidecar_metrics: Metrics,
     /// The state file of `--state-dir`, if any.
     pub state_file: Option<PathBuf>,
+    /// The sidecar's trust: certificate, bundle, authorization policy.
+    pub mesh: Mesh,
 }
 
 /// The admin router.
@@ -78,7 +81,18 @@ impl AdminState {
         // Restored from --state-dir: serve on it until the control plane is back.
         let from_state_dir = matches!(control.config_source, ConfigSource::StateDir { .. });
         if control.last_contact.is_none() && !from_state_dir {
-            reasons.push(format!("no config from the control plane at {} yet", self.control_plane));
+            let why = control.last_error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default();
+            reasons.push(format!("no config from the control plane at {} yet{why}", self.control_plane));
+        } else if !control.connected
+            && self.has_app
+            && control.registered.is_none()
+            && let Some(error) = &control.last_error
+        {
+            // Say why the control plane refuses the sidecar (a token for another service, say).
+            reasons.push(format!("the control plane refused the stream: {error}"));
+        }
+        if let Some(why) = self.mesh.not_ready() {
+            reasons.push(why);
         }
         if self.has_app && control.registered.is_none() && !from_state_dir {
             reasons.push("the app's instance is not registered yet".to_owned());
@@ -136,6 +150,8 @@ async fn config(State(state): State<AdminState>) -> Json<Value> {
                         "region": e.region,
                         "zone": e.zone,
                         "weight": e.weight,
+                        "mtls": e.identity.is_some(),
+                        "identity": e.identity.as_deref(),
                     })).collect::<Vec<_>>(),
                 }),
             };
@@ -165,8 +181,33 @@ async fn config(State(state): State<AdminState>) -> Json<Value> {
             "pushes_rejected": control.pushes_rejected,
             "last_rejection": control.last_rejection,
         },
+        "identity": identity(&state.mesh),
         "services": services,
     }))
+}
+
+/// The sidecar's trust as `/config` shows it: never the key.
+fn identity(mesh: &Mesh) -> Value {
+    let issued = mesh.identity();
+    let renewal = mesh.renewal();
+    let time = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    let bundle = mesh.bundle();
+    let authorization = mesh.authorization_update();
+    json!({
+        "mtls": mesh.mode().as_str(),
+        "identity": issued.as_ref().map(|i| i.identity.to_string()),
+        "serial": issued.as_ref().map(|i| i.serial.clone()),
+        "not_before": issued.as_ref().map(|i| time(i.not_before)),
+        "not_after": issued.as_ref().map(|i| time(i.not_after)),
+        "expired": issued.as_ref().map(|i| i.expired(SystemTime::now())),
+        "renewal_due": renewal.due.map(time),
+        "renewals": renewal.renewals,
+        "last_renewal_error": renewal.last_error,
+        "trust_domain": bundle.as_ref().map(|b| b.trust_domain.clone()),
+        "trust_bundle_version": bundle.as_ref().map(|b| b.version),
+        "roots": bundle.as_ref().map(|b| ferry_tls::pem::certificates(&b.roots_pem).map_or(0, |r| r.len())),
+        "authorization": authorization.map(|a| json!({ "version": a.version, "policy": a.policy })),
+    })
 }
 
 /// `GET /explain?service=S&path=P[&method=M][&header=K:V...][&host=H]`: how this sidecar would

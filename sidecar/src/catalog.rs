@@ -52,6 +52,8 @@ pub struct Endpoint {
     pub region: String,
     pub zone: String,
     pub weight: u32,
+    /// The identity its sidecar proves with mTLS; `None` for an endpoint reached in plaintext.
+    pub identity: Option<Arc<str>>,
 }
 
 /// Too many services were asked for; a bound against unbounded on-demand subscriptions.
@@ -107,6 +109,7 @@ impl From<&Endpoint> for v1::Endpoint {
             region: endpoint.region.clone(),
             zone: endpoint.zone.clone(),
             weight: endpoint.weight,
+            identity: endpoint.identity.as_deref().unwrap_or_default().to_owned(),
         }
     }
 }
@@ -125,6 +128,13 @@ impl TryFrom<&v1::Endpoint> for Endpoint {
             region: endpoint.region.clone(),
             zone: endpoint.zone.clone(),
             weight: if endpoint.weight == 0 { validate::DEFAULT_WEIGHT } else { endpoint.weight },
+            identity: match endpoint.identity.as_str() {
+                "" => None,
+                identity => {
+                    ferry_tls::Identity::parse(identity).map_err(|e| validate::FieldError::new("identity", e.to_string()))?;
+                    Some(Arc::from(identity))
+                }
+            },
         })
     }
 }
@@ -384,7 +394,7 @@ mod tests {
     }
 
     fn push(resources: Vec<v1::ServiceResources>) -> v1::Push {
-        v1::Push { nonce: "1".into(), resources }
+        v1::Push { nonce: "1".into(), resources, ..Default::default() }
     }
 
     fn known(catalog: &Catalog, service: &str) -> Arc<ServiceConfig> {

@@ -33,9 +33,37 @@ pub struct Config {
     #[arg(long, env = "FERRY_APP", value_parser = parse_host_port, value_name = "ADDR")]
     pub app: Option<HostPort>,
 
-    /// The control plane's gRPC URL.
-    #[arg(long, env = "FERRY_CONTROL_PLANE", default_value = "http://127.0.0.1:7070", value_parser = parse_url, value_name = "URL")]
+    /// The control plane's gRPC URL (`http://` for one started with --api-tls off).
+    #[arg(long, env = "FERRY_CONTROL_PLANE", default_value = "https://127.0.0.1:7070", value_parser = parse_url, value_name = "URL")]
     pub control_plane: String,
+
+    /// The roots that verify the control plane's certificate: the ca.pem it writes in its data
+    /// directory. Needed for an https:// control plane.
+    #[arg(long, env = "FERRY_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// A file holding this sidecar's API token (a sidecar token for --service); the token may
+    /// also come in FERRY_TOKEN.
+    #[arg(long, env = "FERRY_TOKEN_FILE", value_name = "PATH", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+
+    /// The API token itself; prefer --token-file or FERRY_TOKEN, since a command line is
+    /// visible to every user of the host.
+    #[arg(long, env = "FERRY_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    pub token: Option<String>,
+
+    /// How the inbound listener takes connections: strict (mTLS from a mesh identity only),
+    /// permissive (mTLS, and plaintext too) or off (plaintext only; callers reach it without TLS).
+    #[arg(long, env = "FERRY_MTLS", value_enum, default_value_t = crate::mesh::MtlsMode::Strict)]
+    pub mtls: crate::mesh::MtlsMode,
+
+    /// Inbound connections open at once; past it, new ones wait in the backlog.
+    #[arg(long, env = "FERRY_MAX_INBOUND_CONNECTIONS", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..=1_000_000), value_name = "N")]
+    pub max_inbound_connections: u32,
+
+    /// How long a new inbound connection may take to finish its TLS handshake.
+    #[arg(long, env = "FERRY_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub handshake_timeout: Duration,
 
     /// Where the app sends its outbound HTTP (as a proxy, or with the service in Host).
     #[arg(long, env = "FERRY_OUTBOUND", default_value = "127.0.0.1:15001", value_parser = ferry_runtime::parse_listen_addr, value_name = "ADDR")]
@@ -166,6 +194,38 @@ pub enum UpstreamProtocol {
 }
 
 impl Config {
+    /// The API token, from --token-file, --token or FERRY_TOKEN.
+    pub fn token(&self) -> Result<Option<String>, ferry_runtime::UsageError> {
+        if let Some(path) = &self.token_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ferry_runtime::UsageError(format!("--token-file {}: {e}", path.display())))?;
+            let token = text.trim();
+            if token.is_empty() {
+                return Err(ferry_runtime::UsageError(format!("--token-file {}: the file is empty", path.display())));
+            }
+            return Ok(Some(token.to_owned()));
+        }
+        Ok(self.token.as_deref().map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned))
+    }
+
+    /// The roots of --ca-file, required for an https:// control plane.
+    pub fn ca_pem(&self) -> Result<Option<String>, ferry_runtime::UsageError> {
+        match &self.ca_file {
+            Some(path) => {
+                let pem = std::fs::read_to_string(path)
+                    .map_err(|e| ferry_runtime::UsageError(format!("--ca-file {}: {e}", path.display())))?;
+                ferry_tls::pem::certificates(&pem)
+                    .map_err(|e| ferry_runtime::UsageError(format!("--ca-file {}: {e}", path.display())))?;
+                Ok(Some(pem))
+            }
+            None if self.control_plane.starts_with("https://") => Err(ferry_runtime::UsageError(format!(
+                "--ca-file: needed to verify {} (the ca.pem in the control plane's data directory), or use http:// for a control plane with --api-tls off",
+                self.control_plane
+            ))),
+            None => Ok(None),
+        }
+    }
+
     /// The instance's metadata labels.
     pub fn metadata_map(&self) -> BTreeMap<String, String> {
         self.metadata.iter().cloned().collect()

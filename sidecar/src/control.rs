@@ -5,6 +5,11 @@
 //! and ACKs or NACKs each by nonce. When the control plane is unreachable or goes away, the
 //! catalog keeps serving the last good config and the client reconnects with jittered
 //! exponential backoff. On shutdown it says goodbye, so the instance is removed at once.
+//!
+//! The stream runs over TLS, verified with `--ca-file` and the trust bundle last pushed (so a
+//! CA rotation needs no new file), and carries the sidecar's token. Pushes also carry the trust
+//! bundle and the authorization policy of the sidecar's own service; everything in a push is
+//! checked before any of it is applied.
 
 use std::{
     collections::HashSet,
@@ -13,14 +18,15 @@ use std::{
 };
 
 use ferry_proto::v1::{self, control_message, discovery_client::DiscoveryClient, sidecar_message};
+use ferry_tls::{Trust, api::Access};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 
 use crate::{
-    catalog::Catalog,
+    catalog::{Catalog, Rejection},
     health::{HealthWatch, Urgency},
+    mesh::{self, Mesh},
     metrics::{Metrics, ResultLabels},
 };
 
@@ -33,10 +39,38 @@ const MAX_PUSH_BYTES: usize = 64 << 20;
 /// How long the control plane may take to answer Hello.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How to reach the control plane's API: its URL, the roots that verify it (`--ca-file` and
+/// the trust bundle in force), and the token.
+#[derive(Clone)]
+pub struct ControlAccess {
+    pub url: String,
+    pub ca_pem: Option<String>,
+    pub token: Option<String>,
+    pub trust: Trust,
+}
+
+impl std::fmt::Debug for ControlAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token.
+        f.debug_struct("ControlAccess").field("url", &self.url).field("token", &self.token.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl ControlAccess {
+    /// The access as of now: the roots of `--ca-file` and of the bundle in force.
+    pub fn access(&self) -> Access {
+        let mut roots = self.ca_pem.clone().unwrap_or_default();
+        if let Some(bundle) = self.trust.current() {
+            roots.push_str(&bundle.roots_pem);
+        }
+        Access { url: self.url.clone(), ca_pem: (!roots.is_empty()).then_some(roots), token: self.token.clone() }
+    }
+}
+
 /// How to reach the control plane and what to tell it.
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
-    pub url: String,
+    pub access: ControlAccess,
     pub node_id: String,
     pub service: String,
     /// The app's instance; `None` for a sidecar without an app.
@@ -46,6 +80,8 @@ pub struct ControlConfig {
     pub connect_timeout: Duration,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// Whether the instance's inbound listener serves mTLS.
+    pub mtls: bool,
 }
 
 /// The stream's state, for `/ready`, `/config`, metrics and logs.
@@ -155,6 +191,7 @@ fn describe(status: &tonic::Status) -> String {
 pub async fn run(
     config: ControlConfig,
     catalog: Arc<Catalog>,
+    mesh: Mesh,
     status: Arc<ControlStatus>,
     metrics: Metrics,
     shutdown: CancellationToken,
@@ -162,7 +199,7 @@ pub async fn run(
     let mut failures = 0u32;
     loop {
         let mut welcomed = false;
-        let result = stream(&config, &catalog, &status, &metrics, &shutdown, &mut welcomed).await;
+        let result = stream(&config, &catalog, &mesh, &status, &metrics, &shutdown, &mut welcomed).await;
         status.update(|s| {
             // The stream was up until now.
             if s.connected {
@@ -179,7 +216,7 @@ pub async fn run(
                 }
                 failures = failures.saturating_add(1);
                 let delay = backoff(config.backoff_base, config.backoff_max, failures);
-                tracing::warn!(url = %config.url, %error, retry_in = ?delay, "control plane stream down; serving the last config");
+                tracing::warn!(url = %config.access.url, %error, retry_in = ?delay, "control plane stream down; serving the last config");
                 status.update(|s| s.last_error = Some(error.to_string()));
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
@@ -219,26 +256,56 @@ fn try_send(outbound: &mpsc::Sender<v1::SidecarMessage>, m: sidecar_message::Mes
     outbound.try_send(message(m)).map_err(|_| StreamError::Protocol("the outbound queue is full".into()))
 }
 
+/// Applies a push whole or not at all: the trust bundle and the authorization policy it
+/// carries are checked with its services before anything is put in force.
+fn apply(push: &v1::Push, catalog: &Catalog, mesh: &Mesh) -> Result<(), Rejection> {
+    let whole = |error: String| Rejection { error, services: Vec::new() };
+    let bundle = match &push.trust_bundle {
+        Some(bundle) => Some((bundle, mesh::check_bundle(bundle).map_err(|e| whole(format!("trust_bundle: {e}")))?)),
+        None => None,
+    };
+    let authorization = match &push.authorization {
+        Some(update) => Some((update, mesh::check_authorization(update).map_err(|e| whole(format!("authorization: {e}")))?)),
+        None => None,
+    };
+    catalog.apply(push)?;
+    if let Some((pushed, bundle)) = bundle {
+        mesh.set_bundle(pushed, bundle);
+    }
+    if let Some((update, compiled)) = authorization {
+        mesh.set_authorization(update, compiled);
+    }
+    Ok(())
+}
+
 async fn stream(
     config: &ControlConfig,
     catalog: &Catalog,
+    mesh: &Mesh,
     status: &ControlStatus,
     metrics: &Metrics,
     shutdown: &CancellationToken,
     welcomed: &mut bool,
 ) -> Result<(), StreamError> {
-    let endpoint = Endpoint::from_shared(config.url.clone())
-        .map_err(StreamError::Connect)?
+    let access = config.access.access();
+    let bearer = access.bearer().map_err(|e| StreamError::Protocol(e.to_string()))?;
+    let endpoint = access
+        .endpoint()
+        .map_err(|e| StreamError::Protocol(e.to_string()))?
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
     let channel = tokio::select! {
-        channel = endpoint.connect() => channel?,
+        channel = endpoint.connect() => channel.map_err(|error| match ferry_tls::api::hint(&access.url, &error) {
+            Some(hint) => StreamError::Protocol(format!("connecting: {}: {hint}", ferry_runtime::error_chain(&error))),
+            None => StreamError::Connect(error),
+        })?,
         () = shutdown.cancelled() => return Ok(()),
     };
     // A push carries whole services; tonic's 4 MiB default would cap a service near 50,000 endpoints.
+    let channel = tonic::service::interceptor::InterceptedService::new(channel, bearer);
     let mut client = DiscoveryClient::new(channel).max_decoding_message_size(MAX_PUSH_BYTES);
 
     let (outbound, rx) = mpsc::channel(64);
@@ -257,6 +324,7 @@ async fn stream(
         instance: config.instance.clone(),
         versions: catalog.versions(),
         build: env!("CARGO_PKG_VERSION").to_owned(),
+        mtls: config.mtls,
     };
     try_send(&outbound, sidecar_message::Message::Hello(hello))?;
     if !subscribed.is_empty() {
@@ -279,18 +347,13 @@ async fn stream(
     match first.and_then(|m| m.message) {
         Some(control_message::Message::Welcome(welcome)) => {
             *welcomed = true;
-            tracing::info!(url = %config.url, server = %welcome.server_id, instance = welcome.instance.as_ref().map_or("none", |i| i.id.as_str()), "connected to the control plane");
-            // With nothing subscribed, no push follows: the welcome is the whole config.
-            let nothing_to_push = catalog.subscriptions().is_empty();
+            tracing::info!(url = %config.access.url, server = %welcome.server_id, instance = welcome.instance.as_ref().map_or("none", |i| i.id.as_str()), "connected to the control plane");
             status.update(|s| {
                 s.connected = true;
                 s.registered = welcome.instance.or(s.registered.take());
                 s.server_id = welcome.server_id;
                 s.last_contact = Some(SystemTime::now());
                 s.last_error = None;
-                if nothing_to_push {
-                    s.config_source = ConfigSource::ControlPlane;
-                }
             });
             metrics.control_plane_connected.set(1);
         }
@@ -361,7 +424,7 @@ async fn stream(
                 };
                 status.update(|s| s.last_contact = Some(SystemTime::now()));
                 if let Some(control_message::Message::Push(push)) = received.message {
-                    let answer = match catalog.apply(&push) {
+                    let answer = match apply(&push, catalog, mesh) {
                         Ok(()) => {
                             metrics.config_updates.get_or_create(&ResultLabels { result: "applied" }).inc();
                             status.update(|s| {

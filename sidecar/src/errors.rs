@@ -99,6 +99,17 @@ pub struct Overloaded {
     pub max_pending: usize,
 }
 
+/// The destination's authorization policy refuses the caller.
+#[derive(Debug, thiserror::Error)]
+#[error("{caller} may not call {service}: {because} of its authorization policy (version {version})")]
+pub struct Forbidden {
+    /// The caller's identity (`spiffe://...`), or `an unauthenticated caller`.
+    pub caller: String,
+    pub service: Arc<str>,
+    pub because: String,
+    pub version: u64,
+}
+
 /// A request the proxy does not handle, such as CONNECT.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -117,6 +128,7 @@ const UNAVAILABLE: u8 = 14;
 const DEADLINE_EXCEEDED: u8 = 4;
 const UNIMPLEMENTED: u8 = 12;
 const INTERNAL: u8 = 13;
+const PERMISSION_DENIED: u8 = 7;
 
 /// The reason for `error`, from the first known error in its source chain.
 pub fn reason(error: &(dyn StdError + 'static)) -> Reason {
@@ -160,6 +172,9 @@ pub fn reason(error: &(dyn StdError + 'static)) -> Reason {
         }
         if error.is::<UpstreamError>() {
             return reason("upstream_reset", StatusCode::BAD_GATEWAY, UNAVAILABLE);
+        }
+        if error.is::<Forbidden>() {
+            return reason("forbidden", StatusCode::FORBIDDEN, PERMISSION_DENIED);
         }
         if error.is::<Unsupported>() {
             return reason("unsupported", StatusCode::NOT_IMPLEMENTED, UNIMPLEMENTED);

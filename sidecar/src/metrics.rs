@@ -41,6 +41,13 @@ pub struct Metrics {
     pub retries_refused: Family<DestinationLabels, Counter>,
     pub requests_shed: Family<DestinationLabels, Counter>,
     pub requests_in_flight: Family<DestinationLabels, Gauge>,
+    /// When the workload certificate in force expires, in seconds since the epoch.
+    pub identity_expiration: Gauge<f64, AtomicU64>,
+    /// Authorization decisions of the inbound listener.
+    pub inbound_authz: Family<AuthzLabels, Counter>,
+    /// Inbound connections refused before any request: plaintext to a strict listener, a failed
+    /// handshake, a handshake that took too long.
+    pub inbound_refused: Family<ReasonLabels, Counter>,
     /// Tells these metrics from others in the same process, for [`HANDLES`].
     id: u64,
 }
@@ -127,6 +134,22 @@ pub struct DestinationLabels {
 #[derive(Clone, Debug)]
 pub struct RouteLabel(pub Arc<str>);
 
+/// One authorization decision.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    pub service: Arc<str>,
+    /// The calling service, from its verified identity; `unauthenticated` for plaintext.
+    pub caller: Arc<str>,
+}
+
+/// Why something was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
 /// One kind of listener.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
@@ -159,6 +182,9 @@ impl Metrics {
             retries_refused: Family::default(),
             requests_shed: Family::default(),
             requests_in_flight: Family::default(),
+            identity_expiration: Gauge::default(),
+            inbound_authz: Family::default(),
+            inbound_refused: Family::default(),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         };
         metrics.balance.register(registry);
@@ -225,6 +251,21 @@ impl Metrics {
             "requests_in_flight",
             "Outbound requests holding a slot of the destination's circuit breaker: dispatched, body not ended",
             metrics.requests_in_flight.clone(),
+        );
+        registry.register(
+            "identity_cert_expiration_timestamp_seconds",
+            "When the sidecar's workload certificate expires (Unix time); 0 before the first",
+            metrics.identity_expiration.clone(),
+        );
+        registry.register(
+            "inbound_authz",
+            "Authorization decisions on inbound requests and connections, by decision, service and calling service",
+            metrics.inbound_authz.clone(),
+        );
+        registry.register(
+            "inbound_refused",
+            "Inbound connections refused before any request, by reason: plaintext (strict mTLS), handshake, timeout",
+            metrics.inbound_refused.clone(),
         );
         metrics
     }

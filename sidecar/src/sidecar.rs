@@ -16,14 +16,16 @@ use crate::{
     admin::{self, AdminState},
     catalog::Catalog,
     config::{Config, UpstreamProtocol},
-    control::{self, ControlConfig, ControlStatus},
+    control::{self, ControlAccess, ControlConfig, ControlStatus},
     dns::CatalogDirectory,
     health::AppHealth,
     http::{
         self,
         client::{Client, ClientConfig},
     },
+    identity::{self, CertifyConfig},
     inbound::{InFlight, Inbound},
+    mesh::{Mesh, MtlsMode},
     metrics::Metrics,
     outbound::{Outbound, OutboundConfig},
     state::{self, StateDir},
@@ -78,6 +80,8 @@ async fn bind(flag: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
 impl Sidecar {
     /// Binds every listener, connects to the control plane in the background and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let ca_pem = config.ca_pem()?;
+        let token = config.token()?;
         let state_dir = match &config.state_dir {
             Some(dir) => Some(
                 StateDir::create(dir)
@@ -153,6 +157,13 @@ impl Sidecar {
             .unwrap_or_else(|| format!("{}-{:08x}", config.service, rand::random::<u32>()));
 
         let catalog = Arc::new(Catalog::new(MAX_SERVICES));
+        let mesh = Mesh::new(config.mtls);
+        if let Some(dir) = &state_dir {
+            let restored = state::restore_trust(dir, &mesh).await;
+            if !restored.is_empty() {
+                tracing::info!(from = %dir.file().display(), restored = %restored.join(", "), "restored the sidecar's trust");
+            }
+        }
         let workers = match config.workers {
             Some(count) => usize::from(count),
             None => std::thread::available_parallelism().map_or(1, usize::from),
@@ -162,6 +173,7 @@ impl Sidecar {
             connect_timeout: config.connect_timeout,
             idle_timeout: config.idle_timeout,
             workers: workers.count(),
+            mesh: Some(mesh.clone()),
             ..Default::default()
         };
         let outbound = Outbound::new(
@@ -187,6 +199,7 @@ impl Sidecar {
             discovery_timeout: config.discovery_timeout,
             connect_timeout: config.connect_timeout,
             keepalive: client_config.tcp_keepalive,
+            mesh: Some(mesh.clone()),
         };
         let mut upstream_servers = Vec::with_capacity(upstream_listeners.len());
         for (upstream, listener) in upstream_listeners {
@@ -213,7 +226,13 @@ impl Sidecar {
         // Before the config stream, so the writer sees every push.
         let mut background = Vec::new();
         if let Some(dir) = &state_dir {
-            background.push(tokio::spawn(state::keep(dir.clone(), catalog.clone(), metrics.clone(), shutdown.clone())));
+            background.push(tokio::spawn(state::keep(
+                dir.clone(),
+                catalog.clone(),
+                mesh.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            )));
             background.push(tokio::spawn(state::restore_when_unreachable(
                 dir.clone(),
                 catalog.clone(),
@@ -221,9 +240,20 @@ impl Sidecar {
                 shutdown.clone(),
             )));
         }
+        let access = ControlAccess { url: config.control_plane.clone(), ca_pem, token, trust: mesh.trust().clone() };
+        if let Some(issued) = mesh.identity() {
+            metrics.identity_expiration.set(issued.not_after.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64());
+        }
+        background.push(tokio::spawn(identity::run(
+            CertifyConfig { service: config.service.clone(), node_id: node_id.clone(), control: access.clone() },
+            mesh.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        )));
         let control = tokio::spawn(control::run(
             ControlConfig {
-                url: config.control_plane.clone(),
+                access,
+                mtls: inbound_addr.is_some() && config.mtls != MtlsMode::Off,
                 node_id: node_id.clone(),
                 service: config.service.clone(),
                 instance: instance.clone(),
@@ -233,6 +263,7 @@ impl Sidecar {
                 backoff_max: Duration::from_secs(10),
             },
             catalog.clone(),
+            mesh.clone(),
             status.clone(),
             metrics.clone(),
             shutdown.clone(),
@@ -268,16 +299,24 @@ impl Sidecar {
             });
         }
         if let (Some(listener), Some(app)) = (inbound_listener, &config.app) {
-            let client = Client::new(app.host.clone(), app.port, client_config);
-            let inbound = Inbound::new(client, service.clone(), metrics.clone(), in_flight.clone());
-            servers.push(tokio::spawn(http::server::serve(
-                "inbound",
+            // The app is next door: in plaintext, whatever the endpoint clients do.
+            let client = Client::new(app.host.clone(), app.port, ClientConfig { mesh: None, ..client_config.clone() });
+            let inbound = Inbound::new(client, service.clone(), metrics.clone(), in_flight.clone(), mesh.clone());
+            let limits = crate::inbound::listener::Limits {
+                max_connections: config.max_inbound_connections as usize,
+                handshake_timeout: config.handshake_timeout,
+                connect_timeout: config.connect_timeout,
+            };
+            servers.push(tokio::spawn(crate::inbound::listener::serve(
                 listener,
                 inbound,
-                shutdown.clone(),
-                CLOSE,
+                mesh.clone(),
+                metrics.clone(),
+                limits,
                 metrics.connections("inbound"),
                 workers.clone(),
+                shutdown.clone(),
+                CLOSE,
             )));
         }
         if let Some((udp, tcp)) = dns_sockets {
@@ -305,6 +344,7 @@ impl Sidecar {
             metrics: Arc::new(prometheus),
             sidecar_metrics: metrics.clone(),
             state_file: state_dir.as_ref().map(|dir| dir.file().to_path_buf()),
+            mesh: mesh.clone(),
         });
         let admin_shutdown = shutdown.clone();
         servers.push(tokio::spawn(async move {
@@ -323,6 +363,7 @@ impl Sidecar {
             dns = %dns_addr.map_or("none".to_owned(), |a| a.to_string()),
             node = %node_id,
             instance = %instance.as_ref().map_or("none", |i| i.id.as_str()),
+            mtls = config.mtls.as_str(),
             state = %state_dir.as_ref().map_or("none".to_owned(), |dir| dir.file().display().to_string()),
             "listening"
         );

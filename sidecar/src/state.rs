@@ -11,6 +11,12 @@
 //! answered within [`RESTORE_AFTER`], the file is restored into the catalog, in the services the
 //! control plane has not answered for; its pushes replace them as usual when it comes back. A file
 //! that cannot be read or holds invalid config is ignored with a warning naming it.
+//!
+//! The file also keeps the sidecar's trust: the trust bundle, its own service's authorization
+//! policy, and its workload certificate with its private key, so that a sidecar restarted while
+//! the control plane is down still proves who it is and still enforces who may call it, until
+//! the certificate expires. These are restored at every start, ahead of the control plane's
+//! answers, which replace them. Because of the key the file is written with mode 0600.
 
 use std::{
     fs,
@@ -32,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     catalog::{Catalog, ServiceState},
     control::{ConfigSource, ControlStatus},
+    mesh::{self, Mesh},
     metrics::{Metrics, ResultLabels},
 };
 
@@ -66,6 +73,33 @@ pub struct StateDir {
 pub struct Saved {
     pub saved_at: SystemTime,
     pub services: Vec<v1::ServiceResources>,
+    pub trust: SavedTrust,
+}
+
+/// The sidecar's trust as saved.
+#[derive(Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct SavedTrust {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_bundle: Option<v1::TrustBundle>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<v1::AuthorizationUpdate>,
+    /// The leaf then its issuer, PEM.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub certificate_pem: String,
+    /// Its private key, PEM.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for SavedTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("SavedTrust")
+            .field("trust_bundle", &self.trust_bundle.as_ref().map(|b| b.version))
+            .field("authorization", &self.authorization.as_ref().map(|a| a.version))
+            .field("certificate", &!self.certificate_pem.is_empty())
+            .finish()
+    }
 }
 
 /// The state file as written.
@@ -76,6 +110,9 @@ struct StateFile {
     saved_at: String,
     /// Every service the sidecar held, as a full snapshot.
     services: Vec<v1::ServiceResources>,
+    /// The sidecar's trust.
+    #[serde(default)]
+    trust: SavedTrust,
 }
 
 /// Why the state file cannot be used.
@@ -105,10 +142,16 @@ impl StateDir {
             format: FORMAT,
             saved_at: humantime::format_rfc3339_millis(saved.saved_at).to_string(),
             services: saved.services.clone(),
+            trust: saved.trust.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
         let temp = self.dir.join(TEMP_NAME);
-        let mut out = fs::File::create(&temp)?;
+        let _ = fs::remove_file(&temp);
+        // It holds the private key: readable by this user alone.
+        let mut out = {
+            use std::os::unix::fs::OpenOptionsExt;
+            fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?
+        };
         out.write_all(&bytes)?;
         out.sync_all()?;
         drop(out);
@@ -138,7 +181,7 @@ impl StateDir {
         }
         let saved_at = humantime::parse_rfc3339(&file.saved_at)
             .map_err(|e| invalid(format!("saved_at: {:?} is not an RFC 3339 time: {e}", file.saved_at)))?;
-        Ok(Some(Saved { saved_at, services: file.services }))
+        Ok(Some(Saved { saved_at, services: file.services, trust: file.trust }))
     }
 }
 
@@ -154,16 +197,78 @@ pub fn snapshot(catalog: &Catalog) -> Vec<v1::ServiceResources> {
         .collect()
 }
 
-/// Writes the catalog's config to `dir` after every push applied, until `shutdown` (the last
-/// change is written before it returns).
-pub async fn keep(dir: StateDir, catalog: Arc<Catalog>, metrics: Metrics, shutdown: CancellationToken) {
+/// The sidecar's trust, to save.
+pub fn trust_snapshot(mesh: &Mesh) -> SavedTrust {
+    let identity = mesh.identity();
+    SavedTrust {
+        trust_bundle: mesh.bundle(),
+        authorization: mesh.authorization_update(),
+        certificate_pem: identity.as_ref().map(|i| i.chain_pem.clone()).unwrap_or_default(),
+        key_pem: identity.as_ref().map(|i| i.key_pem.clone()).unwrap_or_default(),
+    }
+}
+
+/// Writes the catalog's config and the sidecar's trust to `dir` after every push applied and
+/// every renewal, until `shutdown` (the last change is written before it returns).
+pub async fn keep(dir: StateDir, catalog: Arc<Catalog>, mesh: Mesh, metrics: Metrics, shutdown: CancellationToken) {
     let writer = Arc::new(Writer { dir, metrics, failing: AtomicBool::new(false) });
-    follow(catalog.applied(), shutdown, || {
-        let saved = Saved { saved_at: SystemTime::now(), services: snapshot(&catalog) };
+    // Either kind of change is a reason to write.
+    let changes = watch::Sender::new(0u64);
+    let merged = changes.subscribe();
+    let (mut applied, mut trust) = (catalog.applied(), mesh.changes());
+    let merge = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                changed = applied.changed() => if changed.is_err() { return },
+                changed = trust.changed() => if changed.is_err() { return },
+            }
+            changes.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    });
+    follow(merged, shutdown, || {
+        let saved = Saved { saved_at: SystemTime::now(), services: snapshot(&catalog), trust: trust_snapshot(&mesh) };
         let writer = writer.clone();
         async move { writer.save(saved).await }
     })
     .await;
+    merge.abort();
+}
+
+/// Puts the saved trust in force at start, ahead of the control plane: the bundle, the
+/// authorization policy, and the certificate while it is valid. Returns what was restored.
+pub async fn restore_trust(dir: &StateDir, mesh: &Mesh) -> Vec<&'static str> {
+    let Ok(Some(saved)) = dir.read().await else { return Vec::new() };
+    let trust = saved.trust;
+    let mut restored = Vec::new();
+    if let Some(pushed) = &trust.trust_bundle {
+        match mesh::check_bundle(pushed) {
+            Ok(bundle) => {
+                mesh.set_bundle(pushed, bundle);
+                restored.push("trust bundle");
+            }
+            Err(error) => tracing::warn!(%error, "ignoring the saved trust bundle"),
+        }
+    }
+    if let Some(update) = &trust.authorization {
+        match mesh::check_authorization(update) {
+            Ok(compiled) => {
+                mesh.set_authorization(update, compiled);
+                restored.push("authorization policy");
+            }
+            Err(error) => tracing::warn!(%error, "ignoring the saved authorization policy"),
+        }
+    }
+    if !trust.certificate_pem.is_empty() {
+        match ferry_tls::Issued::from_pem(&trust.certificate_pem, &trust.key_pem) {
+            Ok(issued) if !issued.expired(SystemTime::now()) => {
+                mesh.set_identity(issued);
+                restored.push("workload certificate");
+            }
+            Ok(_) => tracing::info!("the saved workload certificate has expired"),
+            Err(error) => tracing::warn!(%error, "ignoring the saved workload certificate"),
+        }
+    }
+    restored
 }
 
 /// Writes the state file off the async threads and reports how it went.
@@ -318,7 +423,7 @@ mod tests {
     }
 
     fn push(nonce: &str, resources: Vec<v1::ServiceResources>) -> v1::Push {
-        v1::Push { nonce: nonce.into(), resources }
+        v1::Push { nonce: nonce.into(), resources, ..Default::default() }
     }
 
     #[tokio::test]
@@ -330,7 +435,7 @@ mod tests {
         let catalog = Catalog::new(16);
         catalog.apply(&push("1", vec![resources("catalog", 7, 8080), resources("inventory", 3, 9090)])).expect("applies");
         let saved_at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
-        let saved = Saved { saved_at, services: snapshot(&catalog) };
+        let saved = Saved { saved_at, services: snapshot(&catalog), trust: SavedTrust::default() };
         dir.write(&saved).expect("writes");
         assert!(!temp.path().join("nested").join(TEMP_NAME).exists(), "the temporary file was renamed");
         let read = dir.read().await.expect("reads").expect("a file");
@@ -352,6 +457,7 @@ mod tests {
             format: FORMAT,
             saved_at: "2026-01-02T03:04:05.678Z".into(),
             services: vec![resources("catalog", 7, 8080)],
+            trust: SavedTrust::default(),
         })
         .expect("JSON");
         for (content, reason) in [
@@ -382,7 +488,7 @@ mod tests {
         std::fs::create_dir(dir.file()).expect("a directory in its place");
         let error = dir.read().await.expect_err("a directory").to_string();
         assert!(error.starts_with(&format!("cannot read {file}: ")), "{error}");
-        assert!(dir.write(&Saved { saved_at: SystemTime::now(), services: vec![] }).is_err());
+        assert!(dir.write(&Saved { saved_at: SystemTime::now(), services: vec![], trust: SavedTrust::default() }).is_err());
     }
 
     #[tokio::test]
@@ -390,7 +496,7 @@ mod tests {
         let temp = tempfile::tempdir().expect("tempdir");
         let dir = StateDir::create(temp.path()).expect("creates");
         let saved_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        dir.write(&Saved { saved_at, services: vec![resources("catalog", 7, 8080)] }).expect("writes");
+        dir.write(&Saved { saved_at, services: vec![resources("catalog", 7, 8080)], trust: SavedTrust::default() }).expect("writes");
         let catalog = Catalog::new(16);
         let status = ControlStatus::default();
         restore(&dir, &catalog, &status).await;
@@ -460,7 +566,7 @@ mod tests {
     async fn the_file_is_restored_once_the_first_attempt_fails_or_the_bound_passes() {
         let temp = tempfile::tempdir().expect("tempdir");
         let dir = StateDir::create(temp.path()).expect("creates");
-        dir.write(&Saved { saved_at: SystemTime::now(), services: vec![resources("catalog", 7, 8080)] }).expect("writes");
+        dir.write(&Saved { saved_at: SystemTime::now(), services: vec![resources("catalog", 7, 8080)], trust: SavedTrust::default() }).expect("writes");
 
         // The first attempt fails: restored at once.
         let (catalog, status) = (Arc::new(Catalog::new(16)), Arc::new(ControlStatus::default()));

@@ -11,9 +11,10 @@
 //! endpoint: each endpoint at most once, at most [`MAX_ATTEMPTS`] endpoints per connection. A
 //! connection that cannot be placed is closed after a warning that says why.
 //!
-//! The endpoints are dialled as registered. An instance registered by a sidecar publishes its
-//! inbound listener, which speaks HTTP only, so a TCP service's instances are registered with
-//! the app's own address and port (`ferryctl register`, `PUT /v1/instances`).
+//! The endpoints are dialled as registered. An endpoint with an identity is a peer sidecar's
+//! inbound listener: it is reached over mTLS with the ALPN `ferry/tcp`, and that sidecar relays
+//! the bytes to its app once its authorization policy allows this caller. Any other endpoint
+//! (an app registered with its own address through the API) is dialled in plaintext.
 
 use std::{
     collections::HashMap,
@@ -31,10 +32,11 @@ use tokio::{
     sync::watch,
     task::JoinSet,
 };
-use tokio_util::sync::CancellationToken;
+use tokio_util::{either::Either, sync::CancellationToken};
 
 use crate::{
     catalog::{Endpoint, ServiceConfig, ServiceState},
+    mesh::Mesh,
     errors::{DiscoveryTimeout, NoEndpoints, UnknownService},
     metrics::{Metrics, ServiceLabels, TcpLabels},
     workers::Workers,
@@ -47,7 +49,7 @@ pub const MAX_ATTEMPTS: usize = 3;
 const MAX_OPEN: usize = 16_384;
 
 /// How one TCP upstream connects.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TcpConfig {
     /// How long a connection to a service with no config yet waits for it.
     pub discovery_timeout: Duration,
@@ -55,6 +57,8 @@ pub struct TcpConfig {
     pub connect_timeout: Duration,
     /// TCP keepalive on connections to endpoints, so a peer that vanished is noticed.
     pub keepalive: Duration,
+    /// The sidecar's trust, for endpoints reached over mTLS.
+    pub mesh: Option<Mesh>,
 }
 
 /// Relays connections to one service. Cheap to clone; clones share the connection counts.
@@ -198,7 +202,19 @@ impl TcpUpstream {
         let shared = &self.shared;
         let _ = inbound.set_nodelay(true);
         let keepalive = shared.config.keepalive;
-        let placed = self.place(|endpoint: &Endpoint| connect(endpoint.address.clone(), endpoint.port, keepalive)).await;
+        let mesh = shared.config.mesh.clone();
+        let placed = self
+            .place(|endpoint: &Endpoint| {
+                let (endpoint, mesh) = (endpoint.clone(), mesh.clone());
+                async move {
+                    let stream = connect(endpoint.address.clone(), endpoint.port, keepalive).await?;
+                    match (&endpoint.identity, mesh) {
+                        (Some(identity), Some(mesh)) => secure(stream, identity, &mesh).await.map(Either::Right),
+                        _ => Ok(Either::Left(stream)),
+                    }
+                }
+            })
+            .await;
         let outcome = |outcome| TcpLabels { service: shared.service.clone(), outcome };
         let (mut upstream, lease) = match placed {
             Ok(placed) => placed,
@@ -339,6 +355,15 @@ async fn connect(host: String, port: u16, keepalive: Duration) -> io::Result<Tcp
     Ok(stream)
 }
 
+/// The mTLS handshake with a peer sidecar that must prove `identity`, asking it to relay bytes.
+async fn secure(stream: TcpStream, identity: &Arc<str>, mesh: &Mesh) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let config = mesh.client_config(identity.clone(), ferry_tls::mesh::ALPN_TCP).map_err(io::Error::other)?;
+    tokio_rustls::TlsConnector::from(config).connect(ferry_tls::mesh::server_name(identity), stream).await.map_err(|error| {
+        let why = ferry_tls::verify::explain_io(&error).unwrap_or_else(|| error.to_string());
+        io::Error::other(format!("mTLS: {why}"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -358,6 +383,7 @@ mod tests {
             region: String::new(),
             zone: String::new(),
             weight: 100,
+            identity: None,
         };
         (id.to_owned(), Arc::new(endpoint))
     }
@@ -383,6 +409,7 @@ mod tests {
             discovery_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(1),
             keepalive: Duration::from_secs(30),
+            mesh: None,
         };
         TcpUpstream::new("db".into(), state.subscribe(), config, Metrics::unregistered())
     }
@@ -592,6 +619,7 @@ mod tests {
             discovery_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(1),
             keepalive: Duration::from_secs(30),
+            mesh: None,
         };
         let upstream = TcpUpstream::new("db".into(), state.subscribe(), config, metrics.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

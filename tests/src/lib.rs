@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ferry_tls::api::{Access, ApiChannel, HttpApi};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
@@ -161,22 +162,72 @@ impl Process {
     }
 }
 
-/// A control plane on loopback, with its own data directory.
+/// How a sidecar (or `ferryctl`) reaches a control plane: its gRPC URL, the CA file that
+/// verifies it, and a file holding the token.
+#[derive(Debug, Clone)]
+pub struct Reach {
+    pub url: String,
+    /// `None` for a control plane with `--api-tls off`.
+    pub ca_file: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+}
+
+impl Reach {
+    /// The flags that say it.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = vec!["--control-plane".to_owned(), self.url.clone()];
+        if let Some(ca) = &self.ca_file {
+            args.extend(["--ca-file".to_owned(), ca.display().to_string()]);
+        }
+        if let Some(token) = &self.token_file {
+            args.extend(["--token-file".to_owned(), token.display().to_string()]);
+        }
+        args
+    }
+
+    /// A control plane that will run at `address` with `--api-tls off --bootstrap-token
+    /// <secret>`, for sidecars started before it; the token goes to a file in `dir`.
+    pub fn plaintext(address: &str, secret: &str, dir: &Path) -> Self {
+        let token_file = dir.join("bootstrap.token");
+        std::fs::write(&token_file, secret).expect("writes the token file");
+        Self { url: format!("http://{address}"), ca_file: None, token_file: Some(token_file) }
+    }
+}
+
+/// A control plane on loopback, with its own data directory, run with its secure defaults
+/// (token auth, TLS on the API) unless its flags say otherwise; the harness reads the admin
+/// token and the CA it writes, and calls its APIs with them.
 pub struct ControlPlane {
     pub process: Process,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub dns: SocketAddr,
     pub data_dir: PathBuf,
+    /// The admin token.
+    pub token: Option<String>,
+    /// The CA bundle it wrote, when its API speaks TLS.
+    pub ca_file: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+    api: HttpApi,
     _dir: Option<tempfile::TempDir>,
+}
+
+/// The value following `flag` in `args`.
+fn flag_value<'a>(args: &[&'a str], flag: &str) -> Option<&'a str> {
+    args.iter().position(|a| *a == flag).and_then(|i| args.get(i + 1)).copied()
 }
 
 impl ControlPlane {
     /// A control plane with the embedded store in a fresh directory.
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// The same, with extra flags.
+    pub async fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temporary directory");
         let data_dir = dir.path().to_path_buf();
-        let mut control_plane = Self::start_in(&data_dir, &[]).await;
+        let mut control_plane = Self::start_in(&data_dir, extra).await;
         control_plane._dir = Some(dir);
         control_plane
     }
@@ -193,38 +244,135 @@ impl ControlPlane {
         args.extend(extra.iter().map(|s| s.to_string()));
         let process = Process::start("control-plane", "ferry-control-plane", &args).await;
         let (grpc, http, dns) = (process.addr("grpc"), process.addr("http"), process.addr("dns"));
-        Self { process, grpc, http, dns, data_dir: data_dir.to_path_buf(), _dir: None }
+        let tls = flag_value(extra, "--api-tls") != Some("off");
+        let auth = flag_value(extra, "--auth") != Some("none");
+        let (token, token_file) = match (auth, flag_value(extra, "--bootstrap-token")) {
+            (false, _) => (None, None),
+            (true, Some(secret)) => {
+                let file = data_dir.join("bootstrap.token");
+                std::fs::write(&file, secret).expect("writes the token file");
+                (Some(secret.to_owned()), Some(file))
+            }
+            (true, None) => {
+                let file = data_dir.join("admin.token");
+                let secret = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
+                (Some(secret.trim().to_owned()), Some(file))
+            }
+        };
+        let ca_file = tls.then(|| data_dir.join("ca.pem"));
+        let ca_pem = ca_file.as_ref().map(|f| std::fs::read_to_string(f).unwrap_or_else(|e| panic!("reading {}: {e}", f.display())));
+        let api = HttpApi::new(http, ca_pem.as_deref(), token.clone()).expect("the API's TLS config");
+        Self { process, grpc, http, dns, data_dir: data_dir.to_path_buf(), token, ca_file, token_file, api, _dir: None }
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.ca_file.is_some() { "https" } else { "http" }
     }
 
     /// The gRPC URL sidecars and ferryctl use.
     pub fn url(&self) -> String {
-        format!("http://{}", self.grpc)
+        format!("{}://{}", self.scheme(), self.grpc)
     }
 
     /// The HTTP API's base URL.
     pub fn http_url(&self) -> String {
-        format!("http://{}", self.http)
+        format!("{}://{}", self.scheme(), self.http)
+    }
+
+    /// How sidecars reach it, with the admin token.
+    pub fn reach(&self) -> Reach {
+        Reach { url: self.url(), ca_file: self.ca_file.clone(), token_file: self.token_file.clone() }
+    }
+
+    /// The same with another token, written to a file of its own.
+    pub fn reach_with(&self, token: &str) -> Reach {
+        let file = self.data_dir.join(format!("token-{:016x}", rand_id()));
+        std::fs::write(&file, token).expect("writes the token file");
+        Reach { token_file: Some(file), ..self.reach() }
+    }
+
+    /// How `ferryctl` and gRPC clients reach it, with the admin token.
+    pub fn access(&self) -> Access {
+        Access {
+            url: self.url(),
+            ca_pem: self.ca_file.as_ref().map(|f| std::fs::read_to_string(f).expect("the CA file")),
+            token: self.token.clone(),
+        }
+    }
+
+    /// A gRPC channel with the admin token.
+    pub async fn channel(&self) -> ApiChannel {
+        self.access().connect().await.expect("connects to the control plane")
+    }
+
+    /// The environment that points `ferryctl` at it, with the admin token.
+    pub fn ferryctl_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![("FERRY_CONTROL_PLANE", self.url())];
+        if let Some(token) = &self.token {
+            env.push(("FERRY_TOKEN", token.clone()));
+        }
+        if let Some(ca) = &self.ca_file {
+            env.push(("FERRY_CA_FILE", ca.display().to_string()));
+        }
+        env
+    }
+
+    /// The HTTP API, with the admin token.
+    pub fn api(&self) -> &HttpApi {
+        &self.api
+    }
+
+    /// `GET path` from the HTTP API, with the admin token.
+    pub async fn get(&self, path: &str) -> Result<client::Answer, client::Error> {
+        self.api.call(http::Method::GET, path, None).await
+    }
+
+    /// `method path` with a JSON body, with the admin token.
+    pub async fn send_json(&self, method: http::Method, path: &str, body: &str) -> Result<client::Answer, client::Error> {
+        self.send_body(method, path, "application/json", body).await
+    }
+
+    /// `method path` with a body of `content_type`, with the admin token.
+    pub async fn send_body(
+        &self,
+        method: http::Method,
+        path: &str,
+        content_type: &str,
+        body: &str,
+    ) -> Result<client::Answer, client::Error> {
+        self.api.call(method, path, Some((content_type, bytes::Bytes::from(body.to_owned())))).await
+    }
+
+    /// A new token of `kind` (`admin`, `read` or `sidecar`), for `service` when a sidecar's.
+    pub async fn token(&self, kind: &str, service: Option<&str>) -> String {
+        let body = serde_json::json!({
+            "kind": format!("TOKEN_KIND_{}", kind.to_ascii_uppercase()),
+            "service": service.unwrap_or_default(),
+        });
+        let answer = self.send_json(http::Method::POST, "/v1/tokens", &body.to_string()).await.expect("answered");
+        assert_eq!(answer.0, 200, "creating a token: {}", client::text(&answer));
+        let created: serde_json::Value = serde_json::from_slice(&answer.2).expect("JSON");
+        created["secret"].as_str().expect("a secret").to_owned()
     }
 
     /// Applies multi-document YAML through `POST /v1/apply`, which must succeed, and returns the
     /// versions stored, in document order.
     pub async fn apply(&self, yaml: &str) -> Vec<u64> {
-        let answer =
-            client::send_body(self.http, http::Method::POST, "/v1/apply", "application/yaml", yaml).await.expect("answered");
+        let answer = self.send_body(http::Method::POST, "/v1/apply", "application/yaml", yaml).await.expect("answered");
         assert_eq!(answer.0, 200, "applying:\n{yaml}\n{}", client::text(&answer));
         let body: serde_json::Value = serde_json::from_slice(&answer.2).expect("JSON");
         let applied = body["applied"].as_array().expect("applied resources");
         // The proto3 JSON form (`{"route": {...}}`), where a u64 is a string.
         let version = |resource: &serde_json::Value| {
-            let body = if resource["route"].is_object() { &resource["route"] } else { &resource["policy"] };
-            body["version"].as_str().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no version in {resource}"))
+            let body = ["route", "policy", "authorization"].iter().map(|k| &resource[*k]).find(|b| b.is_object());
+            body.and_then(|b| b["version"].as_str()).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no version in {resource}"))
         };
         applied.iter().map(|a| version(&a["resource"])).collect()
     }
 
     /// The instance `id` as the HTTP API shows it, if registered.
     pub async fn instance(&self, id: &str) -> Option<serde_json::Value> {
-        let (status, _, body) = client::get(&format!("{}/v1/instances/{id}", self.http_url())).await.ok()?;
+        let (status, _, body) = self.get(&format!("/v1/instances/{id}")).await.ok()?;
         (status == 200).then(|| serde_json::from_slice(&body).ok()).flatten()
     }
 
@@ -239,15 +387,23 @@ impl ControlPlane {
 
     /// Waits until the registry lists `count` passing instances of `service`.
     pub async fn wait_passing(&self, service: &str, count: usize) {
-        let url = format!("{}/v1/services/{service}?passing", self.http_url());
+        let path = format!("/v1/services/{service}?passing");
         eventually(&format!("{count} passing instances of {service}"), || async {
-            let (status, _, body) = client::get(&url).await.ok()?;
+            let (status, _, body) = self.get(&path).await.ok()?;
             let body: serde_json::Value = serde_json::from_slice(&body).ok()?;
             let instances = body["instances"].as_array().map_or(0, Vec::len);
             (status == 200 && instances == count).then_some(())
         })
         .await;
     }
+}
+
+/// A random number, for file names.
+fn rand_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    hasher.finish()
 }
 
 /// What a route's probe rule ([`probe_route`]) answers with: an injected abort, so once the
@@ -279,26 +435,25 @@ pub struct Sidecar {
 
 impl Sidecar {
     /// A sidecar for `service` (fronting `app`, if any) with extra flags, once it is ready.
-    pub async fn start(control_plane: &str, service: &str, app: Option<SocketAddr>, extra: &[&str]) -> Self {
+    pub async fn start(control_plane: &Reach, service: &str, app: Option<SocketAddr>, extra: &[&str]) -> Self {
         let sidecar = Self::spawn(control_plane, service, app, extra).await;
         sidecar.wait_ready().await;
         sidecar
     }
 
     /// The same, without waiting for readiness.
-    pub async fn spawn(control_plane: &str, service: &str, app: Option<SocketAddr>, extra: &[&str]) -> Self {
-        let mut args: Vec<String> = vec![
+    pub async fn spawn(control_plane: &Reach, service: &str, app: Option<SocketAddr>, extra: &[&str]) -> Self {
+        let mut args: Vec<String> = control_plane.args();
+        args.extend([
             "--service".into(),
             service.into(),
-            "--control-plane".into(),
-            control_plane.into(),
             "--outbound".into(),
             "127.0.0.1:0".into(),
             "--inbound".into(),
             "127.0.0.1:0".into(),
             "--admin".into(),
             "127.0.0.1:0".into(),
-        ];
+        ]);
         if let Some(app) = app {
             args.push("--app".into());
             args.push(app.to_string());

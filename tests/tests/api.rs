@@ -4,16 +4,16 @@
 use std::process::Output;
 
 use ferry_proto::v1::{self, registry_client::RegistryClient};
+use ferry_tls::api::ApiChannel;
 use ferry_tests::{ControlPlane, Sidecar, apps::HttpApp, binary, client, eventually};
 use futures::StreamExt;
-use tonic::transport::Channel;
 
-async fn registry(control_plane: &ControlPlane) -> RegistryClient<Channel> {
-    RegistryClient::new(Channel::from_shared(control_plane.url()).expect("URL").connect().await.expect("connects"))
+async fn registry(control_plane: &ControlPlane) -> RegistryClient<ApiChannel> {
+    RegistryClient::new(control_plane.channel().await)
 }
 
 async fn put(control_plane: &ControlPlane, json: &str) -> client::Answer {
-    client::send_json(control_plane.http, http::Method::PUT, "/v1/instances", json).await.expect("answered")
+    control_plane.send_json(http::Method::PUT, "/v1/instances", json).await.expect("answered")
 }
 
 fn instance(id: &str, service: &str, address: &str, port: u32) -> v1::Instance {
@@ -106,7 +106,7 @@ async fn generic_grpc_clients_find_the_health_and_reflection_services() {
     };
 
     let control_plane = ControlPlane::start().await;
-    let channel = Channel::from_shared(control_plane.url()).expect("URL").connect().await.expect("connects");
+    let channel = control_plane.channel().await;
     let mut health = HealthClient::new(channel.clone());
     for service in ["", "ferry.v1.Registry", "ferry.v1.Discovery"] {
         let reply = health.check(HealthCheckRequest { service: service.into() }).await.expect("checked");
@@ -127,7 +127,7 @@ async fn generic_grpc_clients_find_the_health_and_reflection_services() {
 
 async fn ferryctl(control_plane: &ControlPlane, args: &[&str]) -> Output {
     tokio::process::Command::new(binary("ferryctl"))
-        .args(["--control-plane", &control_plane.url()])
+        .envs(control_plane.ferryctl_env())
         .args(args)
         .output()
         .await
@@ -170,9 +170,9 @@ async fn ferryctl_registers_lists_and_reports_sidecar_status() {
 
     // status: a connected sidecar and the versions it acknowledged.
     let app = HttpApp::start("catalog-app").await;
-    let _catalog = Sidecar::start(&control_plane.url(), "catalog", Some(app.addr), &["--id", "catalog-1"]).await;
+    let _catalog = Sidecar::start(&control_plane.reach(), "catalog", Some(app.addr), &["--id", "catalog-1"]).await;
     let _client = Sidecar::start(
-        &control_plane.url(),
+        &control_plane.reach(),
         "frontend",
         None,
         &["--node-id", "frontend-client", "--upstream", "catalog=127.0.0.1:0"],

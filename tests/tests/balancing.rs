@@ -57,12 +57,12 @@ async fn spread(outbound: SocketAddr, count: usize, concurrency: usize) -> BTree
 
 /// An instance of `catalog`: a sidecar in front of `app`, with extra flags.
 async fn instance(control_plane: &ControlPlane, app: SocketAddr, flags: &[&str]) -> Sidecar {
-    Sidecar::start(&control_plane.url(), "catalog", Some(app), flags).await
+    Sidecar::start(&control_plane.reach(), "catalog", Some(app), flags).await
 }
 
 /// The sidecar the tests send through, with extra flags.
 async fn caller(control_plane: &ControlPlane, flags: &[&str]) -> Sidecar {
-    Sidecar::start(&control_plane.url(), "frontend", None, flags).await
+    Sidecar::start(&control_plane.reach(), "frontend", None, flags).await
 }
 
 /// The caller's balancer for all of `catalog`, as its `/config` shows it.

@@ -17,12 +17,12 @@ use ferry_tests::{
 use hickory_resolver::proto::rr::RecordType;
 
 async fn put(control_plane: &ControlPlane, body: &str) {
-    let answer = client::send_json(control_plane.http, http::Method::PUT, "/v1/instances", body).await.expect("answered");
+    let answer = control_plane.send_json(http::Method::PUT, "/v1/instances", body).await.expect("answered");
     assert_eq!(answer.0, 200, "{}", client::text(&answer));
 }
 
 async fn get(control_plane: &ControlPlane, path: &str) -> (u64, serde_json::Value) {
-    let answer = client::get(&format!("{}{path}", control_plane.http_url())).await.expect("answered");
+    let answer = control_plane.get(&format!("{path}")).await.expect("answered");
     assert_eq!(answer.0, 200, "{path}: {}", client::text(&answer));
     let index = client::header(&answer, "x-ferry-index").parse().expect("X-Ferry-Index is a number");
     (index, serde_json::from_slice(&answer.2).expect("JSON"))
@@ -71,7 +71,7 @@ async fn blocking_queries_wake_on_a_change_and_time_out_with_the_same_index() {
     let answer = tokio::time::timeout(PATIENCE, waiting).await.expect("woken").expect("joins").expect("answered");
     assert_eq!(ids(&serde_json::from_slice(&answer.2).expect("JSON")), ["cache-1"]);
 
-    let bad = client::get(&format!("{}/v1/services/db?index=soon", control_plane.http_url())).await.expect("answered");
+    let bad = control_plane.get(&format!("/v1/services/db?index=soon")).await.expect("answered");
     assert_eq!(bad.0, 400);
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&bad.2).expect("JSON")["field"], "index");
 }
@@ -95,7 +95,7 @@ async fn queries_filter_by_metadata_zone_and_health() {
     assert_eq!(ids(&get(&control_plane, "/v1/services/catalog?meta=version:v2&zone=eu-1a").await.1), ["c3"]);
 
     let mut registry = RegistryClient::new(
-        tonic::transport::Channel::from_shared(control_plane.url()).expect("URL").connect().await.expect("connects"),
+        control_plane.channel().await,
     );
     let request = v1::ListInstancesRequest {
         service: "catalog".into(),
@@ -131,7 +131,7 @@ async fn control_plane_dns_answers_follow_health() {
         "c2 is critical until renewed"
     );
 
-    let renewed = client::send_json(control_plane.http, http::Method::PUT, "/v1/checks/c2:ttl/pass", "").await.expect("answered");
+    let renewed = control_plane.send_json(http::Method::PUT, "/v1/checks/c2:ttl/pass", "").await.expect("answered");
     assert_eq!(renewed.0, 200);
     eventually("DNS to include c2", || async {
         (dns::addresses(control_plane.dns, "catalog.service.ferry.").await == ips(&["127.0.0.11", "127.0.0.12"])).then_some(())
@@ -146,7 +146,7 @@ async fn control_plane_dns_answers_follow_health() {
     assert_eq!(dns::addresses(control_plane.dns, "nothing.service.ferry.").await, Answer::NxDomain);
 
     let failed =
-        client::send_json(control_plane.http, http::Method::PUT, "/v1/checks/c2:ttl/fail", "broken").await.expect("answered");
+        control_plane.send_json(http::Method::PUT, "/v1/checks/c2:ttl/fail", "broken").await.expect("answered");
     assert_eq!(failed.0, 200);
     eventually("DNS to drop c2", || async {
         (dns::addresses(control_plane.dns, "catalog.service.ferry.").await == ips(&["127.0.0.11"])).then_some(())
@@ -185,8 +185,8 @@ async fn dig_reads_the_control_plane_dns() {
 async fn a_sidecar_answers_dns_from_its_config_even_without_the_control_plane() {
     let mut control_plane = ControlPlane::start().await;
     let app = HttpApp::start("catalog-app").await;
-    let catalog = Sidecar::start(&control_plane.url(), "catalog", Some(app.addr), &[]).await;
-    let client = Sidecar::start(&control_plane.url(), "frontend", None, &["--dns", "127.0.0.1:0"]).await;
+    let catalog = Sidecar::start(&control_plane.reach(), "catalog", Some(app.addr), &[]).await;
+    let client = Sidecar::start(&control_plane.reach(), "frontend", None, &["--dns", "127.0.0.1:0"]).await;
     let dns_addr = client.process.addr("dns");
     let inbound_ip = catalog.inbound.expect("inbound").ip();
 

@@ -26,10 +26,10 @@ async fn a_rolling_restart_under_load_loses_no_request() {
     for n in 1..=3 {
         let app = HttpApp::start(&format!("catalog-{n}")).await;
         let id = format!("catalog-{n}");
-        let sidecar = Sidecar::start(&control_plane.url(), "catalog", Some(app.addr), &["--id", &id, "--drain", "1s"]).await;
+        let sidecar = Sidecar::start(&control_plane.reach(), "catalog", Some(app.addr), &["--id", &id, "--drain", "1s"]).await;
         instances.push((app, sidecar));
     }
-    let caller = Sidecar::start(&control_plane.url(), "frontend", None, &["--upstream", "catalog=127.0.0.1:0"]).await;
+    let caller = Sidecar::start(&control_plane.reach(), "frontend", None, &["--upstream", "catalog=127.0.0.1:0"]).await;
     caller.wait_endpoints("catalog", 3).await;
 
     // A steady, bounded load: four workers, each stopping on the flag, after 60 s, or after
@@ -73,7 +73,7 @@ async fn a_rolling_restart_under_load_loses_no_request() {
         app.stop();
         let app = HttpApp::start(&format!("catalog-new-{round}")).await;
         let id = format!("catalog-new-{round}");
-        let sidecar = Sidecar::start(&control_plane.url(), "catalog", Some(app.addr), &["--id", &id, "--drain", "1s"]).await;
+        let sidecar = Sidecar::start(&control_plane.reach(), "catalog", Some(app.addr), &["--id", &id, "--drain", "1s"]).await;
         caller.wait_endpoints("catalog", 3).await;
         assert!(load.ok.load(Ordering::Relaxed) > before, "traffic flowed during round {round}");
         instances.push((app, sidecar));

@@ -11,7 +11,7 @@ use ferry_tests::{
 };
 
 async fn put(control_plane: &ControlPlane, path: &str, body: &str) -> client::Answer {
-    client::send_json(control_plane.http, http::Method::PUT, path, body).await.expect("answered")
+    control_plane.send_json(http::Method::PUT, path, body).await.expect("answered")
 }
 
 fn check<'a>(instance: &'a serde_json::Value, kind: &str) -> &'a serde_json::Value {
@@ -23,7 +23,7 @@ async fn a_sidecar_http_check_follows_its_app() {
     let control_plane = ControlPlane::start().await;
     let app = HttpApp::start("catalog-app").await;
     let catalog = Sidecar::start(
-        &control_plane.url(),
+        &control_plane.reach(),
         "catalog",
         Some(app.addr),
         &["--id", "catalog-1", "--check", "http:/healthz,interval=100ms"],
@@ -70,7 +70,7 @@ async fn a_sidecar_grpc_check_follows_the_serving_status() {
     let control_plane = ControlPlane::start().await;
     let app = GrpcApp::start().await;
     let _echo = Sidecar::start(
-        &control_plane.url(),
+        &control_plane.reach(),
         "echo",
         Some(app.addr),
         &["--id", "echo-1", "--check", "grpc:ferry.test.Echo,interval=100ms,failure=1"],
@@ -153,7 +153,7 @@ async fn ttl_checks_expire_and_are_renewed_through_the_api_and_the_sidecar() {
     assert!(check(&expired, "ttl")["output"].as_str().expect("output").contains("expired"), "{expired}");
 
     // The same over gRPC.
-    let channel = tonic::transport::Channel::from_shared(control_plane.url()).expect("URL").connect().await.expect("connects");
+    let channel = control_plane.channel().await;
     let mut registry = ferry_proto::v1::registry_client::RegistryClient::new(channel);
     let request = ferry_proto::v1::UpdateTtlRequest {
         check_id: "job-1:ttl".into(),
@@ -178,7 +178,7 @@ async fn ttl_checks_expire_and_are_renewed_through_the_api_and_the_sidecar() {
 
     // A sidecar's TTL check is renewed through its admin listener, not the control plane.
     let app = HttpApp::start("worker-app").await;
-    let worker = Sidecar::spawn(&control_plane.url(), "worker", Some(app.addr), &["--id", "worker-1", "--check", "ttl:2s"]).await;
+    let worker = Sidecar::spawn(&control_plane.reach(), "worker", Some(app.addr), &["--id", "worker-1", "--check", "ttl:2s"]).await;
     control_plane.wait_health("worker-1", "HEALTH_CRITICAL").await;
     let through_cp = put(&control_plane, "/v1/checks/worker-1:ttl/pass", "").await;
     assert_eq!(through_cp.0, 400);
@@ -240,7 +240,7 @@ async fn a_flapping_app_is_held_critical() {
     let control_plane = ControlPlane::start().await;
     let app = HttpApp::start("flaky").await;
     let _flaky = Sidecar::start(
-        &control_plane.url(),
+        &control_plane.reach(),
         "flaky",
         Some(app.addr),
         &["--id", "flaky-1", "--check", "http:/healthz,interval=100ms,failure=1"],

@@ -3,7 +3,7 @@
 
 use std::{collections::HashSet, sync::Arc};
 
-use ferry_tests::{
+use ferry_tests::{Reach, 
     ControlPlane, Sidecar,
     apps::HttpApp,
     client::{self, header, proxy_get, text},
@@ -22,11 +22,11 @@ async fn answers(outbound: std::net::SocketAddr, service: &str, n: usize) -> Vec
 }
 
 async fn put_instance(control_plane: &ControlPlane, json: &str) -> client::Answer {
-    client::send_json(control_plane.http, http::Method::PUT, "/v1/instances", json).await.expect("answered")
+    control_plane.send_json(http::Method::PUT, "/v1/instances", json).await.expect("answered")
 }
 
 async fn delete_instance(control_plane: &ControlPlane, id: &str) -> client::Answer {
-    client::send_json(control_plane.http, http::Method::DELETE, &format!("/v1/instances/{id}"), "").await.expect("answered")
+    control_plane.send_json(http::Method::DELETE, &format!("/v1/instances/{id}"), "").await.expect("answered")
 }
 
 #[tokio::test]
@@ -40,8 +40,8 @@ async fn a_deregistered_instance_stops_receiving_traffic() {
     )
     .await;
     assert_eq!(registered.0, 200, "{}", text(&registered));
-    let _meshed = Sidecar::start(&control_plane.url(), "catalog", Some(meshed.addr), &[]).await;
-    let client = Sidecar::start(&control_plane.url(), "frontend", None, &["--upstream", "catalog=127.0.0.1:0"]).await;
+    let _meshed = Sidecar::start(&control_plane.reach(), "catalog", Some(meshed.addr), &[]).await;
+    let client = Sidecar::start(&control_plane.reach(), "frontend", None, &["--upstream", "catalog=127.0.0.1:0"]).await;
     client.wait_endpoints("catalog", 2).await;
     let seen: HashSet<_> = answers(client.outbound, "catalog", 10).await.into_iter().collect();
     assert_eq!(seen, HashSet::from(["external".to_owned(), "meshed".to_owned()]));
@@ -58,11 +58,11 @@ async fn a_deregistered_instance_stops_receiving_traffic() {
 async fn a_killed_instance_stops_receiving_traffic_and_a_stopped_one_leaves() {
     let control_plane = ControlPlane::start().await;
     let apps = [HttpApp::start("one").await, HttpApp::start("two").await, HttpApp::start("three").await];
-    let mut one = Sidecar::start(&control_plane.url(), "catalog", Some(apps[0].addr), &["--id", "catalog-one"]).await;
+    let mut one = Sidecar::start(&control_plane.reach(), "catalog", Some(apps[0].addr), &["--id", "catalog-one"]).await;
     let mut two =
-        Sidecar::start(&control_plane.url(), "catalog", Some(apps[1].addr), &["--id", "catalog-two", "--drain", "200ms"]).await;
-    let _three = Sidecar::start(&control_plane.url(), "catalog", Some(apps[2].addr), &["--id", "catalog-three"]).await;
-    let client = Sidecar::start(&control_plane.url(), "frontend", None, &["--upstream", "catalog=127.0.0.1:0"]).await;
+        Sidecar::start(&control_plane.reach(), "catalog", Some(apps[1].addr), &["--id", "catalog-two", "--drain", "200ms"]).await;
+    let _three = Sidecar::start(&control_plane.reach(), "catalog", Some(apps[2].addr), &["--id", "catalog-three"]).await;
+    let client = Sidecar::start(&control_plane.reach(), "frontend", None, &["--upstream", "catalog=127.0.0.1:0"]).await;
     client.wait_endpoints("catalog", 3).await;
 
     // Killed without goodbye: critical at once, so no more traffic.
@@ -72,14 +72,14 @@ async fn a_killed_instance_stops_receiving_traffic_and_a_stopped_one_leaves() {
     let seen: HashSet<_> = answers(client.outbound, "catalog", 20).await.into_iter().collect();
     assert_eq!(seen, HashSet::from(["two".to_owned(), "three".to_owned()]));
     assert_eq!(apps[0].hits(), hits);
-    let (_, _, body) = client::get(&format!("{}/v1/instances/catalog-one", control_plane.http_url())).await.expect("answered");
+    let (_, _, body) = control_plane.get(&format!("/v1/instances/catalog-one")).await.expect("answered");
     let instance: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
     assert_eq!(instance["health"], "HEALTH_CRITICAL", "{instance}");
 
     // Stopped with SIGTERM: it says goodbye and its instance is removed at once.
     assert!(two.process.terminate().await.success());
     eventually("catalog-two to be deregistered", || async {
-        let answer = client::get(&format!("{}/v1/instances/catalog-two", control_plane.http_url())).await.ok()?;
+        let answer = control_plane.get(&format!("/v1/instances/catalog-two")).await.ok()?;
         (answer.0 == 404).then_some(())
     })
     .await;
@@ -91,9 +91,9 @@ async fn a_killed_instance_stops_receiving_traffic_and_a_stopped_one_leaves() {
 async fn traffic_keeps_flowing_while_the_control_plane_is_down_and_sidecars_reconnect() {
     let mut control_plane = ControlPlane::start().await;
     let app = HttpApp::start("catalog-app").await;
-    let _catalog = Sidecar::start(&control_plane.url(), "catalog", Some(app.addr), &["--id", "catalog-1"]).await;
+    let _catalog = Sidecar::start(&control_plane.reach(), "catalog", Some(app.addr), &["--id", "catalog-1"]).await;
     let client = Sidecar::start(
-        &control_plane.url(),
+        &control_plane.reach(),
         "frontend",
         None,
         &["--upstream", "catalog=127.0.0.1:0", "--discovery-timeout", "300ms"],
@@ -124,12 +124,16 @@ async fn a_sidecar_started_before_its_control_plane_waits_for_it() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
     let address = format!("127.0.0.1:{port}");
     let app = HttpApp::start("catalog-app").await;
-    let catalog = Sidecar::spawn(&format!("http://{address}"), "catalog", Some(app.addr), &[]).await;
+    // No CA exists before the control plane first starts: this one serves its API in plaintext,
+    // with an admin token chosen up front (mTLS between sidecars stays on).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reach = Reach::plaintext(&address, "ferry_lifecycle_test", dir.path());
+    let catalog = Sidecar::spawn(&reach, "catalog", Some(app.addr), &[]).await;
     let (status, _, body) = client::get(&format!("http://{}/ready", catalog.admin)).await.expect("admin answers");
     assert_eq!(status, 503, "not ready without a control plane: {}", String::from_utf8_lossy(&body));
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let control_plane = ControlPlane::start_in(dir.path(), &["--grpc", &address]).await;
+    let flags = ["--grpc", &address, "--api-tls", "off", "--bootstrap-token", "ferry_lifecycle_test"];
+    let control_plane = ControlPlane::start_in(dir.path(), &flags).await;
     catalog.wait_ready().await;
     control_plane.wait_passing("catalog", 1).await;
 }
@@ -148,7 +152,7 @@ async fn a_persistent_registration_survives_a_control_plane_restart() {
     // No clean shutdown: what the API acknowledged is already durable.
     control_plane.process.kill().await;
     let restarted = ControlPlane::start_in(dir.path(), &[]).await;
-    let (status, _, body) = client::get(&format!("{}/v1/instances/db-1", restarted.http_url())).await.expect("answered");
+    let (status, _, body) = restarted.get(&format!("/v1/instances/db-1")).await.expect("answered");
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let instance: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
     assert_eq!(instance["service"], "db");
@@ -170,15 +174,15 @@ async fn a_control_plane_restart_does_not_flap_instances_whose_sidecars_reconnec
     let mut sidecars = Vec::new();
     for (n, app) in apps.iter().enumerate() {
         let id = format!("catalog-{n}");
-        sidecars.push(Sidecar::start(&control_plane.url(), "catalog", Some(app.addr), &["--id", &id]).await);
+        sidecars.push(Sidecar::start(&control_plane.reach(), "catalog", Some(app.addr), &["--id", &id]).await);
     }
-    let caller = Sidecar::start(&control_plane.url(), "frontend", None, &["--upstream", "catalog=127.0.0.1:0"]).await;
+    let caller = Sidecar::start(&control_plane.reach(), "frontend", None, &["--upstream", "catalog=127.0.0.1:0"]).await;
     caller.wait_endpoints("catalog", 2).await;
 
     control_plane.process.kill().await;
     let restarted = ControlPlane::start_in(dir.path(), &["--grpc", &control_plane.grpc.to_string()]).await;
     // Watch from the first moment: every view of the service must show both instances passing.
-    let channel = tonic::transport::Channel::from_shared(restarted.url()).expect("URL").connect().await.expect("connects");
+    let channel = restarted.channel().await;
     let request = v1::WatchRequest { service: "catalog".into(), ..Default::default() };
     let mut updates = RegistryClient::new(channel).watch(request).await.expect("watches").into_inner();
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -192,7 +196,7 @@ async fn a_control_plane_restart_does_not_flap_instances_whose_sidecars_reconnec
         })
     };
     eventually("all three sidecars to reconnect", || async {
-        let (_, _, body) = client::get(&format!("{}/v1/sidecars", restarted.http_url())).await.ok()?;
+        let (_, _, body) = restarted.get(&format!("/v1/sidecars")).await.ok()?;
         let body: serde_json::Value = serde_json::from_slice(&body).ok()?;
         (body["sidecars"].as_array().map_or(0, Vec::len) == 3).then_some(())
     })

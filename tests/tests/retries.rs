@@ -58,11 +58,11 @@ fn metric(metrics: &str, prefix: &str) -> f64 {
 
 /// An instance of `service` fronting `app`.
 async fn instance(control_plane: &ControlPlane, service: &str, app: Option<SocketAddr>, extra: &[&str]) -> Sidecar {
-    Sidecar::start(&control_plane.url(), service, app, extra).await
+    Sidecar::start(&control_plane.reach(), service, app, extra).await
 }
 
 async fn caller(control_plane: &ControlPlane) -> Sidecar {
-    Sidecar::start(&control_plane.url(), "frontend", None, &[]).await
+    Sidecar::start(&control_plane.reach(), "frontend", None, &[]).await
 }
 
 #[tokio::test]

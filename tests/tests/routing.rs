@@ -41,18 +41,18 @@ subsets: { v1: { labels: { version: v1 } }, v2: { labels: { version: v2 } } }
 
 /// `GET path` from the control plane's HTTP API, as JSON.
 async fn get_json(control_plane: &ControlPlane, path: &str) -> (StatusCode, Value) {
-    let answer = client::get(&format!("{}{path}", control_plane.http_url())).await.expect("answered");
+    let answer = control_plane.get(&format!("{path}")).await.expect("answered");
     (answer.0, serde_json::from_slice(&answer.2).unwrap_or(Value::Null))
 }
 
 /// An instance of `service` fronting `app`, labelled `version={version}`.
 async fn instance(control_plane: &ControlPlane, service: &str, app: SocketAddr, version: &str) -> Sidecar {
-    Sidecar::start(&control_plane.url(), service, Some(app), &["--meta", &format!("version={version}")]).await
+    Sidecar::start(&control_plane.reach(), service, Some(app), &["--meta", &format!("version={version}")]).await
 }
 
 /// A sidecar with no app, the one the tests send through.
 async fn caller(control_plane: &ControlPlane) -> Sidecar {
-    Sidecar::start(&control_plane.url(), "frontend", None, &[]).await
+    Sidecar::start(&control_plane.reach(), "frontend", None, &[]).await
 }
 
 /// `method url` through the proxy at `outbound`, with extra headers.
@@ -366,7 +366,7 @@ async fn bad_resources_are_refused_naming_the_field_and_change_nothing() {
     for (yaml, field) in &yaml_cases {
         for path in ["/v1/apply", "/v1/apply?dry_run=true"] {
             let answer =
-                client::send_body(control_plane.http, Method::POST, path, "application/yaml", yaml).await.expect("answered");
+                control_plane.send_body(Method::POST, path, "application/yaml", yaml).await.expect("answered");
             assert_eq!(answer.0, 400, "{path} {yaml}: {}", text(&answer));
             let error: Value = serde_json::from_slice(&answer.2).expect("a JSON error");
             assert_eq!(error["field"], *field, "{yaml}: {error}");
@@ -384,14 +384,14 @@ async fn bad_resources_are_refused_naming_the_field_and_change_nothing() {
         (Method::POST, "/v1/apply", "{not json".to_owned(), "body"),
     ];
     for (method, path, body, field) in &json_cases {
-        let answer = client::send_json(control_plane.http, method.clone(), path, body).await.expect("answered");
+        let answer = control_plane.send_json(method.clone(), path, body).await.expect("answered");
         assert_eq!(answer.0, 400, "{method} {path} {body}: {}", text(&answer));
         let error: Value = serde_json::from_slice(&answer.2).expect("a JSON error");
         assert_eq!(error["field"], *field, "{method} {path} {body}: {error}");
     }
 
     // gRPC names the item of the request.
-    let channel = tonic::transport::Channel::from_shared(control_plane.url()).expect("URL").connect().await.expect("connects");
+    let channel = control_plane.channel().await;
     let heavy = v1::Route {
         service: "catalog".into(),
         rules: vec![v1::RouteRule {

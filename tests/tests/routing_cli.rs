@@ -9,11 +9,10 @@ use ferry_tests::{ControlPlane, Sidecar, apps::HttpApp, binary, client, eventual
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 async fn ferryctl(control_plane: &ControlPlane, args: &[&str], stdin: Option<&str>) -> Output {
     let mut command = std::process::Command::new(binary("ferryctl"));
-    command.args(["--control-plane", &control_plane.url()]).args(args);
+    command.envs(control_plane.ferryctl_env()).args(args);
     let stdin = stdin.map(str::to_owned);
     tokio::task::spawn_blocking(move || {
         command.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
@@ -45,7 +44,7 @@ fn route_to(subset: &str) -> String {
 /// Starts catalog v1 and v2, each behind a sidecar, and a client sidecar that holds both.
 async fn mesh(control_plane: &ControlPlane) -> (HttpApp, HttpApp, Vec<Sidecar>, Sidecar) {
     let (v1, v2) = (HttpApp::start("catalog-v1").await, HttpApp::start("catalog-v2").await);
-    let url = control_plane.url();
+    let url = control_plane.reach();
     let s1 = Sidecar::start(&url, "catalog", Some(v1.addr), &["--meta", "version=v1", "--id", "catalog-1"]).await;
     let s2 = Sidecar::start(&url, "catalog", Some(v2.addr), &["--meta", "version=v2", "--id", "catalog-2"]).await;
     let client = Sidecar::start(&url, "client", None, &["--node-id", "client-1", "--upstream", "catalog=127.0.0.1:0"]).await;
@@ -163,7 +162,7 @@ async fn status_shows_per_resource_acks_and_nacks_and_explain_reads_the_sidecars
     assert!(stdout(&output).contains(note), "{}", stdout(&output));
 
     // A sidecar of another build that cannot apply what it is sent: it says so with a NACK.
-    let channel = Channel::from_shared(control_plane.url()).expect("URL").connect().await.expect("connects");
+    let channel = control_plane.channel().await;
     let (to_server, outgoing) = mpsc::channel(8);
     // Queued before the call: the control plane answers the stream once it has the Hello.
     let hello = v1::Hello { node_id: "old-sidecar".into(), service: "legacy".into(), ..Default::default() };
@@ -243,7 +242,7 @@ async fn status_shows_per_resource_acks_and_nacks_and_explain_reads_the_sidecars
 #[tokio::test]
 async fn the_gateway_routes_by_host_and_path() {
     let control_plane = ControlPlane::start().await;
-    let url = control_plane.url();
+    let url = control_plane.reach();
     let (catalog, inventory) = (HttpApp::start("catalog").await, HttpApp::start("inventory").await);
     let _catalog = Sidecar::start(&url, "catalog", Some(catalog.addr), &[]).await;
     let _inventory = Sidecar::start(&url, "inventory", Some(inventory.addr), &[]).await;

@@ -4,7 +4,7 @@
 
 use std::{collections::HashSet, net::SocketAddr, path::Path};
 
-use ferry_tests::{
+use ferry_tests::{Reach, 
     ControlPlane, Sidecar,
     apps::HttpApp,
     client::{self, header, proxy_get, text},
@@ -49,12 +49,12 @@ async fn a_sidecar_restarted_while_the_control_plane_is_down_serves_from_its_sta
     let mut catalogs = Vec::new();
     for (n, app) in apps.iter().enumerate() {
         let id = format!("catalog-{n}");
-        catalogs.push(Sidecar::start(&control_plane.url(), "catalog", Some(app.addr), &["--id", &id]).await);
+        catalogs.push(Sidecar::start(&control_plane.reach(), "catalog", Some(app.addr), &["--id", &id]).await);
     }
     let state = tempfile::tempdir().expect("tempdir");
     let state_dir = state.path().display().to_string();
     let args = ["--upstream", "catalog=127.0.0.1:0", "--state-dir", &state_dir, "--node-id", "frontend-1"];
-    let mut client = Sidecar::start(&control_plane.url(), "frontend", None, &args).await;
+    let mut client = Sidecar::start(&control_plane.reach(), "frontend", None, &args).await;
     client.wait_endpoints("catalog", 2).await;
     eventually("the state file to hold both endpoints of catalog", || async {
         (saved_endpoints(state.path(), "catalog")? == 2).then_some(())
@@ -65,7 +65,7 @@ async fn a_sidecar_restarted_while_the_control_plane_is_down_serves_from_its_sta
     // The control plane goes away, then the client sidecar restarts.
     control_plane.process.kill().await;
     assert!(client.process.terminate().await.success());
-    let client = Sidecar::start(&control_plane.url(), "frontend", None, &args).await;
+    let client = Sidecar::start(&control_plane.reach(), "frontend", None, &args).await;
     let config = client.config().await;
     assert_eq!(config["config_source"], "state-dir", "{config}");
     assert_eq!(config["control_plane"]["connected"], false);
@@ -91,7 +91,7 @@ async fn a_sidecar_restarted_while_the_control_plane_is_down_serves_from_its_sta
     let scraped = metrics(&client).await;
     assert_eq!(metric(&scraped, "ferry_config_from_state_dir"), Some(0.0), "{scraped}");
     assert_eq!(metric(&scraped, "ferry_config_age_seconds"), Some(0.0), "{scraped}");
-    let sidecars = client::get(&format!("{}/v1/sidecars", restarted.http_url())).await.expect("answered");
+    let sidecars = restarted.get(&format!("/v1/sidecars")).await.expect("answered");
     assert!(text(&sidecars).contains("frontend-1"), "{}", text(&sidecars));
 }
 
@@ -106,7 +106,8 @@ async fn a_corrupt_state_file_is_ignored_with_a_warning() {
     std::fs::write(&file, b"{\"format\": 1, \"saved_at\": \"2026-").expect("writes");
     let state_dir = state.path().display().to_string();
     let args = ["--upstream", "catalog=127.0.0.1:0", "--state-dir", &state_dir];
-    let client = Sidecar::spawn(&format!("http://{address}"), "frontend", None, &args).await;
+    let reach = Reach::plaintext(&address.to_string(), "ferry_static_test", state.path());
+    let client = Sidecar::spawn(&reach, "frontend", None, &args).await;
     eventually("a warning about the state file", || async {
         let log = client.process.log();
         let warned = log.lines().any(|line| {
@@ -122,7 +123,9 @@ async fn a_corrupt_state_file_is_ignored_with_a_warning() {
     // The control plane starts: the sidecar gets ready and writes a good file over the bad one.
     drop(held);
     let data = tempfile::tempdir().expect("tempdir");
-    let _control_plane = ControlPlane::start_in(data.path(), &["--grpc", &address.to_string()]).await;
+    let address = address.to_string();
+    let flags = ["--grpc", &address, "--api-tls", "off", "--bootstrap-token", "ferry_static_test"];
+    let _control_plane = ControlPlane::start_in(data.path(), &flags).await;
     client.wait_ready().await;
     eventually("a good state file", || async { saved_endpoints(state.path(), "catalog").map(|_| ()) }).await;
 }

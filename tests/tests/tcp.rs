@@ -17,13 +17,13 @@ use tokio::{
 
 async fn register(control_plane: &ControlPlane, id: &str, port: u16) {
     let json = format!(r#"{{"id": "{id}", "service": "echo", "address": "127.0.0.1", "port": {port}}}"#);
-    let answer = client::send_json(control_plane.http, http::Method::PUT, "/v1/instances", &json).await.expect("answered");
+    let answer = control_plane.send_json(http::Method::PUT, "/v1/instances", &json).await.expect("answered");
     assert_eq!(answer.0, 200, "{}", text(&answer));
 }
 
 async fn deregister(control_plane: &ControlPlane, id: &str) {
     let answer =
-        client::send_json(control_plane.http, http::Method::DELETE, &format!("/v1/instances/{id}"), "").await.expect("answered");
+        control_plane.send_json(http::Method::DELETE, &format!("/v1/instances/{id}"), "").await.expect("answered");
     assert_eq!(answer.0, 200, "{}", text(&answer));
 }
 
@@ -51,7 +51,7 @@ async fn tcp_connections_skip_a_refusing_instance_and_spread_over_working_ones()
     refusing.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
     register(&control_plane, "echo-1", first.addr.port()).await;
     register(&control_plane, "echo-refusing", refusing.local_addr().expect("addr").port()).await;
-    let client = Sidecar::start(&control_plane.url(), "frontend", None, &["--upstream", "echo=127.0.0.1:0,protocol=tcp"]).await;
+    let client = Sidecar::start(&control_plane.reach(), "frontend", None, &["--upstream", "echo=127.0.0.1:0,protocol=tcp"]).await;
     client.wait_endpoints("echo", 2).await;
     let upstream = client.upstream("echo");
 
@@ -110,7 +110,7 @@ async fn a_tcp_connection_that_cannot_be_placed_is_closed_with_a_warning() {
     refusing.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
     register(&control_plane, "echo-refusing", refusing.local_addr().expect("addr").port()).await;
     let client = Sidecar::start(
-        &control_plane.url(),
+        &control_plane.reach(),
         "frontend",
         None,
         &["--upstream", "echo=127.0.0.1:0,protocol=tcp", "--upstream", "ghost=127.0.0.1:0,protocol=tcp"],

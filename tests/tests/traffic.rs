@@ -16,8 +16,8 @@ use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus,
 async fn http_traffic_crosses_two_sidecars_in_every_client_mode() {
     let control_plane = ControlPlane::start().await;
     let app = HttpApp::start("catalog-app").await;
-    let catalog = Sidecar::start(&control_plane.url(), "catalog", Some(app.addr), &[]).await;
-    let client = Sidecar::start(&control_plane.url(), "frontend", None, &[]).await;
+    let catalog = Sidecar::start(&control_plane.reach(), "catalog", Some(app.addr), &[]).await;
+    let client = Sidecar::start(&control_plane.reach(), "frontend", None, &[]).await;
     control_plane.wait_passing("catalog", 1).await;
 
     // HTTP proxy mode, as `curl -x` and HTTP_PROXY clients send it.
@@ -54,7 +54,7 @@ async fn http_traffic_crosses_two_sidecars_in_every_client_mode() {
         String::from_utf8_lossy(&metrics)
             .contains(r#"ferry_requests_total{direction="inbound",service="catalog",route="-",status="2xx"} 6"#)
     );
-    let (_, _, metrics) = client::get(&format!("{}/metrics", control_plane.http_url())).await.expect("metrics");
+    let (_, _, metrics) = control_plane.get(&format!("/metrics")).await.expect("metrics");
     let metrics = String::from_utf8_lossy(&metrics);
     assert!(metrics.contains("ferry_sidecars_connected 2"), "{metrics}");
     assert!(!metrics.contains("ferry_push_acks_total 0"), "{metrics}");
@@ -64,8 +64,8 @@ async fn http_traffic_crosses_two_sidecars_in_every_client_mode() {
 async fn grpc_calls_and_streams_cross_two_sidecars() {
     let control_plane = ControlPlane::start().await;
     let app = GrpcApp::start().await;
-    let _echo = Sidecar::start(&control_plane.url(), "echo", Some(app.addr), &[]).await;
-    let client = Sidecar::start(&control_plane.url(), "caller", None, &[]).await;
+    let _echo = Sidecar::start(&control_plane.reach(), "echo", Some(app.addr), &[]).await;
+    let client = Sidecar::start(&control_plane.reach(), "caller", None, &[]).await;
     control_plane.wait_passing("echo", 1).await;
 
     let mut health = HealthClient::new(grpc_channel(client.outbound, "echo"));
@@ -91,9 +91,9 @@ async fn requests_are_balanced_over_every_instance() {
     let apps = [HttpApp::start("catalog-1").await, HttpApp::start("catalog-2").await, HttpApp::start("catalog-3").await];
     let mut sidecars = Vec::new();
     for app in &apps {
-        sidecars.push(Sidecar::start(&control_plane.url(), "catalog", Some(app.addr), &[]).await);
+        sidecars.push(Sidecar::start(&control_plane.reach(), "catalog", Some(app.addr), &[]).await);
     }
-    let client = Sidecar::start(&control_plane.url(), "frontend", None, &[]).await;
+    let client = Sidecar::start(&control_plane.reach(), "frontend", None, &[]).await;
     control_plane.wait_passing("catalog", 3).await;
     client::proxy_get(client.outbound, "http://catalog/").await.expect("first request subscribes");
     client.wait_endpoints("catalog", 3).await;
@@ -111,8 +111,8 @@ async fn requests_are_balanced_over_every_instance() {
 async fn an_upstream_port_routes_to_its_service_whatever_the_host() {
     let control_plane = ControlPlane::start().await;
     let app = HttpApp::start("inventory-app").await;
-    let _inventory = Sidecar::start(&control_plane.url(), "inventory", Some(app.addr), &[]).await;
-    let client = Sidecar::start(&control_plane.url(), "catalog", None, &["--upstream", "inventory=127.0.0.1:0"]).await;
+    let _inventory = Sidecar::start(&control_plane.reach(), "inventory", Some(app.addr), &[]).await;
+    let client = Sidecar::start(&control_plane.reach(), "catalog", None, &["--upstream", "inventory=127.0.0.1:0"]).await;
     let upstreams = client.process.bound.get("upstreams").expect("upstreams reported").clone();
     let port: std::net::SocketAddr = upstreams.strip_prefix("inventory@").expect("inventory@ADDR").parse().expect("addr");
 
@@ -124,7 +124,7 @@ async fn an_upstream_port_routes_to_its_service_whatever_the_host() {
 #[tokio::test]
 async fn the_mesh_explains_what_it_cannot_route() {
     let control_plane = ControlPlane::start().await;
-    let client = Sidecar::start(&control_plane.url(), "frontend", None, &[]).await;
+    let client = Sidecar::start(&control_plane.reach(), "frontend", None, &[]).await;
 
     let answer = proxy_get(client.outbound, "http://ghost/").await.expect("answered");
     assert_eq!(answer.0, 503);
@@ -136,7 +136,7 @@ async fn the_mesh_explains_what_it_cannot_route() {
 
     // An instance whose app is gone: the peer sidecar says the app is unreachable.
     let app = HttpApp::start("gone").await;
-    let _gone = Sidecar::start(&control_plane.url(), "gone", Some(app.addr), &[]).await;
+    let _gone = Sidecar::start(&control_plane.reach(), "gone", Some(app.addr), &[]).await;
     control_plane.wait_passing("gone", 1).await;
     app.stop();
     let answer = proxy_get(client.outbound, "http://gone/").await.expect("answered");

@@ -1,11 +1,13 @@
 //! The resources API: gRPC `ferry.v1.Config` and its HTTP/JSON twin under `/v1/routes`,
-//! `/v1/policies` and `/v1/apply`. Bodies are the proto3 JSON forms (durations may be written
-//! `500ms`); `/v1/apply` also takes multi-document YAML, as `ferryctl apply` reads it.
+//! `/v1/policies`, `/v1/authorizations` and `/v1/apply`. Bodies are the proto3 JSON forms
+//! (durations may be written `500ms`); `/v1/apply` also takes multi-document YAML, as `ferryctl
+//! apply` reads it. Reads need a read token, changes an admin token; bodies must say what they
+//! are (`application/yaml`, `text/yaml` or `application/json`), so no browser form can post one.
 
 use std::{collections::HashMap, sync::Arc};
 
 use axum::{
-    Json, Router,
+    Extension, Json, Router,
     body::Bytes,
     extract::{Path, Query, State},
     http::{HeaderMap, StatusCode, header},
@@ -19,7 +21,51 @@ use ferry_proto::{
 };
 use tonic::{Request, Status};
 
-use crate::resources::{Kind, ResourceError, Resources};
+use crate::{
+    auth::Principal,
+    discovery::Sidecars,
+    resources::{Kind, ResourceError, Resources},
+};
+
+/// The largest body `/v1/apply` and the PUTs read.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// Refuses a body whose content type is not one of `allowed` (ignoring parameters such as
+/// `charset`), with what to send instead.
+pub fn body_type(headers: &HeaderMap, allowed: &[&str]) -> Result<(), String> {
+    let given = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let essence = given.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    if allowed.contains(&essence.as_str()) {
+        return Ok(());
+    }
+    let shown = if given.is_empty() { "none".to_owned() } else { format!("{given:?}") };
+    Err(format!("content-type must be {}, got {shown}", allowed.join(" or ")))
+}
+
+/// The content types of resource bodies.
+const RESOURCE_TYPES: [&str; 3] = ["application/yaml", "text/yaml", "application/json"];
+
+/// What may keep applied resources from doing what they seem to: an authorization policy that
+/// no rule lets one of its service's current callers through.
+pub fn notes(applied: &[v1::AppliedResource], sidecars: &Sidecars) -> Vec<String> {
+    let mut notes = Vec::new();
+    for resource in applied.iter().filter_map(|a| a.resource.as_ref()) {
+        let Some(v1::resource::Kind::Authorization(policy)) = &resource.kind else { continue };
+        let Ok(compiled) = ferry_proto::authz::Authorization::compile(policy, policy.version) else { continue };
+        let refused: Vec<String> =
+            sidecars.callers(&policy.service).into_iter().filter(|caller| !compiled.could_allow(caller)).collect();
+        if !refused.is_empty() {
+            notes.push(format!(
+                "authorization/{}: no rule can allow its current {} {}: {} would be refused",
+                policy.service,
+                if refused.len() == 1 { "caller" } else { "callers" },
+                refused.join(", "),
+                if refused.len() == 1 { "it" } else { "they" },
+            ));
+        }
+    }
+    notes
+}
 
 /// The gRPC status for a resources error.
 fn status(error: ResourceError) -> Status {
@@ -32,8 +78,9 @@ fn status(error: ResourceError) -> Status {
 }
 
 fn kind_and_service(kind: i32, service: &str) -> Result<Kind, FieldError> {
-    let kind =
-        Kind::from_proto(kind).ok_or_else(|| FieldError::new("kind", "must be RESOURCE_KIND_ROUTE or RESOURCE_KIND_POLICY"))?;
+    let kind = Kind::from_proto(kind).ok_or_else(|| {
+        FieldError::new("kind", "must be RESOURCE_KIND_ROUTE, RESOURCE_KIND_POLICY or RESOURCE_KIND_AUTHORIZATION")
+    })?;
     validate::service_name("service", service)?;
     Ok(kind)
 }
@@ -42,25 +89,29 @@ fn kind_and_service(kind: i32, service: &str) -> Result<Kind, FieldError> {
 #[derive(Clone)]
 pub struct ConfigService {
     resources: Arc<Resources>,
+    sidecars: Arc<Sidecars>,
 }
 
 impl ConfigService {
-    /// A service over `resources`.
-    pub fn new(resources: Arc<Resources>) -> Self {
-        Self { resources }
+    /// A service over `resources`; `sidecars` tell who calls whom, for the apply notes.
+    pub fn new(resources: Arc<Resources>, sidecars: Arc<Sidecars>) -> Self {
+        Self { resources, sidecars }
     }
 }
 
 #[tonic::async_trait]
 impl Config for ConfigService {
     async fn apply(&self, request: Request<v1::ApplyRequest>) -> Result<tonic::Response<v1::ApplyResponse>, Status> {
+        Principal::of(&request)?.require_admin("applying resources")?;
         let request = request.into_inner();
         let applied = self.resources.apply(request.items, request.dry_run).await.map_err(status)?;
         log_applied(&applied, request.dry_run);
-        Ok(tonic::Response::new(v1::ApplyResponse { applied }))
+        let notes = notes(&applied, &self.sidecars);
+        Ok(tonic::Response::new(v1::ApplyResponse { applied, notes }))
     }
 
     async fn get(&self, request: Request<v1::GetRequest>) -> Result<tonic::Response<v1::GetResponse>, Status> {
+        Principal::of(&request)?.require_read("reading resources")?;
         let request = request.into_inner();
         let kind = kind_and_service(request.kind, &request.service).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let resource = self
@@ -71,6 +122,7 @@ impl Config for ConfigService {
     }
 
     async fn list(&self, request: Request<v1::ListRequest>) -> Result<tonic::Response<v1::ListResponse>, Status> {
+        Principal::of(&request)?.require_read("listing resources")?;
         let request = request.into_inner();
         let kind = Kind::from_proto(request.kind);
         if !request.service.is_empty() {
@@ -81,6 +133,7 @@ impl Config for ConfigService {
     }
 
     async fn delete(&self, request: Request<v1::DeleteRequest>) -> Result<tonic::Response<v1::DeleteResponse>, Status> {
+        Principal::of(&request)?.require_admin("deleting resources")?;
         let request = request.into_inner();
         let kind = kind_and_service(request.kind, &request.service).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let removed = self.resources.delete(kind, &request.service, request.expected_version).await.map_err(status)?;
@@ -89,6 +142,7 @@ impl Config for ConfigService {
     }
 
     async fn history(&self, request: Request<v1::HistoryRequest>) -> Result<tonic::Response<v1::HistoryResponse>, Status> {
+        Principal::of(&request)?.require_read("reading the history of resources")?;
         let request = request.into_inner();
         let kind = kind_and_service(request.kind, &request.service).map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(tonic::Response::new(v1::HistoryResponse { entries: self.resources.history(kind, &request.service) }))
@@ -122,17 +176,37 @@ fn http_error(error: ResourceError) -> Response {
     (code, Json(body)).into_response()
 }
 
+/// A refusal as the HTTP API answers it.
+fn refused(code: StatusCode, error: impl std::fmt::Display) -> Response {
+    (code, Json(serde_json::json!({ "error": error.to_string() }))).into_response()
+}
+
+/// What the resource handlers share.
+#[derive(Clone)]
+pub struct ConfigState {
+    resources: Arc<Resources>,
+    sidecars: Arc<Sidecars>,
+}
+
 /// The routes of the resources API, to merge into the HTTP API's router.
-pub fn router(resources: Arc<Resources>) -> Router {
+pub fn router(resources: Arc<Resources>, sidecars: Arc<Sidecars>) -> Router {
     Router::new()
         .route("/v1/apply", post(apply))
-        .route("/v1/routes", get(list_routes))
-        .route("/v1/policies", get(list_policies))
-        .route("/v1/routes/{service}", get(get_route).put(put_route).delete(delete_route))
-        .route("/v1/policies/{service}", get(get_policy).put(put_policy).delete(delete_policy))
-        .route("/v1/routes/{service}/history", get(route_history))
-        .route("/v1/policies/{service}/history", get(policy_history))
-        .with_state(resources)
+        .route("/v1/{kind}", get(list_kind))
+        .route("/v1/{kind}/{service}", get(get_one).put(put_one).delete(delete_one))
+        .route("/v1/{kind}/{service}/history", get(history))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(ConfigState { resources, sidecars })
+}
+
+/// The kind a path names: `routes`, `policies` or `authorizations`.
+fn path_kind(name: &str) -> Result<Kind, Response> {
+    match name {
+        "routes" => Ok(Kind::Route),
+        "policies" => Ok(Kind::Policy),
+        "authorizations" => Ok(Kind::Authorization),
+        other => Err(refused(StatusCode::NOT_FOUND, format!("no endpoint /v1/{other}; see docs/api.md"))),
+    }
 }
 
 /// Whether a body is JSON: by its content type, or else by its first character (YAML
@@ -163,11 +237,19 @@ fn rename_items(error: ResourceError, rename: impl Fn(&str) -> String) -> Resour
 /// its `kind`. Errors name the document (`documents[1].rules[0]...`) or the list item
 /// (`[1].rules[0]...`).
 async fn apply(
-    State(resources): State<Arc<Resources>>,
+    State(state): State<ConfigState>,
+    Extension(principal): Extension<Principal>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Err(denied) = principal.require_admin("applying resources") {
+        return refused(StatusCode::FORBIDDEN, denied);
+    }
+    if let Err(why) = body_type(&headers, &RESOURCE_TYPES) {
+        return refused(StatusCode::UNSUPPORTED_MEDIA_TYPE, why);
+    }
+    let resources = &state.resources;
     let dry_run = query.get("dry_run").is_some_and(|v| v.is_empty() || v == "true" || v == "1");
     let json = is_json(&headers, &body);
     let list = json && matches!(body.iter().find(|b| !b.is_ascii_whitespace()), Some(b'['));
@@ -194,7 +276,8 @@ async fn apply(
     match resources.apply(items, dry_run).await {
         Ok(applied) => {
             log_applied(&applied, dry_run);
-            Json(v1::ApplyResponse { applied }).into_response()
+            let notes = notes(&applied, &state.sidecars);
+            Json(v1::ApplyResponse { applied, notes }).into_response()
         }
         Err(error) if list => {
             http_error(rename_items(error, |field| json::name_document(field, &indexes).replacen("documents", "", 1)))
@@ -212,45 +295,62 @@ fn json_resource(value: serde_json::Value) -> Result<v1::Resource, FieldError> {
     Ok(resource)
 }
 
-async fn list(resources: &Resources, kind: Kind) -> Response {
-    Json(v1::ListResponse { resources: resources.list(Some(kind), None) }).into_response()
+async fn list_kind(
+    State(state): State<ConfigState>,
+    Extension(principal): Extension<Principal>,
+    Path(kind): Path<String>,
+) -> Response {
+    let kind = match path_kind(&kind) {
+        Ok(kind) => kind,
+        Err(response) => return response,
+    };
+    if let Err(denied) = principal.require_read("listing resources") {
+        return refused(StatusCode::FORBIDDEN, denied);
+    }
+    Json(v1::ListResponse { resources: state.resources.list(Some(kind), None) }).into_response()
 }
 
-async fn list_routes(State(resources): State<Arc<Resources>>) -> Response {
-    list(&resources, Kind::Route).await
-}
-
-async fn list_policies(State(resources): State<Arc<Resources>>) -> Response {
-    list(&resources, Kind::Policy).await
-}
-
-fn get_one(resources: &Resources, kind: Kind, service: String) -> Response {
+async fn get_one(
+    State(state): State<ConfigState>,
+    Extension(principal): Extension<Principal>,
+    Path((kind, service)): Path<(String, String)>,
+) -> Response {
+    let kind = match path_kind(&kind) {
+        Ok(kind) => kind,
+        Err(response) => return response,
+    };
+    if let Err(denied) = principal.require_read("reading resources") {
+        return refused(StatusCode::FORBIDDEN, denied);
+    }
     if let Err(error) = validate::service_name("service", &service) {
         return http_error(error.into());
     }
-    match resources.get(kind, &service) {
+    match state.resources.get(kind, &service) {
         Some(resource) => Json(json::resource_to_value(&resource)).into_response(),
         None => http_error(ResourceError::NotFound { kind, service }),
     }
 }
 
-async fn get_route(State(resources): State<Arc<Resources>>, Path(service): Path<String>) -> Response {
-    get_one(&resources, Kind::Route, service)
-}
-
-async fn get_policy(State(resources): State<Arc<Resources>>, Path(service): Path<String>) -> Response {
-    get_one(&resources, Kind::Policy, service)
-}
-
-/// `PUT /v1/{routes,policies}/{service}[?expected_version=N]` with the resource as JSON or YAML.
+/// `PUT /v1/{routes,policies,authorizations}/{service}[?expected_version=N]` with the resource
+/// as JSON or YAML.
 async fn put_one(
-    resources: &Resources,
-    kind: Kind,
-    service: String,
-    query: HashMap<String, String>,
+    State(state): State<ConfigState>,
+    Extension(principal): Extension<Principal>,
+    Path((kind, service)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let kind = match path_kind(&kind) {
+        Ok(kind) => kind,
+        Err(response) => return response,
+    };
+    if let Err(denied) = principal.require_admin("applying resources") {
+        return refused(StatusCode::FORBIDDEN, denied);
+    }
+    if let Err(why) = body_type(&headers, &RESOURCE_TYPES) {
+        return refused(StatusCode::UNSUPPORTED_MEDIA_TYPE, why);
+    }
     let expected_version = match query.get("expected_version").map(|v| v.parse::<u64>()) {
         Some(Ok(version)) => Some(version),
         Some(Err(_)) => return http_error(FieldError::new("expected_version", "must be a number").into()),
@@ -259,7 +359,9 @@ async fn put_one(
     let value: Result<serde_json::Value, String> = if is_json(&headers, &body) {
         serde_json::from_slice(&body).map_err(|e| format!("not JSON: {e}"))
     } else {
-        serde_yaml_ng::from_slice(&body).map_err(|e| format!("not valid YAML: {e}"))
+        json::refuse_aliases(&String::from_utf8_lossy(&body))
+            .map_err(|e| e.reason)
+            .and_then(|()| serde_yaml_ng::from_slice(&body).map_err(|e| format!("not valid YAML: {e}")))
     };
     let mut value = match value {
         Ok(value) => value,
@@ -269,6 +371,7 @@ async fn put_one(
         let name = match kind {
             Kind::Route => json::ROUTE,
             Kind::Policy => json::POLICY,
+            Kind::Authorization => json::AUTHORIZATION,
         };
         members.insert("kind".into(), name.into());
         members.entry("service").or_insert_with(|| service.clone().into());
@@ -280,7 +383,7 @@ async fn put_one(
     if Kind::of(&resource).is_some_and(|(_, s)| s != service) {
         return http_error(FieldError::new("service", format!("must match the path, {service:?}")).into());
     }
-    match resources.apply(vec![v1::ApplyItem { resource: Some(resource), expected_version }], false).await {
+    match state.resources.apply(vec![v1::ApplyItem { resource: Some(resource), expected_version }], false).await {
         Ok(mut applied) => {
             log_applied(&applied, false);
             let resource = applied.pop().and_then(|a| a.resource).unwrap_or_default();
@@ -290,55 +393,45 @@ async fn put_one(
     }
 }
 
-/// Field paths of a single PUT are relative to the body, not to an apply's item list.
-fn strip_item_prefix(error: ResourceError) -> ResourceError {
-    rename_items(error, |field| {
-        field.strip_prefix("items[0].resource.").or_else(|| field.strip_prefix("items[0].")).unwrap_or(field).to_owned()
-    })
-}
-
-async fn put_route(
-    State(resources): State<Arc<Resources>>,
-    Path(service): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    body: Bytes,
+async fn delete_one(
+    State(state): State<ConfigState>,
+    Extension(principal): Extension<Principal>,
+    Path((kind, service)): Path<(String, String)>,
 ) -> Response {
-    put_one(&resources, Kind::Route, service, query, headers, body).await
-}
-
-async fn put_policy(
-    State(resources): State<Arc<Resources>>,
-    Path(service): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    put_one(&resources, Kind::Policy, service, query, headers, body).await
-}
-
-async fn delete_one(resources: &Resources, kind: Kind, service: String) -> Response {
+    let kind = match path_kind(&kind) {
+        Ok(kind) => kind,
+        Err(response) => return response,
+    };
+    if let Err(denied) = principal.require_admin("deleting resources") {
+        return refused(StatusCode::FORBIDDEN, denied);
+    }
     if let Err(error) = validate::service_name("service", &service) {
         return http_error(error.into());
     }
-    match resources.delete(kind, &service, None).await {
+    match state.resources.delete(kind, &service, None).await {
         Ok(removed) => Json(json::resource_to_value(&removed)).into_response(),
         Err(error) => http_error(error),
     }
 }
 
-async fn delete_route(State(resources): State<Arc<Resources>>, Path(service): Path<String>) -> Response {
-    delete_one(&resources, Kind::Route, service).await
+async fn history(
+    State(state): State<ConfigState>,
+    Extension(principal): Extension<Principal>,
+    Path((kind, service)): Path<(String, String)>,
+) -> Response {
+    let kind = match path_kind(&kind) {
+        Ok(kind) => kind,
+        Err(response) => return response,
+    };
+    if let Err(denied) = principal.require_read("reading the history of resources") {
+        return refused(StatusCode::FORBIDDEN, denied);
+    }
+    Json(v1::HistoryResponse { entries: state.resources.history(kind, &service) }).into_response()
 }
 
-async fn delete_policy(State(resources): State<Arc<Resources>>, Path(service): Path<String>) -> Response {
-    delete_one(&resources, Kind::Policy, service).await
-}
-
-async fn route_history(State(resources): State<Arc<Resources>>, Path(service): Path<String>) -> Response {
-    Json(v1::HistoryResponse { entries: resources.history(Kind::Route, &service) }).into_response()
-}
-
-async fn policy_history(State(resources): State<Arc<Resources>>, Path(service): Path<String>) -> Response {
-    Json(v1::HistoryResponse { entries: resources.history(Kind::Policy, &service) }).into_response()
+/// Field paths of a single PUT are relative to the body, not to an apply's item list.
+fn strip_item_prefix(error: ResourceError) -> ResourceError {
+    rename_items(error, |field| {
+        field.strip_prefix("items[0].resource.").or_else(|| field.strip_prefix("items[0].")).unwrap_or(field).to_owned()
+    })
 }

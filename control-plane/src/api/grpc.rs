@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Filter, instances_response, registry_status, services_response, ttl_status};
 use crate::{
+    auth::Principal,
     checks::{HealthChecks, TtlFailure},
     registry::{InstanceSpec, Registry},
 };
@@ -43,9 +44,11 @@ impl RegistryApi for RegistryService {
     type WatchStream = WatchResponses;
 
     async fn register(&self, request: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterResponse>, Status> {
+        let principal = Principal::of(&request)?;
         let instance = request.into_inner().instance.ok_or_else(|| Status::invalid_argument("instance: required"))?;
         let spec = InstanceSpec::try_from(instance).map_err(|e| invalid(e.within("instance")))?;
-        self.checks.admit(&spec).map_err(|e| invalid(e.within("instance")))?;
+        principal.require_service(&spec.service, "registering an instance")?;
+        self.checks.admit(&spec).await.map_err(|e| invalid(e.within("instance")))?;
         let id = spec.id.clone();
         let registered = self.registry.register(spec).await;
         // Also when the store failed: the change is in memory, and the checks follow memory.
@@ -56,8 +59,10 @@ impl RegistryApi for RegistryService {
     }
 
     async fn deregister(&self, request: Request<v1::DeregisterRequest>) -> Result<Response<v1::DeregisterResponse>, Status> {
+        let principal = Principal::of(&request)?;
         let id = request.into_inner().id;
         validate::instance_id("id", &id).map_err(invalid)?;
+        super::may_deregister(&principal, self.registry.instance(&id).as_deref())?;
         let removed = self.registry.deregister(&id).await;
         self.checks.sync(&id);
         let removed = removed.map_err(|e| registry_status(e, ""))?;
@@ -67,8 +72,9 @@ impl RegistryApi for RegistryService {
 
     async fn list_services(
         &self,
-        _request: Request<v1::ListServicesRequest>,
+        request: Request<v1::ListServicesRequest>,
     ) -> Result<Response<v1::ListServicesResponse>, Status> {
+        Principal::of(&request)?.require_read("listing services")?;
         Ok(Response::new(services_response(self.registry.services())))
     }
 
@@ -76,6 +82,7 @@ impl RegistryApi for RegistryService {
         &self,
         request: Request<v1::ListInstancesRequest>,
     ) -> Result<Response<v1::ListInstancesResponse>, Status> {
+        Principal::of(&request)?.require_read("listing instances")?;
         let request = request.into_inner();
         validate::service_name("service", &request.service).map_err(invalid)?;
         let filter = Filter::from_request(request.passing_only, &request.metadata, &request.zone).map_err(invalid)?;
@@ -86,6 +93,7 @@ impl RegistryApi for RegistryService {
     }
 
     async fn watch(&self, request: Request<v1::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        Principal::of(&request)?.require_read("watching a service")?;
         let request = request.into_inner();
         validate::service_name("service", &request.service).map_err(invalid)?;
         let filter = Filter::from_request(request.passing_only, &request.metadata, &request.zone).map_err(invalid)?;
@@ -97,8 +105,15 @@ impl RegistryApi for RegistryService {
     }
 
     async fn update_ttl(&self, request: Request<v1::UpdateTtlRequest>) -> Result<Response<v1::UpdateTtlResponse>, Status> {
+        let principal = Principal::of(&request)?;
         let request = request.into_inner();
         validate::instance_id("check_id", &request.check_id).map_err(invalid)?;
+        match self.registry.check_owner(&request.check_id) {
+            Some(owner) => principal.require_service(&owner.service, "renewing a TTL check")?,
+            // Unknown: whoever may renew checks at all hears that it is not there.
+            None if matches!(principal, Principal::Read { .. }) => principal.require_admin("renewing a TTL check")?,
+            None => {}
+        }
         let status = ttl_status("status", request.status).map_err(invalid)?;
         if request.output.len() > 4096 {
             return Err(Status::invalid_argument("output: must be at most 4096 bytes"));

@@ -13,15 +13,18 @@
 //! | `GET /metrics`                        | Prometheus text                               |
 //! | `GET /ready`                          | 200 once serving                              |
 //!
-//! Errors answer `{"error": "...", "field": "..."}` with 400, 404 or 503.
+//! Errors answer `{"error": "...", "field": "..."}` with 400, 404 or 503; a missing or unknown
+//! token 401, a token without the right 403. Every path but `/metrics` and `/ready` needs a
+//! token (see [`crate::auth`]).
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use axum::{
-    Json, Router,
+    Extension, Json, Router,
     body::Bytes,
     extract::{Path, Query, State},
     http::{HeaderValue, StatusCode, header},
+    middleware::Next,
     response::{IntoResponse, Response},
     routing::{get, put},
 };
@@ -32,6 +35,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Filter, instances_response, services_response};
 use crate::{
+    auth::{Auth, Denied, Principal},
+    ca::Authority,
     checks::{HealthChecks, TtlFailure},
     discovery::Sidecars,
     registry::{InstanceSpec, Registry, RegistryError},
@@ -56,11 +61,12 @@ pub struct HttpState {
     /// Permits for blocking queries.
     pub blocking: Arc<tokio::sync::Semaphore>,
     pub resources: Arc<crate::resources::Resources>,
+    pub authority: Arc<Authority>,
 }
 
-/// The API's router.
-pub fn router(state: HttpState) -> Router {
-    let resources = super::config::router(state.resources.clone());
+/// The API's router: every route behind the token check of `auth`.
+pub fn router(state: HttpState, security: super::security::SecurityService, auth: Auth) -> Router {
+    let resources = super::config::router(state.resources.clone(), state.sidecars.clone());
     Router::new()
         .route("/v1/services", get(list_services))
         .route("/v1/services/{name}", get(list_instances))
@@ -75,6 +81,29 @@ pub fn router(state: HttpState) -> Router {
         })
         .with_state(state)
         .merge(resources)
+        .merge(super::security::router(security))
+        .layer(axum::middleware::from_fn_with_state(auth, authenticate))
+}
+
+/// Paths anyone may read: scrapers and load balancers carry no token.
+fn open(path: &str) -> bool {
+    path == "/metrics" || path == "/ready"
+}
+
+/// Puts the caller's [`Principal`] in the request, or answers 401.
+async fn authenticate(State(auth): State<Auth>, mut request: axum::extract::Request, next: Next) -> Response {
+    let principal = if open(request.uri().path()) { Ok(Principal::Anonymous) } else { auth.authenticate(request.headers()) };
+    match principal {
+        Ok(principal) => {
+            request.extensions_mut().insert(principal);
+            next.run(request).await
+        }
+        Err(error) => {
+            let mut response = (StatusCode::UNAUTHORIZED, Json(serde_json::json!({ "error": error.0 }))).into_response();
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+        }
+    }
 }
 
 /// An error as the API answers it.
@@ -97,6 +126,12 @@ impl ApiError {
     }
 }
 
+impl From<Denied> for ApiError {
+    fn from(denied: Denied) -> Self {
+        Self { status: StatusCode::FORBIDDEN, error: denied.0, field: None }
+    }
+}
+
 impl From<RegistryError> for ApiError {
     fn from(error: RegistryError) -> Self {
         match error {
@@ -115,8 +150,12 @@ impl IntoResponse for ApiError {
     }
 }
 
-async fn list_services(State(state): State<HttpState>) -> Json<v1::ListServicesResponse> {
-    Json(services_response(state.registry.services()))
+async fn list_services(
+    State(state): State<HttpState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<v1::ListServicesResponse>, ApiError> {
+    principal.require_read("listing services")?;
+    Ok(Json(services_response(state.registry.services())))
 }
 
 /// The query of `GET /v1/services/{name}`.
@@ -169,9 +208,11 @@ impl InstancesQuery {
 
 async fn list_instances(
     State(state): State<HttpState>,
+    Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
+    principal.require_read("listing instances")?;
     validate::service_name("name", &name).map_err(ApiError::bad_request)?;
     let query = InstancesQuery::parse(pairs).map_err(ApiError::bad_request)?;
     let mut watch = state.registry.watch(&name);
@@ -200,10 +241,19 @@ async fn list_instances(
     Ok(response)
 }
 
-async fn register(State(state): State<HttpState>, body: Bytes) -> Result<Json<v1::RegisterResponse>, ApiError> {
+async fn register(
+    State(state): State<HttpState>,
+    Extension(principal): Extension<Principal>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Result<Json<v1::RegisterResponse>, ApiError> {
+    if let Err(refused) = super::config::body_type(&headers, &["application/json"]) {
+        return Err(ApiError { status: StatusCode::UNSUPPORTED_MEDIA_TYPE, error: refused, field: None });
+    }
     let instance: v1::Instance = ferry_proto::json::decode_slice("ferry.v1.Instance", &body).map_err(ApiError::bad_request)?;
     let spec = InstanceSpec::try_from(instance).map_err(ApiError::bad_request)?;
-    state.checks.admit(&spec).map_err(ApiError::bad_request)?;
+    principal.require_service(&spec.service, "registering an instance")?;
+    state.checks.admit(&spec).await.map_err(ApiError::bad_request)?;
     let id = spec.id.clone();
     let registered = state.registry.register(spec).await;
     // Also when the store failed: the change is in memory, and the checks follow memory.
@@ -213,13 +263,23 @@ async fn register(State(state): State<HttpState>, body: Bytes) -> Result<Json<v1
     Ok(Json(v1::RegisterResponse { instance: Some(state.registry.describe(&instance)) }))
 }
 
-async fn instance(State(state): State<HttpState>, Path(id): Path<String>) -> Result<Json<v1::Instance>, ApiError> {
+async fn instance(
+    State(state): State<HttpState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<v1::Instance>, ApiError> {
+    principal.require_read("reading an instance")?;
     let instance = state.registry.instance(&id).ok_or_else(|| ApiError::not_found(RegistryError::NotFound(id)))?;
     Ok(Json(state.registry.describe(&instance)))
 }
 
-async fn deregister(State(state): State<HttpState>, Path(id): Path<String>) -> Result<Json<v1::DeregisterResponse>, ApiError> {
+async fn deregister(
+    State(state): State<HttpState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<v1::DeregisterResponse>, ApiError> {
     validate::instance_id("id", &id).map_err(ApiError::bad_request)?;
+    super::may_deregister(&principal, state.registry.instance(&id).as_deref())?;
     let removed = state.registry.deregister(&id).await;
     state.checks.sync(&id);
     let removed = removed?;
@@ -229,10 +289,17 @@ async fn deregister(State(state): State<HttpState>, Path(id): Path<String>) -> R
 
 async fn update_ttl(
     State(state): State<HttpState>,
+    Extension(principal): Extension<Principal>,
     Path((id, status)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Json<v1::Check>, ApiError> {
     validate::instance_id("id", &id).map_err(ApiError::bad_request)?;
+    match state.registry.check_owner(&id) {
+        Some(owner) => principal.require_service(&owner.service, "renewing a TTL check")?,
+        // Unknown: whoever may renew checks at all hears that it is not there.
+        None if matches!(principal, Principal::Read { .. }) => principal.require_admin("renewing a TTL check")?,
+        None => {}
+    }
     let status = match status.as_str() {
         "pass" => Health::Passing,
         "warn" => Health::Warning,
@@ -259,8 +326,12 @@ async fn update_ttl(
     Ok(Json(check))
 }
 
-async fn sidecars(State(state): State<HttpState>) -> Json<v1::ListSidecarsResponse> {
-    Json(v1::ListSidecarsResponse { sidecars: state.sidecars.list(&state.registry, &state.resources) })
+async fn sidecars(
+    State(state): State<HttpState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<v1::ListSidecarsResponse>, ApiError> {
+    principal.require_read("listing sidecars")?;
+    Ok(Json(v1::ListSidecarsResponse { sidecars: state.sidecars.list(&state.registry, &state.resources, &state.authority) }))
 }
 
 async fn metrics(State(state): State<HttpState>) -> Response {

@@ -9,11 +9,32 @@ use ferry_proto::{
 };
 use tonic::Status;
 
-use crate::registry::{Instance, Registry, RegistryError, ServiceSnapshot, ServiceSummary};
+use crate::{
+    auth::{Denied, Principal},
+    registry::{Instance, Registry, RegistryError, ServiceSnapshot, ServiceSummary},
+};
 
 pub mod config;
 pub mod grpc;
 pub mod http;
+pub mod security;
+
+/// Whether `principal` may deregister `instance`: one a sidecar registered is its stream's, and
+/// only an admin may remove it through the API; one registered through the API may be removed
+/// by whoever may act for its service.
+pub fn may_deregister(principal: &Principal, instance: Option<&Instance>) -> Result<(), Denied> {
+    match instance {
+        Some(instance) if instance.node_id().is_some() => {
+            principal.require_admin("deregistering an instance its sidecar registered (it belongs to the sidecar's stream)")
+        }
+        Some(instance) => principal.require_service(&instance.service, "deregistering an instance"),
+        // Nothing to remove: whoever may remove instances at all hears that it is not there.
+        None => match principal {
+            Principal::Read { .. } => Err(Denied(format!("deregistering an instance needs an admin or sidecar token; this is {}", principal.describe()))),
+            _ => Ok(()),
+        },
+    }
+}
 
 /// The gRPC status for a registry error; field errors are reported under `prefix`.
 pub fn registry_status(error: RegistryError, prefix: &str) -> Status {

@@ -10,8 +10,8 @@ use ferry_proto::{
     v1::{self, config_client::ConfigClient, registry_client::RegistryClient},
     validate,
 };
+use ferry_tls::api::{Access, ApiChannel};
 use serde::Serialize;
-use tonic::transport::Channel;
 
 use super::{Output, UsageError, ago, connect, table::Table};
 
@@ -24,6 +24,16 @@ pub enum KindArg {
     /// Service policies (ServicePolicy resources).
     #[value(alias = "policies", alias = "servicepolicy", alias = "servicepolicies")]
     Policy,
+    /// Authorization policies (AuthorizationPolicy resources).
+    #[value(
+        alias = "authorizations",
+        alias = "authz",
+        alias = "authorizationpolicy",
+        alias = "authorizationpolicies",
+        alias = "authorization-policy",
+        alias = "authorization-policies"
+    )]
+    Authorization,
 }
 
 impl KindArg {
@@ -31,6 +41,7 @@ impl KindArg {
         match self {
             Self::Route => "route",
             Self::Policy => "policy",
+            Self::Authorization => "authorization policy",
         }
     }
 
@@ -38,12 +49,13 @@ impl KindArg {
         match self {
             Self::Route => v1::ResourceKind::Route,
             Self::Policy => v1::ResourceKind::Policy,
+            Self::Authorization => v1::ResourceKind::Authorization,
         }
     }
 }
 
-async fn client(url: &str) -> anyhow::Result<ConfigClient<Channel>> {
-    Ok(ConfigClient::new(connect(url).await?))
+async fn client(api: &Access) -> anyhow::Result<ConfigClient<ApiChannel>> {
+    Ok(ConfigClient::new(connect(api).await?))
 }
 
 fn check_service(service: &str) -> Result<(), UsageError> {
@@ -51,7 +63,7 @@ fn check_service(service: &str) -> Result<(), UsageError> {
 }
 
 /// `ferryctl apply -f FILE|- [--dry-run]`.
-pub async fn apply(url: &str, output: Output, file: &str, dry_run: bool) -> anyhow::Result<String> {
+pub async fn apply(api: &Access, output: Output, file: &str, dry_run: bool) -> anyhow::Result<String> {
     let text = if file == "-" {
         let mut text = String::new();
         std::io::stdin().read_to_string(&mut text).context("reading the resources from standard input")?;
@@ -67,7 +79,7 @@ pub async fn apply(url: &str, output: Output, file: &str, dry_run: bool) -> anyh
     }
     let indexes: Vec<usize> = documents.iter().map(|(i, _)| *i).collect();
     let items = documents.into_iter().map(|(_, r)| v1::ApplyItem { resource: Some(r), expected_version: None }).collect();
-    let channel = connect(url).await?;
+    let channel = connect(api).await?;
     let response = match ConfigClient::new(channel.clone()).apply(v1::ApplyRequest { items, dry_run }).await {
         Ok(response) => response.into_inner(),
         Err(status) => {
@@ -78,7 +90,8 @@ pub async fn apply(url: &str, output: Output, file: &str, dry_run: bool) -> anyh
     };
     match output {
         Output::Table => {
-            let notes = notes(channel, response.applied.iter().filter_map(|a| a.resource.as_ref())).await;
+            let mut notes = notes(channel, response.applied.iter().filter_map(|a| a.resource.as_ref())).await;
+            notes.extend(response.notes.iter().cloned());
             let mut text = applied_text(&response, dry_run);
             for note in notes {
                 text.push_str(&format!("note: {note}\n"));
@@ -92,7 +105,7 @@ pub async fn apply(url: &str, output: Output, file: &str, dry_run: bool) -> anyh
 /// What would keep the routes among `resources` from taking effect, from the registry now:
 /// a backend service with no instance, or a subset with none up. A sidecar holds a new route
 /// until that changes (the previous one stays in force).
-async fn notes<'a>(channel: Channel, resources: impl Iterator<Item = &'a v1::Resource>) -> Vec<String> {
+async fn notes<'a>(channel: ApiChannel, resources: impl Iterator<Item = &'a v1::Resource>) -> Vec<String> {
     let routes: Vec<&v1::Route> = resources
         .filter_map(|r| match &r.kind {
             Some(v1::resource::Kind::Route(route)) => Some(route),
@@ -118,7 +131,7 @@ async fn notes<'a>(channel: Channel, resources: impl Iterator<Item = &'a v1::Res
 
 /// Why sidecars would hold `route`: the backends it sends to (weight above 0) that have no
 /// instance able to take traffic.
-async fn blockers(route: &v1::Route, policies: &[v1::Resource], registry: &mut RegistryClient<Channel>) -> Vec<String> {
+async fn blockers(route: &v1::Route, policies: &[v1::Resource], registry: &mut RegistryClient<ApiChannel>) -> Vec<String> {
     let mut blockers = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for rule in &route.rules {
@@ -160,6 +173,7 @@ fn label(resource: &v1::Resource) -> (String, u64) {
     match &resource.kind {
         Some(v1::resource::Kind::Route(r)) => (format!("route/{}", r.service), r.version),
         Some(v1::resource::Kind::Policy(p)) => (format!("policy/{}", p.service), p.version),
+        Some(v1::resource::Kind::Authorization(a)) => (format!("authorization/{}", a.service), a.version),
         None => ("unknown".into(), 0),
     }
 }
@@ -208,6 +222,7 @@ fn render_resources<'a>(output: Output, resources: impl Iterator<Item = &'a v1::
                 let (applied_at, summary) = match &resource.kind {
                     Some(v1::resource::Kind::Route(r)) => (r.applied_at.as_ref(), route_summary(r)),
                     Some(v1::resource::Kind::Policy(p)) => (p.applied_at.as_ref(), policy_summary(p)),
+                    Some(v1::resource::Kind::Authorization(a)) => (a.applied_at.as_ref(), authorization_summary(a)),
                     None => (None, String::new()),
                 };
                 table.row(vec![name, version.to_string(), ago(applied_at), summary]);
@@ -245,6 +260,20 @@ fn route_summary(route: &v1::Route) -> String {
     format!("{} rule(s): {}", route.rules.len(), rules.join("; "))
 }
 
+fn authorization_summary(policy: &v1::AuthorizationPolicy) -> String {
+    let rules: Vec<String> = policy
+        .rules
+        .iter()
+        .map(|rule| {
+            let action = if rule.action.is_empty() { "allow" } else { rule.action.as_str() };
+            let condition = if rule.r#match.is_some() { " (some requests)" } else { "" };
+            format!("{action} {}{condition}", rule.from.join(","))
+        })
+        .collect();
+    let default = if policy.default.is_empty() { "deny" } else { policy.default.as_str() };
+    format!("default {default}; {}", if rules.is_empty() { "no rules".into() } else { rules.join("; ") })
+}
+
 fn policy_summary(policy: &v1::ServicePolicy) -> String {
     let mut subsets: Vec<String> = policy
         .subsets
@@ -260,12 +289,12 @@ fn policy_summary(policy: &v1::ServicePolicy) -> String {
 }
 
 /// `ferryctl get routes|policies [SERVICE]`.
-pub async fn get(url: &str, output: Output, kind: KindArg, service: Option<String>) -> anyhow::Result<String> {
+pub async fn get(api: &Access, output: Output, kind: KindArg, service: Option<String>) -> anyhow::Result<String> {
     if let Some(service) = &service {
         check_service(service)?;
     }
     let request = v1::ListRequest { kind: kind.proto() as i32, service: service.clone().unwrap_or_default() };
-    let response = client(url).await?.list(request).await?.into_inner();
+    let response = client(api).await?.list(request).await?.into_inner();
     if let Some(service) = service
         && response.resources.is_empty()
     {
@@ -275,10 +304,10 @@ pub async fn get(url: &str, output: Output, kind: KindArg, service: Option<Strin
 }
 
 /// `ferryctl delete route|policy SERVICE`.
-pub async fn delete(url: &str, output: Output, kind: KindArg, service: String, expected: Option<u64>) -> anyhow::Result<String> {
+pub async fn delete(api: &Access, output: Output, kind: KindArg, service: String, expected: Option<u64>) -> anyhow::Result<String> {
     check_service(&service)?;
     let request = v1::DeleteRequest { kind: kind.proto() as i32, service, expected_version: expected };
-    let response = client(url).await?.delete(request).await?.into_inner();
+    let response = client(api).await?.delete(request).await?.into_inner();
     match (output, &response.resource) {
         (Output::Table, Some(resource)) => Ok(format!("{} deleted\n", label(resource).0)),
         (_, resource) => render_resources(output, resource.iter()),
@@ -294,9 +323,9 @@ struct HistoryRow {
 }
 
 /// `ferryctl history route|policy SERVICE`.
-pub async fn history(url: &str, output: Output, kind: KindArg, service: String) -> anyhow::Result<String> {
+pub async fn history(api: &Access, output: Output, kind: KindArg, service: String) -> anyhow::Result<String> {
     check_service(&service)?;
-    let response = client(url)
+    let response = client(api)
         .await?
         .history(v1::HistoryRequest { kind: kind.proto() as i32, service: service.clone() })
         .await?
@@ -313,6 +342,7 @@ pub async fn history(url: &str, output: Output, kind: KindArg, service: String) 
                     Some(resource) => match &resource.kind {
                         Some(v1::resource::Kind::Route(r)) => route_summary(r),
                         Some(v1::resource::Kind::Policy(p)) => policy_summary(p),
+                        Some(v1::resource::Kind::Authorization(a)) => authorization_summary(a),
                         None => String::new(),
                     },
                 };
@@ -342,9 +372,9 @@ fn kind_name(kind: KindArg) -> String {
 
 /// `ferryctl rollback route|policy SERVICE [--to VERSION]`: applies an earlier version again
 /// (the one before the current by default), on condition that nobody changed it meanwhile.
-pub async fn rollback(url: &str, output: Output, kind: KindArg, service: String, to: Option<u64>) -> anyhow::Result<String> {
+pub async fn rollback(api: &Access, output: Output, kind: KindArg, service: String, to: Option<u64>) -> anyhow::Result<String> {
     check_service(&service)?;
-    let mut config = client(url).await?;
+    let mut config = client(api).await?;
     let entries =
         config.history(v1::HistoryRequest { kind: kind.proto() as i32, service: service.clone() }).await?.into_inner().entries;
     // Newest first.
@@ -414,16 +444,17 @@ pub struct Rejected {
 }
 
 /// For every route and policy: which sidecars hold its current version, which do not yet, and
-/// which rejected it.
-pub async fn rollouts(channel: Channel, sidecars: &v1::ListSidecarsResponse) -> anyhow::Result<Vec<Rollout>> {
+/// which rejected it. An authorization policy is held by its own service's sidecars.
+pub async fn rollouts(channel: ApiChannel, sidecars: &v1::ListSidecarsResponse) -> anyhow::Result<Vec<Rollout>> {
     let resources = ConfigClient::new(channel.clone()).list(v1::ListRequest::default()).await?.into_inner().resources;
     let mut registry = RegistryClient::new(channel);
     let mut rollouts = Vec::new();
     for resource in &resources {
         let (name, version) = label(resource);
-        let (service, route) = match &resource.kind {
-            Some(v1::resource::Kind::Route(r)) => (r.service.as_str(), true),
-            Some(v1::resource::Kind::Policy(p)) => (p.service.as_str(), false),
+        let (service, kind) = match &resource.kind {
+            Some(v1::resource::Kind::Route(r)) => (r.service.as_str(), KindArg::Route),
+            Some(v1::resource::Kind::Policy(p)) => (p.service.as_str(), KindArg::Policy),
+            Some(v1::resource::Kind::Authorization(a)) => (a.service.as_str(), KindArg::Authorization),
             None => continue,
         };
         let waiting_for = match &resource.kind {
@@ -433,8 +464,16 @@ pub async fn rollouts(channel: Channel, sidecars: &v1::ListSidecarsResponse) -> 
         let mut rollout =
             Rollout { resource: name, version, acked: Vec::new(), pending: Vec::new(), rejected: Vec::new(), waiting_for };
         for sidecar in &sidecars.sidecars {
-            let Some(subscription) = sidecar.subscriptions.iter().find(|s| s.service == service) else { continue };
-            let progress = if route { subscription.route } else { subscription.policy }.unwrap_or_default();
+            let progress = match kind {
+                KindArg::Authorization if sidecar.service == service && !sidecar.instance_id.is_empty() => {
+                    sidecar.authorization.unwrap_or_default()
+                }
+                KindArg::Authorization => continue,
+                _ => {
+                    let Some(subscription) = sidecar.subscriptions.iter().find(|s| s.service == service) else { continue };
+                    if kind == KindArg::Route { subscription.route } else { subscription.policy }.unwrap_or_default()
+                }
+            };
             if progress.acked_version >= version {
                 rollout.acked.push(sidecar.node_id.clone());
             } else if progress.rejected_version >= version {

@@ -1,12 +1,18 @@
 //! `ferryctl explain`: asks a sidecar's admin listener how it would route a request, from the
 //! config it actually holds, and the control plane how many sidecars call the service, to put
-//! the per-sidecar circuit breaker in perspective.
+//! the per-sidecar circuit breaker in perspective. With `--from`, evaluates the service's
+//! authorization policy for that caller with the very code its sidecars run.
 
 use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::Context;
 use bytes::Bytes;
-use ferry_proto::v1::{self, discovery_client::DiscoveryClient};
+use ferry_proto::{
+    authz::{Authorization, Caller, Decision, Request},
+    matching::RequestInfo,
+    v1::{self, config_client::ConfigClient, discovery_client::DiscoveryClient},
+};
+use ferry_tls::api::Access;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use serde_json::Value;
@@ -27,7 +33,7 @@ pub struct Question {
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Asks the sidecar and renders its answer.
-pub async fn explain(question: Question, output: Output, control_plane: &str) -> anyhow::Result<String> {
+pub async fn explain(question: Question, output: Output, control_plane: &Access) -> anyhow::Result<String> {
     let base = if question.sidecar.contains("://") { question.sidecar.clone() } else { format!("http://{}", question.sidecar) };
     let mut query = form_urlencoded::Serializer::new(String::new());
     // Methods are case-sensitive in HTTP, but nobody means `post` as a method of its own.
@@ -76,7 +82,7 @@ pub async fn explain(question: Question, output: Output, control_plane: &str) ->
 
 /// How many connected sidecars subscribe to each service, from the control plane's
 /// `ListSidecars` (what `ferryctl status` shows).
-async fn callers(control_plane: &str) -> Option<BTreeMap<String, usize>> {
+async fn callers(control_plane: &Access) -> Option<BTreeMap<String, usize>> {
     let ask = async {
         let channel = super::connect(control_plane).await.ok()?;
         DiscoveryClient::new(channel).list_sidecars(v1::ListSidecarsRequest {}).await.ok()
@@ -89,6 +95,61 @@ async fn callers(control_plane: &str) -> Option<BTreeMap<String, usize>> {
         }
     }
     Some(callers)
+}
+
+/// `ferryctl explain SERVICE --from CALLER`: the authorization decision for a request of
+/// `caller`, and the rule that makes it.
+pub async fn authorization(question: Question, caller: &str, output: Output, api: &Access) -> anyhow::Result<String> {
+    let request = v1::GetRequest { kind: v1::ResourceKind::Authorization as i32, service: question.service.clone() };
+    let policy = match ConfigClient::new(super::connect(api).await?).get(request).await {
+        Ok(response) => match response.into_inner().resource.and_then(|r| r.kind) {
+            Some(v1::resource::Kind::Authorization(policy)) => Some(policy),
+            _ => None,
+        },
+        Err(status) if status.code() == tonic::Code::NotFound => None,
+        Err(status) => return Err(status.into()),
+    };
+    let method = http::Method::from_bytes(question.method.to_ascii_uppercase().as_bytes())
+        .map_err(|_| UsageError(format!("--method {:?} is not a method", question.method)))?;
+    let uri: http::Uri = question.path.parse().map_err(|e| UsageError(format!("--path {:?}: {e}", question.path)))?;
+    let mut headers = http::HeaderMap::new();
+    for (name, value) in &question.headers {
+        let name = http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+            .map_err(|e| UsageError(format!("--header {name:?}: {e}")))?;
+        let value = http::HeaderValue::from_str(value).map_err(|e| UsageError(format!("--header {value:?}: {e}")))?;
+        headers.append(name, value);
+    }
+    let info = RequestInfo { method: &method, path: uri.path(), query: uri.query(), headers: &headers, host: question.host.as_deref() };
+    let decision = match &policy {
+        Some(policy) => Authorization::compile(policy, policy.version)
+            .map_err(|e| anyhow::anyhow!("the policy does not compile: {e}"))?
+            .evaluate(Caller::Service(caller), &Request::Http(info)),
+        None => Decision::no_policy(),
+    };
+    let value = serde_json::json!({
+        "service": question.service,
+        "caller": caller,
+        "method": method.as_str(),
+        "path": question.path,
+        "decision": decision.action.as_str(),
+        "rule": decision.rule,
+        "because": decision.because(),
+        "policy_version": decision.version,
+    });
+    match output {
+        Output::Table => {
+            let verdict = if decision.allowed() { "ALLOWED" } else { "DENIED" };
+            let version = if decision.version == 0 { String::new() } else { format!(" (authorization policy version {})", decision.version) };
+            Ok(format!(
+                "{verdict}: {caller} -> {} {} {}\ndecided by: {}{version}\n",
+                question.service,
+                method,
+                question.path,
+                decision.because()
+            ))
+        }
+        _ => super::encode(output, &value),
+    }
 }
 
 /// The circuit breaker line of one service.

@@ -2,26 +2,28 @@
 //!
 //! Tables for people by default, `-o json` or `-o yaml` (the proto3 JSON mapping) for scripts.
 //! Input is validated here with the same rules as the server, so mistakes are caught before a
-//! round trip.
+//! round trip. Every call goes over TLS, verified with `--ca-file`, and carries `--token`.
 
 use std::{
     collections::BTreeMap,
+    path::PathBuf,
     process::ExitCode,
     time::{Duration, SystemTime},
 };
 
-use anyhow::{Context, anyhow};
+use anyhow::anyhow;
 use clap::{Parser, Subcommand, ValueEnum};
 use ferry_proto::{
     types::Timestamp,
     v1::{self, discovery_client::DiscoveryClient, registry_client::RegistryClient},
     validate,
 };
+use ferry_tls::api::{Access, ApiChannel};
 use serde::Serialize;
-use tonic::transport::Channel;
 
 mod config;
 mod explain;
+mod security;
 mod table;
 
 use self::{config::KindArg, table::Table};
@@ -30,9 +32,19 @@ use self::{config::KindArg, table::Table};
 #[derive(Debug, Parser)]
 #[command(name = "ferryctl", version)]
 pub struct Cli {
-    /// The control plane's gRPC address.
-    #[arg(long, env = "FERRY_CONTROL_PLANE", default_value = "http://127.0.0.1:7070", global = true, value_name = "URL")]
+    /// The control plane's gRPC address (`http://` for one started with --api-tls off).
+    #[arg(long, env = "FERRY_CONTROL_PLANE", default_value = "https://127.0.0.1:7070", global = true, value_name = "URL")]
     pub control_plane: String,
+
+    /// The API token (an admin or read token; the admin token of a new control plane is in
+    /// <data-dir>/admin.token).
+    #[arg(long, env = "FERRY_TOKEN", global = true, hide_env_values = true, value_name = "TOKEN")]
+    pub token: Option<String>,
+
+    /// The roots that verify the control plane's certificate: the ca.pem it writes in its data
+    /// directory.
+    #[arg(long, env = "FERRY_CA_FILE", global = true, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
 
     /// Output format.
     #[arg(short, long, env = "FERRY_OUTPUT", value_enum, default_value_t = Output::Table, global = true)]
@@ -114,7 +126,8 @@ pub enum Command {
     /// for every route and policy, which sidecars run its current version, which have yet to,
     /// and which rejected it and why.
     Status,
-    /// Apply Route and ServicePolicy resources from multi-document YAML (or JSON), all or none.
+    /// Apply Route, ServicePolicy and AuthorizationPolicy resources from multi-document YAML
+    /// (or JSON), all or none.
     Apply {
         /// The file to read, or - for standard input.
         #[arg(short = 'f', long = "filename", value_name = "FILE|-")]
@@ -123,16 +136,16 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Show routes or policies, of one service or all.
+    /// Show routes, policies or authorization policies, of one service or all.
     Get {
-        /// routes or policies.
+        /// routes, policies or authorizations.
         kind: KindArg,
         /// Only this service's.
         service: Option<String>,
     },
-    /// Delete a service's route or policy.
+    /// Delete a service's route, policy or authorization policy.
     Delete {
-        /// route or policy.
+        /// route, policy or authorization.
         kind: KindArg,
         /// The service.
         service: String,
@@ -140,17 +153,18 @@ pub enum Command {
         #[arg(long, value_name = "VERSION")]
         expected_version: Option<u64>,
     },
-    /// The versions kept of a service's route or policy (the last 10), newest first.
+    /// The versions kept of a service's route, policy or authorization policy (the last 10),
+    /// newest first.
     History {
-        /// route or policy.
+        /// route, policy or authorization.
         kind: KindArg,
         /// The service.
         service: String,
     },
-    /// Apply an earlier version of a route or policy again (the one before the current by
-    /// default). Fails if it changed meanwhile.
+    /// Apply an earlier version of a route, policy or authorization policy again (the one
+    /// before the current by default). Fails if it changed meanwhile.
     Rollback {
-        /// route or policy.
+        /// route, policy or authorization.
         kind: KindArg,
         /// The service.
         service: String,
@@ -159,7 +173,9 @@ pub enum Command {
         to: Option<u64>,
     },
     /// Ask a sidecar how it would route a request: the rule that matches, the backends and
-    /// subsets it picks from, the timeout and retries, from the config it holds.
+    /// subsets it picks from, the timeout and retries, from the config it holds. With --from,
+    /// whether the service's authorization policy lets that caller make the request, and which
+    /// rule decides.
     Explain {
         /// The service the request is for.
         service: String,
@@ -178,7 +194,16 @@ pub enum Command {
         /// The sidecar's admin listener.
         #[arg(long, env = "FERRY_SIDECAR_ADMIN", default_value = "127.0.0.1:15000", value_name = "ADDR")]
         sidecar: String,
+        /// The calling service: explain the authorization decision for it instead.
+        #[arg(long, value_name = "SERVICE")]
+        from: Option<String>,
     },
+    /// Make, list and revoke API tokens.
+    #[command(subcommand)]
+    Token(security::TokenCommand),
+    /// The mesh's certificate authority: its trust bundle and its rotation.
+    #[command(subcommand)]
+    Ca(security::CaCommand),
 }
 
 fn parse_header(s: &str) -> Result<(String, String), String> {
@@ -257,9 +282,11 @@ pub fn main() -> ExitCode {
 /// Runs one command and returns what to print.
 pub async fn run(cli: Cli) -> anyhow::Result<String> {
     let output = cli.output;
+    let api = cli.access()?;
+    let api = &api;
     match cli.command {
         Command::Services => {
-            let response = registry(&cli.control_plane).await?.list_services(v1::ListServicesRequest {}).await?.into_inner();
+            let response = registry(api).await?.list_services(v1::ListServicesRequest {}).await?.into_inner();
             render(output, &response, services_table)
         }
         Command::Instances { service, passing, metadata, zone } => {
@@ -270,7 +297,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
                 metadata: metadata.into_iter().collect(),
                 zone: zone.unwrap_or_default(),
             };
-            let response = registry(&cli.control_plane).await?.list_instances(request).await?.into_inner();
+            let response = registry(api).await?.list_instances(request).await?.into_inner();
             render(output, &response, instances_table)
         }
         Command::Register {
@@ -309,7 +336,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
                 let field = e.field.rsplit('.').next().unwrap_or(&e.field).replace('_', "-");
                 UsageError(format!("--{field}: {} ({})", e.reason, e.field))
             })?;
-            let response = registry(&cli.control_plane)
+            let response = registry(api)
                 .await?
                 .register(v1::RegisterRequest { instance: Some(instance) })
                 .await?
@@ -321,14 +348,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
         }
         Command::Deregister { id } => {
             validate::instance_id("ID", &id).map_err(|e| UsageError(e.to_string()))?;
-            let response = registry(&cli.control_plane).await?.deregister(v1::DeregisterRequest { id }).await?.into_inner();
+            let response = registry(api).await?.deregister(v1::DeregisterRequest { id }).await?.into_inner();
             render(output, &response, |r| {
                 let i = r.instance.clone().unwrap_or_default();
                 format!("deregistered {} from service {}\n", i.id, i.service)
             })
         }
         Command::Status => {
-            let channel = connect(&cli.control_plane).await?;
+            let channel = connect(api).await?;
             let response = DiscoveryClient::new(channel.clone()).list_sidecars(v1::ListSidecarsRequest {}).await?.into_inner();
             let rollouts = config::rollouts(channel, &response).await?;
             match output {
@@ -336,18 +363,38 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
                 _ => encode(output, &serde_json::json!({ "sidecars": response.sidecars, "resources": rollouts })),
             }
         }
-        Command::Apply { file, dry_run } => config::apply(&cli.control_plane, output, &file, dry_run).await,
-        Command::Get { kind, service } => config::get(&cli.control_plane, output, kind, service).await,
-        Command::Delete { kind, service, expected_version } => {
-            config::delete(&cli.control_plane, output, kind, service, expected_version).await
-        }
-        Command::History { kind, service } => config::history(&cli.control_plane, output, kind, service).await,
-        Command::Rollback { kind, service, to } => config::rollback(&cli.control_plane, output, kind, service, to).await,
-        Command::Explain { service, path, method, headers, host, sidecar } => {
+        Command::Apply { file, dry_run } => config::apply(api, output, &file, dry_run).await,
+        Command::Get { kind, service } => config::get(api, output, kind, service).await,
+        Command::Delete { kind, service, expected_version } => config::delete(api, output, kind, service, expected_version).await,
+        Command::History { kind, service } => config::history(api, output, kind, service).await,
+        Command::Rollback { kind, service, to } => config::rollback(api, output, kind, service, to).await,
+        Command::Explain { service, path, method, headers, host, sidecar, from } => {
             validate::service_name("SERVICE", &service).map_err(|e| UsageError(e.to_string()))?;
-            explain::explain(explain::Question { service, path, method, headers, host, sidecar }, output, &cli.control_plane)
-                .await
+            let question = explain::Question { service, path, method, headers, host, sidecar };
+            match from {
+                Some(caller) => {
+                    validate::service_name("--from", &caller).map_err(|e| UsageError(e.to_string()))?;
+                    explain::authorization(question, &caller, output, api).await
+                }
+                None => explain::explain(question, output, api).await,
+            }
         }
+        Command::Token(command) => security::token(api, output, command).await,
+        Command::Ca(command) => security::ca(api, output, command).await,
+    }
+}
+
+impl Cli {
+    /// How to reach the control plane, from the flags.
+    fn access(&self) -> Result<Access, UsageError> {
+        let ca_pem = match &self.ca_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path).map_err(|e| UsageError(format!("--ca-file {}: {e}", path.display())))?,
+            ),
+            None => None,
+        };
+        let token = self.token.clone().filter(|t| !t.trim().is_empty());
+        Ok(Access { url: self.control_plane.clone(), ca_pem, token })
     }
 }
 
@@ -360,18 +407,29 @@ fn status_text(status: &tonic::Status) -> String {
             status.message().to_owned()
         }
         Code::Unavailable => format!("the control plane is unavailable: {}", status.message()),
+        Code::Unauthenticated => format!("not authenticated: {}", status.message()),
+        Code::PermissionDenied => format!("permission denied: {}", status.message()),
         Code::DeadlineExceeded => format!("the control plane did not answer in time: {}", status.message()),
         code => format!("{}: {}", code.description(), status.message()),
     }
 }
 
-pub(crate) async fn connect(url: &str) -> anyhow::Result<Channel> {
-    let endpoint = Channel::from_shared(url.to_owned()).map_err(|e| UsageError(format!("--control-plane {url:?}: {e}")))?;
-    endpoint.connect().await.with_context(|| format!("cannot reach the control plane at {url}"))
+pub(crate) async fn connect(api: &Access) -> anyhow::Result<ApiChannel> {
+    api.connect().await.map_err(|error| match error {
+        ferry_tls::api::ConnectError::Access(access) => {
+            let flag = match access {
+                ferry_tls::api::AccessError::NoCaFile { .. } | ferry_tls::api::AccessError::BadCa(_) => "--ca-file",
+                ferry_tls::api::AccessError::BadToken => "--token",
+                ferry_tls::api::AccessError::BadUrl { .. } => "--control-plane",
+            };
+            UsageError(format!("{flag}: {access}")).into()
+        }
+        transport => anyhow::Error::new(transport),
+    })
 }
 
-async fn registry(url: &str) -> anyhow::Result<RegistryClient<Channel>> {
-    Ok(RegistryClient::new(connect(url).await?))
+async fn registry(api: &Access) -> anyhow::Result<RegistryClient<ApiChannel>> {
+    Ok(RegistryClient::new(connect(api).await?))
 }
 
 fn render<T: Serialize>(output: Output, value: &T, table: impl Fn(&T) -> String) -> anyhow::Result<String> {

@@ -19,6 +19,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     api::registry_status,
+    auth::{Principal, Tokens},
+    ca::Authority,
     metrics::PushMetrics,
     registry::{InstanceSpec, Registry, system_time},
     resources::Resources,
@@ -28,7 +30,7 @@ mod session;
 mod status;
 
 pub use self::{
-    session::{Ended, Session, SessionConfig},
+    session::{Credentials, Ended, Session, SessionConfig},
     status::{SidecarRecord, Sidecars},
 };
 
@@ -41,6 +43,8 @@ pub struct DiscoveryService {
     registry: Arc<Registry>,
     resources: Arc<Resources>,
     sidecars: Arc<Sidecars>,
+    authority: Arc<Authority>,
+    tokens: Arc<Tokens>,
     config: SessionConfig,
     metrics: PushMetrics,
     server_id: String,
@@ -55,6 +59,7 @@ struct Hello {
     health: Option<(Health, Vec<CheckStatus>)>,
     versions: HashMap<String, u64>,
     build: String,
+    mtls: bool,
 }
 
 /// Validates a health report from a sidecar.
@@ -108,22 +113,26 @@ impl TryFrom<v1::Hello> for Hello {
             health,
             versions: hello.versions,
             build: hello.build,
+            mtls: hello.mtls,
         })
     }
 }
 
 impl DiscoveryService {
     /// A service whose streams end when `shutdown` fires.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         registry: Arc<Registry>,
         resources: Arc<Resources>,
         sidecars: Arc<Sidecars>,
+        authority: Arc<Authority>,
+        tokens: Arc<Tokens>,
         config: SessionConfig,
         metrics: PushMetrics,
         shutdown: CancellationToken,
     ) -> Self {
         let server_id = format!("{:016x}", rand::random::<u64>());
-        Self { registry, resources, sidecars, config, metrics, server_id, shutdown }
+        Self { registry, resources, sidecars, authority, tokens, config, metrics, server_id, shutdown }
     }
 }
 
@@ -135,6 +144,7 @@ impl Discovery for DiscoveryService {
 
     async fn stream(&self, request: Request<Streaming<v1::SidecarMessage>>) -> Result<Response<Self::StreamStream>, Status> {
         let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let principal = Principal::of(&request)?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -143,12 +153,21 @@ impl Discovery for DiscoveryService {
             Some(sidecar_message::Message::Hello(hello)) => hello,
             _ => return Err(Status::invalid_argument("hello: the first message on a stream must be hello")),
         };
-        let hello = Hello::try_from(hello).map_err(|e| Status::invalid_argument(e.within("hello").to_string()))?;
+        let mut hello = Hello::try_from(hello).map_err(|e| Status::invalid_argument(e.within("hello").to_string()))?;
+        // Nothing is attached for a sidecar its token does not allow.
+        if let Err(denied) = principal.require_service(&hello.service, "opening a config stream") {
+            tracing::warn!(node = %hello.node_id, service = %hello.service, %peer, reason = %denied, "refused a sidecar");
+            return Err(denied.into());
+        }
 
         let session_id = self.registry.new_session();
         let (health, statuses) = hello.health.unwrap_or((Health::Passing, Vec::new()));
-        let instance = match hello.instance {
-            Some(spec) => {
+        let identity = ferry_tls::Identity::new(self.authority.trust_domain(), &hello.service).to_string();
+        let instance = match hello.instance.take() {
+            Some(mut spec) => {
+                if hello.mtls {
+                    spec.identity = identity;
+                }
                 let instance = self
                     .registry
                     .attach(session_id, &hello.node_id, spec, health)
@@ -167,15 +186,34 @@ impl Discovery for DiscoveryService {
             .try_send(Ok(v1::ControlMessage { message: Some(control_message::Message::Welcome(welcome)) }))
             .map_err(|_| Status::internal("the new stream's channel is full"))?;
 
-        let record = Arc::new(SidecarRecord::new(hello.node_id.clone(), hello.service, instance_id.clone(), peer, hello.build));
+        let record = Arc::new(SidecarRecord::new(
+            hello.node_id.clone(),
+            hello.service,
+            instance_id.clone(),
+            peer,
+            hello.build,
+            principal.id().to_owned(),
+        ));
+        let credentials = match principal.id() {
+            "" => Credentials::default(),
+            id => Credentials {
+                revoked: self.tokens.revoked(id),
+                expires: self.tokens.expires_at(id).map(|at| {
+                    let left = at.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+                    tokio::time::Instant::now() + left
+                }),
+            },
+        };
         let session = Session::new(
             session_id,
             self.registry.clone(),
             self.resources.clone(),
+            self.authority.watch(),
             self.config.clone(),
             self.metrics.clone(),
             record.clone(),
             hello.versions,
+            credentials,
         );
         let (registry, sidecars, metrics, shutdown) =
             (self.registry.clone(), self.sidecars.clone(), self.metrics.clone(), self.shutdown.clone());
@@ -199,8 +237,10 @@ impl Discovery for DiscoveryService {
 
     async fn list_sidecars(
         &self,
-        _request: Request<v1::ListSidecarsRequest>,
+        request: Request<v1::ListSidecarsRequest>,
     ) -> Result<Response<v1::ListSidecarsResponse>, Status> {
-        Ok(Response::new(v1::ListSidecarsResponse { sidecars: self.sidecars.list(&self.registry, &self.resources) }))
+        Principal::of(&request)?.require_read("listing sidecars")?;
+        let sidecars = self.sidecars.list(&self.registry, &self.resources, &self.authority);
+        Ok(Response::new(v1::ListSidecarsResponse { sidecars }))
     }
 }

@@ -7,6 +7,10 @@
 //! channel holds a single push: while the sidecar is slow to read, changes keep accumulating
 //! and the next push carries the latest state of each service (latest wins).
 //!
+//! Besides the services it subscribed to, every sidecar is sent the mesh's trust bundle and the
+//! authorization policy of its own service: in the stream's first push, and whenever they
+//! change. A revoked or expired token ends the stream.
+//!
 //! A service the sidecar already holds (by the version it sent in Hello, or the last one pushed)
 //! is sent as a delta when the registry's change log reaches back to that version and the delta
 //! is smaller than the full set. A NACKed delta is followed by a full snapshot; a NACKed snapshot
@@ -23,7 +27,10 @@ use ferry_proto::{
     validate,
 };
 use prost::Message;
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
 use tokio_stream::{Stream, StreamExt, StreamMap, wrappers::WatchStream};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -42,12 +49,23 @@ pub struct SessionConfig {
     pub max_delay: Duration,
     /// The most services one sidecar may subscribe to.
     pub max_subscriptions: usize,
+    /// The most bytes of a NACK's error text kept.
+    pub max_nack_bytes: usize,
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        Self { max_delay: Duration::from_millis(50), max_subscriptions: 10_000 }
+        Self { max_delay: Duration::from_millis(50), max_subscriptions: 10_000, max_nack_bytes: 4096 }
     }
+}
+
+/// What ends a session besides its stream: the token it was opened with.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    /// Fires when the token is revoked.
+    pub revoked: CancellationToken,
+    /// When the token expires, if it does.
+    pub expires: Option<Instant>,
 }
 
 /// Pushes kept for matching ACKs; older ones are forgotten.
@@ -84,6 +102,18 @@ pub struct Session {
     /// When the oldest unpushed change arrived.
     dirty_since: Option<Instant>,
     last_push: Option<Instant>,
+    /// The trust bundle, as the CA publishes it.
+    bundle_watch: WatchStream<Arc<v1::TrustBundle>>,
+    bundle: Option<Arc<v1::TrustBundle>>,
+    bundle_sent: Option<u64>,
+    /// The config of the sidecar's own service, for its authorization policy.
+    own_watch: WatchStream<Arc<ServiceConfig>>,
+    own: Option<Arc<ServiceConfig>>,
+    authorization_sent: Option<u64>,
+    authorization_acked: Option<u64>,
+    /// An authorization version the sidecar refused: not sent again until it changes.
+    authorization_rejected: Option<u64>,
+    credentials: Credentials,
 }
 
 /// What the sidecar holds of a service (or will, once the pushes in flight land).
@@ -142,19 +172,36 @@ struct InFlight {
     sent_at: Instant,
     /// (service, what the push gave, whether it carried everything)
     carried: Vec<(Arc<str>, Held, bool)>,
+    /// The trust bundle version it carried, if any.
+    bundle: Option<u64>,
+    /// The authorization version it carried, if any.
+    authorization: Option<u64>,
 }
 
 impl Session {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: SessionId,
         registry: Arc<Registry>,
         resources: Arc<Resources>,
+        bundle: watch::Receiver<Arc<v1::TrustBundle>>,
         config: SessionConfig,
         metrics: PushMetrics,
         record: Arc<SidecarRecord>,
         held: HashMap<String, u64>,
+        credentials: Credentials,
     ) -> Self {
+        let own_watch = WatchStream::new(resources.watch(&record.service));
         Self {
+            bundle_watch: WatchStream::new(bundle),
+            bundle: None,
+            bundle_sent: None,
+            own_watch,
+            own: None,
+            authorization_sent: None,
+            authorization_acked: None,
+            authorization_rejected: None,
+            credentials,
             id,
             registry,
             resources,
@@ -188,11 +235,22 @@ impl Session {
             // changes that arrive together leave together. A sidecar that floods its own stream
             // only delays its own pushes.
             let flush_now = flush_at.is_some_and(|at| at <= Instant::now());
+            let expires = self.credentials.expires;
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => {
                     let _ = outbound.try_send(Err(Status::unavailable("the control plane is shutting down")));
                     return Ended::Shutdown;
+                }
+                () = self.credentials.revoked.cancelled() => {
+                    tracing::info!(node = %self.record.node_id, "closing stream: its token was revoked");
+                    let _ = outbound.try_send(Err(Status::unauthenticated("the token of this stream was revoked")));
+                    return Ended::Broken;
+                }
+                () = sleep_until(expires), if expires.is_some() => {
+                    tracing::info!(node = %self.record.node_id, "closing stream: its token expired");
+                    let _ = outbound.try_send(Err(Status::unauthenticated("the token of this stream has expired")));
+                    return Ended::Broken;
                 }
                 message = inbound.next() => match message {
                     Some(Ok(message)) => match self.handle(message) {
@@ -212,6 +270,18 @@ impl Session {
                 },
                 Some((service, snapshot)) = self.endpoint_watches.next() => self.endpoints_changed(&service, snapshot),
                 Some((service, config)) = self.config_watches.next() => self.config_changed(&service, config),
+                Some(bundle) = self.bundle_watch.next() => {
+                    if self.bundle_sent != Some(bundle.version) {
+                        self.dirty_since.get_or_insert_with(Instant::now);
+                    }
+                    self.bundle = Some(bundle);
+                }
+                Some(own) = self.own_watch.next() => {
+                    if self.authorization_sent != Some(own.authorization_version) {
+                        self.dirty_since.get_or_insert_with(Instant::now);
+                    }
+                    self.own = Some(own);
+                }
                 permit = outbound.reserve(), if flush_now => match permit {
                     Ok(permit) => {
                         if let Some(push) = self.build_push() {
@@ -395,17 +465,46 @@ impl Session {
             let due_since = subscription.endpoints.changed_at.max(subscription.subscribed_at);
             self.metrics.propagation.observe(now.saturating_duration_since(due_since).as_secs_f64());
         }
-        if resources.is_empty() {
+        let trust_bundle = self.bundle.as_ref().filter(|b| self.bundle_sent != Some(b.version)).map(|b| (**b).clone());
+        let authorization = self
+            .own
+            .as_ref()
+            .filter(|own| {
+                self.authorization_sent != Some(own.authorization_version)
+                    && self.authorization_rejected != Some(own.authorization_version)
+            })
+            .map(|own| v1::AuthorizationUpdate {
+                policy: own.authorization.as_deref().cloned(),
+                version: own.authorization_version,
+            });
+        if resources.is_empty() && trust_bundle.is_none() && authorization.is_none() {
             return None;
+        }
+        let bundle = trust_bundle.as_ref().map(|b| b.version);
+        if let Some(version) = bundle {
+            self.bundle_sent = Some(version);
+            self.record.bundle_sent(version);
+        }
+        let authorization_version = authorization.as_ref().map(|a| a.version);
+        if let Some(version) = authorization_version {
+            self.authorization_sent = Some(version);
+            self.record.authorization_sent(version);
         }
         self.next_nonce += 1;
         let nonce = self.next_nonce.to_string();
         self.last_push = Some(now);
-        self.in_flight.push_back(InFlight { nonce: nonce.clone(), sent_at: now, carried });
+        self.in_flight.push_back(InFlight {
+            nonce: nonce.clone(),
+            sent_at: now,
+            carried,
+            bundle,
+            authorization: authorization_version,
+        });
         while self.in_flight.len() > MAX_IN_FLIGHT {
             self.in_flight.pop_front();
         }
-        let message = v1::ControlMessage { message: Some(control_message::Message::Push(v1::Push { nonce, resources })) };
+        let push = v1::Push { nonce, resources, trust_bundle, authorization };
+        let message = v1::ControlMessage { message: Some(control_message::Message::Push(push)) };
         self.metrics.pushes.inc();
         self.metrics.bytes.inc_by(message.encoded_len() as u64);
         Some(message)
@@ -425,6 +524,13 @@ impl Session {
         };
         self.metrics.acks.inc();
         self.metrics.ack_latency.observe(push.sent_at.elapsed().as_secs_f64());
+        if let Some(version) = push.bundle {
+            self.record.bundle_acked(version);
+        }
+        if let Some(version) = push.authorization {
+            self.authorization_acked = Some(version);
+            self.record.authorization_acked(version);
+        }
         for (service, held, _) in push.carried {
             if let Some(subscription) = self.subscriptions.get_mut(&service) {
                 subscription.acked = Some(held);
@@ -434,8 +540,10 @@ impl Session {
         }
     }
 
-    fn nacked(&mut self, nack: v1::Nack) {
+    fn nacked(&mut self, mut nack: v1::Nack) {
         self.metrics.nacks.inc();
+        truncate(&mut nack.error, self.config.max_nack_bytes);
+        nack.services.truncate(MAX_IN_FLIGHT);
         tracing::warn!(node = %self.record.node_id, nonce = %nack.nonce, error = %nack.error, "sidecar rejected a push");
         let push = self.take_in_flight(&nack.nonce);
         let versions = push.iter().flat_map(|p| p.carried.iter().map(|(s, held, _)| (s.to_string(), held.version))).collect();
@@ -446,8 +554,25 @@ impl Session {
             at: Some(crate::registry::timestamp(std::time::SystemTime::now())),
             versions,
         });
+        // The bundle and the authorization policy go again; one the sidecar found fault with
+        // (a NACK naming no service) only once changed.
+        let whole = at_fault.is_empty();
+        if let Some(push) = &push {
+            if push.bundle.is_some() {
+                self.bundle_sent = None;
+            }
+            if let Some(version) = push.authorization {
+                self.authorization_sent = self.authorization_acked;
+                if whole {
+                    self.authorization_rejected = Some(version);
+                    self.record.authorization_rejected(version);
+                }
+            }
+        }
         let Some(push) = push else {
             // Too old to know what it carried: resend everything in full.
+            self.bundle_sent = None;
+            self.authorization_sent = self.authorization_acked;
             for subscription in self.subscriptions.values_mut() {
                 subscription.sent = subscription.acked;
                 subscription.needs_full = true;
@@ -519,6 +644,18 @@ fn delta(snapshot: &ServiceSnapshot, held: u64, base_version: u64) -> Option<End
             removed: delta.removed,
         })
     })
+}
+
+/// Cuts `text` to at most `max` bytes, on a character boundary, marked when cut.
+fn truncate(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max.saturating_sub('…'.len_utf8());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {

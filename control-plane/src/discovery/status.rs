@@ -10,6 +10,7 @@ use ferry_proto::v1;
 
 use super::session::Held;
 use crate::{
+    ca::Authority,
     registry::{Registry, SessionId, timestamp},
     resources::Resources,
 };
@@ -28,6 +29,8 @@ pub struct SidecarRecord {
     pub peer: String,
     pub build: String,
     pub connected_at: SystemTime,
+    /// The id of the token the stream was opened with; empty without authentication.
+    pub token_id: String,
     progress: Mutex<Progress>,
 }
 
@@ -36,6 +39,11 @@ struct Progress {
     /// Per subscribed service.
     services: HashMap<Arc<str>, ServiceProgress>,
     last_nack: Option<v1::NackStatus>,
+    /// The authorization policy of the sidecar's own service: versions sent, acknowledged,
+    /// rejected.
+    authorization: (u64, u64, u64),
+    /// The trust bundle versions sent and acknowledged.
+    bundle: (u64, u64),
 }
 
 #[derive(Default, Clone, Copy)]
@@ -51,8 +59,49 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl SidecarRecord {
     /// A record for a sidecar that just said Hello.
-    pub fn new(node_id: String, service: String, instance_id: Option<String>, peer: String, build: String) -> Self {
-        Self { node_id, service, instance_id, peer, build, connected_at: SystemTime::now(), progress: Mutex::default() }
+    pub fn new(
+        node_id: String,
+        service: String,
+        instance_id: Option<String>,
+        peer: String,
+        build: String,
+        token_id: String,
+    ) -> Self {
+        Self {
+            node_id,
+            service,
+            instance_id,
+            peer,
+            build,
+            connected_at: SystemTime::now(),
+            token_id,
+            progress: Mutex::default(),
+        }
+    }
+
+    pub(crate) fn authorization_sent(&self, version: u64) {
+        lock(&self.progress).authorization.0 = version;
+    }
+
+    pub(crate) fn authorization_acked(&self, version: u64) {
+        lock(&self.progress).authorization.1 = version;
+    }
+
+    pub(crate) fn authorization_rejected(&self, version: u64) {
+        lock(&self.progress).authorization.2 = version;
+    }
+
+    pub(crate) fn bundle_sent(&self, version: u64) {
+        lock(&self.progress).bundle.0 = version;
+    }
+
+    pub(crate) fn bundle_acked(&self, version: u64) {
+        lock(&self.progress).bundle.1 = version;
+    }
+
+    /// The trust bundle version the sidecar has acknowledged.
+    pub fn bundle_acknowledged(&self) -> u64 {
+        lock(&self.progress).bundle.1
     }
 
     pub(crate) fn subscribed(&self, service: &Arc<str>, held: Option<Held>) {
@@ -85,7 +134,9 @@ impl SidecarRecord {
         lock(&self.progress).last_nack = Some(nack);
     }
 
-    fn to_proto(&self, registry: &Registry, resources: &Resources) -> v1::SidecarStatus {
+    fn to_proto(&self, registry: &Registry, resources: &Resources, authority: &Authority) -> v1::SidecarStatus {
+        let own = resources.config(&self.service);
+        let issued = authority.issued(&self.node_id);
         let progress = lock(&self.progress);
         let mut subscriptions: Vec<_> = progress
             .services
@@ -118,6 +169,18 @@ impl SidecarRecord {
             connected_at: Some(timestamp(self.connected_at)),
             subscriptions,
             last_nack: progress.last_nack.clone(),
+            authorization: Some(v1::ResourceProgress {
+                current_version: own.authorization_version,
+                sent_version: progress.authorization.0,
+                acked_version: progress.authorization.1,
+                rejected_version: progress.authorization.2,
+            }),
+            trust_bundle_sent: progress.bundle.0,
+            trust_bundle_acked: progress.bundle.1,
+            identity: issued.as_ref().map(|i| i.identity.clone()).unwrap_or_default(),
+            certificate_serial: issued.as_ref().map(|i| i.serial.clone()).unwrap_or_default(),
+            certificate_not_after: issued.map(|i| timestamp(i.not_after)),
+            token_id: self.token_id.clone(),
         }
     }
 }
@@ -130,11 +193,33 @@ impl Sidecars {
     }
 
     /// Every connected sidecar, by node id.
-    pub fn list(&self, registry: &Registry, resources: &Resources) -> Vec<v1::SidecarStatus> {
+    pub fn list(&self, registry: &Registry, resources: &Resources, authority: &Authority) -> Vec<v1::SidecarStatus> {
         let records: Vec<_> = lock(&self.connected).values().cloned().collect();
-        let mut list: Vec<_> = records.iter().map(|r| r.to_proto(registry, resources)).collect();
+        let mut list: Vec<_> = records.iter().map(|r| r.to_proto(registry, resources, authority)).collect();
         list.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         list
+    }
+
+    /// The node ids of the connected sidecars.
+    pub fn node_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = lock(&self.connected).values().map(|r| r.node_id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// Whether every connected sidecar has acknowledged trust bundle `version` or a later one.
+    pub fn all_trust(&self, version: u64) -> bool {
+        lock(&self.connected).values().all(|r| r.bundle_acknowledged() >= version)
+    }
+
+    /// The services of the sidecars subscribed to `service`: its callers now.
+    pub fn callers(&self, service: &str) -> std::collections::BTreeSet<String> {
+        lock(&self.connected)
+            .values()
+            .filter(|r| lock(&r.progress).services.contains_key(service))
+            .map(|r| r.service.clone())
+            .collect()
     }
 
     /// How many sidecars are connected.

@@ -32,6 +32,9 @@ pub struct Instance {
     pub checks: Vec<CheckSpec>,
     /// An API instance critical this long is removed.
     pub deregister_critical_after: Option<Duration>,
+    /// The identity its sidecar proves with mTLS (`spiffe://...`); empty when it is reached in
+    /// plaintext.
+    pub identity: String,
 }
 
 /// Who registered an instance, which decides its lifecycle.
@@ -56,6 +59,9 @@ pub struct InstanceSpec {
     pub weight: u32,
     pub checks: Vec<CheckSpec>,
     pub deregister_critical_after: Option<Duration>,
+    /// Set by whoever attaches a sidecar's instance that serves mTLS; never taken from a
+    /// request.
+    pub identity: String,
 }
 
 impl TryFrom<v1::Instance> for InstanceSpec {
@@ -97,6 +103,7 @@ impl TryFrom<v1::Instance> for InstanceSpec {
             weight: if instance.weight == 0 { validate::DEFAULT_WEIGHT } else { instance.weight },
             checks,
             deregister_critical_after,
+            identity: String::new(),
         })
     }
 }
@@ -119,6 +126,7 @@ impl Instance {
             index: 0,
             checks: spec.checks,
             deregister_critical_after: spec.deregister_critical_after,
+            identity: spec.identity,
         }
     }
 
@@ -142,6 +150,7 @@ impl Instance {
             && self.weight == spec.weight
             && self.checks == spec.checks
             && self.deregister_critical_after == spec.deregister_critical_after
+            && self.identity == spec.identity
     }
 
     /// The instance as it is stored, its checks without status. The API shows it through
@@ -167,6 +176,7 @@ impl Instance {
             index: self.index,
             checks: self.checks.iter().map(CheckSpec::to_proto).collect(),
             deregister_critical_after: self.deregister_critical_after.map(ferry_health::spec::proto_duration),
+            identity: self.identity.clone(),
         }
     }
 
@@ -181,7 +191,16 @@ impl Instance {
             region: self.region.clone(),
             zone: self.zone.clone(),
             weight: self.weight,
+            identity: self.identity.clone(),
         }
+    }
+
+    /// The encoded size of the instance as a sidecar receives it, within a push.
+    pub fn endpoint_bytes(&self) -> usize {
+        use prost::Message;
+        let len = self.to_endpoint().encoded_len();
+        // The field's tag and length prefix.
+        len + 1 + prost::length_delimiter_len(len)
     }
 
     /// Restores an instance from its stored form.
@@ -194,7 +213,9 @@ impl Instance {
         };
         let registered_at = stored.registered_at.map(system_time).unwrap_or(UNIX_EPOCH);
         let index = stored.index;
-        let spec = InstanceSpec::try_from(stored)?;
+        let identity = stored.identity.clone();
+        let mut spec = InstanceSpec::try_from(stored)?;
+        spec.identity = if matches!(origin, Origin::Sidecar { .. }) { identity } else { String::new() };
         Ok(Self { registered_at, index, ..Self::new(spec, origin, health) })
     }
 }

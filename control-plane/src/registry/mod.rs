@@ -47,11 +47,27 @@ pub struct RegistryConfig {
     pub change_log: usize,
     /// How long an API write waits to be durable before it reports the store's error.
     pub durable_timeout: Duration,
+    /// Instances one service may have.
+    pub max_instances_per_service: usize,
+    /// Bytes of metadata keys and values one instance may carry.
+    pub max_metadata_bytes: usize,
+    /// Checks one instance may have.
+    pub max_checks: usize,
+    /// The encoded size a service's endpoints may reach in one push.
+    pub max_push_bytes: usize,
 }
 
 impl Default for RegistryConfig {
     fn default() -> Self {
-        Self { reconnect_grace: Duration::from_secs(30), change_log: 256, durable_timeout: Duration::from_secs(5) }
+        Self {
+            reconnect_grace: Duration::from_secs(30),
+            change_log: 256,
+            durable_timeout: Duration::from_secs(5),
+            max_instances_per_service: 20_000,
+            max_metadata_bytes: 16 << 10,
+            max_checks: ferry_proto::validate::MAX_CHECKS,
+            max_push_bytes: 64 << 20,
+        }
     }
 }
 
@@ -186,12 +202,14 @@ impl Registry {
         }
         for (name, instances) in by_service {
             let index = self.indexes.next();
+            let encoded_bytes = instances.values().map(|i| i.endpoint_bytes()).sum();
             let snapshot = ServiceSnapshot {
                 name: name.clone(),
                 index,
                 instances: Arc::new(instances),
                 log: Arc::new(ChangeLog::starting_at(index)),
                 changed_at: Instant::now(),
+                encoded_bytes,
             };
             state.services.insert(name, ServiceEntry { tx: watch::Sender::new(Arc::new(snapshot)) });
         }
@@ -259,6 +277,7 @@ impl Registry {
             let mut state = self.lock();
             state.check_id(&spec)?;
             state.check_check_ids(&spec)?;
+            self.check_limits(&state, &spec)?;
             let existing = state.current(&spec.id);
             match existing {
                 Some(existing) if existing.node_id().is_some() => {
@@ -318,6 +337,7 @@ impl Registry {
         let mut state = self.lock();
         state.check_id(&spec)?;
         state.check_check_ids(&spec)?;
+        self.check_limits(&state, &spec)?;
         let existing = state.current(&spec.id);
         if let Some(existing) = &existing
             && existing.node_id().is_none()
@@ -335,6 +355,52 @@ impl Registry {
                 Ok(instance.expect("an upsert yields the instance"))
             }
         }
+    }
+
+    /// Refuses an instance beyond the registry's limits, naming the limit and its flag.
+    fn check_limits(&self, state: &State, spec: &InstanceSpec) -> Result<(), FieldError> {
+        let config = &self.config;
+        if spec.checks.len() > config.max_checks {
+            return Err(FieldError::new(
+                "checks",
+                format!("at most {} checks per instance (--max-checks), got {}", config.max_checks, spec.checks.len()),
+            ));
+        }
+        let metadata: usize = spec.metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if metadata > config.max_metadata_bytes {
+            return Err(FieldError::new(
+                "metadata",
+                format!(
+                    "{metadata} bytes of keys and values; at most {} per instance (--max-metadata-bytes)",
+                    config.max_metadata_bytes
+                ),
+            ));
+        }
+        let Some(entry) = state.services.get(&spec.service) else { return Ok(()) };
+        let snapshot = entry.tx.borrow();
+        let existing = snapshot.instances.get(&spec.id);
+        if existing.is_none() && snapshot.instances.len() >= config.max_instances_per_service {
+            return Err(FieldError::new(
+                "service",
+                format!(
+                    "{} already has {} instances, the most one service may have (--max-instances-per-service)",
+                    spec.service,
+                    snapshot.instances.len()
+                ),
+            ));
+        }
+        let added = Instance::new(spec.clone(), Origin::Api, Health::Passing).endpoint_bytes();
+        let bytes = snapshot.encoded_bytes.saturating_sub(existing.map_or(0, |i| i.endpoint_bytes())) + added;
+        if bytes > config.max_push_bytes {
+            return Err(FieldError::new(
+                "service",
+                format!(
+                    "{}'s endpoints would take {bytes} bytes in a push, more than the {} sidecars accept (--max-push-bytes)",
+                    spec.service, config.max_push_bytes
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Ends `session`'s lease on instance `id`. With `goodbye` the instance is removed at once;
@@ -479,6 +545,7 @@ impl Registry {
             .entry(service.clone())
             .or_insert_with(|| ServiceEntry { tx: watch::Sender::new(Arc::new(ServiceSnapshot::empty(service.clone(), index))) });
         let previous = entry.tx.borrow().clone();
+        let mut encoded_bytes = previous.encoded_bytes.saturating_sub(previous.instances.get(id).map_or(0, |i| i.endpoint_bytes()));
         let old_checks: Vec<String> =
             previous.instances.get(id).map(|old| old.checks.iter().map(|c| c.id.clone()).collect()).unwrap_or_default();
         let mut instances = (*previous.instances).clone();
@@ -488,6 +555,7 @@ impl Registry {
                 let mut instance = *instance;
                 instance.index = index;
                 let instance = Arc::new(instance);
+                encoded_bytes += instance.endpoint_bytes();
                 if let Some(old) = instances.insert(id.clone(), instance.clone()) {
                     self.metrics.instances(old.health).dec();
                 }
@@ -509,6 +577,7 @@ impl Registry {
             instances: Arc::new(instances),
             log: Arc::new(log),
             changed_at: Instant::now(),
+            encoded_bytes,
         };
         entry.tx.send_replace(Arc::new(snapshot));
         for check in old_checks {

@@ -20,6 +20,8 @@ pub struct ServiceSnapshot {
     pub log: Arc<ChangeLog>,
     /// When this snapshot was made, to measure how long pushes take.
     pub changed_at: Instant,
+    /// The encoded size of its endpoints as one push carries them.
+    pub encoded_bytes: usize,
 }
 
 /// The recent changes of one service.
@@ -57,6 +59,7 @@ impl ServiceSnapshot {
             instances: Arc::default(),
             log: Arc::new(ChangeLog::starting_at(floor)),
             changed_at: Instant::now(),
+            encoded_bytes: 0,
         }
     }
 

@@ -1,5 +1,5 @@
-//! Route and ServicePolicy resources: validated, versioned, stored with their last versions, and
-//! watched per service by the push engine.
+//! Route, ServicePolicy and AuthorizationPolicy resources: validated, versioned, stored with
+//! their last versions, and watched per service by the push engine.
 //!
 //! An apply is all or nothing: every resource is validated (and its `expected_version` checked)
 //! before any is stored, so an invalid one refuses the request and nothing applied changes.
@@ -29,11 +29,12 @@ use crate::{
 /// How many versions of a resource are kept for `history` and `rollback`.
 pub const HISTORY: usize = 10;
 
-/// The two kinds of resource.
+/// The kinds of resource.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     Route,
     Policy,
+    Authorization,
 }
 
 impl Kind {
@@ -42,6 +43,7 @@ impl Kind {
         match &resource.kind {
             Some(v1::resource::Kind::Route(route)) => Some((Kind::Route, &route.service)),
             Some(v1::resource::Kind::Policy(policy)) => Some((Kind::Policy, &policy.service)),
+            Some(v1::resource::Kind::Authorization(policy)) => Some((Kind::Authorization, &policy.service)),
             None => None,
         }
     }
@@ -51,15 +53,17 @@ impl Kind {
         match v1::ResourceKind::try_from(kind) {
             Ok(v1::ResourceKind::Route) => Some(Kind::Route),
             Ok(v1::ResourceKind::Policy) => Some(Kind::Policy),
+            Ok(v1::ResourceKind::Authorization) => Some(Kind::Authorization),
             _ => None,
         }
     }
 
-    /// The name used in messages: `route` or `policy`.
+    /// The name used in messages: `route`, `policy` or `authorization`.
     pub fn name(self) -> &'static str {
         match self {
             Kind::Route => "route",
             Kind::Policy => "policy",
+            Kind::Authorization => "authorization",
         }
     }
 
@@ -67,19 +71,27 @@ impl Kind {
         match self {
             Kind::Route => Table::Routes,
             Kind::Policy => Table::Policies,
+            Kind::Authorization => Table::Authorizations,
         }
     }
+
+    /// Every kind, in the order lists show them.
+    pub const ALL: [Kind; 3] = [Kind::Route, Kind::Policy, Kind::Authorization];
 }
 
-/// What a service's sidecars are sent besides its endpoints.
+/// What a service's callers are sent besides its endpoints, and what its own sidecars enforce.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ServiceConfig {
-    /// The version of the last change to either resource (a delete included); 0 if none ever.
+    /// The version of the last change to the route or policy (a delete included); 0 if none
+    /// ever. The authorization policy is not counted: callers are not sent it.
     pub version: u64,
     pub route: Option<Arc<v1::Route>>,
     pub route_version: u64,
     pub policy: Option<Arc<v1::ServicePolicy>>,
     pub policy_version: u64,
+    /// Who may call the service, enforced by its own sidecars.
+    pub authorization: Option<Arc<v1::AuthorizationPolicy>>,
+    pub authorization_version: u64,
 }
 
 impl ServiceConfig {
@@ -149,13 +161,19 @@ pub struct Resources {
     writer: StoreWriter,
     indexes: Arc<Indexes>,
     durable_timeout: Duration,
+    limits: validate::Limits,
 }
 
 impl Resources {
-    /// Opens the resources kept in `store`.
-    pub async fn open(store: Arc<dyn Store>, indexes: Arc<Indexes>, durable_timeout: Duration) -> Result<Arc<Self>, StoreError> {
+    /// Opens the resources kept in `store`; applies validate them within `limits`.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        indexes: Arc<Indexes>,
+        durable_timeout: Duration,
+        limits: validate::Limits,
+    ) -> Result<Arc<Self>, StoreError> {
         let mut records = HashMap::new();
-        for kind in [Kind::Route, Kind::Policy] {
+        for kind in Kind::ALL {
             for (key, value) in store.load(kind.table()).await? {
                 let stored = v1::HistoryResponse::decode(value.as_slice())
                     .map_err(|e| StoreError::new(format!("{} {key:?} is corrupt: {e}", kind.name())))?;
@@ -169,6 +187,7 @@ impl Resources {
             writer: StoreWriter::spawn(store),
             indexes,
             durable_timeout,
+            limits,
         }))
     }
 
@@ -210,7 +229,8 @@ impl Resources {
             .filter(|((k, s), _)| kind.is_none_or(|kind| kind == *k) && service.is_none_or(|service| **s == *service))
             .filter_map(|(key, record)| record.current().map(|r| (key, r)))
             .collect();
-        found.sort_by(|a, b| (a.0.0 == Kind::Policy, &a.0.1).cmp(&(b.0.0 == Kind::Policy, &b.0.1)));
+        let order = |kind: Kind| Kind::ALL.iter().position(|k| *k == kind);
+        found.sort_by(|a, b| (order(a.0.0), &a.0.1).cmp(&(order(b.0.0), &b.0.1)));
         found.into_iter().map(|(_, r)| r.clone()).collect()
     }
 
@@ -229,7 +249,7 @@ impl Resources {
             for (i, item) in items.into_iter().enumerate() {
                 let at = format!("items[{i}]");
                 let mut resource = item.resource.ok_or_else(|| FieldError::new(format!("{at}.resource"), "required"))?;
-                validate::resource(&resource).map_err(|e| e.within(&format!("{at}.resource")))?;
+                validate::resource_within(&resource, &self.limits).map_err(|e| e.within(&format!("{at}.resource")))?;
                 let (kind, service) = Kind::of(&resource)
                     .map(|(k, s)| (k, Arc::<str>::from(s)))
                     .ok_or_else(|| FieldError::new(&at, "no resource"))?;
@@ -347,6 +367,7 @@ fn version_of(resource: &v1::Resource) -> u64 {
     match &resource.kind {
         Some(v1::resource::Kind::Route(route)) => route.version,
         Some(v1::resource::Kind::Policy(policy)) => policy.version,
+        Some(v1::resource::Kind::Authorization(policy)) => policy.version,
         None => 0,
     }
 }
@@ -444,9 +465,15 @@ fn service_config(state: &State, service: &str) -> ServiceConfig {
     let key = |kind| (kind, Arc::<str>::from(service));
     let route = state.records.get(&key(Kind::Route));
     let policy = state.records.get(&key(Kind::Policy));
+    let authorization = state.records.get(&key(Kind::Authorization));
     let route_version = route.map_or(0, Record::version);
     let policy_version = policy.map_or(0, Record::version);
     ServiceConfig {
+        authorization: authorization.and_then(Record::current).and_then(|r| match &r.kind {
+            Some(v1::resource::Kind::Authorization(policy)) => Some(Arc::new(policy.clone())),
+            _ => None,
+        }),
+        authorization_version: authorization.map_or(0, Record::version),
         version: route_version.max(policy_version),
         route: route.and_then(Record::current).and_then(|r| match &r.kind {
             Some(v1::resource::Kind::Route(route)) => Some(Arc::new(route.clone())),
@@ -475,6 +502,10 @@ fn set_version(resource: &mut v1::Resource, version: u64, at: Option<SystemTime>
             route.applied_at = applied_at;
         }
         Some(v1::resource::Kind::Policy(policy)) => {
+            policy.version = version;
+            policy.applied_at = applied_at;
+        }
+        Some(v1::resource::Kind::Authorization(policy)) => {
             policy.version = version;
             policy.applied_at = applied_at;
         }

@@ -2,7 +2,7 @@ use super::*;
 use crate::store::MemoryStore;
 
 async fn resources_on(store: Arc<dyn Store>) -> Arc<Resources> {
-    Resources::open(store, Arc::new(Indexes::default()), Duration::from_secs(5)).await.expect("opens")
+    Resources::open(store, Arc::new(Indexes::default()), Duration::from_secs(5), Default::default()).await.expect("opens")
 }
 
 async fn resources() -> Arc<Resources> {
@@ -163,7 +163,7 @@ async fn resources_survive_a_restart() {
         resources.config("catalog").version
     };
     let indexes = Arc::new(Indexes::default());
-    let reopened = Resources::open(store, indexes.clone(), Duration::from_secs(5)).await.expect("reopens");
+    let reopened = Resources::open(store, indexes.clone(), Duration::from_secs(5), Default::default()).await.expect("reopens");
     assert_eq!(reopened.config("catalog").version, version);
     assert_eq!(reopened.list(None, None).len(), 2);
     assert!(indexes.peek() > version, "new versions come after stored ones");

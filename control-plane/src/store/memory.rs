@@ -34,6 +34,12 @@ impl Store for MemoryStore {
         futures::future::ready(Ok(())).boxed()
     }
 
+    fn create(&self, table: Table, key: String, value: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, StoreError>> {
+        let mut tables = self.tables.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let held = tables.entry(table).or_default().entry(key).or_insert(value).clone();
+        futures::future::ready(Ok(held)).boxed()
+    }
+
     fn describe(&self) -> String {
         "memory".into()
     }

@@ -23,11 +23,18 @@ pub enum Table {
     Routes,
     /// Service policies, stored as routes are.
     Policies,
+    /// Authorization policies, stored as routes are.
+    Authorizations,
+    /// The mesh's certificate authority: its roots, issuer and rotation, under one key.
+    Ca,
+    /// API tokens by id, each with the hash of its secret (never the secret).
+    Tokens,
 }
 
 impl Table {
     /// Every table, for stores that create them up front.
-    pub const ALL: [Table; 3] = [Table::Instances, Table::Routes, Table::Policies];
+    pub const ALL: [Table; 6] =
+        [Table::Instances, Table::Routes, Table::Policies, Table::Authorizations, Table::Ca, Table::Tokens];
 
     /// The table's name in the store.
     pub fn name(self) -> &'static str {
@@ -35,6 +42,9 @@ impl Table {
             Self::Instances => "instances",
             Self::Routes => "routes",
             Self::Policies => "policies",
+            Self::Authorizations => "authorizations",
+            Self::Ca => "ca",
+            Self::Tokens => "tokens",
         }
     }
 }
@@ -69,6 +79,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Applies the writes of `batch` in one transaction.
     fn apply(&self, batch: Vec<Write>) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Stores `value` under `key` unless the key holds something already, atomically, and
+    /// returns what the key holds afterwards: so that processes sharing a store agree on one
+    /// value (the CA) whoever writes first.
+    fn create(&self, table: Table, key: String, value: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, StoreError>>;
 
     /// A short description for logs, such as `redb:/var/lib/ferry/ferry.redb`.
     fn describe(&self) -> String;

@@ -60,6 +60,23 @@ impl RedbStore {
         }
         txn.commit().map_err(|e| error("committing", e))
     }
+
+    fn create_blocking(&self, table: Table, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let txn = self.db.begin_write().map_err(|e| error("writing", e))?;
+        let held = {
+            let mut table = txn.open_table(definition(table)).map_err(|e| error("writing", e))?;
+            let existing = table.get(key).map_err(|e| error("reading", e))?.map(|v| v.value().to_vec());
+            match existing {
+                Some(existing) => existing,
+                None => {
+                    table.insert(key, value).map_err(|e| error("writing", e))?;
+                    value.to_vec()
+                }
+            }
+        };
+        txn.commit().map_err(|e| error("committing", e))?;
+        Ok(held)
+    }
 }
 
 impl Store for RedbStore {
@@ -77,6 +94,16 @@ impl Store for RedbStore {
         let this = self.clone();
         async move {
             tokio::task::spawn_blocking(move || this.apply_blocking(batch))
+                .await
+                .map_err(|e| StoreError::new(format!("writing: {e}")))?
+        }
+        .boxed()
+    }
+
+    fn create(&self, table: Table, key: String, value: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, StoreError>> {
+        let this = self.clone();
+        async move {
+            tokio::task::spawn_blocking(move || this.create_blocking(table, &key, &value))
                 .await
                 .map_err(|e| StoreError::new(format!("writing: {e}")))?
         }

@@ -156,6 +156,10 @@ mod tests {
             self.inner.apply(batch)
         }
 
+        fn create(&self, table: Table, key: String, value: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, StoreError>> {
+            self.inner.create(table, key, value)
+        }
+
         fn describe(&self) -> String {
             "flaky".into()
         }

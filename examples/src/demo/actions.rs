@@ -114,6 +114,7 @@ pub async fn apply(api: &ConfigApi, scenario: Scenario) -> Outcome {
         let (kind, service, version) = match item.resource.as_ref().and_then(|r| r.kind.as_ref()) {
             Some(v1::resource::Kind::Route(route)) => ("Route", &route.service, route.version),
             Some(v1::resource::Kind::Policy(policy)) => ("ServicePolicy", &policy.service, policy.version),
+            Some(v1::resource::Kind::Authorization(policy)) => ("AuthorizationPolicy", &policy.service, policy.version),
             None => continue,
         };
         if let Some(v1::resource::Kind::Route(_)) = item.resource.as_ref().and_then(|r| r.kind.as_ref()) {

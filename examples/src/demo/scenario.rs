@@ -297,6 +297,7 @@ mod tests {
                 let service = match &resource.kind {
                     Some(v1::resource::Kind::Route(route)) => &route.service,
                     Some(v1::resource::Kind::Policy(policy)) => &policy.service,
+                    Some(v1::resource::Kind::Authorization(policy)) => &policy.service,
                     None => panic!("{}: a resource without a kind", scenario.path()),
                 };
                 assert!(ROUTED.contains(&service.as_str()), "{}: {service} is not reset by r", scenario.path());

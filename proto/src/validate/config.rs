@@ -1,5 +1,5 @@
-//! Validation of Route and ServicePolicy resources. Every error names the field path, such as
-//! `rules[1].backends[0].weight`.
+//! Validation of Route, ServicePolicy and AuthorizationPolicy resources. Every error names the
+//! field path, such as `rules[1].backends[0].weight`.
 
 use std::{collections::HashSet, time::Duration};
 
@@ -44,24 +44,166 @@ pub const GRPC_CODES: [&str; 16] = [
 const HOP_BY_HOP: [&str; 9] =
     ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"];
 
-/// Checks a Route.
+/// How much matching one resource may ask of the sidecars that compile it: a bound on the
+/// memory and time a hostile or careless resource can cost every sidecar of the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Header conditions (`headers`, `header_regex`, `header_present`) across its rules.
+    pub header_rules: usize,
+    /// Regular expressions across its rules.
+    pub regexes: usize,
+    /// The compiled size of those regular expressions together, in bytes.
+    pub regex_bytes: usize,
+}
+
+impl Limits {
+    /// What the control plane enforces unless told otherwise.
+    pub const DEFAULT: Limits = Limits { header_rules: 256, regexes: 64, regex_bytes: 4 << 20 };
+    /// The most any control plane may be configured to accept, and what sidecars and clients
+    /// accept, so a raised limit never makes sidecars refuse what the control plane took.
+    pub const CEILING: Limits = Limits { header_rules: 1024, regexes: 256, regex_bytes: 16 << 20 };
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// What the rules of one resource have used of its [`Limits`] so far.
+struct Budget {
+    limits: Limits,
+    header_rules: usize,
+    regexes: usize,
+    regex_bytes: usize,
+}
+
+impl Budget {
+    fn new(limits: &Limits) -> Self {
+        Self { limits: *limits, header_rules: 0, regexes: 0, regex_bytes: 0 }
+    }
+
+    fn header_rule(&mut self, field: &str) -> Result<(), FieldError> {
+        self.header_rules += 1;
+        if self.header_rules > self.limits.header_rules {
+            return Err(FieldError::new(
+                field,
+                format!("the resource has more than {} header conditions, the limit", self.limits.header_rules),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks a pattern, compiled as sidecars compile it, and counts it.
+    fn regex(&mut self, field: &str, pattern: &str) -> Result<(), FieldError> {
+        regex(field, pattern)?;
+        self.regexes += 1;
+        if self.regexes > self.limits.regexes {
+            return Err(FieldError::new(
+                field,
+                format!("the resource has more than {} regular expressions, the limit", self.limits.regexes),
+            ));
+        }
+        let left = self.limits.regex_bytes.saturating_sub(self.regex_bytes);
+        let compiled = regex_automata::nfa::thompson::Compiler::new()
+            .configure(regex_automata::nfa::thompson::Config::new().nfa_size_limit(Some(left)))
+            .build(&format!("^(?:{pattern})$"))
+            .map(|nfa| nfa.memory_usage());
+        match compiled {
+            Ok(bytes) if bytes <= left => {
+                self.regex_bytes += bytes;
+                Ok(())
+            }
+            _ => Err(FieldError::new(
+                field,
+                format!(
+                    "the resource's regular expressions compile to more than {} KiB together, the limit",
+                    self.limits.regex_bytes >> 10
+                ),
+            )),
+        }
+    }
+}
+
+/// Checks a Route within the most any control plane accepts ([`Limits::CEILING`]).
 pub fn route(route: &v1::Route) -> Result<(), FieldError> {
+    route_within(route, &Limits::CEILING)
+}
+
+/// Checks a Route within `limits`.
+pub fn route_within(route: &v1::Route, limits: &Limits) -> Result<(), FieldError> {
     service_name("service", &route.service)?;
     if route.rules.len() > MAX_RULES {
         return Err(FieldError::new("rules", format!("at most {MAX_RULES} rules, got {}", route.rules.len())));
     }
+    let mut budget = Budget::new(limits);
     for (i, rule) in route.rules.iter().enumerate() {
-        route_rule(rule).map_err(|e| e.within(&format!("rules[{i}]")))?;
+        route_rule(rule, &mut budget).map_err(|e| e.within(&format!("rules[{i}]")))?;
     }
     Ok(())
 }
 
-fn route_rule(rule: &v1::RouteRule) -> Result<(), FieldError> {
+/// The actions a policy's rule or default may name; empty is the field's default.
+pub const AUTHORIZATION_ACTIONS: [&str; 2] = ["allow", "deny"];
+
+/// Checks an AuthorizationPolicy within the most any control plane accepts.
+pub fn authorization(policy: &v1::AuthorizationPolicy) -> Result<(), FieldError> {
+    authorization_within(policy, &Limits::CEILING)
+}
+
+/// Checks an AuthorizationPolicy within `limits`.
+pub fn authorization_within(policy: &v1::AuthorizationPolicy, limits: &Limits) -> Result<(), FieldError> {
+    service_name("service", &policy.service)?;
+    action("default", &policy.default)?;
+    if policy.rules.len() > MAX_RULES {
+        return Err(FieldError::new("rules", format!("at most {MAX_RULES} rules, got {}", policy.rules.len())));
+    }
+    let mut budget = Budget::new(limits);
+    for (i, rule) in policy.rules.iter().enumerate() {
+        let at = format!("rules[{i}]");
+        if rule.name.len() > 63 {
+            return Err(FieldError::new(format!("{at}.name"), "must be at most 63 characters"));
+        }
+        if rule.from.is_empty() {
+            return Err(FieldError::new(
+                format!("{at}.from"),
+                "required: the calling services, or \"*\" for any authenticated mesh identity",
+            ));
+        }
+        if rule.from.len() > MAX_CALLERS {
+            return Err(FieldError::new(format!("{at}.from"), format!("at most {MAX_CALLERS} callers, got {}", rule.from.len())));
+        }
+        for (j, caller) in rule.from.iter().enumerate() {
+            if caller != crate::authz::ANY_CALLER {
+                service_name(&format!("{at}.from[{j}]"), caller).map_err(|e| {
+                    FieldError::new(e.field, format!("{} (a service name, or \"*\" for any mesh identity)", e.reason))
+                })?;
+            }
+        }
+        if let Some(m) = &rule.r#match {
+            route_match(m, &mut budget).map_err(|e| e.within(&format!("{at}.match")))?;
+        }
+        action(&format!("{at}.action"), &rule.action)?;
+    }
+    Ok(())
+}
+
+/// The most callers one authorization rule names.
+pub const MAX_CALLERS: usize = 256;
+
+fn action(field: &str, value: &str) -> Result<(), FieldError> {
+    if !value.is_empty() && !AUTHORIZATION_ACTIONS.contains(&value) {
+        return Err(FieldError::new(field, format!("{value:?} must be allow or deny")));
+    }
+    Ok(())
+}
+
+fn route_rule(rule: &v1::RouteRule, budget: &mut Budget) -> Result<(), FieldError> {
     if rule.name.len() > 63 {
         return Err(FieldError::new("name", "must be at most 63 characters"));
     }
     let match_ = rule.r#match.clone().unwrap_or_default();
-    route_match(&match_).map_err(|e| e.within("match"))?;
+    route_match(&match_, budget).map_err(|e| e.within("match"))?;
     if rule.backends.len() > MAX_BACKENDS {
         return Err(FieldError::new("backends", format!("at most {MAX_BACKENDS} backends, got {}", rule.backends.len())));
     }
@@ -116,7 +258,7 @@ fn route_rule(rule: &v1::RouteRule) -> Result<(), FieldError> {
     Ok(())
 }
 
-fn route_match(m: &v1::RouteMatch) -> Result<(), FieldError> {
+fn route_match(m: &v1::RouteMatch, budget: &mut Budget) -> Result<(), FieldError> {
     let paths = [&m.path_exact, &m.path_prefix, &m.path_regex].iter().filter(|p| !p.is_empty()).count();
     if paths > 1 {
         return Err(FieldError::new("path_exact", "give at most one of path_exact, path_prefix and path_regex"));
@@ -128,30 +270,36 @@ fn route_match(m: &v1::RouteMatch) -> Result<(), FieldError> {
         path("path_prefix", &m.path_prefix)?;
     }
     if !m.path_regex.is_empty() {
-        regex("path_regex", &m.path_regex)?;
+        budget.regex("path_regex", &m.path_regex)?;
     }
     if !m.method.is_empty() && (m.method.len() > 16 || !m.method.bytes().all(|b| b.is_ascii_uppercase())) {
         return Err(FieldError::new("method", format!("{:?} must be an uppercase method such as GET", m.method)));
     }
     for (name, value) in &m.headers {
-        header_name(&format!("headers[{name:?}]"), name)?;
+        let field = format!("headers[{name:?}]");
+        header_name(&field, name)?;
         if value.len() > 1024 {
-            return Err(FieldError::new(format!("headers[{name:?}]"), "values must be at most 1024 characters"));
+            return Err(FieldError::new(field, "values must be at most 1024 characters"));
         }
+        budget.header_rule(&field)?;
     }
     for (name, pattern) in &m.header_regex {
-        header_name(&format!("header_regex[{name:?}]"), name)?;
-        regex(&format!("header_regex[{name:?}]"), pattern)?;
+        let field = format!("header_regex[{name:?}]");
+        header_name(&field, name)?;
+        budget.header_rule(&field)?;
+        budget.regex(&field, pattern)?;
     }
     for (i, name) in m.header_present.iter().enumerate() {
-        header_name(&format!("header_present[{i}]"), name)?;
+        let field = format!("header_present[{i}]");
+        header_name(&field, name)?;
+        budget.header_rule(&field)?;
     }
     for name in m.query.keys() {
         query_name(&format!("query[{name:?}]"), name)?;
     }
     for (name, pattern) in &m.query_regex {
         query_name(&format!("query_regex[{name:?}]"), name)?;
-        regex(&format!("query_regex[{name:?}]"), pattern)?;
+        budget.regex(&format!("query_regex[{name:?}]"), pattern)?;
     }
     for (i, host) in m.hosts.iter().enumerate() {
         host_pattern(&format!("hosts[{i}]"), host)?;
@@ -316,12 +464,18 @@ fn count(field: &str, value: u32, min: u32, max: u32) -> Result<(), FieldError> 
     Ok(())
 }
 
-/// Checks a resource of either kind.
+/// Checks a resource of any kind within the most any control plane accepts.
 pub fn resource(resource: &v1::Resource) -> Result<(), FieldError> {
+    resource_within(resource, &Limits::CEILING)
+}
+
+/// Checks a resource of any kind within `limits`.
+pub fn resource_within(resource: &v1::Resource, limits: &Limits) -> Result<(), FieldError> {
     match &resource.kind {
-        Some(v1::resource::Kind::Route(r)) => route(r),
+        Some(v1::resource::Kind::Route(r)) => route_within(r, limits),
         Some(v1::resource::Kind::Policy(p)) => policy(p),
-        None => Err(FieldError::new("kind", "a resource is a route or a policy")),
+        Some(v1::resource::Kind::Authorization(a)) => authorization_within(a, limits),
+        None => Err(FieldError::new("kind", "a resource is a route, a service policy or an authorization policy")),
     }
 }
 
@@ -444,6 +598,46 @@ rules:
             let error = super::route(&route).expect_err(field);
             assert_eq!(error.field, field, "{rules}: {error}");
         }
+    }
+
+    #[test]
+    fn header_and_regex_conditions_are_bounded() {
+        let limits = Limits { header_rules: 2, regexes: 2, regex_bytes: 4 << 20 };
+        let headers = |n: usize| {
+            let pairs: Vec<String> = (0..n).map(|i| format!("x-h{i}: v")).collect();
+            format!("kind: Route\nservice: catalog\nrules: [ {{ match: {{ headers: {{ {} }} }} }} ]\n", pairs.join(", "))
+        };
+        assert_eq!(route_within(&parse_route(&headers(2)), &limits), Ok(()));
+        let error = route_within(&parse_route(&headers(3)), &limits).expect_err("3 header conditions");
+        assert!(error.field.starts_with("rules[0].match.headers"), "{error}");
+        assert!(error.reason.contains("more than 2 header conditions"), "{error}");
+        let regexes = "kind: Route\nservice: catalog\nrules: [ { match: { path_regex: /a.* } }, { match: { path_regex: /b.* } }, { match: { path_regex: /c.* } } ]\n";
+        let error = route_within(&parse_route(regexes), &limits).expect_err("3 regexes");
+        assert_eq!(error.field, "rules[2].match.path_regex");
+        // A pattern that compiles big: a counted repetition.
+        let big = "kind: Route\nservice: catalog\nrules: [ { match: { path_regex: \"/[a-z]{100}\" } } ]\n";
+        let tight = Limits { regex_bytes: 1 << 10, ..Limits::DEFAULT };
+        let error = route_within(&parse_route(big), &tight).expect_err("too big compiled");
+        assert!(error.reason.contains("compile to more than 1 KiB"), "{error}");
+        assert_eq!(route_within(&parse_route(big), &Limits::DEFAULT), Ok(()));
+    }
+
+    #[test]
+    fn authorization_policies_name_the_bad_field() {
+        let cases = [
+            ("default: maybe", "default"),
+            ("rules: [ { action: allow } ]", "rules[0].from"),
+            ("rules: [ { from: [Front_End] } ]", "rules[0].from[0]"),
+            ("rules: [ { from: [frontend], action: permit } ]", "rules[0].action"),
+            ("rules: [ { from: [frontend], match: { path_prefix: items } } ]", "rules[0].match.path_prefix"),
+        ];
+        for (body, field) in cases {
+            let yaml = format!("kind: AuthorizationPolicy\nservice: catalog\n{body}\n");
+            let error = json::resources_from_yaml(&yaml).expect_err(field);
+            assert_eq!(error.field, format!("documents[0].{field}"), "{body}: {error}");
+        }
+        let good = "kind: AuthorizationPolicy\nservice: catalog\ndefault: deny\nrules:\n  - from: [frontend]\n    match: { method: GET, path_prefix: /items }\n    action: allow\n";
+        assert!(json::resources_from_yaml(good).is_ok());
     }
 
     #[test]

@@ -447,6 +447,7 @@ mod tests {
                 })),
                 ..Default::default()
             }],
+            ..Default::default()
         };
         let err = super::push(&push).expect_err("port 0");
         assert_eq!(err.field, "resources[0].snapshot.endpoints[0].port");

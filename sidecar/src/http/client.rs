@@ -15,6 +15,11 @@
 //! counts as idle from its last request (or the last sweep that saw it busy), the HTTP/2 one
 //! from the end of its last stream.
 //!
+//! An endpoint whose identity the control plane knows (a sidecar serving mTLS) is reached over
+//! TLS 1.3, presenting this sidecar's workload certificate and requiring that identity from
+//! the peer, with ALPN saying which protocol follows. Sessions resume from a cache per endpoint
+//! and protocol, so a new pooled connection rarely costs a full handshake.
+//!
 //! Errors say whether the request provably never left ([`ConnectError`], or a pooled connection
 //! that closed before the request was written, which is retried once on a fresh connection) or
 //! failed after it was sent ([`UpstreamError`]), because only the first is always safe to retry.
@@ -38,13 +43,19 @@ use hyper::{
     client::conn::{http1, http2},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::{net::TcpStream, time::Instant};
+use tokio_util::either::Either;
 
 use super::{Body, BoxError, Guarded, boxed};
+use crate::mesh::Mesh;
+
+/// A connection to an endpoint: plaintext, or mTLS.
+pub type Conn = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// How connections to endpoints are made.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// HTTP/1.1 connections (busy or idle) kept for reuse per endpoint. Requests beyond it still
@@ -56,6 +67,19 @@ pub struct ClientConfig {
     pub idle_timeout: Duration,
     /// The data path's workers: each gets connections of its own.
     pub workers: usize,
+    /// The sidecar's trust, for endpoints reached over mTLS.
+    pub mesh: Option<Mesh>,
+}
+
+impl fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("workers", &self.workers)
+            .field("mtls", &self.mesh.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for ClientConfig {
@@ -66,6 +90,7 @@ impl Default for ClientConfig {
             tcp_keepalive: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(90),
             workers: 0,
+            mesh: None,
         }
     }
 }
@@ -89,6 +114,10 @@ pub enum ConnectFailure {
     Handshake(Arc<hyper::Error>),
     #[error("the new connection closed before the request was written")]
     ClosedBeforeSend,
+    /// The mTLS handshake failed: the peer is not who the control plane said, or not of this
+    /// mesh, or this sidecar has no certificate yet.
+    #[error("mTLS: {0}")]
+    Tls(String),
 }
 
 /// The request was sent (or may have been) and the exchange failed.
@@ -161,6 +190,16 @@ struct Target {
     port: u16,
     address: String,
     config: ClientConfig,
+    /// For an endpoint reached over mTLS.
+    tls: Option<Tls>,
+}
+
+/// The TLS configs of one endpoint, per protocol.
+#[derive(Clone)]
+struct Tls {
+    h1: Arc<rustls::ClientConfig>,
+    h2: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
 }
 
 type H2Connect = Shared<BoxFuture<'static, Result<http2::SendRequest<Body>, Arc<ConnectError>>>>;
@@ -182,13 +221,42 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Client {
-    /// A client of `host:port`. Nothing connects until the first request.
+    /// A client of `host:port` in plaintext. Nothing connects until the first request.
     pub fn new(host: impl Into<String>, port: u16, config: ClientConfig) -> Self {
-        let host = host.into();
+        Self::build(host.into(), port, config, None)
+    }
+
+    /// A client of `host:port`, over mTLS requiring the peer to prove `identity` when one is
+    /// given (and the config has the sidecar's trust).
+    pub fn with_identity(host: impl Into<String>, port: u16, config: ClientConfig, identity: Option<Arc<str>>) -> Self {
+        let tls = match (identity, &config.mesh) {
+            (Some(identity), Some(mesh)) => {
+                let configs = mesh
+                    .client_config(identity.clone(), ferry_tls::mesh::ALPN_HTTP1)
+                    .and_then(|h1| Ok((h1, mesh.client_config(identity.clone(), ferry_tls::mesh::ALPN_H2)?)));
+                match configs {
+                    Ok((h1, h2)) => Some(Tls { h1, h2, name: ferry_tls::mesh::server_name(&identity) }),
+                    Err(error) => {
+                        tracing::error!(%error, %identity, "cannot build the TLS config of an endpoint");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        Self::build(host.into(), port, config, tls)
+    }
+
+    fn build(host: String, port: u16, config: ClientConfig, tls: Option<Tls>) -> Self {
         let address = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
         let slots = (0..=config.workers).map(|_| Slot::new()).collect();
-        let target = Target { host, port, address, config };
+        let target = Target { host, port, address, config, tls };
         Self { inner: Arc::new(Inner { target, slots, sweeping: AtomicBool::new(false) }) }
+    }
+
+    /// Whether requests go over mTLS to a peer sidecar proving its identity.
+    pub fn is_mtls(&self) -> bool {
+        self.inner.target.tls.is_some()
     }
 
     /// The connections of the calling worker (or of callers off the workers).
@@ -406,22 +474,37 @@ impl Target {
         ConnectError { address: self.address.clone(), reason }
     }
 
-    async fn connect(&self) -> Result<TokioIo<TcpStream>, ConnectError> {
+    /// Connects, over mTLS with `alpn`'s config when the endpoint has an identity; the
+    /// handshake counts against the connect timeout.
+    async fn connect(&self, h2: bool) -> Result<TokioIo<Conn>, ConnectError> {
         let timeout = self.config.connect_timeout;
-        let stream = tokio::time::timeout(timeout, TcpStream::connect((self.host.as_str(), self.port)))
-            .await
-            .map_err(|_| self.connect_error(ConnectFailure::Timeout(timeout)))?
-            .map_err(|e| self.connect_error(ConnectFailure::Io(Arc::new(e))))?;
-        let _ = stream.set_nodelay(true);
-        let keepalive = TcpKeepalive::new().with_time(self.config.tcp_keepalive).with_interval(self.config.tcp_keepalive);
-        if let Err(error) = SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
-            tracing::debug!(address = %self.address, %error, "cannot set TCP keepalive");
-        }
+        let connect = async {
+            let stream = TcpStream::connect((self.host.as_str(), self.port))
+                .await
+                .map_err(|e| self.connect_error(ConnectFailure::Io(Arc::new(e))))?;
+            let _ = stream.set_nodelay(true);
+            let keepalive = TcpKeepalive::new().with_time(self.config.tcp_keepalive).with_interval(self.config.tcp_keepalive);
+            if let Err(error) = SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+                tracing::debug!(address = %self.address, %error, "cannot set TCP keepalive");
+            }
+            let Some(tls) = &self.tls else { return Ok(Either::Left(stream)) };
+            let config = if h2 { tls.h2.clone() } else { tls.h1.clone() };
+            let connector = tokio_rustls::TlsConnector::from(config);
+            match connector.connect(tls.name.clone(), stream).await {
+                Ok(stream) => Ok(Either::Right(stream)),
+                Err(error) => {
+                    let why = ferry_tls::verify::explain_io(&error).unwrap_or_else(|| error.to_string());
+                    Err(self.connect_error(ConnectFailure::Tls(why)))
+                }
+            }
+        };
+        let stream =
+            tokio::time::timeout(timeout, connect).await.map_err(|_| self.connect_error(ConnectFailure::Timeout(timeout)))??;
         Ok(TokioIo::new(stream))
     }
 
     async fn connect_h1(&self) -> Result<http1::SendRequest<Body>, ConnectError> {
-        let io = self.connect().await?;
+        let io = self.connect(false).await?;
         let (mut sender, connection) =
             http1::Builder::new().handshake(io).await.map_err(|e| self.connect_error(ConnectFailure::Handshake(Arc::new(e))))?;
         let address = self.address.clone();
@@ -435,7 +518,7 @@ impl Target {
     }
 
     async fn connect_h2(&self) -> Result<http2::SendRequest<Body>, ConnectError> {
-        let io = self.connect().await?;
+        let io = self.connect(true).await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(20))

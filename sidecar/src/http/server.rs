@@ -22,6 +22,22 @@ use crate::workers::Workers;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddr(pub SocketAddr);
 
+/// How long a client may take to send a request's headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The connection builder of every listener: HTTP/1.1 and HTTP/2 by what the client speaks,
+/// with a bound on slow headers and keepalives that notice a vanished peer.
+pub fn builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10));
+    builder
+}
+
 /// Accepts connections on `listener` and serves each with `service`, on the next of `workers`,
 /// until `shutdown` fires; then stops accepting and gives open connections up to `drain` to
 /// finish. `open` counts the connections being served.
@@ -37,13 +53,7 @@ pub async fn serve<S>(
     S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10));
+    let builder = builder();
     let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {

@@ -62,7 +62,8 @@ pub struct OutboundConfig {
     pub balance_metrics: BalanceMetrics,
 }
 
-/// One endpoint's client as a tower service.
+/// One endpoint's client as a tower service: over mTLS to a peer sidecar that proves the
+/// identity the control plane gave it, in plaintext to anything else.
 #[derive(Clone, Debug)]
 pub struct EndpointService {
     client: Client,
@@ -74,7 +75,16 @@ impl EndpointService {
         if let Some(timeout) = target.connect_timeout {
             config.connect_timeout = timeout;
         }
-        Self { client: Client::new(target.endpoint.address.clone(), target.endpoint.port, config) }
+        let endpoint = &target.endpoint;
+        Self { client: Client::with_identity(endpoint.address.clone(), endpoint.port, config, endpoint.identity.clone()) }
+    }
+}
+
+/// Where an untrusted upstream's `x-ferry-error` goes: only a peer sidecar, verified by mTLS,
+/// may tell this sidecar why a request failed (and so whether it may be retried).
+fn distrust(response: &mut Response<Body>) {
+    if let Some(claimed) = response.headers_mut().remove(crate::errors::FERRY_ERROR) {
+        response.headers_mut().insert(crate::inbound::UPSTREAM_ERROR, claimed);
     }
 }
 
@@ -89,7 +99,14 @@ impl Service<Request<Body>> for EndpointService {
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let client = self.client.clone();
-        async move { client.send(request).await }.boxed()
+        async move {
+            let mut response = client.send(request).await?;
+            if !client.is_mtls() {
+                distrust(&mut response);
+            }
+            Ok(response)
+        }
+        .boxed()
     }
 }
 

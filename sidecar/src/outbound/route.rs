@@ -4,8 +4,9 @@
 use std::{sync::Arc, time::Duration};
 
 use ferry_proto::{v1, validate};
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
-use regex::Regex;
+pub use ferry_proto::matching::RequestInfo;
+use ferry_proto::matching::Matcher;
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// Where traffic goes: a service and, optionally, a subset of it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -163,171 +164,6 @@ impl Rewrite {
     }
 }
 
-#[derive(Debug)]
-enum PathMatch {
-    Any,
-    Exact(String),
-    Prefix(String),
-    Regex(Regex),
-}
-
-#[derive(Debug)]
-enum ValueMatch {
-    Exact(String),
-    Regex(Regex),
-    Present,
-}
-
-impl ValueMatch {
-    fn matches(&self, value: Option<&str>) -> bool {
-        match (self, value) {
-            (Self::Present, value) => value.is_some(),
-            (Self::Exact(expected), Some(value)) => value == expected,
-            (Self::Regex(regex), Some(value)) => regex.is_match(value),
-            (_, None) => false,
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Matcher {
-    path: PathMatch,
-    method: Option<Method>,
-    headers: Vec<(HeaderName, ValueMatch)>,
-    query: Vec<(String, ValueMatch)>,
-    /// Exact host names, and domains (from `*.domain`) whose subdomains match.
-    hosts: Vec<HostMatch>,
-}
-
-#[derive(Debug)]
-enum HostMatch {
-    Exact(String),
-    /// `.example.com`, from `*.example.com`.
-    Suffix(String),
-}
-
-impl HostMatch {
-    fn matches(&self, host: &str) -> bool {
-        match self {
-            Self::Exact(exact) => host.eq_ignore_ascii_case(exact),
-            Self::Suffix(suffix) => {
-                host.len() > suffix.len()
-                    && host.is_char_boundary(host.len() - suffix.len())
-                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
-            }
-        }
-    }
-}
-
-/// A regex matched against the whole value.
-fn whole(pattern: &str) -> Result<Regex, String> {
-    regex::RegexBuilder::new(&format!("^(?:{pattern})$")).size_limit(1 << 20).build().map_err(|e| e.to_string())
-}
-
-fn header(name: &str) -> Result<HeaderName, String> {
-    HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).map_err(|e| e.to_string())
-}
-
-impl Matcher {
-    fn compile(m: Option<&v1::RouteMatch>) -> Result<Self, String> {
-        let m = m.cloned().unwrap_or_default();
-        let path = if !m.path_exact.is_empty() {
-            PathMatch::Exact(m.path_exact.clone())
-        } else if !m.path_prefix.is_empty() {
-            PathMatch::Prefix(m.path_prefix.clone())
-        } else if !m.path_regex.is_empty() {
-            PathMatch::Regex(whole(&m.path_regex)?)
-        } else {
-            PathMatch::Any
-        };
-        let method =
-            if m.method.is_empty() { None } else { Some(Method::from_bytes(m.method.as_bytes()).map_err(|e| e.to_string())?) };
-        let mut headers = Vec::new();
-        for (name, value) in &m.headers {
-            headers.push((header(name)?, ValueMatch::Exact(value.clone())));
-        }
-        for (name, pattern) in &m.header_regex {
-            headers.push((header(name)?, ValueMatch::Regex(whole(pattern)?)));
-        }
-        for name in &m.header_present {
-            headers.push((header(name)?, ValueMatch::Present));
-        }
-        let mut query = Vec::new();
-        for (name, value) in &m.query {
-            query.push((name.clone(), ValueMatch::Exact(value.clone())));
-        }
-        for (name, pattern) in &m.query_regex {
-            query.push((name.clone(), ValueMatch::Regex(whole(pattern)?)));
-        }
-        let hosts = m
-            .hosts
-            .iter()
-            .map(|h| match h.strip_prefix('*') {
-                Some(suffix) => HostMatch::Suffix(suffix.to_owned()),
-                None => HostMatch::Exact(h.clone()),
-            })
-            .collect();
-        Ok(Self { path, method, headers, query, hosts })
-    }
-
-    fn matches(&self, request: &RequestInfo<'_>) -> bool {
-        let RequestInfo { method, path, query, headers, host } = *request;
-        let path_ok = match &self.path {
-            PathMatch::Any => true,
-            PathMatch::Exact(exact) => path == exact,
-            PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
-            PathMatch::Regex(regex) => regex.is_match(path),
-        };
-        path_ok
-            && self.method.as_ref().is_none_or(|m| m == method)
-            && self.headers.iter().all(|(name, condition)| condition.matches(headers.get(name).and_then(|v| v.to_str().ok())))
-            && self.query.iter().all(|(name, condition)| condition.matches(query_value(query, name)))
-            && (self.hosts.is_empty() || host.is_some_and(|host| self.hosts.iter().any(|h| h.matches(host))))
-    }
-}
-
-/// What rules match on, taken from a request.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestInfo<'a> {
-    pub method: &'a Method,
-    pub path: &'a str,
-    pub query: Option<&'a str>,
-    pub headers: &'a HeaderMap,
-    /// The host, without its port: from the URI's authority, else the Host header.
-    pub host: Option<&'a str>,
-}
-
-impl<'a> RequestInfo<'a> {
-    /// The matchable parts of a request.
-    pub fn of(method: &'a Method, uri: &'a http::Uri, headers: &'a HeaderMap) -> Self {
-        let host = uri
-            .host()
-            .or_else(|| headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(strip_port))
-            .map(|h| h.trim_end_matches('.'));
-        Self { method, path: uri.path(), query: uri.query(), headers, host }
-    }
-}
-
-/// `host:port` → `host`, `[::1]:80` → `[::1]`.
-fn strip_port(authority: &str) -> &str {
-    match authority.rsplit_once(':') {
-        Some((host, port))
-            if port.bytes().all(|b| b.is_ascii_digit()) && !host.is_empty() && (!host.contains(':') || host.ends_with(']')) =>
-        {
-            host
-        }
-        _ => authority,
-    }
-}
-
-/// The first value of query parameter `name`, as sent (not percent-decoded).
-fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
-    query?.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (key == name).then_some(value)
-    })
-}
-
 fn duration(value: Option<&ferry_proto::types::Duration>) -> Option<Duration> {
     value.and_then(|d| validate::duration("", d).ok())
 }
@@ -425,6 +261,8 @@ impl RouteTable {
 
 #[cfg(test)]
 mod tests {
+    use http::Method;
+
     use super::*;
 
     fn table(yaml: &str) -> RouteTable {
@@ -490,8 +328,6 @@ rules:
         assert_eq!(find("/", Some("api.example.com")), None, "a wildcard needs a subdomain");
         assert_eq!(find("/", Some("example.com")), None);
         assert_eq!(find("/", None), None, "no host, no match");
-        assert_eq!(strip_port("[::1]:80"), "[::1]");
-        assert_eq!(strip_port("::1"), "::1");
     }
 
     #[test]

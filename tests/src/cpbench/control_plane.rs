@@ -104,9 +104,18 @@ impl ControlPlaneProcess {
         Ok(process)
     }
 
-    /// The gRPC URL.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.grpc)
+    /// How to reach it: TLS verified with the CA it wrote, and the admin token it made (the
+    /// control plane runs with its secure defaults, as in production).
+    pub fn access(&self) -> anyhow::Result<ferry_tls::api::Access> {
+        let read = |name: &str| {
+            let path = self._data_dir.path().join(name);
+            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+        };
+        Ok(ferry_tls::api::Access {
+            url: format!("https://{}", self.grpc),
+            ca_pem: Some(read("ca.pem")?),
+            token: Some(read("admin.token")?.trim().to_owned()),
+        })
     }
 
     /// The last lines it logged.

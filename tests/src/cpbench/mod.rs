@@ -165,11 +165,11 @@ async fn measure(
     binary: &std::path::Path,
 ) -> anyhow::Result<Report> {
     let bench_cpu_start = own_cpu_seconds();
-    let url = control_plane.url();
+    let access = control_plane.access()?;
     let endpoints = plan.services * plan.per_service;
 
     // The registry, with no sidecar yet.
-    let api = RegistryApi::connect(&url).await.context("connecting to the registry API")?;
+    let api = RegistryApi::connect(&access).await.context("connecting to the registry API")?;
     let started = std::time::Instant::now();
     api.register_all(plan.services, plan.per_service).await?;
     let registration_seconds = started.elapsed().as_secs_f64();
@@ -200,7 +200,7 @@ async fn measure(
     let cpu_before = control_plane.cpu_seconds()?;
     let start = board.now();
     for (index, services) in subscriptions.into_iter().enumerate() {
-        sidecars.spawn(SimSidecar::new(index, services).run(url.clone(), board.clone(), options.timeout));
+        sidecars.spawn(SimSidecar::new(index, services).run(access.clone(), board.clone(), options.timeout));
     }
     let all = plan.sidecars;
     let done = board.wait_until(options.timeout, |b| b.configured + b.failed >= all).await;

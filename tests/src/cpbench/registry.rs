@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use anyhow::{Context, anyhow, bail};
 use ferry_proto::v1::{self, registry_client::RegistryClient};
 use futures::{StreamExt, TryStreamExt};
-use tonic::transport::{Channel, Endpoint};
+use ferry_tls::api::{Access, ApiChannel};
+use tonic::service::interceptor::InterceptedService;
 
 /// Connections the registrations are spread over.
 const CONNECTIONS: usize = 4;
@@ -56,21 +57,21 @@ pub fn change(j: usize, services: usize) -> (usize, ChangeKind) {
 
 /// A client of the control plane's gRPC registry.
 pub struct RegistryApi {
-    clients: Vec<RegistryClient<Channel>>,
+    clients: Vec<RegistryClient<ApiChannel>>,
 }
 
 impl RegistryApi {
-    /// Opens a few connections to `url`.
-    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+    /// Opens a few connections to the control plane.
+    pub async fn connect(access: &Access) -> anyhow::Result<Self> {
         let mut clients = Vec::with_capacity(CONNECTIONS);
         for _ in 0..CONNECTIONS {
-            let channel = Endpoint::from_shared(url.to_owned())?.tcp_nodelay(true).connect().await.context("connecting")?;
-            clients.push(RegistryClient::new(channel));
+            let channel = access.endpoint()?.tcp_nodelay(true).connect().await.context("connecting")?;
+            clients.push(RegistryClient::new(InterceptedService::new(channel, access.bearer()?)));
         }
         Ok(Self { clients })
     }
 
-    fn client(&self, n: usize) -> RegistryClient<Channel> {
+    fn client(&self, n: usize) -> RegistryClient<ApiChannel> {
         self.clients[n % self.clients.len()].clone()
     }
 

@@ -21,7 +21,8 @@ use tokio::{
     time::Instant,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Streaming, transport::Endpoint};
+use ferry_tls::api::Access;
+use tonic::{Streaming, service::interceptor::InterceptedService};
 
 use super::registry::service_name;
 
@@ -211,8 +212,8 @@ impl SimSidecar {
     }
 
     /// Runs the stream until the task is dropped; a failure goes on the board.
-    pub async fn run(mut self, url: String, board: Arc<Board>, timeout: Duration) {
-        if let Err(error) = self.connect_and_stream(&url, &board, timeout).await {
+    pub async fn run(mut self, access: Access, board: Arc<Board>, timeout: Duration) {
+        if let Err(error) = self.connect_and_stream(&access, &board, timeout).await {
             board.failed(format!("sidecar {}: {error:#}", self.index));
         }
     }
@@ -220,7 +221,7 @@ impl SimSidecar {
     /// Opens the stream, retrying with the real sidecar's backoff until `timeout` has passed,
     /// then serves it. A stream that breaks after its Welcome is a failure: nothing in a healthy
     /// run should break one.
-    async fn connect_and_stream(&mut self, url: &str, board: &Board, timeout: Duration) -> anyhow::Result<()> {
+    async fn connect_and_stream(&mut self, url: &Access, board: &Board, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         let mut attempt = 0;
         let (outbound, inbound) = loop {
@@ -244,11 +245,12 @@ impl SimSidecar {
     /// Connects, says Hello, subscribes, and waits for the Welcome.
     async fn open(
         &self,
-        url: &str,
+        access: &Access,
         timeout: Duration,
     ) -> anyhow::Result<(mpsc::Sender<v1::SidecarMessage>, Streaming<v1::ControlMessage>)> {
-        // The settings of the real sidecar's connection.
-        let channel = Endpoint::from_shared(url.to_owned())?
+        // The settings of the real sidecar's connection: TLS and a token.
+        let channel = access
+            .endpoint()?
             .connect_timeout(timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -257,6 +259,7 @@ impl SimSidecar {
             .connect()
             .await
             .context("connecting")?;
+        let channel = InterceptedService::new(channel, access.bearer()?);
         let mut client = DiscoveryClient::new(channel).max_decoding_message_size(MAX_PUSH_BYTES);
         let (outbound, rx) = mpsc::channel(16);
         let hello = v1::Hello {
@@ -423,7 +426,7 @@ mod tests {
     }
 
     fn push(nonce: &str, resources: Vec<v1::ServiceResources>) -> v1::Push {
-        v1::Push { nonce: nonce.into(), resources }
+        v1::Push { nonce: nonce.into(), resources, ..Default::default() }
     }
 
     fn resources(service: &str, version: u64, endpoints: Endpoints) -> v1::ServiceResources {

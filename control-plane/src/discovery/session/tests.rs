@@ -6,6 +6,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::*;
 use crate::{
+    ca::{Authority, CaConfig},
     metrics::Metrics,
     registry::{InstanceSpec, RegistryConfig},
     resources::Resources,
@@ -19,8 +20,21 @@ struct Harness {
     to_session: mpsc::Sender<Result<v1::SidecarMessage, Status>>,
     from_session: mpsc::Receiver<Result<v1::ControlMessage, Status>>,
     record: Arc<SidecarRecord>,
+    authority: Arc<Authority>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Ended>,
+    _dir: tempfile::TempDir,
+}
+
+async fn authority(dir: &std::path::Path) -> Arc<Authority> {
+    let config = CaConfig {
+        trust_domain: "ferry.local".into(),
+        cert_ttl: Duration::from_secs(60),
+        operator: None,
+        data_dir: dir.to_path_buf(),
+        key_files: false,
+    };
+    Authority::open(config, Arc::new(MemoryStore::default())).await.expect("CA")
 }
 
 async fn harness_with(held: HashMap<String, u64>, registry: Option<Arc<Registry>>) -> Harness {
@@ -35,24 +49,35 @@ async fn harness_with(held: HashMap<String, u64>, registry: Option<Arc<Registry>
         .await
         .expect("opens"),
     };
-    let record = Arc::new(SidecarRecord::new("node-1".into(), "frontend".into(), None, "test".into(), "test".into()));
-    let resources = Resources::open(Arc::new(MemoryStore::default()), Arc::new(Default::default()), Duration::from_secs(5))
+    let record =
+        Arc::new(SidecarRecord::new("node-1".into(), "frontend".into(), None, "test".into(), "test".into(), String::new()));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let authority = authority(dir.path()).await;
+    let resources = Resources::open(Arc::new(MemoryStore::default()), Arc::new(Default::default()), Duration::from_secs(5), Default::default())
         .await
         .expect("opens");
     let session = Session::new(
         registry.new_session(),
         registry.clone(),
         resources.clone(),
+        authority.watch(),
         SessionConfig::default(),
         Metrics::unregistered().push,
         record.clone(),
         held,
+        Credentials::default(),
     );
     let (to_session, inbound) = mpsc::channel(16);
     let (outbound, from_session) = mpsc::channel(1);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(session.run(ReceiverStream::new(inbound), outbound, shutdown.clone()));
-    Harness { registry, resources, to_session, from_session, record, shutdown, task }
+    let mut harness = Harness { registry, resources, to_session, from_session, record, authority, shutdown, task, _dir: dir };
+    // Every stream starts with the trust bundle and the sidecar's authorization policy.
+    let first = harness.push().await;
+    assert_eq!(first.trust_bundle.as_ref().map(|b| b.version), Some(harness.authority.bundle().version));
+    assert_eq!(first.authorization, Some(v1::AuthorizationUpdate { policy: None, version: 0 }));
+    harness.ack(&first.nonce).await;
+    harness
 }
 
 async fn harness() -> Harness {
@@ -329,7 +354,7 @@ impl Harness {
     fn record_status(&self) -> v1::SidecarStatus {
         let sidecars = Arc::new(super::super::Sidecars::default());
         let _guard = sidecars.connect(self.registry.new_session(), self.record.clone());
-        sidecars.list(&self.registry, &self.resources).remove(0)
+        sidecars.list(&self.registry, &self.resources, &self.authority).remove(0)
     }
 }
 
@@ -406,4 +431,71 @@ async fn a_route_arrives_with_the_services_it_sends_to() {
     assert_eq!(services, ["catalog", "catalog-next"], "one push carries the route and its backend");
     let next = push.resources.iter().find(|r| r.service == "catalog-next").expect("carried");
     assert!(matches!(next.endpoints, Some(Endpoints::Snapshot(_))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn trust_and_the_own_authorization_policy_are_pushed_when_they_change() {
+    let mut h = harness().await;
+    h.authority.rotate().await.expect("rotates");
+    let push = h.push().await;
+    let bundle = push.trust_bundle.clone().expect("the new bundle");
+    assert!(push.resources.is_empty() && push.authorization.is_none());
+    h.ack(&push.nonce).await;
+    let yaml = "kind: AuthorizationPolicy\nservice: frontend\nrules:\n  - from: [client]\n";
+    let resource = ferry_proto::json::resources_from_yaml(yaml).expect("valid").remove(0);
+    let item = v1::ApplyItem { resource: Some(resource), expected_version: None };
+    h.resources.apply(vec![item], false).await.expect("applied");
+    let push = h.push().await;
+    let update = push.authorization.clone().expect("the sidecar's own policy");
+    assert_eq!(update.policy.map(|p| p.rules.len()), Some(1));
+    assert!(push.trust_bundle.is_none(), "unchanged");
+    h.ack(&push.nonce).await;
+    tokio::task::yield_now().await;
+    let status = h.record_status();
+    assert_eq!(status.trust_bundle_acked, bundle.version);
+    assert_eq!(status.authorization.map(|a| a.acked_version), Some(update.version));
+    // A policy of another service is not this sidecar's business.
+    let other = ferry_proto::json::resources_from_yaml("kind: AuthorizationPolicy\nservice: catalog\nrules:\n  - from: [frontend]\n")
+        .expect("valid")
+        .remove(0);
+    h.resources.apply(vec![v1::ApplyItem { resource: Some(other), expected_version: None }], false).await.expect("applied");
+    h.no_push().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_revoked_token_ends_its_stream() {
+    let registry = Registry::open(
+        Arc::new(MemoryStore::default()),
+        RegistryConfig::default(),
+        Metrics::unregistered().registry,
+        Default::default(),
+    )
+    .await
+    .expect("opens");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let authority = authority(dir.path()).await;
+    let resources = Resources::open(Arc::new(MemoryStore::default()), Arc::new(Default::default()), Duration::from_secs(5), Default::default())
+        .await
+        .expect("opens");
+    let record = Arc::new(SidecarRecord::new("n".into(), "frontend".into(), None, "t".into(), "t".into(), "tok".into()));
+    let revoked = CancellationToken::new();
+    let session = Session::new(
+        registry.new_session(),
+        registry,
+        resources,
+        authority.watch(),
+        SessionConfig::default(),
+        Metrics::unregistered().push,
+        record,
+        HashMap::new(),
+        Credentials { revoked: revoked.clone(), expires: None },
+    );
+    let (_to_session, inbound) = mpsc::channel(16);
+    let (outbound, mut from_session) = mpsc::channel(4);
+    let task = tokio::spawn(session.run(ReceiverStream::new(inbound), outbound, CancellationToken::new()));
+    from_session.recv().await.expect("the first push").expect("a push");
+    revoked.cancel();
+    assert_eq!(task.await.expect("ends"), Ended::Broken);
+    let status = from_session.recv().await.expect("a last message").expect_err("an error");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
 }

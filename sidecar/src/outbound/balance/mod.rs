@@ -710,6 +710,7 @@ mod tests {
             region: String::new(),
             zone: zone.into(),
             weight,
+            identity: None,
         })
     }
 

@@ -19,23 +19,76 @@ use std::{
     time::Instant,
 };
 
+use ferry_proto::{
+    authz::{Caller, Decision, Request as AuthzRequest},
+    matching::RequestInfo,
+};
 use futures::{FutureExt, future::BoxFuture};
-use http::{Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use tower::Service;
 
 use crate::{
-    errors::{AppFailed, AppUnreachable, FERRY_ERROR, is_grpc},
+    errors::{AppFailed, AppUnreachable, FERRY_ERROR, Forbidden, is_grpc},
     http::{
         Body, BoxError, Guarded, boxed,
         client::{Client, ConnectError},
     },
-    metrics::Metrics,
+    mesh::Mesh,
+    metrics::{AuthzLabels, Metrics},
     proxy::{forwardable, respond},
 };
 
+pub mod listener;
+
 /// Where an app's own `x-ferry-error` goes, so that the header always means this sidecar.
 pub const UPSTREAM_ERROR: &str = "x-ferry-upstream-error";
+
+/// The caller's verified identity, as the app receives it.
+pub const PEER_IDENTITY: HeaderName = HeaderName::from_static("x-ferry-peer-identity");
+
+/// Who is calling, in a request's extensions: the identity its mTLS certificate proves, or
+/// `None` for a plaintext connection to a permissive listener.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Peer(pub Option<Arc<ferry_tls::Identity>>);
+
+impl Peer {
+    /// The caller as authorization sees it.
+    pub fn caller(&self) -> Caller<'_> {
+        match &self.0 {
+            Some(identity) => Caller::Service(&identity.service),
+            None => Caller::Unauthenticated,
+        }
+    }
+
+    /// The caller in words: its identity, or that it has none.
+    pub fn describe(&self) -> String {
+        match &self.0 {
+            Some(identity) => identity.to_string(),
+            None => "an unauthenticated caller".into(),
+        }
+    }
+
+    /// The `caller` label of the authorization metric.
+    fn label(&self) -> Arc<str> {
+        match &self.0 {
+            Some(identity) => identity.service.as_str().into(),
+            None => "unauthenticated".into(),
+        }
+    }
+}
+
+/// Decides whether `peer` may make `request` of `service` under the policy in force, and counts
+/// the decision.
+pub fn authorize(mesh: &Mesh, metrics: &Metrics, service: &Arc<str>, peer: &Peer, request: &AuthzRequest<'_>) -> Decision {
+    let decision = match mesh.authorization() {
+        Some(policy) => policy.evaluate(peer.caller(), request),
+        None => Decision::no_policy(),
+    };
+    let labels = AuthzLabels { decision: decision.action.as_str(), service: service.clone(), caller: peer.label() };
+    metrics.inbound_authz.get_or_create(&labels).inc();
+    decision
+}
 
 /// The inbound proxy service. Cheap to clone.
 #[derive(Clone)]
@@ -44,6 +97,7 @@ pub struct Inbound {
     service: Arc<str>,
     metrics: Metrics,
     in_flight: InFlight,
+    mesh: Mesh,
 }
 
 /// Counts the inbound requests not answered yet, so a drain can tell when nothing is pending.
@@ -71,12 +125,37 @@ impl Drop for InFlightGuard {
 }
 
 impl Inbound {
-    /// Forwards to the app behind `app`; `service` labels the metrics.
-    pub fn new(app: Client, service: Arc<str>, metrics: Metrics, in_flight: InFlight) -> Self {
-        Self { app, service, metrics, in_flight }
+    /// Forwards to the app behind `app` what `mesh`'s authorization policy allows; `service`
+    /// labels the metrics.
+    pub fn new(app: Client, service: Arc<str>, metrics: Metrics, in_flight: InFlight, mesh: Mesh) -> Self {
+        Self { app, service, metrics, in_flight, mesh }
     }
 
-    async fn forward(&self, request: Request<Incoming>, in_flight: InFlightGuard) -> Result<Response<Body>, BoxError> {
+    /// The app's address, for connections relayed byte for byte.
+    pub fn app(&self) -> &Client {
+        &self.app
+    }
+
+    async fn forward(&self, mut request: Request<Incoming>, in_flight: InFlightGuard) -> Result<Response<Body>, BoxError> {
+        let peer = request.extensions_mut().remove::<Peer>().unwrap_or_default();
+        let info = RequestInfo::of(request.method(), request.uri(), request.headers());
+        let decision = authorize(&self.mesh, &self.metrics, &self.service, &peer, &AuthzRequest::Http(info));
+        if !decision.allowed() {
+            return Err(Box::new(Forbidden {
+                caller: peer.describe(),
+                service: self.service.clone(),
+                because: decision.because(),
+                version: decision.version,
+            }));
+        }
+        // Only this sidecar says who calls.
+        let headers = request.headers_mut();
+        headers.remove(&PEER_IDENTITY);
+        if let Some(identity) = &peer.0
+            && let Ok(value) = HeaderValue::from_str(&identity.to_string())
+        {
+            headers.insert(PEER_IDENTITY, value);
+        }
         match self.app.send(forwardable(request)).await {
             // In flight until the whole body is sent, so a drain does not cut a stream short.
             Ok(mut response) => {

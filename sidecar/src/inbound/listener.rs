@@ -1,0 +1,249 @@
+//! The inbound listener: mTLS from peer sidecars, told apart from plaintext by the first byte.
+//!
+//! - A TLS handshake record is answered with this sidecar's certificate, whatever SNI and ALPN
+//!   the client sends, and the client must present a leaf that chains to the trust bundle. The
+//!   identity it proves travels with each request ([`Peer`]); ALPN says what follows: HTTP/2,
+//!   HTTP/1.1, or [`ALPN_TCP`](ferry_tls::mesh::ALPN_TCP), an opaque connection relayed byte for
+//!   byte to the app once authorization allows the caller.
+//! - Plaintext is refused in `strict` mode (a plaintext HTTP client reads why), and served
+//!   without an identity in `permissive` and `off` modes.
+//!
+//! Each connection is handed to a data-path worker before its handshake, which is bounded in
+//! time; the connections open at once are capped, past which the listener stops accepting.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use ferry_proto::authz::Request as AuthzRequest;
+use ferry_tls::Identity;
+use http::Request;
+use hyper::body::Incoming;
+use hyper_util::{rt::TokioIo, service::TowerToHyperService};
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower::ServiceExt;
+
+use super::{Inbound, Peer, authorize};
+use crate::{
+    http::server::ClientAddr,
+    mesh::{Mesh, MtlsMode},
+    metrics::{Metrics, ReasonLabels},
+    workers::Workers,
+};
+
+/// Bounds of the inbound listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// How long a new connection may take to send its first byte and finish its handshake.
+    pub handshake_timeout: Duration,
+    /// How long connecting to the app may take, for relayed TCP.
+    pub connect_timeout: Duration,
+}
+
+/// What every connection's task needs.
+struct Shared {
+    inbound: Inbound,
+    mesh: Mesh,
+    metrics: Metrics,
+    limits: Limits,
+    open: Gauge,
+    shutdown: CancellationToken,
+}
+
+/// Accepts connections on `listener` until `shutdown`, then gives open ones up to `drain`.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve(
+    listener: TcpListener,
+    inbound: Inbound,
+    mesh: Mesh,
+    metrics: Metrics,
+    limits: Limits,
+    open: Gauge,
+    workers: Workers,
+    shutdown: CancellationToken,
+    drain: Duration,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let tracker = TaskTracker::new();
+    let shared = Arc::new(Shared { inbound, mesh, metrics, limits, open, shutdown: shutdown.clone() });
+    loop {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.cancelled() => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let (stream, worker) = match workers.adopt(stream) {
+                    Ok(adopted) => adopted,
+                    Err(error) => {
+                        tracing::warn!(listener = "inbound", %error, "cannot hand the connection to a worker");
+                        continue;
+                    }
+                };
+                let shared = shared.clone();
+                worker.spawn(tracker.track_future(async move {
+                    shared.open.inc();
+                    connection(&shared, stream, peer).await;
+                    shared.open.dec();
+                    drop(permit);
+                }));
+            }
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(listener = "inbound", %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(listener);
+    tracker.close();
+    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+        tracing::debug!(listener = "inbound", "connections still open after the drain period");
+    }
+}
+
+impl Shared {
+    fn refused(&self, reason: &'static str) {
+        self.metrics.inbound_refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+}
+
+/// Serves one connection from its first byte to its end.
+async fn connection(shared: &Shared, stream: TcpStream, addr: SocketAddr) {
+    let timeout = shared.limits.handshake_timeout;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
+        Ok(Ok(1..)) => {}
+        Ok(_) => return,
+        Err(_) => return shared.refused("timeout"),
+    }
+    if !ferry_tls::is_tls_handshake(&first) {
+        if shared.mesh.mode() == MtlsMode::Strict {
+            shared.refused("plaintext");
+            tracing::debug!(%addr, "refused a plaintext connection: this listener takes mTLS only (--mtls strict)");
+            return refuse_plaintext(stream).await;
+        }
+        return serve_http(shared, stream, addr, Peer(None)).await;
+    }
+    if shared.mesh.mode() == MtlsMode::Off {
+        shared.refused("handshake");
+        tracing::debug!(%addr, "refused a TLS connection: this listener takes plaintext only (--mtls off)");
+        return;
+    }
+    let Some(config) = shared.mesh.server_config() else {
+        shared.refused("handshake");
+        tracing::debug!(%addr, "refused a TLS connection: no trust bundle yet");
+        return;
+    };
+    let accepted = match tokio::time::timeout(timeout, tokio_rustls::TlsAcceptor::from(config).accept(stream)).await {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(error)) => {
+            shared.refused("handshake");
+            let why = ferry_tls::verify::explain_io(&error).unwrap_or_else(|| error.to_string());
+            tracing::debug!(%addr, error = %why, "inbound TLS handshake failed");
+            return;
+        }
+        Err(_) => return shared.refused("timeout"),
+    };
+    let session = accepted.get_ref().1;
+    // Verified during the handshake; a resumed session carries the leaf it was made with,
+    // which must still be valid now.
+    let identity = session
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .filter(|leaf| ferry_tls::verify::not_after(leaf).is_some_and(|end| end > std::time::SystemTime::now()))
+        .and_then(|leaf| Identity::of_certificate(leaf).ok());
+    let Some(identity) = identity else {
+        shared.refused("handshake");
+        tracing::debug!(%addr, "refused a TLS connection whose peer certificate is missing or expired");
+        return;
+    };
+    let peer = Peer(Some(Arc::new(identity)));
+    if session.alpn_protocol() == Some(ferry_tls::mesh::ALPN_TCP) {
+        return relay(shared, accepted, addr, peer).await;
+    }
+    serve_http(shared, accepted, addr, peer).await;
+}
+
+/// Tells a plaintext client of a strict listener why it is refused, then closes.
+async fn refuse_plaintext(mut stream: TcpStream) {
+    let body = "forbidden: this sidecar takes mTLS only (--mtls strict): call it through your own sidecar\n";
+    let answer = format!(
+        "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\nx-ferry-error: mtls_required\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer.as_bytes())).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on one connection, every request carrying `peer`.
+async fn serve_http<I>(shared: &Shared, io: I, addr: SocketAddr, peer: Peer)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = shared.inbound.clone().map_request(move |mut request: Request<Incoming>| {
+        request.extensions_mut().insert(ClientAddr(addr));
+        request.extensions_mut().insert(peer.clone());
+        request
+    });
+    let builder = crate::http::server::builder();
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service));
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = shared.shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(listener = "inbound", %error, "connection ended with an error");
+    }
+}
+
+/// Relays an opaque TCP connection to the app, if the caller may make it.
+async fn relay(shared: &Shared, mut tls: tokio_rustls::server::TlsStream<TcpStream>, addr: SocketAddr, peer: Peer) {
+    let service = &shared.inbound.service;
+    let decision = authorize(&shared.mesh, &shared.metrics, service, &peer, &AuthzRequest::Tcp);
+    if !decision.allowed() {
+        tracing::info!(%addr, caller = %peer.describe(), because = %decision.because(), "closed a TCP connection the authorization policy refuses");
+        let _ = tls.shutdown().await;
+        return;
+    }
+    let app = shared.inbound.app().address().to_owned();
+    let connect = tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(app.as_str()));
+    let mut upstream = match connect.await {
+        Ok(Ok(upstream)) => upstream,
+        Ok(Err(error)) => {
+            tracing::warn!(%app, %error, "cannot reach the app for a relayed TCP connection");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%app, "the app did not accept a relayed TCP connection in time");
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    let copied = tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut tls, &mut upstream) => copied,
+        () = shared.shutdown.cancelled() => return,
+    };
+    match copied {
+        Ok((sent, received)) => tracing::debug!(%addr, sent, received, "relayed TCP connection closed"),
+        Err(error) => tracing::debug!(%addr, %error, "relayed TCP connection ended with an error"),
+    }
+}
