@@ -64,6 +64,17 @@ async fn the_canary_scenario_sends_a_tenth_of_catalog_traffic_to_v2() {
     assert!(output.contains("did what the canary scenario says"), "{output}");
 }
 
+#[tokio::test]
+async fn the_lockdown_scenario_refuses_every_caller_of_catalog_but_frontend() {
+    let (success, output) = demo(&["--duration", "10s", "--scenario", "lockdown"]).await;
+    assert!(success, "{output}");
+    assert!(output.contains("authorization/catalog enforced by every catalog sidecar"), "the policy took effect:\n{output}");
+    let probes = output.lines().find(|l| l.starts_with("lockdown: the client sidecar's own calls")).unwrap_or_else(|| panic!("{output}"));
+    assert!(probes.contains(", 0 answered, 0 failed otherwise"), "{probes}");
+    assert!(!probes.contains(": 0 refused"), "{probes}");
+    assert!(output.contains("did what the lockdown scenario says"), "{output}");
+}
+
 /// Appends every line `from` writes to `to`.
 fn collect(from: impl AsyncRead + Unpin + Send + 'static, to: Arc<Mutex<String>>) {
     tokio::spawn(async move {
@@ -95,17 +106,28 @@ async fn routes_applied_outside_the_demo_are_shown_and_not_judged() {
     collect(demo.stderr.take().expect("piped"), output.clone());
     let now = || output.lock().unwrap_or_else(|p| p.into_inner()).clone();
 
-    // "control plane  grpc http://127.0.0.1:7070  http http://127.0.0.1:7071"
-    let api: SocketAddr = eventually("the demo to print its addresses", || async {
+    // "control plane  grpc https://127.0.0.1:7070  http https://127.0.0.1:7071", then the lines
+    // to paste: "export FERRY_TOKEN=$(cat /tmp/.../admin.token)", "export FERRY_CA_FILE=...".
+    let (addr, token_file, ca_file) = eventually("the demo to print its addresses and credentials", || async {
         let text = now();
         let line = text.lines().find(|l| l.starts_with("control plane"))?.to_owned();
-        line.rsplit("http://").next()?.trim().parse().ok()
+        let addr: SocketAddr = line.rsplit("https://").next()?.trim().parse().ok()?;
+        let token = text.lines().find_map(|l| l.trim().strip_prefix("export FERRY_TOKEN=$(cat "))?.trim_end_matches(')').to_owned();
+        let ca = text.lines().find_map(|l| l.trim().strip_prefix("export FERRY_CA_FILE="))?.to_owned();
+        Some((addr, token, ca))
     })
     .await;
+    let token = std::fs::read_to_string(&token_file).expect("the admin token file");
+    let ca = std::fs::read_to_string(&ca_file).expect("the CA file");
+    let api = ferry_tls::api::HttpApi::new(addr, Some(&ca), Some(token.trim().to_owned())).expect("TLS config");
+    let send = |method: Method, path: String, content_type: &'static str, body: &'static str| {
+        let api = api.clone();
+        async move { api.call(method, &path, Some((content_type, bytes::Bytes::from_static(body.as_bytes())))).await }
+    };
     eventually("traffic", || async { now().contains(" ok ").then_some(()) }).await;
 
     let fault = include_str!("../../examples/routes/fault.yaml");
-    let applied = client::send_body(api, Method::POST, "/v1/apply", "application/yaml", fault).await.expect("answered");
+    let applied = send(Method::POST, "/v1/apply".into(), "application/yaml", fault).await.expect("answered");
     assert_eq!(applied.0, StatusCode::OK, "{}", client::text(&applied));
     eventually("the summary to show the fault as applied outside the demo", || async {
         now().contains("applied outside the demo (the routes of examples/routes/fault.yaml)").then_some(())
@@ -114,9 +136,7 @@ async fn routes_applied_outside_the_demo_are_shown_and_not_judged() {
     eventually("the summary line to name them", || async { now().contains("  routes: route/catalog v").then_some(()) }).await;
 
     for service in ["catalog", "frontend"] {
-        let deleted = client::send_body(api, Method::DELETE, &format!("/v1/routes/{service}"), "application/json", "")
-            .await
-            .expect("answered");
+        let deleted = send(Method::DELETE, format!("/v1/routes/{service}"), "application/json", "").await.expect("answered");
         assert_eq!(deleted.0, StatusCode::OK, "{}", client::text(&deleted));
     }
     eventually("the summary to show the routes deleted", || async {

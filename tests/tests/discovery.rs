@@ -52,8 +52,9 @@ async fn blocking_queries_wake_on_a_change_and_time_out_with_the_same_index() {
 
     // A change wakes it.
     let blocked = {
-        let url = format!("{}/v1/services/db?index={index}&wait=60s", control_plane.http_url());
-        tokio::spawn(async move { client::get(&url).await })
+        let api = control_plane.api().clone();
+        let path = format!("/v1/services/db?index={index}&wait=60s");
+        tokio::spawn(async move { api.call(http::Method::GET, &path, None).await })
     };
     put(&control_plane, r#"{"id": "db-2", "service": "db", "address": "10.0.0.2", "port": 5432}"#).await;
     let answer = tokio::time::timeout(PATIENCE, blocked).await.expect("woken by the change").expect("joins").expect("answered");
@@ -64,8 +65,8 @@ async fn blocking_queries_wake_on_a_change_and_time_out_with_the_same_index() {
 
     // A service that does not exist yet: a blocking query waits for it to appear.
     let waiting = {
-        let url = format!("{}/v1/services/cache?index=0&wait=60s", control_plane.http_url());
-        tokio::spawn(async move { client::get(&url).await })
+        let api = control_plane.api().clone();
+        tokio::spawn(async move { api.call(http::Method::GET, "/v1/services/cache?index=0&wait=60s", None).await })
     };
     put(&control_plane, r#"{"id": "cache-1", "service": "cache", "address": "10.0.0.9", "port": 6379}"#).await;
     let answer = tokio::time::timeout(PATIENCE, waiting).await.expect("woken").expect("joins").expect("answered");

@@ -56,7 +56,8 @@ async fn a_sidecar_http_check_follows_its_app() {
 
     // ferryctl shows the check, its status and its output.
     let output = tokio::process::Command::new(binary("ferryctl"))
-        .args(["--control-plane", &control_plane.url(), "instances", "catalog"])
+        .envs(control_plane.ferryctl_env())
+        .args(["instances", "catalog"])
         .output()
         .await
         .expect("ferryctl runs");

@@ -412,8 +412,7 @@ async fn bad_resources_are_refused_naming_the_field_and_change_nothing() {
     assert!(status.message().starts_with("items[0].resource.rules[0].backends[0].weight: "), "{}", status.message());
 
     // A valid dry run reports the change and stores nothing.
-    let answer = client::send_body(
-        control_plane.http,
+    let answer = control_plane.send_body(
         Method::POST,
         "/v1/apply?dry_run=true",
         "application/yaml",
@@ -526,8 +525,7 @@ async fn a_route_waits_for_its_subset_without_failing_requests() {
 
     // A route naming subset v2 before any policy defines it is refused, naming the field.
     let canary = "  - backends: [ { subset: v2 } ]\n    response_headers: { set: { x-route: canary } }\n";
-    let refused = client::send_body(
-        control_plane.http,
+    let refused = control_plane.send_body(
         Method::POST,
         "/v1/apply",
         "application/yaml",

@@ -45,6 +45,9 @@ fn saved_endpoints(dir: &Path, service: &str) -> Option<usize> {
 async fn a_sidecar_restarted_while_the_control_plane_is_down_serves_from_its_state_dir() {
     let data = tempfile::tempdir().expect("tempdir");
     let mut control_plane = ControlPlane::start_in(data.path(), &[]).await;
+    // Turn by turn, so that ten requests reach both instances whatever their latency (a new
+    // mTLS connection costs one instance a handshake the other may not pay).
+    control_plane.apply("kind: ServicePolicy\nservice: catalog\nload_balancer: round-robin\n").await;
     let apps = [HttpApp::start("one").await, HttpApp::start("two").await];
     let mut catalogs = Vec::new();
     for (n, app) in apps.iter().enumerate() {

@@ -12,8 +12,14 @@ use ferry_examples::demo::{self, process, scenario::Scenario};
 /// With --replicas 2 or more, the last catalog replica runs version v2, the others v1. The
 /// routing scenarios of examples/routes/ change where catalog's traffic goes: apply one with
 /// --scenario once traffic flows, or, when stdin is a terminal, by typing a key and Enter while
-/// the demo runs: c canary, h header-canary, f fault, r reset (delete the routes), q quit. One
-/// request in 5 carries `x-canary: true`.
+/// the demo runs: c canary, h header-canary, f fault, l lockdown, r reset (delete the routes and
+/// catalog's authorization policy), q quit. One request in 5 carries `x-canary: true`.
+///
+/// The mesh runs with its secure defaults: the control plane authenticates every API call with
+/// a token and serves TLS, and every sidecar holds a token of its own service and talks mTLS to
+/// the others. The demo prints the two lines to paste (FERRY_TOKEN, FERRY_CA_FILE) to use
+/// ferryctl against it. Once a second the client sidecar calls catalog directly, as a service
+/// other than frontend would; the lockdown scenario's authorization policy refuses those calls.
 ///
 /// The control plane listens on 127.0.0.1:7070 (gRPC), 7071 (HTTP) and 8600 (DNS), the client
 /// sidecar on 127.0.0.1:15001 (admin 15000), each when it is free; when one is not, the demo
@@ -47,6 +53,9 @@ use ferry_examples::demo::{self, process, scenario::Scenario};
 ///   frontend's calls to catalog that the mesh aborted must be within 4 standard deviations (and
 ///   at least 1 point) of the route's 10%, and at least 95% of the requests through frontend must
 ///   succeed, thanks to the client's retries.
+///
+///   lockdown: no request through frontend failed, and every direct call from the client
+///   sidecar to catalog was refused with 403 forbidden (at least one was made).
 #[derive(Debug, Parser)]
 #[command(name = "ferry-demo", version)]
 struct Args {

@@ -23,7 +23,8 @@ const IN_FORCE_LIMIT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Apply(Scenario),
-    /// Delete the routes, so traffic goes to every instance again.
+    /// Delete the routes and catalog's authorization policy, so traffic goes to every instance
+    /// again from every caller.
     Reset,
     Help,
     Quit,
@@ -110,6 +111,7 @@ pub async fn apply(api: &ConfigApi, scenario: Scenario) -> Outcome {
     };
     // The version each service must reach for the whole scenario to be in force.
     let mut targets: BTreeMap<String, u64> = BTreeMap::new();
+    let mut authorizations: BTreeMap<String, u64> = BTreeMap::new();
     for item in &applied {
         let (kind, service, version) = match item.resource.as_ref().and_then(|r| r.kind.as_ref()) {
             Some(v1::resource::Kind::Route(route)) => ("Route", &route.service, route.version),
@@ -117,16 +119,35 @@ pub async fn apply(api: &ConfigApi, scenario: Scenario) -> Outcome {
             Some(v1::resource::Kind::Authorization(policy)) => ("AuthorizationPolicy", &policy.service, policy.version),
             None => continue,
         };
-        if let Some(v1::resource::Kind::Route(_)) = item.resource.as_ref().and_then(|r| r.kind.as_ref()) {
-            routes.insert(service.clone(), Some(version));
-        }
         let change = if item.changed { "changed" } else { "unchanged" };
         let _ = writeln!(report, "  {kind} {service}: version {version} ({change})");
         for line in item.diff.lines() {
             let _ = writeln!(report, "      {line}");
         }
+        match item.resource.as_ref().and_then(|r| r.kind.as_ref()) {
+            // Enforced by the service's own sidecars, not by its callers.
+            Some(v1::resource::Kind::Authorization(_)) => {
+                authorizations.insert(service.clone(), version);
+                continue;
+            }
+            Some(v1::resource::Kind::Route(_)) => {
+                routes.insert(service.clone(), Some(version));
+            }
+            _ => {}
+        }
         let target = targets.entry(service.clone()).or_default();
         *target = (*target).max(version);
+    }
+    // Another scenario's authorization policy goes too.
+    if !authorizations.contains_key("catalog") {
+        match api.delete_authorization("catalog").await {
+            Ok(Some(version)) => {
+                let _ = writeln!(report, "  DELETE /v1/authorizations/catalog: deleted at version {version} (another scenario's)");
+                authorizations.insert("catalog".to_owned(), version);
+            }
+            Ok(None) => {}
+            Err(error) => return fail(report, error.to_string(), true, routes),
+        }
     }
     // The demo's other routes go, so what is in force is exactly this scenario.
     let others: Vec<&str> = ROUTED.into_iter().filter(|s| !targets.contains_key(*s)).collect();
@@ -143,16 +164,28 @@ pub async fn apply(api: &ConfigApi, scenario: Scenario) -> Outcome {
             Err(error) => return fail(report, error.to_string(), true, routes),
         }
     }
-    finish(api, Action::Apply(scenario), report, targets, started, routes).await
+    finish(api, Action::Apply(scenario), report, targets, authorizations, started, routes).await
 }
 
-/// Deletes the demo's routes, so traffic goes to every instance again. Policies stay: they only
-/// name subsets.
+/// Deletes the demo's routes and catalog's authorization policy, so traffic goes to every
+/// instance again, from every caller. Service policies stay: they only name subsets.
 pub async fn reset(api: &ConfigApi) -> Outcome {
     let started = Instant::now();
     let mut report = String::from("reset:\n");
     let mut targets = BTreeMap::new();
+    let mut authorizations = BTreeMap::new();
     let mut routes = BTreeMap::new();
+    match api.delete_authorization("catalog").await {
+        Ok(Some(version)) => {
+            let _ = writeln!(report, "  DELETE {}/v1/authorizations/catalog: deleted at version {version}", api.base());
+            authorizations.insert("catalog".to_owned(), version);
+        }
+        Ok(None) => {}
+        Err(error) => {
+            let _ = writeln!(report, "  FAILED: {error}");
+            return Outcome { action: Action::Reset, report, accepted: false, in_force: false, routes };
+        }
+    }
     for service in ROUTED {
         match api.delete_route(service).await {
             Ok(Some(version)) => {
@@ -169,19 +202,36 @@ pub async fn reset(api: &ConfigApi) -> Outcome {
         }
         routes.insert(service.to_owned(), None);
     }
-    finish(api, Action::Reset, report, targets, started, routes).await
+    finish(api, Action::Reset, report, targets, authorizations, started, routes).await
 }
 
-/// Waits until every service in `targets` is at its version on the sidecars that call it.
+/// Waits until every service in `targets` is at its version on the sidecars that call it, and
+/// every authorization policy in `authorizations` at its version on the service's own sidecars.
 async fn finish(
     api: &ConfigApi,
     action: Action,
     mut report: String,
     targets: BTreeMap<String, u64>,
+    authorizations: BTreeMap<String, u64>,
     started: Instant,
     routes: BTreeMap<String, Option<u64>>,
 ) -> Outcome {
     let mut in_force = true;
+    for (service, version) in authorizations {
+        match api.wait_authorization_in_force(&service, version, IN_FORCE_LIMIT).await {
+            Ok(sidecars) => {
+                let _ = writeln!(
+                    report,
+                    "  authorization/{service} enforced by every {service} sidecar ({sidecars}), {} ms after the request",
+                    started.elapsed().as_millis()
+                );
+            }
+            Err(error) => {
+                in_force = false;
+                let _ = writeln!(report, "  NOT IN FORCE: {error}");
+            }
+        }
+    }
     for (service, version) in targets {
         match api.wait_in_force(&service, version, IN_FORCE_LIMIT).await {
             Ok(0) => {
@@ -216,5 +266,6 @@ mod tests {
         assert_eq!(Action::parse("q"), Some(Action::Quit));
         assert_eq!(Action::parse("x"), None);
         assert!(keys_help().contains("h header-canary"));
+        assert_eq!(Action::parse("l"), Some(Action::Apply(Scenario::Lockdown)));
     }
 }

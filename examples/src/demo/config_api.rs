@@ -11,12 +11,8 @@ use std::{
 
 use bytes::Bytes;
 use ferry_proto::v1;
-use http::{Method, StatusCode, header};
-use http_body_util::{BodyExt, Full};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
+use ferry_tls::api::HttpApi;
+use http::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 
 /// How long one call to the API may take.
@@ -42,20 +38,75 @@ pub struct Convergence {
     pub behind: Vec<String>,
 }
 
-/// The control plane's HTTP API.
+/// The control plane's HTTP API, over TLS with the admin token.
 #[derive(Clone)]
 pub struct ConfigApi {
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: HttpApi,
     base: String,
 }
 
 impl ConfigApi {
-    /// The API at `addr`.
-    pub fn new(addr: SocketAddr) -> Self {
-        Self { http: Client::builder(TokioExecutor::new()).build_http(), base: format!("http://{addr}") }
+    /// The API at `addr`, verified with the roots of `ca_pem`, called with `token`.
+    pub fn new(addr: SocketAddr, ca_pem: &str, token: String) -> anyhow::Result<Self> {
+        let http = HttpApi::new(addr, Some(ca_pem), Some(token)).map_err(anyhow::Error::msg)?;
+        let base = http.base();
+        Ok(Self { http, base })
     }
 
-    /// Its base URL, such as `http://127.0.0.1:7071`.
+    /// `POST /v1/tokens`: a new token of `kind` (such as `TOKEN_KIND_SIDECAR`) for `service`;
+    /// returns its secret.
+    pub async fn create_token(&self, kind: &str, service: &str) -> Result<String, ApiError> {
+        let body = serde_json::json!({ "kind": kind, "service": service, "description": "ferry-demo" }).to_string();
+        let (url, status, bytes) = self.call(Method::POST, "/v1/tokens", Some(("application/json", Bytes::from(body)))).await?;
+        let created: v1::CreateTokenResponse = decode(Method::POST, &url, status, &bytes)?;
+        Ok(created.secret)
+    }
+
+    /// `DELETE /v1/authorizations/{service}`: the version that deleted it, or `None` if there
+    /// was none.
+    pub async fn delete_authorization(&self, service: &str) -> Result<Option<u64>, ApiError> {
+        let (url, status, bytes) = self.call(Method::DELETE, &format!("/v1/authorizations/{service}"), None).await?;
+        if status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        decode::<serde_json::Value>(Method::DELETE, &url, status, &bytes)?;
+        let (url, status, bytes) = self.call(Method::GET, &format!("/v1/authorizations/{service}/history"), None).await?;
+        let history: v1::HistoryResponse = decode(Method::GET, &url, status, &bytes)?;
+        Ok(history.entries.first().map(|entry| entry.version))
+    }
+
+    /// Waits up to `limit` until every sidecar of `service` (those with an instance) enforces
+    /// its authorization policy at `version`; returns how many there are.
+    pub async fn wait_authorization_in_force(&self, service: &str, version: u64, limit: Duration) -> Result<usize, String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let last = match self.call(Method::GET, "/v1/sidecars", None).await {
+                Ok((url, status, bytes)) => match decode::<v1::ListSidecarsResponse>(Method::GET, &url, status, &bytes) {
+                    Ok(answer) => {
+                        let own: Vec<&v1::SidecarStatus> =
+                            answer.sidecars.iter().filter(|s| s.service == service && !s.instance_id.is_empty()).collect();
+                        let behind: Vec<String> = own
+                            .iter()
+                            .filter(|s| s.authorization.unwrap_or_default().acked_version < version)
+                            .map(|s| format!("{} holds authorization/{service} v{}", s.node_id, s.authorization.unwrap_or_default().acked_version))
+                            .collect();
+                        if behind.is_empty() {
+                            return Ok(own.len());
+                        }
+                        behind.join("; ")
+                    }
+                    Err(error) => error.to_string(),
+                },
+                Err(error) => error.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(format!("authorization/{service} version {version} is not in force after {limit:?}: {last}"));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Its base URL, such as `https://127.0.0.1:7071`.
     pub fn base(&self) -> &str {
         &self.base
     }
@@ -164,24 +215,9 @@ impl ConfigApi {
     ) -> Result<(String, StatusCode, Bytes), ApiError> {
         let url = format!("{}{path}", self.base);
         let unreachable = |reason: String| ApiError::Unreachable { method: method.clone(), url: url.clone(), reason };
-        let mut request = http::Request::builder().method(method.clone()).uri(&url);
-        let body = match body {
-            Some((content_type, bytes)) => {
-                request = request.header(header::CONTENT_TYPE, content_type);
-                Full::new(bytes)
-            }
-            None => Full::new(Bytes::new()),
-        };
-        let request = request.body(body).map_err(|e| unreachable(e.to_string()))?;
-        let exchange = async {
-            let response = self.http.request(request).await.map_err(|e| ferry_runtime::error_chain(&e))?;
-            let status = response.status();
-            let bytes = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-            Ok::<_, String>((status, bytes))
-        };
-        match tokio::time::timeout(CALL_TIMEOUT, exchange).await {
-            Ok(Ok((status, bytes))) => Ok((url, status, bytes)),
-            Ok(Err(reason)) => Err(unreachable(reason)),
+        match tokio::time::timeout(CALL_TIMEOUT, self.http.call(method.clone(), path, body)).await {
+            Ok(Ok((status, _, bytes))) => Ok((url, status, bytes)),
+            Ok(Err(reason)) => Err(unreachable(ferry_runtime::error_chain(reason.as_ref()))),
             Err(_) => Err(unreachable(format!("no answer within {CALL_TIMEOUT:?}"))),
         }
     }

@@ -9,6 +9,11 @@
 //! `examples/routes/` ([`scenario`]) have a canary to send traffic to. A scenario is applied
 //! through the control plane's Config API with `--scenario`, or with a key while the demo runs.
 //! The summary shows the routes the control plane holds ([`in_force`]), whoever applied them.
+//!
+//! The mesh runs as it would in production: the control plane with token auth and TLS on its
+//! APIs, every sidecar with a token of its own service and strict mTLS. The demo makes those
+//! tokens with the admin token the control plane writes at first start, and prints what a user
+//! pastes to use `ferryctl` against it.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -21,6 +26,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use ferry_proto::v1::{self, registry_client::RegistryClient};
+use ferry_tls::api::{Access, ApiChannel};
 use http_body_util::Empty;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use tokio::{
@@ -28,8 +34,6 @@ use tokio::{
     sync::{Semaphore, mpsc},
 };
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
-
 use crate::apps::{self, Counters};
 
 pub mod actions;
@@ -55,6 +59,23 @@ use self::{
 
 /// The demo's services, in start order (callees first).
 const SERVICES: [&str; 3] = ["inventory", "catalog", "frontend"];
+/// The service the client sidecar calls out as.
+pub const CLIENT_SERVICE: &str = "demo-client";
+
+/// How a sidecar of the demo reaches the control plane: its URL, the CA file, its token file.
+struct Reach {
+    url: String,
+    ca_file: String,
+    tokens: std::path::PathBuf,
+}
+
+impl Reach {
+    /// The flags of a sidecar of `service`.
+    fn args(&self, service: &str) -> Vec<String> {
+        let token = self.tokens.join(format!("{service}.token")).display().to_string();
+        args(&["--control-plane", &self.url, "--ca-file", &self.ca_file, "--token-file", &token])
+    }
+}
 /// How far back the live SHARE column looks, in seconds (one snapshot a second)...
 const LIVE_SPAN: usize = 10;
 /// ...and that span in words.
@@ -131,8 +152,22 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
             start_control_plane("control-plane-free-ports", &data, &logs, &control_plane_ports).await?
         }
     };
-    let control_plane_url = format!("http://{}", control_plane.addr("grpc")?);
-    let api = ConfigApi::new(control_plane.addr("http")?);
+    let control_plane_url = format!("https://{}", control_plane.addr("grpc")?);
+    // What the control plane made at first start: its admin token and its trust bundle.
+    let admin_file = data.join("admin.token");
+    let ca_file = data.join("ca.pem");
+    let admin = std::fs::read_to_string(&admin_file).with_context(|| format!("reading {}", admin_file.display()))?;
+    let ca_pem = std::fs::read_to_string(&ca_file).with_context(|| format!("reading {}", ca_file.display()))?;
+    let api = ConfigApi::new(control_plane.addr("http")?, &ca_pem, admin.trim().to_owned())?;
+    // A token per service, each allowed to act for that service alone.
+    let tokens = dir.join("tokens");
+    std::fs::create_dir_all(&tokens)?;
+    for service in SERVICES.into_iter().chain([CLIENT_SERVICE]) {
+        let secret = api.create_token("TOKEN_KIND_SIDECAR", service).await.context("creating the sidecars' tokens")?;
+        write_private(&tokens.join(format!("{service}.token")), &secret)?;
+    }
+    let reach = Reach { url: control_plane_url.clone(), ca_file: ca_file.display().to_string(), tokens };
+    let read_token = api.create_token("TOKEN_KIND_READ", "").await.context("creating the demo's read token")?;
     // Apps stop only after the traffic has, so no request in flight meets a stopped app.
     let stop_apps = CancellationToken::new();
     let stop_traffic = CancellationToken::new();
@@ -142,19 +177,19 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
         for n in 1..=options.replicas {
             // One catalog replica, the last, is the canary.
             let version = if service == "catalog" && n == options.replicas && n > 1 { "v2" } else { "v1" };
-            instances.push(start_instance(service, n, version, &control_plane_url, &logs, &stop_apps).await?);
+            instances.push(start_instance(service, n, version, &reach, &logs, &stop_apps).await?);
         }
     }
     let mut client_ports = [
         Port::tcp("the client sidecar's outbound (curl -x)", "outbound", "127.0.0.1:15001"),
         Port::tcp("the client sidecar's admin", "admin", "127.0.0.1:15000"),
     ];
-    let mut client = match start_client("client-sidecar", &control_plane_url, &logs, &client_ports).await {
+    let mut client = match start_client("client-sidecar", &reach, &logs, &client_ports).await {
         Ok(client) => client,
         Err(error) => {
             let why = format!("was given up: the client sidecar did not start with the usual ports: {error:#}");
             client_ports.iter_mut().for_each(|port| port.any(&why));
-            start_client("client-sidecar-free-ports", &control_plane_url, &logs, &client_ports).await?
+            start_client("client-sidecar-free-ports", &reach, &logs, &client_ports).await?
         }
     };
     let client_outbound = client.addr("outbound")?;
@@ -164,7 +199,8 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
     for sidecar in instances.iter().map(|i| &i.sidecar).chain([&client]) {
         wait_ready(&http, sidecar).await?;
     }
-    let mut registry = RegistryClient::new(Channel::from_shared(control_plane_url.clone())?.connect().await?);
+    let access = Access { url: control_plane_url.clone(), ca_pem: Some(ca_pem.clone()), token: Some(read_token) };
+    let mut registry = RegistryClient::new(access.connect().await?);
     wait_registered(&mut registry, options.replicas).await?;
 
     let keys = std::io::stdin().is_terminal();
@@ -181,15 +217,18 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
     for line in port_notes(&bound) {
         println!("{line}");
     }
+    println!("ferryctl       paste these two lines to use ferryctl (and curl) against this mesh:");
+    println!("                 export FERRY_TOKEN=$(cat {})", admin_file.display());
+    println!("                 export FERRY_CA_FILE={}", ca_file.display());
+    if control_plane_url != "https://127.0.0.1:7070" {
+        println!("               and: export FERRY_CONTROL_PLANE={control_plane_url}");
+    }
     println!(
-        "routes         curl -H 'content-type: application/yaml' --data-binary @{} {}/v1/apply",
+        "routes         curl --cacert $FERRY_CA_FILE -H \"authorization: Bearer $FERRY_TOKEN\" -H 'content-type: application/yaml' --data-binary @{} {}/v1/apply",
         Scenario::Canary.path(),
         api.base()
     );
-    let ferryctl = match control_plane_url.as_str() {
-        "http://127.0.0.1:7070" => "ferryctl".to_owned(),
-        other => format!("ferryctl --control-plane {other}"),
-    };
+    let ferryctl = "ferryctl".to_owned();
     println!(
         "               or {ferryctl} apply -f {}: the summary shows the routes in force, whoever applied them",
         Scenario::Canary.path()
@@ -393,21 +432,34 @@ async fn start_control_plane(name: &str, data: &Path, logs: &Path, ports: &[Port
     Process::start(CONTROL_PLANE, name, &args, logs).await
 }
 
+/// Writes a secret to a file only its owner can read.
+fn write_private(path: &Path, secret: &str) -> anyhow::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(secret.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
 /// Starts the sidecar the traffic goes through, on `ports` (outbound, admin).
-async fn start_client(name: &str, control_plane: &str, logs: &Path, ports: &[Port; 2]) -> anyhow::Result<Process> {
+async fn start_client(name: &str, reach: &Reach, logs: &Path, ports: &[Port; 2]) -> anyhow::Result<Process> {
     let [outbound, admin] = ports;
-    let args = args(&[
+    let mut args = reach.args(CLIENT_SERVICE);
+    args.extend(self::args(&[
         "--service",
-        "demo-client",
-        "--control-plane",
-        control_plane,
+        CLIENT_SERVICE,
         "--outbound",
         &outbound.arg(),
         "--admin",
         &admin.arg(),
         "--upstream",
         "frontend=127.0.0.1:0",
-    ]);
+    ]));
     Process::start(SIDECAR, name, &args, logs).await
 }
 
@@ -429,7 +481,7 @@ async fn start_instance(
     service: &'static str,
     n: usize,
     version: &'static str,
-    control_plane: &str,
+    reach: &Reach,
     logs: &Path,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Instance> {
@@ -439,19 +491,15 @@ async fn start_instance(
     let zone = if n % 2 == 1 { "demo-a" } else { "demo-b" };
     // Each sidecar checks its app: inventory over gRPC health, the others over HTTP.
     let check = if service == "inventory" { "grpc:ferry.demo.v1.Inventory,interval=2s" } else { "http:/healthz,interval=2s" };
-    let sidecar = Process::start(
-        SIDECAR,
-        &format!("{id}-sidecar"),
-        &args(&[
-            "--service",
-            service,
-            "--id",
-            &id,
-            "--app",
-            &app.to_string(),
-            "--control-plane",
-            control_plane,
-            "--outbound",
+    let mut flags = reach.args(service);
+    flags.extend(args(&[
+        "--service",
+        service,
+        "--id",
+        &id,
+        "--app",
+        &app.to_string(),
+        "--outbound",
             "127.0.0.1:0",
             "--inbound",
             "127.0.0.1:0",
@@ -461,12 +509,10 @@ async fn start_instance(
             &format!("version={version}"),
             "--zone",
             zone,
-            "--check",
-            check,
-        ]),
-        logs,
-    )
-    .await?;
+        "--check",
+        check,
+    ]));
+    let sidecar = Process::start(SIDECAR, &format!("{id}-sidecar"), &flags, logs).await?;
     let outbound = sidecar.addr("outbound")?;
     let counters = Arc::new(Counters::default());
     let stop = shutdown.clone().cancelled_owned();
@@ -504,7 +550,7 @@ async fn wait_ready(http: &HttpClient, sidecar: &Process) -> anyhow::Result<()> 
 }
 
 /// Waits until the registry lists `replicas` passing instances of every service.
-async fn wait_registered(registry: &mut RegistryClient<Channel>, replicas: usize) -> anyhow::Result<()> {
+async fn wait_registered(registry: &mut RegistryClient<ApiChannel>, replicas: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     'services: for service in SERVICES {
         loop {
@@ -524,7 +570,7 @@ async fn wait_registered(registry: &mut RegistryClient<Channel>, replicas: usize
 }
 
 /// The health of every instance, by id, as the control plane reports it.
-async fn health(registry: &mut RegistryClient<Channel>) -> HashMap<String, String> {
+async fn health(registry: &mut RegistryClient<ApiChannel>) -> HashMap<String, String> {
     let mut health = HashMap::new();
     for service in SERVICES {
         let request = v1::ListInstancesRequest { service: service.into(), passing_only: false, ..Default::default() };

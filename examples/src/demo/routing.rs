@@ -361,7 +361,8 @@ impl Routing {
             (full, format!("routes: {}", outside.description))
         } else if let Some((scenario, since)) = self.active {
             let routes: Vec<String> = self.own.iter().map(|(service, version)| format!("route/{service} v{version}")).collect();
-            let routes = in_force::and(&routes);
+            // A scenario without routes (lockdown) is an authorization policy.
+            let routes = if routes.is_empty() { "authorization/catalog".to_owned() } else { in_force::and(&routes) };
             (
                 format!(
                     "routes: {} ({}), in force for {}s: {routes}",
@@ -464,6 +465,7 @@ impl Routing {
             catalog_calls: now.catalog_calls.saturating_sub(self.baseline.catalog_calls),
             injected: now.injected.saturating_sub(self.baseline.injected),
             slow: delay.and_then(|d| window.slow_share(d)),
+            probes: window.probes(),
         };
         let mut verdict = expectation.judge(label, &measured);
         lines.append(&mut verdict.lines);

@@ -1,5 +1,5 @@
-//! The routing scenarios of `examples/routes/`, what each should do to the demo's traffic, and
-//! the verdict on whether it did.
+//! The scenarios of `examples/routes/` (routes, and one authorization policy), what each should
+//! do to the demo's traffic, and the verdict on whether it did.
 //!
 //! The YAML is compiled into the binary, so `ferry-demo --scenario canary` works from any
 //! directory, and the expectations are read from that same YAML (the canary's weights, the
@@ -25,11 +25,13 @@ pub enum Scenario {
     HeaderCanary,
     /// A game day: the mesh aborts 10% of calls to catalog and delays 20%; the client retries.
     Fault,
+    /// Only frontend may call catalog: the client sidecar's own calls to catalog are refused.
+    Lockdown,
 }
 
 impl Scenario {
     /// Every scenario, in the order the key help lists them.
-    pub const ALL: [Scenario; 3] = [Scenario::Canary, Scenario::HeaderCanary, Scenario::Fault];
+    pub const ALL: [Scenario; 4] = [Scenario::Canary, Scenario::HeaderCanary, Scenario::Fault, Scenario::Lockdown];
 
     /// Its name, as `--scenario` takes it.
     pub fn name(self) -> &'static str {
@@ -37,6 +39,7 @@ impl Scenario {
             Scenario::Canary => "canary",
             Scenario::HeaderCanary => "header-canary",
             Scenario::Fault => "fault",
+            Scenario::Lockdown => "lockdown",
         }
     }
 
@@ -46,6 +49,7 @@ impl Scenario {
             Scenario::Canary => 'c',
             Scenario::HeaderCanary => 'h',
             Scenario::Fault => 'f',
+            Scenario::Lockdown => 'l',
         }
     }
 
@@ -55,6 +59,7 @@ impl Scenario {
             Scenario::Canary => include_str!("../../routes/canary.yaml"),
             Scenario::HeaderCanary => include_str!("../../routes/header-canary.yaml"),
             Scenario::Fault => include_str!("../../routes/fault.yaml"),
+            Scenario::Lockdown => include_str!("../../routes/lockdown.yaml"),
         }
     }
 
@@ -76,6 +81,18 @@ impl Scenario {
     /// What its traffic should show.
     pub fn expectation(self) -> Result<Expectation, String> {
         let resources = self.resources().map_err(|e| format!("{}: {e}", self.path()))?;
+        if self == Scenario::Lockdown {
+            let policy = resources.iter().find_map(|r| match &r.kind {
+                Some(v1::resource::Kind::Authorization(policy)) if policy.service == "catalog" => Some(policy),
+                _ => None,
+            });
+            let policy = policy.ok_or_else(|| format!("{} has no authorization policy for catalog", self.path()))?;
+            let compiled = ferry_proto::authz::Authorization::compile(policy, 1).map_err(|e| format!("{}: {e}", self.path()))?;
+            if !compiled.could_allow("frontend") || compiled.could_allow(super::CLIENT_SERVICE) {
+                return Err(format!("{}: it must let frontend call catalog, and not {}", self.path(), super::CLIENT_SERVICE));
+            }
+            return Ok(Expectation::Lockdown);
+        }
         let route = resources
             .into_iter()
             .find_map(|r| match r.kind {
@@ -98,6 +115,7 @@ impl Scenario {
                 Ok(Expectation::Split { v2_share: f64::from(v2) / f64::from(total) })
             }
             Scenario::HeaderCanary => Ok(Expectation::Header),
+            Scenario::Lockdown => Ok(Expectation::Lockdown),
             Scenario::Fault => {
                 let fault = route
                     .rules
@@ -127,6 +145,9 @@ pub enum Expectation {
     /// This share of frontend's calls to catalog is aborted by the mesh, and the client's
     /// retries keep [`MIN_FAULT_SUCCESS`] of its requests succeeding.
     Fault { abort_share: f64, delay: Option<(f64, Duration)> },
+    /// Every request through frontend succeeds, and every probe from the client sidecar
+    /// straight to catalog is refused (403 forbidden).
+    Lockdown,
 }
 
 /// The share of requests that must succeed under the fault scenario.
@@ -146,6 +167,8 @@ pub struct Measured {
     /// The share of recent requests that took at least the scenario's delay, and how many
     /// requests that share is of.
     pub slow: Option<(f64, usize)>,
+    /// The client sidecar's own calls to catalog: refused as forbidden, answered, anything else.
+    pub probes: super::traffic::Probes,
 }
 
 impl Measured {
@@ -187,7 +210,7 @@ impl Expectation {
         }
         let split = m.versions.iter().map(|(v, (plain, canary))| format!("{v} {}", plain + canary)).collect::<Vec<_>>();
         match self {
-            Expectation::Clean | Expectation::Split { .. } | Expectation::Header if m.errors > 0 => {
+            Expectation::Clean | Expectation::Split { .. } | Expectation::Header | Expectation::Lockdown if m.errors > 0 => {
                 passed = false;
                 lines.push(format!("{label}: {} of {} requests failed", m.errors, m.ok + m.errors));
             }
@@ -195,6 +218,17 @@ impl Expectation {
         }
         match self {
             Expectation::Clean => {}
+            Expectation::Lockdown => {
+                let p = &m.probes;
+                lines.push(format!(
+                    "{label}: the client sidecar's own calls to catalog: {} refused (403 forbidden), {} answered, {} failed otherwise; {} requests through frontend succeeded",
+                    p.refused, p.answered, p.other, m.ok
+                ));
+                if p.refused == 0 || p.answered > 0 || p.other > 0 {
+                    passed = false;
+                    lines.push(format!("{label}: every direct call to catalog must be refused as forbidden, and at least one made (send longer: --duration)"));
+                }
+            }
             Expectation::Split { v2_share } => {
                 let (v1, v2) = (m.version("v1"), m.version("v2"));
                 let (v1, v2) = (v1.0 + v1.1, v2.0 + v2.1);

@@ -47,6 +47,19 @@ pub struct Traffic {
     last_path: Mutex<Option<String>>,
 }
 
+/// What came back of the client sidecar's own calls to catalog, sent once a second beside the
+/// traffic through frontend: what an authorization policy on catalog decides for a caller
+/// other than frontend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Probes {
+    /// Refused with 403 and `x-ferry-error: forbidden`.
+    pub refused: u64,
+    /// Answered by catalog.
+    pub answered: u64,
+    /// Failed for another reason.
+    pub other: u64,
+}
+
 /// What came back of the requests sent while one scenario (or none) was in force.
 pub struct Window {
     pub started: Instant,
@@ -55,6 +68,7 @@ pub struct Window {
     /// Successful requests by the catalog version that answered: (without, with) `x-canary`.
     versions: Mutex<BTreeMap<String, (u64, u64)>>,
     latencies: Mutex<VecDeque<Duration>>,
+    probes: Mutex<Probes>,
 }
 
 impl Default for Window {
@@ -65,6 +79,7 @@ impl Default for Window {
             errors: AtomicU64::new(0),
             versions: Mutex::default(),
             latencies: Mutex::default(),
+            probes: Mutex::default(),
         }
     }
 }
@@ -146,6 +161,11 @@ impl Window {
         lock(&self.versions).clone()
     }
 
+    /// The client sidecar's own calls to catalog.
+    pub fn probes(&self) -> Probes {
+        *lock(&self.probes)
+    }
+
     /// The 50th, 90th and 99th percentile latencies of the recent requests.
     pub fn percentiles(&self) -> Option<[Duration; 3]> {
         let mut sorted: Vec<Duration> = lock(&self.latencies).iter().copied().collect();
@@ -186,6 +206,10 @@ pub async fn drive(
         }
         let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
         let (http, traffic) = (http.clone(), traffic.clone());
+        if n % u64::from(rate.max(1)) == 0 {
+            let (http, traffic) = (http.clone(), traffic.clone());
+            tokio::spawn(async move { probe(&http, outbound, &traffic).await });
+        }
         let canary = n % CANARY_EVERY == 0;
         tokio::spawn(async move {
             let window = traffic.window();
@@ -198,5 +222,21 @@ pub async fn drive(
             traffic.record(&window, canary, started.elapsed(), result);
             drop(permit);
         });
+    }
+}
+
+/// Calls catalog straight from the client sidecar, as a service other than frontend would.
+async fn probe(http: &HttpClient, outbound: SocketAddr, traffic: &Traffic) {
+    let window = traffic.window();
+    let result = apps::get_json::<serde_json::Value>(http, outbound, "catalog", "/items", HeaderMap::new()).await;
+    let mut probes = lock(&window.probes);
+    match result {
+        Ok(_) => probes.answered += 1,
+        Err(CallError::Status { status, mesh_error: Some(reason), .. })
+            if status == http::StatusCode::FORBIDDEN && reason.starts_with("forbidden") =>
+        {
+            probes.refused += 1
+        }
+        Err(_) => probes.other += 1,
     }
 }
