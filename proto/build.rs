@@ -4,7 +4,8 @@ use std::{env, error::Error, fs, path::PathBuf};
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["ferry/v1/registry.proto", "ferry/v1/discovery.proto", "ferry/v1/config.proto", "ferry/v1/security.proto"];
+const PROTOS: &[&str] =
+    &["ferry/v1/registry.proto", "ferry/v1/discovery.proto", "ferry/v1/config.proto", "ferry/v1/security.proto"];
 
 fn main() -> Result<(), Box<dyn Error>> {
     println!("cargo:rerun-if-changed=proto");

@@ -115,14 +115,7 @@ impl Authority {
             None => (load_or_create(&config, store.as_ref()).await?, false),
         };
         let bundle = watch::Sender::new(Arc::new(bundle_of(&stored)));
-        let authority = Arc::new(Self {
-            config,
-            store,
-            external,
-            state: Mutex::new(stored),
-            bundle,
-            issued: Mutex::default(),
-        });
+        let authority = Arc::new(Self { config, store, external, state: Mutex::new(stored), bundle, issued: Mutex::default() });
         authority.renew_issuer_if_due().await?;
         authority.write_files()?;
         Ok(authority)
@@ -230,7 +223,10 @@ impl Authority {
             next
         };
         self.commit(next).await?;
-        tracing::info!(version = self.bundle().version, "CA rotation: every connected sidecar trusts the new root; its issuer signs from now on");
+        tracing::info!(
+            version = self.bundle().version,
+            "CA rotation: every connected sidecar trusts the new root; its issuer signs from now on"
+        );
         Ok(None)
     }
 
@@ -412,8 +408,8 @@ async fn load_or_create(config: &CaConfig, store: &dyn Store) -> Result<Stored, 
             held
         }
     };
-    let stored: Stored =
-        serde_json::from_slice(&value).map_err(|e| CaError::Config(format!("the stored certificate authority is corrupt: {e}")))?;
+    let stored: Stored = serde_json::from_slice(&value)
+        .map_err(|e| CaError::Config(format!("the stored certificate authority is corrupt: {e}")))?;
     if stored.trust_domain != config.trust_domain {
         return Err(CaError::Config(format!(
             "--trust-domain {}: the store's certificate authority is for trust domain {}; start with --trust-domain {} or a new store",
@@ -439,11 +435,7 @@ fn operator_issuer(trust_domain: &str, cert: &Path, key: &Path) -> Result<Stored
     // The key must be able to sign as this issuer.
     authority::api_server(&pair, &["ferry-check".into()], SystemTime::now(), Duration::from_secs(60))
         .map_err(|e| CaError::Config(format!("--ca-cert/--ca-key: cannot sign with them: {e}")))?;
-    let self_signed: Vec<String> = certs
-        .iter()
-        .filter(|c| is_self_signed(c))
-        .map(ferry_tls::pem::certificate_pem)
-        .collect();
+    let self_signed: Vec<String> = certs.iter().filter(|c| is_self_signed(c)).map(ferry_tls::pem::certificate_pem).collect();
     let roots = if self_signed.is_empty() {
         vec![certs.last().map(ferry_tls::pem::certificate_pem).unwrap_or(issuer_pem)]
     } else {

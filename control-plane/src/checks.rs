@@ -132,10 +132,7 @@ impl HealthChecks {
                     ));
                 }
                 Probe::Http { url, .. } => {
-                    let host_port = match url.strip_prefix("http://") {
-                        Some(rest) => Some(rest.split('/').next().unwrap_or_default().to_owned()),
-                        None => None,
-                    };
+                    let host_port = url.strip_prefix("http://").map(|rest| rest.split('/').next().unwrap_or_default().to_owned());
                     (format!("checks[{i}].http.url"), target(&host_port))
                 }
                 Probe::Tcp { address } => (format!("checks[{i}].tcp.address"), target(address)),

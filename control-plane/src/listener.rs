@@ -205,7 +205,8 @@ pub fn accept(
             let _ = stream.set_nodelay(true);
             let (tx, tls) = (tx.clone(), tls.clone());
             tokio::spawn(async move {
-                let connection = tokio::time::timeout(limits.handshake_timeout, classify(api, stream, tls, local, remote, limits));
+                let connection =
+                    tokio::time::timeout(limits.handshake_timeout, classify(api, stream, tls, local, remote, limits));
                 match connection.await {
                     Ok(Some(io)) => {
                         let _ = tx.send(ApiStream { io, local, remote, _permit: permit }).await;
@@ -253,8 +254,10 @@ async fn classify(
         (true, None) => {
             let mut stream = stream;
             let body = "this listener speaks plaintext (the control plane runs with --api-tls off): use http://\n";
-            let answer =
-                format!("HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+            let answer = format!(
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
             let _ = stream.write_all(answer.as_bytes()).await;
             let _ = stream.shutdown().await;
             None
@@ -272,7 +275,8 @@ async fn explain_plaintext(api: Api, stream: TcpStream, local: SocketAddr, limit
             .map(str::to_owned)
             .or_else(|| request.uri().authority().map(|a| a.to_string()))
             .unwrap_or_else(|| local.to_string());
-        let grpc = request.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let grpc =
+            request.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         let message = match api {
             Api::Grpc => format!(
                 "this control plane serves TLS on {host}: use https://{host} and --ca-file (the ca.pem in its data directory)"
@@ -317,7 +321,8 @@ mod tests {
             ferry_tls::authority::api_server(&root, &["localhost".into()], now, Duration::from_secs(60)).expect("cert");
         let cert = Arc::new(ApiCert::new(ApiCert::certified(&leaf.chain_pem, &key).expect("certified")));
         let config = tls_config(cert, &[b"http/1.1"]).expect("config");
-        let limits = Limits { max_connections: 4, handshake_timeout: Duration::from_secs(5), header_read_timeout: Duration::from_secs(5) };
+        let limits =
+            Limits { max_connections: 4, handshake_timeout: Duration::from_secs(5), header_read_timeout: Duration::from_secs(5) };
         let _rx = accept(Api::Http, listener, Some(config), limits, CancellationToken::new());
         let mut stream = TcpStream::connect(addr).await.expect("connects");
         stream.write_all(b"GET /v1/services HTTP/1.1\r\nhost: localhost\r\n\r\n").await.expect("sent");

@@ -113,7 +113,13 @@ impl ControlPlane {
                 let names = api_names(config, &[grpc_addr, http_addr]);
                 let (chain, key, not_after) = authority.api_certificate(&names)?;
                 let cert = Arc::new(ApiCert::new(ApiCert::certified(&chain, &key)?));
-                tasks.push(tokio::spawn(renew_api_certificate(authority.clone(), cert.clone(), names, not_after, shutdown.clone())));
+                tasks.push(tokio::spawn(renew_api_certificate(
+                    authority.clone(),
+                    cert.clone(),
+                    names,
+                    not_after,
+                    shutdown.clone(),
+                )));
                 let grpc = listener::tls_config(cert.clone(), &[ferry_tls::mesh::ALPN_H2])?;
                 let http = listener::tls_config(cert, &[ferry_tls::mesh::ALPN_H2, ferry_tls::mesh::ALPN_HTTP1])?;
                 (Some(grpc), Some(http))

@@ -56,9 +56,14 @@ async fn serve() -> Served {
             .await
             .expect("opens");
     let shutdown = CancellationToken::new();
-    let resources = Resources::open(Arc::new(MemoryStore::default()), Default::default(), std::time::Duration::from_secs(5), Default::default())
-        .await
-        .expect("opens");
+    let resources = Resources::open(
+        Arc::new(MemoryStore::default()),
+        Default::default(),
+        std::time::Duration::from_secs(5),
+        Default::default(),
+    )
+    .await
+    .expect("opens");
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = CaConfig {
         trust_domain: "ferry.local".into(),
@@ -169,7 +174,10 @@ async fn each_kind_of_token_does_what_it_may_and_nothing_else() {
     // No token, or an unknown one: nothing at all.
     for token in [None, Some("ferry_unknown")] {
         let mut registry = RegistryClient::new(served.with(token));
-        assert_eq!(code(registry.list_services(v1::ListServicesRequest {}).await.map(|_| ())), Some(tonic::Code::Unauthenticated));
+        assert_eq!(
+            code(registry.list_services(v1::ListServicesRequest {}).await.map(|_| ())),
+            Some(tonic::Code::Unauthenticated)
+        );
     }
     // A sidecar token for catalog: catalog's stream, instances and certificate, nothing else.
     let as_sidecar = served.with(Some(&sidecar));
@@ -196,7 +204,8 @@ async fn each_kind_of_token_does_what_it_may_and_nothing_else() {
 
     let csr = ferry_tls::csr::request("catalog").expect("csr");
     let mut identity = IdentityClient::new(as_sidecar);
-    let certify = |service: &str| v1::CertifyRequest { service: service.into(), csr_pem: csr.csr_pem.clone(), node_id: "node-1".into() };
+    let certify =
+        |service: &str| v1::CertifyRequest { service: service.into(), csr_pem: csr.csr_pem.clone(), node_id: "node-1".into() };
     let issued = identity.certify(certify("catalog")).await.expect("its own identity").into_inner();
     assert_eq!(issued.identity, "spiffe://ferry.local/service/catalog");
     assert_eq!(code(identity.certify(certify("payments")).await.map(|_| ())), Some(tonic::Code::PermissionDenied));

@@ -142,7 +142,8 @@ impl Authorization {
         let default = Action::parse(&policy.default, Action::Deny).ok_or_else(|| format!("default: {:?}", policy.default))?;
         let mut rules = Vec::with_capacity(policy.rules.len());
         for (i, rule) in policy.rules.iter().enumerate() {
-            let action = Action::parse(&rule.action, Action::Allow).ok_or_else(|| format!("rules[{i}].action: {:?}", rule.action))?;
+            let action =
+                Action::parse(&rule.action, Action::Allow).ok_or_else(|| format!("rules[{i}].action: {:?}", rule.action))?;
             let from = if rule.from.iter().any(|f| f == ANY_CALLER) { None } else { Some(rule.from.clone()) };
             let label = if rule.name.is_empty() { format!("rules[{i}]") } else { format!("rules[{i}] ({})", rule.name) };
             let matcher = Matcher::compile(rule.r#match.as_ref()).map_err(|e| format!("rules[{i}].match: {e}"))?;
@@ -244,7 +245,9 @@ rules:
         assert!(policy.could_allow("frontend"));
         assert!(!policy.could_allow("client"), "named by no allow rule");
         assert!(!policy.could_allow("batch"));
-        let open = self::policy("kind: AuthorizationPolicy\nservice: catalog\ndefault: allow\nrules:\n  - from: [batch]\n    action: deny\n");
+        let open = self::policy(
+            "kind: AuthorizationPolicy\nservice: catalog\ndefault: allow\nrules:\n  - from: [batch]\n    action: deny\n",
+        );
         assert!(open.could_allow("client") && !open.could_allow("batch"));
     }
 }

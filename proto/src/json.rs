@@ -268,10 +268,7 @@ pub fn refuse_aliases(text: &str) -> Result<(), FieldError> {
             Event::Alias(_) => {
                 return Err(FieldError::new(
                     format!("documents[{document}]"),
-                    format!(
-                        "line {}: YAML aliases (*name) are not accepted; write the value out in full",
-                        mark.line()
-                    ),
+                    format!("line {}: YAML aliases (*name) are not accepted; write the value out in full", mark.line()),
                 ));
             }
             _ => {}

@@ -208,10 +208,13 @@ impl Mesh {
         let why = match self.identity() {
             None => "no workload certificate from the control plane yet".to_owned(),
             Some(issued) if issued.expired(SystemTime::now()) => {
-                format!("its workload certificate expired and no renewal succeeded{}", match self.renewal().last_error {
-                    Some(error) => format!(" ({error})"),
-                    None => String::new(),
-                })
+                format!(
+                    "its workload certificate expired and no renewal succeeded{}",
+                    match self.renewal().last_error {
+                        Some(error) => format!(" ({error})"),
+                        None => String::new(),
+                    }
+                )
             }
             Some(_) if self.inner.trust.current().is_none() => "no trust bundle from the control plane yet".to_owned(),
             Some(_) => return None,

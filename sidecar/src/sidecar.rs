@@ -242,7 +242,9 @@ impl Sidecar {
         }
         let access = ControlAccess { url: config.control_plane.clone(), ca_pem, token, trust: mesh.trust().clone() };
         if let Some(issued) = mesh.identity() {
-            metrics.identity_expiration.set(issued.not_after.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64());
+            metrics
+                .identity_expiration
+                .set(issued.not_after.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64());
         }
         background.push(tokio::spawn(identity::run(
             CertifyConfig { service: config.service.clone(), node_id: node_id.clone(), control: access.clone() },

@@ -496,7 +496,8 @@ mod tests {
         let temp = tempfile::tempdir().expect("tempdir");
         let dir = StateDir::create(temp.path()).expect("creates");
         let saved_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        dir.write(&Saved { saved_at, services: vec![resources("catalog", 7, 8080)], trust: SavedTrust::default() }).expect("writes");
+        dir.write(&Saved { saved_at, services: vec![resources("catalog", 7, 8080)], trust: SavedTrust::default() })
+            .expect("writes");
         let catalog = Catalog::new(16);
         let status = ControlStatus::default();
         restore(&dir, &catalog, &status).await;
@@ -566,7 +567,12 @@ mod tests {
     async fn the_file_is_restored_once_the_first_attempt_fails_or_the_bound_passes() {
         let temp = tempfile::tempdir().expect("tempdir");
         let dir = StateDir::create(temp.path()).expect("creates");
-        dir.write(&Saved { saved_at: SystemTime::now(), services: vec![resources("catalog", 7, 8080)], trust: SavedTrust::default() }).expect("writes");
+        dir.write(&Saved {
+            saved_at: SystemTime::now(),
+            services: vec![resources("catalog", 7, 8080)],
+            trust: SavedTrust::default(),
+        })
+        .expect("writes");
 
         // The first attempt fails: restored at once.
         let (catalog, status) = (Arc::new(Catalog::new(16)), Arc::new(ControlStatus::default()));

@@ -36,8 +36,8 @@ use tokio_util::{either::Either, sync::CancellationToken};
 
 use crate::{
     catalog::{Endpoint, ServiceConfig, ServiceState},
-    mesh::Mesh,
     errors::{DiscoveryTimeout, NoEndpoints, UnknownService},
+    mesh::Mesh,
     metrics::{Metrics, ServiceLabels, TcpLabels},
     workers::Workers,
 };

@@ -260,7 +260,8 @@ impl ControlPlane {
             }
         };
         let ca_file = tls.then(|| data_dir.join("ca.pem"));
-        let ca_pem = ca_file.as_ref().map(|f| std::fs::read_to_string(f).unwrap_or_else(|e| panic!("reading {}: {e}", f.display())));
+        let ca_pem =
+            ca_file.as_ref().map(|f| std::fs::read_to_string(f).unwrap_or_else(|e| panic!("reading {}: {e}", f.display())));
         let api = HttpApi::new(http, ca_pem.as_deref(), token.clone()).expect("the API's TLS config");
         Self { process, grpc, http, dns, data_dir: data_dir.to_path_buf(), token, ca_file, token_file, api, _dir: None }
     }
@@ -365,7 +366,9 @@ impl ControlPlane {
         // The proto3 JSON form (`{"route": {...}}`), where a u64 is a string.
         let version = |resource: &serde_json::Value| {
             let body = ["route", "policy", "authorization"].iter().map(|k| &resource[*k]).find(|b| b.is_object());
-            body.and_then(|b| b["version"].as_str()).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no version in {resource}"))
+            body.and_then(|b| b["version"].as_str())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no version in {resource}"))
         };
         applied.iter().map(|a| version(&a["resource"])).collect()
     }

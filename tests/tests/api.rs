@@ -4,8 +4,8 @@
 use std::process::Output;
 
 use ferry_proto::v1::{self, registry_client::RegistryClient};
-use ferry_tls::api::ApiChannel;
 use ferry_tests::{ControlPlane, Sidecar, apps::HttpApp, binary, client, eventually};
+use ferry_tls::api::ApiChannel;
 use futures::StreamExt;
 
 async fn registry(control_plane: &ControlPlane) -> RegistryClient<ApiChannel> {

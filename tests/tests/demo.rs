@@ -69,7 +69,8 @@ async fn the_lockdown_scenario_refuses_every_caller_of_catalog_but_frontend() {
     let (success, output) = demo(&["--duration", "10s", "--scenario", "lockdown"]).await;
     assert!(success, "{output}");
     assert!(output.contains("authorization/catalog enforced by every catalog sidecar"), "the policy took effect:\n{output}");
-    let probes = output.lines().find(|l| l.starts_with("lockdown: the client sidecar's own calls")).unwrap_or_else(|| panic!("{output}"));
+    let probes =
+        output.lines().find(|l| l.starts_with("lockdown: the client sidecar's own calls")).unwrap_or_else(|| panic!("{output}"));
     assert!(probes.contains(", 0 answered, 0 failed otherwise"), "{probes}");
     assert!(!probes.contains(": 0 refused"), "{probes}");
     assert!(output.contains("did what the lockdown scenario says"), "{output}");
@@ -112,7 +113,8 @@ async fn routes_applied_outside_the_demo_are_shown_and_not_judged() {
         let text = now();
         let line = text.lines().find(|l| l.starts_with("control plane"))?.to_owned();
         let addr: SocketAddr = line.rsplit("https://").next()?.trim().parse().ok()?;
-        let token = text.lines().find_map(|l| l.trim().strip_prefix("export FERRY_TOKEN=$(cat "))?.trim_end_matches(')').to_owned();
+        let token =
+            text.lines().find_map(|l| l.trim().strip_prefix("export FERRY_TOKEN=$(cat "))?.trim_end_matches(')').to_owned();
         let ca = text.lines().find_map(|l| l.trim().strip_prefix("export FERRY_CA_FILE="))?.to_owned();
         Some((addr, token, ca))
     })

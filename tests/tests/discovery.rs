@@ -22,7 +22,7 @@ async fn put(control_plane: &ControlPlane, body: &str) {
 }
 
 async fn get(control_plane: &ControlPlane, path: &str) -> (u64, serde_json::Value) {
-    let answer = control_plane.get(&format!("{path}")).await.expect("answered");
+    let answer = control_plane.get(path).await.expect("answered");
     assert_eq!(answer.0, 200, "{path}: {}", client::text(&answer));
     let index = client::header(&answer, "x-ferry-index").parse().expect("X-Ferry-Index is a number");
     (index, serde_json::from_slice(&answer.2).expect("JSON"))
@@ -72,7 +72,7 @@ async fn blocking_queries_wake_on_a_change_and_time_out_with_the_same_index() {
     let answer = tokio::time::timeout(PATIENCE, waiting).await.expect("woken").expect("joins").expect("answered");
     assert_eq!(ids(&serde_json::from_slice(&answer.2).expect("JSON")), ["cache-1"]);
 
-    let bad = control_plane.get(&format!("/v1/services/db?index=soon")).await.expect("answered");
+    let bad = control_plane.get("/v1/services/db?index=soon").await.expect("answered");
     assert_eq!(bad.0, 400);
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&bad.2).expect("JSON")["field"], "index");
 }
@@ -95,9 +95,7 @@ async fn queries_filter_by_metadata_zone_and_health() {
     assert_eq!(ids(&get(&control_plane, "/v1/services/catalog?meta=version:v2&passing").await.1), ["c2"]);
     assert_eq!(ids(&get(&control_plane, "/v1/services/catalog?meta=version:v2&zone=eu-1a").await.1), ["c3"]);
 
-    let mut registry = RegistryClient::new(
-        control_plane.channel().await,
-    );
+    let mut registry = RegistryClient::new(control_plane.channel().await);
     let request = v1::ListInstancesRequest {
         service: "catalog".into(),
         passing_only: true,
@@ -146,8 +144,7 @@ async fn control_plane_dns_answers_follow_health() {
     assert_eq!(services.iter().map(|s| s.0).collect::<Vec<_>>(), [8080, 8081]);
     assert_eq!(dns::addresses(control_plane.dns, "nothing.service.ferry.").await, Answer::NxDomain);
 
-    let failed =
-        control_plane.send_json(http::Method::PUT, "/v1/checks/c2:ttl/fail", "broken").await.expect("answered");
+    let failed = control_plane.send_json(http::Method::PUT, "/v1/checks/c2:ttl/fail", "broken").await.expect("answered");
     assert_eq!(failed.0, 200);
     eventually("DNS to drop c2", || async {
         (dns::addresses(control_plane.dns, "catalog.service.ferry.").await == ips(&["127.0.0.11"])).then_some(())

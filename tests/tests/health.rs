@@ -179,7 +179,8 @@ async fn ttl_checks_expire_and_are_renewed_through_the_api_and_the_sidecar() {
 
     // A sidecar's TTL check is renewed through its admin listener, not the control plane.
     let app = HttpApp::start("worker-app").await;
-    let worker = Sidecar::spawn(&control_plane.reach(), "worker", Some(app.addr), &["--id", "worker-1", "--check", "ttl:2s"]).await;
+    let worker =
+        Sidecar::spawn(&control_plane.reach(), "worker", Some(app.addr), &["--id", "worker-1", "--check", "ttl:2s"]).await;
     control_plane.wait_health("worker-1", "HEALTH_CRITICAL").await;
     let through_cp = put(&control_plane, "/v1/checks/worker-1:ttl/pass", "").await;
     assert_eq!(through_cp.0, 400);

@@ -3,8 +3,8 @@
 
 use std::{collections::HashSet, sync::Arc};
 
-use ferry_tests::{Reach, 
-    ControlPlane, Sidecar,
+use ferry_tests::{
+    ControlPlane, Reach, Sidecar,
     apps::HttpApp,
     client::{self, header, proxy_get, text},
     eventually,
@@ -72,14 +72,14 @@ async fn a_killed_instance_stops_receiving_traffic_and_a_stopped_one_leaves() {
     let seen: HashSet<_> = answers(client.outbound, "catalog", 20).await.into_iter().collect();
     assert_eq!(seen, HashSet::from(["two".to_owned(), "three".to_owned()]));
     assert_eq!(apps[0].hits(), hits);
-    let (_, _, body) = control_plane.get(&format!("/v1/instances/catalog-one")).await.expect("answered");
+    let (_, _, body) = control_plane.get("/v1/instances/catalog-one").await.expect("answered");
     let instance: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
     assert_eq!(instance["health"], "HEALTH_CRITICAL", "{instance}");
 
     // Stopped with SIGTERM: it says goodbye and its instance is removed at once.
     assert!(two.process.terminate().await.success());
     eventually("catalog-two to be deregistered", || async {
-        let answer = control_plane.get(&format!("/v1/instances/catalog-two")).await.ok()?;
+        let answer = control_plane.get("/v1/instances/catalog-two").await.ok()?;
         (answer.0 == 404).then_some(())
     })
     .await;
@@ -152,7 +152,7 @@ async fn a_persistent_registration_survives_a_control_plane_restart() {
     // No clean shutdown: what the API acknowledged is already durable.
     control_plane.process.kill().await;
     let restarted = ControlPlane::start_in(dir.path(), &[]).await;
-    let (status, _, body) = restarted.get(&format!("/v1/instances/db-1")).await.expect("answered");
+    let (status, _, body) = restarted.get("/v1/instances/db-1").await.expect("answered");
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let instance: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
     assert_eq!(instance["service"], "db");
@@ -196,7 +196,7 @@ async fn a_control_plane_restart_does_not_flap_instances_whose_sidecars_reconnec
         })
     };
     eventually("all three sidecars to reconnect", || async {
-        let (_, _, body) = restarted.get(&format!("/v1/sidecars")).await.ok()?;
+        let (_, _, body) = restarted.get("/v1/sidecars").await.ok()?;
         let body: serde_json::Value = serde_json::from_slice(&body).ok()?;
         (body["sidecars"].as_array().map_or(0, Vec::len) == 3).then_some(())
     })

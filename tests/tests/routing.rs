@@ -41,7 +41,7 @@ subsets: { v1: { labels: { version: v1 } }, v2: { labels: { version: v2 } } }
 
 /// `GET path` from the control plane's HTTP API, as JSON.
 async fn get_json(control_plane: &ControlPlane, path: &str) -> (StatusCode, Value) {
-    let answer = control_plane.get(&format!("{path}")).await.expect("answered");
+    let answer = control_plane.get(path).await.expect("answered");
     (answer.0, serde_json::from_slice(&answer.2).unwrap_or(Value::Null))
 }
 
@@ -365,8 +365,7 @@ async fn bad_resources_are_refused_naming_the_field_and_change_nothing() {
     ];
     for (yaml, field) in &yaml_cases {
         for path in ["/v1/apply", "/v1/apply?dry_run=true"] {
-            let answer =
-                control_plane.send_body(Method::POST, path, "application/yaml", yaml).await.expect("answered");
+            let answer = control_plane.send_body(Method::POST, path, "application/yaml", yaml).await.expect("answered");
             assert_eq!(answer.0, 400, "{path} {yaml}: {}", text(&answer));
             let error: Value = serde_json::from_slice(&answer.2).expect("a JSON error");
             assert_eq!(error["field"], *field, "{yaml}: {error}");
@@ -412,14 +411,10 @@ async fn bad_resources_are_refused_naming_the_field_and_change_nothing() {
     assert!(status.message().starts_with("items[0].resource.rules[0].backends[0].weight: "), "{}", status.message());
 
     // A valid dry run reports the change and stores nothing.
-    let answer = control_plane.send_body(
-        Method::POST,
-        "/v1/apply?dry_run=true",
-        "application/yaml",
-        &bad_route("  - backends: [ { subset: v2 } ]\n"),
-    )
-    .await
-    .expect("answered");
+    let answer = control_plane
+        .send_body(Method::POST, "/v1/apply?dry_run=true", "application/yaml", &bad_route("  - backends: [ { subset: v2 } ]\n"))
+        .await
+        .expect("answered");
     assert_eq!(answer.0, 200, "{}", text(&answer));
     let dry: Value = serde_json::from_slice(&answer.2).expect("JSON");
     assert_eq!(dry["applied"][0]["changed"], true, "{dry}");
@@ -525,14 +520,10 @@ async fn a_route_waits_for_its_subset_without_failing_requests() {
 
     // A route naming subset v2 before any policy defines it is refused, naming the field.
     let canary = "  - backends: [ { subset: v2 } ]\n    response_headers: { set: { x-route: canary } }\n";
-    let refused = control_plane.send_body(
-        Method::POST,
-        "/v1/apply",
-        "application/yaml",
-        &probe_route("catalog", "canary", canary),
-    )
-    .await
-    .expect("answered");
+    let refused = control_plane
+        .send_body(Method::POST, "/v1/apply", "application/yaml", &probe_route("catalog", "canary", canary))
+        .await
+        .expect("answered");
     assert_eq!(refused.0, StatusCode::BAD_REQUEST, "{}", text(&refused));
     let error: Value = serde_json::from_slice(&refused.2).expect("JSON");
     assert_eq!(error["field"], "documents[0].rules[1].backends[0].subset", "{error}");

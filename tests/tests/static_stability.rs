@@ -4,8 +4,8 @@
 
 use std::{collections::HashSet, net::SocketAddr, path::Path};
 
-use ferry_tests::{Reach, 
-    ControlPlane, Sidecar,
+use ferry_tests::{
+    ControlPlane, Reach, Sidecar,
     apps::HttpApp,
     client::{self, header, proxy_get, text},
     eventually,
@@ -94,7 +94,7 @@ async fn a_sidecar_restarted_while_the_control_plane_is_down_serves_from_its_sta
     let scraped = metrics(&client).await;
     assert_eq!(metric(&scraped, "ferry_config_from_state_dir"), Some(0.0), "{scraped}");
     assert_eq!(metric(&scraped, "ferry_config_age_seconds"), Some(0.0), "{scraped}");
-    let sidecars = restarted.get(&format!("/v1/sidecars")).await.expect("answered");
+    let sidecars = restarted.get("/v1/sidecars").await.expect("answered");
     assert!(text(&sidecars).contains("frontend-1"), "{}", text(&sidecars));
 }
 

@@ -22,8 +22,7 @@ async fn register(control_plane: &ControlPlane, id: &str, port: u16) {
 }
 
 async fn deregister(control_plane: &ControlPlane, id: &str) {
-    let answer =
-        control_plane.send_json(http::Method::DELETE, &format!("/v1/instances/{id}"), "").await.expect("answered");
+    let answer = control_plane.send_json(http::Method::DELETE, &format!("/v1/instances/{id}"), "").await.expect("answered");
     assert_eq!(answer.0, 200, "{}", text(&answer));
 }
 

@@ -54,7 +54,7 @@ async fn http_traffic_crosses_two_sidecars_in_every_client_mode() {
         String::from_utf8_lossy(&metrics)
             .contains(r#"ferry_requests_total{direction="inbound",service="catalog",route="-",status="2xx"} 6"#)
     );
-    let (_, _, metrics) = control_plane.get(&format!("/metrics")).await.expect("metrics");
+    let (_, _, metrics) = control_plane.get("/metrics").await.expect("metrics");
     let metrics = String::from_utf8_lossy(&metrics);
     assert!(metrics.contains("ferry_sidecars_connected 2"), "{metrics}");
     assert!(!metrics.contains("ferry_push_acks_total 0"), "{metrics}");

@@ -105,11 +105,12 @@ impl Access {
     /// Connects, failing at once when the control plane cannot be reached.
     pub async fn connect(&self) -> Result<ApiChannel, ConnectError> {
         let bearer = self.bearer().map_err(ConnectError::Access)?;
-        let channel = self.endpoint().map_err(ConnectError::Access)?.connect().await.map_err(|error| ConnectError::Transport {
-            hint: hint(&self.url, &error),
-            url: self.url.clone(),
-            error,
-        })?;
+        let channel = self
+            .endpoint()
+            .map_err(ConnectError::Access)?
+            .connect()
+            .await
+            .map_err(|error| ConnectError::Transport { hint: hint(&self.url, &error), url: self.url.clone(), error })?;
         Ok(InterceptedService::new(channel, bearer))
     }
 
@@ -222,12 +223,14 @@ impl HttpApi {
             Some(config) => {
                 let name = rustls::pki_types::ServerName::IpAddress(self.addr.ip().into());
                 let stream = tokio_rustls::TlsConnector::from(config.clone()).connect(name, stream).await?;
-                let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+                let (mut sender, connection) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
                 tokio::spawn(connection);
                 sender.send_request(request).await?
             }
             None => {
-                let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+                let (mut sender, connection) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
                 tokio::spawn(connection);
                 sender.send_request(request).await?
             }

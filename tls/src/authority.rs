@@ -114,7 +114,13 @@ pub struct Leaf {
 /// Signs the public key of `csr_pem` for `identity`, valid until `now + ttl` or the issuer's
 /// end, whichever is first. The CSR's subject and extensions are ignored: its signature proves
 /// that whoever asks holds the key, and the identity is the caller's to decide.
-pub fn sign_workload(issuer: &CaPair, csr_pem: &str, identity: &Identity, now: SystemTime, ttl: Duration) -> Result<Leaf, IssueError> {
+pub fn sign_workload(
+    issuer: &CaPair,
+    csr_pem: &str,
+    identity: &Identity,
+    now: SystemTime,
+    ttl: Duration,
+) -> Result<Leaf, IssueError> {
     let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| IssueError::Csr(e.to_string()))?;
     let uri = identity.to_string().try_into().map_err(|e: rcgen::Error| IssueError::Csr(e.to_string()))?;
     let mut params = CertificateParams::default();
@@ -229,8 +235,12 @@ mod tests {
         let seen = handshake(&mesh, &catalog, &frontend, "spiffe://ferry.local/service/catalog").await.expect("handshake");
         assert_eq!(seen, Identity::new("ferry.local", "frontend"), "the server learns who calls");
 
-        let error = handshake(&mesh, &catalog, &frontend, "spiffe://ferry.local/service/inventory").await.expect_err("wrong peer");
-        assert!(error.contains("the peer is spiffe://ferry.local/service/catalog, not spiffe://ferry.local/service/inventory"), "{error}");
+        let error =
+            handshake(&mesh, &catalog, &frontend, "spiffe://ferry.local/service/inventory").await.expect_err("wrong peer");
+        assert!(
+            error.contains("the peer is spiffe://ferry.local/service/catalog, not spiffe://ferry.local/service/inventory"),
+            "{error}"
+        );
     }
 
     #[tokio::test]
@@ -239,7 +249,8 @@ mod tests {
         let other = self::mesh();
         let catalog = workload(&mesh, "catalog", Duration::from_secs(600));
         let stranger = workload(&other, "frontend", Duration::from_secs(600));
-        let error = handshake(&mesh, &catalog, &stranger, "spiffe://ferry.local/service/catalog").await.expect_err("unknown root");
+        let error =
+            handshake(&mesh, &catalog, &stranger, "spiffe://ferry.local/service/catalog").await.expect_err("unknown root");
         assert!(error.contains("not signed by a root of this mesh"), "{error}");
         let nobody = Credentials::default();
         assert!(handshake(&mesh, &catalog, &nobody, "spiffe://ferry.local/service/catalog").await.is_err(), "no client cert");

@@ -39,7 +39,9 @@ impl Identity {
         let (trust_domain, path) = rest.split_once('/').ok_or_else(malformed)?;
         let service = path.strip_prefix("service/").ok_or_else(malformed)?;
         let label = |s: &str| {
-            !s.is_empty() && s.len() <= 253 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
+            !s.is_empty()
+                && s.len() <= 253
+                && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
         };
         if !label(trust_domain) || !label(service) || service.contains('.') {
             return Err(malformed());
@@ -94,7 +96,9 @@ mod tests {
         let id = Identity::new("ferry.local", "catalog");
         assert_eq!(id.to_string(), "spiffe://ferry.local/service/catalog");
         assert_eq!(Identity::parse(&id.to_string()), Ok(id));
-        for bad in ["http://ferry.local/service/a", "spiffe://ferry.local/ns/a", "spiffe://ferry.local/service/", "spiffe:///service/a"] {
+        for bad in
+            ["http://ferry.local/service/a", "spiffe://ferry.local/ns/a", "spiffe://ferry.local/service/", "spiffe:///service/a"]
+        {
             assert!(Identity::parse(bad).is_err(), "{bad}");
         }
         assert!(check_trust_domain("ferry.local").is_ok());

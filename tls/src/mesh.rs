@@ -8,12 +8,7 @@
 
 use std::sync::Arc;
 
-use rustls::{
-    ClientConfig, ServerConfig,
-    client::Resumption,
-    pki_types::ServerName,
-    server::ServerSessionMemoryCache,
-};
+use rustls::{ClientConfig, ServerConfig, client::Resumption, pki_types::ServerName, server::ServerSessionMemoryCache};
 
 use crate::{
     Credentials, Identity, Trust,

@@ -58,24 +58,20 @@ pub fn verify_chain(
     usage: webpki::KeyUsage,
 ) -> Result<Identity, Error> {
     let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|e| other(Webpki(e)))?;
-    cert.verify_for_usage(algorithms().all, bundle.anchors(), intermediates, now, usage, None, None)
-        .map_err(|e| match e {
-            // A chain that names one of our roots but is not signed by it comes from another
-            // mesh with the same names: as unknown as any other stranger.
-            webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
-                Error::InvalidCertificate(CertificateError::UnknownIssuer)
-            }
-            webpki::Error::CertExpired { .. } => Error::InvalidCertificate(CertificateError::Expired),
-            webpki::Error::CertNotValidYet { .. } => Error::InvalidCertificate(CertificateError::NotValidYet),
-            other_error => other(Webpki(other_error)),
-        })?;
+    cert.verify_for_usage(algorithms().all, bundle.anchors(), intermediates, now, usage, None, None).map_err(|e| match e {
+        // A chain that names one of our roots but is not signed by it comes from another
+        // mesh with the same names: as unknown as any other stranger.
+        webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
+            Error::InvalidCertificate(CertificateError::UnknownIssuer)
+        }
+        webpki::Error::CertExpired { .. } => Error::InvalidCertificate(CertificateError::Expired),
+        webpki::Error::CertNotValidYet { .. } => Error::InvalidCertificate(CertificateError::NotValidYet),
+        other_error => other(Webpki(other_error)),
+    })?;
     let identity = Identity::of_certificate(end_entity)
         .map_err(|e| other(NoMeshIdentity { trust_domain: bundle.trust_domain.clone(), why: e.to_string() }))?;
     if identity.trust_domain != bundle.trust_domain {
-        return Err(other(NoMeshIdentity {
-            trust_domain: bundle.trust_domain.clone(),
-            why: format!("it is {identity}"),
-        }));
+        return Err(other(NoMeshIdentity { trust_domain: bundle.trust_domain.clone(), why: format!("it is {identity}") }));
     }
     Ok(identity)
 }

@@ -200,12 +200,12 @@ pub fn router(resources: Arc<Resources>, sidecars: Arc<Sidecars>) -> Router {
 }
 
 /// The kind a path names: `routes`, `policies` or `authorizations`.
-fn path_kind(name: &str) -> Result<Kind, Response> {
+fn path_kind(name: &str) -> Result<Kind, Box<Response>> {
     match name {
         "routes" => Ok(Kind::Route),
         "policies" => Ok(Kind::Policy),
         "authorizations" => Ok(Kind::Authorization),
-        other => Err(refused(StatusCode::NOT_FOUND, format!("no endpoint /v1/{other}; see docs/api.md"))),
+        other => Err(Box::new(refused(StatusCode::NOT_FOUND, format!("no endpoint /v1/{other}; see docs/api.md")))),
     }
 }
 
@@ -302,7 +302,7 @@ async fn list_kind(
 ) -> Response {
     let kind = match path_kind(&kind) {
         Ok(kind) => kind,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     if let Err(denied) = principal.require_read("listing resources") {
         return refused(StatusCode::FORBIDDEN, denied);
@@ -317,7 +317,7 @@ async fn get_one(
 ) -> Response {
     let kind = match path_kind(&kind) {
         Ok(kind) => kind,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     if let Err(denied) = principal.require_read("reading resources") {
         return refused(StatusCode::FORBIDDEN, denied);
@@ -343,7 +343,7 @@ async fn put_one(
 ) -> Response {
     let kind = match path_kind(&kind) {
         Ok(kind) => kind,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     if let Err(denied) = principal.require_admin("applying resources") {
         return refused(StatusCode::FORBIDDEN, denied);
@@ -400,7 +400,7 @@ async fn delete_one(
 ) -> Response {
     let kind = match path_kind(&kind) {
         Ok(kind) => kind,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     if let Err(denied) = principal.require_admin("deleting resources") {
         return refused(StatusCode::FORBIDDEN, denied);
@@ -421,7 +421,7 @@ async fn history(
 ) -> Response {
     let kind = match path_kind(&kind) {
         Ok(kind) => kind,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     if let Err(denied) = principal.require_read("reading the history of resources") {
         return refused(StatusCode::FORBIDDEN, denied);

@@ -30,7 +30,10 @@ pub fn may_deregister(principal: &Principal, instance: Option<&Instance>) -> Res
         Some(instance) => principal.require_service(&instance.service, "deregistering an instance"),
         // Nothing to remove: whoever may remove instances at all hears that it is not there.
         None => match principal {
-            Principal::Read { .. } => Err(Denied(format!("deregistering an instance needs an admin or sidecar token; this is {}", principal.describe()))),
+            Principal::Read { .. } => Err(Denied(format!(
+                "deregistering an instance needs an admin or sidecar token; this is {}",
+                principal.describe()
+            ))),
             _ => Ok(()),
         },
     }

@@ -202,10 +202,19 @@ async fn http_retire(
 }
 
 async fn http_list_tokens(State(service): State<SecurityService>, Extension(principal): Extension<Principal>) -> Response {
-    answer(principal.require_admin("listing tokens").map_err(Status::from).map(|()| v1::ListTokensResponse { tokens: service.tokens.list() }))
+    answer(
+        principal
+            .require_admin("listing tokens")
+            .map_err(Status::from)
+            .map(|()| v1::ListTokensResponse { tokens: service.tokens.list() }),
+    )
 }
 
-async fn http_create_token(State(service): State<SecurityService>, Extension(principal): Extension<Principal>, body: Bytes) -> Response {
+async fn http_create_token(
+    State(service): State<SecurityService>,
+    Extension(principal): Extension<Principal>,
+    body: Bytes,
+) -> Response {
     if let Err(denied) = principal.require_admin("creating a token") {
         return http_error(denied.into());
     }

@@ -24,10 +24,17 @@ pub use self::tokens::Tokens;
 pub enum Principal {
     /// `--auth none`: anyone, with every right.
     Anonymous,
-    Admin { id: Arc<str> },
-    Read { id: Arc<str> },
+    Admin {
+        id: Arc<str>,
+    },
+    Read {
+        id: Arc<str>,
+    },
     /// A sidecar of `service`.
-    Sidecar { id: Arc<str>, service: Arc<str> },
+    Sidecar {
+        id: Arc<str>,
+        service: Arc<str>,
+    },
 }
 
 /// A call the principal may not make.
@@ -81,10 +88,9 @@ impl Principal {
         match self {
             Self::Anonymous | Self::Admin { .. } => Ok(()),
             Self::Sidecar { service: own, .. } if **own == *service => Ok(()),
-            Self::Sidecar { service: own, .. } => Err(Denied(format!(
-                "{what} for service {service:?} is refused: {} may act for {own:?} only",
-                self.describe()
-            ))),
+            Self::Sidecar { service: own, .. } => {
+                Err(Denied(format!("{what} for service {service:?} is refused: {} may act for {own:?} only", self.describe())))
+            }
             Self::Read { .. } => Err(Denied(format!("{what} needs an admin or sidecar token; this is {}", self.describe()))),
         }
     }
@@ -125,9 +131,9 @@ impl Auth {
             Some((scheme, secret)) if scheme.eq_ignore_ascii_case("bearer") => secret.trim(),
             _ => return Err(Unauthenticated("the authorization header must be \"Bearer <token>\"".into())),
         };
-        self.tokens
-            .authenticate(secret)
-            .ok_or_else(|| Unauthenticated("the token is not known here: it was revoked, has expired, or is another mesh's".into()))
+        self.tokens.authenticate(secret).ok_or_else(|| {
+            Unauthenticated("the token is not known here: it was revoked, has expired, or is another mesh's".into())
+        })
     }
 }
 

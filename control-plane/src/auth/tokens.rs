@@ -234,7 +234,9 @@ impl Tokens {
             }
             v1::TokenKind::Admin | v1::TokenKind::Read => {}
             v1::TokenKind::Unspecified => {
-                return Err(validate::FieldError::new("kind", "must be TOKEN_KIND_ADMIN, TOKEN_KIND_READ or TOKEN_KIND_SIDECAR").into());
+                return Err(
+                    validate::FieldError::new("kind", "must be TOKEN_KIND_ADMIN, TOKEN_KIND_READ or TOKEN_KIND_SIDECAR").into()
+                );
             }
         }
         if description.len() > 256 {

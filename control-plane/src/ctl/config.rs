@@ -304,7 +304,13 @@ pub async fn get(api: &Access, output: Output, kind: KindArg, service: Option<St
 }
 
 /// `ferryctl delete route|policy SERVICE`.
-pub async fn delete(api: &Access, output: Output, kind: KindArg, service: String, expected: Option<u64>) -> anyhow::Result<String> {
+pub async fn delete(
+    api: &Access,
+    output: Output,
+    kind: KindArg,
+    service: String,
+    expected: Option<u64>,
+) -> anyhow::Result<String> {
     check_service(&service)?;
     let request = v1::DeleteRequest { kind: kind.proto() as i32, service, expected_version: expected };
     let response = client(api).await?.delete(request).await?.into_inner();

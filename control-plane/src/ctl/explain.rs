@@ -119,7 +119,8 @@ pub async fn authorization(question: Question, caller: &str, output: Output, api
         let value = http::HeaderValue::from_str(value).map_err(|e| UsageError(format!("--header {value:?}: {e}")))?;
         headers.append(name, value);
     }
-    let info = RequestInfo { method: &method, path: uri.path(), query: uri.query(), headers: &headers, host: question.host.as_deref() };
+    let info =
+        RequestInfo { method: &method, path: uri.path(), query: uri.query(), headers: &headers, host: question.host.as_deref() };
     let decision = match &policy {
         Some(policy) => Authorization::compile(policy, policy.version)
             .map_err(|e| anyhow::anyhow!("the policy does not compile: {e}"))?
@@ -139,7 +140,11 @@ pub async fn authorization(question: Question, caller: &str, output: Output, api
     match output {
         Output::Table => {
             let verdict = if decision.allowed() { "ALLOWED" } else { "DENIED" };
-            let version = if decision.version == 0 { String::new() } else { format!(" (authorization policy version {})", decision.version) };
+            let version = if decision.version == 0 {
+                String::new()
+            } else {
+                format!(" (authorization policy version {})", decision.version)
+            };
             Ok(format!(
                 "{verdict}: {caller} -> {} {} {}\ndecided by: {}{version}\n",
                 question.service,

@@ -336,11 +336,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
                 let field = e.field.rsplit('.').next().unwrap_or(&e.field).replace('_', "-");
                 UsageError(format!("--{field}: {} ({})", e.reason, e.field))
             })?;
-            let response = registry(api)
-                .await?
-                .register(v1::RegisterRequest { instance: Some(instance) })
-                .await?
-                .into_inner();
+            let response = registry(api).await?.register(v1::RegisterRequest { instance: Some(instance) }).await?.into_inner();
             render(output, &response, |r| {
                 let i = r.instance.clone().unwrap_or_default();
                 format!("registered {} ({}:{}) in service {}\n", i.id, i.address, i.port, i.service)
@@ -388,9 +384,9 @@ impl Cli {
     /// How to reach the control plane, from the flags.
     fn access(&self) -> Result<Access, UsageError> {
         let ca_pem = match &self.ca_file {
-            Some(path) => Some(
-                std::fs::read_to_string(path).map_err(|e| UsageError(format!("--ca-file {}: {e}", path.display())))?,
-            ),
+            Some(path) => {
+                Some(std::fs::read_to_string(path).map_err(|e| UsageError(format!("--ca-file {}: {e}", path.display())))?)
+            }
             None => None,
         };
         let token = self.token.clone().filter(|t| !t.trim().is_empty());

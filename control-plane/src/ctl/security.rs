@@ -167,9 +167,9 @@ fn waiting(status: &v1::CaStatus) -> bool {
 
 fn status_text(status: &v1::CaStatus) -> String {
     let bundle = status.bundle.clone().unwrap_or_default();
-    let issuer_until = status.issuer_not_after.map_or("-".to_owned(), |at| {
-        humantime::format_rfc3339_seconds(ferry_proto::time::system_time(at)).to_string()
-    });
+    let issuer_until = status
+        .issuer_not_after
+        .map_or("-".to_owned(), |at| humantime::format_rfc3339_seconds(ferry_proto::time::system_time(at)).to_string());
     let mut out = format!(
         "trust domain  {}\nbundle        version {}, {} root(s){}\nissuer until  {issuer_until}\nsidecars      {} connected, {} with a leaf of the current issuer\n",
         bundle.trust_domain,

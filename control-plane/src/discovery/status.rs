@@ -67,16 +67,7 @@ impl SidecarRecord {
         build: String,
         token_id: String,
     ) -> Self {
-        Self {
-            node_id,
-            service,
-            instance_id,
-            peer,
-            build,
-            connected_at: SystemTime::now(),
-            token_id,
-            progress: Mutex::default(),
-        }
+        Self { node_id, service, instance_id, peer, build, connected_at: SystemTime::now(), token_id, progress: Mutex::default() }
     }
 
     pub(crate) fn authorization_sent(&self, version: u64) {

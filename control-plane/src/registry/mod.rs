@@ -545,7 +545,8 @@ impl Registry {
             .entry(service.clone())
             .or_insert_with(|| ServiceEntry { tx: watch::Sender::new(Arc::new(ServiceSnapshot::empty(service.clone(), index))) });
         let previous = entry.tx.borrow().clone();
-        let mut encoded_bytes = previous.encoded_bytes.saturating_sub(previous.instances.get(id).map_or(0, |i| i.endpoint_bytes()));
+        let mut encoded_bytes =
+            previous.encoded_bytes.saturating_sub(previous.instances.get(id).map_or(0, |i| i.endpoint_bytes()));
         let old_checks: Vec<String> =
             previous.instances.get(id).map(|old| old.checks.iter().map(|c| c.id.clone()).collect()).unwrap_or_default();
         let mut instances = (*previous.instances).clone();

@@ -142,7 +142,8 @@ pub async fn apply(api: &ConfigApi, scenario: Scenario) -> Outcome {
     if !authorizations.contains_key("catalog") {
         match api.delete_authorization("catalog").await {
             Ok(Some(version)) => {
-                let _ = writeln!(report, "  DELETE /v1/authorizations/catalog: deleted at version {version} (another scenario's)");
+                let _ =
+                    writeln!(report, "  DELETE /v1/authorizations/catalog: deleted at version {version} (another scenario's)");
                 authorizations.insert("catalog".to_owned(), version);
             }
             Ok(None) => {}

@@ -88,7 +88,13 @@ impl ConfigApi {
                         let behind: Vec<String> = own
                             .iter()
                             .filter(|s| s.authorization.unwrap_or_default().acked_version < version)
-                            .map(|s| format!("{} holds authorization/{service} v{}", s.node_id, s.authorization.unwrap_or_default().acked_version))
+                            .map(|s| {
+                                format!(
+                                    "{} holds authorization/{service} v{}",
+                                    s.node_id,
+                                    s.authorization.unwrap_or_default().acked_version
+                                )
+                            })
                             .collect();
                         if behind.is_empty() {
                             return Ok(own.len());

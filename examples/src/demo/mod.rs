@@ -24,6 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::apps::{self, Counters};
 use anyhow::{Context, bail};
 use ferry_proto::v1::{self, registry_client::RegistryClient};
 use ferry_tls::api::{Access, ApiChannel};
@@ -34,7 +35,6 @@ use tokio::{
     sync::{Semaphore, mpsc},
 };
 use tokio_util::sync::CancellationToken;
-use crate::apps::{self, Counters};
 
 pub mod actions;
 pub mod config_api;
@@ -500,15 +500,15 @@ async fn start_instance(
         "--app",
         &app.to_string(),
         "--outbound",
-            "127.0.0.1:0",
-            "--inbound",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--meta",
-            &format!("version={version}"),
-            "--zone",
-            zone,
+        "127.0.0.1:0",
+        "--inbound",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--meta",
+        &format!("version={version}"),
+        "--zone",
+        zone,
         "--check",
         check,
     ]));

@@ -3,9 +3,9 @@
 
 use std::{sync::Arc, time::Duration};
 
-use ferry_proto::{v1, validate};
-pub use ferry_proto::matching::RequestInfo;
 use ferry_proto::matching::Matcher;
+pub use ferry_proto::matching::RequestInfo;
+use ferry_proto::{v1, validate};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// Where traffic goes: a service and, optionally, a subset of it.

@@ -691,7 +691,9 @@ mod tests {
             route: Some(ferry_proto::v1::RouteUpdate { route: Some(route) }),
             ..Default::default()
         };
-        catalog.apply(&ferry_proto::v1::Push { nonce: "1".into(), resources: vec![resources], ..Default::default() }).expect("applies");
+        catalog
+            .apply(&ferry_proto::v1::Push { nonce: "1".into(), resources: vec![resources], ..Default::default() })
+            .expect("applies");
         let response = pending.await.expect("joins").expect("answered");
         assert_eq!(response.status(), StatusCode::IM_A_TEAPOT);
 

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 
 use anyhow::{Context, anyhow, bail};
 use ferry_proto::v1::{self, registry_client::RegistryClient};
-use futures::{StreamExt, TryStreamExt};
 use ferry_tls::api::{Access, ApiChannel};
+use futures::{StreamExt, TryStreamExt};
 use tonic::service::interceptor::InterceptedService;
 
 /// Connections the registrations are spread over.

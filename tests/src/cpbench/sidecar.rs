@@ -15,13 +15,13 @@ use std::{
 
 use anyhow::{Context, bail};
 use ferry_proto::v1::{self, control_message, discovery_client::DiscoveryClient, service_resources::Endpoints, sidecar_message};
+use ferry_tls::api::Access;
 use prost::Message;
 use tokio::{
     sync::{mpsc, watch},
     time::Instant,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use ferry_tls::api::Access;
 use tonic::{Streaming, service::interceptor::InterceptedService};
 
 use super::registry::service_name;

@@ -53,9 +53,14 @@ async fn harness_with(held: HashMap<String, u64>, registry: Option<Arc<Registry>
         Arc::new(SidecarRecord::new("node-1".into(), "frontend".into(), None, "test".into(), "test".into(), String::new()));
     let dir = tempfile::tempdir().expect("tempdir");
     let authority = authority(dir.path()).await;
-    let resources = Resources::open(Arc::new(MemoryStore::default()), Arc::new(Default::default()), Duration::from_secs(5), Default::default())
-        .await
-        .expect("opens");
+    let resources = Resources::open(
+        Arc::new(MemoryStore::default()),
+        Arc::new(Default::default()),
+        Duration::from_secs(5),
+        Default::default(),
+    )
+    .await
+    .expect("opens");
     let session = Session::new(
         registry.new_session(),
         registry.clone(),
@@ -455,9 +460,10 @@ async fn trust_and_the_own_authorization_policy_are_pushed_when_they_change() {
     assert_eq!(status.trust_bundle_acked, bundle.version);
     assert_eq!(status.authorization.map(|a| a.acked_version), Some(update.version));
     // A policy of another service is not this sidecar's business.
-    let other = ferry_proto::json::resources_from_yaml("kind: AuthorizationPolicy\nservice: catalog\nrules:\n  - from: [frontend]\n")
-        .expect("valid")
-        .remove(0);
+    let other =
+        ferry_proto::json::resources_from_yaml("kind: AuthorizationPolicy\nservice: catalog\nrules:\n  - from: [frontend]\n")
+            .expect("valid")
+            .remove(0);
     h.resources.apply(vec![v1::ApplyItem { resource: Some(other), expected_version: None }], false).await.expect("applied");
     h.no_push().await;
 }
@@ -474,9 +480,14 @@ async fn a_revoked_token_ends_its_stream() {
     .expect("opens");
     let dir = tempfile::tempdir().expect("tempdir");
     let authority = authority(dir.path()).await;
-    let resources = Resources::open(Arc::new(MemoryStore::default()), Arc::new(Default::default()), Duration::from_secs(5), Default::default())
-        .await
-        .expect("opens");
+    let resources = Resources::open(
+        Arc::new(MemoryStore::default()),
+        Arc::new(Default::default()),
+        Duration::from_secs(5),
+        Default::default(),
+    )
+    .await
+    .expect("opens");
     let record = Arc::new(SidecarRecord::new("n".into(), "frontend".into(), None, "t".into(), "t".into(), "tok".into()));
     let revoked = CancellationToken::new();
     let session = Session::new(
