@@ -511,6 +511,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_operators_issuer_signs_and_its_chain_gives_the_roots() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = SystemTime::now();
+        let root = authority::new_root("ferry.local", now, Duration::from_secs(3600)).expect("root");
+        let issuer = authority::new_issuer(&root, "ferry.local", now, Duration::from_secs(3600)).expect("issuer");
+        let (cert, key) = (dir.path().join("issuer.pem"), dir.path().join("issuer.key"));
+        std::fs::write(&cert, format!("{}{}", issuer.cert_pem, root.cert_pem)).expect("cert");
+        std::fs::write(&key, &issuer.key_pem).expect("key");
+        let operator = CaConfig { operator: Some((cert, key)), ..config(dir.path()) };
+        let ca = Authority::open(operator, Arc::new(MemoryStore::default())).await.expect("ca");
+        assert_eq!(ca.bundle().roots_pem, root.cert_pem, "the self-signed certificate of the chain is the root");
+        let csr = ferry_tls::csr::request("catalog").expect("csr");
+        let leaf = ca.certify("catalog", &csr.csr_pem, "").expect("signed by the operator's issuer");
+        assert!(leaf.cert_chain_pem.ends_with(&issuer.cert_pem));
+        assert!(ca.rotate().await.is_err(), "rotation is the operator's");
+        assert!(!dir.path().join("ca").exists(), "no key files of an issuer the control plane does not own");
+        let bad =
+            CaConfig { operator: Some((dir.path().join("missing.pem"), dir.path().join("issuer.key"))), ..config(dir.path()) };
+        let error = Authority::open(bad, Arc::new(MemoryStore::default())).await.err().expect("refused");
+        assert!(error.to_string().contains("--ca-cert"), "{error}");
+    }
+
+    #[tokio::test]
     async fn a_trust_domain_other_than_the_stores_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store: Arc<dyn Store> = Arc::new(MemoryStore::default());

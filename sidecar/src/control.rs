@@ -46,6 +46,9 @@ pub struct ControlAccess {
     pub url: String,
     pub ca_pem: Option<String>,
     pub token: Option<String>,
+    /// `--token-file`: read again at every connection, so that fixing the token in the file
+    /// fixes a sidecar the control plane refused, without a restart.
+    pub token_file: Option<std::path::PathBuf>,
     pub trust: Trust,
 }
 
@@ -63,7 +66,16 @@ impl ControlAccess {
         if let Some(bundle) = self.trust.current() {
             roots.push_str(&bundle.roots_pem);
         }
-        Access { url: self.url.clone(), ca_pem: (!roots.is_empty()).then_some(roots), token: self.token.clone() }
+        let from_file = self.token_file.as_ref().and_then(|path| match std::fs::read_to_string(path) {
+            Ok(text) if !text.trim().is_empty() => Some(text.trim().to_owned()),
+            Ok(_) => None,
+            Err(error) => {
+                tracing::warn!(file = %path.display(), %error, "cannot read the token file; using the token read before");
+                None
+            }
+        });
+        let token = from_file.or_else(|| self.token.clone());
+        Access { url: self.url.clone(), ca_pem: (!roots.is_empty()).then_some(roots), token }
     }
 }
 

@@ -240,7 +240,13 @@ impl Sidecar {
                 shutdown.clone(),
             )));
         }
-        let access = ControlAccess { url: config.control_plane.clone(), ca_pem, token, trust: mesh.trust().clone() };
+        let access = ControlAccess {
+            url: config.control_plane.clone(),
+            ca_pem,
+            token,
+            token_file: config.token_file.clone(),
+            trust: mesh.trust().clone(),
+        };
         if let Some(issued) = mesh.identity() {
             metrics
                 .identity_expiration

@@ -45,8 +45,10 @@ wait_for() {
     exit 1
 }
 
+# The API in plaintext without tokens: what is counted is the one-hop data path to an
+# API-registered upstream (plaintext), which the control plane's API security does not touch.
 "$release/ferry-control-plane" --grpc 127.0.0.1:0 --http 127.0.0.1:0 --dns 127.0.0.1:0 --store memory \
-    --data-dir "$dir/cp" >"$dir/cp.log" 2>&1 &
+    --api-tls off --auth none --data-dir "$dir/cp" >"$dir/cp.log" 2>&1 &
 pids+=($!)
 "$release/ferry-bench" upstream >"$dir/upstream.log" 2>&1 &
 pids+=($!)

@@ -30,6 +30,10 @@ async fn status(
     answer.0.as_u16()
 }
 
+/// A call and what it answers with no token, a read token, catalog's sidecar token, the admin
+/// token.
+type Row<'a> = (Method, &'a str, Option<(&'a str, &'a str)>, [u16; 4]);
+
 #[tokio::test]
 async fn every_kind_of_token_may_do_what_it_should_over_http_and_nothing_else() {
     let control_plane = ControlPlane::start().await;
@@ -42,7 +46,7 @@ async fn every_kind_of_token_may_do_what_it_should_over_http_and_nothing_else() 
     let payments = r#"{"id": "payments-api", "service": "payments", "address": "127.0.0.1", "port": 9}"#;
     let json = "application/json";
     // (method, path, body, [no token, read, sidecar of catalog, admin])
-    let table: Vec<(Method, &str, Option<(&str, &str)>, [u16; 4])> = vec![
+    let table: Vec<Row> = vec![
         (Method::GET, "/metrics", None, [200, 200, 200, 200]),
         (Method::GET, "/ready", None, [200, 200, 200, 200]),
         (Method::GET, "/v1/services", None, [401, 200, 403, 200]),
@@ -145,7 +149,8 @@ async fn a_sidecar_whose_token_is_another_services_is_refused_and_registers_noth
     let control_plane = ControlPlane::start().await;
     let token = control_plane.token("sidecar", Some("catalog")).await;
     let app = HttpApp::start("payments-app").await;
-    let payments = Sidecar::spawn(&control_plane.reach_with(&token), "payments", Some(app.addr), &["--id", "payments-1"]).await;
+    let reach = control_plane.reach_with(&token);
+    let payments = Sidecar::spawn(&reach, "payments", Some(app.addr), &["--id", "payments-1"]).await;
     let why = eventually("the sidecar to say why it is not ready", || async {
         let (status, _, body) = ferry_tests::client::get(&format!("http://{}/ready", payments.admin)).await.ok()?;
         let body = String::from_utf8_lossy(&body).into_owned();
@@ -156,9 +161,10 @@ async fn a_sidecar_whose_token_is_another_services_is_refused_and_registers_noth
     assert!(payments.process.log().contains("PermissionDenied"), "it logs why");
     assert!(control_plane.instance("payments-1").await.is_none(), "nothing was registered");
 
-    // The right token for its service: it joins.
+    // The right token in its file fixes it: it retries with backoff, reading the file again.
     let token = control_plane.token("sidecar", Some("payments")).await;
-    let _fixed = Sidecar::start(&control_plane.reach_with(&token), "payments", Some(app.addr), &["--id", "payments-2"]).await;
+    std::fs::write(reach.token_file.as_ref().expect("a token file"), &token).expect("fixes the token");
+    payments.wait_ready().await;
     control_plane.wait_passing("payments", 1).await;
 }
 

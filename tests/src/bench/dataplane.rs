@@ -166,6 +166,8 @@ pub enum PathKind {
     FerryOneHop,
     #[serde(rename = "ferry-mesh")]
     FerryMesh,
+    #[serde(rename = "ferry-mesh-mtls")]
+    FerryMeshMtls,
     #[serde(rename = "haproxy")]
     Haproxy,
     #[serde(rename = "nginx")]
@@ -174,8 +176,14 @@ pub enum PathKind {
 
 impl PathKind {
     /// Every path, in report order.
-    pub const ALL: [PathKind; 5] =
-        [PathKind::Direct, PathKind::FerryOneHop, PathKind::FerryMesh, PathKind::Haproxy, PathKind::Nginx];
+    pub const ALL: [PathKind; 6] = [
+        PathKind::Direct,
+        PathKind::FerryOneHop,
+        PathKind::FerryMesh,
+        PathKind::FerryMeshMtls,
+        PathKind::Haproxy,
+        PathKind::Nginx,
+    ];
 
     /// Its name in tables and JSON.
     pub fn name(self) -> &'static str {
@@ -183,6 +191,7 @@ impl PathKind {
             PathKind::Direct => "direct",
             PathKind::FerryOneHop => "ferry-1hop",
             PathKind::FerryMesh => "ferry-mesh",
+            PathKind::FerryMeshMtls => "ferry-mesh-mtls",
             PathKind::Haproxy => "haproxy",
             PathKind::Nginx => "nginx",
         }
@@ -193,7 +202,12 @@ impl PathKind {
         match self {
             PathKind::Direct => "client → upstream",
             PathKind::FerryOneHop => "client → sidecar (`--upstream bench=…`) → upstream (an API-registered instance)",
-            PathKind::FerryMesh => "client → outbound sidecar → inbound sidecar (`--app`) → upstream",
+            PathKind::FerryMesh => {
+                "client → outbound sidecar → inbound sidecar (`--app`, `--mtls off`: plaintext between sidecars) → upstream"
+            }
+            PathKind::FerryMeshMtls => {
+                "client → outbound sidecar → mTLS → inbound sidecar (`--app`, the default `--mtls strict`) → upstream"
+            }
             PathKind::Haproxy => "client → HAProxy (keep-alive to the upstream) → upstream",
             PathKind::Nginx => "client → nginx (keep-alive to the upstream) → upstream",
         }
@@ -260,10 +274,14 @@ impl Running {
     }
 }
 
-/// The control plane shared by the Ferry paths.
+/// The control plane shared by the Ferry paths, on its secure defaults (token auth, TLS APIs).
 pub struct ControlPlane {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// The CA bundle and admin token files it wrote.
+    pub ca_file: std::path::PathBuf,
+    pub token_file: std::path::PathBuf,
+    api: ferry_tls::api::HttpApi,
     _child: Child,
 }
 
@@ -272,12 +290,17 @@ impl ControlPlane {
     pub fn start(setup: &Setup) -> anyhow::Result<Self> {
         let mut command = Command::new(&setup.control_plane);
         command.args(["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0", "--dns", "127.0.0.1:0", "--store", "memory"]);
-        command.arg("--data-dir").arg(setup.dir.join("control-plane")).env("FERRY_LOG", "info");
+        let data = setup.dir.join("control-plane");
+        command.arg("--data-dir").arg(&data).env("FERRY_LOG", "info");
         let mut child = Child::spawn("ferry-control-plane", command, setup.dir.join("control-plane.log"), true)?;
         let pairs = child.wait_listening()?;
         let grpc = bound(&pairs, "grpc")?.parse().context("grpc address")?;
         let http = bound(&pairs, "http")?.parse().context("http address")?;
-        Ok(Self { grpc, http, _child: child })
+        let (ca_file, token_file) = (data.join("ca.pem"), data.join("admin.token"));
+        let ca = std::fs::read_to_string(&ca_file).with_context(|| format!("reading {}", ca_file.display()))?;
+        let token = std::fs::read_to_string(&token_file).with_context(|| format!("reading {}", token_file.display()))?;
+        let api = ferry_tls::api::HttpApi::new(http, Some(&ca), Some(token.trim().to_owned())).map_err(anyhow::Error::msg)?;
+        Ok(Self { grpc, http, ca_file, token_file, api, _child: child })
     }
 }
 
@@ -323,10 +346,11 @@ impl Probe {
     }
 
     /// `PUT path` with a JSON body on the control plane's HTTP API.
-    pub fn put_json(&self, addr: SocketAddr, path: &str, body: &str) -> anyhow::Result<()> {
+    pub fn put_json(&self, control_plane: &ControlPlane, path: &str, body: &str) -> anyhow::Result<()> {
+        let body = Some(("application/json", bytes::Bytes::from(body.to_owned())));
         let answer = self
             .runtime
-            .block_on(client::send_json(addr, http::Method::PUT, path, body))
+            .block_on(control_plane.api.call(http::Method::PUT, path, body))
             .map_err(|e| anyhow::anyhow!("PUT {path}: {e}"))?;
         if answer.0 != 200 {
             bail!("PUT {path}: {} {}", answer.0, client::text(&answer));
@@ -355,7 +379,8 @@ pub fn start(
     let mut running = match kind {
         PathKind::Direct => Running { kind, http1: upstream, h2c: Ok(upstream), proxies: Vec::new(), children: Vec::new() },
         PathKind::FerryOneHop => start_one_hop(setup, upstream, control_plane, probe)?,
-        PathKind::FerryMesh => start_mesh(setup, upstream, control_plane, probe)?,
+        PathKind::FerryMesh => start_mesh(setup, upstream, control_plane, probe, false)?,
+        PathKind::FerryMeshMtls => start_mesh(setup, upstream, control_plane, probe, true)?,
         PathKind::Haproxy => start_haproxy(setup, upstream)?,
         PathKind::Nginx => start_nginx(setup, upstream)?,
     };
@@ -380,7 +405,11 @@ pub fn start(
 fn sidecar_command(setup: &Setup, control_plane: &ControlPlane, service: &str) -> Command {
     let mut command = Command::new(&setup.sidecar);
     command
-        .args(["--service", service, "--control-plane", &format!("http://{}", control_plane.grpc)])
+        .args(["--service", service, "--control-plane", &format!("https://{}", control_plane.grpc)])
+        .arg("--ca-file")
+        .arg(&control_plane.ca_file)
+        .arg("--token-file")
+        .arg(&control_plane.token_file)
         .args(["--outbound", "127.0.0.1:0", "--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .env("FERRY_LOG", "info")
         .env("FERRY_WORKERS", setup.threads.to_string());
@@ -421,23 +450,37 @@ fn client_sidecar(
 fn start_one_hop(setup: &Setup, upstream: SocketAddr, control_plane: &ControlPlane, probe: &Probe) -> anyhow::Result<Running> {
     let instance =
         format!(r#"{{"id": "bench-upstream", "service": "bench", "address": "{}", "port": {}}}"#, upstream.ip(), upstream.port());
-    probe.put_json(control_plane.http, "/v1/instances", &instance)?;
+    probe.put_json(control_plane, "/v1/instances", &instance)?;
     let (sidecar, port) = client_sidecar(setup, control_plane, probe, "sidecar-1hop", "bench")?;
     let proxies = vec![Measured { name: "sidecar".into(), pid: sidecar.pid() }];
     Ok(Running { kind: PathKind::FerryOneHop, http1: port, h2c: Ok(port), proxies, children: vec![sidecar] })
 }
 
-fn start_mesh(setup: &Setup, upstream: SocketAddr, control_plane: &ControlPlane, probe: &Probe) -> anyhow::Result<Running> {
-    let mut command = sidecar_command(setup, control_plane, "bench-mesh");
+/// The full mesh path: over mTLS with `mtls`, in plaintext (`--mtls off`) without, each path
+/// with a service of its own so that both can run side by side.
+fn start_mesh(
+    setup: &Setup,
+    upstream: SocketAddr,
+    control_plane: &ControlPlane,
+    probe: &Probe,
+    mtls: bool,
+) -> anyhow::Result<Running> {
+    let (service, name) = if mtls { ("bench-mtls", "sidecar-mesh-mtls") } else { ("bench-mesh", "sidecar-mesh") };
+    let mut command = sidecar_command(setup, control_plane, service);
     command.arg("--app").arg(upstream.to_string());
-    let mut inbound = Child::spawn("sidecar-mesh-inbound", command, setup.dir.join("sidecar-mesh-inbound.log"), false)?;
+    if !mtls {
+        command.args(["--mtls", "off"]);
+    }
+    let inbound_name = format!("{name}-inbound");
+    let mut inbound = Child::spawn(&inbound_name, command, setup.dir.join(format!("{inbound_name}.log")), false)?;
     inbound.wait_listening()?;
-    let (outbound, port) = client_sidecar(setup, control_plane, probe, "sidecar-mesh-outbound", "bench-mesh")?;
+    let (outbound, port) = client_sidecar(setup, control_plane, probe, &format!("{name}-outbound"), service)?;
     let proxies = vec![
         Measured { name: "outbound sidecar".into(), pid: outbound.pid() },
         Measured { name: "inbound sidecar".into(), pid: inbound.pid() },
     ];
-    Ok(Running { kind: PathKind::FerryMesh, http1: port, h2c: Ok(port), proxies, children: vec![outbound, inbound] })
+    let kind = if mtls { PathKind::FerryMeshMtls } else { PathKind::FerryMesh };
+    Ok(Running { kind, http1: port, h2c: Ok(port), proxies, children: vec![outbound, inbound] })
 }
 
 /// A free loopback port (bound and released: a small race, retried by the caller's start-up).

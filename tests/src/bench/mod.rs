@@ -64,7 +64,7 @@ pub struct Options {
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
 
-    /// Only these paths, comma-separated (direct, ferry-1hop, ferry-mesh, haproxy, nginx).
+    /// Only these paths, comma-separated (direct, ferry-1hop, ferry-mesh, ferry-mesh-mtls, haproxy, nginx).
     #[arg(long, value_delimiter = ',', value_parser = parse_path, value_name = "PATH,...")]
     pub paths: Vec<PathKind>,
 

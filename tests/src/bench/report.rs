@@ -192,7 +192,7 @@ fn sidecar_max(results: &Results, figure: fn(&ProcessMemory) -> u64) -> Option<(
     results
         .paths
         .iter()
-        .filter(|p| matches!(p.path, PathKind::FerryOneHop | PathKind::FerryMesh))
+        .filter(|p| matches!(p.path, PathKind::FerryOneHop | PathKind::FerryMesh | PathKind::FerryMeshMtls))
         .flat_map(|p| p.processes.iter().map(move |process| (figure(process), format!("{} {}", p.path, process.name), process)))
         .max_by_key(|(bytes, _, _)| *bytes)
 }
