@@ -118,7 +118,7 @@ async fn registrations_beyond_a_limit_are_refused_naming_it() {
         "{}",
         text(&refused)
     );
-    alive(&control_plane).await;
+    alive(control_plane).await;
 }
 
 #[tokio::test]
