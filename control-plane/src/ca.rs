@@ -31,7 +31,10 @@ use ferry_tls::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::store::{Store, StoreError, Table, Write};
+use crate::{
+    metrics::SecurityMetrics,
+    store::{Store, StoreError, Table, Write},
+};
 
 /// How long a root is valid.
 pub const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -54,6 +57,7 @@ pub struct CaConfig {
     pub data_dir: PathBuf,
     /// Whether the keys are also written under `data_dir` (the embedded store).
     pub key_files: bool,
+    pub metrics: SecurityMetrics,
 }
 
 /// Why the CA refused.
@@ -146,6 +150,7 @@ impl Authority {
         let identity = Identity::new(&self.config.trust_domain, service);
         let issuer = self.issuer();
         let leaf = authority::sign_workload(&issuer, csr_pem, &identity, SystemTime::now(), self.config.cert_ttl)?;
+        self.config.metrics.certificates_issued.inc();
         if !node_id.is_empty() {
             lock(&self.issued).insert(
                 node_id.to_owned(),
@@ -349,6 +354,12 @@ impl Authority {
     /// Writes `ca.pem` (the roots), and with the embedded store the CA's keys (mode 0600).
     fn write_files(&self) -> Result<(), CaError> {
         let state = lock(&self.state).clone();
+        let metrics = &self.config.metrics;
+        metrics.bundle_version.set(i64::try_from(state.version).unwrap_or(i64::MAX));
+        if let Ok(end) = authority::not_after(&state.issuer.cert_pem) {
+            let secs = end.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+            metrics.issuer_expiration.set(i64::try_from(secs).unwrap_or(i64::MAX));
+        }
         let dir = &self.config.data_dir;
         std::fs::create_dir_all(dir).map_err(|e| CaError::Config(format!("creating {}: {e}", dir.display())))?;
         let roots: String = state.roots.iter().map(|r| r.cert_pem.as_str()).collect();
@@ -467,6 +478,7 @@ mod tests {
             operator: None,
             data_dir: dir.to_path_buf(),
             key_files: true,
+            metrics: Default::default(),
         }
     }
 

@@ -98,7 +98,10 @@ impl HealthChecks {
             ))
         };
         if METADATA_HOSTS.iter().any(|m| host.eq_ignore_ascii_case(m)) {
-            return refuse(format!("{host} is a cloud metadata service"));
+            return Err(FieldError::new(
+                field,
+                format!("{host} is a cloud metadata service, which a check may never probe: name the service's own address"),
+            ));
         }
         let addresses: Vec<IpAddr> = match host.parse::<IpAddr>() {
             Ok(ip) => vec![ip],

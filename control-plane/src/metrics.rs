@@ -18,6 +18,20 @@ pub struct Metrics {
     pub registry: RegistryMetrics,
     pub push: PushMetrics,
     pub health: HealthMetrics,
+    pub security: SecurityMetrics,
+}
+
+/// Counts of the CA and of API authentication.
+#[derive(Clone, Debug, Default)]
+pub struct SecurityMetrics {
+    /// Workload certificates signed.
+    pub certificates_issued: Counter,
+    /// When the issuer of new leaves expires (Unix time).
+    pub issuer_expiration: Gauge,
+    /// The version of the trust bundle in force.
+    pub bundle_version: Gauge,
+    /// API calls refused for want of a known token.
+    pub unauthenticated: Counter,
 }
 
 /// Counts of the registry.
@@ -78,6 +92,7 @@ impl Metrics {
                 ack_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             },
             health: HealthMetrics::default(),
+            security: SecurityMetrics::default(),
         };
         metrics.health.register(registry);
         let r = &metrics.registry;
@@ -96,6 +111,19 @@ impl Metrics {
             p.propagation.clone(),
         );
         registry.register("push_ack_seconds", "Time from a push being sent to its ACK", p.ack_latency.clone());
+        let s = &metrics.security;
+        registry.register("certificates_issued", "Workload certificates signed by the CA", s.certificates_issued.clone());
+        registry.register(
+            "ca_issuer_expiration_timestamp_seconds",
+            "When the CA's issuer of new certificates expires (Unix time)",
+            s.issuer_expiration.clone(),
+        );
+        registry.register("trust_bundle_version", "Version of the trust bundle in force", s.bundle_version.clone());
+        registry.register(
+            "api_unauthenticated",
+            "API calls refused for want of a known token (none, malformed, unknown, revoked or expired)",
+            s.unauthenticated.clone(),
+        );
         metrics
     }
 

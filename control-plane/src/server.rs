@@ -85,6 +85,7 @@ impl ControlPlane {
             operator: config.ca_cert.clone().zip(config.ca_key.clone()),
             data_dir: config.data_dir.clone(),
             key_files: config.store == StoreKind::Redb,
+            metrics: metrics.security.clone(),
         };
         let authority = Authority::open(ca_config, store.clone()).await.map_err(|error| match error {
             CaError::Config(why) => anyhow::Error::new(ferry_runtime::UsageError(why)),
@@ -97,7 +98,11 @@ impl ControlPlane {
                 "--auth none: every API call is allowed without a token; for development only (workload certificates and mTLS stay on)"
             ),
         }
-        let auth = Auth { tokens: tokens.clone(), required: config.auth == AuthMode::Token };
+        let auth = Auth {
+            tokens: tokens.clone(),
+            required: config.auth == AuthMode::Token,
+            unauthenticated: metrics.security.unauthenticated.clone(),
+        };
 
         let grpc_listener = listen(config.grpc).with_context(|| format!("binding --grpc {}", config.grpc))?;
         let http_listener = listen(config.http).with_context(|| format!("binding --http {}", config.http))?;
@@ -263,20 +268,24 @@ impl ControlPlane {
     }
 }
 
-/// The names the API certificate covers: `--advertise-name`, or the host name, localhost, the
-/// loopback addresses and the addresses the listeners answer on.
+/// The names the API certificate covers: every `--advertise-name`, the host name, localhost,
+/// the loopback addresses and the addresses the listeners answer on. The local names stay, so
+/// ferryctl on the control plane's own host works with the defaults whatever is advertised.
 fn api_names(config: &Config, bound: &[SocketAddr]) -> Vec<String> {
-    if !config.advertise_names.is_empty() {
-        return config.advertise_names.clone();
-    }
     let mut names = Vec::new();
+    let mut add = |name: String| {
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    };
+    config.advertise_names.iter().cloned().for_each(&mut add);
     if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
         let host = host.trim().to_ascii_lowercase();
         if ferry_proto::validate::address("host", &host).is_ok() && !host.is_empty() {
-            names.push(host);
+            add(host);
         }
     }
-    names.extend(["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()]);
+    ["localhost", "127.0.0.1", "::1"].into_iter().map(str::to_owned).for_each(&mut add);
     let mut ips: Vec<IpAddr> = Vec::new();
     for addr in bound {
         if addr.ip().is_unspecified() {
@@ -285,12 +294,7 @@ fn api_names(config: &Config, bound: &[SocketAddr]) -> Vec<String> {
             ips.push(addr.ip());
         }
     }
-    for ip in ips {
-        let ip = ip.to_string();
-        if !names.contains(&ip) {
-            names.push(ip);
-        }
-    }
+    ips.into_iter().map(|ip| ip.to_string()).for_each(add);
     names
 }
 

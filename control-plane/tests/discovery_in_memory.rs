@@ -71,6 +71,7 @@ async fn serve() -> Served {
         operator: None,
         data_dir: dir.path().to_path_buf(),
         key_files: false,
+        metrics: Default::default(),
     };
     let authority = Authority::open(ca, Arc::new(MemoryStore::default())).await.expect("CA");
     let tokens = Tokens::open(Arc::new(MemoryStore::default())).await.expect("tokens");
@@ -90,7 +91,7 @@ async fn serve() -> Served {
     let checks = HealthChecks::new(registry.clone(), RunnerOptions::default(), metrics.health.clone(), Vec::new());
     let api = RegistryService::new(registry.clone(), checks, shutdown);
     let security = SecurityService { authority, tokens: tokens.clone(), sidecars };
-    let auth = Auth { tokens: tokens.clone(), required: true };
+    let auth = Auth { tokens: tokens.clone(), required: true, unauthenticated: Default::default() };
     tokio::spawn(async move {
         Server::builder()
             .layer(AuthLayer::new(auth))

@@ -81,6 +81,21 @@ async fn every_kind_of_token_may_do_what_it_should_over_http_and_nothing_else() 
     assert_eq!(answer.0, 401);
     assert!(text(&answer).contains("not known"), "{}", text(&answer));
     assert_eq!(answer.1.get("www-authenticate").and_then(|v| v.to_str().ok()), Some("Bearer"));
+
+    // The metrics count what was refused and what the CA signed: the table's tokenless calls
+    // (16 of its rows need a token) and the guess above; catalog's certificate.
+    let metrics = control_plane.api().with_token(None).call(Method::GET, "/metrics", None).await.expect("metrics");
+    let metrics = text(&metrics);
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} in\n{metrics}"))
+    };
+    assert_eq!(value("ferry_api_unauthenticated_total"), 17.0);
+    assert!(value("ferry_certificates_issued_total") >= 1.0);
+    assert!(value("ferry_ca_issuer_expiration_timestamp_seconds") > 1.7e9);
+    assert_eq!(value("ferry_trust_bundle_version"), 1.0);
 }
 
 /// What a gRPC call with `token` answers: `None` when it succeeded, else its code.

@@ -209,14 +209,10 @@ fn path_kind(name: &str) -> Result<Kind, Box<Response>> {
     }
 }
 
-/// Whether a body is JSON: by its content type, or else by its first character (YAML
-/// otherwise, so `curl --data-binary @routes.yaml` works without a content type).
-fn is_json(headers: &HeaderMap, body: &[u8]) -> bool {
-    match headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
-        Some(kind) if kind.contains("json") => true,
-        Some(kind) if kind.contains("yaml") => false,
-        _ => matches!(body.iter().find(|b| !b.is_ascii_whitespace()), Some(b'{' | b'[')),
-    }
+/// Whether a body is JSON, by its content type, which [`body_type`] has already required to
+/// be YAML or JSON.
+fn is_json(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|kind| kind.to_ascii_lowercase().contains("json"))
 }
 
 /// Renames the item an apply error names after where it came from in the body.
@@ -251,7 +247,7 @@ async fn apply(
     }
     let resources = &state.resources;
     let dry_run = query.get("dry_run").is_some_and(|v| v.is_empty() || v == "true" || v == "1");
-    let json = is_json(&headers, &body);
+    let json = is_json(&headers);
     let list = json && matches!(body.iter().find(|b| !b.is_ascii_whitespace()), Some(b'['));
     let parsed: Result<Vec<(usize, v1::Resource)>, FieldError> = if json {
         serde_json::from_slice::<serde_json::Value>(&body)
@@ -356,7 +352,7 @@ async fn put_one(
         Some(Err(_)) => return http_error(FieldError::new("expected_version", "must be a number").into()),
         None => None,
     };
-    let value: Result<serde_json::Value, String> = if is_json(&headers, &body) {
+    let value: Result<serde_json::Value, String> = if is_json(&headers) {
         serde_json::from_slice(&body).map_err(|e| format!("not JSON: {e}"))
     } else {
         json::refuse_aliases(&String::from_utf8_lossy(&body))

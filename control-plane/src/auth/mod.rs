@@ -112,6 +112,8 @@ pub struct Auth {
     pub tokens: Arc<Tokens>,
     /// `--auth token`; false for `--auth none`.
     pub required: bool,
+    /// Counts the calls refused here.
+    pub unauthenticated: prometheus_client::metrics::counter::Counter,
 }
 
 impl Auth {
@@ -120,6 +122,14 @@ impl Auth {
         if !self.required {
             return Ok(Principal::Anonymous);
         }
+        let principal = self.principal(headers);
+        if principal.is_err() {
+            self.unauthenticated.inc();
+        }
+        principal
+    }
+
+    fn principal(&self, headers: &HeaderMap) -> Result<Principal, Unauthenticated> {
         let Some(value) = headers.get(http::header::AUTHORIZATION) else {
             return Err(Unauthenticated(
                 "this control plane needs a token: send authorization: Bearer <token> (ferryctl --token or FERRY_TOKEN; the admin token of a new control plane is in <data-dir>/admin.token)"

@@ -338,7 +338,7 @@ impl Session {
             }
             if self.subscriptions.len() >= self.config.max_subscriptions {
                 return Err(Status::resource_exhausted(format!(
-                    "subscribe.services: at most {} subscriptions per sidecar",
+                    "subscribe.services: at most {} subscriptions per sidecar (the control plane's --max-subscriptions)",
                     self.config.max_subscriptions
                 )));
             }

@@ -58,8 +58,10 @@ pub fn port_notes(bound: &[(&Port, String)]) -> Vec<String> {
     }
     for (port, actual) in &moved {
         let line = match port.key {
-            "grpc" => format!("ferryctl --control-plane http://{actual} ...   (or: export FERRY_CONTROL_PLANE=http://{actual})"),
-            "http" => format!("curl http://{actual}/v1/...   instead of http://{}/v1/...", port.usual),
+            "grpc" => {
+                format!("ferryctl --control-plane https://{actual} ...   (or: export FERRY_CONTROL_PLANE=https://{actual})")
+            }
+            "http" => format!("curl https://{actual}/v1/...   instead of https://{}/v1/...", port.usual),
             "dns" => format!("dig @127.0.0.1 -p {} ...   instead of -p {}", port_of(actual), port_of(port.usual)),
             "outbound" => format!("curl -x http://{actual} ...   instead of -x http://{}", port.usual),
             "admin" => {
@@ -101,8 +103,8 @@ mod tests {
             )),
             "{lines}"
         );
-        assert!(lines.contains("ferryctl --control-plane http://127.0.0.1:36867"), "{lines}");
-        assert!(!lines.contains("curl http://"), "the HTTP port is the usual one: {lines}");
+        assert!(lines.contains("ferryctl --control-plane https://127.0.0.1:36867"), "{lines}");
+        assert!(!lines.contains("curl https://"), "the HTTP port is the usual one: {lines}");
         assert!(port_notes(&[(&http, "127.0.0.1:7071".to_owned())]).is_empty(), "nothing to say when every port is usual");
     }
 }

@@ -88,7 +88,10 @@ impl Budget {
         if self.header_rules > self.limits.header_rules {
             return Err(FieldError::new(
                 field,
-                format!("the resource has more than {} header conditions, the limit", self.limits.header_rules),
+                format!(
+                    "the resource has more than {} header conditions, the limit (the control plane's --max-header-rules)",
+                    self.limits.header_rules
+                ),
             ));
         }
         Ok(())
@@ -101,7 +104,10 @@ impl Budget {
         if self.regexes > self.limits.regexes {
             return Err(FieldError::new(
                 field,
-                format!("the resource has more than {} regular expressions, the limit", self.limits.regexes),
+                format!(
+                    "the resource has more than {} regular expressions, the limit (the control plane's --max-regexes)",
+                    self.limits.regexes
+                ),
             ));
         }
         let left = self.limits.regex_bytes.saturating_sub(self.regex_bytes);
@@ -117,7 +123,7 @@ impl Budget {
             _ => Err(FieldError::new(
                 field,
                 format!(
-                    "the resource's regular expressions compile to more than {} KiB together, the limit",
+                    "the resource's regular expressions compile to more than {} KiB together, the limit (the control plane's --max-regex-bytes)",
                     self.limits.regex_bytes >> 10
                 ),
             )),

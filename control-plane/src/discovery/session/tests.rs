@@ -33,6 +33,7 @@ async fn authority(dir: &std::path::Path) -> Arc<Authority> {
         operator: None,
         data_dir: dir.to_path_buf(),
         key_files: false,
+        metrics: Default::default(),
     };
     Authority::open(config, Arc::new(MemoryStore::default())).await.expect("CA")
 }
