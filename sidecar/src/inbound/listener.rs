@@ -181,10 +181,10 @@ async fn connection(shared: &Shared, stream: TcpStream, addr: SocketAddr) {
 
 /// Tells a plaintext client of a strict listener why it is refused, then closes.
 async fn refuse_plaintext(mut stream: TcpStream) {
-    let body = "forbidden: this sidecar takes mTLS only (--mtls strict): call it through your own sidecar\n";
+    let error = "mtls_required: this sidecar takes mTLS only (--mtls strict): call it through your own sidecar";
     let answer = format!(
-        "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\nx-ferry-error: mtls_required\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
+        "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\nx-ferry-error: {error}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{error}\n",
+        error.len() + 1
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer.as_bytes())).await;
     let _ = stream.shutdown().await;
