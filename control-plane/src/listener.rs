@@ -181,28 +181,11 @@ pub fn accept(
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let local = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     tokio::spawn(async move {
-        loop {
-            let permit = tokio::select! {
-                permit = slots.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return,
-                },
-                () = shutdown.cancelled() => return,
-            };
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                () = shutdown.cancelled() => return,
-            };
-            let (stream, remote) = match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(?api, %error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
+        let name = match api {
+            Api::Grpc => "grpc",
+            Api::Http => "http",
+        };
+        while let Some((permit, stream, remote)) = ferry_runtime::accept_capped(&listener, &slots, &shutdown, name).await {
             let (tx, tls) = (tx.clone(), tls.clone());
             tokio::spawn(async move {
                 let connection =

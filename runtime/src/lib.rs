@@ -136,6 +136,39 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Accepts the next connection on `listener` once one of `slots` is free, and hands it over
+/// with its slot (released when the connection's task drops it), so a listener never holds
+/// more connections than it has slots. `None` once `shutdown` fires. A failed accept (out of
+/// file descriptors and the like) is logged and retried after 50 ms instead of spinning.
+pub async fn accept_capped(
+    listener: &tokio::net::TcpListener,
+    slots: &std::sync::Arc<tokio::sync::Semaphore>,
+    shutdown: &tokio_util::sync::CancellationToken,
+    name: &'static str,
+) -> Option<(tokio::sync::OwnedSemaphorePermit, tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.ok()?,
+            () = shutdown.cancelled() => return None,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.cancelled() => return None,
+        };
+        match accepted {
+            Ok((stream, remote)) => {
+                let _ = stream.set_nodelay(true);
+                return Some((permit, stream, remote));
+            }
+            Err(error) => {
+                tracing::warn!(listener = name, %error, "accept failed");
+                drop(permit);
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -318,6 +318,16 @@ impl ControlPlane {
         env
     }
 
+    /// Runs `ferryctl ARGS` against it with the admin token, and waits for it to end.
+    pub async fn ferryctl(&self, args: &[&str]) -> std::process::Output {
+        tokio::process::Command::new(binary("ferryctl"))
+            .envs(self.ferryctl_env())
+            .args(args)
+            .output()
+            .await
+            .expect("ferryctl runs")
+    }
+
     /// The HTTP API, with the admin token.
     pub fn api(&self) -> &HttpApi {
         &self.api

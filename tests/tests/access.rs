@@ -183,15 +183,6 @@ async fn a_sidecar_whose_token_is_another_services_is_refused_and_registers_noth
     control_plane.wait_passing("payments", 1).await;
 }
 
-async fn ferryctl(control_plane: &ControlPlane, args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new(binary("ferryctl"))
-        .envs(control_plane.ferryctl_env())
-        .args(args)
-        .output()
-        .await
-        .expect("ferryctl runs")
-}
-
 fn stdout(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -207,17 +198,17 @@ async fn ferryctl_makes_lists_and_revokes_tokens_and_a_revoked_token_ends_its_st
     assert_eq!(std::fs::metadata(&admin_file).expect("admin.token").permissions().mode() & 0o777, 0o600);
     assert!(!control_plane.process.log().contains(control_plane.token.as_deref().expect("token")), "the secret is never logged");
 
-    let created = ferryctl(&control_plane, &["token", "create", "--kind", "sidecar", "--service", "catalog"]).await;
+    let created = control_plane.ferryctl(&["token", "create", "--kind", "sidecar", "--service", "catalog"]).await;
     assert!(created.status.success(), "{created:?}");
     let secret = stdout(&created);
     assert_eq!(secret.lines().count(), 1, "the secret alone: {secret}");
     let secret = secret.trim().to_owned();
-    let missing = ferryctl(&control_plane, &["token", "create", "--kind", "sidecar"]).await;
+    let missing = control_plane.ferryctl(&["token", "create", "--kind", "sidecar"]).await;
     assert!(!missing.status.success() && stderr(&missing).contains("--service"), "{missing:?}");
 
     let app = HttpApp::start("catalog-app").await;
     let catalog = Sidecar::start(&control_plane.reach_with(&secret), "catalog", Some(app.addr), &["--id", "catalog-1"]).await;
-    let listed = ferryctl(&control_plane, &["-o", "json", "token", "list"]).await;
+    let listed = control_plane.ferryctl(&["-o", "json", "token", "list"]).await;
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("JSON");
     let id = listed["tokens"]
         .as_array()
@@ -229,7 +220,7 @@ async fn ferryctl_makes_lists_and_revokes_tokens_and_a_revoked_token_ends_its_st
         .to_owned();
     assert!(!listed.to_string().contains(&secret), "a listing never shows a secret");
 
-    let revoked = ferryctl(&control_plane, &["token", "revoke", &id]).await;
+    let revoked = control_plane.ferryctl(&["token", "revoke", &id]).await;
     assert!(revoked.status.success(), "{revoked:?}");
     eventually("the stream to end", || async {
         let config = catalog.config().await;

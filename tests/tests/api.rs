@@ -125,15 +125,6 @@ async fn generic_grpc_clients_find_the_health_and_reflection_services() {
     }
 }
 
-async fn ferryctl(control_plane: &ControlPlane, args: &[&str]) -> Output {
-    tokio::process::Command::new(binary("ferryctl"))
-        .envs(control_plane.ferryctl_env())
-        .args(args)
-        .output()
-        .await
-        .expect("ferryctl runs")
-}
-
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -142,29 +133,27 @@ fn stdout(output: &Output) -> String {
 async fn ferryctl_registers_lists_and_reports_sidecar_status() {
     let control_plane = ControlPlane::start().await;
 
-    let output = ferryctl(
-        &control_plane,
-        &["register", "--service", "db", "--address", "10.0.0.1", "--port", "5432", "--meta", "role=primary"],
-    )
-    .await;
+    let output = control_plane
+        .ferryctl(&["register", "--service", "db", "--address", "10.0.0.1", "--port", "5432", "--meta", "role=primary"])
+        .await;
     assert!(output.status.success(), "{output:?}");
     assert!(stdout(&output).contains("registered db-10.0.0.1-5432"), "{}", stdout(&output));
 
-    let output = ferryctl(&control_plane, &["services"]).await;
+    let output = control_plane.ferryctl(&["services"]).await;
     let text = stdout(&output);
     assert!(text.starts_with("SERVICE"), "{text}");
     assert!(text.lines().any(|l| l.split_whitespace().collect::<Vec<_>>()[..3] == ["db", "1", "1"]), "{text}");
 
-    let output = ferryctl(&control_plane, &["instances", "db"]).await;
+    let output = control_plane.ferryctl(&["instances", "db"]).await;
     let text = stdout(&output);
     assert!(text.contains("db-10.0.0.1-5432") && text.contains("passing") && text.contains("role=primary"), "{text}");
 
-    let output = ferryctl(&control_plane, &["-o", "json", "instances", "db"]).await;
+    let output = control_plane.ferryctl(&["-o", "json", "instances", "db"]).await;
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
     assert_eq!(json["instances"][0]["metadata"]["role"], "primary");
 
     // Bad input is refused before it reaches the server, naming the flag.
-    let output = ferryctl(&control_plane, &["register", "--service", "db", "--address", "10.0.0.1", "--port", "0"]).await;
+    let output = control_plane.ferryctl(&["register", "--service", "db", "--address", "10.0.0.1", "--port", "0"]).await;
     assert_eq!(output.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--port"), "{output:?}");
 
@@ -179,14 +168,14 @@ async fn ferryctl_registers_lists_and_reports_sidecar_status() {
     )
     .await;
     let status = eventually("frontend-client to be in sync", || async {
-        let output = ferryctl(&control_plane, &["status"]).await;
+        let output = control_plane.ferryctl(&["status"]).await;
         let text = stdout(&output);
         text.lines().any(|l| l.starts_with("frontend-client") && l.contains("catalog") && l.ends_with("in sync")).then_some(text)
     })
     .await;
     assert!(status.lines().any(|l| l.starts_with("catalog-1")), "{status}");
 
-    let output = ferryctl(&control_plane, &["-o", "json", "status"]).await;
+    let output = control_plane.ferryctl(&["-o", "json", "status"]).await;
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
     let client =
         json["sidecars"].as_array().expect("sidecars").iter().find(|s| s["node_id"] == "frontend-client").expect("listed");
@@ -194,9 +183,9 @@ async fn ferryctl_registers_lists_and_reports_sidecar_status() {
     assert_eq!(subscription["service"], "catalog");
     assert_eq!(subscription["acked_version"], subscription["current_version"]);
 
-    let output = ferryctl(&control_plane, &["deregister", "db-10.0.0.1-5432"]).await;
+    let output = control_plane.ferryctl(&["deregister", "db-10.0.0.1-5432"]).await;
     assert!(output.status.success(), "{output:?}");
-    let output = ferryctl(&control_plane, &["deregister", "db-10.0.0.1-5432"]).await;
+    let output = control_plane.ferryctl(&["deregister", "db-10.0.0.1-5432"]).await;
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("no instance with id"), "{output:?}");
 }

@@ -15,7 +15,6 @@ use ferry_proto::v1::{self, discovery_client::DiscoveryClient, identity_client::
 use ferry_tests::{
     ControlPlane, Sidecar,
     apps::{GrpcApp, HttpApp, RecordingApp, TcpEchoApp},
-    binary,
     client::{self, header, text},
     eventually,
 };
@@ -259,9 +258,8 @@ fn steady_traffic(
     (ok, failed, task)
 }
 
-#[tokio::test]
-async fn certificates_roll_under_steady_traffic_and_no_request_fails() {
-    let control_plane = ControlPlane::start_with(&["--cert-ttl", "10s"]).await;
+/// Two catalog instances with their sidecars, and a frontend sidecar that reaches both.
+async fn two_catalogs_and_a_client(control_plane: &ControlPlane) -> ([HttpApp; 2], Vec<Sidecar>, Sidecar) {
     let apps = [HttpApp::start("one").await, HttpApp::start("two").await];
     let mut catalogs = Vec::new();
     for (n, app) in apps.iter().enumerate() {
@@ -270,6 +268,13 @@ async fn certificates_roll_under_steady_traffic_and_no_request_fails() {
     }
     let client = Sidecar::start(&control_plane.reach(), "frontend", None, &["--upstream", "catalog=127.0.0.1:0"]).await;
     client.wait_endpoints("catalog", 2).await;
+    (apps, catalogs, client)
+}
+
+#[tokio::test]
+async fn certificates_roll_under_steady_traffic_and_no_request_fails() {
+    let control_plane = ControlPlane::start_with(&["--cert-ttl", "10s"]).await;
+    let (_apps, catalogs, client) = two_catalogs_and_a_client(&control_plane).await;
     let serial = config_at(&catalogs[0], "/identity/serial").await;
     let client_serial = config_at(&client, "/identity/serial").await;
 
@@ -295,45 +300,29 @@ async fn certificates_roll_under_steady_traffic_and_no_request_fails() {
     assert!(expiry > now && expiry < now + 11.0, "{expiry} vs {now}");
 }
 
-async fn ferryctl(control_plane: &ControlPlane, args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new(binary("ferryctl"))
-        .envs(control_plane.ferryctl_env())
-        .args(args)
-        .output()
-        .await
-        .expect("ferryctl runs")
-}
-
 #[tokio::test]
 async fn a_ca_rotation_rolls_every_leaf_and_fails_no_request() {
     let control_plane = ControlPlane::start().await;
-    let apps = [HttpApp::start("one").await, HttpApp::start("two").await];
-    let mut catalogs = Vec::new();
-    for (n, app) in apps.iter().enumerate() {
-        catalogs
-            .push(Sidecar::start(&control_plane.reach(), "catalog", Some(app.addr), &["--id", &format!("catalog-{n}")]).await);
-    }
-    let client = Sidecar::start(&control_plane.reach(), "frontend", None, &["--upstream", "catalog=127.0.0.1:0"]).await;
-    client.wait_endpoints("catalog", 2).await;
+    let (_apps, catalogs, client) = two_catalogs_and_a_client(&control_plane).await;
     let first_roots = std::fs::read_to_string(control_plane.data_dir.join("ca.pem")).expect("ca.pem");
-    let bundle = String::from_utf8(ferryctl(&control_plane, &["ca", "bundle"]).await.stdout).expect("text");
+    let bundle = String::from_utf8(control_plane.ferryctl(&["ca", "bundle"]).await.stdout).expect("text");
     assert_eq!(bundle, first_roots, "ferryctl ca bundle prints ca.pem");
 
     let stop = tokio_util::sync::CancellationToken::new();
     let (ok, failed, traffic) = steady_traffic(client.outbound, "http://catalog/", stop.clone());
-    let rotated = ferryctl(&control_plane, &["ca", "rotate"]).await;
+    let rotated = control_plane.ferryctl(&["ca", "rotate"]).await;
     assert!(rotated.status.success(), "{rotated:?}");
     let text = String::from_utf8_lossy(&rotated.stdout);
     assert!(text.contains("2 root(s)"), "{text}");
     // Every sidecar renews within seconds of the new issuer taking over.
     eventually("every sidecar to hold a leaf of the new issuer", || async {
-        let status = ferryctl(&control_plane, &["-o", "json", "ca", "status"]).await;
+        let status = control_plane.ferryctl(&["-o", "json", "ca", "status"]).await;
         let status: serde_json::Value = serde_json::from_slice(&status.stdout).ok()?;
         (status["sidecars"] == 3 && status["sidecars_current"] == 3).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let retired = ferryctl(&control_plane, &["ca", "retire"]).await;
+    let retired = control_plane.ferryctl(&["ca", "retire"]).await;
     assert!(retired.status.success(), "{retired:?}");
     // The retired bundle reaches every sidecar; traffic goes on under the new root alone.
     eventually("the one-root bundle on every sidecar", || async {
@@ -493,10 +482,10 @@ rules:
     );
 
     // ferryctl explains a decision with the same rules.
-    let explain = ferryctl(&control_plane, &["explain", "catalog", "--from", "frontend", "--path", "/items/admin/x"]).await;
+    let explain = control_plane.ferryctl(&["explain", "catalog", "--from", "frontend", "--path", "/items/admin/x"]).await;
     let text = String::from_utf8_lossy(&explain.stdout);
     assert!(text.starts_with("DENIED: frontend -> catalog GET /items/admin/x"), "{text}{explain:?}");
     assert!(text.contains("decided by: rules[1] (no-admin)"), "{text}");
-    let explain = ferryctl(&control_plane, &["explain", "catalog", "--from", "frontend", "--path", "/items/3"]).await;
+    let explain = control_plane.ferryctl(&["explain", "catalog", "--from", "frontend", "--path", "/items/3"]).await;
     assert!(String::from_utf8_lossy(&explain.stdout).starts_with("ALLOWED"), "{explain:?}");
 }

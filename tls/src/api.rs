@@ -125,28 +125,13 @@ impl Access {
 pub enum ConnectError {
     #[error(transparent)]
     Access(AccessError),
-    #[error("cannot reach the control plane at {url}: {}{}", crate::api::chain(.error), .hint.as_ref().map(|h| format!(" ({h})")).unwrap_or_default())]
+    #[error("cannot reach the control plane at {url}: {}{}", ferry_runtime::error_chain(.error), .hint.as_ref().map(|h| format!(" ({h})")).unwrap_or_default())]
     Transport { url: String, error: tonic::transport::Error, hint: Option<String> },
-}
-
-/// An error and its sources on one line.
-pub fn chain(error: &(dyn StdError + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut next = error.source();
-    while let Some(source) = next {
-        let part = source.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        next = source.source();
-    }
-    text
 }
 
 /// What a connection failure most likely means, when its cause is a TLS mistake.
 pub fn hint(url: &str, error: &(dyn StdError + 'static)) -> Option<String> {
-    let text = chain(error);
+    let text = ferry_runtime::error_chain(error);
     if text.contains("InvalidContentType") || text.contains("corrupt message") || text.contains("received corrupt") {
         let plain = url.replacen("https://", "http://", 1);
         return Some(format!("it does not speak TLS: it may run with --api-tls off; use {plain}"));

@@ -74,14 +74,7 @@ impl fmt::Display for Identity {
 
 /// Checks a trust domain as `--trust-domain` takes it: a lowercase DNS name.
 pub fn check_trust_domain(domain: &str) -> Result<(), String> {
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    if domain.len() > 253 || !domain.split('.').all(label_ok) {
+    if !ferry_proto::validate::lowercase_dns_name(domain) {
         return Err(format!("{domain:?} must be a lowercase DNS name such as ferry.local"));
     }
     Ok(())

@@ -36,9 +36,11 @@ pub use self::{
     identity::Identity,
 };
 
-/// The crypto provider of every TLS config Ferry builds.
+/// The crypto provider of every TLS config Ferry builds: one, shared.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    static PROVIDER: std::sync::LazyLock<Arc<rustls::crypto::CryptoProvider>> =
+        std::sync::LazyLock::new(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+    PROVIDER.clone()
 }
 
 /// Whether the first bytes of a connection are a TLS handshake record (a ClientHello): the way

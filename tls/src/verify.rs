@@ -45,7 +45,7 @@ fn other(error: impl std::error::Error + Send + Sync + 'static) -> Error {
 }
 
 fn algorithms() -> WebPkiSupportedAlgorithms {
-    rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms
+    crate::provider().signature_verification_algorithms
 }
 
 /// Checks that `end_entity` chains through `intermediates` to a root of `bundle`, is valid

@@ -22,7 +22,7 @@ use ferry_proto::{
 use tonic::{Request, Status};
 
 use crate::{
-    auth::Principal,
+    auth::{Denied, Principal},
     discovery::Sidecars,
     resources::{Kind, ResourceError, Resources},
 };
@@ -199,14 +199,19 @@ pub fn router(resources: Arc<Resources>, sidecars: Arc<Sidecars>) -> Router {
         .with_state(ConfigState { resources, sidecars })
 }
 
-/// The kind a path names: `routes`, `policies` or `authorizations`.
-fn path_kind(name: &str) -> Result<Kind, Box<Response>> {
-    match name {
-        "routes" => Ok(Kind::Route),
-        "policies" => Ok(Kind::Policy),
-        "authorizations" => Ok(Kind::Authorization),
-        other => Err(Box::new(refused(StatusCode::NOT_FOUND, format!("no endpoint /v1/{other}; see docs/api.md")))),
-    }
+/// The kind a path names (`routes`, `policies` or `authorizations`), once `allowed` says the
+/// caller may do what it asks; else the answer: 404 for another name, 403 when not allowed.
+fn path_kind(name: &str, allowed: impl FnOnce() -> Result<(), Denied>) -> Result<Kind, Box<Response>> {
+    let kind = match name {
+        "routes" => Kind::Route,
+        "policies" => Kind::Policy,
+        "authorizations" => Kind::Authorization,
+        other => {
+            return Err(Box::new(refused(StatusCode::NOT_FOUND, format!("no endpoint /v1/{other}; see docs/api.md"))));
+        }
+    };
+    allowed().map_err(|denied| Box::new(refused(StatusCode::FORBIDDEN, denied)))?;
+    Ok(kind)
 }
 
 /// Whether a body is JSON, by its content type, which [`body_type`] has already required to
@@ -296,13 +301,10 @@ async fn list_kind(
     Extension(principal): Extension<Principal>,
     Path(kind): Path<String>,
 ) -> Response {
-    let kind = match path_kind(&kind) {
+    let kind = match path_kind(&kind, || principal.require_read("listing resources")) {
         Ok(kind) => kind,
         Err(response) => return *response,
     };
-    if let Err(denied) = principal.require_read("listing resources") {
-        return refused(StatusCode::FORBIDDEN, denied);
-    }
     Json(v1::ListResponse { resources: state.resources.list(Some(kind), None) }).into_response()
 }
 
@@ -311,13 +313,10 @@ async fn get_one(
     Extension(principal): Extension<Principal>,
     Path((kind, service)): Path<(String, String)>,
 ) -> Response {
-    let kind = match path_kind(&kind) {
+    let kind = match path_kind(&kind, || principal.require_read("reading resources")) {
         Ok(kind) => kind,
         Err(response) => return *response,
     };
-    if let Err(denied) = principal.require_read("reading resources") {
-        return refused(StatusCode::FORBIDDEN, denied);
-    }
     if let Err(error) = validate::service_name("service", &service) {
         return http_error(error.into());
     }
@@ -337,13 +336,10 @@ async fn put_one(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let kind = match path_kind(&kind) {
+    let kind = match path_kind(&kind, || principal.require_admin("applying resources")) {
         Ok(kind) => kind,
         Err(response) => return *response,
     };
-    if let Err(denied) = principal.require_admin("applying resources") {
-        return refused(StatusCode::FORBIDDEN, denied);
-    }
     if let Err(why) = body_type(&headers, &RESOURCE_TYPES) {
         return refused(StatusCode::UNSUPPORTED_MEDIA_TYPE, why);
     }
@@ -394,13 +390,10 @@ async fn delete_one(
     Extension(principal): Extension<Principal>,
     Path((kind, service)): Path<(String, String)>,
 ) -> Response {
-    let kind = match path_kind(&kind) {
+    let kind = match path_kind(&kind, || principal.require_admin("deleting resources")) {
         Ok(kind) => kind,
         Err(response) => return *response,
     };
-    if let Err(denied) = principal.require_admin("deleting resources") {
-        return refused(StatusCode::FORBIDDEN, denied);
-    }
     if let Err(error) = validate::service_name("service", &service) {
         return http_error(error.into());
     }
@@ -415,13 +408,10 @@ async fn history(
     Extension(principal): Extension<Principal>,
     Path((kind, service)): Path<(String, String)>,
 ) -> Response {
-    let kind = match path_kind(&kind) {
+    let kind = match path_kind(&kind, || principal.require_read("reading the history of resources")) {
         Ok(kind) => kind,
         Err(response) => return *response,
     };
-    if let Err(denied) = principal.require_read("reading the history of resources") {
-        return refused(StatusCode::FORBIDDEN, denied);
-    }
     Json(v1::HistoryResponse { entries: state.resources.history(kind, &service) }).into_response()
 }
 

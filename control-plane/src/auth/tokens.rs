@@ -41,6 +41,21 @@ struct Stored {
     sha256: String,
 }
 
+impl Stored {
+    /// The bootstrap admin token, made now.
+    fn bootstrap(description: &str, sha256: String) -> Self {
+        Self {
+            id: BOOTSTRAP_ID.into(),
+            kind: "admin".into(),
+            service: String::new(),
+            created_at: seconds(SystemTime::now()),
+            expires_at: None,
+            description: description.into(),
+            sha256,
+        }
+    }
+}
+
 /// Why a token operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -149,16 +164,7 @@ impl Tokens {
             let hash = sha256(secret);
             let current = lock(&self.state).by_id.get(BOOTSTRAP_ID).map(|t| t.sha256.clone());
             if current.as_deref() != Some(hash.as_str()) {
-                self.put(Stored {
-                    id: BOOTSTRAP_ID.into(),
-                    kind: "admin".into(),
-                    service: String::new(),
-                    created_at: seconds(SystemTime::now()),
-                    expires_at: None,
-                    description: "--bootstrap-token".into(),
-                    sha256: hash,
-                })
-                .await?;
+                self.put(Stored::bootstrap("--bootstrap-token", hash)).await?;
                 tracing::info!(id = BOOTSTRAP_ID, "the admin token is the one --bootstrap-token gives");
             }
             return Ok(());
@@ -174,16 +180,7 @@ impl Tokens {
         let secret = new_secret();
         std::fs::create_dir_all(data_dir)?;
         crate::ca::write_file(&file, &format!("{secret}\n"), 0o600)?;
-        self.put(Stored {
-            id: BOOTSTRAP_ID.into(),
-            kind: "admin".into(),
-            service: String::new(),
-            created_at: seconds(SystemTime::now()),
-            expires_at: None,
-            description: "made at first start".into(),
-            sha256: sha256(&secret),
-        })
-        .await?;
+        self.put(Stored::bootstrap("made at first start", sha256(&secret))).await?;
         tracing::info!(file = %file.display(), "created an admin token; its secret is in the file (mode 0600)");
         Ok(())
     }

@@ -316,14 +316,7 @@ fn route_match(m: &v1::RouteMatch, budget: &mut Budget) -> Result<(), FieldError
 /// A host name to match, optionally `*.` and a domain: lowercase DNS labels, no port.
 fn host_pattern(field: &str, host: &str) -> Result<(), FieldError> {
     let name = host.strip_prefix("*.").unwrap_or(host);
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    if host.len() > 253 || !name.split('.').all(label_ok) {
+    if host.len() > 253 || !super::lowercase_dns_name(name) {
         return Err(FieldError::new(
             field,
             format!("{host:?} must be a lowercase host name such as shop.example.com or *.example.com, without a port"),

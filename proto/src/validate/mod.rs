@@ -55,6 +55,19 @@ impl FieldError {
     }
 }
 
+/// Whether `name` is a DNS name of lowercase labels (letters, digits, inner hyphens; at most
+/// 63 bytes each, 253 in all).
+pub fn lowercase_dns_name(name: &str) -> bool {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    name.len() <= 253 && name.split('.').all(label_ok)
+}
+
 /// Checks a service name: a DNS label of lowercase letters, digits and '-'.
 pub fn service_name(field: &str, name: &str) -> Result<(), FieldError> {
     if name.is_empty() {

@@ -72,42 +72,21 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let tracker = TaskTracker::new();
     let shared = Arc::new(Shared { inbound, mesh, metrics, limits, open, shutdown: shutdown.clone() });
-    loop {
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            () = shutdown.cancelled() => break,
-        };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = shutdown.cancelled() => break,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let (stream, worker) = match workers.adopt(stream) {
-                    Ok(adopted) => adopted,
-                    Err(error) => {
-                        tracing::warn!(listener = "inbound", %error, "cannot hand the connection to a worker");
-                        continue;
-                    }
-                };
-                let shared = shared.clone();
-                worker.spawn(tracker.track_future(async move {
-                    shared.open.inc();
-                    connection(&shared, stream, peer).await;
-                    shared.open.dec();
-                    drop(permit);
-                }));
-            }
+    while let Some((permit, stream, peer)) = ferry_runtime::accept_capped(&listener, &slots, &shutdown, "inbound").await {
+        let (stream, worker) = match workers.adopt(stream) {
+            Ok(adopted) => adopted,
             Err(error) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(listener = "inbound", %error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tracing::warn!(listener = "inbound", %error, "cannot hand the connection to a worker");
+                continue;
             }
-        }
+        };
+        let shared = shared.clone();
+        worker.spawn(tracker.track_future(async move {
+            shared.open.inc();
+            connection(&shared, stream, peer).await;
+            shared.open.dec();
+            drop(permit);
+        }));
     }
     drop(listener);
     tracker.close();

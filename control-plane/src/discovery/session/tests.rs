@@ -38,7 +38,7 @@ async fn authority(dir: &std::path::Path) -> Arc<Authority> {
     Authority::open(config, Arc::new(MemoryStore::default())).await.expect("CA")
 }
 
-async fn harness_with(held: HashMap<String, u64>, registry: Option<Arc<Registry>>) -> Harness {
+async fn harness_with(held: HashMap<String, u64>, registry: Option<Arc<Registry>>, credentials: Credentials) -> Harness {
     let registry = match registry {
         Some(registry) => registry,
         None => Registry::open(
@@ -71,7 +71,7 @@ async fn harness_with(held: HashMap<String, u64>, registry: Option<Arc<Registry>
         Metrics::unregistered().push,
         record.clone(),
         held,
-        Credentials::default(),
+        credentials,
     );
     let (to_session, inbound) = mpsc::channel(16);
     let (outbound, from_session) = mpsc::channel(1);
@@ -87,7 +87,7 @@ async fn harness_with(held: HashMap<String, u64>, registry: Option<Arc<Registry>
 }
 
 async fn harness() -> Harness {
-    harness_with(HashMap::new(), None).await
+    harness_with(HashMap::new(), None, Credentials::default()).await
 }
 
 fn spec(service: &str, id: &str, port: u16) -> InstanceSpec {
@@ -251,7 +251,7 @@ async fn versions_held_from_hello_are_not_resent_and_older_ones_get_a_delta() {
     registry.register(spec("catalog", "c5", 8005)).await.expect("registers");
 
     let held = HashMap::from([("catalog".to_owned(), catalog_before), ("inventory".to_owned(), inventory_now)]);
-    let mut h = harness_with(held, Some(registry)).await;
+    let mut h = harness_with(held, Some(registry), Credentials::default()).await;
     h.subscribe(&["catalog", "inventory"]).await;
     let push = h.push().await;
     assert_eq!(push.resources.len(), 1, "inventory is unchanged");
@@ -471,43 +471,10 @@ async fn trust_and_the_own_authorization_policy_are_pushed_when_they_change() {
 
 #[tokio::test(start_paused = true)]
 async fn a_revoked_token_ends_its_stream() {
-    let registry = Registry::open(
-        Arc::new(MemoryStore::default()),
-        RegistryConfig::default(),
-        Metrics::unregistered().registry,
-        Default::default(),
-    )
-    .await
-    .expect("opens");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let authority = authority(dir.path()).await;
-    let resources = Resources::open(
-        Arc::new(MemoryStore::default()),
-        Arc::new(Default::default()),
-        Duration::from_secs(5),
-        Default::default(),
-    )
-    .await
-    .expect("opens");
-    let record = Arc::new(SidecarRecord::new("n".into(), "frontend".into(), None, "t".into(), "t".into(), "tok".into()));
     let revoked = CancellationToken::new();
-    let session = Session::new(
-        registry.new_session(),
-        registry,
-        resources,
-        authority.watch(),
-        SessionConfig::default(),
-        Metrics::unregistered().push,
-        record,
-        HashMap::new(),
-        Credentials { revoked: revoked.clone(), expires: None },
-    );
-    let (_to_session, inbound) = mpsc::channel(16);
-    let (outbound, mut from_session) = mpsc::channel(4);
-    let task = tokio::spawn(session.run(ReceiverStream::new(inbound), outbound, CancellationToken::new()));
-    from_session.recv().await.expect("the first push").expect("a push");
+    let mut h = harness_with(HashMap::new(), None, Credentials { revoked: revoked.clone(), expires: None }).await;
     revoked.cancel();
-    assert_eq!(task.await.expect("ends"), Ended::Broken);
-    let status = from_session.recv().await.expect("a last message").expect_err("an error");
+    assert_eq!((&mut h.task).await.expect("ends"), Ended::Broken);
+    let status = h.from_session.recv().await.expect("a last message").expect_err("an error");
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
 }
