@@ -1,5 +1,6 @@
 //! Ferry's control plane: the registry of services and instances, the push engine that streams
-//! config to sidecars, and the gRPC and HTTP APIs in front of them. `ferryctl` lives here too.
+//! config to sidecars, and the gRPC and HTTP APIs in front of them. `ferryctl`, the command line
+//! over those APIs, is a crate of its own that does not depend on this one.
 //!
 //! `registry` is the core and knows no transport; `discovery` and `api` translate between it and
 //! the wire; `server` wires everything to listeners.
@@ -11,7 +12,6 @@ pub mod auth;
 pub mod ca;
 pub mod checks;
 pub mod config;
-pub mod ctl;
 pub mod discovery;
 pub mod dns;
 pub mod index;

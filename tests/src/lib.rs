@@ -22,9 +22,7 @@ use tokio::{
 };
 
 pub mod apps;
-pub mod bench;
 pub mod client;
-pub mod cpbench;
 pub mod dns;
 pub mod faulty;
 

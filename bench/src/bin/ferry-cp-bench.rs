@@ -1,10 +1,10 @@
-//! `ferry-cp-bench`: the control-plane benchmark. See [`ferry_tests::cpbench`] and
+//! `ferry-cp-bench`: the control-plane benchmark. See [`ferry_bench::cp_bench`] and
 //! `docs/benchmarks.md`.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use ferry_tests::cpbench::{self, Options};
+use ferry_bench::cp_bench::{self, Options};
 
 fn main() -> ExitCode {
     let options = Options::parse();
@@ -15,7 +15,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cpbench::run(options)) {
+    match runtime.block_on(cp_bench::run(options)) {
         Ok(_) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("ferry-cp-bench: {error:#}");

@@ -350,7 +350,7 @@ mod tests {
     fn a_run_against_a_local_server_meets_its_rate_in_both_protocols() {
         let upstream = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let target = upstream.local_addr().expect("addr");
-        std::thread::spawn(move || crate::bench::dataplane::serve_upstream(upstream));
+        std::thread::spawn(move || crate::suite::dataplane::serve_upstream(upstream));
         for protocol in Protocol::ALL {
             let config = OpenLoop {
                 target,

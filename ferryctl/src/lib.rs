@@ -3,6 +3,12 @@
 //! Tables for people by default, `-o json` or `-o yaml` (the proto3 JSON mapping) for scripts.
 //! Input is validated here with the same rules as the server, so mistakes are caught before a
 //! round trip. Every call goes over TLS, verified with `--ca-file`, and carries `--token`.
+//!
+//! It is built on the protocol crate and leaf crates (`ferry-proto`, `ferry-tls`, `ferry-health`,
+//! `ferry-runtime`), never on the control-plane server, so none of the server (its store above
+//! all) is linked into the CLI.
+
+#![forbid(unsafe_code)]
 
 use std::{
     collections::BTreeMap,

@@ -16,6 +16,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
+use ferry_tests::client;
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper_util::{
@@ -25,7 +26,6 @@ use hyper_util::{
 use serde::Serialize;
 
 use super::{load::Protocol, procstat};
-use crate::client;
 
 /// The size of every upstream response body.
 pub const BODY_BYTES: usize = 1024;

@@ -8,11 +8,11 @@
 # kernel's socket work, which every proxy pays alike. Each figure is the difference between a run
 # of N2 and one of N1 requests, over N2 - N1, so start-up does not count.
 #
-# Usage: tests/bench/instructions.sh [SIDECAR_BINARY]
+# Usage: bench/instructions.sh [SIDECAR_BINARY]
 # Needs the release binaries (cargo build --release -p ferry-sidecar -p ferry-control-plane -p
-# ferry-tests --bins), valgrind, h2load (nghttp2-client) and haproxy.
+# ferry-bench), valgrind, h2load (nghttp2-client) and haproxy.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 
 release=target/release
 sidecar="${1:-$release/ferry-sidecar}"

@@ -9,7 +9,7 @@ use ferry_tests::binary;
 fn the_quick_benchmark_reports_every_figure() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let json = dir.path().join("cp-bench.json");
-    let output = Command::new(binary("ferry-cp-bench"))
+    let output = Command::new(env!("CARGO_BIN_EXE_ferry-cp-bench"))
         .arg("--quick")
         .arg("--json")
         .arg(&json)

@@ -45,7 +45,7 @@ pub fn binary(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(release) = candidates.into_iter().find(|p| p.is_file()) {
         return Ok(release);
     }
-    Ok(crate::binary("ferry-control-plane"))
+    Ok(ferry_tests::binary("ferry-control-plane"))
 }
 
 /// A running control plane with the in-memory store; killed when dropped.
@@ -82,7 +82,7 @@ impl ControlPlaneProcess {
             let mut lines = BufReader::new(stderr).lines();
             let mut listening = Some(listening);
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(bound) = crate::bound_addresses(&line)
+                if let Some(bound) = ferry_tests::bound_addresses(&line)
                     && let Some(listening) = listening.take()
                 {
                     let _ = listening.send(bound);

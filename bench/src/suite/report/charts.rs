@@ -8,7 +8,7 @@ use plotters::{
 };
 
 use super::{Key, int, label};
-use crate::bench::{Results, dataplane::PathKind, load::Protocol};
+use crate::suite::{Results, dataplane::PathKind, load::Protocol};
 
 /// The chart files, by name.
 pub struct Charts {

@@ -1,0 +1,5 @@
+//! `ferryctl`: see [`ferryctl::main`].
+
+fn main() -> std::process::ExitCode {
+    ferryctl::main()
+}
