@@ -26,6 +26,7 @@ use crate::{
     resources::Resources,
 };
 
+mod progress;
 mod session;
 mod status;
 

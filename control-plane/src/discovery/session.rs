@@ -17,16 +17,15 @@
 //! is not resent until the service changes again.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, VecDeque},
     sync::Arc,
     time::Duration,
 };
 
 use ferry_proto::{
-    v1::{self, control_message, service_resources::Endpoints, sidecar_message},
+    v1::{self, sidecar_message},
     validate,
 };
-use prost::Message;
 use tokio::{
     sync::{mpsc, watch},
     time::Instant,
@@ -35,12 +34,16 @@ use tokio_stream::{Stream, StreamExt, StreamMap, wrappers::WatchStream};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use super::status::SidecarRecord;
+use self::answers::InFlight;
+use super::{progress::Held, status::SidecarRecord};
 use crate::{
-    metrics::{KindLabels, PushMetrics},
+    metrics::PushMetrics,
     registry::{Registry, ServiceSnapshot, SessionId},
     resources::{Resources, ServiceConfig},
 };
+
+mod answers;
+mod push;
 
 /// Limits and timing of sessions.
 #[derive(Debug, Clone)]
@@ -68,9 +71,6 @@ pub struct Credentials {
     pub expires: Option<Instant>,
 }
 
-/// Pushes kept for matching ACKs; older ones are forgotten.
-const MAX_IN_FLIGHT: usize = 64;
-
 /// The sending half of a sidecar's stream.
 pub type Outbound = mpsc::Sender<Result<v1::ControlMessage, Status>>;
 
@@ -85,6 +85,8 @@ pub enum Ended {
     Shutdown,
 }
 
+/// One sidecar's stream, run by [`Session::run`]: its pushes are built in `push`, its answers
+/// matched in `answers`.
 pub struct Session {
     id: SessionId,
     registry: Arc<Registry>,
@@ -92,8 +94,8 @@ pub struct Session {
     config: SessionConfig,
     metrics: PushMetrics,
     record: Arc<SidecarRecord>,
-    /// Versions the sidecar said it holds, used when it subscribes.
-    held: HashMap<String, u64>,
+    /// Versions the sidecar said in Hello it holds, used when it subscribes.
+    hello_versions: HashMap<String, u64>,
     subscriptions: HashMap<Arc<str>, Subscription>,
     endpoint_watches: StreamMap<Arc<str>, WatchStream<Arc<ServiceSnapshot>>>,
     config_watches: StreamMap<Arc<str>, WatchStream<Arc<ServiceConfig>>>,
@@ -105,45 +107,26 @@ pub struct Session {
     /// The trust bundle, as the CA publishes it.
     bundle_watch: WatchStream<Arc<v1::TrustBundle>>,
     bundle: Option<Arc<v1::TrustBundle>>,
-    bundle_sent: Option<u64>,
+    /// The bundle version the sidecar holds, or will once the pushes in flight land.
+    bundle_held: Option<u64>,
     /// The config of the sidecar's own service, for its authorization policy.
     own_watch: WatchStream<Arc<ServiceConfig>>,
     own: Option<Arc<ServiceConfig>>,
-    authorization_sent: Option<u64>,
-    authorization_acked: Option<u64>,
-    /// An authorization version the sidecar refused: not sent again until it changes.
-    authorization_rejected: Option<u64>,
+    /// The authorization version the sidecar holds, or will once the pushes in flight land. A
+    /// version it refused (its progress says which) is not sent again until it changes.
+    authorization_held: Option<u64>,
     credentials: Credentials,
-}
-
-/// What the sidecar holds of a service (or will, once the pushes in flight land).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Held {
-    /// The service's version: the largest of the parts'.
-    pub(crate) version: u64,
-    /// The registry index of the endpoints; `None` when only the version is known (from Hello).
-    pub(crate) endpoints: Option<u64>,
-    pub(crate) route: Option<u64>,
-    pub(crate) policy: Option<u64>,
-}
-
-impl Held {
-    /// Only the version is known: every part must be sent if it changed.
-    fn version_only(version: u64) -> Self {
-        Self { version, endpoints: None, route: None, policy: None }
-    }
 }
 
 struct Subscription {
     endpoints: Arc<ServiceSnapshot>,
     config: Arc<ServiceConfig>,
     dirty: bool,
-    /// What was last pushed and not rejected.
-    sent: Option<Held>,
-    /// What was last acknowledged.
-    acked: Option<Held>,
+    /// What the sidecar holds, or will once the pushes in flight land: what the next push
+    /// builds on. A NACK takes it back to what the sidecar last acknowledged.
+    held: Option<Held>,
     /// A full push of this version was rejected: do not send it again.
-    rejected: Option<u64>,
+    rejected_snapshot: Option<u64>,
     /// A push built on what the sidecar held was rejected: the next one carries everything.
     needs_full: bool,
     /// When the sidecar subscribed: a change older than that waited for the subscription, not
@@ -157,7 +140,8 @@ impl Subscription {
         self.endpoints.index.max(self.config.version)
     }
 
-    fn held_now(&self) -> Held {
+    /// What the sidecar holds once the service as it is now reaches it.
+    fn current(&self) -> Held {
         Held {
             version: self.version(),
             endpoints: Some(self.endpoints.index),
@@ -165,17 +149,6 @@ impl Subscription {
             policy: Some(self.config.policy_version),
         }
     }
-}
-
-struct InFlight {
-    nonce: String,
-    sent_at: Instant,
-    /// (service, what the push gave, whether it carried everything)
-    carried: Vec<(Arc<str>, Held, bool)>,
-    /// The trust bundle version it carried, if any.
-    bundle: Option<u64>,
-    /// The authorization version it carried, if any.
-    authorization: Option<u64>,
 }
 
 impl Session {
@@ -188,19 +161,17 @@ impl Session {
         config: SessionConfig,
         metrics: PushMetrics,
         record: Arc<SidecarRecord>,
-        held: HashMap<String, u64>,
+        hello_versions: HashMap<String, u64>,
         credentials: Credentials,
     ) -> Self {
         let own_watch = WatchStream::new(resources.watch(&record.service));
         Self {
             bundle_watch: WatchStream::new(bundle),
             bundle: None,
-            bundle_sent: None,
+            bundle_held: None,
             own_watch,
             own: None,
-            authorization_sent: None,
-            authorization_acked: None,
-            authorization_rejected: None,
+            authorization_held: None,
             credentials,
             id,
             registry,
@@ -208,7 +179,7 @@ impl Session {
             config,
             metrics,
             record,
-            held,
+            hello_versions,
             subscriptions: HashMap::new(),
             endpoint_watches: StreamMap::new(),
             config_watches: StreamMap::new(),
@@ -271,13 +242,13 @@ impl Session {
                 Some((service, snapshot)) = self.endpoint_watches.next() => self.endpoints_changed(&service, snapshot),
                 Some((service, config)) = self.config_watches.next() => self.config_changed(&service, config),
                 Some(bundle) = self.bundle_watch.next() => {
-                    if self.bundle_sent != Some(bundle.version) {
+                    if self.bundle_held != Some(bundle.version) {
                         self.dirty_since.get_or_insert_with(Instant::now);
                     }
                     self.bundle = Some(bundle);
                 }
                 Some(own) = self.own_watch.next() => {
-                    if self.authorization_sent != Some(own.authorization_version) {
+                    if self.authorization_held != Some(own.authorization_version) {
                         self.dirty_since.get_or_insert_with(Instant::now);
                     }
                     self.own = Some(own);
@@ -304,7 +275,7 @@ impl Session {
                     self.endpoint_watches.remove(service.as_str());
                     self.config_watches.remove(service.as_str());
                     self.subscriptions.remove(service.as_str());
-                    self.record.unsubscribed(&service);
+                    self.record.progress.unsubscribed(&service);
                 }
             }
             Some(sidecar_message::Message::Ack(ack)) => self.acked(&ack.nonce),
@@ -355,7 +326,7 @@ impl Session {
         let latest = endpoints.borrow().clone();
         let current_config = config.borrow().clone();
         let name = latest.name.clone();
-        let held = self.held.get(service).map(|&version| {
+        let held = self.hello_versions.get(service).map(|&version| {
             // Versions come from one counter: a held version newer than the service's config
             // can only be an endpoints index, and the config cannot have changed since.
             if current_config.version < version {
@@ -369,16 +340,15 @@ impl Session {
                 Held::version_only(version)
             }
         });
-        self.record.subscribed(&name, held);
+        self.record.progress.subscribed(&name, held);
         self.subscriptions.insert(
             name.clone(),
             Subscription {
                 endpoints: latest,
                 config: current_config,
                 dirty: true,
-                sent: held,
-                acked: held,
-                rejected: None,
+                held,
+                rejected_snapshot: None,
                 needs_full: false,
                 subscribed_at: Instant::now(),
             },
@@ -432,229 +402,6 @@ impl Session {
             Some(last) => dirty_since.max(last + self.config.max_delay),
             None => dirty_since,
         })
-    }
-
-    /// Builds one push of every dirty service whose version the sidecar does not hold.
-    fn build_push(&mut self) -> Option<v1::ControlMessage> {
-        self.dirty_since = None;
-        self.follow_dependencies();
-        let now = Instant::now();
-        let mut resources = Vec::new();
-        let mut carried = Vec::new();
-        for (name, subscription) in &mut self.subscriptions {
-            if !std::mem::take(&mut subscription.dirty) {
-                continue;
-            }
-            let version = subscription.version();
-            if subscription.sent.map(|h| h.version) == Some(version) || subscription.rejected == Some(version) {
-                continue;
-            }
-            let base = subscription.sent.filter(|_| !subscription.needs_full);
-            let (service_resources, full) = resources_for(name, subscription, base);
-            let kind = match &service_resources.endpoints {
-                Some(Endpoints::Delta(_)) => "delta",
-                Some(Endpoints::Snapshot(_)) => "snapshot",
-                None => "absent",
-            };
-            self.metrics.resources.get_or_create(&KindLabels { kind }).inc();
-            resources.push(service_resources);
-            let held = subscription.held_now();
-            carried.push((name.clone(), held, full));
-            subscription.sent = Some(held);
-            self.record.sent(name, held);
-            let due_since = subscription.endpoints.changed_at.max(subscription.subscribed_at);
-            self.metrics.propagation.observe(now.saturating_duration_since(due_since).as_secs_f64());
-        }
-        let trust_bundle = self.bundle.as_ref().filter(|b| self.bundle_sent != Some(b.version)).map(|b| (**b).clone());
-        let authorization = self
-            .own
-            .as_ref()
-            .filter(|own| {
-                self.authorization_sent != Some(own.authorization_version)
-                    && self.authorization_rejected != Some(own.authorization_version)
-            })
-            .map(|own| v1::AuthorizationUpdate {
-                policy: own.authorization.as_deref().cloned(),
-                version: own.authorization_version,
-            });
-        if resources.is_empty() && trust_bundle.is_none() && authorization.is_none() {
-            return None;
-        }
-        let bundle = trust_bundle.as_ref().map(|b| b.version);
-        if let Some(version) = bundle {
-            self.bundle_sent = Some(version);
-            self.record.bundle_sent(version);
-        }
-        let authorization_version = authorization.as_ref().map(|a| a.version);
-        if let Some(version) = authorization_version {
-            self.authorization_sent = Some(version);
-            self.record.authorization_sent(version);
-        }
-        self.next_nonce += 1;
-        let nonce = self.next_nonce.to_string();
-        self.last_push = Some(now);
-        self.in_flight.push_back(InFlight {
-            nonce: nonce.clone(),
-            sent_at: now,
-            carried,
-            bundle,
-            authorization: authorization_version,
-        });
-        while self.in_flight.len() > MAX_IN_FLIGHT {
-            self.in_flight.pop_front();
-        }
-        let push = v1::Push { nonce, resources, trust_bundle, authorization };
-        let message = v1::ControlMessage { message: Some(control_message::Message::Push(push)) };
-        self.metrics.pushes.inc();
-        self.metrics.bytes.inc_by(message.encoded_len() as u64);
-        Some(message)
-    }
-
-    fn take_in_flight(&mut self, nonce: &str) -> Option<InFlight> {
-        let position = self.in_flight.iter().position(|p| p.nonce == nonce)?;
-        // Answers come in order: anything older was answered already or lost with its answer.
-        self.in_flight.drain(..position);
-        self.in_flight.pop_front()
-    }
-
-    fn acked(&mut self, nonce: &str) {
-        let Some(push) = self.take_in_flight(nonce) else {
-            tracing::debug!(node = %self.record.node_id, nonce, "ACK for an unknown push");
-            return;
-        };
-        self.metrics.acks.inc();
-        self.metrics.ack_latency.observe(push.sent_at.elapsed().as_secs_f64());
-        if let Some(version) = push.bundle {
-            self.record.bundle_acked(version);
-        }
-        if let Some(version) = push.authorization {
-            self.authorization_acked = Some(version);
-            self.record.authorization_acked(version);
-        }
-        for (service, held, _) in push.carried {
-            if let Some(subscription) = self.subscriptions.get_mut(&service) {
-                subscription.acked = Some(held);
-                subscription.needs_full = false;
-                self.record.acked(&service, held);
-            }
-        }
-    }
-
-    fn nacked(&mut self, mut nack: v1::Nack) {
-        self.metrics.nacks.inc();
-        truncate(&mut nack.error, self.config.max_nack_bytes);
-        nack.services.truncate(MAX_IN_FLIGHT);
-        tracing::warn!(node = %self.record.node_id, nonce = %nack.nonce, error = %nack.error, "sidecar rejected a push");
-        let push = self.take_in_flight(&nack.nonce);
-        let versions = push.iter().flat_map(|p| p.carried.iter().map(|(s, held, _)| (s.to_string(), held.version))).collect();
-        let at_fault: HashSet<String> = nack.services.iter().cloned().collect();
-        self.record.nacked(v1::NackStatus {
-            nonce: nack.nonce,
-            error: nack.error,
-            at: Some(crate::registry::timestamp(std::time::SystemTime::now())),
-            versions,
-        });
-        // The bundle and the authorization policy go again; one the sidecar found fault with
-        // (a NACK naming no service) only once changed.
-        let whole = at_fault.is_empty();
-        if let Some(push) = &push {
-            if push.bundle.is_some() {
-                self.bundle_sent = None;
-            }
-            if let Some(version) = push.authorization {
-                self.authorization_sent = self.authorization_acked;
-                if whole {
-                    self.authorization_rejected = Some(version);
-                    self.record.authorization_rejected(version);
-                }
-            }
-        }
-        let Some(push) = push else {
-            // Too old to know what it carried: resend everything in full.
-            self.bundle_sent = None;
-            self.authorization_sent = self.authorization_acked;
-            for subscription in self.subscriptions.values_mut() {
-                subscription.sent = subscription.acked;
-                subscription.needs_full = true;
-                subscription.dirty = true;
-            }
-            self.dirty_since.get_or_insert_with(Instant::now);
-            return;
-        };
-        for (service, held, full) in push.carried {
-            let Some(subscription) = self.subscriptions.get_mut(&service) else { continue };
-            // A push is applied whole: the sidecar kept what it had acknowledged, and the
-            // resources that were fine are sent again.
-            subscription.sent = subscription.acked;
-            subscription.dirty = true;
-            if at_fault.is_empty() || at_fault.contains(&*service) {
-                self.record.rejected(&service, held);
-                if full {
-                    subscription.rejected = Some(held.version);
-                } else {
-                    subscription.needs_full = true;
-                }
-            }
-        }
-        self.dirty_since.get_or_insert_with(Instant::now);
-    }
-}
-
-/// The resources of one service for a sidecar holding `base` (everything when `None`), and
-/// whether they carry everything (nothing built on what the sidecar holds).
-fn resources_for(name: &Arc<str>, subscription: &Subscription, base: Option<Held>) -> (v1::ServiceResources, bool) {
-    let snapshot = &subscription.endpoints;
-    let config = &subscription.config;
-    let version = subscription.version();
-    let endpoints = match base {
-        _ if !snapshot.exists() => None,
-        Some(base) => match base.endpoints {
-            // Unchanged endpoints: an empty delta, so the route can move on its own.
-            Some(held) if held == snapshot.index => Some(Endpoints::Delta(v1::EndpointDelta {
-                base_version: base.version,
-                upserted: Vec::new(),
-                removed: Vec::new(),
-            })),
-            Some(held) => delta(snapshot, held, base.version),
-            None => None,
-        },
-        None => None,
-    }
-    .or_else(|| {
-        snapshot.exists().then(|| {
-            Endpoints::Snapshot(v1::Endpoints { endpoints: snapshot.instances.values().map(|i| i.to_endpoint()).collect() })
-        })
-    });
-    let route = (base.and_then(|b| b.route) != Some(config.route_version))
-        .then(|| v1::RouteUpdate { route: config.route.as_deref().cloned() });
-    let policy = (base.and_then(|b| b.policy) != Some(config.policy_version))
-        .then(|| v1::PolicyUpdate { policy: config.policy.as_deref().cloned() });
-    let full = base.is_none();
-    (v1::ServiceResources { service: name.to_string(), version, exists: snapshot.exists(), endpoints, route, policy }, full)
-}
-
-/// The endpoint changes since index `held`, as a delta from the service version `base_version`,
-/// when the change log reaches back that far and the delta is smaller than the whole set.
-fn delta(snapshot: &ServiceSnapshot, held: u64, base_version: u64) -> Option<Endpoints> {
-    let delta = snapshot.changes_since(held)?;
-    (delta.upserted.len() + delta.removed.len() < snapshot.instances.len()).then(|| {
-        Endpoints::Delta(v1::EndpointDelta {
-            base_version,
-            upserted: delta.upserted.iter().map(|i| i.to_endpoint()).collect(),
-            removed: delta.removed,
-        })
-    })
-}
-
-/// Cuts `text` to at most `max` bytes, on a character boundary, marked when cut.
-fn truncate(text: &mut String, max: usize) {
-    if text.len() > max {
-        let mut end = max.saturating_sub('…'.len_utf8());
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.push('…');
     }
 }
 

@@ -8,7 +8,7 @@ use std::{
 
 use ferry_proto::v1;
 
-use super::session::Held;
+use super::progress::{Held, Part, Progress, Versions};
 use crate::{
     ca::Authority,
     registry::{Registry, SessionId, timestamp},
@@ -31,26 +31,8 @@ pub struct SidecarRecord {
     pub connected_at: SystemTime,
     /// The id of the token the stream was opened with; empty without authentication.
     pub token_id: String,
-    progress: Mutex<Progress>,
-}
-
-#[derive(Default)]
-struct Progress {
-    /// Per subscribed service.
-    services: HashMap<Arc<str>, ServiceProgress>,
-    last_nack: Option<v1::NackStatus>,
-    /// The authorization policy of the sidecar's own service: versions sent, acknowledged,
-    /// rejected.
-    authorization: (u64, u64, u64),
-    /// The trust bundle versions sent and acknowledged.
-    bundle: (u64, u64),
-}
-
-#[derive(Default, Clone, Copy)]
-struct ServiceProgress {
-    sent: Option<Held>,
-    acked: Option<Held>,
-    rejected: Option<Held>,
+    /// How far its config has come; its session writes it.
+    pub(crate) progress: Progress,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -67,78 +49,34 @@ impl SidecarRecord {
         build: String,
         token_id: String,
     ) -> Self {
-        Self { node_id, service, instance_id, peer, build, connected_at: SystemTime::now(), token_id, progress: Mutex::default() }
-    }
-
-    pub(crate) fn authorization_sent(&self, version: u64) {
-        lock(&self.progress).authorization.0 = version;
-    }
-
-    pub(crate) fn authorization_acked(&self, version: u64) {
-        lock(&self.progress).authorization.1 = version;
-    }
-
-    pub(crate) fn authorization_rejected(&self, version: u64) {
-        lock(&self.progress).authorization.2 = version;
-    }
-
-    pub(crate) fn bundle_sent(&self, version: u64) {
-        lock(&self.progress).bundle.0 = version;
-    }
-
-    pub(crate) fn bundle_acked(&self, version: u64) {
-        lock(&self.progress).bundle.1 = version;
-    }
-
-    /// The trust bundle version the sidecar has acknowledged.
-    pub fn bundle_acknowledged(&self) -> u64 {
-        lock(&self.progress).bundle.1
-    }
-
-    pub(crate) fn subscribed(&self, service: &Arc<str>, held: Option<Held>) {
-        lock(&self.progress).services.insert(service.clone(), ServiceProgress { sent: held, acked: held, rejected: None });
-    }
-
-    pub(crate) fn unsubscribed(&self, service: &str) {
-        lock(&self.progress).services.remove(service);
-    }
-
-    pub(crate) fn sent(&self, service: &Arc<str>, held: Held) {
-        if let Some(entry) = lock(&self.progress).services.get_mut(service) {
-            entry.sent = Some(held);
+        Self {
+            node_id,
+            service,
+            instance_id,
+            peer,
+            build,
+            connected_at: SystemTime::now(),
+            token_id,
+            progress: Progress::default(),
         }
-    }
-
-    pub(crate) fn acked(&self, service: &Arc<str>, held: Held) {
-        if let Some(entry) = lock(&self.progress).services.get_mut(service) {
-            entry.acked = Some(held);
-        }
-    }
-
-    pub(crate) fn rejected(&self, service: &Arc<str>, held: Held) {
-        if let Some(entry) = lock(&self.progress).services.get_mut(service) {
-            entry.rejected = Some(held);
-        }
-    }
-
-    pub(crate) fn nacked(&self, nack: v1::NackStatus) {
-        lock(&self.progress).last_nack = Some(nack);
     }
 
     fn to_proto(&self, registry: &Registry, resources: &Resources, authority: &Authority) -> v1::SidecarStatus {
         let own = resources.config(&self.service);
         let issued = authority.issued(&self.node_id);
-        let progress = lock(&self.progress);
+        let progress = self.progress.snapshot();
         let mut subscriptions: Vec<_> = progress
             .services
             .iter()
             .map(|(service, p)| {
                 let config = resources.config(service);
-                let part = |current: u64, of: fn(&Held) -> Option<u64>| v1::ResourceProgress {
-                    current_version: current,
-                    sent_version: p.sent.as_ref().and_then(of).unwrap_or(0),
-                    acked_version: p.acked.as_ref().and_then(of).unwrap_or(0),
-                    rejected_version: p.rejected.as_ref().and_then(of).unwrap_or(0),
+                let part = |current: u64, of: fn(&Held) -> Option<u64>| {
+                    let versions = Versions {
+                        sent: p.sent.as_ref().and_then(of),
+                        acked: p.acked.as_ref().and_then(of),
+                        rejected: p.rejected.as_ref().and_then(of),
+                    };
+                    resource_progress(current, versions)
                 };
                 v1::SubscriptionStatus {
                     service: service.to_string(),
@@ -159,20 +97,25 @@ impl SidecarRecord {
             build: self.build.clone(),
             connected_at: Some(timestamp(self.connected_at)),
             subscriptions,
-            last_nack: progress.last_nack.clone(),
-            authorization: Some(v1::ResourceProgress {
-                current_version: own.authorization_version,
-                sent_version: progress.authorization.0,
-                acked_version: progress.authorization.1,
-                rejected_version: progress.authorization.2,
-            }),
-            trust_bundle_sent: progress.bundle.0,
-            trust_bundle_acked: progress.bundle.1,
+            last_nack: progress.last_nack,
+            authorization: Some(resource_progress(own.authorization_version, progress.authorization)),
+            trust_bundle_sent: progress.trust_bundle.sent.unwrap_or(0),
+            trust_bundle_acked: progress.trust_bundle.acked.unwrap_or(0),
             identity: issued.as_ref().map(|i| i.identity.clone()).unwrap_or_default(),
             certificate_serial: issued.as_ref().map(|i| i.serial.clone()).unwrap_or_default(),
             certificate_not_after: issued.map(|i| timestamp(i.not_after)),
             token_id: self.token_id.clone(),
         }
+    }
+}
+
+/// One part's progress as status shows it: 0 for what never happened.
+fn resource_progress(current: u64, versions: Versions<u64>) -> v1::ResourceProgress {
+    v1::ResourceProgress {
+        current_version: current,
+        sent_version: versions.sent.unwrap_or(0),
+        acked_version: versions.acked.unwrap_or(0),
+        rejected_version: versions.rejected.unwrap_or(0),
     }
 }
 
@@ -201,16 +144,12 @@ impl Sidecars {
 
     /// Whether every connected sidecar has acknowledged trust bundle `version` or a later one.
     pub fn all_trust(&self, version: u64) -> bool {
-        lock(&self.connected).values().all(|r| r.bundle_acknowledged() >= version)
+        lock(&self.connected).values().all(|r| r.progress.part(Part::TrustBundle).acked.unwrap_or(0) >= version)
     }
 
     /// The services of the sidecars subscribed to `service`: its callers now.
     pub fn callers(&self, service: &str) -> std::collections::BTreeSet<String> {
-        lock(&self.connected)
-            .values()
-            .filter(|r| lock(&r.progress).services.contains_key(service))
-            .map(|r| r.service.clone())
-            .collect()
+        lock(&self.connected).values().filter(|r| r.progress.subscribes_to(service)).map(|r| r.service.clone()).collect()
     }
 
     /// How many sidecars are connected.

@@ -24,13 +24,16 @@ use ferry_proto::{v1, validate::FieldError};
 use prost::Message;
 use tokio::{sync::watch, time::Instant};
 
+use self::lease::Lease;
 use crate::{
     index::Indexes,
     metrics::RegistryMetrics,
     store::{Store, StoreError, StoreWriter, Table, Write},
 };
 
+mod admission;
 mod instance;
+mod lease;
 mod snapshot;
 
 pub use self::{
@@ -127,16 +130,7 @@ struct ServiceEntry {
     tx: watch::Sender<Arc<ServiceSnapshot>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Lease {
-    Attached(SessionId),
-    /// The stream is gone; the instance is removed when the timer of this epoch fires.
-    Detached {
-        epoch: u64,
-    },
-}
-
-/// One mutation of an instance, applied by [`State::commit`].
+/// One mutation of an instance, applied by [`Registry::commit`].
 enum Mutation {
     Upsert(Box<Instance>),
     Remove,
@@ -275,9 +269,7 @@ impl Registry {
     pub async fn register(&self, spec: InstanceSpec) -> Result<Arc<Instance>, RegistryError> {
         let (instance, generation) = {
             let mut state = self.lock();
-            state.check_id(&spec)?;
-            state.check_check_ids(&spec)?;
-            self.check_limits(&state, &spec)?;
+            self.admit(&state, &spec)?;
             let existing = state.current(&spec.id);
             match existing {
                 Some(existing) if existing.node_id().is_some() => {
@@ -322,113 +314,6 @@ impl Registry {
         };
         self.writer.durable(generation, self.config.durable_timeout).await?;
         Ok(removed)
-    }
-
-    /// Registers the instance of a sidecar's app under a lease held by `session`.
-    ///
-    /// A sidecar that reconnects (same id) takes its instance back, cancelling its removal.
-    pub fn attach(
-        &self,
-        session: SessionId,
-        node_id: &str,
-        spec: InstanceSpec,
-        health: Health,
-    ) -> Result<Arc<Instance>, RegistryError> {
-        let mut state = self.lock();
-        state.check_id(&spec)?;
-        state.check_check_ids(&spec)?;
-        self.check_limits(&state, &spec)?;
-        let existing = state.current(&spec.id);
-        if let Some(existing) = &existing
-            && existing.node_id().is_none()
-        {
-            return Err(FieldError::new("id", format!("{:?} is registered through the API", spec.id)).into());
-        }
-        state.leases.insert(spec.id.clone(), Lease::Attached(session));
-        let origin = Origin::Sidecar { node_id: node_id.to_owned() };
-        match existing {
-            Some(existing) if existing.matches(&spec) && existing.origin == origin && existing.health == health => Ok(existing),
-            _ => {
-                let instance = Instance::new(spec, origin, health);
-                let key = instance_key(&instance);
-                let (instance, _) = self.commit(&mut state, Mutation::Upsert(Box::new(instance)), &key);
-                Ok(instance.expect("an upsert yields the instance"))
-            }
-        }
-    }
-
-    /// Refuses an instance beyond the registry's limits, naming the limit and its flag.
-    fn check_limits(&self, state: &State, spec: &InstanceSpec) -> Result<(), FieldError> {
-        let config = &self.config;
-        if spec.checks.len() > config.max_checks {
-            return Err(FieldError::new(
-                "checks",
-                format!("at most {} checks per instance (--max-checks), got {}", config.max_checks, spec.checks.len()),
-            ));
-        }
-        let metadata: usize = spec.metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
-        if metadata > config.max_metadata_bytes {
-            return Err(FieldError::new(
-                "metadata",
-                format!(
-                    "{metadata} bytes of keys and values; at most {} per instance (--max-metadata-bytes)",
-                    config.max_metadata_bytes
-                ),
-            ));
-        }
-        let Some(entry) = state.services.get(&spec.service) else { return Ok(()) };
-        let snapshot = entry.tx.borrow();
-        let existing = snapshot.instances.get(&spec.id);
-        if existing.is_none() && snapshot.instances.len() >= config.max_instances_per_service {
-            return Err(FieldError::new(
-                "service",
-                format!(
-                    "{} already has {} instances, the most one service may have (--max-instances-per-service)",
-                    spec.service,
-                    snapshot.instances.len()
-                ),
-            ));
-        }
-        let added = Instance::new(spec.clone(), Origin::Api, Health::Passing).endpoint_bytes();
-        let bytes = snapshot.encoded_bytes.saturating_sub(existing.map_or(0, |i| i.endpoint_bytes())) + added;
-        if bytes > config.max_push_bytes {
-            return Err(FieldError::new(
-                "service",
-                format!(
-                    "{}'s endpoints would take {bytes} bytes in a push, more than the {} sidecars accept (--max-push-bytes)",
-                    spec.service, config.max_push_bytes
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Ends `session`'s lease on instance `id`. With `goodbye` the instance is removed at once;
-    /// otherwise it turns critical and is removed after the reconnect grace period.
-    pub fn detach(&self, session: SessionId, id: &str, goodbye: bool) {
-        let mut state = self.lock();
-        if state.leases.get(id) != Some(&Lease::Attached(session)) {
-            return; // A newer stream holds the lease, or the instance was deregistered.
-        }
-        let Some(existing) = state.current(id) else {
-            state.leases.remove(id);
-            return;
-        };
-        let key = (existing.service.clone(), id.to_owned());
-        if goodbye {
-            state.leases.remove(id);
-            self.commit(&mut state, Mutation::Remove, &key);
-            return;
-        }
-        let epoch = state.new_epoch();
-        state.leases.insert(id.to_owned(), Lease::Detached { epoch });
-        if existing.health != Health::Critical {
-            let mut instance = (*existing).clone();
-            instance.health = Health::Critical;
-            self.commit(&mut state, Mutation::Upsert(Box::new(instance)), &key);
-        }
-        drop(state);
-        self.expire_later(id.to_owned(), epoch);
     }
 
     /// Sets the health of instance `id`, bumping its service's index only on a change.
@@ -511,29 +396,6 @@ impl Registry {
     /// Waits until every change so far is durable, for a clean shutdown.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.writer.flush(self.config.durable_timeout).await
-    }
-
-    fn expire_later(&self, id: String, epoch: u64) {
-        let registry = self.this.clone();
-        let grace = self.config.reconnect_grace;
-        tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            if let Some(registry) = registry.upgrade() {
-                registry.expire(&id, epoch);
-            }
-        });
-    }
-
-    fn expire(&self, id: &str, epoch: u64) {
-        let mut state = self.lock();
-        if state.leases.get(id) != Some(&Lease::Detached { epoch }) {
-            return; // The sidecar came back, or the instance is gone already.
-        }
-        state.leases.remove(id);
-        if let Some(existing) = state.current(id) {
-            tracing::info!(id, service = %existing.service, "removing instance: its sidecar did not reconnect");
-            self.commit(&mut state, Mutation::Remove, &(existing.service.clone(), id.to_owned()));
-        }
     }
 
     /// Applies one mutation: new index, new snapshot for watchers, write-behind to the store.
@@ -621,32 +483,6 @@ impl State {
     fn current(&self, id: &str) -> Option<Arc<Instance>> {
         let service = self.ids.get(id)?;
         self.services.get(service)?.tx.borrow().instances.get(id).cloned()
-    }
-
-    /// Refuses an id that another service already uses.
-    fn check_id(&self, spec: &InstanceSpec) -> Result<(), FieldError> {
-        match self.ids.get(&spec.id) {
-            Some(service) if *service != spec.service => {
-                Err(FieldError::new("id", format!("{:?} is already registered for service {service:?}", spec.id)))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Refuses check ids that another instance already uses.
-    fn check_check_ids(&self, spec: &InstanceSpec) -> Result<(), FieldError> {
-        for (i, check) in spec.checks.iter().enumerate() {
-            match self.check_owners.get(&check.id) {
-                Some(owner) if *owner != spec.id => {
-                    return Err(FieldError::new(
-                        format!("checks[{i}].id"),
-                        format!("{:?} is already a check of instance {owner:?}", check.id),
-                    ));
-                }
-                _ => {}
-            }
-        }
-        Ok(())
     }
 
     /// Forgets services that have no instances and no watchers, now and then, so that
