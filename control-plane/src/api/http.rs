@@ -16,14 +16,21 @@
 //! Errors answer `{"error": "...", "field": "..."}` with 400, 404 or 503; a missing or unknown
 //! token 401, a token without the right 403. Every path but `/metrics` and `/ready` needs a
 //! token (see [`crate::auth`]).
+//!
+//! Every request runs in a tracing span that names its method and path (never its headers, which
+//! carry tokens). JSON answers of a kilobyte or more are gzipped for clients that send
+//! `accept-encoding: gzip`: a service with thousands of instances shrinks several times over.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use axum::{
     Extension, Json, Router,
     body::Bytes,
-    extract::{Path, Query, State},
-    http::{HeaderValue, StatusCode, header},
+    extract::{
+        DefaultBodyLimit, Path, Query, State,
+        rejection::{BytesRejection, FailedToBufferBody},
+    },
+    http::{Extensions, HeaderMap, HeaderValue, StatusCode, Version, header},
     middleware::Next,
     response::{IntoResponse, Response},
     routing::{get, put},
@@ -32,6 +39,15 @@ use ferry_health::Health;
 use ferry_proto::{v1, validate};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+use tower_http::{
+    compression::{
+        CompressionLayer,
+        predicate::{Predicate, SizeAbove},
+    },
+    trace::{DefaultMakeSpan, TraceLayer},
+};
+use tracing::Level;
 
 use super::{Filter, instances_response, services_response};
 use crate::{
@@ -48,6 +64,10 @@ const DEFAULT_WAIT: Duration = Duration::from_secs(300);
 const MAX_WAIT: Duration = Duration::from_secs(600);
 /// The most blocking queries held at once; past that they are refused, to be retried.
 pub const MAX_BLOCKING_QUERIES: usize = 10_000;
+/// The largest output a TTL renewal may carry.
+const MAX_TTL_OUTPUT_BYTES: usize = 4096;
+/// JSON answers smaller than this are sent as they are: gzip would save next to nothing.
+const MIN_COMPRESSED_BYTES: u16 = 1024;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -67,12 +87,12 @@ pub struct HttpState {
 /// The API's router: every route behind the token check of `auth`.
 pub fn router(state: HttpState, security: super::security::SecurityService, auth: Auth) -> Router {
     let resources = super::config::router(state.resources.clone(), state.sidecars.clone());
-    Router::new()
+    let routes = Router::new()
         .route("/v1/services", get(list_services))
         .route("/v1/services/{name}", get(list_instances))
         .route("/v1/instances", put(register))
         .route("/v1/instances/{id}", get(instance).delete(deregister))
-        .route("/v1/checks/{id}/{status}", put(update_ttl))
+        .route("/v1/checks/{id}/{status}", put(update_ttl).layer(DefaultBodyLimit::max(MAX_TTL_OUTPUT_BYTES)))
         .route("/v1/sidecars", get(sidecars))
         .route("/metrics", get(metrics))
         .route("/ready", get(|| async { "ready\n" }))
@@ -81,8 +101,26 @@ pub fn router(state: HttpState, security: super::security::SecurityService, auth
         })
         .with_state(state)
         .merge(resources)
-        .merge(super::security::router(security))
-        .layer(axum::middleware::from_fn_with_state(auth, authenticate))
+        .merge(super::security::router(security));
+    edge(routes, auth)
+}
+
+/// What every request passes through before its route, outermost first: a tracing span, gzip
+/// for large JSON answers, and the token check.
+fn edge(routes: Router, auth: Auth) -> Router {
+    routes.layer(
+        ServiceBuilder::new()
+            // The span gives handler events their request; the layer's own events (each request
+            // and answer, 5xx answers among them) are debug, so nothing is logged twice at info.
+            .layer(TraceLayer::new_for_http().make_span_with(DefaultMakeSpan::new().level(Level::INFO)).on_failure(()))
+            .layer(CompressionLayer::new().compress_when(SizeAbove::new(MIN_COMPRESSED_BYTES).and(is_json)))
+            .layer(axum::middleware::from_fn_with_state(auth, authenticate)),
+    )
+}
+
+/// Whether an answer is JSON, the one kind of answer that grows large.
+fn is_json(_: StatusCode, _: Version, headers: &HeaderMap, _: &Extensions) -> bool {
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"))
 }
 
 /// Paths anyone may read: scrapers and load balancers carry no token.
@@ -291,7 +329,7 @@ async fn update_ttl(
     State(state): State<HttpState>,
     Extension(principal): Extension<Principal>,
     Path((id, status)): Path<(String, String)>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<v1::Check>, ApiError> {
     validate::instance_id("id", &id).map_err(ApiError::bad_request)?;
     match state.registry.check_owner(&id) {
@@ -311,9 +349,17 @@ async fn update_ttl(
             )));
         }
     };
-    if body.len() > 4096 {
-        return Err(ApiError::bad_request(validate::FieldError::new("body", "the output must be at most 4096 bytes")));
-    }
+    // The route's body limit stops reading past the most an output may be.
+    let body = match body {
+        Ok(body) => body,
+        Err(BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(_))) => {
+            let why = format!("the output must be at most {MAX_TTL_OUTPUT_BYTES} bytes");
+            return Err(ApiError::bad_request(validate::FieldError::new("body", why)));
+        }
+        Err(rejection) => {
+            return Err(ApiError { status: rejection.status(), error: rejection.body_text(), field: None });
+        }
+    };
     let output = String::from_utf8_lossy(&body).trim().to_owned();
     let check = state.checks.ttl(&id, status, output).await.map_err(|failure| {
         let error = failure.to_string();
@@ -341,3 +387,6 @@ async fn metrics(State(state): State<HttpState>) -> Response {
     }
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
 }
+
+#[cfg(test)]
+mod tests;
