@@ -14,12 +14,13 @@
 //! [`Authority::retire`] drops the old roots, refusing while a connected sidecar still holds a
 //! leaf from an older issuer.
 
+use ferry_runtime::lock;
 use std::{
     collections::HashMap,
     io::Write as _,
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
@@ -105,10 +106,6 @@ pub struct Authority {
     state: Mutex<Stored>,
     bundle: watch::Sender<Arc<v1::TrustBundle>>,
     issued: Mutex<HashMap<String, IssuedLeaf>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Authority {

@@ -119,7 +119,7 @@ impl HealthChecks {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Supervised>> {
-        self.running.lock().unwrap_or_else(|p| p.into_inner())
+        ferry_runtime::lock(&self.running)
     }
 
     /// Refuses checks this control plane will not run: scripts unless enabled, and probes of

@@ -9,6 +9,16 @@ use std::{ffi::OsString, io::IsTerminal, net::SocketAddr, process::ExitCode};
 
 use clap::Parser;
 
+pub mod backoff;
+pub mod rng;
+
+/// Locks `mutex`, whether or not a panic elsewhere poisoned it: every critical section in Ferry
+/// leaves its data consistent at each step, and one failed request must not stop the others.
+/// The one lock idiom of the workspace.
+pub fn lock<T: ?Sized>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The exit status of a bad command line or config (`EX_USAGE`).
 pub const EXIT_USAGE: u8 = 64;
 

@@ -6,9 +6,10 @@
 //! a rejected push leaves the last good config untouched. A config saved in `--state-dir` is
 //! restored here too, only into services the control plane has not answered for.
 
+use ferry_runtime::lock;
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex},
 };
 
 use ferry_health::Health;
@@ -68,10 +69,6 @@ pub struct Catalog {
     /// Counts the pushes applied, for whoever keeps a copy of the config.
     applied: watch::Sender<u64>,
     max_services: usize,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl ServiceConfig {

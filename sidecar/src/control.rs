@@ -145,6 +145,13 @@ impl ConfigSource {
 }
 
 impl ControlState {
+    /// Brings the gauges computed from the control stream's state up to date, before a scrape.
+    pub fn export(&self, metrics: &crate::metrics::Metrics) {
+        let age = self.config_age(std::time::SystemTime::now()).map_or(f64::INFINITY, |age| age.as_secs_f64());
+        metrics.config_age_seconds.set(age);
+        metrics.config_from_state_dir.set(i64::from(matches!(self.config_source, ConfigSource::StateDir { .. })));
+    }
+
     /// How old the config may be: zero while the stream is up (the control plane would have
     /// pushed any change), otherwise the time since the last contact, or, for a config from the
     /// state dir, since the file was written. `None` with no config at all.
@@ -239,11 +246,9 @@ pub async fn run(
     }
 }
 
-/// Full-jitter exponential backoff: a random delay up to `base * 2^(attempt-1)`, capped.
+/// The wait before reconnecting after `attempt` failures in a row.
 fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
-    let ceiling = base.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(16))).min(max);
-    let millis = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX).max(1);
-    Duration::from_millis(rand::random_range(millis / 4..=millis))
+    ferry_runtime::backoff::Backoff::new(base, max).delay(attempt)
 }
 
 fn message(message: sidecar_message::Message) -> v1::SidecarMessage {

@@ -188,19 +188,39 @@ pub fn reason(error: &(dyn StdError + 'static)) -> Reason {
 pub fn synthetic_response(error: &BoxError, grpc: bool) -> Response<Body> {
     let reason = reason(error.as_ref());
     let sentence = format!("{}: {}", reason.code, ferry_runtime::error_chain(error.as_ref()));
-    let header_value = HeaderValue::from_str(&visible_ascii(&sentence)).unwrap_or(HeaderValue::from_static(reason.code));
+    status_response(reason.status, reason.grpc, &sentence, grpc, reason.code)
+}
+
+/// The gRPC status a caller gets for an HTTP status the sidecar answers on its own (an
+/// injected fault's), after gRPC's own mapping of HTTP statuses.
+pub fn grpc_code_of(status: StatusCode) -> u8 {
+    match status.as_u16() {
+        400 => INTERNAL,
+        401 => 16,
+        403 => PERMISSION_DENIED,
+        404 => UNIMPLEMENTED,
+        429 | 502..=504 => UNAVAILABLE,
+        _ => 2,
+    }
+}
+
+/// Every answer the sidecar makes on its own: `status` with `sentence` as its body and in
+/// `x-ferry-error`, or for a gRPC caller a trailers-only `grpc_code` with the sentence as its
+/// message. `code` stands in for the sentence where it cannot be a header value.
+pub fn status_response(status: StatusCode, grpc_code: u8, sentence: &str, grpc: bool, code: &'static str) -> Response<Body> {
+    let header_value = HeaderValue::from_str(&visible_ascii(sentence)).unwrap_or(HeaderValue::from_static(code));
     let mut response = if grpc {
         let mut response = Response::new(crate::http::empty());
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        headers.insert("grpc-status", HeaderValue::from(u16::from(reason.grpc)));
-        if let Ok(message) = HeaderValue::from_str(&percent_encode(&sentence)) {
+        headers.insert("grpc-status", HeaderValue::from(u16::from(grpc_code)));
+        if let Ok(message) = HeaderValue::from_str(&percent_encode(sentence)) {
             headers.insert("grpc-message", message);
         }
         response
     } else {
         let mut response = Response::new(full(format!("{sentence}\n")));
-        *response.status_mut() = reason.status;
+        *response.status_mut() = status;
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
         response
     };

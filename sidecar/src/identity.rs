@@ -117,13 +117,12 @@ fn due(mesh: &Mesh, now: SystemTime) -> SystemTime {
 /// A random delay up to `max`.
 fn jitter(max: Duration) -> Duration {
     let millis = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
-    Duration::from_millis(if millis == 0 { 0 } else { rand::random_range(0..=millis) })
+    Duration::from_millis(ferry_runtime::rng::range(0..=millis))
 }
 
-/// Full-jitter backoff for the `attempt`-th failure in a row.
+/// The wait before asking again after `attempt` failures in a row.
 fn backoff(attempt: u32) -> Duration {
-    let ceiling = RETRY_BASE.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(16))).min(RETRY_MAX);
-    ceiling / 4 + jitter(ceiling * 3 / 4)
+    ferry_runtime::backoff::Backoff::new(RETRY_BASE, RETRY_MAX).delay(attempt)
 }
 
 /// One CSR, signed.

@@ -6,9 +6,10 @@
 //! protocol on the calling side, each requiring the identity the control plane said the
 //! endpoint has.
 
+use ferry_runtime::lock;
 use std::{
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::SystemTime,
@@ -75,10 +76,6 @@ pub struct Renewal {
     /// Why the last attempt failed, if it did.
     pub last_error: Option<String>,
     pub renewals: u64,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn seconds(time: SystemTime) -> u64 {

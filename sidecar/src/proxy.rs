@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use crate::{
     errors::{self, FERRY_ERROR},
     http::{Body, BoxError, boxed, strip_hop_by_hop},
-    metrics::{Metrics, RouteLabel},
+    metrics::{RouteLabel, ServiceMetrics},
 };
 
 /// The request as it goes on to the next hop.
@@ -45,9 +45,8 @@ fn status_label(response: &Response<Body>, result_was_error: Option<&'static str
 
 /// Turns the result of a forwarded request into the response the client sees, and counts it.
 pub fn respond(
-    metrics: &Metrics,
+    metrics: &ServiceMetrics,
     direction: &'static str,
-    service: Arc<str>,
     grpc: bool,
     started: Instant,
     result: Result<Response<Body>, BoxError>,
@@ -62,11 +61,11 @@ pub fn respond(
         Ok(response) => (returnable(response), None),
         Err(error) => {
             let reason = errors::reason(error.as_ref());
-            tracing::debug!(direction, %service, error = %error, reason = reason.code, "request failed");
+            tracing::debug!(direction, service = %metrics.service(), error = %error, reason = reason.code, "request failed");
             (errors::synthetic_response(&error, grpc), Some(reason.code))
         }
     };
     debug_assert!(synthetic.is_none() || response.headers().contains_key(FERRY_ERROR));
-    metrics.record(direction, service, route, status_label(&response, synthetic), started.elapsed());
+    metrics.record(&route, status_label(&response, synthetic), started.elapsed());
     response
 }

@@ -185,6 +185,7 @@ impl Sidecar {
                 gateway: config.gateway.then(|| Arc::from(config.service.as_str())),
                 zone: (!config.zone.is_empty()).then(|| Arc::from(config.zone.as_str())),
                 balance_metrics: metrics.balance.clone(),
+                runtime: tokio::runtime::Handle::current(),
             },
             metrics.clone(),
         );

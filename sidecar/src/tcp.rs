@@ -282,7 +282,7 @@ impl TcpUpstream {
 
 impl Shared {
     fn lock_open(&self) -> MutexGuard<'_, Open> {
-        self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        ferry_runtime::lock(&self.open)
     }
 
     /// The service's config, if the control plane has sent one.

@@ -5,10 +5,11 @@
 //! written to `<data-dir>/admin.token` (mode 0600), or `--bootstrap-token` sets that secret.
 //! Revoking a token ends the config streams opened with it.
 
+use ferry_runtime::lock;
 use std::{
     collections::HashMap,
     path::Path,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
@@ -137,10 +138,6 @@ impl Stored {
             description: self.description.clone(),
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Tokens {

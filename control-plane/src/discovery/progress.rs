@@ -72,7 +72,7 @@ pub(crate) struct Progress {
 
 impl Progress {
     fn lock(&self) -> MutexGuard<'_, ProgressSnapshot> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        ferry_runtime::lock(&self.state)
     }
 
     /// The sidecar subscribed to `service`, holding `held` of it already (from its Hello).

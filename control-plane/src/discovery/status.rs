@@ -1,8 +1,9 @@
 //! What `ferryctl status` shows: the connected sidecars and how far each one's config has come.
 
+use ferry_runtime::lock;
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex},
     time::SystemTime,
 };
 
@@ -33,10 +34,6 @@ pub struct SidecarRecord {
     pub token_id: String,
     /// How far its config has come; its session writes it.
     pub(crate) progress: Progress,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl SidecarRecord {

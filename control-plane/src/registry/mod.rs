@@ -210,7 +210,7 @@ impl Registry {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        ferry_runtime::lock(&self.state)
     }
 
     /// A new identity for a sidecar stream.

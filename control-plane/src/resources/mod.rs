@@ -192,7 +192,7 @@ impl Resources {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        ferry_runtime::lock(&self.state)
     }
 
     /// The config of `service` now and after every change.

@@ -17,13 +17,13 @@ pub struct MemoryStore {
 
 impl Store for MemoryStore {
     fn load(&self, table: Table) -> BoxFuture<'_, Result<Rows, StoreError>> {
-        let tables = self.tables.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let tables = ferry_runtime::lock(&self.tables);
         let rows = tables.get(&table).map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
         futures::future::ready(Ok(rows)).boxed()
     }
 
     fn apply(&self, batch: Vec<Write>) -> BoxFuture<'_, Result<(), StoreError>> {
-        let mut tables = self.tables.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut tables = ferry_runtime::lock(&self.tables);
         for write in batch {
             let table = tables.entry(write.table).or_default();
             match write.value {
@@ -35,7 +35,7 @@ impl Store for MemoryStore {
     }
 
     fn create(&self, table: Table, key: String, value: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, StoreError>> {
-        let mut tables = self.tables.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut tables = ferry_runtime::lock(&self.tables);
         let held = tables.entry(table).or_default().entry(key).or_insert(value).clone();
         futures::future::ready(Ok(held)).boxed()
     }

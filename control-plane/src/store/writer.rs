@@ -6,6 +6,7 @@
 //! earlier ones that are not yet committed; callers that must know a write is durable (API
 //! registrations) wait for its generation. Failed commits are retried with backoff, never dropped.
 
+use ferry_runtime::lock;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -83,10 +84,6 @@ impl StoreWriter {
     pub async fn flush(&self, limit: Duration) -> Result<(), StoreError> {
         self.durable(self.pending(), limit).await
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 async fn run(store: Arc<dyn Store>, shared: Arc<Shared>) {

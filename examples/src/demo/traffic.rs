@@ -5,11 +5,12 @@
 //! A request counts in the window it was sent in, so a scenario is judged only on requests sent
 //! after it took effect.
 
+use ferry_runtime::lock;
 use std::{
     collections::{BTreeMap, VecDeque},
     net::SocketAddr,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -31,10 +32,6 @@ const LATENCIES: usize = 2000;
 
 /// The HTTP client of the driver and the readiness checks.
 pub type HttpClient = Client<HttpConnector, Empty<Bytes>>;
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// What the driver has seen.
 #[derive(Default)]

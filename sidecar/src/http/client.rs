@@ -24,10 +24,11 @@
 //! that closed before the request was written, which is retried once on a fresh connection) or
 //! failed after it was sent ([`UpstreamError`]), because only the first is always safe to retry.
 
+use ferry_runtime::lock;
 use std::{
     fmt, io,
     sync::{
-        Arc, Mutex, MutexGuard, Weak,
+        Arc, Mutex, Weak,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
@@ -214,10 +215,6 @@ impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client").field("address", &self.inner.target.address).finish()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Client {

@@ -7,9 +7,10 @@
 //! shared state when that copy is dropped. A retry is only possible while the body kept fits the
 //! bound and the previous attempt has given the rest of the body back (or it ended).
 
+use ferry_runtime::lock;
 use std::{
     pin::Pin,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex},
     task::{Context, Poll},
 };
 
@@ -40,10 +41,6 @@ struct Shared {
     body: Option<Body>,
     ended: bool,
     trailers: Option<HeaderMap>,
-}
-
-fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
-    shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl ReplayBody {

@@ -196,7 +196,7 @@ where
 
 /// Relays an opaque TCP connection to the app, if the caller may make it.
 async fn relay(shared: &Shared, mut tls: tokio_rustls::server::TlsStream<TcpStream>, addr: SocketAddr, peer: Peer) {
-    let service = &shared.inbound.service;
+    let service = shared.inbound.service();
     let decision = authorize(&shared.mesh, &shared.metrics, service, &peer, &AuthzRequest::Tcp);
     if !decision.allowed() {
         tracing::info!(%addr, caller = %peer.describe(), because = %decision.because(), "closed a TCP connection the authorization policy refuses");

@@ -19,27 +19,21 @@ use std::{
     time::Instant,
 };
 
-use ferry_proto::{
-    authz::{Caller, Decision, Request as AuthzRequest},
-    matching::RequestInfo,
-};
-use futures::{FutureExt, future::BoxFuture};
-use http::{HeaderName, HeaderValue, Request, Response};
+use ferry_proto::authz::{Caller, Decision, Request as AuthzRequest};
+use http::{HeaderName, Request, Response};
 use hyper::body::Incoming;
-use tower::Service;
+use tower::{Service, ServiceExt, util::Oneshot};
 
 use crate::{
-    errors::{AppFailed, AppUnreachable, FERRY_ERROR, Forbidden, is_grpc},
-    http::{
-        Body, BoxError, Guarded, boxed,
-        client::{Client, ConnectError},
-    },
+    errors::is_grpc,
+    http::{Body, Guarded, boxed, client::Client},
     mesh::Mesh,
-    metrics::{AuthzLabels, Metrics},
+    metrics::{AuthzLabels, Metrics, ServiceMetrics},
     proxy::{forwardable, respond},
 };
 
 pub mod listener;
+pub mod stack;
 
 /// Where an app's own `x-ferry-error` goes, so that the header always means this sidecar.
 pub const UPSTREAM_ERROR: &str = "x-ferry-upstream-error";
@@ -90,14 +84,13 @@ pub fn authorize(mesh: &Mesh, metrics: &Metrics, service: &Arc<str>, peer: &Peer
     decision
 }
 
-/// The inbound proxy service. Cheap to clone.
+/// The inbound proxy service: the edge over the [`stack`]. Cheap to clone.
 #[derive(Clone)]
 pub struct Inbound {
     app: Client,
-    service: Arc<str>,
-    metrics: Metrics,
+    stack: stack::InboundStack,
+    requests: ServiceMetrics,
     in_flight: InFlight,
-    mesh: Mesh,
 }
 
 /// Counts the inbound requests not answered yet, so a drain can tell when nothing is pending.
@@ -128,66 +121,63 @@ impl Inbound {
     /// Forwards to the app behind `app` what `mesh`'s authorization policy allows; `service`
     /// labels the metrics.
     pub fn new(app: Client, service: Arc<str>, metrics: Metrics, in_flight: InFlight, mesh: Mesh) -> Self {
-        Self { app, service, metrics, in_flight, mesh }
+        let requests = metrics.service("inbound", service.clone());
+        let stack = stack::inbound(app.clone(), service, mesh, metrics);
+        Self { app, stack, requests, in_flight }
+    }
+
+    /// The service of the app.
+    pub fn service(&self) -> &Arc<str> {
+        self.requests.service()
     }
 
     /// The app's address, for connections relayed byte for byte.
     pub fn app(&self) -> &Client {
         &self.app
     }
-
-    async fn forward(&self, mut request: Request<Incoming>, in_flight: InFlightGuard) -> Result<Response<Body>, BoxError> {
-        let peer = request.extensions_mut().remove::<Peer>().unwrap_or_default();
-        let info = RequestInfo::of(request.method(), request.uri(), request.headers());
-        let decision = authorize(&self.mesh, &self.metrics, &self.service, &peer, &AuthzRequest::Http(info));
-        if !decision.allowed() {
-            return Err(Box::new(Forbidden {
-                caller: peer.describe(),
-                service: self.service.clone(),
-                because: decision.because(),
-                version: decision.version,
-            }));
-        }
-        // Only this sidecar says who calls.
-        let headers = request.headers_mut();
-        headers.remove(&PEER_IDENTITY);
-        if let Some(identity) = &peer.0
-            && let Ok(value) = HeaderValue::from_str(&identity.to_string())
-        {
-            headers.insert(PEER_IDENTITY, value);
-        }
-        match self.app.send(forwardable(request)).await {
-            // In flight until the whole body is sent, so a drain does not cut a stream short.
-            Ok(mut response) => {
-                if let Some(relayed) = response.headers_mut().remove(FERRY_ERROR) {
-                    response.headers_mut().insert(UPSTREAM_ERROR, relayed);
-                }
-                Ok(response.map(|body| boxed(Guarded::new(body, in_flight))))
-            }
-            Err(error) if error.is::<ConnectError>() => Err(Box::new(AppUnreachable(error))),
-            Err(error) => Err(Box::new(AppFailed(error))),
-        }
-    }
 }
 
 impl Service<Request<Incoming>> for Inbound {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let this = self.clone();
-        let in_flight = self.in_flight.enter();
-        async move {
-            let started = Instant::now();
-            let grpc = is_grpc(request.headers());
-            let result = this.forward(request, in_flight).await;
-            Ok(respond(&this.metrics, "inbound", this.service.clone(), grpc, started, result))
+    fn call(&mut self, request: Request<Incoming>) -> ResponseFuture {
+        ResponseFuture {
+            in_flight: Some(self.in_flight.enter()),
+            started: Instant::now(),
+            grpc: is_grpc(request.headers()),
+            // The stack is always ready (see `stack`).
+            call: self.stack.clone().oneshot(forwardable(request)),
+            requests: self.requests.clone(),
         }
-        .boxed()
+    }
+}
+
+/// The response of the [`Inbound`] edge: the stack's, or its error made a response, counted.
+#[pin_project::pin_project]
+pub struct ResponseFuture {
+    #[pin]
+    call: Oneshot<stack::InboundStack, Request<Body>>,
+    in_flight: Option<InFlightGuard>,
+    requests: ServiceMetrics,
+    grpc: bool,
+    started: Instant,
+}
+
+impl std::future::Future for ResponseFuture {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.call.poll(cx));
+        // In flight until the whole body is sent, so a drain does not cut a stream short.
+        let in_flight = this.in_flight.take();
+        let result = result.map(|response| response.map(|body| boxed(Guarded::new(body, in_flight))));
+        Poll::Ready(Ok(respond(this.requests, "inbound", *this.grpc, *this.started, result)))
     }
 }

@@ -15,16 +15,16 @@ pub struct Tried(Arc<Mutex<SmallVec<[Arc<str>; 3]>>>);
 impl Tried {
     /// Records that the request went to `endpoint`.
     pub fn record(&self, endpoint: Arc<str>) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(endpoint);
+        ferry_runtime::lock(&self.0).push(endpoint);
     }
 
     /// Whether the request already went to `endpoint`.
     pub fn contains(&self, endpoint: &str) -> bool {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|e| &**e == endpoint)
+        ferry_runtime::lock(&self.0).iter().any(|e| &**e == endpoint)
     }
 
     /// The endpoints tried, in order.
     pub fn endpoints(&self) -> Vec<Arc<str>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).to_vec()
+        ferry_runtime::lock(&self.0).to_vec()
     }
 }

@@ -61,7 +61,7 @@ impl RetryBudget {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = ferry_runtime::lock(&self.state);
         state.advance(Instant::now());
         state
     }

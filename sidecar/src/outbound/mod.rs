@@ -2,8 +2,8 @@
 //!
 //! The app sends HTTP to the outbound listener, naming the service in the authority (HTTP proxy
 //! mode or `Host`), or to a per-upstream local port (`--upstream catalog=127.0.0.1:9001`). Each
-//! destination gets its stack built once and cached: a [`Balance`] over the service's endpoints,
-//! each endpoint a pooled [`Client`]. Route, retry and split layers go between the two.
+//! destination service gets its stack built once and cached (see [`stack`] for the layers, in
+//! the order a request meets them), with the handles of its request metrics.
 
 use std::{
     collections::HashMap,
@@ -14,36 +14,39 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use futures::{FutureExt, future::BoxFuture};
+use futures::future::Either;
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
-use tower::Service;
+use tower::{Service, ServiceExt, util::Oneshot};
 
 use crate::{
     catalog::Catalog,
-    errors::{ResponseTimeout, Unsupported, is_grpc},
-    http::{
-        Body, BoxError,
-        client::{Client, ClientConfig},
-    },
-    metrics::Metrics,
+    errors::{Unsupported, is_grpc},
+    http::{Body, BoxError, client::ClientConfig},
+    metrics::{Metrics, ServiceMetrics},
     proxy::{forwardable, respond},
 };
 
 pub mod attempt;
 pub mod balance;
+pub mod breaker;
 pub mod budget;
-pub mod guard;
-pub mod limit;
+pub mod deadline;
+pub mod endpoint;
+pub mod fault;
+pub mod mirror;
 pub mod policy;
+pub mod protection;
 pub mod retry;
 pub mod route;
 pub mod router;
+pub mod split;
+pub mod stack;
 pub mod target;
 
 pub use self::{
     balance::{Balance, BalanceMetrics},
-    guard::Guards,
+    protection::Protections,
     router::Router,
 };
 
@@ -60,58 +63,19 @@ pub struct OutboundConfig {
     /// This sidecar's zone: its balancers prefer endpoints there.
     pub zone: Option<Arc<str>>,
     pub balance_metrics: BalanceMetrics,
+    /// Where background work (route compilation, balancer rebuilds) runs: the main runtime,
+    /// off the data path's workers.
+    pub runtime: tokio::runtime::Handle,
 }
 
-/// One endpoint's client as a tower service: over mTLS to a peer sidecar that proves the
-/// identity the control plane gave it, in plaintext to anything else.
-#[derive(Clone, Debug)]
-pub struct EndpointService {
-    client: Client,
+/// One destination service: its stack, its router (for the admin API), and the handles of
+/// its request metrics. Cheap to clone.
+#[derive(Clone)]
+pub struct Destination {
+    stack: stack::DestinationStack,
+    router: Router,
+    metrics: ServiceMetrics,
 }
-
-impl EndpointService {
-    /// A service sending to `target`'s endpoint.
-    pub fn new(target: &balance::Target, mut config: ClientConfig) -> Self {
-        if let Some(timeout) = target.connect_timeout {
-            config.connect_timeout = timeout;
-        }
-        let endpoint = &target.endpoint;
-        Self { client: Client::with_identity(endpoint.address.clone(), endpoint.port, config, endpoint.identity.clone()) }
-    }
-}
-
-/// Where an untrusted upstream's `x-ferry-error` goes: only a peer sidecar, verified by mTLS,
-/// may tell this sidecar why a request failed (and so whether it may be retried).
-fn distrust(response: &mut Response<Body>) {
-    if let Some(claimed) = response.headers_mut().remove(crate::errors::FERRY_ERROR) {
-        response.headers_mut().insert(crate::inbound::UPSTREAM_ERROR, claimed);
-    }
-}
-
-impl Service<Request<Body>> for EndpointService {
-    type Response = Response<Body>;
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<Response<Body>, BoxError>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let client = self.client.clone();
-        async move {
-            let mut response = client.send(request).await?;
-            if !client.is_mtls() {
-                distrust(&mut response);
-            }
-            Ok(response)
-        }
-        .boxed()
-    }
-}
-
-/// The stack of one destination service.
-pub type Destination = Router;
 
 /// The outbound proxy service. Cheap to clone.
 #[derive(Clone)]
@@ -128,15 +92,19 @@ struct Inner {
     config: OutboundConfig,
     destinations: ArcSwap<HashMap<Arc<str>, Destination>>,
     building: Mutex<()>,
-    guards: Arc<Guards>,
+    protections: Arc<Protections>,
     metrics: Metrics,
+    /// The request metrics of requests that name no service.
+    unnamed: ServiceMetrics,
 }
 
 impl Outbound {
     /// An outbound proxy resolving services through `catalog`.
     pub fn new(catalog: Arc<Catalog>, config: OutboundConfig, metrics: Metrics) -> Self {
-        let guards = Arc::new(Guards::new(metrics.clone()));
-        let inner = Inner { catalog, config, destinations: ArcSwap::default(), building: Mutex::new(()), guards, metrics };
+        let protections = Arc::new(Protections::new(metrics.clone()));
+        let unnamed = metrics.service("outbound", Arc::from("-"));
+        let destinations = ArcSwap::default();
+        let inner = Inner { catalog, config, destinations, building: Mutex::new(()), protections, metrics, unnamed };
         Self { inner: Arc::new(inner), fixed: None, fixed_destination: Arc::default() }
     }
 
@@ -145,94 +113,124 @@ impl Outbound {
         Self { inner: self.inner.clone(), fixed: Some(service), fixed_destination: Arc::default() }
     }
 
-    /// The stack for `service`, built (and subscribed to) on first use.
-    pub fn destination(&self, service: &str) -> Result<Destination, BoxError> {
+    /// The router of `service`, built (and subscribed to) on first use.
+    pub fn destination(&self, service: &str) -> Result<Router, BoxError> {
+        self.build(service).map(|destination| destination.router)
+    }
+
+    /// The router of `service`, if its stack was built (nothing is subscribed).
+    pub fn existing(&self, service: &str) -> Option<Router> {
+        self.inner.destinations.load().get(service).map(|destination| destination.router.clone())
+    }
+
+    /// The stack of `service`, built (and subscribed to) on first use.
+    fn build(&self, service: &str) -> Result<Destination, BoxError> {
         if let Some(destination) = self.inner.destinations.load().get(service) {
             return Ok(destination.clone());
         }
-        let _building = self.inner.building.lock().unwrap_or_else(|p| p.into_inner());
+        let _building = ferry_runtime::lock(&self.inner.building);
         if let Some(destination) = self.inner.destinations.load().get(service) {
             return Ok(destination.clone());
         }
-        let state = self.inner.catalog.watch(service)?;
+        let inner = &self.inner;
+        let state = inner.catalog.watch(service)?;
         let name: Arc<str> = service.into();
-        let destination =
-            Router::new(name.clone(), self.inner.catalog.clone(), state, self.inner.config.clone(), self.inner.guards.clone());
-        let mut destinations = HashMap::clone(&self.inner.destinations.load());
+        let router = Router::new(name.clone(), inner.catalog.clone(), state, inner.config.clone(), inner.protections.clone());
+        let destination = Destination {
+            stack: stack::destination(router.clone(), inner.config.response_timeout),
+            router,
+            metrics: inner.metrics.service("outbound", name.clone()),
+        };
+        let mut destinations = HashMap::clone(&inner.destinations.load());
         destinations.insert(name, destination.clone());
-        self.inner.destinations.store(Arc::new(destinations));
+        inner.destinations.store(Arc::new(destinations));
         Ok(destination)
     }
 
-    /// The stack for `service`, if one was built (nothing is subscribed).
-    pub fn existing(&self, service: &str) -> Option<Destination> {
-        self.inner.destinations.load().get(service).cloned()
-    }
-
-    /// Sends `request` on to `service`. Returns a boxed future, which keeps the stack's future
-    /// types out of the caller's async block.
-    fn forward(&self, service: &str, request: Request<Incoming>) -> BoxFuture<'static, Result<Response<Body>, BoxError>> {
-        if request.method() == Method::CONNECT {
-            let error: BoxError = Box::new(Unsupported("CONNECT tunnels are not supported: send plain HTTP through the proxy"));
-            return futures::future::ready(Err(error)).boxed();
+    /// The destination of a request: the fixed one of a per-upstream listener, else the one its
+    /// authority names.
+    fn destination_of(&self, request: &Request<Incoming>) -> Result<Destination, (BoxError, Option<Arc<str>>)> {
+        if let Some(destination) = self.fixed_destination.get() {
+            return Ok(destination.clone());
         }
-        let destination = match self.fixed_destination.get() {
-            Some(destination) => destination.clone(),
-            None => match self.destination(service) {
-                Ok(destination) => {
-                    if self.fixed.is_some() {
-                        let _ = self.fixed_destination.set(destination.clone());
-                    }
-                    destination
-                }
-                Err(error) => return futures::future::ready(Err(error)).boxed(),
-            },
+        let service = match &self.fixed {
+            Some(service) => service.clone(),
+            None => target::service_of(request).map(Arc::from).map_err(|error| (error, None))?,
         };
-        let mut request = forwardable(request);
-        if let Some(timeout) = self.inner.config.response_timeout {
-            // Retries do not start a backoff that would end past it.
-            request.extensions_mut().insert(router::Deadline(tokio::time::Instant::now() + timeout));
+        let destination = self.build(&service).map_err(|error| (error, Some(service)))?;
+        if self.fixed.is_some() {
+            let _ = self.fixed_destination.set(destination.clone());
         }
-        // Boxed before it is awaited in another async block: rustc cannot otherwise prove the
-        // stack's future `Send` (rust-lang/rust#64552).
-        let call = destination.route(request);
-        match self.inner.config.response_timeout {
-            Some(timeout) => async move {
-                match tokio::time::timeout(timeout, call).await {
-                    Ok(result) => result,
-                    Err(_) => Err(Box::new(ResponseTimeout(timeout)) as BoxError),
-                }
-            }
-            .boxed(),
-            None => call,
-        }
+        Ok(destination)
     }
 }
 
 impl Service<Request<Incoming>> for Outbound {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let this = self.clone();
-        async move {
-            let started = Instant::now();
-            let grpc = is_grpc(request.headers());
-            let service = match &this.fixed {
-                Some(service) => Ok(service.clone()),
-                None => target::service_of(&request).map(Arc::from),
-            };
-            let (label, result) = match service {
-                Ok(service) => (service.clone(), this.forward(&service, request).await),
-                Err(error) => (Arc::from("-"), Err(error)),
-            };
-            Ok(respond(&this.inner.metrics, "outbound", label, grpc, started, result))
+    fn call(&mut self, request: Request<Incoming>) -> ResponseFuture {
+        let started = Instant::now();
+        let grpc = is_grpc(request.headers());
+        let failed = |error: BoxError, counted: ServiceMetrics| ResponseFuture {
+            call: Either::Right(futures::future::ready(Err(error))),
+            counted: Some(counted),
+            grpc,
+            started,
+        };
+        if request.method() == Method::CONNECT {
+            let error: BoxError = Box::new(Unsupported("CONNECT tunnels are not supported: send plain HTTP through the proxy"));
+            let named = self.fixed.clone().or_else(|| target::service_of(&request).ok().map(Arc::from));
+            return failed(
+                error,
+                named.map_or_else(|| self.inner.unnamed.clone(), |name| self.inner.metrics.service("outbound", name)),
+            );
         }
-        .boxed()
+        match self.destination_of(&request) {
+            // Every layer below is always ready (see `stack`).
+            Ok(destination) => ResponseFuture {
+                call: Either::Left(destination.stack.oneshot(forwardable(request))),
+                counted: Some(destination.metrics),
+                grpc,
+                started,
+            },
+            // A service that cannot be followed is counted under its name, the slow way.
+            Err((error, service)) => failed(
+                error,
+                service.map_or_else(|| self.inner.unnamed.clone(), |name| self.inner.metrics.service("outbound", name)),
+            ),
+        }
+    }
+}
+
+/// A request that failed before reaching a stack.
+type Failed = futures::future::Ready<Result<Response<Body>, BoxError>>;
+
+/// The response of the [`Outbound`] edge: the stack's, or its error made a response, counted.
+#[pin_project::pin_project]
+pub struct ResponseFuture {
+    #[pin]
+    call: Either<Oneshot<stack::DestinationStack, Request<Body>>, Failed>,
+    counted: Option<ServiceMetrics>,
+    grpc: bool,
+    started: Instant,
+}
+
+impl std::future::Future for ResponseFuture {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.call.poll(cx));
+        let Some(counted) = this.counted.take() else {
+            // Polled again after it answered: nothing more to count.
+            return Poll::Ready(Ok(crate::errors::synthetic_response(&"polled after completion".into(), *this.grpc)));
+        };
+        Poll::Ready(Ok(respond(&counted, "outbound", *this.grpc, *this.started, result)))
     }
 }

@@ -259,11 +259,47 @@ impl RouteTable {
     }
 }
 
+/// Replaces the matched path prefix, keeping the query.
+pub fn rewrite_prefix(parts: &mut http::request::Parts, prefix: &str, replacement: &str) {
+    let path = parts.uri.path();
+    let Some(rest) = path.strip_prefix(prefix) else { return };
+    // `/stock` → `/` on `/stock/42` gives `/42`, not `//42`.
+    let rest = if replacement.ends_with('/') { rest.strip_prefix('/').unwrap_or(rest) } else { rest };
+    let mut rewritten = format!("{replacement}{rest}");
+    if rewritten.is_empty() {
+        rewritten.push('/');
+    }
+    if let Some(query) = parts.uri.query() {
+        rewritten.push('?');
+        rewritten.push_str(query);
+    }
+    let mut uri = parts.uri.clone().into_parts();
+    if let Ok(path_and_query) = rewritten.parse() {
+        uri.path_and_query = Some(path_and_query);
+        if let Ok(uri) = http::Uri::from_parts(uri) {
+            parts.uri = uri;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use http::Method;
 
     use super::*;
+
+    #[test]
+    fn prefixes_are_rewritten_keeping_the_query() {
+        let (mut parts, ()) = http::Request::get("http://catalog/api/v1/items?page=2").body(()).expect("valid").into_parts();
+        rewrite_prefix(&mut parts, "/api/v1", "/v2");
+        assert_eq!(parts.uri, "http://catalog/v2/items?page=2");
+        let (mut parts, ()) = http::Request::get("/old").body(()).expect("valid").into_parts();
+        rewrite_prefix(&mut parts, "/old", "");
+        assert_eq!(parts.uri, "/");
+        let (mut parts, ()) = http::Request::get("/stock/42").body(()).expect("valid").into_parts();
+        rewrite_prefix(&mut parts, "/stock", "/");
+        assert_eq!(parts.uri, "/42", "no double slash");
+    }
 
     fn table(yaml: &str) -> RouteTable {
         let resource = ferry_proto::json::resources_from_yaml(yaml).expect("valid").remove(0);

@@ -3,9 +3,10 @@
 //! outlier state (consecutive failures, ejections). Kept across config updates for as long as
 //! the endpoint stays.
 
+use ferry_runtime::lock;
 use std::{
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
@@ -14,17 +15,14 @@ use std::{
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
-use super::{metrics::BalanceMetrics, outcome::Outcome};
+use super::outcome::Outcome;
+use crate::metrics::BalanceMetrics;
 use crate::outbound::policy::Ejection;
 
 /// The least a failure counts as in the latency estimate.
 const PENALTY_FLOOR: Duration = Duration::from_millis(30);
 /// The most failures push the latency estimate to.
 const PENALTY_CEILING: Duration = Duration::from_secs(10);
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// One endpoint as a balancer tracks it.
 #[derive(Debug)]
@@ -188,7 +186,7 @@ impl Tracked {
 /// The endpoints of one balancer as outlier detection sees them: it decides ejections against
 /// the whole set, so that no more than the allowed share is ejected at once.
 #[derive(Debug)]
-pub struct Pool {
+pub struct OutlierSet {
     pub label: Arc<str>,
     /// The routable endpoints.
     members: ArcSwap<Vec<Arc<Tracked>>>,
@@ -197,7 +195,7 @@ pub struct Pool {
     pub metrics: BalanceMetrics,
 }
 
-impl Pool {
+impl OutlierSet {
     pub fn new(label: Arc<str>, metrics: BalanceMetrics) -> Self {
         Self { label, members: ArcSwap::default(), ejection: ArcSwap::from_pointee(None), ejecting: Mutex::new(()), metrics }
     }

@@ -37,7 +37,8 @@ use tokio::{sync::watch, time::Instant};
 use tower::{Service, ServiceExt};
 
 use self::{
-    endpoint::{Availability, Pool, Tracked},
+    endpoint::{Availability, OutlierSet, Tracked},
+    exchange::Exchange,
     outcome::{Observed, Outcome, Verdict},
     pick::{Ring, RoundRobin},
 };
@@ -47,17 +48,17 @@ use super::{
 };
 use crate::{
     catalog::{Endpoint, ServiceState},
-    errors::{DiscoveryTimeout, FERRY_ERROR, NoEndpoints, ResponseTimeout, UnknownService, UnknownSubset},
+    errors::{DiscoveryTimeout, FERRY_ERROR, NoEndpoints, UnknownService, UnknownSubset},
     http::{Body, BoxError, boxed, server::ClientAddr},
     svc::NewService,
 };
 
 pub mod endpoint;
-pub mod metrics;
+mod exchange;
 pub mod outcome;
 pub mod pick;
 
-pub use self::metrics::BalanceMetrics;
+pub use crate::metrics::BalanceMetrics;
 
 /// What an endpoint service is built for: the endpoint, and the connect timeout its service's
 /// policy asks for (else the sidecar's).
@@ -67,11 +68,6 @@ pub struct Target {
     pub connect_timeout: Option<Duration>,
 }
 
-/// A deadline for one attempt, in its request's extensions: the balancer times the exchange
-/// itself, so that an endpoint that does not answer in time counts as failing.
-#[derive(Debug, Clone, Copy)]
-pub struct AttemptTimeout(pub Duration);
-
 /// How a balancer is set up.
 #[derive(Debug, Clone)]
 pub struct BalanceConfig {
@@ -80,6 +76,8 @@ pub struct BalanceConfig {
     /// The caller's zone, for locality.
     pub zone: Option<Arc<str>>,
     pub metrics: BalanceMetrics,
+    /// Where endpoint rebuilds run: the main runtime, off the data path's workers.
+    pub runtime: tokio::runtime::Handle,
 }
 
 /// Balances requests over a service's endpoints. Cheap to clone; clones share everything.
@@ -100,7 +98,7 @@ struct Shared<S> {
     config: BalanceConfig,
     endpoints: ArcSwap<Endpoints<S>>,
     state: watch::Receiver<ServiceState>,
-    pool: Arc<Pool>,
+    outliers: Arc<OutlierSet>,
     builder: Mutex<Builder<S>>,
     updates: Mutex<Option<tokio::task::AbortHandle>>,
 }
@@ -177,7 +175,7 @@ where
         let shared = Arc::new(Shared {
             service,
             subset,
-            pool: Arc::new(Pool::new(label, config.metrics.clone())),
+            outliers: Arc::new(OutlierSet::new(label, config.metrics.clone())),
             config,
             endpoints: ArcSwap::from_pointee(Endpoints::Pending),
             state: state.clone(),
@@ -190,8 +188,8 @@ where
             updates: Mutex::new(None),
         });
         shared.refresh();
-        let task = tokio::spawn(follow(Arc::downgrade(&shared), state));
-        *shared.updates.lock().unwrap_or_else(|p| p.into_inner()) = Some(task.abort_handle());
+        let task = shared.config.runtime.spawn(follow(Arc::downgrade(&shared), state));
+        *ferry_runtime::lock(&shared.updates) = Some(task.abort_handle());
         Self { shared }
     }
 }
@@ -206,6 +204,12 @@ async fn follow<S: Clone>(shared: Weak<Shared<S>>, mut state: watch::Receiver<Se
     }
 }
 
+impl<S> crate::outbound::split::Routable for Balance<S> {
+    fn routable(&self) -> Option<usize> {
+        self.routable()
+    }
+}
+
 impl<S> Balance<S> {
     /// How many endpoints can take traffic; `None` before the service's first config.
     pub fn routable(&self) -> Option<usize> {
@@ -216,42 +220,66 @@ impl<S> Balance<S> {
     }
 
     /// What the balancer holds, for `/config` and `explain`.
-    pub fn describe(&self) -> serde_json::Value {
+    pub fn describe(&self) -> BalancerState {
         let now = Instant::now();
         match &**self.shared.endpoints.load() {
-            Endpoints::Pending => serde_json::json!({ "pending": true }),
+            Endpoints::Pending => BalancerState::Pending,
             Endpoints::Known(known) => {
-                let decay = known.resilience.balancing.decay;
-                let endpoints: Vec<_> = known
+                let balancing = &known.resilience.balancing;
+                let endpoints = known
                     .members
                     .iter()
-                    .map(|m| {
-                        serde_json::json!({
-                            "id": &*m.tracked.id,
-                            "zone": m.endpoint.zone,
-                            "weight": m.endpoint.weight,
-                            "in_flight": m.tracked.in_flight(),
-                            "latency_ms": (m.tracked.latency(now, decay) * 1e4).round() / 10.0,
-                            "ejected": m.tracked.is_ejected(),
-                            "slow_start_share": m.tracked.ramp(now, known.resilience.balancing.slow_start),
-                        })
+                    .map(|m| EndpointState {
+                        id: m.tracked.id.clone(),
+                        zone: m.endpoint.zone.clone(),
+                        weight: m.endpoint.weight,
+                        in_flight: m.tracked.in_flight(),
+                        latency: Duration::from_secs_f64(m.tracked.latency(now, balancing.decay).max(0.0)),
+                        ejected: m.tracked.is_ejected(),
+                        slow_start_share: m.tracked.ramp(now, balancing.slow_start),
                     })
                     .collect();
-                serde_json::json!({
-                    "load_balancer": known.resilience.balancing.algorithm.name(),
-                    "endpoints": endpoints,
-                    "panic_requests": self.shared.config.metrics.panic_requests(&self.shared.pool.label),
-                })
+                BalancerState::Known {
+                    algorithm: balancing.algorithm.name(),
+                    endpoints,
+                    panic_requests: self.shared.config.metrics.panic_requests(&self.shared.outliers.label),
+                }
             }
         }
     }
+}
+
+/// What a balancer holds.
+#[derive(Debug, Clone)]
+pub enum BalancerState {
+    /// Before the service's first config.
+    Pending,
+    Known {
+        algorithm: &'static str,
+        endpoints: Vec<EndpointState>,
+        panic_requests: u64,
+    },
+}
+
+/// One endpoint as its balancer sees it.
+#[derive(Debug, Clone)]
+pub struct EndpointState {
+    pub id: Arc<str>,
+    pub zone: String,
+    pub weight: u32,
+    pub in_flight: usize,
+    /// The peak-EWMA latency estimate.
+    pub latency: Duration,
+    pub ejected: bool,
+    /// Its share of its weight while it warms up (1 when warm).
+    pub slow_start_share: f64,
 }
 
 impl<S: Clone> Shared<S> {
     /// Brings the endpoint list up to the service's current state.
     fn refresh(&self) {
         // Read the state under the builder's lock, so two refreshes cannot store out of order.
-        let mut builder = self.builder.lock().unwrap_or_else(|p| p.into_inner());
+        let mut builder = ferry_runtime::lock(&self.builder);
         let state = self.state.borrow().clone();
         let ServiceState::Known(config) = state else { return };
         if let Endpoints::Known(known) = &**self.endpoints.load()
@@ -316,7 +344,7 @@ impl<S: Clone> Shared<S> {
             let points: Vec<(&str, u32)> = members.iter().map(|m| (&*m.tracked.id, m.endpoint.weight)).collect();
             Ring::new(&points)
         });
-        self.pool.update(members.iter().map(|m| m.tracked.clone()).collect(), resilience.ejection);
+        self.outliers.update(members.iter().map(|m| m.tracked.clone()).collect(), resilience.ejection);
         self.endpoints.store(Arc::new(Endpoints::Known(Known {
             version: config.version,
             exists: config.exists,
@@ -376,7 +404,7 @@ impl<S: Clone> Shared<S> {
         let panic = candidates.is_empty();
         if panic {
             candidates = (0..members.len()).collect();
-            self.config.metrics.panicked(&self.pool.label);
+            self.config.metrics.panicked(&self.outliers.label);
         }
         // 2. The caller's zone, while enough of it passes.
         if let (Some(zone), Some(min_percent)) = (self.config.zone.as_deref(), balancing.locality_min_passing_percent)
@@ -490,70 +518,6 @@ struct Choice<S> {
     routable: usize,
 }
 
-/// One exchange in flight: counted from dispatch until its response body ends (or the request
-/// is given up), then reported to outlier detection.
-struct Exchange {
-    tracked: Arc<Tracked>,
-    pool: Arc<Pool>,
-    probe: bool,
-    started: Instant,
-    decay: Duration,
-    answered: bool,
-}
-
-impl Exchange {
-    fn start(tracked: Arc<Tracked>, pool: Arc<Pool>, probe: bool, decay: Duration) -> Self {
-        tracked.start();
-        Self { tracked, pool, probe, started: Instant::now(), decay, answered: false }
-    }
-
-    /// The response headers arrived: the latency sample.
-    fn answered(&mut self) {
-        self.answered = true;
-        let now = Instant::now();
-        self.tracked.observe_latency(now, now.saturating_duration_since(self.started), self.decay);
-    }
-}
-
-impl Exchange {
-    /// Reports a probe's outcome as soon as it is known, releasing the probe.
-    fn settle_probe(&mut self, outcome: Option<Outcome>) {
-        if std::mem::replace(&mut self.probe, false) {
-            self.pool.report(&self.tracked, outcome, true, Instant::now());
-        }
-    }
-}
-
-impl Verdict for Exchange {
-    fn decide(mut self, outcome: Option<Outcome>) {
-        let now = Instant::now();
-        if !self.answered {
-            // Given up before any answer: it was at least this slow.
-            self.answered = true;
-            self.tracked.observe_latency(now, now.saturating_duration_since(self.started), self.decay);
-        }
-        if outcome == Some(Outcome::Failure) {
-            // A failure, however fast, must not make the endpoint look fast to P2C.
-            self.tracked.penalize(now, self.decay);
-        }
-        self.pool.report(&self.tracked, outcome, std::mem::replace(&mut self.probe, false), now);
-    }
-}
-
-impl Drop for Exchange {
-    fn drop(&mut self) {
-        if !self.answered {
-            let now = Instant::now();
-            self.tracked.observe_latency(now, now.saturating_duration_since(self.started), self.decay);
-        }
-        if self.probe {
-            // A probe given up says nothing; the next request may probe again.
-            self.pool.report(&self.tracked, None, true, Instant::now());
-        }
-        self.tracked.finish();
-    }
-}
-
 /// A failed request of a service in panic mode.
 #[derive(Debug, thiserror::Error)]
 #[error("{backend} is in panic mode, every one of its {routable} endpoints ejected: {source}")]
@@ -596,16 +560,9 @@ where
                 }
             };
             let Choice { service, tracked, probe, panic, decay, routable } = choice;
-            let mut exchange = Exchange::start(tracked, shared.pool.clone(), probe, decay);
-            let limit = request.extensions().get::<AttemptTimeout>().map(|t| t.0);
-            let sent = service.oneshot(request);
-            let result = match limit {
-                Some(limit) => match tokio::time::timeout(limit, sent).await {
-                    Ok(result) => result.map_err(Into::into),
-                    Err(_) => Err(Box::new(ResponseTimeout(limit)) as BoxError),
-                },
-                None => sent.await.map_err(Into::into),
-            };
+            let mut exchange = Exchange::start(tracked, shared.outliers.clone(), probe, decay);
+            // Endpoint services are always ready (see `Balance::poll_ready`).
+            let result = service.oneshot(request).await.map_err(Into::into);
             match result {
                 Ok(response) => {
                     exchange.answered();
@@ -617,7 +574,7 @@ where
                     let (mut parts, body) = response.into_parts();
                     if panic && known == Some(Outcome::Failure) && !parts.headers.contains_key(FERRY_ERROR) {
                         let sentence =
-                            format!("panic_mode: every endpoint of {} is ejected; sent to one anyway", shared.pool.label);
+                            format!("panic_mode: every endpoint of {} is ejected; sent to one anyway", shared.outliers.label);
                         if let Ok(value) = HeaderValue::from_str(&sentence) {
                             parts.headers.insert(FERRY_ERROR, value);
                         }
@@ -628,7 +585,7 @@ where
                     exchange.decide(Some(Outcome::Failure));
                     if panic {
                         return Err(
-                            Box::new(PanicMode { backend: shared.pool.label.clone(), routable, source: error }) as BoxError
+                            Box::new(PanicMode { backend: shared.outliers.label.clone(), routable, source: error }) as BoxError
                         );
                     }
                     Err(error)
@@ -646,8 +603,13 @@ mod tests {
     use ferry_health::Health;
     use ferry_proto::v1;
 
+    use tower::Layer;
+
     use super::*;
-    use crate::catalog::ServiceConfig;
+    use crate::{
+        catalog::ServiceConfig,
+        outbound::endpoint::{PerTry, PerTryLayer, PerTryTimeout},
+    };
 
     /// How each fake endpoint answers: a status after a delay.
     #[derive(Clone, Default)]
@@ -694,7 +656,7 @@ mod tests {
 
     struct Setup {
         state: watch::Sender<ServiceState>,
-        balance: Balance<Fake>,
+        balance: Balance<PerTry<Fake>>,
         behaviour: Behaviour,
         hits: Arc<Mutex<HashMap<String, usize>>>,
         metrics: BalanceMetrics,
@@ -748,9 +710,16 @@ mod tests {
             state.subscribe(),
             {
                 let (behaviour, hits) = (behaviour.clone(), hits.clone());
-                move |target: Target| Fake { id: target.endpoint.id.clone(), behaviour: behaviour.clone(), hits: hits.clone() }
+                move |target: Target| {
+                    PerTryLayer.layer(Fake { id: target.endpoint.id.clone(), behaviour: behaviour.clone(), hits: hits.clone() })
+                }
             },
-            BalanceConfig { discovery_timeout: Duration::from_secs(5), zone: zone.map(Arc::from), metrics: metrics.clone() },
+            BalanceConfig {
+                discovery_timeout: Duration::from_secs(5),
+                zone: zone.map(Arc::from),
+                metrics: metrics.clone(),
+                runtime: tokio::runtime::Handle::current(),
+            },
         );
         Setup { state, balance, behaviour, hits, metrics }
     }
@@ -818,7 +787,12 @@ mod tests {
             move |t: Target| {
                 mocks.lock().expect("not poisoned").remove(&t.endpoint.id).expect("one endpoint service per endpoint")
             },
-            BalanceConfig { discovery_timeout: Duration::from_secs(5), zone: None, metrics: BalanceMetrics::default() },
+            BalanceConfig {
+                discovery_timeout: Duration::from_secs(5),
+                zone: None,
+                metrics: BalanceMetrics::default(),
+                runtime: tokio::runtime::Handle::current(),
+            },
         );
         let first = tokio::spawn(balance.ready().await.expect("ready").call(Request::new("first")));
         let second = tokio::spawn(balance.ready().await.expect("ready").call(Request::new("second")));
@@ -1122,7 +1096,12 @@ mod tests {
                 let calls = failed_calls.clone();
                 move |t: Target| Grpc { failing: t.endpoint.id == "bad", calls: calls.clone() }
             },
-            BalanceConfig { discovery_timeout: Duration::from_secs(5), zone: None, metrics: metrics.clone() },
+            BalanceConfig {
+                discovery_timeout: Duration::from_secs(5),
+                zone: None,
+                metrics: metrics.clone(),
+                runtime: tokio::runtime::Handle::current(),
+            },
         );
         for _ in 0..30 {
             let response = balance.ready().await.expect("ready").call(Request::new(())).await.expect("answers");
@@ -1140,7 +1119,7 @@ mod tests {
         setup.behaviour.set("hung", 200, Duration::from_secs(3600));
         for _ in 0..30 {
             let mut request = Request::new(());
-            request.extensions_mut().insert(AttemptTimeout(Duration::from_millis(100)));
+            request.extensions_mut().insert(PerTryTimeout(Duration::from_millis(100)));
             let _ = setup.send(request).await;
         }
         assert_eq!(setup.hits("hung"), 5, "ejected after 5 attempts timed out");

@@ -11,7 +11,7 @@ pub fn weighted(candidates: &[usize], weights: &[f64], skip: Option<usize>) -> O
     if total <= 0.0 {
         return candidates.iter().copied().find(|c| Some(*c) != skip);
     }
-    let mut roll = rand::random::<f64>() * total;
+    let mut roll = ferry_runtime::rng::fraction() * total;
     let mut last = None;
     for &candidate in candidates.iter().filter(|c| Some(**c) != skip) {
         last = Some(candidate);
@@ -39,7 +39,7 @@ pub struct RoundRobin {
 
 impl RoundRobin {
     pub fn pick(&self, candidates: &[usize], weights: &[f64]) -> Option<usize> {
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut current = ferry_runtime::lock(&self.current);
         if current.len() != weights.len() {
             *current = vec![0.0; weights.len()];
         }

@@ -1,6 +1,8 @@
 //! The admin listener: `/ready`, `/live`, `/config`, `/metrics`; `PUT /ttl/{pass,warn,fail}` for
 //! the app to renew its TTL check; `POST /shutdown` to drain and stop.
 
+mod render;
+
 use std::{
     path::PathBuf,
     sync::Arc,
@@ -137,10 +139,10 @@ async fn config(State(state): State<AdminState>) -> Json<Value> {
                     "route": config.route.as_deref(),
                     "policy": config.policy.as_deref(),
                     "route_in_force": state.outbound.existing(&name).map(|router| {
-                        let (version, held) = router.route_status();
-                        json!({ "version": version, "held": held })
+                        let status = router.route_status();
+                        json!({ "version": status.version, "held": status.held })
                     }),
-                    "balancers": state.outbound.existing(&name).map(|router| router.balancers()),
+                    "balancers": state.outbound.existing(&name).map(|router| render::balancers(&router.balancers())),
                     "endpoints": config.endpoints.values().map(|e| json!({
                         "id": e.id,
                         "address": e.address,
@@ -263,7 +265,7 @@ async fn explain(State(state): State<AdminState>, RawQuery(query): RawQuery) -> 
     };
     // A service this sidecar had not used yet: give its config a moment to arrive.
     let _ = router.known(Duration::from_secs(2)).await;
-    let mut explanation = router.explain(&method, &uri, &headers);
+    let mut explanation = render::explanation(&router.explain(&method, &uri, &headers));
     explanation["node_id"] = json!(state.node_id);
     explanation["request"] = json!({
         "method": method.as_str(),
@@ -322,7 +324,7 @@ async fn shutdown(State(state): State<AdminState>) -> Response {
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
-    state.sidecar_metrics.observe_control(&state.control.get());
+    state.control.get().export(&state.sidecar_metrics);
     let mut text = String::new();
     if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &state.metrics) {
         return (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {error}\n")).into_response();

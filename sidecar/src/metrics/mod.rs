@@ -1,13 +1,10 @@
-//! The sidecar's Prometheus metrics.
+//! The sidecar's Prometheus metrics. A leaf: it imports nothing from the modules that count
+//! into it.
 
-use std::{
-    cell::RefCell,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::SystemTime,
-};
+use std::sync::{Arc, atomic::AtomicU64};
+
+pub use self::balance::BalanceMetrics;
+use arc_swap::ArcSwap;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -20,6 +17,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+pub mod balance;
+
 /// Every metric of the sidecar.
 #[derive(Clone)]
 pub struct Metrics {
@@ -28,7 +27,7 @@ pub struct Metrics {
     pub config_updates: Family<ResultLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<DirectionLabels, Histogram>,
-    pub balance: crate::outbound::balance::BalanceMetrics,
+    pub balance: BalanceMetrics,
     pub connections_open: Family<ListenerLabels, Gauge>,
     pub tcp_connections: Family<TcpLabels, Counter>,
     pub tcp_connections_open: Family<ServiceLabels, Gauge>,
@@ -48,32 +47,55 @@ pub struct Metrics {
     /// Inbound connections refused before any request: plaintext to a strict listener, a failed
     /// handshake, a handshake that took too long.
     pub inbound_refused: Family<ReasonLabels, Counter>,
-    /// Tells these metrics from others in the same process, for [`HANDLES`].
-    id: u64,
 }
 
-/// The request metrics of one label set, found once: a family lookup hashes every label.
-struct Handles {
-    metrics: u64,
+/// The request metrics of one service in one direction, found once. Cheap to clone.
+#[derive(Clone)]
+pub struct ServiceMetrics {
+    inner: Arc<ServiceHandles>,
+}
+
+struct ServiceHandles {
+    requests: Family<RequestLabels, Counter>,
     direction: &'static str,
-    /// Compared by address; holding them keeps the addresses from being reused.
     service: Arc<str>,
-    route: Arc<str>,
-    status: &'static str,
-    requests: Counter,
     duration: Histogram,
+    /// The counter of each (route, status) seen so far: a family lookup hashes every label, a
+    /// scan of these compares a pointer or two.
+    counters: ArcSwap<Vec<(Arc<str>, &'static str, Counter)>>,
 }
 
-/// The most label sets [`HANDLES`] keeps per thread; past it, the cache starts over.
-const MAX_HANDLES: usize = 64;
+/// The most (route, status) pairs one service keeps handles for; past it, counting looks the
+/// series up each time. Routes have few rules and statuses few classes and reasons.
+const MAX_COUNTERS: usize = 128;
 
-thread_local! {
-    /// Per thread, so that the data path's workers look their metrics up without a lock.
-    static HANDLES: RefCell<Vec<Handles>> = const { RefCell::new(Vec::new()) };
+impl ServiceMetrics {
+    /// The service counted.
+    pub fn service(&self) -> &Arc<str> {
+        &self.inner.service
+    }
+
+    /// Counts one request and its latency.
+    pub fn record(&self, route: &Arc<str>, status: &'static str, elapsed: std::time::Duration) {
+        let inner = &*self.inner;
+        inner.duration.observe(elapsed.as_secs_f64());
+        let same = |(r, s, _): &&(Arc<str>, &'static str, Counter)| (Arc::ptr_eq(r, route) || r == route) && *s == status;
+        if let Some((_, _, counter)) = inner.counters.load().iter().find(same) {
+            counter.inc();
+            return;
+        }
+        let labels = RequestLabels { direction: inner.direction, service: inner.service.clone(), route: route.clone(), status };
+        let counter = inner.requests.get_or_create(&labels).clone();
+        counter.inc();
+        inner.counters.rcu(|counters| {
+            let mut counters = Vec::clone(counters);
+            if counters.len() < MAX_COUNTERS && !counters.iter().any(|entry| same(&entry)) {
+                counters.push((route.clone(), status, counter.clone()));
+            }
+            counters
+        });
+    }
 }
-
-/// Gives each [`Metrics`] its id.
-static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 /// Whether a config push was applied.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -185,7 +207,6 @@ impl Metrics {
             identity_expiration: Gauge::default(),
             inbound_authz: Family::default(),
             inbound_refused: Family::default(),
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         };
         metrics.balance.register(registry);
         registry.register(
@@ -270,49 +291,19 @@ impl Metrics {
         metrics
     }
 
-    /// Brings the gauges computed from the control stream's state up to date, before a scrape.
-    pub fn observe_control(&self, state: &crate::control::ControlState) {
-        let age = state.config_age(SystemTime::now()).map_or(f64::INFINITY, |age| age.as_secs_f64());
-        self.config_age_seconds.set(age);
-        let from_state_dir = matches!(state.config_source, crate::control::ConfigSource::StateDir { .. });
-        self.config_from_state_dir.set(i64::from(from_state_dir));
-    }
-
-    /// Counts one request and its latency.
-    pub fn record(
-        &self,
-        direction: &'static str,
-        service: Arc<str>,
-        route: Arc<str>,
-        status: &'static str,
-        elapsed: std::time::Duration,
-    ) {
-        HANDLES.with_borrow_mut(|cache| {
-            let found = cache.iter().position(|h| {
-                h.metrics == self.id
-                    && std::ptr::eq(h.direction, direction)
-                    && Arc::ptr_eq(&h.service, &service)
-                    && Arc::ptr_eq(&h.route, &route)
-                    && std::ptr::eq(h.status, status)
-            });
-            let index = match found {
-                Some(index) => index,
-                None => {
-                    if cache.len() >= MAX_HANDLES {
-                        cache.clear();
-                    }
-                    let duration =
-                        self.request_duration.get_or_create(&DirectionLabels { direction, service: service.clone() }).clone();
-                    let labels = RequestLabels { direction, service: service.clone(), route: route.clone(), status };
-                    let requests = self.requests.get_or_create(&labels).clone();
-                    cache.push(Handles { metrics: self.id, direction, service, route, status, requests, duration });
-                    cache.len() - 1
-                }
-            };
-            let handles = &cache[index];
-            handles.duration.observe(elapsed.as_secs_f64());
-            handles.requests.inc();
-        });
+    /// The request metrics of `service` in `direction`, to be kept by whoever counts its
+    /// requests (a destination's stack, the inbound proxy) so that counting looks nothing up.
+    pub fn service(&self, direction: &'static str, service: Arc<str>) -> ServiceMetrics {
+        let duration = self.request_duration.get_or_create(&DirectionLabels { direction, service: service.clone() }).clone();
+        ServiceMetrics {
+            inner: Arc::new(ServiceHandles {
+                requests: self.requests.clone(),
+                direction,
+                service,
+                duration,
+                counters: ArcSwap::default(),
+            }),
+        }
     }
 
     /// Metrics registered nowhere, for tests.
@@ -330,17 +321,19 @@ mod tests {
         let (a, b) = (Metrics::unregistered(), Metrics::unregistered());
         let (service, route): (Arc<str>, Arc<str>) = ("catalog".into(), "default".into());
         let elapsed = std::time::Duration::from_millis(1);
+        let (a_catalog, b_catalog) = (a.service("outbound", service.clone()), b.service("outbound", service.clone()));
         for _ in 0..3 {
-            a.record("outbound", service.clone(), route.clone(), "2xx", elapsed);
+            a_catalog.record(&route, "2xx", elapsed);
         }
-        b.record("outbound", service.clone(), route.clone(), "2xx", elapsed);
+        b_catalog.record(&route, "2xx", elapsed);
         // The same labels in other allocations are the same series.
-        a.record("outbound", "catalog".into(), "default".into(), "2xx", elapsed);
-        a.record("outbound", service.clone(), route.clone(), "5xx", elapsed);
+        a_catalog.record(&"default".into(), "2xx", elapsed);
+        a.service("outbound", "catalog".into()).record(&route, "2xx", elapsed);
+        a_catalog.record(&route, "5xx", elapsed);
         let count = |metrics: &Metrics, status| {
             let labels = RequestLabels { direction: "outbound", service: service.clone(), route: route.clone(), status };
             metrics.requests.get_or_create(&labels).get()
         };
-        assert_eq!((count(&a, "2xx"), count(&a, "5xx"), count(&b, "2xx")), (4, 1, 1));
+        assert_eq!((count(&a, "2xx"), count(&a, "5xx"), count(&b, "2xx")), (5, 1, 1));
     }
 }

@@ -16,22 +16,24 @@
 //! a service called by N sidecars may get up to N × `max_concurrent` requests at once.
 
 use std::{
+    future::Future,
     pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
 };
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use futures::{FutureExt, future::BoxFuture};
+use futures::future::BoxFuture;
 use http::{Request, Response};
 use http_body::{Frame, SizeHint};
+use pin_project::pin_project;
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service, ServiceExt, util::Oneshot};
 
 use super::policy::Limits;
 use crate::{
@@ -106,6 +108,27 @@ impl ConcurrencyLimit {
         self.pending.load(Ordering::Relaxed)
     }
 
+    /// Takes a slot at once if one is free (`Ok(Some)`); `Ok(None)` when the request may wait
+    /// for one ([`ConcurrencyLimit::acquire`]); [`Overloaded`] when it may not.
+    pub fn try_acquire(&self) -> Result<Option<Permit>, Overloaded> {
+        let generation = self.current.load();
+        match generation.slots.clone().try_acquire_owned() {
+            Ok(slot) => {
+                self.in_flight.inc();
+                Ok(Some(Permit { _slot: slot, in_flight: self.in_flight.clone() }))
+            }
+            Err(_) if self.pending() < generation.limits.max_pending => Ok(None),
+            Err(_) => {
+                self.shed.inc();
+                Err(self.overloaded(&generation.limits))
+            }
+        }
+    }
+
+    fn overloaded(&self, limits: &Limits) -> Overloaded {
+        Overloaded { service: self.service.clone(), max_concurrent: limits.max_concurrent, max_pending: limits.max_pending }
+    }
+
     /// Takes a slot, waiting for one if `max_pending` allows, else fails at once.
     pub async fn acquire(&self) -> Result<Permit, Overloaded> {
         let generation = self.current.load_full();
@@ -117,19 +140,11 @@ impl ConcurrencyLimit {
                     self.pending.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max_pending).then_some(n + 1));
                 if waiting.is_err() {
                     self.shed.inc();
-                    return Err(Overloaded {
-                        service: self.service.clone(),
-                        max_concurrent: generation.limits.max_concurrent,
-                        max_pending,
-                    });
+                    return Err(self.overloaded(&generation.limits));
                 }
                 let _waiting = Waiting(&self.pending);
                 // The semaphore is never closed.
-                generation.slots.clone().acquire_owned().await.map_err(|_| Overloaded {
-                    service: self.service.clone(),
-                    max_concurrent: generation.limits.max_concurrent,
-                    max_pending,
-                })?
+                generation.slots.clone().acquire_owned().await.map_err(|_| self.overloaded(&generation.limits))?
             }
         };
         self.in_flight.inc();
@@ -146,75 +161,143 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// Wraps services with a [`ConcurrencyLimit`].
+/// Wraps services with a [`Breaker`] sharing one [`ConcurrencyLimit`].
 #[derive(Clone, Debug)]
-pub struct LimitLayer {
+pub struct BreakerLayer {
     limit: Arc<ConcurrencyLimit>,
 }
 
-impl LimitLayer {
+impl BreakerLayer {
     /// A layer sharing `limit`.
     pub fn new(limit: Arc<ConcurrencyLimit>) -> Self {
         Self { limit }
     }
 }
 
-impl<S> Layer<S> for LimitLayer {
-    type Service = Limit<S>;
+impl<S> Layer<S> for BreakerLayer {
+    type Service = Breaker<S>;
 
-    fn layer(&self, inner: S) -> Limit<S> {
-        Limit { inner, limit: self.limit.clone() }
+    fn layer(&self, inner: S) -> Breaker<S> {
+        Breaker { inner, limit: self.limit.clone() }
     }
 }
 
 /// A service whose requests each hold a slot of a [`ConcurrencyLimit`] until their response
 /// body ends.
 #[derive(Clone, Debug)]
-pub struct Limit<S> {
+pub struct Breaker<S> {
     inner: S,
     limit: Arc<ConcurrencyLimit>,
 }
 
-impl<S, B> Service<Request<B>> for Limit<S>
-where
-    S: Service<Request<B>, Response = Response<Body>> + Clone + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send,
-    B: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<Response<Body>, BoxError>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        // Capacity is taken per request, in the future: see the module's docs.
-        Poll::Ready(Ok(()))
+impl<S> Breaker<S> {
+    /// The service it guards.
+    pub fn inner(&self) -> &S {
+        &self.inner
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        send(self.limit.clone(), self.inner.clone(), request)
+    /// The limit its requests share.
+    pub fn limit(&self) -> &Arc<ConcurrencyLimit> {
+        &self.limit
     }
 }
 
-/// Sends `request` through `service` holding a slot of `limit` until the response body ends:
-/// what [`Limit`] does, without a service of its own around the inner one.
-pub fn send<S, B>(
-    limit: Arc<ConcurrencyLimit>,
-    service: S,
-    request: Request<B>,
-) -> BoxFuture<'static, Result<Response<Body>, BoxError>>
+impl<S, B> Service<Request<B>> for Breaker<S>
 where
-    S: Service<Request<B>, Response = Response<Body>> + Send + 'static,
+    S: Service<Request<B>, Response = Response<Body>> + Clone,
     S::Error: Into<BoxError>,
-    S::Future: Send,
-    B: Send + 'static,
 {
-    async move {
-        let permit = limit.acquire().await?;
-        let response = service.oneshot(request).await.map_err(Into::into)?;
-        Ok(response.map(|body| boxed(ReleaseAtEnd { body, permit: Some(permit) })))
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Request<B>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Capacity is taken per request, in `call`: see the module's docs. The inner service
+        // is the balancer, which is always ready.
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
-    .boxed()
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        match self.limit.try_acquire() {
+            Ok(Some(permit)) => ResponseFuture::Called { future: self.inner.call(request), permit: Some(permit) },
+            Ok(None) => {
+                let limit = self.limit.clone();
+                let permit = Box::pin(async move { limit.acquire().await });
+                ResponseFuture::Waiting { permit, next: Some((self.inner.clone(), request)) }
+            }
+            Err(overloaded) => ResponseFuture::Shed { error: Some(overloaded) },
+        }
+    }
+}
+
+impl<S: crate::outbound::split::Routable> crate::outbound::split::Routable for Breaker<S> {
+    fn routable(&self) -> Option<usize> {
+        self.inner.routable()
+    }
+}
+
+/// The response of a [`Breaker`].
+#[pin_project(project = ResponseFutureProj)]
+pub enum ResponseFuture<S: Service<R>, R> {
+    /// Waiting for a slot (within `max_pending`).
+    Waiting {
+        #[pin]
+        permit: BoxFuture<'static, Result<Permit, Overloaded>>,
+        next: Option<(S, R)>,
+    },
+    /// Holding a slot, waiting for the response.
+    Called {
+        #[pin]
+        future: S::Future,
+        permit: Option<Permit>,
+    },
+    /// Holding a slot it waited for: readiness is asked again before the call.
+    Waited {
+        #[pin]
+        future: Oneshot<S, R>,
+        permit: Option<Permit>,
+    },
+    /// Shed: every slot and every place in the queue taken.
+    Shed { error: Option<Overloaded> },
+}
+
+impl<S, R> Future for ResponseFuture<S, R>
+where
+    S: Service<R, Response = Response<Body>>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<Response<Body>, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            match self.as_mut().project() {
+                ResponseFutureProj::Waiting { permit, next } => {
+                    let permit = ready!(permit.poll(cx))?;
+                    let Some((inner, request)) = next.take() else {
+                        return Poll::Ready(Err("a circuit-breaker future was polled after it ended".into()));
+                    };
+                    self.set(ResponseFuture::Waited { future: inner.oneshot(request), permit: Some(permit) });
+                }
+                ResponseFutureProj::Waited { future, permit } => {
+                    let response = ready!(future.poll(cx)).map_err(Into::into)?;
+                    let permit = permit.take();
+                    return Poll::Ready(Ok(response.map(|body| boxed(ReleaseAtEnd { body, permit }))));
+                }
+                ResponseFutureProj::Called { future, permit } => {
+                    let response = ready!(future.poll(cx)).map_err(Into::into)?;
+                    let permit = permit.take();
+                    return Poll::Ready(Ok(response.map(|body| boxed(ReleaseAtEnd { body, permit }))));
+                }
+                ResponseFutureProj::Shed { error } => {
+                    let error: BoxError = match error.take() {
+                        Some(overloaded) => Box::new(overloaded),
+                        None => "a circuit-breaker future was polled after it ended".into(),
+                    };
+                    return Poll::Ready(Err(error));
+                }
+            }
+        }
+    }
 }
 
 /// A response body that gives its slot back as soon as it ends, fails, or is dropped.
@@ -272,8 +355,8 @@ mod tests {
     async fn past_the_slots_requests_wait_and_past_the_queue_they_are_shed() {
         let limit = limit(2, 1);
         let (mock, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let service = LimitLayer::new(limit.clone()).layer(mock);
-        let call = |service: &Limit<_>| tokio::spawn(service.clone().oneshot(request()));
+        let service = BreakerLayer::new(limit.clone()).layer(mock);
+        let call = |service: &Breaker<_>| tokio::spawn(service.clone().oneshot(request()));
 
         let first = call(&service);
         let second = call(&service);
@@ -310,7 +393,7 @@ mod tests {
     async fn a_slot_is_held_until_the_body_ends() {
         let limit = limit(1, 0);
         let (mock, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let mut service = LimitLayer::new(limit.clone()).layer(mock);
+        let mut service = BreakerLayer::new(limit.clone()).layer(mock);
         let pending = tokio::spawn(service.clone().oneshot(request()));
         let (_, answer) = handle.next_request().await.expect("dispatched");
         answer.send_response(Response::new(full("streamed")));

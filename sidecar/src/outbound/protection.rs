@@ -2,7 +2,7 @@
 //! circuit breaker, with their metrics, following the service's `ServicePolicy`.
 //!
 //! Every router sending to a service (its own, or another route's backend) shares that
-//! service's guard, so the limits hold per calling sidecar and destination whatever route the
+//! service's protection, so the limits hold per calling sidecar and destination whatever route the
 //! requests came by.
 
 use std::{
@@ -15,40 +15,40 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::{budget::RetryBudget, limit::ConcurrencyLimit, policy::Resilience};
+use super::{breaker::ConcurrencyLimit, budget::RetryBudget, policy::Resilience};
 use crate::{
     catalog::ServiceState,
     metrics::{DestinationLabels, Metrics, RetryLabels},
 };
 
 /// Every destination's guard, built on first use. Cheap to share.
-pub struct Guards {
+pub struct Protections {
     metrics: Metrics,
-    guards: Mutex<HashMap<Arc<str>, Arc<Guard>>>,
+    guards: Mutex<HashMap<Arc<str>, Arc<Protection>>>,
 }
 
 /// The retry budget and circuit breaker of one destination service.
-pub struct Guard {
+pub struct Protection {
     /// The destination service.
     pub service: Arc<str>,
     /// Charged by every retry decision.
     pub budget: RetryBudget,
     /// Taken by every attempt.
-    pub limit: Arc<ConcurrencyLimit>,
+    pub breaker: Arc<ConcurrencyLimit>,
     /// The policy version they follow; `u64::MAX` before the first.
     version: AtomicU64,
     metrics: Metrics,
 }
 
-impl Guards {
+impl Protections {
     /// An empty registry counting into `metrics`.
     pub fn new(metrics: Metrics) -> Self {
         Self { metrics, guards: Mutex::new(HashMap::new()) }
     }
 
     /// The guard of `service`.
-    pub fn get(&self, service: &Arc<str>) -> Arc<Guard> {
-        let mut guards = self.guards.lock().unwrap_or_else(|p| p.into_inner());
+    pub fn get(&self, service: &Arc<str>) -> Arc<Protection> {
+        let mut guards = ferry_runtime::lock(&self.guards);
         guards
             .entry(service.clone())
             .or_insert_with(|| {
@@ -60,10 +60,10 @@ impl Guards {
                     self.metrics.requests_in_flight.get_or_create(&labels).clone(),
                     self.metrics.requests_shed.get_or_create(&labels).clone(),
                 );
-                Arc::new(Guard {
+                Arc::new(Protection {
                     service: service.clone(),
                     budget: RetryBudget::new(defaults.budget),
-                    limit: Arc::new(limit),
+                    breaker: Arc::new(limit),
                     version: AtomicU64::new(u64::MAX),
                     metrics: self.metrics.clone(),
                 })
@@ -72,7 +72,7 @@ impl Guards {
     }
 }
 
-impl Guard {
+impl Protection {
     /// Brings the budget and limits up to the service's policy, when it changed.
     pub fn follow(&self, state: &watch::Receiver<ServiceState>) {
         let (version, policy) = {
@@ -89,7 +89,7 @@ impl Guard {
         if self.version.swap(version, Ordering::AcqRel) != version {
             let resilience = Resilience::of(policy.as_deref());
             self.budget.update(resilience.budget);
-            self.limit.update(resilience.limits);
+            self.breaker.update(resilience.limits);
         }
     }
 
@@ -137,22 +137,22 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn guards_follow_the_policy_of_their_service() {
-        let guards = Guards::new(Metrics::unregistered());
+        let guards = Protections::new(Metrics::unregistered());
         let guard = guards.get(&"catalog".into());
         assert!(Arc::ptr_eq(&guard, &guards.get(&"catalog".into())), "one guard per service");
         let (sender, receiver) = watch::channel(ServiceState::Pending);
         guard.follow(&receiver);
-        assert_eq!(guard.limit.limits(), Limits::default());
+        assert_eq!(guard.breaker.limits(), Limits::default());
 
         sender
             .send_replace(state(Some("circuit_breaker: { max_concurrent: 7, max_pending: 0 }\nretry_budget: { ratio: 0.5 }"), 4));
         guard.follow(&receiver);
-        assert_eq!(guard.limit.limits(), Limits { max_concurrent: 7, max_pending: 0 });
+        assert_eq!(guard.breaker.limits(), Limits { max_concurrent: 7, max_pending: 0 });
         assert_eq!(guard.budget.settings(), Budget { ratio: 0.5, min_per_second: 10, window: Duration::from_secs(10) });
 
         sender.send_replace(state(None, 5));
         guard.follow(&receiver);
-        assert_eq!(guard.limit.limits(), Limits::default(), "a deleted policy means the defaults");
+        assert_eq!(guard.breaker.limits(), Limits::default(), "a deleted policy means the defaults");
         assert_eq!(guard.budget.settings(), Budget::default());
     }
 }

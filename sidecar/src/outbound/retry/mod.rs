@@ -1,0 +1,218 @@
+//! `retry`: another attempt when one fails in a way that is safe to repeat.
+//!
+//! The layer is `tower::retry::Retry` with Ferry's [`RetryPolicy`]: which outcomes call for
+//! another attempt is in [`classify`]; how many attempts a request gets, and the retry
+//! timeout, come from the route rule (else [`mesh_default`]); each retry is charged to the
+//! destination's retry budget (see [`crate::outbound::budget`]) before its backoff, and no
+//! backoff starts that would end past the request's time limit. The body is streamed to the
+//! first attempt while a copy of up to [`MAX_REPLAY_BODY`] is kept for later ones.
+//!
+//! Every attempt carries `x-ferry-attempt` (1 for the first) and the request's [`Tried`], so
+//! that the balancer sends a retry to an endpoint not tried yet. A request that arrives with an
+//! attempt number above 1 is itself a retry one hop up, and is not retried again here: retries
+//! would multiply along a chain of hops otherwise. Such requests, and those whose rule allows a
+//! single attempt, bypass `tower::retry` altogether: no copy of their head or body is made.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use ferry_runtime::backoff::Backoff;
+use http::{Request, Response};
+use pin_project::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower::{Layer, Service};
+
+pub use self::{
+    body::{AttemptBody, MAX_REPLAY_BODY},
+    classify::{ATTEMPT_HEADER, incoming_attempt, mark_attempt, mesh_default, retry_reason},
+};
+use super::{attempt::Tried, endpoint::PerTryTimeout, protection::Protection, route::Retries};
+use crate::http::{Body, BoxError};
+
+pub mod body;
+pub mod classify;
+
+/// The backoff between attempts: up to 25 ms before the first retry, doubling to 250 ms.
+pub const BACKOFF: Backoff = Backoff::new(Duration::from_millis(25), Duration::from_millis(250));
+
+/// What a rule's retry layer follows.
+#[derive(Clone)]
+pub struct RetryConfig {
+    /// How many attempts in all, on which failures, and each attempt's time limit.
+    pub retries: Retries,
+    pub backoff: Backoff,
+    /// The destination whose retry budget pays for retries, and whose metrics count them.
+    pub protection: Arc<Protection>,
+    /// The time the whole request may take (the shorter of the rule's timeout and the edge's):
+    /// no retry starts whose backoff would end past it.
+    pub time_limit: Option<Duration>,
+    /// The rule, for the logs.
+    pub label: Arc<str>,
+}
+
+/// Wraps a service in a [`Retry`].
+#[derive(Clone)]
+pub struct RetryLayer {
+    config: Arc<RetryConfig>,
+}
+
+impl RetryLayer {
+    /// A layer retrying as `config` says.
+    pub fn new(config: RetryConfig) -> Self {
+        Self { config: Arc::new(config) }
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+
+    fn layer(&self, inner: S) -> Retry<S> {
+        let policy = RetryPolicy { config: self.config.clone(), deadline: None };
+        Retry { config: self.config.clone(), inner: tower::retry::Retry::new(policy, inner) }
+    }
+}
+
+/// A service that retries its requests through `tower::retry`.
+#[derive(Clone)]
+pub struct Retry<S> {
+    config: Arc<RetryConfig>,
+    inner: tower::retry::Retry<RetryPolicy, S>,
+}
+
+impl<S> Service<Request<Body>> for Retry<S>
+where
+    S: Service<Request<AttemptBody>, Response = Response<Body>, Error = BoxError> + Clone,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Retries poll the inner service's readiness again before each attempt.
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let config = &*self.config;
+        // Every original request pays into the budget that its retries draw from.
+        config.protection.budget.deposit();
+        let retrying = config.retries.attempts > 1 && incoming_attempt(request.headers()) <= 1;
+        let per_try = config.retries.per_try_timeout;
+        let (mut parts, body) = request.into_parts();
+        mark_attempt(&mut parts.headers, 1);
+        if let Some(limit) = per_try {
+            parts.extensions.insert(PerTryTimeout(limit));
+        }
+        if !retrying {
+            let request = Request::from_parts(parts, AttemptBody::once(body));
+            return ResponseFuture::Once { future: self.inner.get_mut().call(request) };
+        }
+        parts.extensions.insert(Tried::default());
+        let body = AttemptBody::replayable(body, &parts.headers);
+        ResponseFuture::Retrying { future: self.inner.call(Request::from_parts(parts, body)) }
+    }
+}
+
+/// The response of a [`Retry`].
+// The variants are held inline: the future lives in the connection's task, and boxing the
+// larger one would add the allocation per request that naming the future avoids.
+#[allow(clippy::large_enum_variant)]
+#[pin_project(project = ResponseFutureProj)]
+pub enum ResponseFuture<S>
+where
+    S: Service<Request<AttemptBody>, Response = Response<Body>, Error = BoxError>,
+{
+    /// A single attempt, straight to the inner service.
+    Once {
+        #[pin]
+        future: S::Future,
+    },
+    /// Attempts as the policy allows.
+    Retrying {
+        #[pin]
+        future: tower::retry::future::ResponseFuture<RetryPolicy, S, Request<AttemptBody>>,
+    },
+}
+
+impl<S> Future for ResponseFuture<S>
+where
+    S: Service<Request<AttemptBody>, Response = Response<Body>, Error = BoxError> + Clone,
+{
+    type Output = Result<Response<Body>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ResponseFutureProj::Once { future } => future.poll(cx),
+            ResponseFutureProj::Retrying { future } => future.poll(cx),
+        }
+    }
+}
+
+/// Ferry's `tower::retry::Policy`: one per request (tower clones it when the request starts,
+/// right after the first [`clone_request`](tower::retry::Policy::clone_request), which is
+/// where the request's deadline is set).
+#[derive(Clone)]
+pub struct RetryPolicy {
+    config: Arc<RetryConfig>,
+    /// No retry's backoff may end past this.
+    deadline: Option<Instant>,
+}
+
+impl tower::retry::Policy<Request<AttemptBody>, Response<Body>, BoxError> for RetryPolicy {
+    type Future = Sleep;
+
+    fn retry(&mut self, request: &mut Request<AttemptBody>, result: &mut Result<Response<Body>, BoxError>) -> Option<Sleep> {
+        let config = &*self.config;
+        // `request` is the copy kept for the next attempt: it carries the number of the one
+        // that just ended.
+        let attempt = incoming_attempt(request.headers());
+        if attempt >= config.retries.attempts || !request.body().can_replay() {
+            return None;
+        }
+        let reason = retry_reason(&config.retries, request.method(), result)?;
+        let delay = config.backoff.delay(attempt);
+        if self.deadline.is_some_and(|deadline| Instant::now() + delay >= deadline) {
+            return None;
+        }
+        // Charged now, before the backoff, so that requests failing together cannot all pass
+        // the check while their retries sleep.
+        let protection = &config.protection;
+        if !protection.budget.try_withdraw() {
+            tracing::debug!(service = %protection.service, rule = %config.label, attempt, reason, "the retry budget refuses a retry");
+            protection.refused();
+            return None;
+        }
+        protection.retried(reason);
+        tracing::debug!(service = %protection.service, rule = %config.label, attempt, reason, ?delay, "retrying");
+        mark_attempt(request.headers_mut(), attempt + 1);
+        // (tower drops the failed attempt's response, and with it its connection and
+        // circuit-breaker slot, before the backoff.)
+        Some(tokio::time::sleep(delay))
+    }
+
+    fn clone_request(&mut self, request: &Request<AttemptBody>) -> Option<Request<AttemptBody>> {
+        let attempt = incoming_attempt(request.headers());
+        if attempt == 1 {
+            self.deadline = self.config.time_limit.map(|limit| Instant::now() + limit);
+        }
+        if attempt >= self.config.retries.attempts {
+            // The last attempt: nothing is kept.
+            return None;
+        }
+        let mut copy = Request::new(request.body().replay()?);
+        *copy.method_mut() = request.method().clone();
+        *copy.uri_mut() = request.uri().clone();
+        *copy.version_mut() = request.version();
+        *copy.headers_mut() = request.headers().clone();
+        *copy.extensions_mut() = request.extensions().clone();
+        Some(copy)
+    }
+}
+
+#[cfg(test)]
+mod tests;
