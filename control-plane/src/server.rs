@@ -26,9 +26,9 @@ use ferry_health::RunnerOptions;
 
 use crate::{
     api::{
-        config::ConfigService,
         grpc::RegistryService,
         http::{self, HttpState},
+        resources::ConfigService,
         security::{self, SecurityService},
     },
     auth::{Auth, AuthLayer, Tokens},

@@ -27,12 +27,12 @@ use ferry_proto::{
 use ferry_tls::api::{Access, ApiChannel};
 use serde::Serialize;
 
-mod config;
 mod explain;
+mod routing;
 mod security;
 mod table;
 
-use self::{config::KindArg, table::Table};
+use self::{routing::KindArg, table::Table};
 
 /// Ferry's command line: inspect and change the mesh through the control plane.
 #[derive(Debug, Parser)]
@@ -359,17 +359,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Status => {
             let channel = connect(api).await?;
             let response = DiscoveryClient::new(channel.clone()).list_sidecars(v1::ListSidecarsRequest {}).await?.into_inner();
-            let rollouts = config::rollouts(channel, &response).await?;
+            let rollouts = routing::rollouts(channel, &response).await?;
             match output {
-                Output::Table => Ok(status_table(&response) + &config::rollouts_text(&rollouts)),
+                Output::Table => Ok(status_table(&response) + &routing::rollouts_text(&rollouts)),
                 _ => encode(output, &serde_json::json!({ "sidecars": response.sidecars, "resources": rollouts })),
             }
         }
-        Command::Apply { file, dry_run } => config::apply(api, output, &file, dry_run).await,
-        Command::Get { kind, service } => config::get(api, output, kind, service).await,
-        Command::Delete { kind, service, expected_version } => config::delete(api, output, kind, service, expected_version).await,
-        Command::History { kind, service } => config::history(api, output, kind, service).await,
-        Command::Rollback { kind, service, to } => config::rollback(api, output, kind, service, to).await,
+        Command::Apply { file, dry_run } => routing::apply(api, output, &file, dry_run).await,
+        Command::Get { kind, service } => routing::get(api, output, kind, service).await,
+        Command::Delete { kind, service, expected_version } => {
+            routing::delete(api, output, kind, service, expected_version).await
+        }
+        Command::History { kind, service } => routing::history(api, output, kind, service).await,
+        Command::Rollback { kind, service, to } => routing::rollback(api, output, kind, service, to).await,
         Command::Explain { service, path, method, headers, host, sidecar, from } => {
             validate::service_name("SERVICE", &service).map_err(|e| UsageError(e.to_string()))?;
             let question = explain::Question { service, path, method, headers, host, sidecar };

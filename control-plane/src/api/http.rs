@@ -86,7 +86,7 @@ pub struct HttpState {
 
 /// The API's router: every route behind the token check of `auth`.
 pub fn router(state: HttpState, security: super::security::SecurityService, auth: Auth) -> Router {
-    let resources = super::config::router(state.resources.clone(), state.sidecars.clone());
+    let resources = super::resources::router(state.resources.clone(), state.sidecars.clone());
     let routes = Router::new()
         .route("/v1/services", get(list_services))
         .route("/v1/services/{name}", get(list_instances))
@@ -285,7 +285,7 @@ async fn register(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Json<v1::RegisterResponse>, ApiError> {
-    if let Err(refused) = super::config::body_type(&headers, &["application/json"]) {
+    if let Err(refused) = super::resources::body_type(&headers, &["application/json"]) {
         return Err(ApiError { status: StatusCode::UNSUPPORTED_MEDIA_TYPE, error: refused, field: None });
     }
     let instance: v1::Instance = ferry_proto::json::decode_slice("ferry.v1.Instance", &body).map_err(ApiError::bad_request)?;

@@ -14,9 +14,9 @@ use crate::{
     registry::{Instance, Registry, RegistryError, ServiceSnapshot, ServiceSummary},
 };
 
-pub mod config;
 pub mod grpc;
 pub mod http;
+pub mod resources;
 pub mod security;
 
 /// Whether `principal` may deregister `instance`: one a sidecar registered is its stream's, and

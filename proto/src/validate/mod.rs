@@ -7,9 +7,9 @@ use std::{collections::HashSet, net::IpAddr, time::Duration};
 
 use crate::v1;
 
-mod config;
+mod resources;
 
-pub use self::config::*;
+pub use self::resources::*;
 
 /// The longest service name: one DNS label.
 pub const MAX_SERVICE_NAME: usize = 63;

@@ -7,7 +7,7 @@ use ferry_runtime::lock;
 use std::{
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -24,14 +24,24 @@ const PENALTY_FLOOR: Duration = Duration::from_millis(30);
 /// The most failures push the latency estimate to.
 const PENALTY_CEILING: Duration = Duration::from_secs(10);
 
-/// One endpoint as a balancer tracks it.
+/// One endpoint as a balancer tracks it. The request path reads and writes it with atomics
+/// alone: its latency estimate, slow-start clock and ejection deadline are words of their own,
+/// and only an ejection decision takes the outlier lock.
 #[derive(Debug)]
 pub struct Tracked {
     pub id: Arc<str>,
     in_flight: AtomicUsize,
-    rtt: Mutex<Ewma>,
+    /// The instants below count from here.
+    epoch: Instant,
+    /// The peak-EWMA latency estimate, in seconds (`f64` bits), as of `rtt_updated`.
+    rtt_seconds: AtomicU64,
+    rtt_updated: AtomicInstant,
     /// Since when it has been routable, for slow start.
-    routable_since: Mutex<Option<Instant>>,
+    routable_since: AtomicInstant,
+    /// Ejected until then; once past, the next request is a probe.
+    ejected_until: AtomicInstant,
+    consecutive_failures: AtomicU32,
+    /// What ejections need beyond the above, changed only when one is decided.
     outlier: Mutex<Outlier>,
     /// A probe request is in flight to this endpoint, whose ejection has run out.
     probing: AtomicBool,
@@ -39,38 +49,49 @@ pub struct Tracked {
     measured: AtomicBool,
 }
 
-/// A peak-EWMA latency estimate: jumps up to any slower sample at once, decays towards faster
-/// ones (and towards zero while idle) with the configured decay time.
+/// An optional instant in one atomic word: nanoseconds from its owner's epoch (negative for
+/// instants before it), `i64::MIN` for none.
 #[derive(Debug)]
-struct Ewma {
-    seconds: f64,
-    updated: Instant,
+struct AtomicInstant(AtomicI64);
+
+impl AtomicInstant {
+    const NONE: i64 = i64::MIN;
+
+    fn new(epoch: Instant, at: Option<Instant>) -> Self {
+        Self(AtomicI64::new(Self::encode(epoch, at)))
+    }
+
+    fn encode(epoch: Instant, at: Option<Instant>) -> i64 {
+        match at {
+            None => Self::NONE,
+            Some(at) if at >= epoch => i64::try_from(at.duration_since(epoch).as_nanos()).unwrap_or(i64::MAX),
+            Some(at) => -i64::try_from(epoch.duration_since(at).as_nanos()).unwrap_or(i64::MAX),
+        }
+    }
+
+    fn load(&self, epoch: Instant) -> Option<Instant> {
+        match self.0.load(Ordering::Acquire) {
+            Self::NONE => None,
+            nanos if nanos >= 0 => Some(epoch + Duration::from_nanos(nanos.unsigned_abs())),
+            nanos => Some(epoch.checked_sub(Duration::from_nanos(nanos.unsigned_abs())).unwrap_or(epoch)),
+        }
+    }
+
+    fn store(&self, epoch: Instant, at: Option<Instant>) {
+        self.0.store(Self::encode(epoch, at), Ordering::Release);
+    }
 }
 
-impl Ewma {
-    fn decayed(&self, now: Instant, decay: Duration) -> f64 {
-        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
-        self.seconds * (-elapsed / decay.as_secs_f64().max(1e-3)).exp()
-    }
-
-    fn observe(&mut self, now: Instant, sample: f64, decay: Duration) {
-        if sample > self.seconds {
-            self.seconds = sample;
-        } else {
-            let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
-            let weight = (-elapsed / decay.as_secs_f64().max(1e-3)).exp();
-            self.seconds = self.seconds * weight + sample * (1.0 - weight);
-        }
-        self.updated = now;
-    }
+/// Peak-EWMA: jumps up to any slower sample at once, decays towards faster ones (and towards
+/// zero while idle) with the configured decay time.
+fn decayed(seconds: f64, updated: Instant, now: Instant, decay: Duration) -> f64 {
+    let elapsed = now.saturating_duration_since(updated).as_secs_f64();
+    seconds * (-elapsed / decay.as_secs_f64().max(1e-3)).exp()
 }
 
 #[derive(Debug, Default)]
 struct Outlier {
-    consecutive_failures: u32,
     times_ejected: u32,
-    /// Ejected until then; once past, the next request is a probe.
-    ejected_until: Option<Instant>,
     last_ejected: Option<Instant>,
 }
 
@@ -88,8 +109,12 @@ impl Tracked {
         Self {
             id: id.into(),
             in_flight: AtomicUsize::new(0),
-            rtt: Mutex::new(Ewma { seconds: default_rtt.as_secs_f64(), updated: now }),
-            routable_since: Mutex::new(None),
+            epoch: now,
+            rtt_seconds: AtomicU64::new(default_rtt.as_secs_f64().to_bits()),
+            rtt_updated: AtomicInstant::new(now, Some(now)),
+            routable_since: AtomicInstant::new(now, None),
+            ejected_until: AtomicInstant::new(now, None),
+            consecutive_failures: AtomicU32::new(0),
             outlier: Mutex::new(Outlier::default()),
             probing: AtomicBool::new(false),
             measured: AtomicBool::new(false),
@@ -112,21 +137,38 @@ impl Tracked {
 
     /// The peak-EWMA cost of sending one more request here: latency × (in flight + 1).
     pub fn cost(&self, now: Instant, decay: Duration) -> f64 {
-        lock(&self.rtt).decayed(now, decay) * (self.in_flight() + 1) as f64
+        self.latency(now, decay) * (self.in_flight() + 1) as f64
     }
 
     /// The latency estimate, in seconds.
     pub fn latency(&self, now: Instant, decay: Duration) -> f64 {
-        lock(&self.rtt).decayed(now, decay)
+        let seconds = f64::from_bits(self.rtt_seconds.load(Ordering::Relaxed));
+        let updated = self.rtt_updated.load(self.epoch).unwrap_or(self.epoch);
+        decayed(seconds, updated, now, decay)
+    }
+
+    /// Folds a sample into the estimate. Two samples folded at once may lose one: the estimate
+    /// is a heuristic, and a lost sample costs less than a lock on every response.
+    fn observe(&self, now: Instant, sample: f64, decay: Duration) {
+        let seconds = f64::from_bits(self.rtt_seconds.load(Ordering::Relaxed));
+        let updated = self.rtt_updated.load(self.epoch).unwrap_or(self.epoch);
+        let next = if sample > seconds {
+            sample
+        } else {
+            let elapsed = now.saturating_duration_since(updated).as_secs_f64();
+            let weight = (-elapsed / decay.as_secs_f64().max(1e-3)).exp();
+            seconds * weight + sample * (1.0 - weight)
+        };
+        self.rtt_seconds.store(next.to_bits(), Ordering::Relaxed);
+        self.rtt_updated.store(self.epoch, Some(now));
     }
 
     /// Counts a failure against the latency estimate: doubled, and at least the default RTT,
     /// so that an endpoint failing fast is not taken for a fast one.
     pub fn penalize(&self, now: Instant, decay: Duration) {
         self.measured.store(true, Ordering::Relaxed);
-        let mut rtt = lock(&self.rtt);
-        let penalty = (rtt.decayed(now, decay) * 2.0).clamp(PENALTY_FLOOR.as_secs_f64(), PENALTY_CEILING.as_secs_f64());
-        rtt.observe(now, penalty, decay);
+        let penalty = (self.latency(now, decay) * 2.0).clamp(PENALTY_FLOOR.as_secs_f64(), PENALTY_CEILING.as_secs_f64());
+        self.observe(now, penalty, decay);
     }
 
     /// Whether its latency has been sampled yet.
@@ -136,15 +178,18 @@ impl Tracked {
 
     pub fn observe_latency(&self, now: Instant, sample: Duration, decay: Duration) {
         self.measured.store(true, Ordering::Relaxed);
-        lock(&self.rtt).observe(now, sample.as_secs_f64(), decay);
+        self.observe(now, sample.as_secs_f64(), decay);
     }
 
-    /// Notes whether the endpoint is routable now; `warm` starts it past any slow start.
+    /// Notes whether the endpoint is routable now; `warm` starts it past any slow start. Called
+    /// by config updates alone, one at a time.
     pub fn set_routable(&self, routable: bool, now: Instant, warm: bool) {
-        let mut since = lock(&self.routable_since);
-        match (routable, *since) {
-            (true, None) => *since = Some(if warm { now.checked_sub(Duration::from_secs(3600)).unwrap_or(now) } else { now }),
-            (false, _) => *since = None,
+        match (routable, self.routable_since.load(self.epoch)) {
+            (true, None) => {
+                let since = if warm { now.checked_sub(Duration::from_secs(3600)).unwrap_or(now) } else { now };
+                self.routable_since.store(self.epoch, Some(since));
+            }
+            (false, _) => self.routable_since.store(self.epoch, None),
             (true, Some(_)) => {}
         }
     }
@@ -153,13 +198,21 @@ impl Tracked {
     /// the window.
     pub fn ramp(&self, now: Instant, window: Option<Duration>) -> f64 {
         let Some(window) = window else { return 1.0 };
-        let Some(since) = *lock(&self.routable_since) else { return 1.0 };
+        let Some(since) = self.routable_since.load(self.epoch) else { return 1.0 };
         let elapsed = now.saturating_duration_since(since).as_secs_f64();
         (elapsed / window.as_secs_f64()).clamp(0.1, 1.0)
     }
 
+    fn ejected_until(&self) -> Option<Instant> {
+        self.ejected_until.load(self.epoch)
+    }
+
+    fn set_ejected_until(&self, until: Option<Instant>) {
+        self.ejected_until.store(self.epoch, until);
+    }
+
     pub fn availability(&self, now: Instant) -> Availability {
-        match lock(&self.outlier).ejected_until {
+        match self.ejected_until() {
             None => Availability::Available,
             Some(until) if now < until => Availability::Ejected,
             Some(_) if self.probing.load(Ordering::Acquire) => Availability::Ejected,
@@ -169,7 +222,7 @@ impl Tracked {
 
     /// Whether it is ejected at `now` (an ejection run out, its probe pending, is not counted).
     pub fn is_ejected_at(&self, now: Instant) -> bool {
-        lock(&self.outlier).ejected_until.is_some_and(|until| now < until)
+        self.ejected_until().is_some_and(|until| now < until)
     }
 
     /// Whether it is ejected now.
@@ -204,9 +257,9 @@ impl OutlierSet {
     pub fn update(&self, members: Vec<Arc<Tracked>>, ejection: Option<Ejection>) {
         if ejection.is_none() {
             for member in &members {
-                let mut outlier = lock(&member.outlier);
-                outlier.ejected_until = None;
-                outlier.consecutive_failures = 0;
+                let _outlier = lock(&member.outlier);
+                member.set_ejected_until(None);
+                member.consecutive_failures.store(0, Ordering::Relaxed);
             }
         }
         self.members.store(Arc::new(members));
@@ -231,13 +284,19 @@ impl OutlierSet {
             }
         };
         let Some(ejection) = ejection else { return release() };
-        let mut outlier = lock(&tracked.outlier);
         match outcome {
             None | Some(Outcome::Neutral) => {}
+            // The common case, with no lock: a success of an endpoint that is not ejected.
+            Some(Outcome::Success) if !probe => {
+                if tracked.consecutive_failures.load(Ordering::Relaxed) != 0 {
+                    tracked.consecutive_failures.store(0, Ordering::Relaxed);
+                }
+            }
             Some(Outcome::Success) => {
-                outlier.consecutive_failures = 0;
-                if probe && outlier.ejected_until.is_some() {
-                    outlier.ejected_until = None;
+                tracked.consecutive_failures.store(0, Ordering::Relaxed);
+                let outlier = lock(&tracked.outlier);
+                if tracked.ejected_until().is_some() {
+                    tracked.set_ejected_until(None);
                     tracing::info!(pool = %self.label, endpoint = %tracked.id, "a probe succeeded: the endpoint is back");
                     drop(outlier);
                     release();
@@ -246,15 +305,16 @@ impl OutlierSet {
                 }
             }
             Some(Outcome::Failure) => {
-                outlier.consecutive_failures = outlier.consecutive_failures.saturating_add(1);
-                if probe && outlier.ejected_until.is_some() {
+                let failures = tracked.consecutive_failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+                let mut outlier = lock(&tracked.outlier);
+                if probe && tracked.ejected_until().is_some() {
                     outlier.times_ejected = outlier.times_ejected.saturating_add(1);
                     let duration = ejection.base.saturating_mul(outlier.times_ejected).min(ejection.max);
-                    outlier.ejected_until = Some(now + duration);
+                    tracked.set_ejected_until(Some(now + duration));
                     outlier.last_ejected = Some(now);
                     tracing::info!(pool = %self.label, endpoint = %tracked.id, ?duration, "a probe failed: ejected again");
                     self.metrics.ejected(&self.label);
-                } else if outlier.ejected_until.is_none() && outlier.consecutive_failures >= ejection.consecutive_failures {
+                } else if tracked.ejected_until().is_none() && failures >= ejection.consecutive_failures {
                     drop(outlier);
                     release();
                     self.eject(tracked, &ejection, now);
@@ -262,7 +322,6 @@ impl OutlierSet {
                 }
             }
         }
-        drop(outlier);
         release();
     }
 
@@ -282,7 +341,7 @@ impl OutlierSet {
             return;
         }
         let mut outlier = lock(&tracked.outlier);
-        if outlier.ejected_until.is_some() {
+        if tracked.ejected_until().is_some() {
             return;
         }
         // An endpoint healthy for a long while starts its ejection count afresh.
@@ -291,9 +350,9 @@ impl OutlierSet {
         }
         outlier.times_ejected = outlier.times_ejected.saturating_add(1);
         let duration = ejection.base.saturating_mul(outlier.times_ejected).min(ejection.max);
-        outlier.ejected_until = Some(now + duration);
+        tracked.set_ejected_until(Some(now + duration));
         outlier.last_ejected = Some(now);
-        let failures = outlier.consecutive_failures;
+        let failures = tracked.consecutive_failures.load(Ordering::Relaxed);
         drop(outlier);
         tracing::warn!(pool = %self.label, endpoint = %tracked.id, failures, ?duration, "endpoint ejected after consecutive failures");
         self.metrics.ejected(&self.label);

@@ -2,7 +2,14 @@
 //! candidates (indices into the balancer's endpoints) and their weights, already adjusted for
 //! slow start.
 
-use std::{collections::HashMap, hash::Hasher, sync::Mutex};
+use std::{
+    hash::Hasher,
+    sync::{Mutex, OnceLock},
+};
+
+use ferry_runtime::lock;
+
+use smallvec::SmallVec;
 
 /// Picks an index of `candidates` with probability proportional to its weight; `skip` is
 /// left out.
@@ -31,15 +38,23 @@ pub fn two_choices(candidates: &[usize], weights: &[f64], cost: impl Fn(usize) -
 }
 
 /// Smooth weighted round-robin (as nginx does it): every endpoint gets its weight's share, and
-/// the turns of a heavy endpoint are spread out rather than bunched.
+/// the turns of a heavy endpoint are spread out rather than bunched. Each data-path worker keeps
+/// its own rotation, so no lock is shared across workers: every worker gives each endpoint its
+/// share, and so do all of them together.
 #[derive(Debug, Default)]
 pub struct RoundRobin {
-    current: Mutex<Vec<f64>>,
+    /// One rotation per worker slot, made on first use.
+    rotations: OnceLock<Box<[Mutex<Vec<f64>>]>>,
 }
+
+/// Rotations per balancer: workers beyond this share one, uncontended in practice.
+const ROTATIONS: usize = 16;
 
 impl RoundRobin {
     pub fn pick(&self, candidates: &[usize], weights: &[f64]) -> Option<usize> {
-        let mut current = ferry_runtime::lock(&self.current);
+        let rotations = self.rotations.get_or_init(|| (0..ROTATIONS).map(|_| Mutex::new(Vec::new())).collect());
+        let slot = crate::workers::current().map_or(0, |worker| (worker + 1) % ROTATIONS);
+        let mut current = lock(&rotations[slot]);
         if current.len() != weights.len() {
             *current = vec![0.0; weights.len()];
         }
@@ -64,6 +79,8 @@ impl RoundRobin {
 #[derive(Debug)]
 pub struct Ring {
     points: Vec<(u64, usize)>,
+    /// How many endpoints the points refer to.
+    endpoints: usize,
 }
 
 /// Points per endpoint of weight 100 (the default weight).
@@ -85,7 +102,7 @@ impl Ring {
             }
         }
         points.sort_unstable();
-        Self { points }
+        Self { points, endpoints: endpoints.len() }
     }
 
     /// The first endpoint at or after the key's place on the ring that `allowed` accepts.
@@ -94,12 +111,18 @@ impl Ring {
             return None;
         }
         let start = self.points.partition_point(|(point, _)| *point < key);
-        let mut seen = HashMap::new();
+        // Endpoints already refused, one bit each (inline up to 128 endpoints): asked once.
+        let mut refused: SmallVec<[u64; 2]> = smallvec::smallvec![0; self.endpoints.div_ceil(64)];
         for offset in 0..self.points.len() {
             let (_, index) = self.points[(start + offset) % self.points.len()];
-            if *seen.entry(index).or_insert_with(|| allowed(index)) {
+            let (word, bit) = (index / 64, 1u64 << (index % 64));
+            if refused[word] & bit != 0 {
+                continue;
+            }
+            if allowed(index) {
                 return Some(index);
             }
+            refused[word] |= bit;
         }
         None
     }
