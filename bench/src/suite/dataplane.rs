@@ -1,8 +1,10 @@
 //! The data paths under test, each started fresh on loopback and stopped after its runs: the
-//! upstream alone (`direct`), one Ferry sidecar (`ferry-1hop`), two sidecars as in a mesh
-//! (`ferry-mesh`), and HAProxy and nginx as one-hop reverse proxies with the same number of
-//! threads as the sidecar. Also the upstream itself, a hyper server answering 1 KiB bodies over
-//! HTTP/1.1 keep-alive and h2c, which runs as a process of its own.
+//! upstream alone (`direct`), one Ferry sidecar reached in each of the three ways apps reach it
+//! (a port per upstream, `ferry-1hop`; the outbound listener with the service in `Host`,
+//! `ferry-1hop-host`; the outbound listener as an HTTP proxy, `ferry-1hop-proxy`), two sidecars
+//! as in a mesh (`ferry-mesh`), and HAProxy and nginx as one-hop reverse proxies with the same
+//! number of threads as the sidecar. Also the upstream itself, a hyper server answering 1 KiB
+//! bodies over HTTP/1.1 keep-alive and h2c, which runs as a process of its own.
 
 use std::{
     convert::Infallible,
@@ -25,7 +27,10 @@ use hyper_util::{
 };
 use serde::Serialize;
 
-use super::{load::Protocol, procstat};
+use super::{
+    load::{Protocol, RequestForm},
+    procstat,
+};
 
 /// The size of every upstream response body.
 pub const BODY_BYTES: usize = 1024;
@@ -164,6 +169,10 @@ pub enum PathKind {
     Direct,
     #[serde(rename = "ferry-1hop")]
     FerryOneHop,
+    #[serde(rename = "ferry-1hop-host")]
+    FerryOneHopHost,
+    #[serde(rename = "ferry-1hop-proxy")]
+    FerryOneHopProxy,
     #[serde(rename = "ferry-mesh")]
     FerryMesh,
     #[serde(rename = "ferry-mesh-mtls")]
@@ -176,9 +185,11 @@ pub enum PathKind {
 
 impl PathKind {
     /// Every path, in report order.
-    pub const ALL: [PathKind; 6] = [
+    pub const ALL: [PathKind; 8] = [
         PathKind::Direct,
         PathKind::FerryOneHop,
+        PathKind::FerryOneHopHost,
+        PathKind::FerryOneHopProxy,
         PathKind::FerryMesh,
         PathKind::FerryMeshMtls,
         PathKind::Haproxy,
@@ -190,6 +201,8 @@ impl PathKind {
         match self {
             PathKind::Direct => "direct",
             PathKind::FerryOneHop => "ferry-1hop",
+            PathKind::FerryOneHopHost => "ferry-1hop-host",
+            PathKind::FerryOneHopProxy => "ferry-1hop-proxy",
             PathKind::FerryMesh => "ferry-mesh",
             PathKind::FerryMeshMtls => "ferry-mesh-mtls",
             PathKind::Haproxy => "haproxy",
@@ -202,6 +215,14 @@ impl PathKind {
         match self {
             PathKind::Direct => "client → upstream",
             PathKind::FerryOneHop => "client → sidecar (`--upstream bench=…`) → upstream (an API-registered instance)",
+            PathKind::FerryOneHopHost => {
+                "client → sidecar's outbound listener, the service named in `Host: bench` (HTTP/1.1) or `:authority: bench` \
+                 (h2c) → upstream (the same instance)"
+            }
+            PathKind::FerryOneHopProxy => {
+                "client → sidecar's outbound listener as an HTTP proxy (`GET http://bench/ HTTP/1.1`, HTTP/1.1 only) → \
+                 upstream (the same instance)"
+            }
             PathKind::FerryMesh => {
                 "client → outbound sidecar → inbound sidecar (`--app`, `--mtls off`: plaintext between sidecars) → upstream"
             }
@@ -210,6 +231,52 @@ impl PathKind {
             }
             PathKind::Haproxy => "client → HAProxy (keep-alive to the upstream) → upstream",
             PathKind::Nginx => "client → nginx (keep-alive to the upstream) → upstream",
+        }
+    }
+
+    /// Whether its proxies are Ferry sidecars.
+    pub fn is_ferry(self) -> bool {
+        matches!(
+            self,
+            PathKind::FerryOneHop
+                | PathKind::FerryOneHopHost
+                | PathKind::FerryOneHopProxy
+                | PathKind::FerryMesh
+                | PathKind::FerryMeshMtls
+        )
+    }
+
+    /// How its clients name the upstream.
+    pub fn addressing(self) -> Addressing {
+        match self {
+            PathKind::FerryOneHopHost => Addressing::Host,
+            PathKind::FerryOneHopProxy => Addressing::Proxy,
+            _ => Addressing::Listener,
+        }
+    }
+}
+
+/// How a client names the upstream to the listener it connects to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Addressing {
+    /// It does not need to: the listener forwards everything to one upstream (a sidecar's port
+    /// per upstream, a reverse proxy, the upstream itself). The generators send what they send
+    /// anyway: wrk and h2load the listener's address, the open-loop generator and the probe
+    /// [`AUTHORITY`].
+    Listener,
+    /// The service in `Host` (HTTP/1.1) or `:authority` (h2c), on the sidecar's outbound
+    /// listener.
+    Host,
+    /// As to an HTTP proxy: an absolute-form URI (`GET http://bench/ HTTP/1.1`), HTTP/1.1 only.
+    Proxy,
+}
+
+impl Addressing {
+    /// How the open-loop generator writes an HTTP/1.1 request's target.
+    pub fn request_form(self) -> RequestForm {
+        match self {
+            Addressing::Listener | Addressing::Host => RequestForm::Origin,
+            Addressing::Proxy => RequestForm::Absolute,
         }
     }
 }
@@ -315,27 +382,32 @@ impl Probe {
         Ok(Self { runtime: tokio::runtime::Builder::new_current_thread().enable_all().build()? })
     }
 
-    /// The status of `GET /` on `addr` in `protocol`, or why there is none.
-    pub fn get(&self, addr: SocketAddr, protocol: Protocol) -> Result<u16, String> {
-        let answer = self.runtime.block_on(async {
+    /// The answer to `GET /` on `addr` in `protocol`, naming [`AUTHORITY`] as `addressing`
+    /// says, or why there is none.
+    pub fn get(&self, addr: SocketAddr, protocol: Protocol, addressing: Addressing) -> Result<client::Answer, String> {
+        self.runtime.block_on(async {
             let request = tokio::time::timeout(Duration::from_secs(2), async {
-                match protocol {
-                    Protocol::Http1 => client::host_get(addr, AUTHORITY, "/").await,
-                    Protocol::Http2 => client::h2_get(addr, AUTHORITY, "/").await,
+                match (protocol, addressing.request_form()) {
+                    (Protocol::Http1, RequestForm::Origin) => client::host_get(addr, AUTHORITY, "/").await,
+                    (Protocol::Http1, RequestForm::Absolute) => client::proxy_get(addr, &format!("http://{AUTHORITY}/")).await,
+                    (Protocol::Http2, _) => client::h2_get(addr, AUTHORITY, "/").await,
                 }
             });
             request.await.map_err(|_| "no answer within 2s".to_owned())?.map_err(|e| e.to_string())
-        })?;
-        Ok(answer.0.as_u16())
+        })
     }
 
     /// Polls `GET /` until it answers 200 (or [`STARTUP`] passes).
-    pub fn wait_ok(&self, addr: SocketAddr, protocol: Protocol) -> Result<(), String> {
+    pub fn wait_ok(&self, addr: SocketAddr, protocol: Protocol, addressing: Addressing) -> Result<(), String> {
         let deadline = Instant::now() + STARTUP;
         loop {
-            let last = match self.get(addr, protocol) {
-                Ok(200) => return Ok(()),
-                Ok(status) => format!("answered {status}"),
+            let last = match self.get(addr, protocol, addressing) {
+                Ok(answer) if answer.0 == http::StatusCode::OK => return Ok(()),
+                // A sidecar that cannot name or reach the service says why in x-ferry-error.
+                Ok(answer) => match client::header(&answer, "x-ferry-error") {
+                    "" => format!("answered {}", answer.0),
+                    reason => format!("answered {} (x-ferry-error: {reason})", answer.0),
+                },
                 Err(error) => error,
             };
             if Instant::now() > deadline {
@@ -378,16 +450,19 @@ pub fn start(
 ) -> anyhow::Result<Running> {
     let mut running = match kind {
         PathKind::Direct => Running { kind, http1: upstream, h2c: Ok(upstream), proxies: Vec::new(), children: Vec::new() },
-        PathKind::FerryOneHop => start_one_hop(setup, upstream, control_plane, probe)?,
+        PathKind::FerryOneHop | PathKind::FerryOneHopHost | PathKind::FerryOneHopProxy => {
+            start_one_hop(kind, setup, upstream, control_plane, probe)?
+        }
         PathKind::FerryMesh => start_mesh(setup, upstream, control_plane, probe, false)?,
         PathKind::FerryMeshMtls => start_mesh(setup, upstream, control_plane, probe, true)?,
         PathKind::Haproxy => start_haproxy(setup, upstream)?,
         PathKind::Nginx => start_nginx(setup, upstream)?,
     };
-    probe.wait_ok(running.http1, Protocol::Http1).map_err(|e| anyhow::anyhow!("{kind} carries no HTTP/1.1: {e}"))?;
+    let addressing = kind.addressing();
+    probe.wait_ok(running.http1, Protocol::Http1, addressing).map_err(|e| anyhow::anyhow!("{kind} carries no HTTP/1.1: {e}"))?;
     if let Ok(addr) = running.h2c {
         // A proxy that cannot take h2c from clients is reported as such, not as a failure.
-        if let Err(error) = probe.wait_ok(addr, Protocol::Http2) {
+        if let Err(error) = probe.wait_ok(addr, Protocol::Http2, addressing) {
             running.h2c = Err(format!("h2c prior knowledge failed: {error}"));
         }
     }
@@ -416,26 +491,36 @@ fn sidecar_command(setup: &Setup, control_plane: &ControlPlane, service: &str) -
     command
 }
 
+/// A client sidecar that is ready, with one passing endpoint of the service it serves.
+struct ClientSidecar {
+    child: Child,
+    /// Its listener for `--upstream SERVICE=127.0.0.1:0`.
+    upstream_port: SocketAddr,
+    /// Its outbound listener, where apps name the service in the authority.
+    outbound: SocketAddr,
+}
+
 /// A client sidecar with `--upstream SERVICE=127.0.0.1:0`, ready, with one passing endpoint of
-/// `service`; returns it, its upstream port and its admin address.
+/// `service`.
 fn client_sidecar(
     setup: &Setup,
     control_plane: &ControlPlane,
     probe: &Probe,
     name: &str,
     service: &str,
-) -> anyhow::Result<(Child, SocketAddr)> {
+) -> anyhow::Result<ClientSidecar> {
     let mut command = sidecar_command(setup, control_plane, &format!("{service}-client"));
     command.arg("--upstream").arg(format!("{service}=127.0.0.1:0"));
     let mut child = Child::spawn(name, command, setup.dir.join(format!("{name}.log")), false)?;
     let pairs = child.wait_listening()?;
     let admin: SocketAddr = bound(&pairs, "admin")?.parse().context("admin address")?;
+    let outbound: SocketAddr = bound(&pairs, "outbound")?.parse().context("outbound address")?;
     let upstreams = bound(&pairs, "upstreams")?;
     let port = upstreams
         .split(',')
         .find_map(|u| u.strip_prefix(service)?.strip_prefix('@'))
         .with_context(|| format!("no upstream {service} in {upstreams}"))?;
-    let port: SocketAddr = port.parse().context("upstream address")?;
+    let upstream_port: SocketAddr = port.parse().context("upstream address")?;
     let deadline = Instant::now() + STARTUP;
     while probe.passing_endpoints(admin, service) < 1 {
         child.check_alive()?;
@@ -444,16 +529,40 @@ fn client_sidecar(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Ok((child, port))
+    Ok(ClientSidecar { child, upstream_port, outbound })
 }
 
-fn start_one_hop(setup: &Setup, upstream: SocketAddr, control_plane: &ControlPlane, probe: &Probe) -> anyhow::Result<Running> {
-    let instance =
-        format!(r#"{{"id": "bench-upstream", "service": "bench", "address": "{}", "port": {}}}"#, upstream.ip(), upstream.port());
+/// A one-hop path of `kind`: a sidecar of its own, so that its cost is measured alone, in front
+/// of the one upstream instance every one-hop path shares, entered where `kind` says.
+fn start_one_hop(
+    kind: PathKind,
+    setup: &Setup,
+    upstream: SocketAddr,
+    control_plane: &ControlPlane,
+    probe: &Probe,
+) -> anyhow::Result<Running> {
+    // Registering the same instance again changes nothing, so each path can do it.
+    let instance = format!(
+        r#"{{"id": "bench-upstream", "service": "{AUTHORITY}", "address": "{}", "port": {}}}"#,
+        upstream.ip(),
+        upstream.port()
+    );
     probe.put_json(control_plane, "/v1/instances", &instance)?;
-    let (sidecar, port) = client_sidecar(setup, control_plane, probe, "sidecar-1hop", "bench")?;
-    let proxies = vec![Measured { name: "sidecar".into(), pid: sidecar.pid() }];
-    Ok(Running { kind: PathKind::FerryOneHop, http1: port, h2c: Ok(port), proxies, children: vec![sidecar] })
+    let name = match kind {
+        PathKind::FerryOneHopHost => "sidecar-1hop-host",
+        PathKind::FerryOneHopProxy => "sidecar-1hop-proxy",
+        _ => "sidecar-1hop",
+    };
+    let sidecar = client_sidecar(setup, control_plane, probe, name, AUTHORITY)?;
+    let (http1, h2c) = match kind.addressing() {
+        Addressing::Listener => (sidecar.upstream_port, Ok(sidecar.upstream_port)),
+        Addressing::Host => (sidecar.outbound, Ok(sidecar.outbound)),
+        Addressing::Proxy => {
+            (sidecar.outbound, Err(format!("an h2c request names its service in :authority: see {}", PathKind::FerryOneHopHost)))
+        }
+    };
+    let proxies = vec![Measured { name: "sidecar".into(), pid: sidecar.child.pid() }];
+    Ok(Running { kind, http1, h2c, proxies, children: vec![sidecar.child] })
 }
 
 /// The full mesh path: over mTLS with `mtls`, in plaintext (`--mtls off`) without, each path
@@ -474,13 +583,14 @@ fn start_mesh(
     let inbound_name = format!("{name}-inbound");
     let mut inbound = Child::spawn(&inbound_name, command, setup.dir.join(format!("{inbound_name}.log")), false)?;
     inbound.wait_listening()?;
-    let (outbound, port) = client_sidecar(setup, control_plane, probe, &format!("{name}-outbound"), service)?;
+    let outbound = client_sidecar(setup, control_plane, probe, &format!("{name}-outbound"), service)?;
+    let port = outbound.upstream_port;
     let proxies = vec![
-        Measured { name: "outbound sidecar".into(), pid: outbound.pid() },
+        Measured { name: "outbound sidecar".into(), pid: outbound.child.pid() },
         Measured { name: "inbound sidecar".into(), pid: inbound.pid() },
     ];
     let kind = if mtls { PathKind::FerryMeshMtls } else { PathKind::FerryMesh };
-    Ok(Running { kind, http1: port, h2c: Ok(port), proxies, children: vec![outbound, inbound] })
+    Ok(Running { kind, http1: port, h2c: Ok(port), proxies, children: vec![outbound.child, inbound] })
 }
 
 /// A free loopback port (bound and released: a small race, retried by the caller's start-up).

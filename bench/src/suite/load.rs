@@ -51,12 +51,25 @@ impl Protocol {
     }
 }
 
+/// How an HTTP/1.1 request writes its target (RFC 9112, section 3.2). An HTTP/2 request always
+/// carries the authority in `:authority`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestForm {
+    /// `GET / HTTP/1.1`, the authority in `Host`.
+    Origin,
+    /// `GET http://AUTHORITY/ HTTP/1.1`, as sent to an HTTP proxy, with the same authority in
+    /// `Host` (RFC 9112 asks for both).
+    Absolute,
+}
+
 /// One open-loop run.
 #[derive(Debug, Clone)]
 pub struct OpenLoop {
     pub target: SocketAddr,
     /// Sent as `Host` (HTTP/1.1) or `:authority` (HTTP/2).
     pub authority: String,
+    /// How an HTTP/1.1 request names its target.
+    pub form: RequestForm,
     pub protocol: Protocol,
     /// Requests per second.
     pub rate: u32,
@@ -271,10 +284,14 @@ async fn h1_worker(
     queue: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Instant>>>,
     recorder: Shared,
 ) {
+    let uri = match config.form {
+        RequestForm::Origin => "/".to_owned(),
+        RequestForm::Absolute => format!("http://{}/", config.authority),
+    };
     loop {
         let Some(intended) = queue.lock().await.recv().await else { return };
         let sent = Instant::now();
-        let request = Request::get("/").header(http::header::HOST, &config.authority).body(Empty::new());
+        let request = Request::get(uri.as_str()).header(http::header::HOST, &config.authority).body(Empty::new());
         let exchange = async {
             sender.ready().await?;
             let response = sender.send_request(request?).await?;
@@ -355,6 +372,7 @@ mod tests {
             let config = OpenLoop {
                 target,
                 authority: "bench".into(),
+                form: RequestForm::Origin,
                 protocol,
                 rate: 400,
                 duration: Duration::from_millis(500),
@@ -368,6 +386,60 @@ mod tests {
             assert!(result.seconds >= 0.4975 && result.achieved_rps <= 402.0, "{protocol:?}: {result:?}");
             assert!(result.achieved_rps > 100.0, "{protocol:?}: {result:?}");
             assert!(result.p50_ms > 0.0 && result.p50_ms <= result.p99_ms && result.p99_ms <= result.max_ms);
+        }
+    }
+
+    #[test]
+    fn absolute_form_requests_name_the_authority_in_the_request_line_and_host() {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let target = listener.local_addr().expect("addr");
+        let (heads, heads_rx) = std::sync::mpsc::channel::<(String, String)>();
+        // A server that reads each request head and answers it with an empty 200.
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let heads = heads.clone();
+                std::thread::spawn(move || {
+                    let mut writer = stream.try_clone().expect("a clone of the stream");
+                    let mut lines = BufReader::new(stream).lines();
+                    while let Some(Ok(request_line)) = lines.next() {
+                        let mut host = String::new();
+                        for line in lines.by_ref() {
+                            let Ok(line) = line else { return };
+                            if line.is_empty() {
+                                break;
+                            }
+                            if let Some((name, value)) = line.split_once(':')
+                                && name.eq_ignore_ascii_case("host")
+                            {
+                                host = value.trim().to_owned();
+                            }
+                        }
+                        let _ = heads.send((request_line, host));
+                        if writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let config = OpenLoop {
+            target,
+            authority: "bench".into(),
+            form: RequestForm::Absolute,
+            protocol: Protocol::Http1,
+            rate: 100,
+            duration: Duration::from_millis(100),
+            connections: 2,
+            timeout: Duration::from_secs(2),
+        };
+        let result = run(&config).expect("runs");
+        assert_eq!((result.ok, result.errors), (10, 0), "{result:?}");
+        let heads: Vec<(String, String)> = heads_rx.try_iter().collect();
+        assert_eq!(heads.len(), 10);
+        for (request_line, host) in heads {
+            assert_eq!((request_line.as_str(), host.as_str()), ("GET http://bench/ HTTP/1.1", "bench"));
         }
     }
 }

@@ -8,6 +8,7 @@
 //! so it is run after `cargo build --release`.
 
 use std::{
+    ffi::OsString,
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -23,7 +24,7 @@ pub mod procstat;
 pub mod report;
 pub mod tools;
 
-use dataplane::{PathKind, Running};
+use dataplane::{Addressing, PathKind, Running};
 use load::{OpenLoop, OpenLoopResult, Protocol};
 use tools::Throughput;
 
@@ -64,7 +65,8 @@ pub struct Options {
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
 
-    /// Only these paths, comma-separated (direct, ferry-1hop, ferry-mesh, ferry-mesh-mtls, haproxy, nginx).
+    /// Only these paths, comma-separated (direct, ferry-1hop, ferry-1hop-host, ferry-1hop-proxy,
+    /// ferry-mesh, ferry-mesh-mtls, haproxy, nginx).
     #[arg(long, value_delimiter = ',', value_parser = parse_path, value_name = "PATH,...")]
     pub paths: Vec<PathKind>,
 
@@ -333,6 +335,7 @@ pub fn main(options: Options) -> anyhow::Result<()> {
     };
 
     let kinds = if options.paths.is_empty() { PathKind::ALL.to_vec() } else { options.paths.clone() };
+    let wrk_proxy_script = tools::write_wrk_proxy_script(dir.path(), dataplane::AUTHORITY)?;
     let upstream = dataplane::Upstream::start(dir.path())?;
     let cp = dataplane::ControlPlane::start(&setup)?;
     let probe = dataplane::Probe::new()?;
@@ -349,7 +352,7 @@ pub fn main(options: Options) -> anyhow::Result<()> {
         })
         .collect();
     let started = Instant::now();
-    let suite = Suite { scenario: &scenario, tools: &tools, upstream: upstream.pid() };
+    let suite = Suite { scenario: &scenario, tools: &tools, upstream: upstream.pid(), wrk_proxy_script: &wrk_proxy_script };
     let mut problems = suite.run(&mut paths);
     eprintln!("ferry-bench: data path measured in {:.0?}", started.elapsed());
     let results: Vec<PathResult> = paths.into_iter().map(PathRun::finish).collect();
@@ -456,6 +459,8 @@ struct Suite<'a> {
     scenario: &'a Scenario,
     tools: &'a tools::Tools,
     upstream: u32,
+    /// The wrk script for paths entered as an HTTP proxy.
+    wrk_proxy_script: &'a Path,
 }
 
 impl Suite<'_> {
@@ -467,7 +472,7 @@ impl Suite<'_> {
             if scenario.warmup_seconds > 0 {
                 for path in paths.iter().filter(|p| p.addr(protocol).is_some()) {
                     let addr = path.addr(protocol).expect("filtered on it");
-                    let _ = closed_loop(self.tools, scenario, protocol, addr, scenario.warmup_seconds);
+                    let _ = self.closed_loop(protocol, addr, path.kind.addressing(), scenario.warmup_seconds);
                 }
             }
             // Throughput: several rounds over all paths, the median kept.
@@ -476,8 +481,9 @@ impl Suite<'_> {
                 for (path, runs) in paths.iter_mut().zip(rounds.iter_mut()) {
                     let Some(addr) = path.addr(protocol) else { continue };
                     let Ok(running) = path.running.as_ref() else { continue };
+                    let addressing = path.kind.addressing();
                     let measured = measured(running, self.upstream, &mut path.peaks, || {
-                        let (tool, result) = closed_loop(self.tools, scenario, protocol, addr, scenario.run_seconds)?;
+                        let (tool, result) = self.closed_loop(protocol, addr, addressing, scenario.run_seconds)?;
                         let requests = result.requests;
                         Ok(((tool, result), requests))
                     });
@@ -510,6 +516,7 @@ impl Suite<'_> {
                     let config = OpenLoop {
                         target: addr,
                         authority: dataplane::AUTHORITY.into(),
+                        form: path.kind.addressing().request_form(),
                         protocol,
                         rate,
                         duration: Duration::from_secs(scenario.run_seconds),
@@ -547,6 +554,63 @@ impl Suite<'_> {
             }
         }
         problems
+    }
+
+    /// A closed-loop run of `seconds`: wrk for HTTP/1.1, h2load for h2c, naming the upstream as
+    /// `addressing` says. Returns the tool's command line and what it measured.
+    fn closed_loop(
+        &self,
+        protocol: Protocol,
+        addr: std::net::SocketAddr,
+        addressing: Addressing,
+        seconds: u64,
+    ) -> anyhow::Result<(String, Throughput)> {
+        let scenario = self.scenario;
+        let url = format!("http://{addr}/");
+        let duration = Duration::from_secs(seconds);
+        let authority = dataplane::AUTHORITY;
+        let extra: Vec<OsString> = match (addressing, protocol) {
+            (Addressing::Listener, _) => Vec::new(),
+            (Addressing::Host, Protocol::Http1) => vec!["-H".into(), format!("Host: {authority}").into()],
+            (Addressing::Host, Protocol::Http2) => vec!["-H".into(), format!(":authority: {authority}").into()],
+            (Addressing::Proxy, Protocol::Http1) => vec!["-s".into(), self.wrk_proxy_script.into()],
+            (Addressing::Proxy, Protocol::Http2) => bail!("an HTTP proxy is sent HTTP/1.1 only"),
+        };
+        type Parse = fn(&str) -> anyhow::Result<Throughput>;
+        let (name, mut command, parse): (&str, Command, Parse) = match protocol {
+            Protocol::Http1 => {
+                ("wrk", tools::wrk_command(&self.tools.wrk, &url, scenario.wrk_connections, duration, &extra), tools::parse_wrk)
+            }
+            Protocol::Http2 => (
+                "h2load",
+                tools::h2load_command(
+                    &self.tools.h2load,
+                    &url,
+                    scenario.h2load_connections,
+                    scenario.h2load_streams,
+                    duration,
+                    &extra,
+                ),
+                tools::parse_h2load,
+            ),
+        };
+        let output = command.output().with_context(|| format!("running {name}"))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            bail!("{name} exited with {}:\n{stdout}{}", output.status, String::from_utf8_lossy(&output.stderr));
+        }
+        // As a shell would take it, without this run's temporary paths.
+        let script = self.wrk_proxy_script.to_string_lossy();
+        let args: Vec<String> = command
+            .get_args()
+            .map(|a| match a.to_string_lossy() {
+                a if a == url => "URL".to_owned(),
+                a if a == script => tools::WRK_PROXY_SCRIPT.to_owned(),
+                a if a.contains(' ') => format!("\"{a}\""),
+                a => a.into_owned(),
+            })
+            .collect();
+        Ok((format!("{name} {}", args.join(" ")), parse(&stdout)?))
     }
 }
 
@@ -595,35 +659,6 @@ fn measured<T>(
         proxy_rss_peak_bytes: has_proxies.then_some(peak.total),
     };
     Ok((result, cost))
-}
-
-/// A closed-loop run of `seconds`: wrk for HTTP/1.1, h2load for h2c. Returns the tool's name
-/// and what it measured.
-fn closed_loop(
-    tools: &tools::Tools,
-    scenario: &Scenario,
-    protocol: Protocol,
-    addr: std::net::SocketAddr,
-    seconds: u64,
-) -> anyhow::Result<(String, Throughput)> {
-    let url = format!("http://{addr}/");
-    let duration = Duration::from_secs(seconds);
-    type Parse = fn(&str) -> anyhow::Result<Throughput>;
-    let (name, mut command, parse): (&str, Command, Parse) = match protocol {
-        Protocol::Http1 => ("wrk", tools::wrk_command(&tools.wrk, &url, scenario.wrk_connections, duration), tools::parse_wrk),
-        Protocol::Http2 => (
-            "h2load",
-            tools::h2load_command(&tools.h2load, &url, scenario.h2load_connections, scenario.h2load_streams, duration),
-            tools::parse_h2load,
-        ),
-    };
-    let output = command.output().with_context(|| format!("running {name}"))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        bail!("{name} exited with {}:\n{stdout}{}", output.status, String::from_utf8_lossy(&output.stderr));
-    }
-    let args: Vec<String> = command.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
-    Ok((format!("{name} {}", args.join(" ").replace(&url, "URL")), parse(&stdout)?))
 }
 
 /// Runs `ferry-cp-bench` when it is built, with `--quick` passed through.
@@ -704,6 +739,15 @@ mod tests {
     #[test]
     fn paths_are_named_as_in_the_report() {
         assert_eq!(parse_path("ferry-mesh"), Ok(PathKind::FerryMesh));
-        assert!(parse_path("envoy").expect_err("unknown").contains("direct, ferry-1hop"));
+        assert_eq!(parse_path("ferry-1hop-host"), Ok(PathKind::FerryOneHopHost));
+        assert_eq!(parse_path("ferry-1hop-proxy"), Ok(PathKind::FerryOneHopProxy));
+        for kind in PathKind::ALL {
+            assert_eq!(parse_path(kind.name()), Ok(kind));
+        }
+        assert_eq!(
+            parse_path("envoy").expect_err("unknown"),
+            "unknown path \"envoy\": expected one of direct, ferry-1hop, ferry-1hop-host, ferry-1hop-proxy, ferry-mesh, \
+             ferry-mesh-mtls, haproxy, nginx"
+        );
     }
 }

@@ -4,6 +4,7 @@
 //! packages to install. The parsers read the tools' human-readable summaries.
 
 use std::{
+    ffi::OsString,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -99,27 +100,59 @@ pub struct Throughput {
     pub mean_latency_ms: Option<f64>,
 }
 
-/// `wrk --latency -t1 -cC -dD URL`.
-pub fn wrk_command(wrk: &Path, url: &str, connections: u32, duration: Duration) -> Command {
+/// `wrk --latency -t1 -cC -dD [EXTRA] URL`, where `extra` names the service when the listener
+/// needs it (`-H "Host: bench"`, or `-s` with [`write_wrk_proxy_script`]'s script).
+pub fn wrk_command(wrk: &Path, url: &str, connections: u32, duration: Duration, extra: &[OsString]) -> Command {
     let mut command = Command::new(wrk);
     command
         .args(["--latency", "-t1", "--timeout", "5s"])
         .arg(format!("-c{connections}"))
-        .arg(format!("-d{}s", duration.as_secs().max(1)));
+        .arg(format!("-d{}s", duration.as_secs().max(1)))
+        .args(extra);
     command.arg(url);
     command
 }
 
-/// `h2load` with prior-knowledge h2c: C connections, M streams each, for D seconds.
-pub fn h2load_command(h2load: &Path, url: &str, connections: u32, streams: u32, duration: Duration) -> Command {
+/// `h2load` with prior-knowledge h2c: C connections, M streams each, for D seconds, with `extra`
+/// (such as `-H ":authority: bench"`, which h2load sends in place of the URL's authority).
+pub fn h2load_command(
+    h2load: &Path,
+    url: &str,
+    connections: u32,
+    streams: u32,
+    duration: Duration,
+    extra: &[OsString],
+) -> Command {
     let mut command = Command::new(h2load);
     command
         .args(["-t1", "-T", "5"])
         .arg(format!("-c{connections}"))
         .arg(format!("-m{streams}"))
         .args(["-D", &duration.as_secs().max(1).to_string()])
+        .args(extra)
         .arg(url);
     command
+}
+
+/// The name of the wrk script that makes wrk an HTTP proxy client.
+pub const WRK_PROXY_SCRIPT: &str = "wrk-proxy.lua";
+
+/// Writes into `dir` the wrk script that sends every request as to an HTTP proxy,
+/// `GET http://AUTHORITY/ HTTP/1.1` with `Host: AUTHORITY`, and returns its path.
+///
+/// The script only sets wrk's request fields, once: without a `request()` function wrk builds
+/// the request a single time and sends the same bytes on every request, as fast as with no
+/// script, where a `request()` would run Lua for each one.
+pub fn write_wrk_proxy_script(dir: &Path, authority: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join(WRK_PROXY_SCRIPT);
+    let script = format!(
+        "-- ferry-bench: wrk as an HTTP proxy client. wrk connects to the URL on its command line and\n\
+         -- names the service in an absolute-form request target, with the same authority in Host.\n\
+         wrk.path = \"http://{authority}/\"\n\
+         wrk.headers[\"Host\"] = \"{authority}\"\n"
+    );
+    std::fs::write(&path, script).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }
 
 /// Parses wrk's summary.
@@ -277,6 +310,19 @@ req/s           :    3123.45     3289.01     3202.15       45.67    62.50%
     fn output_without_a_summary_is_an_error() {
         assert!(parse_wrk("unable to connect to 127.0.0.1:1 Connection refused").is_err());
         assert!(parse_h2load("No protocol negotiated").is_err());
+    }
+
+    #[test]
+    fn the_proxy_script_sets_an_absolute_path_without_a_request_function() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = write_wrk_proxy_script(dir.path(), "bench").expect("written");
+        let script = std::fs::read_to_string(&path).expect("readable");
+        assert!(script.contains("wrk.path = \"http://bench/\"\n") && script.contains("wrk.headers[\"Host\"] = \"bench\"\n"));
+        assert!(!script.contains("function"), "no per-request Lua: {script}");
+        let extra = [OsString::from("-s"), path.clone().into_os_string()];
+        let command = wrk_command(Path::new("wrk"), "http://127.0.0.1:1/", 4, Duration::from_secs(1), &extra);
+        let args: Vec<_> = command.get_args().collect();
+        assert_eq!(&args[args.len() - 3..], [OsString::from("-s").as_os_str(), path.as_os_str(), "http://127.0.0.1:1/".as_ref()]);
     }
 
     #[test]

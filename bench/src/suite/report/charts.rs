@@ -89,7 +89,10 @@ fn bar_chart(
     series: &[(String, Vec<Option<f64>>)],
 ) -> anyhow::Result<()> {
     let chart_error = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", file.display());
-    let root = SVGBackend::new(file, (960, 520)).into_drawing_area();
+    // 140 px per group keeps the longest path names under the axis (`ferry-1hop-proxy`) apart;
+    // six paths or fewer fit the usual 960 px.
+    let width = (140 * groups.len() as u32 + 112).max(960);
+    let root = SVGBackend::new(file, (width, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| chart_error(&e))?;
     let max = series.iter().flat_map(|(_, values)| values.iter().flatten()).fold(0.0_f64, |a, &b| a.max(b));
     let top = if max > 0.0 { max * 1.25 } else { 1.0 };
