@@ -55,7 +55,7 @@ pids+=($!)
 grpc="$(wait_for "$dir/cp.log" grpc)"
 http="$(wait_for "$dir/cp.log" http)"
 upstream="$(wait_for "$dir/upstream.log" addr)"
-curl -sf -X PUT "http://$http/v1/instances" \
+curl -sf -X PUT "http://$http/v1/instances" -H "content-type: application/json" \
     -d "{\"id\": \"bench-upstream\", \"service\": \"bench\", \"address\": \"127.0.0.1\", \"port\": ${upstream##*:}}" >/dev/null
 
 # HAProxy cannot print a port it picked: free ones are found first, for its two frontends.

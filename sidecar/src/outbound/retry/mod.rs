@@ -72,16 +72,17 @@ impl<S> Layer<S> for RetryLayer {
     type Service = Retry<S>;
 
     fn layer(&self, inner: S) -> Retry<S> {
-        let policy = RetryPolicy { config: self.config.clone(), deadline: None };
-        Retry { config: self.config.clone(), inner: tower::retry::Retry::new(policy, inner) }
+        Retry { config: self.config.clone(), inner }
     }
 }
 
-/// A service that retries its requests through `tower::retry`.
+/// A service that retries its requests through `tower::retry`. Each request gets a
+/// `tower::retry::Retry` of its own, so that its policy starts with the request's own state
+/// (the attempt number, the deadline) rather than reading it back from headers.
 #[derive(Clone)]
 pub struct Retry<S> {
     config: Arc<RetryConfig>,
-    inner: tower::retry::Retry<RetryPolicy, S>,
+    inner: S,
 }
 
 impl<S> Service<Request<Body>> for Retry<S>
@@ -93,7 +94,6 @@ where
     type Future = ResponseFuture<S>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        // Retries poll the inner service's readiness again before each attempt.
         self.inner.poll_ready(cx)
     }
 
@@ -110,11 +110,21 @@ where
         }
         if !retrying {
             let request = Request::from_parts(parts, AttemptBody::once(body));
-            return ResponseFuture::Once { future: self.inner.get_mut().call(request) };
+            return ResponseFuture::Once { future: self.inner.call(request) };
         }
         parts.extensions.insert(Tried::default());
         let body = AttemptBody::replayable(body, &parts.headers);
-        ResponseFuture::Retrying { future: self.inner.call(Request::from_parts(parts, body)) }
+        let policy = RetryPolicy {
+            config: self.config.clone(),
+            attempt: 1,
+            deadline: config.time_limit.map(|limit| Instant::now() + limit),
+        };
+        // The service polled ready goes with the request (its clone stays for the next one, to
+        // be polled in turn); tower's `Retry` polls it again before every later attempt.
+        let fresh = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, fresh);
+        let mut retry = tower::retry::Retry::new(policy, ready);
+        ResponseFuture::Retrying { future: retry.call(Request::from_parts(parts, body)) }
     }
 }
 
@@ -153,12 +163,13 @@ where
     }
 }
 
-/// Ferry's `tower::retry::Policy`: one per request (tower clones it when the request starts,
-/// right after the first [`clone_request`](tower::retry::Policy::clone_request), which is
-/// where the request's deadline is set).
+/// Ferry's `tower::retry::Policy`, one per request: it counts the request's attempts and
+/// knows its deadline.
 #[derive(Clone)]
 pub struct RetryPolicy {
     config: Arc<RetryConfig>,
+    /// The attempt in flight, from 1.
+    attempt: u32,
     /// No retry's backoff may end past this.
     deadline: Option<Instant>,
 }
@@ -168,9 +179,8 @@ impl tower::retry::Policy<Request<AttemptBody>, Response<Body>, BoxError> for Re
 
     fn retry(&mut self, request: &mut Request<AttemptBody>, result: &mut Result<Response<Body>, BoxError>) -> Option<Sleep> {
         let config = &*self.config;
-        // `request` is the copy kept for the next attempt: it carries the number of the one
-        // that just ended.
-        let attempt = incoming_attempt(request.headers());
+        // `request` is the copy kept for the next attempt.
+        let attempt = self.attempt;
         if attempt >= config.retries.attempts || !request.body().can_replay() {
             return None;
         }
@@ -189,18 +199,15 @@ impl tower::retry::Policy<Request<AttemptBody>, Response<Body>, BoxError> for Re
         }
         protection.retried(reason);
         tracing::debug!(service = %protection.service, rule = %config.label, attempt, reason, ?delay, "retrying");
-        mark_attempt(request.headers_mut(), attempt + 1);
+        self.attempt += 1;
+        mark_attempt(request.headers_mut(), self.attempt);
         // (tower drops the failed attempt's response, and with it its connection and
         // circuit-breaker slot, before the backoff.)
         Some(tokio::time::sleep(delay))
     }
 
     fn clone_request(&mut self, request: &Request<AttemptBody>) -> Option<Request<AttemptBody>> {
-        let attempt = incoming_attempt(request.headers());
-        if attempt == 1 {
-            self.deadline = self.config.time_limit.map(|limit| Instant::now() + limit);
-        }
-        if attempt >= self.config.retries.attempts {
+        if self.attempt >= self.config.retries.attempts {
             // The last attempt: nothing is kept.
             return None;
         }
