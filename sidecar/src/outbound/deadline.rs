@@ -3,8 +3,13 @@
 //! Two sit on the outbound path: one at the edge (`--response-timeout`, for every request) and
 //! one per route rule (the rule's `timeout`). When the time is up the request is dropped, with
 //! whatever attempt is in flight, and the caller gets [`ResponseTimeout`], which the edge answers
-//! `504` with `x-ferry-error: response_timeout`. The time covers the response head; a body that
+//! `504` with `x-ferry-error: upstream_timeout`. The time covers the response head; a body that
 //! streams on afterwards is not cut.
+//!
+//! Each deadline layer also leaves the request's deadline (the earliest of the two) in its
+//! extensions as a [`RequestDeadline`], the way gRPC propagates its own: the retry layer below
+//! reads it so that it starts no backoff that would end past it, and answers with the last
+//! attempt's outcome instead. The deadline is enforced here, and only here.
 
 use std::{
     future::Future,
@@ -13,11 +18,16 @@ use std::{
     time::Duration,
 };
 
+use http::Request;
 use pin_project::pin_project;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
 use crate::{errors::ResponseTimeout, http::BoxError};
+
+/// When a request must be answered by: the earliest deadline of the layers it went through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestDeadline(pub Instant);
 
 /// Wraps a service in a [`Deadline`]; with no timeout, requests pass untimed.
 #[derive(Debug, Clone, Copy)]
@@ -55,9 +65,9 @@ impl<S> Deadline<S> {
     }
 }
 
-impl<S, R> Service<R> for Deadline<S>
+impl<S, B> Service<Request<B>> for Deadline<S>
 where
-    S: Service<R>,
+    S: Service<Request<B>>,
     S::Error: Into<BoxError>,
 {
     type Response = S::Response;
@@ -69,12 +79,19 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: R) -> Self::Future {
-        ResponseFuture {
-            inner: self.inner.call(request),
-            sleep: self.timeout.map(tokio::time::sleep),
-            timeout: self.timeout.unwrap_or_default(),
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let Some(timeout) = self.timeout else {
+            return ResponseFuture { inner: self.inner.call(request), sleep: None, timeout: Duration::ZERO };
+        };
+        let at = Instant::now() + timeout;
+        let extensions = request.extensions_mut();
+        match extensions.get::<RequestDeadline>() {
+            Some(earlier) if earlier.0 <= at => {}
+            _ => {
+                extensions.insert(RequestDeadline(at));
+            }
         }
+        ResponseFuture { inner: self.inner.call(request), sleep: Some(tokio::time::sleep_until(at)), timeout }
     }
 }
 
@@ -117,11 +134,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_request_answered_in_time_is_answered() {
-        let (mut service, mut handle) = mock::spawn_layer::<&str, &str, _>(DeadlineLayer::new(Some(Duration::from_secs(1))));
+        let (mut service, mut handle) =
+            mock::spawn_layer::<Request<&str>, &str, _>(DeadlineLayer::new(Some(Duration::from_secs(1))));
         assert_ready_ok!(service.poll_ready());
-        let response = service.call("hello");
+        let response = service.call(Request::new("hello"));
         let (request, send) = handle.next_request().await.expect("the request reaches the inner service");
-        assert_eq!(request, "hello");
+        assert_eq!(*request.body(), "hello");
+        let deadline = request.extensions().get::<RequestDeadline>().expect("the deadline goes down with the request");
+        assert_eq!(deadline.0.duration_since(Instant::now()), Duration::from_secs(1));
         tokio::time::sleep(Duration::from_millis(999)).await;
         send.send_response("world");
         assert_eq!(response.await.expect("answered in time"), "world");
@@ -129,9 +149,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_request_past_its_deadline_fails_with_the_timeout_named() {
-        let (mut service, mut handle) = mock::spawn_layer::<&str, &str, _>(DeadlineLayer::new(Some(Duration::from_secs(1))));
+        let (mut service, mut handle) =
+            mock::spawn_layer::<Request<&str>, &str, _>(DeadlineLayer::new(Some(Duration::from_secs(1))));
         assert_ready_ok!(service.poll_ready());
-        let mut response = tokio_test::task::spawn(service.call("slow"));
+        let mut response = tokio_test::task::spawn(service.call(Request::new("slow")));
         let (_, _send) = handle.next_request().await.expect("the request reaches the inner service");
         assert_pending!(response.poll());
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -145,9 +166,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn without_a_timeout_a_request_waits_as_long_as_it_takes() {
-        let (mut service, mut handle) = mock::spawn_layer::<&str, &str, _>(DeadlineLayer::new(None));
+        let (mut service, mut handle) = mock::spawn_layer::<Request<&str>, &str, _>(DeadlineLayer::new(None));
         assert_ready_ok!(service.poll_ready());
-        let response = service.call("patient");
+        let response = service.call(Request::new("patient"));
         let (_, send) = handle.next_request().await.expect("the request reaches the inner service");
         tokio::time::sleep(Duration::from_secs(3600)).await;
         send.send_response("done");
@@ -155,8 +176,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_earlier_deadline_from_outside_is_kept() {
+        let (mut service, mut handle) =
+            mock::spawn_layer::<Request<&str>, &str, _>(DeadlineLayer::new(Some(Duration::from_secs(10))));
+        assert_ready_ok!(service.poll_ready());
+        let mut request = Request::new("edge said 2s");
+        let earlier = Instant::now() + Duration::from_secs(2);
+        request.extensions_mut().insert(RequestDeadline(earlier));
+        let _response = service.call(request);
+        let (request, _send) = handle.next_request().await.expect("the request reaches the inner service");
+        assert_eq!(request.extensions().get::<RequestDeadline>(), Some(&RequestDeadline(earlier)));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn readiness_is_the_inner_services() {
-        let (mut service, mut handle) = mock::spawn_layer::<&str, &str, _>(DeadlineLayer::new(Some(Duration::from_secs(1))));
+        let (mut service, mut handle) =
+            mock::spawn_layer::<Request<&str>, &str, _>(DeadlineLayer::new(Some(Duration::from_secs(1))));
         handle.allow(0);
         assert_pending!(service.poll_ready());
         handle.allow(1);

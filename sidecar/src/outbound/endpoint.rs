@@ -6,8 +6,8 @@
 //! config: it is the route rule's, while the balancer and its endpoints are shared by every
 //! rule sending to the service (one load estimate, one outlier state, one connection pool per
 //! endpoint). Timing the attempt here, below the balancer, makes an endpoint that does not
-//! answer in time count as failing for outlier detection. The retry layer sets it; nothing else
-//! reads it.
+//! answer in time count as failing for outlier detection. Only the retry layer sets it, and
+//! only this layer reads it.
 
 use std::{
     future::Future,

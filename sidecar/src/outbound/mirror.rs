@@ -2,7 +2,7 @@
 //! The caller's request goes on at once and never waits for the copy, whose answer is read and
 //! dropped. Copies go straight to the backend's balancer: they bypass the circuit breaker and
 //! the retry budget (they are never retried) and are bounded by their own limit instead:
-//! [`MAX_MIRRORS`] in flight per rule, each for at most [`MIRROR_TIMEOUT`]; past that, copies
+//! [`MAX_MIRRORS`] in flight per destination, each for at most [`MIRROR_TIMEOUT`]; past that, copies
 //! are skipped. Only requests whose body is known whole and small (no body, or a
 //! `content-length` up to the replay bound) are copied.
 
@@ -21,7 +21,7 @@ use tower::{Layer, Service, ServiceExt};
 use super::retry::MAX_REPLAY_BODY;
 use crate::http::{Body, BoxError, full};
 
-/// Mirrored requests in flight at once, per rule.
+/// Mirrored requests in flight at once, per destination.
 pub const MAX_MIRRORS: usize = 64;
 
 /// How long a mirrored copy may take, answer and body, before it is dropped.
@@ -45,9 +45,10 @@ impl<M> Clone for MirrorLayer<M> {
 }
 
 impl<M> MirrorLayer<M> {
-    /// A layer mirroring to `to`, or passing requests through with `None`.
-    pub fn new(to: Option<MirrorTo<M>>) -> Self {
-        Self { to: to.map(|to| Arc::new((to, Arc::new(Semaphore::new(MAX_MIRRORS))))) }
+    /// A layer mirroring to `to`, or passing requests through with `None`, with at most
+    /// `in_flight`'s permits of copies in flight (shared by every rule of a destination).
+    pub fn new(to: Option<MirrorTo<M>>, in_flight: Arc<Semaphore>) -> Self {
+        Self { to: to.map(|to| Arc::new((to, in_flight))) }
     }
 }
 
@@ -138,7 +139,8 @@ mod tests {
     async fn a_copy_goes_to_the_mirror_and_the_request_goes_on() {
         let (mirror, mut mirrored) = mock::pair::<Request<Body>, Response<Body>>();
         let (inner, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let service = MirrorLayer::new(Some(MirrorTo { backend: mirror, percent: 100.0 })).layer(inner);
+        let service = MirrorLayer::new(Some(MirrorTo { backend: mirror, percent: 100.0 }), Arc::new(Semaphore::new(MAX_MIRRORS)))
+            .layer(inner);
         let request = Request::post("/orders").header(header::CONTENT_LENGTH, "5").body(full("order")).expect("request");
         let response = tokio::spawn(service.oneshot(request));
         let (request, answer) = handle.next_request().await.expect("the request goes on");
@@ -155,7 +157,8 @@ mod tests {
         let (mirror, mut mirrored) = mock::pair::<Request<Body>, Response<Body>>();
         let (inner, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
         mirrored.allow(0);
-        let service = MirrorLayer::new(Some(MirrorTo { backend: mirror, percent: 100.0 })).layer(inner);
+        let service = MirrorLayer::new(Some(MirrorTo { backend: mirror, percent: 100.0 }), Arc::new(Semaphore::new(MAX_MIRRORS)))
+            .layer(inner);
         let request = Request::post("/upload").body(full("chunked, length unknown")).expect("request");
         let response = tokio::spawn(service.oneshot(request));
         let (_, answer) = handle.next_request().await.expect("the request goes on");

@@ -38,6 +38,7 @@ pub mod mirror;
 pub mod policy;
 pub mod protection;
 pub mod retry;
+pub mod rewrite;
 pub mod route;
 pub mod router;
 pub mod split;
@@ -226,11 +227,13 @@ impl std::future::Future for ResponseFuture {
 
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
+        let after_completion = |grpc| Poll::Ready(Ok(crate::errors::synthetic_response(&"polled after completion".into(), grpc)));
+        if this.counted.is_none() {
+            // Answered already: the call must not be polled again.
+            return after_completion(*this.grpc);
+        }
         let result = std::task::ready!(this.call.poll(cx));
-        let Some(counted) = this.counted.take() else {
-            // Polled again after it answered: nothing more to count.
-            return Poll::Ready(Ok(crate::errors::synthetic_response(&"polled after completion".into(), *this.grpc)));
-        };
+        let Some(counted) = this.counted.take() else { return after_completion(*this.grpc) };
         Poll::Ready(Ok(respond(&counted, "outbound", *this.grpc, *this.started, result)))
     }
 }

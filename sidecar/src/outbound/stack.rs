@@ -8,13 +8,14 @@
 //!                     per rule (or the service's default with no rule):
 //!     └ deadline      the rule's timeout, over all attempts
 //!       └ fault       the rule's injected abort or delay
-//!         └ mirror    a fire-and-forget copy to another backend
-//!           └ retry   tower::retry with the rule's retries, the budget, backoff, replayable body
-//!             └ split the backend of this attempt, by weight
-//!               └ breaker   the backend service's concurrency limit and bounded queue
-//!                 └ balance P2C-EWMA (or the policy's picker), outlier ejection, locality
-//!                   └ endpoint  the attempt's time limit, then the pooled client (mTLS to a
-//!                               peer sidecar)
+//!         └ rewrite   the rule's request headers and path prefix; its response headers
+//!           └ mirror  a fire-and-forget copy to another backend
+//!             └ retry tower::retry with the rule's retries, the budget, backoff, replayable body
+//!               └ split     the backend of this attempt, by weight
+//!                 └ breaker the backend service's concurrency limit and bounded queue
+//!                   └ balance   P2C-EWMA (or the policy's picker), outlier ejection, locality
+//!                     └ endpoint  the attempt's time limit, then the pooled client (mTLS to a
+//!                                 peer sidecar)
 //! ```
 //!
 //! Everything below `route` is always ready (limits are taken per request, balancers decide
@@ -23,7 +24,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tower::ServiceBuilder;
 
 use super::{
@@ -35,6 +36,7 @@ use super::{
     mirror::{Mirror, MirrorLayer, MirrorTo},
     protection::Protection,
     retry::{Retry, RetryConfig, RetryLayer},
+    rewrite::{RewriteLayer, RewriteService, Rewrites},
     router::Router,
     split::Split,
 };
@@ -43,7 +45,7 @@ use crate::{catalog::ServiceState, http::client::ClientConfig};
 /// One destination service's whole stack.
 pub type DestinationStack = Deadline<Router>;
 /// What one rule does with a request it matched.
-pub type RuleStack = Deadline<Fault<Mirror<Retry<Split<Backend>>, Balance<Endpoint>>>>;
+pub type RuleStack = Deadline<Fault<RewriteService<Mirror<Retry<Split<Backend>>, Balance<Endpoint>>>>>;
 /// One backend (a service, or a subset of it) of a rule.
 pub type Backend = Breaker<Balance<Endpoint>>;
 /// One endpoint of a balancer.
@@ -58,7 +60,10 @@ pub fn destination(router: Router, response_timeout: Option<Duration>) -> Destin
 pub struct RuleParams {
     pub timeout: Option<Duration>,
     pub faults: Faults,
+    pub rewrites: Rewrites,
     pub mirror: Option<MirrorTo<Balance<Endpoint>>>,
+    /// The copies in flight the mirror may add to: one bound per destination.
+    pub mirrors: Arc<Semaphore>,
     pub retry: RetryConfig,
     /// Weighted, never empty.
     pub backends: Vec<(Backend, u32)>,
@@ -69,7 +74,8 @@ pub fn rule(params: RuleParams) -> RuleStack {
     ServiceBuilder::new()
         .layer(DeadlineLayer::new(params.timeout))
         .layer(FaultLayer::new(params.faults))
-        .layer(MirrorLayer::new(params.mirror))
+        .layer(RewriteLayer::new(params.rewrites))
+        .layer(MirrorLayer::new(params.mirror, params.mirrors))
         .layer(RetryLayer::new(params.retry))
         .service(Split::new(params.backends))
 }

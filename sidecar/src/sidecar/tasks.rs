@@ -77,8 +77,13 @@ impl DataPath {
             // A gateway needs its route before it is ready.
             declared.push(config.service.as_str().into());
         }
-        for upstream in config.upstreams.iter().filter(|u| u.protocol == UpstreamProtocol::Http) {
-            outbound.destination(&upstream.service).map_err(|e| anyhow::anyhow!("{}: {e}", upstream.service))?;
+        for upstream in &config.upstreams {
+            let subscribed = match upstream.protocol {
+                UpstreamProtocol::Http => outbound.destination(&upstream.service).map(drop),
+                // Opaque TCP follows the service through the catalog alone.
+                UpstreamProtocol::Tcp => shared.catalog.watch(&upstream.service).map(drop).map_err(Into::into),
+            };
+            subscribed.map_err(|e| anyhow::anyhow!("{}: {e}", upstream.service))?;
         }
         if config.gateway {
             outbound.destination(&config.service).map_err(|e| anyhow::anyhow!("{}: {e}", config.service))?;
@@ -108,7 +113,7 @@ impl DataPath {
             servers.push(match upstream.protocol {
                 UpstreamProtocol::Http => self.serve_http("upstream", listener, self.outbound.fixed(service), shared),
                 UpstreamProtocol::Tcp => {
-                    // Opaque TCP follows the service through the catalog alone.
+                    // (Subscribed in `build`: this cannot fail now.)
                     let state = shared.catalog.watch(&service).map_err(|e| anyhow::anyhow!("{service}: {e}"))?;
                     let upstream = TcpUpstream::new(service, state, tcp_config.clone(), shared.metrics.clone());
                     tokio::spawn(upstream.serve(listener, shared.shutdown.clone(), CLOSE, shared.workers.clone()))

@@ -286,7 +286,7 @@ impl OutlierSet {
         let Some(ejection) = ejection else { return release() };
         match outcome {
             None | Some(Outcome::Neutral) => {}
-            // The common case, with no lock: a success of an endpoint that is not ejected.
+            // The common case, with no lock: a success that is not a probe.
             Some(Outcome::Success) if !probe => {
                 if tracked.consecutive_failures.load(Ordering::Relaxed) != 0 {
                     tracked.consecutive_failures.store(0, Ordering::Relaxed);

@@ -234,7 +234,7 @@ impl<S> Balance<S> {
                         zone: m.endpoint.zone.clone(),
                         weight: m.endpoint.weight,
                         in_flight: m.tracked.in_flight(),
-                        latency: Duration::from_secs_f64(m.tracked.latency(now, balancing.decay).max(0.0)),
+                        latency: Duration::try_from_secs_f64(m.tracked.latency(now, balancing.decay)).unwrap_or_default(),
                         ejected: m.tracked.is_ejected(),
                         slow_start_share: m.tracked.ramp(now, balancing.slow_start),
                     })

@@ -4,7 +4,8 @@
 //! another attempt is in [`classify`]; how many attempts a request gets, and the retry
 //! timeout, come from the route rule (else [`mesh_default`]); each retry is charged to the
 //! destination's retry budget (see [`crate::outbound::budget`]) before its backoff, and no
-//! backoff starts that would end past the request's time limit. The body is streamed to the
+//! backoff starts that would end past the request's deadline (the [`RequestDeadline`] the
+//! deadline layers above leave on it). The body is streamed to the
 //! first attempt while a copy of up to [`MAX_REPLAY_BODY`] is kept for later ones.
 //!
 //! Every attempt carries `x-ferry-attempt` (1 for the first) and the request's [`Tried`], so
@@ -31,7 +32,7 @@ pub use self::{
     body::{AttemptBody, MAX_REPLAY_BODY},
     classify::{ATTEMPT_HEADER, incoming_attempt, mark_attempt, mesh_default, retry_reason},
 };
-use super::{attempt::Tried, endpoint::PerTryTimeout, protection::Protection, route::Retries};
+use super::{attempt::Tried, deadline::RequestDeadline, endpoint::PerTryTimeout, protection::Protection, route::Retries};
 use crate::http::{Body, BoxError};
 
 pub mod body;
@@ -48,9 +49,6 @@ pub struct RetryConfig {
     pub backoff: Backoff,
     /// The destination whose retry budget pays for retries, and whose metrics count them.
     pub protection: Arc<Protection>,
-    /// The time the whole request may take (the shorter of the rule's timeout and the edge's):
-    /// no retry starts whose backoff would end past it.
-    pub time_limit: Option<Duration>,
     /// The rule, for the logs.
     pub label: Arc<str>,
 }
@@ -117,7 +115,8 @@ where
         let policy = RetryPolicy {
             config: self.config.clone(),
             attempt: 1,
-            deadline: config.time_limit.map(|limit| Instant::now() + limit),
+            // Set by the deadline layers above (the edge's and the rule's).
+            deadline: parts.extensions.get::<RequestDeadline>().map(|deadline| deadline.0),
         };
         // The service polled ready goes with the request (its clone stays for the next one, to
         // be polled in turn); tower's `Retry` polls it again before every later attempt.

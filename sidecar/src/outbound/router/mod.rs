@@ -1,8 +1,8 @@
 //! `route`: routing within one destination service. The service's route table decides, per
 //! request, which rule applies; the rule's own stack (see [`super::stack::rule`]) then decides
 //! where the request goes (weighted backends: subsets of the service or other services), how
-//! long it may take, when it is retried, which faults are injected and what is mirrored. The
-//! route layer itself rewrites the request's headers and path, and the response's headers.
+//! long it may take, which faults are injected, how the request and response are rewritten,
+//! what is mirrored and when it is retried.
 //! With no route, or no matching rule, requests go to all of the service's endpoints, with the
 //! mesh's default retries.
 //!
@@ -69,6 +69,8 @@ struct Inner {
     /// The stack of requests no rule covers.
     default: RuleStack,
     protections: Arc<Protections>,
+    /// The mirrored copies in flight, bounded per destination across route versions.
+    mirrors: Arc<tokio::sync::Semaphore>,
     /// The retry policy of requests no rule with `retries` covers.
     default_retries: Retries,
     /// The route label of requests no rule covers.
@@ -106,7 +108,8 @@ impl Router {
         let mut balancers = HashMap::new();
         let own = BackendRef { service: service.clone(), subset: None };
         let built = table::Built::new(&own, state.clone(), &config, &protections);
-        let default = table::default_stack(&service, &config, &protections, &built, &default_retries, &default_label);
+        let mirrors = Arc::new(tokio::sync::Semaphore::new(super::mirror::MAX_MIRRORS));
+        let default = table::default_stack(&service, &protections, &built, &default_retries, &default_label, &mirrors);
         balancers.insert(own, built);
         let runtime = config.runtime.clone();
         let inner = Arc::new(Inner {
@@ -121,6 +124,7 @@ impl Router {
             balancers: Mutex::new(balancers),
             default,
             protections,
+            mirrors,
             default_retries,
             default_label,
             task: Mutex::new(None),
@@ -156,16 +160,9 @@ impl Inner {
         let index = compiled.as_ref().and_then(|c| c.table.find(&info).map(|rule| rule.index));
         match (compiled, index) {
             (Some(compiled), Some(index)) => {
-                let rule = &compiled.table.rules[index];
-                let label = rule.label().clone();
-                let (mut parts, body) = request.into_parts();
-                rule.request_headers.apply(&mut parts.headers);
-                if let Some((prefix, replacement)) = &rule.rewrite_prefix {
-                    super::route::rewrite_prefix(&mut parts, prefix, replacement);
-                }
-                let mut stack = compiled.stacks[index].clone();
-                match call_ready(&mut stack, Request::from_parts(parts, body)) {
-                    Ok(future) => ResponseFuture::Routed { future, rule: Some((compiled, index)), label },
+                let label = compiled.table.rules[index].label().clone();
+                match call_ready(&mut compiled.stacks[index].clone(), request) {
+                    Ok(future) => ResponseFuture::Routed { future, label },
                     Err(error) => ResponseFuture::Failed { error: Some(error) },
                 }
             }
@@ -182,7 +179,7 @@ impl Inner {
                 ResponseFuture::Failed { error: Some(Box::new(error)) }
             }
             _ => match call_ready(&mut self.default.clone(), request) {
-                Ok(future) => ResponseFuture::Routed { future, rule: None, label: self.default_label.clone() },
+                Ok(future) => ResponseFuture::Routed { future, label: self.default_label.clone() },
                 Err(error) => ResponseFuture::Failed { error: Some(error) },
             },
         }
@@ -236,8 +233,7 @@ pub enum ResponseFuture {
     Routed {
         #[pin]
         future: <RuleStack as Service<Request<Body>>>::Future,
-        /// The rule, whose response headers apply; `None` for the default.
-        rule: Option<(Arc<Compiled>, usize)>,
+        /// The rule's label, for the metrics.
         label: Arc<str>,
     },
     /// Failed before any stack took it.
@@ -254,11 +250,8 @@ impl Future for ResponseFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            ResponseFutureProj::Routed { future, rule, label } => {
+            ResponseFutureProj::Routed { future, label } => {
                 let mut response = std::task::ready!(future.poll(cx))?;
-                if let Some((compiled, index)) = rule {
-                    compiled.table.rules[*index].response_headers.apply(response.headers_mut());
-                }
                 response.extensions_mut().insert(RouteLabel(label.clone()));
                 Poll::Ready(Ok(response))
             }

@@ -13,7 +13,7 @@
 
 use std::sync::{Arc, Weak};
 
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use super::{Compiled, Inner, lock};
 use crate::{
@@ -26,6 +26,7 @@ use crate::{
         mirror::MirrorTo,
         protection::{Protection, Protections},
         retry::{BACKOFF, RetryConfig},
+        rewrite::Rewrites,
         route::{BackendRef, Retries, RouteTable, Rule},
         stack::{self, Backend, Endpoint as EndpointStack, RuleParams, RuleStack},
     },
@@ -67,33 +68,26 @@ impl Built {
     }
 }
 
-/// The time a request may take over all attempts: the shorter of the rule's and the edge's.
-fn time_limit(rule: Option<&Rule>, config: &OutboundConfig) -> Option<std::time::Duration> {
-    match (rule.and_then(|r| r.timeout), config.response_timeout) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
 /// The stack of the requests no rule covers: every endpoint of the service, the mesh's
 /// default retries, no timeout of its own.
 pub fn default_stack(
     service: &Arc<str>,
-    config: &OutboundConfig,
     protections: &Protections,
     own: &Built,
     retries: &Retries,
     label: &Arc<str>,
+    mirrors: &Arc<Semaphore>,
 ) -> RuleStack {
     stack::rule(RuleParams {
         timeout: None,
         faults: Faults { rule: label.clone(), ..Faults::default() },
+        rewrites: Rewrites::default(),
         mirror: None,
+        mirrors: mirrors.clone(),
         retry: RetryConfig {
             retries: retries.clone(),
             backoff: BACKOFF,
             protection: protections.get(service),
-            time_limit: time_limit(None, config),
             label: label.clone(),
         },
         backends: vec![(own.backend.clone(), 1)],
@@ -164,12 +158,17 @@ impl Inner {
         Ok(stack::rule(RuleParams {
             timeout: rule.timeout,
             faults: Faults { abort: rule.abort, delay: rule.delay, rule: rule.label().clone() },
+            rewrites: Rewrites {
+                request_headers: rule.request_headers.clone(),
+                prefix: rule.rewrite_prefix.clone(),
+                response_headers: rule.response_headers.clone(),
+            },
             mirror,
+            mirrors: self.mirrors.clone(),
             retry: RetryConfig {
                 retries: rule.retries.clone().unwrap_or_else(|| self.default_retries.clone()),
                 backoff: BACKOFF,
                 protection: self.protections.get(&self.service),
-                time_limit: time_limit(Some(rule), &self.config),
                 label: rule.label().clone(),
             },
             backends,
