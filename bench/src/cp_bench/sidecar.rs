@@ -387,9 +387,9 @@ impl SimSidecar {
     }
 }
 
-/// The real sidecar's reconnect delay (200 ms doubling up to 10 s, full jitter between a quarter
-/// and all of it), with the jitter drawn from the sidecar's index and the attempt so that runs
-/// repeat.
+/// The real sidecar's reconnect delay (`ferry_runtime::backoff`: a ceiling of 200 ms doubling
+/// up to 10 s, a wait between a quarter and all of it), with the jitter drawn from the
+/// sidecar's index and the attempt so that runs repeat.
 fn backoff(index: usize, attempt: u32) -> Duration {
     let ceiling = (200u64 << attempt.saturating_sub(1).min(6)).min(10_000);
     // splitmix64 of (index, attempt).
