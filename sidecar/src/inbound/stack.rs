@@ -148,13 +148,6 @@ pub struct App {
     client: Client,
 }
 
-impl App {
-    /// The app's client, for connections relayed byte for byte.
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
-}
-
 impl Service<Request<Body>> for App {
     type Response = Response<Body>;
     type Error = BoxError;

@@ -190,18 +190,6 @@ pub struct Breaker<S> {
     limit: Arc<ConcurrencyLimit>,
 }
 
-impl<S> Breaker<S> {
-    /// The service it guards.
-    pub fn inner(&self) -> &S {
-        &self.inner
-    }
-
-    /// The limit its requests share.
-    pub fn limit(&self) -> &Arc<ConcurrencyLimit> {
-        &self.limit
-    }
-}
-
 impl<S, B> Service<Request<B>> for Breaker<S>
 where
     S: Service<Request<B>, Response = Response<Body>> + Clone,

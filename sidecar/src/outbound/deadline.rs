@@ -58,13 +58,6 @@ pub struct Deadline<S> {
     timeout: Option<Duration>,
 }
 
-impl<S> Deadline<S> {
-    /// The timeout in force, if any.
-    pub fn timeout(&self) -> Option<Duration> {
-        self.timeout
-    }
-}
-
 impl<S, B> Service<Request<B>> for Deadline<S>
 where
     S: Service<Request<B>>,

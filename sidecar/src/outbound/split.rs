@@ -30,11 +30,6 @@ impl<S> Split<S> {
     pub fn new(backends: Vec<(S, u32)>) -> Self {
         Self { backends: backends.into() }
     }
-
-    /// The backends and their weights.
-    pub fn backends(&self) -> &[(S, u32)] {
-        &self.backends
-    }
 }
 
 impl<S: Routable> Split<S> {

@@ -134,11 +134,6 @@ impl Router {
         Self { inner }
     }
 
-    /// The destination service.
-    pub fn service(&self) -> &Arc<str> {
-        &self.inner.service
-    }
-
     /// Waits, up to `limit`, for the control plane's first word on the service and the route
     /// it carries to be evaluated.
     pub async fn known(&self, limit: Duration) -> bool {
