@@ -335,6 +335,32 @@ impl Authority {
         Ok(())
     }
 
+    /// Puts in force the CA as the shared store reports it, when it is newer than the one held
+    /// (another replica rotated or renewed it).
+    pub fn apply_stored(&self, value: &[u8]) {
+        if self.external {
+            return;
+        }
+        let next: Stored = match serde_json::from_slice(value) {
+            Ok(next) => next,
+            Err(error) => {
+                tracing::warn!(%error, "ignoring a certificate authority in the store that does not decode");
+                return;
+            }
+        };
+        {
+            let mut state = lock(&self.state);
+            if next.version <= state.version || next.trust_domain != state.trust_domain {
+                return;
+            }
+            *state = next.clone();
+        }
+        self.bundle.send_replace(Arc::new(bundle_of(&next)));
+        if let Err(error) = self.write_files() {
+            tracing::warn!(%error, "writing the CA's files");
+        }
+    }
+
     /// Stores `next` (acknowledged once durable), then puts it in force.
     async fn commit(&self, next: Stored) -> Result<(), CaError> {
         let value = serde_json::to_vec(&next).map_err(|e| CaError::Config(e.to_string()))?;

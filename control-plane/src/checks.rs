@@ -23,6 +23,9 @@ pub struct HealthChecks {
     /// Networks checks may target although they are link-local or metadata addresses.
     allowed_targets: Vec<ipnet::IpNet>,
     running: Mutex<HashMap<String, Supervised>>,
+    /// Whether this process runs the checks: with replicas on a shared store only the elected
+    /// one does.
+    active: std::sync::atomic::AtomicBool,
     this: Weak<HealthChecks>,
 }
 
@@ -76,6 +79,7 @@ impl HealthChecks {
             metrics,
             allowed_targets,
             running: Mutex::default(),
+            active: std::sync::atomic::AtomicBool::new(true),
             this: this.clone(),
         })
     }
@@ -157,13 +161,37 @@ impl HealthChecks {
     /// Starts the checks of every API instance in the registry, after a restart. Each instance
     /// keeps its stored health until its checks have results, so a restart does not flap it.
     pub fn sync_all(&self) {
+        if !self.is_active() {
+            return;
+        }
         for instance in self.registry.persistent_instances() {
             self.reconcile(&instance.id, Some(instance.health));
         }
     }
 
+    /// Starts (every API instance's checks) or stops running checks here.
+    pub fn set_active(&self, active: bool) {
+        let was = self.active.swap(active, std::sync::atomic::Ordering::SeqCst);
+        if active && !was {
+            tracing::info!("this replica now runs the health checks of API instances");
+            self.sync_all();
+        } else if !active && was {
+            tracing::info!("this replica no longer runs the health checks of API instances");
+            self.lock().clear();
+        }
+    }
+
+    /// Whether checks run here.
+    pub fn is_active(&self) -> bool {
+        self.active.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     fn reconcile(&self, id: &str, assume: Option<Health>) {
         let mut running = self.lock();
+        if !self.is_active() {
+            running.clear();
+            return;
+        }
         let instance = self.registry.instance(id).filter(|i| i.node_id().is_none() && !i.checks.is_empty());
         let Some(instance) = instance else {
             running.remove(id);

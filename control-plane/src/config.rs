@@ -30,9 +30,26 @@ pub struct Config {
     #[arg(long, env = "FERRY_DATA_DIR", default_value = "ferry-data", value_name = "DIR")]
     pub data_dir: PathBuf,
 
-    /// Where the registry is kept: `redb` (a file under --data-dir) or `memory` (lost on exit).
+    /// Where the registry is kept: `redb` (a file under --data-dir), `memory` (lost on exit), or
+    /// `etcd://HOST:PORT[,HOST:PORT...]`, shared by every replica on the same --etcd-prefix
+    /// (needs a build with the `etcd` feature).
     #[arg(long, env = "FERRY_STORE", default_value = "redb", value_name = "STORE")]
     pub store: StoreKind,
+
+    /// The key prefix of everything Ferry keeps in etcd; replicas on one prefix form one
+    /// control plane.
+    #[arg(long, env = "FERRY_ETCD_PREFIX", default_value = "/ferry/", value_parser = parse_etcd_prefix, value_name = "PREFIX")]
+    pub etcd_prefix: String,
+
+    /// This replica's id among the replicas on etcd. Default: the host name and a random
+    /// suffix, new at every start.
+    #[arg(long, env = "FERRY_REPLICA_ID", value_parser = parse_replica_id, value_name = "ID")]
+    pub replica_id: Option<String>,
+
+    /// The lease of a replica's liveness key in etcd: how soon after a replica dies the others
+    /// notice, and another takes over its health checks.
+    #[arg(long, env = "FERRY_REPLICA_TTL", default_value = "5s", value_parser = parse_replica_ttl, value_name = "DURATION")]
+    pub replica_ttl: Duration,
 
     /// The longest a registry change waits before it is pushed to sidecars; changes within it
     /// are coalesced.
@@ -97,6 +114,30 @@ pub struct Config {
     /// Log filter, such as `info` or `ferry_control_plane=debug`.
     #[arg(long, env = "FERRY_LOG", default_value = "info", value_name = "FILTER")]
     pub log: String,
+}
+
+fn parse_etcd_prefix(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') || !s.ends_with('/') || s.len() > 200 || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!("{s:?}: a key prefix starting and ending with '/', such as /ferry/ (at most 200 characters)"));
+    }
+    Ok(s.to_owned())
+}
+
+fn parse_replica_id(s: &str) -> Result<String, String> {
+    let valid =
+        !s.is_empty() && s.len() <= 63 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if !valid {
+        return Err(format!("{s:?}: 1 to 63 letters, digits, '-', '_' or '.'"));
+    }
+    Ok(s.to_owned())
+}
+
+fn parse_replica_ttl(s: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if ttl < Duration::from_secs(2) || ttl > Duration::from_secs(300) || ttl.subsec_nanos() != 0 {
+        return Err(format!("{s:?}: whole seconds from 2s to 300s (etcd leases count in seconds)"));
+    }
+    Ok(ttl)
 }
 
 /// `--auth`.

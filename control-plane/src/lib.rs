@@ -11,6 +11,8 @@ pub mod api;
 pub mod auth;
 pub mod ca;
 pub mod checks;
+#[cfg(feature = "etcd")]
+pub mod cluster;
 pub mod config;
 pub mod discovery;
 pub mod dns;

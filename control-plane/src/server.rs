@@ -40,9 +40,9 @@ use crate::{
     index::Indexes,
     listener::{self, Api, ApiCert, ApiStream},
     metrics::Metrics,
-    registry::{Registry, RegistryConfig},
+    registry::{Registry, RegistryConfig, Shared},
     resources::Resources,
-    store::{self, StoreKind},
+    store::{self, Store, StoreKind},
 };
 
 /// A running control plane.
@@ -54,12 +54,47 @@ pub struct ControlPlane {
     pub authority: Arc<Authority>,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    #[cfg(feature = "etcd")]
+    replica: Option<Arc<crate::cluster::Replica>>,
+}
+
+/// The store `--store` names, and with etcd the connection the replica keeps.
+#[cfg(feature = "etcd")]
+type Opened = (Arc<dyn Store>, Option<crate::store::etcd::EtcdStore>);
+#[cfg(not(feature = "etcd"))]
+type Opened = (Arc<dyn Store>, Option<std::convert::Infallible>);
+
+async fn open_store(config: &Config) -> anyhow::Result<Opened> {
+    match &config.store {
+        #[cfg(feature = "etcd")]
+        StoreKind::Etcd(endpoints) => {
+            let etcd = crate::store::etcd::EtcdStore::connect(endpoints, &config.etcd_prefix).await?;
+            Ok((Arc::new(etcd.clone()), Some(etcd)))
+        }
+        #[cfg(not(feature = "etcd"))]
+        StoreKind::Etcd(_) => {
+            Err(anyhow::Error::new(ferry_runtime::UsageError(format!("--store: {}", store::ETCD_FEATURE_MISSING))))
+        }
+        other => Ok((store::open(other, &config.data_dir)?, None)),
+    }
+}
+
+/// This replica's id: `--replica-id`, or the host name and a random suffix.
+fn replica_id(config: &Config) -> String {
+    if let Some(id) = &config.replica_id {
+        return id.clone();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(40).collect();
+    let suffix: u32 = rand::random();
+    if host.is_empty() { format!("replica-{suffix:08x}") } else { format!("{host}-{suffix:08x}") }
 }
 
 impl ControlPlane {
     /// Opens the store, binds every listener and starts serving.
     pub async fn start(config: &Config) -> anyhow::Result<Self> {
-        let store = store::open(&config.store, &config.data_dir)?;
+        let (store, etcd) = open_store(config).await?;
+        let shared = etcd.as_ref().map(|_| Shared::new(&replica_id(config)));
         let mut prometheus = prometheus_client::registry::Registry::default();
         let metrics = Metrics::new(&mut prometheus);
         let limits = &config.limits;
@@ -73,10 +108,11 @@ impl ControlPlane {
         };
         let description = store.describe();
         let indexes = Arc::new(Indexes::default());
-        let registry = Registry::open(store.clone(), registry_config, metrics.registry.clone(), indexes.clone())
-            .await
-            .with_context(|| format!("loading the registry from {description}"))?;
-        let resources = Resources::open(store.clone(), indexes, Duration::from_secs(5), limits.resources())
+        let registry =
+            Registry::open_with(store.clone(), registry_config, metrics.registry.clone(), indexes.clone(), shared.clone())
+                .await
+                .with_context(|| format!("loading the registry from {description}"))?;
+        let resources = Resources::open_with(store.clone(), indexes, Duration::from_secs(5), limits.resources(), shared.clone())
             .await
             .with_context(|| format!("loading routes and policies from {description}"))?;
         let ca_config = CaConfig {
@@ -163,6 +199,34 @@ impl ControlPlane {
             config.allow_check_targets.clone(),
         );
         checks.sync_all();
+        #[cfg(feature = "etcd")]
+        let replica = match (etcd, shared) {
+            (Some(etcd), Some(shared)) => {
+                sidecars.set_replica(&shared.replica);
+                let replica_config = crate::cluster::ReplicaConfig {
+                    id: shared.replica.to_string(),
+                    ttl: config.replica_ttl,
+                    grace: config.reconnect_grace,
+                    grpc: grpc_addr,
+                    http: http_addr,
+                };
+                let parts = crate::cluster::Parts {
+                    registry: registry.clone(),
+                    resources: resources.clone(),
+                    tokens: tokens.clone(),
+                    authority: authority.clone(),
+                    checks: checks.clone(),
+                    sidecars: sidecars.clone(),
+                };
+                let replica = crate::cluster::Replica::start(etcd, replica_config, shared, parts, shutdown.clone())
+                    .await
+                    .with_context(|| format!("joining the replicas on {description}"))?;
+                Some(replica)
+            }
+            _ => None,
+        };
+        #[cfg(not(feature = "etcd"))]
+        let _ = (etcd, shared);
         let registry_api = RegistryService::new(registry.clone(), checks.clone(), shutdown.clone());
         let security = SecurityService { authority: authority.clone(), tokens: tokens.clone(), sidecars: sidecars.clone() };
 
@@ -243,7 +307,17 @@ impl ControlPlane {
             ca = %config.data_dir.join("ca.pem").display(),
             "listening"
         );
-        Ok(Self { grpc_addr, http_addr, dns_addr, registry, authority, shutdown, tasks })
+        Ok(Self {
+            grpc_addr,
+            http_addr,
+            dns_addr,
+            registry,
+            authority,
+            shutdown,
+            tasks,
+            #[cfg(feature = "etcd")]
+            replica,
+        })
     }
 
     /// Stops accepting, ends every stream, waits for the servers and flushes the store.
@@ -253,6 +327,10 @@ impl ControlPlane {
             task.await??;
         }
         self.registry.flush().await?;
+        #[cfg(feature = "etcd")]
+        if let Some(replica) = self.replica {
+            replica.leave().await;
+        }
         Ok(())
     }
 

@@ -84,6 +84,15 @@ pub struct HttpState {
     pub authority: Arc<Authority>,
 }
 
+/// `GET /ready`: 200 while serving; 503 while a shared store is unreachable (this replica still
+/// streams its last state to its sidecars, but refuses writes).
+async fn ready(State(state): State<HttpState>) -> (StatusCode, String) {
+    match state.registry.shared().and_then(|shared| shared.unavailable.borrow().clone()) {
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: the store is unavailable: {why}\n")),
+        None => (StatusCode::OK, "ready\n".to_owned()),
+    }
+}
+
 /// The API's router: every route behind the token check of `auth`.
 pub fn router(state: HttpState, security: super::security::SecurityService, auth: Auth) -> Router {
     let resources = super::resources::router(state.resources.clone(), state.sidecars.clone());
@@ -95,7 +104,7 @@ pub fn router(state: HttpState, security: super::security::SecurityService, auth
         .route("/v1/checks/{id}/{status}", put(update_ttl).layer(DefaultBodyLimit::max(MAX_TTL_OUTPUT_BYTES)))
         .route("/v1/sidecars", get(sidecars))
         .route("/metrics", get(metrics))
-        .route("/ready", get(|| async { "ready\n" }))
+        .route("/ready", get(ready))
         .fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
             ApiError::not_found(format!("no endpoint {method} {}; see docs/api.md", uri.path()))
         })

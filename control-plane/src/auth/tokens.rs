@@ -175,11 +175,45 @@ impl Tokens {
             return Ok(());
         }
         let secret = new_secret();
+        let stored = Stored::bootstrap("made at first start", sha256(&secret));
+        let value = serde_json::to_vec(&stored)?;
+        // Created only if absent: replicas that start together on an empty shared store agree
+        // on one admin token, and only the one that made it has its secret.
+        let held = self.store.create(Table::Tokens, BOOTSTRAP_ID.to_owned(), value.clone()).await?;
+        if held != value {
+            self.apply_stored(BOOTSTRAP_ID, Some(&held));
+            tracing::info!("another replica made the admin token first; its secret is in that replica's data directory");
+            return Ok(());
+        }
         std::fs::create_dir_all(data_dir)?;
         crate::ca::write_file(&file, &format!("{secret}\n"), 0o600)?;
-        self.put(Stored::bootstrap("made at first start", sha256(&secret))).await?;
+        self.apply_stored(BOOTSTRAP_ID, Some(&value));
         tracing::info!(file = %file.display(), "created an admin token; its secret is in the file (mode 0600)");
         Ok(())
+    }
+
+    /// Applies a token as the shared store reports it (`None`: revoked).
+    pub fn apply_stored(&self, id: &str, value: Option<&[u8]>) {
+        let mut state = lock(&self.state);
+        match value {
+            Some(value) => match serde_json::from_slice::<Stored>(value) {
+                Ok(stored) => {
+                    if let Some(old) = state.by_id.insert(stored.id.clone(), stored.clone()) {
+                        state.by_hash.remove(&old.sha256);
+                    }
+                    state.by_hash.insert(stored.sha256.clone(), stored.id);
+                }
+                Err(error) => tracing::warn!(id, %error, "ignoring a token in the store that does not decode"),
+            },
+            None => {
+                if let Some(old) = state.by_id.remove(id) {
+                    state.by_hash.remove(&old.sha256);
+                }
+                if let Some(revoked) = state.revoked.remove(id) {
+                    revoked.cancel();
+                }
+            }
+        }
     }
 
     /// Who presents `secret`, if it is a live token.

@@ -20,6 +20,10 @@ use crate::{
 #[derive(Default)]
 pub struct Sidecars {
     connected: Mutex<HashMap<SessionId, Arc<SidecarRecord>>>,
+    /// This replica's id, when replicas share a store.
+    replica: std::sync::OnceLock<String>,
+    /// The sidecars of the other replicas, as they record them in the store, by key.
+    remote: Mutex<HashMap<String, v1::SidecarStatus>>,
 }
 
 /// One connected sidecar, updated by its session as pushes go out and answers come back.
@@ -87,6 +91,7 @@ impl SidecarRecord {
             .collect();
         subscriptions.sort_by(|a, b| a.service.cmp(&b.service));
         v1::SidecarStatus {
+            replica: String::new(),
             node_id: self.node_id.clone(),
             service: self.service.clone(),
             instance_id: self.instance_id.clone().unwrap_or_default(),
@@ -126,9 +131,48 @@ impl Sidecars {
     /// Every connected sidecar, by node id.
     pub fn list(&self, registry: &Registry, resources: &Resources, authority: &Authority) -> Vec<v1::SidecarStatus> {
         let records: Vec<_> = lock(&self.connected).values().cloned().collect();
-        let mut list: Vec<_> = records.iter().map(|r| r.to_proto(registry, resources, authority)).collect();
-        list.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        let replica = self.replica.get().cloned().unwrap_or_default();
+        let mut list: Vec<_> = records
+            .iter()
+            .map(|r| v1::SidecarStatus { replica: replica.clone(), ..r.to_proto(registry, resources, authority) })
+            .collect();
+        list.extend(lock(&self.remote).values().cloned());
+        list.sort_by(|a, b| (&a.node_id, &a.replica).cmp(&(&b.node_id, &b.replica)));
         list
+    }
+
+    /// The sidecars connected to this replica only.
+    pub fn list_local(&self, registry: &Registry, resources: &Resources, authority: &Authority) -> Vec<v1::SidecarStatus> {
+        let replica = self.replica.get().cloned().unwrap_or_default();
+        let records: Vec<_> = lock(&self.connected).values().cloned().collect();
+        records
+            .iter()
+            .map(|r| v1::SidecarStatus { replica: replica.clone(), ..r.to_proto(registry, resources, authority) })
+            .collect()
+    }
+
+    /// Names the replica these sidecars are connected to.
+    pub fn set_replica(&self, replica: &str) {
+        let _ = self.replica.set(replica.to_owned());
+    }
+
+    /// Records (or with `None` forgets) a sidecar of another replica under `key`.
+    pub fn set_remote(&self, key: &str, status: Option<v1::SidecarStatus>) {
+        let mut remote = lock(&self.remote);
+        match status {
+            Some(status) if Some(&status.replica) != self.replica.get() => {
+                remote.insert(key.to_owned(), status);
+            }
+            Some(_) => {}
+            None => {
+                remote.remove(key);
+            }
+        }
+    }
+
+    /// Forgets every sidecar of other replicas, before loading them again.
+    pub fn clear_remote(&self) {
+        lock(&self.remote).clear();
     }
 
     /// The node ids of the connected sidecars.

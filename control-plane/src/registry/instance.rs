@@ -35,6 +35,9 @@ pub struct Instance {
     /// The identity its sidecar proves with mTLS (`spiffe://...`); empty when it is reached in
     /// plaintext.
     pub identity: String,
+    /// The replica whose stream holds a sidecar's instance (replicas on a shared store); empty
+    /// otherwise.
+    pub replica: String,
 }
 
 /// Who registered an instance, which decides its lifecycle.
@@ -127,6 +130,7 @@ impl Instance {
             checks: spec.checks,
             deregister_critical_after: spec.deregister_critical_after,
             identity: spec.identity,
+            replica: String::new(),
         }
     }
 
@@ -177,6 +181,7 @@ impl Instance {
             checks: self.checks.iter().map(CheckSpec::to_proto).collect(),
             deregister_critical_after: self.deregister_critical_after.map(ferry_health::spec::proto_duration),
             identity: self.identity.clone(),
+            replica: self.replica.clone(),
         }
     }
 
@@ -214,9 +219,10 @@ impl Instance {
         let registered_at = stored.registered_at.map(system_time).unwrap_or(UNIX_EPOCH);
         let index = stored.index;
         let identity = stored.identity.clone();
+        let replica = stored.replica.clone();
         let mut spec = InstanceSpec::try_from(stored)?;
         spec.identity = if matches!(origin, Origin::Sidecar { .. }) { identity } else { String::new() };
-        Ok(Self { registered_at, index, ..Self::new(spec, origin, health) })
+        Ok(Self { registered_at, index, replica, ..Self::new(spec, origin, health) })
     }
 }
 

@@ -39,10 +39,19 @@ impl Registry {
         }
         state.leases.insert(spec.id.clone(), Lease::Attached(session));
         let origin = Origin::Sidecar { node_id: node_id.to_owned() };
+        let replica = self.replica().unwrap_or_default().to_owned();
         match existing {
-            Some(existing) if existing.matches(&spec) && existing.origin == origin && existing.health == health => Ok(existing),
+            Some(existing)
+                if existing.matches(&spec)
+                    && existing.origin == origin
+                    && existing.health == health
+                    && existing.replica == replica =>
+            {
+                Ok(existing)
+            }
             _ => {
-                let instance = Instance::new(spec, origin, health);
+                let mut instance = Instance::new(spec, origin, health);
+                instance.replica = replica;
                 let key = instance_key(&instance);
                 let (instance, _) = self.commit(&mut state, Mutation::Upsert(Box::new(instance)), &key);
                 Ok(instance.expect("an upsert yields the instance"))

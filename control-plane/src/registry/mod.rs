@@ -28,7 +28,7 @@ use self::lease::Lease;
 use crate::{
     index::Indexes,
     metrics::RegistryMetrics,
-    store::{Store, StoreError, StoreWriter, Table, Write},
+    store::{Event, Store, StoreError, StoreWriter, Table, Write},
 };
 
 mod admission;
@@ -100,9 +100,49 @@ pub struct ServiceSummary {
     pub routable: usize,
 }
 
+/// How a registry shares its store with other replicas.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// This replica's id, recorded on the sidecar instances whose streams it holds.
+    pub replica: Arc<str>,
+    /// The store revision applied last; an API write returns once its own is.
+    pub applied: watch::Sender<u64>,
+    /// Why the store is unavailable, when it is: writes are refused at once.
+    pub unavailable: watch::Sender<Option<String>>,
+}
+
+impl Shared {
+    /// A fresh state for replica `replica`.
+    pub fn new(replica: &str) -> Self {
+        Self { replica: replica.into(), applied: watch::Sender::new(0), unavailable: watch::Sender::new(None) }
+    }
+
+    /// Refuses a write at once while the store is unavailable.
+    pub fn check_available(&self) -> Result<(), StoreError> {
+        match &*self.unavailable.borrow() {
+            Some(why) => Err(StoreError::new(format!("the store is unavailable, writes are refused until it returns: {why}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until this replica has applied `revision`, so a write is seen by reads here.
+    pub async fn caught_up(&self, revision: u64, limit: Duration) -> Result<(), StoreError> {
+        let mut applied = self.applied.subscribe();
+        match tokio::time::timeout(limit, applied.wait_for(|&done| done >= revision)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(StoreError::new(format!(
+                "revision {revision} committed but not seen on this replica's watch within {limit:?}"
+            ))),
+        }
+    }
+}
+
 /// The registry of services and instances.
 pub struct Registry {
     indexes: Arc<Indexes>,
+    /// Set when replicas share the store: changes are written first and applied to memory as
+    /// the store's watch reports them, so every replica applies them in one order.
+    shared: Option<Shared>,
     state: Mutex<State>,
     writer: StoreWriter,
     config: RegistryConfig,
@@ -122,12 +162,20 @@ struct State {
     /// What each instance's checks found last, by instance id. Kept beside the snapshots: a
     /// check's output changing is shown but never bumps an index or costs a push.
     check_statuses: HashMap<String, Vec<CheckStatus>>,
+    /// With a shared store: this replica's writes not yet seen on the watch, by instance id
+    /// (`None`: a removal), so that its next change builds on them.
+    pending: HashMap<String, PendingWrite>,
     next_epoch: u64,
     placeholders_created: u64,
 }
 
 struct ServiceEntry {
     tx: watch::Sender<Arc<ServiceSnapshot>>,
+}
+
+struct PendingWrite {
+    instance: Option<Arc<Instance>>,
+    bytes: Option<Vec<u8>>,
 }
 
 /// One mutation of an instance, applied by [`Registry::commit`].
@@ -147,7 +195,20 @@ impl Registry {
         metrics: RegistryMetrics,
         indexes: Arc<Indexes>,
     ) -> Result<Arc<Self>, StoreError> {
-        let rows = store.load(Table::Instances).await?;
+        Self::open_with(store, config, metrics, indexes, None).await
+    }
+
+    /// Opens the registry; with `shared`, as one replica of several on a shared store, which
+    /// loads nothing itself: the replica feeds it the store's contents and changes through
+    /// [`Registry::apply_event`].
+    pub async fn open_with(
+        store: Arc<dyn Store>,
+        config: RegistryConfig,
+        metrics: RegistryMetrics,
+        indexes: Arc<Indexes>,
+        shared: Option<Shared>,
+    ) -> Result<Arc<Self>, StoreError> {
+        let rows = if shared.is_some() { Vec::new() } else { store.load(Table::Instances).await? };
         let mut restored = Vec::with_capacity(rows.len());
         for (key, value) in rows {
             let stored = v1::Instance::decode(value.as_slice())
@@ -159,12 +220,14 @@ impl Registry {
         indexes.advance_past(restored.iter().map(|i| i.index).max().unwrap_or(0));
         let registry = Arc::new_cyclic(|this| Registry {
             indexes,
+            shared,
             state: Mutex::new(State {
                 services: HashMap::new(),
                 ids: HashMap::new(),
                 leases: HashMap::new(),
                 check_owners: HashMap::new(),
                 check_statuses: HashMap::new(),
+                pending: HashMap::new(),
                 next_epoch: 0,
                 placeholders_created: 0,
             }),
@@ -267,6 +330,10 @@ impl Registry {
 
     /// Registers or replaces a persistent instance and waits until it is durable.
     pub async fn register(&self, spec: InstanceSpec) -> Result<Arc<Instance>, RegistryError> {
+        if let Some(shared) = &self.shared {
+            shared.check_available()?;
+        }
+        let id = spec.id.clone();
         let (instance, generation) = {
             let mut state = self.lock();
             self.admit(&state, &spec)?;
@@ -296,13 +363,112 @@ impl Registry {
             }
         };
         if let Some(generation) = generation {
-            self.writer.durable(generation, self.config.durable_timeout).await?;
+            self.durable(generation).await?;
         }
-        Ok(instance)
+        Ok(if self.shared.is_some() { self.instance(&id).unwrap_or(instance) } else { instance })
+    }
+
+    /// Waits until the write of `generation` is durable and, with a shared store, applied here.
+    async fn durable(&self, generation: u64) -> Result<(), RegistryError> {
+        let revision = self.writer.durable(generation, self.config.durable_timeout).await?;
+        if let Some(shared) = &self.shared {
+            shared.caught_up(revision, self.config.durable_timeout).await?;
+        }
+        Ok(())
+    }
+
+    /// This replica's id, when replicas share the store.
+    pub fn replica(&self) -> Option<&str> {
+        self.shared.as_ref().map(|shared| &*shared.replica)
+    }
+
+    /// The replication state, when replicas share the store.
+    pub fn shared(&self) -> Option<&Shared> {
+        self.shared.as_ref()
+    }
+
+    /// Applies one change the shared store reports (this replica's own writes included), in the
+    /// store's order: the instance's index is the revision of its last change, its service's
+    /// index the revision of the event.
+    pub fn apply_event(&self, event: &Event) {
+        let id = &event.key;
+        let stored = match &event.value {
+            None => None,
+            Some(bytes) => match v1::Instance::decode(bytes.as_slice())
+                .map_err(|e| e.to_string())
+                .and_then(|stored| Instance::from_stored(stored).map_err(|e| e.to_string()))
+            {
+                Ok(mut instance) => {
+                    instance.index = event.version;
+                    Some(Arc::new(instance))
+                }
+                Err(error) => {
+                    tracing::warn!(id, %error, "ignoring an instance in the store that does not decode");
+                    return;
+                }
+            },
+        };
+        let mut state = self.lock();
+        let ours_pending = match state.pending.get(id) {
+            Some(pending) if pending.bytes.as_deref() == event.value.as_deref() => {
+                state.pending.remove(id);
+                false
+            }
+            Some(_) => true,
+            None => false,
+        };
+        let previous = state.ids.get(id).cloned();
+        if let Some(previous) = &previous
+            && stored.as_ref().is_none_or(|instance| instance.service != *previous)
+        {
+            self.publish(&mut state, previous, id, None, event.revision);
+        }
+        if let Some(instance) = &stored {
+            let service = instance.service.clone();
+            self.publish(&mut state, &service, id, stored.clone(), event.revision);
+        }
+        // A sidecar instance another replica now holds, or one removed, is not ours to expire.
+        let mine = stored.as_ref().is_some_and(|instance| Some(instance.replica.as_str()) == self.replica());
+        if !mine && !ours_pending {
+            state.leases.remove(id);
+        }
+        drop(state);
+        self.indexes.advance_past(event.revision);
+    }
+
+    /// The id of every instance.
+    pub fn all_ids(&self) -> Vec<String> {
+        self.lock().ids.keys().cloned().collect()
+    }
+
+    /// Every sidecar-bound instance with the replica whose stream holds it.
+    pub fn sidecar_instances(&self) -> Vec<Arc<Instance>> {
+        let state = self.lock();
+        state
+            .services
+            .values()
+            .flat_map(|entry| entry.tx.borrow().instances.values().filter(|i| i.node_id().is_some()).cloned().collect::<Vec<_>>())
+            .collect()
+    }
+
+    /// Removes the sidecar instance `id` if it is still exactly `seen` (its replica died and its
+    /// sidecar did not come back to another one within the grace period).
+    pub fn remove_orphan(&self, id: &str, seen: &Instance) {
+        let mut state = self.lock();
+        let Some(existing) = state.current(id) else { return };
+        if existing.index != seen.index || existing.replica != seen.replica {
+            return;
+        }
+        tracing::info!(id, service = %existing.service, replica = %existing.replica, "removing instance: its replica died and its sidecar did not reconnect");
+        state.leases.remove(id);
+        self.commit(&mut state, Mutation::Remove, &(existing.service.clone(), id.to_owned()));
     }
 
     /// Removes the instance `id`, whatever registered it, and waits until that is durable.
     pub async fn deregister(&self, id: &str) -> Result<Arc<Instance>, RegistryError> {
+        if let Some(shared) = &self.shared {
+            shared.check_available()?;
+        }
         let (removed, generation) = {
             let mut state = self.lock();
             let Some(existing) = state.current(id) else {
@@ -312,7 +478,7 @@ impl Registry {
             let (_, generation) = self.commit(&mut state, Mutation::Remove, &(existing.service.clone(), id.to_owned()));
             (existing, generation)
         };
-        self.writer.durable(generation, self.config.durable_timeout).await?;
+        self.durable(generation).await?;
         Ok(removed)
     }
 
@@ -400,39 +566,65 @@ impl Registry {
 
     /// Applies one mutation: new index, new snapshot for watchers, write-behind to the store.
     /// Returns the instance as stored (for upserts) and the store generation of the write.
+    /// With a shared store the write goes first, and memory changes when the watch reports it.
     fn commit(&self, state: &mut State, mutation: Mutation, (service, id): &(Arc<str>, String)) -> (Option<Arc<Instance>>, u64) {
+        if self.shared.is_some() {
+            let stored = match mutation {
+                Mutation::Upsert(instance) => {
+                    let mut instance = *instance;
+                    instance.index = 0;
+                    Some(Arc::new(instance))
+                }
+                Mutation::Remove => None,
+            };
+            let bytes = stored.as_ref().map(|instance| instance.to_proto().encode_to_vec());
+            let generation = self.writer.enqueue(Write { table: Table::Instances, key: id.clone(), value: bytes.clone() });
+            state.pending.insert(id.clone(), PendingWrite { instance: stored.clone(), bytes });
+            return (stored, generation);
+        }
         let index = self.indexes.next();
+        let stored = match mutation {
+            Mutation::Upsert(instance) => {
+                let mut instance = *instance;
+                instance.index = index;
+                Some(Arc::new(instance))
+            }
+            Mutation::Remove => None,
+        };
+        self.publish(state, service, id, stored.clone(), index);
+        let value = stored.as_ref().map(|instance| instance.to_proto().encode_to_vec());
+        let generation = self.writer.enqueue(Write { table: Table::Instances, key: id.clone(), value });
+        (stored, generation)
+    }
+
+    /// Puts one change in memory: a new snapshot of `service` at `index` for its watchers.
+    fn publish(&self, state: &mut State, service: &Arc<str>, id: &String, stored: Option<Arc<Instance>>, index: u64) {
         let entry = state
             .services
             .entry(service.clone())
             .or_insert_with(|| ServiceEntry { tx: watch::Sender::new(Arc::new(ServiceSnapshot::empty(service.clone(), index))) });
         let previous = entry.tx.borrow().clone();
+        let index = index.max(previous.index);
         let mut encoded_bytes =
             previous.encoded_bytes.saturating_sub(previous.instances.get(id).map_or(0, |i| i.endpoint_bytes()));
         let old_checks: Vec<String> =
             previous.instances.get(id).map(|old| old.checks.iter().map(|c| c.id.clone()).collect()).unwrap_or_default();
         let mut instances = (*previous.instances).clone();
         let mut log = (*previous.log).clone();
-        let (stored, write) = match mutation {
-            Mutation::Upsert(instance) => {
-                let mut instance = *instance;
-                instance.index = index;
-                let instance = Arc::new(instance);
+        match &stored {
+            Some(instance) => {
                 encoded_bytes += instance.endpoint_bytes();
                 if let Some(old) = instances.insert(id.clone(), instance.clone()) {
                     self.metrics.instances(old.health).dec();
                 }
                 self.metrics.instances(instance.health).inc();
-                let write = Write { table: Table::Instances, key: id.clone(), value: Some(instance.to_proto().encode_to_vec()) };
-                (Some(instance), write)
             }
-            Mutation::Remove => {
+            None => {
                 if let Some(old) = instances.remove(id) {
                     self.metrics.instances(old.health).dec();
                 }
-                (None, Write { table: Table::Instances, key: id.clone(), value: None })
             }
-        };
+        }
         log.record(Change { index, id: id.clone(), instance: stored.clone() }, self.config.change_log);
         let snapshot = ServiceSnapshot {
             name: service.clone(),
@@ -465,8 +657,6 @@ impl Registry {
             }
         }
         self.metrics.changes.inc();
-        let generation = self.writer.enqueue(write);
-        (stored, generation)
     }
 }
 
@@ -481,6 +671,9 @@ impl State {
     }
 
     fn current(&self, id: &str) -> Option<Arc<Instance>> {
+        if let Some(pending) = self.pending.get(id) {
+            return pending.instance.clone();
+        }
         let service = self.ids.get(id)?;
         self.services.get(service)?.tx.borrow().instances.get(id).cloned()
     }

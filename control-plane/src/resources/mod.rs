@@ -23,7 +23,8 @@ use tokio::sync::watch;
 
 use crate::{
     index::Indexes,
-    store::{Store, StoreError, StoreWriter, Table, Write},
+    registry::Shared,
+    store::{Event, Guard, Store, StoreError, StoreWriter, Table, Write},
 };
 
 /// How many versions of a resource are kept for `history` and `rollback`.
@@ -65,6 +66,11 @@ impl Kind {
             Kind::Policy => "policy",
             Kind::Authorization => "authorization",
         }
+    }
+
+    /// The kind stored in `table`.
+    pub fn of_table(table: Table) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|kind| kind.table() == table)
     }
 
     fn table(self) -> Table {
@@ -132,7 +138,7 @@ pub enum ResourceError {
 
 /// A resource and its past versions, newest first; an entry without a resource is a delete.
 #[derive(Debug, Clone, Default)]
-struct Record {
+pub(crate) struct Record {
     history: VecDeque<v1::HistoryEntry>,
 }
 
@@ -158,6 +164,10 @@ struct State {
 /// The resources of the mesh.
 pub struct Resources {
     state: Mutex<State>,
+    store: Arc<dyn Store>,
+    /// Set when replicas share the store: a change is a guarded transaction, and memory changes
+    /// when the watch reports it.
+    shared: Option<Shared>,
     writer: StoreWriter,
     indexes: Arc<Indexes>,
     durable_timeout: Duration,
@@ -172,8 +182,23 @@ impl Resources {
         durable_timeout: Duration,
         limits: validate::Limits,
     ) -> Result<Arc<Self>, StoreError> {
+        Self::open_with(store, indexes, durable_timeout, limits, None).await
+    }
+
+    /// Opens the resources; with `shared`, as one replica of several, which loads nothing
+    /// itself: the replica feeds it through [`Resources::apply_event`].
+    pub async fn open_with(
+        store: Arc<dyn Store>,
+        indexes: Arc<Indexes>,
+        durable_timeout: Duration,
+        limits: validate::Limits,
+        shared: Option<Shared>,
+    ) -> Result<Arc<Self>, StoreError> {
         let mut records = HashMap::new();
         for kind in Kind::ALL {
+            if shared.is_some() {
+                break;
+            }
             for (key, value) in store.load(kind.table()).await? {
                 let stored = v1::HistoryResponse::decode(value.as_slice())
                     .map_err(|e| StoreError::new(format!("{} {key:?} is corrupt: {e}", kind.name())))?;
@@ -184,7 +209,9 @@ impl Resources {
         }
         Ok(Arc::new(Self {
             state: Mutex::new(State { records, watchers: HashMap::new() }),
-            writer: StoreWriter::spawn(store),
+            writer: StoreWriter::spawn(store.clone()),
+            store,
+            shared,
             indexes,
             durable_timeout,
             limits,
@@ -242,74 +269,39 @@ impl Resources {
     /// Validates every item, then (unless `dry_run`) stores the ones that change, all at one
     /// version. Returns each resource as stored, with the change as a diff.
     pub async fn apply(&self, items: Vec<v1::ApplyItem>, dry_run: bool) -> Result<Vec<v1::AppliedResource>, ResourceError> {
+        if let Some(shared) = &self.shared
+            && !dry_run
+        {
+            return self
+                .shared_change(shared, |state| {
+                    let (mut applied, touched) = plan(state, items.clone(), false, 0, &self.limits)?;
+                    Ok((touched, move |version| {
+                        for resource in &mut applied {
+                            if resource.changed
+                                && let Some(resource) = &mut resource.resource
+                            {
+                                set_version_only(resource, version);
+                            }
+                        }
+                        applied
+                    }))
+                })
+                .await;
+        }
         let (applied, generation) = {
             let mut state = self.lock();
-            let mut seen = HashSet::new();
-            let mut plans = Vec::with_capacity(items.len());
-            for (i, item) in items.into_iter().enumerate() {
-                let at = format!("items[{i}]");
-                let mut resource = item.resource.ok_or_else(|| FieldError::new(format!("{at}.resource"), "required"))?;
-                validate::resource_within(&resource, &self.limits).map_err(|e| e.within(&format!("{at}.resource")))?;
-                let (kind, service) = Kind::of(&resource)
-                    .map(|(k, s)| (k, Arc::<str>::from(s)))
-                    .ok_or_else(|| FieldError::new(&at, "no resource"))?;
-                if !seen.insert((kind, service.clone())) {
-                    return Err(
-                        FieldError::new(&at, format!("a second {} for service {service:?} in one apply", kind.name())).into()
-                    );
-                }
-                let record = state.records.get(&(kind, service.clone()));
-                let current = record.and_then(Record::current);
-                let actual = if current.is_some() { record.map_or(0, Record::version) } else { 0 };
-                // A resource that carries its version (as `ferryctl get` prints it) is applied
-                // only over that version, so an edited copy cannot undo a newer change.
-                let (expected, field) = match (item.expected_version, version_of(&resource)) {
-                    (Some(expected), _) => (Some(expected), format!("{at}.expected_version")),
-                    (None, 0) => (None, String::new()),
-                    (None, version) => (Some(version), format!("{at}.resource.version")),
-                };
-                if let Some(expected) = expected
-                    && expected != actual
-                {
-                    return Err(ResourceError::Conflict { field, kind, service: service.to_string(), expected, actual });
-                }
-                set_version(&mut resource, 0, None);
-                let before = current.map(comparable).unwrap_or_default();
-                let after = comparable(&resource);
-                plans.push((kind, service, resource, before, after));
-            }
-            let batch: Vec<(usize, &v1::Resource)> = plans.iter().enumerate().map(|(i, p)| (i, &p.2)).collect();
-            check_references(&state, &batch, None)?;
             let version = if dry_run { 0 } else { self.indexes.next() };
-            let now = SystemTime::now();
-            let mut applied = Vec::with_capacity(plans.len());
+            let (applied, touched) = plan(&mut state, items, dry_run, version, &self.limits)?;
             let mut generation = None;
-            let mut touched = HashSet::new();
-            for (kind, service, mut resource, before, after) in plans {
-                let changed = before != after;
-                let diff = diff(&before, &after);
-                if !changed {
-                    let current = state.records.get(&(kind, service.clone())).and_then(Record::current).cloned();
-                    applied.push(v1::AppliedResource { resource: current.or(Some(resource)), changed, diff });
-                    continue;
+            if !touched.is_empty() {
+                for key in &touched {
+                    let record = state.records.get(key).map(Record::encode).unwrap_or_default();
+                    generation =
+                        Some(self.writer.enqueue(Write { table: key.0.table(), key: key.1.to_string(), value: Some(record) }));
                 }
-                if !dry_run {
-                    set_version(&mut resource, version, Some(now));
-                    let record = state.records.entry((kind, service.clone())).or_default();
-                    record.history.push_front(v1::HistoryEntry {
-                        version,
-                        at: Some(timestamp(now)),
-                        resource: Some(resource.clone()),
-                    });
-                    record.history.truncate(HISTORY);
-                    let write = Write { table: kind.table(), key: service.to_string(), value: Some(record.encode()) };
-                    generation = Some(self.writer.enqueue(write));
-                    touched.insert(service);
+                for (_, service) in &touched {
+                    notify(&state, service);
                 }
-                applied.push(v1::AppliedResource { resource: Some(resource), changed, diff });
-            }
-            for service in touched {
-                notify(&state, &service);
             }
             (applied, generation)
         };
@@ -321,44 +313,216 @@ impl Resources {
 
     /// Deletes the resource of `kind` for `service`; it stays in the history.
     pub async fn delete(&self, kind: Kind, service: &str, expected_version: Option<u64>) -> Result<v1::Resource, ResourceError> {
+        if let Some(shared) = &self.shared {
+            return self
+                .shared_change(shared, |state| {
+                    let removed = plan_delete(state, kind, service, expected_version, 0)?;
+                    Ok((vec![(kind, Arc::from(service))], move |_| removed))
+                })
+                .await;
+        }
         let (removed, generation) = {
             let mut state = self.lock();
-            let key = (kind, Arc::<str>::from(service));
-            let record = state.records.get(&key);
-            let Some(current) = record.and_then(Record::current).cloned() else {
-                return Err(ResourceError::NotFound { kind, service: service.to_owned() });
-            };
-            let actual = record.map_or(0, Record::version);
-            if let Some(expected) = expected_version
-                && expected != actual
-            {
-                let field = "expected_version".to_owned();
-                return Err(ResourceError::Conflict { field, kind, service: service.to_owned(), expected, actual });
-            }
-            if kind == Kind::Policy {
-                check_references(&state, &[], Some(service)).map_err(|e| match e {
-                    ResourceError::Invalid(field) => {
-                        ResourceError::InUse(format!("the policy of {service:?} cannot be deleted: {}", field.reason))
-                    }
-                    other => other,
-                })?;
-            }
             let version = self.indexes.next();
-            let record = state.records.entry(key.clone()).or_default();
-            record.history.push_front(v1::HistoryEntry { version, at: Some(timestamp(SystemTime::now())), resource: None });
-            record.history.truncate(HISTORY);
-            let generation =
-                self.writer.enqueue(Write { table: kind.table(), key: service.to_owned(), value: Some(record.encode()) });
-            notify(&state, &key.1);
-            (current, generation)
+            let removed = plan_delete(&mut state, kind, service, expected_version, version)?;
+            let key = (kind, Arc::<str>::from(service));
+            let record = state.records.get(&key).map(Record::encode).unwrap_or_default();
+            let generation = self.writer.enqueue(Write { table: kind.table(), key: service.to_owned(), value: Some(record) });
+            notify(&state, service);
+            (removed, generation)
         };
         self.writer.durable(generation, self.durable_timeout).await?;
         Ok(removed)
     }
 
+    /// Makes one change on a shared store: `change` plans it on a copy of the records (its new
+    /// versions 0), then the records it touched are written in one transaction guarded by the
+    /// versions they were planned on. A guard that fails (another replica changed one of them)
+    /// waits for that change to arrive here and plans again. `change` returns the keys touched
+    /// and what to answer given the version the change got.
+    async fn shared_change<T, F, A>(&self, shared: &Shared, change: F) -> Result<T, ResourceError>
+    where
+        F: Fn(&mut State) -> Result<(Vec<(Kind, Arc<str>)>, A), ResourceError>,
+        A: FnOnce(u64) -> T,
+    {
+        for _ in 0..8 {
+            shared.check_available()?;
+            let (guards, writes, answer) = {
+                let state = self.lock();
+                let mut scratch = State { records: state.records.clone(), watchers: HashMap::new() };
+                drop(state);
+                let planned_on: HashMap<(Kind, Arc<str>), u64> =
+                    scratch.records.iter().map(|(key, record)| (key.clone(), record.version())).collect();
+                let (touched, answer) = change(&mut scratch)?;
+                let mut guards = Vec::new();
+                let mut writes = Vec::new();
+                for key in touched {
+                    let version = planned_on.get(&key).copied().unwrap_or(0);
+                    guards.push(Guard { table: key.0.table(), key: key.1.to_string(), version });
+                    let value = scratch.records.get(&key).map(Record::encode);
+                    writes.push(Write { table: key.0.table(), key: key.1.to_string(), value });
+                }
+                (guards, writes, answer)
+            };
+            if writes.is_empty() {
+                return Ok(answer(0));
+            }
+            match self.store.transact(guards, writes).await? {
+                Ok(revision) => {
+                    shared.caught_up(revision, self.durable_timeout).await?;
+                    return Ok(answer(revision));
+                }
+                Err(revision) => shared.caught_up(revision, self.durable_timeout).await?,
+            }
+        }
+        Err(StoreError::new("the resources kept changing on other replicas; try again").into())
+    }
+
+    /// Applies one change the shared store reports: the head of the record's history takes the
+    /// revision of the key's last change as its version.
+    pub fn apply_event(&self, kind: Kind, event: &Event) {
+        let service: Arc<str> = event.key.as_str().into();
+        let mut state = self.lock();
+        match &event.value {
+            Some(bytes) => match v1::HistoryResponse::decode(bytes.as_slice()) {
+                Ok(stored) => {
+                    let mut record = Record { history: stored.entries.into_iter().collect() };
+                    if let Some(head) = record.history.front_mut() {
+                        head.version = event.version;
+                        if let Some(resource) = &mut head.resource {
+                            set_version_only(resource, event.version);
+                        }
+                    }
+                    state.records.insert((kind, service.clone()), record);
+                }
+                Err(error) => {
+                    tracing::warn!(kind = kind.name(), service = %service, %error, "ignoring a resource in the store that does not decode");
+                    return;
+                }
+            },
+            None => {
+                state.records.remove(&(kind, service.clone()));
+            }
+        }
+        notify(&state, &service);
+        drop(state);
+        self.indexes.advance_past(event.revision);
+    }
+
     /// Waits until every change so far is durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.writer.flush(self.durable_timeout).await
+    }
+}
+
+/// Validates `items` and (unless `dry_run`) records the ones that change in `state` at
+/// `version`. Returns each resource as it would be stored, and the keys changed.
+#[allow(clippy::type_complexity)]
+fn plan(
+    state: &mut State,
+    items: Vec<v1::ApplyItem>,
+    dry_run: bool,
+    version: u64,
+    limits: &validate::Limits,
+) -> Result<(Vec<v1::AppliedResource>, Vec<(Kind, Arc<str>)>), ResourceError> {
+    let mut seen = HashSet::new();
+    let mut plans = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let at = format!("items[{i}]");
+        let mut resource = item.resource.ok_or_else(|| FieldError::new(format!("{at}.resource"), "required"))?;
+        validate::resource_within(&resource, limits).map_err(|e| e.within(&format!("{at}.resource")))?;
+        let (kind, service) =
+            Kind::of(&resource).map(|(k, s)| (k, Arc::<str>::from(s))).ok_or_else(|| FieldError::new(&at, "no resource"))?;
+        if !seen.insert((kind, service.clone())) {
+            return Err(FieldError::new(&at, format!("a second {} for service {service:?} in one apply", kind.name())).into());
+        }
+        let record = state.records.get(&(kind, service.clone()));
+        let current = record.and_then(Record::current);
+        let actual = if current.is_some() { record.map_or(0, Record::version) } else { 0 };
+        // A resource that carries its version (as `ferryctl get` prints it) is applied
+        // only over that version, so an edited copy cannot undo a newer change.
+        let (expected, field) = match (item.expected_version, version_of(&resource)) {
+            (Some(expected), _) => (Some(expected), format!("{at}.expected_version")),
+            (None, 0) => (None, String::new()),
+            (None, version) => (Some(version), format!("{at}.resource.version")),
+        };
+        if let Some(expected) = expected
+            && expected != actual
+        {
+            return Err(ResourceError::Conflict { field, kind, service: service.to_string(), expected, actual });
+        }
+        set_version(&mut resource, 0, None);
+        let before = current.map(comparable).unwrap_or_default();
+        let after = comparable(&resource);
+        plans.push((kind, service, resource, before, after));
+    }
+    let batch: Vec<(usize, &v1::Resource)> = plans.iter().enumerate().map(|(i, p)| (i, &p.2)).collect();
+    check_references(state, &batch, None)?;
+    let now = SystemTime::now();
+    let mut applied = Vec::with_capacity(plans.len());
+    let mut touched = Vec::new();
+    for (kind, service, mut resource, before, after) in plans {
+        let changed = before != after;
+        let diff = diff(&before, &after);
+        if !changed {
+            let current = state.records.get(&(kind, service.clone())).and_then(Record::current).cloned();
+            applied.push(v1::AppliedResource { resource: current.or(Some(resource)), changed, diff });
+            continue;
+        }
+        if !dry_run {
+            set_version(&mut resource, version, Some(now));
+            let record = state.records.entry((kind, service.clone())).or_default();
+            record.history.push_front(v1::HistoryEntry { version, at: Some(timestamp(now)), resource: Some(resource.clone()) });
+            record.history.truncate(HISTORY);
+            touched.push((kind, service));
+        }
+        applied.push(v1::AppliedResource { resource: Some(resource), changed, diff });
+    }
+    Ok((applied, touched))
+}
+
+/// Records the delete of the resource of `kind` for `service` in `state` at `version`, and
+/// returns the resource deleted.
+fn plan_delete(
+    state: &mut State,
+    kind: Kind,
+    service: &str,
+    expected_version: Option<u64>,
+    version: u64,
+) -> Result<v1::Resource, ResourceError> {
+    let key = (kind, Arc::<str>::from(service));
+    let record = state.records.get(&key);
+    let Some(current) = record.and_then(Record::current).cloned() else {
+        return Err(ResourceError::NotFound { kind, service: service.to_owned() });
+    };
+    let actual = record.map_or(0, Record::version);
+    if let Some(expected) = expected_version
+        && expected != actual
+    {
+        let field = "expected_version".to_owned();
+        return Err(ResourceError::Conflict { field, kind, service: service.to_owned(), expected, actual });
+    }
+    if kind == Kind::Policy {
+        check_references(state, &[], Some(service)).map_err(|e| match e {
+            ResourceError::Invalid(field) => {
+                ResourceError::InUse(format!("the policy of {service:?} cannot be deleted: {}", field.reason))
+            }
+            other => other,
+        })?;
+    }
+    let record = state.records.entry(key).or_default();
+    record.history.push_front(v1::HistoryEntry { version, at: Some(timestamp(SystemTime::now())), resource: None });
+    record.history.truncate(HISTORY);
+    Ok(current)
+}
+
+/// Sets the version a resource carries, keeping when it was applied.
+fn set_version_only(resource: &mut v1::Resource, version: u64) {
+    match &mut resource.kind {
+        Some(v1::resource::Kind::Route(route)) => route.version = version,
+        Some(v1::resource::Kind::Policy(policy)) => policy.version = version,
+        Some(v1::resource::Kind::Authorization(policy)) => policy.version = version,
+        None => {}
     }
 }
 

@@ -22,7 +22,7 @@ impl Store for MemoryStore {
         futures::future::ready(Ok(rows)).boxed()
     }
 
-    fn apply(&self, batch: Vec<Write>) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn apply(&self, batch: Vec<Write>) -> BoxFuture<'_, Result<u64, StoreError>> {
         let mut tables = ferry_runtime::lock(&self.tables);
         for write in batch {
             let table = tables.entry(write.table).or_default();
@@ -31,7 +31,7 @@ impl Store for MemoryStore {
                 None => table.remove(&write.key),
             };
         }
-        futures::future::ready(Ok(())).boxed()
+        futures::future::ready(Ok(0)).boxed()
     }
 
     fn create(&self, table: Table, key: String, value: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, StoreError>> {

@@ -8,6 +8,8 @@ use std::{fmt, path::Path, sync::Arc};
 
 use futures::future::BoxFuture;
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
 mod memory;
 mod redb;
 mod writer;
@@ -32,6 +34,11 @@ pub enum Table {
 }
 
 impl Table {
+    /// The table named `name`.
+    pub fn from_name(name: &str) -> Option<Table> {
+        Self::ALL.into_iter().find(|table| table.name() == name)
+    }
+
     /// Every table, for stores that create them up front.
     pub const ALL: [Table; 6] =
         [Table::Instances, Table::Routes, Table::Policies, Table::Authorizations, Table::Ca, Table::Tokens];
@@ -57,6 +64,26 @@ pub struct Write {
     pub value: Option<Vec<u8>>,
 }
 
+/// A condition on a guarded write ([`Store::transact`]): the key is at `version` (the store
+/// revision of its last change), or absent when `version` is 0.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guard {
+    pub table: Table,
+    pub key: String,
+    pub version: u64,
+}
+
+/// One change seen in a shared store: what `key` holds as of `revision` (none: deleted), and
+/// the revision of the key's own last change (`version`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub table: Table,
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+    pub version: u64,
+    pub revision: u64,
+}
+
 /// A failure of the storage backend.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("store: {0}")]
@@ -77,8 +104,18 @@ pub trait Store: Send + Sync + 'static {
     /// Every key and value in `table`.
     fn load(&self, table: Table) -> BoxFuture<'_, Result<Rows, StoreError>>;
 
-    /// Applies the writes of `batch` in one transaction.
-    fn apply(&self, batch: Vec<Write>) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Applies the writes of `batch` in one transaction. Returns the store's revision after
+    /// it for a shared store, 0 for a local one.
+    fn apply(&self, batch: Vec<Write>) -> BoxFuture<'_, Result<u64, StoreError>>;
+
+    /// Applies `batch` in one transaction if every guard holds, returning the revision after
+    /// it; when one does not, `Err` carries the store's revision then. Local stores, whose
+    /// single writer checks versions under its own lock, apply at once.
+    fn transact(&self, guards: Vec<Guard>, batch: Vec<Write>) -> BoxFuture<'_, Result<Result<u64, u64>, StoreError>> {
+        let _ = guards;
+        let apply = self.apply(batch);
+        Box::pin(async move { apply.await.map(Ok) })
+    }
 
     /// Stores `value` under `key` unless the key holds something already, atomically, and
     /// returns what the key holds afterwards: so that processes sharing a store agree on one
@@ -96,7 +133,13 @@ pub enum StoreKind {
     Redb,
     /// Memory only: nothing survives a restart.
     Memory,
+    /// An etcd cluster shared by every replica: its client endpoints (`host:port`).
+    Etcd(Vec<String>),
 }
+
+/// What a binary built without the `etcd` feature says when given an etcd store.
+pub const ETCD_FEATURE_MISSING: &str = "etcd stores need the `etcd` build feature, which this binary was built without: \
+     build it with `cargo build --release -p ferry-control-plane --features etcd` (needs protoc)";
 
 impl std::str::FromStr for StoreKind {
     type Err = String;
@@ -106,16 +149,32 @@ impl std::str::FromStr for StoreKind {
             "redb" => Ok(Self::Redb),
             "memory" => Ok(Self::Memory),
             other if other.starts_with("etcd://") => {
-                Err("etcd stores need the `etcd` build feature, which this binary was built without".into())
+                let list = &other["etcd://".len()..];
+                let mut endpoints = Vec::new();
+                for endpoint in list.split(',') {
+                    let endpoint = endpoint.trim().trim_end_matches('/');
+                    let valid = endpoint.rsplit_once(':').is_some_and(|(host, port)| {
+                        !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
+                    });
+                    if !valid {
+                        return Err(format!(
+                            "etcd endpoint {endpoint:?} in {other:?}: expected HOST:PORT, as in etcd://127.0.0.1:2379,127.0.0.1:22379"
+                        ));
+                    }
+                    endpoints.push(endpoint.to_owned());
+                }
+                Ok(Self::Etcd(endpoints))
             }
-            other => Err(format!("unknown store {other:?}: expected redb or memory")),
+            other => Err(format!("unknown store {other:?}: expected redb, memory or etcd://HOST:PORT[,HOST:PORT...]")),
         }
     }
 }
 
-/// Opens the store of `kind`, creating `data_dir` when needed.
+/// Opens a local store of `kind`, creating `data_dir` when needed (etcd stores are opened by
+/// the replica that joins them).
 pub fn open(kind: &StoreKind, data_dir: &Path) -> Result<Arc<dyn Store>, StoreError> {
     match kind {
+        StoreKind::Etcd(_) => Err(StoreError::new("an etcd store is opened by its replica")),
         StoreKind::Memory => Ok(Arc::new(MemoryStore::default())),
         StoreKind::Redb => {
             std::fs::create_dir_all(data_dir)

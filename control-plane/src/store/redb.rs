@@ -90,10 +90,10 @@ impl Store for RedbStore {
         .boxed()
     }
 
-    fn apply(&self, batch: Vec<Write>) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn apply(&self, batch: Vec<Write>) -> BoxFuture<'_, Result<u64, StoreError>> {
         let this = self.clone();
         async move {
-            tokio::task::spawn_blocking(move || this.apply_blocking(batch))
+            tokio::task::spawn_blocking(move || this.apply_blocking(batch).map(|()| 0))
                 .await
                 .map_err(|e| StoreError::new(format!("writing: {e}")))?
         }

@@ -26,8 +26,8 @@ pub struct StoreWriter {
 struct Shared {
     pending: Mutex<Pending>,
     wake: Notify,
-    /// The highest generation committed.
-    durable: watch::Sender<u64>,
+    /// The highest generation committed, and the store's revision after it.
+    durable: watch::Sender<(u64, u64)>,
     last_error: Mutex<Option<StoreError>>,
 }
 
@@ -43,7 +43,7 @@ impl StoreWriter {
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending::default()),
             wake: Notify::new(),
-            durable: watch::Sender::new(0),
+            durable: watch::Sender::new((0, 0)),
             last_error: Mutex::new(None),
         });
         tokio::spawn(run(store, shared.clone()));
@@ -62,11 +62,12 @@ impl StoreWriter {
         generation
     }
 
-    /// Waits until `generation` is committed, or reports why it is not after `limit`.
-    pub async fn durable(&self, generation: u64, limit: Duration) -> Result<(), StoreError> {
+    /// Waits until `generation` is committed, or reports why it is not after `limit`. Returns
+    /// the store's revision after a commit that included it (0 for a local store).
+    pub async fn durable(&self, generation: u64, limit: Duration) -> Result<u64, StoreError> {
         let mut durable = self.shared.durable.subscribe();
-        match tokio::time::timeout(limit, durable.wait_for(|&done| done >= generation)).await {
-            Ok(Ok(_)) => Ok(()),
+        match tokio::time::timeout(limit, durable.wait_for(|&(done, _)| done >= generation)).await {
+            Ok(Ok(done)) => Ok(done.1),
             Ok(Err(_)) => Err(StoreError::new("the store writer has stopped")),
             Err(_) => {
                 let last = lock(&self.shared.last_error).clone();
@@ -82,7 +83,7 @@ impl StoreWriter {
 
     /// Waits until everything queued so far is committed, for a clean shutdown.
     pub async fn flush(&self, limit: Duration) -> Result<(), StoreError> {
-        self.durable(self.pending(), limit).await
+        self.durable(self.pending(), limit).await.map(drop)
     }
 }
 
@@ -94,17 +95,17 @@ async fn run(store: Arc<dyn Store>, shared: Arc<Shared>) {
             (std::mem::take(&mut pending.writes), pending.generation)
         };
         if writes.is_empty() {
-            shared.durable.send_replace(generation);
+            shared.durable.send_modify(|done| done.0 = generation);
             shared.wake.notified().await;
             continue;
         }
         let batch: Vec<Write> =
             writes.iter().map(|((table, key), value)| Write { table: *table, key: key.clone(), value: value.clone() }).collect();
         match store.apply(batch).await {
-            Ok(()) => {
+            Ok(revision) => {
                 backoff = Duration::from_millis(50);
                 *lock(&shared.last_error) = None;
-                shared.durable.send_replace(generation);
+                shared.durable.send_replace((generation, revision));
             }
             Err(error) => {
                 tracing::error!(%error, writes = writes.len(), retry_in = ?backoff, "store commit failed");
@@ -144,7 +145,7 @@ mod tests {
             self.inner.load(table)
         }
 
-        fn apply(&self, batch: Vec<Write>) -> BoxFuture<'_, Result<(), StoreError>> {
+        fn apply(&self, batch: Vec<Write>) -> BoxFuture<'_, Result<u64, StoreError>> {
             if self.failures.load(Ordering::SeqCst) > 0 {
                 self.failures.fetch_sub(1, Ordering::SeqCst);
                 return futures::future::ready(Err(StoreError::new("disk full"))).boxed();
