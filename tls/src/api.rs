@@ -4,8 +4,13 @@
 //! A failure to connect is explained in words where the cause is a common mistake: a
 //! plaintext URL for a TLS listener (the control plane answers that itself), a TLS URL for a
 //! plaintext one, or a CA file that does not hold the mesh's root.
+//!
+//! Several control-plane replicas are a list of URLs ([`ControlPlaneUrls`]), each resolved into
+//! addresses to dial ([`Target`]); [`Access::endpoint_at`] dials one of them.
 
-use std::{error::Error as StdError, sync::Arc};
+mod urls;
+
+use std::{error::Error as StdError, net::SocketAddr, sync::Arc};
 
 use rustls::ClientConfig;
 use tonic::{
@@ -40,6 +45,8 @@ pub enum AccessError {
     #[error("the token holds characters a header cannot carry")]
     BadToken,
 }
+
+pub use self::urls::{ControlPlaneUrl, ControlPlaneUrls, MAX_URLS, Resolved, Target};
 
 /// Adds `authorization: Bearer <secret>` to every call.
 #[derive(Clone, Default)]
@@ -82,18 +89,50 @@ pub type ApiChannel = InterceptedService<Channel, Bearer>;
 impl Access {
     /// The endpoint, with TLS set up for an `https://` URL.
     pub fn endpoint(&self) -> Result<Endpoint, AccessError> {
-        let bad = |why: String| AccessError::BadUrl { url: self.url.clone(), why };
-        let uri: http::Uri = self.url.parse().map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
-        let endpoint = Endpoint::from_shared(self.url.clone()).map_err(|e| bad(e.to_string()))?;
+        let uri = self.uri()?;
+        let endpoint = Endpoint::from_shared(self.url.clone()).map_err(|e| self.bad_url(e.to_string()))?;
+        self.secure(endpoint, &uri, None)
+    }
+
+    /// The endpoint that dials `addr`, one address the URL's host resolved to: the connection
+    /// goes to `addr`, while the certificate is verified against the host named in the URL and
+    /// calls carry the URL's authority. For a URL that names `addr` itself, [`Self::endpoint`].
+    pub fn endpoint_at(&self, addr: SocketAddr) -> Result<Endpoint, AccessError> {
+        let uri = self.uri()?;
+        let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+        let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+        if host.parse::<std::net::IpAddr>().ok() == Some(addr.ip()) && port == addr.port() {
+            return self.endpoint();
+        }
+        let scheme = uri.scheme_str().unwrap_or("http");
+        let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|e| self.bad_url(e.to_string()))?;
+        let host = host.to_owned();
+        self.secure(endpoint.origin(uri.clone()), &uri, Some(host))
+    }
+
+    fn bad_url(&self, why: String) -> AccessError {
+        AccessError::BadUrl { url: self.url.clone(), why }
+    }
+
+    fn uri(&self) -> Result<http::Uri, AccessError> {
+        self.url.parse().map_err(|e: http::uri::InvalidUri| self.bad_url(e.to_string()))
+    }
+
+    /// `endpoint` with TLS for an `https://` URL, verifying the certificate against `name` (by
+    /// default the endpoint's own host).
+    fn secure(&self, endpoint: Endpoint, uri: &http::Uri, name: Option<String>) -> Result<Endpoint, AccessError> {
         match uri.scheme_str() {
             Some("https") => {
                 let ca = self.ca_pem.as_deref().ok_or_else(|| AccessError::NoCaFile { url: self.url.clone() })?;
                 crate::pem::certificates(ca).map_err(AccessError::BadCa)?;
-                let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+                let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+                if let Some(name) = name {
+                    tls = tls.domain_name(name);
+                }
                 endpoint.tls_config(tls).map_err(|e| AccessError::BadCa(e.to_string()))
             }
             Some("http") => Ok(endpoint),
-            _ => Err(bad("must start with https:// or http://".into())),
+            _ => Err(self.bad_url("must start with https:// or http://".into())),
         }
     }
 
@@ -111,6 +150,26 @@ impl Access {
             .connect()
             .await
             .map_err(|error| ConnectError::Transport { hint: hint(&self.url, &error), url: self.url.clone(), error })?;
+        Ok(InterceptedService::new(channel, bearer))
+    }
+
+    /// Connects to `target` (one address of this URL's host), failing at once when it cannot
+    /// be reached or when `connect_timeout` passes first.
+    pub async fn connect_at(
+        &self,
+        target: &Target,
+        connect_timeout: Option<std::time::Duration>,
+    ) -> Result<ApiChannel, ConnectError> {
+        let bearer = self.bearer().map_err(ConnectError::Access)?;
+        let mut endpoint = self.endpoint_at(target.addr).map_err(ConnectError::Access)?;
+        if let Some(timeout) = connect_timeout {
+            endpoint = endpoint.connect_timeout(timeout);
+        }
+        let channel = endpoint.connect().await.map_err(|error| ConnectError::Transport {
+            hint: hint(&self.url, &error),
+            url: target.to_string(),
+            error,
+        })?;
         Ok(InterceptedService::new(channel, bearer))
     }
 
@@ -139,7 +198,7 @@ pub fn hint(url: &str, error: &(dyn StdError + 'static)) -> Option<String> {
     if text.contains("UnknownIssuer") {
         return Some("its certificate is not signed by a root in the CA file: use the ca.pem of this control plane".into());
     }
-    if text.contains("NotValidForName") {
+    if text.contains("NotValidForName") || text.contains("not valid for name") {
         return Some("its certificate does not cover this host name: use one of its --advertise-name values".into());
     }
     None
@@ -239,4 +298,61 @@ pub fn http_client_config(ca_pem: &str) -> Result<Arc<ClientConfig>, String> {
         .with_no_client_auth();
     config.alpn_protocols = vec![crate::mesh::ALPN_HTTP1.to_vec()];
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::authority;
+
+    /// A TLS server on loopback whose certificate covers `name` only; it records the server
+    /// name each client asked for.
+    async fn tls_server(name: &str) -> (SocketAddr, String, tokio::sync::mpsc::UnboundedReceiver<Option<String>>) {
+        let now = SystemTime::now();
+        let root = authority::new_root("ferry.local", now, Duration::from_secs(3600)).expect("a root");
+        let (leaf, key) = authority::api_server(&root, &[name.to_owned()], now, Duration::from_secs(3600)).expect("a leaf");
+        let chain = crate::pem::certificates(&leaf.chain_pem).expect("the chain");
+        let key = crate::pem::private_key(&key).expect("the key");
+        let mut config = rustls::ServerConfig::builder_with_provider(crate::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("a server config");
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (names, seen) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (acceptor, names) = (acceptor.clone(), names.clone());
+                tokio::spawn(async move {
+                    if let Ok(mut tls) = acceptor.accept(stream).await {
+                        let _ = names.send(tls.get_ref().1.server_name().map(str::to_owned));
+                        // Hold the connection until the client leaves.
+                        let _ = tokio::io::copy(&mut tls, &mut tokio::io::sink()).await;
+                    }
+                });
+            }
+        });
+        (addr, root.cert_pem, seen)
+    }
+
+    #[tokio::test]
+    async fn an_address_a_name_resolved_to_is_verified_against_the_name() {
+        let (addr, ca, mut seen) = tls_server("cp.test").await;
+        let named = Access { url: format!("https://cp.test:{}", addr.port()), ca_pem: Some(ca.clone()), token: None };
+        named.endpoint_at(addr).expect("an endpoint").connect().await.expect("the certificate covers cp.test");
+        assert_eq!(seen.recv().await.flatten().as_deref(), Some("cp.test"), "the name is sent as SNI");
+
+        // The same address named by itself is not covered: the name above is what made it pass.
+        let by_ip = Access { url: format!("https://{addr}"), ca_pem: Some(ca), token: None };
+        let error = by_ip.endpoint_at(addr).expect("an endpoint").connect().await.expect_err("127.0.0.1 is not covered");
+        let text = ferry_runtime::error_chain(&error);
+        assert!(text.contains("not valid for name"), "{text}");
+        assert!(hint(&by_ip.url, &error).is_some_and(|h| h.contains("host name")), "the mistake explained: {text}");
+    }
 }
