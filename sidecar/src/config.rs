@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time
 use clap::Parser;
 use ferry_health::CheckSpec;
 use ferry_proto::validate;
+use ferry_tls::api::ControlPlaneUrls;
 
 /// Ferry's sidecar: proxies the app's calls into the mesh and the mesh's calls to the app.
 #[derive(Debug, Clone, Parser)]
@@ -33,9 +34,12 @@ pub struct Config {
     #[arg(long, env = "FERRY_APP", value_parser = parse_host_port, value_name = "ADDR")]
     pub app: Option<HostPort>,
 
-    /// The control plane's gRPC URL (`http://` for one started with --api-tls off).
-    #[arg(long, env = "FERRY_CONTROL_PLANE", default_value = "https://127.0.0.1:7070", value_parser = parse_url, value_name = "URL")]
-    pub control_plane: String,
+    /// The control plane's gRPC URL (`http://` for one started with --api-tls off); for
+    /// several replicas, their URLs separated by commas, in order of preference. A host name
+    /// that resolves to several addresses counts as several replicas. The config stream goes to
+    /// one at a time, and to the next when it breaks.
+    #[arg(long, env = "FERRY_CONTROL_PLANE", default_value = "https://127.0.0.1:7070", value_parser = ControlPlaneUrls::parse, value_name = "URL[,URL...]")]
+    pub control_plane: ControlPlaneUrls,
 
     /// The roots that verify the control plane's certificate: the ca.pem it writes in its data
     /// directory. Needed for an https:// control plane.
@@ -218,11 +222,12 @@ impl Config {
                     .map_err(|e| ferry_runtime::UsageError(format!("--ca-file {}: {e}", path.display())))?;
                 Ok(Some(pem))
             }
-            None if self.control_plane.starts_with("https://") => Err(ferry_runtime::UsageError(format!(
-                "--ca-file: needed to verify {} (the ca.pem in the control plane's data directory), or use http:// for a control plane with --api-tls off",
-                self.control_plane
-            ))),
-            None => Ok(None),
+            None => match self.control_plane.first_https() {
+                Some(url) => Err(ferry_runtime::UsageError(format!(
+                    "--ca-file: needed to verify {url} (the ca.pem in the control plane's data directory), or use http:// for a control plane with --api-tls off",
+                ))),
+                None => Ok(None),
+            },
         }
     }
 
@@ -271,14 +276,6 @@ fn parse_address(s: &str) -> Result<String, String> {
 fn parse_locality(s: &str) -> Result<String, String> {
     validate::locality("locality", s).map_err(|e| e.reason)?;
     Ok(s.to_owned())
-}
-
-fn parse_url(s: &str) -> Result<String, String> {
-    let uri: http::Uri = s.parse().map_err(|e| format!("not a URL: {e}"))?;
-    match uri.scheme_str() {
-        Some("http" | "https") if uri.host().is_some() => Ok(s.to_owned()),
-        _ => Err("must be http://HOST:PORT or https://HOST:PORT".into()),
-    }
 }
 
 /// Parses `HOST:PORT`, `[V6]:PORT` or `IP:PORT`.
@@ -382,10 +379,36 @@ mod tests {
             (vec!["--service", "a", "--upstream", "db=127.0.0.1:9000,mode=tcp"], "--upstream"),
             (vec!["--service", "a", "--meta", "novalue"], "--meta"),
             (vec!["--service", "a", "--control-plane", "ftp://x"], "--control-plane"),
+            (vec!["--service", "a", "--control-plane", "https://a:7070,ftp://x"], "ftp://x"),
+            (vec!["--service", "a", "--control-plane", "https://a:7070,,https://b:7070"], "--control-plane"),
             (vec!["--service", "a", "--connect-timeout", "soon"], "--connect-timeout"),
         ] {
             let error = parse(&args).expect_err(flag).to_string();
             assert!(error.contains(flag), "{flag}: {error}");
         }
+    }
+
+    #[test]
+    fn control_plane_takes_one_url_as_before_or_several() {
+        let config = parse(&["--service", "a"]).expect("parses");
+        assert_eq!(config.control_plane.to_string(), "https://127.0.0.1:7070", "the default");
+        let config = parse(&["--service", "a", "--control-plane", "http://10.0.0.5:7070"]).expect("parses");
+        assert_eq!(config.control_plane.len(), 1);
+        assert_eq!(config.control_plane.first().as_str(), "http://10.0.0.5:7070");
+        let config = parse(&["--service", "a", "--control-plane", "https://cp-1:7070,https://cp-2:7070"]).expect("parses");
+        let urls: Vec<&str> = config.control_plane.iter().map(|u| u.as_str()).collect();
+        assert_eq!(urls, ["https://cp-1:7070", "https://cp-2:7070"]);
+        let error =
+            parse(&["--service", "a", "--control-plane", "https://a:7070,,https://b:7070"]).expect_err("empty").to_string();
+        assert!(error.contains("--control-plane") && error.contains("URL 2 of 3 is empty"), "{error}");
+    }
+
+    #[test]
+    fn any_https_url_needs_the_ca_file() {
+        let config = parse(&["--service", "a", "--control-plane", "http://a:7070,https://b:7070"]).expect("parses");
+        let error = config.ca_pem().expect_err("no --ca-file").to_string();
+        assert!(error.starts_with("--ca-file") && error.contains("https://b:7070"), "{error}");
+        let config = parse(&["--service", "a", "--control-plane", "http://a:7070,http://b:7070"]).expect("parses");
+        assert_eq!(config.ca_pem().expect("plaintext needs no roots"), None);
     }
 }

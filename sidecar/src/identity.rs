@@ -5,7 +5,8 @@
 //! sidecar's own state file, mode 0600, with `--state-dir`). A failed attempt is retried with
 //! jittered backoff; the certificate in force keeps serving, new handshakes and old
 //! connections alike, until it expires, so a control plane that is down costs nothing until
-//! then.
+//! then. With several replicas, a CSR goes to the one that answered last, and to the others
+//! in turn when it does not answer.
 
 use std::time::{Duration, SystemTime};
 
@@ -34,6 +35,8 @@ pub struct CertifyConfig {
     pub service: String,
     pub node_id: String,
     pub control: ControlAccess,
+    /// How long connecting to one control-plane address may take before the next is tried.
+    pub connect_timeout: Duration,
 }
 
 /// Obtains and renews the certificate until `shutdown`.
@@ -128,7 +131,7 @@ fn backoff(attempt: u32) -> Duration {
 /// One CSR, signed.
 async fn certify(config: &CertifyConfig, mesh: &Mesh) -> Result<Issued, String> {
     let request = ferry_tls::csr::request(&config.service).map_err(|e| format!("making a key: {e}"))?;
-    let channel = config.control.access().connect().await.map_err(|e| e.to_string())?;
+    let (channel, _) = config.control.connect(config.connect_timeout).await?;
     let response = IdentityClient::new(channel)
         .certify(v1::CertifyRequest {
             service: config.service.clone(),

@@ -19,6 +19,7 @@ use axum::{
 };
 use ferry_health::{Health, TtlError};
 use ferry_proto::v1;
+use ferry_tls::api::ControlPlaneUrls;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +37,8 @@ use crate::{
 pub struct AdminState {
     pub service: Arc<str>,
     pub node_id: String,
-    pub control_plane: String,
+    /// `--control-plane`: every replica's URL.
+    pub control_plane: ControlPlaneUrls,
     pub has_app: bool,
     /// A gateway's own service: `/explain` explains its route when no service is given.
     pub gateway: Option<Arc<str>>,
@@ -84,7 +86,11 @@ impl AdminState {
         let from_state_dir = matches!(control.config_source, ConfigSource::StateDir { .. });
         if control.last_contact.is_none() && !from_state_dir {
             let why = control.last_error.as_ref().map(|e| format!(" ({e})")).unwrap_or_default();
-            reasons.push(format!("no config from the control plane at {} yet{why}", self.control_plane));
+            let at = match self.control_plane.len() {
+                1 => format!("at {}", self.control_plane),
+                _ => format!("at any of {}", self.control_plane.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(", ")),
+            };
+            reasons.push(format!("no config from the control plane {at} yet{why}"));
         } else if !control.connected
             && self.has_app
             && control.registered.is_none()
@@ -174,8 +180,11 @@ async fn config(State(state): State<AdminState>) -> Json<Value> {
             _ => None,
         },
         "control_plane": {
-            "url": state.control_plane,
+            "url": state.control_plane.to_string(),
+            "urls": state.control_plane.iter().map(|u| u.as_str()).collect::<Vec<_>>(),
             "connected": control.connected,
+            // The replica the stream is connected to (or was last, while `connected` is false).
+            "replica": control.replica.as_ref().map(|r| json!({ "url": r.url.as_str(), "address": r.addr.to_string() })),
             "server_id": control.server_id,
             "last_contact": control.last_contact.map(|t| humantime::format_rfc3339_millis(t).to_string()),
             "last_error": control.last_error,

@@ -6,10 +6,19 @@
 //! catalog keeps serving the last good config and the client reconnects with jittered
 //! exponential backoff. On shutdown it says goodbye, so the instance is removed at once.
 //!
+//! With several control-plane replicas (`--control-plane A,B`, or a host name that resolves to
+//! several addresses), the stream goes to one at a time and, when it breaks, to the next one
+//! ([`access::Rotation`]): the new replica gets the same Hello (so it registers the instance
+//! again) with the versions held (so it sends only what changed meanwhile) and the same
+//! subscriptions. The data path serves from the config held throughout.
+//!
 //! The stream runs over TLS, verified with `--ca-file` and the trust bundle last pushed (so a
 //! CA rotation needs no new file), and carries the sidecar's token. Pushes also carry the trust
 //! bundle and the authorization policy of the sidecar's own service; everything in a push is
 //! checked before any of it is applied.
+
+mod access;
+mod status;
 
 use std::{
     collections::HashSet,
@@ -18,11 +27,15 @@ use std::{
 };
 
 use ferry_proto::v1::{self, control_message, discovery_client::DiscoveryClient, sidecar_message};
-use ferry_tls::{Trust, api::Access};
-use tokio::sync::{mpsc, watch};
+use ferry_tls::api::Target;
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+pub use self::{
+    access::{ControlAccess, Rotation},
+    status::{ConfigSource, ControlState, ControlStatus},
+};
 use crate::{
     catalog::{Catalog, Rejection},
     health::{HealthWatch, Urgency},
@@ -38,46 +51,6 @@ const MAX_PUSH_BYTES: usize = 64 << 20;
 
 /// How long the control plane may take to answer Hello.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How to reach the control plane's API: its URL, the roots that verify it (`--ca-file` and
-/// the trust bundle in force), and the token.
-#[derive(Clone)]
-pub struct ControlAccess {
-    pub url: String,
-    pub ca_pem: Option<String>,
-    pub token: Option<String>,
-    /// `--token-file`: read again at every connection, so that fixing the token in the file
-    /// fixes a sidecar the control plane refused, without a restart.
-    pub token_file: Option<std::path::PathBuf>,
-    pub trust: Trust,
-}
-
-impl std::fmt::Debug for ControlAccess {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the token.
-        f.debug_struct("ControlAccess").field("url", &self.url).field("token", &self.token.is_some()).finish_non_exhaustive()
-    }
-}
-
-impl ControlAccess {
-    /// The access as of now: the roots of `--ca-file` and of the bundle in force.
-    pub fn access(&self) -> Access {
-        let mut roots = self.ca_pem.clone().unwrap_or_default();
-        if let Some(bundle) = self.trust.current() {
-            roots.push_str(&bundle.roots_pem);
-        }
-        let from_file = self.token_file.as_ref().and_then(|path| match std::fs::read_to_string(path) {
-            Ok(text) if !text.trim().is_empty() => Some(text.trim().to_owned()),
-            Ok(_) => None,
-            Err(error) => {
-                tracing::warn!(file = %path.display(), %error, "cannot read the token file; using the token read before");
-                None
-            }
-        });
-        let token = from_file.or_else(|| self.token.clone());
-        Access { url: self.url.clone(), ca_pem: (!roots.is_empty()).then_some(roots), token }
-    }
-}
 
 /// How to reach the control plane and what to tell it.
 #[derive(Debug, Clone)]
@@ -96,104 +69,11 @@ pub struct ControlConfig {
     pub mtls: bool,
 }
 
-/// The stream's state, for `/ready`, `/config`, metrics and logs.
-#[derive(Debug)]
-pub struct ControlStatus {
-    inner: watch::Sender<ControlState>,
-}
-
-/// A copy of the stream's state.
-#[derive(Debug, Clone, Default)]
-pub struct ControlState {
-    pub connected: bool,
-    /// The instance as the control plane registered it, once it has.
-    pub registered: Option<v1::Instance>,
-    pub server_id: String,
-    /// When the sidecar last heard from the control plane: its last message, or the moment a
-    /// stream that was up ended.
-    pub last_contact: Option<SystemTime>,
-    pub last_error: Option<String>,
-    pub pushes_applied: u64,
-    pub pushes_rejected: u64,
-    pub last_rejection: Option<String>,
-    /// Where the config held comes from.
-    pub config_source: ConfigSource,
-}
-
-/// Where the config a sidecar holds comes from.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum ConfigSource {
-    /// Nothing yet.
-    #[default]
-    None,
-    /// Pushes from the control plane.
-    ControlPlane,
-    /// The state file of `--state-dir`, written at `saved_at`: the control plane has not
-    /// answered since the sidecar started.
-    StateDir { saved_at: SystemTime },
-}
-
-impl ConfigSource {
-    /// Its name in `/config`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::ControlPlane => "control-plane",
-            Self::StateDir { .. } => "state-dir",
-        }
-    }
-}
-
-impl ControlState {
-    /// Brings the gauges computed from the control stream's state up to date, before a scrape.
-    pub fn export(&self, metrics: &crate::metrics::Metrics) {
-        let age = self.config_age(std::time::SystemTime::now()).map_or(f64::INFINITY, |age| age.as_secs_f64());
-        metrics.config_age_seconds.set(age);
-        metrics.config_from_state_dir.set(i64::from(matches!(self.config_source, ConfigSource::StateDir { .. })));
-    }
-
-    /// How old the config may be: zero while the stream is up (the control plane would have
-    /// pushed any change), otherwise the time since the last contact, or, for a config from the
-    /// state dir, since the file was written. `None` with no config at all.
-    pub fn config_age(&self, now: SystemTime) -> Option<Duration> {
-        if self.connected {
-            return Some(Duration::ZERO);
-        }
-        let since = match (self.last_contact, self.config_source) {
-            (Some(contact), _) => contact,
-            (None, ConfigSource::StateDir { saved_at }) => saved_at,
-            (None, _) => return None,
-        };
-        Some(now.duration_since(since).unwrap_or_default())
-    }
-}
-
-impl Default for ControlStatus {
-    fn default() -> Self {
-        Self { inner: watch::Sender::new(ControlState::default()) }
-    }
-}
-
-impl ControlStatus {
-    /// A copy of the current state.
-    pub fn get(&self) -> ControlState {
-        self.inner.borrow().clone()
-    }
-
-    /// Sees every change of the state.
-    pub fn watch(&self) -> watch::Receiver<ControlState> {
-        self.inner.subscribe()
-    }
-
-    /// Changes the state.
-    pub fn update(&self, f: impl FnOnce(&mut ControlState)) {
-        self.inner.send_modify(f);
-    }
-}
-
 /// Why one stream ended.
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
+    #[error("no control-plane address: {0}")]
+    Resolve(String),
     #[error("connecting: {}", ferry_runtime::error_chain(.0))]
     Connect(#[from] tonic::transport::Error),
     #[error("{}", describe(.0))]
@@ -206,7 +86,8 @@ fn describe(status: &tonic::Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
 }
 
-/// Runs the config stream until `shutdown`, reconnecting as needed.
+/// Runs the config stream until `shutdown`, reconnecting as needed: to the next address of
+/// the list after each failure, with jittered exponential backoff between attempts.
 pub async fn run(
     config: ControlConfig,
     catalog: Arc<Catalog>,
@@ -216,9 +97,24 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut failures = 0u32;
+    let mut rotation = Rotation::default();
     loop {
         let mut welcomed = false;
-        let result = stream(&config, &catalog, &mesh, &status, &metrics, &shutdown, &mut welcomed).await;
+        let resolved = tokio::select! {
+            resolved = config.access.urls.resolve() => resolved,
+            () = shutdown.cancelled() => return,
+        };
+        for (url, why) in &resolved.failures {
+            tracing::debug!(%url, %why, "a control-plane URL resolves to no address");
+        }
+        let target = rotation.pick(&resolved.targets).cloned();
+        let result = match &target {
+            Some(target) => {
+                tracing::debug!(url = %target.url, address = %target.addr, "connecting to the control plane");
+                stream(&config, target, &catalog, &mesh, &status, &metrics, &shutdown, &mut welcomed).await
+            }
+            None => Err(StreamError::Resolve(resolved.why_none())),
+        };
         status.update(|s| {
             // The stream was up until now.
             if s.connected {
@@ -234,9 +130,14 @@ pub async fn run(
                     failures = 0;
                 }
                 failures = failures.saturating_add(1);
+                rotation.failed();
                 let delay = backoff(config.backoff_base, config.backoff_max, failures);
-                tracing::warn!(url = %config.access.url, %error, retry_in = ?delay, "control plane stream down; serving the last config");
-                status.update(|s| s.last_error = Some(error.to_string()));
+                let (url, address, error) = match &target {
+                    Some(target) => (target.url.as_str(), target.addr.to_string(), format!("{target}: {error}")),
+                    None => ("-", "-".to_owned(), error.to_string()),
+                };
+                tracing::warn!(%url, %address, %error, retry_in = ?delay, "control plane stream down; serving the last config");
+                status.update(|s| s.last_error = Some(error));
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     () = shutdown.cancelled() => return,
@@ -295,8 +196,10 @@ fn apply(push: &v1::Push, catalog: &Catalog, mesh: &Mesh) -> Result<(), Rejectio
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)] // One call site; a struct of borrowed parts would only rename them.
 async fn stream(
     config: &ControlConfig,
+    target: &Target,
     catalog: &Catalog,
     mesh: &Mesh,
     status: &ControlStatus,
@@ -304,10 +207,10 @@ async fn stream(
     shutdown: &CancellationToken,
     welcomed: &mut bool,
 ) -> Result<(), StreamError> {
-    let access = config.access.access();
+    let access = config.access.access(&target.url);
     let bearer = access.bearer().map_err(|e| StreamError::Protocol(e.to_string()))?;
     let endpoint = access
-        .endpoint()
+        .endpoint_at(target.addr)
         .map_err(|e| StreamError::Protocol(e.to_string()))?
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
@@ -364,9 +267,17 @@ async fn stream(
     match first.and_then(|m| m.message) {
         Some(control_message::Message::Welcome(welcome)) => {
             *welcomed = true;
-            tracing::info!(url = %config.access.url, server = %welcome.server_id, instance = welcome.instance.as_ref().map_or("none", |i| i.id.as_str()), "connected to the control plane");
+            tracing::info!(
+                url = %target.url,
+                address = %target.addr,
+                server = %welcome.server_id,
+                instance = welcome.instance.as_ref().map_or("none", |i| i.id.as_str()),
+                "connected to the control plane"
+            );
+            config.access.answered(target);
             status.update(|s| {
                 s.connected = true;
+                s.replica = Some(target.clone());
                 s.registered = welcome.instance.or(s.registered.take());
                 s.server_id = welcome.server_id;
                 s.last_contact = Some(SystemTime::now());
@@ -471,23 +382,6 @@ async fn stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_config_is_as_old_as_the_last_contact_or_the_state_file() {
-        let now = SystemTime::now();
-        let mut state = ControlState::default();
-        assert_eq!(state.config_age(now), None, "no config at all");
-        let saved_at = now - Duration::from_secs(600);
-        state.config_source = ConfigSource::StateDir { saved_at };
-        assert_eq!(state.config_age(now), Some(Duration::from_secs(600)));
-        state.connected = true;
-        assert_eq!(state.config_age(now), Some(Duration::ZERO), "a live stream would have brought any change");
-        state.connected = false;
-        state.last_contact = Some(now - Duration::from_secs(7));
-        assert_eq!(state.config_age(now), Some(Duration::from_secs(7)));
-        state.last_contact = Some(now + Duration::from_secs(7));
-        assert_eq!(state.config_age(now), Some(Duration::ZERO), "a clock step back is no negative age");
-    }
 
     #[test]
     fn backoff_grows_with_jitter_up_to_the_cap() {

@@ -111,13 +111,8 @@ impl Sidecar {
         }
 
         let status = Arc::new(ControlStatus::default());
-        let access = ControlAccess {
-            url: config.control_plane.clone(),
-            ca_pem,
-            token,
-            token_file: config.token_file.clone(),
-            trust: mesh.trust().clone(),
-        };
+        let access =
+            ControlAccess::new(config.control_plane.clone(), ca_pem, token, config.token_file.clone(), mesh.trust().clone());
         let tasks = control_plane_tasks(&config, access, &registration, &status, state_dir.as_ref(), &shared);
 
         let shutdown_requested = CancellationToken::new();

@@ -8,6 +8,7 @@ use std::{
 
 use anyhow::Context;
 use ferry_proto::v1;
+use ferry_tls::api::ControlPlaneUrl;
 
 use crate::{config::Config, health::AppHealth, metrics::Metrics};
 
@@ -27,7 +28,7 @@ impl Registration {
             Some(inbound) => {
                 let host = match &config.advertise {
                     Some(host) => host.clone(),
-                    None => advertise_host(inbound.ip(), &config.control_plane).await,
+                    None => advertise_host(inbound.ip(), config.control_plane.first()).await,
                 };
                 let id = config.id.clone().unwrap_or_else(|| format!("{}-{}-{}", config.service, host, inbound.port()));
                 Some(v1::Instance {
@@ -69,16 +70,14 @@ impl Registration {
 }
 
 /// The host to publish: the inbound listener's IP when it is a specific one, otherwise the local
-/// address the system would use to reach the control plane.
-async fn advertise_host(inbound_ip: IpAddr, control_plane: &str) -> String {
+/// address the system would use to reach the control plane (its first URL: replicas are
+/// expected on one network).
+async fn advertise_host(inbound_ip: IpAddr, control_plane: &ControlPlaneUrl) -> String {
     if !inbound_ip.is_unspecified() {
         return inbound_ip.to_string();
     }
     let detected = async {
-        let uri: ::http::Uri = control_plane.parse().ok()?;
-        let host = uri.host()?.trim_start_matches('[').trim_end_matches(']').to_owned();
-        let port = uri.port_u16().unwrap_or(7070);
-        let target = tokio::net::lookup_host((host.as_str(), port)).await.ok()?.next()?;
+        let target = *control_plane.resolve().await.ok()?.first()?;
         let socket = UdpSocket::bind(if target.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }).ok()?;
         socket.connect(target).ok()?;
         Some(socket.local_addr().ok()?.ip())

@@ -220,7 +220,12 @@ pub fn control_plane_tasks(
             .set(issued.not_after.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64());
     }
     others.push(tokio::spawn(identity::run(
-        CertifyConfig { service: config.service.clone(), node_id: registration.node_id.clone(), control: access.clone() },
+        CertifyConfig {
+            service: config.service.clone(),
+            node_id: registration.node_id.clone(),
+            control: access.clone(),
+            connect_timeout: CONTROL_PLANE_CONNECT_TIMEOUT,
+        },
         shared.mesh.clone(),
         shared.metrics.clone(),
         shared.shutdown.clone(),
