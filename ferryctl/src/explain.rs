@@ -12,12 +12,11 @@ use ferry_proto::{
     matching::RequestInfo,
     v1::{self, config_client::ConfigClient, discovery_client::DiscoveryClient},
 };
-use ferry_tls::api::Access;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use serde_json::Value;
 
-use super::{Output, UsageError};
+use super::{ControlPlane, Output, UsageError};
 
 /// What to explain.
 pub struct Question {
@@ -33,7 +32,7 @@ pub struct Question {
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Asks the sidecar and renders its answer.
-pub async fn explain(question: Question, output: Output, control_plane: &Access) -> anyhow::Result<String> {
+pub async fn explain(question: Question, output: Output, control_plane: &ControlPlane) -> anyhow::Result<String> {
     let base = if question.sidecar.contains("://") { question.sidecar.clone() } else { format!("http://{}", question.sidecar) };
     let mut query = form_urlencoded::Serializer::new(String::new());
     // Methods are case-sensitive in HTTP, but nobody means `post` as a method of its own.
@@ -82,7 +81,7 @@ pub async fn explain(question: Question, output: Output, control_plane: &Access)
 
 /// How many connected sidecars subscribe to each service, from the control plane's
 /// `ListSidecars` (what `ferryctl status` shows).
-async fn callers(control_plane: &Access) -> Option<BTreeMap<String, usize>> {
+async fn callers(control_plane: &ControlPlane) -> Option<BTreeMap<String, usize>> {
     let ask = async {
         let channel = super::connect(control_plane).await.ok()?;
         DiscoveryClient::new(channel).list_sidecars(v1::ListSidecarsRequest {}).await.ok()
@@ -99,7 +98,7 @@ async fn callers(control_plane: &Access) -> Option<BTreeMap<String, usize>> {
 
 /// `ferryctl explain SERVICE --from CALLER`: the authorization decision for a request of
 /// `caller`, and the rule that makes it.
-pub async fn authorization(question: Question, caller: &str, output: Output, api: &Access) -> anyhow::Result<String> {
+pub async fn authorization(question: Question, caller: &str, output: Output, api: &ControlPlane) -> anyhow::Result<String> {
     let request = v1::GetRequest { kind: v1::ResourceKind::Authorization as i32, service: question.service.clone() };
     let policy = match ConfigClient::new(super::connect(api).await?).get(request).await {
         Ok(response) => match response.into_inner().resource.and_then(|r| r.kind) {

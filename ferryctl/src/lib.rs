@@ -24,23 +24,26 @@ use ferry_proto::{
     v1::{self, discovery_client::DiscoveryClient, registry_client::RegistryClient},
     validate,
 };
-use ferry_tls::api::{Access, ApiChannel};
+use ferry_tls::api::{ApiChannel, ControlPlaneUrls};
 use serde::Serialize;
 
+mod control_plane;
 mod explain;
 mod routing;
 mod security;
 mod table;
 
-use self::{routing::KindArg, table::Table};
+use self::{control_plane::ControlPlane, routing::KindArg, table::Table};
 
 /// Ferry's command line: inspect and change the mesh through the control plane.
 #[derive(Debug, Parser)]
 #[command(name = "ferryctl", version)]
 pub struct Cli {
-    /// The control plane's gRPC address (`http://` for one started with --api-tls off).
-    #[arg(long, env = "FERRY_CONTROL_PLANE", default_value = "https://127.0.0.1:7070", global = true, value_name = "URL")]
-    pub control_plane: String,
+    /// The control plane's gRPC address (`http://` for one started with --api-tls off); for
+    /// several replicas, their URLs separated by commas. Each address is tried in turn (a host
+    /// name that resolves to several addresses counts as several) until one answers.
+    #[arg(long, env = "FERRY_CONTROL_PLANE", default_value = "https://127.0.0.1:7070", global = true, value_parser = ControlPlaneUrls::parse, value_name = "URL[,URL...]")]
+    pub control_plane: ControlPlaneUrls,
 
     /// The API token (an admin or read token; the admin token of a new control plane is in
     /// <data-dir>/admin.token).
@@ -68,7 +71,7 @@ pub enum Output {
     Yaml,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// List services with their instance counts.
     Services,
@@ -285,12 +288,27 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Runs one command and returns what to print.
+/// Runs one command and returns what to print: on the first address of `--control-plane` that
+/// can serve it.
 pub async fn run(cli: Cli) -> anyhow::Result<String> {
     let output = cli.output;
-    let api = cli.access()?;
-    let api = &api;
-    match cli.command {
+    let api = cli.control_plane()?;
+    // Read before the first attempt: standard input can be read only once.
+    let input = match &cli.command {
+        Command::Apply { file, .. } => Some(routing::Input::read(file)?),
+        _ => None,
+    };
+    loop {
+        match execute(cli.command.clone(), output, &api, input.as_ref()).await {
+            Ok(text) => return Ok(text),
+            Err(error) => api.failed(error).await?,
+        }
+    }
+}
+
+/// Runs one command on the address of the control plane in use.
+async fn execute(command: Command, output: Output, api: &ControlPlane, input: Option<&routing::Input>) -> anyhow::Result<String> {
+    match command {
         Command::Services => {
             let response = registry(api).await?.list_services(v1::ListServicesRequest {}).await?.into_inner();
             render(output, &response, services_table)
@@ -365,7 +383,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
                 _ => encode(output, &serde_json::json!({ "sidecars": response.sidecars, "resources": rollouts })),
             }
         }
-        Command::Apply { file, dry_run } => routing::apply(api, output, &file, dry_run).await,
+        Command::Apply { file, dry_run } => {
+            let input = match input {
+                Some(input) => input.clone(),
+                None => routing::Input::read(&file)?,
+            };
+            routing::apply(api, output, &input, dry_run).await
+        }
         Command::Get { kind, service } => routing::get(api, output, kind, service).await,
         Command::Delete { kind, service, expected_version } => {
             routing::delete(api, output, kind, service, expected_version).await
@@ -390,7 +414,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
 
 impl Cli {
     /// How to reach the control plane, from the flags.
-    fn access(&self) -> Result<Access, UsageError> {
+    fn control_plane(&self) -> Result<ControlPlane, UsageError> {
         let ca_pem = match &self.ca_file {
             Some(path) => {
                 Some(std::fs::read_to_string(path).map_err(|e| UsageError(format!("--ca-file {}: {e}", path.display())))?)
@@ -398,7 +422,7 @@ impl Cli {
             None => None,
         };
         let token = self.token.clone().filter(|t| !t.trim().is_empty());
-        Ok(Access { url: self.control_plane.clone(), ca_pem, token })
+        Ok(ControlPlane::new(self.control_plane.clone(), ca_pem, token))
     }
 }
 
@@ -418,21 +442,11 @@ fn status_text(status: &tonic::Status) -> String {
     }
 }
 
-pub(crate) async fn connect(api: &Access) -> anyhow::Result<ApiChannel> {
-    api.connect().await.map_err(|error| match error {
-        ferry_tls::api::ConnectError::Access(access) => {
-            let flag = match access {
-                ferry_tls::api::AccessError::NoCaFile { .. } | ferry_tls::api::AccessError::BadCa(_) => "--ca-file",
-                ferry_tls::api::AccessError::BadToken => "--token",
-                ferry_tls::api::AccessError::BadUrl { .. } => "--control-plane",
-            };
-            UsageError(format!("{flag}: {access}")).into()
-        }
-        transport => anyhow::Error::new(transport),
-    })
+pub(crate) async fn connect(api: &ControlPlane) -> anyhow::Result<ApiChannel> {
+    api.connect().await
 }
 
-async fn registry(api: &Access) -> anyhow::Result<RegistryClient<ApiChannel>> {
+async fn registry(api: &ControlPlane) -> anyhow::Result<RegistryClient<ApiChannel>> {
     Ok(RegistryClient::new(connect(api).await?))
 }
 

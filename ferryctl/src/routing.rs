@@ -10,10 +10,10 @@ use ferry_proto::{
     v1::{self, config_client::ConfigClient, registry_client::RegistryClient},
     validate,
 };
-use ferry_tls::api::{Access, ApiChannel};
+use ferry_tls::api::ApiChannel;
 use serde::Serialize;
 
-use super::{Output, UsageError, ago, connect, table::Table};
+use super::{ControlPlane, Output, UsageError, ago, connect, table::Table};
 
 /// Which kind of resource a command is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -54,7 +54,7 @@ impl KindArg {
     }
 }
 
-async fn client(api: &Access) -> anyhow::Result<ConfigClient<ApiChannel>> {
+async fn client(api: &ControlPlane) -> anyhow::Result<ConfigClient<ApiChannel>> {
     Ok(ConfigClient::new(connect(api).await?))
 }
 
@@ -62,18 +62,31 @@ fn check_service(service: &str) -> Result<(), UsageError> {
     validate::service_name("SERVICE", service).map_err(|e| UsageError(e.to_string()))
 }
 
+/// The resources `apply` sends: the text of `-f FILE|-` and the name to call it by.
+#[derive(Debug, Clone)]
+pub struct Input {
+    name: String,
+    text: String,
+}
+
+impl Input {
+    /// Reads `-f FILE`, or standard input for `-`.
+    pub fn read(file: &str) -> anyhow::Result<Self> {
+        if file == "-" {
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text).context("reading the resources from standard input")?;
+            return Ok(Self { name: "<stdin>".into(), text });
+        }
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
+        Ok(Self { name: file.to_owned(), text })
+    }
+}
+
 /// `ferryctl apply -f FILE|- [--dry-run]`.
-pub async fn apply(api: &Access, output: Output, file: &str, dry_run: bool) -> anyhow::Result<String> {
-    let text = if file == "-" {
-        let mut text = String::new();
-        std::io::stdin().read_to_string(&mut text).context("reading the resources from standard input")?;
-        text
-    } else {
-        std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?
-    };
-    let name = if file == "-" { "<stdin>" } else { file };
+pub async fn apply(api: &ControlPlane, output: Output, input: &Input, dry_run: bool) -> anyhow::Result<String> {
+    let Input { name, text } = input;
     // Checked here with the server's rules, so a mistake is named before anything is sent.
-    let documents = json::documents_from_yaml(&text).map_err(|e| anyhow::anyhow!("{name}: {e}; nothing was applied"))?;
+    let documents = json::documents_from_yaml(text).map_err(|e| anyhow::anyhow!("{name}: {e}; nothing was applied"))?;
     if documents.is_empty() {
         return Err(anyhow::anyhow!("{name}: no resources in the file; nothing was applied"));
     }
@@ -82,6 +95,8 @@ pub async fn apply(api: &Access, output: Output, file: &str, dry_run: bool) -> a
     let channel = connect(api).await?;
     let response = match ConfigClient::new(channel.clone()).apply(v1::ApplyRequest { items, dry_run }).await {
         Ok(response) => response.into_inner(),
+        // Another replica may serve it.
+        Err(status) if status.code() == tonic::Code::Unavailable => return Err(status.into()),
         Err(status) => {
             // The server names the item; the user knows the document.
             let message = json::name_document(status.message(), &indexes);
@@ -289,7 +304,7 @@ fn policy_summary(policy: &v1::ServicePolicy) -> String {
 }
 
 /// `ferryctl get routes|policies [SERVICE]`.
-pub async fn get(api: &Access, output: Output, kind: KindArg, service: Option<String>) -> anyhow::Result<String> {
+pub async fn get(api: &ControlPlane, output: Output, kind: KindArg, service: Option<String>) -> anyhow::Result<String> {
     if let Some(service) = &service {
         check_service(service)?;
     }
@@ -305,7 +320,7 @@ pub async fn get(api: &Access, output: Output, kind: KindArg, service: Option<St
 
 /// `ferryctl delete route|policy SERVICE`.
 pub async fn delete(
-    api: &Access,
+    api: &ControlPlane,
     output: Output,
     kind: KindArg,
     service: String,
@@ -329,7 +344,7 @@ struct HistoryRow {
 }
 
 /// `ferryctl history route|policy SERVICE`.
-pub async fn history(api: &Access, output: Output, kind: KindArg, service: String) -> anyhow::Result<String> {
+pub async fn history(api: &ControlPlane, output: Output, kind: KindArg, service: String) -> anyhow::Result<String> {
     check_service(&service)?;
     let response = client(api)
         .await?
@@ -378,7 +393,13 @@ fn kind_name(kind: KindArg) -> String {
 
 /// `ferryctl rollback route|policy SERVICE [--to VERSION]`: applies an earlier version again
 /// (the one before the current by default), on condition that nobody changed it meanwhile.
-pub async fn rollback(api: &Access, output: Output, kind: KindArg, service: String, to: Option<u64>) -> anyhow::Result<String> {
+pub async fn rollback(
+    api: &ControlPlane,
+    output: Output,
+    kind: KindArg,
+    service: String,
+    to: Option<u64>,
+) -> anyhow::Result<String> {
     check_service(&service)?;
     let mut config = client(api).await?;
     let entries =

@@ -4,12 +4,11 @@ use std::time::Duration;
 
 use clap::{Subcommand, ValueEnum};
 use ferry_proto::v1::{self, ca_client::CaClient, tokens_client::TokensClient};
-use ferry_tls::api::Access;
 
-use super::{Output, UsageError, ago, connect, encode, table::Table};
+use super::{ControlPlane, Output, UsageError, ago, connect, encode, table::Table};
 
 /// `ferryctl token ...`.
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum TokenCommand {
     /// Make a token and print its secret alone on standard output (shown once: only its hash is
     /// kept).
@@ -45,7 +44,7 @@ pub enum TokenKindArg {
 }
 
 /// `ferryctl ca ...`.
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum CaCommand {
     /// Print the trust bundle (PEM): the roots to give clients as --ca-file or curl --cacert.
     Bundle,
@@ -67,7 +66,7 @@ pub enum CaCommand {
 }
 
 /// Runs a token command.
-pub async fn token(api: &Access, output: Output, command: TokenCommand) -> anyhow::Result<String> {
+pub async fn token(api: &ControlPlane, output: Output, command: TokenCommand) -> anyhow::Result<String> {
     let mut client = TokensClient::new(connect(api).await?);
     match command {
         TokenCommand::Create { kind, service, ttl, description } => {
@@ -132,7 +131,7 @@ pub async fn token(api: &Access, output: Output, command: TokenCommand) -> anyho
 }
 
 /// Runs a CA command.
-pub async fn ca(api: &Access, output: Output, command: CaCommand) -> anyhow::Result<String> {
+pub async fn ca(api: &ControlPlane, output: Output, command: CaCommand) -> anyhow::Result<String> {
     let mut client = CaClient::new(connect(api).await?);
     let status = match command {
         CaCommand::Bundle => {
