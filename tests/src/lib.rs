@@ -24,6 +24,7 @@ use tokio::{
 pub mod apps;
 pub mod client;
 pub mod dns;
+pub mod etcd;
 pub mod faulty;
 
 /// The longest any wait in a test may take before it fails.
@@ -39,14 +40,12 @@ pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<HashMap<String, PathBuf>> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
         // Quiet: the progress lines go to a pipe nobody reads, which must not fill up.
-        let messages = escargot::CargoBuild::new()
-            .arg("--quiet")
-            .arg("--workspace")
-            .tests()
-            .bins()
-            .current_release()
-            .exec()
-            .unwrap_or_else(|e| panic!("building the binaries: {e}"));
+        let mut build = escargot::CargoBuild::new().arg("--quiet").arg("--workspace");
+        if etcd::FEATURE {
+            // The etcd tests run the control plane built with its etcd store.
+            build = build.arg("--features").arg("ferry-control-plane/etcd");
+        }
+        let messages = build.tests().bins().current_release().exec().unwrap_or_else(|e| panic!("building the binaries: {e}"));
         let mut built = HashMap::new();
         for message in messages {
             let message = message.unwrap_or_else(|e| panic!("building the binaries: {e}"));

@@ -1,0 +1,145 @@
+//! etcd members on loopback for the tests of control-plane replicas. Each member runs the
+//! `etcd` binary (Debian's `etcd-server`) on ports chosen free on 127.0.0.1, with its data in a
+//! temporary directory removed afterwards. Without `etcd` on the PATH, [`EtcdCluster::start`]
+//! returns `None` and the test says it skipped.
+
+use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use tokio::process::{Child, Command};
+
+use crate::{client, eventually};
+
+/// Whether this build of the tests runs the control plane with the `etcd` feature.
+pub const FEATURE: bool = cfg!(feature = "etcd");
+
+/// Why etcd tests cannot run here, if they cannot.
+pub fn unavailable() -> Option<String> {
+    if !FEATURE {
+        return Some(
+            "the tests were built without the etcd feature: run `cargo test -p ferry-tests --features etcd --test etcd`".into(),
+        );
+    }
+    match std::process::Command::new("etcd").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status() {
+        Ok(status) if status.success() => None,
+        _ => Some("etcd is not installed (apt-get install etcd-server)".into()),
+    }
+}
+
+/// One member of the cluster.
+pub struct Member {
+    pub name: String,
+    pub client_port: u16,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Member {
+    /// Its client URL's `host:port`.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("etcd")
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting etcd member {}: {e}", self.name));
+        self.child = Some(child);
+    }
+}
+
+/// A cluster of etcd members on loopback.
+pub struct EtcdCluster {
+    pub members: Vec<Member>,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+impl EtcdCluster {
+    /// Starts `size` members and waits until the cluster is healthy; `None` (after saying why)
+    /// when etcd tests cannot run here.
+    pub async fn start(size: usize) -> Option<Self> {
+        if let Some(why) = unavailable() {
+            eprintln!("SKIPPED: {why}");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> =
+            ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}")).collect();
+        let token = format!("ferry-test-{}", std::process::id());
+        let mut members = Vec::new();
+        for (i, (client_port, peer_port)) in ports.into_iter().enumerate() {
+            let name = format!("e{i}");
+            let data: PathBuf = dir.path().join(&name);
+            let args = vec![
+                "--name".into(),
+                name.clone(),
+                "--data-dir".into(),
+                data.display().to_string(),
+                "--listen-client-urls".into(),
+                format!("http://127.0.0.1:{client_port}"),
+                "--advertise-client-urls".into(),
+                format!("http://127.0.0.1:{client_port}"),
+                "--listen-peer-urls".into(),
+                format!("http://127.0.0.1:{peer_port}"),
+                "--initial-advertise-peer-urls".into(),
+                format!("http://127.0.0.1:{peer_port}"),
+                "--initial-cluster".into(),
+                initial.join(","),
+                "--initial-cluster-token".into(),
+                token.clone(),
+                "--initial-cluster-state".into(),
+                "new".into(),
+                // Quick elections, so that losing a member costs the tests a moment only.
+                "--heartbeat-interval".into(),
+                "50".into(),
+                "--election-timeout".into(),
+                "500".into(),
+            ];
+            let mut member = Member { name, client_port, args, child: None };
+            member.spawn();
+            members.push(member);
+        }
+        let cluster = Self { members, _dir: dir };
+        for i in 0..size {
+            cluster.wait_healthy(i).await;
+        }
+        Some(cluster)
+    }
+
+    /// `etcd://` with every member's endpoint.
+    pub fn store(&self) -> String {
+        format!("etcd://{}", self.members.iter().map(Member::endpoint).collect::<Vec<_>>().join(","))
+    }
+
+    /// Waits until member `i` says it is healthy (it has a leader).
+    pub async fn wait_healthy(&self, i: usize) {
+        let url = format!("http://{}/health", self.members[i].endpoint());
+        eventually(&format!("etcd member {i} to be healthy"), || async {
+            let answer = client::get(&url).await.ok()?;
+            (answer.0 == 200 && client::text(&answer).contains("true")).then_some(())
+        })
+        .await;
+    }
+
+    /// Kills member `i` (SIGKILL) and waits for it to exit.
+    pub async fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.start_kill();
+            let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+        }
+    }
+
+    /// Starts member `i` again on its data, and waits until it is healthy.
+    pub async fn restart(&mut self, i: usize) {
+        self.members[i].spawn();
+    }
+}
