@@ -535,20 +535,23 @@ fn status_table(response: &v1::ListSidecarsResponse) -> String {
     if response.sidecars.is_empty() {
         return "no sidecars connected\n".into();
     }
-    let mut table = Table::new(&["NODE", "SERVICE", "CONNECTED", "SUBSCRIPTION", "ACKED", "CURRENT", "STATE"]);
+    // Replicas on a shared store each hold some of the streams: say which.
+    let replicas = response.sidecars.iter().any(|s| !s.replica.is_empty());
+    let mut table = if replicas {
+        Table::new(&["NODE", "REPLICA", "SERVICE", "CONNECTED", "SUBSCRIPTION", "ACKED", "CURRENT", "STATE"])
+    } else {
+        Table::new(&["NODE", "SERVICE", "CONNECTED", "SUBSCRIPTION", "ACKED", "CURRENT", "STATE"])
+    };
     let mut nacks = Vec::new();
     for sidecar in &response.sidecars {
         let first = |table: &mut Table, cells: [String; 4]| {
             let [subscription, acked, current, state] = cells;
-            table.row(vec![
-                sidecar.node_id.clone(),
-                sidecar.service.clone(),
-                ago(sidecar.connected_at.as_ref()),
-                subscription,
-                acked,
-                current,
-                state,
-            ]);
+            let mut row = vec![sidecar.node_id.clone()];
+            if replicas {
+                row.push(sidecar.replica.clone());
+            }
+            row.extend([sidecar.service.clone(), ago(sidecar.connected_at.as_ref()), subscription, acked, current, state]);
+            table.row(row);
         };
         if sidecar.subscriptions.is_empty() {
             first(&mut table, ["-".into(), "-".into(), "-".into(), "-".into()]);

@@ -175,6 +175,18 @@ async fn three_replicas_serve_one_registry_and_lose_nothing_when_one_dies() {
     })
     .await;
 
+    // `ferryctl status` on the third replica lists the sidecars of the others, each with the
+    // replica holding its stream.
+    let status = eventually("ferryctl status to list both sidecars", || async {
+        let output = replicas[others[1]].ferryctl(&["status"]).await;
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let listed = |node: &str, replica: &str| text.lines().any(|line| line.split_whitespace().take(2).eq([node, replica]));
+        (output.status.success() && listed("catalog-node", names[held_by]) && listed("frontend-node", names[others[0]]))
+            .then_some(text)
+    })
+    .await;
+    assert!(status.starts_with("NODE") && status.contains("REPLICA"), "{status}");
+
     // A blocking query that moves to another replica with the index it holds sees the changes
     // after that index, and waits for the next one.
     let (status, _) = register(&replicas[0], &instance("web-1", "web", 9001)).await;
