@@ -169,15 +169,21 @@ impl Replica {
         }
         if resync {
             let present: HashSet<(Table, &str)> = loaded.events.iter().map(|e| (e.table, e.key.as_str())).collect();
-            for instance in self.parts.registry.all_ids() {
-                if !present.contains(&(Table::Instances, instance.as_str())) {
-                    self.dispatch(&Event {
-                        table: Table::Instances,
-                        key: instance,
-                        value: None,
-                        version: loaded.revision,
-                        revision: loaded.revision,
-                    });
+            let gone = |table: Table, key: String| Event {
+                table,
+                key,
+                value: None,
+                version: loaded.revision,
+                revision: loaded.revision,
+            };
+            for id in self.parts.registry.all_ids() {
+                if !present.contains(&(Table::Instances, id.as_str())) {
+                    self.dispatch(&gone(Table::Instances, id));
+                }
+            }
+            for id in self.parts.tokens.ids() {
+                if !present.contains(&(Table::Tokens, id.as_str())) {
+                    self.dispatch(&gone(Table::Tokens, id));
                 }
             }
         }

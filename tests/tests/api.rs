@@ -196,6 +196,10 @@ async fn bad_flags_exit_64_naming_the_flag_before_binding() {
         ("ferry-control-plane", vec!["--grpc", "not-an-address"], "--grpc"),
         ("ferry-control-plane", vec!["--store", "floppy"], "--store"),
         ("ferry-control-plane", vec!["--push-max-delay", "fast"], "--push-max-delay"),
+        ("ferry-control-plane", vec!["--store", "etcd://no-port"], "--store"),
+        ("ferry-control-plane", vec!["--etcd-prefix", "ferry"], "--etcd-prefix"),
+        ("ferry-control-plane", vec!["--replica-ttl", "500ms"], "--replica-ttl"),
+        ("ferry-control-plane", vec!["--replica-id", "a/b"], "--replica-id"),
         ("ferry-sidecar", vec!["--service", "Bad_Name"], "--service"),
         ("ferry-sidecar", vec!["--service", "web", "--app", "nowhere"], "--app"),
         ("ferry-sidecar", vec!["--service", "web", "--upstream", "db"], "--upstream"),
@@ -204,5 +208,16 @@ async fn bad_flags_exit_64_naming_the_flag_before_binding() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(64), "{binary_name} {args:?}: {stderr}");
         assert!(stderr.contains(flag), "{binary_name} {args:?}: {stderr}");
+    }
+    // A build without the etcd feature says how to get one.
+    if !ferry_tests::etcd::FEATURE {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data_dir = dir.path().display().to_string();
+        let args =
+            ["--store", "etcd://127.0.0.1:2379", "--data-dir", &data_dir, "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"];
+        let output = tokio::process::Command::new(binary("ferry-control-plane")).args(args).output().await.expect("runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{stderr}");
+        assert!(stderr.contains("--store") && stderr.contains("--features etcd"), "{stderr}");
     }
 }

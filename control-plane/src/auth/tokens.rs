@@ -192,6 +192,11 @@ impl Tokens {
         Ok(())
     }
 
+    /// The id of every token.
+    pub fn ids(&self) -> Vec<String> {
+        lock(&self.state).by_id.keys().cloned().collect()
+    }
+
     /// Applies a token as the shared store reports it (`None`: revoked).
     pub fn apply_stored(&self, id: &str, value: Option<&[u8]>) {
         let mut state = lock(&self.state);

@@ -323,9 +323,7 @@ impl Registry {
 
     /// The instance with `id`.
     pub fn instance(&self, id: &str) -> Option<Arc<Instance>> {
-        let state = self.lock();
-        let service = state.ids.get(id)?;
-        state.services.get(service)?.tx.borrow().instances.get(id).cloned()
+        self.lock().current(id)
     }
 
     /// Registers or replaces a persistent instance and waits until it is durable.
@@ -432,7 +430,18 @@ impl Registry {
         if !mine && !ours_pending {
             state.leases.remove(id);
         }
+        // One of ours with no stream here: this replica restarted under the same id. Its
+        // sidecar gets the grace period to come back, as after a restart on a local store.
+        let detached = mine && !ours_pending && !state.leases.contains_key(id);
+        let epoch = detached.then(|| {
+            let epoch = state.new_epoch();
+            state.leases.insert(id.clone(), Lease::Detached { epoch });
+            epoch
+        });
         drop(state);
+        if let Some(epoch) = epoch {
+            self.expire_later(id.clone(), epoch);
+        }
         self.indexes.advance_past(event.revision);
     }
 

@@ -195,3 +195,169 @@ async fn a_recreated_service_refuses_deltas_from_before() {
     assert_eq!(snapshot.changes_since(held), None, "a delta from {held} would miss the removals of c1 and c2");
     assert_eq!(snapshot.changes_since(0), None);
 }
+
+/// A store shared by replicas, as etcd is to them: each batch gets the next revision, and its
+/// events go to every replica's feed, in order, when `deliver` lets them.
+#[derive(Default)]
+struct SharedStore {
+    revision: Mutex<u64>,
+    feeds: Mutex<Vec<tokio::sync::mpsc::UnboundedSender<Event>>>,
+    held: Mutex<Option<Vec<Event>>>,
+}
+
+impl SharedStore {
+    fn feed(&self) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        ferry_runtime::lock(&self.feeds).push(tx);
+        rx
+    }
+
+    fn send(&self, events: Vec<Event>) {
+        for feed in ferry_runtime::lock(&self.feeds).iter() {
+            for event in &events {
+                let _ = feed.send(event.clone());
+            }
+        }
+    }
+
+    /// Holds the events of later commits back (a slow watch) until `release`.
+    fn hold(&self) {
+        *ferry_runtime::lock(&self.held) = Some(Vec::new());
+    }
+
+    fn release(&self) {
+        let held = ferry_runtime::lock(&self.held).take().unwrap_or_default();
+        self.send(held);
+    }
+}
+
+impl Store for SharedStore {
+    fn load(&self, _: Table) -> futures::future::BoxFuture<'_, Result<crate::store::Rows, StoreError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn apply(&self, batch: Vec<Write>) -> futures::future::BoxFuture<'_, Result<u64, StoreError>> {
+        let revision = {
+            let mut revision = ferry_runtime::lock(&self.revision);
+            *revision += 1;
+            *revision
+        };
+        let events: Vec<Event> = batch
+            .into_iter()
+            .map(|w| Event { table: w.table, key: w.key, value: w.value, version: revision, revision })
+            .collect();
+        match ferry_runtime::lock(&self.held).as_mut() {
+            Some(held) => held.extend(events),
+            None => self.send(events),
+        }
+        Box::pin(async move { Ok(revision) })
+    }
+
+    fn create(&self, _: Table, _: String, value: Vec<u8>) -> futures::future::BoxFuture<'_, Result<Vec<u8>, StoreError>> {
+        Box::pin(async move { Ok(value) })
+    }
+
+    fn describe(&self) -> String {
+        "shared".into()
+    }
+}
+
+/// A replica on `store` whose watch applies the store's events, and its replication state.
+async fn replica(store: &Arc<SharedStore>, id: &str, grace: Duration) -> Arc<Registry> {
+    let shared = Shared::new(id);
+    let config = RegistryConfig { reconnect_grace: grace, ..Default::default() };
+    let registry =
+        Registry::open_with(store.clone(), config, Metrics::unregistered().registry, Default::default(), Some(shared.clone()))
+            .await
+            .expect("opens");
+    let mut feed = store.feed();
+    let watching = registry.clone();
+    tokio::spawn(async move {
+        while let Some(event) = feed.recv().await {
+            watching.apply_event(&event);
+            shared.applied.send_modify(|applied| *applied = (*applied).max(event.revision));
+        }
+    });
+    registry
+}
+
+#[tokio::test]
+async fn replicas_apply_every_change_at_the_stores_revision() {
+    let store = Arc::new(SharedStore::default());
+    let (a, b) = (replica(&store, "a", Duration::from_secs(30)).await, replica(&store, "b", Duration::from_secs(30)).await);
+    let mut on_b = b.watch("catalog");
+    let registered = a.register(spec("catalog", "c1", 8080)).await.expect("registers through a");
+    assert_eq!(registered.index, 1, "the store's revision is the index");
+    assert_eq!(a.snapshot("catalog").expect("on a").index, 1, "a's own write applied before register returned");
+    on_b.wait_for(|s| s.index == 1).await.expect("b sees it at the same index");
+    b.register(spec("catalog", "c2", 8081)).await.expect("registers through b");
+    let on_a = a.snapshot("catalog").expect("on a");
+    // b's register returned once b applied it; a applies the same event in the same order.
+    let mut watch_a = a.watch("catalog");
+    let on_a = watch_a.wait_for(|s| s.index == 2).await.map(|s| s.clone()).unwrap_or(on_a);
+    assert_eq!(on_a.instances.keys().collect::<Vec<_>>(), ["c1", "c2"]);
+    assert_eq!(b.snapshot("catalog").expect("on b").index, on_a.index);
+}
+
+#[tokio::test]
+async fn a_replicas_writes_build_on_each_other_before_its_watch_reports_them() {
+    let store = Arc::new(SharedStore::default());
+    let a = replica(&store, "a", Duration::from_secs(30)).await;
+    store.hold();
+    let session = a.new_session();
+    a.attach(session, "node-1", spec("catalog", "c1", 8080), Health::Passing).expect("attaches");
+    // Not applied yet, but the next change sees it: the health report is not lost.
+    assert!(a.snapshot("catalog").is_none_or(|s| s.instances.is_empty()), "memory follows the store's watch");
+    assert_eq!(a.instance("c1").map(|i| i.health), Some(Health::Passing));
+    assert!(a.record_health("c1", Health::Critical, Vec::new(), Some(session)).expect("recorded"));
+    store.release();
+    let mut watch = a.watch("catalog");
+    let snapshot =
+        watch.wait_for(|s| s.instances.get("c1").is_some_and(|i| i.health == Health::Critical)).await.expect("applied");
+    assert_eq!(snapshot.instances["c1"].replica, "a");
+    assert!(a.record_health("c1", Health::Passing, Vec::new(), Some(session)).expect("still its lease"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_instance_re_attached_to_another_replica_is_not_expired_by_the_old_one() {
+    let store = Arc::new(SharedStore::default());
+    let grace = Duration::from_secs(30);
+    let (a, b) = (replica(&store, "a", grace).await, replica(&store, "b", grace).await);
+    let on_a = a.new_session();
+    a.attach(on_a, "node-1", spec("catalog", "c1", 8080), Health::Passing).expect("attaches to a");
+    let mut watch = b.watch("catalog");
+    watch.wait_for(|s| s.instances.contains_key("c1")).await.expect("b sees it");
+    // The stream to a breaks; the sidecar comes back on b before the grace period ends.
+    a.detach(on_a, "c1", false);
+    watch.wait_for(|s| s.instances.get("c1").is_some_and(|i| i.health == Health::Critical)).await.expect("critical");
+    b.attach(b.new_session(), "node-1", spec("catalog", "c1", 8080), Health::Passing).expect("re-attaches to b");
+    watch.wait_for(|s| s.instances.get("c1").is_some_and(|i| i.replica == "b")).await.expect("held by b");
+    tokio::time::sleep(grace * 2).await;
+    for registry in [&a, &b] {
+        let instance = registry.instance("c1").expect("kept: its sidecar came back");
+        assert_eq!((instance.replica.as_str(), instance.health), ("b", Health::Passing));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_restarted_under_its_id_gives_its_old_sidecars_the_grace_period() {
+    let store = Arc::new(SharedStore::default());
+    let grace = Duration::from_secs(30);
+    let before = replica(&store, "a", grace).await;
+    before.attach(before.new_session(), "node-1", spec("catalog", "c1", 8080), Health::Passing).expect("attaches");
+    // The same replica id starts again and loads what the store holds.
+    let after = replica(&store, "a", grace).await;
+    let mut instance = (*before.instance("c1").expect("held")).clone();
+    instance.index = 0;
+    let event = Event {
+        table: Table::Instances,
+        key: "c1".into(),
+        value: Some(instance.to_proto().encode_to_vec()),
+        version: 1,
+        revision: 1,
+    };
+    after.apply_event(&event);
+    assert_eq!(after.instance("c1").map(|i| i.health), Some(Health::Passing), "kept as it was");
+    tokio::time::sleep(grace + Duration::from_secs(1)).await;
+    assert!(after.instance("c1").is_none(), "removed: its sidecar never came back");
+}

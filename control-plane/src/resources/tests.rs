@@ -1,5 +1,7 @@
 use super::*;
 use crate::store::MemoryStore;
+use crate::store::{Event, Guard, Table, Write};
+use std::collections::HashMap;
 
 async fn resources_on(store: Arc<dyn Store>) -> Arc<Resources> {
     Resources::open(store, Arc::new(Indexes::default()), Duration::from_secs(5), Default::default()).await.expect("opens")
@@ -177,4 +179,121 @@ fn dependencies_are_the_other_services_a_route_sends_to() {
     };
     let config = ServiceConfig { route: Some(Arc::new(route)), ..Default::default() };
     assert_eq!(config.dependencies(), ["catalog-next", "shadow"]);
+}
+
+/// A store shared by replicas, as etcd is: guarded transactions, a revision per commit, and
+/// every commit's events fed to each replica in order.
+/// The store's revision, and each key's version.
+type Versions = (u64, HashMap<(Table, String), u64>);
+
+#[derive(Default)]
+struct SharedStore {
+    state: std::sync::Mutex<Versions>,
+    feeds: std::sync::Mutex<Vec<tokio::sync::mpsc::UnboundedSender<Event>>>,
+}
+
+impl Store for SharedStore {
+    fn load(&self, _: Table) -> futures::future::BoxFuture<'_, Result<crate::store::Rows, StoreError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn apply(&self, batch: Vec<Write>) -> futures::future::BoxFuture<'_, Result<u64, StoreError>> {
+        let revision = self.commit(Vec::new(), batch).unwrap_or(0);
+        Box::pin(async move { Ok(revision) })
+    }
+
+    fn transact(
+        &self,
+        guards: Vec<Guard>,
+        batch: Vec<Write>,
+    ) -> futures::future::BoxFuture<'_, Result<Result<u64, u64>, StoreError>> {
+        let result = self.commit(guards, batch);
+        Box::pin(async move { Ok(result) })
+    }
+
+    fn create(&self, _: Table, _: String, value: Vec<u8>) -> futures::future::BoxFuture<'_, Result<Vec<u8>, StoreError>> {
+        Box::pin(async move { Ok(value) })
+    }
+
+    fn describe(&self) -> String {
+        "shared".into()
+    }
+}
+
+impl SharedStore {
+    fn commit(&self, guards: Vec<Guard>, batch: Vec<Write>) -> Result<u64, u64> {
+        let mut state = ferry_runtime::lock(&self.state);
+        for guard in &guards {
+            let version = state.1.get(&(guard.table, guard.key.clone())).copied().unwrap_or(0);
+            if version != guard.version {
+                return Err(version);
+            }
+        }
+        state.0 += 1;
+        let revision = state.0;
+        let mut events = Vec::new();
+        for write in batch {
+            state.1.insert((write.table, write.key.clone()), revision);
+            events.push(Event { table: write.table, key: write.key, value: write.value, version: revision, revision });
+        }
+        for feed in ferry_runtime::lock(&self.feeds).iter() {
+            for event in &events {
+                let _ = feed.send(event.clone());
+            }
+        }
+        Ok(revision)
+    }
+
+    async fn replica(self: &Arc<Self>, id: &str) -> Arc<Resources> {
+        let shared = Shared::new(id);
+        let resources = Resources::open_with(
+            self.clone(),
+            Arc::new(Indexes::default()),
+            Duration::from_secs(5),
+            Default::default(),
+            Some(shared.clone()),
+        )
+        .await
+        .expect("opens");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+        ferry_runtime::lock(&self.feeds).push(tx);
+        let watching = resources.clone();
+        tokio::spawn(async move {
+            while let Some(event) = rx.recv().await {
+                if let Some(kind) = Kind::of_table(event.table) {
+                    watching.apply_event(kind, &event);
+                }
+                shared.applied.send_modify(|applied| *applied = (*applied).max(event.revision));
+            }
+        });
+        resources
+    }
+}
+
+#[tokio::test]
+async fn replicas_version_resources_by_the_stores_revision_and_guard_expected_versions() {
+    let store = Arc::new(SharedStore::default());
+    let (a, b) = (store.replica("a").await, store.replica("b").await);
+    let applied = a.apply(items(POLICY), false).await.expect("applies through a");
+    let version = match &applied[0].resource.as_ref().and_then(|r| r.kind.clone()) {
+        Some(v1::resource::Kind::Policy(policy)) => policy.version,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(version, 1, "the store's revision");
+    let mut on_b = b.watch("catalog");
+    on_b.wait_for(|config| config.policy_version == 1).await.expect("b sees it at the same version");
+
+    // b changes it over the version it holds; a, still offered the old version, is refused.
+    let route = a.apply(items(CANARY), false).await.expect("the route, through a");
+    assert_eq!(route_version(route[0].resource.as_ref().expect("stored")), 2);
+    on_b.wait_for(|config| config.route_version == 2).await.expect("b has the route");
+    let mut edited = items(&CANARY.replace("weight: 90", "weight: 80").replace("weight: 10", "weight: 20"));
+    edited[0].expected_version = Some(2);
+    b.apply(edited.clone(), false).await.expect("applies over version 2 through b");
+    let error = a.apply(edited, false).await.expect_err("version 2 is gone");
+    match error {
+        ResourceError::Conflict { expected: 2, actual: 3, .. } => {}
+        other => panic!("{other}"),
+    }
+    assert_eq!(a.history(Kind::Route, "catalog").len(), 2, "one history on every replica");
 }
