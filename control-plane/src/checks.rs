@@ -26,8 +26,13 @@ pub struct HealthChecks {
     /// Whether this process runs the checks: with replicas on a shared store only the elected
     /// one does.
     active: std::sync::atomic::AtomicBool,
+    /// With replicas: hands a TTL renewal to the replica that runs the checks.
+    forward: std::sync::OnceLock<Forward>,
     this: Weak<HealthChecks>,
 }
+
+/// Hands a TTL renewal (check id, status, output) to the replica that runs the checks.
+pub type Forward = Arc<dyn Fn(String, Health, String) -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync>;
 
 /// Networks no check may probe unless `--allow-check-target` lists them: link-local
 /// addresses, where clouds serve instance metadata and credentials, and AWS's IPv6 metadata
@@ -62,6 +67,9 @@ pub enum TtlFailure {
     OwnedBySidecar { check: String, node: String },
     #[error("id: {0}")]
     Refused(TtlError),
+    /// The replica that runs the checks could not be told.
+    #[error("the renewal could not be handed to the replica running the checks: {0}")]
+    Forward(String),
 }
 
 impl HealthChecks {
@@ -80,6 +88,7 @@ impl HealthChecks {
             allowed_targets,
             running: Mutex::default(),
             active: std::sync::atomic::AtomicBool::new(true),
+            forward: std::sync::OnceLock::new(),
             this: this.clone(),
         })
     }
@@ -221,11 +230,32 @@ impl HealthChecks {
         running.insert(instance.id.clone(), Supervised { instance, runner, forward });
     }
 
+    /// Sends TTL renewals made here while another replica runs the checks to that replica.
+    pub fn set_forward(&self, forward: Forward) {
+        let _ = self.forward.set(forward);
+    }
+
     /// Renews the TTL check `check_id` of an API instance; answers the check as it is now.
     pub async fn ttl(&self, check_id: &str, status: Health, output: String) -> Result<v1::Check, TtlFailure> {
         let owner = self.registry.check_owner(check_id).ok_or_else(|| TtlFailure::UnknownCheck(check_id.to_owned()))?;
         if let Some(node) = owner.node_id() {
             return Err(TtlFailure::OwnedBySidecar { check: check_id.to_owned(), node: node.to_owned() });
+        }
+        if !self.is_active()
+            && let Some(forward) = self.forward.get()
+        {
+            let spec =
+                owner.checks.iter().find(|c| c.id == check_id).ok_or_else(|| TtlFailure::UnknownCheck(check_id.to_owned()))?;
+            if !matches!(spec.probe, ferry_health::Probe::Ttl { .. }) {
+                return Err(TtlFailure::Refused(TtlError::NotTtl { id: check_id.to_owned(), kind: spec.probe.kind() }));
+            }
+            forward(check_id.to_owned(), status, output.clone()).await.map_err(TtlFailure::Forward)?;
+            return Ok(v1::Check {
+                status: v1::Health::from(status) as i32,
+                output,
+                last_transition: None,
+                ..ferry_health::CheckSpec::to_proto(spec)
+            });
         }
         let runner = self.lock().get(&owner.id).map(|s| s.runner.clone());
         let runner = runner.ok_or_else(|| TtlFailure::UnknownCheck(check_id.to_owned()))?;

@@ -63,6 +63,14 @@ pub struct ReplicaInfo {
     pub http: String,
 }
 
+/// A TTL renewal received by a replica that does not run the checks.
+#[derive(Debug, Serialize, Deserialize)]
+struct TtlRenewal {
+    /// A `ferry.v1.Health`.
+    status: i32,
+    output: String,
+}
+
 /// The components a replica keeps in step with the store.
 pub struct Parts {
     pub registry: Arc<Registry>,
@@ -111,6 +119,14 @@ impl Replica {
             shutdown,
         });
         replica.parts.checks.set_active(false);
+        let forwarding = Arc::downgrade(&replica);
+        replica.parts.checks.set_forward(Arc::new(move |check, status, output| {
+            let replica = forwarding.clone();
+            Box::pin(async move {
+                let Some(replica) = replica.upgrade() else { return Err("the replica is stopping".to_owned()) };
+                replica.forward_ttl(&check, status, output).await
+            })
+        }));
         let revision = replica.load(false).await?;
         replica.grant().await?;
         tokio::spawn(replica.clone().watch_loop(revision + 1));
@@ -292,6 +308,14 @@ impl Replica {
             return;
         }
         let Some(rest) = std::str::from_utf8(key).ok().and_then(|k| k.strip_prefix(self.store.prefix())) else { return };
+        if let Some(check) = rest.strip_prefix("ttl/") {
+            if let Some(value) = value
+                && self.parts.checks.is_active()
+            {
+                self.renew_here(check.to_owned(), value);
+            }
+            return;
+        }
         if rest.starts_with("sessions/") {
             let status = value.and_then(|v| v1::SidecarStatus::decode(v.as_slice()).ok());
             self.parts.sidecars.set_remote(rest, status);
@@ -538,6 +562,35 @@ impl Replica {
 
     fn session_key(&self, node: &str) -> String {
         self.key(&format!("sessions/{}/{node}", self.config.id))
+    }
+
+    /// Hands a TTL renewal made here to the replica running the checks, through the store.
+    async fn forward_ttl(&self, check: &str, status: ferry_health::Health, output: String) -> Result<(), String> {
+        self.shared.check_available().map_err(|e| e.to_string())?;
+        let renewal = TtlRenewal { status: v1::Health::from(status) as i32, output };
+        let value = serde_json::to_vec(&renewal).map_err(|e| e.to_string())?;
+        let mut client = self.store.client();
+        match tokio::time::timeout(Duration::from_secs(3), client.put(self.key(&format!("ttl/{check}")), value, None)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(format!("etcd unreachable or failing: {error}")),
+            Err(_) => Err("etcd did not answer within 3s".to_owned()),
+        }
+    }
+
+    /// On the checker: applies a TTL renewal another replica received, then clears it.
+    fn renew_here(&self, check: String, value: Vec<u8>) {
+        let Ok(renewal) = serde_json::from_slice::<TtlRenewal>(&value) else { return };
+        let Ok(status) = ferry_health::Health::try_from(renewal.status) else { return };
+        let checks = self.parts.checks.clone();
+        let store = self.store.clone();
+        let key = self.key(&format!("ttl/{check}"));
+        tokio::spawn(async move {
+            if let Err(error) = checks.ttl(&check, status, renewal.output).await {
+                tracing::warn!(check, %error, "a TTL renewal received by another replica");
+            }
+            let mut client = store.client();
+            let _ = tokio::time::timeout(Duration::from_secs(3), client.delete(key, None)).await;
+        });
     }
 
     /// The replicas alive.

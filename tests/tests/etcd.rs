@@ -225,6 +225,18 @@ async fn three_replicas_serve_one_registry_and_lose_nothing_when_one_dies() {
     })
     .await;
 
+    // A TTL check renewed through a replica that does not run the checks.
+    let ttl = serde_json::json!({
+        "id": "ttl-1", "service": "ttl", "address": "127.0.0.1", "port": 9,
+        "checks": [{ "ttl": { "ttl": "60s" } }],
+    });
+    assert_eq!(register(&replicas[checker], &ttl).await.0, 200);
+    let elsewhere = (0..3).find(|i| *i != checker).expect("another replica");
+    let answer =
+        replicas[elsewhere].send_body(Method::PUT, "/v1/checks/ttl-1:ttl/pass", "text/plain", "ok").await.expect("answered");
+    assert_eq!(answer.0, 200, "{}", client::text(&answer));
+    replicas[checker].wait_health("ttl-1", "HEALTH_PASSING").await;
+
     // Kill -9 the replica that catalog's sidecar is connected to while the caller sends it
     // steady traffic: no request fails, and catalog's instance never turns critical.
     let traffic = Traffic::start(frontend.outbound, "catalog");

@@ -120,6 +120,7 @@ impl RegistryApi for RegistryService {
         }
         let check = self.checks.ttl(&request.check_id, status, request.output).await.map_err(|failure| match failure {
             TtlFailure::UnknownCheck(_) => Status::not_found(failure.to_string().replacen("id:", "check_id:", 1)),
+            TtlFailure::Forward(_) => Status::unavailable(failure.to_string()),
             _ => Status::invalid_argument(failure.to_string().replacen("id:", "check_id:", 1)),
         })?;
         Ok(Response::new(v1::UpdateTtlResponse { check: Some(check) }))

@@ -375,6 +375,7 @@ async fn update_ttl(
         let reason = error.strip_prefix("id: ").unwrap_or(&error).to_owned();
         match failure {
             TtlFailure::UnknownCheck(_) => ApiError { status: StatusCode::NOT_FOUND, error, field: Some("id".into()) },
+            TtlFailure::Forward(_) => ApiError { status: StatusCode::SERVICE_UNAVAILABLE, error, field: None },
             _ => ApiError::bad_request(validate::FieldError::new("id", reason)),
         }
     })?;
