@@ -106,6 +106,9 @@ pub struct Authority {
     state: Mutex<Stored>,
     bundle: watch::Sender<Arc<v1::TrustBundle>>,
     issued: Mutex<HashMap<String, IssuedLeaf>>,
+    /// Whether this process ends rotations and renews the issuer: with replicas on a shared
+    /// store only the elected one does.
+    scheduled: std::sync::atomic::AtomicBool,
 }
 
 impl Authority {
@@ -116,7 +119,15 @@ impl Authority {
             None => (load_or_create(&config, store.as_ref()).await?, false),
         };
         let bundle = watch::Sender::new(Arc::new(bundle_of(&stored)));
-        let authority = Arc::new(Self { config, store, external, state: Mutex::new(stored), bundle, issued: Mutex::default() });
+        let authority = Arc::new(Self {
+            config,
+            store,
+            external,
+            state: Mutex::new(stored),
+            bundle,
+            issued: Mutex::default(),
+            scheduled: true.into(),
+        });
         authority.renew_issuer_if_due().await?;
         authority.write_files()?;
         Ok(authority)
@@ -350,7 +361,9 @@ impl Authority {
         };
         {
             let mut state = lock(&self.state);
-            if next.version <= state.version || next.trust_domain != state.trust_domain {
+            // The store is the truth: a newer version, or another replica's write of the same
+            // version that landed after this one's.
+            if next.version < state.version || next == *state || next.trust_domain != state.trust_domain {
                 return;
             }
             *state = next.clone();
@@ -359,6 +372,16 @@ impl Authority {
         if let Err(error) = self.write_files() {
             tracing::warn!(%error, "writing the CA's files");
         }
+    }
+
+    /// Whether this process runs the CA's scheduled work (ending rotations, renewing the issuer).
+    pub fn runs_schedule(&self) -> bool {
+        self.scheduled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Lets this process run the CA's scheduled work, or not.
+    pub fn set_runs_schedule(&self, runs: bool) {
+        self.scheduled.store(runs, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Stores `next` (acknowledged once durable), then puts it in force.

@@ -190,6 +190,12 @@ impl HealthChecks {
         }
     }
 
+    /// Stops running checks here without a word: a replica waiting for its election.
+    pub fn stand_by(&self) {
+        self.active.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.lock().clear();
+    }
+
     /// Whether checks run here.
     pub fn is_active(&self) -> bool {
         self.active.load(std::sync::atomic::Ordering::SeqCst)

@@ -118,7 +118,8 @@ impl Replica {
             orphans: Mutex::default(),
             shutdown,
         });
-        replica.parts.checks.set_active(false);
+        replica.parts.checks.stand_by();
+        replica.parts.authority.set_runs_schedule(false);
         let forwarding = Arc::downgrade(&replica);
         replica.parts.checks.set_forward(Arc::new(move |check, status, output| {
             let replica = forwarding.clone();
@@ -227,6 +228,7 @@ impl Replica {
                 }
             }
             Table::Tokens => self.parts.tokens.apply_stored(&event.key, event.value.as_deref()),
+            Table::Checks => self.parts.registry.apply_checks_event(event),
             Table::Ca => {
                 if let Some(value) = &event.value {
                     self.parts.authority.apply_stored(value);
@@ -408,6 +410,7 @@ impl Replica {
                     self.lease.send_replace(None);
                     self.leader.send_replace(false);
                     self.parts.checks.set_active(false);
+                    self.parts.authority.set_runs_schedule(false);
                 }
                 Ok(Err(error)) => {
                     self.set_unavailable(Some(format!("etcd unreachable or failing: {error}")));
@@ -443,6 +446,7 @@ impl Replica {
             if leader != *self.leader.borrow() {
                 self.leader.send_replace(leader);
                 self.parts.checks.set_active(leader);
+                self.parts.authority.set_runs_schedule(leader);
                 if !leader {
                     lock(&self.orphans).clear();
                 }

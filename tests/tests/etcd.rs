@@ -225,6 +225,14 @@ async fn three_replicas_serve_one_registry_and_lose_nothing_when_one_dies() {
     })
     .await;
 
+    // Every replica shows what the checks found, not only the one running them.
+    let bystander = (0..3).find(|i| *i != checker).expect("another replica");
+    eventually("the check's verdict on a replica that does not run it", || async {
+        let instance = replicas[bystander].instance("checked-1").await?;
+        (instance["checks"][0]["status"] == "HEALTH_PASSING").then_some(())
+    })
+    .await;
+
     // A TTL check renewed through a replica that does not run the checks.
     let ttl = serde_json::json!({
         "id": "ttl-1", "service": "ttl", "address": "127.0.0.1", "port": 9,

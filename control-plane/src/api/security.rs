@@ -249,6 +249,13 @@ pub async fn supervise_rotation(
     let mut bundle = authority.watch();
     let mut last_renewal_check = tokio::time::Instant::now();
     loop {
+        if !authority.runs_schedule() {
+            // Another replica runs it; look again now and then, in case this one is elected.
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                () = shutdown.cancelled() => return,
+            }
+        }
         let waiting = match authority.promote(|version| sidecars.all_trust(version)).await {
             Ok(waiting) => waiting,
             Err(error) => {

@@ -183,9 +183,11 @@ impl Sidecars {
         ids
     }
 
-    /// Whether every connected sidecar has acknowledged trust bundle `version` or a later one.
+    /// Whether every connected sidecar has acknowledged trust bundle `version` or a later one,
+    /// those of the other replicas included (as their sessions last recorded it).
     pub fn all_trust(&self, version: u64) -> bool {
         lock(&self.connected).values().all(|r| r.progress.part(Part::TrustBundle).acked.unwrap_or(0) >= version)
+            && lock(&self.remote).values().all(|r| r.trust_bundle_acked >= version)
     }
 
     /// The services of the sidecars subscribed to `service`: its callers now.

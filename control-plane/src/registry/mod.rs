@@ -450,6 +450,38 @@ impl Registry {
         self.lock().ids.keys().cloned().collect()
     }
 
+    /// Applies what an instance's checks found, as the replica running them wrote it.
+    pub fn apply_checks_event(&self, event: &Event) {
+        let mut state = self.lock();
+        let Some(value) = &event.value else {
+            state.check_statuses.remove(&event.key);
+            return;
+        };
+        let Ok(stored) = serde_json::from_slice::<Vec<StoredStatus>>(value) else {
+            tracing::warn!(id = %event.key, "ignoring check statuses in the store that do not decode");
+            return;
+        };
+        let Some(instance) = state.current(&event.key) else { return };
+        let statuses = stored
+            .into_iter()
+            .filter_map(|s| {
+                let kind = instance.checks.iter().find(|c| c.id == s.id)?.probe.kind();
+                Some(CheckStatus {
+                    id: s.id,
+                    kind,
+                    status: Health::try_from(s.status).ok()?,
+                    output: s.output,
+                    last_transition: std::time::UNIX_EPOCH + Duration::from_millis(s.last_transition_ms),
+                })
+            })
+            .collect::<Vec<_>>();
+        // What this replica saw itself is as new, with a fresher output.
+        if state.check_statuses.get(&event.key).is_some_and(|held| same_verdicts(held, &statuses)) {
+            return;
+        }
+        state.check_statuses.insert(event.key.clone(), statuses);
+    }
+
     /// Every sidecar-bound instance with the replica whose stream holds it.
     pub fn sidecar_instances(&self) -> Vec<Arc<Instance>> {
         let state = self.lock();
@@ -524,6 +556,11 @@ impl Registry {
         let Some(existing) = state.current(id) else {
             return Err(RegistryError::NotFound(id.to_owned()));
         };
+        if self.shared.is_some() && state.check_statuses.get(id).is_none_or(|old| !same_verdicts(old, &statuses)) {
+            // Other replicas show them too; an output that changes alone is not worth a write.
+            let value = encode_statuses(&statuses);
+            self.writer.enqueue(Write { table: Table::Checks, key: id.to_owned(), value: Some(value) });
+        }
         state.check_statuses.insert(id.to_owned(), statuses);
         if existing.health == health {
             return Ok(false);
@@ -587,6 +624,9 @@ impl Registry {
                 Mutation::Remove => None,
             };
             let bytes = stored.as_ref().map(|instance| instance.to_proto().encode_to_vec());
+            if stored.is_none() && state.check_statuses.contains_key(id) {
+                self.writer.enqueue(Write { table: Table::Checks, key: id.clone(), value: None });
+            }
             let generation = self.writer.enqueue(Write { table: Table::Instances, key: id.clone(), value: bytes.clone() });
             state.pending.insert(id.clone(), PendingWrite { instance: stored.clone(), bytes });
             return (stored, generation);
@@ -667,6 +707,38 @@ impl Registry {
         }
         self.metrics.changes.inc();
     }
+}
+
+/// One check's last verdict as replicas share it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredStatus {
+    id: String,
+    /// A `ferry.v1.Health`.
+    status: i32,
+    output: String,
+    last_transition_ms: u64,
+}
+
+fn encode_statuses(statuses: &[CheckStatus]) -> Vec<u8> {
+    let stored: Vec<StoredStatus> = statuses
+        .iter()
+        .map(|s| StoredStatus {
+            id: s.id.clone(),
+            status: v1::Health::from(s.status) as i32,
+            output: s.output.clone(),
+            last_transition_ms: u64::try_from(
+                s.last_transition.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis(),
+            )
+            .unwrap_or(0),
+        })
+        .collect();
+    serde_json::to_vec(&stored).unwrap_or_default()
+}
+
+/// Whether two reports say the same of each check (outputs aside).
+fn same_verdicts(a: &[CheckStatus], b: &[CheckStatus]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(a, b)| a.id == b.id && a.status == b.status && a.last_transition == b.last_transition)
 }
 
 fn instance_key(instance: &Instance) -> (Arc<str>, String) {

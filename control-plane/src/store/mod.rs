@@ -31,6 +31,9 @@ pub enum Table {
     Ca,
     /// API tokens by id, each with the hash of its secret (never the secret).
     Tokens,
+    /// What an instance's checks found last, by instance id; written only by replicas sharing
+    /// a store, so that each shows them.
+    Checks,
 }
 
 impl Table {
@@ -40,8 +43,8 @@ impl Table {
     }
 
     /// Every table, for stores that create them up front.
-    pub const ALL: [Table; 6] =
-        [Table::Instances, Table::Routes, Table::Policies, Table::Authorizations, Table::Ca, Table::Tokens];
+    pub const ALL: [Table; 7] =
+        [Table::Instances, Table::Routes, Table::Policies, Table::Authorizations, Table::Ca, Table::Tokens, Table::Checks];
 
     /// The table's name in the store.
     pub fn name(self) -> &'static str {
@@ -52,6 +55,7 @@ impl Table {
             Self::Authorizations => "authorizations",
             Self::Ca => "ca",
             Self::Tokens => "tokens",
+            Self::Checks => "checks",
         }
     }
 }
