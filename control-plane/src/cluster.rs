@@ -354,8 +354,9 @@ impl Replica {
         });
     }
 
-    /// Grants a new lease and puts this replica's liveness key under it.
-    async fn grant(&self) -> Result<(), StoreError> {
+    /// Grants a new lease and puts this replica's liveness key under it; returns the revision
+    /// of that put.
+    async fn grant(&self) -> Result<u64, StoreError> {
         let failing = |e: etcd_client::Error| StoreError::new(format!("etcd unreachable or failing (liveness): {e}"));
         let mut client = self.store.client();
         let ttl = i64::try_from(self.config.ttl.as_secs().max(2)).unwrap_or(5);
@@ -363,12 +364,12 @@ impl Replica {
         let info =
             ReplicaInfo { id: self.config.id.clone(), grpc: self.config.grpc.to_string(), http: self.config.http.to_string() };
         let value = serde_json::to_vec(&info).map_err(|e| StoreError::new(e.to_string()))?;
-        client
+        let put = client
             .put(self.key(&format!("replicas/{}", self.config.id)), value, Some(PutOptions::new().with_lease(lease)))
             .await
             .map_err(failing)?;
         self.lease.send_replace(Some(lease));
-        Ok(())
+        Ok(put.header().map_or(0, |h| u64::try_from(h.revision()).unwrap_or(0)))
     }
 
     /// Keeps the lease alive; says the store is unavailable while it cannot, and grants a new
@@ -379,7 +380,18 @@ impl Replica {
             let lease = *self.lease.borrow();
             let Some(lease) = lease else {
                 match self.grant().await {
-                    Ok(()) => self.set_unavailable(None),
+                    Ok(revision) => {
+                        self.set_unavailable(None);
+                        // What others removed while this replica was cut off comes before its
+                        // new liveness key: apply it all, then write back what is still here.
+                        if let Err(error) = self.shared.caught_up(revision, Duration::from_secs(5)).await {
+                            tracing::warn!(%error, "joined again, but the watch is behind");
+                        }
+                        let reasserted = self.parts.registry.reassert();
+                        if reasserted > 0 {
+                            tracing::info!(reasserted, "joined again: wrote back the instances of sidecars still streaming here");
+                        }
+                    }
                     Err(error) => {
                         self.set_unavailable(Some(error.to_string()));
                         self.pause(Duration::from_millis(500)).await;
@@ -389,7 +401,12 @@ impl Replica {
             };
             let mut client = self.store.client();
             let kept = tokio::time::timeout(period.max(Duration::from_secs(1)), async {
-                let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
+                let (mut keeper, mut stream) = match client.lease_keep_alive(lease).await {
+                    Ok(kept) => kept,
+                    // The client's word for a lease that expired.
+                    Err(etcd_client::Error::LeaseKeepAliveError(why)) if why.contains("not found") => return Ok(false),
+                    Err(error) => return Err(error),
+                };
                 loop {
                     keeper.keep_alive().await?;
                     match stream.message().await? {

@@ -351,3 +351,62 @@ async fn writes_survive_an_etcd_member_and_wait_out_etcd_while_traffic_flows() {
         assert_eq!(proxy_get(frontend.outbound, "http://catalog/").await.expect("answered").0, 200);
     }
 }
+
+#[tokio::test]
+async fn a_replica_cut_off_from_etcd_keeps_its_sidecars_serving_and_gets_their_instances_back() {
+    let Some(etcd) = EtcdCluster::start(1).await else { return };
+    let relay = ferry_tests::etcd::Relay::start(etcd.members[0].endpoint()).await;
+    let direct = etcd.store();
+    let through_relay = format!("etcd://{}", relay.addr);
+    // A short grace, so that the others give up on the cut-off replica's sidecars.
+    let flags = |store: &str, name: &str| {
+        vec![
+            "--store".to_owned(),
+            store.to_owned(),
+            "--bootstrap-token".to_owned(),
+            SECRET.to_owned(),
+            "--replica-id".to_owned(),
+            name.to_owned(),
+            "--replica-ttl".to_owned(),
+            "2s".to_owned(),
+            "--reconnect-grace".to_owned(),
+            "3s".to_owned(),
+        ]
+    };
+    let a_flags = flags(&direct, "a");
+    let a = ControlPlane::start_with(&a_flags.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let b_flags = flags(&through_relay, "b");
+    let b = ControlPlane::start_with(&b_flags.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let app = HttpApp::start("catalog-1").await;
+    let catalog = Sidecar::start(&reach(&[&b]), "catalog", Some(app.addr), &["--id", "catalog-1"]).await;
+    let frontend = Sidecar::start(&reach(&[&a]), "frontend", None, &[]).await;
+    reachable(&frontend, "catalog").await;
+
+    // Cut off: b says it is not ready and refuses writes, its sidecar keeps serving from it.
+    relay.cut();
+    eventually("b to notice it is cut off", || async {
+        let (status, _, _) = b.get("/ready").await.ok()?;
+        (status == 503).then_some(())
+    })
+    .await;
+    assert_eq!(register(&b, &instance("cut-off", "web", 9400)).await.0, 503);
+    assert_eq!(a.get("/ready").await.expect("answered").0, 200, "a still reaches etcd");
+    // a sees b's lease expire, keeps catalog-1 for the grace period, then removes it.
+    eventually("a to remove the instance of the cut-off replica's sidecar", || async {
+        a.instance("catalog-1").await.is_none().then_some(())
+    })
+    .await;
+    assert!(a.process.log().contains("an instance's replica is gone"), "kept for the grace period first");
+    catalog.wait_ready().await;
+
+    // Healed: b joins again and writes back the instance of the sidecar still streaming to it.
+    relay.heal();
+    let back = eventually("catalog-1 back, held by b", || async {
+        let instance = a.instance("catalog-1").await?;
+        (instance["replica"] == "b").then_some(instance)
+    })
+    .await;
+    assert_eq!(back["health"], "HEALTH_PASSING");
+    reachable(&frontend, "catalog").await;
+    eventually("b to be ready again", || async { (b.get("/ready").await.ok()?.0 == 200).then_some(()) }).await;
+}

@@ -71,6 +71,7 @@ impl Registry {
             return;
         };
         let key = (existing.service.clone(), id.to_owned());
+        state.held.remove(id);
         if goodbye {
             state.leases.remove(id);
             self.commit(&mut state, Mutation::Remove, &key);

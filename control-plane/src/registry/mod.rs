@@ -165,6 +165,10 @@ struct State {
     /// With a shared store: this replica's writes not yet seen on the watch, by instance id
     /// (`None`: a removal), so that its next change builds on them.
     pending: HashMap<String, PendingWrite>,
+    /// With a shared store: the instances whose sidecars hold a stream to this replica, as
+    /// last written, to write again if another replica removed them while this one was cut
+    /// off from the store.
+    held: HashMap<String, Arc<Instance>>,
     next_epoch: u64,
     placeholders_created: u64,
 }
@@ -228,6 +232,7 @@ impl Registry {
                 check_owners: HashMap::new(),
                 check_statuses: HashMap::new(),
                 pending: HashMap::new(),
+                held: HashMap::new(),
                 next_epoch: 0,
                 placeholders_created: 0,
             }),
@@ -425,10 +430,17 @@ impl Registry {
             let service = instance.service.clone();
             self.publish(&mut state, &service, id, stored.clone(), event.revision);
         }
-        // A sidecar instance another replica now holds, or one removed, is not ours to expire.
+        // A sidecar instance another replica now holds is not ours to expire. One removed while
+        // its sidecar's stream is still here keeps its lease: see `reassert`.
         let mine = stored.as_ref().is_some_and(|instance| Some(instance.replica.as_str()) == self.replica());
-        if !mine && !ours_pending {
+        let streaming_here = matches!(state.leases.get(id), Some(Lease::Attached(_)));
+        let keep = mine || ours_pending || (stored.is_none() && streaming_here);
+        if !keep {
             state.leases.remove(id);
+            state.held.remove(id);
+        }
+        if let Some(instance) = stored.as_ref().filter(|_| mine && streaming_here) {
+            state.held.insert(id.clone(), instance.clone());
         }
         // One of ours with no stream here: this replica restarted under the same id. Its
         // sidecar gets the grace period to come back, as after a restart on a local store.
@@ -448,6 +460,27 @@ impl Registry {
     /// The id of every instance.
     pub fn all_ids(&self) -> Vec<String> {
         self.lock().ids.keys().cloned().collect()
+    }
+
+    /// Writes again the instances of the sidecars streaming to this replica that the store no
+    /// longer shows here: another replica removed them as orphans while this one was cut off
+    /// from the store longer than its lease. Returns how many.
+    pub fn reassert(&self) -> usize {
+        let Some(me) = self.replica().map(str::to_owned) else { return 0 };
+        let mut state = self.lock();
+        let lost: Vec<Arc<Instance>> = state
+            .held
+            .iter()
+            .filter(|(id, _)| matches!(state.leases.get(*id), Some(Lease::Attached(_))))
+            .filter(|(id, _)| state.current(id).is_none_or(|current| current.replica != me))
+            .map(|(_, instance)| instance.clone())
+            .collect();
+        for instance in &lost {
+            tracing::info!(id = %instance.id, service = %instance.service, "writing again an instance whose sidecar streams here");
+            let key = instance_key(instance);
+            self.commit(&mut state, Mutation::Upsert(Box::new((**instance).clone())), &key);
+        }
+        lost.len()
     }
 
     /// Applies what an instance's checks found, as the replica running them wrote it.
@@ -516,6 +549,7 @@ impl Registry {
                 return Err(RegistryError::NotFound(id.to_owned()));
             };
             state.leases.remove(id);
+            state.held.remove(id);
             let (_, generation) = self.commit(&mut state, Mutation::Remove, &(existing.service.clone(), id.to_owned()));
             (existing, generation)
         };

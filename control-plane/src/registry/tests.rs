@@ -361,3 +361,23 @@ async fn a_replica_restarted_under_its_id_gives_its_old_sidecars_the_grace_perio
     tokio::time::sleep(grace + Duration::from_secs(1)).await;
     assert!(after.instance("c1").is_none(), "removed: its sidecar never came back");
 }
+
+#[tokio::test]
+async fn a_replica_cut_off_too_long_writes_back_the_instances_of_sidecars_still_streaming_to_it() {
+    let store = Arc::new(SharedStore::default());
+    let (a, b) = (replica(&store, "a", Duration::from_secs(30)).await, replica(&store, "b", Duration::from_secs(30)).await);
+    a.attach(a.new_session(), "node-1", spec("catalog", "c1", 8080), Health::Passing).expect("attaches to a");
+    let mut on_b = b.watch("catalog");
+    on_b.wait_for(|s| s.instances.contains_key("c1")).await.expect("b sees it");
+    // a's lease expired: b, running the janitor, removes its instance as an orphan.
+    let seen = b.instance("c1").expect("held");
+    b.remove_orphan("c1", &seen);
+    let mut on_a = a.watch("catalog");
+    on_a.wait_for(|s| !s.instances.contains_key("c1")).await.expect("a applies the removal");
+    assert_eq!(b.reassert(), 0, "b holds no stream of it");
+    // a joins again: its sidecar still streams to it, so the instance comes back.
+    assert_eq!(a.reassert(), 1);
+    let back = on_b.wait_for(|s| s.instances.contains_key("c1")).await.expect("back on b").instances["c1"].clone();
+    assert_eq!((back.replica.as_str(), back.health), ("a", Health::Passing));
+    assert_eq!(a.reassert(), 0, "nothing more to write");
+}
