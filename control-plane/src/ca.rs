@@ -37,6 +37,20 @@ use crate::{
     store::{Store, StoreError, Table, Write},
 };
 
+/// The leaf a sidecar of another replica holds, as its session records it.
+#[derive(Debug, Clone)]
+pub struct RemoteLeaf {
+    pub node_id: String,
+    /// [`issuer_sha256`] of the issuer that signed it.
+    pub issuer_sha256: String,
+    pub not_after: SystemTime,
+}
+
+/// The SHA-256 (hex) of an issuer certificate, as sessions record it.
+pub fn issuer_sha256(pem: &str) -> String {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, pem.as_bytes()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// How long a root is valid.
 pub const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// How long an issuer is valid.
@@ -245,11 +259,11 @@ impl Authority {
 
     /// Drops every root but the newest. Refused while a rotation waits, or (unless `force`)
     /// while one of `connected` (node ids) holds a leaf from an issuer other than the current.
-    pub async fn retire(&self, force: bool, connected: &[String]) -> Result<(), CaError> {
+    pub async fn retire(&self, force: bool, connected: &[String], remote: &[RemoteLeaf]) -> Result<(), CaError> {
         if self.external {
             return Err(CaError::Refused("the issuer is the operator's (--ca-cert): its roots are the operator's".into()));
         }
-        let behind = self.behind(connected);
+        let behind = self.behind(connected, remote);
         let next = {
             let state = lock(&self.state);
             if state.pending.is_some() {
@@ -279,27 +293,34 @@ impl Authority {
     }
 
     /// Of `connected` (node ids), those holding an unexpired leaf from another issuer.
-    pub fn behind(&self, connected: &[String]) -> Vec<String> {
+    pub fn behind(&self, connected: &[String], remote: &[RemoteLeaf]) -> Vec<String> {
         let issuer = self.issuer().cert_pem;
         let now = SystemTime::now();
         let issued = lock(&self.issued);
-        connected
+        let mut behind: Vec<String> = connected
             .iter()
             .filter(|node| issued.get(*node).is_some_and(|leaf| leaf.issuer_pem != issuer && leaf.not_after > now))
             .cloned()
-            .collect()
+            .collect();
+        let current = issuer_sha256(&issuer);
+        behind.extend(
+            remote.iter().filter(|leaf| leaf.issuer_sha256 != current && leaf.not_after > now).map(|leaf| leaf.node_id.clone()),
+        );
+        behind
     }
 
     /// What `ferryctl ca status` shows, given the connected sidecars (node ids).
-    pub fn status(&self, connected: &[String]) -> v1::CaStatus {
-        let behind = self.behind(connected);
+    pub fn status(&self, connected: &[String], remote: &[RemoteLeaf]) -> v1::CaStatus {
+        let behind = self.behind(connected, remote);
         let (roots, pending, issuer_pem) = {
             let state = lock(&self.state);
             (state.roots.len(), state.pending.is_some(), state.issuer.cert_pem.clone())
         };
         let current = {
             let issued = lock(&self.issued);
+            let sha = issuer_sha256(&issuer_pem);
             connected.iter().filter(|n| issued.get(*n).is_some_and(|leaf| leaf.issuer_pem == issuer_pem)).count()
+                + remote.iter().filter(|leaf| leaf.issuer_sha256 == sha).count()
         };
         let rotation = if pending {
             "waiting for every connected sidecar to acknowledge the bundle holding the new root".to_owned()
@@ -314,7 +335,7 @@ impl Authority {
             bundle: Some((*self.bundle()).clone()),
             rotation,
             roots: u32::try_from(roots).unwrap_or(u32::MAX),
-            sidecars: u32::try_from(connected.len()).unwrap_or(u32::MAX),
+            sidecars: u32::try_from(connected.len() + remote.len()).unwrap_or(u32::MAX),
             sidecars_current: u32::try_from(current).unwrap_or(u32::MAX),
             behind: behind.into_iter().take(20).collect(),
             external: self.external,
@@ -558,10 +579,20 @@ mod tests {
         let switched = ca.bundle();
         assert_ne!(switched.issuer_pem, first.issuer_pem);
         let connected = vec!["node-1".to_owned()];
-        let refused = ca.retire(false, &connected).await.expect_err("node-1 still holds an old leaf");
+        let refused = ca.retire(false, &connected, &[]).await.expect_err("node-1 still holds an old leaf");
         assert!(refused.to_string().contains("node-1"), "{refused}");
         ca.certify("catalog", &csr.csr_pem, "node-1").expect("renewed");
-        ca.retire(false, &connected).await.expect("retires");
+        // A sidecar of another replica still holds a leaf of the old issuer.
+        let elsewhere = RemoteLeaf {
+            node_id: "node-2".into(),
+            issuer_sha256: issuer_sha256(&first.issuer_pem),
+            not_after: SystemTime::now() + Duration::from_secs(3600),
+        };
+        let refused = ca.retire(false, &connected, std::slice::from_ref(&elsewhere)).await.expect_err("node-2 is behind");
+        assert!(refused.to_string().contains("node-2"), "{refused}");
+        let renewed = RemoteLeaf { issuer_sha256: issuer_sha256(&switched.issuer_pem), ..elsewhere };
+        assert_eq!(ca.status(&connected, std::slice::from_ref(&renewed)).sidecars_current, 2);
+        ca.retire(false, &connected, &[renewed]).await.expect("retires");
         let retired = ca.bundle();
         assert!(!retired.roots_pem.contains(&first.roots_pem), "the old root is gone");
         assert_eq!(ferry_tls::pem::certificates(&retired.roots_pem).expect("roots").len(), 1);

@@ -68,7 +68,7 @@ impl SecurityService {
     }
 
     fn status(&self) -> v1::CaStatus {
-        self.authority.status(&self.sidecars.node_ids())
+        self.authority.status(&self.sidecars.node_ids(), &self.sidecars.remote_leaves())
     }
 
     async fn create_token(&self, request: v1::CreateTokenRequest) -> Result<v1::CreateTokenResponse, Status> {
@@ -107,7 +107,10 @@ impl Ca for SecurityService {
 
     async fn retire(&self, request: Request<v1::RetireRequest>) -> Result<tonic::Response<v1::CaStatus>, Status> {
         Principal::of(&request)?.require_admin("retiring roots")?;
-        self.authority.retire(request.get_ref().force, &self.sidecars.node_ids()).await.map_err(ca_status)?;
+        self.authority
+            .retire(request.get_ref().force, &self.sidecars.node_ids(), &self.sidecars.remote_leaves())
+            .await
+            .map_err(ca_status)?;
         Ok(tonic::Response::new(self.status()))
     }
 
@@ -198,7 +201,14 @@ async fn http_retire(
         return http_error(denied.into());
     }
     let force = query.get("force").is_some_and(|v| v.is_empty() || v == "true" || v == "1");
-    answer(service.authority.retire(force, &service.sidecars.node_ids()).await.map_err(ca_status).map(|()| service.status()))
+    answer(
+        service
+            .authority
+            .retire(force, &service.sidecars.node_ids(), &service.sidecars.remote_leaves())
+            .await
+            .map_err(ca_status)
+            .map(|()| service.status()),
+    )
 }
 
 async fn http_list_tokens(State(service): State<SecurityService>, Extension(principal): Extension<Principal>) -> Response {

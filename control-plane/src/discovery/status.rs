@@ -105,6 +105,7 @@ impl SidecarRecord {
             trust_bundle_acked: progress.trust_bundle.acked.unwrap_or(0),
             identity: issued.as_ref().map(|i| i.identity.clone()).unwrap_or_default(),
             certificate_serial: issued.as_ref().map(|i| i.serial.clone()).unwrap_or_default(),
+            certificate_issuer_sha256: issued.as_ref().map(|i| crate::ca::issuer_sha256(&i.issuer_pem)).unwrap_or_default(),
             certificate_not_after: issued.map(|i| timestamp(i.not_after)),
             token_id: self.token_id.clone(),
         }
@@ -175,7 +176,20 @@ impl Sidecars {
         lock(&self.remote).clear();
     }
 
-    /// The node ids of the connected sidecars.
+    /// The leaves the sidecars of other replicas hold, as their sessions record them.
+    pub fn remote_leaves(&self) -> Vec<crate::ca::RemoteLeaf> {
+        lock(&self.remote)
+            .values()
+            .filter(|r| !r.certificate_issuer_sha256.is_empty())
+            .map(|r| crate::ca::RemoteLeaf {
+                node_id: r.node_id.clone(),
+                issuer_sha256: r.certificate_issuer_sha256.clone(),
+                not_after: r.certificate_not_after.clone().map(ferry_proto::time::system_time).unwrap_or(std::time::UNIX_EPOCH),
+            })
+            .collect()
+    }
+
+    /// The node ids of the connected sidecars (this replica's).
     pub fn node_ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = lock(&self.connected).values().map(|r| r.node_id.clone()).collect();
         ids.sort();
@@ -190,9 +204,14 @@ impl Sidecars {
             && lock(&self.remote).values().all(|r| r.trust_bundle_acked >= version)
     }
 
-    /// The services of the sidecars subscribed to `service`: its callers now.
+    /// The services of the sidecars subscribed to `service`: its callers now, on every replica.
     pub fn callers(&self, service: &str) -> std::collections::BTreeSet<String> {
-        lock(&self.connected).values().filter(|r| r.progress.subscribes_to(service)).map(|r| r.service.clone()).collect()
+        let mut callers: std::collections::BTreeSet<String> =
+            lock(&self.connected).values().filter(|r| r.progress.subscribes_to(service)).map(|r| r.service.clone()).collect();
+        let remote = lock(&self.remote);
+        callers
+            .extend(remote.values().filter(|r| r.subscriptions.iter().any(|s| s.service == service)).map(|r| r.service.clone()));
+        callers
     }
 
     /// How many sidecars are connected.
