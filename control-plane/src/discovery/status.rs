@@ -184,7 +184,7 @@ impl Sidecars {
             .map(|r| crate::ca::RemoteLeaf {
                 node_id: r.node_id.clone(),
                 issuer_sha256: r.certificate_issuer_sha256.clone(),
-                not_after: r.certificate_not_after.clone().map(ferry_proto::time::system_time).unwrap_or(std::time::UNIX_EPOCH),
+                not_after: r.certificate_not_after.map(ferry_proto::time::system_time).unwrap_or(std::time::UNIX_EPOCH),
             })
             .collect()
     }
