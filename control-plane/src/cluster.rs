@@ -129,6 +129,7 @@ impl Replica {
             })
         }));
         let revision = replica.load(false).await?;
+        replica.claim_id().await?;
         replica.grant().await?;
         tokio::spawn(replica.clone().watch_loop(revision + 1));
         tokio::spawn(replica.clone().liveness_loop());
@@ -352,6 +353,37 @@ impl Replica {
             *current = why;
             true
         });
+    }
+
+    /// Refuses an id a running replica holds. A replica restarted under its id waits for the
+    /// liveness key of its previous run to expire.
+    async fn claim_id(&self) -> Result<(), StoreError> {
+        let key = self.key(&format!("replicas/{}", self.config.id));
+        let deadline = tokio::time::Instant::now() + self.config.ttl + Duration::from_secs(2);
+        let mut said = false;
+        loop {
+            let mut client = self.store.client();
+            let held = client
+                .get(key.clone(), Some(GetOptions::new().with_count_only()))
+                .await
+                .map_err(|e| StoreError::new(format!("etcd unreachable or failing (reading replicas): {e}")))?
+                .count()
+                > 0;
+            if !held {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::new(format!(
+                    "--replica-id {}: a running replica holds this id; give each replica its own",
+                    self.config.id
+                )));
+            }
+            if !said {
+                tracing::info!(replica = %self.config.id, "waiting for the liveness key of this id's previous run to expire");
+                said = true;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// Grants a new lease and puts this replica's liveness key under it; returns the revision

@@ -280,6 +280,32 @@ async fn three_replicas_serve_one_registry_and_lose_nothing_when_one_dies() {
     replicas[survivor].wait_health("checked-1", "HEALTH_CRITICAL").await;
     checked.set_health(200);
     replicas[survivor].wait_health("checked-1", "HEALTH_PASSING").await;
+
+    // An id a running replica holds is refused.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().display().to_string();
+    let args = [
+        "--store",
+        &store,
+        "--replica-id",
+        names[survivor],
+        "--replica-ttl",
+        "2s",
+        "--bootstrap-token",
+        SECRET,
+        "--data-dir",
+        &data_dir,
+        "--grpc",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--dns",
+        "127.0.0.1:0",
+    ];
+    let output =
+        tokio::process::Command::new(ferry_tests::binary("ferry-control-plane")).args(args).output().await.expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("--replica-id"), "{stderr}");
     drop(replicas.drain(..));
 }
 
