@@ -40,3 +40,36 @@ fn the_quick_benchmark_reports_every_figure() {
     }
     assert_eq!(figures["sidecars"], 100, "--quick runs 100 sidecars");
 }
+
+/// `--replicas 2` runs two replicas on a local etcd, or fails saying what is missing (etcd, or a
+/// control plane built with the etcd store: the harness builds it without); either way it
+/// leaves nothing behind in its temporary directory.
+#[test]
+fn the_etcd_mode_runs_or_says_what_is_missing_and_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().expect("temporary directory");
+    let out = tempfile::tempdir().expect("temporary directory");
+    let json = out.path().join("cp-bench.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_ferry-cp-bench"))
+        .args(["--quick", "--replicas", "2", "--json"])
+        .arg(&json)
+        .arg("--control-plane-binary")
+        .arg(binary("ferry-control-plane"))
+        .env("TMPDIR", tmp.path())
+        .output()
+        .expect("ferry-cp-bench runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if output.status.success() {
+        let figures: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).expect("the JSON file is written")).expect("JSON");
+        assert_eq!(figures["topology"]["replicas"], 2, "{figures}");
+        let replicas = figures["replicas"].as_array().expect("figures per replica");
+        assert_eq!(replicas.iter().map(|r| r["sidecars"].as_u64()).collect::<Vec<_>>(), [Some(50), Some(50)]);
+        assert!(figures["propagation_after_return"]["p99_ms"].as_f64().is_some(), "{figures}");
+    } else {
+        let says_why = stderr.contains("apt-get install etcd-server")
+            || stderr.contains("cargo build --release -p ferry-control-plane --features etcd");
+        assert!(says_why, "failed without saying what is missing:\n{stderr}");
+    }
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).expect("readable").flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}\n{stderr}");
+}

@@ -1,32 +1,29 @@
-//! The control plane under test: a real `ferry-control-plane` process, its bound ports, and what
-//! `/proc` says about its memory and CPU.
+//! The control plane under test: real `ferry-control-plane` processes (one on the in-memory
+//! store, or replicas on a shared etcd), their bound ports, and how to reach them.
 
 use std::{
-    collections::VecDeque,
+    io::Read as _,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Stdio,
-    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::{Context, anyhow, bail};
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
-    sync::oneshot,
-};
+use ferry_tls::api::HttpApi;
+use tokio::process::Command;
+
+use super::{process::Process, scrape::Scrape};
 
 /// How long the control plane may take to print its "listening" line.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Log lines kept to explain a failure.
-const LOG_TAIL: usize = 40;
 
 /// Only warnings, and the one info line that says which ports were bound: a log line per
 /// registration or per stream would cost the control plane CPU that the benchmark would then
 /// blame on the push engine.
 const LOG_FILTER: &str = "warn,ferry_control_plane::server=info";
+
+/// The command that builds a control plane able to run on etcd.
+pub const BUILD_WITH_ETCD: &str = "cargo build --release -p ferry-control-plane --features etcd";
 
 /// The `ferry-control-plane` binary to run: `flag` when given, else a release build next to this
 /// benchmark's target directory, else the debug build that the test harness keeps up to date.
@@ -48,166 +45,145 @@ pub fn binary(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
     Ok(ferry_tests::binary("ferry-control-plane"))
 }
 
-/// A running control plane with the in-memory store; killed when dropped.
+/// Where a control plane keeps its state.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// `--store memory`: one process, its admin token made at start and written to its data
+    /// directory.
+    Memory,
+    /// `--store etcd://...`: one replica among several, all with the same admin token.
+    Etcd {
+        /// The `--store` value, `etcd://HOST:PORT[,HOST:PORT...]`.
+        url: String,
+        replica_id: String,
+        /// The admin token's secret, given to every replica as `--bootstrap-token` (through the
+        /// environment, so that it is not in the process list).
+        token: String,
+    },
+}
+
+/// A running control plane; killed when dropped.
 pub struct ControlPlaneProcess {
-    child: Child,
-    pid: u32,
+    process: Process,
     /// The gRPC listener: the registry API and the sidecars' streams.
     pub grpc: SocketAddr,
-    log: Arc<Mutex<VecDeque<String>>>,
-    _data_dir: tempfile::TempDir,
+    /// The HTTP listener: `/metrics`.
+    http: SocketAddr,
+    store: Store,
+    data_dir: tempfile::TempDir,
 }
 
 impl ControlPlaneProcess {
     /// Starts `binary` on loopback with port 0 listeners and waits for its "listening" line.
-    pub async fn start(binary: &Path) -> anyhow::Result<Self> {
+    pub async fn start(binary: &Path, store: Store) -> anyhow::Result<Self> {
         let data_dir = tempfile::tempdir().context("creating a data directory")?;
-        let mut child = Command::new(binary)
-            .args(["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0", "--dns", "127.0.0.1:0", "--store", "memory"])
-            .arg("--data-dir")
-            .arg(data_dir.path())
-            .env("FERRY_LOG", LOG_FILTER)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let pid = child.id().ok_or_else(|| anyhow!("{} exited at once", binary.display()))?;
-        let stderr = child.stderr.take().ok_or_else(|| anyhow!("the control plane's stderr is not piped"))?;
-        let log = Arc::new(Mutex::new(VecDeque::with_capacity(LOG_TAIL)));
-        let (listening, bound) = oneshot::channel();
-        let tail = log.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            let mut listening = Some(listening);
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(bound) = ferry_tests::bound_addresses(&line)
-                    && let Some(listening) = listening.take()
-                {
-                    let _ = listening.send(bound);
-                }
-                let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
-                if tail.len() == LOG_TAIL {
-                    tail.pop_front();
-                }
-                tail.push_back(line);
+        let mut command = Command::new(binary);
+        command.args(["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0", "--dns", "127.0.0.1:0"]);
+        command.arg("--data-dir").arg(data_dir.path()).env("FERRY_LOG", LOG_FILTER);
+        let name = match &store {
+            Store::Memory => {
+                command.args(["--store", "memory"]);
+                "the control plane".to_owned()
             }
-        });
-        let mut process = Self { child, pid, grpc: SocketAddr::from(([127, 0, 0, 1], 0)), log, _data_dir: data_dir };
-        let bound = match tokio::time::timeout(START_TIMEOUT, bound).await {
-            Ok(Ok(bound)) => bound,
-            _ => bail!("the control plane did not start within {START_TIMEOUT:?}:\n{}", process.log_tail()),
+            Store::Etcd { url, replica_id, token } => {
+                command.args(["--store", url, "--replica-id", replica_id]).env("FERRY_BOOTSTRAP_TOKEN", token);
+                format!("replica {replica_id}")
+            }
         };
-        let grpc = bound.get("grpc").ok_or_else(|| anyhow!("the control plane reported no grpc address"))?;
-        process.grpc = grpc.parse().with_context(|| format!("the control plane's grpc address {grpc:?}"))?;
-        Ok(process)
+        let (mut process, bound) = Process::spawn(&name, command, ferry_tests::bound_addresses)?;
+        let bound = tokio::select! {
+            bound = bound => bound.ok(),
+            () = tokio::time::sleep(START_TIMEOUT) => None,
+        };
+        let Some(bound) = bound else {
+            // The reader task may still hold the last lines: give it a moment.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let log = process.log_tail();
+            if matches!(store, Store::Etcd { .. }) && log.contains("build feature") {
+                bail!(
+                    "{} was built without the etcd store, which --etcd and --replicas need; build it with `{BUILD_WITH_ETCD}` (needs protoc), or pass --control-plane-binary:\n{log}",
+                    binary.display()
+                );
+            }
+            let state = if process.exited() { "exited" } else { "did not start listening" };
+            bail!("{name} ({}) {state} within {START_TIMEOUT:?}:\n{log}", binary.display());
+        };
+        let address = |listener: &str| -> anyhow::Result<SocketAddr> {
+            let value = bound.get(listener).ok_or_else(|| anyhow!("{name} reported no {listener} address"))?;
+            value.parse().with_context(|| format!("{name}'s {listener} address {value:?}"))
+        };
+        let (grpc, http) = (address("grpc")?, address("http")?);
+        process.forget_warnings();
+        Ok(Self { process, grpc, http, store, data_dir })
     }
 
-    /// How to reach it: TLS verified with the CA it wrote, and the admin token it made (the
-    /// control plane runs with its secure defaults, as in production).
+    /// What it is, for messages.
+    pub fn name(&self) -> &str {
+        self.process.name()
+    }
+
+    /// How to reach it: TLS verified with the CA it wrote, and the admin token (the control
+    /// plane runs with its secure defaults, as in production).
     pub fn access(&self) -> anyhow::Result<ferry_tls::api::Access> {
         let read = |name: &str| {
-            let path = self._data_dir.path().join(name);
+            let path = self.data_dir.path().join(name);
             std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
         };
-        Ok(ferry_tls::api::Access {
-            url: format!("https://{}", self.grpc),
-            ca_pem: Some(read("ca.pem")?),
-            token: Some(read("admin.token")?.trim().to_owned()),
-        })
+        let token = match &self.store {
+            Store::Memory => read("admin.token")?.trim().to_owned(),
+            Store::Etcd { token, .. } => token.clone(),
+        };
+        Ok(ferry_tls::api::Access { url: format!("https://{}", self.grpc), ca_pem: Some(read("ca.pem")?), token: Some(token) })
     }
 
     /// The last lines it logged.
     pub fn log_tail(&self) -> String {
-        self.log.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect::<Vec<_>>().join("\n")
+        self.process.log_tail()
+    }
+
+    /// Reads its `/metrics`.
+    pub async fn metrics(&self) -> anyhow::Result<Scrape> {
+        let access = self.access()?;
+        let api = HttpApi::new(self.http, access.ca_pem.as_deref(), access.token).map_err(|e| anyhow!(e))?;
+        let answer = api.call(http::Method::GET, "/metrics", None).await.map_err(|e| anyhow!("{e}"))?;
+        if answer.0 != http::StatusCode::OK {
+            bail!("GET /metrics on {} answered {}", self.name(), answer.0);
+        }
+        Ok(Scrape::parse(&String::from_utf8_lossy(&answer.2)))
+    }
+
+    /// The warnings and errors it logged so far.
+    pub fn warnings(&self) -> super::process::Warnings {
+        self.process.warnings()
     }
 
     /// Fails when the process has exited.
     pub fn ensure_running(&mut self) -> anyhow::Result<()> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => bail!("the control plane exited ({status}):\n{}", self.log_tail()),
-            Err(error) => Err(error).context("checking on the control plane"),
-        }
+        self.process.ensure_running()
     }
 
-    /// Its resident set size in bytes (`VmRSS` of `/proc/PID/status`).
+    /// Its resident set size in bytes.
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
-        let path = format!("/proc/{}/status", self.pid);
-        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        vm_rss(&status).ok_or_else(|| anyhow!("{path} has no VmRSS line"))
+        self.process.rss_bytes()
     }
 
     /// The CPU time it has used so far, user and system, in seconds.
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        process_cpu_seconds(&self.pid.to_string())
+        self.process.cpu_seconds()
     }
 
-    /// Kills it and waits for it to exit.
-    pub async fn stop(mut self) {
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
-    }
-}
-
-/// The CPU time that process `pid` (a number, or `self`) has used, user and system, in seconds.
-pub fn process_cpu_seconds(pid: &str) -> anyhow::Result<f64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let ticks = cpu_ticks(&stat).ok_or_else(|| anyhow!("cannot read utime and stime from {path}"))?;
-    Ok(ticks as f64 / clock_ticks_per_second() as f64)
-}
-
-/// The `VmRSS` of a `/proc/PID/status` text, in bytes.
-fn vm_rss(status: &str) -> Option<u64> {
-    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
-    let mut words = line.split_whitespace();
-    let value: u64 = words.next()?.parse().ok()?;
-    match words.next() {
-        Some("kB") | None => Some(value * 1024),
-        Some(_) => None,
+    /// Kills it and waits for it to exit (bounded); its data directory goes with it.
+    pub async fn stop(self) {
+        self.process.stop().await;
     }
 }
 
-/// `utime + stime` (fields 14 and 15) of a `/proc/PID/stat` line, in clock ticks. The command
-/// name (field 2) is in parentheses and may hold spaces, so fields are counted after its `)`.
-fn cpu_ticks(stat: &str) -> Option<u64> {
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    // After the name come field 3 (state) onwards: utime is field 14, the 12th here.
-    let mut fields = after_name.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
-}
-
-/// `sysconf(_SC_CLK_TCK)`, or 100 when the system does not say.
-fn clock_ticks_per_second() -> u64 {
-    match rustix::param::clock_ticks_per_second() {
-        0 => 100,
-        ticks => ticks,
-    }
-}
-
-/// Raises the soft limit of open files to what `connections` streams need, here and in the
-/// control plane (which inherits it), within the hard limit.
-pub fn raise_open_files(connections: usize) -> anyhow::Result<()> {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    // Each process holds one socket per stream, plus listeners, the runtime and a margin.
-    let needed = connections as u64 + 512;
-    let limit = getrlimit(Resource::Nofile);
-    if limit.current.is_none_or(|current| current >= needed) {
-        return Ok(());
-    }
-    if limit.maximum.is_some_and(|maximum| maximum < needed) {
-        bail!(
-            "{connections} sidecars need about {needed} open files per process, but the hard limit is {}; raise it (ulimit -Hn) or run fewer sidecars",
-            limit.maximum.unwrap_or_default()
-        );
-    }
-    let raised = rustix::process::Rlimit { current: limit.maximum, maximum: limit.maximum };
-    setrlimit(Resource::Nofile, raised).context("raising the limit of open files")?;
-    Ok(())
+/// A fresh admin-token secret for replicas that share one: 32 hex digits from the system's
+/// random source.
+pub fn new_secret() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).context("reading /dev/urandom")?;
+    Ok(format!("ferry_bench_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()))
 }
 
 #[cfg(test)]
@@ -215,20 +191,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_rss_and_cpu_from_proc() {
-        assert_eq!(vm_rss("Name:\tx\nVmRSS:\t  2048 kB\nVmSwap: 0 kB\n"), Some(2048 * 1024));
-        assert_eq!(vm_rss("Name:\tx\n"), None);
-        let stat = "4242 (ferry control) S 1 4242 4242 0 -1 4194304 900 0 0 0 150 25 0 0 20 0 8 0 1000 2000000 500";
-        assert_eq!(cpu_ticks(stat), Some(175));
-        assert_eq!(cpu_ticks("garbage"), None);
-    }
-
-    #[test]
-    fn this_process_has_an_rss_and_clock_ticks() {
-        let status = std::fs::read_to_string("/proc/self/status").expect("procfs");
-        assert!(vm_rss(&status).is_some_and(|rss| rss > 0));
-        let stat = std::fs::read_to_string("/proc/self/stat").expect("procfs");
-        assert!(cpu_ticks(&stat).is_some());
-        assert!(clock_ticks_per_second() > 0);
+    fn secrets_are_new_each_time() {
+        let (a, b) = (new_secret().expect("a secret"), new_secret().expect("a secret"));
+        assert_ne!(a, b);
+        assert_eq!(a.len(), "ferry_bench_".len() + 32);
     }
 }

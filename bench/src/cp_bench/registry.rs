@@ -1,7 +1,10 @@
 //! The registry side of the benchmark: the services and instances it registers through the gRPC
 //! `Registry` API, and the one-endpoint changes it makes while sidecars watch.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, anyhow, bail};
 use ferry_proto::v1::{self, registry_client::RegistryClient};
@@ -110,26 +113,57 @@ impl RegistryApi {
         Ok(())
     }
 
-    /// Makes change `kind` on service `s` and returns the service's version after it.
-    pub async fn apply(&self, s: usize, kind: ChangeKind, per_service: usize) -> anyhow::Result<u64> {
+    /// Like [`Self::verify_passing`], but waits up to `limit` for it to hold: for a replica that
+    /// applies another replica's registrations from the store.
+    pub async fn wait_passing(&self, services: usize, per_service: usize, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.verify_passing(services, per_service).await {
+                Ok(()) => return Ok(()),
+                Err(error) if Instant::now() >= deadline => return Err(error.context(format!("still after {limit:?}"))),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Makes change `kind` on service `s`: the service's version after it, and when the call
+    /// that made it returned.
+    pub async fn apply(&self, s: usize, kind: ChangeKind, per_service: usize) -> anyhow::Result<Made> {
         let mut client = self.client(0);
         // The extra instance, beyond the registered ones, with the address that its index gives.
         let mut extra = instance(s, per_service, per_service);
         extra.id = format!("{}-extra", service_name(s));
-        let index = match kind {
+        match kind {
             ChangeKind::Add | ChangeKind::Update => {
                 extra.weight = if kind == ChangeKind::Add { 100 } else { 50 };
                 let answer = client.register(v1::RegisterRequest { instance: Some(extra) }).await.context("registering")?;
-                answer.into_inner().instance.map(|i| i.index).ok_or_else(|| anyhow!("the registration answered no instance"))?
+                let returned = Instant::now();
+                let version = answer
+                    .into_inner()
+                    .instance
+                    .map(|i| i.index)
+                    .ok_or_else(|| anyhow!("the registration answered no instance"))?;
+                Ok(Made { version, returned })
             }
             ChangeKind::Remove => {
                 client.deregister(v1::DeregisterRequest { id: extra.id.clone() }).await.context("deregistering")?;
+                let returned = Instant::now();
+                // The deregistration answers no index: read the service's, which is at least it.
                 let request = v1::ListInstancesRequest { service: service_name(s), ..Default::default() };
-                client.list_instances(request).await.context("reading the service's index")?.into_inner().index
+                let version = client.list_instances(request).await.context("reading the service's index")?.into_inner().index;
+                Ok(Made { version, returned })
             }
-        };
-        Ok(index)
+        }
     }
+}
+
+/// A change made.
+#[derive(Debug, Clone, Copy)]
+pub struct Made {
+    /// The service's version once it was made.
+    pub version: u64,
+    /// When the API call that made it returned.
+    pub returned: Instant,
 }
 
 #[cfg(test)]

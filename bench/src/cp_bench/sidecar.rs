@@ -121,12 +121,17 @@ impl Board {
         self.epoch.elapsed()
     }
 
+    /// The time from the board's epoch to `instant`.
+    pub fn since_epoch(&self, instant: std::time::Instant) -> Duration {
+        Instant::from_std(instant).saturating_duration_since(self.epoch)
+    }
+
     /// Reads the board.
     pub fn lock(&self) -> MutexGuard<'_, BoardState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn record(&self, sidecar: usize, applied: Vec<(usize, Applied)>) {
+    pub(in crate::cp_bench) fn record(&self, sidecar: usize, applied: Vec<(usize, Applied)>) {
         {
             let mut state = self.lock();
             for (slot, applied) in applied {
@@ -156,10 +161,19 @@ impl Board {
     }
 
     fn failed(&self, error: String) {
+        let at = self.now();
         {
             let mut state = self.lock();
             state.failed += 1;
-            state.first_failure.get_or_insert(error);
+            // When, and how far the others had got, to tell a connect storm from a later break.
+            let welcomed = state.welcomed_at.iter().flatten().count();
+            let configured = state.configured;
+            state.first_failure.get_or_insert_with(|| {
+                format!(
+                    "{error} ({:.1} s after the sidecars began to connect, with {welcomed} streams welcomed and {configured} sidecars configured)",
+                    at.as_secs_f64()
+                )
+            });
         }
         self.changed.send_modify(|n| *n += 1);
     }
