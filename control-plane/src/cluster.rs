@@ -564,7 +564,9 @@ impl Replica {
     }
 
     /// Records the sessions of this replica's sidecars under its lease, for every replica's
-    /// status to show; at most once a second, and only the ones that changed.
+    /// status to show: who each is, what it subscribes to and trusts, not the progress of each
+    /// push (only the replica holding the stream shows that). At most once a second, and only
+    /// the records that changed: a quiet mesh writes nothing.
     async fn sessions_loop(self: Arc<Self>) {
         let mut written: HashMap<String, Vec<u8>> = HashMap::new();
         let mut written_lease = None;
@@ -576,10 +578,10 @@ impl Replica {
                 written.clear();
                 written_lease = Some(lease);
             }
-            let parts = &self.parts;
-            let now: HashMap<String, Vec<u8>> = parts
+            let now: HashMap<String, Vec<u8>> = self
+                .parts
                 .sidecars
-                .list_local(&parts.registry, &parts.resources, &parts.authority)
+                .records(&self.parts.authority)
                 .into_iter()
                 .map(|status| (status.node_id.clone(), status.encode_to_vec()))
                 .collect();

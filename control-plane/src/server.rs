@@ -234,6 +234,10 @@ impl ControlPlane {
         health_reporter.set_serving::<RegistryServer<RegistryService>>().await;
         health_reporter.set_serving::<DiscoveryServer<DiscoveryService>>().await;
         health_reporter.set_serving::<ConfigServer<ConfigService>>().await;
+        if let Some(shared) = registry.shared() {
+            // gRPC health says what /ready says: not serving while the store is out of reach.
+            tasks.push(tokio::spawn(follow_store(shared.unavailable.subscribe(), health_reporter.clone(), shutdown.clone())));
+        }
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -342,6 +346,30 @@ impl ControlPlane {
             Ok(Ok(())) => anyhow::anyhow!("a server stopped"),
             Ok(Err(error)) => error,
             Err(error) => error.into(),
+        }
+    }
+}
+
+/// Sets the gRPC health of every service (and of the server, `""`) to follow the store's
+/// availability.
+async fn follow_store(
+    mut unavailable: tokio::sync::watch::Receiver<Option<String>>,
+    reporter: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        let status = if unavailable.borrow_and_update().is_some() {
+            tonic_health::ServingStatus::NotServing
+        } else {
+            tonic_health::ServingStatus::Serving
+        };
+        reporter.set_service_status("", status).await;
+        reporter.set_service_status("ferry.v1.Registry", status).await;
+        reporter.set_service_status("ferry.v1.Discovery", status).await;
+        reporter.set_service_status("ferry.v1.Config", status).await;
+        tokio::select! {
+            changed = unavailable.changed() => if changed.is_err() { return Ok(()) },
+            () = shutdown.cancelled() => return Ok(()),
         }
     }
 }

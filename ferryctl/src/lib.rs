@@ -556,6 +556,13 @@ fn status_table(response: &v1::ListSidecarsResponse) -> String {
         if sidecar.subscriptions.is_empty() {
             first(&mut table, ["-".into(), "-".into(), "-".into(), "-".into()]);
         }
+        if sidecar.remote {
+            // Its progress is known to the replica holding its stream only.
+            for s in &sidecar.subscriptions {
+                first(&mut table, [s.service.clone(), "-".into(), "-".into(), format!("ask {}", sidecar.replica)]);
+            }
+            continue;
+        }
         for s in &sidecar.subscriptions {
             let nacked = sidecar
                 .last_nack

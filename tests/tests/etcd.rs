@@ -164,11 +164,11 @@ async fn three_replicas_serve_one_registry_and_lose_nothing_when_one_dies() {
     reachable(&frontend, "catalog").await;
 
     // A route applied through catalog's replica is in force, and acknowledged, in the caller
-    // connected to another replica; a third replica's status shows it.
+    // connected to another replica; the replica holding its stream shows the ACK.
     let version = replicas[held_by].apply(&probe_route("catalog", "v1", "")).await[0];
     frontend.wait_for_route("catalog", "v1").await;
-    eventually("the caller's ACK of the route, seen from the third replica", || async {
-        let row = sidecar_row(&replicas[others[1]], "frontend-node").await;
+    eventually("the caller's ACK of the route, on the replica holding its stream", || async {
+        let row = sidecar_row(&replicas[others[0]], "frontend-node").await;
         let subscription = row["subscriptions"].as_array()?.iter().find(|s| s["service"] == "catalog")?.clone();
         let acked: u64 = subscription["route"]["acked_version"].as_str()?.parse().ok()?;
         (acked >= version && row["replica"] == names[others[0]]).then_some(())
@@ -176,12 +176,13 @@ async fn three_replicas_serve_one_registry_and_lose_nothing_when_one_dies() {
     .await;
 
     // `ferryctl status` on the third replica lists the sidecars of the others, each with the
-    // replica holding its stream.
+    // replica holding its stream (which alone shows how far its pushes have come).
     let status = eventually("ferryctl status to list both sidecars", || async {
         let output = replicas[others[1]].ferryctl(&["status"]).await;
         let text = String::from_utf8_lossy(&output.stdout).into_owned();
         let listed = |node: &str, replica: &str| text.lines().any(|line| line.split_whitespace().take(2).eq([node, replica]));
-        (output.status.success() && listed("catalog-node", names[held_by]) && listed("frontend-node", names[others[0]]))
+        let asks = text.contains(&format!("ask {}", names[others[0]]));
+        (output.status.success() && listed("catalog-node", names[held_by]) && listed("frontend-node", names[others[0]]) && asks)
             .then_some(text)
     })
     .await;
@@ -343,6 +344,21 @@ async fn writes_survive_an_etcd_member_and_wait_out_etcd_while_traffic_flows() {
         })
         .await;
     }
+    let grpc_health = |replica: &ControlPlane| {
+        let access = replica.access();
+        async move {
+            use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+            let channel = access.connect().await.ok()?;
+            let reply =
+                HealthClient::new(channel).check(HealthCheckRequest { service: "ferry.v1.Registry".into() }).await.ok()?;
+            Some(reply.into_inner().status())
+        }
+    };
+    use tonic_health::pb::health_check_response::ServingStatus;
+    eventually("gRPC health to say not serving too", || async {
+        (grpc_health(&replicas[0]).await? == ServingStatus::NotServing).then_some(())
+    })
+    .await;
     let (status, body) = register(&replicas[0], &instance("during-outage", "web", 9200)).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("store is unavailable"), "{body}");
@@ -363,6 +379,10 @@ async fn writes_survive_an_etcd_member_and_wait_out_etcd_while_traffic_flows() {
     }
     for replica in &replicas {
         eventually("a replica to be ready again", || async { (replica.get("/ready").await.ok()?.0 == 200).then_some(()) }).await;
+        eventually("gRPC health to say serving again", || async {
+            (grpc_health(replica).await? == ServingStatus::Serving).then_some(())
+        })
+        .await;
     }
     let (status, body) = eventually("a write once etcd is back", || async {
         let answer = register(&replicas[0], &instance("after-outage", "web", 9300)).await;

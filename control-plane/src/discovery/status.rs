@@ -108,6 +108,38 @@ impl SidecarRecord {
             certificate_issuer_sha256: issued.as_ref().map(|i| crate::ca::issuer_sha256(&i.issuer_pem)).unwrap_or_default(),
             certificate_not_after: issued.map(|i| timestamp(i.not_after)),
             token_id: self.token_id.clone(),
+            remote: false,
+        }
+    }
+
+    /// What other replicas are told of it: who it is, what it subscribes to, what it trusts
+    /// and holds; not how far each push has come, which changes with every push.
+    fn to_record(&self, authority: &Authority) -> v1::SidecarStatus {
+        let issued = authority.issued(&self.node_id);
+        let progress = self.progress.snapshot();
+        let mut subscriptions: Vec<v1::SubscriptionStatus> = progress
+            .services
+            .keys()
+            .map(|service| v1::SubscriptionStatus { service: service.to_string(), ..Default::default() })
+            .collect();
+        subscriptions.sort_by(|a, b| a.service.cmp(&b.service));
+        v1::SidecarStatus {
+            node_id: self.node_id.clone(),
+            service: self.service.clone(),
+            instance_id: self.instance_id.clone().unwrap_or_default(),
+            peer: self.peer.clone(),
+            build: self.build.clone(),
+            connected_at: Some(timestamp(self.connected_at)),
+            subscriptions,
+            trust_bundle_sent: progress.trust_bundle.sent.unwrap_or(0),
+            trust_bundle_acked: progress.trust_bundle.acked.unwrap_or(0),
+            identity: issued.as_ref().map(|i| i.identity.clone()).unwrap_or_default(),
+            certificate_serial: issued.as_ref().map(|i| i.serial.clone()).unwrap_or_default(),
+            certificate_issuer_sha256: issued.as_ref().map(|i| crate::ca::issuer_sha256(&i.issuer_pem)).unwrap_or_default(),
+            certificate_not_after: issued.map(|i| timestamp(i.not_after)),
+            token_id: self.token_id.clone(),
+            remote: true,
+            ..Default::default()
         }
     }
 }
@@ -142,14 +174,11 @@ impl Sidecars {
         list
     }
 
-    /// The sidecars connected to this replica only.
-    pub fn list_local(&self, registry: &Registry, resources: &Resources, authority: &Authority) -> Vec<v1::SidecarStatus> {
+    /// The records of the sidecars connected to this replica, for the others to show.
+    pub fn records(&self, authority: &Authority) -> Vec<v1::SidecarStatus> {
         let replica = self.replica.get().cloned().unwrap_or_default();
         let records: Vec<_> = lock(&self.connected).values().cloned().collect();
-        records
-            .iter()
-            .map(|r| v1::SidecarStatus { replica: replica.clone(), ..r.to_proto(registry, resources, authority) })
-            .collect()
+        records.iter().map(|r| v1::SidecarStatus { replica: replica.clone(), ..r.to_record(authority) }).collect()
     }
 
     /// Names the replica these sidecars are connected to.
