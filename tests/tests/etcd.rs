@@ -320,7 +320,10 @@ async fn writes_survive_an_etcd_member_and_wait_out_etcd_while_traffic_flows() {
     let frontend = Sidecar::start(&reach(&[&replicas[1]]), "frontend", None, &[]).await;
     reachable(&frontend, "catalog").await;
 
-    // One member of three killed: writes go on, through either replica.
+    // One member of three killed under traffic: no request fails, writes go on through either
+    // replica.
+    let traffic = Traffic::start(frontend.outbound, "catalog");
+    eventually("traffic to flow", || async { (traffic.sent() > 20).then_some(()) }).await;
     etcd.kill(0).await;
     for (i, replica) in replicas.iter().enumerate() {
         let id = format!("after-member-{i}");
@@ -332,6 +335,8 @@ async fn writes_survive_an_etcd_member_and_wait_out_etcd_while_traffic_flows() {
         assert_eq!(status, 200, "{body}");
         replicas[1 - i].wait_health(&id, "HEALTH_PASSING").await;
     }
+    let (sent, failed, errors) = traffic.stop().await;
+    assert_eq!(failed, 0, "{failed} of {sent} requests failed with an etcd member down: {errors:?}");
 
     // etcd entirely gone: traffic is not affected, writes are refused with 503 saying why,
     // and the replicas say they are not ready.
