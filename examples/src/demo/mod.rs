@@ -202,6 +202,9 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
     let access = Access { url: control_plane_url.clone(), ca_pem: Some(ca_pem.clone()), token: Some(read_token) };
     let mut registry = RegistryClient::new(access.connect().await?);
     wait_registered(&mut registry, options.replicas).await?;
+    // The client sidecar subscribed to frontend when it started, maybe before frontend's
+    // sidecars registered: wait for the push that brings them, so the first request finds them.
+    wait_client_sees(&http, &client, "frontend", options.replicas).await?;
 
     let keys = std::io::stdin().is_terminal();
     println!("control plane  grpc {control_plane_url}  http {}", api.base());
@@ -546,6 +549,29 @@ async fn wait_ready(http: &HttpClient, sidecar: &Process) -> anyhow::Result<()> 
             bail!("{} is not ready after 30s; see {}", sidecar.name, sidecar.log.display());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the sidecar `client` holds `count` passing endpoints of `service`.
+async fn wait_client_sees(http: &HttpClient, client: &Process, service: &str, count: usize) -> anyhow::Result<()> {
+    use http_body_util::BodyExt as _;
+    let admin: SocketAddr = client.addr("admin")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let request = http::Request::get(format!("http://{admin}/config")).body(Empty::new())?;
+        if let Ok(response) = http.request(request).await
+            && let Ok(body) = response.into_body().collect().await
+            && let Ok(config) = serde_json::from_slice::<serde_json::Value>(&body.to_bytes())
+        {
+            let endpoints = config["services"][service]["endpoints"].as_array().cloned().unwrap_or_default();
+            if endpoints.iter().filter(|e| e["health"] == "passing").count() >= count {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{} did not see {count} passing {service} endpoints within 30s; see {}", client.name, client.log.display());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
