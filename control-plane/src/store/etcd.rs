@@ -122,11 +122,32 @@ impl EtcdStore {
         }
     }
 
+    /// Runs `txn`, again after a member that could not be reached (the client balances over
+    /// every endpoint, and one just restarted may refuse a connection while the others answer),
+    /// within [`REQUEST_TIMEOUT`] in all.
     async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
-        let mut kv = self.client.kv_client();
-        match tokio::time::timeout(REQUEST_TIMEOUT, kv.txn(txn)).await {
-            Ok(result) => result.map_err(|e| error("writing", e)),
-            Err(_) => Err(error("writing", format!("no answer within {REQUEST_TIMEOUT:?}"))),
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        let mut pause = Duration::from_millis(25);
+        loop {
+            let mut kv = self.client.kv_client();
+            let error = match tokio::time::timeout_at(deadline, kv.txn(txn.clone())).await {
+                Ok(Ok(response)) => return Ok(response),
+                Ok(Err(error)) => error,
+                Err(_) => return Err(error("writing", format!("no answer within {REQUEST_TIMEOUT:?}"))),
+            };
+            // Unavailable: most often no member was reached. Running it again is safe either
+            // way: Ferry's transactions put final values, or are guarded by a compare that a
+            // first run would now fail.
+            let unreached = match &error {
+                etcd_client::Error::GRpcStatus(status) => status.code() == tonic::Code::Unavailable,
+                etcd_client::Error::TransportError(_) => true,
+                _ => false,
+            };
+            if !unreached || tokio::time::Instant::now() + pause >= deadline {
+                return Err(self::error("writing", error));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
         }
     }
 }
