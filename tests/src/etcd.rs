@@ -7,7 +7,7 @@ use std::{path::PathBuf, process::Stdio, time::Duration};
 
 use tokio::process::{Child, Command};
 
-use crate::{client, eventually};
+use crate::client;
 
 /// Whether this build of the tests runs the control plane with the `etcd` feature.
 pub const FEATURE: bool = cfg!(feature = "etcd");
@@ -30,6 +30,8 @@ pub struct Member {
     pub name: String,
     pub client_port: u16,
     args: Vec<String>,
+    /// Where its output goes, for a test that fails to say why.
+    log: PathBuf,
     child: Option<Child>,
 }
 
@@ -40,11 +42,12 @@ impl Member {
     }
 
     fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("opens the member's log");
         let child = Command::new("etcd")
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("starting etcd member {}: {e}", self.name));
@@ -58,8 +61,12 @@ pub struct EtcdCluster {
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+/// `n` distinct free ports on 127.0.0.1: all held while they are chosen, so that none is
+/// handed out twice.
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> =
+        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port")).collect();
+    held.iter().map(|l| l.local_addr().expect("bound").port()).collect()
 }
 
 impl EtcdCluster {
@@ -71,7 +78,8 @@ impl EtcdCluster {
             return None;
         }
         let dir = tempfile::tempdir().expect("temporary directory");
-        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+        let free = free_ports(2 * size);
+        let ports: Vec<(u16, u16)> = free.chunks(2).map(|pair| (pair[0], pair[1])).collect();
         let initial: Vec<String> =
             ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}")).collect();
         let token = format!("ferry-test-{}", std::process::id());
@@ -104,7 +112,8 @@ impl EtcdCluster {
                 "--election-timeout".into(),
                 "500".into(),
             ];
-            let mut member = Member { name, client_port, args, child: None };
+            let log = dir.path().join(format!("{name}.log"));
+            let mut member = Member { name, client_port, args, log, child: None };
             member.spawn();
             members.push(member);
         }
@@ -123,11 +132,21 @@ impl EtcdCluster {
     /// Waits until member `i` says it is healthy (it has a leader).
     pub async fn wait_healthy(&self, i: usize) {
         let url = format!("http://{}/health", self.members[i].endpoint());
-        eventually(&format!("etcd member {i} to be healthy"), || async {
-            let answer = client::get(&url).await.ok()?;
-            (answer.0 == 200 && client::text(&answer).contains("true")).then_some(())
-        })
-        .await;
+        let deadline = std::time::Instant::now() + crate::PATIENCE;
+        loop {
+            if let Ok(answer) = client::get(&url).await
+                && answer.0 == 200
+                && client::text(&answer).contains("true")
+            {
+                return;
+            }
+            if std::time::Instant::now() > deadline {
+                let log = std::fs::read_to_string(&self.members[i].log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
+                panic!("etcd member {i} not healthy after {:?}; its log ends:\n{}", crate::PATIENCE, tail.join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Kills member `i` (SIGKILL) and waits for it to exit.
