@@ -277,6 +277,10 @@ async fn api_instances_keep_their_health_across_a_restart_until_their_checks_run
     );
     assert_eq!(put(&control_plane, "/v1/instances", &body).await.0, 200);
     control_plane.wait_health("db-1", "HEALTH_PASSING").await;
+    // The health change is written behind; an API registration returns once every write before
+    // it is durable, so after this one the kill cannot lose it.
+    let other = r#"{"id": "sync-1", "service": "sync", "address": "127.0.0.1", "port": 9}"#;
+    assert_eq!(put(&control_plane, "/v1/instances", other).await.0, 200);
 
     control_plane.process.kill().await;
     let restarted = ControlPlane::start_in(dir.path(), &[]).await;
