@@ -136,17 +136,12 @@ impl Replica {
         tokio::spawn(replica.clone().election_loop());
         tokio::spawn(replica.clone().janitor_loop());
         tokio::spawn(replica.clone().sessions_loop());
-        tracing::info!(replica = %replica.config.id, store = %replica.store.describe_short(), revision, "joined the replicas");
+        tracing::info!(replica = %replica.config.id, store = %crate::store::Store::describe(&replica.store), revision, "joined the replicas");
         Ok(replica)
     }
 
-    /// This replica's id.
-    pub fn id(&self) -> &str {
-        &self.config.id
-    }
-
     /// Whether this replica runs the checks now.
-    pub fn is_leader(&self) -> bool {
+    fn is_leader(&self) -> bool {
         *self.leader.borrow()
     }
 
@@ -646,18 +641,5 @@ impl Replica {
             let mut client = store.client();
             let _ = tokio::time::timeout(Duration::from_secs(3), client.delete(key, None)).await;
         });
-    }
-
-    /// The replicas alive.
-    pub fn live(&self) -> Vec<String> {
-        let mut live: Vec<String> = lock(&self.live).iter().cloned().collect();
-        live.sort();
-        live
-    }
-}
-
-impl EtcdStore {
-    fn describe_short(&self) -> String {
-        crate::store::Store::describe(self)
     }
 }

@@ -9,7 +9,7 @@ use std::{
 
 use ferry_proto::v1;
 
-use super::progress::{Held, Part, Progress, Versions};
+use super::progress::{Held, Part, Progress, ProgressSnapshot, Versions};
 use crate::{
     ca::Authority,
     registry::{Registry, SessionId, timestamp},
@@ -64,7 +64,6 @@ impl SidecarRecord {
 
     fn to_proto(&self, registry: &Registry, resources: &Resources, authority: &Authority) -> v1::SidecarStatus {
         let own = resources.config(&self.service);
-        let issued = authority.issued(&self.node_id);
         let progress = self.progress.snapshot();
         let mut subscriptions: Vec<_> = progress
             .services
@@ -90,32 +89,19 @@ impl SidecarRecord {
             })
             .collect();
         subscriptions.sort_by(|a, b| a.service.cmp(&b.service));
+        let base = self.identity(authority, &progress);
         v1::SidecarStatus {
-            replica: String::new(),
-            node_id: self.node_id.clone(),
-            service: self.service.clone(),
-            instance_id: self.instance_id.clone().unwrap_or_default(),
-            peer: self.peer.clone(),
-            build: self.build.clone(),
-            connected_at: Some(timestamp(self.connected_at)),
             subscriptions,
             last_nack: progress.last_nack,
             authorization: Some(resource_progress(own.authorization_version, progress.authorization)),
-            trust_bundle_sent: progress.trust_bundle.sent.unwrap_or(0),
-            trust_bundle_acked: progress.trust_bundle.acked.unwrap_or(0),
-            identity: issued.as_ref().map(|i| i.identity.clone()).unwrap_or_default(),
-            certificate_serial: issued.as_ref().map(|i| i.serial.clone()).unwrap_or_default(),
-            certificate_issuer_sha256: issued.as_ref().map(|i| crate::ca::issuer_sha256(&i.issuer_pem)).unwrap_or_default(),
-            certificate_not_after: issued.map(|i| timestamp(i.not_after)),
-            token_id: self.token_id.clone(),
             remote: false,
+            ..base
         }
     }
 
     /// What other replicas are told of it: who it is, what it subscribes to, what it trusts
     /// and holds; not how far each push has come, which changes with every push.
     fn to_record(&self, authority: &Authority) -> v1::SidecarStatus {
-        let issued = authority.issued(&self.node_id);
         let progress = self.progress.snapshot();
         let mut subscriptions: Vec<v1::SubscriptionStatus> = progress
             .services
@@ -123,6 +109,12 @@ impl SidecarRecord {
             .map(|service| v1::SubscriptionStatus { service: service.to_string(), ..Default::default() })
             .collect();
         subscriptions.sort_by(|a, b| a.service.cmp(&b.service));
+        v1::SidecarStatus { subscriptions, remote: true, ..self.identity(authority, &progress) }
+    }
+
+    /// Who it is, what it trusts and which leaf it holds: what status and records share.
+    fn identity(&self, authority: &Authority, progress: &ProgressSnapshot) -> v1::SidecarStatus {
+        let issued = authority.issued(&self.node_id);
         v1::SidecarStatus {
             node_id: self.node_id.clone(),
             service: self.service.clone(),
@@ -130,7 +122,6 @@ impl SidecarRecord {
             peer: self.peer.clone(),
             build: self.build.clone(),
             connected_at: Some(timestamp(self.connected_at)),
-            subscriptions,
             trust_bundle_sent: progress.trust_bundle.sent.unwrap_or(0),
             trust_bundle_acked: progress.trust_bundle.acked.unwrap_or(0),
             identity: issued.as_ref().map(|i| i.identity.clone()).unwrap_or_default(),
@@ -138,7 +129,6 @@ impl SidecarRecord {
             certificate_issuer_sha256: issued.as_ref().map(|i| crate::ca::issuer_sha256(&i.issuer_pem)).unwrap_or_default(),
             certificate_not_after: issued.map(|i| timestamp(i.not_after)),
             token_id: self.token_id.clone(),
-            remote: true,
             ..Default::default()
         }
     }

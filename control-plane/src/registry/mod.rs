@@ -517,11 +517,16 @@ impl Registry {
 
     /// Every sidecar-bound instance with the replica whose stream holds it.
     pub fn sidecar_instances(&self) -> Vec<Arc<Instance>> {
+        self.instances_where(|i| i.node_id().is_some())
+    }
+
+    /// Every instance that `keep` keeps.
+    fn instances_where(&self, keep: impl Fn(&Instance) -> bool) -> Vec<Arc<Instance>> {
         let state = self.lock();
         state
             .services
             .values()
-            .flat_map(|entry| entry.tx.borrow().instances.values().filter(|i| i.node_id().is_some()).cloned().collect::<Vec<_>>())
+            .flat_map(|entry| entry.tx.borrow().instances.values().filter(|i| keep(i)).cloned().collect::<Vec<_>>())
             .collect()
     }
 
@@ -624,12 +629,7 @@ impl Registry {
 
     /// Every instance registered through the API.
     pub fn persistent_instances(&self) -> Vec<Arc<Instance>> {
-        let state = self.lock();
-        state
-            .services
-            .values()
-            .flat_map(|entry| entry.tx.borrow().instances.values().filter(|i| i.node_id().is_none()).cloned().collect::<Vec<_>>())
-            .collect()
+        self.instances_where(|i| i.node_id().is_none())
     }
 
     /// The instance a check belongs to.
