@@ -19,6 +19,8 @@ use ferry_proto::{
 };
 use tokio::sync::{Notify, watch};
 
+use crate::addresses::{Addresses, Table};
+
 /// What the sidecar knows of one service.
 #[derive(Debug, Clone)]
 pub enum ServiceState {
@@ -69,6 +71,8 @@ pub struct Catalog {
     /// Counts the pushes applied, for whoever keeps a copy of the config.
     applied: watch::Sender<u64>,
     max_services: usize,
+    /// The mesh's address table, for an intercepting sidecar.
+    addresses: Addresses,
 }
 
 impl ServiceConfig {
@@ -91,6 +95,7 @@ impl ServiceConfig {
             }),
             route: Some(v1::RouteUpdate { route: self.route.as_deref().cloned() }),
             policy: Some(v1::PolicyUpdate { policy: self.policy.as_deref().cloned() }),
+            virtual_ip: String::new(),
         }
     }
 }
@@ -139,7 +144,23 @@ impl TryFrom<&v1::Endpoint> for Endpoint {
 impl Catalog {
     /// An empty catalog that tracks at most `max_services` services.
     pub fn new(max_services: usize) -> Self {
-        Self { services: Mutex::default(), subscriptions_changed: Notify::new(), applied: watch::Sender::new(0), max_services }
+        Self {
+            services: Mutex::default(),
+            subscriptions_changed: Notify::new(),
+            applied: watch::Sender::new(0),
+            max_services,
+            addresses: Addresses::default(),
+        }
+    }
+
+    /// The mesh's address table as held now (empty unless the sidecar intercepts).
+    pub fn addresses(&self) -> Arc<Table> {
+        self.addresses.current()
+    }
+
+    /// The version of the address table held, for Hello; 0 for none.
+    pub fn addresses_version(&self) -> u64 {
+        self.addresses.version()
     }
 
     /// The state of `service`, subscribing to it if this is the first time it is asked for.
@@ -203,6 +224,17 @@ impl Catalog {
         }
         let mut services = lock(&self.services);
         let updates = validated(&services, &push.resources, true)?;
+        let table = match &push.addresses {
+            Some(update) => Some(
+                self.addresses
+                    .prepare(update)
+                    .map_err(|e| Rejection { error: e.within("addresses").to_string(), services: Vec::new() })?,
+            ),
+            None => None,
+        };
+        if let Some(table) = table {
+            self.addresses.store(table);
+        }
         for config in updates {
             let name = config.name.clone();
             let state = ServiceState::Known(Arc::new(config));

@@ -167,10 +167,53 @@ pub struct Config {
     #[arg(long, env = "FERRY_DNS_TTL", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub dns_ttl: Duration,
 
+    /// Intercept the app's connections: the outbound listener takes connections that
+    /// `ferry-sidecar iptables install` redirected to it, reads where each was going and routes
+    /// it (a service's virtual IP or endpoint through the mesh, anything else per
+    /// --outbound-policy); the inbound listener hands each connection to the app's port it was
+    /// sent to; the instance is registered at --advertise and the --app port; DNS answers on
+    /// 127.0.0.1:15053 unless --dns says otherwise.
+    #[arg(long, env = "FERRY_INTERCEPT")]
+    pub intercept: bool,
+
+    /// With --intercept: what happens to a connection to an address outside the mesh: allow
+    /// (relayed untouched, as plain TCP) or deny (closed).
+    #[arg(long, env = "FERRY_OUTBOUND_POLICY", value_enum, default_value_t = OutboundPolicy::Allow, requires = "intercept")]
+    pub outbound_policy: OutboundPolicy,
+
+    /// With --intercept: destination ports relayed as opaque TCP at once, with no protocol
+    /// detection (those where the server speaks first, such as MySQL 3306 or SMTP 25), besides
+    /// the opaque_ports of each service's ServicePolicy. Comma-separated.
+    #[arg(long, env = "FERRY_OPAQUE_PORTS", value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..), value_name = "PORT[,PORT...]", requires = "intercept")]
+    pub opaque_ports: Vec<u16>,
+
+    /// With --intercept: how long an intercepted connection may stay silent before the
+    /// protocol is decided without its first bytes (as opaque TCP).
+    #[arg(long, env = "FERRY_DETECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub detect_timeout: Duration,
+
+    /// With --intercept: the resolvers that names outside the mesh are forwarded to
+    /// (IP or IP:PORT, comma-separated); by default the nameservers of /etc/resolv.conf.
+    #[arg(long, env = "FERRY_DNS_UPSTREAM", value_delimiter = ',', value_parser = parse_dns_upstream, value_name = "ADDR[,ADDR...]", requires = "intercept")]
+    pub dns_upstream: Vec<SocketAddr>,
+
     /// Log filter, such as `info` or `ferry_sidecar=debug`.
     #[arg(long, env = "FERRY_LOG", default_value = "info", value_name = "FILTER")]
     pub log: String,
 }
+
+/// What an intercepting sidecar does with a connection to an address outside the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum OutboundPolicy {
+    /// Relay it untouched, as plain TCP.
+    #[default]
+    Allow,
+    /// Close it.
+    Deny,
+}
+
+/// The DNS listener of an intercepting sidecar when --dns does not name one.
+pub const INTERCEPT_DNS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15053);
 
 /// A host and port, such as `127.0.0.1:8080` or `localhost:8080`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -231,6 +274,11 @@ impl Config {
         }
     }
 
+    /// Where DNS is served: --dns, or 127.0.0.1:15053 with --intercept.
+    pub fn dns_listen(&self) -> Option<SocketAddr> {
+        self.dns.or(self.intercept.then_some(INTERCEPT_DNS))
+    }
+
     /// The instance's metadata labels.
     pub fn metadata_map(&self) -> BTreeMap<String, String> {
         self.metadata.iter().cloned().collect()
@@ -250,6 +298,13 @@ impl Config {
         ferry_health::spec::assign_ids(instance_id, &mut specs);
         Ok(specs)
     }
+}
+
+fn parse_dns_upstream(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    s.parse::<SocketAddr>().map_err(|_| format!("{s:?} is not an IP or IP:PORT"))
 }
 
 fn parse_check(s: &str) -> Result<String, String> {

@@ -10,6 +10,7 @@
 
 use std::{ffi::OsString, process::ExitCode};
 
+pub mod addresses;
 pub mod admin;
 pub mod catalog;
 pub mod config;

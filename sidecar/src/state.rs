@@ -419,6 +419,7 @@ mod tests {
             endpoints: Some(Endpoints::Snapshot(v1::Endpoints { endpoints: vec![endpoint] })),
             route: Some(v1::RouteUpdate { route: None }),
             policy: Some(v1::PolicyUpdate { policy: None }),
+            virtual_ip: String::new(),
         }
     }
 

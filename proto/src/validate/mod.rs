@@ -350,6 +350,42 @@ pub fn push(push: &v1::Push) -> Result<(), FieldError> {
             return Err(FieldError::new(format!("{at}.service"), format!("{:?} appears twice in one push", resources.service)));
         }
     }
+    if let Some(table) = &push.addresses {
+        address_table(table).map_err(|e| e.within("addresses"))?;
+    }
+    Ok(())
+}
+
+/// Checks an address table update: services named once, addresses that parse.
+pub fn address_table(table: &v1::AddressTable) -> Result<(), FieldError> {
+    if !table.full && table.base_version >= table.version {
+        return Err(FieldError::new(
+            "base_version",
+            format!("{} must be below the table's version {}", table.base_version, table.version),
+        ));
+    }
+    let mut seen = HashSet::with_capacity(table.upserted.len() + table.removed.len());
+    for (i, entry) in table.upserted.iter().enumerate() {
+        let at = format!("upserted[{i}]");
+        service_name(&format!("{at}.service"), &entry.service)?;
+        if !seen.insert(entry.service.as_str()) {
+            return Err(FieldError::new(format!("{at}.service"), format!("{:?} appears twice", entry.service)));
+        }
+        if !entry.virtual_ip.is_empty() && entry.virtual_ip.parse::<std::net::IpAddr>().is_err() {
+            return Err(FieldError::new(format!("{at}.virtual_ip"), format!("{:?} is not an IP address", entry.virtual_ip)));
+        }
+        for (j, endpoint) in entry.endpoints.iter().enumerate() {
+            if endpoint.parse::<std::net::SocketAddr>().is_err() {
+                return Err(FieldError::new(format!("{at}.endpoints[{j}]"), format!("{endpoint:?} is not an IP:PORT")));
+            }
+        }
+    }
+    for (i, service) in table.removed.iter().enumerate() {
+        service_name(&format!("removed[{i}]"), service)?;
+        if !seen.insert(service.as_str()) {
+            return Err(FieldError::new(format!("removed[{i}]"), format!("{service:?} appears twice")));
+        }
+    }
     Ok(())
 }
 
@@ -358,6 +394,9 @@ pub fn service_resources(resources: &v1::ServiceResources) -> Result<(), FieldEr
     use v1::service_resources::Endpoints;
 
     service_name("service", &resources.service)?;
+    if !resources.virtual_ip.is_empty() && resources.virtual_ip.parse::<std::net::IpAddr>().is_err() {
+        return Err(FieldError::new("virtual_ip", format!("{:?} is not an IP address", resources.virtual_ip)));
+    }
     let check_all = |field: &str, endpoints: &[v1::Endpoint]| {
         let mut ids = HashSet::with_capacity(endpoints.len());
         for (i, e) in endpoints.iter().enumerate() {

@@ -448,8 +448,20 @@ pub fn policy(policy: &v1::ServicePolicy) -> Result<(), FieldError> {
     {
         return Err(FieldError::new("connect_timeout", format!("must be at most 60s, got {timeout:?}")));
     }
+    if policy.opaque_ports.len() > MAX_OPAQUE_PORTS {
+        return Err(FieldError::new(
+            "opaque_ports",
+            format!("at most {MAX_OPAQUE_PORTS} ports, got {}", policy.opaque_ports.len()),
+        ));
+    }
+    for (i, &port) in policy.opaque_ports.iter().enumerate() {
+        count(&format!("opaque_ports[{i}]"), port, 1, 65_535)?;
+    }
     Ok(())
 }
+
+/// The most ports a policy may declare opaque.
+pub const MAX_OPAQUE_PORTS: usize = 64;
 
 /// The load balancers a policy may name; empty is the default, p2c-ewma.
 pub const LOAD_BALANCERS: &[&str] = &["", "p2c-ewma", "round-robin", "least-request", "ring-hash"];
@@ -660,11 +672,13 @@ retry_budget: { ratio: 0.2, min_per_second: 10, window: 10s }
 slow_start: 30s
 locality: { min_passing_percent: 70 }
 connect_timeout: 250ms
+opaque_ports: [3306, 25]
 "#;
         let resources = json::resources_from_yaml(yaml).expect("valid");
         let Some(v1::resource::Kind::Policy(policy)) = &resources[0].kind else { panic!("a policy") };
         assert_eq!(policy.circuit_breaker.as_ref().and_then(|c| c.max_pending), Some(0));
         assert_eq!(policy.retry_budget.as_ref().and_then(|b| b.ratio), Some(0.2));
+        assert_eq!(policy.opaque_ports, [3306, 25]);
     }
 
     #[test]
@@ -679,6 +693,8 @@ connect_timeout: 250ms
             ("retry_budget: { window: 2m }", "retry_budget.window"),
             ("locality: { min_passing_percent: 0 }", "locality.min_passing_percent"),
             ("slow_start: 0s", "slow_start"),
+            ("opaque_ports: [3306, 0]", "opaque_ports[1]"),
+            ("opaque_ports: [70000]", "opaque_ports[0]"),
         ];
         for (knob, field) in cases {
             let yaml = format!("kind: ServicePolicy\nservice: catalog\n{knob}\n");

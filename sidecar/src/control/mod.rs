@@ -67,6 +67,8 @@ pub struct ControlConfig {
     pub backoff_max: Duration,
     /// Whether the instance's inbound listener serves mTLS.
     pub mtls: bool,
+    /// Whether the sidecar intercepts its app's connections: it asks for the address table.
+    pub intercept: bool,
 }
 
 /// Why one stream ended.
@@ -245,6 +247,8 @@ async fn stream(
         versions: catalog.versions(),
         build: env!("CARGO_PKG_VERSION").to_owned(),
         mtls: config.mtls,
+        intercept: config.intercept,
+        addresses_version: if config.intercept { catalog.addresses_version() } else { 0 },
     };
     try_send(&outbound, sidecar_message::Message::Hello(hello))?;
     if !subscribed.is_empty() {

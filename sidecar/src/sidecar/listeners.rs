@@ -47,7 +47,7 @@ impl Listeners {
         for upstream in &config.upstreams {
             upstreams.push((upstream.clone(), bind("--upstream", upstream.listen).await?));
         }
-        let dns = match config.dns {
+        let dns = match config.dns_listen() {
             Some(addr) => Some(ferry_dns::bind(addr).await.with_context(|| format!("binding --dns {addr}"))?),
             None => None,
         };

@@ -241,6 +241,7 @@ pub fn control_plane_tasks(
             connect_timeout: CONTROL_PLANE_CONNECT_TIMEOUT,
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
+            intercept: config.intercept,
         },
         shared.catalog.clone(),
         shared.mesh.clone(),

@@ -77,7 +77,7 @@ impl Session {
         let nonce = self.next_nonce.to_string();
         self.last_push = Some(now);
         self.remember(InFlight { nonce: nonce.clone(), sent_at: now, carried, bundle, authorization: authorization_version });
-        let push = v1::Push { nonce, resources, trust_bundle, authorization };
+        let push = v1::Push { nonce, resources, trust_bundle, authorization, addresses: None };
         let message = v1::ControlMessage { message: Some(control_message::Message::Push(push)) };
         self.metrics.pushes.inc();
         self.metrics.bytes.inc_by(message.encoded_len() as u64);
@@ -115,7 +115,18 @@ fn resources_for(name: &Arc<str>, subscription: &Subscription, base: Option<Held
     let policy = (base.and_then(|b| b.policy) != Some(config.policy_version))
         .then(|| v1::PolicyUpdate { policy: config.policy.as_deref().cloned() });
     let full = base.is_none();
-    (v1::ServiceResources { service: name.to_string(), version, exists: snapshot.exists(), endpoints, route, policy }, full)
+    (
+        v1::ServiceResources {
+            service: name.to_string(),
+            version,
+            exists: snapshot.exists(),
+            endpoints,
+            route,
+            policy,
+            virtual_ip: String::new(),
+        },
+        full,
+    )
 }
 
 /// The endpoint changes since index `held`, as a delta from the service version `base_version`,
