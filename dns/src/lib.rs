@@ -79,11 +79,31 @@ impl From<Option<Vec<DnsEndpoint>>> for Lookup {
     }
 }
 
+/// What a [`Directory`] knows of a service's virtual IP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VirtualIpLookup {
+    /// The service's virtual IP.
+    Assigned(std::net::IpAddr),
+    /// The service exists but has no virtual IP yet (=> NODATA).
+    Unassigned,
+    /// No instance of the service is registered (=> NXDOMAIN).
+    NoSuchService,
+    /// The directory cannot tell now (=> SERVFAIL).
+    Unknown,
+}
+
 /// Where answers come from.
 pub trait Directory: Send + Sync + 'static {
     /// What is known of `service`. May wait briefly (the sidecar subscribes on demand), at most
     /// [`LOOKUP_TIMEOUT`], after which the query is answered SERVFAIL.
     fn lookup(&self, service: &str) -> BoxFuture<'_, Lookup>;
+
+    /// The virtual IP of `service`, for `NAME.vip.ferry.`. A directory without virtual IPs
+    /// answers that no service has one.
+    fn virtual_ip(&self, service: &str) -> BoxFuture<'_, VirtualIpLookup> {
+        let _ = service;
+        Box::pin(std::future::ready(VirtualIpLookup::NoSuchService))
+    }
 }
 
 /// How answers are cached by the resolvers that receive them.
