@@ -21,6 +21,7 @@ pub mod health;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod intercept;
 pub mod mesh;
 pub mod metrics;
 pub mod outbound;

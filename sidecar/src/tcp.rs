@@ -198,7 +198,7 @@ impl TcpUpstream {
     }
 
     /// Relays one accepted connection, or closes it with a warning when it cannot be placed.
-    async fn relay(self, mut inbound: TcpStream, peer: SocketAddr) {
+    pub async fn relay(self, mut inbound: TcpStream, peer: SocketAddr) {
         let shared = &self.shared;
         let _ = inbound.set_nodelay(true);
         let keepalive = shared.config.keepalive;

@@ -46,9 +46,46 @@ pub struct Limits {
     pub connect_timeout: Duration,
 }
 
+/// With `--intercept`: connections arrive redirected from any port of the namespace, and each
+/// goes to the app's port it was sent to, not only to `--app`'s.
+pub struct AppPorts {
+    /// The proxy to the app's host at a port.
+    pub make: Box<dyn Fn(u16) -> Inbound + Send + Sync>,
+    /// The port of `--app`, served by the listener's own [`Inbound`].
+    pub app_port: u16,
+    /// Ports where the app speaks opaque TCP (`--opaque-ports`): plaintext to them is relayed
+    /// byte for byte without detection.
+    pub opaque_ports: Vec<u16>,
+    /// How long plaintext may stay silent before it is relayed as opaque TCP.
+    pub detect_timeout: Duration,
+    /// The proxy of each other port seen.
+    pub others: std::sync::Mutex<std::collections::HashMap<u16, Inbound>>,
+}
+
+/// The most other app ports kept ready; past it, a proxy is built per connection.
+const MAX_APP_PORTS: usize = 256;
+
+impl AppPorts {
+    fn inbound(&self, base: &Inbound, port: u16) -> Inbound {
+        if port == self.app_port {
+            return base.clone();
+        }
+        let mut others = ferry_runtime::lock(&self.others);
+        if let Some(inbound) = others.get(&port) {
+            return inbound.clone();
+        }
+        let inbound = (self.make)(port);
+        if others.len() < MAX_APP_PORTS {
+            others.insert(port, inbound.clone());
+        }
+        inbound
+    }
+}
+
 /// What every connection's task needs.
 struct Shared {
     inbound: Inbound,
+    ports: Option<AppPorts>,
     mesh: Mesh,
     metrics: Metrics,
     limits: Limits,
@@ -64,6 +101,7 @@ pub async fn serve(
     mesh: Mesh,
     metrics: Metrics,
     limits: Limits,
+    ports: Option<AppPorts>,
     open: Gauge,
     workers: Workers,
     shutdown: CancellationToken,
@@ -71,7 +109,7 @@ pub async fn serve(
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let tracker = TaskTracker::new();
-    let shared = Arc::new(Shared { inbound, mesh, metrics, limits, open, shutdown: shutdown.clone() });
+    let shared = Arc::new(Shared { inbound, ports, mesh, metrics, limits, open, shutdown: shutdown.clone() });
     while let Some((permit, stream, peer)) = ferry_runtime::accept_capped(&listener, &slots, &shutdown, "inbound").await {
         let (stream, worker) = match workers.adopt(stream) {
             Ok(adopted) => adopted,
@@ -103,9 +141,32 @@ impl Shared {
 
 /// Serves one connection from its first byte to its end.
 async fn connection(shared: &Shared, stream: TcpStream, addr: SocketAddr) {
-    let timeout = shared.limits.handshake_timeout;
+    // Intercepting: the app's port the connection was sent to.
+    let (inbound, port) = match &shared.ports {
+        Some(ports) => match crate::intercept::original_destination(&stream) {
+            Some(destination) => (ports.inbound(&shared.inbound, destination.port()), Some((ports, destination.port()))),
+            None => (shared.inbound.clone(), None),
+        },
+        None => (shared.inbound.clone(), None),
+    };
+    let opaque = port.is_some_and(|(ports, port)| ports.opaque_ports.contains(&port));
+    let mut timeout = shared.limits.handshake_timeout;
     let mut first = [0u8; 1];
+    if let Some((ports, _)) = port.filter(|_| opaque) {
+        match shared.mesh.mode() {
+            // The app may be the one to speak first: with no mTLS, a caller is relayed at once,
+            // without waiting for its first byte.
+            MtlsMode::Off => return relay(shared, &inbound, stream, addr, Peer(None)).await,
+            // Mesh callers begin with a TLS handshake at once; a plaintext caller that stays
+            // silent is relayed after the detection timeout.
+            MtlsMode::Permissive => timeout = ports.detect_timeout,
+            MtlsMode::Strict => {}
+        }
+    }
     match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
+        Err(_) if opaque && shared.mesh.mode() == MtlsMode::Permissive => {
+            return relay(shared, &inbound, stream, addr, Peer(None)).await;
+        }
         Ok(Ok(1..)) => {}
         Ok(_) => return,
         Err(_) => return shared.refused("timeout"),
@@ -116,7 +177,19 @@ async fn connection(shared: &Shared, stream: TcpStream, addr: SocketAddr) {
             tracing::debug!(%addr, "refused a plaintext connection: this listener takes mTLS only (--mtls strict)");
             return refuse_plaintext(stream).await;
         }
-        return serve_http(shared, stream, addr, Peer(None)).await;
+        if let Some((ports, _)) = port {
+            // Intercepted plaintext: HTTP is served request by request, anything else relayed.
+            use crate::intercept::detect::{Detected, detect};
+            if opaque {
+                return relay(shared, &inbound, stream, addr, Peer(None)).await;
+            }
+            match detect(&stream, ports.detect_timeout).await {
+                Detected::Protocol(protocol) if protocol.is_http() => {}
+                Detected::Closed => return,
+                _ => return relay(shared, &inbound, stream, addr, Peer(None)).await,
+            }
+        }
+        return serve_http(shared, &inbound, stream, addr, Peer(None)).await;
     }
     if shared.mesh.mode() == MtlsMode::Off {
         shared.refused("handshake");
@@ -153,9 +226,9 @@ async fn connection(shared: &Shared, stream: TcpStream, addr: SocketAddr) {
     };
     let peer = Peer(Some(Arc::new(identity)));
     if session.alpn_protocol() == Some(ferry_tls::mesh::ALPN_TCP) {
-        return relay(shared, accepted, addr, peer).await;
+        return relay(shared, &inbound, accepted, addr, peer).await;
     }
-    serve_http(shared, accepted, addr, peer).await;
+    serve_http(shared, &inbound, accepted, addr, peer).await;
 }
 
 /// Tells a plaintext client of a strict listener why it is refused, then closes.
@@ -170,11 +243,11 @@ async fn refuse_plaintext(mut stream: TcpStream) {
 }
 
 /// Serves HTTP/1.1 and HTTP/2 on one connection, every request carrying `peer`.
-async fn serve_http<I>(shared: &Shared, io: I, addr: SocketAddr, peer: Peer)
+async fn serve_http<I>(shared: &Shared, inbound: &Inbound, io: I, addr: SocketAddr, peer: Peer)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = shared.inbound.clone().map_request(move |mut request: Request<Incoming>| {
+    let service = inbound.clone().map_request(move |mut request: Request<Incoming>| {
         request.extensions_mut().insert(ClientAddr(addr));
         request.extensions_mut().insert(peer.clone());
         request
@@ -195,15 +268,18 @@ where
 }
 
 /// Relays an opaque TCP connection to the app, if the caller may make it.
-async fn relay(shared: &Shared, mut tls: tokio_rustls::server::TlsStream<TcpStream>, addr: SocketAddr, peer: Peer) {
-    let service = shared.inbound.service();
+async fn relay<I>(shared: &Shared, inbound: &Inbound, mut tls: I, addr: SocketAddr, peer: Peer)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let service = inbound.service();
     let decision = authorize(&shared.mesh, &shared.metrics, service, &peer, &AuthzRequest::Tcp);
     if !decision.allowed() {
         tracing::info!(%addr, caller = %peer.describe(), because = %decision.because(), "closed a TCP connection the authorization policy refuses");
         let _ = tls.shutdown().await;
         return;
     }
-    let app = shared.inbound.app().address().to_owned();
+    let app = inbound.app().address().to_owned();
     let connect = tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(app.as_str()));
     let mut upstream = match connect.await {
         Ok(Ok(upstream)) => upstream,

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub connections_open: Family<ListenerLabels, Gauge>,
     pub tcp_connections: Family<TcpLabels, Counter>,
     pub tcp_connections_open: Family<ServiceLabels, Gauge>,
+    /// Connections the intercepting outbound listener took, by where they went.
+    pub intercepted: Family<InterceptLabels, Counter>,
     /// Set at each scrape, from the control stream's state.
     pub config_age_seconds: Gauge<f64, AtomicU64>,
     /// Set at each scrape, from the control stream's state.
@@ -121,6 +123,19 @@ pub struct DirectionLabels {
     pub service: Arc<str>,
 }
 
+/// Where one intercepted connection went.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InterceptLabels {
+    /// The mesh service, or `-` for a destination outside the mesh.
+    pub service: Arc<str>,
+    /// `service`, `egress` (outside the mesh, relayed), `denied` (outside the mesh, closed by
+    /// --outbound-policy deny), `refused` (too many services tracked) or `loop` (the sidecar's
+    /// own connection, redirected back to it).
+    pub destination: &'static str,
+    /// `http1`, `http2`, `tls`, `opaque`, or `none` when no detection was made.
+    pub protocol: &'static str,
+}
+
 /// The fate of one connection accepted by a TCP upstream listener.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
@@ -197,6 +212,7 @@ impl Metrics {
             connections_open: Family::default(),
             tcp_connections: Family::default(),
             tcp_connections_open: Family::default(),
+            intercepted: Family::default(),
             config_age_seconds: Gauge::default(),
             config_from_state_dir: Gauge::default(),
             state_writes: Family::default(),
@@ -240,6 +256,11 @@ impl Metrics {
             "tcp_connections_open",
             "TCP upstream connections open now, by service",
             metrics.tcp_connections_open.clone(),
+        );
+        registry.register(
+            "intercepted_connections",
+            "Connections taken by the intercepting outbound listener, by service, destination kind and protocol detected",
+            metrics.intercepted.clone(),
         );
         registry.register(
             "config_age_seconds",

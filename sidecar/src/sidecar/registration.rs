@@ -22,7 +22,8 @@ pub struct Registration {
 }
 
 impl Registration {
-    /// The instance for the inbound listener at `inbound`, validated, with its checks started.
+    /// The instance for the inbound listener at `inbound` (or, intercepting, at the app's
+    /// port), validated, with its checks started.
     pub async fn prepare(config: &Config, inbound: Option<SocketAddr>, metrics: &Metrics) -> anyhow::Result<Self> {
         let mut instance = match inbound {
             Some(inbound) => {
@@ -30,12 +31,19 @@ impl Registration {
                     Some(host) => host.clone(),
                     None => advertise_host(inbound.ip(), config.control_plane.first()).await,
                 };
-                let id = config.id.clone().unwrap_or_else(|| format!("{}-{}-{}", config.service, host, inbound.port()));
+                // Intercepting, the instance is where the app listens (as a Kubernetes endpoint is
+                // the pod's IP and target port): callers' sidecars dial that address, and this
+                // namespace's inbound rules hand the connection to the inbound listener.
+                let port = match (&config.app, config.intercept) {
+                    (Some(app), true) => app.port,
+                    _ => inbound.port(),
+                };
+                let id = config.id.clone().unwrap_or_else(|| format!("{}-{}-{}", config.service, host, port));
                 Some(v1::Instance {
                     id,
                     service: config.service.clone(),
                     address: host,
-                    port: u32::from(inbound.port()),
+                    port: u32::from(port),
                     metadata: config.metadata_map().into_iter().collect(),
                     region: config.region.clone(),
                     zone: config.zone.clone(),

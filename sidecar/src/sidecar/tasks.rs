@@ -22,6 +22,7 @@ use crate::{
     },
     identity::{self, CertifyConfig},
     inbound::{InFlight, Inbound},
+    intercept::{Intercept, InterceptConfig},
     mesh::{Mesh, MtlsMode},
     metrics::Metrics,
     outbound::{Outbound, OutboundConfig},
@@ -101,13 +102,36 @@ impl DataPath {
     ) -> anyhow::Result<Vec<JoinHandle<()>>> {
         let mut servers = Vec::with_capacity(1 + upstreams.len());
         let edge = if config.gateway { self.outbound.fixed(config.service.as_str().into()) } else { self.outbound.clone() };
-        servers.push(self.serve_http("outbound", outbound, edge, shared));
         let tcp_config = TcpConfig {
             discovery_timeout: config.discovery_timeout,
             connect_timeout: config.connect_timeout,
             keepalive: self.client.tcp_keepalive,
             mesh: Some(shared.mesh.clone()),
         };
+        if config.intercept {
+            let intercept = Intercept::new(
+                shared.catalog.clone(),
+                edge,
+                tcp_config.clone(),
+                InterceptConfig {
+                    outbound_policy: config.outbound_policy,
+                    opaque_ports: config.opaque_ports.clone(),
+                    detect_timeout: config.detect_timeout,
+                    discovery_timeout: config.discovery_timeout,
+                    connect_timeout: config.connect_timeout,
+                },
+                shared.metrics.clone(),
+                shared.shutdown.clone(),
+            );
+            servers.push(tokio::spawn(intercept.serve(
+                outbound,
+                shared.metrics.connections("outbound"),
+                shared.workers.clone(),
+                CLOSE,
+            )));
+        } else {
+            servers.push(self.serve_http("outbound", outbound, edge, shared));
+        }
         for (upstream, listener) in upstreams {
             let service = upstream.service;
             servers.push(match upstream.protocol {
@@ -147,7 +171,21 @@ impl DataPath {
         // The app is next door: in plaintext, whatever the endpoint clients do.
         let client = Client::new(app.host.clone(), app.port, ClientConfig { mesh: None, ..self.client.clone() });
         let service: Arc<str> = config.service.as_str().into();
-        let inbound = Inbound::new(client, service, shared.metrics.clone(), in_flight.clone(), shared.mesh.clone());
+        let inbound = Inbound::new(client, service.clone(), shared.metrics.clone(), in_flight.clone(), shared.mesh.clone());
+        let ports = config.intercept.then(|| {
+            let (host, client_config) = (app.host.clone(), ClientConfig { mesh: None, ..self.client.clone() });
+            let (metrics, in_flight, mesh) = (shared.metrics.clone(), in_flight.clone(), shared.mesh.clone());
+            crate::inbound::listener::AppPorts {
+                make: Box::new(move |port| {
+                    let client = Client::new(host.clone(), port, client_config.clone());
+                    Inbound::new(client, service.clone(), metrics.clone(), in_flight.clone(), mesh.clone())
+                }),
+                app_port: app.port,
+                opaque_ports: config.opaque_ports.clone(),
+                detect_timeout: config.detect_timeout,
+                others: Default::default(),
+            }
+        });
         let limits = crate::inbound::listener::Limits {
             max_connections: config.max_inbound_connections as usize,
             handshake_timeout: config.handshake_timeout,
@@ -159,6 +197,7 @@ impl DataPath {
             shared.mesh.clone(),
             shared.metrics.clone(),
             limits,
+            ports,
             shared.metrics.connections("inbound"),
             shared.workers.clone(),
             shared.shutdown.clone(),

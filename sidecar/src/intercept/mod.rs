@@ -1,0 +1,317 @@
+//! Intercepted outbound connections (`--intercept`): the outbound listener takes the
+//! connections that `ferry-sidecar iptables install` redirected to it from the app.
+//!
+//! For each connection the sidecar reads where the app was connecting (`SO_ORIGINAL_DST`, IPv4
+//! and IPv6) and looks it up in the mesh's address table ([`crate::addresses`]):
+//!
+//! - a service's virtual IP (any port), or the address of one of a service's endpoints: the
+//!   connection goes to that service. Its protocol is detected on the first bytes
+//!   ([`detect`]): HTTP/1.x and HTTP/2 (h2c, gRPC) are served request by request through the
+//!   service's routes, balancer and policies, exactly as in proxy mode; TLS and anything else
+//!   are relayed as opaque TCP to one of its endpoints, as a `protocol=tcp` upstream is. Ports
+//!   declared opaque (`--opaque-ports`, the service policy's `opaque_ports`) skip detection, so
+//!   a protocol where the server speaks first never waits for it.
+//! - anything else is outside the mesh: relayed untouched (`--outbound-policy allow`, the
+//!   default) or closed (`deny`).
+//! - a connection made to the listener itself, not redirected, is served as in proxy mode
+//!   (`HTTP_PROXY` and Host-addressed requests keep working).
+//!
+//! The sidecar's own connections must not be redirected back to it: `iptables install` exempts
+//! the sidecar's user or group. A connection outside the mesh that comes back anyway is noticed
+//! (its source is one this sidecar opened) and closed with an error that says what to fix.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use http::Request;
+use hyper::body::Incoming;
+use hyper_util::{rt::TokioIo, service::TowerToHyperService};
+use prometheus_client::metrics::gauge::Gauge;
+use socket2::SockRef;
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::Semaphore,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower::ServiceExt;
+
+use self::detect::{Detected, Protocol};
+use crate::{
+    catalog::{Catalog, ServiceState},
+    config::OutboundPolicy,
+    http::server::ClientAddr,
+    metrics::{InterceptLabels, Metrics},
+    outbound::Outbound,
+    tcp::{TcpConfig, TcpUpstream},
+    workers::Workers,
+};
+
+pub mod detect;
+
+/// The most intercepted connections open at once; past it, new ones wait in the backlog.
+const MAX_OPEN: usize = 16_384;
+
+/// How intercepted connections are handled.
+#[derive(Debug, Clone)]
+pub struct InterceptConfig {
+    pub outbound_policy: OutboundPolicy,
+    /// Destination ports relayed as opaque TCP without detection.
+    pub opaque_ports: Vec<u16>,
+    pub detect_timeout: Duration,
+    pub discovery_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// The intercepting outbound listener's state. Cheap to clone.
+#[derive(Clone)]
+pub struct Intercept {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    catalog: Arc<Catalog>,
+    /// The proxy for HTTP: `fixed` to the service a connection goes to.
+    outbound: Outbound,
+    tcp: TcpConfig,
+    config: InterceptConfig,
+    metrics: Metrics,
+    /// The opaque relay of each service a connection went to.
+    upstreams: Mutex<HashMap<Arc<str>, TcpUpstream>>,
+    /// The local addresses of the connections this sidecar opened outside the mesh, to notice
+    /// one redirected back to itself.
+    egress: Mutex<HashSet<SocketAddr>>,
+    shutdown: CancellationToken,
+}
+
+impl Intercept {
+    pub fn new(
+        catalog: Arc<Catalog>,
+        outbound: Outbound,
+        tcp: TcpConfig,
+        config: InterceptConfig,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let inner =
+            Inner { catalog, outbound, tcp, config, metrics, upstreams: Mutex::default(), egress: Mutex::default(), shutdown };
+        Self { inner: Arc::new(inner) }
+    }
+
+    /// Accepts connections on `listener` until shutdown, each on the next of `workers`, then
+    /// gives open ones up to `drain` to end.
+    pub async fn serve(self, listener: TcpListener, open: Gauge, workers: Workers, drain: Duration) {
+        let slots = Arc::new(Semaphore::new(MAX_OPEN));
+        let tracker = TaskTracker::new();
+        let shutdown = self.inner.shutdown.clone();
+        while let Some((permit, stream, peer)) = ferry_runtime::accept_capped(&listener, &slots, &shutdown, "outbound").await {
+            let (stream, worker) = match workers.adopt(stream) {
+                Ok(adopted) => adopted,
+                Err(error) => {
+                    tracing::warn!(listener = "outbound", %error, "cannot hand the connection to a worker");
+                    continue;
+                }
+            };
+            let inner = self.inner.clone();
+            let open = open.clone();
+            worker.spawn(tracker.track_future(async move {
+                open.inc();
+                inner.connection(stream, peer).await;
+                open.dec();
+                drop(permit);
+            }));
+        }
+        drop(listener);
+        tracker.close();
+        if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+            tracing::debug!(listener = "outbound", "connections still open after the drain period");
+        }
+    }
+}
+
+/// Where `stream` was going before a `REDIRECT` rule sent it here; `None` when it was not
+/// redirected (or the kernel cannot tell).
+pub fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
+    let local = stream.local_addr().ok()?;
+    let socket = SockRef::from(stream);
+    let v4 = match local {
+        SocketAddr::V4(_) => true,
+        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().is_some(),
+    };
+    let original = if v4 { socket.original_dst_v4() } else { socket.original_dst_v6() };
+    let original = original.ok()?.as_socket()?;
+    let same = |a: SocketAddr, b: SocketAddr| canonical(a) == canonical(b);
+    (!same(original, local)).then_some(original)
+}
+
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().map_or(addr, |ip| SocketAddr::new(ip.into(), v6.port())),
+        SocketAddr::V4(_) => addr,
+    }
+}
+
+impl Inner {
+    /// Serves one accepted connection from its first byte to its end.
+    async fn connection(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let Some(destination) = original_destination(&stream) else {
+            // Made to the listener itself: proxy mode.
+            return self.serve_http(stream, peer, self.outbound.clone()).await;
+        };
+        if ferry_runtime::lock(&self.egress).contains(&canonical(peer)) {
+            self.count("-", "loop", "none");
+            tracing::error!(
+                %peer,
+                %destination,
+                "a connection this sidecar opened was redirected back to it: run the sidecar as the user or group given to `ferry-sidecar iptables install --proxy-uid/--proxy-gid`"
+            );
+            return;
+        }
+        let table = self.catalog.addresses();
+        match table.resolve(destination) {
+            Some(found) => self.to_service(stream, peer, destination, found.service().clone()).await,
+            None => self.egress(stream, peer, destination).await,
+        }
+    }
+
+    /// A connection to `service`: served as HTTP, or relayed as opaque TCP.
+    async fn to_service(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr, destination: SocketAddr, service: Arc<str>) {
+        let state = match self.catalog.watch(&service) {
+            Ok(state) => state,
+            Err(error) => {
+                self.count(&service, "refused", "none");
+                tracing::warn!(%service, %destination, %error, "closing an intercepted connection");
+                return;
+            }
+        };
+        let port = destination.port();
+        let mut opaque = self.config.opaque_ports.contains(&port);
+        if !opaque {
+            // The service's policy may declare the port opaque: its config is needed first.
+            let mut state = state.clone();
+            let known =
+                tokio::time::timeout(self.config.discovery_timeout, state.wait_for(|s| matches!(s, ServiceState::Known(_))))
+                    .await;
+            if let Ok(Ok(state)) = known
+                && let ServiceState::Known(config) = &*state
+            {
+                opaque = config.policy.as_ref().is_some_and(|p| p.opaque_ports.contains(&u32::from(port)));
+            }
+        }
+        let protocol = if opaque {
+            Protocol::Opaque
+        } else {
+            match detect::detect(&stream, self.config.detect_timeout).await {
+                Detected::Protocol(protocol) => protocol,
+                Detected::Silent => {
+                    tracing::debug!(%service, %destination, timeout = ?self.config.detect_timeout, "the client sent nothing: relaying as opaque TCP (declare the port opaque to skip the wait)");
+                    Protocol::Opaque
+                }
+                Detected::Closed => return,
+            }
+        };
+        self.count(&service, "service", protocol.as_str());
+        if let Protocol::Tls { sni } = &protocol {
+            tracing::debug!(%service, %destination, %peer, sni = sni.as_deref().unwrap_or("none"), "relaying TLS as opaque TCP");
+        }
+        if protocol.is_http() {
+            let edge = self.outbound.fixed(service);
+            return self.serve_http(stream, peer, edge).await;
+        }
+        let upstream = {
+            let mut upstreams = ferry_runtime::lock(&self.upstreams);
+            upstreams
+                .entry(service.clone())
+                .or_insert_with(|| TcpUpstream::new(service.clone(), state, self.tcp.clone(), self.metrics.clone()))
+                .clone()
+        };
+        tokio::select! {
+            () = upstream.relay(stream, peer) => {}
+            () = self.shutdown.cancelled() => {}
+        }
+    }
+
+    /// A connection to an address outside the mesh.
+    async fn egress(&self, mut stream: TcpStream, peer: SocketAddr, destination: SocketAddr) {
+        if self.config.outbound_policy == OutboundPolicy::Deny {
+            self.count("-", "denied", "none");
+            tracing::info!(%peer, %destination, "closed a connection to an address outside the mesh (--outbound-policy deny)");
+            return;
+        }
+        self.count("-", "egress", "none");
+        let socket = match if destination.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() } {
+            Ok(socket) => socket,
+            Err(error) => return tracing::warn!(%destination, %error, "cannot open a socket for an outbound connection"),
+        };
+        // Bound before connecting, so its address is known before the first packet leaves.
+        let any = if destination.is_ipv4() { SocketAddr::from(([0, 0, 0, 0], 0)) } else { SocketAddr::from(([0u16; 8], 0)) };
+        let local = match socket.bind(any).and_then(|()| socket.local_addr()) {
+            Ok(local) => canonical(local),
+            Err(error) => return tracing::warn!(%destination, %error, "cannot bind an outbound connection"),
+        };
+        let _tracked = Tracked::new(&self.egress, local);
+        let connected = tokio::time::timeout(self.config.connect_timeout, socket.connect(destination)).await;
+        let mut upstream = match connected {
+            Ok(Ok(upstream)) => upstream,
+            Ok(Err(error)) => return tracing::debug!(%peer, %destination, %error, "outbound connection outside the mesh failed"),
+            Err(_) => return tracing::debug!(%peer, %destination, "outbound connection outside the mesh timed out"),
+        };
+        let _ = upstream.set_nodelay(true);
+        tokio::select! {
+            copied = tokio::io::copy_bidirectional(&mut stream, &mut upstream) => {
+                if let Err(error) = copied {
+                    tracing::debug!(%peer, %destination, %error, "outbound connection outside the mesh ended with an error");
+                }
+            }
+            () = self.shutdown.cancelled() => {}
+        }
+    }
+
+    /// Serves HTTP/1.1 and HTTP/2 on one connection with `edge`.
+    async fn serve_http(&self, stream: TcpStream, peer: SocketAddr, edge: Outbound) {
+        let service = edge.map_request(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(ClientAddr(peer));
+            request
+        });
+        let builder = crate::http::server::builder();
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service));
+        tokio::pin!(connection);
+        let result = tokio::select! {
+            result = connection.as_mut() => result,
+            () = self.shutdown.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(error) = result {
+            tracing::debug!(listener = "outbound", %error, "connection ended with an error");
+        }
+    }
+
+    fn count(&self, service: &str, destination: &'static str, protocol: &'static str) {
+        let labels = InterceptLabels { service: service.into(), destination, protocol };
+        self.metrics.intercepted.get_or_create(&labels).inc();
+    }
+}
+
+/// An address in a set until dropped.
+struct Tracked<'a> {
+    set: &'a Mutex<HashSet<SocketAddr>>,
+    addr: SocketAddr,
+}
+
+impl<'a> Tracked<'a> {
+    fn new(set: &'a Mutex<HashSet<SocketAddr>>, addr: SocketAddr) -> Self {
+        ferry_runtime::lock(set).insert(addr);
+        Self { set, addr }
+    }
+}
+
+impl Drop for Tracked<'_> {
+    fn drop(&mut self) {
+        ferry_runtime::lock(self.set).remove(&self.addr);
+    }
+}
