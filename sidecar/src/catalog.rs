@@ -158,6 +158,17 @@ impl Catalog {
         self.addresses.current()
     }
 
+    /// Restores a saved address table when the control plane has sent none yet; whether it did.
+    pub fn restore_addresses(&self, table: &v1::AddressTable) -> Result<bool, validate::FieldError> {
+        let _services = lock(&self.services);
+        if self.addresses.version() != 0 || !table.full {
+            return Ok(false);
+        }
+        let table = self.addresses.prepare(table)?;
+        self.addresses.store(table);
+        Ok(true)
+    }
+
     /// The version of the address table held, for Hello; 0 for none.
     pub fn addresses_version(&self) -> u64 {
         self.addresses.version()

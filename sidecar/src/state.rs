@@ -74,6 +74,8 @@ pub struct Saved {
     pub saved_at: SystemTime,
     pub services: Vec<v1::ServiceResources>,
     pub trust: SavedTrust,
+    /// The mesh's address table, for an intercepting sidecar.
+    pub addresses: Option<v1::AddressTable>,
 }
 
 /// The sidecar's trust as saved.
@@ -113,6 +115,9 @@ struct StateFile {
     /// The sidecar's trust.
     #[serde(default)]
     trust: SavedTrust,
+    /// The mesh's address table, when the sidecar intercepts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    addresses: Option<v1::AddressTable>,
 }
 
 /// Why the state file cannot be used.
@@ -143,6 +148,7 @@ impl StateDir {
             saved_at: humantime::format_rfc3339_millis(saved.saved_at).to_string(),
             services: saved.services.clone(),
             trust: saved.trust.clone(),
+            addresses: saved.addresses.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
         let temp = self.dir.join(TEMP_NAME);
@@ -181,7 +187,7 @@ impl StateDir {
         }
         let saved_at = humantime::parse_rfc3339(&file.saved_at)
             .map_err(|e| invalid(format!("saved_at: {:?} is not an RFC 3339 time: {e}", file.saved_at)))?;
-        Ok(Some(Saved { saved_at, services: file.services, trust: file.trust }))
+        Ok(Some(Saved { saved_at, services: file.services, trust: file.trust, addresses: file.addresses }))
     }
 }
 
@@ -226,7 +232,9 @@ pub async fn keep(dir: StateDir, catalog: Arc<Catalog>, mesh: Mesh, metrics: Met
         }
     });
     follow(merged, shutdown, || {
-        let saved = Saved { saved_at: SystemTime::now(), services: snapshot(&catalog), trust: trust_snapshot(&mesh) };
+        let table = catalog.addresses();
+        let addresses = (table.version > 0).then(|| table.to_proto());
+        let saved = Saved { saved_at: SystemTime::now(), services: snapshot(&catalog), trust: trust_snapshot(&mesh), addresses };
         let writer = writer.clone();
         async move { writer.save(saved).await }
     })
@@ -376,6 +384,13 @@ pub async fn restore(dir: &StateDir, catalog: &Catalog, status: &ControlStatus) 
             return;
         }
     };
+    if let Some(table) = &saved.addresses {
+        match catalog.restore_addresses(table) {
+            Ok(true) => tracing::info!(%file, version = table.version, "serving the address table saved in the state file"),
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%file, %error, "ignoring the address table of the state file"),
+        }
+    }
     match catalog.restore(&saved.services) {
         Ok(restored) => {
             status.update(|s| {
@@ -436,7 +451,7 @@ mod tests {
         let catalog = Catalog::new(16);
         catalog.apply(&push("1", vec![resources("catalog", 7, 8080), resources("inventory", 3, 9090)])).expect("applies");
         let saved_at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
-        let saved = Saved { saved_at, services: snapshot(&catalog), trust: SavedTrust::default() };
+        let saved = Saved { saved_at, services: snapshot(&catalog), trust: SavedTrust::default(), addresses: None };
         dir.write(&saved).expect("writes");
         assert!(!temp.path().join("nested").join(TEMP_NAME).exists(), "the temporary file was renamed");
         let read = dir.read().await.expect("reads").expect("a file");
@@ -450,6 +465,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_intercepting_sidecar_keeps_the_address_table() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let dir = StateDir::create(temp.path()).expect("creates the directory");
+        let catalog = Catalog::new(16);
+        let table = v1::AddressTable {
+            version: 9,
+            full: true,
+            upserted: vec![v1::ServiceAddresses {
+                service: "catalog".into(),
+                virtual_ip: "240.240.0.7".into(),
+                endpoints: vec!["10.0.0.2:8080".into()],
+            }],
+            ..Default::default()
+        };
+        catalog.apply(&v1::Push { addresses: Some(table.clone()), ..push("1", vec![]) }).expect("applies");
+        let addresses = (catalog.addresses().version > 0).then(|| catalog.addresses().to_proto());
+        dir.write(&Saved { saved_at: SystemTime::now(), services: vec![], trust: SavedTrust::default(), addresses })
+            .expect("writes");
+        let restored = Catalog::new(16);
+        restore(&dir, &restored, &ControlStatus::default()).await;
+        assert_eq!(restored.addresses().to_proto(), table);
+        assert_eq!(restored.addresses_version(), 9, "Hello will say which table it holds");
+    }
+
+    #[tokio::test]
     async fn a_bad_state_file_is_refused_naming_the_file_and_the_reason() {
         let temp = tempfile::tempdir().expect("tempdir");
         let dir = StateDir::create(temp.path()).expect("creates");
@@ -459,6 +499,7 @@ mod tests {
             saved_at: "2026-01-02T03:04:05.678Z".into(),
             services: vec![resources("catalog", 7, 8080)],
             trust: SavedTrust::default(),
+            addresses: None,
         })
         .expect("JSON");
         for (content, reason) in [
@@ -489,7 +530,10 @@ mod tests {
         std::fs::create_dir(dir.file()).expect("a directory in its place");
         let error = dir.read().await.expect_err("a directory").to_string();
         assert!(error.starts_with(&format!("cannot read {file}: ")), "{error}");
-        assert!(dir.write(&Saved { saved_at: SystemTime::now(), services: vec![], trust: SavedTrust::default() }).is_err());
+        assert!(
+            dir.write(&Saved { saved_at: SystemTime::now(), services: vec![], trust: SavedTrust::default(), addresses: None })
+                .is_err()
+        );
     }
 
     #[tokio::test]
@@ -497,8 +541,13 @@ mod tests {
         let temp = tempfile::tempdir().expect("tempdir");
         let dir = StateDir::create(temp.path()).expect("creates");
         let saved_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        dir.write(&Saved { saved_at, services: vec![resources("catalog", 7, 8080)], trust: SavedTrust::default() })
-            .expect("writes");
+        dir.write(&Saved {
+            saved_at,
+            services: vec![resources("catalog", 7, 8080)],
+            trust: SavedTrust::default(),
+            addresses: None,
+        })
+        .expect("writes");
         let catalog = Catalog::new(16);
         let status = ControlStatus::default();
         restore(&dir, &catalog, &status).await;
@@ -572,6 +621,7 @@ mod tests {
             saved_at: SystemTime::now(),
             services: vec![resources("catalog", 7, 8080)],
             trust: SavedTrust::default(),
+            addresses: None,
         })
         .expect("writes");
 

@@ -26,6 +26,7 @@ pub mod client;
 pub mod dns;
 pub mod etcd;
 pub mod faulty;
+pub mod netns;
 
 /// The longest any wait in a test may take before it fails.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -98,8 +99,15 @@ pub struct Process {
 impl Process {
     /// Starts `binary ARGS...` and waits for its "listening" line.
     pub async fn start(name: &str, binary_name: &str, args: &[String]) -> Self {
-        let mut child = Command::new(binary(binary_name))
-            .args(args)
+        let mut command = Command::new(binary(binary_name));
+        command.args(args);
+        Self::start_command(name, command).await
+    }
+
+    /// Starts `command` (a Ferry binary, perhaps behind a wrapper such as `ip netns exec`) and
+    /// waits for its "listening" line.
+    pub async fn start_command(name: &str, mut command: Command) -> Self {
+        let mut child = command
             .env("FERRY_LOG", "info,ferry_sidecar=debug,ferry_control_plane=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
