@@ -1,5 +1,7 @@
-//! The demo's three apps. Each knows only its own port and its sidecar's outbound address; the
-//! mesh finds the instances of the services it calls.
+//! The demo's three apps. Each knows only its own port and how it reaches the services it
+//! calls ([`Calls`]): through its sidecar's outbound address, or by their plain names, as an app
+//! that knows nothing of the mesh does when its sidecar intercepts its connections. Either way
+//! the mesh finds the instances of the services it calls.
 
 use std::{
     net::SocketAddr,
@@ -49,6 +51,34 @@ impl Counters {
 
     fn failed(&self) {
         self.failed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// How an app reaches the services it calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Calls {
+    /// Through the sidecar's outbound listener at this address, naming the service in `Host`
+    /// (HTTP) or as the gRPC origin (`:authority`): the sidecar routes by that name.
+    Sidecar(SocketAddr),
+    /// By the service's plain name, resolved by the system resolver: catalog calls
+    /// [`DIRECT_INVENTORY`], frontend [`DIRECT_CATALOG`]. The app knows nothing of the mesh;
+    /// an intercepting sidecar answers the name with the service's virtual IP and takes the
+    /// connection.
+    Direct,
+}
+
+/// Where catalog's gRPC channel connects with [`Calls::Direct`].
+pub const DIRECT_INVENTORY: &str = "http://inventory:50051";
+/// Where frontend sends its requests with [`Calls::Direct`] (port 80).
+pub const DIRECT_CATALOG: &str = "http://catalog";
+
+impl Calls {
+    /// The URL of `path` on `service`: the sidecar's address, or the service's name.
+    fn url(self, service: &str, path: &str) -> String {
+        match self {
+            Self::Sidecar(outbound) => format!("http://{outbound}{path}"),
+            Self::Direct => format!("http://{service}{path}"),
+        }
     }
 }
 
@@ -117,20 +147,26 @@ struct CatalogApp {
     inventory: InventoryClient<Channel>,
 }
 
-/// Serves catalog's HTTP API on `listener`, calling inventory through the sidecar at `outbound`.
-/// Every answer says `version` in [`VERSION_HEADER`].
+/// Serves catalog's HTTP API on `listener`, calling inventory as `calls` says. Every answer says
+/// `version` in [`VERSION_HEADER`].
 pub async fn catalog(
     listener: TcpListener,
     instance: String,
     version: &str,
-    outbound: SocketAddr,
+    calls: Calls,
     counters: Arc<Counters>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let version = HeaderValue::from_str(version).map_err(|_| anyhow::anyhow!("version {version:?} is not a header value"))?;
-    // The sidecar routes by :authority, so the channel connects to the sidecar but names
-    // `inventory` as its origin.
-    let channel = Endpoint::from_shared(format!("http://{outbound}"))?.origin("http://inventory".parse()?).connect_lazy();
+    let channel = match calls {
+        // The sidecar routes by :authority, so the channel connects to the sidecar but names
+        // `inventory` as its origin.
+        Calls::Sidecar(outbound) => {
+            Endpoint::from_shared(format!("http://{outbound}"))?.origin("http://inventory".parse()?).connect_lazy()
+        }
+        // Resolved at each (re)connect, so a name that does not resolve yet is tried again.
+        Calls::Direct => Endpoint::from_static(DIRECT_INVENTORY).connect_lazy(),
+    };
     let app = CatalogApp { instance, version, counters, inventory: InventoryClient::new(channel) };
     let router = Router::new().route("/items", get(list_items)).route("/healthz", get(|| async { "ok" })).with_state(app);
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
@@ -154,6 +190,7 @@ async fn items(app: &CatalogApp) -> axum::response::Response {
             Err(status) => {
                 app.counters.failed();
                 let message = format!("inventory: {}: {}", status.code(), status.message());
+                tracing::warn!(instance = %app.instance, "GET /items failed: {message}");
                 return (StatusCode::BAD_GATEWAY, message).into_response();
             }
         }
@@ -175,20 +212,20 @@ pub struct Page {
 struct FrontendApp {
     instance: String,
     counters: Arc<Counters>,
-    outbound: SocketAddr,
+    calls: Calls,
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
 }
 
-/// Serves the frontend on `listener`, calling catalog through the sidecar at `outbound`.
+/// Serves the frontend on `listener`, calling catalog as `calls` says.
 pub async fn frontend(
     listener: TcpListener,
     instance: String,
-    outbound: SocketAddr,
+    calls: Calls,
     counters: Arc<Counters>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let client = Client::builder(TokioExecutor::new()).build_http();
-    let app = FrontendApp { instance, counters, outbound, client };
+    let app = FrontendApp { instance, counters, calls, client };
     let router = Router::new().route("/", get(page)).route("/healthz", get(|| async { "ok" })).with_state(app);
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
     Ok(())
@@ -201,7 +238,7 @@ async fn page(State(app): State<FrontendApp>, headers: HeaderMap) -> axum::respo
     if let Some(canary) = headers.get(CANARY_HEADER) {
         forwarded.insert(CANARY_HEADER, canary.clone());
     }
-    match get_json::<Items>(&app.client, app.outbound, "catalog", "/items", forwarded).await {
+    match get_json::<Items>(&app.client, app.calls, "catalog", "/items", forwarded).await {
         Ok(reply) => {
             app.counters.served();
             let catalog_version = reply.headers.get(VERSION_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("unknown");
@@ -213,6 +250,7 @@ async fn page(State(app): State<FrontendApp>, headers: HeaderMap) -> axum::respo
             if error.is_injected() {
                 app.counters.injected.fetch_add(1, Ordering::Relaxed);
             }
+            tracing::warn!(instance = %app.instance, "GET / failed: catalog: {error}");
             (StatusCode::BAD_GATEWAY, format!("catalog: {error}")).into_response()
         }
     }
@@ -250,16 +288,15 @@ pub struct Reply<T> {
     pub headers: HeaderMap,
 }
 
-/// GETs `path` of `service` with `headers` through the sidecar at `outbound`, naming the service
-/// in `Host`.
+/// GETs `path` of `service` with `headers` as `calls` says, naming the service in `Host`.
 pub async fn get_json<T: for<'de> Deserialize<'de>>(
     client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
-    outbound: SocketAddr,
+    calls: Calls,
     service: &str,
     path: &str,
     headers: HeaderMap,
 ) -> Result<Reply<T>, CallError> {
-    let mut request = http::Request::get(format!("http://{outbound}{path}"))
+    let mut request = http::Request::get(calls.url(service, path))
         .header(http::header::HOST, service)
         .body(Empty::new())
         .map_err(|e| CallError::Status { status: StatusCode::BAD_REQUEST, body: e.to_string(), mesh_error: None })?;

@@ -8,11 +8,14 @@
 //! - `inventory` (gRPC) answers `ferry.demo.v1.Inventory/GetStock`.
 //!
 //! `examples/routes/` holds the routing scenarios `ferry-demo --scenario` applies.
+//! `ferry-demo app NAME` runs one app alone, calling the others by their plain names
+//! ([`standalone`]), as `examples/intercept-demo.sh` does behind intercepting sidecars.
 
 #![forbid(unsafe_code)]
 
 pub mod apps;
 pub mod demo;
+pub mod standalone;
 
 /// Generated code of `ferry.demo.v1`.
 #[allow(clippy::all, clippy::unwrap_used, missing_docs)]

@@ -1,9 +1,13 @@
-//! `ferry-demo`: runs Ferry's three-service demo; see [`ferry_examples::demo`].
+//! `ferry-demo`: runs Ferry's three-service demo; see [`ferry_examples::demo`]. `ferry-demo app
+//! NAME` runs one of its apps alone; see [`ferry_examples::standalone`].
 
 use std::{process::ExitCode, time::Duration};
 
 use clap::Parser;
-use ferry_examples::demo::{self, process, scenario::Scenario};
+use ferry_examples::{
+    demo::{self, process, scenario::Scenario},
+    standalone::{self, AppArgs},
+};
 
 /// Runs a control plane, the services frontend, catalog and inventory (2 replicas each unless
 /// --replicas says otherwise) with a sidecar per instance, and traffic through them, with a live
@@ -56,6 +60,10 @@ use ferry_examples::demo::{self, process, scenario::Scenario};
 ///
 ///   lockdown: no request through frontend failed, and every direct call from the client
 ///   sidecar to catalog was refused with 403 forbidden (at least one was made).
+///
+/// `ferry-demo app inventory|catalog|frontend` runs one of the apps alone, calling the services
+/// it depends on by their plain names, for a sidecar that intercepts its connections
+/// (examples/intercept-demo.sh runs them so); see `ferry-demo app --help`.
 #[derive(Debug, Parser)]
 #[command(name = "ferry-demo", version)]
 struct Args {
@@ -88,6 +96,10 @@ fn main() -> ExitCode {
         Some(process::SIDECAR) => {
             process::exit_with_parent();
             return ferry_sidecar::main_with_args(std::iter::once("ferry-sidecar".into()).chain(argv.skip(1)));
+        }
+        Some("app") => {
+            let argv = std::iter::once("ferry-demo app".into()).chain(argv.skip(1));
+            return ferry_runtime::main(argv, |args: &AppArgs| args.log.clone(), standalone::run);
         }
         _ => {}
     }

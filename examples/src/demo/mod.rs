@@ -516,13 +516,13 @@ async fn start_instance(
         check,
     ]));
     let sidecar = Process::start(SIDECAR, &format!("{id}-sidecar"), &flags, logs).await?;
-    let outbound = sidecar.addr("outbound")?;
+    let calls = apps::Calls::Sidecar(sidecar.addr("outbound")?);
     let counters = Arc::new(Counters::default());
     let stop = shutdown.clone().cancelled_owned();
     let task = match service {
         "inventory" => tokio::spawn(apps::inventory(listener, id.clone(), counters.clone(), stop)),
-        "catalog" => tokio::spawn(apps::catalog(listener, id.clone(), version, outbound, counters.clone(), stop)),
-        _ => tokio::spawn(apps::frontend(listener, id.clone(), outbound, counters.clone(), stop)),
+        "catalog" => tokio::spawn(apps::catalog(listener, id.clone(), version, calls, counters.clone(), stop)),
+        _ => tokio::spawn(apps::frontend(listener, id.clone(), calls, counters.clone(), stop)),
     };
     let name = id.clone();
     tokio::spawn(async move {

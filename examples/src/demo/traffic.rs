@@ -23,7 +23,7 @@ use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::apps::{self, CANARY_HEADER, CallError, Page, Reply};
+use crate::apps::{self, CANARY_HEADER, CallError, Calls, Page, Reply};
 
 /// One request in this many carries `x-canary: true`.
 pub const CANARY_EVERY: u64 = 5;
@@ -215,7 +215,7 @@ pub async fn drive(
                 headers.insert(CANARY_HEADER, HeaderValue::from_static("true"));
             }
             let started = Instant::now();
-            let result = apps::get_json::<Page>(&http, outbound, "frontend", "/", headers).await;
+            let result = apps::get_json::<Page>(&http, Calls::Sidecar(outbound), "frontend", "/", headers).await;
             traffic.record(&window, canary, started.elapsed(), result);
             drop(permit);
         });
@@ -225,7 +225,7 @@ pub async fn drive(
 /// Calls catalog straight from the client sidecar, as a service other than frontend would.
 async fn probe(http: &HttpClient, outbound: SocketAddr, traffic: &Traffic) {
     let window = traffic.window();
-    let result = apps::get_json::<serde_json::Value>(http, outbound, "catalog", "/items", HeaderMap::new()).await;
+    let result = apps::get_json::<serde_json::Value>(http, Calls::Sidecar(outbound), "catalog", "/items", HeaderMap::new()).await;
     let mut probes = lock(&window.probes);
     match result {
         Ok(_) => probes.answered += 1,
