@@ -1,7 +1,8 @@
 //! Building the records of a response from what the directory holds.
 //!
 //! Everything here is synchronous and deterministic (the rotation offset is an argument), so the
-//! shape of every answer is unit-tested without sockets.
+//! shape of every answer is unit-tested without sockets. An intercepting server also relays
+//! upstream answers ([`Answer::relayed`]) in the same shape.
 //!
 //! Negative answers follow RFC 2308: NXDOMAIN (the name does not exist) and NODATA (the name
 //! exists, the type does not) both carry the zone's SOA in the authority section, and a resolver
@@ -11,7 +12,7 @@
 use std::{collections::HashSet, net::IpAddr, time::Duration};
 
 use hickory_proto::{
-    op::ResponseCode,
+    op::{Message, ResponseCode},
     rr::{
         Name, RData, Record, RecordType,
         rdata::{A, AAAA, SOA, SRV},
@@ -41,9 +42,11 @@ pub(crate) struct Answer {
     pub(crate) code: ResponseCode,
     /// Whether this server is the authority for the name (the AA bit).
     pub(crate) authoritative: bool,
+    /// The AD bit: set only when relayed from an upstream that set it.
+    pub(crate) authentic_data: bool,
     pub(crate) answers: Vec<Record>,
-    /// The zone's SOA, in the authority section of negative answers.
-    pub(crate) soa: Option<Record>,
+    /// The zone's SOA in negative answers, or what an upstream put in its authority section.
+    pub(crate) authorities: Vec<Record>,
     pub(crate) additionals: Vec<Record>,
 }
 
@@ -58,8 +61,28 @@ impl Answer {
         Self::error(ResponseCode::ServFail)
     }
 
+    /// An upstream resolver's `response`, relayed as it came: code, AA and AD bits, and the
+    /// three record sections (its OPT record is not among them: hickory decodes that apart).
+    pub(crate) fn relayed(response: Message) -> Self {
+        Self {
+            code: response.metadata.response_code,
+            authoritative: response.metadata.authoritative,
+            authentic_data: response.metadata.authentic_data,
+            answers: response.answers,
+            authorities: response.authorities,
+            additionals: response.additionals,
+        }
+    }
+
     fn error(code: ResponseCode) -> Self {
-        Self { code, authoritative: false, answers: Vec::new(), soa: None, additionals: Vec::new() }
+        Self {
+            code,
+            authoritative: false,
+            authentic_data: false,
+            answers: Vec::new(),
+            authorities: Vec::new(),
+            additionals: Vec::new(),
+        }
     }
 }
 
@@ -87,17 +110,18 @@ impl Zone {
 
     /// The name exists but has no records of the asked type (RFC 2308 section 2.2).
     pub(crate) fn nodata(&self) -> Answer {
-        Answer {
-            code: ResponseCode::NoError,
-            authoritative: true,
-            answers: Vec::new(),
-            soa: Some(self.soa.clone()),
-            additionals: Vec::new(),
-        }
+        Answer { authorities: vec![self.soa.clone()], ..Self::records(Vec::new(), Vec::new()) }
     }
 
     fn records(answers: Vec<Record>, additionals: Vec<Record>) -> Answer {
-        Answer { code: ResponseCode::NoError, authoritative: true, answers, soa: None, additionals }
+        Answer {
+            code: ResponseCode::NoError,
+            authoritative: true,
+            authentic_data: false,
+            answers,
+            authorities: Vec::new(),
+            additionals,
+        }
     }
 
     /// `ferry.`: its SOA, and nothing else.
@@ -108,14 +132,25 @@ impl Zone {
         }
     }
 
-    /// `HEX.addr.ferry.`: the address it spells, as A or AAAA.
-    pub(crate) fn addr(&self, qname: &Name, qtype: RecordType, ip: IpAddr) -> Answer {
+    /// A name that stands for one address (`HEX.addr.ferry.`, a service's virtual IP): A or
+    /// AAAA by the address's family (and ANY), NODATA for every other type.
+    pub(crate) fn address(&self, qname: &Name, qtype: RecordType, ip: IpAddr) -> Answer {
         let wanted =
             matches!((qtype, ip), (RecordType::A, IpAddr::V4(_)) | (RecordType::AAAA, IpAddr::V6(_)) | (RecordType::ANY, _));
         if !wanted {
             return self.nodata();
         }
         Self::records(vec![self.address_record(qname.clone(), ip)], Vec::new())
+    }
+
+    /// A service's virtual IP under a name outside `ferry.` (the bare `NAME.` or a search-domain
+    /// spelling), which an intercepting server answers: as [`Zone::address`], but a NODATA
+    /// carries no SOA. The SOA of `ferry.` would not be an ancestor of the name, so caches would
+    /// drop it (RFC 2181 section 5.4.1 bailiwick rules), and no SOA of the search domain is ours
+    /// to give; without one the absence is not cached (RFC 2308 section 5), which costs nothing
+    /// on the app's own host.
+    pub(crate) fn outside_address(&self, qname: &Name, qtype: RecordType, ip: IpAddr) -> Answer {
+        Answer { authorities: Vec::new(), ..self.address(qname, qtype, ip) }
     }
 
     /// `[TAG.]NAME.service.ferry.`: the service's routable `endpoints` (those of version `tag`,
@@ -287,8 +322,8 @@ mod tests {
     }
 
     fn soa_minimum(answer: &Answer) -> Option<u32> {
-        match answer.soa.as_ref().map(|soa| &soa.data) {
-            Some(RData::SOA(soa)) => Some(soa.minimum),
+        match answer.authorities.as_slice() {
+            [Record { data: RData::SOA(soa), .. }] => Some(soa.minimum),
             _ => None,
         }
     }
@@ -300,7 +335,7 @@ mod tests {
         assert!(answer.authoritative);
         assert_eq!(addresses_of(&answer.answers), [ip("10.0.0.1"), ip("10.0.0.2")]);
         assert!(answer.answers.iter().all(|r| r.ttl == 7 && r.name == qname()));
-        assert_eq!(answer.soa, None);
+        assert!(answer.authorities.is_empty());
     }
 
     #[test]
@@ -378,17 +413,34 @@ mod tests {
         let answer = zone().nxdomain();
         assert_eq!(answer.code, ResponseCode::NXDomain);
         assert_eq!(soa_minimum(&answer), Some(3));
-        assert_eq!(answer.soa.as_ref().map(|soa| soa.ttl), Some(3));
-        assert_eq!(answer.soa.as_ref().map(|soa| soa.name.to_ascii()), Some("ferry.".to_owned()));
+        assert_eq!(answer.authorities.first().map(|soa| soa.ttl), Some(3));
+        assert_eq!(answer.authorities.first().map(|soa| soa.name.to_ascii()), Some("ferry.".to_owned()));
     }
 
     #[test]
-    fn addr_answers_only_its_family() {
+    fn addresses_answer_only_their_family() {
         let zone = zone();
         let name = Name::from_ascii("0a000001.addr.ferry.").expect("valid");
-        let answer = zone.addr(&name, RecordType::A, ip("10.0.0.1"));
+        let answer = zone.address(&name, RecordType::A, ip("10.0.0.1"));
         assert_eq!(addresses_of(&answer.answers), [ip("10.0.0.1")]);
-        assert_eq!(zone.addr(&name, RecordType::AAAA, ip("10.0.0.1")), zone.nodata());
+        assert_eq!(zone.address(&name, RecordType::AAAA, ip("10.0.0.1")), zone.nodata());
+        assert_eq!(zone.address(&name, RecordType::SRV, ip("10.0.0.1")), zone.nodata());
+        let v6 = zone.address(&name, RecordType::AAAA, ip("fd00::1"));
+        assert_eq!(addresses_of(&v6.answers), [ip("fd00::1")]);
+        assert_eq!(zone.address(&name, RecordType::A, ip("fd00::1")), zone.nodata());
+        assert_eq!(addresses_of(&zone.address(&name, RecordType::ANY, ip("fd00::1")).answers), [ip("fd00::1")]);
+    }
+
+    #[test]
+    fn names_outside_the_zone_get_nodata_without_soa() {
+        let zone = zone();
+        let name = Name::from_ascii("catalog.").expect("valid");
+        let answer = zone.outside_address(&name, RecordType::A, ip("240.240.0.1"));
+        assert_eq!(addresses_of(&answer.answers), [ip("240.240.0.1")]);
+        assert!(answer.answers.iter().all(|r| r.ttl == 7 && r.name == name));
+        let nodata = zone.outside_address(&name, RecordType::AAAA, ip("240.240.0.1"));
+        assert_eq!((nodata.code, nodata.answers.len(), nodata.authorities.len()), (ResponseCode::NoError, 0, 0));
+        assert!(nodata.authoritative);
     }
 
     #[test]

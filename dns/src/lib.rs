@@ -1,5 +1,5 @@
 //! Ferry's DNS interface: answers for the mesh's names so that apps which only know how to
-//! resolve a host name can still find a service's routable instances.
+//! resolve a host name can still find a service's routable instances or its virtual IP.
 //!
 //! The control plane answers from its registry and the sidecar from the config it holds; both
 //! implement [`Directory`] and hand it to [`serve`], which runs hickory-server on a UDP socket and
@@ -10,7 +10,10 @@
 //! | `NAME.service.ferry.` | A, AAAA | the routable instances with an IPv4 / IPv6 address, rotated per query |
 //! | `TAG.NAME.service.ferry.` | A, AAAA | the same, only instances whose `version` label is TAG (e.g. `v2`) |
 //! | either of the above | SRV | every routable instance: priority 1, weight 1, its port, target `HEX.addr.ferry.` (with its A/AAAA as additional) or its host name |
+//! | `NAME.vip.ferry.` | A, AAAA | the service's virtual IP, as A or AAAA by its family (NODATA for the other family); NXDOMAIN when there is no such service, NODATA when it has no virtual IP yet, SERVFAIL when the directory cannot tell |
 //! | `HEX.addr.ferry.` | A, AAAA | the address spelled by 8 (IPv4) or 32 (IPv6) hex digits |
+//! | `ferry.` | SOA | the zone's SOA |
+//! | `service.ferry.`, `vip.ferry.`, `addr.ferry.` | any | NODATA: they exist only as parents |
 //!
 //! Instances registered with a host name rather than an IP literal have no address this server
 //! could give, so they are left out of A and AAAA answers and appear only as SRV targets.
@@ -22,14 +25,36 @@
 //! [`DnsConfig::negative_ttl`], which bounds how long resolvers cache the absence. Names outside
 //! `ferry.` are REFUSED: this server is not a recursive resolver. Names are case-insensitive.
 //!
-//! Answers too large for UDP are truncated with the TC bit set (RFC 1035 section 4.2.1, or the
-//! payload size the client advertises with EDNS, RFC 6891), so resolvers retry over TCP, which
-//! carries the full answer. hickory-server does this when it encodes a UDP response; see the
-//! `handler` module for the details and `tests/serve.rs` for the proof.
+//! An intercepting sidecar is the exception: iptables redirect its app's port-53 queries to it,
+//! so it is the app's only resolver, and it serves with [`serve_intercepting`]. There a mesh
+//! service's name stands for its virtual IP, so that every connection to the service goes
+//! through the sidecar's balancer, and every other name is forwarded:
+//!
+//! | name | types | answer |
+//! |---|---|---|
+//! | `NAME.service.ferry.`, `NAME.vip.ferry.` | A, AAAA | the virtual IP by its family, NODATA for the other family and every other type (but SRV of `NAME.service.ferry.`); a service without a virtual IP keeps its instances under `NAME.service.ferry.` |
+//! | `NAME.service.ferry.`, `TAG.NAME.service.ferry.` | SRV; A, AAAA | the instances, as above |
+//! | the bare `NAME.`, and `NAME.S.`, `NAME.service.ferry.S.`, `NAME.vip.ferry.S.` for each search domain S of resolv.conf | any | for a service with a virtual IP: the virtual IP by its family, NODATA (without SOA) for every other type, at once; for any other NAME, forwarded |
+//! | any other name under `ferry.` | any | as without interception: never forwarded |
+//! | every other name | any | forwarded to the upstream resolvers, the answer relayed (rcode and sections); SERVFAIL when none answers or none is configured |
+//!
+//! Whether a bare name is a service is asked of [`Directory::virtual_ip`] only, which a sidecar
+//! answers from its mesh-wide address table: the names an app looks up cost no subscription.
+//!
+//! Answers too large for UDP, relayed ones too, are truncated with the TC bit set (RFC 1035
+//! section 4.2.1, or the payload size the client advertises with EDNS, RFC 6891), so resolvers
+//! retry over TCP, which carries the full answer. hickory-server does this when it encodes a UDP
+//! response; see the `handler` module for the details and `tests/serve.rs` for the proof.
 
 #![forbid(unsafe_code)]
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use futures::future::BoxFuture;
 use hickory_server::Server;
@@ -37,10 +62,20 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 mod answer;
+mod forward;
 mod handler;
 mod name;
+mod resolv_conf;
+mod respond;
 
-pub use handler::{LOOKUP_TIMEOUT, MAX_CONCURRENT_LOOKUPS};
+pub use forward::{MAX_CONCURRENT_FORWARDS, UPSTREAM_TIMEOUT};
+pub use respond::{LOOKUP_TIMEOUT, MAX_CONCURRENT_LOOKUPS};
+
+use crate::{
+    forward::Forwarder,
+    resolv_conf::ResolvConf,
+    respond::{Intercept, Responder},
+};
 
 /// How long a TCP connection may stay idle between queries before the server closes it.
 pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -100,6 +135,10 @@ pub trait Directory: Send + Sync + 'static {
 
     /// The virtual IP of `service`, for `NAME.vip.ferry.`. A directory without virtual IPs
     /// answers that no service has one.
+    ///
+    /// An intercepting server also asks it whether each bare name the app looks up (and each
+    /// search-domain spelling of one) is a service, so there it must be quick and must not
+    /// subscribe to anything: most such names are not the mesh's.
     fn virtual_ip(&self, service: &str) -> BoxFuture<'_, VirtualIpLookup> {
         let _ = service;
         Box::pin(std::future::ready(VirtualIpLookup::NoSuchService))
@@ -120,6 +159,27 @@ pub struct DnsConfig {
 impl Default for DnsConfig {
     fn default() -> Self {
         Self { ttl: Duration::from_secs(5), negative_ttl: Duration::from_secs(5) }
+    }
+}
+
+/// How an intercepting server ([`serve_intercepting`]) reaches beyond the mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterceptConfig {
+    /// The resolvers that names outside the mesh are forwarded to, tried in order; when empty,
+    /// the `nameserver`s of [`InterceptConfig::resolv_conf`].
+    pub upstreams: Vec<SocketAddr>,
+    /// The resolver config of the app's host (default /etc/resolv.conf), read once when the
+    /// server starts: its `search` (or `domain`) list gives the spellings under which the app's
+    /// resolver asks for mesh names, and its nameservers are the upstreams unless
+    /// [`InterceptConfig::upstreams`] names some.
+    pub resolv_conf: PathBuf,
+    /// How long each upstream may take to answer before the next is tried.
+    pub upstream_timeout: Duration,
+}
+
+impl Default for InterceptConfig {
+    fn default() -> Self {
+        Self { upstreams: Vec::new(), resolv_conf: PathBuf::from("/etc/resolv.conf"), upstream_timeout: UPSTREAM_TIMEOUT }
     }
 }
 
@@ -149,7 +209,63 @@ pub async fn serve(
     config: DnsConfig,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    let responder = handler::Responder::new(directory, &config);
+    run(udp, tcp, Responder::new(directory, &config, None), shutdown).await
+}
+
+/// Serves DNS as the only resolver of an app whose port-53 traffic is redirected to `udp` and
+/// `tcp`, until `shutdown` is cancelled: the `ferry.` zone as [`serve`] does, mesh services'
+/// names as their virtual IPs, and every other name forwarded upstream (see the crate docs).
+///
+/// A resolv.conf that cannot be read costs the search-domain spellings (and, without
+/// [`InterceptConfig::upstreams`], every outside name: SERVFAIL), not the server: it is logged.
+pub async fn serve_intercepting(
+    udp: UdpSocket,
+    tcp: TcpListener,
+    directory: Arc<dyn Directory>,
+    config: DnsConfig,
+    intercept: InterceptConfig,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let resolv_conf = read_resolv_conf(&intercept.resolv_conf).await;
+    let own = udp.local_addr()?;
+    let configured = if intercept.upstreams.is_empty() { resolv_conf.nameservers } else { intercept.upstreams };
+    let (upstreams, loops): (Vec<SocketAddr>, Vec<SocketAddr>) =
+        configured.into_iter().partition(|upstream| !is_own_address(*upstream, own));
+    if !loops.is_empty() {
+        tracing::warn!(?loops, "DNS upstreams left out: they are this server itself, and would send queries back to it");
+    }
+    if upstreams.is_empty() {
+        tracing::warn!(
+            resolv_conf = %intercept.resolv_conf.display(),
+            "no DNS upstream: none configured and no usable nameserver in the resolver config; \
+             names outside the mesh will be answered SERVFAIL"
+        );
+    } else {
+        let search: Vec<String> = resolv_conf.search.iter().map(ToString::to_string).collect();
+        tracing::info!(?upstreams, ?search, "DNS intercepting: mesh names answered, other names forwarded");
+    }
+    let intercept = Intercept { search: resolv_conf.search, forwarder: Forwarder::new(upstreams, intercept.upstream_timeout) };
+    run(udp, tcp, Responder::new(directory, &config, Some(intercept)), shutdown).await
+}
+
+/// The resolver config at `path`, or an empty one (logged) when it cannot be read.
+async fn read_resolv_conf(path: &Path) -> ResolvConf {
+    match ResolvConf::read(path).await {
+        Ok(conf) => conf,
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "cannot read the resolver config: no search domains, no nameservers from it");
+            ResolvConf::default()
+        }
+    }
+}
+
+/// Whether `upstream` is the server listening on `own`: the same address, or the same port on
+/// a loopback address when the server listens on every address.
+fn is_own_address(upstream: SocketAddr, own: SocketAddr) -> bool {
+    upstream == own || (own.ip().is_unspecified() && upstream.port() == own.port() && upstream.ip().is_loopback())
+}
+
+async fn run(udp: UdpSocket, tcp: TcpListener, responder: Responder, shutdown: CancellationToken) -> io::Result<()> {
     let mut server = Server::new(handler::DnsHandler::new(responder));
     server.register_socket(udp);
     server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);

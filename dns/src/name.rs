@@ -7,12 +7,17 @@
 //! service.ferry.                  empty non-terminal
 //! NAME.service.ferry.             a service: A, AAAA, SRV
 //! TAG.NAME.service.ferry.         the service's instances whose `version` is TAG
+//! vip.ferry.                      empty non-terminal
+//! NAME.vip.ferry.                 the service's virtual IP
 //! addr.ferry.                     empty non-terminal
 //! HEX.addr.ferry.                 an IP address spelled in hex, the target of SRV records
 //! ```
 //!
 //! Everything else under `ferry.` does not exist (NXDOMAIN); names outside it are not ours
-//! (REFUSED). Parsing works on hickory's [`LowerName`], so names are already case-folded.
+//! (REFUSED), except to an intercepting server, which is the app's only resolver: there
+//! [`outside_service`] tells which of them may be a mesh service's name (the bare `NAME.` and
+//! its search-domain spellings). Parsing works on hickory's [`LowerName`], so names are already
+//! case-folded.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -22,6 +27,8 @@ use hickory_proto::rr::{LowerName, Name};
 pub(crate) const ZONE_LABEL: &[u8] = b"ferry";
 /// The label under which services live, `service.ferry.`.
 const SERVICE_LABEL: &[u8] = b"service";
+/// The label under which services' virtual IPs live, `vip.ferry.`.
+const VIP_LABEL: &[u8] = b"vip";
 /// The label under which hex-encoded addresses live, `addr.ferry.`.
 const ADDR_LABEL: &[u8] = b"addr";
 /// The longest service name: one DNS label (RFC 1035 section 2.3.4).
@@ -34,7 +41,8 @@ pub(crate) enum MeshName {
     OutOfZone,
     /// `ferry.` itself.
     Apex,
-    /// A name that exists only because names below it do (`service.ferry.`, `addr.ferry.`).
+    /// A name that exists only because names below it do (`service.ferry.`, `vip.ferry.`,
+    /// `addr.ferry.`).
     EmptyNonTerminal,
     /// `NAME.service.ferry.` or `TAG.NAME.service.ferry.`.
     Service {
@@ -42,6 +50,11 @@ pub(crate) enum MeshName {
         name: String,
         /// The `version` that instances must carry, when the name had a tag label.
         tag: Option<String>,
+    },
+    /// `NAME.vip.ferry.`: the service's virtual IP.
+    Vip {
+        /// The service name, a valid DNS label.
+        name: String,
     },
     /// `HEX.addr.ferry.`, decoded.
     Addr(IpAddr),
@@ -62,27 +75,53 @@ impl MeshName {
         };
         let rest: Vec<&[u8]> = labels.collect();
         match (kind, rest.as_slice()) {
-            (SERVICE_LABEL | ADDR_LABEL, []) => Self::EmptyNonTerminal,
+            (SERVICE_LABEL | VIP_LABEL | ADDR_LABEL, []) => Self::EmptyNonTerminal,
             (SERVICE_LABEL, [service]) => Self::service(service, None),
             (SERVICE_LABEL, [service, tag]) => Self::service(service, Some(tag)),
+            (VIP_LABEL, [service]) => service_name(service).map_or(Self::NotFound, |name| Self::Vip { name }),
             (ADDR_LABEL, [hex]) => decode_addr(hex).map_or(Self::NotFound, Self::Addr),
             _ => Self::NotFound,
         }
     }
 
     fn service(name: &[u8], tag: Option<&[u8]>) -> Self {
-        if !is_service_label(name) {
+        let Some(name) = service_name(name) else {
             return Self::NotFound;
-        }
+        };
         let tag = match tag.map(std::str::from_utf8) {
             None => None,
             Some(Ok(tag)) => Some(tag.to_owned()),
             // A version label is a string; bytes that are not UTF-8 can never match one.
             Some(Err(_)) => return Self::NotFound,
         };
-        // `is_service_label` admitted only ASCII, so this cannot lose anything.
-        Self::Service { name: String::from_utf8_lossy(name).into_owned(), tag }
+        Self::Service { name, tag }
     }
+}
+
+/// The mesh service that `name`, outside `ferry.`, may stand for when the server is the app's
+/// only resolver: the bare `NAME.`, or `NAME`, `NAME.service.ferry` or `NAME.vip.ferry` under
+/// one of the `search` domains. A resolver walking its search list asks the latter spellings
+/// first (`catalog.default.svc.cluster.local.` for `catalog`); whether NAME is a service is for
+/// the directory to say.
+pub(crate) fn outside_service(name: &LowerName, search: &[LowerName]) -> Option<String> {
+    let labels: Vec<&[u8]> = name.iter().collect();
+    if let [bare] = labels.as_slice() {
+        return service_name(bare);
+    }
+    search.iter().filter(|domain| !domain.is_root() && domain.zone_of(name)).find_map(|domain| {
+        // `iter().count()`, not `num_labels()`, which leaves out a leading `*`.
+        let under = labels.len().checked_sub(domain.iter().count())?;
+        match &labels[..under] {
+            [service] | [service, SERVICE_LABEL | VIP_LABEL, ZONE_LABEL] => service_name(service),
+            _ => None,
+        }
+    })
+}
+
+/// `label` as a service name, when it is one.
+fn service_name(label: &[u8]) -> Option<String> {
+    // `is_service_label` admits only ASCII, so the conversion cannot lose anything.
+    is_service_label(label).then(|| String::from_utf8_lossy(label).into_owned())
 }
 
 /// Whether `label` is a service name: 1 to 63 lowercase letters, digits and inner '-', the
@@ -154,9 +193,58 @@ mod tests {
         assert_eq!(parse("ferry."), MeshName::Apex);
         assert_eq!(parse("service.ferry."), MeshName::EmptyNonTerminal);
         assert_eq!(parse("addr.ferry."), MeshName::EmptyNonTerminal);
+        assert_eq!(parse("vip.ferry."), MeshName::EmptyNonTerminal);
         assert_eq!(parse("www.ferry."), MeshName::NotFound);
+        assert_eq!(parse("v2.catalog.vip.ferry."), MeshName::NotFound);
         assert_eq!(parse("a.b.catalog.service.ferry."), MeshName::NotFound);
         assert_eq!(parse("x.0a000001.addr.ferry."), MeshName::NotFound);
+    }
+
+    #[test]
+    fn vip_names() {
+        let vip = |name: &str| MeshName::Vip { name: name.to_owned() };
+        assert_eq!(parse("catalog.vip.ferry."), vip("catalog"));
+        assert_eq!(parse("Catalog.VIP.ferry."), vip("catalog"));
+        assert_eq!(parse("cat_alog.vip.ferry."), MeshName::NotFound);
+        assert_eq!(parse("-catalog.vip.ferry."), MeshName::NotFound);
+    }
+
+    fn outside(name: &str, search: &[&str]) -> Option<String> {
+        let lower = |name: &str| LowerName::new(&Name::from_ascii(name).expect("test names are valid"));
+        let search: Vec<LowerName> = search.iter().map(|domain| lower(domain)).collect();
+        outside_service(&lower(name), &search)
+    }
+
+    #[test]
+    fn bare_names_and_search_spellings_may_be_services() {
+        let search = ["default.svc.cluster.local.", "svc.cluster.local.", "cluster.local."];
+        let catalog = Some("catalog".to_owned());
+        assert_eq!(outside("catalog.", &[]), catalog);
+        assert_eq!(outside("Catalog.", &search), catalog);
+        assert_eq!(outside("catalog.default.svc.cluster.local.", &search), catalog);
+        assert_eq!(outside("catalog.svc.cluster.local.", &search), catalog);
+        assert_eq!(outside("CATALOG.Cluster.Local.", &search), catalog);
+        assert_eq!(outside("catalog.service.ferry.default.svc.cluster.local.", &search), catalog);
+        assert_eq!(outside("catalog.vip.ferry.cluster.local.", &search), catalog);
+    }
+
+    #[test]
+    fn other_names_outside_the_zone_are_no_services() {
+        let search = ["default.svc.cluster.local.", "example.com."];
+        for name in [
+            "example.com.",
+            "www.example.org.",
+            "default.svc.cluster.local.",
+            "a.b.example.com.",
+            "v2.catalog.service.ferry.example.com.",
+            "catalog.other.ferry.example.com.",
+            "cat_alog.",
+            "cat_alog.example.com.",
+            "catalog.local.",
+        ] {
+            assert_eq!(outside(name, &search), None, "{name}");
+        }
+        assert_eq!(outside("catalog.example.com.", &["."]), None, "the root is no search domain");
     }
 
     #[test]

@@ -1,17 +1,20 @@
-//! End-to-end tests of [`ferry_dns::serve`] on loopback sockets.
+//! End-to-end tests of [`ferry_dns::serve`] and [`ferry_dns::serve_intercepting`] on loopback
+//! sockets.
 //!
 //! Each test starts a server on 127.0.0.1 port 0 (UDP and TCP) over an in-memory directory and
 //! queries it either with hickory-resolver, as an app's resolver would, or with hand-built
 //! hickory-proto messages where the exact header bits and sections matter (RCODE, TC, SOA).
+//! An intercepting server forwards to a fake upstream resolver, on loopback too.
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
     sync::Arc,
     time::Duration,
 };
 
-use ferry_dns::{Directory, DnsConfig, DnsEndpoint, Lookup};
+use ferry_dns::{Directory, DnsConfig, DnsEndpoint, InterceptConfig, Lookup, VirtualIpLookup};
 use futures::{FutureExt, future::BoxFuture};
 use hickory_resolver::{
     Resolver, TokioResolver,
@@ -19,12 +22,15 @@ use hickory_resolver::{
     net::runtime::TokioRuntimeProvider,
     proto::{
         op::{Edns, Message, Query, ResponseCode},
-        rr::{Name, RData, Record, RecordType},
+        rr::{
+            Name, RData, Record, RecordType,
+            rdata::{A, SOA},
+        },
     },
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpStream, UdpSocket},
+    net::{TcpListener, TcpStream, UdpSocket},
     task::JoinHandle,
 };
 use tokio_util::sync::CancellationToken;
@@ -34,12 +40,21 @@ const DEADLINE: Duration = Duration::from_secs(10);
 const TTL: u32 = 7;
 const NEGATIVE_TTL: u32 = 3;
 
-/// A directory held in memory.
-struct Memory(HashMap<String, Vec<DnsEndpoint>>);
+/// A directory held in memory: services and their virtual IPs.
+struct Memory(HashMap<String, Vec<DnsEndpoint>>, HashMap<String, IpAddr>);
 
 impl Directory for Memory {
     fn lookup(&self, service: &str) -> BoxFuture<'_, Lookup> {
         futures::future::ready(Lookup::from(self.0.get(service).cloned())).boxed()
+    }
+
+    fn virtual_ip(&self, service: &str) -> BoxFuture<'_, VirtualIpLookup> {
+        let found = match (self.1.get(service), self.0.contains_key(service)) {
+            (Some(ip), _) => VirtualIpLookup::Assigned(*ip),
+            (None, true) => VirtualIpLookup::Unassigned,
+            (None, false) => VirtualIpLookup::NoSuchService,
+        };
+        futures::future::ready(found).boxed()
     }
 }
 
@@ -47,8 +62,9 @@ fn endpoint(id: &str, address: &str, port: u16, version: Option<&str>) -> DnsEnd
     DnsEndpoint { id: id.to_owned(), address: address.to_owned(), port, version: version.map(str::to_owned) }
 }
 
-/// `catalog` with two v1 and one v2 IPv4 instances, one IPv6 and one host-name instance;
-/// `empty` registered with nothing routable; `big` with 100 instances.
+/// `catalog` with two v1 and one v2 IPv4 instances, one IPv6 and one host-name instance, and
+/// the virtual IP 240.240.0.1; `empty` registered with nothing routable and no virtual IP; `big`
+/// with 100 instances.
 fn directory() -> Memory {
     let mut services = HashMap::new();
     services.insert(
@@ -63,8 +79,12 @@ fn directory() -> Memory {
     );
     services.insert("empty".to_owned(), Vec::new());
     services.insert("big".to_owned(), (0..100u8).map(|i| endpoint(&format!("b{i}"), &format!("10.1.0.{i}"), 80, None)).collect());
-    Memory(services)
+    Memory(services, HashMap::from([("catalog".to_owned(), CATALOG_VIP)]))
 }
+
+const CATALOG_VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(240, 240, 0, 1));
+/// What the fake upstream answers for every name (but `missing.*` and `big.*`).
+const UPSTREAM_ANSWER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 99));
 
 /// A running server; cancelled when dropped.
 struct TestServer {
@@ -72,24 +92,50 @@ struct TestServer {
     tcp: SocketAddr,
     shutdown: CancellationToken,
     task: Option<JoinHandle<std::io::Result<()>>>,
+    /// A resolv.conf written for the server, removed with it.
+    resolv_conf: Option<PathBuf>,
 }
 
 impl TestServer {
     /// Binds both sockets before `serve` starts, so queries sent right away wait in the kernel
     /// queues: no readiness wait is needed.
     async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// An intercepting server, its resolv.conf holding `resolv_conf`.
+    async fn intercepting(resolv_conf: &str, intercept: InterceptConfig) -> Self {
+        let path = temp_path("resolv.conf");
+        std::fs::write(&path, resolv_conf).expect("write the test resolv.conf");
+        let mut server = Self::start_with(Some(InterceptConfig { resolv_conf: path.clone(), ..intercept })).await;
+        server.resolv_conf = Some(path);
+        server
+    }
+
+    async fn start_with(intercept: Option<InterceptConfig>) -> Self {
         // One port for both, as a resolver retrying a truncated answer over TCP expects.
         let (udp, tcp) = ferry_dns::bind("127.0.0.1:0".parse().expect("address")).await.expect("bind on loopback");
         let (udp_addr, tcp_addr) = (udp.local_addr().expect("UDP address"), tcp.local_addr().expect("TCP address"));
         let config = DnsConfig { ttl: Duration::from_secs(TTL.into()), negative_ttl: Duration::from_secs(NEGATIVE_TTL.into()) };
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(ferry_dns::serve(udp, tcp, Arc::new(directory()), config, shutdown.clone()));
-        Self { udp: udp_addr, tcp: tcp_addr, shutdown, task: Some(task) }
+        let directory = Arc::new(directory());
+        let task = match intercept {
+            None => tokio::spawn(ferry_dns::serve(udp, tcp, directory, config, shutdown.clone())),
+            Some(intercept) => {
+                tokio::spawn(ferry_dns::serve_intercepting(udp, tcp, directory, config, intercept, shutdown.clone()))
+            }
+        };
+        Self { udp: udp_addr, tcp: tcp_addr, shutdown, task: Some(task), resolv_conf: None }
     }
 
     /// A resolver that asks only this server, over UDP first and TCP when truncated, without a
     /// cache so that every lookup reaches the server.
     fn resolver(&self) -> TokioResolver {
+        self.resolver_searching(Vec::new())
+    }
+
+    /// The same, with `search` domains, as an app's resolver reads them from resolv.conf.
+    fn resolver_searching(&self, search: Vec<Name>) -> TokioResolver {
         let mut udp = ConnectionConfig::udp();
         udp.port = self.udp.port();
         let mut tcp = ConnectionConfig::tcp();
@@ -98,17 +144,22 @@ impl TestServer {
         let mut options = ResolverOpts::default();
         options.cache_size = 0;
         options.timeout = Duration::from_secs(2);
-        Resolver::builder_with_config(ResolverConfig::from_name_servers(vec![server]), TokioRuntimeProvider::default())
+        Resolver::builder_with_config(ResolverConfig::from_parts(None, search, vec![server]), TokioRuntimeProvider::default())
             .with_options(options)
             .build()
             .expect("resolver config is valid")
     }
 
     async fn udp(&self, name: &str, qtype: RecordType, edns_payload: Option<u16>) -> Message {
+        self.udp_within(name, qtype, edns_payload, DEADLINE).await
+    }
+
+    /// `udp`, failing unless the answer comes within `deadline`.
+    async fn udp_within(&self, name: &str, qtype: RecordType, edns_payload: Option<u16>, deadline: Duration) -> Message {
         let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind client UDP");
         socket.send_to(&query(name, qtype, edns_payload), self.udp).await.expect("send UDP query");
         let mut buf = vec![0; 65_535];
-        let len = tokio::time::timeout(DEADLINE, socket.recv(&mut buf)).await.expect("UDP answer in time").expect("recv");
+        let len = tokio::time::timeout(deadline, socket.recv(&mut buf)).await.expect("UDP answer in time").expect("recv");
         assert!(len <= usize::from(edns_payload.unwrap_or(512).max(512)), "a {len}-byte UDP response exceeds the limit");
         Message::from_vec(&buf[..len]).expect("a well-formed response")
     }
@@ -133,7 +184,17 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        if let Some(path) = &self.resolv_conf {
+            let _ = std::fs::remove_file(path);
+        }
     }
+}
+
+/// A path in the test target's scratch directory, unique to this call.
+fn temp_path(name: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}-{n}-{name}", std::process::id()))
 }
 
 fn query(name: &str, qtype: RecordType, edns_payload: Option<u16>) -> Vec<u8> {
@@ -363,5 +424,230 @@ async fn dig_resolves_a_large_service() {
             .expect("run dig");
         assert!(output.status.success(), "dig {args:?}: {}", String::from_utf8_lossy(&output.stderr));
         assert_eq!(String::from_utf8_lossy(&output.stdout).lines().count(), 100, "dig {args:?}");
+    }
+}
+
+#[tokio::test]
+async fn vip_names_answer_the_virtual_ip() {
+    let server = TestServer::start().await;
+    let answers = resolve(&server.resolver(), "catalog.vip.ferry.", RecordType::A).await;
+    assert_eq!(addresses(&answers), [CATALOG_VIP]);
+    assert!(answers.iter().all(|record| record.ttl == TTL));
+    for (name, code) in [
+        ("catalog.vip.ferry.", ResponseCode::NoError),
+        ("empty.vip.ferry.", ResponseCode::NoError),
+        ("vip.ferry.", ResponseCode::NoError),
+        ("unknown.vip.ferry.", ResponseCode::NXDomain),
+    ] {
+        let qtype = if name == "catalog.vip.ferry." { RecordType::AAAA } else { RecordType::A };
+        let response = server.udp(name, qtype, None).await;
+        assert_eq!(response.metadata.response_code, code, "{qtype} {name}");
+        assert!(response.answers.is_empty(), "{qtype} {name}");
+        assert_eq!(soa_minimum_and_ttl(&response), Some((NEGATIVE_TTL, NEGATIVE_TTL)), "{qtype} {name}");
+    }
+    // Without interception, the service's name keeps its instances, and bare names are not ours.
+    let instances = resolve(&server.resolver(), "catalog.service.ferry.", RecordType::A).await;
+    assert_eq!(sorted(addresses(&instances)), ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
+    assert_eq!(server.udp("catalog.", RecordType::A, None).await.metadata.response_code, ResponseCode::Refused);
+}
+
+/// A stand-in upstream resolver on 127.0.0.1 (UDP and TCP on one port), served until dropped:
+/// `missing.*` is NXDOMAIN with an SOA; `big.*` is truncated over UDP and 100 A records over
+/// TCP; every other name has the A record [`UPSTREAM_ANSWER`]. `silent` answers nothing.
+struct FakeUpstream {
+    addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+    _silent: Option<(UdpSocket, TcpListener)>,
+}
+
+impl FakeUpstream {
+    async fn start() -> Self {
+        let (udp, tcp) = ferry_dns::bind("127.0.0.1:0".parse().expect("address")).await.expect("bind the fake upstream");
+        let addr = udp.local_addr().expect("address");
+        let udp_task = tokio::spawn(async move {
+            let mut buf = vec![0; 4096];
+            while let Ok((len, from)) = udp.recv_from(&mut buf).await {
+                if let Ok(request) = Message::from_vec(&buf[..len]) {
+                    let _ = udp.send_to(&upstream_response(&request, false).to_vec().expect("encode"), from).await;
+                }
+            }
+        });
+        let tcp_task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = tcp.accept().await {
+                let Ok(len) = stream.read_u16().await else { continue };
+                let mut buf = vec![0; usize::from(len)];
+                if stream.read_exact(&mut buf).await.is_err() {
+                    continue;
+                }
+                let Ok(request) = Message::from_vec(&buf) else { continue };
+                let bytes = upstream_response(&request, true).to_vec().expect("encode");
+                let len = u16::try_from(bytes.len()).expect("fits a TCP message");
+                let _ = stream.write_all(&[&len.to_be_bytes()[..], &bytes].concat()).await;
+            }
+        });
+        Self { addr, tasks: vec![udp_task, tcp_task], _silent: None }
+    }
+
+    async fn silent() -> Self {
+        let (udp, tcp) = ferry_dns::bind("127.0.0.1:0".parse().expect("address")).await.expect("bind the fake upstream");
+        Self { addr: udp.local_addr().expect("address"), tasks: Vec::new(), _silent: Some((udp, tcp)) }
+    }
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        self.tasks.iter().for_each(JoinHandle::abort);
+    }
+}
+
+fn upstream_response(request: &Message, over_tcp: bool) -> Message {
+    let mut response = Message::response(request.metadata.id, request.metadata.op_code);
+    response.metadata.recursion_available = true;
+    response.metadata.recursion_desired = request.metadata.recursion_desired;
+    response.queries = request.queries.clone();
+    let Some(query) = request.queries.first() else { return response };
+    let name = query.name().clone();
+    let first = name.iter().next().map(|label| label.to_ascii_lowercase());
+    let a = |ip: Ipv4Addr| Record::from_rdata(name.clone(), 60, RData::A(A(ip)));
+    match first.as_deref() {
+        Some(b"missing") => {
+            response.metadata.response_code = ResponseCode::NXDomain;
+            let zone = name.base_name();
+            let soa = SOA::new(zone.clone(), zone.clone(), 1, 60, 60, 60, 30);
+            response.authorities.push(Record::from_rdata(zone, 30, RData::SOA(soa)));
+        }
+        Some(b"big") if !over_tcp => response.metadata.truncation = true,
+        Some(b"big") => response.answers = (0..100u8).map(|i| a(Ipv4Addr::new(127, 1, 0, i))).collect(),
+        _ if query.query_type() == RecordType::A => {
+            let IpAddr::V4(v4) = UPSTREAM_ANSWER else { unreachable!("the upstream's answer is IPv4") };
+            response.answers.push(a(v4));
+        }
+        _ => {}
+    }
+    response
+}
+
+const SEARCH: &str = "search default.svc.cluster.local svc.cluster.local\noptions ndots:5\n";
+
+async fn intercepting(upstream: &FakeUpstream) -> TestServer {
+    TestServer::intercepting(SEARCH, InterceptConfig { upstreams: vec![upstream.addr], ..InterceptConfig::default() }).await
+}
+
+#[tokio::test]
+async fn intercepting_mesh_names_resolve_to_the_virtual_ip() {
+    let upstream = FakeUpstream::start().await;
+    let server = intercepting(&upstream).await;
+    for name in ["catalog.", "catalog.service.ferry.", "catalog.vip.ferry.", "catalog.default.svc.cluster.local."] {
+        let response = server.udp(name, RecordType::A, None).await;
+        assert_eq!(response.metadata.response_code, ResponseCode::NoError, "{name}");
+        assert_eq!(addresses(&response.answers), [CATALOG_VIP], "{name}");
+        assert!(response.metadata.recursion_available, "{name}: an intercepting server recurses");
+    }
+
+    // An app's resolver walking its search list gets there whichever spelling it asks first.
+    let search = ["default.svc.cluster.local.", "svc.cluster.local."].map(|d| Name::from_ascii(d).expect("valid"));
+    let resolver = server.resolver_searching(search.to_vec());
+    let lookup = tokio::time::timeout(DEADLINE, resolver.lookup_ip("catalog")).await.expect("lookup in time");
+    assert_eq!(lookup.expect("catalog resolves").iter().collect::<Vec<_>>(), [CATALOG_VIP]);
+}
+
+#[tokio::test]
+async fn intercepting_aaaa_for_an_ipv4_virtual_ip_is_nodata_at_once() {
+    let upstream = FakeUpstream::silent().await;
+    let server = intercepting(&upstream).await;
+    // The upstream never answers: an answer within a second cannot have come from it.
+    for (name, qtype) in [
+        ("catalog.", RecordType::AAAA),
+        ("catalog.default.svc.cluster.local.", RecordType::AAAA),
+        ("catalog.", RecordType::HTTPS),
+        ("catalog.service.ferry.", RecordType::AAAA),
+    ] {
+        let response = server.udp_within(name, qtype, None, Duration::from_secs(1)).await;
+        assert_eq!(response.metadata.response_code, ResponseCode::NoError, "{qtype} {name}");
+        assert!(response.answers.is_empty(), "{qtype} {name}");
+    }
+    // SRV and tags keep the instances.
+    let srv = server.udp("catalog.service.ferry.", RecordType::SRV, Some(1232)).await;
+    assert_eq!(srv.answers.len(), 5);
+    let v2 = server.udp("v2.catalog.service.ferry.", RecordType::A, None).await;
+    assert_eq!(addresses(&v2.answers), ips(&["10.0.0.3"]));
+}
+
+#[tokio::test]
+async fn intercepting_other_names_are_forwarded_and_relayed() {
+    let upstream = FakeUpstream::start().await;
+    let server = intercepting(&upstream).await;
+    let response = server.udp("www.example.com.", RecordType::A, Some(1232)).await;
+    assert_eq!(response.metadata.id, 0x4242, "the client's id");
+    assert_eq!(response.queries.len(), 1);
+    assert_eq!(response.queries[0].name().to_ascii(), "www.example.com.", "the client's question");
+    assert_eq!(addresses(&response.answers), [UPSTREAM_ANSWER]);
+    assert!(response.metadata.recursion_available);
+
+    // A bare name that is no service (or has no virtual IP) is the upstream's too.
+    for name in ["unknown.", "empty.", "unknown.default.svc.cluster.local."] {
+        assert_eq!(addresses(&server.udp(name, RecordType::A, None).await.answers), [UPSTREAM_ANSWER], "{name}");
+    }
+
+    let missing = server.udp("missing.example.com.", RecordType::A, None).await;
+    assert_eq!(missing.metadata.response_code, ResponseCode::NXDomain);
+    assert!(matches!(missing.authorities.as_slice(), [Record { data: RData::SOA(_), .. }]), "{missing:?}");
+
+    // Names under `ferry.` are never forwarded.
+    let unknown = server.udp("unknown.service.ferry.", RecordType::A, None).await;
+    assert_eq!(unknown.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(soa_minimum_and_ttl(&unknown), Some((NEGATIVE_TTL, NEGATIVE_TTL)));
+
+    let resolved = resolve(&server.resolver(), "www.example.com.", RecordType::A).await;
+    assert_eq!(addresses(&resolved), [UPSTREAM_ANSWER]);
+}
+
+/// The upstream truncates over UDP; the server asks it again over TCP, and relays the whole
+/// answer: truncated again to a UDP client (which then asks over TCP), whole over TCP.
+#[tokio::test]
+async fn intercepting_large_upstream_answers_come_through_tcp() {
+    let upstream = FakeUpstream::start().await;
+    let server = intercepting(&upstream).await;
+    let over_udp = server.udp("big.example.com.", RecordType::A, None).await;
+    assert!(over_udp.metadata.truncation);
+    assert!(!over_udp.answers.is_empty() && over_udp.answers.len() < 100, "{} answers", over_udp.answers.len());
+    let over_tcp = server.tcp("big.example.com.", RecordType::A).await;
+    assert!(!over_tcp.metadata.truncation);
+    assert_eq!(over_tcp.answers.len(), 100);
+    assert_eq!(resolve(&server.resolver(), "big.example.com.", RecordType::A).await.len(), 100);
+}
+
+#[tokio::test]
+async fn intercepting_an_upstream_that_does_not_answer_gives_servfail() {
+    let upstream = FakeUpstream::silent().await;
+    let timeout = Duration::from_millis(300);
+    let server = TestServer::intercepting(
+        SEARCH,
+        InterceptConfig { upstreams: vec![upstream.addr], upstream_timeout: timeout, ..InterceptConfig::default() },
+    )
+    .await;
+    let started = tokio::time::Instant::now();
+    let response = server.udp("www.example.com.", RecordType::A, None).await;
+    assert_eq!(response.metadata.response_code, ResponseCode::ServFail);
+    assert!(started.elapsed() >= timeout);
+    // Mesh names do not wait on the upstream at all.
+    let response = server.udp_within("catalog.", RecordType::A, None, Duration::from_secs(1)).await;
+    assert_eq!(addresses(&response.answers), [CATALOG_VIP]);
+}
+
+#[tokio::test]
+async fn intercepting_without_any_upstream_gives_servfail_at_once() {
+    // No upstreams configured, and the resolv.conf names none (nor can be read, the second time).
+    for resolv_conf in [Some(SEARCH), None] {
+        let server = match resolv_conf {
+            Some(text) => TestServer::intercepting(text, InterceptConfig::default()).await,
+            None => {
+                let missing = InterceptConfig { resolv_conf: temp_path("absent"), ..InterceptConfig::default() };
+                TestServer::start_with(Some(missing)).await
+            }
+        };
+        let response = server.udp_within("www.example.com.", RecordType::A, None, Duration::from_secs(1)).await;
+        assert_eq!(response.metadata.response_code, ResponseCode::ServFail);
+        assert_eq!(addresses(&server.udp("catalog.", RecordType::A, None).await.answers), [CATALOG_VIP]);
     }
 }

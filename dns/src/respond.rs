@@ -1,0 +1,536 @@
+//! [`Responder`]: the answer to one question, from the zone's shape and the [`Directory`], and
+//! for an intercepting server from the upstream resolvers too.
+//!
+//! Intercepting, the server is the app's only resolver, and a mesh service's name stands for its
+//! virtual IP, so that every connection to the service goes through the sidecar's balancer:
+//!
+//! - `NAME.service.ferry.`, `NAME.vip.ferry.`, the bare `NAME.` and their spellings under the
+//!   resolver's search domains answer A (or AAAA, by the address's family) with the virtual IP
+//!   and NODATA for every other type, at once: a resolver asking AAAA beside A must not wait;
+//! - SRV of `NAME.service.ferry.` and `TAG.NAME.service.ferry.` keep giving the instances, whose
+//!   ports and versions are the point of those names;
+//! - a name outside `ferry.` that is not a mesh service with a virtual IP is forwarded; a name
+//!   under `ferry.` never is.
+//!
+//! Whether a bare name is a service is asked of [`Directory::virtual_ip`] alone, never of
+//! [`Directory::lookup`]: the app looks up every host it talks to, and none of those may cost
+//! the sidecar a subscription.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::future::BoxFuture;
+use hickory_proto::{
+    op::LowerQuery,
+    rr::{DNSClass, LowerName, Name, RecordType},
+};
+use tokio::sync::Semaphore;
+
+use crate::{
+    Directory, DnsConfig, Lookup, VirtualIpLookup,
+    answer::{Answer, Zone},
+    forward::{Forwarder, RequestFlags},
+    name::{self, MeshName},
+};
+
+/// How long a question may wait on the [`Directory`] before the answer is SERVFAIL. The
+/// sidecar may subscribe on demand; stub resolvers give up after about 5 s, so answer before.
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How many questions may wait on the directory at once; past that they get SERVFAIL at once,
+/// so a flood of queries cannot pile up tasks behind a slow directory.
+pub const MAX_CONCURRENT_LOOKUPS: usize = 1024;
+
+/// Why a question got no answer from the directory.
+#[derive(Debug, thiserror::Error)]
+enum LookupError {
+    #[error("directory lookup timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("{0} directory lookups already in flight")]
+    Overloaded(usize),
+}
+
+/// What an intercepting server knows beyond the zone.
+pub(crate) struct Intercept {
+    /// The search domains of the app's resolver, under which it spells mesh names too.
+    pub(crate) search: Vec<LowerName>,
+    /// Where every other name goes.
+    pub(crate) forwarder: Forwarder,
+}
+
+/// Answers single questions.
+pub(crate) struct Responder {
+    directory: Arc<dyn Directory>,
+    zone: Zone,
+    /// Bumped once per service answer; its value is the round-robin offset.
+    rotation: AtomicUsize,
+    lookups: Semaphore,
+    max_lookups: usize,
+    lookup_timeout: Duration,
+    intercept: Option<Intercept>,
+}
+
+impl Responder {
+    /// Answers from `directory`; with `intercept`, as the app's only resolver.
+    pub(crate) fn new(directory: Arc<dyn Directory>, config: &DnsConfig, intercept: Option<Intercept>) -> Self {
+        Self::with_limits(directory, config, intercept, MAX_CONCURRENT_LOOKUPS, LOOKUP_TIMEOUT)
+    }
+
+    fn with_limits(
+        directory: Arc<dyn Directory>,
+        config: &DnsConfig,
+        intercept: Option<Intercept>,
+        max_lookups: usize,
+        lookup_timeout: Duration,
+    ) -> Self {
+        Self {
+            directory,
+            zone: Zone::new(config),
+            rotation: AtomicUsize::new(0),
+            lookups: Semaphore::new(max_lookups),
+            max_lookups,
+            lookup_timeout,
+            intercept,
+        }
+    }
+
+    /// Whether this is an intercepting server, which offers recursion (the RA bit).
+    pub(crate) fn intercepts(&self) -> bool {
+        self.intercept.is_some()
+    }
+
+    /// The answer to `query`, whose request carried `flags`. Owner names in the answer are
+    /// spelled as the question spelled them; matching itself ignores case.
+    pub(crate) async fn respond(&self, query: &LowerQuery, flags: RequestFlags) -> Answer {
+        let qname: &Name = query.original().name();
+        let qtype = query.query_type();
+        match MeshName::parse(query.name()) {
+            MeshName::OutOfZone => match &self.intercept {
+                Some(intercept) => self.outside(intercept, query, flags).await,
+                None => Answer::refused(),
+            },
+            // Ferry's names exist in class IN only; other classes are not ours to answer.
+            _ if query.query_class() != DNSClass::IN => Answer::refused(),
+            MeshName::NotFound => self.zone.nxdomain(),
+            MeshName::Apex => self.zone.apex(qtype),
+            MeshName::EmptyNonTerminal => self.zone.nodata(),
+            MeshName::Addr(ip) => self.zone.address(qname, qtype, ip),
+            MeshName::Vip { name } => self.vip(qname, qtype, &name).await,
+            MeshName::Service { name, tag } => self.service(qname, qtype, &name, tag.as_deref()).await,
+        }
+    }
+
+    /// `NAME.vip.ferry.`.
+    async fn vip(&self, qname: &Name, qtype: RecordType, service: &str) -> Answer {
+        match self.ask(self.directory.virtual_ip(service)).await {
+            Ok(VirtualIpLookup::Assigned(ip)) => self.zone.address(qname, qtype, ip),
+            Ok(VirtualIpLookup::Unassigned) => self.zone.nodata(),
+            Ok(VirtualIpLookup::NoSuchService) => self.zone.nxdomain(),
+            Ok(VirtualIpLookup::Unknown) => {
+                tracing::debug!(service, "the directory cannot tell the virtual IP; answering SERVFAIL");
+                Answer::servfail()
+            }
+            Err(error) => Self::failed(service, &error),
+        }
+    }
+
+    /// `[TAG.]NAME.service.ferry.`.
+    async fn service(&self, qname: &Name, qtype: RecordType, service: &str, tag: Option<&str>) -> Answer {
+        if self.intercept.is_some() && tag.is_none() && qtype != RecordType::SRV {
+            match self.ask(self.directory.virtual_ip(service)).await {
+                Ok(VirtualIpLookup::Assigned(ip)) => return self.zone.address(qname, qtype, ip),
+                // No virtual IP to give: the instances, as without interception (a connection
+                // to one of them is intercepted as well).
+                Ok(_) => {}
+                Err(error) => return Self::failed(service, &error),
+            }
+        }
+        match self.ask(self.directory.lookup(service)).await {
+            Ok(Lookup::NoSuchService) => self.zone.nxdomain(),
+            Ok(Lookup::Unknown) => {
+                tracing::debug!(service, "the directory cannot tell; answering SERVFAIL");
+                Answer::servfail()
+            }
+            Ok(Lookup::Endpoints(endpoints)) => {
+                let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
+                self.zone.service(qname, qtype, &endpoints, tag, rotation)
+            }
+            Err(error) => Self::failed(service, &error),
+        }
+    }
+
+    /// A name outside `ferry.`, asked of an intercepting server: a mesh service's virtual IP,
+    /// or the upstreams' answer.
+    async fn outside(&self, intercept: &Intercept, query: &LowerQuery, flags: RequestFlags) -> Answer {
+        if query.query_class() == DNSClass::IN
+            && let Some(service) = name::outside_service(query.name(), &intercept.search)
+        {
+            // Only a service with a virtual IP is answered here. Without one the mesh has no
+            // single address for the name, and the upstream may well have one (a Kubernetes
+            // service of the same name); a directory that cannot tell yet (the sidecar before
+            // its first address table) must not cost the app its other names either.
+            match self.ask(self.directory.virtual_ip(&service)).await {
+                Ok(VirtualIpLookup::Assigned(ip)) => {
+                    return self.zone.outside_address(query.original().name(), query.query_type(), ip);
+                }
+                Ok(found) => tracing::trace!(service, ?found, "no virtual IP; forwarding"),
+                Err(error) => tracing::debug!(service, %error, "forwarding"),
+            }
+        }
+        intercept.forwarder.forward(query.original(), flags).await
+    }
+
+    fn failed(service: &str, error: &LookupError) -> Answer {
+        match error {
+            LookupError::Timeout(_) => tracing::warn!(service, %error, "answering SERVFAIL"),
+            // Logged quietly: under a flood, one line per shed query would flood the log too.
+            LookupError::Overloaded(_) => tracing::debug!(service, %error, "answering SERVFAIL"),
+        }
+        Answer::servfail()
+    }
+
+    /// `lookup`, within the directory's concurrency limit and timeout.
+    async fn ask<T>(&self, lookup: BoxFuture<'_, T>) -> Result<T, LookupError> {
+        let _permit = self.lookups.try_acquire().map_err(|_| LookupError::Overloaded(self.max_lookups))?;
+        tokio::time::timeout(self.lookup_timeout, lookup).await.map_err(|_| LookupError::Timeout(self.lookup_timeout))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, net::IpAddr};
+
+    use futures::FutureExt;
+    use hickory_proto::{
+        op::{Query, ResponseCode},
+        rr::{RData, Record},
+    };
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::{
+        DnsEndpoint,
+        answer::addresses_of,
+        forward::fake::{Behaviour, FakeUpstream},
+    };
+
+    /// A directory held in memory; `hang` makes every lookup wait until notified. A service in
+    /// `services` without an entry in `vips` has no virtual IP.
+    #[derive(Default)]
+    struct Memory {
+        services: HashMap<String, Vec<DnsEndpoint>>,
+        vips: HashMap<String, VirtualIpLookup>,
+        hang: Option<Arc<Notify>>,
+        /// How many times `lookup` was called: a bare name must never cost one.
+        lookups: Arc<AtomicUsize>,
+    }
+
+    impl Directory for Memory {
+        fn lookup(&self, service: &str) -> BoxFuture<'_, Lookup> {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
+            let found = Lookup::from(self.services.get(service).cloned());
+            let hang = self.hang.clone();
+            async move {
+                if let Some(hang) = hang {
+                    hang.notified().await;
+                }
+                found
+            }
+            .boxed()
+        }
+
+        fn virtual_ip(&self, service: &str) -> BoxFuture<'_, VirtualIpLookup> {
+            let found = self.vips.get(service).cloned().unwrap_or(if self.services.contains_key(service) {
+                VirtualIpLookup::Unassigned
+            } else {
+                VirtualIpLookup::NoSuchService
+            });
+            futures::future::ready(found).boxed()
+        }
+    }
+
+    fn endpoint(address: &str, version: Option<&str>) -> DnsEndpoint {
+        DnsEndpoint { id: address.to_owned(), address: address.to_owned(), port: 80, version: version.map(str::to_owned) }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("test addresses are valid")
+    }
+
+    /// `catalog` (two instances, VIP 240.240.0.1), `empty` (nothing routable, no VIP), `v6`
+    /// (VIP fd00::240), `novip` (one instance, no VIP) and `unsure` (the directory cannot tell).
+    fn catalog() -> Memory {
+        let mut services = HashMap::new();
+        services.insert("catalog".to_owned(), vec![endpoint("10.0.0.1", Some("v1")), endpoint("10.0.0.2", Some("v2"))]);
+        services.insert("empty".to_owned(), Vec::new());
+        services.insert("v6".to_owned(), vec![endpoint("fd00::6", None)]);
+        services.insert("novip".to_owned(), vec![endpoint("10.0.0.9", None)]);
+        let mut vips = HashMap::new();
+        vips.insert("catalog".to_owned(), VirtualIpLookup::Assigned(ip("240.240.0.1")));
+        vips.insert("v6".to_owned(), VirtualIpLookup::Assigned(ip("fd00::240")));
+        vips.insert("unsure".to_owned(), VirtualIpLookup::Unknown);
+        Memory { services, vips, ..Memory::default() }
+    }
+
+    fn responder(directory: Memory) -> Responder {
+        Responder::new(Arc::new(directory), &DnsConfig::default(), None)
+    }
+
+    fn search() -> Vec<LowerName> {
+        ["default.svc.cluster.local.", "svc.cluster.local."]
+            .iter()
+            .map(|domain| LowerName::new(&Name::from_ascii(domain).expect("valid")))
+            .collect()
+    }
+
+    fn intercepting(directory: Memory, upstream: &FakeUpstream) -> Responder {
+        let intercept = Intercept { search: search(), forwarder: Forwarder::new(vec![upstream.addr], Duration::from_secs(2)) };
+        Responder::new(Arc::new(directory), &DnsConfig::default(), Some(intercept))
+    }
+
+    fn query(name: &str, qtype: RecordType) -> LowerQuery {
+        LowerQuery::query(Query::query(Name::from_ascii(name).expect("test names are valid"), qtype))
+    }
+
+    impl Responder {
+        /// `respond` for a question built in place, with a stub resolver's flags.
+        async fn ask_for(&self, name: &str, qtype: RecordType) -> Answer {
+            self.respond(&query(name, qtype), RequestFlags { recursion_desired: true, ..RequestFlags::default() }).await
+        }
+    }
+
+    /// Code, number of answers, whether an SOA is in the authority section.
+    fn shape(answer: &Answer) -> (ResponseCode, usize, bool) {
+        let soa = answer.authorities.iter().any(|r| matches!(r.data, RData::SOA(_)));
+        (answer.code, answer.answers.len(), soa)
+    }
+
+    const NODATA: (ResponseCode, usize, bool) = (ResponseCode::NoError, 0, true);
+    const NXDOMAIN: (ResponseCode, usize, bool) = (ResponseCode::NXDomain, 0, true);
+    /// NODATA for a name outside `ferry.`, which has no SOA of ours to carry.
+    const OUTSIDE_NODATA: (ResponseCode, usize, bool) = (ResponseCode::NoError, 0, false);
+
+    #[tokio::test]
+    async fn successive_answers_rotate() {
+        let responder = responder(catalog());
+        let first = responder.ask_for("catalog.service.ferry.", RecordType::A).await;
+        let second = responder.ask_for("catalog.service.ferry.", RecordType::A).await;
+        assert_eq!(addresses_of(&first.answers), [ip("10.0.0.1"), ip("10.0.0.2")]);
+        assert_eq!(addresses_of(&second.answers), [ip("10.0.0.2"), ip("10.0.0.1")]);
+    }
+
+    #[tokio::test]
+    async fn answers_keep_the_question_spelling() {
+        let responder = responder(catalog());
+        let answer = responder.ask_for("Catalog.Service.FERRY.", RecordType::A).await;
+        assert_eq!(answer.answers.len(), 2);
+        assert!(answer.answers.iter().all(|r| r.name.to_ascii() == "Catalog.Service.FERRY."));
+    }
+
+    #[tokio::test]
+    async fn existence_decides_between_nxdomain_and_nodata() {
+        let responder = responder(catalog());
+        for (name, qtype, expected) in [
+            ("unknown.service.ferry.", RecordType::A, NXDOMAIN),
+            ("v2.unknown.service.ferry.", RecordType::A, NXDOMAIN),
+            ("empty.service.ferry.", RecordType::A, NODATA),
+            ("catalog.service.ferry.", RecordType::TXT, NODATA),
+            ("service.ferry.", RecordType::A, NODATA),
+            ("vip.ferry.", RecordType::A, NODATA),
+            ("bad_name.service.ferry.", RecordType::A, NXDOMAIN),
+            ("example.com.", RecordType::A, (ResponseCode::Refused, 0, false)),
+            ("catalog.", RecordType::A, (ResponseCode::Refused, 0, false)),
+        ] {
+            assert_eq!(shape(&responder.ask_for(name, qtype).await), expected, "{qtype} {name}");
+        }
+    }
+
+    #[tokio::test]
+    async fn other_classes_are_refused() {
+        let responder = responder(catalog());
+        let mut chaos = Query::query(Name::from_ascii("catalog.service.ferry.").expect("valid"), RecordType::A);
+        chaos.set_query_class(DNSClass::CH);
+        assert_eq!(responder.respond(&LowerQuery::query(chaos), RequestFlags::default()).await.code, ResponseCode::Refused);
+    }
+
+    #[tokio::test]
+    async fn addr_names_need_no_directory() {
+        let responder = responder(Memory::default());
+        let answer = responder.ask_for("0A000001.addr.ferry.", RecordType::A).await;
+        assert_eq!(addresses_of(&answer.answers), [ip("10.0.0.1")]);
+        assert!(matches!(answer.answers[0].data, RData::A(_)));
+    }
+
+    #[tokio::test]
+    async fn vip_names_answer_the_virtual_ip_by_its_family() {
+        let responder = responder(catalog());
+        let answer = responder.ask_for("Catalog.vip.ferry.", RecordType::A).await;
+        assert_eq!(addresses_of(&answer.answers), [ip("240.240.0.1")]);
+        assert!(answer.authoritative);
+        assert_eq!(answer.answers[0].name.to_ascii(), "Catalog.vip.ferry.");
+        assert_eq!(shape(&responder.ask_for("catalog.vip.ferry.", RecordType::AAAA).await), NODATA);
+        assert_eq!(shape(&responder.ask_for("catalog.vip.ferry.", RecordType::SRV).await), NODATA);
+        assert_eq!(addresses_of(&responder.ask_for("v6.vip.ferry.", RecordType::AAAA).await.answers), [ip("fd00::240")]);
+        assert_eq!(shape(&responder.ask_for("v6.vip.ferry.", RecordType::A).await), NODATA);
+    }
+
+    #[tokio::test]
+    async fn vip_names_without_a_virtual_ip() {
+        let responder = responder(catalog());
+        assert_eq!(shape(&responder.ask_for("novip.vip.ferry.", RecordType::A).await), NODATA, "unassigned");
+        assert_eq!(shape(&responder.ask_for("unknown.vip.ferry.", RecordType::A).await), NXDOMAIN, "no such service");
+        assert_eq!(responder.ask_for("unsure.vip.ferry.", RecordType::A).await.code, ResponseCode::ServFail, "unknown");
+        assert_eq!(shape(&responder.ask_for("v2.catalog.vip.ferry.", RecordType::A).await), NXDOMAIN);
+    }
+
+    #[tokio::test]
+    async fn without_interception_service_names_keep_their_instances() {
+        let responder = responder(catalog());
+        let answer = responder.ask_for("catalog.service.ferry.", RecordType::A).await;
+        assert_eq!(addresses_of(&answer.answers).len(), 2);
+        assert!(!answer.answers.iter().any(|r| addresses_of(std::slice::from_ref(r)) == [ip("240.240.0.1")]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_directory_gets_servfail_after_the_timeout() {
+        let hang = Arc::new(Notify::new());
+        let directory = Memory { hang: Some(hang), ..catalog() };
+        let responder = Responder::with_limits(Arc::new(directory), &DnsConfig::default(), None, 4, Duration::from_secs(2));
+        let started = tokio::time::Instant::now();
+        let answer = responder.ask_for("catalog.service.ferry.", RecordType::A).await;
+        assert_eq!(answer.code, ResponseCode::ServFail);
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lookups_beyond_the_limit_get_servfail_at_once() {
+        let hang = Arc::new(Notify::new());
+        let directory = Memory { hang: Some(hang.clone()), ..catalog() };
+        let responder = Responder::with_limits(Arc::new(directory), &DnsConfig::default(), None, 1, Duration::from_secs(60));
+        let mut waiting = Box::pin(responder.ask_for("catalog.service.ferry.", RecordType::A));
+        assert!(futures::poll!(waiting.as_mut()).is_pending(), "the first lookup waits on the directory");
+
+        let started = tokio::time::Instant::now();
+        let second = responder.ask_for("catalog.service.ferry.", RecordType::A).await;
+        assert_eq!(second.code, ResponseCode::ServFail);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+
+        hang.notify_one();
+        assert_eq!(waiting.await.answers.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn intercepting_mesh_names_answer_the_virtual_ip() {
+        let upstream = FakeUpstream::start(Behaviour::Answer).await;
+        let directory = catalog();
+        let lookups = directory.lookups.clone();
+        let responder = intercepting(directory, &upstream);
+        for name in [
+            "catalog.",
+            "Catalog.",
+            "catalog.service.ferry.",
+            "catalog.vip.ferry.",
+            "catalog.default.svc.cluster.local.",
+            "catalog.svc.cluster.local.",
+            "catalog.service.ferry.default.svc.cluster.local.",
+            "catalog.vip.ferry.svc.cluster.local.",
+        ] {
+            let answer = responder.ask_for(name, RecordType::A).await;
+            assert_eq!(addresses_of(&answer.answers), [ip("240.240.0.1")], "{name}");
+            assert_eq!(answer.answers[0].name.to_ascii(), name, "{name}");
+        }
+        assert_eq!(upstream.udp_count(), 0, "no mesh name is forwarded");
+        assert_eq!(lookups.load(Ordering::SeqCst), 0, "and none costs a subscription");
+    }
+
+    #[tokio::test]
+    async fn intercepting_other_types_of_mesh_names_are_nodata_at_once() {
+        let upstream = FakeUpstream::start(Behaviour::Answer).await;
+        let responder = intercepting(catalog(), &upstream);
+        for (name, qtype, expected) in [
+            ("catalog.", RecordType::AAAA, OUTSIDE_NODATA),
+            ("catalog.", RecordType::MX, OUTSIDE_NODATA),
+            ("catalog.", RecordType::SRV, OUTSIDE_NODATA),
+            ("catalog.", RecordType::HTTPS, OUTSIDE_NODATA),
+            ("catalog.default.svc.cluster.local.", RecordType::AAAA, OUTSIDE_NODATA),
+            ("catalog.service.ferry.", RecordType::AAAA, NODATA),
+            ("catalog.service.ferry.", RecordType::TXT, NODATA),
+            ("catalog.vip.ferry.", RecordType::AAAA, NODATA),
+            ("v6.", RecordType::A, OUTSIDE_NODATA),
+            ("v6.service.ferry.", RecordType::A, NODATA),
+        ] {
+            assert_eq!(shape(&responder.ask_for(name, qtype).await), expected, "{qtype} {name}");
+        }
+        let v6 = responder.ask_for("v6.", RecordType::AAAA).await;
+        assert_eq!(addresses_of(&v6.answers), [ip("fd00::240")]);
+        assert_eq!(upstream.udp_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn intercepting_srv_and_tags_keep_the_instances() {
+        let upstream = FakeUpstream::start(Behaviour::Answer).await;
+        let responder = intercepting(catalog(), &upstream);
+        let srv = responder.ask_for("catalog.service.ferry.", RecordType::SRV).await;
+        assert_eq!(srv.answers.len(), 2);
+        assert!(srv.answers.iter().all(|r| matches!(&r.data, RData::SRV(srv) if srv.port == 80)));
+        let v2 = responder.ask_for("v2.catalog.service.ferry.", RecordType::A).await;
+        assert_eq!(addresses_of(&v2.answers), [ip("10.0.0.2")]);
+        // A service without a virtual IP is answered as without interception.
+        let novip = responder.ask_for("novip.service.ferry.", RecordType::A).await;
+        assert_eq!(addresses_of(&novip.answers), [ip("10.0.0.9")]);
+        assert_eq!(upstream.udp_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn intercepting_names_under_ferry_are_never_forwarded() {
+        let upstream = FakeUpstream::start(Behaviour::Answer).await;
+        let responder = intercepting(catalog(), &upstream);
+        for (name, expected) in [
+            ("unknown.service.ferry.", NXDOMAIN),
+            ("unknown.vip.ferry.", NXDOMAIN),
+            ("www.ferry.", NXDOMAIN),
+            ("novip.vip.ferry.", NODATA),
+            ("ferry.", NODATA),
+        ] {
+            assert_eq!(shape(&responder.ask_for(name, RecordType::A).await), expected, "{name}");
+        }
+        assert_eq!(responder.ask_for("unsure.vip.ferry.", RecordType::A).await.code, ResponseCode::ServFail);
+        assert_eq!(upstream.udp_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn intercepting_other_names_are_forwarded() {
+        let upstream = FakeUpstream::start(Behaviour::Answer).await;
+        let directory = catalog();
+        let lookups = directory.lookups.clone();
+        let responder = intercepting(directory, &upstream);
+        let mut forwarded = 0;
+        for name in [
+            "example.com.",
+            "unknown.",
+            "novip.",
+            "unsure.",
+            "unknown.default.svc.cluster.local.",
+            "novip.default.svc.cluster.local.",
+            "catalog.other.example.",
+            "v2.catalog.service.ferry.svc.cluster.local.",
+        ] {
+            let answer = responder.ask_for(name, RecordType::A).await;
+            forwarded += 1;
+            assert_eq!(addresses_of(&answer.answers), [FakeUpstream::ANSWER], "{name}");
+            assert_eq!(upstream.udp_count(), forwarded, "{name}");
+        }
+        let missing = responder.ask_for("missing.example.com.", RecordType::A).await;
+        assert_eq!(missing.code, ResponseCode::NXDomain);
+        assert!(matches!(missing.authorities.as_slice(), [Record { data: RData::SOA(_), .. }]));
+        let mut chaos = Query::query(Name::from_ascii("catalog.").expect("valid"), RecordType::TXT);
+        chaos.set_query_class(DNSClass::CH);
+        responder.respond(&LowerQuery::query(chaos), RequestFlags::default()).await;
+        assert_eq!(upstream.udp_count(), forwarded + 2, "another class is forwarded too");
+        assert_eq!(lookups.load(Ordering::SeqCst), 0, "no name cost a subscription");
+    }
+}
