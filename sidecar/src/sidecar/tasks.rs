@@ -206,13 +206,21 @@ impl DataPath {
     }
 }
 
-/// Serves DNS from the catalog.
+/// Serves DNS from the catalog; with --intercept, as the app's only resolver (mesh names as
+/// their virtual IPs, other names forwarded to --dns-upstream or resolv.conf's nameservers).
 pub fn serve_dns(udp: UdpSocket, tcp: TcpListener, config: &Config, shared: &Shared<'_>) -> JoinHandle<()> {
-    let directory = Arc::new(CatalogDirectory::new(shared.catalog.clone(), config.discovery_timeout));
+    let directory = Arc::new(CatalogDirectory::new(shared.catalog.clone(), config.discovery_timeout, config.intercept));
     let dns_config = ferry_dns::DnsConfig { ttl: config.dns_ttl, negative_ttl: config.dns_ttl };
+    let intercept = config
+        .intercept
+        .then(|| ferry_dns::InterceptConfig { upstreams: config.dns_upstream.clone(), ..ferry_dns::InterceptConfig::default() });
     let shutdown = shared.shutdown.clone();
     tokio::spawn(async move {
-        if let Err(error) = ferry_dns::serve(udp, tcp, directory, dns_config, shutdown).await {
+        let served = match intercept {
+            Some(intercept) => ferry_dns::serve_intercepting(udp, tcp, directory, dns_config, intercept, shutdown).await,
+            None => ferry_dns::serve(udp, tcp, directory, dns_config, shutdown).await,
+        };
+        if let Err(error) = served {
             tracing::error!(%error, "DNS listener failed");
         }
     })
