@@ -22,6 +22,7 @@ pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod intercept;
+pub mod iptables;
 pub mod mesh;
 pub mod metrics;
 pub mod outbound;
@@ -36,12 +37,17 @@ use crate::config::Config;
 pub use crate::sidecar::Sidecar;
 
 /// Runs the sidecar as its binary does: parses `args` (exit 64 on bad config), logs to stderr,
-/// and proxies until SIGINT or SIGTERM.
+/// and proxies until SIGINT or SIGTERM. `ferry-sidecar iptables install|uninstall ...` runs
+/// [`iptables::main`] instead, with no runtime.
 pub fn main_with_args<I, T>(args: I) -> ExitCode
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    if args.get(1).is_some_and(|arg| arg == "iptables") {
+        return iptables::main(args.into_iter().skip(1));
+    }
     // The data path runs on its own workers (see [`workers`]); the main runtime carries the
     // control stream, admin API, health checks, DNS and the accept loops, for which one thread is
     // plenty.
