@@ -250,6 +250,9 @@ async fn page(State(app): State<FrontendApp>, headers: HeaderMap) -> axum::respo
             if error.is_injected() {
                 app.counters.injected.fetch_add(1, Ordering::Relaxed);
             }
+            // The whole chain: a transport error's own text ("client error (Connect)") says
+            // nothing of why.
+            let error = ferry_runtime::error_chain(&error);
             tracing::warn!(instance = %app.instance, "GET / failed: catalog: {error}");
             (StatusCode::BAD_GATEWAY, format!("catalog: {error}")).into_response()
         }
