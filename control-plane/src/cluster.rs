@@ -11,8 +11,9 @@
 //!   `--reconnect-grace`, for their sidecars to re-attach elsewhere, and removes only those
 //!   whose sidecar does not come back.
 //! - **One checker.** `leader` is created under a replica's lease, if absent; the replica that
-//!   holds it runs the health checks of API instances and the removal of orphans above. When
-//!   it dies, its lease expires and another takes over within a few seconds.
+//!   holds it runs the health checks of API instances, the removal of orphans above, and the
+//!   allocation and release of virtual IPs. When it dies, its lease expires and another takes
+//!   over within a few seconds.
 //! - **Static stability.** With etcd unreachable the replica keeps serving what it has,
 //!   reports not ready, refuses writes at once, and catches up from its last revision when
 //!   etcd returns.
@@ -33,6 +34,7 @@ use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    addresses::AddressTable,
     auth::Tokens,
     ca::Authority,
     checks::HealthChecks,
@@ -79,6 +81,8 @@ pub struct Parts {
     pub authority: Arc<Authority>,
     pub checks: Arc<HealthChecks>,
     pub sidecars: Arc<Sidecars>,
+    /// Sealed as each revision is applied.
+    pub addresses: Arc<AddressTable>,
 }
 
 /// A running replica.
@@ -199,10 +203,16 @@ impl Replica {
                     self.dispatch(&gone(Table::Tokens, id));
                 }
             }
+            for service in self.parts.registry.virtual_ip_services() {
+                if !present.contains(&(Table::VirtualIps, service.as_str())) {
+                    self.dispatch(&gone(Table::VirtualIps, service));
+                }
+            }
         }
         for event in &loaded.events {
             self.dispatch(event);
         }
+        self.parts.addresses.seal(loaded.revision);
         self.shared.applied.send_if_modified(|applied| {
             let moved = loaded.revision > *applied;
             *applied = (*applied).max(loaded.revision);
@@ -225,6 +235,10 @@ impl Replica {
             }
             Table::Tokens => self.parts.tokens.apply_stored(&event.key, event.value.as_deref()),
             Table::Checks => self.parts.registry.apply_checks_event(event),
+            Table::VirtualIps => self.parts.registry.apply_virtual_ip_event(event),
+            // Written with `virtual_ips` only so that guards can claim an address; nothing to
+            // apply.
+            Table::VirtualIpOwners => {}
             Table::Ca => {
                 if let Some(value) = &event.value {
                     self.parts.authority.apply_stored(value);
@@ -286,6 +300,8 @@ impl Replica {
                     last = last.max(revision);
                 }
                 if last > 0 {
+                    // Every change of the revisions in this response is applied.
+                    self.parts.addresses.seal(last);
                     from = last + 1;
                     self.shared.applied.send_if_modified(|applied| {
                         let moved = last > *applied;
@@ -455,6 +471,7 @@ impl Replica {
                     self.leader.send_replace(false);
                     self.parts.checks.set_active(false);
                     self.parts.authority.set_runs_schedule(false);
+                    self.parts.registry.set_virtual_ip_duty(false);
                 }
                 Ok(Err(error)) => {
                     self.set_unavailable(Some(format!("etcd unreachable or failing: {error}")));
@@ -491,6 +508,7 @@ impl Replica {
                 self.leader.send_replace(leader);
                 self.parts.checks.set_active(leader);
                 self.parts.authority.set_runs_schedule(leader);
+                self.parts.registry.set_virtual_ip_duty(leader);
                 if !leader {
                     lock(&self.orphans).clear();
                 }

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
-use crate::store::StoreKind;
+use crate::{registry::VipRange, store::StoreKind};
 
 /// Ferry's control plane: the service registry, config push to sidecars, and the APIs.
 #[derive(Debug, Clone, Parser)]
@@ -55,6 +55,15 @@ pub struct Config {
     /// are coalesced.
     #[arg(long, env = "FERRY_PUSH_MAX_DELAY", default_value = "50ms", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub push_max_delay: Duration,
+
+    /// The range services' virtual IPs are allocated from (IPv4 or IPv6). Its network address,
+    /// and for IPv4 its broadcast address, are never handed out.
+    #[arg(long, env = "FERRY_VIP_CIDR", default_value = "240.240.0.0/16", value_name = "CIDR")]
+    pub vip_cidr: VipRange,
+
+    /// How long a service that has no instance left keeps its virtual IP before it is released.
+    #[arg(long, env = "FERRY_VIP_RELEASE_AFTER", default_value = "24h", value_parser = parse_vip_release_after, value_name = "DURATION")]
+    pub vip_release_after: Duration,
 
     /// How long the instance of a sidecar whose stream broke is kept (critical) for it to
     /// reconnect before it is removed.
@@ -138,6 +147,14 @@ fn parse_replica_ttl(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?}: whole seconds from 2s to 300s (etcd leases count in seconds)"));
     }
     Ok(ttl)
+}
+
+fn parse_vip_release_after(s: &str) -> Result<Duration, String> {
+    let after = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
+    if after < Duration::from_secs(1) || after > Duration::from_secs(365 * 24 * 3600) {
+        return Err(format!("{s:?} must be 1s to 365 days"));
+    }
+    Ok(after)
 }
 
 /// `--auth`.
@@ -232,4 +249,32 @@ fn parse_cert_ttl(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} must be 10s to 365 days"));
     }
     Ok(ttl)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("ferry-control-plane").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn virtual_ips_come_from_240_240_0_0_16_and_are_released_after_a_day_by_default() {
+        let config = parse(&[]).expect("defaults");
+        assert_eq!(config.vip_cidr.to_string(), "240.240.0.0/16");
+        assert_eq!(config.vip_release_after, Duration::from_secs(24 * 3600));
+        let config = parse(&["--vip-cidr", "fd00:f0::/108", "--vip-release-after", "2s"]).expect("valid");
+        assert_eq!((config.vip_cidr.to_string().as_str(), config.vip_release_after), ("fd00:f0::/108", Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn a_bad_virtual_ip_range_or_age_is_refused_naming_the_flag() {
+        let error = parse(&["--vip-cidr", "240.240.1.0/16"]).expect_err("host bits").to_string();
+        assert!(error.contains("--vip-cidr") && error.contains("did you mean 240.240.0.0/16"), "{error}");
+        let error = parse(&["--vip-cidr", "10.0.0.0/31"]).expect_err("too small").to_string();
+        assert!(error.contains("--vip-cidr") && error.contains("no address to hand out"), "{error}");
+        let error = parse(&["--vip-release-after", "0s"]).expect_err("too short").to_string();
+        assert!(error.contains("--vip-release-after"), "{error}");
+    }
 }

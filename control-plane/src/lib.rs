@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod addresses;
 pub mod api;
 pub mod auth;
 pub mod ca;
@@ -23,6 +24,8 @@ pub mod registry;
 pub mod resources;
 pub mod server;
 pub mod store;
+#[cfg(test)]
+mod testing;
 
 use std::{ffi::OsString, process::ExitCode};
 

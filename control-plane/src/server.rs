@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use ferry_health::RunnerOptions;
 
 use crate::{
+    addresses::AddressTable,
     api::{
         grpc::RegistryService,
         http::{self, HttpState},
@@ -104,6 +105,8 @@ impl ControlPlane {
             max_metadata_bytes: limits.max_metadata_bytes as usize,
             max_checks: limits.max_checks as usize,
             max_push_bytes: limits.max_push_bytes as usize,
+            virtual_ips: config.vip_cidr.clone(),
+            vip_release_after: config.vip_release_after,
             ..Default::default()
         };
         let description = store.describe();
@@ -112,6 +115,7 @@ impl ControlPlane {
             Registry::open_with(store.clone(), registry_config, metrics.registry.clone(), indexes.clone(), shared.clone())
                 .await
                 .with_context(|| format!("loading the registry from {description}"))?;
+        let addresses = AddressTable::attach(&registry, indexes.clone());
         let resources = Resources::open_with(store.clone(), indexes, Duration::from_secs(5), limits.resources(), shared.clone())
             .await
             .with_context(|| format!("loading routes and policies from {description}"))?;
@@ -188,6 +192,7 @@ impl ControlPlane {
             sidecars.clone(),
             authority.clone(),
             tokens.clone(),
+            addresses.clone(),
             session_config,
             metrics.push.clone(),
             shutdown.clone(),
@@ -217,6 +222,7 @@ impl ControlPlane {
                     authority: authority.clone(),
                     checks: checks.clone(),
                     sidecars: sidecars.clone(),
+                    addresses: addresses.clone(),
                 };
                 let replica = crate::cluster::Replica::start(etcd, replica_config, shared, parts, shutdown.clone())
                     .await
@@ -226,7 +232,7 @@ impl ControlPlane {
             _ => None,
         };
         #[cfg(not(feature = "etcd"))]
-        let _ = (etcd, shared);
+        let _ = (etcd, shared, &addresses);
         let registry_api = RegistryService::new(registry.clone(), checks.clone(), shutdown.clone());
         let security = SecurityService { authority: authority.clone(), tokens: tokens.clone(), sidecars: sidecars.clone() };
 

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use ferry_control_plane::{
+    addresses::AddressTable,
     api::{grpc::RegistryService, security::SecurityService},
     auth::{Auth, AuthLayer, Tokens},
     ca::{Authority, CaConfig},
@@ -77,12 +78,14 @@ async fn serve() -> Served {
     let tokens = Tokens::open(Arc::new(MemoryStore::default())).await.expect("tokens");
     let (_, admin) = tokens.create(v1::TokenKind::Admin, "", None, "").await.expect("admin token");
     let sidecars = Arc::new(Sidecars::default());
+    let addresses = AddressTable::attach(&registry, Default::default());
     let discovery = DiscoveryService::new(
         registry.clone(),
         resources,
         sidecars.clone(),
         authority.clone(),
         tokens.clone(),
+        addresses,
         SessionConfig::default(),
         metrics.push,
         shutdown.clone(),
@@ -163,6 +166,30 @@ async fn hello_registers_the_instance_and_subscriptions_get_pushes() {
         _ => None,
     });
     assert_eq!(endpoint.map(|e| e.identity), Some(String::new()), "no mTLS in its Hello: reached in plaintext");
+}
+
+#[tokio::test]
+async fn a_sidecar_that_intercepts_gets_the_address_table_with_its_services_virtual_ips() {
+    let served = serve().await;
+    let channel = served.admin();
+    let first = v1::Hello {
+        node_id: "node-1".into(),
+        service: "frontend".into(),
+        instance: Some(instance("frontend-1", "frontend", 8080)),
+        intercept: true,
+        ..Default::default()
+    };
+    let (_tx, mut inbound) =
+        open(&channel, v1::SidecarMessage { message: Some(sidecar_message::Message::Hello(first)) }).await.expect("accepted");
+    let _welcome = inbound.message().await.expect("ok").expect("a message");
+    let message = inbound.message().await.expect("ok").expect("a message");
+    let Some(control_message::Message::Push(push)) = message.message else { panic!("expected a push, got {message:?}") };
+    let table = push.addresses.expect("the address table in the first push");
+    assert!(table.full);
+    let own = table.upserted.iter().find(|s| s.service == "frontend").expect("its own service, registered by its Hello");
+    assert_eq!(own.endpoints, ["127.0.0.1:8080"]);
+    let vip = served.registry.snapshot("frontend").and_then(|s| s.virtual_ip).expect("allocated");
+    assert_eq!(own.virtual_ip, vip.to_string());
 }
 
 #[tokio::test]

@@ -479,9 +479,10 @@ fn ago(timestamp: Option<&Timestamp>) -> String {
 }
 
 fn services_table(response: &v1::ListServicesResponse) -> String {
-    let mut table = Table::new(&["SERVICE", "INSTANCES", "PASSING", "INDEX"]);
+    let mut table = Table::new(&["SERVICE", "INSTANCES", "PASSING", "VIRTUAL IP", "INDEX"]);
     for s in &response.services {
-        table.row(vec![s.name.clone(), s.instances.to_string(), s.passing.to_string(), s.index.to_string()]);
+        let virtual_ip = if s.virtual_ip.is_empty() { "-".to_owned() } else { s.virtual_ip.clone() };
+        table.row(vec![s.name.clone(), s.instances.to_string(), s.passing.to_string(), virtual_ip, s.index.to_string()]);
     }
     table.render()
 }
@@ -590,4 +591,27 @@ fn status_table(response: &v1::ListSidecarsResponse) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_services_table_shows_each_virtual_ip_or_a_dash() {
+        let summary = |name: &str, virtual_ip: &str| v1::ServiceSummary {
+            name: name.into(),
+            index: 7,
+            instances: 2,
+            passing: 1,
+            virtual_ip: virtual_ip.into(),
+        };
+        let response = v1::ListServicesResponse { services: vec![summary("catalog", "240.240.149.217"), summary("db", "")] };
+        assert_eq!(
+            services_table(&response),
+            "SERVICE  INSTANCES  PASSING  VIRTUAL IP       INDEX\n\
+             catalog  2          1        240.240.149.217  7\n\
+             db       2          1        -                7\n"
+        );
+    }
 }

@@ -102,7 +102,7 @@ pub fn services_response(services: Vec<ServiceSummary>) -> v1::ListServicesRespo
                 index: s.index,
                 instances: u32::try_from(s.instances).unwrap_or(u32::MAX),
                 passing: u32::try_from(s.routable).unwrap_or(u32::MAX),
-                virtual_ip: String::new(),
+                virtual_ip: s.virtual_ip.map(|ip| ip.to_string()).unwrap_or_default(),
             })
             .collect(),
     }

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
+    addresses::AddressTable,
     api::registry_status,
     auth::{Principal, Tokens},
     ca::Authority,
@@ -46,6 +47,7 @@ pub struct DiscoveryService {
     sidecars: Arc<Sidecars>,
     authority: Arc<Authority>,
     tokens: Arc<Tokens>,
+    addresses: Arc<AddressTable>,
     config: SessionConfig,
     metrics: PushMetrics,
     server_id: String,
@@ -61,6 +63,10 @@ struct Hello {
     versions: HashMap<String, u64>,
     build: String,
     mtls: bool,
+    /// The sidecar intercepts its app's connections: it is sent the address table.
+    intercept: bool,
+    /// The version of the address table it holds; 0 for none.
+    addresses_version: u64,
 }
 
 /// Validates a health report from a sidecar.
@@ -115,6 +121,8 @@ impl TryFrom<v1::Hello> for Hello {
             versions: hello.versions,
             build: hello.build,
             mtls: hello.mtls,
+            intercept: hello.intercept,
+            addresses_version: hello.addresses_version,
         })
     }
 }
@@ -128,12 +136,13 @@ impl DiscoveryService {
         sidecars: Arc<Sidecars>,
         authority: Arc<Authority>,
         tokens: Arc<Tokens>,
+        addresses: Arc<AddressTable>,
         config: SessionConfig,
         metrics: PushMetrics,
         shutdown: CancellationToken,
     ) -> Self {
         let server_id = format!("{:016x}", rand::random::<u64>());
-        Self { registry, resources, sidecars, authority, tokens, config, metrics, server_id, shutdown }
+        Self { registry, resources, sidecars, authority, tokens, addresses, config, metrics, server_id, shutdown }
     }
 }
 
@@ -216,6 +225,8 @@ impl Discovery for DiscoveryService {
             hello.versions,
             credentials,
         );
+        let session =
+            if hello.intercept { session.intercepting(self.addresses.clone(), hello.addresses_version) } else { session };
         let (registry, sidecars, metrics, shutdown) =
             (self.registry.clone(), self.sidecars.clone(), self.metrics.clone(), self.shutdown.clone());
         tokio::spawn(async move {

@@ -9,7 +9,10 @@
 //!
 //! Besides the services it subscribed to, every sidecar is sent the mesh's trust bundle and the
 //! authorization policy of its own service: in the stream's first push, and whenever they
-//! change. A revoked or expired token ends the stream.
+//! change. A sidecar that intercepts its app's connections (`Hello.intercept`) is also sent the
+//! mesh's address table: whole in the first push (or as a delta from the version its Hello says
+//! it holds), then a delta whenever the table changes, coalesced with everything else; after a
+//! NACK of a push that carried it, whole again. A revoked or expired token ends the stream.
 //!
 //! A service the sidecar already holds (by the version it sent in Hello, or the last one pushed)
 //! is sent as a delta when the registry's change log reaches back to that version and the delta
@@ -37,6 +40,7 @@ use tonic::Status;
 use self::answers::InFlight;
 use super::{progress::Held, status::SidecarRecord};
 use crate::{
+    addresses::AddressTable,
     metrics::PushMetrics,
     registry::{Registry, ServiceSnapshot, SessionId},
     resources::{Resources, ServiceConfig},
@@ -115,7 +119,34 @@ pub struct Session {
     /// The authorization version the sidecar holds, or will once the pushes in flight land. A
     /// version it refused (its progress says which) is not sent again until it changes.
     authorization_held: Option<u64>,
+    /// The address table, for a sidecar that intercepts.
+    addresses: Option<AddressFeed>,
     credentials: Credentials,
+}
+
+/// The address table as one intercepting sidecar is sent it.
+struct AddressFeed {
+    table: Arc<AddressTable>,
+    /// The table's version.
+    watch: WatchStream<u64>,
+    /// The version the sidecar holds, or will once the pushes in flight land; `None`: it must be
+    /// sent the whole table.
+    held: Option<u64>,
+    /// A whole table the sidecar refused: not sent again until the table changes.
+    rejected: Option<u64>,
+}
+
+impl AddressFeed {
+    /// What the next push carries of the table, if the sidecar does not hold it as it is.
+    fn next_update(&mut self) -> Option<v1::AddressTable> {
+        let version = self.table.version();
+        if self.held == Some(version) || self.rejected == Some(version) {
+            return None;
+        }
+        let update = self.table.update_for(self.held)?;
+        self.held = Some(update.version);
+        Some(update)
+    }
 }
 
 struct Subscription {
@@ -137,7 +168,7 @@ struct Subscription {
 impl Subscription {
     /// The service's version now.
     fn version(&self) -> u64 {
-        self.endpoints.index.max(self.config.version)
+        self.endpoints.version().max(self.config.version)
     }
 
     /// What the sidecar holds once the service as it is now reaches it.
@@ -172,6 +203,7 @@ impl Session {
             own_watch,
             own: None,
             authorization_held: None,
+            addresses: None,
             credentials,
             id,
             registry,
@@ -193,6 +225,14 @@ impl Session {
     /// The session's identity in the registry.
     pub fn id(&self) -> SessionId {
         self.id
+    }
+
+    /// Sends the sidecar the mesh's address table, which it holds at version `held` already (0
+    /// for none): it intercepts its app's connections.
+    pub fn intercepting(mut self, table: Arc<AddressTable>, held: u64) -> Self {
+        let watch = WatchStream::new(table.watch());
+        self.addresses = Some(AddressFeed { table, watch, held: (held > 0).then_some(held), rejected: None });
+        self
     }
 
     /// Runs the session until the stream ends, the sidecar says goodbye or `shutdown` fires.
@@ -252,6 +292,11 @@ impl Session {
                         self.dirty_since.get_or_insert_with(Instant::now);
                     }
                     self.own = Some(own);
+                }
+                Some(version) = next_address_version(&mut self.addresses) => {
+                    if self.addresses.as_ref().is_some_and(|feed| feed.held != Some(version)) {
+                        self.dirty_since.get_or_insert_with(Instant::now);
+                    }
                 }
                 permit = outbound.reserve(), if flush_now => match permit {
                     Ok(permit) => {
@@ -402,6 +447,14 @@ impl Session {
             Some(last) => dirty_since.max(last + self.config.max_delay),
             None => dirty_since,
         })
+    }
+}
+
+/// The address table's next version, for a sidecar that is sent it; never for the others.
+async fn next_address_version(feed: &mut Option<AddressFeed>) -> Option<u64> {
+    match feed {
+        Some(feed) => feed.watch.next().await,
+        None => std::future::pending().await,
     }
 }
 

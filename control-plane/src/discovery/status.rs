@@ -80,7 +80,7 @@ impl SidecarRecord {
                 };
                 v1::SubscriptionStatus {
                     service: service.to_string(),
-                    current_version: registry.snapshot(service).map_or(0, |s| s.index).max(config.version),
+                    current_version: registry.snapshot(service).map_or(0, |s| s.version()).max(config.version),
                     sent_version: p.sent.map_or(0, |h| h.version),
                     acked_version: p.acked.map_or(0, |h| h.version),
                     route: Some(part(config.route_version, |h| h.route)),

@@ -9,11 +9,15 @@
 //! ephemeral ones bound to a sidecar's stream through a lease. A stream that breaks without
 //! goodbye makes its instance critical at once and removes it after `reconnect_grace`, unless
 //! the sidecar comes back first.
+//!
+//! Each service that has had an instance gets a virtual IP (`vips`), carried in its snapshots.
+//! An [`Observer`] (the address table) is told of every snapshot published.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
     sync::{
-        Arc, Mutex, MutexGuard, Weak,
+        Arc, Mutex, MutexGuard, OnceLock, Weak,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -22,7 +26,10 @@ use std::{
 use ferry_health::{CheckStatus, Health};
 use ferry_proto::{v1, validate::FieldError};
 use prost::Message;
-use tokio::{sync::watch, time::Instant};
+use tokio::{
+    sync::{Notify, watch},
+    time::Instant,
+};
 
 use self::lease::Lease;
 use crate::{
@@ -35,10 +42,12 @@ mod admission;
 mod instance;
 mod lease;
 mod snapshot;
+mod vips;
 
 pub use self::{
     instance::{Instance, InstanceSpec, Origin, system_time, timestamp},
     snapshot::{Change, ChangeLog, Delta, ServiceSnapshot},
+    vips::{InvalidVipRange, VipRange},
 };
 
 /// Tuning of the registry.
@@ -58,6 +67,10 @@ pub struct RegistryConfig {
     pub max_checks: usize,
     /// The encoded size a service's endpoints may reach in one push.
     pub max_push_bytes: usize,
+    /// Where services' virtual IPs come from (`--vip-cidr`).
+    pub virtual_ips: VipRange,
+    /// How long a service keeps its virtual IP while it has no instance.
+    pub vip_release_after: Duration,
 }
 
 impl Default for RegistryConfig {
@@ -70,6 +83,8 @@ impl Default for RegistryConfig {
             max_metadata_bytes: 16 << 10,
             max_checks: ferry_proto::validate::MAX_CHECKS,
             max_push_bytes: 64 << 20,
+            virtual_ips: VipRange::default(),
+            vip_release_after: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -98,6 +113,14 @@ pub struct ServiceSummary {
     pub index: u64,
     pub instances: usize,
     pub routable: usize,
+    pub virtual_ip: Option<IpAddr>,
+}
+
+/// Told of every snapshot the registry publishes, in order, under the registry's lock: it must
+/// be quick and must not call the registry.
+pub trait Observer: Send + Sync + 'static {
+    /// `snapshot` replaced its service's previous one.
+    fn published(&self, snapshot: &ServiceSnapshot);
 }
 
 /// How a registry shares its store with other replicas.
@@ -140,6 +163,8 @@ impl Shared {
 /// The registry of services and instances.
 pub struct Registry {
     indexes: Arc<Indexes>,
+    /// For the guarded writes of virtual IPs with a shared store.
+    store: Arc<dyn Store>,
     /// Set when replicas share the store: changes are written first and applied to memory as
     /// the store's watch reports them, so every replica applies them in one order.
     shared: Option<Shared>,
@@ -149,6 +174,13 @@ pub struct Registry {
     metrics: RegistryMetrics,
     sessions: AtomicU64,
     this: Weak<Registry>,
+    /// Told of every snapshot published.
+    observer: OnceLock<Arc<dyn Observer>>,
+    /// Wakes the task that allocates and releases virtual IPs.
+    vip_work: Arc<Notify>,
+    /// Whether this registry allocates and releases virtual IPs (with a shared store, only the
+    /// elected replica does).
+    vip_duty: watch::Sender<bool>,
 }
 
 struct State {
@@ -171,6 +203,8 @@ struct State {
     held: HashMap<String, Arc<Instance>>,
     next_epoch: u64,
     placeholders_created: u64,
+    /// The services' virtual IPs.
+    vips: vips::VipBook,
 }
 
 struct ServiceEntry {
@@ -213,6 +247,7 @@ impl Registry {
         shared: Option<Shared>,
     ) -> Result<Arc<Self>, StoreError> {
         let rows = if shared.is_some() { Vec::new() } else { store.load(Table::Instances).await? };
+        let vip_rows = if shared.is_some() { Vec::new() } else { store.load(Table::VirtualIps).await? };
         let mut restored = Vec::with_capacity(rows.len());
         for (key, value) in rows {
             let stored = v1::Instance::decode(value.as_slice())
@@ -222,8 +257,10 @@ impl Registry {
             restored.push(instance);
         }
         indexes.advance_past(restored.iter().map(|i| i.index).max().unwrap_or(0));
+        let duty = shared.is_none();
         let registry = Arc::new_cyclic(|this| Registry {
             indexes,
+            store: store.clone(),
             shared,
             state: Mutex::new(State {
                 services: HashMap::new(),
@@ -235,18 +272,23 @@ impl Registry {
                 held: HashMap::new(),
                 next_epoch: 0,
                 placeholders_created: 0,
+                vips: vips::VipBook::default(),
             }),
             writer: StoreWriter::spawn(store),
             config,
             metrics,
             sessions: AtomicU64::new(0),
             this: this.clone(),
+            observer: OnceLock::new(),
+            vip_work: Arc::new(Notify::new()),
+            vip_duty: watch::Sender::new(duty),
         });
-        registry.restore(restored);
+        registry.restore(restored, vip_rows);
+        tokio::spawn(vips::run(Arc::downgrade(&registry), registry.vip_work.clone(), registry.vip_duty.subscribe()));
         Ok(registry)
     }
 
-    fn restore(&self, instances: Vec<Instance>) {
+    fn restore(&self, instances: Vec<Instance>, vip_rows: Vec<(String, Vec<u8>)>) {
         let mut by_service: BTreeMap<Arc<str>, BTreeMap<String, Arc<Instance>>> = BTreeMap::new();
         let mut state = self.lock();
         for instance in instances {
@@ -262,18 +304,40 @@ impl Registry {
             }
             by_service.entry(instance.service.clone()).or_default().insert(instance.id.clone(), Arc::new(instance));
         }
+        let existing: BTreeSet<Arc<str>> = by_service.keys().cloned().collect();
+        self.restore_virtual_ips(&mut state, vip_rows, &existing);
+        let with_address: Vec<Arc<str>> = state.vips.services().filter(|name| !existing.contains(*name)).cloned().collect();
+        for name in with_address {
+            by_service.insert(name, BTreeMap::new());
+        }
         for (name, instances) in by_service {
             let index = self.indexes.next();
             let encoded_bytes = instances.values().map(|i| i.endpoint_bytes()).sum();
+            let virtual_ip = state.vips.get(&name).map(|a| (a.ip, a.version));
             let snapshot = ServiceSnapshot {
                 name: name.clone(),
-                index,
+                index: if instances.is_empty() { 0 } else { index },
                 instances: Arc::new(instances),
                 log: Arc::new(ChangeLog::starting_at(index)),
                 changed_at: Instant::now(),
                 encoded_bytes,
+                virtual_ip: virtual_ip.map(|(ip, _)| ip),
+                virtual_ip_version: virtual_ip.map_or(0, |(_, version)| version),
             };
             state.services.insert(name, ServiceEntry { tx: watch::Sender::new(Arc::new(snapshot)) });
+        }
+    }
+
+    /// Tells `observer` of every snapshot published from now on, and at once of every current
+    /// one. A registry has one observer: a second is ignored.
+    pub fn observe(&self, observer: Arc<dyn Observer>) {
+        let state = self.lock();
+        if self.observer.set(observer.clone()).is_err() {
+            tracing::warn!("the registry has an observer already");
+            return;
+        }
+        for entry in state.services.values() {
+            observer.published(&entry.tx.borrow());
         }
     }
 
@@ -299,6 +363,7 @@ impl Registry {
                 index: snapshot.index,
                 instances: snapshot.instances.len(),
                 routable: snapshot.routable(),
+                virtual_ip: snapshot.virtual_ip,
             })
             .collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
@@ -320,7 +385,11 @@ impl Registry {
         state.sweep_placeholders();
         let name: Arc<str> = service.into();
         let floor = self.indexes.peek();
-        let tx = watch::Sender::new(Arc::new(ServiceSnapshot::empty(name.clone(), floor)));
+        let mut empty = ServiceSnapshot::empty(name.clone(), floor);
+        if let Some(allocation) = state.vips.get(&name) {
+            (empty.virtual_ip, empty.virtual_ip_version) = (Some(allocation.ip), allocation.version);
+        }
+        let tx = watch::Sender::new(Arc::new(empty));
         let rx = tx.subscribe();
         state.services.insert(name, ServiceEntry { tx });
         rx
@@ -709,15 +778,27 @@ impl Registry {
             }
         }
         log.record(Change { index, id: id.clone(), instance: stored.clone() }, self.config.change_log);
-        let snapshot = ServiceSnapshot {
+        let exists = !instances.is_empty();
+        let (virtual_ip, virtual_ip_version) = match self.virtual_ip_for(state, service, exists, index) {
+            Some((ip, version)) => (Some(ip), version),
+            None => (None, previous.virtual_ip_version),
+        };
+        let snapshot = Arc::new(ServiceSnapshot {
             name: service.clone(),
             index,
             instances: Arc::new(instances),
             log: Arc::new(log),
             changed_at: Instant::now(),
             encoded_bytes,
-        };
-        entry.tx.send_replace(Arc::new(snapshot));
+            virtual_ip,
+            virtual_ip_version,
+        });
+        if let Some(entry) = state.services.get(service) {
+            entry.tx.send_replace(snapshot.clone());
+        }
+        if let Some(observer) = self.observer.get() {
+            observer.published(&snapshot);
+        }
         for check in old_checks {
             if state.check_owners.get(&check) == Some(id) {
                 state.check_owners.remove(&check);
@@ -800,7 +881,10 @@ impl State {
         if !self.placeholders_created.is_multiple_of(256) {
             return;
         }
-        self.services.retain(|_, entry| entry.tx.receiver_count() > 0 || entry.tx.borrow().exists());
+        self.services.retain(|_, entry| {
+            let snapshot = entry.tx.borrow();
+            entry.tx.receiver_count() > 0 || snapshot.exists() || snapshot.virtual_ip.is_some()
+        });
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
+    net::IpAddr,
     sync::Arc,
 };
 
@@ -22,6 +23,11 @@ pub struct ServiceSnapshot {
     pub changed_at: Instant,
     /// The encoded size of its endpoints as one push carries them.
     pub encoded_bytes: usize,
+    /// The service's virtual IP, if it has one.
+    pub virtual_ip: Option<IpAddr>,
+    /// The version of the virtual IP's last change (given, released or moved); 0 if none ever.
+    /// Not an index: the instances did not change.
+    pub virtual_ip_version: u64,
 }
 
 /// The recent changes of one service.
@@ -60,7 +66,15 @@ impl ServiceSnapshot {
             log: Arc::new(ChangeLog::starting_at(floor)),
             changed_at: Instant::now(),
             encoded_bytes: 0,
+            virtual_ip: None,
+            virtual_ip_version: 0,
         }
+    }
+
+    /// The version of what the snapshot shows: its index, or its virtual IP's, whichever is
+    /// newer.
+    pub fn version(&self) -> u64 {
+        self.index.max(self.virtual_ip_version)
     }
 
     /// Whether any instance of the service is registered.

@@ -34,6 +34,12 @@ pub enum Table {
     /// What an instance's checks found last, by instance id; written only by replicas sharing
     /// a store, so that each shows them.
     Checks,
+    /// Services' virtual IPs, by service: the address and since when the service has had no
+    /// instance (JSON).
+    VirtualIps,
+    /// The service holding each virtual IP, by address: written with `VirtualIps`, so that a
+    /// guarded write can claim an address only while nobody holds it.
+    VirtualIpOwners,
 }
 
 impl Table {
@@ -43,8 +49,17 @@ impl Table {
     }
 
     /// Every table, for stores that create them up front.
-    pub const ALL: [Table; 7] =
-        [Table::Instances, Table::Routes, Table::Policies, Table::Authorizations, Table::Ca, Table::Tokens, Table::Checks];
+    pub const ALL: [Table; 9] = [
+        Table::Instances,
+        Table::Routes,
+        Table::Policies,
+        Table::Authorizations,
+        Table::Ca,
+        Table::Tokens,
+        Table::Checks,
+        Table::VirtualIps,
+        Table::VirtualIpOwners,
+    ];
 
     /// The table's name in the store.
     pub fn name(self) -> &'static str {
@@ -56,6 +71,8 @@ impl Table {
             Self::Ca => "ca",
             Self::Tokens => "tokens",
             Self::Checks => "checks",
+            Self::VirtualIps => "virtual_ips",
+            Self::VirtualIpOwners => "virtual_ip_owners",
         }
     }
 }

@@ -149,3 +149,15 @@ async fn a_ttl_output_past_its_limit_is_refused_naming_the_body() {
     let read = api.send(renew("x".repeat(MAX_TTL_OUTPUT_BYTES))).await;
     assert_eq!(read.0, StatusCode::NOT_FOUND, "{}", String::from_utf8_lossy(&read.2));
 }
+
+#[tokio::test]
+async fn the_service_list_shows_each_services_virtual_ip() {
+    let api = api().await;
+    api.register("catalog", 1).await;
+    let listed = api.get("/v1/services", None).await;
+    assert_eq!(listed.0, StatusCode::OK);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.2).expect("JSON");
+    let vip = api.registry.snapshot("catalog").and_then(|s| s.virtual_ip).expect("allocated");
+    assert_eq!(listed["services"][0]["name"], "catalog");
+    assert_eq!(listed["services"][0]["virtual_ip"], vip.to_string());
+}

@@ -22,6 +22,8 @@ pub(super) struct InFlight {
     pub(super) bundle: Option<u64>,
     /// The authorization version it carried, if any.
     pub(super) authorization: Option<u64>,
+    /// The address table version it carried, and whether whole.
+    pub(super) addresses: Option<(u64, bool)>,
 }
 
 impl Session {
@@ -83,6 +85,14 @@ impl Session {
             if push.bundle.is_some() {
                 self.bundle_held = None;
             }
+            // The sidecar keeps the table it had, which the next push does not build on: it
+            // carries the whole table, unless that is what the sidecar found fault with.
+            if let (Some((version, full)), Some(feed)) = (push.addresses, self.addresses.as_mut()) {
+                feed.held = None;
+                if full && whole {
+                    feed.rejected = Some(version);
+                }
+            }
             if let Some(version) = push.authorization {
                 self.authorization_held = progress.part(Part::Authorization).acked;
                 if whole {
@@ -93,6 +103,9 @@ impl Session {
         let Some(push) = push else {
             // Too old to know what it carried: resend everything in full.
             self.bundle_held = None;
+            if let Some(feed) = self.addresses.as_mut() {
+                feed.held = None;
+            }
             self.authorization_held = progress.part(Part::Authorization).acked;
             for (service, subscription) in &mut self.subscriptions {
                 subscription.held = progress.acknowledged(service);

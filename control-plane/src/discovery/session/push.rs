@@ -1,6 +1,8 @@
 //! What one push carries: every dirty service the sidecar does not hold as it is now, each as a
 //! delta from what the sidecar holds when that is smaller, else as a snapshot, with its route and
-//! policy when they changed; and the trust bundle and the authorization policy when they changed.
+//! policy when they changed, and always its virtual IP; the trust bundle and the authorization
+//! policy when they changed; and, for a sidecar that intercepts, the address table when it
+//! changed.
 
 use std::sync::Arc;
 
@@ -60,7 +62,8 @@ impl Session {
                 policy: own.authorization.as_deref().cloned(),
                 version: own.authorization_version,
             });
-        if resources.is_empty() && trust_bundle.is_none() && authorization.is_none() {
+        let addresses = self.addresses.as_mut().and_then(|feed| feed.next_update());
+        if resources.is_empty() && trust_bundle.is_none() && authorization.is_none() && addresses.is_none() {
             return None;
         }
         let bundle = trust_bundle.as_ref().map(|b| b.version);
@@ -76,8 +79,16 @@ impl Session {
         self.next_nonce += 1;
         let nonce = self.next_nonce.to_string();
         self.last_push = Some(now);
-        self.remember(InFlight { nonce: nonce.clone(), sent_at: now, carried, bundle, authorization: authorization_version });
-        let push = v1::Push { nonce, resources, trust_bundle, authorization, addresses: None };
+        let addresses_carried = addresses.as_ref().map(|table| (table.version, table.full));
+        self.remember(InFlight {
+            nonce: nonce.clone(),
+            sent_at: now,
+            carried,
+            bundle,
+            authorization: authorization_version,
+            addresses: addresses_carried,
+        });
+        let push = v1::Push { nonce, resources, trust_bundle, authorization, addresses };
         let message = v1::ControlMessage { message: Some(control_message::Message::Push(push)) };
         self.metrics.pushes.inc();
         self.metrics.bytes.inc_by(message.encoded_len() as u64);
@@ -123,7 +134,7 @@ fn resources_for(name: &Arc<str>, subscription: &Subscription, base: Option<Held
             endpoints,
             route,
             policy,
-            virtual_ip: String::new(),
+            virtual_ip: snapshot.virtual_ip.map(|ip| ip.to_string()).unwrap_or_default(),
         },
         full,
     )

@@ -6,6 +6,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::*;
 use crate::{
+    addresses::AddressTable,
     ca::{Authority, CaConfig},
     metrics::Metrics,
     registry::{InstanceSpec, RegistryConfig},
@@ -21,6 +22,10 @@ struct Harness {
     from_session: mpsc::Receiver<Result<v1::ControlMessage, Status>>,
     record: Arc<SidecarRecord>,
     authority: Arc<Authority>,
+    /// The address table, when the sidecar intercepts.
+    addresses: Option<Arc<AddressTable>>,
+    /// The stream's first push, acknowledged.
+    first: v1::Push,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Ended>,
     _dir: tempfile::TempDir,
@@ -39,6 +44,35 @@ async fn authority(dir: &std::path::Path) -> Arc<Authority> {
 }
 
 async fn harness_with(held: HashMap<String, u64>, registry: Option<Arc<Registry>>, credentials: Credentials) -> Harness {
+    harness_of(held, registry, credentials, None).await
+}
+
+/// A harness whose sidecar intercepts, holding the address table at `held` (0: none), over the
+/// registry and table given or new ones.
+async fn intercepting(held: u64, registry: Option<(Arc<Registry>, Arc<AddressTable>)>) -> Harness {
+    let registry = match registry {
+        Some(registry) => registry,
+        None => {
+            let registry = new_registry(RegistryConfig::default()).await;
+            let table = AddressTable::attach(&registry, Default::default());
+            (registry, table)
+        }
+    };
+    harness_of(HashMap::new(), Some(registry.0), Credentials::default(), Some((registry.1, held))).await
+}
+
+async fn new_registry(config: RegistryConfig) -> Arc<Registry> {
+    Registry::open(Arc::new(MemoryStore::default()), config, Metrics::unregistered().registry, Default::default())
+        .await
+        .expect("opens")
+}
+
+async fn harness_of(
+    held: HashMap<String, u64>,
+    registry: Option<Arc<Registry>>,
+    credentials: Credentials,
+    intercept: Option<(Arc<AddressTable>, u64)>,
+) -> Harness {
     let registry = match registry {
         Some(registry) => registry,
         None => Registry::open(
@@ -73,16 +107,33 @@ async fn harness_with(held: HashMap<String, u64>, registry: Option<Arc<Registry>
         held,
         credentials,
     );
+    let (session, addresses) = match intercept {
+        Some((table, held)) => (session.intercepting(table.clone(), held), Some(table)),
+        None => (session, None),
+    };
     let (to_session, inbound) = mpsc::channel(16);
     let (outbound, from_session) = mpsc::channel(1);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(session.run(ReceiverStream::new(inbound), outbound, shutdown.clone()));
-    let mut harness = Harness { registry, resources, to_session, from_session, record, authority, shutdown, task, _dir: dir };
+    let mut harness = Harness {
+        registry,
+        resources,
+        to_session,
+        from_session,
+        record,
+        authority,
+        addresses,
+        first: v1::Push::default(),
+        shutdown,
+        task,
+        _dir: dir,
+    };
     // Every stream starts with the trust bundle and the sidecar's authorization policy.
     let first = harness.push().await;
     assert_eq!(first.trust_bundle.as_ref().map(|b| b.version), Some(harness.authority.bundle().version));
     assert_eq!(first.authorization, Some(v1::AuthorizationUpdate { policy: None, version: 0 }));
     harness.ack(&first.nonce).await;
+    harness.first = first;
     harness
 }
 
@@ -477,4 +528,130 @@ async fn a_revoked_token_ends_its_stream() {
     assert_eq!((&mut h.task).await.expect("ends"), Ended::Broken);
     let status = h.from_session.recv().await.expect("a last message").expect_err("an error");
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
+}
+
+impl Harness {
+    fn table(&self) -> &AddressTable {
+        self.addresses.as_deref().expect("an intercepting sidecar's harness")
+    }
+}
+
+fn names(table: &v1::AddressTable) -> Vec<&str> {
+    table.upserted.iter().map(|s| s.service.as_str()).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_intercepting_sidecar_gets_the_whole_address_table_first_then_deltas() {
+    let mut h = intercepting(0, None).await;
+    let first = h.first.addresses.clone().expect("the table in the first push");
+    assert!(first.full);
+    assert!(first.upserted.is_empty(), "nothing registered yet");
+    assert_eq!(first.version, h.table().version());
+
+    // A service the sidecar does not subscribe to still reaches its table, alone in the push.
+    h.registry.register(spec("catalog", "c1", 8080)).await.expect("registers");
+    let push = h.push().await;
+    assert!(push.resources.is_empty() && push.trust_bundle.is_none() && push.authorization.is_none());
+    let delta = push.addresses.clone().expect("the change");
+    assert!(!delta.full);
+    assert_eq!(delta.base_version, first.version);
+    assert_eq!(names(&delta), ["catalog"]);
+    assert_eq!(delta.upserted[0].endpoints, ["127.0.0.1:8080"]);
+    assert!(!delta.upserted[0].virtual_ip.is_empty());
+    h.ack(&push.nonce).await;
+
+    // Changes within the coalescing bound of the last push leave in one push, built on it.
+    let start = Instant::now();
+    h.registry.register(spec("inventory", "i1", 9090)).await.expect("registers");
+    h.registry.register(spec("catalog", "c2", 8081)).await.expect("registers");
+    let push = h.push().await;
+    assert!(start.elapsed() <= Duration::from_millis(50), "{:?}", start.elapsed());
+    let next = push.addresses.expect("the changes");
+    assert_eq!((next.base_version, names(&next)), (delta.version, vec!["catalog", "inventory"]));
+    h.no_push().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sidecar_that_does_not_intercept_never_gets_the_address_table() {
+    let mut h = harness().await;
+    assert_eq!(h.first.addresses, None);
+    h.registry.register(spec("catalog", "c1", 8080)).await.expect("registers");
+    h.no_push().await;
+    h.subscribe(&["catalog"]).await;
+    let push = h.push().await;
+    assert_eq!(push.addresses, None);
+    assert!(!push.resources[0].virtual_ip.is_empty(), "its services' virtual IPs it gets");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sidecar_reconnecting_with_the_table_is_sent_only_what_changed() {
+    let registry = new_registry(RegistryConfig::default()).await;
+    let table = AddressTable::attach(&registry, Default::default());
+    registry.register(spec("catalog", "c1", 8080)).await.expect("registers");
+    let held = table.version();
+
+    let h = intercepting(held, Some((registry.clone(), table.clone()))).await;
+    assert_eq!(h.first.addresses, None, "it holds the table as it is");
+    drop(h);
+
+    registry.register(spec("inventory", "i1", 9090)).await.expect("registers");
+    let h = intercepting(held, Some((registry.clone(), table.clone()))).await;
+    let delta = h.first.addresses.clone().expect("what changed");
+    assert_eq!((delta.full, delta.base_version, names(&delta)), (false, held, vec!["inventory"]));
+
+    // A version from before the table began (from before a restart) gets the whole table.
+    let h = intercepting(1, Some((registry, table))).await;
+    let whole = h.first.addresses.clone().expect("everything");
+    assert!(whole.full);
+    assert_eq!(names(&whole), ["catalog", "inventory"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rejected_push_with_the_address_table_is_followed_by_the_whole_table() {
+    let mut h = intercepting(0, None).await;
+    h.registry.register(spec("catalog", "c1", 8080)).await.expect("registers");
+    let delta = h.push().await;
+    assert!(!delta.addresses.as_ref().expect("the change").full);
+    h.nack(&delta.nonce, "addresses.base_version: the delta builds on version 1 but the sidecar holds 0").await;
+    let whole = h.push().await;
+    let table = whole.addresses.clone().expect("the table again");
+    assert!(table.full);
+    assert_eq!(names(&table), ["catalog"]);
+
+    // A whole table refused is not sent again until the table changes.
+    h.nack(&whole.nonce, "addresses: bad").await;
+    h.no_push().await;
+    h.registry.register(spec("catalog", "c2", 8081)).await.expect("registers");
+    let again = h.push().await;
+    assert!(again.addresses.expect("the new table").full, "still nothing it can build on");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_virtual_ip_given_later_is_pushed_to_the_services_subscribers() {
+    // Two addresses for three services: the third waits for one to be released.
+    let config = RegistryConfig {
+        virtual_ips: "10.0.0.0/30".parse().expect("valid"),
+        vip_release_after: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let registry = new_registry(config).await;
+    for (service, id) in [("a", "a1"), ("b", "b1"), ("c", "c1")] {
+        registry.register(spec(service, id, 8080)).await.expect("registers");
+    }
+    let waiting = ["a", "b", "c"].into_iter().find(|s| registry.snapshot(s).is_some_and(|s| s.virtual_ip.is_none()));
+    let waiting = waiting.expect("one service without an address");
+    let mut h = harness_with(HashMap::new(), Some(registry.clone()), Credentials::default()).await;
+    h.subscribe(&[waiting]).await;
+    let push = h.push().await;
+    assert_eq!(push.resources[0].virtual_ip, "", "none yet");
+    h.ack(&push.nonce).await;
+
+    let leaving = ["a", "b", "c"].into_iter().find(|s| *s != waiting).expect("another");
+    registry.deregister(&format!("{leaving}1")).await.expect("deregisters");
+    let given = h.push().await;
+    let resources = &given.resources[0];
+    assert!(resources.version > push.resources[0].version);
+    assert!(["10.0.0.1", "10.0.0.2"].contains(&resources.virtual_ip.as_str()), "{resources:?}");
+    let Some(Endpoints::Delta(delta)) = &resources.endpoints else { panic!("expected an empty delta: {resources:?}") };
+    assert!(delta.upserted.is_empty() && delta.removed.is_empty(), "the instances did not change");
 }
