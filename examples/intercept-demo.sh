@@ -103,7 +103,9 @@ stop_processes() {
 cleanup() {
 	local status=$?
 	set +e
-	trap - INT TERM
+	trap - HUP INT TERM
+	# Output may have nowhere to go (a closed pipe, a closed terminal): clean up regardless.
+	trap '' PIPE
 	stop_processes "${created_ns[@]}"
 	wait 2>/dev/null
 	for ns in "${created_ns[@]}"; do ip netns del "$ns"; done
@@ -140,7 +142,9 @@ for ns in "${namespaces[@]}"; do
 done
 
 trap cleanup EXIT
+trap 'exit 129' HUP
 trap 'exit 130' INT
+trap 'exit 141' PIPE
 trap 'exit 143' TERM
 trap 'warn "line $LINENO: \"$BASH_COMMAND\" failed"' ERR
 
