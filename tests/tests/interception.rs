@@ -88,7 +88,7 @@ impl Mesh {
         command
             .env("FERRY_CONTROL_PLANE", &self.url)
             .env("FERRY_CA_FILE", self.data_dir.join("ca.pem"))
-            .env("FERRY_TOKEN_FILE", self.data_dir.join("admin.token"));
+            .env("FERRY_TOKEN", std::fs::read_to_string(self.data_dir.join("admin.token")).expect("the admin token").trim());
         let output = tokio::time::timeout(PATIENCE, command.output()).await.expect("ferryctl ends").expect("ferryctl runs");
         assert!(output.status.success(), "ferryctl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8_lossy(&output.stdout).into_owned()
@@ -164,7 +164,7 @@ async fn unmodified_apps_are_meshed_inside_network_namespaces() {
     mesh.sidecar("denied", "denied", &["--outbound-policy", "deny"]).await;
 
     mesh.apply(
-        "kind: ServicePolicy\nservice: catalog\nsubsets: { v1: { labels: { version: v1 } }, v2: { labels: { version: v2 } } }\n---\n\
+        "kind: ServicePolicy\nservice: catalog\nload_balancer: round-robin\nsubsets: { v1: { labels: { version: v1 } }, v2: { labels: { version: v2 } } }\n---\n\
          kind: Route\nservice: catalog\nrules:\n\
          - name: canary\n  match: { headers: { x-canary: \"true\" } }\n  backends: [ { subset: v2 } ]\n\
          - name: default\n  retries: { attempts: 3, on: [ 5xx ] }\n\
