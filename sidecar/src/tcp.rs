@@ -344,7 +344,7 @@ impl Shared {
 
 /// Connects to `host:port`, with no Nagle delay and with TCP keepalive.
 async fn connect(host: String, port: u16, keepalive: Duration) -> io::Result<TcpStream> {
-    let stream = TcpStream::connect((host.as_str(), port)).await?;
+    let stream = crate::intercept::own::connect(host.as_str(), port).await?;
     // With nothing listening, a connect from an ephemeral port to itself can succeed (TCP
     // simultaneous open); that is no server.
     if stream.local_addr().ok() == stream.peer_addr().ok() {

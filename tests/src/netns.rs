@@ -5,7 +5,7 @@
 //! They need root (`ip netns`, `iptables`); [`skip_reason`] says why they cannot run here.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     process::{Command as StdCommand, Output, Stdio},
 };
@@ -38,7 +38,8 @@ pub fn skip_reason() -> Option<String> {
     None
 }
 
-/// Hosts on one bridge, each in its own namespace; the hub holds the bridge at `.1`.
+/// Hosts on one bridge, each in its own namespace; the hub holds the bridge at `.1` (and
+/// `fd77:SUBNET::1`).
 pub struct Lab {
     id: String,
     subnet: u8,
@@ -67,6 +68,7 @@ impl Lab {
         must(StdCommand::new("ip").args(["-n", &hub, "link", "set", "lo", "up"]));
         must(StdCommand::new("ip").args(["-n", &hub, "link", "add", &bridge, "type", "bridge"]));
         must(StdCommand::new("ip").args(["-n", &hub, "addr", "add", &format!("{}/24", lab.ip("hub")), "dev", &bridge]));
+        must(StdCommand::new("ip").args(["-n", &hub, "addr", "add", &format!("{}/64", lab.ip6("hub")), "dev", &bridge, "nodad"]));
         must(StdCommand::new("ip").args(["-n", &hub, "link", "set", &bridge, "up"]));
         for (i, host) in hosts.iter().enumerate() {
             let ns = lab.ns(host);
@@ -79,6 +81,16 @@ impl Lab {
                     .args(["-n", &ns, "link", "add", &inside, "type", "veth", "peer", "name", &outside, "netns", &hub]),
             );
             must(StdCommand::new("ip").args(["-n", &ns, "addr", "add", &format!("{}/24", lab.ip(host)), "dev", &inside]));
+            must(StdCommand::new("ip").args([
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/64", lab.ip6(host)),
+                "dev",
+                &inside,
+                "nodad",
+            ]));
             must(StdCommand::new("ip").args(["-n", &ns, "link", "set", &inside, "up"]));
             must(StdCommand::new("ip").args(["-n", &hub, "link", "set", &outside, "master", &bridge]));
             must(StdCommand::new("ip").args(["-n", &hub, "link", "set", &outside, "up"]));
@@ -100,6 +112,11 @@ impl Lab {
             2 + self.hosts.iter().skip(1).position(|h| h == host).unwrap_or(self.hosts.len().saturating_sub(1)) as u8
         };
         Ipv4Addr::new(10, self.subnet, 0, index)
+    }
+
+    /// The IPv6 address of `host`: `fd77:SUBNET::N`, N as in [`Lab::ip`].
+    pub fn ip6(&self, host: &str) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd77, u16::from(self.subnet), 0, 0, 0, 0, 0, u16::from(self.ip(host).octets()[3]))
     }
 
     /// Writes `host`'s `/etc/resolv.conf` (`ip netns exec` mounts `/etc/netns/NS/resolv.conf`).

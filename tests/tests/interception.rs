@@ -42,6 +42,11 @@ impl Mesh {
 
     /// `iptables install` in `host`, then its sidecar, intercepting.
     async fn sidecar(&mut self, host: &str, service: &str, extra: &[&str]) {
+        self.sidecar_as(host, service, extra, Some(PROXY_GID)).await;
+    }
+
+    /// The same, the sidecar running as group `gid` (by default root's).
+    async fn sidecar_as(&mut self, host: &str, service: &str, extra: &[&str], gid: Option<u32>) {
         let install = [
             "iptables",
             "install",
@@ -59,7 +64,7 @@ impl Mesh {
         let mut args = self.args();
         args.extend(["--service".into(), service.into(), "--intercept".into(), "--id".into(), host.into()]);
         args.extend(extra.iter().map(|s| s.to_string()));
-        let process = self.lab.start(host, &format!("sidecar {host}"), "ferry-sidecar", &args, Some(PROXY_GID)).await;
+        let process = self.lab.start(host, &format!("sidecar {host}"), "ferry-sidecar", &args, gid).await;
         self._processes.push(process);
     }
 
@@ -111,7 +116,7 @@ async fn unmodified_apps_are_meshed_inside_network_namespaces() {
         eprintln!("skipping the interception tests: {why}");
         return;
     }
-    let lab = Lab::new(&["client", "denied", "cat1", "cat2", "db"]);
+    let lab = Lab::new(&["client", "denied", "cat1", "cat2", "db", "looped"]);
     let hub = lab.ip("hub");
     let dir = tempfile::tempdir().expect("temporary directory");
     let data_dir = dir.path().to_path_buf();
@@ -137,9 +142,14 @@ async fn unmodified_apps_are_meshed_inside_network_namespaces() {
     let outside =
         lab.start("hub", "outside", "ferry-test-app", &["http".into(), format!("{hub}:0"), "outside".into()], None).await;
     let outside: SocketAddr = outside_addr(&outside);
+    let hub6 = lab.ip6("hub");
+    let outside6 = lab
+        .start("hub", "outside-v6", "ferry-test-app", &["http".into(), format!("[{hub6}]:0"), "outside-v6".into()], None)
+        .await;
+    let outside6: SocketAddr = outside_addr(&outside6);
     let mut mesh = Mesh { lab, url, data_dir, _processes: vec![control_plane] };
     // Every host resolves through a nameserver the rules hand to its sidecar.
-    for host in ["client", "denied", "cat1", "cat2", "db"] {
+    for host in ["client", "denied", "cat1", "cat2", "db", "looped"] {
         mesh.lab.resolv_conf(host, &format!("nameserver {hub}\n"));
     }
 
@@ -162,6 +172,8 @@ async fn unmodified_apps_are_meshed_inside_network_namespaces() {
     // would fail the test.
     mesh.sidecar("client", "client", &["--detect-timeout", "60s"]).await;
     mesh.sidecar("denied", "denied", &["--outbound-policy", "deny"]).await;
+    // A sidecar run as a group the rules do not exempt: its own connections come back to it.
+    mesh.sidecar_as("looped", "looped", &[], None).await;
 
     mesh.apply(
         "kind: ServicePolicy\nservice: catalog\nload_balancer: round-robin\nsubsets: { v1: { labels: { version: v1 } }, v2: { labels: { version: v2 } } }\n---\n\
@@ -214,6 +226,8 @@ async fn unmodified_apps_are_meshed_inside_network_namespaces() {
     // Outside the mesh: passed through, or refused under --outbound-policy deny.
     let (status, body) = mesh.curl("client", &format!("http://{outside}/"), &[]).await;
     assert_eq!((status, body.as_str()), (200, "outside"), "egress passes through");
+    let (status, body) = mesh.curl("client", &format!("http://[{}]:{}/", outside6.ip(), outside6.port()), &[]).await;
+    assert_eq!((status, body.as_str()), (200, "outside-v6"), "IPv6 egress is intercepted and passes through");
     let (status, _) = mesh.curl("denied", &format!("http://{outside}/"), &[]).await;
     assert_eq!(status, 0, "egress is refused under --outbound-policy deny");
     assert!(mesh.metrics("denied").await.contains("destination=\"denied\""), "the refusal is counted");
@@ -226,7 +240,17 @@ async fn unmodified_apps_are_meshed_inside_network_namespaces() {
     let (status, body) = mesh.curl("client", &format!("http://{cat1}:2222/"), &[]).await;
     assert_eq!((status, body.as_str()), (200, "cat1-skipped"), "a skipped inbound port reaches the app directly");
 
-    // No sidecar ever saw one of its own connections come back.
+    // A sidecar not run as the exempt group sees its own connection to catalog come back, and
+    // says so instead of relaying it again.
+    let started = std::time::Instant::now();
+    let (status, body) = mesh.curl("looped", "http://catalog/items", &[]).await;
+    eprintln!("the looped sidecar answered {status} after {:?}: {body}", started.elapsed());
+    assert_ne!(status, 200, "a looped connection does not get through");
+    assert!(mesh.metrics("looped").await.contains("destination=\"loop\""), "the loop is counted");
+    let client = mesh.metrics("client").await;
+    assert!(client.contains("destination=\"egress\",protocol=\"none\""), "{client}");
+
+    // No sidecar run as the exempt group ever saw one of its own connections come back.
     for host in ["client", "denied", "cat1", "cat2", "db"] {
         let metrics = mesh.metrics(host).await;
         assert!(!metrics.contains("destination=\"loop\""), "{host} looped its own connection:\n{metrics}");

@@ -476,7 +476,7 @@ impl Target {
     async fn connect(&self, h2: bool) -> Result<TokioIo<Conn>, ConnectError> {
         let timeout = self.config.connect_timeout;
         let connect = async {
-            let stream = TcpStream::connect((self.host.as_str(), self.port))
+            let stream = crate::intercept::own::connect(self.host.as_str(), self.port)
                 .await
                 .map_err(|e| self.connect_error(ConnectFailure::Io(Arc::new(e))))?;
             let _ = stream.set_nodelay(true);

@@ -17,11 +17,11 @@
 //!   (`HTTP_PROXY` and Host-addressed requests keep working).
 //!
 //! The sidecar's own connections must not be redirected back to it: `iptables install` exempts
-//! the sidecar's user or group. A connection outside the mesh that comes back anyway is noticed
-//! (its source is one this sidecar opened) and closed with an error that says what to fix.
+//! the sidecar's user or group. One that comes back anyway is noticed (its source is one this
+//! sidecar opened, see [`own`]) and closed with an error that says what to fix.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -33,7 +33,7 @@ use hyper_util::{rt::TokioIo, service::TowerToHyperService};
 use prometheus_client::metrics::gauge::Gauge;
 use socket2::SockRef;
 use tokio::{
-    net::{TcpListener, TcpSocket, TcpStream},
+    net::{TcpListener, TcpStream},
     sync::Semaphore,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -51,6 +51,7 @@ use crate::{
 };
 
 pub mod detect;
+pub mod own;
 
 /// The most intercepted connections open at once; past it, new ones wait in the backlog.
 const MAX_OPEN: usize = 16_384;
@@ -81,9 +82,6 @@ struct Inner {
     metrics: Metrics,
     /// The opaque relay of each service a connection went to.
     upstreams: Mutex<HashMap<Arc<str>, TcpUpstream>>,
-    /// The local addresses of the connections this sidecar opened outside the mesh, to notice
-    /// one redirected back to itself.
-    egress: Mutex<HashSet<SocketAddr>>,
     shutdown: CancellationToken,
 }
 
@@ -96,8 +94,8 @@ impl Intercept {
         metrics: Metrics,
         shutdown: CancellationToken,
     ) -> Self {
-        let inner =
-            Inner { catalog, outbound, tcp, config, metrics, upstreams: Mutex::default(), egress: Mutex::default(), shutdown };
+        own::enable();
+        let inner = Inner { catalog, outbound, tcp, config, metrics, upstreams: Mutex::default(), shutdown };
         Self { inner: Arc::new(inner) }
     }
 
@@ -161,7 +159,7 @@ impl Inner {
             // Made to the listener itself: proxy mode.
             return self.serve_http(stream, peer, self.outbound.clone()).await;
         };
-        if ferry_runtime::lock(&self.egress).contains(&canonical(peer)) {
+        if own::is_own(peer) {
             self.count("-", "loop", "none");
             tracing::error!(
                 %peer,
@@ -242,18 +240,7 @@ impl Inner {
             return;
         }
         self.count("-", "egress", "none");
-        let socket = match if destination.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() } {
-            Ok(socket) => socket,
-            Err(error) => return tracing::warn!(%destination, %error, "cannot open a socket for an outbound connection"),
-        };
-        // Bound before connecting, so its address is known before the first packet leaves.
-        let any = if destination.is_ipv4() { SocketAddr::from(([0, 0, 0, 0], 0)) } else { SocketAddr::from(([0u16; 8], 0)) };
-        let local = match socket.bind(any).and_then(|()| socket.local_addr()) {
-            Ok(local) => canonical(local),
-            Err(error) => return tracing::warn!(%destination, %error, "cannot bind an outbound connection"),
-        };
-        let _tracked = Tracked::new(&self.egress, local);
-        let connected = tokio::time::timeout(self.config.connect_timeout, socket.connect(destination)).await;
+        let connected = tokio::time::timeout(self.config.connect_timeout, own::connect_addr(destination)).await;
         let mut upstream = match connected {
             Ok(Ok(upstream)) => upstream,
             Ok(Err(error)) => return tracing::debug!(%peer, %destination, %error, "outbound connection outside the mesh failed"),
@@ -294,24 +281,5 @@ impl Inner {
     fn count(&self, service: &str, destination: &'static str, protocol: &'static str) {
         let labels = InterceptLabels { service: service.into(), destination, protocol };
         self.metrics.intercepted.get_or_create(&labels).inc();
-    }
-}
-
-/// An address in a set until dropped.
-struct Tracked<'a> {
-    set: &'a Mutex<HashSet<SocketAddr>>,
-    addr: SocketAddr,
-}
-
-impl<'a> Tracked<'a> {
-    fn new(set: &'a Mutex<HashSet<SocketAddr>>, addr: SocketAddr) -> Self {
-        ferry_runtime::lock(set).insert(addr);
-        Self { set, addr }
-    }
-}
-
-impl Drop for Tracked<'_> {
-    fn drop(&mut self) {
-        ferry_runtime::lock(self.set).remove(&self.addr);
     }
 }

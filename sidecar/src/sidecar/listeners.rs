@@ -19,6 +19,40 @@ pub struct Listeners {
     pub inbound: Option<TcpListener>,
     pub upstreams: Vec<(Upstream, TcpListener)>,
     pub dns: Option<(UdpSocket, TcpListener)>,
+    /// With --intercept: the IPv6 twins of the outbound and inbound listeners, where
+    /// `ip6tables` rules redirect the app's IPv6 connections (`[::1]` and `[::]` on the same
+    /// ports), when the host has IPv6.
+    pub outbound_v6: Option<TcpListener>,
+    pub inbound_v6: Option<TcpListener>,
+}
+
+/// The IPv6 listener matching an IPv4 one on the same port: `[::1]` for `127.0.0.1`, `[::]`
+/// (IPv6 only, beside the IPv4 one) for `0.0.0.0`; `None` for other addresses or a host without
+/// IPv6.
+fn ipv6_twin(flag: &str, addr: SocketAddr) -> Option<TcpListener> {
+    use std::net::{IpAddr, Ipv6Addr};
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) if v4.is_loopback() => Ipv6Addr::LOCALHOST,
+        IpAddr::V4(v4) if v4.is_unspecified() => Ipv6Addr::UNSPECIFIED,
+        _ => return None,
+    };
+    let twin = SocketAddr::new(ip.into(), addr.port());
+    let bound = (|| {
+        let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+        socket.set_only_v6(true)?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&twin.into())?;
+        socket.listen(1024)?;
+        TcpListener::from_std(socket.into())
+    })();
+    match bound {
+        Ok(listener) => Some(listener),
+        Err(error) => {
+            tracing::info!(%flag, address = %twin, %error, "no IPv6 twin of the listener: IPv6 connections are not intercepted");
+            None
+        }
+    }
 }
 
 /// The addresses the listeners got.
@@ -51,7 +85,14 @@ impl Listeners {
             Some(addr) => Some(ferry_dns::bind(addr).await.with_context(|| format!("binding --dns {addr}"))?),
             None => None,
         };
-        Ok(Self { outbound, admin, inbound, upstreams, dns })
+        let (mut outbound_v6, mut inbound_v6) = (None, None);
+        if config.intercept {
+            outbound_v6 = ipv6_twin("--outbound", outbound.local_addr()?);
+            if let Some(inbound) = &inbound {
+                inbound_v6 = ipv6_twin("--inbound", inbound.local_addr()?);
+            }
+        }
+        Ok(Self { outbound, admin, inbound, upstreams, dns, outbound_v6, inbound_v6 })
     }
 
     /// The addresses bound.

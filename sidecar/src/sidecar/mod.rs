@@ -99,11 +99,11 @@ impl Sidecar {
 
         // Declared upstreams are subscribed before the config stream starts, so its first
         // hello names them.
-        let Listeners { outbound, admin: admin_listener, inbound, upstreams, dns } = listeners;
+        let Listeners { outbound, admin: admin_listener, inbound, upstreams, dns, outbound_v6, inbound_v6 } = listeners;
         let data_path = DataPath::build(&config, &shared)?;
-        let mut servers = data_path.serve_outbound(&config, outbound, upstreams, &shared)?;
+        let mut servers = data_path.serve_outbound(&config, outbound, outbound_v6, upstreams, &shared)?;
         let in_flight = InFlight::default();
-        if let Some(listener) = inbound {
+        for listener in inbound.into_iter().chain(inbound_v6) {
             servers.extend(data_path.serve_inbound(&config, listener, &in_flight, &shared));
         }
         if let Some((udp, tcp)) = dns {

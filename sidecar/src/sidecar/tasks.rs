@@ -97,6 +97,7 @@ impl DataPath {
         &self,
         config: &Config,
         outbound: TcpListener,
+        outbound_v6: Option<TcpListener>,
         upstreams: Vec<(Upstream, TcpListener)>,
         shared: &Shared<'_>,
     ) -> anyhow::Result<Vec<JoinHandle<()>>> {
@@ -123,12 +124,14 @@ impl DataPath {
                 shared.metrics.clone(),
                 shared.shutdown.clone(),
             );
-            servers.push(tokio::spawn(intercept.serve(
-                outbound,
-                shared.metrics.connections("outbound"),
-                shared.workers.clone(),
-                CLOSE,
-            )));
+            for listener in std::iter::once(outbound).chain(outbound_v6) {
+                servers.push(tokio::spawn(intercept.clone().serve(
+                    listener,
+                    shared.metrics.connections("outbound"),
+                    shared.workers.clone(),
+                    CLOSE,
+                )));
+            }
         } else {
             servers.push(self.serve_http("outbound", outbound, edge, shared));
         }
