@@ -191,6 +191,10 @@ async fn unmodified_apps_are_meshed_inside_network_namespaces() {
         text.split_whitespace().next().filter(|ip| ip.starts_with("240.240.")).map(str::to_owned)
     })
     .await;
+    let (_, table) = mesh.curl("client", "http://127.0.0.1:15000/addresses", &[]).await;
+    let table: serde_json::Value = serde_json::from_str(&table).expect("the address table as JSON");
+    assert_eq!(table["services"]["catalog"]["virtual_ip"], vip.as_str(), "{table}");
+    assert_eq!(table["services"]["catalog"]["endpoints"].as_array().map(Vec::len), Some(2), "{table}");
     let services = mesh.ferryctl(&["services"]).await;
     assert!(services.contains(&vip), "ferryctl services shows the virtual IP {vip}:\n{services}");
 

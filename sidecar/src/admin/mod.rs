@@ -59,6 +59,8 @@ pub struct AdminState {
     pub state_file: Option<PathBuf>,
     /// The sidecar's trust: certificate, bundle, authorization policy.
     pub mesh: Mesh,
+    /// Whether it intercepts its app's connections (and needs the address table).
+    pub intercept: bool,
 }
 
 /// The admin router.
@@ -67,6 +69,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/ready", get(ready))
         .route("/live", get(|| async { "live\n" }))
         .route("/config", get(config))
+        .route("/addresses", get(addresses))
         .route("/explain", get(explain))
         .route("/metrics", get(metrics))
         .route("/ttl/{status}", put(ttl))
@@ -105,6 +108,10 @@ impl AdminState {
         if self.has_app && control.registered.is_none() && !from_state_dir {
             reasons.push("the app's instance is not registered yet".to_owned());
         }
+        if self.intercept && self.catalog.addresses_version() == 0 {
+            // Without it every intercepted connection would be taken for one outside the mesh.
+            reasons.push("no address table from the control plane yet (--intercept)".to_owned());
+        }
         for service in &self.declared {
             if !matches!(self.catalog.state(service), Some(ServiceState::Known(_))) {
                 reasons.push(format!("no config for upstream {service} yet"));
@@ -127,6 +134,22 @@ async fn ready(State(state): State<AdminState>) -> Response {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", reasons.join("; "))).into_response()
     }
+}
+
+/// The mesh's address table, as an intercepting sidecar holds it: which service each virtual IP
+/// and endpoint address belongs to.
+async fn addresses(State(state): State<AdminState>) -> Json<Value> {
+    let table = state.catalog.addresses();
+    let mut services: Vec<_> = table.services.iter().collect();
+    services.sort_by(|a, b| a.0.cmp(b.0));
+    let services: serde_json::Map<String, Value> = services
+        .into_iter()
+        .map(|(name, entry)| {
+            let endpoints: Vec<String> = entry.endpoints.iter().map(ToString::to_string).collect();
+            (name.to_string(), json!({ "virtual_ip": entry.virtual_ip, "endpoints": endpoints }))
+        })
+        .collect();
+    Json(json!({ "intercept": state.intercept, "version": table.version, "services": services }))
 }
 
 async fn config(State(state): State<AdminState>) -> Json<Value> {

@@ -133,6 +133,7 @@ impl Sidecar {
             sidecar_metrics: metrics.clone(),
             state_file: state_dir.as_ref().map(|dir| dir.file().to_path_buf()),
             mesh: mesh.clone(),
+            intercept: config.intercept,
         });
         let admin_shutdown = shutdown.clone();
         servers.push(tokio::spawn(async move {
