@@ -42,6 +42,8 @@ pub struct ServiceConfig {
     pub route: Option<Arc<v1::Route>>,
     /// The service's subsets, if a policy was applied.
     pub policy: Option<Arc<v1::ServicePolicy>>,
+    /// The service's virtual IP, when it has one.
+    pub virtual_ip: Option<std::net::IpAddr>,
 }
 
 /// An instance of a service, as the sidecar balances over it.
@@ -95,7 +97,7 @@ impl ServiceConfig {
             }),
             route: Some(v1::RouteUpdate { route: self.route.as_deref().cloned() }),
             policy: Some(v1::PolicyUpdate { policy: self.policy.as_deref().cloned() }),
-            virtual_ip: String::new(),
+            virtual_ip: self.virtual_ip.map(|ip| ip.to_string()).unwrap_or_default(),
         }
     }
 }
@@ -406,6 +408,8 @@ fn next_config(resources: &v1::ServiceResources, held: Option<&ServiceConfig>) -
         endpoints,
         route,
         policy,
+        // The current one in every push (checked by `validate::service_resources`).
+        virtual_ip: resources.virtual_ip.parse().ok(),
     })
 }
 

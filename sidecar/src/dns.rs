@@ -26,7 +26,7 @@ pub struct CatalogDirectory {
 impl CatalogDirectory {
     /// A directory over `catalog`; a new service's lookup waits up to `wait` (capped below the
     /// DNS server's own lookup timeout). `intercepting` says whether the sidecar runs with
-    /// `--intercept`: only then are virtual IPs given out.
+    /// `--intercept` (and holds the address table).
     pub fn new(catalog: Arc<Catalog>, wait: Duration, intercepting: bool) -> Self {
         let wait = wait.min(ferry_dns::LOOKUP_TIMEOUT.saturating_sub(Duration::from_millis(200)));
         Self { catalog, wait, intercepting }
@@ -61,21 +61,22 @@ impl Directory for CatalogDirectory {
         .boxed()
     }
 
-    /// From the address table when intercepting. The DNS server asks this of every bare name
-    /// the app looks up, so it only reads the table: no subscription, no wait.
-    ///
-    /// Without interception nothing would catch a connection to a virtual IP, so none is given
-    /// out: a service that exists is NODATA here (and the sidecar holds no table anyway).
+    /// From the address table when intercepting: the DNS server asks this of every bare name the
+    /// app looks up, so it only reads the table (no subscription, no wait). Otherwise, for
+    /// `NAME.vip.ferry.`, from the service's config, subscribed to on demand as `lookup` does.
     fn virtual_ip(&self, service: &str) -> BoxFuture<'_, VirtualIpLookup> {
         if self.intercepting {
             return futures::future::ready(from_table(&self.catalog.addresses(), service)).boxed();
         }
-        let lookup = self.lookup(service);
+        let service = service.to_owned();
         async move {
-            match lookup.await {
-                Lookup::Endpoints(_) => VirtualIpLookup::Unassigned,
-                Lookup::NoSuchService => VirtualIpLookup::NoSuchService,
-                Lookup::Unknown => VirtualIpLookup::Unknown,
+            let Ok(mut state) = self.catalog.watch(&service) else { return VirtualIpLookup::Unknown };
+            let known = tokio::time::timeout(self.wait, state.wait_for(|s| matches!(s, ServiceState::Known(_)))).await;
+            let Ok(Ok(state)) = known else { return VirtualIpLookup::Unknown };
+            match &*state {
+                ServiceState::Known(config) if !config.exists => VirtualIpLookup::NoSuchService,
+                ServiceState::Known(config) => config.virtual_ip.map_or(VirtualIpLookup::Unassigned, VirtualIpLookup::Assigned),
+                ServiceState::Pending => VirtualIpLookup::Unknown,
             }
         }
         .boxed()
@@ -141,13 +142,13 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn without_interception_no_virtual_ip_is_given_out() {
+    async fn without_interception_the_virtual_ip_comes_with_the_service() {
         let catalog = catalog_with_table();
         let directory = CatalogDirectory::new(catalog.clone(), Duration::from_secs(1), false);
         // No config comes for the service (no control plane here): the directory cannot tell.
         assert_eq!(directory.virtual_ip("catalog").await, VirtualIpLookup::Unknown);
 
-        // Once its config is held, the service exists, but has no virtual IP that would work here.
+        // Once its config is held: the virtual IP the control plane sent with it, if any.
         let endpoint = v1::Endpoint {
             id: "c1".into(),
             address: "10.0.0.2".into(),
@@ -160,6 +161,7 @@ mod tests {
             version: 1,
             exists: !endpoints.is_empty(),
             endpoints: Some(v1::service_resources::Endpoints::Snapshot(v1::Endpoints { endpoints })),
+            virtual_ip: if service == "catalog" { "240.240.0.9".into() } else { String::new() },
             ..Default::default()
         };
         catalog.watch("gone").expect("subscribes");
@@ -169,7 +171,7 @@ mod tests {
             ..Default::default()
         };
         catalog.apply(&push).expect("applies");
-        assert_eq!(directory.virtual_ip("catalog").await, VirtualIpLookup::Unassigned);
+        assert_eq!(directory.virtual_ip("catalog").await, VirtualIpLookup::Assigned("240.240.0.9".parse().expect("ip")));
         assert_eq!(directory.virtual_ip("gone").await, VirtualIpLookup::NoSuchService);
     }
 }

@@ -198,13 +198,20 @@ impl TcpUpstream {
     }
 
     /// Relays one accepted connection, or closes it with a warning when it cannot be placed.
-    pub async fn relay(self, mut inbound: TcpStream, peer: SocketAddr) {
+    pub async fn relay(self, inbound: TcpStream, peer: SocketAddr) {
+        self.relay_to(inbound, peer, None).await;
+    }
+
+    /// Relays one accepted connection to the endpoint at `pin` when given (a connection the app
+    /// addressed to one instance: members of a cluster protocol are not interchangeable), else
+    /// to the endpoint with the fewest connections.
+    pub async fn relay_to(self, mut inbound: TcpStream, peer: SocketAddr, pin: Option<SocketAddr>) {
         let shared = &self.shared;
         let _ = inbound.set_nodelay(true);
         let keepalive = shared.config.keepalive;
         let mesh = shared.config.mesh.clone();
         let placed = self
-            .place(|endpoint: &Endpoint| {
+            .place_in(pin, |endpoint: &Endpoint| {
                 let (endpoint, mesh) = (endpoint.clone(), mesh.clone());
                 async move {
                     let stream = connect(endpoint.address.clone(), endpoint.port, keepalive).await?;
@@ -249,7 +256,17 @@ impl TcpUpstream {
 
     /// Connects to an endpoint of the service with `connect`, trying another endpoint when one
     /// fails, and returns the connection with its lease on the endpoint.
-    async fn place<C, Fut, T>(&self, mut connect: C) -> Result<(T, Lease), PlaceError>
+    #[cfg(test)]
+    async fn place<C, Fut, T>(&self, connect: C) -> Result<(T, Lease), PlaceError>
+    where
+        C: FnMut(&Endpoint) -> Fut,
+        Fut: Future<Output = io::Result<T>>,
+    {
+        self.place_in(None, connect).await
+    }
+
+    /// [`TcpUpstream::place`], among the endpoint at `pin` alone when given.
+    async fn place_in<C, Fut, T>(&self, pin: Option<SocketAddr>, mut connect: C) -> Result<(T, Lease), PlaceError>
     where
         C: FnMut(&Endpoint) -> Fut,
         Fut: Future<Output = io::Result<T>>,
@@ -259,7 +276,7 @@ impl TcpUpstream {
         let mut tried: Vec<EndpointKey> = Vec::with_capacity(MAX_ATTEMPTS);
         let mut failures = Vec::with_capacity(MAX_ATTEMPTS);
         for _ in 0..MAX_ATTEMPTS {
-            let Some((endpoint, lease)) = shared.pick(&config, &tried)? else { break };
+            let Some((endpoint, lease)) = shared.pick(&config, &tried, pin)? else { break };
             tried.push(lease.key.clone());
             let address = format!("{}:{}", endpoint.address, endpoint.port);
             let timeout = shared.config.connect_timeout;
@@ -317,12 +334,20 @@ impl Shared {
         self: &Arc<Self>,
         config: &ServiceConfig,
         tried: &[EndpointKey],
+        pin: Option<SocketAddr>,
     ) -> Result<Option<(Arc<Endpoint>, Lease)>, PlaceError> {
         if !config.exists {
             return Err(UnknownService(self.service.clone()).into());
         }
-        let routable: Vec<(&Arc<Endpoint>, EndpointKey)> =
-            config.endpoints.values().filter(|e| e.health.is_routable()).map(|e| (e, (e.address.clone(), e.port))).collect();
+        let pinned = |e: &Endpoint| {
+            pin.is_none_or(|pin| e.port == pin.port() && e.address.parse::<std::net::IpAddr>().is_ok_and(|ip| ip == pin.ip()))
+        };
+        let routable: Vec<(&Arc<Endpoint>, EndpointKey)> = config
+            .endpoints
+            .values()
+            .filter(|e| e.health.is_routable() && pinned(e))
+            .map(|e| (e, (e.address.clone(), e.port)))
+            .collect();
         if routable.is_empty() {
             return Err(NoEndpoints { service: self.service.clone(), subset: None, total: config.endpoints.len() }.into());
         }
@@ -396,6 +421,7 @@ mod tests {
             endpoints: endpoints.into_iter().collect(),
             route: None,
             policy: None,
+            virtual_ip: None,
         }))
     }
 
@@ -421,6 +447,22 @@ mod tests {
 
     fn open_counts(upstream: &TcpUpstream) -> BTreeMap<u16, usize> {
         upstream.shared.lock_open().counts.iter().map(|((_, port), count)| (*port, *count)).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_sent_to_one_instance_stays_with_it() {
+        let state = watch::Sender::new(passing(3));
+        let upstream = upstream(&state);
+        let pin = Some(SocketAddr::from(([127, 0, 0, 1], 2)));
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let (id, lease) = upstream.place_in(pin, reach_all).await.expect("placed");
+            assert_eq!(id, "b", "the instance addressed, however busy");
+            held.push(lease);
+        }
+        let gone = Some(SocketAddr::from(([127, 0, 0, 1], 9)));
+        let error = upstream.place_in(gone, reach_all).await.err().expect("no such instance");
+        assert_eq!(error.code(), "no_endpoints");
     }
 
     #[tokio::test(start_paused = true)]

@@ -17,6 +17,15 @@ use crate::{PATIENCE, Process, binary};
 /// The group the sidecars run as, which `iptables install --proxy-gid` exempts.
 pub const PROXY_GID: u32 = 1337;
 
+/// Whether the namespace tests must skip here: says why on stderr when they must, and fails
+/// instead when `FERRY_REQUIRE_NETNS` is set (as CI sets it, running as root).
+pub fn must_skip(suite: &str) -> bool {
+    let Some(why) = skip_reason() else { return false };
+    assert!(std::env::var_os("FERRY_REQUIRE_NETNS").is_none(), "{suite}: FERRY_REQUIRE_NETNS is set but {why}");
+    eprintln!("skipping {suite}: {why}");
+    true
+}
+
 /// Why the namespace tests cannot run on this machine, if they cannot.
 pub fn skip_reason() -> Option<String> {
     let uid = StdCommand::new("id").arg("-u").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());

@@ -14,7 +14,7 @@ use std::{collections::BTreeSet, net::SocketAddr};
 
 use ferry_tests::{
     PATIENCE, Process, eventually,
-    netns::{Lab, PROXY_GID, skip_reason},
+    netns::{Lab, PROXY_GID, must_skip},
 };
 
 /// The port the catalog instances (and their gRPC health) listen on.
@@ -112,8 +112,7 @@ impl Mesh {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmodified_apps_are_meshed_inside_network_namespaces() {
-    if let Some(why) = skip_reason() {
-        eprintln!("skipping the interception tests: {why}");
+    if must_skip("the interception tests") {
         return;
     }
     let lab = Lab::new(&["client", "denied", "cat1", "cat2", "db", "looped"]);
@@ -163,11 +162,13 @@ async fn unmodified_apps_are_meshed_inside_network_namespaces() {
         let mtls = if host == "cat1" { "permissive" } else { "strict" };
         mesh.sidecar(host, "catalog", &["--app", &app, "--meta", &meta, "--mtls", mtls]).await;
     }
-    // Another port of cat1's app host, and one the rules skip.
-    mesh.app("cat1", &["http", "127.0.0.1:9090", "cat1-other-port"]).await;
+    // Another port of cat1's app, one it keeps to itself on loopback, and one the rules skip.
+    mesh.app("cat1", &["http", "0.0.0.0:9090", "cat1-other-port"]).await;
+    mesh.app("cat1", &["http", "127.0.0.1:9091", "cat1-private"]).await;
     mesh.app("cat1", &["http", "0.0.0.0:2222", "cat1-skipped"]).await;
     mesh.app("db", &["banner", "127.0.0.1:3306", "db-says-hello"]).await;
-    mesh.sidecar("db", "db", &["--app", "127.0.0.1:3306", "--opaque-ports", "3306"]).await;
+    // Opaque by its policy alone; permissive, so a plaintext caller outside the mesh gets in.
+    mesh.sidecar("db", "db", &["--app", "127.0.0.1:3306", "--mtls", "permissive"]).await;
     // The client waits a minute to detect a protocol: a connection that had to wait for it
     // would fail the test.
     mesh.sidecar("client", "client", &["--detect-timeout", "60s"]).await;
@@ -199,10 +200,13 @@ async fn unmodified_apps_are_meshed_inside_network_namespaces() {
     assert!(services.contains(&vip), "ferryctl services shows the virtual IP {vip}:\n{services}");
 
     // curl by plain name: through both sidecars, balanced over both instances.
-    let served = serve_many(&mesh, "http://catalog/items", &[]).await;
+    let served = serve_many(&mesh, "client", "http://catalog/items", &[]).await;
     assert_eq!(served, BTreeSet::from(["cat1".to_owned(), "cat2".to_owned()]), "balanced over both instances");
+    // An instance's app calling its own service reaches its own instance too.
+    let served = serve_many(&mesh, "cat1", "http://catalog/items", &[]).await;
+    assert_eq!(served, BTreeSet::from(["cat1".to_owned(), "cat2".to_owned()]), "a call from cat1 to catalog");
     // The route applies: the canary header pins v2.
-    let canary = serve_many(&mesh, "http://catalog/items", &["x-canary: true"]).await;
+    let canary = serve_many(&mesh, "client", "http://catalog/items", &["x-canary: true"]).await;
     assert_eq!(canary, BTreeSet::from(["cat2".to_owned()]), "routed by the canary rule");
     // Retries: every other answer of each instance is a 503, which the route retries.
     for _ in 0..10 {
@@ -218,13 +222,19 @@ async fn unmodified_apps_are_meshed_inside_network_namespaces() {
 
     // An instance's own address is intercepted and balanced like the service.
     let direct = format!("http://{}:{CATALOG_PORT}/items", mesh.lab.ip("cat1"));
-    let served = serve_many(&mesh, &direct, &[]).await;
+    let served = serve_many(&mesh, "client", &direct, &[]).await;
     assert_eq!(served.len(), 2, "a connection to one instance's address is balanced over the service: {served:?}");
 
     // A protocol where the server speaks first, on a port its policy declares opaque, gets
     // through at once (the client's detection would wait a minute).
     let output =
         mesh.lab.run("client", &ferry_tests::binary("ferry-test-app").display().to_string(), &["banner-read", "db:3306"]).await;
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "db-says-hello", "{}", String::from_utf8_lossy(&output.stderr));
+    // A plaintext caller outside the mesh (the hub has no sidecar) gets the banner too, once the
+    // db sidecar's detection gives up waiting for it to speak.
+    let db = format!("{}:3306", mesh.lab.ip("db"));
+    let app = ferry_tests::binary("ferry-test-app").display().to_string();
+    let output = mesh.lab.run("hub", &app, &["banner-read", &db]).await;
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "db-says-hello", "{}", String::from_utf8_lossy(&output.stderr));
 
     // Outside the mesh: passed through, or refused under --outbound-policy deny.
@@ -241,6 +251,8 @@ async fn unmodified_apps_are_meshed_inside_network_namespaces() {
     let cat1 = mesh.lab.ip("cat1");
     let (status, body) = mesh.curl("client", &format!("http://{cat1}:9090/"), &[]).await;
     assert_eq!((status, body.as_str()), (200, "cat1-other-port"), "inbound goes to the original port");
+    let (status, body) = mesh.curl("client", &format!("http://{cat1}:9091/"), &[]).await;
+    assert!(status != 200 && !body.contains("cat1-private"), "what the app keeps on loopback stays private: {status} {body}");
     let (status, body) = mesh.curl("client", &format!("http://{cat1}:2222/"), &[]).await;
     assert_eq!((status, body.as_str()), (200, "cat1-skipped"), "a skipped inbound port reaches the app directly");
 
@@ -271,17 +283,17 @@ fn outside_addr(process: &Process) -> SocketAddr {
     process.addr("addr")
 }
 
-/// The instances that answered 20 requests to `url` from the client.
-async fn serve_many(mesh: &Mesh, url: &str, headers: &[&str]) -> BTreeSet<String> {
+/// The instances that answered 20 requests to `url` from `host`.
+async fn serve_many(mesh: &Mesh, host: &str, url: &str, headers: &[&str]) -> BTreeSet<String> {
     let mut served = BTreeSet::new();
     // The first request may wait for the service's config.
     eventually(&format!("{url} answered through the mesh"), || async {
-        let (status, body) = mesh.curl("client", url, headers).await;
+        let (status, body) = mesh.curl(host, url, headers).await;
         (status == 200).then_some(body)
     })
     .await;
     for _ in 0..20 {
-        let (status, body) = mesh.curl("client", url, headers).await;
+        let (status, body) = mesh.curl(host, url, headers).await;
         assert_eq!(status, 200, "{url}: {body}");
         served.insert(body);
     }

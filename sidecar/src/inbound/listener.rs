@@ -48,37 +48,63 @@ pub struct Limits {
 
 /// With `--intercept`: connections arrive redirected from any port of the namespace, and each
 /// goes to the app's port it was sent to, not only to `--app`'s.
+///
+/// The `--app` port is reached at `--app`'s host (usually `127.0.0.1`); any other port at the
+/// address the connection was sent to (the namespace's own address), so that what the app
+/// listens on only on loopback stays private, as it is without a mesh. The sidecar's own
+/// listeners are never relayed to.
 pub struct AppPorts {
-    /// The proxy to the app's host at a port.
-    pub make: Box<dyn Fn(u16) -> Inbound + Send + Sync>,
+    /// The proxy to the app at an address.
+    pub make: Box<dyn Fn(SocketAddr) -> Inbound + Send + Sync>,
     /// The port of `--app`, served by the listener's own [`Inbound`].
     pub app_port: u16,
-    /// Ports where the app speaks opaque TCP (`--opaque-ports`): plaintext to them is relayed
-    /// byte for byte without detection.
+    /// The ports the sidecar itself listens on.
+    pub own_ports: Vec<u16>,
+    /// Ports where the app speaks opaque TCP (`--opaque-ports`), besides the `opaque_ports` of
+    /// its service's policy: plaintext to them is relayed byte for byte without detection.
     pub opaque_ports: Vec<u16>,
+    /// The app's own service, for its policy's `opaque_ports`.
+    pub own_service: tokio::sync::watch::Receiver<crate::catalog::ServiceState>,
     /// How long plaintext may stay silent before it is relayed as opaque TCP.
     pub detect_timeout: Duration,
     /// The proxy of each other port seen.
-    pub others: std::sync::Mutex<std::collections::HashMap<u16, Inbound>>,
+    pub others: std::sync::Mutex<std::collections::HashMap<SocketAddr, Inbound>>,
 }
 
 /// The most other app ports kept ready; past it, a proxy is built per connection.
 const MAX_APP_PORTS: usize = 256;
 
 impl AppPorts {
-    fn inbound(&self, base: &Inbound, port: u16) -> Inbound {
+    /// The proxy for a connection sent to `destination`; `None` for one of the sidecar's own
+    /// ports.
+    fn inbound(&self, base: &Inbound, destination: SocketAddr) -> Option<Inbound> {
+        let port = destination.port();
         if port == self.app_port {
-            return base.clone();
+            return Some(base.clone());
+        }
+        if self.own_ports.contains(&port) {
+            return None;
         }
         let mut others = ferry_runtime::lock(&self.others);
-        if let Some(inbound) = others.get(&port) {
-            return inbound.clone();
+        if let Some(inbound) = others.get(&destination) {
+            return Some(inbound.clone());
         }
-        let inbound = (self.make)(port);
+        let inbound = (self.make)(destination);
         if others.len() < MAX_APP_PORTS {
-            others.insert(port, inbound.clone());
+            others.insert(destination, inbound.clone());
         }
-        inbound
+        Some(inbound)
+    }
+
+    /// Whether the app speaks opaque TCP on `port`.
+    fn is_opaque(&self, port: u16) -> bool {
+        self.opaque_ports.contains(&port)
+            || match &*self.own_service.borrow() {
+                crate::catalog::ServiceState::Known(config) => {
+                    config.policy.as_ref().is_some_and(|p| p.opaque_ports.contains(&u32::from(port)))
+                }
+                crate::catalog::ServiceState::Pending => false,
+            }
     }
 }
 
@@ -142,42 +168,48 @@ impl Shared {
 /// Serves one connection from its first byte to its end.
 async fn connection(shared: &Shared, stream: TcpStream, addr: SocketAddr) {
     // Intercepting: the app's port the connection was sent to.
-    let (inbound, port) = match &shared.ports {
-        Some(ports) => match crate::intercept::original_destination(&stream) {
-            Some(destination) => (ports.inbound(&shared.inbound, destination.port()), Some((ports, destination.port()))),
-            None => (shared.inbound.clone(), None),
+    let intercepted = shared.ports.as_ref().and_then(|ports| Some((ports, crate::intercept::original_destination(&stream)?)));
+    let inbound = match intercepted {
+        Some((ports, destination)) => match ports.inbound(&shared.inbound, destination) {
+            Some(inbound) => inbound,
+            None => {
+                shared.refused("own_port");
+                tracing::debug!(%addr, %destination, "refused a connection to one of the sidecar's own ports");
+                return;
+            }
         },
-        None => (shared.inbound.clone(), None),
+        None => shared.inbound.clone(),
     };
-    let opaque = port.is_some_and(|(ports, port)| ports.opaque_ports.contains(&port));
-    let mut timeout = shared.limits.handshake_timeout;
-    let mut first = [0u8; 1];
-    if let Some((ports, _)) = port.filter(|_| opaque) {
-        match shared.mesh.mode() {
-            // The app may be the one to speak first: with no mTLS, a caller is relayed at once,
-            // without waiting for its first byte.
-            MtlsMode::Off => return relay(shared, &inbound, stream, addr, Peer(None)).await,
-            // Mesh callers begin with a TLS handshake at once; a plaintext caller that stays
-            // silent is relayed after the detection timeout.
-            MtlsMode::Permissive => timeout = ports.detect_timeout,
-            MtlsMode::Strict => {}
-        }
+    let mode = shared.mesh.mode();
+    let opaque = intercepted.is_some_and(|(ports, destination)| ports.is_opaque(destination.port()));
+    if opaque && mode == MtlsMode::Off {
+        // The app may be the one to speak first: with no mTLS, a caller is relayed at once,
+        // without waiting for its first byte.
+        return relay(shared, &inbound, stream, addr, Peer(None)).await;
     }
-    match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
-        Err(_) if opaque && shared.mesh.mode() == MtlsMode::Permissive => {
-            return relay(shared, &inbound, stream, addr, Peer(None)).await;
-        }
+    // Mesh callers begin with a TLS handshake at once. Intercepted, a plaintext caller that
+    // stays silent is relayed after the detection timeout (the app may speak first), unless
+    // only mTLS is taken.
+    let timeout = shared.limits.handshake_timeout;
+    let silent_relays = intercepted.is_some() && mode != MtlsMode::Strict;
+    let peek_timeout = match intercepted {
+        Some((ports, _)) if silent_relays => ports.detect_timeout,
+        _ => timeout,
+    };
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(peek_timeout, stream.peek(&mut first)).await {
         Ok(Ok(1..)) => {}
         Ok(_) => return,
+        Err(_) if silent_relays => return relay(shared, &inbound, stream, addr, Peer(None)).await,
         Err(_) => return shared.refused("timeout"),
     }
     if !ferry_tls::is_tls_handshake(&first) {
-        if shared.mesh.mode() == MtlsMode::Strict {
+        if mode == MtlsMode::Strict {
             shared.refused("plaintext");
             tracing::debug!(%addr, "refused a plaintext connection: this listener takes mTLS only (--mtls strict)");
             return refuse_plaintext(stream).await;
         }
-        if let Some((ports, _)) = port {
+        if let Some((ports, _)) = intercepted {
             // Intercepted plaintext: HTTP is served request by request, anything else relayed.
             use crate::intercept::detect::{Detected, detect};
             if opaque {
@@ -190,6 +222,14 @@ async fn connection(shared: &Shared, stream: TcpStream, addr: SocketAddr) {
             }
         }
         return serve_http(shared, &inbound, stream, addr, Peer(None)).await;
+    }
+    if intercepted.is_some() && mode == MtlsMode::Off {
+        // The app's own TLS: with no mTLS, mesh callers come in plaintext.
+        return relay(shared, &inbound, stream, addr, Peer(None)).await;
+    }
+    if intercepted.is_some() && mode == MtlsMode::Permissive && !is_mesh_handshake(&stream, &shared.mesh, timeout).await {
+        // The app's own TLS, from a caller outside the mesh: relayed to it untouched.
+        return relay(shared, &inbound, stream, addr, Peer(None)).await;
     }
     if shared.mesh.mode() == MtlsMode::Off {
         shared.refused("handshake");
@@ -229,6 +269,20 @@ async fn connection(shared: &Shared, stream: TcpStream, addr: SocketAddr) {
         return relay(shared, &inbound, accepted, addr, peer).await;
     }
     serve_http(shared, &inbound, accepted, addr, peer).await;
+}
+
+/// Whether an intercepted TLS connection is a mesh caller's: its ClientHello names this
+/// sidecar's identity (the SNI every caller's sidecar sends, `SERVICE.TRUST_DOMAIN`), rather than
+/// a name of the app's own TLS.
+async fn is_mesh_handshake(stream: &TcpStream, mesh: &Mesh, timeout: Duration) -> bool {
+    use crate::intercept::detect::{Detected, Protocol, detect};
+    let Some(issued) = mesh.identity() else { return true };
+    let expected = format!("{}.{}", issued.identity.service, issued.identity.trust_domain);
+    match detect(stream, timeout).await {
+        Detected::Protocol(Protocol::Tls { sni: Some(sni) }) => sni.eq_ignore_ascii_case(&expected),
+        // No name, or a ClientHello too slow to read whole: the mesh handshake decides.
+        _ => true,
+    }
 }
 
 /// Tells a plaintext client of a strict listener why it is refused, then closes.

@@ -78,11 +78,22 @@ pub fn classify(bytes: &[u8]) -> Option<Protocol> {
     for (i, &byte) in bytes.iter().enumerate().take(MAX_METHOD + 1) {
         match byte {
             b'A'..=b'Z' | b'-' | b'_' => {}
-            b' ' if i > 0 => return Some(Protocol::Http1),
+            b' ' if i > 0 => return request_line(bytes),
             _ => return Some(Protocol::Opaque),
         }
     }
     if bytes.len() > MAX_METHOD { Some(Protocol::Opaque) } else { None }
+}
+
+/// After a method token: HTTP/1 once the line ends in ` HTTP/1.x` (so that a text protocol with
+/// commands in capitals, such as Redis's `SET key value`, is not taken for HTTP).
+fn request_line(bytes: &[u8]) -> Option<Protocol> {
+    let Some(end) = bytes.iter().position(|&b| b == b'\n') else {
+        return (bytes.len() >= PEEK_BYTES).then_some(Protocol::Opaque);
+    };
+    let line = bytes[..end].strip_suffix(b"\r").unwrap_or(&bytes[..end]);
+    let version = line.rsplit(|&b| b == b' ').next().unwrap_or_default();
+    Some(if version.starts_with(b"HTTP/1.") { Protocol::Http1 } else { Protocol::Opaque })
 }
 
 /// A TLS record: complete once rustls has read the whole ClientHello (or given up on it).
@@ -149,7 +160,9 @@ mod tests {
     #[test]
     fn http1_request_lines() {
         assert_eq!(classify(b"GET /items HTTP/1.1\r\n"), Some(Protocol::Http1));
-        assert_eq!(classify(b"POST "), Some(Protocol::Http1));
+        assert_eq!(classify(b"GET / HTTP/1.0\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"POST "), None, "the request line is not whole yet");
+        assert_eq!(classify(b"SET key value\r\n"), Some(Protocol::Opaque), "a Redis inline command");
         assert_eq!(classify(b"GE"), None, "could still be a method");
         assert_eq!(classify(b"get / HTTP/1.1"), Some(Protocol::Opaque), "methods are capitals");
         assert_eq!(classify(b" GET"), Some(Protocol::Opaque));
@@ -161,6 +174,7 @@ mod tests {
         assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
         assert_eq!(classify(&H2_PREFACE[..10]), None);
         assert_eq!(classify(b"PRI / HTTP/1.1\r\n"), Some(Protocol::Http1), "PRI as an HTTP/1 method");
+        assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n"), Some(Protocol::Opaque), "not the preface");
     }
 
     #[test]

@@ -40,6 +40,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 
 use self::detect::{Detected, Protocol};
+use crate::addresses::Destination;
 use crate::{
     catalog::{Catalog, ServiceState},
     config::OutboundPolicy,
@@ -145,7 +146,7 @@ pub fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
     (!same(original, local)).then_some(original)
 }
 
-fn canonical(addr: SocketAddr) -> SocketAddr {
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
     match addr {
         SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().map_or(addr, |ip| SocketAddr::new(ip.into(), v6.port())),
         SocketAddr::V4(_) => addr,
@@ -159,7 +160,7 @@ impl Inner {
             // Made to the listener itself: proxy mode.
             return self.serve_http(stream, peer, self.outbound.clone()).await;
         };
-        if own::is_own(peer) {
+        if own::is_own(peer, destination) {
             self.count("-", "loop", "none");
             tracing::error!(
                 %peer,
@@ -168,15 +169,49 @@ impl Inner {
             );
             return;
         }
+        if self.catalog.addresses_version() == 0 && !self.wait_for_table().await {
+            // Taken for a destination outside the mesh, a connection to an instance would leave
+            // in plaintext: refused until the table says what is in the mesh.
+            self.count("-", "refused", "none");
+            tracing::warn!(%peer, %destination, timeout = ?self.config.discovery_timeout, "closing an intercepted connection: no address table from the control plane yet");
+            return;
+        }
         let table = self.catalog.addresses();
         match table.resolve(destination) {
-            Some(found) => self.to_service(stream, peer, destination, found.service().clone()).await,
+            Some(found) => {
+                let pin = matches!(found, Destination::Endpoint(_)).then_some(destination);
+                self.to_service(stream, peer, destination, found.service().clone(), pin).await;
+            }
             None => self.egress(stream, peer, destination).await,
         }
     }
 
+    /// Waits up to the discovery timeout for the first address table; whether it came.
+    async fn wait_for_table(&self) -> bool {
+        let mut applied = self.catalog.applied();
+        let arrived = async {
+            while self.catalog.addresses_version() == 0 {
+                if applied.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(self.config.discovery_timeout, arrived).await;
+        self.catalog.addresses_version() != 0
+    }
+
     /// A connection to `service`: served as HTTP, or relayed as opaque TCP.
-    async fn to_service(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr, destination: SocketAddr, service: Arc<str>) {
+    ///
+    /// HTTP is balanced over the service whatever address it was sent to; an opaque connection
+    /// sent to one instance's address (`pin`) goes to that instance.
+    async fn to_service(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        destination: SocketAddr,
+        service: Arc<str>,
+        pin: Option<SocketAddr>,
+    ) {
         let state = match self.catalog.watch(&service) {
             Ok(state) => state,
             Err(error) => {
@@ -227,7 +262,7 @@ impl Inner {
                 .clone()
         };
         tokio::select! {
-            () = upstream.relay(stream, peer) => {}
+            () = upstream.relay_to(stream, peer, pin) => {}
             () = self.shutdown.cancelled() => {}
         }
     }

@@ -1,15 +1,16 @@
-//! The sidecar's own outgoing connections, remembered by source address while it intercepts,
-//! so that one redirected back to its own outbound listener (the sidecar not run as the user
-//! or group `iptables install` exempts) is recognised and closed instead of relayed again and
-//! again.
+//! The sidecar's own outgoing connections to endpoints and outside the mesh, while it
+//! intercepts.
 //!
-//! Every connection the sidecar opens goes through [`connect`]. While intercepting, it binds the
-//! socket first, so its source port is known (and recorded) before the first packet leaves; the
-//! listener asks [`is_own`] of each connection it accepts. The port alone tells: a port bound on
-//! the unspecified address is this socket's on every local address, and the outbound listener
-//! only takes connections made on this host. Entries are kept for
-//! [`REMEMBER`], long enough for a looped connection to be accepted, and their number is
-//! bounded.
+//! - They are remembered by source port and destination, so that one redirected back to the
+//!   sidecar's own outbound listener (the sidecar not run as the user or group `iptables
+//!   install` exempts) is recognised and closed instead of relayed again and again. [`connect`]
+//!   binds the socket first, so its source port is known (and recorded) before the first packet
+//!   leaves; the listener asks [`is_own`] of each connection it accepts, with the destination
+//!   it was sent to. Entries are kept for [`REMEMBER`], long enough for a looped connection to
+//!   be accepted, and their number is bounded.
+//! - A connection to the sidecar's own instance (its app calling its own service) goes to its
+//!   inbound listener: dialled at the instance's address, it would be delivered to the app's
+//!   port straight away, since the rules leave the sidecar's own traffic alone.
 
 use std::{
     collections::HashMap,
@@ -31,37 +32,47 @@ pub const REMEMBER: Duration = Duration::from_secs(30);
 const MAX_REMEMBERED: usize = 16_384;
 
 static INTERCEPTING: AtomicBool = AtomicBool::new(false);
-static OWN: Mutex<Option<HashMap<u16, Instant>>> = Mutex::new(None);
+static OWN: Mutex<Option<HashMap<u16, (SocketAddr, Instant)>>> = Mutex::new(None);
+/// The instance's registered address, and the inbound listener that stands for it.
+static SELF_ROUTE: Mutex<Option<(SocketAddr, SocketAddr)>> = Mutex::new(None);
 
 /// Turns the bookkeeping on: the sidecar intercepts.
 pub fn enable() {
     INTERCEPTING.store(true, Ordering::Relaxed);
 }
 
-/// Whether `peer` (the source of an accepted connection) is one of the sidecar's own recent
-/// connections.
-pub fn is_own(peer: SocketAddr) -> bool {
+/// Sends the sidecar's connections to `instance` (its own instance's registered address) to
+/// `inbound`, its inbound listener.
+pub fn route_self(instance: SocketAddr, inbound: SocketAddr) {
+    *ferry_runtime::lock(&SELF_ROUTE) = Some((super::canonical(instance), inbound));
+}
+
+/// Whether `peer` (the source of an accepted connection that was going to `destination`) is
+/// one of the sidecar's own recent connections.
+pub fn is_own(peer: SocketAddr, destination: SocketAddr) -> bool {
     if !INTERCEPTING.load(Ordering::Relaxed) {
         return false;
     }
     let own = ferry_runtime::lock(&OWN);
-    own.as_ref().and_then(|own| own.get(&peer.port())).is_some_and(|at| at.elapsed() < REMEMBER)
+    own.as_ref()
+        .and_then(|own| own.get(&peer.port()))
+        .is_some_and(|(to, at)| *to == super::canonical(destination) && at.elapsed() < REMEMBER)
 }
 
-fn remember(local: SocketAddr) {
+fn remember(local: SocketAddr, destination: SocketAddr) {
     let mut own = ferry_runtime::lock(&OWN);
     let own = own.get_or_insert_with(HashMap::new);
     if own.len() >= MAX_REMEMBERED {
-        own.retain(|_, at| at.elapsed() < REMEMBER);
+        own.retain(|_, (_, at)| at.elapsed() < REMEMBER);
         if own.len() >= MAX_REMEMBERED {
             // A storm of connections: forget the oldest half rather than grow.
-            let mut ages: Vec<Instant> = own.values().copied().collect();
+            let mut ages: Vec<Instant> = own.values().map(|(_, at)| *at).collect();
             ages.sort_unstable();
             let cut = ages[ages.len() / 2];
-            own.retain(|_, at| *at > cut);
+            own.retain(|_, (_, at)| *at > cut);
         }
     }
-    own.insert(local.port(), Instant::now());
+    own.insert(local.port(), (super::canonical(destination), Instant::now()));
 }
 
 /// Connects to `host:port` (each address it resolves to in turn), recording the source address
@@ -85,10 +96,16 @@ pub async fn connect_addr(addr: SocketAddr) -> io::Result<TcpStream> {
     if !INTERCEPTING.load(Ordering::Relaxed) {
         return TcpStream::connect(addr).await;
     }
+    let route = *ferry_runtime::lock(&SELF_ROUTE);
+    if let Some((instance, inbound)) = route
+        && instance == super::canonical(addr)
+    {
+        return TcpStream::connect(inbound).await;
+    }
     let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     let any = if addr.is_ipv4() { SocketAddr::from(([0, 0, 0, 0], 0)) } else { SocketAddr::from(([0u16; 8], 0)) };
     socket.bind(any)?;
-    remember(socket.local_addr()?);
+    remember(socket.local_addr()?, addr);
     socket.connect(addr).await
 }
 
@@ -102,14 +119,21 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let before = connect_addr(addr).await.expect("connects");
         let (_, peer) = listener.accept().await.expect("accepts");
-        assert!(!is_own(peer), "not intercepting: nothing is recorded");
+        assert!(!is_own(peer, addr), "not intercepting: nothing is recorded");
         drop(before);
         enable();
         let stream = connect("127.0.0.1", addr.port()).await.expect("connects");
         let (_, peer) = listener.accept().await.expect("accepts");
         assert_eq!(Some(peer), stream.local_addr().ok());
-        assert!(is_own(peer), "the source of the sidecar's own connection is known");
-        assert!(!is_own(SocketAddr::from(([127, 0, 0, 1], 1))));
-        assert!(!is_own(stream.peer_addr().expect("peer")), "the listener's port is not a source");
+        assert!(is_own(peer, addr), "the source of the sidecar's own connection is known");
+        assert!(!is_own(peer, SocketAddr::from(([127, 0, 0, 2], addr.port()))), "going elsewhere: another socket's");
+        assert!(!is_own(SocketAddr::from(([127, 0, 0, 1], 1)), addr));
+        assert!(!is_own(stream.peer_addr().expect("peer"), addr), "the listener's port is not a source");
+
+        // The sidecar's own instance is reached at its inbound listener.
+        let instance = SocketAddr::from(([192, 0, 2, 7], 8080));
+        route_self(instance, addr);
+        let _to_self = connect_addr(instance).await.expect("connects to the stand-in");
+        listener.accept().await.expect("the inbound listener took it");
     }
 }

@@ -129,8 +129,8 @@ pub struct InterceptLabels {
     /// The mesh service, or `-` for a destination outside the mesh.
     pub service: Arc<str>,
     /// `service`, `egress` (outside the mesh, relayed), `denied` (outside the mesh, closed by
-    /// --outbound-policy deny), `refused` (too many services tracked) or `loop` (the sidecar's
-    /// own connection, redirected back to it).
+    /// --outbound-policy deny), `refused` (too many services tracked, or no address table yet)
+    /// or `loop` (the sidecar's own connection, redirected back to it).
     pub destination: &'static str,
     /// `http1`, `http2`, `tls`, `opaque`, or `none` when no detection was made.
     pub protocol: &'static str,
@@ -306,7 +306,7 @@ impl Metrics {
         );
         registry.register(
             "inbound_refused",
-            "Inbound connections refused before any request, by reason: plaintext (strict mTLS), handshake, timeout",
+            "Inbound connections refused before any request, by reason: plaintext (strict mTLS), handshake, timeout, own_port (intercepted, to one of the sidecar's own ports)",
             metrics.inbound_refused.clone(),
         );
         metrics

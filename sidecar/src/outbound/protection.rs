@@ -132,6 +132,7 @@ mod tests {
             endpoints: BTreeMap::new(),
             route: None,
             policy,
+            virtual_ip: None,
         }))
     }
 

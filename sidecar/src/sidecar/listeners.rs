@@ -24,6 +24,9 @@ pub struct Listeners {
     /// ports), when the host has IPv6.
     pub outbound_v6: Option<TcpListener>,
     pub inbound_v6: Option<TcpListener>,
+    /// With --intercept and DNS on `127.0.0.1`: the same port on `[::1]`, where `ip6tables`
+    /// redirects IPv6 queries.
+    pub dns_v6: Option<(UdpSocket, TcpListener)>,
 }
 
 /// The IPv6 listener matching an IPv4 one on the same port: `[::1]` for `127.0.0.1`, `[::]`
@@ -85,14 +88,27 @@ impl Listeners {
             Some(addr) => Some(ferry_dns::bind(addr).await.with_context(|| format!("binding --dns {addr}"))?),
             None => None,
         };
-        let (mut outbound_v6, mut inbound_v6) = (None, None);
+        let (mut outbound_v6, mut inbound_v6, mut dns_v6) = (None, None, None);
         if config.intercept {
+            if let Some((udp, _)) = &dns
+                && let Ok(addr) = udp.local_addr()
+                && addr.ip().is_loopback()
+                && addr.is_ipv4()
+            {
+                let twin = SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), addr.port());
+                match ferry_dns::bind(twin).await {
+                    Ok(bound) => dns_v6 = Some(bound),
+                    Err(error) => {
+                        tracing::info!(address = %twin, %error, "no IPv6 twin of the DNS listener: IPv6 queries are not answered")
+                    }
+                }
+            }
             outbound_v6 = ipv6_twin("--outbound", outbound.local_addr()?);
             if let Some(inbound) = &inbound {
                 inbound_v6 = ipv6_twin("--inbound", inbound.local_addr()?);
             }
         }
-        Ok(Self { outbound, admin, inbound, upstreams, dns, outbound_v6, inbound_v6 })
+        Ok(Self { outbound, admin, inbound, upstreams, dns, outbound_v6, inbound_v6, dns_v6 })
     }
 
     /// The addresses bound.

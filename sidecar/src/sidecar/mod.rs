@@ -81,6 +81,17 @@ impl Sidecar {
         let metrics = Metrics::new(&mut prometheus);
         let registration = Registration::prepare(&config, addrs.inbound, &metrics).await?;
 
+        if config.intercept
+            && let (Some(instance), Some(inbound)) = (&registration.instance, addrs.inbound)
+            && let Ok(ip) = instance.address.parse::<std::net::IpAddr>()
+        {
+            // The app calling its own service, balanced onto its own instance.
+            let local = if inbound.ip().is_unspecified() { std::net::Ipv4Addr::LOCALHOST.into() } else { inbound.ip() };
+            crate::intercept::own::route_self(
+                SocketAddr::new(ip, u16::try_from(instance.port).unwrap_or(0)),
+                SocketAddr::new(local, inbound.port()),
+            );
+        }
         let catalog = Arc::new(Catalog::new(MAX_SERVICES));
         let mesh = Mesh::new(config.mtls);
         if let Some(dir) = &state_dir {
@@ -99,14 +110,14 @@ impl Sidecar {
 
         // Declared upstreams are subscribed before the config stream starts, so its first
         // hello names them.
-        let Listeners { outbound, admin: admin_listener, inbound, upstreams, dns, outbound_v6, inbound_v6 } = listeners;
+        let Listeners { outbound, admin: admin_listener, inbound, upstreams, dns, outbound_v6, inbound_v6, dns_v6 } = listeners;
         let data_path = DataPath::build(&config, &shared)?;
         let mut servers = data_path.serve_outbound(&config, outbound, outbound_v6, upstreams, &shared)?;
         let in_flight = InFlight::default();
         for listener in inbound.into_iter().chain(inbound_v6) {
             servers.extend(data_path.serve_inbound(&config, listener, &in_flight, &shared));
         }
-        if let Some((udp, tcp)) = dns {
+        for (udp, tcp) in dns.into_iter().chain(dns_v6) {
             servers.push(serve_dns(udp, tcp, &config, &shared));
         }
 

@@ -176,15 +176,25 @@ impl DataPath {
         let service: Arc<str> = config.service.as_str().into();
         let inbound = Inbound::new(client, service.clone(), shared.metrics.clone(), in_flight.clone(), shared.mesh.clone());
         let ports = config.intercept.then(|| {
-            let (host, client_config) = (app.host.clone(), ClientConfig { mesh: None, ..self.client.clone() });
+            let client_config = ClientConfig { mesh: None, ..self.client.clone() };
             let (metrics, in_flight, mesh) = (shared.metrics.clone(), in_flight.clone(), shared.mesh.clone());
+            let mut own_ports = vec![config.outbound.port(), config.inbound.port(), config.admin.port()];
+            own_ports.extend(config.dns_listen().map(|dns| dns.port()));
+            own_ports.extend(config.upstreams.iter().map(|u| u.listen.port()));
+            // Its policy's opaque_ports are followed like any other service's config.
+            let own_service = match shared.catalog.watch(&config.service) {
+                Ok(state) => state,
+                Err(_) => tokio::sync::watch::channel(crate::catalog::ServiceState::Pending).1,
+            };
             crate::inbound::listener::AppPorts {
-                make: Box::new(move |port| {
-                    let client = Client::new(host.clone(), port, client_config.clone());
+                make: Box::new(move |destination| {
+                    let client = Client::new(destination.ip().to_string(), destination.port(), client_config.clone());
                     Inbound::new(client, service.clone(), metrics.clone(), in_flight.clone(), mesh.clone())
                 }),
                 app_port: app.port,
+                own_ports,
                 opaque_ports: config.opaque_ports.clone(),
+                own_service,
                 detect_timeout: config.detect_timeout,
                 others: Default::default(),
             }

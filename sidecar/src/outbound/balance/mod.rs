@@ -696,6 +696,7 @@ mod tests {
             endpoints: endpoints.into_iter().map(|e| (e.id.clone(), e)).collect(),
             route: None,
             policy,
+            virtual_ip: None,
         }))
     }
 
