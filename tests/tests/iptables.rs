@@ -4,7 +4,9 @@
 //! to play app and sidecar, connections and DNS really are redirected. Each backend that is
 //! installed (iptables-legacy and iptables-nft) is tested.
 //!
-//! It needs root and `ip`; without them each test says it is skipping and passes.
+//! It needs root, `ip` and `iptables` (and python3 for the redirect test); without them each
+//! test says it is skipping and passes, unless `FERRY_REQUIRE_NETNS=1` (as CI sets) makes a
+//! missing prerequisite fail the test, so that a run that checked nothing cannot pass.
 
 use std::{
     collections::BTreeMap,
@@ -94,6 +96,17 @@ impl Backend {
     }
 }
 
+/// Whether a test can run here: when `reason` says it cannot, it skips, unless
+/// `FERRY_REQUIRE_NETNS=1` asks for it to run, and then it fails.
+fn can_run(reason: Option<String>) -> bool {
+    let Some(reason) = reason else { return true };
+    if std::env::var_os("FERRY_REQUIRE_NETNS").is_some_and(|v| v == "1") {
+        panic!("FERRY_REQUIRE_NETNS=1, but this test cannot run: {reason}");
+    }
+    eprintln!("skipping: {reason}");
+    false
+}
+
 /// Why these tests cannot run here, if they cannot.
 fn skip_reason() -> Option<String> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -167,15 +180,15 @@ fn dry_run_script<'a>(dry_run: &'a str, family: &str) -> Vec<&'a str> {
     script
 }
 
-/// Whether `ip6tables` can list its nat table in the namespace, as `--ipv6 auto` decides.
+/// Whether `ip6tables` can list its nat table in the namespace. A new namespace has no IPv6
+/// address but `::1`, so where it cannot, `--ipv6 auto` skips IPv6.
 fn has_ipv6(namespace: &Namespace, ip6tables: &str) -> bool {
     namespace.exec(Path::new(&Backend::save(ip6tables)), &["-t", "nat"]).status.success()
 }
 
 #[test]
 fn install_twice_leaves_one_copy_of_the_dry_runs_rules_and_uninstall_restores_the_tables() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("skipping: {reason}");
+    if !can_run(skip_reason()) {
         return;
     }
     for backend in backends() {
@@ -240,8 +253,7 @@ fn install_twice_leaves_one_copy_of_the_dry_runs_rules_and_uninstall_restores_th
 
 #[test]
 fn uninstall_with_nothing_installed_succeeds_and_changes_nothing() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("skipping: {reason}");
+    if !can_run(skip_reason()) {
         return;
     }
     let namespace = Namespace::create();
@@ -252,8 +264,7 @@ fn uninstall_with_nothing_installed_succeeds_and_changes_nothing() {
 
 #[test]
 fn failures_exit_1_and_bad_usage_64_with_the_reason() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("skipping: {reason}");
+    if !can_run(skip_reason()) {
         return;
     }
     let namespace = Namespace::create();
@@ -267,6 +278,38 @@ fn failures_exit_1_and_bad_usage_64_with_the_reason() {
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     assert!(stderr(&output).contains("/nonexistent/iptables-save: not found"), "{}", stderr(&output));
     assert_eq!(namespace.nat("iptables-save"), before, "nothing was changed");
+}
+
+#[test]
+fn install_under_auto_fails_rather_than_leave_a_global_ipv6_address_unintercepted() {
+    if !can_run(skip_reason()) {
+        return;
+    }
+    let namespace = Namespace::create();
+    let before = namespace.nat("iptables-save");
+    // An ip6tables that cannot list its table, as where the kernel has no IPv6 NAT.
+    let install = ["iptables", "install", "--proxy-gid", "1337", "--ip6tables-command", "/nonexistent/ip6tables"];
+
+    let output = namespace.exec(&sidecar(), &install);
+    assert!(output.status.success(), "only ::1: nothing to intercept over IPv6: {}", stderr(&output));
+    assert!(stderr(&output).contains("IPv6: skipped, since the rules cannot be read and the namespace has no IPv6 address besides loopback and link-local ones"), "{}", stderr(&output));
+    iptables(&namespace, &["uninstall", "--ip6tables-command", "/nonexistent/ip6tables"]);
+    assert_eq!(namespace.nat("iptables-save"), before);
+
+    namespace.ok("ip", &["link", "add", "ferry0", "type", "veth", "peer", "name", "ferry1"]);
+    namespace.ok("ip", &["link", "set", "ferry0", "up"]);
+    namespace.ok("ip", &["addr", "add", "fd00:9::1/64", "dev", "ferry0", "nodad"]);
+    let output = namespace.exec(&sidecar(), &install);
+    let said = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(said.contains("error: --ipv6 auto: the namespace has IPv6 addresses (fd00:9::1/64 on ferry0), but the IPv6 rules cannot be read: /nonexistent/ip6tables-save: not found"), "{said}");
+    assert!(said.contains("pass --ipv6 off to accept that risk knowingly"), "{said}");
+    assert_eq!(namespace.nat("iptables-save"), before, "nothing was changed");
+
+    iptables(&namespace, &[&install[1..], &["--ipv6", "off"]].concat());
+    assert_ne!(namespace.nat("iptables-save"), before, "--ipv6 off installs IPv4 alone");
+    iptables(&namespace, &["uninstall", "--ip6tables-command", "/nonexistent/ip6tables"]);
+    assert_eq!(namespace.nat("iptables-save"), before, "uninstall skips the IPv6 it cannot list");
 }
 
 /// Plays the app and the sidecar in the namespace: listens where the sidecar would, then checks
@@ -312,12 +355,11 @@ except socket.timeout:
 
 #[test]
 fn installed_rules_redirect_the_apps_connections_and_dns_but_not_loopback_or_the_proxy() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("skipping: {reason}");
+    if !can_run(skip_reason()) {
         return;
     }
-    if !on_path("python3") {
-        eprintln!("skipping: python3 is not installed, and it plays the app and the sidecar here");
+    let python = (!on_path("python3")).then(|| "python3 is not installed, and it plays the app and the sidecar here".into());
+    if !can_run(python) {
         return;
     }
     let namespace = Namespace::create();

@@ -23,13 +23,27 @@
 //! `FERRY_INBOUND_REDIRECT` to the inbound listener. The sidecar reads where each connection
 //! was going with `SO_ORIGINAL_DST`.
 //!
-//! Both families are handled: `iptables` always, `ip6tables` with `--ipv6 on`, or by default
-//! when it can list its nat table. Rules are written with the `iptables-restore` beside the
-//! command chosen (so `--iptables-command iptables-legacy` or `iptables-nft` picks the backend),
-//! one transaction per family ([`restore`]). An install first removes whatever of Ferry's is
-//! there, so installing twice leaves one copy; `uninstall` removes every `FERRY_` chain and every
-//! jump to one. `--dry-run` prints the `iptables-restore` input it would apply, as a shell
-//! snippet, and changes nothing.
+//! Both families are handled: `iptables` always, and `ip6tables` unless `--ipv6 off`. Rules
+//! are written with the `iptables-restore` beside the command chosen (so `--iptables-command
+//! iptables-legacy` or `iptables-nft` picks the backend), one transaction per family
+//! ([`restore`]). An install first removes whatever of Ferry's is there, so installing twice
+//! leaves one copy; `uninstall` removes every `FERRY_` chain and every jump to one. `--dry-run`
+//! prints the `iptables-restore` input it would apply, as a shell snippet, and changes nothing.
+//!
+//! IPv6 rules are not optional where IPv6 can be reached: without them, a connection arriving
+//! over IPv6 at an app listening on `[::]` gets no mTLS or authorization, and the app's own
+//! IPv6 connections leave unmeshed. So `--ipv6 auto` (the default), when `ip6tables` cannot
+//! read or write the nat table (no ip6tables, no IPv6 nat in the kernel, a refused rule),
+//! looks at the namespace's IPv6 addresses ([`if_inet6`], read at install time): if every one
+//! is loopback or link-local (or the kernel has no IPv6), `install` skips IPv6 with a note on
+//! stderr; if any other is there, or the list cannot be read, `install` fails (exit 1) saying
+//! so, and `--ipv6 off` is how to accept that risk knowingly. Link-local addresses are let
+//! pass because every interface with IPv6 has one: IPv6 over them, from the same link, is not
+//! intercepted. An address added after the install is not seen either. `--ipv6 on` fails
+//! whenever ip6tables does. `uninstall --ipv6 auto` removes the IPv6 rules whenever ip6tables
+//! can list its nat table, and otherwise skips IPv6 with a note (nothing can be removed
+//! through it); a dry run shows an unreadable table as empty and says why, and, for `install`,
+//! that the real run would stop.
 //!
 //! Left alone on purpose: a connection the sidecar itself makes to its own instance's address
 //! is not sent back through its inbound listener (Istio's `-o lo ! -d 127.0.0.1/32` rule):
@@ -41,7 +55,7 @@ use std::{
     ffi::OsString,
     io::{self, Write},
     net::{SocketAddr, ToSocketAddrs},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
 };
 
@@ -52,11 +66,13 @@ use ipnet::IpNet;
 
 use self::{
     exec::{Backend, CommandError},
+    if_inet6::{IF_INET6, Ipv6Exposure},
     restore::Installed,
     rules::{Family, Interception},
 };
 
 mod exec;
+mod if_inet6;
 mod restore;
 pub mod rules;
 
@@ -146,8 +162,9 @@ pub struct BackendArgs {
     #[arg(long, env = "FERRY_IP6TABLES_COMMAND", value_name = "PATH")]
     pub ip6tables_command: Option<PathBuf>,
 
-    /// IPv6 rules too: auto (when ip6tables can list its nat table), on (fail if it cannot) or
-    /// off.
+    /// IPv6 rules too: auto (skipped when ip6tables cannot read or write them and the namespace
+    /// has no IPv6 address but loopback and link-local ones; install fails if it has others), on
+    /// (fail whenever ip6tables cannot) or off (IPv6 connections bypass the sidecar).
     #[arg(long, env = "FERRY_IPV6", value_enum, default_value_t = Ipv6::Auto)]
     pub ipv6: Ipv6,
 
@@ -163,7 +180,8 @@ pub struct BackendArgs {
 /// Whether IPv6 rules are written too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Ipv6 {
-    /// When ip6tables exists and can list its nat table.
+    /// When ip6tables can read and write its nat table; when it cannot, install fails if the
+    /// namespace has IPv6 addresses besides loopback and link-local ones.
     Auto,
     /// Always; failing when ip6tables cannot.
     On,
@@ -185,6 +203,46 @@ pub enum Error {
         /// What was already applied, when another family failed after it.
         done: String,
     },
+    #[error(
+        "--ipv6 auto: {exposure}, but the IPv6 rules cannot be {step}: {source}{done}. Without them, IPv6 connections bypass the sidecar: arriving ones reach an app listening on [::] with no mTLS or authorization, and the app's own leave unmeshed. Make ip6tables work here (or name it with --ip6tables-command), or pass --ipv6 off to accept that risk knowingly"
+    )]
+    Ipv6Unprotected {
+        /// Boxed, since it is rare and large.
+        exposure: Box<Ipv6Exposure>,
+        step: Ipv6Step,
+        source: CommandError,
+        /// What was already applied, as for [`Error::Command`].
+        done: String,
+    },
+}
+
+/// What could not be done with the IPv6 rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ipv6Step {
+    /// `ip6tables-save -t nat` failed.
+    Read,
+    /// `ip6tables-restore` refused the rules.
+    Write,
+}
+
+impl std::fmt::Display for Ipv6Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Read => "read",
+            Self::Write => "written",
+        })
+    }
+}
+
+/// What `--ipv6 auto` does when ip6tables cannot read or write the IPv6 rules.
+#[derive(Debug, Clone, Copy)]
+enum AutoIpv6<'a> {
+    /// Uninstall: a table that cannot be read is skipped, since nothing can be removed through
+    /// it; one that is read but cannot be written is an error, as for IPv4.
+    Uninstall,
+    /// Install: IPv6 is skipped only when the namespace, whose addresses `if_inet6` lists, has
+    /// none besides loopback and link-local ones; otherwise [`Error::Ipv6Unprotected`].
+    Install { if_inet6: &'a Path },
 }
 
 /// Runs `ferry-sidecar iptables ARGS...` (`args` starts with `iptables`), printing a dry run to
@@ -213,10 +271,16 @@ where
 
 /// Installs or uninstalls; a dry run writes its scripts to `out`, notes go to stderr.
 pub fn run(action: Action, out: &mut dyn Write) -> Result<(), Error> {
+    run_in(action, Path::new(IF_INET6), out)
+}
+
+/// [`run`], with the namespace's IPv6 addresses listed in `if_inet6` (a stand-in, in tests).
+fn run_in(action: Action, if_inet6: &Path, out: &mut dyn Write) -> Result<(), Error> {
     match action {
         Action::Install(args) => {
             let interception = args.interception()?;
-            let plans = read_tables(&args.backends, out)?;
+            let auto = AutoIpv6::Install { if_inet6 };
+            let plans = read_tables(&args.backends, auto, out)?;
             let changes = plans
                 .into_iter()
                 .map(|(backend, installed)| {
@@ -226,10 +290,10 @@ pub fn run(action: Action, out: &mut dyn Write) -> Result<(), Error> {
                     Change { backend, script, what: format!("installed {count} rules") }
                 })
                 .collect();
-            apply(&args.backends, changes, out)
+            apply(&args.backends, auto, changes, out)
         }
         Action::Uninstall(backends) => {
-            let plans = read_tables(&backends, out)?;
+            let plans = read_tables(&backends, AutoIpv6::Uninstall, out)?;
             let changes = plans
                 .into_iter()
                 .map(|(backend, installed)| {
@@ -237,7 +301,7 @@ pub fn run(action: Action, out: &mut dyn Write) -> Result<(), Error> {
                     Change { script: restore::uninstall(&installed), backend, what }
                 })
                 .collect();
-            apply(&backends, changes, out)
+            apply(&backends, AutoIpv6::Uninstall, changes, out)
         }
     }
 }
@@ -300,18 +364,27 @@ impl BackendArgs {
 
 /// Reads what each family's nat table holds of Ferry's, before anything is changed, so that a
 /// family that cannot be read stops the run before another is written. An unreadable IPv6
-/// table under `--ipv6 auto` is skipped; in a dry run, an unreadable table is shown as empty.
-fn read_tables(args: &BackendArgs, out: &mut dyn Write) -> Result<Vec<(Backend, Installed)>, Error> {
+/// table under `--ipv6 auto` is for `auto` to judge ([`without_ipv6`]); in a dry run, an
+/// unreadable table is shown as empty.
+fn read_tables(args: &BackendArgs, auto: AutoIpv6<'_>, out: &mut dyn Write) -> Result<Vec<(Backend, Installed)>, Error> {
     let mut tables = Vec::new();
     for backend in args.backends() {
         match backend.save_nat() {
             Ok(save) => tables.push((backend, Installed::parse(&save))),
             Err(error) if backend.family == Family::V6 && args.ipv6 == Ipv6::Auto => {
-                let note = format!("IPv6: skipped, since ip6tables cannot list its nat table (--ipv6 on to insist): {error}");
-                if args.dry_run {
-                    let _ = writeln!(out, "# {note}");
-                } else {
-                    eprintln!("ferry-sidecar iptables: {note}");
+                match without_ipv6(auto, Ipv6Step::Read, error, String::new()) {
+                    Ok(note) if args.dry_run => {
+                        let _ = writeln!(out, "# {note}");
+                    }
+                    Ok(note) => eprintln!("ferry-sidecar iptables: {note}"),
+                    Err(stop) if args.dry_run => {
+                        let _ = writeln!(
+                            out,
+                            "# IPv6: shown as if nothing of Ferry's were installed; without --dry-run, install would stop here: {stop}"
+                        );
+                        tables.push((backend, Installed::default()));
+                    }
+                    Err(stop) => return Err(stop),
                 }
             }
             Err(error) if args.dry_run => {
@@ -324,6 +397,24 @@ fn read_tables(args: &BackendArgs, out: &mut dyn Write) -> Result<Vec<(Backend, 
     Ok(tables)
 }
 
+/// Under `--ipv6 auto`, what it means that the IPv6 rules cannot be `step` because of
+/// `source`: a note saying why IPv6 is skipped, or the error that stops the run. `done` is what
+/// was already applied.
+fn without_ipv6(auto: AutoIpv6<'_>, step: Ipv6Step, source: CommandError, done: String) -> Result<String, Error> {
+    match auto {
+        AutoIpv6::Uninstall if step == Ipv6Step::Read => {
+            Ok(format!("IPv6: skipped, since ip6tables cannot list its nat table (--ipv6 on to insist): {source}"))
+        }
+        AutoIpv6::Uninstall => Err(Error::Command { family: Family::V6, source, done }),
+        AutoIpv6::Install { if_inet6 } => match Ipv6Exposure::read(if_inet6) {
+            exposure @ Ipv6Exposure::None => Ok(format!(
+                "IPv6: skipped, since the rules cannot be {step} and {exposure}, so IPv6 connections can only come and go over the local link (--ipv6 on to insist): {source}"
+            )),
+            exposure => Err(Error::Ipv6Unprotected { exposure: Box::new(exposure), step, source, done }),
+        },
+    }
+}
+
 /// One family's change: the script that makes it, and what it does, for the log.
 struct Change {
     backend: Backend,
@@ -333,7 +424,9 @@ struct Change {
 }
 
 /// Applies each family's change or, in a dry run, prints them as a shell snippet that would.
-fn apply(args: &BackendArgs, changes: Vec<Change>, out: &mut dyn Write) -> Result<(), Error> {
+/// IPv6 rules that cannot be written under `--ipv6 auto` are for `auto` to judge, as
+/// [`read_tables`] does for ones that cannot be read.
+fn apply(args: &BackendArgs, auto: AutoIpv6<'_>, changes: Vec<Change>, out: &mut dyn Write) -> Result<(), Error> {
     let mut done: Vec<String> = Vec::new();
     for Change { backend, script, what } in changes {
         let family = backend.family;
@@ -346,11 +439,15 @@ fn apply(args: &BackendArgs, changes: Vec<Change>, out: &mut dyn Write) -> Resul
             }
             (None, false) => eprintln!("ferry-sidecar iptables: {family}: nothing of Ferry's is installed"),
             (Some(script), false) => {
-                backend.restore(&script, args.wait).map_err(|source| Error::Command {
-                    family,
-                    source,
-                    done: done.iter().map(|d| format!(" (already done: {d})")).collect(),
-                })?;
+                if let Err(source) = backend.restore(&script, args.wait) {
+                    let done = done.iter().map(|d| format!(" (already done: {d})")).collect();
+                    if family == Family::V6 && args.ipv6 == Ipv6::Auto {
+                        let note = without_ipv6(auto, Ipv6Step::Write, source, done)?;
+                        eprintln!("ferry-sidecar iptables: {note}");
+                        continue;
+                    }
+                    return Err(Error::Command { family, source, done });
+                }
                 let line = format!("{family}: {what} with {}", backend.restore.display());
                 eprintln!("ferry-sidecar iptables: {line}");
                 done.push(line);

@@ -81,11 +81,42 @@ fn fake_commands(dir: &Path, v4: &str, v6: Option<&str>) -> PathBuf {
     dir.join("iptables")
 }
 
+/// A namespace's /proc/net/if_inet6 with loopback and a link-local address only.
+const LINK_LOCAL_ONLY: &str = "\
+00000000000000000000000000000001 01 80 10 80       lo
+fe8000000000000000fc00fffe000001 04 40 20 80     eth0
+";
+
+/// A namespace's /proc/net/if_inet6 with a global address besides.
+const GLOBAL: &str = "\
+00000000000000000000000000000001 01 80 10 80       lo
+fe8000000000000000fc00fffe000001 04 40 20 80     eth0
+fd000000000000000000000000000002 04 40 00 80     eth0
+";
+
+/// Runs `args` in a namespace with loopback and link-local IPv6 addresses only, whatever the
+/// namespace of the test is.
 fn run_to_string(args: &[&str]) -> Result<String, Error> {
+    run_with_if_inet6(args, LINK_LOCAL_ONLY)
+}
+
+/// Runs `args` in a namespace whose /proc/net/if_inet6 reads `if_inet6`.
+fn run_with_if_inet6(args: &[&str], if_inet6: &str) -> Result<String, Error> {
     let cli = parse(args).expect("parses");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("if_inet6");
+    fs::write(&path, if_inet6).expect("writes if_inet6");
     let mut out = Vec::new();
-    run(cli.action, &mut out)?;
+    run_in(cli.action, &path, &mut out)?;
     Ok(String::from_utf8(out).expect("UTF-8"))
+}
+
+/// Makes the stand-in `ip6tables-restore` in `dir` refuse every script, as one does where the
+/// kernel lacks IPv6 NAT's REDIRECT.
+fn refuse_ipv6_rules(dir: &Path) {
+    let path = dir.join("ip6tables-restore");
+    fs::write(&path, "#!/bin/sh\ncat > /dev/null\necho \"ip6tables-restore: line 9 failed\" >&2\nexit 1\n").expect("writes");
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("makes it executable");
 }
 
 #[test]
@@ -200,7 +231,7 @@ fn a_dry_run_prints_what_each_family_would_apply_and_runs_no_restore() {
 }
 
 #[test]
-fn install_feeds_each_family_its_own_rules_and_skips_ipv6_where_it_cannot_list_nat() {
+fn install_feeds_each_family_its_own_rules_and_skips_ipv6_it_cannot_list_where_no_global_address_needs_it() {
     let _scripts = ferry_runtime::lock(&SCRIPTS);
     let dir = tempfile::tempdir().expect("temp dir");
     let iptables = fake_commands(dir.path(), EMPTY, Some(EMPTY));
@@ -225,6 +256,117 @@ fn install_feeds_each_family_its_own_rules_and_skips_ipv6_where_it_cannot_list_n
         .expect_err("--ipv6 on insists")
         .to_string();
     assert!(error.starts_with("IPv6 rules: ") && error.contains("ip6tables-save -t nat failed"), "{error}");
+}
+
+#[test]
+fn install_under_auto_refuses_to_skip_ipv6_where_the_namespace_has_a_global_ipv6_address() {
+    let _scripts = ferry_runtime::lock(&SCRIPTS);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let iptables = fake_commands(dir.path(), EMPTY, None);
+    let command = iptables.to_str().expect("UTF-8 path");
+    let install = ["install", "--proxy-gid", "1337", "--iptables-command", command];
+    let error = run_with_if_inet6(&install, GLOBAL).expect_err("IPv6 would bypass the sidecar");
+    assert!(matches!(error, Error::Ipv6Unprotected { step: Ipv6Step::Read, .. }), "{error:?}");
+    let error = error.to_string();
+    assert!(
+        error.starts_with(
+            "--ipv6 auto: the namespace has IPv6 addresses (fd00::2/64 on eth0), but the IPv6 rules cannot be read: "
+        ),
+        "{error}"
+    );
+    assert!(error.contains("ip6tables-save -t nat failed"), "{error}");
+    assert!(error.contains("no mTLS or authorization") && error.ends_with("pass --ipv6 off to accept that risk knowingly"));
+    assert!(!dir.path().join("iptables-restore.stdin").exists(), "nothing is written when IPv6 cannot be read");
+
+    let printed = run_with_if_inet6(&[&install[..], &["--dry-run"]].concat(), GLOBAL).expect("a dry run shows the rules");
+    assert!(
+        printed.contains("# IPv6: shown as if nothing of Ferry's were installed; without --dry-run, install would stop here: --ipv6 auto: the namespace has IPv6 addresses"),
+        "{printed}"
+    );
+    assert!(printed.contains(&format!("ip6tables-restore --noflush -w 10 <<'EOF'\n{DEFAULT_SCRIPT}EOF\n")), "{printed}");
+
+    run_with_if_inet6(&[&install[..], &["--ipv6", "off"]].concat(), GLOBAL).expect("--ipv6 off accepts the risk");
+    assert_eq!(fs::read_to_string(dir.path().join("iptables-restore.stdin")).expect("IPv4 applied"), DEFAULT_SCRIPT);
+}
+
+#[test]
+fn install_under_auto_refuses_to_skip_ipv6_when_the_namespaces_addresses_cannot_be_read() {
+    let _scripts = ferry_runtime::lock(&SCRIPTS);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let iptables = fake_commands(dir.path(), EMPTY, None);
+    let command = iptables.to_str().expect("UTF-8 path");
+    let cli = parse(&["install", "--proxy-gid", "1337", "--iptables-command", command]).expect("parses");
+    // A directory cannot be read as a file: whether IPv6 is there is unknown.
+    let error = run_in(cli.action, dir.path(), &mut Vec::new()).expect_err("unknown is not none").to_string();
+    assert!(
+        error.starts_with(&format!(
+            "--ipv6 auto: whether the namespace has IPv6 addresses is unknown ({}: ",
+            dir.path().display()
+        )),
+        "{error}"
+    );
+
+    let cli = parse(&["install", "--proxy-gid", "1337", "--iptables-command", command]).expect("parses");
+    run_in(cli.action, &dir.path().join("no-if_inet6"), &mut Vec::new()).expect("no if_inet6: a kernel without IPv6");
+}
+
+#[test]
+fn ipv6_rules_that_cannot_be_written_are_skipped_under_auto_only_where_no_global_address_needs_them() {
+    let _scripts = ferry_runtime::lock(&SCRIPTS);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let iptables = fake_commands(dir.path(), EMPTY, Some(EMPTY));
+    refuse_ipv6_rules(dir.path());
+    let command = iptables.to_str().expect("UTF-8 path");
+    let install = ["install", "--proxy-gid", "1337", "--iptables-command", command];
+
+    run_to_string(&install).expect("no global IPv6 address: IPv4 alone");
+    assert_eq!(fs::read_to_string(dir.path().join("iptables-restore.stdin")).expect("IPv4 applied"), DEFAULT_SCRIPT);
+
+    let error = run_with_if_inet6(&install, GLOBAL).expect_err("IPv6 would bypass the sidecar");
+    assert!(matches!(error, Error::Ipv6Unprotected { step: Ipv6Step::Write, .. }), "{error:?}");
+    let error = error.to_string();
+    assert!(
+        error.starts_with(
+            "--ipv6 auto: the namespace has IPv6 addresses (fd00::2/64 on eth0), but the IPv6 rules cannot be written: "
+        ),
+        "{error}"
+    );
+    assert!(error.contains("(already done: IPv4: installed 10 rules with"), "says what is in place: {error}");
+    assert!(error.ends_with("--ipv6 off to accept that risk knowingly"), "{error}");
+
+    let error = run_to_string(&[&install[..], &["--ipv6", "on"]].concat()).expect_err("--ipv6 on insists").to_string();
+    assert!(error.starts_with("IPv6 rules: ") && error.contains("line 9 failed"), "{error}");
+}
+
+#[test]
+fn uninstall_under_auto_removes_ipv6_rules_it_can_read_and_skips_a_table_it_cannot() {
+    let _scripts = ferry_runtime::lock(&SCRIPTS);
+    let installed = EMPTY
+        .replace(":POSTROUTING ACCEPT [0:0]\n", ":POSTROUTING ACCEPT [0:0]\n:FERRY_OUTPUT - [0:0]\n-A OUTPUT -j FERRY_OUTPUT\n");
+    let removal = "*nat\n-D OUTPUT -j FERRY_OUTPUT\n:FERRY_OUTPUT - [0:0]\n-X FERRY_OUTPUT\nCOMMIT\n";
+    let dir = tempfile::tempdir().expect("temp dir");
+    let iptables = fake_commands(dir.path(), EMPTY, Some(&installed));
+    let command = iptables.to_str().expect("UTF-8 path");
+    run_with_if_inet6(&["uninstall", "--iptables-command", command], GLOBAL).expect("removes");
+    assert_eq!(fs::read_to_string(dir.path().join("ip6tables-restore.stdin")).expect("IPv6 removed"), removal);
+
+    // Nothing can be removed through an ip6tables that cannot list its table, so uninstall
+    // goes on without it, even where IPv6 addresses are.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let iptables = fake_commands(dir.path(), &installed, None);
+    let command = iptables.to_str().expect("UTF-8 path");
+    run_with_if_inet6(&["uninstall", "--iptables-command", command], GLOBAL).expect("IPv4 removed, IPv6 skipped");
+    assert_eq!(fs::read_to_string(dir.path().join("iptables-restore.stdin")).expect("IPv4 removed"), removal);
+    let printed = run_with_if_inet6(&["uninstall", "--iptables-command", command, "--dry-run"], GLOBAL).expect("dry run");
+    assert!(printed.contains("# IPv6: skipped, since ip6tables cannot list its nat table (--ipv6 on to insist): "), "{printed}");
+
+    // One it can read but not write is an error, as for IPv4: the rules are still there.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let iptables = fake_commands(dir.path(), EMPTY, Some(&installed));
+    refuse_ipv6_rules(dir.path());
+    let command = iptables.to_str().expect("UTF-8 path");
+    let error = run_to_string(&["uninstall", "--iptables-command", command]).expect_err("rules left in place").to_string();
+    assert!(error.starts_with("IPv6 rules: ") && error.contains("line 9 failed"), "{error}");
 }
 
 #[test]
