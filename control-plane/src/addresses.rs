@@ -10,6 +10,15 @@
 //! oldest one forgotten gets the whole table, as does one holding a version this table never
 //! handed out.
 //!
+//! Following the registry is cheap, since it happens under the registry's lock for every
+//! snapshot, health flips included, whether or not any sidecar intercepts. Each entry counts its
+//! endpoints and keeps the instances it counted them from; a new snapshot is compared with those
+//! through the one instance the registry says it changed, so a change costs that instance, and a
+//! change of health or metadata changes no endpoint and no version.
+//!
+//! The whole table goes out in one push. Past [`WARN_FULL_TABLE_BYTES`] encoded it nears what a
+//! sidecar decodes (64 MiB), and the table says so, once per version.
+//!
 //! Versions. On one process they come from the control plane's [`Indexes`], which start from the
 //! clock: no version handed out after a restart equals one a sidecar still holds from before it,
 //! so such a sidecar gets the whole table, never a delta built on another table. Replicas
@@ -19,60 +28,150 @@
 //! of its revision is applied ([`AddressTable::seal`]).
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    cmp::Ordering,
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, MutexGuard},
 };
 
 use ferry_proto::v1;
+use prost::Message;
 use tokio::sync::watch;
 
 use crate::{
     index::Indexes,
-    registry::{Observer, Registry, ServiceSnapshot},
+    registry::{Instance, Observer, Registry, ServiceSnapshot},
 };
 
 /// Removed services remembered for deltas; a sidecar holding a version older than the oldest one
 /// forgotten gets the whole table.
 pub const MAX_TOMBSTONES: usize = 4096;
 
+/// The encoded size of a whole table past which the table warns: half of what a sidecar decodes
+/// in one push (64 MiB), which the rest of a push and the table's growth soon fill.
+pub const WARN_FULL_TABLE_BYTES: usize = 32 << 20;
+
+/// A service's instances, as its snapshots hold them.
+type Instances = BTreeMap<String, Arc<Instance>>;
+
 /// The addresses of one service.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 struct Entry {
     virtual_ip: Option<IpAddr>,
-    /// The instances whose address is an IP, sorted.
-    endpoints: Vec<SocketAddr>,
+    /// The `IP:PORT` of each instance whose address is an IP, with how many instances have it.
+    endpoints: BTreeMap<SocketAddr, u32>,
+    /// The instances `endpoints` counts, from the last snapshot seen.
+    instances: Arc<Instances>,
 }
 
 impl Entry {
-    /// The entry of the service `snapshot` shows, if it belongs in the table.
-    fn of(snapshot: &ServiceSnapshot) -> Option<Self> {
-        if !snapshot.exists() && snapshot.virtual_ip.is_none() {
-            return None;
-        }
-        let mut endpoints: Vec<SocketAddr> = snapshot
-            .instances
-            .values()
-            .filter_map(|i| i.address.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, i.port)))
-            .collect();
-        endpoints.sort_unstable();
-        endpoints.dedup();
-        Some(Self { virtual_ip: snapshot.virtual_ip, endpoints })
+    /// The entry of the service `snapshot` shows.
+    fn of(snapshot: &ServiceSnapshot) -> Self {
+        let mut entry = Self { virtual_ip: None, endpoints: BTreeMap::new(), instances: Arc::default() };
+        entry.follow(snapshot, None);
+        entry
+    }
+
+    /// Takes the service to what `snapshot` shows, `changed` being the one instance the snapshot
+    /// changed (when the registry says so). Returns whether its virtual IP or its set of
+    /// endpoints changed.
+    fn follow(&mut self, snapshot: &ServiceSnapshot, changed: Option<&str>) -> bool {
+        let moves = moves(&self.instances, &snapshot.instances, changed);
+        self.instances = snapshot.instances.clone();
+        let endpoints_changed = count(&mut self.endpoints, moves);
+        let virtual_ip_changed = std::mem::replace(&mut self.virtual_ip, snapshot.virtual_ip) != snapshot.virtual_ip;
+        endpoints_changed || virtual_ip_changed
     }
 
     fn to_proto(&self, service: &str) -> v1::ServiceAddresses {
         v1::ServiceAddresses {
             service: service.to_owned(),
             virtual_ip: self.virtual_ip.map(|ip| ip.to_string()).unwrap_or_default(),
-            endpoints: self.endpoints.iter().map(ToString::to_string).collect(),
+            endpoints: self.endpoints.keys().map(ToString::to_string).collect(),
         }
     }
+}
+
+/// The `IP:PORT` an instance puts in the table: none when its address is a host name (it is
+/// reached by its name).
+fn endpoint(instance: &Instance) -> Option<SocketAddr> {
+    instance.address.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, instance.port))
+}
+
+/// The endpoints that come (+1) and go (-1) from `before` to `after`. An instance the snapshot
+/// shares, or whose address and port stay, costs nothing; with `changed` (the one instance that
+/// differs) only it is looked at, unless the counts say more changed.
+fn moves(before: &Arc<Instances>, after: &Arc<Instances>, changed: Option<&str>) -> Vec<(SocketAddr, i64)> {
+    let mut moves = Vec::new();
+    if Arc::ptr_eq(before, after) {
+        return moves;
+    }
+    let mut step = |old: Option<&Arc<Instance>>, new: Option<&Arc<Instance>>| {
+        if let (Some(old), Some(new)) = (old, new)
+            && (Arc::ptr_eq(old, new) || (old.port == new.port && old.address == new.address))
+        {
+            return;
+        }
+        moves.extend(old.and_then(|old| endpoint(old)).map(|e| (e, -1)));
+        moves.extend(new.and_then(|new| endpoint(new)).map(|e| (e, 1)));
+    };
+    if let Some(id) = changed {
+        let (old, new) = (before.get(id), after.get(id));
+        if before.len() - usize::from(old.is_some()) + usize::from(new.is_some()) == after.len() {
+            step(old, new);
+            return moves;
+        }
+    }
+    // Every instance, in the order of their ids.
+    let (mut old, mut new) = (before.iter().peekable(), after.iter().peekable());
+    loop {
+        let order = match (old.peek(), new.peek()) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((a, _)), Some((b, _))) => a.cmp(b),
+        };
+        match order {
+            Ordering::Less => step(old.next().map(|(_, i)| i), None),
+            Ordering::Greater => step(None, new.next().map(|(_, i)| i)),
+            Ordering::Equal => step(old.next().map(|(_, i)| i), new.next().map(|(_, i)| i)),
+        }
+    }
+    moves
+}
+
+/// Applies `moves` to the counts of `endpoints`; returns whether an endpoint came or went.
+fn count(endpoints: &mut BTreeMap<SocketAddr, u32>, mut moves: Vec<(SocketAddr, i64)>) -> bool {
+    // An endpoint that goes with one instance and comes with another stays.
+    moves.sort_unstable_by_key(|(endpoint, _)| *endpoint);
+    let mut changed = false;
+    for same in moves.chunk_by(|a, b| a.0 == b.0) {
+        let Some(&(endpoint, _)) = same.first() else { continue };
+        let before = endpoints.get(&endpoint).copied().unwrap_or(0);
+        let after = same.iter().fold(i64::from(before), |n, (_, by)| n + by).max(0);
+        match u32::try_from(after) {
+            Ok(0) => endpoints.remove(&endpoint),
+            after => endpoints.insert(endpoint, after.unwrap_or(u32::MAX)),
+        };
+        changed |= (before == 0) != (after == 0);
+    }
+    changed
 }
 
 /// A service's place in the table: its entry, or a tombstone, and the version it changed at.
 struct Slot {
     entry: Option<Entry>,
     version: u64,
+}
+
+/// What a snapshot does to a service's slot.
+enum Stamp {
+    /// Its entry, already changed in place.
+    Changed,
+    /// A new entry.
+    New(Entry),
+    /// A tombstone.
+    Removed,
 }
 
 struct State {
@@ -89,6 +188,10 @@ struct State {
     latest: u64,
     /// The version handed out: every change up to it is applied.
     sealed: u64,
+    /// The version whose whole table was last measured against `warn_bytes`.
+    measured: u64,
+    /// The encoded size of a whole table past which it warns.
+    warn_bytes: usize,
 }
 
 /// The address table, kept in step with the registry.
@@ -125,6 +228,8 @@ impl AddressTable {
                 floor: if indexes.is_some() { start } else { u64::MAX },
                 latest: start,
                 sealed: start,
+                measured: 0,
+                warn_bytes: WARN_FULL_TABLE_BYTES,
             }),
             version: watch::Sender::new(start),
             indexes,
@@ -177,7 +282,7 @@ impl AddressTable {
     /// hold the table as it is: nothing when it holds it already, a delta when the table's log
     /// reaches back to `held` and the delta is smaller than the table, the whole table otherwise.
     pub fn update_for(&self, held: Option<u64>) -> Option<v1::AddressTable> {
-        let state = self.lock();
+        let mut state = self.lock();
         let version = state.sealed;
         match held {
             Some(held) if held == version => None,
@@ -191,11 +296,34 @@ impl AddressTable {
 
 impl State {
     /// Everything the table holds, at `version`.
-    fn full(&self, version: u64) -> v1::AddressTable {
+    fn full(&mut self, version: u64) -> v1::AddressTable {
         let mut upserted: Vec<v1::ServiceAddresses> =
             self.slots.iter().filter_map(|(name, slot)| slot.entry.as_ref().map(|entry| entry.to_proto(name))).collect();
         upserted.sort_by(|a, b| a.service.cmp(&b.service));
-        v1::AddressTable { version, full: true, base_version: 0, upserted, removed: Vec::new() }
+        let table = v1::AddressTable { version, full: true, base_version: 0, upserted, removed: Vec::new() };
+        if let Some(bytes) = self.oversized(&table) {
+            // Past what a sidecar decodes, every intercepting sidecar's stream would fail on the
+            // table, reconnect, and fail again.
+            tracing::warn!(
+                bytes,
+                warn_above = self.warn_bytes,
+                services = table.upserted.len(),
+                endpoints = table.upserted.iter().map(|s| s.endpoints.len()).sum::<usize>(),
+                version = table.version,
+                "the whole address table nears the 64 MiB a sidecar accepts in one push; past it, an intercepting sidecar that needs the whole table cannot take it"
+            );
+        }
+        table
+    }
+
+    /// The encoded size of the whole `table` when it passes `warn_bytes`, once per version: a
+    /// table measured already is not measured again.
+    fn oversized(&mut self, table: &v1::AddressTable) -> Option<usize> {
+        if self.measured == table.version {
+            return None;
+        }
+        self.measured = table.version;
+        Some(table.encoded_len()).filter(|bytes| *bytes > self.warn_bytes)
     }
 
     /// The services changed after `held`, at `version`; `None` when as many as the table holds.
@@ -219,17 +347,26 @@ impl State {
         Some(v1::AddressTable { version, full: false, base_version: held, upserted, removed })
     }
 
-    /// Records `entry` (`None`: removed) for `name`, changed at `version`.
-    fn stamp(&mut self, name: &Arc<str>, entry: Option<Entry>, version: u64) {
+    /// Records the change `stamp` of `name`'s slot, at `version`.
+    fn stamp(&mut self, name: &Arc<str>, stamp: Stamp, version: u64) {
+        let mut held = None;
         if let Some(old) = self.slots.remove(name) {
             self.changes.remove(&(old.version, name.clone()));
             match old.entry {
-                Some(_) => self.live -= 1,
+                Some(entry) => {
+                    self.live -= 1;
+                    held = Some(entry);
+                }
                 None => {
                     self.tombstones.remove(&(old.version, name.clone()));
                 }
             }
         }
+        let entry = match stamp {
+            Stamp::Changed => held,
+            Stamp::New(entry) => Some(entry),
+            Stamp::Removed => None,
+        };
         match entry {
             Some(_) => self.live += 1,
             None => {
@@ -250,17 +387,27 @@ impl State {
 }
 
 impl Observer for AddressTable {
-    fn published(&self, snapshot: &ServiceSnapshot) {
-        let entry = Entry::of(snapshot);
+    fn published(&self, snapshot: &ServiceSnapshot, changed: Option<&str>) {
         let mut state = self.lock();
-        let held = state.slots.get(&snapshot.name).and_then(|slot| slot.entry.as_ref());
-        if held == entry.as_ref() {
-            return;
-        }
+        let belongs = snapshot.exists() || snapshot.virtual_ip.is_some();
+        let stamp = match state.slots.get_mut(&snapshot.name).and_then(|slot| slot.entry.as_mut()) {
+            Some(entry) => {
+                // Followed in place even when nothing shows: the next snapshot is compared with
+                // this one.
+                let moved = entry.follow(snapshot, changed);
+                match (belongs, moved) {
+                    (false, _) => Stamp::Removed,
+                    (true, true) => Stamp::Changed,
+                    (true, false) => return,
+                }
+            }
+            None if belongs => Stamp::New(Entry::of(snapshot)),
+            None => return,
+        };
         match &self.indexes {
             Some(indexes) => {
                 let version = indexes.next();
-                state.stamp(&snapshot.name, entry, version);
+                state.stamp(&snapshot.name, stamp, version);
                 state.sealed = version;
                 self.version.send_replace(version);
             }
@@ -268,7 +415,7 @@ impl Observer for AddressTable {
                 // The revision of the change: the snapshot's index, or its address's version;
                 // never one handed out already, or the sidecars holding it would miss the change.
                 let version = snapshot.version().max(state.sealed + 1);
-                state.stamp(&snapshot.name, entry, version);
+                state.stamp(&snapshot.name, stamp, version);
             }
         }
     }

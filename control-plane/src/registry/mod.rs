@@ -119,8 +119,10 @@ pub struct ServiceSummary {
 /// Told of every snapshot the registry publishes, in order, under the registry's lock: it must
 /// be quick and must not call the registry.
 pub trait Observer: Send + Sync + 'static {
-    /// `snapshot` replaced its service's previous one.
-    fn published(&self, snapshot: &ServiceSnapshot);
+    /// `snapshot` replaced its service's previous one. `changed` names the one instance (by id)
+    /// in which their instances differ, when the registry knows it; with `None` they may differ
+    /// in any (or share them, when only the virtual IP changed).
+    fn published(&self, snapshot: &ServiceSnapshot, changed: Option<&str>);
 }
 
 /// How a registry shares its store with other replicas.
@@ -337,7 +339,7 @@ impl Registry {
             return;
         }
         for entry in state.services.values() {
-            observer.published(&entry.tx.borrow());
+            observer.published(&entry.tx.borrow(), None);
         }
     }
 
@@ -797,7 +799,7 @@ impl Registry {
             entry.tx.send_replace(snapshot.clone());
         }
         if let Some(observer) = self.observer.get() {
-            observer.published(&snapshot);
+            observer.published(&snapshot, Some(id));
         }
         for check in old_checks {
             if state.check_owners.get(&check) == Some(id) {

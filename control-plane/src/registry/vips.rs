@@ -91,8 +91,12 @@ pub(super) struct VipBook {
     /// With a shared store: services whose stored emptiness, or an address outside the range,
     /// the elected replica must set right.
     stale: BTreeSet<Arc<str>>,
-    /// With a shared store: the range was full last time the elected replica looked (said once).
+    /// Every address of the range was taken when one was last picked: picking again scans the
+    /// whole range for nothing (some 65,000 probes for a /16), so it waits until an address is
+    /// freed, which clears this.
     full: bool,
+    /// With a shared store: the elected replica has said the range is full (said once).
+    said_full: bool,
 }
 
 impl VipBook {
@@ -107,7 +111,11 @@ impl VipBook {
     }
 
     fn insert(&mut self, service: &Arc<str>, allocation: Allocation) {
-        self.remove(service);
+        let full = self.full;
+        if self.remove(service).is_some_and(|previous| previous.ip == allocation.ip) {
+            // The same address again (its emptiness changed): nothing was freed.
+            self.full = full;
+        }
         if let Some(due) = allocation.due {
             self.releases.insert((due, service.clone()));
         }
@@ -120,6 +128,7 @@ impl VipBook {
         let allocation = self.allocations.remove(service)?;
         if self.owners.get(&allocation.ip).is_some_and(|owner| &**owner == service) {
             self.owners.remove(&allocation.ip);
+            self.full = false;
         }
         if let Some(due) = allocation.due {
             self.releases.remove(&(due, Arc::from(service)));
@@ -134,7 +143,12 @@ impl VipBook {
         self.insert(service, allocation);
     }
 
+    /// A free address for `service`, besides `also_taken`; none without looking while the range
+    /// is known to be full.
     fn pick(&self, range: &VipRange, service: &str, also_taken: &[IpAddr]) -> Option<IpAddr> {
+        if self.full {
+            return None;
+        }
         range.pick(service, |ip| self.owners.contains_key(&ip) || also_taken.contains(&ip), self.owners.len() + also_taken.len())
     }
 }
@@ -228,6 +242,7 @@ impl Registry {
         match state.vips.get(service).map(|a| (a.ip, a.empty_since.is_some())) {
             None if exists => {
                 let Some(ip) = state.vips.pick(&self.config.virtual_ips, service, &[]) else {
+                    state.vips.full = true;
                     if state.vips.wanted.insert(service.clone()) {
                         tracing::warn!(
                             %service,
@@ -294,7 +309,7 @@ impl Registry {
         let snapshot = Arc::new(ServiceSnapshot { virtual_ip, virtual_ip_version: version, ..(*previous).clone() });
         entry.tx.send_replace(snapshot.clone());
         if let Some(observer) = self.observer.get() {
-            observer.published(&snapshot);
+            observer.published(&snapshot, None);
         }
     }
 
@@ -309,9 +324,13 @@ impl Registry {
         self.lock().vips.services().map(|s| s.to_string()).collect()
     }
 
-    /// Applies an allocation the shared store reports (`virtual_ips/SERVICE`), in the store's
-    /// order. An address already held by another service is ignored: the guarded writes never
-    /// make one, and every replica would ignore the same.
+    /// Applies an allocation the shared store reports (`virtual_ips/SERVICE`).
+    ///
+    /// The store is authoritative: its guarded writes never give one address to two services, so
+    /// another service holding the address here holds it from a state this replica has not caught
+    /// up with, and loses it. Reloading the store after a compaction comes to this: its rows
+    /// arrive in key order, so `beta` may take the address `zeta` held in memory before `zeta`'s
+    /// own row moves it elsewhere.
     pub fn apply_virtual_ip_event(&self, event: &Event) {
         let name: Arc<str> = event.key.as_str().into();
         let stored = match event.value.as_deref().map(serde_json::from_slice::<StoredVip>) {
@@ -323,23 +342,29 @@ impl Registry {
             }
         };
         let mut state = self.lock();
-        let exists = state.services.get(&name).is_some_and(|entry| entry.tx.borrow().exists());
+        let exists = |state: &State, service: &str| state.services.get(service).is_some_and(|entry| entry.tx.borrow().exists());
         let before = state.vips.get(&name).map(|a| a.ip);
         match stored {
             None => {
-                state.vips.remove(&name);
+                let freed = state.vips.remove(&name).is_some();
                 state.vips.stale.remove(&name);
-                if exists {
+                if exists(&state, &name) {
                     state.vips.wanted.insert(name.clone());
+                    self.vip_work.notify_one();
+                } else if freed && !state.vips.wanted.is_empty() {
+                    // An address for a service the full range left without one.
                     self.vip_work.notify_one();
                 }
             }
             Some(stored) => {
-                if let Some(owner) = state.vips.owners.get(&stored.ip)
-                    && *owner != name
-                {
-                    tracing::warn!(service = %name, ip = %stored.ip, owner = %owner, "ignoring a virtual IP the store gives to two services");
-                    return;
+                if let Some(owner) = state.vips.owners.get(&stored.ip).filter(|owner| **owner != name).cloned() {
+                    tracing::debug!(service = %name, ip = %stored.ip, %owner, "the store moved a virtual IP this replica still gave to another service");
+                    state.vips.remove(&owner);
+                    state.vips.stale.remove(&owner);
+                    if exists(&state, &owner) {
+                        state.vips.wanted.insert(owner.clone());
+                    }
+                    self.republish_virtual_ip(&mut state, &owner, event.revision);
                 }
                 let empty_since = stored.empty_since_ms.map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
                 let version = match state.vips.get(&name) {
@@ -354,7 +379,7 @@ impl Registry {
                     stored: event.version,
                 };
                 state.vips.insert(&name, allocation);
-                if empty_since.is_some() == exists || !self.config.virtual_ips.contains(stored.ip) {
+                if empty_since.is_some() == exists(&state, &name) || !self.config.virtual_ips.contains(stored.ip) {
                     state.vips.stale.insert(name.clone());
                 } else {
                     state.vips.stale.remove(&name);
@@ -369,15 +394,20 @@ impl Registry {
         self.indexes.advance_past(event.revision);
     }
 
-    /// When the next address is due for release.
-    fn next_release(&self) -> Option<Instant> {
-        self.lock().vips.releases.first().map(|(due, _)| *due)
-    }
-
-    /// Whether work waits that the elected replica could not finish.
-    fn vip_work_left(&self) -> bool {
+    /// When the registry on duty looks again unwoken: when the next address is due for release
+    /// and, with a shared store, a second from now while work is left that it could not finish
+    /// (a write refused by a guard, or the store out of reach). Services waiting for an address
+    /// while the range is full are no such work: only a release helps them, and the release wakes
+    /// it.
+    fn next_wake(&self) -> Option<Instant> {
         let state = self.lock();
-        !state.vips.wanted.is_empty() || !state.vips.stale.is_empty()
+        let next = state.vips.releases.first().map(|(due, _)| *due);
+        if self.shared.is_none() {
+            return next;
+        }
+        let again = Instant::now() + RETRY;
+        let work_left = !state.vips.stale.is_empty() || (!state.vips.wanted.is_empty() && !state.vips.full);
+        if work_left { Some(again) } else { next.map(|due| due.max(again)) }
     }
 
     /// Releases the addresses due, and allocates what waits for one.
@@ -482,6 +512,7 @@ impl Registry {
             ],
         };
         let mut plan = Vec::new();
+        let mut out_of_room = false;
         let now = Instant::now();
         for (due, service) in &state.vips.releases {
             if *due > now {
@@ -502,15 +533,20 @@ impl Registry {
             }
         }
         let mut picked = Vec::new();
-        for service in &state.vips.wanted {
+        // While the range is full, `pick` finds nothing without looking.
+        let looked = !state.vips.full;
+        for service in state.vips.wanted.iter().filter(|_| looked) {
             if state.vips.get(service).is_some() || !exists(service) {
                 continue;
             }
             let Some(ip) = state.vips.pick(range, service, &picked) else {
-                if !state.vips.full {
+                if !state.vips.said_full {
                     tracing::warn!(%service, %range, "no virtual IP left in --vip-cidr: services have none until one is released");
                 }
-                full = true;
+                out_of_room = true;
+                // Full for good only if no address picked in this round is still in flight: a
+                // write that loses its guard frees its address again.
+                full = picked.is_empty();
                 break;
             };
             picked.push(ip);
@@ -531,37 +567,35 @@ impl Registry {
                 ],
             });
         }
-        state.vips.full = full;
+        if looked {
+            state.vips.full = full;
+            state.vips.said_full = out_of_room;
+        }
         plan
     }
 }
 
-/// Allocates and releases addresses while this registry has the duty: at once when there is
-/// work, and when the next release is due. With a shared store, where a release or a write left
-/// to do is done only once the store's watch reports it (and not at all by a replica without the
-/// duty), it looks again at most once a second.
+/// Allocates and releases addresses while this registry has the duty: at once when it gets it,
+/// when there is work, and when [`Registry::next_wake`] says. A registry without the duty (a
+/// replica not elected) waits for nothing else, so no timer wakes it.
 pub(super) async fn run(registry: Weak<Registry>, work: Arc<Notify>, mut duty: watch::Receiver<bool>) {
     loop {
+        if !*duty.borrow_and_update() {
+            if duty.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
         let wake = {
             let Some(registry) = registry.upgrade() else { return };
-            let next = registry.next_release();
-            if registry.shared.is_some() {
-                let again = Instant::now() + RETRY;
-                if registry.vip_work_left() { Some(again) } else { next.map(|due| due.max(again)) }
-            } else {
-                next
-            }
+            registry.tend_virtual_ips().await;
+            registry.next_wake()
         };
         tokio::select! {
             () = work.notified() => {}
             () = sleep_until(wake) => {}
             changed = duty.changed() => if changed.is_err() { return },
         }
-        if !*duty.borrow_and_update() {
-            continue;
-        }
-        let Some(registry) = registry.upgrade() else { return };
-        registry.tend_virtual_ips().await;
     }
 }
 

@@ -265,3 +265,57 @@ async fn the_replica_on_duty_records_emptiness_and_releases_after_the_age() {
     vip_where(&a.registry, "catalog", |ip| ip.is_none()).await;
     assert_eq!(store.get(Table::VirtualIps, "catalog"), None);
 }
+
+fn stored_event(service: &str, ip: &str, revision: u64) -> Event {
+    let stored = StoredVip { ip: ip.parse().expect("ip"), empty_since_ms: None };
+    Event { table: Table::VirtualIps, key: service.into(), value: Some(stored.encode()), version: revision, revision }
+}
+
+#[tokio::test]
+async fn a_reload_in_key_order_takes_an_address_from_the_service_this_replica_still_gave_it() {
+    let store = Arc::new(SharedMemory::default());
+    let b = Replica::join(&store, "b", config("10.96.0.0/16", Duration::from_secs(60)), false).await;
+    b.registry.register(spec("beta", "b1")).await.expect("registers");
+    b.registry.register(spec("zeta", "z1")).await.expect("registers");
+    // Before a compaction, b last saw zeta at .7; since then zeta moved to .8 and beta got .7.
+    b.registry.apply_virtual_ip_event(&stored_event("zeta", "10.96.0.7", 100));
+    // The reload applies the store's rows in key order: beta first.
+    b.registry.apply_virtual_ip_event(&stored_event("beta", "10.96.0.7", 200));
+    assert_eq!(vip(&b.registry, "beta"), Some("10.96.0.7".parse().expect("ip")), "the store is authoritative");
+    assert_eq!(vip(&b.registry, "zeta"), None, "its address is beta's now");
+    b.registry.apply_virtual_ip_event(&stored_event("zeta", "10.96.0.8", 200));
+    assert_eq!(vip(&b.registry, "zeta"), Some("10.96.0.8".parse().expect("ip")));
+    {
+        let state = b.registry.lock();
+        assert!(state.vips.wanted.is_empty() && state.vips.stale.is_empty(), "nothing left for the elected replica");
+        let owner = |ip: &str| state.vips.owners.get(&ip.parse::<IpAddr>().expect("ip")).map(|s| s.to_string());
+        assert_eq!((owner("10.96.0.7").as_deref(), owner("10.96.0.8").as_deref()), (Some("beta"), Some("zeta")));
+    }
+    b.registry.set_virtual_ip_duty(true);
+    assert_eq!(b.registry.next_wake(), None, "elected, it has no write to retry");
+}
+
+#[tokio::test(start_paused = true)]
+async fn on_a_full_range_the_replica_on_duty_waits_for_a_release_not_for_a_timer() {
+    let store = Arc::new(SharedMemory::default());
+    // Six addresses: 10.0.0.1 to 10.0.0.6.
+    let config = config("10.0.0.0/29", Duration::from_secs(10));
+    let a = Replica::join(&store, "a", config.clone(), true).await;
+    let b = Replica::join(&store, "b", config, false).await;
+    for i in 0..6 {
+        b.registry.register(spec(&format!("svc-{i}"), &format!("i-{i}"))).await.expect("registers");
+        vip_where(&a.registry, &format!("svc-{i}"), |ip| ip.is_some()).await;
+    }
+    b.registry.register(spec("late", "late-1")).await.expect("registers all the same");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(vip(&a.registry, "late"), None, "no address left");
+    assert!(a.registry.lock().vips.full, "the range is known full: not scanned again");
+    assert_eq!(a.registry.next_wake(), None, "no timer while only a release can help");
+
+    b.registry.deregister("i-3").await.expect("deregisters");
+    vip_where(&a.registry, "svc-3", |ip| ip.is_none()).await;
+    let released_at = Instant::now();
+    let late = vip_where(&b.registry, "late", |ip| ip.is_some()).await;
+    assert!(released_at.elapsed() < Duration::from_millis(100), "the release woke it: {:?}", released_at.elapsed());
+    assert!(late.virtual_ip.is_some_and(|ip| VipRange::new("10.0.0.0/29".parse().expect("net")).expect("range").contains(ip)));
+}
