@@ -479,10 +479,11 @@ fn ago(timestamp: Option<&Timestamp>) -> String {
 }
 
 fn services_table(response: &v1::ListServicesResponse) -> String {
-    let mut table = Table::new(&["SERVICE", "INSTANCES", "PASSING", "VIRTUAL IP", "INDEX"]);
+    // Columns added later go last, so scripts that read columns by position keep working.
+    let mut table = Table::new(&["SERVICE", "INSTANCES", "PASSING", "INDEX", "VIRTUAL IP"]);
     for s in &response.services {
         let virtual_ip = if s.virtual_ip.is_empty() { "-".to_owned() } else { s.virtual_ip.clone() };
-        table.row(vec![s.name.clone(), s.instances.to_string(), s.passing.to_string(), virtual_ip, s.index.to_string()]);
+        table.row(vec![s.name.clone(), s.instances.to_string(), s.passing.to_string(), s.index.to_string(), virtual_ip]);
     }
     table.render()
 }
@@ -598,7 +599,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_services_table_shows_each_virtual_ip_or_a_dash() {
+    fn the_services_table_shows_each_virtual_ip_or_a_dash_in_its_last_column() {
         let summary = |name: &str, virtual_ip: &str| v1::ServiceSummary {
             name: name.into(),
             index: 7,
@@ -609,9 +610,9 @@ mod tests {
         let response = v1::ListServicesResponse { services: vec![summary("catalog", "240.240.149.217"), summary("db", "")] };
         assert_eq!(
             services_table(&response),
-            "SERVICE  INSTANCES  PASSING  VIRTUAL IP       INDEX\n\
-             catalog  2          1        240.240.149.217  7\n\
-             db       2          1        -                7\n"
+            "SERVICE  INSTANCES  PASSING  INDEX  VIRTUAL IP\n\
+             catalog  2          1        7      240.240.149.217\n\
+             db       2          1        7      -\n"
         );
     }
 }
