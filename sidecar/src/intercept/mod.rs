@@ -271,7 +271,7 @@ impl Inner {
     async fn egress(&self, mut stream: TcpStream, peer: SocketAddr, destination: SocketAddr) {
         if self.config.outbound_policy == OutboundPolicy::Deny {
             self.count("-", "denied", "none");
-            tracing::info!(%peer, %destination, "closed a connection to an address outside the mesh (--outbound-policy deny)");
+            tracing::debug!(%peer, %destination, "closed a connection to an address outside the mesh (--outbound-policy deny)");
             return;
         }
         self.count("-", "egress", "none");
