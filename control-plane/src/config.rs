@@ -18,6 +18,16 @@ pub struct Config {
     #[arg(long, env = "FERRY_HTTP", default_value = "0.0.0.0:7071", value_parser = ferry_runtime::parse_listen_addr, value_name = "ADDR")]
     pub http: SocketAddr,
 
+    /// Also serve the Consul-compatible API (see docs/consul.md) on this address, such as
+    /// 127.0.0.1:8500, so Consul clients need no change. Plain HTTP (Consul clients' default),
+    /// with the same tokens as the API: bind it to loopback or a trusted network.
+    #[arg(long, env = "FERRY_CONSUL_HTTP", value_parser = ferry_runtime::parse_listen_addr, value_name = "ADDR")]
+    pub consul_http: Option<SocketAddr>,
+
+    /// The datacenter the Consul-compatible API reports.
+    #[arg(long, env = "FERRY_DATACENTER", default_value = "dc1", value_parser = parse_datacenter, value_name = "NAME")]
+    pub datacenter: String,
+
     /// Address of the DNS interface (UDP and TCP): NAME.service.ferry and friends.
     #[arg(long, env = "FERRY_DNS", default_value = "0.0.0.0:8600", value_parser = ferry_runtime::parse_listen_addr, value_name = "ADDR")]
     pub dns: SocketAddr,
@@ -123,6 +133,14 @@ pub struct Config {
     /// Log filter, such as `info` or `ferry_control_plane=debug`.
     #[arg(long, env = "FERRY_LOG", default_value = "info", value_name = "FILTER")]
     pub log: String,
+}
+
+fn parse_datacenter(s: &str) -> Result<String, String> {
+    ferry_proto::validate::locality("--datacenter", s).map_err(|e| e.reason)?;
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    Ok(s.to_owned())
 }
 
 fn parse_etcd_prefix(s: &str) -> Result<String, String> {

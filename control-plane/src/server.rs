@@ -150,6 +150,11 @@ impl ControlPlane {
         let dns_addr = dns_udp.local_addr()?;
         let grpc_addr = grpc_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
+        let consul_listener = match config.consul_http {
+            Some(addr) => Some(listen(addr).with_context(|| format!("binding --consul-http {addr}"))?),
+            None => None,
+        };
+        let consul_addr = consul_listener.as_ref().map(TcpListener::local_addr).transpose()?;
 
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
@@ -273,20 +278,29 @@ impl ControlPlane {
                 ReceiverStream::new(grpc_incoming).map(Ok::<_, std::io::Error>),
                 shutdown.clone().cancelled_owned(),
             );
-        let http_router = http::router(
-            HttpState {
-                registry: registry.clone(),
-                checks,
-                sidecars: sidecars.clone(),
-                metrics: Arc::new(prometheus),
-                shutdown: shutdown.clone(),
-                blocking: Arc::new(tokio::sync::Semaphore::new(http::MAX_BLOCKING_QUERIES)),
-                resources: resources.clone(),
-                authority: authority.clone(),
-            },
-            security,
-            auth,
-        );
+        let http_state = HttpState {
+            registry: registry.clone(),
+            checks,
+            sidecars: sidecars.clone(),
+            metrics: Arc::new(prometheus),
+            shutdown: shutdown.clone(),
+            blocking: Arc::new(tokio::sync::Semaphore::new(http::MAX_BLOCKING_QUERIES)),
+            resources: resources.clone(),
+            authority: authority.clone(),
+        };
+        let consul = Arc::new(crate::api::consul::Consul::new(config.datacenter.clone(), http_addr));
+        if let Some(listener) = consul_listener {
+            // Plain HTTP, as Consul clients expect on their default address; the tokens still
+            // apply. The docs say to keep it on loopback or a trusted network.
+            let router = http::consul_router(http_state.clone(), auth.clone(), consul.clone());
+            let incoming = listener::accept(Api::Http, listener, None, listener_limits, shutdown.clone());
+            let served = serve_http(incoming, router, listener_limits, shutdown.clone());
+            tasks.push(tokio::spawn(async move {
+                served.await;
+                Ok(())
+            }));
+        }
+        let http_router = http::router(http_state, security, auth, consul);
         let http_incoming = listener::accept(Api::Http, http_listener, http_tls, listener_limits, shutdown.clone());
         let http = serve_http(http_incoming, http_router, listener_limits, shutdown.clone());
 
@@ -310,6 +324,7 @@ impl ControlPlane {
             grpc = %grpc_addr,
             http = %http_addr,
             dns = %dns_addr,
+            consul = %consul_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
             store = %description,
             api = scheme,
             auth = ?config.auth,

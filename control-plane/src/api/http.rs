@@ -13,6 +13,9 @@
 //! | `GET /metrics`                        | Prometheus text                               |
 //! | `GET /ready`                          | 200 once serving                              |
 //!
+//! Consul's `/v1/agent/`, `/v1/catalog/`, `/v1/health/` and `/v1/status/` are served beside
+//! these, by [`super::consul`].
+//!
 //! Errors answer `{"error": "...", "field": "..."}` with 400, 404 or 503; a missing or unknown
 //! token 401, a token without the right 403. Every path but `/metrics` and `/ready` needs a
 //! token (see [`crate::auth`]).
@@ -93,9 +96,15 @@ async fn ready(State(state): State<HttpState>) -> (StatusCode, String) {
     }
 }
 
-/// The API's router: every route behind the token check of `auth`.
-pub fn router(state: HttpState, security: super::security::SecurityService, auth: Auth) -> Router {
+/// The API's router: every route behind the token check of `auth`, Consul's among them.
+pub fn router(
+    state: HttpState,
+    security: super::security::SecurityService,
+    auth: Auth,
+    consul: Arc<super::consul::Consul>,
+) -> Router {
     let resources = super::resources::router(state.resources.clone(), state.sidecars.clone());
+    let consul = super::consul::routes(state.clone(), consul);
     let routes = Router::new()
         .route("/v1/services", get(list_services))
         .route("/v1/services/{name}", get(list_instances))
@@ -110,15 +119,23 @@ pub fn router(state: HttpState, security: super::security::SecurityService, auth
         })
         .with_state(state)
         .merge(resources)
-        .merge(super::security::router(security));
+        .merge(super::security::router(security))
+        .merge(consul);
     edge(routes, auth)
 }
 
-/// What every request passes through before its route, outermost first: a tracing span, gzip
+/// The router of `--consul-http`: Consul's routes alone, behind the same token check.
+pub fn consul_router(state: HttpState, auth: Auth, consul: Arc<super::consul::Consul>) -> Router {
+    edge(super::consul::standalone(state, consul), auth)
+}
+
+/// What every request passes through before its route, outermost first: Consul's token mapped
+/// onto Ferry's (and taken out of the query before the span records it), a tracing span, gzip
 /// for large JSON answers, and the token check.
 fn edge(routes: Router, auth: Auth) -> Router {
     routes.layer(
         ServiceBuilder::new()
+            .layer(axum::middleware::from_fn(super::consul::consul_token))
             // The span gives handler events their request; the layer's own events (each request
             // and answer, 5xx answers among them) are debug, so nothing is logged twice at info.
             .layer(TraceLayer::new_for_http().make_span_with(DefaultMakeSpan::new().level(Level::INFO)).on_failure(()))

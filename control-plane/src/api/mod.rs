@@ -14,6 +14,7 @@ use crate::{
     registry::{Instance, Registry, RegistryError, ServiceSnapshot, ServiceSummary},
 };
 
+pub mod consul;
 pub mod grpc;
 pub mod http;
 pub mod resources;

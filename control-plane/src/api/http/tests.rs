@@ -52,7 +52,16 @@ async fn api() -> Api {
     };
     let security = SecurityService { authority, tokens: tokens.clone(), sidecars };
     let auth = Auth { tokens, required: false, unauthenticated: Default::default() };
-    Api { router: router(state, security, auth), registry, _dir: dir }
+    Api {
+        router: router(
+            state,
+            security,
+            auth,
+            Arc::new(crate::api::consul::Consul::new("dc1".into(), ([127, 0, 0, 1], 7071).into())),
+        ),
+        registry,
+        _dir: dir,
+    }
 }
 
 impl Api {

@@ -1,0 +1,88 @@
+//! `/v1/health/...`: instances with their checks, and checks by state.
+
+use axum::{
+    Extension,
+    extract::{Path, Query, State},
+    response::Response,
+};
+
+use super::{
+    ConsulError, ConsulState, ReadQuery, all_instances,
+    blocking::{self, Wake},
+    indexed, node_meta_accepts, views,
+};
+use crate::auth::Principal;
+
+/// `GET /v1/health/service/{name}?passing&tag=&node-meta=&filter=`: `{Node, Service, Checks}`
+/// per instance; with `passing`, only instances whose every check passes.
+pub async fn service(
+    State(state): State<ConsulState>,
+    Extension(principal): Extension<Principal>,
+    Path(name): Path<String>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Response, ConsulError> {
+    principal.require_read("listing instances")?;
+    let query = ReadQuery::parse(&state.consul, pairs)?;
+    let node_ok = node_meta_accepts(&state.consul, &query)?;
+    let passing = query.flag("passing");
+    let watch = state.http.registry.watch(&name);
+    let snapshots = watch.clone();
+    let (index, entries) = blocking::answer(&state.http, query.blocking, Wake::Service(watch), || {
+        let snapshot = snapshots.borrow().clone();
+        let entries: Vec<_> = views(&state, &query, snapshot.instances.values().filter(|_| node_ok))
+            .iter()
+            .filter(|v| !passing || v.status() == "passing")
+            .map(|v| v.entry(&state.consul))
+            .collect();
+        (snapshot.index.max(1), entries)
+    })
+    .await?;
+    Ok(indexed(index, entries))
+}
+
+/// `GET /v1/health/checks/{name}`: the checks of a service's instances.
+pub async fn checks(
+    State(state): State<ConsulState>,
+    Extension(principal): Extension<Principal>,
+    Path(name): Path<String>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Response, ConsulError> {
+    principal.require_read("listing checks")?;
+    let query = ReadQuery::parse(&state.consul, pairs)?;
+    let watch = state.http.registry.watch(&name);
+    let snapshots = watch.clone();
+    let (index, checks) = blocking::answer(&state.http, query.blocking, Wake::Service(watch), || {
+        let snapshot = snapshots.borrow().clone();
+        let checks: Vec<_> =
+            views(&state, &query, snapshot.instances.values()).iter().flat_map(|v| v.checks(&state.consul)).collect();
+        (snapshot.index.max(1), checks)
+    })
+    .await?;
+    Ok(indexed(index, checks))
+}
+
+/// `GET /v1/health/state/{any,passing,warning,critical}`: every check in that state.
+pub async fn state(
+    State(state): State<ConsulState>,
+    Extension(principal): Extension<Principal>,
+    Path(wanted): Path<String>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Response, ConsulError> {
+    principal.require_read("listing checks")?;
+    if !matches!(wanted.as_str(), "any" | "passing" | "warning" | "critical") {
+        return Err(ConsulError::bad_request(format!("state: {wanted:?} must be any, passing, warning or critical")));
+    }
+    let query = ReadQuery::parse(&state.consul, pairs)?;
+    let (index, checks) = blocking::answer(&state.http, query.blocking, Wake::Poll, || {
+        let index = state.consul.catalog.current(&state.http.registry);
+        let instances = all_instances(&state);
+        let checks: Vec<_> = views(&state, &query, instances.iter())
+            .iter()
+            .flat_map(|v| v.checks(&state.consul))
+            .filter(|check| wanted == "any" || check.status == wanted)
+            .collect();
+        (index, checks)
+    })
+    .await?;
+    Ok(indexed(index, checks))
+}
