@@ -26,12 +26,7 @@ impl Directory for RegistryDirectory {
                 .instances
                 .values()
                 .filter(|i| i.health.is_routable())
-                .map(|i| DnsEndpoint {
-                    id: i.id.clone(),
-                    address: i.address.clone(),
-                    port: i.port,
-                    version: i.metadata.get("version").cloned(),
-                })
+                .map(|i| DnsEndpoint::from_metadata(i.id.clone(), i.address.clone(), i.port, &i.metadata))
                 .collect()
         });
         futures::future::ready(Lookup::from(endpoints)).boxed()
@@ -67,6 +62,35 @@ mod tests {
         let instance =
             v1::Instance { id: id.into(), service: service.into(), address: "10.0.0.2".into(), port: 80, ..Default::default() };
         InstanceSpec::try_from(instance).expect("valid")
+    }
+
+    #[tokio::test]
+    async fn endpoints_carry_the_consul_tags_of_their_instance() {
+        let registry = Registry::open(
+            Arc::new(MemoryStore::default()),
+            RegistryConfig::default(),
+            Metrics::unregistered().registry,
+            Default::default(),
+        )
+        .await
+        .expect("opens");
+        let mut instance = v1::Instance {
+            id: "c1".into(),
+            service: "catalog".into(),
+            address: "10.0.0.2".into(),
+            port: 80,
+            ..Default::default()
+        };
+        instance.metadata.insert(ferry_dns::TAGS_LABEL.into(), r#"["primary"]"#.into());
+        instance.metadata.insert("version".into(), "v2".into());
+        registry.register(InstanceSpec::try_from(instance).expect("valid")).await.expect("registers");
+        let Lookup::Endpoints(endpoints) = RegistryDirectory::new(registry).lookup("catalog").await else {
+            panic!("catalog has endpoints");
+        };
+        assert_eq!(
+            endpoints.iter().map(|e| (e.version.as_deref(), e.tags.clone())).collect::<Vec<_>>(),
+            [(Some("v2"), vec!["primary".to_owned()])]
+        );
     }
 
     #[tokio::test]

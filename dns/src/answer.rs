@@ -1,7 +1,8 @@
 //! Building the records of a response from what the directory holds.
 //!
 //! Everything here is synchronous and deterministic (the rotation offset is an argument), so the
-//! shape of every answer is unit-tested without sockets. An intercepting server also relays
+//! shape of every answer is unit-tested without sockets. One [`Zone`] stands for each domain the
+//! server answers, `ferry.` and every alias, with that domain's SOA and `addr.` names. An intercepting server also relays
 //! upstream answers ([`Answer::relayed`]) in the same shape.
 //!
 //! Negative answers follow RFC 2308: NXDOMAIN (the name does not exist) and NODATA (the name
@@ -14,12 +15,15 @@ use std::{collections::HashSet, net::IpAddr, time::Duration};
 use hickory_proto::{
     op::{Message, ResponseCode},
     rr::{
-        Name, RData, Record, RecordType,
+        LowerName, Name, RData, Record, RecordType,
         rdata::{A, AAAA, SOA, SRV},
     },
 };
 
-use crate::{DnsConfig, DnsEndpoint, name::ZONE_LABEL};
+use crate::{
+    AliasDomain, DnsConfig, DnsEndpoint,
+    name::{self, MeshName},
+};
 
 /// SRV priority and weight of every endpoint: all are equal, the client picks among them.
 const SRV_PRIORITY: u16 = 1;
@@ -51,7 +55,7 @@ pub(crate) struct Answer {
 }
 
 impl Answer {
-    /// The name is outside `ferry.`: this server has no say about it.
+    /// The name is outside every domain the server answers: it has no say about it.
     pub(crate) fn refused() -> Self {
         Self::error(ResponseCode::Refused)
     }
@@ -86,21 +90,44 @@ impl Answer {
     }
 }
 
-/// The `ferry.` zone: its SOA and TTLs.
+/// One domain the server answers, `ferry.` or an alias: its names, SOA and TTLs.
 #[derive(Debug, Clone)]
 pub(crate) struct Zone {
+    origin: Name,
+    lower: LowerName,
+    /// Whether the domain is an alias, which has Consul's RFC 2782 names too.
+    alias: bool,
     ttl: u32,
     soa: Record,
 }
 
 impl Zone {
-    /// The zone as `config` shapes it.
-    pub(crate) fn new(config: &DnsConfig) -> Self {
+    /// `ferry.` as `config` shapes it.
+    pub(crate) fn ferry(config: &DnsConfig) -> Self {
+        Self::new(config, name::ferry(), false)
+    }
+
+    /// The alias `domain` as `config` shapes it.
+    pub(crate) fn alias(config: &DnsConfig, domain: &AliasDomain) -> Self {
+        Self::new(config, domain.name().clone(), true)
+    }
+
+    fn new(config: &DnsConfig, origin: Name, alias: bool) -> Self {
         let negative_ttl = ttl_secs(config.negative_ttl);
-        let origin = Name::from_labels([ZONE_LABEL]).expect("`ferry` is a valid label");
-        let rname = Name::from_labels([&b"hostmaster"[..], ZONE_LABEL]).expect("`hostmaster.ferry` is a valid name");
+        let rname = origin.prepend_label("hostmaster").expect("alias domains leave room for `hostmaster.`");
         let soa = SOA::new(origin.clone(), rname, SOA_SERIAL, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, negative_ttl);
-        Self { ttl: ttl_secs(config.ttl), soa: Record::from_rdata(origin, negative_ttl, RData::SOA(soa)) }
+        let soa = Record::from_rdata(origin.clone(), negative_ttl, RData::SOA(soa));
+        Self { lower: LowerName::new(&origin), origin, alias, ttl: ttl_secs(config.ttl), soa }
+    }
+
+    /// The domain's name.
+    pub(crate) fn origin(&self) -> &LowerName {
+        &self.lower
+    }
+
+    /// What `name` means in this zone; `None` when it is not under the domain.
+    pub(crate) fn parse(&self, name: &LowerName) -> Option<MeshName> {
+        MeshName::parse(name, &self.lower, self.alias)
     }
 
     /// The name does not exist (RFC 2308 section 2.1).
@@ -124,7 +151,7 @@ impl Zone {
         }
     }
 
-    /// `ferry.`: its SOA, and nothing else.
+    /// The domain itself: its SOA, and nothing else.
     pub(crate) fn apex(&self, qtype: RecordType) -> Answer {
         match qtype {
             RecordType::SOA | RecordType::ANY => Self::records(vec![self.soa.clone()], Vec::new()),
@@ -132,7 +159,7 @@ impl Zone {
         }
     }
 
-    /// A name that stands for one address (`HEX.addr.ferry.`, a service's virtual IP): A or
+    /// A name that stands for one address (`HEX.addr.DOMAIN.`, a service's virtual IP): A or
     /// AAAA by the address's family (and ANY), NODATA for every other type.
     pub(crate) fn address(&self, qname: &Name, qtype: RecordType, ip: IpAddr) -> Answer {
         let wanted =
@@ -153,12 +180,13 @@ impl Zone {
         Answer { authorities: Vec::new(), ..self.address(qname, qtype, ip) }
     }
 
-    /// `[TAG.]NAME.service.ferry.`: the service's routable `endpoints` (those of version `tag`,
-    /// when given), rotated left by `rotation` so successive queries spread load.
+    /// `[TAG.]NAME.service.DOMAIN.`: the service's routable `endpoints` (those that carry
+    /// `tag` as their version or among their tags, when given), rotated left by `rotation` so
+    /// successive queries spread load.
     ///
     /// A and AAAA hold only IP endpoints (a host name has no address of ours to give); SRV holds
-    /// every endpoint, its target the `addr.ferry.` name of an IP (with that A/AAAA added) or the
-    /// host name itself. ANY gets the A and AAAA records.
+    /// every endpoint, its target the `addr.DOMAIN.` name of an IP (with that A/AAAA added) or
+    /// the host name itself. ANY gets the A and AAAA records.
     pub(crate) fn service(
         &self,
         qname: &Name,
@@ -169,7 +197,7 @@ impl Zone {
     ) -> Answer {
         let targets: Vec<(Target, u16)> = endpoints
             .iter()
-            .filter(|endpoint| tag.is_none_or(|tag| endpoint.version.as_deref().is_some_and(|v| v.eq_ignore_ascii_case(tag))))
+            .filter(|endpoint| tag.is_none_or(|tag| endpoint.has_tag(tag)))
             .filter_map(|endpoint| match Target::parse(&endpoint.address) {
                 Ok(target) => Some((target, endpoint.port)),
                 Err(error) => {
@@ -208,13 +236,13 @@ impl Zone {
         for (target, port) in targets {
             let target_name = match target {
                 Target::Ip(ip) => {
-                    let name = crate::name::addr_name(ip);
+                    let addr = name::addr_name(ip, &self.origin).expect("alias domains leave room for `HEX.addr.`");
                     if seen.insert(ip) {
-                        additionals.push(self.address_record(name.clone(), ip));
+                        additionals.push(self.address_record(addr.clone(), ip));
                     }
-                    name
+                    addr
                 }
-                Target::Host(name) => name,
+                Target::Host(host) => host,
             };
             let srv = SRV::new(SRV_PRIORITY, SRV_WEIGHT, port, target_name);
             answers.push(Record::from_rdata(qname.clone(), self.ttl, RData::SRV(srv)));
@@ -296,11 +324,17 @@ mod tests {
     use super::*;
 
     fn zone() -> Zone {
-        Zone::new(&DnsConfig { ttl: Duration::from_secs(7), negative_ttl: Duration::from_secs(3) })
+        Zone::ferry(&DnsConfig { ttl: Duration::from_secs(7), negative_ttl: Duration::from_secs(3) })
     }
 
     fn endpoint(id: &str, address: &str, port: u16, version: Option<&str>) -> DnsEndpoint {
-        DnsEndpoint { id: id.to_owned(), address: address.to_owned(), port, version: version.map(str::to_owned) }
+        DnsEndpoint {
+            id: id.to_owned(),
+            address: address.to_owned(),
+            port,
+            version: version.map(str::to_owned),
+            tags: Vec::new(),
+        }
     }
 
     fn catalog() -> Vec<DnsEndpoint> {
@@ -363,6 +397,40 @@ mod tests {
         assert_eq!(answer.answers.len(), 3);
         let answer = zone().service(&qname(), RecordType::A, &catalog(), Some("v9"), 0);
         assert_eq!(answer, zone().nodata());
+    }
+
+    #[test]
+    fn tag_filters_on_tags_too() {
+        let mut endpoints = catalog();
+        endpoints[0].tags = vec!["primary".to_owned(), "Blue".to_owned()];
+        let answer = zone().service(&qname(), RecordType::A, &endpoints, Some("primary"), 0);
+        assert_eq!(addresses_of(&answer.answers), [ip("10.0.0.1")]);
+        let answer = zone().service(&qname(), RecordType::A, &endpoints, Some("blue"), 0);
+        assert_eq!(addresses_of(&answer.answers), [ip("10.0.0.1")], "tags match ignoring case");
+        assert!(endpoints[0].has_tag("v1") && endpoints[0].has_tag("PRIMARY") && !endpoints[0].has_tag("v2"));
+        assert!(!endpoints[4].has_tag("v1"), "no version, no tags");
+    }
+
+    #[test]
+    fn an_alias_has_its_own_soa_and_addr_names() {
+        let consul = AliasDomain::consul();
+        let zone = Zone::alias(&DnsConfig { ttl: Duration::from_secs(7), negative_ttl: Duration::from_secs(3) }, &consul);
+        let soa = zone.nxdomain().authorities;
+        assert_eq!(soa.iter().map(|r| (r.name.to_ascii(), r.ttl)).collect::<Vec<_>>(), [("consul.".to_owned(), 3)]);
+        assert!(matches!(&soa[0].data, RData::SOA(soa) if soa.rname.to_ascii() == "hostmaster.consul." && soa.minimum == 3));
+        let qname = Name::from_ascii("_catalog._tcp.service.consul.").expect("valid");
+        let answer = zone.service(&qname, RecordType::SRV, &catalog()[..1], None, 0);
+        let targets: Vec<String> = answer
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::SRV(srv) => Some(srv.target.to_ascii()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(targets, ["0a000001.addr.consul."]);
+        assert_eq!(answer.additionals[0].name.to_ascii(), "0a000001.addr.consul.");
+        assert!(answer.answers.iter().all(|r| r.name == qname && r.ttl == 7));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The hickory [`RequestHandler`] that answers for `ferry.` from a [`Directory`](crate::Directory).
+//! The hickory [`RequestHandler`] that answers for `ferry.` and its aliases from a
+//! [`Directory`](crate::Directory).
 //!
 //! [`Responder`] turns one question into an [`Answer`](crate::answer::Answer); [`DnsHandler`] is
 //! the thin adapter that checks the message (opcode, question count, EDNS version), echoes EDNS
@@ -28,7 +29,7 @@ use crate::{forward::RequestFlags, respond::Responder};
 /// The EDNS version this server speaks (RFC 6891 section 6.1.3).
 const EDNS_VERSION: u8 = 0;
 
-/// Serves `ferry.` (and, intercepting, every name) to hickory-server.
+/// Serves `ferry.` and its aliases (and, intercepting, every name) to hickory-server.
 pub(crate) struct DnsHandler {
     responder: Responder,
 }

@@ -8,12 +8,26 @@
 //! | name | types | answer |
 //! |---|---|---|
 //! | `NAME.service.ferry.` | A, AAAA | the routable instances with an IPv4 / IPv6 address, rotated per query |
-//! | `TAG.NAME.service.ferry.` | A, AAAA | the same, only instances whose `version` label is TAG (e.g. `v2`) |
+//! | `TAG.NAME.service.ferry.` | A, AAAA | the same, only instances whose `version` label is TAG (e.g. `v2`) or whose tags include TAG ([`DnsEndpoint::has_tag`]) |
 //! | either of the above | SRV | every routable instance: priority 1, weight 1, its port, target `HEX.addr.ferry.` (with its A/AAAA as additional) or its host name |
 //! | `NAME.vip.ferry.` | A, AAAA | the service's virtual IP, as A or AAAA by its family (NODATA for the other family); NXDOMAIN when there is no such service, NODATA when it has no virtual IP yet, SERVFAIL when the directory cannot tell |
 //! | `HEX.addr.ferry.` | A, AAAA | the address spelled by 8 (IPv4) or 32 (IPv6) hex digits |
 //! | `ferry.` | SOA | the zone's SOA |
 //! | `service.ferry.`, `vip.ferry.`, `addr.ferry.` | any | NODATA: they exist only as parents |
+//!
+//! Each alias domain of [`ServeConfig::aliases`] (`consul.` unless configured otherwise, see
+//! [`AliasDomain`]) holds the same names under its own name, so that apps and resolvers set up
+//! for Consul find the mesh's services unchanged, plus Consul's RFC 2782 spelling of a service:
+//!
+//! | name | types | answer |
+//! |---|---|---|
+//! | `NAME.service.consul.`, `TAG.NAME.service.consul.`, `NAME.vip.consul.`, `HEX.addr.consul.`, `consul.` | as under `ferry.` | as under `ferry.`, SRV targets `HEX.addr.consul.` |
+//! | `_NAME._tcp.service.consul.` | SRV; A, AAAA | as `NAME.service.consul.` |
+//! | `_NAME._TAG.service.consul.` | SRV; A, AAAA | as `TAG.NAME.service.consul.`: a protocol label other than `_tcp` is a tag, as Consul reads it |
+//!
+//! Owner names are spelled as the question spelled them, and negative answers carry the SOA of
+//! the domain asked about. An alias such as `dc1.consul.` gives Consul's datacenter spelling
+//! (`NAME.service.dc1.consul.`); where aliases nest, a name belongs to the longest.
 //!
 //! Instances registered with a host name rather than an IP literal have no address this server
 //! could give, so they are left out of A and AAAA answers and appear only as SRV targets.
@@ -23,7 +37,8 @@
 //! show for the type asked (no routable instance, or a type such as TXT) is NODATA (NOERROR, no
 //! answers). Both carry the zone's SOA in the authority section, with TTL and MINIMUM set to
 //! [`DnsConfig::negative_ttl`], which bounds how long resolvers cache the absence. Names outside
-//! `ferry.` are REFUSED: this server is not a recursive resolver. Names are case-insensitive.
+//! `ferry.` and its aliases are REFUSED: this server is not a recursive resolver. Names are
+//! case-insensitive.
 //!
 //! An intercepting sidecar is the exception: iptables redirect its app's port-53 queries to it,
 //! so it is the app's only resolver, and it serves with [`serve_intercepting`]. There a mesh
@@ -32,10 +47,10 @@
 //!
 //! | name | types | answer |
 //! |---|---|---|
-//! | `NAME.service.ferry.`, `NAME.vip.ferry.` | A, AAAA | the virtual IP by its family, NODATA for the other family and every other type (but SRV of `NAME.service.ferry.`); a service without a virtual IP keeps its instances under `NAME.service.ferry.` |
-//! | `NAME.service.ferry.`, `TAG.NAME.service.ferry.` | SRV; A, AAAA | the instances, as above |
-//! | the bare `NAME.`, and `NAME.S.`, `NAME.service.ferry.S.`, `NAME.vip.ferry.S.` for each search domain S of resolv.conf | any | for a service with a virtual IP: the virtual IP by its family, NODATA (without SOA) for every other type, at once; for any other NAME, forwarded |
-//! | any other name under `ferry.` | any | as without interception: never forwarded |
+//! | `NAME.service.ferry.`, `NAME.vip.ferry.`, and the same under each alias (`NAME.service.consul.`, `_NAME._tcp.service.consul.`) | A, AAAA | the virtual IP by its family, NODATA for the other family and every other type (but SRV of `NAME.service.ferry.`); a service without a virtual IP keeps its instances under `NAME.service.ferry.` |
+//! | `NAME.service.ferry.`, `TAG.NAME.service.ferry.` (and their alias spellings) | SRV; A, AAAA | the instances, as above |
+//! | the bare `NAME.`, and `NAME.S.`, `NAME.service.D.S.`, `NAME.vip.D.S.` for each search domain S of resolv.conf and D `ferry` or an alias | any | for a service with a virtual IP: the virtual IP by its family, NODATA (without SOA) for every other type, at once; for any other NAME, forwarded |
+//! | any other name under `ferry.` or an alias | any | as without interception: never forwarded |
 //! | every other name | any | forwarded to the upstream resolvers, the answer relayed (rcode and sections); SERVFAIL when none answers or none is configured |
 //!
 //! Whether a bare name is a service is asked of [`Directory::virtual_ip`] only, which a sidecar
@@ -49,6 +64,7 @@
 #![forbid(unsafe_code)]
 
 use std::{
+    collections::BTreeMap,
     io,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -62,12 +78,14 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 mod answer;
+mod domain;
 mod forward;
 mod handler;
 mod name;
 mod resolv_conf;
 mod respond;
 
+pub use domain::{AliasDomain, InvalidAliasDomain};
 pub use forward::{MAX_CONCURRENT_FORWARDS, UPSTREAM_TIMEOUT};
 pub use respond::{LOOKUP_TIMEOUT, MAX_CONCURRENT_LOOKUPS};
 
@@ -82,6 +100,12 @@ pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many responses may queue for one TCP connection (hickory's per-connection buffer).
 const TCP_RESPONSE_BUFFER: usize = 32;
 
+/// The metadata label whose value `TAG.NAME.service.ferry.` matches.
+pub const VERSION_LABEL: &str = "version";
+/// The metadata label that holds the tags an instance was registered with through Consul's API,
+/// as a JSON list of strings (`["primary","version=v2"]`).
+pub const TAGS_LABEL: &str = "consul.tags";
+
 /// One routable instance as DNS shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnsEndpoint {
@@ -91,8 +115,27 @@ pub struct DnsEndpoint {
     pub address: String,
     /// The port, for SRV answers.
     pub port: u16,
-    /// The instance's `version` metadata label, which `TAG.NAME.service.ferry.` matches.
+    /// The instance's [`VERSION_LABEL`], which `TAG.NAME.service.ferry.` matches.
     pub version: Option<String>,
+    /// The instance's tags (those it was registered with through Consul's API, [`TAGS_LABEL`]),
+    /// which `TAG.NAME.service.ferry.` matches too; empty for instances that have none.
+    pub tags: Vec<String>,
+}
+
+impl DnsEndpoint {
+    /// The endpoint of an instance with these `metadata` labels: its version from
+    /// [`VERSION_LABEL`], its tags from [`TAGS_LABEL`] (none when that label is not a JSON list
+    /// of strings: a lookup is no place to fail over a label).
+    pub fn from_metadata(id: String, address: String, port: u16, metadata: &BTreeMap<String, String>) -> Self {
+        let tags = metadata.get(TAGS_LABEL).and_then(|list| serde_json::from_str(list).ok()).unwrap_or_default();
+        Self { id, address, port, version: metadata.get(VERSION_LABEL).cloned(), tags }
+    }
+
+    /// Whether `TAG.NAME.service.ferry.` (and Consul's `TAG.NAME.service.consul.`) holds this
+    /// instance: its `version` is `tag` or its tags include it, ignoring ASCII case as DNS does.
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.version.iter().chain(&self.tags).any(|own| own.eq_ignore_ascii_case(tag))
+    }
 }
 
 /// What a [`Directory`] knows of a service.
@@ -162,6 +205,29 @@ impl Default for DnsConfig {
     }
 }
 
+/// What a server answers and how: [`serve`] and [`serve_intercepting`] take it, or a bare
+/// [`DnsConfig`], which stands for that config with the default aliases.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeConfig {
+    /// How resolvers cache the answers.
+    pub cache: DnsConfig,
+    /// The domains answered like `ferry.` besides it (default [`AliasDomain::defaults`],
+    /// `consul.`); empty for none. Repeats do no harm.
+    pub aliases: Vec<AliasDomain>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        DnsConfig::default().into()
+    }
+}
+
+impl From<DnsConfig> for ServeConfig {
+    fn from(cache: DnsConfig) -> Self {
+        Self { cache, aliases: AliasDomain::defaults() }
+    }
+}
+
 /// How an intercepting server ([`serve_intercepting`]) reaches beyond the mesh.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InterceptConfig {
@@ -198,7 +264,8 @@ pub async fn bind(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
     Err(last_error.unwrap_or_else(|| io::Error::other("no port free for both UDP and TCP")))
 }
 
-/// Serves DNS on `udp` and `tcp` until `shutdown` is cancelled.
+/// Serves DNS on `udp` and `tcp` until `shutdown` is cancelled: `ferry.` and the aliases of
+/// `config`.
 ///
 /// Both sockets must already be bound. Returns once the listeners have stopped; an error if they
 /// stopped on their own, before `shutdown`.
@@ -206,15 +273,16 @@ pub async fn serve(
     udp: UdpSocket,
     tcp: TcpListener,
     directory: Arc<dyn Directory>,
-    config: DnsConfig,
+    config: impl Into<ServeConfig>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    run(udp, tcp, Responder::new(directory, &config, None), shutdown).await
+    run(udp, tcp, Responder::new(directory, &config.into(), None), shutdown).await
 }
 
 /// Serves DNS as the only resolver of an app whose port-53 traffic is redirected to `udp` and
-/// `tcp`, until `shutdown` is cancelled: the `ferry.` zone as [`serve`] does, mesh services'
-/// names as their virtual IPs, and every other name forwarded upstream (see the crate docs).
+/// `tcp`, until `shutdown` is cancelled: the `ferry.` zone and its aliases as [`serve`] does,
+/// mesh services' names as their virtual IPs, and every other name forwarded upstream (see the
+/// crate docs).
 ///
 /// A resolv.conf that cannot be read costs the search-domain spellings (and, without
 /// [`InterceptConfig::upstreams`], every outside name: SERVFAIL), not the server: it is logged.
@@ -222,10 +290,11 @@ pub async fn serve_intercepting(
     udp: UdpSocket,
     tcp: TcpListener,
     directory: Arc<dyn Directory>,
-    config: DnsConfig,
+    config: impl Into<ServeConfig>,
     intercept: InterceptConfig,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
+    let config = config.into();
     let resolv_conf = read_resolv_conf(&intercept.resolv_conf).await;
     let own = udp.local_addr()?;
     let configured = if intercept.upstreams.is_empty() { resolv_conf.nameservers } else { intercept.upstreams };
@@ -282,5 +351,33 @@ async fn run(udp: UdpSocket, tcp: TcpListener, responder: Responder, shutdown: C
             result.map_err(io::Error::other)?;
             Err(io::Error::other("DNS listeners stopped before shutdown"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_read_their_version_and_consul_tags_from_metadata() {
+        let metadata = BTreeMap::from([
+            (VERSION_LABEL.to_owned(), "v2".to_owned()),
+            (TAGS_LABEL.to_owned(), r#"["primary","version=v2"]"#.to_owned()),
+        ]);
+        let endpoint = DnsEndpoint::from_metadata("c1".into(), "10.0.0.1".into(), 80, &metadata);
+        assert_eq!(endpoint.version.as_deref(), Some("v2"));
+        assert_eq!(endpoint.tags, ["primary", "version=v2"]);
+        assert!(endpoint.has_tag("primary") && endpoint.has_tag("V2") && !endpoint.has_tag("canary"));
+
+        let malformed = BTreeMap::from([(TAGS_LABEL.to_owned(), "primary".to_owned())]);
+        let endpoint = DnsEndpoint::from_metadata("c2".into(), "10.0.0.2".into(), 80, &malformed);
+        assert_eq!((endpoint.version, endpoint.tags), (None, Vec::<String>::new()), "a label that is no list holds no tags");
+    }
+
+    #[test]
+    fn a_bare_dns_config_serves_the_default_aliases() {
+        let config = ServeConfig::from(DnsConfig::default());
+        assert_eq!(config.aliases, [AliasDomain::consul()]);
+        assert_eq!(ServeConfig::default(), config);
     }
 }

@@ -1,4 +1,4 @@
-//! What a query name means inside the `ferry.` zone.
+//! What a query name means inside the `ferry.` zone or one of its aliases.
 //!
 //! The zone has a fixed shape, so names are parsed rather than looked up in a tree:
 //!
@@ -6,15 +6,19 @@
 //! ferry.                          apex (SOA)
 //! service.ferry.                  empty non-terminal
 //! NAME.service.ferry.             a service: A, AAAA, SRV
-//! TAG.NAME.service.ferry.         the service's instances whose `version` is TAG
+//! TAG.NAME.service.ferry.         the service's instances whose `version` (or a tag) is TAG
 //! vip.ferry.                      empty non-terminal
 //! NAME.vip.ferry.                 the service's virtual IP
 //! addr.ferry.                     empty non-terminal
 //! HEX.addr.ferry.                 an IP address spelled in hex, the target of SRV records
 //! ```
 //!
-//! Everything else under `ferry.` does not exist (NXDOMAIN); names outside it are not ours
-//! (REFUSED), except to an intercepting server, which is the app's only resolver: there
+//! An alias domain such as `consul.` has the same shape under its own name, and one more form,
+//! Consul's RFC 2782 spelling: `_NAME._tcp.service.consul.` is `NAME.service.consul.`, and
+//! `_NAME._TAG.service.consul.` (any other protocol label) is `TAG.NAME.service.consul.`.
+//!
+//! Everything else under a domain does not exist (NXDOMAIN); names outside every domain are not
+//! ours (REFUSED), except to an intercepting server, which is the app's only resolver: there
 //! [`outside_service`] tells which of them may be a mesh service's name (the bare `NAME.` and
 //! its search-domain spellings). Parsing works on hickory's [`LowerName`], so names are already
 //! case-folded.
@@ -31,24 +35,25 @@ const SERVICE_LABEL: &[u8] = b"service";
 const VIP_LABEL: &[u8] = b"vip";
 /// The label under which hex-encoded addresses live, `addr.ferry.`.
 const ADDR_LABEL: &[u8] = b"addr";
+/// The protocol label of the RFC 2782 form that stands for no tag, as Consul reads it.
+const TCP_LABEL: &[u8] = b"tcp";
 /// The longest service name: one DNS label (RFC 1035 section 2.3.4).
 const MAX_LABEL: usize = 63;
 
-/// A query name, classified by the part of the zone it falls in.
+/// A query name under one of the server's domains, classified by the part of it the name falls
+/// in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum MeshName {
-    /// Not under `ferry.`: another server's business.
-    OutOfZone,
-    /// `ferry.` itself.
+    /// The domain itself, `ferry.` or an alias.
     Apex,
     /// A name that exists only because names below it do (`service.ferry.`, `vip.ferry.`,
     /// `addr.ferry.`).
     EmptyNonTerminal,
-    /// `NAME.service.ferry.` or `TAG.NAME.service.ferry.`.
+    /// `NAME.service.ferry.` or `TAG.NAME.service.ferry.` (or an alias's RFC 2782 spelling).
     Service {
         /// The service name, a valid DNS label.
         name: String,
-        /// The `version` that instances must carry, when the name had a tag label.
+        /// The `version` (or tag) that instances must carry, when the name had a tag label.
         tag: Option<String>,
     },
     /// `NAME.vip.ferry.`: the service's virtual IP.
@@ -58,30 +63,39 @@ pub(crate) enum MeshName {
     },
     /// `HEX.addr.ferry.`, decoded.
     Addr(IpAddr),
-    /// Under `ferry.` but not a name the zone can have.
+    /// Under the domain but not a name the zone can have.
     NotFound,
 }
 
 impl MeshName {
-    /// Classifies `name`.
-    pub(crate) fn parse(name: &LowerName) -> Self {
-        // Labels from the right: the zone first, then what sits under it.
-        let mut labels = name.iter().rev();
-        if labels.next() != Some(ZONE_LABEL) {
-            return Self::OutOfZone;
+    /// Classifies `name` under the domain `origin`; `None` when `name` is not under it.
+    /// `rfc2782` admits the `_NAME._PROTO.service.` form, which only aliases have.
+    pub(crate) fn parse(name: &LowerName, origin: &LowerName, rfc2782: bool) -> Option<Self> {
+        if !origin.zone_of(name) {
+            return None;
         }
+        let labels: Vec<&[u8]> = name.iter().collect();
+        // `iter().count()`, not `num_labels()`, which leaves out a leading `*`.
+        let under = labels.len().checked_sub(origin.iter().count())?;
+        // Labels from the right: what sits under the domain, then under that.
+        let mut labels = labels[..under].iter().rev().copied();
         let Some(kind) = labels.next() else {
-            return Self::Apex;
+            return Some(Self::Apex);
         };
         let rest: Vec<&[u8]> = labels.collect();
-        match (kind, rest.as_slice()) {
+        Some(match (kind, rest.as_slice()) {
             (SERVICE_LABEL | VIP_LABEL | ADDR_LABEL, []) => Self::EmptyNonTerminal,
             (SERVICE_LABEL, [service]) => Self::service(service, None),
+            (SERVICE_LABEL, [proto, service]) if rfc2782 && proto.starts_with(b"_") && service.starts_with(b"_") => {
+                // `_tcp` is the protocol every instance speaks; any other is a tag, as Consul has it.
+                let tag = Some(&proto[1..]).filter(|tag| *tag != TCP_LABEL);
+                Self::service(&service[1..], tag)
+            }
             (SERVICE_LABEL, [service, tag]) => Self::service(service, Some(tag)),
             (VIP_LABEL, [service]) => service_name(service).map_or(Self::NotFound, |name| Self::Vip { name }),
             (ADDR_LABEL, [hex]) => decode_addr(hex).map_or(Self::NotFound, Self::Addr),
             _ => Self::NotFound,
-        }
+        })
     }
 
     fn service(name: &[u8], tag: Option<&[u8]>) -> Self {
@@ -90,29 +104,35 @@ impl MeshName {
         };
         let tag = match tag.map(std::str::from_utf8) {
             None => None,
-            Some(Ok(tag)) => Some(tag.to_owned()),
-            // A version label is a string; bytes that are not UTF-8 can never match one.
-            Some(Err(_)) => return Self::NotFound,
+            Some(Ok(tag)) if !tag.is_empty() => Some(tag.to_owned()),
+            // A version label or tag is a non-empty string; bytes that are not UTF-8 can never
+            // match one.
+            Some(_) => return Self::NotFound,
         };
         Self::Service { name, tag }
     }
 }
 
-/// The mesh service that `name`, outside `ferry.`, may stand for when the server is the app's
-/// only resolver: the bare `NAME.`, or `NAME`, `NAME.service.ferry` or `NAME.vip.ferry` under
-/// one of the `search` domains. A resolver walking its search list asks the latter spellings
-/// first (`catalog.default.svc.cluster.local.` for `catalog`); whether NAME is a service is for
-/// the directory to say.
-pub(crate) fn outside_service(name: &LowerName, search: &[LowerName]) -> Option<String> {
+/// The mesh service that `name`, outside every domain of the server, may stand for when the
+/// server is the app's only resolver: the bare `NAME.`, or `NAME`, `NAME.service.DOMAIN` or
+/// `NAME.vip.DOMAIN` under one of the `search` domains, for DOMAIN among `origins` (`ferry` and
+/// the aliases). A resolver walking its search list asks the latter spellings first
+/// (`catalog.default.svc.cluster.local.` for `catalog`); whether NAME is a service is for the
+/// directory to say.
+pub(crate) fn outside_service(name: &LowerName, search: &[LowerName], origins: &[&LowerName]) -> Option<String> {
     let labels: Vec<&[u8]> = name.iter().collect();
     if let [bare] = labels.as_slice() {
         return service_name(bare);
     }
     search.iter().filter(|domain| !domain.is_root() && domain.zone_of(name)).find_map(|domain| {
-        // `iter().count()`, not `num_labels()`, which leaves out a leading `*`.
         let under = labels.len().checked_sub(domain.iter().count())?;
         match &labels[..under] {
-            [service] | [service, SERVICE_LABEL | VIP_LABEL, ZONE_LABEL] => service_name(service),
+            [service] => service_name(service),
+            [service, SERVICE_LABEL | VIP_LABEL, origin @ ..]
+                if origins.iter().any(|known| known.iter().eq(origin.iter().copied())) =>
+            {
+                service_name(service)
+            }
             _ => None,
         }
     })
@@ -134,17 +154,23 @@ pub(crate) fn is_service_label(label: &[u8]) -> bool {
         && label.last() != Some(&b'-')
 }
 
-/// The `HEX.addr.ferry.` name of `ip`: 8 lowercase hex digits for IPv4, 32 for IPv6.
-pub(crate) fn addr_name(ip: IpAddr) -> Name {
+/// `ferry.`, the name of Ferry's own zone.
+pub(crate) fn ferry() -> Name {
+    Name::from_labels([ZONE_LABEL]).expect("`ferry` is a valid label")
+}
+
+/// The `HEX.addr.ORIGIN.` name of `ip`: 8 lowercase hex digits for IPv4, 32 for IPv6. `None`
+/// only when the name would be too long, which [`crate::AliasDomain`] rules out for every domain
+/// the server answers.
+pub(crate) fn addr_name(ip: IpAddr, origin: &Name) -> Option<Name> {
     let hex = match ip {
         IpAddr::V4(v4) => format!("{:08x}", u32::from(v4)),
         IpAddr::V6(v6) => format!("{:032x}", u128::from(v6)),
     };
-    // Built from hex digits and fixed labels, so the name is always valid.
-    Name::from_labels([hex.as_bytes(), ADDR_LABEL, ZONE_LABEL]).expect("hex digits and fixed labels form a valid name")
+    Name::from_labels([hex.as_bytes(), ADDR_LABEL]).ok()?.append_domain(origin).ok()
 }
 
-/// Decodes the hex label of an `addr.ferry.` name; `None` unless it is exactly 8 or 32 hex digits.
+/// Decodes the hex label of an `addr.` name; `None` unless it is exactly 8 or 32 hex digits.
 fn decode_addr(label: &[u8]) -> Option<IpAddr> {
     // `from_str_radix` alone would also accept a leading '+'.
     if !label.iter().all(u8::is_ascii_hexdigit) {
@@ -162,12 +188,23 @@ fn decode_addr(label: &[u8]) -> Option<IpAddr> {
 mod tests {
     use super::*;
 
-    /// Parses `name` as it could arrive on the wire: any bytes in a label, even those a host
-    /// name may not hold ('_', '+').
-    fn parse(name: &str) -> MeshName {
+    /// `name` as it could arrive on the wire: any bytes in a label, even those a host name may
+    /// not hold ('_', '+').
+    fn wire(name: &str) -> LowerName {
         let labels = name.split('.').filter(|label| !label.is_empty()).map(str::as_bytes);
-        let name = Name::from_labels(labels).expect("test names are valid");
-        MeshName::parse(&LowerName::new(&name))
+        LowerName::new(&Name::from_labels(labels).expect("test names are valid"))
+    }
+
+    /// Parses `name` under `ferry.`, where it must be.
+    fn parse(name: &str) -> MeshName {
+        parse_under(name, "ferry.").unwrap_or_else(|| panic!("{name} is under ferry."))
+    }
+
+    /// Parses `name` under `domain`, with the RFC 2782 form for any domain but `ferry.`, as the
+    /// server does.
+    fn parse_under(name: &str, domain: &str) -> Option<MeshName> {
+        let origin = Name::from_ascii(domain).expect("test domains are valid");
+        MeshName::parse(&wire(name), &LowerName::new(&origin), origin != ferry())
     }
 
     fn service(name: &str, tag: Option<&str>) -> MeshName {
@@ -212,7 +249,8 @@ mod tests {
     fn outside(name: &str, search: &[&str]) -> Option<String> {
         let lower = |name: &str| LowerName::new(&Name::from_ascii(name).expect("test names are valid"));
         let search: Vec<LowerName> = search.iter().map(|domain| lower(domain)).collect();
-        outside_service(&lower(name), &search)
+        let origins = [lower("ferry."), lower("consul.")];
+        outside_service(&lower(name), &search, &origins.iter().collect::<Vec<_>>())
     }
 
     #[test]
@@ -226,6 +264,8 @@ mod tests {
         assert_eq!(outside("CATALOG.Cluster.Local.", &search), catalog);
         assert_eq!(outside("catalog.service.ferry.default.svc.cluster.local.", &search), catalog);
         assert_eq!(outside("catalog.vip.ferry.cluster.local.", &search), catalog);
+        assert_eq!(outside("catalog.service.consul.default.svc.cluster.local.", &search), catalog);
+        assert_eq!(outside("Catalog.Service.Consul.svc.cluster.local.", &search), catalog);
     }
 
     #[test]
@@ -238,6 +278,8 @@ mod tests {
             "a.b.example.com.",
             "v2.catalog.service.ferry.example.com.",
             "catalog.other.ferry.example.com.",
+            "catalog.service.other.example.com.",
+            "_catalog._tcp.service.consul.example.com.",
             "cat_alog.",
             "cat_alog.example.com.",
             "catalog.local.",
@@ -249,10 +291,54 @@ mod tests {
 
     #[test]
     fn outside_the_zone_is_refused() {
-        assert_eq!(parse("."), MeshName::OutOfZone);
-        assert_eq!(parse("example.com."), MeshName::OutOfZone);
-        assert_eq!(parse("catalog.service.ferry.com."), MeshName::OutOfZone);
-        assert_eq!(parse("xferry."), MeshName::OutOfZone);
+        for name in [".", "example.com.", "catalog.service.ferry.com.", "xferry.", "catalog.service.consul."] {
+            assert_eq!(parse_under(name, "ferry."), None, "{name}");
+        }
+        for name in ["ferry.", "catalog.service.ferry.", "catalog.service.xconsul.", "consul.com.", "."] {
+            assert_eq!(parse_under(name, "consul."), None, "{name}");
+        }
+        assert_eq!(parse_under("catalog.service.consul.", "dc1.consul."), None);
+    }
+
+    #[test]
+    fn aliases_have_the_shape_of_ferry() {
+        assert_eq!(parse_under("consul.", "consul."), Some(MeshName::Apex));
+        assert_eq!(parse_under("Service.Consul.", "consul."), Some(MeshName::EmptyNonTerminal));
+        assert_eq!(parse_under("catalog.service.consul.", "consul."), Some(service("catalog", None)));
+        assert_eq!(parse_under("V2.CataLog.SERVICE.Consul.", "consul."), Some(service("catalog", Some("v2"))));
+        assert_eq!(parse_under("primary.catalog.service.consul.", "consul."), Some(service("catalog", Some("primary"))));
+        assert_eq!(parse_under("catalog.vip.consul.", "consul."), Some(MeshName::Vip { name: "catalog".to_owned() }));
+        assert_eq!(parse_under("0a000001.addr.consul.", "consul."), Some(MeshName::Addr(IpAddr::from([10, 0, 0, 1]))));
+        assert_eq!(parse_under("catalog.service.dc1.consul.", "dc1.consul."), Some(service("catalog", None)));
+        assert_eq!(parse_under("www.consul.", "consul."), Some(MeshName::NotFound));
+        assert_eq!(parse_under("a.b.catalog.service.consul.", "consul."), Some(MeshName::NotFound));
+        // Under `consul.`, a datacenter label is not a kind of name the zone has.
+        assert_eq!(parse_under("catalog.service.dc1.consul.", "consul."), Some(MeshName::NotFound));
+    }
+
+    #[test]
+    fn rfc_2782_names_under_an_alias() {
+        let parse = |name| parse_under(name, "consul.");
+        assert_eq!(parse("_catalog._tcp.service.consul."), Some(service("catalog", None)));
+        assert_eq!(parse("_CataLog._TCP.Service.CONSUL."), Some(service("catalog", None)));
+        assert_eq!(parse("_catalog._v2.service.consul."), Some(service("catalog", Some("v2"))));
+        assert_eq!(parse("_catalog._udp.service.consul."), Some(service("catalog", Some("udp"))));
+        for name in [
+            "_catalog.service.consul.",
+            "_catalog._.service.consul.",
+            "__catalog._tcp.service.consul.",
+            "_cat_alog._tcp.service.consul.",
+            "catalog._tcp.service.consul.",
+            "_catalog._tcp.consul.",
+            "_catalog._tcp.vip.consul.",
+            "x._catalog._tcp.service.consul.",
+        ] {
+            assert_eq!(parse(name), Some(MeshName::NotFound), "{name}");
+        }
+        // One underscore label is the ordinary TAG.NAME form, whatever the tag.
+        assert_eq!(parse("_catalog.tcp.service.consul."), Some(service("tcp", Some("_catalog"))));
+        // `ferry.` keeps its own names only.
+        assert_eq!(parse_under("_catalog._tcp.service.ferry.", "ferry."), Some(MeshName::NotFound));
     }
 
     #[test]
@@ -271,11 +357,18 @@ mod tests {
     fn addr_names_round_trip() {
         for ip in ["10.0.0.1", "127.0.0.1", "255.255.255.255", "::1", "fd00::1:2", "2001:db8::ff00:42:8329"] {
             let ip: IpAddr = ip.parse().expect("test addresses are valid");
-            let name = addr_name(ip);
-            assert_eq!(MeshName::parse(&LowerName::new(&name)), MeshName::Addr(ip), "{name}");
+            let name = addr_name(ip, &ferry()).expect("fits");
+            assert_eq!(parse(&name.to_ascii()), MeshName::Addr(ip), "{name}");
         }
-        assert_eq!(addr_name(IpAddr::from([10, 0, 0, 1])).to_ascii(), "0a000001.addr.ferry.");
-        assert_eq!(addr_name("::1".parse().expect("valid")).to_ascii(), format!("{:032x}.addr.ferry.", 1));
+        assert_eq!(
+            addr_name(IpAddr::from([10, 0, 0, 1]), &ferry()).map(|n| n.to_ascii()).as_deref(),
+            Some("0a000001.addr.ferry.")
+        );
+        let v6 = addr_name("::1".parse().expect("valid"), &ferry()).map(|n| n.to_ascii());
+        assert_eq!(v6, Some(format!("{:032x}.addr.ferry.", 1)));
+        let consul = Name::from_ascii("consul.").expect("valid");
+        let under_consul = addr_name(IpAddr::from([10, 0, 0, 1]), &consul).map(|n| n.to_ascii());
+        assert_eq!(under_consul.as_deref(), Some("0a000001.addr.consul."));
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //!   and NODATA for every other type, at once: a resolver asking AAAA beside A must not wait;
 //! - SRV of `NAME.service.ferry.` and `TAG.NAME.service.ferry.` keep giving the instances, whose
 //!   ports and versions are the point of those names;
-//! - a name outside `ferry.` that is not a mesh service with a virtual IP is forwarded; a name
-//!   under `ferry.` never is.
+//! - the same holds under every alias domain (`NAME.service.consul.`, ...);
+//! - a name outside `ferry.` and the aliases that is not a mesh service with a virtual IP is
+//!   forwarded; a name under one of them never is.
 //!
 //! Whether a bare name is a service is asked of [`Directory::virtual_ip`] alone, never of
 //! [`Directory::lookup`]: the app looks up every host it talks to, and none of those may cost
@@ -32,7 +33,7 @@ use hickory_proto::{
 use tokio::sync::Semaphore;
 
 use crate::{
-    Directory, DnsConfig, Lookup, VirtualIpLookup,
+    Directory, Lookup, ServeConfig, VirtualIpLookup,
     answer::{Answer, Zone},
     forward::{Forwarder, RequestFlags},
     name::{self, MeshName},
@@ -65,7 +66,9 @@ pub(crate) struct Intercept {
 /// Answers single questions.
 pub(crate) struct Responder {
     directory: Arc<dyn Directory>,
-    zone: Zone,
+    /// `ferry.` and the aliases, the longest domain first, so that a name under nested aliases
+    /// (`dc1.consul.` in `consul.`) belongs to the nearer one.
+    zones: Vec<Zone>,
     /// Bumped once per service answer; its value is the round-robin offset.
     rotation: AtomicUsize,
     lookups: Semaphore,
@@ -76,20 +79,27 @@ pub(crate) struct Responder {
 
 impl Responder {
     /// Answers from `directory`; with `intercept`, as the app's only resolver.
-    pub(crate) fn new(directory: Arc<dyn Directory>, config: &DnsConfig, intercept: Option<Intercept>) -> Self {
+    pub(crate) fn new(directory: Arc<dyn Directory>, config: &ServeConfig, intercept: Option<Intercept>) -> Self {
         Self::with_limits(directory, config, intercept, MAX_CONCURRENT_LOOKUPS, LOOKUP_TIMEOUT)
     }
 
     fn with_limits(
         directory: Arc<dyn Directory>,
-        config: &DnsConfig,
+        config: &ServeConfig,
         intercept: Option<Intercept>,
         max_lookups: usize,
         lookup_timeout: Duration,
     ) -> Self {
+        let mut aliases = config.aliases.clone();
+        aliases.sort_by_key(|alias| alias.to_string());
+        aliases.dedup();
+        let mut zones: Vec<Zone> = std::iter::once(Zone::ferry(&config.cache))
+            .chain(aliases.iter().map(|alias| Zone::alias(&config.cache, alias)))
+            .collect();
+        zones.sort_by_key(|zone| std::cmp::Reverse(zone.origin().iter().count()));
         Self {
             directory,
-            zone: Zone::new(config),
+            zones,
             rotation: AtomicUsize::new(0),
             lookups: Semaphore::new(max_lookups),
             max_lookups,
@@ -108,28 +118,32 @@ impl Responder {
     pub(crate) async fn respond(&self, query: &LowerQuery, flags: RequestFlags) -> Answer {
         let qname: &Name = query.original().name();
         let qtype = query.query_type();
-        match MeshName::parse(query.name()) {
-            MeshName::OutOfZone => match &self.intercept {
+        let Some((zone, mesh_name)) = self.zones.iter().find_map(|zone| Some((zone, zone.parse(query.name())?))) else {
+            return match &self.intercept {
                 Some(intercept) => self.outside(intercept, query, flags).await,
                 None => Answer::refused(),
-            },
+            };
+        };
+        if query.query_class() != DNSClass::IN {
             // Ferry's names exist in class IN only; other classes are not ours to answer.
-            _ if query.query_class() != DNSClass::IN => Answer::refused(),
-            MeshName::NotFound => self.zone.nxdomain(),
-            MeshName::Apex => self.zone.apex(qtype),
-            MeshName::EmptyNonTerminal => self.zone.nodata(),
-            MeshName::Addr(ip) => self.zone.address(qname, qtype, ip),
-            MeshName::Vip { name } => self.vip(qname, qtype, &name).await,
-            MeshName::Service { name, tag } => self.service(qname, qtype, &name, tag.as_deref()).await,
+            return Answer::refused();
+        }
+        match mesh_name {
+            MeshName::NotFound => zone.nxdomain(),
+            MeshName::Apex => zone.apex(qtype),
+            MeshName::EmptyNonTerminal => zone.nodata(),
+            MeshName::Addr(ip) => zone.address(qname, qtype, ip),
+            MeshName::Vip { name } => self.vip(zone, qname, qtype, &name).await,
+            MeshName::Service { name, tag } => self.service(zone, qname, qtype, &name, tag.as_deref()).await,
         }
     }
 
-    /// `NAME.vip.ferry.`.
-    async fn vip(&self, qname: &Name, qtype: RecordType, service: &str) -> Answer {
+    /// `NAME.vip.DOMAIN.`.
+    async fn vip(&self, zone: &Zone, qname: &Name, qtype: RecordType, service: &str) -> Answer {
         match self.ask(self.directory.virtual_ip(service)).await {
-            Ok(VirtualIpLookup::Assigned(ip)) => self.zone.address(qname, qtype, ip),
-            Ok(VirtualIpLookup::Unassigned) => self.zone.nodata(),
-            Ok(VirtualIpLookup::NoSuchService) => self.zone.nxdomain(),
+            Ok(VirtualIpLookup::Assigned(ip)) => zone.address(qname, qtype, ip),
+            Ok(VirtualIpLookup::Unassigned) => zone.nodata(),
+            Ok(VirtualIpLookup::NoSuchService) => zone.nxdomain(),
             Ok(VirtualIpLookup::Unknown) => {
                 tracing::debug!(service, "the directory cannot tell the virtual IP; answering SERVFAIL");
                 Answer::servfail()
@@ -138,11 +152,11 @@ impl Responder {
         }
     }
 
-    /// `[TAG.]NAME.service.ferry.`.
-    async fn service(&self, qname: &Name, qtype: RecordType, service: &str, tag: Option<&str>) -> Answer {
+    /// `[TAG.]NAME.service.DOMAIN.`.
+    async fn service(&self, zone: &Zone, qname: &Name, qtype: RecordType, service: &str, tag: Option<&str>) -> Answer {
         if self.intercept.is_some() && tag.is_none() && qtype != RecordType::SRV {
             match self.ask(self.directory.virtual_ip(service)).await {
-                Ok(VirtualIpLookup::Assigned(ip)) => return self.zone.address(qname, qtype, ip),
+                Ok(VirtualIpLookup::Assigned(ip)) => return zone.address(qname, qtype, ip),
                 // No virtual IP to give: the instances, as without interception (a connection
                 // to one of them is intercepted as well).
                 Ok(_) => {}
@@ -150,24 +164,25 @@ impl Responder {
             }
         }
         match self.ask(self.directory.lookup(service)).await {
-            Ok(Lookup::NoSuchService) => self.zone.nxdomain(),
+            Ok(Lookup::NoSuchService) => zone.nxdomain(),
             Ok(Lookup::Unknown) => {
                 tracing::debug!(service, "the directory cannot tell; answering SERVFAIL");
                 Answer::servfail()
             }
             Ok(Lookup::Endpoints(endpoints)) => {
                 let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
-                self.zone.service(qname, qtype, &endpoints, tag, rotation)
+                zone.service(qname, qtype, &endpoints, tag, rotation)
             }
             Err(error) => Self::failed(service, &error),
         }
     }
 
-    /// A name outside `ferry.`, asked of an intercepting server: a mesh service's virtual IP,
-    /// or the upstreams' answer.
+    /// A name outside `ferry.` and the aliases, asked of an intercepting server: a mesh
+    /// service's virtual IP, or the upstreams' answer.
     async fn outside(&self, intercept: &Intercept, query: &LowerQuery, flags: RequestFlags) -> Answer {
+        let origins: Vec<&LowerName> = self.zones.iter().map(Zone::origin).collect();
         if query.query_class() == DNSClass::IN
-            && let Some(service) = name::outside_service(query.name(), &intercept.search)
+            && let Some(service) = name::outside_service(query.name(), &intercept.search, &origins)
         {
             // Only a service with a virtual IP is answered here. Without one the mesh has no
             // single address for the name, and the upstream may well have one (a Kubernetes
@@ -175,7 +190,9 @@ impl Responder {
             // its first address table) must not cost the app its other names either.
             match self.ask(self.directory.virtual_ip(&service)).await {
                 Ok(VirtualIpLookup::Assigned(ip)) => {
-                    return self.zone.outside_address(query.original().name(), query.query_type(), ip);
+                    // Any zone will do, and there is always `ferry.`: an answer outside the
+                    // domains carries no SOA of theirs.
+                    return self.zones[0].outside_address(query.original().name(), query.query_type(), ip);
                 }
                 Ok(found) => tracing::trace!(service, ?found, "no virtual IP; forwarding"),
                 Err(error) => tracing::debug!(service, %error, "forwarding"),
@@ -254,7 +271,13 @@ mod tests {
     }
 
     fn endpoint(address: &str, version: Option<&str>) -> DnsEndpoint {
-        DnsEndpoint { id: address.to_owned(), address: address.to_owned(), port: 80, version: version.map(str::to_owned) }
+        DnsEndpoint {
+            id: address.to_owned(),
+            address: address.to_owned(),
+            port: 80,
+            version: version.map(str::to_owned),
+            tags: Vec::new(),
+        }
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -277,7 +300,7 @@ mod tests {
     }
 
     fn responder(directory: Memory) -> Responder {
-        Responder::new(Arc::new(directory), &DnsConfig::default(), None)
+        Responder::new(Arc::new(directory), &ServeConfig::default(), None)
     }
 
     fn search() -> Vec<LowerName> {
@@ -289,7 +312,7 @@ mod tests {
 
     fn intercepting(directory: Memory, upstream: &FakeUpstream) -> Responder {
         let intercept = Intercept { search: search(), forwarder: Forwarder::new(vec![upstream.addr], Duration::from_secs(2)) };
-        Responder::new(Arc::new(directory), &DnsConfig::default(), Some(intercept))
+        Responder::new(Arc::new(directory), &ServeConfig::default(), Some(intercept))
     }
 
     fn query(name: &str, qtype: RecordType) -> LowerQuery {
@@ -349,6 +372,75 @@ mod tests {
         }
     }
 
+    /// The name of the SOA in the authority section.
+    fn soa_owner(answer: &Answer) -> Option<String> {
+        answer.authorities.iter().find(|r| matches!(r.data, RData::SOA(_))).map(|r| r.name.to_ascii())
+    }
+
+    #[tokio::test]
+    async fn consul_names_answer_as_ferry_names_do() {
+        let responder = responder(catalog());
+        for (name, ferry, qtype) in [
+            ("Catalog.Service.CONSUL.", "catalog.service.ferry.", RecordType::A),
+            ("_catalog._tcp.service.consul.", "catalog.service.ferry.", RecordType::A),
+            ("_catalog._TCP.service.consul.", "catalog.service.ferry.", RecordType::SRV),
+            ("v2.catalog.service.consul.", "v2.catalog.service.ferry.", RecordType::A),
+            ("_catalog._v2.service.consul.", "v2.catalog.service.ferry.", RecordType::SRV),
+            ("catalog.vip.consul.", "catalog.vip.ferry.", RecordType::A),
+            ("0a000001.addr.consul.", "0a000001.addr.ferry.", RecordType::A),
+        ] {
+            let (alias, own) = (responder.ask_for(name, qtype).await, responder.ask_for(ferry, qtype).await);
+            assert_eq!(shape(&alias), shape(&own), "{qtype} {name} as {ferry}");
+            assert!(!alias.answers.is_empty(), "{qtype} {name}");
+            assert!(alias.answers.iter().all(|r| r.name.to_ascii() == name && r.ttl == 5), "{qtype} {name}: owner as asked");
+        }
+        let v2 = responder.ask_for("_catalog._v2.service.consul.", RecordType::A).await;
+        assert_eq!(addresses_of(&v2.answers), [ip("10.0.0.2")]);
+    }
+
+    #[tokio::test]
+    async fn consul_negative_answers_carry_the_consul_soa() {
+        let responder = responder(catalog());
+        for (name, qtype, expected) in [
+            ("unknown.service.consul.", RecordType::A, NXDOMAIN),
+            ("_unknown._tcp.service.consul.", RecordType::SRV, NXDOMAIN),
+            ("www.consul.", RecordType::A, NXDOMAIN),
+            ("catalog.service.dc1.consul.", RecordType::A, NXDOMAIN),
+            ("empty.service.consul.", RecordType::A, NODATA),
+            ("v9.catalog.service.consul.", RecordType::A, NODATA),
+            ("_catalog._udp.service.consul.", RecordType::SRV, NODATA),
+            ("catalog.service.consul.", RecordType::TXT, NODATA),
+            ("service.consul.", RecordType::A, NODATA),
+            ("consul.", RecordType::A, NODATA),
+        ] {
+            let answer = responder.ask_for(name, qtype).await;
+            assert_eq!(shape(&answer), expected, "{qtype} {name}");
+            assert_eq!(soa_owner(&answer).as_deref(), Some("consul."), "{qtype} {name}");
+        }
+        let apex = responder.ask_for("Consul.", RecordType::SOA).await;
+        assert_eq!(apex.answers.iter().map(|r| r.name.to_ascii()).collect::<Vec<_>>(), ["consul."]);
+        assert_eq!(soa_owner(&responder.ask_for("unknown.service.ferry.", RecordType::A).await).as_deref(), Some("ferry."));
+    }
+
+    #[tokio::test]
+    async fn aliases_are_configured() {
+        let config = |aliases: &[&str]| ServeConfig {
+            aliases: aliases.iter().map(|alias| alias.parse().expect("valid")).collect(),
+            ..ServeConfig::default()
+        };
+        let none = Responder::new(Arc::new(catalog()), &config(&[]), None);
+        assert_eq!(none.ask_for("catalog.service.consul.", RecordType::A).await.code, ResponseCode::Refused);
+        assert_eq!(none.ask_for("catalog.service.ferry.", RecordType::A).await.answers.len(), 2);
+
+        let nested = Responder::new(Arc::new(catalog()), &config(&["consul", "dc1.consul", "mesh.example", "consul."]), None);
+        for name in ["catalog.service.consul.", "catalog.service.dc1.consul.", "_catalog._tcp.service.mesh.example."] {
+            assert_eq!(nested.ask_for(name, RecordType::A).await.answers.len(), 2, "{name}");
+        }
+        let missing = nested.ask_for("unknown.service.dc1.consul.", RecordType::A).await;
+        assert_eq!(soa_owner(&missing).as_deref(), Some("dc1.consul."), "a name belongs to the longest alias");
+        assert_eq!(nested.ask_for("catalog.service.example.", RecordType::A).await.code, ResponseCode::Refused);
+    }
+
     #[tokio::test]
     async fn other_classes_are_refused() {
         let responder = responder(catalog());
@@ -399,7 +491,7 @@ mod tests {
     async fn a_slow_directory_gets_servfail_after_the_timeout() {
         let hang = Arc::new(Notify::new());
         let directory = Memory { hang: Some(hang), ..catalog() };
-        let responder = Responder::with_limits(Arc::new(directory), &DnsConfig::default(), None, 4, Duration::from_secs(2));
+        let responder = Responder::with_limits(Arc::new(directory), &ServeConfig::default(), None, 4, Duration::from_secs(2));
         let started = tokio::time::Instant::now();
         let answer = responder.ask_for("catalog.service.ferry.", RecordType::A).await;
         assert_eq!(answer.code, ResponseCode::ServFail);
@@ -410,7 +502,7 @@ mod tests {
     async fn lookups_beyond_the_limit_get_servfail_at_once() {
         let hang = Arc::new(Notify::new());
         let directory = Memory { hang: Some(hang.clone()), ..catalog() };
-        let responder = Responder::with_limits(Arc::new(directory), &DnsConfig::default(), None, 1, Duration::from_secs(60));
+        let responder = Responder::with_limits(Arc::new(directory), &ServeConfig::default(), None, 1, Duration::from_secs(60));
         let mut waiting = Box::pin(responder.ask_for("catalog.service.ferry.", RecordType::A));
         assert!(futures::poll!(waiting.as_mut()).is_pending(), "the first lookup waits on the directory");
 
@@ -500,6 +592,36 @@ mod tests {
         }
         assert_eq!(responder.ask_for("unsure.vip.ferry.", RecordType::A).await.code, ResponseCode::ServFail);
         assert_eq!(upstream.udp_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn intercepting_consul_names_answer_the_virtual_ip_and_are_never_forwarded() {
+        let upstream = FakeUpstream::start(Behaviour::Answer).await;
+        let directory = catalog();
+        let lookups = directory.lookups.clone();
+        let responder = intercepting(directory, &upstream);
+        for name in [
+            "catalog.service.consul.",
+            "Catalog.Service.Consul.",
+            "_catalog._tcp.service.consul.",
+            "catalog.vip.consul.",
+            "catalog.service.consul.default.svc.cluster.local.",
+        ] {
+            let answer = responder.ask_for(name, RecordType::A).await;
+            assert_eq!(addresses_of(&answer.answers), [ip("240.240.0.1")], "{name}");
+            assert_eq!(answer.answers[0].name.to_ascii(), name, "{name}");
+        }
+        assert_eq!(lookups.load(Ordering::SeqCst), 0, "the virtual IP costs no subscription");
+        let srv = responder.ask_for("_catalog._tcp.service.consul.", RecordType::SRV).await;
+        assert_eq!(srv.answers.len(), 2, "SRV keeps the instances");
+        let v2 = responder.ask_for("v2.catalog.service.consul.", RecordType::A).await;
+        assert_eq!(addresses_of(&v2.answers), [ip("10.0.0.2")], "a tag keeps the instances");
+        for (name, expected) in
+            [("unknown.service.consul.", NXDOMAIN), ("www.consul.", NXDOMAIN), ("consul.", NODATA), ("novip.vip.consul.", NODATA)]
+        {
+            assert_eq!(shape(&responder.ask_for(name, RecordType::A).await), expected, "{name}");
+        }
+        assert_eq!(upstream.udp_count(), 0, "no name under the alias is forwarded");
     }
 
     #[tokio::test]

@@ -59,7 +59,7 @@ impl Directory for Memory {
 }
 
 fn endpoint(id: &str, address: &str, port: u16, version: Option<&str>) -> DnsEndpoint {
-    DnsEndpoint { id: id.to_owned(), address: address.to_owned(), port, version: version.map(str::to_owned) }
+    DnsEndpoint { id: id.to_owned(), address: address.to_owned(), port, version: version.map(str::to_owned), tags: Vec::new() }
 }
 
 /// `catalog` with two v1 and one v2 IPv4 instances, one IPv6 and one host-name instance, and
@@ -451,6 +451,52 @@ async fn vip_names_answer_the_virtual_ip() {
     assert_eq!(server.udp("catalog.", RecordType::A, None).await.metadata.response_code, ResponseCode::Refused);
 }
 
+#[tokio::test]
+async fn consul_names_answer_like_ferry_names() {
+    // The server runs on a bare `DnsConfig`, as the control plane's does: `consul.` comes with it.
+    let server = TestServer::start().await;
+    let resolver = server.resolver();
+    let answers = resolve(&resolver, "catalog.service.consul.", RecordType::A).await;
+    assert_eq!(sorted(addresses(&answers)), ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
+    assert!(answers.iter().all(|record| record.ttl == TTL && record.name.to_ascii() == "catalog.service.consul."));
+    let v2 = resolve(&resolver, "V2.Catalog.Service.Consul.", RecordType::A).await;
+    assert_eq!(addresses(&v2), ips(&["10.0.0.3"]));
+
+    let response = server.udp("_catalog._tcp.service.consul.", RecordType::SRV, Some(1232)).await;
+    assert_eq!(response.metadata.response_code, ResponseCode::NoError);
+    assert!(response.metadata.authoritative);
+    let mut srvs: Vec<(String, u16, String)> = response
+        .answers
+        .iter()
+        .filter_map(|record| match &record.data {
+            RData::SRV(srv) => Some((record.name.to_ascii(), srv.port, srv.target.to_ascii())),
+            _ => None,
+        })
+        .collect();
+    srvs.sort();
+    let owner = "_catalog._tcp.service.consul.".to_owned();
+    let v6_target = format!("{:032x}.addr.consul.", u128::from("fd00::4".parse::<std::net::Ipv6Addr>().expect("valid")));
+    assert_eq!(
+        srvs,
+        [
+            (owner.clone(), 8080, "0a000001.addr.consul.".to_owned()),
+            (owner.clone(), 8080, "0a000002.addr.consul.".to_owned()),
+            (owner.clone(), 8080, v6_target),
+            (owner.clone(), 8081, "0a000003.addr.consul.".to_owned()),
+            (owner, 9090, "catalog-5.internal.".to_owned()),
+        ]
+    );
+    // The targets resolve under the same domain, so a resolver that forwards only `consul.` here
+    // can follow them.
+    assert_eq!(addresses(&response.additionals).len(), 4);
+    assert_eq!(addresses(&resolve(&resolver, "0a000003.addr.consul.", RecordType::A).await), ips(&["10.0.0.3"]));
+
+    let missing = server.udp("_unknown._tcp.service.consul.", RecordType::SRV, None).await;
+    assert_eq!(missing.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(soa_minimum_and_ttl(&missing), Some((NEGATIVE_TTL, NEGATIVE_TTL)));
+    assert!(missing.authorities.iter().all(|record| record.name.to_ascii() == "consul."), "{:?}", missing.authorities);
+}
+
 /// A stand-in upstream resolver on 127.0.0.1 (UDP and TCP on one port), served until dropped:
 /// `missing.*` is NXDOMAIN with an SOA; `big.*` is truncated over UDP and 100 A records over
 /// TCP; every other name has the A record [`UPSTREAM_ANSWER`]. `silent` answers nothing.
@@ -549,6 +595,23 @@ async fn intercepting_mesh_names_resolve_to_the_virtual_ip() {
     let resolver = server.resolver_searching(search.to_vec());
     let lookup = tokio::time::timeout(DEADLINE, resolver.lookup_ip("catalog")).await.expect("lookup in time");
     assert_eq!(lookup.expect("catalog resolves").iter().collect::<Vec<_>>(), [CATALOG_VIP]);
+}
+
+#[tokio::test]
+async fn intercepting_consul_names_resolve_to_the_virtual_ip_without_forwarding() {
+    let upstream = FakeUpstream::silent().await;
+    let server = intercepting(&upstream).await;
+    // The upstream never answers: an answer within a second cannot have come from it.
+    for (name, code) in [
+        ("catalog.service.consul.", ResponseCode::NoError),
+        ("_catalog._tcp.service.consul.", ResponseCode::NoError),
+        ("unknown.service.consul.", ResponseCode::NXDomain),
+    ] {
+        let response = server.udp_within(name, RecordType::A, None, Duration::from_secs(1)).await;
+        assert_eq!(response.metadata.response_code, code, "{name}");
+        let expected = if code == ResponseCode::NoError { vec![CATALOG_VIP] } else { Vec::new() };
+        assert_eq!(addresses(&response.answers), expected, "{name}");
+    }
 }
 
 #[tokio::test]

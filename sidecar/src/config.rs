@@ -167,6 +167,12 @@ pub struct Config {
     #[arg(long, env = "FERRY_DNS_TTL", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub dns_ttl: Duration,
 
+    /// Domains whose names DNS answers like those of ferry., so that apps set up for Consul
+    /// find services as NAME.service.consul and _NAME._tcp.service.consul; repeat or
+    /// comma-separate for more, `none` (or an empty value) for none.
+    #[arg(long, env = "FERRY_DNS_DOMAIN", default_value = "consul", value_delimiter = ',', value_parser = ferry_dns::AliasDomain::parse_flag, value_name = "DOMAIN[,DOMAIN...]")]
+    pub dns_domain: Vec<Option<ferry_dns::AliasDomain>>,
+
     /// Intercept the app's connections: the outbound listener takes connections that
     /// `ferry-sidecar iptables install` redirected to it, reads where each was going and routes
     /// it (a service's virtual IP or endpoint through the mesh, anything else per
@@ -272,6 +278,11 @@ impl Config {
                 None => Ok(None),
             },
         }
+    }
+
+    /// The alias domains of --dns-domain, without the `none`s.
+    pub fn dns_aliases(&self) -> Vec<ferry_dns::AliasDomain> {
+        self.dns_domain.iter().flatten().cloned().collect()
     }
 
     /// Where DNS is served: --dns, or 127.0.0.1:15053 with --intercept.
@@ -456,6 +467,21 @@ mod tests {
         let error =
             parse(&["--service", "a", "--control-plane", "https://a:7070,,https://b:7070"]).expect_err("empty").to_string();
         assert!(error.contains("--control-plane") && error.contains("URL 2 of 3 is empty"), "{error}");
+    }
+
+    #[test]
+    fn dns_domains_default_to_consul_and_none_turns_them_off() {
+        let domains = |args: &[&str]| -> Vec<String> {
+            let args: Vec<&str> = ["--service", "a"].iter().chain(args).copied().collect();
+            parse(&args).expect("parses").dns_aliases().iter().map(ToString::to_string).collect()
+        };
+        assert_eq!(domains(&[]), ["consul."]);
+        assert_eq!(domains(&["--dns-domain", "none"]), Vec::<String>::new());
+        assert_eq!(domains(&["--dns-domain", ""]), Vec::<String>::new());
+        assert_eq!(domains(&["--dns-domain", "Consul,dc1.consul"]), ["consul.", "dc1.consul."]);
+        assert_eq!(domains(&["--dns-domain", "consul", "--dns-domain", "mesh.example."]), ["consul.", "mesh.example."]);
+        let error = parse(&["--service", "a", "--dns-domain", "ferry"]).expect_err("ferry is not an alias").to_string();
+        assert!(error.contains("--dns-domain") && error.contains("always Ferry's own zone"), "{error}");
     }
 
     #[test]

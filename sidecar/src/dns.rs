@@ -49,12 +49,7 @@ impl Directory for CatalogDirectory {
                 .endpoints
                 .values()
                 .filter(|e| e.health.is_routable())
-                .map(|e| DnsEndpoint {
-                    id: e.id.clone(),
-                    address: e.address.clone(),
-                    port: e.port,
-                    version: e.metadata.get("version").cloned(),
-                })
+                .map(|e| DnsEndpoint::from_metadata(e.id.clone(), e.address.clone(), e.port, &e.metadata))
                 .collect();
             Lookup::Endpoints(endpoints)
         }

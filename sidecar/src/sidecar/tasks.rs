@@ -219,11 +219,15 @@ impl DataPath {
     }
 }
 
-/// Serves DNS from the catalog; with --intercept, as the app's only resolver (mesh names as
-/// their virtual IPs, other names forwarded to --dns-upstream or resolv.conf's nameservers).
+/// Serves DNS from the catalog, under ferry. and the --dns-domain aliases; with --intercept, as
+/// the app's only resolver (mesh names as their virtual IPs, other names forwarded to
+/// --dns-upstream or resolv.conf's nameservers).
 pub fn serve_dns(udp: UdpSocket, tcp: TcpListener, config: &Config, shared: &Shared<'_>) -> JoinHandle<()> {
     let directory = Arc::new(CatalogDirectory::new(shared.catalog.clone(), config.discovery_timeout, config.intercept));
-    let dns_config = ferry_dns::DnsConfig { ttl: config.dns_ttl, negative_ttl: config.dns_ttl };
+    let dns_config = ferry_dns::ServeConfig {
+        cache: ferry_dns::DnsConfig { ttl: config.dns_ttl, negative_ttl: config.dns_ttl },
+        aliases: config.dns_aliases(),
+    };
     let intercept = config
         .intercept
         .then(|| ferry_dns::InterceptConfig { upstreams: config.dns_upstream.clone(), ..ferry_dns::InterceptConfig::default() });
