@@ -36,6 +36,12 @@ pub struct Config {
     #[arg(long, env = "FERRY_DNS_TTL", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub dns_ttl: Duration,
 
+    /// Domains whose names DNS answers like those of ferry., so that apps set up for Consul
+    /// find services as NAME.service.consul and _NAME._tcp.service.consul; repeat or
+    /// comma-separate for more, `none` (or an empty value) for none.
+    #[arg(long, env = "FERRY_DNS_DOMAIN", default_value = "consul", value_delimiter = ',', value_parser = ferry_dns::AliasDomain::parse_flag, value_name = "DOMAIN[,DOMAIN...]")]
+    pub dns_domain: Vec<Option<ferry_dns::AliasDomain>>,
+
     /// Directory of the embedded store.
     #[arg(long, env = "FERRY_DATA_DIR", default_value = "ferry-data", value_name = "DIR")]
     pub data_dir: PathBuf,
@@ -275,6 +281,16 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Config, clap::Error> {
         Config::try_parse_from(std::iter::once("ferry-control-plane").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn dns_answers_consul_names_unless_told_otherwise() {
+        let aliases = |config: &Config| config.dns_domain.iter().flatten().map(|d| d.to_string()).collect::<Vec<_>>();
+        assert_eq!(aliases(&parse(&[]).expect("defaults")), ["consul."]);
+        assert_eq!(aliases(&parse(&["--dns-domain", "consul,dc1.consul"]).expect("two")), ["consul.", "dc1.consul."]);
+        assert!(aliases(&parse(&["--dns-domain", "none"]).expect("none")).is_empty());
+        let error = parse(&["--dns-domain", "ferry"]).expect_err("the zone itself").to_string();
+        assert!(error.contains("--dns-domain"), "{error}");
     }
 
     #[test]

@@ -304,7 +304,10 @@ impl ControlPlane {
         let http_incoming = listener::accept(Api::Http, http_listener, http_tls, listener_limits, shutdown.clone());
         let http = serve_http(http_incoming, http_router, listener_limits, shutdown.clone());
 
-        let dns_config = ferry_dns::DnsConfig { ttl: config.dns_ttl, negative_ttl: config.dns_ttl };
+        let dns_config = ferry_dns::ServeConfig {
+            cache: ferry_dns::DnsConfig { ttl: config.dns_ttl, negative_ttl: config.dns_ttl },
+            aliases: config.dns_domain.iter().flatten().cloned().collect(),
+        };
         let dns =
             ferry_dns::serve(dns_udp, dns_tcp, Arc::new(RegistryDirectory::new(registry.clone())), dns_config, shutdown.clone());
 
