@@ -15,7 +15,13 @@ fn main() -> Result<(), Box<dyn Error>> {
     fs::write(out.join("ferry_descriptor.bin"), &encoded)?;
 
     // Maps of the routing resources are ordered, so their YAML, JSON and diffs are stable.
-    const ORDERED: &[&str] = &[".ferry.v1.RouteMatch", ".ferry.v1.HeaderRewrite", ".ferry.v1.ServicePolicy", ".ferry.v1.Subset"];
+    const ORDERED: &[&str] = &[
+        ".ferry.v1.RouteMatch",
+        ".ferry.v1.HeaderRewrite",
+        ".ferry.v1.ServicePolicy",
+        ".ferry.v1.Subset",
+        ".ferry.v1.TrafficResponse",
+    ];
     let mut builder = tonic_prost_build::configure();
     for path in ORDERED {
         builder = builder.btree_map(path);

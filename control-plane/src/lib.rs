@@ -26,6 +26,7 @@ pub mod server;
 pub mod store;
 #[cfg(test)]
 mod testing;
+pub mod traffic;
 
 use std::{ffi::OsString, process::ExitCode};
 

@@ -186,6 +186,7 @@ impl ControlPlane {
         };
 
         let sidecars = Arc::new(Sidecars::default());
+        let traffic = Arc::new(crate::traffic::Traffic::default());
         let session_config = SessionConfig {
             max_delay: config.push_max_delay,
             max_subscriptions: limits.max_subscriptions as usize,
@@ -201,7 +202,8 @@ impl ControlPlane {
             session_config,
             metrics.push.clone(),
             shutdown.clone(),
-        );
+        )
+        .with_traffic(traffic.clone());
         let checks = HealthChecks::new(
             registry.clone(),
             RunnerOptions { stagger: true, scripts_allowed: config.enable_script_checks, ..RunnerOptions::default() },
@@ -287,6 +289,7 @@ impl ControlPlane {
             blocking: Arc::new(tokio::sync::Semaphore::new(http::MAX_BLOCKING_QUERIES)),
             resources: resources.clone(),
             authority: authority.clone(),
+            traffic,
         };
         let consul = Arc::new(crate::api::consul::Consul::new(config.datacenter.clone(), http_addr));
         if let Some(listener) = consul_listener {

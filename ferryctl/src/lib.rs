@@ -32,6 +32,7 @@ mod explain;
 mod routing;
 mod security;
 mod table;
+mod top;
 
 use self::{control_plane::ControlPlane, routing::KindArg, table::Table};
 
@@ -213,6 +214,13 @@ pub enum Command {
     /// The mesh's certificate authority: its trust bundle and its rotation.
     #[command(subcommand)]
     Ca(security::CaCommand),
+    /// Live traffic of the last minute: requests per second, success rate and p50/p99 latency
+    /// per service (in and out) and per caller → destination edge, from the sidecars' reports.
+    Top {
+        /// Reprint every 2 s until Ctrl-C.
+        #[arg(short, long)]
+        watch: bool,
+    },
 }
 
 fn parse_header(s: &str) -> Result<(String, String), String> {
@@ -269,7 +277,11 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = match cli.command {
+        Command::Top { watch: true } => runtime.block_on(top::watch(&cli)).map(|()| String::new()),
+        _ => runtime.block_on(run(cli)),
+    };
+    match result {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS
@@ -409,6 +421,7 @@ async fn execute(command: Command, output: Output, api: &ControlPlane, input: Op
         }
         Command::Token(command) => security::token(api, output, command).await,
         Command::Ca(command) => security::ca(api, output, command).await,
+        Command::Top { .. } => top::top(api, output).await,
     }
 }
 

@@ -58,3 +58,25 @@ impl v1::check::Probe {
         }
     }
 }
+
+/// The shape of the traffic figures sidecars report (`TrafficReport`), shared by the sidecar
+/// that counts and the control plane that merges.
+pub mod traffic {
+    /// The upper bounds, in milliseconds, of the latency buckets of `TrafficFigures`: a request
+    /// that took `t` ms is counted in the first bucket with `t <= bound`, or in the one extra
+    /// bucket past the last bound. Changing the list changes the protocol.
+    pub const LATENCY_BUCKETS_MS: [u64; 17] =
+        [1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 300, 500, 1_000, 2_000, 5_000, 10_000, 30_000];
+
+    /// How many `latency_counts` a `TrafficFigures` carries: one per bound and one past them.
+    pub const LATENCY_COUNTS: usize = LATENCY_BUCKETS_MS.len() + 1;
+
+    /// The most destinations one `TrafficReport` carries.
+    pub const MAX_OUTBOUND: usize = 1024;
+
+    /// The bucket a request of `elapsed` falls in: an index below [`LATENCY_COUNTS`].
+    pub fn bucket(elapsed: std::time::Duration) -> usize {
+        let micros = elapsed.as_micros();
+        LATENCY_BUCKETS_MS.iter().position(|&bound| micros <= u128::from(bound) * 1000).unwrap_or(LATENCY_BUCKETS_MS.len())
+    }
+}

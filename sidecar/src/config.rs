@@ -153,6 +153,11 @@ pub struct Config {
     #[arg(long, env = "FERRY_DRAIN", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub drain: Duration,
 
+    /// How often the traffic figures are reported to the control plane. Hidden: shorter only
+    /// makes end-to-end tests quick; the control plane's window counts in 5 s slots.
+    #[arg(long, env = "FERRY_TRAFFIC_REPORT_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration, hide = true)]
+    pub traffic_report_interval: Duration,
+
     /// Answer DNS for NAME.service.ferry on this address (UDP and TCP) from the config the
     /// sidecar holds, so lookups survive a control-plane outage.
     #[arg(long, env = "FERRY_DNS", value_parser = ferry_runtime::parse_listen_addr, value_name = "ADDR")]

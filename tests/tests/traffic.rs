@@ -149,3 +149,42 @@ async fn the_mesh_explains_what_it_cannot_route() {
     assert_eq!(error.code(), tonic::Code::Unavailable);
     assert!(error.message().starts_with("unknown_service"), "{}", error.message());
 }
+
+#[tokio::test]
+async fn sidecars_report_their_traffic_and_ferryctl_top_shows_who_calls_whom() {
+    let control_plane = ControlPlane::start().await;
+    let app = HttpApp::start("catalog-app").await;
+    // Reports every 200 ms instead of 5 s, so the figures arrive quickly.
+    let quick = ["--traffic-report-interval", "200ms"];
+    let _catalog = Sidecar::start(&control_plane.reach(), "catalog", Some(app.addr), &quick).await;
+    let client = Sidecar::start(&control_plane.reach(), "frontend", None, &quick).await;
+    control_plane.wait_passing("catalog", 1).await;
+    for _ in 0..5 {
+        let answer = proxy_get(client.outbound, "http://catalog/").await.expect("proxied");
+        assert_eq!(answer.0, 200, "{}", text(&answer));
+    }
+
+    let edge_of = |figures: &serde_json::Value| {
+        figures["edges"].as_array()?.iter().find(|e| e["from"] == "frontend" && e["to"] == "catalog").cloned()
+    };
+    let figures = ferry_tests::eventually("the frontend → catalog edge and catalog's inbound figures", || async {
+        let (status, _, body) = control_plane.get("/v1/traffic").await.ok()?;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let figures: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        (edge_of(&figures).is_some() && figures["services"]["catalog"]["inbound"].is_object()).then_some(figures)
+    })
+    .await;
+    assert_eq!(figures["window_seconds"], 60);
+    let edge = edge_of(&figures).expect("the edge");
+    assert!(edge["rps"].as_f64().is_some_and(|rps| rps > 0.0), "{edge}");
+    assert_eq!(edge["success_rate"].as_f64(), Some(1.0), "{edge}");
+    assert!(figures["services"]["frontend"]["outbound"]["rps"].as_f64().is_some_and(|rps| rps > 0.0), "{figures}");
+
+    let json = control_plane.ferryctl(&["-o", "json", "top"]).await;
+    assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
+    assert_eq!(edge_of(&shown).map(|e| e["success_rate"].clone()), Some(serde_json::json!(1.0)), "{shown}");
+    let table = control_plane.ferryctl(&["top"]).await;
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.lines().any(|l| l.starts_with("frontend  catalog") && l.contains("100.00%")), "{table}");
+}

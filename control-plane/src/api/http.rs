@@ -10,6 +10,7 @@
 //! | `DELETE /v1/instances/{id}`           | `DeregisterResponse`                          |
 //! | `PUT /v1/checks/{id}/{pass,warn,fail}`| renews a TTL check; body: the output to show  |
 //! | `GET /v1/sidecars`                    | `ListSidecarsResponse`                        |
+//! | `GET /v1/traffic`                     | `TrafficResponse`: the last minute's figures  |
 //! | `GET /metrics`                        | Prometheus text                               |
 //! | `GET /ready`                          | 200 once serving                              |
 //!
@@ -85,6 +86,8 @@ pub struct HttpState {
     pub blocking: Arc<tokio::sync::Semaphore>,
     pub resources: Arc<crate::resources::Resources>,
     pub authority: Arc<Authority>,
+    /// The sidecars' traffic reports.
+    pub traffic: Arc<crate::traffic::Traffic>,
 }
 
 /// `GET /ready`: 200 while serving; 503 while a shared store is unreachable (this replica still
@@ -112,6 +115,7 @@ pub fn router(
         .route("/v1/instances/{id}", get(instance).delete(deregister))
         .route("/v1/checks/{id}/{status}", put(update_ttl).layer(DefaultBodyLimit::max(MAX_TTL_OUTPUT_BYTES)))
         .route("/v1/sidecars", get(sidecars))
+        .route("/v1/traffic", get(traffic))
         .route("/metrics", get(metrics))
         .route("/ready", get(ready))
         .fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
@@ -405,6 +409,14 @@ async fn sidecars(
 ) -> Result<Json<v1::ListSidecarsResponse>, ApiError> {
     principal.require_read("listing sidecars")?;
     Ok(Json(v1::ListSidecarsResponse { sidecars: state.sidecars.list(&state.registry, &state.resources, &state.authority) }))
+}
+
+async fn traffic(
+    State(state): State<HttpState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<v1::TrafficResponse>, ApiError> {
+    principal.require_read("reading traffic figures")?;
+    Ok(Json(state.traffic.snapshot()))
 }
 
 async fn metrics(State(state): State<HttpState>) -> Response {

@@ -52,6 +52,7 @@ pub struct DiscoveryService {
     metrics: PushMetrics,
     server_id: String,
     shutdown: CancellationToken,
+    traffic: Arc<crate::traffic::Traffic>,
 }
 
 /// A validated Hello.
@@ -142,7 +143,15 @@ impl DiscoveryService {
         shutdown: CancellationToken,
     ) -> Self {
         let server_id = format!("{:016x}", rand::random::<u64>());
-        Self { registry, resources, sidecars, authority, tokens, addresses, config, metrics, server_id, shutdown }
+        let traffic = Arc::default();
+        Self { registry, resources, sidecars, authority, tokens, addresses, config, metrics, server_id, shutdown, traffic }
+    }
+
+    /// The same service, adding its sidecars' traffic reports to `traffic` (by default, a
+    /// window of its own that nothing reads).
+    pub fn with_traffic(mut self, traffic: Arc<crate::traffic::Traffic>) -> Self {
+        self.traffic = traffic;
+        self
     }
 }
 
@@ -225,6 +234,7 @@ impl Discovery for DiscoveryService {
             hello.versions,
             credentials,
         );
+        let session = session.reporting_traffic(self.traffic.clone());
         let session =
             if hello.intercept { session.intercepting(self.addresses.clone(), hello.addresses_version) } else { session };
         let (registry, sidecars, metrics, shutdown) =
@@ -254,5 +264,10 @@ impl Discovery for DiscoveryService {
         Principal::of(&request)?.require_read("listing sidecars")?;
         let sidecars = self.sidecars.list(&self.registry, &self.resources, &self.authority);
         Ok(Response::new(v1::ListSidecarsResponse { sidecars }))
+    }
+
+    async fn traffic(&self, request: Request<v1::TrafficRequest>) -> Result<Response<v1::TrafficResponse>, Status> {
+        Principal::of(&request)?.require_read("reading traffic figures")?;
+        Ok(Response::new(self.traffic.snapshot()))
     }
 }

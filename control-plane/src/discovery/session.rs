@@ -122,6 +122,9 @@ pub struct Session {
     /// The address table, for a sidecar that intercepts.
     addresses: Option<AddressFeed>,
     credentials: Credentials,
+    /// Where the sidecar's traffic reports go, with its service (the caller of its outbound
+    /// figures); without it, reports are checked and dropped.
+    traffic: Option<(Arc<crate::traffic::Traffic>, Arc<str>)>,
 }
 
 /// The address table as one intercepting sidecar is sent it.
@@ -205,6 +208,7 @@ impl Session {
             authorization_held: None,
             addresses: None,
             credentials,
+            traffic: None,
             id,
             registry,
             resources,
@@ -232,6 +236,12 @@ impl Session {
     pub fn intercepting(mut self, table: Arc<AddressTable>, held: u64) -> Self {
         let watch = WatchStream::new(table.watch());
         self.addresses = Some(AddressFeed { table, watch, held: (held > 0).then_some(held), rejected: None });
+        self
+    }
+
+    /// Adds the sidecar's traffic reports to `traffic`.
+    pub fn reporting_traffic(mut self, traffic: Arc<crate::traffic::Traffic>) -> Self {
+        self.traffic = Some((traffic, Arc::from(self.record.service.as_str())));
         self
     }
 
@@ -337,6 +347,12 @@ impl Session {
                 };
                 if let Ok(true) = self.registry.record_health(&id, health, statuses, Some(self.id)) {
                     tracing::info!(node = %self.record.node_id, instance = %id, %health, "instance health changed");
+                }
+            }
+            Some(sidecar_message::Message::Traffic(report)) => {
+                validate::traffic_report(&report).map_err(|e| Status::invalid_argument(e.within("traffic").to_string()))?;
+                if let Some((traffic, service)) = &self.traffic {
+                    traffic.record(service, &report);
                 }
             }
             Some(sidecar_message::Message::Hello(_)) => return Err(Status::invalid_argument("hello: sent twice on one stream")),

@@ -428,6 +428,53 @@ pub fn service_resources(resources: &v1::ServiceResources) -> Result<(), FieldEr
     }
 }
 
+/// The longest interval a traffic report may say it covers.
+pub const MAX_TRAFFIC_INTERVAL: Duration = Duration::from_secs(600);
+
+/// A sidecar's traffic report: at most [`crate::traffic::MAX_OUTBOUND`] destinations, each named
+/// once and validly, with one latency count per bucket and no more failures than requests.
+pub fn traffic_report(report: &v1::TrafficReport) -> Result<(), FieldError> {
+    if report.interval_ms == 0 || u128::from(report.interval_ms) > MAX_TRAFFIC_INTERVAL.as_millis() {
+        return Err(FieldError::new(
+            "interval_ms",
+            format!("{} is not within 1..={}", report.interval_ms, MAX_TRAFFIC_INTERVAL.as_millis()),
+        ));
+    }
+    if report.outbound.len() > crate::traffic::MAX_OUTBOUND {
+        return Err(FieldError::new(
+            "outbound",
+            format!("{} destinations; at most {}", report.outbound.len(), crate::traffic::MAX_OUTBOUND),
+        ));
+    }
+    let mut seen = HashSet::with_capacity(report.outbound.len());
+    for (i, figures) in report.outbound.iter().enumerate() {
+        let at = format!("outbound[{i}]");
+        traffic_figures(figures).map_err(|e| e.within(&at))?;
+        if !seen.insert(figures.service.as_str()) {
+            return Err(FieldError::new(format!("{at}.service"), format!("{:?} appears twice", figures.service)));
+        }
+    }
+    if let Some(inbound) = &report.inbound {
+        traffic_figures(inbound).map_err(|e| e.within("inbound"))?;
+    }
+    Ok(())
+}
+
+/// The figures of one service in a traffic report.
+pub fn traffic_figures(figures: &v1::TrafficFigures) -> Result<(), FieldError> {
+    service_name("service", &figures.service)?;
+    if figures.failures > figures.requests {
+        return Err(FieldError::new("failures", format!("{} is more than the {} requests", figures.failures, figures.requests)));
+    }
+    if figures.latency_counts.len() != crate::traffic::LATENCY_COUNTS {
+        return Err(FieldError::new(
+            "latency_counts",
+            format!("{} buckets; the protocol has {}", figures.latency_counts.len(), crate::traffic::LATENCY_COUNTS),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -511,5 +558,53 @@ mod tests {
         assert_eq!(json["node_id"], "n1");
         let back: v1::Instance = serde_json::from_value(json).expect("deserialize");
         assert_eq!(back.node_id, "n1");
+    }
+
+    fn figures(service: &str, requests: u64) -> v1::TrafficFigures {
+        let mut latency_counts = vec![0; crate::traffic::LATENCY_COUNTS];
+        latency_counts[0] = requests;
+        v1::TrafficFigures { service: service.into(), requests, failures: 0, latency_counts }
+    }
+
+    #[test]
+    fn a_traffic_report_is_bounded_and_shaped_like_the_buckets() {
+        let good =
+            v1::TrafficReport { interval_ms: 5000, outbound: vec![figures("catalog", 3)], inbound: Some(figures("frontend", 1)) };
+        assert_eq!(traffic_report(&good), Ok(()));
+
+        let mut short = good.clone();
+        short.outbound[0].latency_counts.pop();
+        assert_eq!(traffic_report(&short).err().map(|e| e.field).as_deref(), Some("outbound[0].latency_counts"));
+
+        let mut twice = good.clone();
+        twice.outbound.push(figures("catalog", 1));
+        assert_eq!(traffic_report(&twice).err().map(|e| e.field).as_deref(), Some("outbound[1].service"));
+
+        let mut too_many = good.clone();
+        too_many.outbound = (0..=crate::traffic::MAX_OUTBOUND).map(|i| figures(&format!("s{i}"), 1)).collect();
+        assert_eq!(traffic_report(&too_many).err().map(|e| e.field).as_deref(), Some("outbound"));
+
+        let mut bad_name = good.clone();
+        bad_name.inbound = Some(figures("Not A Name", 1));
+        assert_eq!(traffic_report(&bad_name).err().map(|e| e.field).as_deref(), Some("inbound.service"));
+
+        let mut failing = good.clone();
+        failing.outbound[0].failures = 4;
+        assert_eq!(traffic_report(&failing).err().map(|e| e.field).as_deref(), Some("outbound[0].failures"));
+
+        assert_eq!(
+            traffic_report(&v1::TrafficReport { interval_ms: 0, ..good }).err().map(|e| e.field).as_deref(),
+            Some("interval_ms")
+        );
+    }
+
+    #[test]
+    fn a_latency_falls_in_the_first_bucket_whose_bound_it_does_not_pass() {
+        use crate::traffic::{LATENCY_BUCKETS_MS, bucket};
+        assert_eq!(bucket(Duration::ZERO), 0);
+        assert_eq!(bucket(Duration::from_millis(1)), 0);
+        assert_eq!(bucket(Duration::from_micros(1001)), 1);
+        assert_eq!(bucket(Duration::from_millis(12)), 5);
+        assert_eq!(bucket(Duration::from_secs(3600)), LATENCY_BUCKETS_MS.len());
     }
 }

@@ -16,6 +16,9 @@
 //! CA rotation needs no new file), and carries the sidecar's token. Pushes also carry the trust
 //! bundle and the authorization policy of the sidecar's own service; everything in a push is
 //! checked before any of it is applied.
+//!
+//! Every [`TRAFFIC_REPORT_INTERVAL`] while connected, the stream sends what the sidecar proxied
+//! since the last report ([`crate::metrics::TrafficTally`]), if anything.
 
 mod access;
 mod status;
@@ -49,6 +52,9 @@ const OUTPUT_REFRESH: Duration = Duration::from_secs(10);
 /// The largest push the sidecar accepts.
 const MAX_PUSH_BYTES: usize = 64 << 20;
 
+/// How often the traffic figures are reported, by default.
+pub const TRAFFIC_REPORT_INTERVAL: Duration = Duration::from_secs(5);
+
 /// How long the control plane may take to answer Hello.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -69,6 +75,8 @@ pub struct ControlConfig {
     pub mtls: bool,
     /// Whether the sidecar intercepts its app's connections: it asks for the address table.
     pub intercept: bool,
+    /// How often the traffic figures are sent ([`TRAFFIC_REPORT_INTERVAL`] but in tests).
+    pub traffic_interval: Duration,
 }
 
 /// Why one stream ended.
@@ -294,8 +302,25 @@ async fn stream(
 
     let mut output_due: Option<tokio::time::Instant> = None;
     let mut last_report = tokio::time::Instant::now();
+    // Traffic counted while no stream was up is dropped: a report covers only time connected,
+    // so the control plane's rates are not inflated by a burst of stale counts.
+    let _ = metrics.traffic.take(Duration::ZERO);
+    let mut traffic_taken = tokio::time::Instant::now();
+    let mut traffic_due = tokio::time::interval_at(traffic_taken + config.traffic_interval, config.traffic_interval);
+    traffic_due.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = traffic_due.tick() => {
+                let now = tokio::time::Instant::now();
+                if let Some(report) = metrics.traffic.take(now - traffic_taken) {
+                    match outbound.try_send(message(sidecar_message::Message::Traffic(report))) {
+                        // A report that finds the queue full is dropped: figures, not state.
+                        Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+                        Err(mpsc::error::TrySendError::Closed(_)) => return Err(StreamError::Protocol("stream closed".into())),
+                    }
+                }
+                traffic_taken = now;
+            }
             () = health_changed(health.as_mut()) => {
                 let Some(watch) = health.as_mut() else { continue };
                 let (report, urgency) = watch.current();

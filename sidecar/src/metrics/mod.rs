@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, atomic::AtomicU64};
 
-pub use self::balance::BalanceMetrics;
+pub use self::{balance::BalanceMetrics, traffic::TrafficTally};
 use arc_swap::ArcSwap;
 
 use prometheus_client::{
@@ -18,6 +18,7 @@ use prometheus_client::{
 };
 
 pub mod balance;
+pub mod traffic;
 
 /// Every metric of the sidecar.
 #[derive(Clone)]
@@ -49,6 +50,8 @@ pub struct Metrics {
     /// Inbound connections refused before any request: plaintext to a strict listener, a failed
     /// handshake, a handshake that took too long.
     pub inbound_refused: Family<ReasonLabels, Counter>,
+    /// The figures reported to the control plane (not exported to Prometheus).
+    pub traffic: TrafficTally,
 }
 
 /// The request metrics of one service in one direction, found once. Cheap to clone.
@@ -62,6 +65,8 @@ struct ServiceHandles {
     direction: &'static str,
     service: Arc<str>,
     duration: Histogram,
+    /// The traffic figures of the service; `None` for what is not reported.
+    traffic: Option<Arc<traffic::TrafficCounters>>,
     /// The counter of each (route, status) seen so far: a family lookup hashes every label, a
     /// scan of these compares a pointer or two.
     counters: ArcSwap<Vec<(Arc<str>, &'static str, Counter)>>,
@@ -81,6 +86,10 @@ impl ServiceMetrics {
     pub fn record(&self, route: &Arc<str>, status: &'static str, elapsed: std::time::Duration) {
         let inner = &*self.inner;
         inner.duration.observe(elapsed.as_secs_f64());
+        if let Some(traffic) = &inner.traffic {
+            // Failed: a 5xx from the app or the mesh's own answer (a reason code).
+            traffic.count(!matches!(status, "1xx" | "2xx" | "3xx" | "4xx"), elapsed);
+        }
         let same = |(r, s, _): &&(Arc<str>, &'static str, Counter)| (Arc::ptr_eq(r, route) || r == route) && *s == status;
         if let Some((_, _, counter)) = inner.counters.load().iter().find(same) {
             counter.inc();
@@ -223,6 +232,7 @@ impl Metrics {
             identity_expiration: Gauge::default(),
             inbound_authz: Family::default(),
             inbound_refused: Family::default(),
+            traffic: TrafficTally::default(),
         };
         metrics.balance.register(registry);
         registry.register(
@@ -316,12 +326,14 @@ impl Metrics {
     /// requests (a destination's stack, the inbound proxy) so that counting looks nothing up.
     pub fn service(&self, direction: &'static str, service: Arc<str>) -> ServiceMetrics {
         let duration = self.request_duration.get_or_create(&DirectionLabels { direction, service: service.clone() }).clone();
+        let traffic = self.traffic.counters(direction, &service);
         ServiceMetrics {
             inner: Arc::new(ServiceHandles {
                 requests: self.requests.clone(),
                 direction,
                 service,
                 duration,
+                traffic,
                 counters: ArcSwap::default(),
             }),
         }

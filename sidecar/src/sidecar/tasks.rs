@@ -306,6 +306,7 @@ pub fn control_plane_tasks(
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
             intercept: config.intercept,
+            traffic_interval: config.traffic_report_interval,
         },
         shared.catalog.clone(),
         shared.mesh.clone(),

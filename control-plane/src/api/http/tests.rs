@@ -49,6 +49,7 @@ async fn api() -> Api {
         blocking: Arc::new(tokio::sync::Semaphore::new(MAX_BLOCKING_QUERIES)),
         resources,
         authority: authority.clone(),
+        traffic: Arc::default(),
     };
     let security = SecurityService { authority, tokens: tokens.clone(), sidecars };
     let auth = Auth { tokens, required: false, unauthenticated: Default::default() };
