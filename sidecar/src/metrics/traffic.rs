@@ -101,7 +101,9 @@ impl TrafficTally {
         if outbound.is_empty() && inbound.is_none() {
             return None;
         }
-        let interval_ms = u32::try_from(interval.as_millis()).unwrap_or(u32::MAX).max(1);
+        // Within what the control plane accepts, whatever --traffic-report-interval says.
+        let interval = interval.clamp(Duration::from_millis(1), validate::MAX_TRAFFIC_INTERVAL);
+        let interval_ms = u32::try_from(interval.as_millis()).unwrap_or(u32::MAX);
         Some(v1::TrafficReport { interval_ms, outbound, inbound })
     }
 }
