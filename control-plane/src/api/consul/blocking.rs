@@ -54,7 +54,8 @@ impl Blocking {
                 self.index = Some(index).filter(|i| *i > 0);
             }
             "wait" => {
-                let wait = parse_wait(value).map_err(|why| ConsulError::bad_request(format!("wait: {why}")))?;
+                // The cap applies to waits alone: the parser returns what was written.
+                let wait = parse_duration(value).map_err(|why| ConsulError::bad_request(format!("wait: {why}")))?;
                 self.wait = if wait.is_zero() { DEFAULT_WAIT } else { wait.min(MAX_WAIT) };
             }
             "stale" | "consistent" | "cached" | "leader" => {}
@@ -64,37 +65,64 @@ impl Blocking {
     }
 }
 
-/// Parses a wait in Go's duration form, as Consul does: `30s`, `120000ms`, `5m`, `1m30s`, `1.5s`.
-pub fn parse_wait(text: &str) -> Result<Duration, String> {
+/// The longest duration Go's `time.Duration` holds (about 292 years): what Consul's own parser
+/// accepts, so anything longer is refused rather than cut.
+const MAX_GO_DURATION_NANOS: u128 = i64::MAX as u128;
+
+/// Parses a duration in Go's form, as Consul does (`30s`, `120000ms`, `5m`, `1m30s`, `1.5s`,
+/// `3h`), exactly: no cap here, since registrations read their TTLs, intervals and
+/// `DeregisterCriticalServiceAfter` with it too. A `wait` is capped where it is read
+/// ([`Blocking::take`]); a check's durations are bounded by Ferry's validation, which names the
+/// field. A duration past Go's range is refused.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text == "0" {
         return Ok(Duration::ZERO);
     }
     let invalid = || format!("{text:?} must be a duration such as 30s, 120000ms or 5m");
+    let too_long = || format!("{text:?} is longer than the longest duration (about 292 years)");
     if text.is_empty() {
         return Err(invalid());
     }
-    let mut total = 0f64;
+    let mut total: u128 = 0;
     let mut rest = text;
     while !rest.is_empty() {
         let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(invalid)?;
-        let number: f64 = rest[..digits].parse().map_err(|_| invalid())?;
+        let (whole, fraction) = rest[..digits].split_once('.').unwrap_or((&rest[..digits], ""));
+        if (whole.is_empty() && fraction.is_empty()) || fraction.contains('.') {
+            return Err(invalid());
+        }
         rest = &rest[digits..];
         let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
-        let seconds = match &rest[..unit_len] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
+        let unit_nanos: u128 = match &rest[..unit_len] {
+            "ns" => 1,
+            "us" | "µs" | "μs" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
             _ => return Err(invalid()),
         };
-        total += number * seconds;
         rest = &rest[unit_len..];
+        // Whole units exactly; of the fraction, what a nanosecond resolves (as Go does).
+        let mut nanos: u128 = 0;
+        for digit in whole.bytes() {
+            nanos = nanos.checked_mul(10).and_then(|n| n.checked_add(u128::from(digit - b'0'))).ok_or_else(too_long)?;
+            if nanos > MAX_GO_DURATION_NANOS {
+                return Err(too_long());
+            }
+        }
+        nanos = nanos.checked_mul(unit_nanos).ok_or_else(too_long)?;
+        let mut scale = unit_nanos;
+        for digit in fraction.bytes() {
+            scale /= 10;
+            nanos += u128::from(digit - b'0') * scale;
+        }
+        total = total.checked_add(nanos).filter(|t| *t <= MAX_GO_DURATION_NANOS).ok_or_else(too_long)?;
     }
-    // Anything past the longest wait is cut to it; this only keeps the conversion in range.
-    Ok(Duration::from_secs_f64(total.min(MAX_WAIT.as_secs_f64() * 10.0)))
+    let secs = u64::try_from(total / 1_000_000_000).map_err(|_| too_long())?;
+    let subsec = u32::try_from(total % 1_000_000_000).map_err(|_| too_long())?;
+    Ok(Duration::new(secs, subsec))
 }
 
 /// What wakes a blocking query to look again.
@@ -195,15 +223,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn waits_read_in_consuls_forms() {
-        assert_eq!(parse_wait("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_wait("120000ms"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_wait("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_wait("1m30s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_wait("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_wait("0"), Ok(Duration::ZERO));
-        for bad in ["", "30", "s", "5 m", "5d", "-1s", "1s2"] {
-            assert!(parse_wait(bad).is_err(), "{bad:?} is refused");
+    fn durations_read_in_consuls_forms() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("120000ms"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        for bad in ["", "30", "s", "5 m", "5d", "-1s", "1s2", ".s", "1.2.3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} is refused");
+        }
+    }
+
+    #[test]
+    fn durations_are_exact_however_long_and_refused_past_gos_range() {
+        assert_eq!(parse_duration("3h"), Ok(Duration::from_secs(3 * 3600)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(24 * 3600)));
+        assert_eq!(parse_duration("8760h"), Ok(Duration::from_secs(365 * 24 * 3600)));
+        assert_eq!(parse_duration("2562047h"), Ok(Duration::from_secs(2_562_047 * 3600)));
+        for too_long in ["2562048h", "99999999999999999999999999999999999999999h", "9223372036854775808ns"] {
+            let why = parse_duration(too_long).expect_err("past Go's range");
+            assert!(why.contains("longer than"), "{too_long:?}: {why}");
         }
     }
 

@@ -253,10 +253,26 @@ pub fn consul_field(field: &str) -> String {
         if let Some(rest) = field.strip_prefix(ferry)
             && (rest.is_empty() || rest.starts_with(['[', '.']))
         {
-            return format!("{consul}{rest}");
+            return format!("{consul}{}", if ferry == "checks" { consul_check_field(rest) } else { rest.to_owned() });
         }
     }
     field.to_owned()
+}
+
+/// Consul's name of a field inside a check (`[0].ttl.ttl` is `[0].TTL`), so a duration
+/// Ferry's validation refuses is named as the client wrote it.
+fn consul_check_field(rest: &str) -> String {
+    let Some((index, field)) = rest.split_once("].") else { return rest.to_owned() };
+    let renamed = match field {
+        "ttl.ttl" => "TTL",
+        "interval" => "Interval",
+        "timeout" => "Timeout",
+        "success_threshold" => "SuccessBeforePassing",
+        "failure_threshold" => "FailuresBeforeCritical",
+        "id" => "CheckID",
+        other => other,
+    };
+    format!("{index}].{renamed}")
 }
 
 fn prefixed(error: FieldError, parent: &str) -> FieldError {
@@ -322,7 +338,7 @@ fn duration(body: &Map<String, Value>, key: &str, name: &str) -> Result<Option<D
     match body.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.is_empty() => Ok(None),
-        Some(Value::String(s)) => super::blocking::parse_wait(s).map(Some).map_err(|why| FieldError::new(name, why)),
+        Some(Value::String(s)) => super::blocking::parse_duration(s).map(Some).map_err(|why| FieldError::new(name, why)),
         Some(Value::Number(n)) => n
             .as_u64()
             .map(|ns| Some(Duration::from_nanos(ns)))
@@ -434,6 +450,39 @@ mod tests {
         assert_eq!(refused(json!({"Checks": [{"TTL": "5s"}, {"UDP": "x:53", "Interval": "5s"}]})), "Checks[1].UDP");
         assert_eq!(refused(json!({"Check": {"HTTP": "http://x/", "Interval": "5s", "Method": "POST"}})), "Check.Method");
         assert_eq!(refused(json!({"Check": {"TTL": "soon"}})), "Check.TTL");
+    }
+
+    #[test]
+    fn long_check_durations_are_kept_exactly_and_refused_by_field_when_out_of_range() {
+        let instance = register(json!({
+            "Name": "web", "Address": "10.0.0.5", "Port": 80,
+            "Check": {"TTL": "3h", "DeregisterCriticalServiceAfter": "24h"}
+        }))
+        .expect("valid in this test");
+        assert!(matches!(&instance.checks[0].probe, Some(Probe::Ttl(t)) if t.ttl.as_ref().map(|d| d.seconds) == Some(3 * 3600)));
+        assert_eq!(instance.deregister_critical_after.map(|d| d.seconds), Some(24 * 3600));
+        let refused =
+            |instance: v1::Instance| consul_field(&ferry_proto::validate::instance(&instance).expect_err("out of range").field);
+        assert_eq!(ferry_proto::validate::instance(&instance), Ok(()), "3h and 24h are in Ferry's range");
+        let long_ttl = register(json!({"Name": "web", "Address": "10.0.0.5", "Port": 80, "Check": {"TTL": "25h"}}))
+            .expect("parsed in this test");
+        assert_eq!(refused(long_ttl), "Checks[0].TTL", "Ferry's TTLs end at 24h");
+        let long_interval = register(json!({
+            "Name": "web", "Address": "10.0.0.5", "Port": 80,
+            "Check": {"HTTP": "http://10.0.0.5/", "Interval": "25h"}
+        }))
+        .expect("parsed in this test");
+        assert_eq!(long_interval.checks[0].interval.as_ref().map(|d| d.seconds), Some(25 * 3600));
+        assert_eq!(refused(long_interval), "Checks[0].Interval");
+        let long_after = register(json!({
+            "Name": "web", "Address": "10.0.0.5", "Port": 80,
+            "Check": {"TTL": "30s", "DeregisterCriticalServiceAfter": "9000h"}
+        }))
+        .expect("parsed in this test");
+        assert_eq!(refused(long_after), "DeregisterCriticalServiceAfter");
+        let overflow = register(json!({"Name": "web", "Address": "10.0.0.5", "Port": 80, "Check": {"TTL": "99999999999h"}}))
+            .expect_err("past Go's range");
+        assert_eq!(overflow.field, "Check.TTL");
     }
 
     #[test]
