@@ -131,6 +131,9 @@ pub enum Wake {
     Service(watch::Receiver<Arc<ServiceSnapshot>>),
     /// Every service: look again every [`POLL`].
     Poll,
+    /// Nothing: what is asked about cannot change (the one node, a name no service can have),
+    /// so a blocking query waits out its wait, as Consul's would.
+    Never,
 }
 
 /// Answers a list request: `view` gives the index of what it lists (never 0) and the answer;
@@ -160,6 +163,7 @@ pub async fn answer<T>(
                     }
                 }
                 Wake::Poll => tokio::time::sleep(POLL).await,
+                Wake::Never => std::future::pending::<()>().await,
             }
         };
         tokio::select! {

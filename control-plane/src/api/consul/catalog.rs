@@ -11,7 +11,7 @@ use axum::{
 use super::{
     ConsulError, ConsulState, ReadQuery, all_instances,
     blocking::{self, Wake},
-    indexed, node_meta_accepts, views,
+    indexed, no_such_service, node_meta_accepts, valid_service_name, views,
 };
 use crate::auth::Principal;
 
@@ -53,6 +53,9 @@ pub async fn service(
     principal.require_read("listing instances")?;
     let query = ReadQuery::parse(&state.consul, pairs)?;
     let node_ok = node_meta_accepts(&state.consul, &query)?;
+    if !valid_service_name(&name) {
+        return no_such_service(&state, query.blocking).await;
+    }
     let watch = state.http.registry.watch(&name);
     let snapshots = watch.clone();
     let (index, entries) = blocking::answer(&state.http, query.blocking, Wake::Service(watch), || {
@@ -78,7 +81,7 @@ pub async fn nodes(
     let query = ReadQuery::parse(&state.consul, pairs)?;
     let nodes = if node_meta_accepts(&state.consul, &query)? { vec![state.consul.node()] } else { Vec::new() };
     // The node never changes: a blocking query waits out its wait, as Consul's would.
-    let (index, nodes) = blocking::answer(&state.http, query.blocking, Wake::Poll, || (1, nodes.clone())).await?;
+    let (index, nodes) = blocking::answer(&state.http, query.blocking, Wake::Never, || (1, nodes.clone())).await?;
     Ok(indexed(index, nodes))
 }
 

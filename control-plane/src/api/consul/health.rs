@@ -9,7 +9,7 @@ use axum::{
 use super::{
     ConsulError, ConsulState, ReadQuery, all_instances,
     blocking::{self, Wake},
-    indexed, node_meta_accepts, views,
+    indexed, no_such_service, node_meta_accepts, valid_service_name, views,
 };
 use crate::auth::Principal;
 
@@ -25,6 +25,9 @@ pub async fn service(
     let query = ReadQuery::parse(&state.consul, pairs)?;
     let node_ok = node_meta_accepts(&state.consul, &query)?;
     let passing = query.flag("passing");
+    if !valid_service_name(&name) {
+        return no_such_service(&state, query.blocking).await;
+    }
     let watch = state.http.registry.watch(&name);
     let snapshots = watch.clone();
     let (index, entries) = blocking::answer(&state.http, query.blocking, Wake::Service(watch), || {
@@ -49,6 +52,9 @@ pub async fn checks(
 ) -> Result<Response, ConsulError> {
     principal.require_read("listing checks")?;
     let query = ReadQuery::parse(&state.consul, pairs)?;
+    if !valid_service_name(&name) {
+        return no_such_service(&state, query.blocking).await;
+    }
     let watch = state.http.registry.watch(&name);
     let snapshots = watch.clone();
     let (index, checks) = blocking::answer(&state.http, query.blocking, Wake::Service(watch), || {

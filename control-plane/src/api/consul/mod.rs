@@ -43,6 +43,8 @@ mod health;
 mod register;
 mod shapes;
 mod tags;
+#[cfg(test)]
+mod tests;
 
 /// The node every instance is on.
 pub const NODE_NAME: &str = "ferry";
@@ -355,6 +357,20 @@ fn views<'a>(state: &ConsulState, query: &ReadQuery, instances: impl Iterator<It
         .collect()
 }
 
+/// Whether `name` could be a Ferry service's. A name that could not is answered by
+/// [`no_such_service`] without asking the registry, whose watch would keep a placeholder for it
+/// (as long as the name, for as long as a blocking query holds it).
+fn valid_service_name(name: &str) -> bool {
+    ferry_proto::validate::service_name("service", name).is_ok()
+}
+
+/// The answer about a service that cannot exist: `[]` at index 1, as Consul answers an unknown
+/// service; a blocking query waits out its wait, watching nothing.
+async fn no_such_service(state: &ConsulState, blocking: blocking::Blocking) -> Result<Response, ConsulError> {
+    let (index, none) = blocking::answer(&state.http, blocking, blocking::Wake::Never, || (1, Vec::<()>::new())).await?;
+    Ok(indexed(index, none))
+}
+
 /// Every instance, of every service, by service and id.
 fn all_instances(state: &ConsulState) -> Vec<Arc<Instance>> {
     state
@@ -399,39 +415,4 @@ fn json_body(body: &[u8]) -> Result<serde_json::Value, ConsulError> {
         return Ok(serde_json::Value::Null);
     }
     serde_json::from_slice(body).map_err(|e| ConsulError::bad_request(format!("Request decode failed: {e}")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_token_leaves_the_query_and_other_parameters_stay() {
-        let uri: Uri = "/v1/health/service/web?passing&token=s%2Fecret&index=5".parse().expect("valid in this test");
-        let (token, uri) = take_token(&uri);
-        assert_eq!(token.as_deref(), Some("s/ecret"));
-        assert_eq!(uri.to_string(), "/v1/health/service/web?passing&index=5");
-        let (token, uri) = take_token(&"/v1/agent/self?token=x".parse().expect("valid in this test"));
-        assert_eq!((token.as_deref(), uri.to_string().as_str()), (Some("x"), "/v1/agent/self"));
-        assert_eq!(take_token(&"/v1/agent/self?tokens=x".parse().expect("valid in this test")).0, None);
-    }
-
-    #[test]
-    fn consuls_prefixes_are_told_from_ferrys_own() {
-        assert!(serves("/v1/agent/services"));
-        assert!(serves("/v1/kv/some/key"));
-        assert!(serves("/v1/status/leader"));
-        assert!(!serves("/v1/services"));
-        assert!(!serves("/v1/instances/web-1"));
-        assert!(!serves("/v1/routes/web"));
-        assert!(!serves("/metrics"));
-    }
-
-    #[test]
-    fn the_node_has_a_usable_address_when_the_api_listens_everywhere() {
-        let consul = Consul::new("dc1".into(), "0.0.0.0:8500".parse().expect("valid in this test"));
-        assert_eq!(consul.node_address, "127.0.0.1");
-        assert_eq!(consul.leader, "127.0.0.1:8500");
-        assert_eq!(consul.node().node, "ferry");
-    }
 }

@@ -1,0 +1,163 @@
+//! The Consul API through the HTTP API's router, in memory (no sockets, no authentication
+//! unless a test asks), and the pieces of its edge.
+
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use ferry_health::RunnerOptions;
+use ferry_proto::v1;
+use http_body_util::BodyExt;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use super::*;
+use crate::{
+    api::{
+        http::{self, MAX_BLOCKING_QUERIES},
+        security::SecurityService,
+    },
+    auth::{Auth, Tokens},
+    ca::{Authority, CaConfig},
+    checks::HealthChecks,
+    discovery::Sidecars,
+    metrics::Metrics,
+    registry::{InstanceSpec, Registry, RegistryConfig},
+    resources::Resources,
+    store::MemoryStore,
+};
+
+/// The HTTP API's router with the Consul routes, in memory.
+struct Api {
+    router: Router,
+    registry: Arc<Registry>,
+    _dir: tempfile::TempDir,
+}
+
+type Answer = (StatusCode, axum::http::HeaderMap, Bytes);
+
+async fn api() -> Api {
+    let metrics = Metrics::unregistered();
+    let registry =
+        Registry::open(Arc::new(MemoryStore::default()), RegistryConfig::default(), metrics.registry.clone(), Default::default())
+            .await
+            .expect("opens");
+    let resources =
+        Resources::open(Arc::new(MemoryStore::default()), Default::default(), Duration::from_secs(5), Default::default())
+            .await
+            .expect("opens");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = CaConfig {
+        trust_domain: "ferry.local".into(),
+        cert_ttl: Duration::from_secs(60),
+        operator: None,
+        data_dir: dir.path().to_path_buf(),
+        key_files: false,
+        metrics: Default::default(),
+    };
+    let authority = Authority::open(ca, Arc::new(MemoryStore::default())).await.expect("CA");
+    let tokens = Tokens::open(Arc::new(MemoryStore::default())).await.expect("tokens");
+    let sidecars = Arc::new(Sidecars::default());
+    let state = HttpState {
+        registry: registry.clone(),
+        checks: HealthChecks::new(registry.clone(), RunnerOptions::default(), metrics.health, Vec::new()),
+        sidecars: sidecars.clone(),
+        metrics: Arc::new(prometheus_client::registry::Registry::default()),
+        shutdown: CancellationToken::new(),
+        blocking: Arc::new(tokio::sync::Semaphore::new(MAX_BLOCKING_QUERIES)),
+        resources,
+        authority: authority.clone(),
+        traffic: Arc::default(),
+    };
+    let security = SecurityService { authority, tokens: tokens.clone(), sidecars };
+    let auth = Auth { tokens, required: false, unauthenticated: Default::default() };
+    let consul = Arc::new(Consul::new("dc1".into(), ([127, 0, 0, 1], 7071).into()));
+    Api { router: http::router(state, security, auth, consul), registry, _dir: dir }
+}
+
+impl Api {
+    async fn send(&self, request: axum::http::Request<Body>) -> Answer {
+        let response = self.router.clone().oneshot(request).await.expect("the router never fails");
+        let (parts, body) = response.into_parts();
+        (parts.status, parts.headers, body.collect().await.expect("body").to_bytes())
+    }
+
+    async fn get(&self, path: &str) -> Answer {
+        self.send(axum::http::Request::get(path).body(Body::empty()).expect("request")).await
+    }
+
+    async fn register(&self, instance: v1::Instance) {
+        self.registry.register(InstanceSpec::try_from(instance).expect("valid")).await.expect("registers");
+    }
+}
+
+fn json(answer: &Answer) -> serde_json::Value {
+    serde_json::from_slice(&answer.2).expect("JSON")
+}
+
+#[tokio::test]
+async fn a_name_no_service_can_have_is_an_empty_answer_and_watches_nothing() {
+    let api = api().await;
+    let long = "a".repeat(60 * 1024);
+    for path in ["/v1/health/service", "/v1/health/checks", "/v1/catalog/service"] {
+        for name in [long.as_str(), "Upper", "dots.in.it"] {
+            let answer = api.get(&format!("{path}/{name}")).await;
+            assert_eq!(answer.0, StatusCode::OK, "{path}");
+            assert_eq!(json(&answer), serde_json::json!([]), "{path}");
+            assert_eq!(answer.1["x-consul-index"], "1", "{path}");
+            assert!(api.registry.snapshot(name).is_none(), "{path}/{name} left no placeholder");
+        }
+    }
+}
+
+/// An instance of `service` with no checks, as a sidecar registers it.
+fn instance(id: &str, service: &str) -> v1::Instance {
+    v1::Instance { id: id.into(), service: service.into(), address: "127.0.0.1".into(), port: 8080, ..Default::default() }
+}
+
+#[tokio::test]
+async fn a_valid_name_is_still_looked_up() {
+    let api = api().await;
+    api.register(instance("web-1", "web")).await;
+    let answer = api.get("/v1/catalog/service/web").await;
+    assert_eq!(json(&answer)[0]["ServiceID"], "web-1");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_blocking_query_on_a_name_no_service_can_have_waits_out_its_wait() {
+    let api = api().await;
+    let started = tokio::time::Instant::now();
+    let answer = api.get("/v1/health/service/Bad.Name?index=1&wait=2s").await;
+    assert_eq!((answer.0, answer.1["x-consul-index"].to_str().ok()), (StatusCode::OK, Some("1")));
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert!(api.registry.snapshot("Bad.Name").is_none());
+}
+
+#[test]
+fn the_token_leaves_the_query_and_other_parameters_stay() {
+    let uri: Uri = "/v1/health/service/web?passing&token=s%2Fecret&index=5".parse().expect("valid in this test");
+    let (token, uri) = take_token(&uri);
+    assert_eq!(token.as_deref(), Some("s/ecret"));
+    assert_eq!(uri.to_string(), "/v1/health/service/web?passing&index=5");
+    let (token, uri) = take_token(&"/v1/agent/self?token=x".parse().expect("valid in this test"));
+    assert_eq!((token.as_deref(), uri.to_string().as_str()), (Some("x"), "/v1/agent/self"));
+    assert_eq!(take_token(&"/v1/agent/self?tokens=x".parse().expect("valid in this test")).0, None);
+}
+
+#[test]
+fn consuls_prefixes_are_told_from_ferrys_own() {
+    assert!(serves("/v1/agent/services"));
+    assert!(serves("/v1/kv/some/key"));
+    assert!(serves("/v1/status/leader"));
+    assert!(!serves("/v1/services"));
+    assert!(!serves("/v1/instances/web-1"));
+    assert!(!serves("/v1/routes/web"));
+    assert!(!serves("/metrics"));
+}
+
+#[test]
+fn the_node_has_a_usable_address_when_the_api_listens_everywhere() {
+    let consul = Consul::new("dc1".into(), "0.0.0.0:8500".parse().expect("valid in this test"));
+    assert_eq!(consul.node_address, "127.0.0.1");
+    assert_eq!(consul.leader, "127.0.0.1:8500");
+    assert_eq!(consul.node().node, "ferry");
+}
