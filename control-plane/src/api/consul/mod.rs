@@ -162,20 +162,40 @@ pub fn serves(path: &str) -> bool {
     IMPLEMENTED_PREFIXES.contains(&prefix) || UNIMPLEMENTED_PREFIXES.contains(&prefix)
 }
 
-/// Maps Consul's token (`X-Consul-Token`, else `?token=`) onto Ferry's bearer token for the
-/// authentication after it, and takes `token` out of the query before anything logs the URI.
-/// A refused token answers as Consul does: 403 with a plain-text reason. Paths that are not
-/// Consul's pass unchanged.
-pub async fn consul_token(mut request: Request, next: Next) -> Response {
-    if !serves(request.uri().path()) {
-        return next.run(request).await;
-    }
+/// Consul's tokens on Ferry's HTTP port: `token` leaves every request's query (Ferry's own
+/// routes never read it, and a token must not reach the access log whatever the path), and on
+/// Consul's paths the Consul token becomes Ferry's bearer token, a refusal Consul's 403.
+pub async fn consul_token(request: Request, next: Next) -> Response {
+    let consul = serves(request.uri().path());
+    map_token(request, next, consul).await
+}
+
+/// [`consul_token`] for the `--consul-http` listener, where every path is Consul's: the token
+/// is mapped and a refusal is Consul's 403 whatever the path.
+pub async fn consul_http_token(request: Request, next: Next) -> Response {
+    map_token(request, next, true).await
+}
+
+/// Takes `token` out of the query before anything logs the URI; when `consul`, puts Consul's
+/// token in Ferry's `Authorization` with Consul's precedence (`?token=`, then
+/// `X-Consul-Token`, then `Authorization`) and answers a refusal as Consul does: 403 with a
+/// plain-text reason.
+async fn map_token(mut request: Request, next: Next, consul: bool) -> Response {
     let (query_token, uri) = take_token(request.uri());
     *request.uri_mut() = uri;
-    if !request.headers().contains_key(header::AUTHORIZATION) {
-        let token = request.headers().get("x-consul-token").and_then(|v| v.to_str().ok()).map(str::to_owned).or(query_token);
-        if let Some(value) = token.and_then(|t| HeaderValue::from_str(&format!("Bearer {}", t.trim())).ok()) {
-            request.headers_mut().insert(header::AUTHORIZATION, value);
+    if !consul {
+        return next.run(request).await;
+    }
+    let header_token = request.headers().get("x-consul-token").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    if let Some(token) = query_token.or(header_token) {
+        match HeaderValue::from_str(&format!("Bearer {}", token.trim())) {
+            Ok(value) => {
+                request.headers_mut().insert(header::AUTHORIZATION, value);
+            }
+            // A token that cannot be a header is no token: it must not fall back to a weaker one.
+            Err(_) => {
+                request.headers_mut().remove(header::AUTHORIZATION);
+            }
         }
     }
     let response = next.run(request).await;
@@ -196,12 +216,14 @@ fn take_token(uri: &Uri) -> (Option<String>, Uri) {
     let mut token = None;
     let kept: Vec<&str> = query
         .split('&')
-        .filter(|pair| match pair.split_once('=').map_or((*pair, ""), |(k, v)| (k, v)) {
-            ("token", value) => {
-                token = Some(percent_decode(value));
-                false
+        .filter(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            // `%74oken` is `token` to every query parser after this one.
+            if percent_decode(key) != "token" {
+                return true;
             }
-            _ => true,
+            token = Some(percent_decode(value));
+            false
         })
         .collect();
     if token.is_none() {

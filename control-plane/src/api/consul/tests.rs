@@ -144,6 +144,69 @@ fn the_token_leaves_the_query_and_other_parameters_stay() {
 }
 
 #[test]
+fn an_encoded_token_key_is_taken_out_too() {
+    let (token, uri) = take_token(&"/v1/services?%74oken=abc&%74%6F%6B%65%6E=def&x=1".parse().expect("valid in this test"));
+    assert_eq!((token.as_deref(), uri.to_string().as_str()), (Some("def"), "/v1/services?x=1"));
+    let (token, uri) = take_token(&"/metrics?token=abc".parse().expect("valid in this test"));
+    assert_eq!((token.as_deref(), uri.to_string().as_str()), (Some("abc"), "/metrics"));
+}
+
+/// A router that answers with the `Authorization` it saw and the URI, behind `layer`.
+async fn seen(layer: fn(Request, Next) -> BoxedResponse, path: &str, headers: &[(&str, &str)]) -> (StatusCode, String) {
+    let router = Router::new()
+        .fallback(|request: Request| async move {
+            let auth = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
+            if auth == "Bearer refused" {
+                return (StatusCode::UNAUTHORIZED, Json(json!({"error": "unknown token"}))).into_response();
+            }
+            format!("{auth} {}", request.uri()).into_response()
+        })
+        .layer(axum::middleware::from_fn(layer));
+    let mut request = axum::http::Request::get(path);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = router.oneshot(request.body(Body::empty()).expect("request")).await.expect("never fails");
+    let status = response.status();
+    let body = response.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+type BoxedResponse = std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>;
+
+fn main_port(request: Request, next: Next) -> BoxedResponse {
+    Box::pin(consul_token(request, next))
+}
+
+fn consul_port(request: Request, next: Next) -> BoxedResponse {
+    Box::pin(consul_http_token(request, next))
+}
+
+#[tokio::test]
+async fn tokens_are_taken_with_consuls_precedence_query_then_header_then_authorization() {
+    let all = [("x-consul-token", "header"), ("authorization", "Bearer bearer")];
+    assert_eq!(seen(main_port, "/v1/agent/services?token=query", &all).await.1, "Bearer query /v1/agent/services");
+    assert_eq!(seen(main_port, "/v1/agent/services", &all).await.1, "Bearer header /v1/agent/services");
+    assert_eq!(seen(main_port, "/v1/agent/services", &all[1..]).await.1, "Bearer bearer /v1/agent/services");
+}
+
+#[tokio::test]
+async fn the_main_port_strips_the_token_from_every_path_but_maps_it_only_on_consuls() {
+    assert_eq!(seen(main_port, "/v1/services?%74oken=s&x=1", &[]).await.1, "- /v1/services?x=1");
+    assert_eq!(seen(main_port, "/metrics?token=s", &[("x-consul-token", "h")]).await.1, "- /metrics");
+    let refused = seen(main_port, "/v1/services?token=refused", &[("authorization", "Bearer refused")]).await;
+    assert_eq!(refused.0, StatusCode::UNAUTHORIZED, "Ferry's own paths answer as Ferry does");
+}
+
+#[tokio::test]
+async fn the_consul_port_maps_the_token_and_answers_403_on_every_path() {
+    assert_eq!(seen(consul_port, "/anything?token=s&x=1", &[]).await.1, "Bearer s /anything?x=1");
+    let refused = seen(consul_port, "/v1/services?token=refused", &[]).await;
+    assert_eq!(refused.0, StatusCode::FORBIDDEN);
+    assert!(refused.1.starts_with("ACL not found: unknown token"), "{}", refused.1);
+}
+
+#[test]
 fn consuls_prefixes_are_told_from_ferrys_own() {
     assert!(serves("/v1/agent/services"));
     assert!(serves("/v1/kv/some/key"));
