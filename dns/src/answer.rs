@@ -21,7 +21,7 @@ use hickory_proto::{
 };
 
 use crate::{
-    AliasDomain, DnsConfig, DnsEndpoint,
+    AliasDomain, DnsConfig, DnsEndpoint, ZoneKind,
     name::{self, MeshName},
 };
 
@@ -95,8 +95,8 @@ impl Answer {
 pub(crate) struct Zone {
     origin: Name,
     lower: LowerName,
-    /// Whether the domain is an alias, which has Consul's RFC 2782 names too.
-    alias: bool,
+    /// `ferry.` or an alias, which has Consul's RFC 2782 names too and matches tags its own way.
+    kind: ZoneKind,
     ttl: u32,
     soa: Record,
 }
@@ -104,20 +104,20 @@ pub(crate) struct Zone {
 impl Zone {
     /// `ferry.` as `config` shapes it.
     pub(crate) fn ferry(config: &DnsConfig) -> Self {
-        Self::new(config, name::ferry(), false)
+        Self::new(config, name::ferry(), ZoneKind::Ferry)
     }
 
     /// The alias `domain` as `config` shapes it.
     pub(crate) fn alias(config: &DnsConfig, domain: &AliasDomain) -> Self {
-        Self::new(config, domain.name().clone(), true)
+        Self::new(config, domain.name().clone(), ZoneKind::Alias)
     }
 
-    fn new(config: &DnsConfig, origin: Name, alias: bool) -> Self {
+    fn new(config: &DnsConfig, origin: Name, kind: ZoneKind) -> Self {
         let negative_ttl = ttl_secs(config.negative_ttl);
         let rname = origin.prepend_label("hostmaster").expect("alias domains leave room for `hostmaster.`");
         let soa = SOA::new(origin.clone(), rname, SOA_SERIAL, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, negative_ttl);
         let soa = Record::from_rdata(origin.clone(), negative_ttl, RData::SOA(soa));
-        Self { lower: LowerName::new(&origin), origin, alias, ttl: ttl_secs(config.ttl), soa }
+        Self { lower: LowerName::new(&origin), origin, kind, ttl: ttl_secs(config.ttl), soa }
     }
 
     /// The domain's name.
@@ -125,9 +125,14 @@ impl Zone {
         &self.lower
     }
 
+    /// Whether the domain is `ferry.` or an alias.
+    pub(crate) fn kind(&self) -> ZoneKind {
+        self.kind
+    }
+
     /// What `name` means in this zone; `None` when it is not under the domain.
     pub(crate) fn parse(&self, name: &LowerName) -> Option<MeshName> {
-        MeshName::parse(name, &self.lower, self.alias)
+        MeshName::parse(name, &self.lower, self.kind == ZoneKind::Alias)
     }
 
     /// The name does not exist (RFC 2308 section 2.1).
@@ -180,9 +185,9 @@ impl Zone {
         Answer { authorities: Vec::new(), ..self.address(qname, qtype, ip) }
     }
 
-    /// `[TAG.]NAME.service.DOMAIN.`: the service's routable `endpoints` (those that carry
-    /// `tag` as their version or among their tags, when given), rotated left by `rotation` so
-    /// successive queries spread load.
+    /// `[TAG.]NAME.service.DOMAIN.`: the service's routable `endpoints` (when `tag` is given,
+    /// those it matches under this kind of domain, [`DnsEndpoint::matches_tag`]), rotated left
+    /// by `rotation` so successive queries spread load.
     ///
     /// A and AAAA hold only IP endpoints (a host name has no address of ours to give); SRV holds
     /// every endpoint, its target the `addr.DOMAIN.` name of an IP (with that A/AAAA added) or
@@ -197,7 +202,7 @@ impl Zone {
     ) -> Answer {
         let targets: Vec<(Target, u16)> = endpoints
             .iter()
-            .filter(|endpoint| tag.is_none_or(|tag| endpoint.has_tag(tag)))
+            .filter(|endpoint| tag.is_none_or(|tag| endpoint.matches_tag(tag, self.kind)))
             .filter_map(|endpoint| match Target::parse(&endpoint.address) {
                 Ok(target) => Some((target, endpoint.port)),
                 Err(error) => {
@@ -334,6 +339,7 @@ mod tests {
             port,
             version: version.map(str::to_owned),
             tags: Vec::new(),
+            has_tag_list: false,
         }
     }
 
@@ -399,16 +405,47 @@ mod tests {
         assert_eq!(answer, zone().nodata());
     }
 
+    fn consul_zone() -> Zone {
+        Zone::alias(&DnsConfig { ttl: Duration::from_secs(7), negative_ttl: Duration::from_secs(3) }, &AliasDomain::consul())
+    }
+
+    /// The review's case: web-1 tagged [primary, v9] at version v2, web-2 tagged [v2] at v9.
+    fn crossed_tags_and_versions() -> Vec<DnsEndpoint> {
+        let tagged = |id, address, version, tags: &[&str]| DnsEndpoint {
+            tags: tags.iter().map(|tag| (*tag).to_owned()).collect(),
+            has_tag_list: true,
+            ..endpoint(id, address, 80, Some(version))
+        };
+        vec![tagged("web-1", "10.0.0.1", "v2", &["primary", "v9"]), tagged("web-2", "10.0.0.2", "v9", &["v2"])]
+    }
+
     #[test]
-    fn tag_filters_on_tags_too() {
-        let mut endpoints = catalog();
-        endpoints[0].tags = vec!["primary".to_owned(), "Blue".to_owned()];
-        let answer = zone().service(&qname(), RecordType::A, &endpoints, Some("primary"), 0);
-        assert_eq!(addresses_of(&answer.answers), [ip("10.0.0.1")]);
-        let answer = zone().service(&qname(), RecordType::A, &endpoints, Some("blue"), 0);
-        assert_eq!(addresses_of(&answer.answers), [ip("10.0.0.1")], "tags match ignoring case");
-        assert!(endpoints[0].has_tag("v1") && endpoints[0].has_tag("PRIMARY") && !endpoints[0].has_tag("v2"));
-        assert!(!endpoints[4].has_tag("v1"), "no version, no tags");
+    fn under_ferry_a_tag_is_a_version_only() {
+        let endpoints = crossed_tags_and_versions();
+        let tagged = |tag| addresses_of(&zone().service(&qname(), RecordType::A, &endpoints, Some(tag), 0).answers);
+        assert_eq!(tagged("v9"), [ip("10.0.0.2")]);
+        assert_eq!(tagged("V2"), [ip("10.0.0.1")], "versions match ignoring case");
+        assert!(tagged("primary").is_empty(), "a Consul tag is no version");
+    }
+
+    #[test]
+    fn under_an_alias_a_tag_is_a_consul_tag() {
+        let mut endpoints = crossed_tags_and_versions();
+        let qname = Name::from_ascii("v2.web.service.consul.").expect("valid");
+        let tagged = |endpoints: &[DnsEndpoint], tag| {
+            addresses_of(&consul_zone().service(&qname, RecordType::A, endpoints, Some(tag), 0).answers)
+        };
+        assert_eq!(tagged(&endpoints, "v2"), [ip("10.0.0.2")], "as Consul answers: web-2 alone");
+        assert_eq!(tagged(&endpoints, "v9"), [ip("10.0.0.1")]);
+        assert_eq!(tagged(&endpoints, "PRIMARY"), [ip("10.0.0.1")], "tags match ignoring case");
+
+        // An empty tag list is still a list: its version does not stand in for tags.
+        endpoints[0].tags.clear();
+        assert!(tagged(&endpoints[..1], "v2").is_empty());
+        // Without a tag list (registered through Ferry's API), the version does.
+        endpoints[0].has_tag_list = false;
+        assert_eq!(tagged(&endpoints[..1], "v2"), [ip("10.0.0.1")]);
+        assert!(tagged(&catalog()[4..], "v1").is_empty(), "no version, no tags");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! | name | types | answer |
 //! |---|---|---|
 //! | `NAME.service.ferry.` | A, AAAA | the routable instances with an IPv4 / IPv6 address, rotated per query |
-//! | `TAG.NAME.service.ferry.` | A, AAAA | the same, only instances whose `version` label is TAG (e.g. `v2`) or whose tags include TAG ([`DnsEndpoint::has_tag`]) |
+//! | `TAG.NAME.service.ferry.` | A, AAAA | the same, only instances whose `version` label is TAG (e.g. `v2`) |
 //! | either of the above | SRV | every routable instance: priority 1, weight 1, its port, target `HEX.addr.ferry.` (with its A/AAAA as additional) or its host name |
 //! | `NAME.vip.ferry.` | A, AAAA | the service's virtual IP, as A or AAAA by its family (NODATA for the other family); NXDOMAIN when there is no such service, NODATA when it has no virtual IP yet, SERVFAIL when the directory cannot tell |
 //! | `HEX.addr.ferry.` | A, AAAA | the address spelled by 8 (IPv4) or 32 (IPv6) hex digits |
@@ -21,7 +21,8 @@
 //!
 //! | name | types | answer |
 //! |---|---|---|
-//! | `NAME.service.consul.`, `TAG.NAME.service.consul.`, `NAME.vip.consul.`, `HEX.addr.consul.`, `consul.` | as under `ferry.` | as under `ferry.`, SRV targets `HEX.addr.consul.` |
+//! | `NAME.service.consul.`, `NAME.vip.consul.`, `HEX.addr.consul.`, `consul.` | as under `ferry.` | as under `ferry.`, SRV targets `HEX.addr.consul.` |
+//! | `TAG.NAME.service.consul.` | as under `ferry.` | only instances whose Consul tags ([`TAGS_LABEL`]) include TAG, as Consul answers; an instance without a tag list (registered through Ferry's own API) by its `version` label ([`DnsEndpoint::matches_tag`]) |
 //! | `_NAME._tcp.service.consul.` | SRV; A, AAAA | as `NAME.service.consul.` |
 //! | `_NAME._TAG.service.consul.` | SRV; A, AAAA | as `TAG.NAME.service.consul.`: a protocol label other than `_tcp` is a tag, as Consul reads it |
 //!
@@ -47,14 +48,16 @@
 //!
 //! | name | types | answer |
 //! |---|---|---|
-//! | `NAME.service.ferry.`, `NAME.vip.ferry.`, and the same under each alias (`NAME.service.consul.`, `_NAME._tcp.service.consul.`) | A, AAAA | the virtual IP by its family, NODATA for the other family and every other type (but SRV of `NAME.service.ferry.`); a service without a virtual IP keeps its instances under `NAME.service.ferry.` |
+//! | `NAME.service.ferry.`, `NAME.vip.ferry.`, and the same under each alias (`NAME.service.consul.`, `_NAME._tcp.service.consul.`) for a service the address table knows | A, AAAA | the virtual IP by its family, NODATA for the other family and every other type (but SRV of `NAME.service.ferry.`); a service without a virtual IP keeps its instances under `NAME.service.ferry.` |
 //! | `NAME.service.ferry.`, `TAG.NAME.service.ferry.` (and their alias spellings) | SRV; A, AAAA | the instances, as above |
 //! | the bare `NAME.`, and `NAME.S.`, `NAME.service.D.S.`, `NAME.vip.D.S.` for each search domain S of resolv.conf and D `ferry` or an alias | any | for a service with a virtual IP: the virtual IP by its family, NODATA (without SOA) for every other type, at once; for any other NAME, forwarded |
-//! | any other name under `ferry.` or an alias | any | as without interception: never forwarded |
+//! | any other name under `ferry.` | any | as without interception: never forwarded |
+//! | any other name under an alias: a service the address table does not know (or cannot tell of yet), Consul's `X.node.`, `X.query.`, `X.connect.`, the alias itself | any | forwarded, so that during a migration the app still reaches a real Consul; `HEX.addr.` names (targets of this server's own SRV answers) excepted |
 //! | every other name | any | forwarded to the upstream resolvers, the answer relayed (rcode and sections); SERVFAIL when none answers or none is configured |
 //!
-//! Whether a bare name is a service is asked of [`Directory::virtual_ip`] only, which a sidecar
-//! answers from its mesh-wide address table: the names an app looks up cost no subscription.
+//! Whether a bare name, or a service name under an alias, is a service is asked of
+//! [`Directory::virtual_ip`] only, which a sidecar answers from its mesh-wide address table: the
+//! names an app looks up cost no subscription.
 //!
 //! Answers too large for UDP, relayed ones too, are truncated with the TC bit set (RFC 1035
 //! section 4.2.1, or the payload size the client advertises with EDNS, RFC 6891), so resolvers
@@ -103,8 +106,19 @@ const TCP_RESPONSE_BUFFER: usize = 32;
 /// The metadata label whose value `TAG.NAME.service.ferry.` matches.
 pub const VERSION_LABEL: &str = "version";
 /// The metadata label that holds the tags an instance was registered with through Consul's API,
-/// as a JSON list of strings (`["primary","version=v2"]`).
+/// as a JSON list of strings (`["primary","version=v2"]`), which `TAG.NAME.service.consul.`
+/// matches.
 pub const TAGS_LABEL: &str = "consul.tags";
+
+/// Which kind of domain a name was asked under, which decides what its `TAG` label matches
+/// ([`DnsEndpoint::matches_tag`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZoneKind {
+    /// `ferry.`: `TAG` is a version.
+    Ferry,
+    /// An alias such as `consul.`: `TAG` is a Consul tag, as Consul's own DNS reads it.
+    Alias,
+}
 
 /// One routable instance as DNS shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,23 +132,41 @@ pub struct DnsEndpoint {
     /// The instance's [`VERSION_LABEL`], which `TAG.NAME.service.ferry.` matches.
     pub version: Option<String>,
     /// The instance's tags (those it was registered with through Consul's API, [`TAGS_LABEL`]),
-    /// which `TAG.NAME.service.ferry.` matches too; empty for instances that have none.
+    /// which `TAG.NAME.service.consul.` matches; empty for instances that have none.
     pub tags: Vec<String>,
+    /// Whether the instance has a tag list at all (a [`TAGS_LABEL`] that is a JSON list, even an
+    /// empty one), which is what an instance registered through Consul's API has. Under an
+    /// alias, an instance with a list is matched on its tags alone, as Consul would; one without
+    /// (registered through Ferry's own API) on its version.
+    pub has_tag_list: bool,
 }
 
 impl DnsEndpoint {
     /// The endpoint of an instance with these `metadata` labels: its version from
-    /// [`VERSION_LABEL`], its tags from [`TAGS_LABEL`] (none when that label is not a JSON list
-    /// of strings: a lookup is no place to fail over a label).
+    /// [`VERSION_LABEL`], its tags from [`TAGS_LABEL`] (none, and no tag list, when that label is
+    /// not a JSON list of strings: a lookup is no place to fail over a label).
     pub fn from_metadata(id: String, address: String, port: u16, metadata: &BTreeMap<String, String>) -> Self {
-        let tags = metadata.get(TAGS_LABEL).and_then(|list| serde_json::from_str(list).ok()).unwrap_or_default();
-        Self { id, address, port, version: metadata.get(VERSION_LABEL).cloned(), tags }
+        let tags: Option<Vec<String>> = metadata.get(TAGS_LABEL).and_then(|list| serde_json::from_str(list).ok());
+        Self {
+            id,
+            address,
+            port,
+            version: metadata.get(VERSION_LABEL).cloned(),
+            has_tag_list: tags.is_some(),
+            tags: tags.unwrap_or_default(),
+        }
     }
 
-    /// Whether `TAG.NAME.service.ferry.` (and Consul's `TAG.NAME.service.consul.`) holds this
-    /// instance: its `version` is `tag` or its tags include it, ignoring ASCII case as DNS does.
-    pub fn has_tag(&self, tag: &str) -> bool {
-        self.version.iter().chain(&self.tags).any(|own| own.eq_ignore_ascii_case(tag))
+    /// Whether `TAG.NAME.service.DOMAIN.` holds this instance, for a DOMAIN of kind `zone`:
+    /// under `ferry.` when its `version` is `tag`; under an alias when its tags include `tag`,
+    /// or, for an instance without a tag list, when its `version` is `tag`. Both ignore ASCII
+    /// case, as DNS does.
+    pub fn matches_tag(&self, tag: &str, zone: ZoneKind) -> bool {
+        let is_tag = |own: &String| own.eq_ignore_ascii_case(tag);
+        match zone {
+            ZoneKind::Alias if self.has_tag_list => self.tags.iter().any(is_tag),
+            ZoneKind::Ferry | ZoneKind::Alias => self.version.as_ref().is_some_and(is_tag),
+        }
     }
 }
 
@@ -180,8 +212,9 @@ pub trait Directory: Send + Sync + 'static {
     /// answers that no service has one.
     ///
     /// An intercepting server also asks it whether each bare name the app looks up (and each
-    /// search-domain spelling of one) is a service, so there it must be quick and must not
-    /// subscribe to anything: most such names are not the mesh's.
+    /// search-domain spelling of one, and each service name under an alias) is a service, so
+    /// there it must be quick and must not subscribe to anything: most such names are not the
+    /// mesh's.
     fn virtual_ip(&self, service: &str) -> BoxFuture<'_, VirtualIpLookup> {
         let _ = service;
         Box::pin(std::future::ready(VirtualIpLookup::NoSuchService))
@@ -367,11 +400,20 @@ mod tests {
         let endpoint = DnsEndpoint::from_metadata("c1".into(), "10.0.0.1".into(), 80, &metadata);
         assert_eq!(endpoint.version.as_deref(), Some("v2"));
         assert_eq!(endpoint.tags, ["primary", "version=v2"]);
-        assert!(endpoint.has_tag("primary") && endpoint.has_tag("V2") && !endpoint.has_tag("canary"));
+        assert!(endpoint.has_tag_list);
+        assert!(endpoint.matches_tag("Primary", ZoneKind::Alias) && !endpoint.matches_tag("v2", ZoneKind::Alias));
+        assert!(endpoint.matches_tag("V2", ZoneKind::Ferry) && !endpoint.matches_tag("primary", ZoneKind::Ferry));
 
-        let malformed = BTreeMap::from([(TAGS_LABEL.to_owned(), "primary".to_owned())]);
-        let endpoint = DnsEndpoint::from_metadata("c2".into(), "10.0.0.2".into(), 80, &malformed);
-        assert_eq!((endpoint.version, endpoint.tags), (None, Vec::<String>::new()), "a label that is no list holds no tags");
+        let empty = BTreeMap::from([(VERSION_LABEL.to_owned(), "v2".to_owned()), (TAGS_LABEL.to_owned(), "[]".to_owned())]);
+        let endpoint = DnsEndpoint::from_metadata("c2".into(), "10.0.0.2".into(), 80, &empty);
+        assert!(endpoint.has_tag_list && endpoint.tags.is_empty(), "an empty list is a list");
+        assert!(!endpoint.matches_tag("v2", ZoneKind::Alias) && endpoint.matches_tag("v2", ZoneKind::Ferry));
+
+        let malformed =
+            BTreeMap::from([(VERSION_LABEL.to_owned(), "v2".to_owned()), (TAGS_LABEL.to_owned(), "primary".to_owned())]);
+        let endpoint = DnsEndpoint::from_metadata("c3".into(), "10.0.0.3".into(), 80, &malformed);
+        assert_eq!((endpoint.has_tag_list, endpoint.tags.len()), (false, 0), "a label that is no list holds no tags");
+        assert!(endpoint.matches_tag("v2", ZoneKind::Alias), "without a tag list, an alias falls back to the version");
     }
 
     #[test]

@@ -9,9 +9,13 @@
 //!   and NODATA for every other type, at once: a resolver asking AAAA beside A must not wait;
 //! - SRV of `NAME.service.ferry.` and `TAG.NAME.service.ferry.` keep giving the instances, whose
 //!   ports and versions are the point of those names;
-//! - the same holds under every alias domain (`NAME.service.consul.`, ...);
+//! - the same holds under every alias domain (`NAME.service.consul.`, ...), but only for a
+//!   service the address table knows (it has a virtual IP or is listed without one): during a
+//!   migration the app still asks a real Consul for its other services and for `X.node.consul.`
+//!   or `X.query.consul.`, so every other name under an alias is forwarded (`HEX.addr.` names,
+//!   the targets of this server's own SRV answers, excepted);
 //! - a name outside `ferry.` and the aliases that is not a mesh service with a virtual IP is
-//!   forwarded; a name under one of them never is.
+//!   forwarded; a name under `ferry.` never is.
 //!
 //! Whether a bare name is a service is asked of [`Directory::virtual_ip`] alone, never of
 //! [`Directory::lookup`]: the app looks up every host it talks to, and none of those may cost
@@ -33,7 +37,7 @@ use hickory_proto::{
 use tokio::sync::Semaphore;
 
 use crate::{
-    Directory, Lookup, ServeConfig, VirtualIpLookup,
+    Directory, Lookup, ServeConfig, VirtualIpLookup, ZoneKind,
     answer::{Answer, Zone},
     forward::{Forwarder, RequestFlags},
     name::{self, MeshName},
@@ -53,6 +57,14 @@ enum LookupError {
     Timeout(Duration),
     #[error("{0} directory lookups already in flight")]
     Overloaded(usize),
+}
+
+/// Whether an intercepting server answers a name under an alias or forwards it.
+enum AliasClaim {
+    /// The mesh's name: answered here, with what the address table said of its service.
+    Ours(Option<VirtualIpLookup>),
+    /// Not the mesh's: forwarded.
+    Upstream,
 }
 
 /// What an intercepting server knows beyond the zone.
@@ -124,6 +136,17 @@ impl Responder {
                 None => Answer::refused(),
             };
         };
+        // What the address table said of the service an alias name stands for, so that it is
+        // not asked twice.
+        let mut known_vip = None;
+        if let Some(intercept) = &self.intercept
+            && zone.kind() == ZoneKind::Alias
+        {
+            match self.claim_alias_name(query, &mesh_name).await {
+                AliasClaim::Ours(vip) => known_vip = vip,
+                AliasClaim::Upstream => return intercept.forwarder.forward(query.original(), flags).await,
+            }
+        }
         if query.query_class() != DNSClass::IN {
             // Ferry's names exist in class IN only; other classes are not ours to answer.
             return Answer::refused();
@@ -133,14 +156,48 @@ impl Responder {
             MeshName::Apex => zone.apex(qtype),
             MeshName::EmptyNonTerminal => zone.nodata(),
             MeshName::Addr(ip) => zone.address(qname, qtype, ip),
-            MeshName::Vip { name } => self.vip(zone, qname, qtype, &name).await,
-            MeshName::Service { name, tag } => self.service(zone, qname, qtype, &name, tag.as_deref()).await,
+            MeshName::Vip { name } => self.vip(zone, qname, qtype, &name, known_vip).await,
+            MeshName::Service { name, tag } => self.service(zone, qname, qtype, &name, tag.as_deref(), known_vip).await,
+        }
+    }
+
+    /// Whether an intercepting server answers `query`, a name under an alias, itself: only
+    /// when it names a service the address table knows, and `HEX.addr.` names, which need no
+    /// directory. Every other name there (Consul's `node.`, `query.`, `connect.`, services
+    /// outside the mesh, the apex) belongs to whatever the app resolved it from before the
+    /// mesh, which the upstreams still reach. Asked of [`Directory::virtual_ip`] only, so a
+    /// name outside the mesh costs no subscription; a directory that cannot tell yet (or does
+    /// not answer in time) forwards, as for a bare name.
+    async fn claim_alias_name(&self, query: &LowerQuery, mesh_name: &MeshName) -> AliasClaim {
+        let service = match mesh_name {
+            MeshName::Addr(_) if query.query_class() == DNSClass::IN => return AliasClaim::Ours(None),
+            MeshName::Service { name, .. } | MeshName::Vip { name } if query.query_class() == DNSClass::IN => name,
+            _ => return AliasClaim::Upstream,
+        };
+        match self.ask(self.directory.virtual_ip(service)).await {
+            Ok(found @ (VirtualIpLookup::Assigned(_) | VirtualIpLookup::Unassigned)) => AliasClaim::Ours(Some(found)),
+            Ok(found) => {
+                tracing::trace!(service, ?found, "not a mesh service; forwarding the alias name");
+                AliasClaim::Upstream
+            }
+            Err(error) => {
+                tracing::debug!(service, %error, "forwarding the alias name");
+                AliasClaim::Upstream
+            }
+        }
+    }
+
+    /// The virtual IP of `service`: `known` when the address table was asked already.
+    async fn virtual_ip(&self, service: &str, known: Option<VirtualIpLookup>) -> Result<VirtualIpLookup, LookupError> {
+        match known {
+            Some(found) => Ok(found),
+            None => self.ask(self.directory.virtual_ip(service)).await,
         }
     }
 
     /// `NAME.vip.DOMAIN.`.
-    async fn vip(&self, zone: &Zone, qname: &Name, qtype: RecordType, service: &str) -> Answer {
-        match self.ask(self.directory.virtual_ip(service)).await {
+    async fn vip(&self, zone: &Zone, qname: &Name, qtype: RecordType, service: &str, known: Option<VirtualIpLookup>) -> Answer {
+        match self.virtual_ip(service, known).await {
             Ok(VirtualIpLookup::Assigned(ip)) => zone.address(qname, qtype, ip),
             Ok(VirtualIpLookup::Unassigned) => zone.nodata(),
             Ok(VirtualIpLookup::NoSuchService) => zone.nxdomain(),
@@ -153,9 +210,17 @@ impl Responder {
     }
 
     /// `[TAG.]NAME.service.DOMAIN.`.
-    async fn service(&self, zone: &Zone, qname: &Name, qtype: RecordType, service: &str, tag: Option<&str>) -> Answer {
+    async fn service(
+        &self,
+        zone: &Zone,
+        qname: &Name,
+        qtype: RecordType,
+        service: &str,
+        tag: Option<&str>,
+        known_vip: Option<VirtualIpLookup>,
+    ) -> Answer {
         if self.intercept.is_some() && tag.is_none() && qtype != RecordType::SRV {
-            match self.ask(self.directory.virtual_ip(service)).await {
+            match self.virtual_ip(service, known_vip).await {
                 Ok(VirtualIpLookup::Assigned(ip)) => return zone.address(qname, qtype, ip),
                 // No virtual IP to give: the instances, as without interception (a connection
                 // to one of them is intercepted as well).
@@ -277,6 +342,7 @@ mod tests {
             port: 80,
             version: version.map(str::to_owned),
             tags: Vec::new(),
+            has_tag_list: false,
         }
     }
 
@@ -595,7 +661,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn intercepting_consul_names_answer_the_virtual_ip_and_are_never_forwarded() {
+    async fn intercepting_consul_names_of_mesh_services_answer_the_virtual_ip() {
         let upstream = FakeUpstream::start(Behaviour::Answer).await;
         let directory = catalog();
         let lookups = directory.lookups.clone();
@@ -616,12 +682,56 @@ mod tests {
         assert_eq!(srv.answers.len(), 2, "SRV keeps the instances");
         let v2 = responder.ask_for("v2.catalog.service.consul.", RecordType::A).await;
         assert_eq!(addresses_of(&v2.answers), [ip("10.0.0.2")], "a tag keeps the instances");
-        for (name, expected) in
-            [("unknown.service.consul.", NXDOMAIN), ("www.consul.", NXDOMAIN), ("consul.", NODATA), ("novip.vip.consul.", NODATA)]
-        {
-            assert_eq!(shape(&responder.ask_for(name, RecordType::A).await), expected, "{name}");
+        // A service the table lists without a virtual IP is the mesh's all the same.
+        let novip = responder.ask_for("novip.service.consul.", RecordType::A).await;
+        assert_eq!(addresses_of(&novip.answers), [ip("10.0.0.9")]);
+        assert_eq!(shape(&responder.ask_for("novip.vip.consul.", RecordType::A).await), NODATA);
+        assert_eq!(shape(&responder.ask_for("empty.service.consul.", RecordType::A).await), NODATA);
+        // The targets of its own SRV answers need no directory.
+        let addr = responder.ask_for("0a000001.addr.consul.", RecordType::A).await;
+        assert_eq!(addresses_of(&addr.answers), [ip("10.0.0.1")]);
+        assert_eq!(upstream.udp_count(), 0, "no mesh name under the alias is forwarded");
+    }
+
+    #[tokio::test]
+    async fn intercepting_other_consul_names_are_forwarded() {
+        let upstream = FakeUpstream::start(Behaviour::Answer).await;
+        let directory = catalog();
+        let lookups = directory.lookups.clone();
+        let responder = intercepting(directory, &upstream);
+        let mut forwarded = 0;
+        for name in [
+            "vault.service.consul.",
+            "_vault._tcp.service.consul.",
+            "primary.vault.service.consul.",
+            "vault.vip.consul.",
+            "db-1.node.consul.",
+            "geo-db.query.consul.",
+            "web.connect.consul.",
+            "www.consul.",
+            "service.consul.",
+            "consul.",
+            // The directory cannot tell yet (no address table): the app keeps its Consul.
+            "unsure.service.consul.",
+        ] {
+            let answer = responder.ask_for(name, RecordType::A).await;
+            forwarded += 1;
+            assert_eq!(addresses_of(&answer.answers), [FakeUpstream::ANSWER], "{name}");
+            assert_eq!(upstream.udp_count(), forwarded, "{name}");
         }
-        assert_eq!(upstream.udp_count(), 0, "no name under the alias is forwarded");
+        let missing = responder.ask_for("missing.service.consul.", RecordType::A).await;
+        assert_eq!(missing.code, ResponseCode::NXDomain, "the upstream's NXDOMAIN, relayed");
+        let mut chaos = Query::query(Name::from_ascii("catalog.service.consul.").expect("valid"), RecordType::TXT);
+        chaos.set_query_class(DNSClass::CH);
+        responder.respond(&LowerQuery::query(chaos), RequestFlags::default()).await;
+        assert_eq!(upstream.udp_count(), forwarded + 2, "another class is forwarded too");
+        assert_eq!(lookups.load(Ordering::SeqCst), 0, "no name outside the mesh cost a subscription");
+
+        // Under `ferry.` the same forms stay the mesh's own.
+        for name in ["vault.service.ferry.", "db-1.node.ferry."] {
+            assert_eq!(shape(&responder.ask_for(name, RecordType::A).await), NXDOMAIN, "{name}");
+        }
+        assert_eq!(upstream.udp_count(), forwarded + 2, "nothing under ferry. is forwarded");
     }
 
     #[tokio::test]

@@ -59,7 +59,14 @@ impl Directory for Memory {
 }
 
 fn endpoint(id: &str, address: &str, port: u16, version: Option<&str>) -> DnsEndpoint {
-    DnsEndpoint { id: id.to_owned(), address: address.to_owned(), port, version: version.map(str::to_owned), tags: Vec::new() }
+    DnsEndpoint {
+        id: id.to_owned(),
+        address: address.to_owned(),
+        port,
+        version: version.map(str::to_owned),
+        tags: Vec::new(),
+        has_tag_list: false,
+    }
 }
 
 /// `catalog` with two v1 and one v2 IPv4 instances, one IPv6 and one host-name instance, and
@@ -598,19 +605,24 @@ async fn intercepting_mesh_names_resolve_to_the_virtual_ip() {
 }
 
 #[tokio::test]
-async fn intercepting_consul_names_resolve_to_the_virtual_ip_without_forwarding() {
+async fn intercepting_consul_names_of_mesh_services_resolve_to_the_virtual_ip_without_forwarding() {
     let upstream = FakeUpstream::silent().await;
     let server = intercepting(&upstream).await;
     // The upstream never answers: an answer within a second cannot have come from it.
-    for (name, code) in [
-        ("catalog.service.consul.", ResponseCode::NoError),
-        ("_catalog._tcp.service.consul.", ResponseCode::NoError),
-        ("unknown.service.consul.", ResponseCode::NXDomain),
-    ] {
+    for name in ["catalog.service.consul.", "_catalog._tcp.service.consul."] {
         let response = server.udp_within(name, RecordType::A, None, Duration::from_secs(1)).await;
-        assert_eq!(response.metadata.response_code, code, "{name}");
-        let expected = if code == ResponseCode::NoError { vec![CATALOG_VIP] } else { Vec::new() };
-        assert_eq!(addresses(&response.answers), expected, "{name}");
+        assert_eq!(response.metadata.response_code, ResponseCode::NoError, "{name}");
+        assert_eq!(addresses(&response.answers), [CATALOG_VIP], "{name}");
+    }
+}
+
+#[tokio::test]
+async fn intercepting_other_consul_names_are_forwarded() {
+    let upstream = FakeUpstream::start().await;
+    let server = intercepting(&upstream).await;
+    // A real Consul still answers these during a migration.
+    for name in ["vault.service.consul.", "db-1.node.consul.", "geo-db.query.consul."] {
+        assert_eq!(addresses(&server.udp(name, RecordType::A, None).await.answers), [UPSTREAM_ANSWER], "{name}");
     }
 }
 
