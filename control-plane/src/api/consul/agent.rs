@@ -136,15 +136,20 @@ pub async fn services(
 ) -> Result<Response, ConsulError> {
     principal.require_read("listing services")?;
     let query = ReadQuery::parse(&state.consul, pairs)?;
-    let (index, services) = blocking::answer(&state.http, query.blocking, Wake::Poll, || {
-        let index = state.consul.catalog.current(&state.http.registry);
-        let instances = all_instances(&state);
-        let services: BTreeMap<String, _> = views(&state, &query, instances.iter())
-            .iter()
-            .map(|v| (v.instance.id.clone(), v.agent_service(&state.consul)))
-            .collect();
-        (index, services)
-    })
+    let (index, services) = blocking::answer(
+        &state,
+        query.blocking,
+        Wake::Poll,
+        || state.consul.catalog.current(&state.http.registry),
+        || {
+            let instances = all_instances(&state);
+            let services: BTreeMap<String, _> = views(&state, &query, instances.iter())
+                .iter()
+                .map(|v| (v.instance.id.clone(), v.agent_service(&state.consul)))
+                .collect();
+            services
+        },
+    )
     .await?;
     Ok(indexed(index, services))
 }
@@ -157,16 +162,21 @@ pub async fn checks(
 ) -> Result<Response, ConsulError> {
     principal.require_read("listing checks")?;
     let query = ReadQuery::parse(&state.consul, pairs)?;
-    let (index, checks) = blocking::answer(&state.http, query.blocking, Wake::Poll, || {
-        let index = state.consul.catalog.current(&state.http.registry);
-        let instances = all_instances(&state);
-        let checks: BTreeMap<String, _> = views(&state, &query, instances.iter())
-            .iter()
-            .flat_map(|v| v.checks(&state.consul))
-            .map(|check| (check.check_id.clone(), check))
-            .collect();
-        (index, checks)
-    })
+    let (index, checks) = blocking::answer(
+        &state,
+        query.blocking,
+        Wake::Poll,
+        || state.consul.catalog.current(&state.http.registry),
+        || {
+            let instances = all_instances(&state);
+            let checks: BTreeMap<String, _> = views(&state, &query, instances.iter())
+                .iter()
+                .flat_map(|v| v.checks(&state.consul))
+                .map(|check| (check.check_id.clone(), check))
+                .collect();
+            checks
+        },
+    )
     .await?;
     Ok(indexed(index, checks))
 }

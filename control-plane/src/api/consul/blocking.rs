@@ -4,7 +4,14 @@
 //! A query about one service wakes on the registry's watch of that service, like Ferry's own
 //! `GET /v1/services/{name}?index=`. A query spanning every service (the catalog's service list,
 //! the agent's services, health by state) has no single watch to wait on: it looks again every
-//! [`POLL`], which costs a lock and a scan of the services' summaries, never a store read.
+//! [`POLL`], which costs a lock and a scan of the services' summaries (the catalog's index),
+//! never a store read; the answer itself is built once, when the index has moved or the wait
+//! ends, not at every look.
+//!
+//! Consul's blocking queries have their own cap, [`MAX_CONSUL_BLOCKING_QUERIES`], under the
+//! API's: past it a blocking query is refused with 429, which Consul's clients (the Go client's
+//! watches, Prometheus' `consul_sd`) treat as an error and retry after a backoff. Answering at
+//! once instead would hand them back the index they hold, and they would ask again at once.
 
 use std::{
     collections::BTreeSet,
@@ -15,9 +22,9 @@ use std::{
 use axum::http::{HeaderMap, HeaderValue};
 use tokio::sync::watch;
 
-use super::ConsulError;
+use super::{ConsulError, ConsulState};
 use crate::{
-    api::http::{HttpState, MAX_BLOCKING_QUERIES},
+    api::http::MAX_BLOCKING_QUERIES,
     registry::{Registry, ServiceSnapshot},
 };
 
@@ -25,6 +32,8 @@ use crate::{
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(300);
 /// The longest a blocking query may wait, as in Consul.
 pub const MAX_WAIT: Duration = Duration::from_secs(600);
+/// The most Consul blocking queries waiting at once; each also holds one of the API's permits.
+pub const MAX_CONSUL_BLOCKING_QUERIES: usize = 1024;
 /// How often a query spanning every service looks for a change.
 pub const POLL: Duration = Duration::from_millis(200);
 
@@ -136,25 +145,26 @@ pub enum Wake {
     Never,
 }
 
-/// Answers a list request: `view` gives the index of what it lists (never 0) and the answer;
-/// with an index in `blocking`, waits until that index moves, the wait ends or the server shuts
-/// down.
+/// Answers a list request: `index` gives the index of what it lists (never 0), cheaply, and
+/// `build` the answer; with an index in `blocking`, waits until that index moves, the wait ends
+/// or the server shuts down, and only then builds the answer.
 pub async fn answer<T>(
-    state: &HttpState,
+    state: &ConsulState,
     blocking: Blocking,
     mut wake: Wake,
-    mut view: impl FnMut() -> (u64, T),
+    mut index: impl FnMut() -> u64,
+    build: impl FnOnce() -> T,
 ) -> Result<(u64, T), ConsulError> {
-    let (mut index, mut value) = view();
-    let Some(held) = blocking.index else { return Ok((index, value)) };
-    if index != held {
-        return Ok((index, value));
-    }
-    let _permit = state.blocking.clone().try_acquire_owned().map_err(|_| {
+    let mut now = index();
+    let Some(held) = blocking.index.filter(|held| *held == now) else { return Ok((now, build())) };
+    let _consul_permit = state.consul.blocking.clone().try_acquire_owned().map_err(|_| {
+        ConsulError::too_many(format!("{MAX_CONSUL_BLOCKING_QUERIES} Consul blocking queries are already waiting; retry later"))
+    })?;
+    let _permit = state.http.blocking.clone().try_acquire_owned().map_err(|_| {
         ConsulError::unavailable(format!("{MAX_BLOCKING_QUERIES} blocking queries are already waiting; retry later"))
     })?;
     let deadline = tokio::time::Instant::now() + blocking.wait;
-    while index == held {
+    while now == held {
         let woken = async {
             match &mut wake {
                 Wake::Service(watch) => {
@@ -169,11 +179,11 @@ pub async fn answer<T>(
         tokio::select! {
             () = woken => {}
             () = tokio::time::sleep_until(deadline) => break,
-            () = state.shutdown.cancelled() => break,
+            () = state.http.shutdown.cancelled() => break,
         }
-        (index, value) = view();
+        now = index();
     }
-    Ok((index, value))
+    Ok((now, build()))
 }
 
 /// The headers every Consul read answer carries.

@@ -24,20 +24,25 @@ pub async fn services(
     principal.require_read("listing services")?;
     let query = ReadQuery::parse(&state.consul, pairs)?;
     let node_ok = node_meta_accepts(&state.consul, &query)?;
-    let (index, services) = blocking::answer(&state.http, query.blocking, Wake::Poll, || {
-        let index = state.consul.catalog.current(&state.http.registry);
-        let instances = if node_ok { all_instances(&state) } else { Vec::new() };
-        let mut services: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for view in views(&state, &query, instances.iter()) {
-            let tags = services.entry(view.instance.service.clone()).or_default();
-            for tag in view.tags {
-                if !tags.contains(&tag) {
-                    tags.push(tag);
+    let (index, services) = blocking::answer(
+        &state,
+        query.blocking,
+        Wake::Poll,
+        || state.consul.catalog.current(&state.http.registry),
+        || {
+            let instances = if node_ok { all_instances(&state) } else { Vec::new() };
+            let mut services: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for view in views(&state, &query, instances.iter()) {
+                let tags = services.entry(view.instance.service.clone()).or_default();
+                for tag in view.tags {
+                    if !tags.contains(&tag) {
+                        tags.push(tag);
+                    }
                 }
             }
-        }
-        (index, services)
-    })
+            services
+        },
+    )
     .await?;
     Ok(indexed(index, services))
 }
@@ -58,15 +63,21 @@ pub async fn service(
     }
     let watch = state.http.registry.watch(&name);
     let snapshots = watch.clone();
-    let (index, entries) = blocking::answer(&state.http, query.blocking, Wake::Service(watch), || {
-        let snapshot = snapshots.borrow().clone();
-        let entries: Vec<_> = if node_ok {
-            views(&state, &query, snapshot.instances.values()).iter().map(|v| v.catalog_service(&state.consul)).collect()
-        } else {
-            Vec::new()
-        };
-        (snapshot.index.max(1), entries)
-    })
+    let (index, entries) = blocking::answer(
+        &state,
+        query.blocking,
+        Wake::Service(watch),
+        || snapshots.borrow().index.max(1),
+        || {
+            let snapshot = snapshots.borrow().clone();
+            let entries: Vec<_> = if node_ok {
+                views(&state, &query, snapshot.instances.values()).iter().map(|v| v.catalog_service(&state.consul)).collect()
+            } else {
+                Vec::new()
+            };
+            entries
+        },
+    )
     .await?;
     Ok(indexed(index, entries))
 }
@@ -81,7 +92,7 @@ pub async fn nodes(
     let query = ReadQuery::parse(&state.consul, pairs)?;
     let nodes = if node_meta_accepts(&state.consul, &query)? { vec![state.consul.node()] } else { Vec::new() };
     // The node never changes: a blocking query waits out its wait, as Consul's would.
-    let (index, nodes) = blocking::answer(&state.http, query.blocking, Wake::Never, || (1, nodes.clone())).await?;
+    let (index, nodes) = blocking::answer(&state, query.blocking, Wake::Never, || 1, || nodes).await?;
     Ok(indexed(index, nodes))
 }
 

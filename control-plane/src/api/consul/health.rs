@@ -30,15 +30,21 @@ pub async fn service(
     }
     let watch = state.http.registry.watch(&name);
     let snapshots = watch.clone();
-    let (index, entries) = blocking::answer(&state.http, query.blocking, Wake::Service(watch), || {
-        let snapshot = snapshots.borrow().clone();
-        let entries: Vec<_> = views(&state, &query, snapshot.instances.values().filter(|_| node_ok))
-            .iter()
-            .filter(|v| !passing || v.status() == "passing")
-            .map(|v| v.entry(&state.consul))
-            .collect();
-        (snapshot.index.max(1), entries)
-    })
+    let (index, entries) = blocking::answer(
+        &state,
+        query.blocking,
+        Wake::Service(watch),
+        || snapshots.borrow().index.max(1),
+        || {
+            let snapshot = snapshots.borrow().clone();
+            let entries: Vec<_> = views(&state, &query, snapshot.instances.values().filter(|_| node_ok))
+                .iter()
+                .filter(|v| !passing || v.status() == "passing")
+                .map(|v| v.entry(&state.consul))
+                .collect();
+            entries
+        },
+    )
     .await?;
     Ok(indexed(index, entries))
 }
@@ -57,12 +63,18 @@ pub async fn checks(
     }
     let watch = state.http.registry.watch(&name);
     let snapshots = watch.clone();
-    let (index, checks) = blocking::answer(&state.http, query.blocking, Wake::Service(watch), || {
-        let snapshot = snapshots.borrow().clone();
-        let checks: Vec<_> =
-            views(&state, &query, snapshot.instances.values()).iter().flat_map(|v| v.checks(&state.consul)).collect();
-        (snapshot.index.max(1), checks)
-    })
+    let (index, checks) = blocking::answer(
+        &state,
+        query.blocking,
+        Wake::Service(watch),
+        || snapshots.borrow().index.max(1),
+        || {
+            let snapshot = snapshots.borrow().clone();
+            let checks: Vec<_> =
+                views(&state, &query, snapshot.instances.values()).iter().flat_map(|v| v.checks(&state.consul)).collect();
+            checks
+        },
+    )
     .await?;
     Ok(indexed(index, checks))
 }
@@ -79,16 +91,21 @@ pub async fn state(
         return Err(ConsulError::bad_request(format!("state: {wanted:?} must be any, passing, warning or critical")));
     }
     let query = ReadQuery::parse(&state.consul, pairs)?;
-    let (index, checks) = blocking::answer(&state.http, query.blocking, Wake::Poll, || {
-        let index = state.consul.catalog.current(&state.http.registry);
-        let instances = all_instances(&state);
-        let checks: Vec<_> = views(&state, &query, instances.iter())
-            .iter()
-            .flat_map(|v| v.checks(&state.consul))
-            .filter(|check| wanted == "any" || check.status == wanted)
-            .collect();
-        (index, checks)
-    })
+    let (index, checks) = blocking::answer(
+        &state,
+        query.blocking,
+        Wake::Poll,
+        || state.consul.catalog.current(&state.http.registry),
+        || {
+            let instances = all_instances(&state);
+            let checks: Vec<_> = views(&state, &query, instances.iter())
+                .iter()
+                .flat_map(|v| v.checks(&state.consul))
+                .filter(|check| wanted == "any" || check.status == wanted)
+                .collect();
+            checks
+        },
+    )
     .await?;
     Ok(indexed(index, checks))
 }

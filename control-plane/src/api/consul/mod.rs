@@ -86,6 +86,9 @@ pub struct Consul {
     /// `GET /v1/status/leader`: the control plane's HTTP `IP:PORT`.
     pub leader: String,
     catalog: CatalogIndex,
+    /// Permits for Consul's blocking queries, fewer than Ferry's own API has: Consul clients
+    /// (watches, Prometheus, consul-template) hold one each for minutes at a time.
+    blocking: Arc<tokio::sync::Semaphore>,
 }
 
 impl Consul {
@@ -98,6 +101,7 @@ impl Consul {
             node_address: ip.to_string(),
             leader: SocketAddr::new(ip, http.port()).to_string(),
             catalog: CatalogIndex::default(),
+            blocking: Arc::new(tokio::sync::Semaphore::new(blocking::MAX_CONSUL_BLOCKING_QUERIES)),
         }
     }
 
@@ -276,6 +280,11 @@ impl ConsulError {
         Self { status: StatusCode::NOT_FOUND, text: text.into() }
     }
 
+    /// Too many requests: what Consul answers when its own limits refuse a request.
+    pub fn too_many(text: impl Into<String>) -> Self {
+        Self { status: StatusCode::TOO_MANY_REQUESTS, text: text.into() }
+    }
+
     pub fn unavailable(text: impl Into<String>) -> Self {
         Self { status: StatusCode::SERVICE_UNAVAILABLE, text: text.into() }
     }
@@ -389,7 +398,7 @@ fn valid_service_name(name: &str) -> bool {
 /// The answer about a service that cannot exist: `[]` at index 1, as Consul answers an unknown
 /// service; a blocking query waits out its wait, watching nothing.
 async fn no_such_service(state: &ConsulState, blocking: blocking::Blocking) -> Result<Response, ConsulError> {
-    let (index, none) = blocking::answer(&state.http, blocking, blocking::Wake::Never, || (1, Vec::<()>::new())).await?;
+    let (index, none) = blocking::answer(state, blocking, blocking::Wake::Never, || 1, Vec::<()>::new).await?;
     Ok(indexed(index, none))
 }
 

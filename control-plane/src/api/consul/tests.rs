@@ -30,6 +30,7 @@ use crate::{
 struct Api {
     router: Router,
     registry: Arc<Registry>,
+    state: ConsulState,
     _dir: tempfile::TempDir,
 }
 
@@ -71,7 +72,8 @@ async fn api() -> Api {
     let security = SecurityService { authority, tokens: tokens.clone(), sidecars };
     let auth = Auth { tokens, required: false, unauthenticated: Default::default() };
     let consul = Arc::new(Consul::new("dc1".into(), ([127, 0, 0, 1], 7071).into()));
-    Api { router: http::router(state, security, auth, consul), registry, _dir: dir }
+    let consul_state = ConsulState { http: state.clone(), consul: consul.clone() };
+    Api { router: http::router(state, security, auth, consul), registry, state: consul_state, _dir: dir }
 }
 
 impl Api {
@@ -120,6 +122,41 @@ async fn a_valid_name_is_still_looked_up() {
     api.register(instance("web-1", "web")).await;
     let answer = api.get("/v1/catalog/service/web").await;
     assert_eq!(json(&answer)[0]["ServiceID"], "web-1");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_blocking_query_looks_at_the_index_and_builds_its_answer_once() {
+    let api = api().await;
+    let looks = std::cell::Cell::new(0);
+    let builds = std::cell::Cell::new(0);
+    let blocking = blocking::Blocking { index: Some(7), wait: Duration::from_secs(2) };
+    let index = || {
+        looks.set(looks.get() + 1);
+        7
+    };
+    let (index, ()) = blocking::answer(&api.state, blocking, blocking::Wake::Poll, index, || builds.set(builds.get() + 1))
+        .await
+        .expect("answers");
+    assert_eq!(index, 7);
+    assert!(looks.get() >= 10, "looked {} times over 2 s", looks.get());
+    assert_eq!(builds.get(), 1, "the answer is built once, when the wait ends");
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_the_consul_cap_a_blocking_query_is_refused_with_429_and_others_answer() {
+    let api = api().await;
+    let held = api
+        .state
+        .consul
+        .blocking
+        .clone()
+        .try_acquire_many_owned(u32::try_from(blocking::MAX_CONSUL_BLOCKING_QUERIES).expect("small"));
+    let _held = held.expect("every permit");
+    let answer = api.get("/v1/catalog/services?index=1&wait=5s").await;
+    assert_eq!(answer.0, StatusCode::TOO_MANY_REQUESTS);
+    assert!(String::from_utf8_lossy(&answer.2).contains("1024 Consul blocking queries"));
+    assert_eq!(api.get("/v1/catalog/services").await.0, StatusCode::OK, "a query that does not block still answers");
+    assert_eq!(api.state.http.blocking.available_permits(), MAX_BLOCKING_QUERIES, "Ferry's own API keeps its permits");
 }
 
 #[tokio::test(start_paused = true)]
