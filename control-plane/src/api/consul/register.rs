@@ -12,13 +12,16 @@
 //! | `Address`, `Port`                   | address, port (both required)                           |
 //! | `Tags`                              | metadata `consul.tags`, a JSON list; `KEY=VALUE` tags also become labels `KEY: VALUE` |
 //! | `Meta`                              | metadata, key for key (winning over a tag's label)      |
-//! | `Weights.Passing`                   | weight (`Weights.Warning` is not kept)                  |
+//! | `Weights.Passing`                   | weight × 100 (Consul's 1 is Ferry's default 100), at most 10 000; `Weights.Warning` is not kept |
 //! | `Locality.Region`, `Locality.Zone`  | region, zone                                            |
 //! | `Check`, `Checks`                   | checks (see [`check`])                                  |
 
 use std::{collections::HashMap, time::Duration};
 
-use ferry_proto::{types, v1, validate::FieldError};
+use ferry_proto::{
+    types, v1,
+    validate::{DEFAULT_WEIGHT, FieldError, MAX_WEIGHT},
+};
 use serde_json::{Map, Value};
 
 use super::tags::{TAGS_KEY, encode_tags, tag_labels};
@@ -88,10 +91,7 @@ pub fn instance(body: &Value) -> Result<v1::Instance, FieldError> {
 
     let weight = match body.get("weights").and_then(|w| w.get("passing")) {
         None | Some(Value::Null) => 0,
-        Some(passing) => passing
-            .as_u64()
-            .and_then(|p| u32::try_from(p).ok())
-            .ok_or_else(|| FieldError::new("Weights.Passing", format!("must be a positive number, got {passing}")))?,
+        Some(passing) => weight(passing)?,
     };
     let locality = body.get("locality");
     let region = locality.map(|l| string(l.as_object().unwrap_or(&Map::new()), "region", "Locality.Region")).transpose()?;
@@ -133,6 +133,17 @@ pub fn instance(body: &Value) -> Result<v1::Instance, FieldError> {
         deregister_critical_after: deregister_after.map(proto_duration),
         ..Default::default()
     })
+}
+
+/// Consul's `Weights.Passing` as Ferry's weight. Consul's default is 1 where Ferry's is
+/// [`DEFAULT_WEIGHT`], so one Consul unit is `DEFAULT_WEIGHT` of Ferry's, up to [`MAX_WEIGHT`]
+/// (Consul's weights are relative, so the cap only flattens weights past 100).
+fn weight(passing: &Value) -> Result<u32, FieldError> {
+    let passing = passing
+        .as_u64()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| FieldError::new("Weights.Passing", format!("must be a number from 1, got {passing}")))?;
+    Ok(u32::try_from(passing.saturating_mul(u64::from(DEFAULT_WEIGHT)).min(u64::from(MAX_WEIGHT))).unwrap_or(MAX_WEIGHT))
 }
 
 /// One Consul check definition (`AgentServiceCheck`) as a Ferry check, with its
@@ -382,7 +393,7 @@ mod tests {
         }))
         .expect("valid in this test");
         assert_eq!((instance.id.as_str(), instance.service.as_str()), ("web-1", "web"));
-        assert_eq!((instance.address.as_str(), instance.port, instance.weight), ("10.0.0.5", 8080, 7));
+        assert_eq!((instance.address.as_str(), instance.port, instance.weight), ("10.0.0.5", 8080, 700));
         assert_eq!(instance.metadata["team"], "payments");
         assert_eq!(instance.metadata["version"], "v2", "a KEY=VALUE tag is a label routes can select");
         assert_eq!(instance.metadata[TAGS_KEY], r#"["primary","version=v2"]"#);
@@ -483,6 +494,22 @@ mod tests {
         let overflow = register(json!({"Name": "web", "Address": "10.0.0.5", "Port": 80, "Check": {"TTL": "99999999999h"}}))
             .expect_err("past Go's range");
         assert_eq!(overflow.field, "Check.TTL");
+    }
+
+    #[test]
+    fn consul_weights_scale_onto_ferrys_and_zero_is_refused() {
+        let weight = |passing: Value| {
+            register(json!({"Name": "web", "Address": "10.0.0.5", "Port": 80, "Weights": {"Passing": passing}}))
+                .map(|i| i.weight)
+                .map_err(|e| e.field)
+        };
+        assert_eq!(weight(json!(1)), Ok(DEFAULT_WEIGHT), "Consul's default is Ferry's default");
+        assert_eq!(weight(json!(3)), Ok(300));
+        assert_eq!(weight(json!(100)), Ok(MAX_WEIGHT));
+        assert_eq!(weight(json!(1_000_000_000_000u64)), Ok(MAX_WEIGHT), "capped, not refused");
+        assert_eq!(weight(json!(0)), Err("Weights.Passing".to_owned()));
+        assert_eq!(weight(json!(-1)), Err("Weights.Passing".to_owned()));
+        assert_eq!(weight(Value::Null), Ok(0), "absent: Ferry's default");
     }
 
     #[test]

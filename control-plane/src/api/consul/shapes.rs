@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use ferry_proto::v1;
+use ferry_proto::{v1, validate::DEFAULT_WEIGHT};
 use serde::Serialize;
 
 use super::{Consul, filter::Subject, tags};
@@ -140,7 +140,7 @@ impl View {
             meta: self.meta.clone(),
             port: u16::try_from(i.port).unwrap_or(0),
             address: i.address.clone(),
-            weights: Weights { passing: i.weight, warning: 1 },
+            weights: Weights { passing: consul_weight(i.weight), warning: 1 },
             enable_tag_override: false,
             datacenter: consul.datacenter.clone(),
             create_index: i.index.max(1),
@@ -233,6 +233,13 @@ impl View {
     }
 }
 
+/// Ferry's weight in Consul's units: [`DEFAULT_WEIGHT`] of Ferry's is Consul's 1 (the
+/// registration multiplies by as much), and a weight never reads as 0, which Consul refuses.
+pub fn consul_weight(weight: u32) -> u32 {
+    let weight = if weight == 0 { DEFAULT_WEIGHT } else { weight };
+    (weight / DEFAULT_WEIGHT).max(1)
+}
+
 /// Consul's name of a Ferry health: a check not yet run is critical, as in Consul; a draining
 /// instance is critical too (it takes no new traffic).
 pub fn status(health: i32) -> &'static str {
@@ -240,5 +247,19 @@ pub fn status(health: i32) -> &'static str {
         Ok(v1::Health::Passing) => "passing",
         Ok(v1::Health::Warning) => "warning",
         _ => "critical",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ferry_weights_read_back_in_consuls_units() {
+        assert_eq!(consul_weight(0), 1, "unset is Ferry's default, Consul's 1");
+        assert_eq!(consul_weight(DEFAULT_WEIGHT), 1);
+        assert_eq!(consul_weight(300), 3);
+        assert_eq!(consul_weight(10_000), 100);
+        assert_eq!(consul_weight(50), 1, "a weight below one unit is still at least 1");
     }
 }
