@@ -49,7 +49,8 @@ pub async fn service(
     Ok(indexed(index, entries))
 }
 
-/// `GET /v1/health/checks/{name}`: the checks of a service's instances.
+/// `GET /v1/health/checks/{name}`: the checks of a service's instances, each instance's
+/// synthetic `ferry:ID` check first (see [`super::shapes::View::instance_check`]).
 pub async fn checks(
     State(state): State<ConsulState>,
     Extension(principal): Extension<Principal>,
@@ -71,7 +72,7 @@ pub async fn checks(
         || {
             let snapshot = snapshots.borrow().clone();
             let checks: Vec<_> =
-                views(&state, &query, snapshot.instances.values()).iter().flat_map(|v| v.checks(&state.consul)).collect();
+                views(&state, &query, snapshot.instances.values()).iter().flat_map(|v| v.health_checks(&state.consul)).collect();
             checks
         },
     )

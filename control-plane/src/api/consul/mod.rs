@@ -159,6 +159,21 @@ pub fn standalone(http: HttpState, consul: Arc<Consul>) -> Router {
     routes(http, consul).fallback(not_implemented)
 }
 
+/// Logs a warning when the `--consul-http` listener is bound to `addr` off loopback: it is plain
+/// HTTP (Consul clients expect that on their default address), so tokens sent to it and the
+/// registrations it takes cross the network in the clear. Returns whether it warned.
+pub fn warn_if_exposed(addr: SocketAddr) -> bool {
+    if addr.ip().is_loopback() {
+        return false;
+    }
+    tracing::warn!(
+        %addr,
+        "--consul-http serves plain HTTP off loopback: Consul tokens and registrations cross the network \
+         unencrypted; bind it to 127.0.0.1 or keep it on a trusted network (see docs/security.md)"
+    );
+    true
+}
+
 /// Whether `path` is one of Consul's, which this module answers.
 pub fn serves(path: &str) -> bool {
     let Some(rest) = path.strip_prefix("/v1/") else { return false };

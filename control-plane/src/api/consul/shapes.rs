@@ -13,6 +13,11 @@ use serde::Serialize;
 use super::{Consul, filter::Subject, tags};
 use crate::registry::Instance;
 
+/// The CheckID of an instance's synthetic check is this and the instance id.
+pub const INSTANCE_CHECK_PREFIX: &str = "ferry:";
+/// The name of an instance's synthetic check.
+pub const INSTANCE_CHECK_NAME: &str = "Ferry instance health";
+
 /// `Weights` of a service.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "PascalCase")]
@@ -212,8 +217,41 @@ impl View {
             .collect()
     }
 
+    /// A check that says what Ferry makes of the whole instance, as Consul's `serfHealth` says
+    /// what it makes of a node: an instance without checks (a sidecar's) would otherwise show
+    /// `Checks: []`, which Consul's consumers (the Go client's `AggregatedStatus`, Prometheus'
+    /// `consul_sd`) read as passing even while Ferry has it critical or draining.
+    pub fn instance_check(&self, consul: &Consul) -> HealthCheck {
+        let i = &self.instance;
+        let health = v1::Health::try_from(i.health).map_or("UNKNOWN", |h| h.as_str_name());
+        HealthCheck {
+            node: consul.node_name.clone(),
+            check_id: format!("{INSTANCE_CHECK_PREFIX}{}", i.id),
+            name: INSTANCE_CHECK_NAME.to_owned(),
+            status: self.status(),
+            notes: "The instance's health as Ferry routes by it: its checks, draining, its sidecar.".to_owned(),
+            output: format!("Ferry: {health}"),
+            service_id: i.id.clone(),
+            service_name: i.service.clone(),
+            service_tags: self.tags.clone(),
+            kind: "",
+            interval: String::new(),
+            timeout: String::new(),
+            definition: BTreeMap::new(),
+            create_index: i.index.max(1),
+            modify_index: i.index.max(1),
+        }
+    }
+
+    /// The instance's check and then its own, as `/v1/health/...` lists them.
+    pub fn health_checks(&self, consul: &Consul) -> Vec<HealthCheck> {
+        let mut checks = vec![self.instance_check(consul)];
+        checks.extend(self.checks(consul));
+        checks
+    }
+
     pub fn entry(&self, consul: &Consul) -> ServiceEntry {
-        ServiceEntry { node: consul.node(), service: self.agent_service(consul), checks: self.checks(consul) }
+        ServiceEntry { node: consul.node(), service: self.agent_service(consul), checks: self.health_checks(consul) }
     }
 
     /// What a `?filter=` reads of this instance.
@@ -253,6 +291,28 @@ pub fn status(health: i32) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_instance_check_says_what_ferry_makes_of_the_instance() {
+        let consul = Consul::new("dc1".into(), ([127, 0, 0, 1], 8500).into());
+        let view = |health: v1::Health| View {
+            instance: v1::Instance { id: "web-1".into(), service: "web".into(), health: health.into(), ..Default::default() },
+            tags: Vec::new(),
+            meta: BTreeMap::new(),
+        };
+        for (health, status) in [
+            (v1::Health::Passing, "passing"),
+            (v1::Health::Warning, "warning"),
+            (v1::Health::Critical, "critical"),
+            (v1::Health::Draining, "critical"),
+        ] {
+            let view = view(health);
+            let check = view.instance_check(&consul);
+            assert_eq!((check.check_id.as_str(), check.status), ("ferry:web-1", status), "{health:?}");
+            assert_eq!((check.service_id.as_str(), check.service_name.as_str()), ("web-1", "web"));
+            assert_eq!(view.entry(&consul).checks.len(), 1, "an instance without checks still has this one");
+        }
+    }
 
     #[test]
     fn ferry_weights_read_back_in_consuls_units() {

@@ -124,6 +124,24 @@ async fn a_valid_name_is_still_looked_up() {
     assert_eq!(json(&answer)[0]["ServiceID"], "web-1");
 }
 
+#[tokio::test]
+async fn an_instance_without_checks_shows_ferrys_health_as_a_check() {
+    let api = api().await;
+    api.register(instance("web-1", "web")).await;
+    let entries = json(&api.get("/v1/health/service/web").await);
+    let checks = &entries[0]["Checks"];
+    assert_eq!(checks.as_array().map(Vec::len), Some(1), "{checks}");
+    assert_eq!(checks[0]["CheckID"], "ferry:web-1");
+    assert_eq!(checks[0]["Name"], "Ferry instance health");
+    assert_eq!((&checks[0]["ServiceID"], &checks[0]["ServiceName"]), (&json!("web-1"), &json!("web")));
+    let status = checks[0]["Status"].as_str().expect("a status").to_owned();
+    let health = api.registry.instance("web-1").map(|i| shapes::status(api.registry.describe(&i).health));
+    assert_eq!(Some(status.as_str()), health, "the instance's health, mapped");
+    let listed = json(&api.get("/v1/health/checks/web").await);
+    assert_eq!(listed[0]["CheckID"], "ferry:web-1");
+    assert_eq!(listed[0]["Status"], status.as_str());
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_blocking_query_looks_at_the_index_and_builds_its_answer_once() {
     let api = api().await;
@@ -241,6 +259,16 @@ async fn the_consul_port_maps_the_token_and_answers_403_on_every_path() {
     let refused = seen(consul_port, "/v1/services?token=refused", &[]).await;
     assert_eq!(refused.0, StatusCode::FORBIDDEN);
     assert!(refused.1.starts_with("ACL not found: unknown token"), "{}", refused.1);
+}
+
+#[test]
+fn a_consul_listener_off_loopback_is_warned_about() {
+    let addr = |text: &str| text.parse::<SocketAddr>().expect("valid in this test");
+    assert!(!warn_if_exposed(addr("127.0.0.1:8500")));
+    assert!(!warn_if_exposed(addr("[::1]:8500")));
+    assert!(warn_if_exposed(addr("0.0.0.0:8500")), "every address includes the network's");
+    assert!(warn_if_exposed(addr("[::]:8500")));
+    assert!(warn_if_exposed(addr("10.0.0.5:8500")));
 }
 
 #[test]
