@@ -295,6 +295,7 @@ impl ControlPlane {
         if let Some(listener) = consul_listener {
             // Plain HTTP, as Consul clients expect on their default address; the tokens still
             // apply. The docs say to keep it on loopback or a trusted network.
+            crate::api::consul::warn_if_exposed(listener.local_addr()?);
             let router = http::consul_router(http_state.clone(), auth.clone(), consul.clone());
             let incoming = listener::accept(Api::Http, listener, None, listener_limits, shutdown.clone());
             let served = serve_http(incoming, router, listener_limits, shutdown.clone());
