@@ -13,13 +13,15 @@
 //! | `GET /v1/traffic`                     | `TrafficResponse`: the last minute's figures  |
 //! | `GET /metrics`                        | Prometheus text                               |
 //! | `GET /ready`                          | 200 once serving                              |
+//! | `GET /ui/`                            | the read-only dashboard ([`super::ui`])       |
 //!
 //! Consul's `/v1/agent/`, `/v1/catalog/`, `/v1/health/` and `/v1/status/` are served beside
 //! these, by [`super::consul`].
 //!
 //! Errors answer `{"error": "...", "field": "..."}` with 400, 404 or 503; a missing or unknown
-//! token 401, a token without the right 403. Every path but `/metrics` and `/ready` needs a
-//! token (see [`crate::auth`]).
+//! token 401, a token without the right 403. Every path but `/metrics`, `/ready` and the
+//! dashboard's assets under `/ui/` needs a token (see [`crate::auth`]); the dashboard's page
+//! sends one on each call it makes.
 //!
 //! Every request runs in a tracing span that names its method and path (never its headers, which
 //! carry tokens). JSON answers of a kilobyte or more are gzipped for clients that send
@@ -124,6 +126,7 @@ pub fn router(
         .with_state(state)
         .merge(resources)
         .merge(super::security::router(security))
+        .merge(super::ui::router())
         .merge(consul);
     edge(routes, auth)
 }
@@ -153,9 +156,10 @@ fn is_json(_: StatusCode, _: Version, headers: &HeaderMap, _: &Extensions) -> bo
     headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"))
 }
 
-/// Paths anyone may read: scrapers and load balancers carry no token.
+/// Paths anyone may read: scrapers and load balancers carry no token, and a browser loads the
+/// dashboard's assets (which hold no data) before it has one.
 fn open(path: &str) -> bool {
-    path == "/metrics" || path == "/ready"
+    path == "/metrics" || path == "/ready" || super::ui::is_ui_path(path)
 }
 
 /// Puts the caller's [`Principal`] in the request, or answers 401.

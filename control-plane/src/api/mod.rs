@@ -19,6 +19,7 @@ pub mod grpc;
 pub mod http;
 pub mod resources;
 pub mod security;
+pub mod ui;
 
 /// Whether `principal` may deregister `instance`: one a sidecar registered is its stream's, and
 /// only an admin may remove it through the API; one registered through the API may be removed
