@@ -208,6 +208,7 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
 
     let keys = std::io::stdin().is_terminal();
     println!("control plane  grpc {control_plane_url}  http {}", api.base());
+    println!("dashboard      {}/ui/  (sign in with the admin token below)", api.base());
     println!("client sidecar {client_outbound}   try: curl -x http://{client_outbound} http://frontend/");
     println!("               admin http://{}/config   upstream port {client_upstream}", client.addr("admin")?);
     println!("logs           {}", logs.display());
