@@ -100,6 +100,8 @@ function setStatus(text, kind) {
 const HEALTH_NAMES = { HEALTH_PASSING: 'passing', HEALTH_WARNING: 'warning', HEALTH_CRITICAL: 'critical', HEALTH_DRAINING: 'draining' };
 const health = (value) => HEALTH_NAMES[value] || (value ? String(value).replace(/^HEALTH_/, '').toLowerCase() : 'unknown');
 const num = (v) => (typeof v === 'number' ? v : Number(v || 0));
+// Versions and indexes are uint64, strings in proto3 JSON: kept as strings so none rounds.
+const ver = (v) => String(v || '0');
 const rps = (v) => { const n = num(v); return n >= 100 ? n.toFixed(0) : n >= 10 ? n.toFixed(1) : n.toFixed(2); };
 const pct = (v) => (num(v) * 100).toFixed(num(v) >= 0.9995 || num(v) === 0 ? 0 : 1) + '%';
 const ms = (v) => { const n = num(v); return n >= 1000 ? (n / 1000).toFixed(2) + ' s' : n >= 10 ? n.toFixed(0) + ' ms' : n.toFixed(1) + ' ms'; };
@@ -133,12 +135,12 @@ function stopWatches() {
 
 // Watches one service with blocking queries until it leaves the list or the token goes.
 async function watch(name, controller) {
-  let index = state.instances.get(name)?.index || 0;
+  let index = state.instances.get(name)?.index || '0';
   while (!controller.signal.aborted) {
     try {
-      const path = '/v1/services/' + encodeURIComponent(name) + (index ? '?index=' + index + '&wait=' + WAIT : '');
+      const path = '/v1/services/' + encodeURIComponent(name) + (index !== '0' ? '?index=' + index + '&wait=' + WAIT : '');
       const { body, headers } = await api(path, controller.signal);
-      index = Number(headers.get('x-ferry-index') || body.index || 0);
+      index = headers.get('x-ferry-index') || ver(body.index);
       state.instances.set(name, { index, instances: body.instances || [] });
       renderOverview();
       renderServices();
@@ -191,7 +193,7 @@ async function refresh() {
   });
   unwatched.forEach((name, i) => {
     const answer = rest[KINDS.length + i];
-    if (answer) state.instances.set(name, { index: answer.body.index || 0, instances: answer.body.instances || [] });
+    if (answer) state.instances.set(name, { index: ver(answer.body.index), instances: answer.body.instances || [] });
   });
 }
 
@@ -232,12 +234,12 @@ function rollout() {
   for (const sidecar of state.sidecars) {
     const check = (what, progress, nackable) => {
       if (!progress) return;
-      const current = num(progress.current_version);
-      const acked = num(progress.acked_version);
+      const current = ver(progress.current_version);
+      const acked = ver(progress.acked_version);
       if (current === acked) return;
-      const rejected = nackable && num(progress.rejected_version) === current && current !== 0;
+      const rejected = nackable && current !== '0' && ver(progress.rejected_version) === current;
       rows.push({
-        sidecar, what, current, acked, sent: num(progress.sent_version),
+        sidecar, what, current, acked, sent: ver(progress.sent_version),
         state: rejected ? 'NACK' : 'pending',
         why: rejected ? (sidecar.last_nack && sidecar.last_nack.error) || '' : '',
       });
@@ -292,14 +294,14 @@ function renderOverview() {
 
 function resourceCell(kind, name) {
   const r = state.resources[kind].get(name);
-  return h('td', { class: 'num' }, r ? 'v' + num(r.version) : '—');
+  return h('td', { class: 'num' }, r ? 'v' + ver(r.version) : '—');
 }
 
 function historyOf(kind, path, resource, body) {
-  const key = kind + '/' + resource.service + '@' + num(resource.version);
+  const key = kind + '/' + resource.service + '@' + ver(resource.version);
   const draw = (entries) => body.replaceChildren(entries.length === 0 ? h('p', { class: 'muted' }, 'No history.')
     : h('table', { class: 'history' }, h('tbody', null, entries.map((e) => h('tr', null,
-      h('td', { class: 'num' }, 'v' + num(e.version)), h('td', null, when(e.at)),
+      h('td', { class: 'num' }, 'v' + ver(e.version)), h('td', null, when(e.at)),
       h('td', null, unwrap(e.resource) ? 'applied' : 'deleted'))))));
   if (state.history.has(key)) return draw(state.history.get(key));
   body.replaceChildren(h('p', { class: 'muted' }, 'Loading…'));
@@ -332,7 +334,7 @@ function renderServices() {
       const r = state.resources[kind].get(svc.name);
       if (!r) return h('div', { class: 'resource muted' }, kind + ': none');
       return details('history/' + kind + '/' + svc.name,
-        [kind + ' v' + num(r.version), h('span', { class: 'muted' }, ' applied ' + when(r.applied_at))],
+        [kind + ' v' + ver(r.version), h('span', { class: 'muted' }, ' applied ' + when(r.applied_at))],
         (body) => historyOf(kind, path, r, body));
     });
     return h('div', { class: 'service', id: 'service-' + svc.name }, h('h3', null, svc.name), table, h('div', { class: 'resources' }, resources));
