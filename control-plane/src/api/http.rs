@@ -128,21 +128,21 @@ pub fn router(
         .merge(super::security::router(security))
         .merge(super::ui::router())
         .merge(consul);
-    edge(routes, auth)
+    edge(routes, auth, false)
 }
 
 /// The router of `--consul-http`: Consul's routes alone, behind the same token check.
 pub fn consul_router(state: HttpState, auth: Auth, consul: Arc<super::consul::Consul>) -> Router {
-    edge(super::consul::standalone(state, consul), auth)
+    edge(super::consul::standalone(state, consul), auth, true)
 }
 
 /// What every request passes through before its route, outermost first: Consul's token mapped
 /// onto Ferry's (and taken out of the query before the span records it), a tracing span, gzip
 /// for large JSON answers, and the token check.
-fn edge(routes: Router, auth: Auth) -> Router {
+fn edge(routes: Router, auth: Auth, consul_only: bool) -> Router {
     routes.layer(
         ServiceBuilder::new()
-            .layer(axum::middleware::from_fn(super::consul::consul_token))
+            .layer(axum::middleware::from_fn_with_state(consul_only, super::consul::consul_token))
             // The span gives handler events their request; the layer's own events (each request
             // and answer, 5xx answers among them) are debug, so nothing is logged twice at info.
             .layer(TraceLayer::new_for_http().make_span_with(DefaultMakeSpan::new().level(Level::INFO)).on_failure(()))

@@ -181,18 +181,17 @@ pub fn serves(path: &str) -> bool {
     IMPLEMENTED_PREFIXES.contains(&prefix) || UNIMPLEMENTED_PREFIXES.contains(&prefix)
 }
 
-/// Consul's tokens on Ferry's HTTP port: `token` leaves every request's query (Ferry's own
-/// routes never read it, and a token must not reach the access log whatever the path), and on
-/// Consul's paths the Consul token becomes Ferry's bearer token, a refusal Consul's 403.
-pub async fn consul_token(request: Request, next: Next) -> Response {
-    let consul = serves(request.uri().path());
+/// Consul's tokens: `token` leaves every request's query (Ferry's own routes never read it, and
+/// a token must not reach the access log whatever the path), and on Consul's paths the Consul
+/// token becomes Ferry's bearer token, a refusal Consul's 403. On the `--consul-http` listener
+/// (`standalone`) every path is Consul's.
+pub async fn consul_token(
+    axum::extract::State(standalone): axum::extract::State<bool>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let consul = standalone || serves(request.uri().path());
     map_token(request, next, consul).await
-}
-
-/// [`consul_token`] for the `--consul-http` listener, where every path is Consul's: the token
-/// is mapped and a refusal is Consul's 403 whatever the path.
-pub async fn consul_http_token(request: Request, next: Next) -> Response {
-    map_token(request, next, true).await
 }
 
 /// Takes `token` out of the query before anything logs the URI; when `consul`, puts Consul's

@@ -230,11 +230,11 @@ async fn seen(layer: fn(Request, Next) -> BoxedResponse, path: &str, headers: &[
 type BoxedResponse = std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>;
 
 fn main_port(request: Request, next: Next) -> BoxedResponse {
-    Box::pin(consul_token(request, next))
+    Box::pin(consul_token(axum::extract::State(false), request, next))
 }
 
 fn consul_port(request: Request, next: Next) -> BoxedResponse {
-    Box::pin(consul_http_token(request, next))
+    Box::pin(consul_token(axum::extract::State(true), request, next))
 }
 
 #[tokio::test]
