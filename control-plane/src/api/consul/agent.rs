@@ -14,11 +14,7 @@ use axum::{
 use ferry_health::Health;
 use serde_json::json;
 
-use super::{
-    ConsulError, ConsulState, ReadQuery, all_instances,
-    blocking::{self, Wake},
-    indexed, json_body, register, views,
-};
+use super::{ConsulError, ConsulState, ReadQuery, json_body, read_catalog, register, views};
 use crate::{auth::Principal, checks::TtlFailure, registry::InstanceSpec};
 
 /// The most output a check update keeps, as Consul (4 KiB).
@@ -136,22 +132,13 @@ pub async fn services(
 ) -> Result<Response, ConsulError> {
     principal.require_read("listing services")?;
     let query = ReadQuery::parse(&state.consul, pairs)?;
-    let (index, services) = blocking::answer(
-        &state,
-        query.blocking,
-        Wake::Poll,
-        || state.consul.catalog.current(&state.http.registry),
-        || {
-            let instances = all_instances(&state);
-            let services: BTreeMap<String, _> = views(&state, &query, instances.iter())
-                .iter()
-                .map(|v| (v.instance.id.clone(), v.agent_service(&state.consul)))
-                .collect();
-            services
-        },
-    )
-    .await?;
-    Ok(indexed(index, services))
+    read_catalog(&state, query.blocking, |instances| {
+        views(&state, &query, instances.iter())
+            .iter()
+            .map(|v| (v.instance.id.clone(), v.agent_service(&state.consul)))
+            .collect::<BTreeMap<String, _>>()
+    })
+    .await
 }
 
 /// `GET /v1/agent/checks`: check id to `AgentCheck`.
@@ -162,23 +149,14 @@ pub async fn checks(
 ) -> Result<Response, ConsulError> {
     principal.require_read("listing checks")?;
     let query = ReadQuery::parse(&state.consul, pairs)?;
-    let (index, checks) = blocking::answer(
-        &state,
-        query.blocking,
-        Wake::Poll,
-        || state.consul.catalog.current(&state.http.registry),
-        || {
-            let instances = all_instances(&state);
-            let checks: BTreeMap<String, _> = views(&state, &query, instances.iter())
-                .iter()
-                .flat_map(|v| v.checks(&state.consul))
-                .map(|check| (check.check_id.clone(), check))
-                .collect();
-            checks
-        },
-    )
-    .await?;
-    Ok(indexed(index, checks))
+    read_catalog(&state, query.blocking, |instances| {
+        views(&state, &query, instances.iter())
+            .iter()
+            .flat_map(|v| v.checks(&state.consul))
+            .map(|check| (check.check_id.clone(), check))
+            .collect::<BTreeMap<String, _>>()
+    })
+    .await
 }
 
 /// `GET /v1/agent/self`: enough for clients that read the datacenter, node and version. Every

@@ -9,9 +9,9 @@ use axum::{
 };
 
 use super::{
-    ConsulError, ConsulState, ReadQuery, all_instances,
+    ConsulError, ConsulState, ReadQuery,
     blocking::{self, Wake},
-    indexed, no_such_service, node_meta_accepts, valid_service_name, views,
+    indexed, node_meta_accepts, read_catalog, read_service, views,
 };
 use crate::auth::Principal;
 
@@ -24,27 +24,20 @@ pub async fn services(
     principal.require_read("listing services")?;
     let query = ReadQuery::parse(&state.consul, pairs)?;
     let node_ok = node_meta_accepts(&state.consul, &query)?;
-    let (index, services) = blocking::answer(
-        &state,
-        query.blocking,
-        Wake::Poll,
-        || state.consul.catalog.current(&state.http.registry),
-        || {
-            let instances = if node_ok { all_instances(&state) } else { Vec::new() };
-            let mut services: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for view in views(&state, &query, instances.iter()) {
-                let tags = services.entry(view.instance.service.clone()).or_default();
-                for tag in view.tags {
-                    if !tags.contains(&tag) {
-                        tags.push(tag);
-                    }
+    read_catalog(&state, query.blocking, |all| {
+        let instances = if node_ok { all } else { &[] };
+        let mut services: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for view in views(&state, &query, instances.iter()) {
+            let tags = services.entry(view.instance.service.clone()).or_default();
+            for tag in view.tags {
+                if !tags.contains(&tag) {
+                    tags.push(tag);
                 }
             }
-            services
-        },
-    )
-    .await?;
-    Ok(indexed(index, services))
+        }
+        services
+    })
+    .await
 }
 
 /// `GET /v1/catalog/service/{name}?tag=&node-meta=&filter=`: its instances as
@@ -58,28 +51,14 @@ pub async fn service(
     principal.require_read("listing instances")?;
     let query = ReadQuery::parse(&state.consul, pairs)?;
     let node_ok = node_meta_accepts(&state.consul, &query)?;
-    if !valid_service_name(&name) {
-        return no_such_service(&state, query.blocking).await;
-    }
-    let watch = state.http.registry.watch(&name);
-    let snapshots = watch.clone();
-    let (index, entries) = blocking::answer(
-        &state,
-        query.blocking,
-        Wake::Service(watch),
-        || snapshots.borrow().index.max(1),
-        || {
-            let snapshot = snapshots.borrow().clone();
-            let entries: Vec<_> = if node_ok {
-                views(&state, &query, snapshot.instances.values()).iter().map(|v| v.catalog_service(&state.consul)).collect()
-            } else {
-                Vec::new()
-            };
-            entries
-        },
-    )
-    .await?;
-    Ok(indexed(index, entries))
+    read_service(&state, query.blocking, &name, |snapshot| {
+        if node_ok {
+            views(&state, &query, snapshot.instances.values()).iter().map(|v| v.catalog_service(&state.consul)).collect()
+        } else {
+            Vec::new()
+        }
+    })
+    .await
 }
 
 /// `GET /v1/catalog/nodes`: the one node.

@@ -6,11 +6,7 @@ use axum::{
     response::Response,
 };
 
-use super::{
-    ConsulError, ConsulState, ReadQuery, all_instances,
-    blocking::{self, Wake},
-    indexed, no_such_service, node_meta_accepts, valid_service_name, views,
-};
+use super::{ConsulError, ConsulState, ReadQuery, node_meta_accepts, read_catalog, read_service, views};
 use crate::auth::Principal;
 
 /// `GET /v1/health/service/{name}?passing&tag=&node-meta=&filter=`: `{Node, Service, Checks}`
@@ -25,28 +21,14 @@ pub async fn service(
     let query = ReadQuery::parse(&state.consul, pairs)?;
     let node_ok = node_meta_accepts(&state.consul, &query)?;
     let passing = query.flag("passing");
-    if !valid_service_name(&name) {
-        return no_such_service(&state, query.blocking).await;
-    }
-    let watch = state.http.registry.watch(&name);
-    let snapshots = watch.clone();
-    let (index, entries) = blocking::answer(
-        &state,
-        query.blocking,
-        Wake::Service(watch),
-        || snapshots.borrow().index.max(1),
-        || {
-            let snapshot = snapshots.borrow().clone();
-            let entries: Vec<_> = views(&state, &query, snapshot.instances.values().filter(|_| node_ok))
-                .iter()
-                .filter(|v| !passing || v.status() == "passing")
-                .map(|v| v.entry(&state.consul))
-                .collect();
-            entries
-        },
-    )
-    .await?;
-    Ok(indexed(index, entries))
+    read_service(&state, query.blocking, &name, |snapshot| {
+        views(&state, &query, snapshot.instances.values().filter(|_| node_ok))
+            .iter()
+            .filter(|v| !passing || v.status() == "passing")
+            .map(|v| v.entry(&state.consul))
+            .collect::<Vec<_>>()
+    })
+    .await
 }
 
 /// `GET /v1/health/checks/{name}`: the checks of a service's instances, each instance's
@@ -59,25 +41,10 @@ pub async fn checks(
 ) -> Result<Response, ConsulError> {
     principal.require_read("listing checks")?;
     let query = ReadQuery::parse(&state.consul, pairs)?;
-    if !valid_service_name(&name) {
-        return no_such_service(&state, query.blocking).await;
-    }
-    let watch = state.http.registry.watch(&name);
-    let snapshots = watch.clone();
-    let (index, checks) = blocking::answer(
-        &state,
-        query.blocking,
-        Wake::Service(watch),
-        || snapshots.borrow().index.max(1),
-        || {
-            let snapshot = snapshots.borrow().clone();
-            let checks: Vec<_> =
-                views(&state, &query, snapshot.instances.values()).iter().flat_map(|v| v.health_checks(&state.consul)).collect();
-            checks
-        },
-    )
-    .await?;
-    Ok(indexed(index, checks))
+    read_service(&state, query.blocking, &name, |snapshot| {
+        views(&state, &query, snapshot.instances.values()).iter().flat_map(|v| v.health_checks(&state.consul)).collect::<Vec<_>>()
+    })
+    .await
 }
 
 /// `GET /v1/health/state/{any,passing,warning,critical}`: every check in that state.
@@ -92,21 +59,12 @@ pub async fn state(
         return Err(ConsulError::bad_request(format!("state: {wanted:?} must be any, passing, warning or critical")));
     }
     let query = ReadQuery::parse(&state.consul, pairs)?;
-    let (index, checks) = blocking::answer(
-        &state,
-        query.blocking,
-        Wake::Poll,
-        || state.consul.catalog.current(&state.http.registry),
-        || {
-            let instances = all_instances(&state);
-            let checks: Vec<_> = views(&state, &query, instances.iter())
-                .iter()
-                .flat_map(|v| v.checks(&state.consul))
-                .filter(|check| wanted == "any" || check.status == wanted)
-                .collect();
-            checks
-        },
-    )
-    .await?;
-    Ok(indexed(index, checks))
+    read_catalog(&state, query.blocking, |instances| {
+        views(&state, &query, instances.iter())
+            .iter()
+            .flat_map(|v| v.checks(&state.consul))
+            .filter(|check| wanted == "any" || check.status == wanted)
+            .collect::<Vec<_>>()
+    })
+    .await
 }

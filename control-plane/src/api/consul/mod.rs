@@ -416,6 +416,38 @@ async fn no_such_service(state: &ConsulState, blocking: blocking::Blocking) -> R
     Ok(indexed(index, none))
 }
 
+/// A read of one service, answered as a blocking query: `build` over the service's snapshot,
+/// woken by the registry's watch of it; a name that cannot be a service is
+/// [`no_such_service`].
+async fn read_service<T: serde::Serialize>(
+    state: &ConsulState,
+    blocking: blocking::Blocking,
+    name: &str,
+    build: impl FnOnce(&crate::registry::ServiceSnapshot) -> T,
+) -> Result<Response, ConsulError> {
+    if !valid_service_name(name) {
+        return no_such_service(state, blocking).await;
+    }
+    let watch = state.http.registry.watch(name);
+    let snapshots = watch.clone();
+    let index = || snapshots.borrow().index.max(1);
+    let (index, body) =
+        blocking::answer(state, blocking, blocking::Wake::Service(watch), index, || build(&snapshots.borrow().clone())).await?;
+    Ok(indexed(index, body))
+}
+
+/// A read across every service, answered as a blocking query: `build` over every instance,
+/// rebuilt only when the catalog's index moves.
+async fn read_catalog<T: serde::Serialize>(
+    state: &ConsulState,
+    blocking: blocking::Blocking,
+    build: impl FnOnce(&[Arc<Instance>]) -> T,
+) -> Result<Response, ConsulError> {
+    let index = || state.consul.catalog.current(&state.http.registry);
+    let (index, body) = blocking::answer(state, blocking, blocking::Wake::Poll, index, || build(&all_instances(state))).await?;
+    Ok(indexed(index, body))
+}
+
 /// Every instance, of every service, by service and id.
 fn all_instances(state: &ConsulState) -> Vec<Arc<Instance>> {
     state
