@@ -30,6 +30,7 @@ pub struct HttpApp {
     hits: Arc<AtomicU64>,
     health: Arc<std::sync::atomic::AtomicU16>,
     task: JoinHandle<()>,
+    stopped: tokio_util::sync::CancellationToken,
 }
 
 impl HttpApp {
@@ -40,10 +41,13 @@ impl HttpApp {
         let hits = Arc::new(AtomicU64::new(0));
         let health = Arc::new(std::sync::atomic::AtomicU16::new(200));
         let (app_name, app_hits, app_health) = (name.to_owned(), hits.clone(), health.clone());
+        let stopped = tokio_util::sync::CancellationToken::new();
+        let connections_stop = stopped.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
                 let (name, hits, health) = (app_name.clone(), app_hits.clone(), app_health.clone());
+                let stopped = connections_stop.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                         if request.uri().path() == "/healthz" {
@@ -69,11 +73,17 @@ impl HttpApp {
                             .expect("valid response");
                         std::future::ready(Ok::<_, Infallible>(response))
                     });
-                    let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                    // A stopped app closes its open connections too, as a dead process would.
+                    tokio::select! {
+                        _ = connection => {}
+                        () = stopped.cancelled() => {}
+                    }
                 });
             }
         });
-        Self { addr, name: name.to_owned(), hits, health, task }
+        Self { addr, name: name.to_owned(), hits, health, task, stopped }
     }
 
     /// Makes `/healthz` answer `status`.
@@ -86,15 +96,16 @@ impl HttpApp {
         self.hits.load(Ordering::Relaxed)
     }
 
-    /// Stops accepting; the port is closed.
+    /// Stops as a dead process would: the port is closed and so is every open connection.
     pub fn stop(&self) {
         self.task.abort();
+        self.stopped.cancel();
     }
 }
 
 impl Drop for HttpApp {
     fn drop(&mut self) {
-        self.task.abort();
+        self.stop();
     }
 }
 

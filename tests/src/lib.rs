@@ -22,6 +22,7 @@ use tokio::{
 };
 
 pub mod apps;
+pub mod browser;
 pub mod client;
 pub mod dns;
 pub mod etcd;

@@ -313,12 +313,18 @@ function historyOf(kind, path, resource, body) {
 function renderServices() {
   const summary = h('table', { class: 'services' },
     h('thead', null, h('tr', null, ['service', 'instances', 'routable', 'virtual IP', 'route', 'policy', 'authorization'].map((c) => h('th', null, c)))),
-    h('tbody', null, state.services.map((svc) => h('tr', { 'data-service': svc.name },
+    h('tbody', null, state.services.map((svc) => {
+      // A watched service's instances are fresher than the list's counts (read every 2 s).
+      const watched = state.instances.get(svc.name)?.instances;
+      const total = watched ? watched.length : num(svc.instances);
+      const routable = watched ? watched.filter((i) => ['passing', 'warning'].includes(health(i.health))).length : num(svc.passing);
+      return h('tr', { 'data-service': svc.name },
       h('td', null, h('a', { href: '#service-' + svc.name }, svc.name)),
-      h('td', { class: 'num' }, num(svc.instances)),
-      h('td', { class: 'num ' + (num(svc.passing) < num(svc.instances) ? 'fair' : '') }, num(svc.passing)),
+      h('td', { class: 'num' }, total),
+      h('td', { class: 'num ' + (routable < total ? 'fair' : '') }, routable),
       h('td', null, svc.virtual_ip || '—'),
-      resourceCell('route', svc.name), resourceCell('policy', svc.name), resourceCell('authorization', svc.name)))));
+      resourceCell('route', svc.name), resourceCell('policy', svc.name), resourceCell('authorization', svc.name));
+    })));
 
   const cards = state.services.map((svc) => {
     const instances = (state.instances.get(svc.name)?.instances || []).slice().sort((a, b) => a.id.localeCompare(b.id));
@@ -362,13 +368,13 @@ function renderTraffic() {
   $('traffic-body').replaceChildren(topology(names, t.edges), h('h3', null, 'Per service'), perService, h('h3', null, 'Calls'), edges);
 }
 
-// Who calls whom: services on a circle, an arrow per edge with its figures at its middle.
+// Who calls whom: services on a circle, an arrow per edge with its figures beside its middle.
 function topology(names, edges) {
   const width = 720;
-  const height = Math.max(260, Math.min(560, 120 + names.length * 40));
+  const height = Math.max(320, Math.min(560, 140 + names.length * 40));
   const cx = width / 2;
   const cy = height / 2;
-  const radius = Math.min(cx, cy) - 60;
+  const radius = Math.min(cx, cy) - 50;
   const at = new Map(names.map((name, i) => {
     const angle = -Math.PI / 2 + (2 * Math.PI * i) / Math.max(1, names.length);
     return [name, names.length === 1 ? [cx, cy] : [cx + radius * Math.cos(angle), cy + radius * Math.sin(angle)]];
@@ -376,7 +382,7 @@ function topology(names, edges) {
   const svg = s('svg', { class: 'topology', viewBox: `0 0 ${width} ${height}`, role: 'img', 'aria-label': 'who calls whom' },
     s('defs', null, s('marker', { id: 'arrow', viewBox: '0 0 10 10', refX: 10, refY: 5, markerWidth: 7, markerHeight: 7, orient: 'auto-start-reverse' },
       s('path', { d: 'M 0 0 L 10 5 L 0 10 z', class: 'arrowhead' }))));
-  const nodeRadius = 26;
+  const nodeRadius = 28;
   for (const e of edges) {
     const [x1, y1] = at.get(e.from);
     const [x2, y2] = at.get(e.to);
@@ -384,16 +390,24 @@ function topology(names, edges) {
     const dx = x2 - x1;
     const dy = y2 - y1;
     const len = Math.hypot(dx, dy) || 1;
-    // Offset each direction sideways so a pair calling each other shows two arrows.
-    const ox = (-dy / len) * 6;
-    const oy = (dx / len) * 6;
-    const sx = x1 + (dx / len) * nodeRadius + ox;
-    const sy = y1 + (dy / len) * nodeRadius + oy;
-    const ex = x2 - (dx / len) * (nodeRadius + 2) + ox;
-    const ey = y2 - (dy / len) * (nodeRadius + 2) + oy;
+    // The edge's left-hand normal: each direction is offset to its own side, so a pair calling
+    // each other shows two arrows, each with its figures on its outer side.
+    const nx = -dy / len;
+    const ny = dx / len;
+    const sx = x1 + (dx / len) * nodeRadius + nx * 6;
+    const sy = y1 + (dy / len) * nodeRadius + ny * 6;
+    const ex = x2 - (dx / len) * (nodeRadius + 2) + nx * 6;
+    const ey = y2 - (dy / len) * (nodeRadius + 2) + ny * 6;
     g.append(s('line', { x1: sx, y1: sy, x2: ex, y2: ey, 'marker-end': 'url(#arrow)' }));
-    const label = `${rps(e.rps)} rps · ${pct(e.success_rate)} · p99 ${ms(e.p99_ms)}`;
-    g.append(s('text', { x: (sx + ex) / 2 + ox * 2, y: (sy + ey) / 2 + oy * 2, 'text-anchor': 'middle' }, label));
+    // Two short lines beside the middle, running away from the arrow: right of it when the
+    // normal points right, left of it when it points left, above or below otherwise.
+    const lx = (sx + ex) / 2 + nx * 8;
+    const ly = (sy + ey) / 2 + ny * 8;
+    const anchor = nx > 0.3 ? 'start' : nx < -0.3 ? 'end' : 'middle';
+    const first = anchor !== 'middle' ? -2 : ny > 0 ? 12 : -16;
+    g.append(s('text', { x: lx, y: ly + first, 'text-anchor': anchor },
+      s('tspan', { x: lx }, `${rps(e.rps)} rps`),
+      s('tspan', { x: lx, dy: 13 }, `${pct(e.success_rate)} · p99 ${ms(e.p99_ms)}`)));
     svg.append(g);
   }
   for (const name of names) {
