@@ -141,6 +141,22 @@ pub async fn services(
     .await
 }
 
+/// `GET /v1/agent/service/{id}`: one instance as `AgentService`; 404 when there is none.
+pub async fn service(
+    State(state): State<ConsulState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Response, ConsulError> {
+    principal.require_read("reading a service")?;
+    let query = ReadQuery::parse(&state.consul, pairs)?;
+    let unknown = || ConsulError::not_found(format!("unknown service ID: {id}"));
+    ferry_proto::validate::instance_id("ID", &id).map_err(|_| unknown())?;
+    let instance = state.http.registry.instance(&id).ok_or_else(unknown)?;
+    let view = views(&state, &query, std::iter::once(&instance)).pop().ok_or_else(unknown)?;
+    Ok(Json(view.agent_service(&state.consul)).into_response())
+}
+
 /// `GET /v1/agent/checks`: check id to `AgentCheck`.
 pub async fn checks(
     State(state): State<ConsulState>,

@@ -47,7 +47,9 @@ pub async fn checks(
     .await
 }
 
-/// `GET /v1/health/state/{any,passing,warning,critical}`: every check in that state.
+/// `GET /v1/health/state/{any,passing,warning,critical}`: every check in that state, each
+/// instance's synthetic `ferry:ID` check among them (as Consul lists its node's `serfHealth`), so
+/// an alert on `critical` sees a sidecar's instance, which has no checks of its own.
 pub async fn state(
     State(state): State<ConsulState>,
     Extension(principal): Extension<Principal>,
@@ -62,7 +64,7 @@ pub async fn state(
     read_catalog(&state, query.blocking, |instances| {
         views(&state, &query, instances.iter())
             .iter()
-            .flat_map(|v| v.checks(&state.consul))
+            .flat_map(|v| v.health_checks(&state.consul))
             .filter(|check| wanted == "any" || check.status == wanted)
             .collect::<Vec<_>>()
     })

@@ -135,6 +135,7 @@ pub fn routes(http: HttpState, consul: Arc<Consul>) -> Router {
         .route("/v1/agent/service/deregister/{id}", put(agent::deregister))
         .route("/v1/agent/check/{status}/{id}", put(agent::update_check))
         .route("/v1/agent/services", get(agent::services))
+        .route("/v1/agent/service/{id}", get(agent::service))
         .route("/v1/agent/checks", get(agent::checks))
         .route("/v1/agent/self", get(agent::agent_self))
         .route("/v1/catalog/services", get(catalog::services))

@@ -142,6 +142,35 @@ async fn an_instance_without_checks_shows_ferrys_health_as_a_check() {
     assert_eq!(listed[0]["Status"], status.as_str());
 }
 
+#[tokio::test]
+async fn the_state_of_every_check_includes_each_instances_own() {
+    let api = api().await;
+    api.register(instance("web-1", "web")).await;
+    let status = json(&api.get("/v1/health/checks/web").await)[0]["Status"].as_str().expect("a status").to_owned();
+    let in_state = json(&api.get(&format!("/v1/health/state/{status}")).await);
+    assert!(in_state.as_array().expect("a list").iter().any(|c| c["CheckID"] == "ferry:web-1"), "{in_state}");
+    let any = json(&api.get("/v1/health/state/any").await);
+    assert!(any.as_array().expect("a list").iter().any(|c| c["CheckID"] == "ferry:web-1"), "{any}");
+    let other = if status == "passing" { "critical" } else { "passing" };
+    let none = json(&api.get(&format!("/v1/health/state/{other}")).await);
+    assert!(!none.as_array().expect("a list").iter().any(|c| c["CheckID"] == "ferry:web-1"), "{none}");
+}
+
+#[tokio::test]
+async fn the_agent_reads_one_service_by_id() {
+    let api = api().await;
+    api.register(instance("web-1", "web")).await;
+    let answer = api.get("/v1/agent/service/web-1").await;
+    assert_eq!(answer.0, StatusCode::OK);
+    let service = json(&answer);
+    assert_eq!((&service["ID"], &service["Service"], &service["Port"]), (&json!("web-1"), &json!("web"), &json!(8080)));
+    for missing in ["web-2", "no%20such"] {
+        let answer = api.get(&format!("/v1/agent/service/{missing}")).await;
+        assert_eq!(answer.0, StatusCode::NOT_FOUND, "{missing}");
+        assert!(String::from_utf8_lossy(&answer.2).contains("unknown service ID"), "{missing}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_blocking_query_looks_at_the_index_and_builds_its_answer_once() {
     let api = api().await;
