@@ -10,6 +10,7 @@ use ferry_tests::{
     client::{self, grpc_channel, h2_get, header, host_get, proxy_get, text},
 };
 use futures::StreamExt;
+use http_body_util::Empty;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
 #[tokio::test]
@@ -26,6 +27,13 @@ async fn http_traffic_crosses_two_sidecars_in_every_client_mode() {
     assert_eq!(text(&answer), "catalog-app");
     assert_eq!(header(&answer, "x-seen-path"), "/items?page=2");
     assert_eq!(header(&answer, "x-seen-host"), "catalog");
+    // An absolute-form target names the destination, and the app sees it as Host too, whatever
+    // Host the client sent (RFC 9112 §3.2.2).
+    let odd =
+        http::Request::get("http://catalog/abs").header(http::header::HOST, "elsewhere").body(Empty::new()).expect("request");
+    let answer = client::send_h1(client.outbound, odd).await.expect("proxied");
+    assert_eq!(answer.0, 200, "{}", text(&answer));
+    assert_eq!(header(&answer, "x-seen-host"), "catalog");
     assert_eq!(header(&answer, "x-seen-version"), "HTTP/1.1");
 
     // Host-header mode, in each spelling.
@@ -40,19 +48,19 @@ async fn http_traffic_crosses_two_sidecars_in_every_client_mode() {
     assert_eq!(answer.0, 200, "{}", text(&answer));
     assert_eq!(header(&answer, "x-seen-version"), "HTTP/2.0");
     assert_eq!(header(&answer, "x-seen-path"), "/h2");
-    assert!(app.hits() >= 6);
+    assert!(app.hits() >= 7);
 
     // Both ends count what they proxied, and the control plane what it pushed.
     let (_, _, metrics) = client::get(&format!("http://{}/metrics", client.admin)).await.expect("metrics");
     let metrics = String::from_utf8_lossy(&metrics);
     assert!(
-        metrics.contains(r#"ferry_requests_total{direction="outbound",service="catalog",route="default",status="2xx"} 6"#),
+        metrics.contains(r#"ferry_requests_total{direction="outbound",service="catalog",route="default",status="2xx"} 7"#),
         "{metrics}"
     );
     let (_, _, metrics) = client::get(&format!("http://{}/metrics", catalog.admin)).await.expect("metrics");
     assert!(
         String::from_utf8_lossy(&metrics)
-            .contains(r#"ferry_requests_total{direction="inbound",service="catalog",route="-",status="2xx"} 6"#)
+            .contains(r#"ferry_requests_total{direction="inbound",service="catalog",route="-",status="2xx"} 7"#)
     );
     let (_, _, metrics) = control_plane.get("/metrics").await.expect("metrics");
     let metrics = String::from_utf8_lossy(&metrics);

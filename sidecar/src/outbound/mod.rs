@@ -175,8 +175,9 @@ impl Service<Request<Incoming>> for Outbound {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> ResponseFuture {
+    fn call(&mut self, mut request: Request<Incoming>) -> ResponseFuture {
         let started = Instant::now();
+        target::host_from_absolute_form(&mut request);
         let grpc = is_grpc(request.headers());
         let failed = |error: BoxError, counted: ServiceMetrics| ResponseFuture {
             call: Either::Right(futures::future::ready(Err(error))),

@@ -19,6 +19,22 @@ pub fn service_of<B>(request: &Request<B>) -> Result<String, BoxError> {
     service_of_authority(authority)
 }
 
+/// Makes `Host` agree with an absolute-form request target, as RFC 9112 §3.2.2 requires of a
+/// proxy: a client that sends `GET http://catalog/items` with some other `Host` meant the URI's
+/// authority, so the app behind the mesh sees `Host: catalog`, not what the client happened to
+/// send. An origin-form request (no authority in its target) keeps its `Host`; a request with no
+/// `Host` gets one when it is sent over HTTP/1.1.
+pub fn host_from_absolute_form<B>(request: &mut Request<B>) {
+    let Some(authority) = request.uri().authority() else { return };
+    let Some(host) = request.headers().get(header::HOST) else { return };
+    if host.as_bytes() == authority.as_str().as_bytes() {
+        return;
+    }
+    if let Ok(value) = header::HeaderValue::from_str(authority.as_str()) {
+        request.headers_mut().insert(header::HOST, value);
+    }
+}
+
 /// The service named by an authority such as `catalog.ferry:80`.
 pub fn service_of_authority(authority: &str) -> Result<String, BoxError> {
     let host = match authority.rsplit_once(':') {
@@ -52,6 +68,25 @@ mod tests {
         for authority in ["example.com", "10.0.0.1:80", "", "bad_name"] {
             assert!(service_of_authority(authority).is_err(), "{authority}");
         }
+    }
+
+    #[test]
+    fn an_absolute_form_target_sets_host_and_an_origin_form_one_keeps_it() {
+        let mut request =
+            Request::builder().uri("http://catalog:8080/items").header(header::HOST, "other").body(()).expect("valid");
+        host_from_absolute_form(&mut request);
+        assert_eq!(request.headers()[header::HOST], "catalog:8080");
+        assert_eq!(request.headers().get_all(header::HOST).iter().count(), 1);
+
+        let mut request = Request::builder().uri("/items").header(header::HOST, "inventory").body(()).expect("valid");
+        host_from_absolute_form(&mut request);
+        assert_eq!(request.headers()[header::HOST], "inventory");
+
+        // No Host at all: nothing is added here (HTTP/1.1 adds it when sending, HTTP/2 uses
+        // `:authority`).
+        let mut request = Request::builder().uri("http://catalog/items").body(()).expect("valid");
+        host_from_absolute_form(&mut request);
+        assert!(request.headers().get(header::HOST).is_none());
     }
 
     #[test]
