@@ -9,7 +9,8 @@
 //! the message at the payload size of the response's EDNS record, or at 512 bytes without EDNS
 //! (RFC 1035 section 4.2.1), stops adding records at that cap and sets the TC bit, so a resolver
 //! retries over TCP, where the cap is 65535. The one thing that is ours to do is echo an OPT
-//! record carrying the client's advertised size, which RFC 6891 section 6.1.1 requires anyway.
+//! record carrying the client's advertised size, which RFC 6891 section 6.1.1 requires anyway,
+//! capped at [`MAX_UDP_PAYLOAD`] (1232 bytes) so no answer relies on IP fragmentation.
 //!
 //! Two properties of hickory's truncation are accepted as they are: the truncated answer keeps
 //! the records that fit (a partial RRset, which RFC 2181 section 9 allows and which resolvers
@@ -29,6 +30,11 @@ use crate::{forward::RequestFlags, respond::Responder};
 /// The EDNS version this server speaks (RFC 6891 section 6.1.3).
 const EDNS_VERSION: u8 = 0;
 
+/// The largest UDP answer, whatever size the client advertises: the DNS Flag Day 2020 value,
+/// which fits the IPv6 minimum MTU without fragmentation (fragments are dropped or spoofed on
+/// real networks). A larger answer is truncated with TC set and the resolver asks over TCP.
+pub(crate) const MAX_UDP_PAYLOAD: u16 = 1232;
+
 /// Serves `ferry.` and its aliases (and, intercepting, every name) to hickory-server.
 pub(crate) struct DnsHandler {
     responder: Responder,
@@ -43,10 +49,11 @@ impl DnsHandler {
         let mut metadata = Metadata::response_from_request(&request.metadata);
 
         // RFC 6891 section 6.1.1: a request with OPT gets a response with OPT. Its payload size
-        // is the client's (at least 512), which is also the size hickory truncates UDP at.
+        // is the client's (at least 512) up to MAX_UDP_PAYLOAD, which is also the size hickory
+        // truncates UDP at.
         let response_edns = request.edns.as_ref().map(|request_edns| {
             let mut edns = Edns::new();
-            edns.set_max_payload(request_edns.max_payload().max(512)).set_version(EDNS_VERSION);
+            edns.set_max_payload(request_edns.max_payload().clamp(512, MAX_UDP_PAYLOAD)).set_version(EDNS_VERSION);
             edns
         });
         let builder = MessageResponseBuilder::new(&request.queries, response_edns.as_ref());

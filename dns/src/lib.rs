@@ -60,7 +60,8 @@
 //! names an app looks up cost no subscription.
 //!
 //! Answers too large for UDP, relayed ones too, are truncated with the TC bit set (RFC 1035
-//! section 4.2.1, or the payload size the client advertises with EDNS, RFC 6891), so resolvers
+//! section 4.2.1, or the payload size the client advertises with EDNS, RFC 6891, up to 1232
+//! bytes), so resolvers
 //! retry over TCP, which carries the full answer. hickory-server does this when it encodes a UDP
 //! response; see the `handler` module for the details and `tests/serve.rs` for the proof.
 

@@ -403,6 +403,29 @@ async fn large_answers_truncate_over_udp_and_complete_over_tcp() {
     assert_eq!(answers.len(), 100);
 }
 
+/// Whatever size a client advertises, a UDP answer stays within 1232 bytes (DNS Flag Day 2020):
+/// larger ones are truncated, and the OPT record says 1232.
+#[tokio::test]
+async fn udp_answers_are_capped_at_1232_bytes_whatever_the_client_advertises() {
+    let server = TestServer::start().await;
+    for advertised in [1232, 1400, 4096, 65535] {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        socket.send_to(&query("big.service.ferry.", RecordType::A, Some(advertised)), server.udp).await.expect("send");
+        let mut buffer = vec![0; 65535];
+        let (len, _) =
+            tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buffer)).await.expect("an answer").expect("recv");
+        assert!(len <= 1232, "advertised {advertised}: a {len}-byte answer");
+        let response = Message::from_vec(&buffer[..len]).expect("a DNS message");
+        assert!(response.metadata.truncation, "advertised {advertised}: TC set");
+        if let Some(edns) = &response.edns {
+            assert_eq!(edns.max_payload(), 1232, "advertised {advertised}");
+        }
+    }
+    // A client that advertises less gets no more than that.
+    let small = server.udp("catalog.service.ferry.", RecordType::A, Some(600)).await;
+    assert_eq!(small.edns.as_ref().map(Edns::max_payload), Some(600));
+}
+
 #[tokio::test]
 async fn serve_returns_when_shut_down() {
     let mut server = TestServer::start().await;
