@@ -152,6 +152,9 @@ impl StateDir {
         };
         let bytes = serde_json::to_vec_pretty(&file).map_err(io::Error::other)?;
         let temp = self.dir.join(TEMP_NAME);
+        // Whatever is at the temporary path goes, a symbolic link included (the link itself, not
+        // what it points to); then `create_new` (O_CREAT|O_EXCL) refuses to follow a link that
+        // appears in between, so the private key is never written through a planted link.
         let _ = fs::remove_file(&temp);
         // It holds the private key: readable by this user alone.
         let mut out = {
@@ -462,6 +465,29 @@ mod tests {
         assert_eq!(restored.versions(), catalog.versions());
         let text = std::fs::read_to_string(dir.file()).expect("text");
         assert!(text.contains(r#""service": "catalog""#), "readable JSON: {text}");
+    }
+
+    #[test]
+    fn a_link_planted_at_the_temporary_path_is_not_followed() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let dir = StateDir::create(&temp.path().join("state")).expect("creates the directory");
+        let victim = temp.path().join("victim");
+        std::fs::write(&victim, "untouched").expect("a victim file");
+        std::os::unix::fs::symlink(&victim, temp.path().join("state").join(TEMP_NAME)).expect("a planted link");
+        let saved =
+            Saved { saved_at: SystemTime::UNIX_EPOCH, services: Vec::new(), trust: SavedTrust::default(), addresses: None };
+        dir.write(&saved).expect("writes");
+        assert_eq!(std::fs::read_to_string(&victim).expect("the victim"), "untouched");
+        let meta = std::fs::symlink_metadata(dir.file()).expect("the state file");
+        assert!(meta.file_type().is_file(), "the state file is a regular file, not the link");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+
+        // A dangling link to a path that does not exist yet is not followed either.
+        let target = temp.path().join("would-be-created");
+        std::os::unix::fs::symlink(&target, temp.path().join("state").join(TEMP_NAME)).expect("a dangling link");
+        dir.write(&saved).expect("writes");
+        assert!(!target.exists(), "nothing was created through the link");
     }
 
     #[tokio::test]
