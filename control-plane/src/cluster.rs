@@ -239,6 +239,8 @@ impl Replica {
             // Written with `virtual_ips` only so that guards can claim an address; nothing to
             // apply.
             Table::VirtualIpOwners => {}
+            // Listed on demand (`ListSetAside`); nothing to apply.
+            Table::SetAside => {}
             Table::Ca => {
                 if let Some(value) = &event.value {
                     self.parts.authority.apply_stored(value);

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub push: PushMetrics,
     pub health: HealthMetrics,
     pub security: SecurityMetrics,
+    /// Stored rows set aside at start-up because they could not be read.
+    pub rows_set_aside: Gauge,
 }
 
 /// Counts of the CA and of API authentication.
@@ -93,7 +95,13 @@ impl Metrics {
             },
             health: HealthMetrics::default(),
             security: SecurityMetrics::default(),
+            rows_set_aside: Gauge::default(),
         };
+        registry.register(
+            "store_rows_set_aside",
+            "Stored rows that could not be read at start-up, kept aside (GET /v1/store/set-aside lists them)",
+            metrics.rows_set_aside.clone(),
+        );
         metrics.health.register(registry);
         let r = &metrics.registry;
         registry.register("registry_changes", "Changes applied to the registry", r.changes.clone());

@@ -132,6 +132,17 @@ impl ControlPlane {
             other => anyhow::Error::new(other).context("opening the certificate authority"),
         })?;
         let tokens = Tokens::open(store).await.with_context(|| format!("loading the API tokens from {description}"))?;
+        match registry.set_aside().await {
+            Ok(rows) if !rows.is_empty() => {
+                metrics.rows_set_aside.set(i64::try_from(rows.len()).unwrap_or(i64::MAX));
+                tracing::warn!(
+                    rows = rows.len(),
+                    "stored rows that could not be read are set aside, not loaded: `ferryctl status` lists them"
+                );
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "cannot list the stored rows set aside"),
+        }
         match config.auth {
             AuthMode::Token => tokens.bootstrap(&config.data_dir, config.bootstrap_token.as_deref()).await?,
             AuthMode::None => tracing::warn!(

@@ -389,10 +389,14 @@ async fn execute(command: Command, output: Output, api: &ControlPlane, input: Op
         Command::Status => {
             let channel = connect(api).await?;
             let response = DiscoveryClient::new(channel.clone()).list_sidecars(v1::ListSidecarsRequest {}).await?.into_inner();
-            let rollouts = routing::rollouts(channel, &response).await?;
+            let rollouts = routing::rollouts(channel.clone(), &response).await?;
+            let set_aside = RegistryClient::new(channel).list_set_aside(v1::ListSetAsideRequest {}).await?.into_inner().rows;
             match output {
-                Output::Table => Ok(status_table(&response) + &routing::rollouts_text(&rollouts)),
-                _ => encode(output, &serde_json::json!({ "sidecars": response.sidecars, "resources": rollouts })),
+                Output::Table => Ok(status_table(&response) + &routing::rollouts_text(&rollouts) + &set_aside_text(&set_aside)),
+                _ => encode(
+                    output,
+                    &serde_json::json!({ "sidecars": response.sidecars, "resources": rollouts, "set_aside": set_aside }),
+                ),
             }
         }
         Command::Apply { file, dry_run } => {
@@ -544,6 +548,29 @@ fn instances_table(response: &v1::ListInstancesResponse) -> String {
         out.push_str(&table.render());
     }
     out
+}
+
+/// The stored rows the control plane set aside at start-up, when there are any.
+fn set_aside_text(rows: &[v1::SetAsideRow]) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut table = Table::new(&["TABLE", "KEY", "SET ASIDE", "BYTES", "REASON"]);
+    for row in rows {
+        table.row(vec![
+            row.table.clone(),
+            row.key.clone(),
+            ago(row.set_aside_at.as_ref()),
+            row.bytes.to_string(),
+            row.reason.clone(),
+        ]);
+    }
+    let count = if rows.len() == 1 { "1 stored row".to_owned() } else { format!("{} stored rows", rows.len()) };
+    format!(
+        "\n{count} could not be read when the control plane started: each was set aside (kept in the store, not \
+         loaded) so that the rest loaded. Write a fixed one again through the API.\n{}",
+        table.render()
+    )
 }
 
 fn status_table(response: &v1::ListSidecarsResponse) -> String {

@@ -125,4 +125,13 @@ impl RegistryApi for RegistryService {
         })?;
         Ok(Response::new(v1::UpdateTtlResponse { check: Some(check) }))
     }
+
+    async fn list_set_aside(
+        &self,
+        request: Request<v1::ListSetAsideRequest>,
+    ) -> Result<Response<v1::ListSetAsideResponse>, Status> {
+        Principal::of(&request)?.require_read("listing rows set aside")?;
+        let rows = self.registry.set_aside().await.map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(v1::ListSetAsideResponse { rows }))
+    }
 }

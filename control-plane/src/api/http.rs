@@ -118,6 +118,7 @@ pub fn router(
         .route("/v1/checks/{id}/{status}", put(update_ttl).layer(DefaultBodyLimit::max(MAX_TTL_OUTPUT_BYTES)))
         .route("/v1/sidecars", get(sidecars))
         .route("/v1/traffic", get(traffic))
+        .route("/v1/store/set-aside", get(set_aside))
         .route("/metrics", get(metrics))
         .route("/ready", get(ready))
         .fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
@@ -228,6 +229,20 @@ async fn list_services(
 ) -> Result<Json<v1::ListServicesResponse>, ApiError> {
     principal.require_read("listing services")?;
     Ok(Json(services_response(state.registry.services())))
+}
+
+/// `GET /v1/store/set-aside`: the stored rows that could not be read at start-up.
+async fn set_aside(
+    State(state): State<HttpState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<v1::ListSetAsideResponse>, ApiError> {
+    principal.require_read("listing rows set aside")?;
+    let rows = state.registry.set_aside().await.map_err(|e| ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        error: e.to_string(),
+        field: None,
+    })?;
+    Ok(Json(v1::ListSetAsideResponse { rows }))
 }
 
 /// The query of `GET /v1/services/{name}`.

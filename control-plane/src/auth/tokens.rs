@@ -145,8 +145,15 @@ impl Tokens {
     pub async fn open(store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
         let mut state = State::default();
         for (key, value) in store.load(Table::Tokens).await? {
-            let stored: Stored =
-                serde_json::from_slice(&value).map_err(|e| StoreError::new(format!("token {key:?} is corrupt: {e}")))?;
+            // A row that does not decode is set aside: the other tokens still work.
+            let stored: Stored = match serde_json::from_slice(&value) {
+                Ok(stored) => stored,
+                Err(e) => {
+                    let reason = format!("does not decode as a token: {e}");
+                    crate::store::set_aside::set_aside(&*store, Table::Tokens, &key, &value, &reason).await?;
+                    continue;
+                }
+            };
             state.by_hash.insert(stored.sha256.clone(), stored.id.clone());
             state.by_id.insert(stored.id.clone(), stored);
         }

@@ -252,11 +252,14 @@ impl Registry {
         let vip_rows = if shared.is_some() { Vec::new() } else { store.load(Table::VirtualIps).await? };
         let mut restored = Vec::with_capacity(rows.len());
         for (key, value) in rows {
-            let stored = v1::Instance::decode(value.as_slice())
-                .map_err(|e| StoreError::new(format!("instance {key:?} is corrupt: {e}")))?;
-            let instance =
-                Instance::from_stored(stored).map_err(|e| StoreError::new(format!("instance {key:?} is invalid: {e}")))?;
-            restored.push(instance);
+            // A row that does not decode, or no longer validates, is set aside: the rest loads.
+            let instance = v1::Instance::decode(value.as_slice())
+                .map_err(|e| format!("does not decode as an instance: {e}"))
+                .and_then(|stored| Instance::from_stored(stored).map_err(|e| format!("is not a valid instance: {e}")));
+            match instance {
+                Ok(instance) => restored.push(instance),
+                Err(reason) => crate::store::set_aside::set_aside(&*store, Table::Instances, &key, &value, &reason).await?,
+            }
         }
         indexes.advance_past(restored.iter().map(|i| i.index).max().unwrap_or(0));
         let duty = shared.is_none();
@@ -454,6 +457,21 @@ impl Registry {
     /// This replica's id, when replicas share the store.
     pub fn replica(&self) -> Option<&str> {
         self.shared.as_ref().map(|shared| &*shared.replica)
+    }
+
+    /// The stored rows set aside at start-up because they could not be read, oldest first.
+    pub async fn set_aside(&self) -> Result<Vec<v1::SetAsideRow>, StoreError> {
+        let rows = crate::store::set_aside::list(&*self.store).await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| v1::SetAsideRow {
+                set_aside_at: (row.at_ms > 0).then(|| ferry_proto::time::timestamp(row.at())),
+                bytes: row.len() as u64,
+                table: row.table,
+                key: row.key,
+                reason: row.reason,
+            })
+            .collect())
     }
 
     /// The replication state, when replicas share the store.

@@ -200,8 +200,15 @@ impl Resources {
                 break;
             }
             for (key, value) in store.load(kind.table()).await? {
-                let stored = v1::HistoryResponse::decode(value.as_slice())
-                    .map_err(|e| StoreError::new(format!("{} {key:?} is corrupt: {e}", kind.name())))?;
+                // A row that does not decode is set aside: the other services' resources load.
+                let stored = match v1::HistoryResponse::decode(value.as_slice()) {
+                    Ok(stored) => stored,
+                    Err(e) => {
+                        let reason = format!("does not decode as the history of a {}: {e}", kind.name());
+                        crate::store::set_aside::set_aside(&*store, kind.table(), &key, &value, &reason).await?;
+                        continue;
+                    }
+                };
                 let record = Record { history: stored.entries.into_iter().collect() };
                 indexes.advance_past(record.version());
                 records.insert((kind, Arc::from(key.as_str())), record);

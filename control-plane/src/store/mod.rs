@@ -12,6 +12,7 @@ use futures::future::BoxFuture;
 pub mod etcd;
 mod memory;
 mod redb;
+pub mod set_aside;
 mod writer;
 
 pub use self::{memory::MemoryStore, redb::RedbStore, writer::StoreWriter};
@@ -40,6 +41,8 @@ pub enum Table {
     /// The service holding each virtual IP, by address: written with `VirtualIps`, so that a
     /// guarded write can claim an address only while nobody holds it.
     VirtualIpOwners,
+    /// Rows that could not be read at start-up, moved here with why (JSON; see [`set_aside`]).
+    SetAside,
 }
 
 impl Table {
@@ -49,7 +52,7 @@ impl Table {
     }
 
     /// Every table, for stores that create them up front.
-    pub const ALL: [Table; 9] = [
+    pub const ALL: [Table; 10] = [
         Table::Instances,
         Table::Routes,
         Table::Policies,
@@ -59,6 +62,7 @@ impl Table {
         Table::Checks,
         Table::VirtualIps,
         Table::VirtualIpOwners,
+        Table::SetAside,
     ];
 
     /// The table's name in the store.
@@ -73,6 +77,7 @@ impl Table {
             Self::Checks => "checks",
             Self::VirtualIps => "virtual_ips",
             Self::VirtualIpOwners => "virtual_ip_owners",
+            Self::SetAside => "set_aside",
         }
     }
 }
