@@ -72,3 +72,110 @@ async fn rows_that_do_not_decode_are_set_aside_and_the_rest_loads() {
     let rows: serde_json::Value = serde_json::from_slice(&listed.2).expect("JSON");
     assert_eq!(rows["rows"].as_array().map(Vec::len), Some(3), "{rows}");
 }
+
+/// A tmpfs mounted on a temporary directory, unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// A `size` tmpfs, or why there cannot be one here.
+    fn mount(size: &str) -> Result<Self, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("`mount` cannot run: {e}"))?;
+        if !mounted.status.success() {
+            return Err(format!("cannot mount a tmpfs: {}", String::from_utf8_lossy(&mounted.stderr).trim()));
+        }
+        Ok(Self { dir })
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Fills the disk with one file, until it is full.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let file = self.path().join("filler");
+        let mut out = std::fs::File::create(&file).expect("creates the filler");
+        let chunk = vec![0u8; 64 * 1024];
+        while out.write_all(&chunk).is_ok() {}
+        let _ = out.sync_all();
+        file
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_writes_clearly_and_they_resume_when_space_returns() {
+    let disk = match SmallDisk::mount("16m") {
+        Ok(disk) => disk,
+        Err(why) if std::env::var_os("FERRY_REQUIRE_NETNS").is_some() => panic!("FERRY_REQUIRE_NETNS is set but {why}"),
+        Err(why) => {
+            eprintln!("skipping the full-disk test: {why} (it needs root)");
+            return;
+        }
+    };
+    let data = disk.path().join("data");
+    let mut control_plane = ControlPlane::start_in(&data, &[]).await;
+    let register = |id: String| {
+        let body = format!(r#"{{"id": "{id}", "service": "db", "address": "db.internal", "port": 5432}}"#);
+        let control_plane = &control_plane;
+        async move { control_plane.send_json(http::Method::PUT, "/v1/instances", &body).await.expect("answered") }
+    };
+    let mut acknowledged = Vec::new();
+    let first = register("db-0".into()).await;
+    assert_eq!(first.0, 200, "{}", text(&first));
+    acknowledged.push("db-0".to_owned());
+
+    // Full: a registration is refused with a 503 that says why, once the store's file cannot
+    // grow (its free pages may take a few first).
+    let filler = disk.fill();
+    // Ten 250-byte labels, so that each registration grows the file by a few kilobytes.
+    let padding = (0..10).map(|i| format!(r#""pad{i}": "{}""#, "x".repeat(250))).collect::<Vec<_>>().join(", ");
+    let mut refused = None;
+    for n in 1..=200 {
+        let id = format!("db-{n}");
+        let body =
+            format!(r#"{{"id": "{id}", "service": "db", "address": "db.internal", "port": 5432, "metadata": {{{padding}}}}}"#);
+        let answer = control_plane.send_json(http::Method::PUT, "/v1/instances", &body).await.expect("answered");
+        match answer.0.as_u16() {
+            200 => acknowledged.push(id),
+            503 => {
+                refused = Some(text(&answer));
+                break;
+            }
+            other => panic!("registering {id} with the disk full: {other}: {}", text(&answer)),
+        }
+    }
+    let refused = refused.expect("a registration refused once the disk is full");
+    assert!(refused.contains("store") && refused.contains("No space left on device"), "{refused}");
+
+    // Room again: writes resume without a restart.
+    std::fs::remove_file(filler).expect("frees the disk");
+    ferry_tests::eventually("registrations to succeed again", || async {
+        let answer = register("db-after".into()).await;
+        (answer.0 == 200).then_some(())
+    })
+    .await;
+
+    acknowledged.push("db-after".to_owned());
+
+    // Nothing acknowledged is lost, even without a clean shutdown.
+    control_plane.process.kill().await;
+    let restarted = ControlPlane::start_in(&data, &[]).await;
+    for id in &acknowledged {
+        assert!(restarted.instance(id).await.is_some(), "{id} was acknowledged and is still stored");
+    }
+    drop(restarted);
+    drop(control_plane);
+}

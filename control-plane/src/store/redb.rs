@@ -1,6 +1,9 @@
 //! The embedded default store: one redb file, crash-safe, fsynced on every commit.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
 
 use futures::{FutureExt, future::BoxFuture};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -8,10 +11,15 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use super::{Rows, Store, StoreError, Table, Write};
 
 /// A redb database file holding every table.
+///
+/// After an I/O error (a full disk, a failing device) redb refuses every later transaction on
+/// the same handle, so the handle is dropped on any failure and the file opened again by the
+/// next operation: writes resume once the disk has room again, without a restart. Operations
+/// take turns on the handle (the registry's single writer batches writes anyway).
 #[derive(Debug, Clone)]
 pub struct RedbStore {
-    db: Arc<Database>,
-    path: String,
+    db: Arc<Mutex<Option<Database>>>,
+    path: PathBuf,
 }
 
 fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static [u8]> {
@@ -25,57 +33,84 @@ fn error(context: &str, e: impl Into<redb::Error>) -> StoreError {
 impl RedbStore {
     /// Opens the database at `path`, creating it and its tables when missing.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Self::open_file(path)?;
+        Ok(Self { db: Arc::new(Mutex::new(Some(db))), path: path.to_path_buf() })
+    }
+
+    fn open_file(path: &Path) -> Result<Database, StoreError> {
         let db = Database::create(path).map_err(|e| error(&format!("opening {}", path.display()), e))?;
         let txn = db.begin_write().map_err(|e| error("creating tables", e))?;
         for table in Table::ALL {
             txn.open_table(definition(table)).map_err(|e| error("creating tables", e))?;
         }
         txn.commit().map_err(|e| error("creating tables", e))?;
-        Ok(Self { db: Arc::new(db), path: path.display().to_string() })
+        Ok(db)
+    }
+
+    /// Runs `operation` on the open handle, opening the file first when an earlier failure
+    /// dropped it, and dropping it when `operation` fails.
+    fn with_db<T>(&self, operation: impl FnOnce(&Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut held = ferry_runtime::lock(&self.db);
+        if held.is_none() {
+            *held = Some(Self::open_file(&self.path)?);
+            tracing::info!(path = %self.path.display(), "the store is open again");
+        }
+        let Some(db) = held.as_ref() else { return Err(StoreError::new("the store is not open")) };
+        let result = operation(db);
+        if result.is_err() {
+            *held = None;
+        }
+        result
     }
 
     fn load_blocking(&self, table: Table) -> Result<Rows, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| error("reading", e))?;
-        let table = txn.open_table(definition(table)).map_err(|e| error("reading", e))?;
-        let mut rows = Vec::new();
-        for row in table.iter().map_err(|e| error("reading", e))? {
-            let (key, value) = row.map_err(|e| error("reading", e))?;
-            rows.push((key.value().to_owned(), value.value().to_vec()));
-        }
-        Ok(rows)
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(|e| error("reading", e))?;
+            let table = txn.open_table(definition(table)).map_err(|e| error("reading", e))?;
+            let mut rows = Vec::new();
+            for row in table.iter().map_err(|e| error("reading", e))? {
+                let (key, value) = row.map_err(|e| error("reading", e))?;
+                rows.push((key.value().to_owned(), value.value().to_vec()));
+            }
+            Ok(rows)
+        })
     }
 
     fn apply_blocking(&self, batch: Vec<Write>) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| error("writing", e))?;
-        for write in &batch {
-            let mut table = txn.open_table(definition(write.table)).map_err(|e| error("writing", e))?;
-            match &write.value {
-                Some(value) => {
-                    table.insert(write.key.as_str(), value.as_slice()).map_err(|e| error("writing", e))?;
-                }
-                None => {
-                    table.remove(write.key.as_str()).map_err(|e| error("writing", e))?;
+        self.with_db(|db| {
+            let txn = db.begin_write().map_err(|e| error("writing", e))?;
+            for write in &batch {
+                let mut table = txn.open_table(definition(write.table)).map_err(|e| error("writing", e))?;
+                match &write.value {
+                    Some(value) => {
+                        table.insert(write.key.as_str(), value.as_slice()).map_err(|e| error("writing", e))?;
+                    }
+                    None => {
+                        table.remove(write.key.as_str()).map_err(|e| error("writing", e))?;
+                    }
                 }
             }
-        }
-        txn.commit().map_err(|e| error("committing", e))
+            txn.commit().map_err(|e| error("committing", e))
+        })
     }
 
     fn create_blocking(&self, table: Table, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
-        let txn = self.db.begin_write().map_err(|e| error("writing", e))?;
-        let held = {
-            let mut table = txn.open_table(definition(table)).map_err(|e| error("writing", e))?;
-            let existing = table.get(key).map_err(|e| error("reading", e))?.map(|v| v.value().to_vec());
-            match existing {
-                Some(existing) => existing,
-                None => {
-                    table.insert(key, value).map_err(|e| error("writing", e))?;
-                    value.to_vec()
+        self.with_db(|db| {
+            let txn = db.begin_write().map_err(|e| error("writing", e))?;
+            let held = {
+                let mut table = txn.open_table(definition(table)).map_err(|e| error("writing", e))?;
+                let existing = table.get(key).map_err(|e| error("reading", e))?.map(|v| v.value().to_vec());
+                match existing {
+                    Some(existing) => existing,
+                    None => {
+                        table.insert(key, value).map_err(|e| error("writing", e))?;
+                        value.to_vec()
+                    }
                 }
-            }
-        };
-        txn.commit().map_err(|e| error("committing", e))?;
-        Ok(held)
+            };
+            txn.commit().map_err(|e| error("committing", e))?;
+            Ok(held)
+        })
     }
 }
 
@@ -111,7 +146,7 @@ impl Store for RedbStore {
     }
 
     fn describe(&self) -> String {
-        format!("redb:{}", self.path)
+        format!("redb:{}", self.path.display())
     }
 }
 
