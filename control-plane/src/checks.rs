@@ -224,7 +224,7 @@ impl HealthChecks {
         }
         running.remove(id);
         let target = Target { host: instance.address.clone(), port: instance.port };
-        let options = RunnerOptions { assume, ..self.options };
+        let options = RunnerOptions { assume, ..self.options.clone() };
         let runner = Arc::new(Runner::start(instance.checks.clone(), target, options, self.metrics.clone()));
         let forward = tokio::spawn(forward(
             self.registry.clone(),

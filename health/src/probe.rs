@@ -44,10 +44,44 @@ pub struct Prober {
 /// The body bytes an HTTP probe reads and shows.
 const BODY_LIMIT: usize = 4096;
 
+/// The HTTP client that HTTP checks share: one per control plane or sidecar, so that thousands
+/// of checks keep at most one idle connection per checked address, closed after a minute
+/// unused, instead of a pool each.
+#[derive(Clone)]
+pub struct HttpProbes(Client<HttpConnector, Empty<Bytes>>);
+
+impl HttpProbes {
+    /// A client with a small pool.
+    pub fn new() -> Self {
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(1)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build_http();
+        Self(client)
+    }
+}
+
+impl Default for HttpProbes {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for HttpProbes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HttpProbes")
+    }
+}
+
 impl Prober {
-    /// A prober of `probe` against `target`.
+    /// A prober of `probe` against `target`, with an HTTP client of its own.
     pub fn new(probe: Probe, target: Target) -> Self {
-        let http = matches!(probe, Probe::Http { .. }).then(|| Client::builder(TokioExecutor::new()).build_http());
+        Self::with_client(probe, target, &HttpProbes::new())
+    }
+
+    /// A prober of `probe` against `target` sharing `http` with other probers.
+    pub fn with_client(probe: Probe, target: Target, http: &HttpProbes) -> Self {
+        let http = matches!(probe, Probe::Http { .. }).then(|| http.0.clone());
         let grpc = match &probe {
             Probe::Grpc { address, .. } => {
                 let authority = address.clone().unwrap_or_else(|| target.authority());
@@ -153,19 +187,41 @@ async fn script(args: &[String], timeout: Duration) -> Outcome {
         Ok(child) => child,
         Err(error) => return (Health::Critical, format!("script {command}: cannot start: {error}")),
     };
-    let group = child.id();
+    let leader = child.id().and_then(|id| rustix::process::Pid::from_raw(i32::try_from(id).ok()?));
     let stdout = child.stdout.take().map(|pipe| tokio::spawn(read_bounded(pipe)));
     let stderr = child.stderr.take().map(|pipe| tokio::spawn(read_bounded(pipe)));
-    let status = tokio::time::timeout(timeout, child.wait()).await;
-    // Whatever it left behind goes too: a check must not leave processes running.
-    kill_group(group).await;
-    let status = match status {
-        Ok(Ok(status)) => status,
-        Ok(Err(error)) => return (Health::Critical, format!("script {command}: {error}")),
-        Err(_) => {
-            let _ = child.start_kill();
-            return (Health::Critical, format!("script {command}: killed after {timeout:?}"));
+    // Wait for the script to exit without reaping it: until it is reaped its PID, which is also
+    // its group's id, cannot be given to another process, so killing the group below cannot hit
+    // a stranger that happened to get the number.
+    let exited = match leader {
+        Some(leader) => {
+            let exit = tokio::task::spawn_blocking(move || {
+                use rustix::process::{WaitId, WaitIdOptions, waitid};
+                loop {
+                    match waitid(WaitId::Pid(leader), WaitIdOptions::EXITED | WaitIdOptions::NOWAIT) {
+                        Err(rustix::io::Errno::INTR) => continue,
+                        // Exited (or, should something else have reaped it, gone).
+                        _ => return,
+                    }
+                }
+            });
+            tokio::time::timeout(timeout, exit).await.is_ok()
         }
+        None => false,
+    };
+    // Whatever it left behind goes too (and the script itself, when it ran out of time): a check
+    // must not leave processes running.
+    if let Some(leader) = leader {
+        let _ = rustix::process::kill_process_group(leader, rustix::process::Signal::KILL);
+    }
+    if !exited {
+        let _ = child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
+        return (Health::Critical, format!("script {command}: killed after {timeout:?}"));
+    }
+    let status = match child.wait().await {
+        Ok(status) => status,
+        Err(error) => return (Health::Critical, format!("script {command}: {error}")),
     };
     let mut text = String::new();
     for reader in [stdout, stderr].into_iter().flatten() {
@@ -202,23 +258,6 @@ async fn read_bounded(mut pipe: impl tokio::io::AsyncRead + Unpin) -> Vec<u8> {
     }
 }
 
-/// Kills the process group `group` (a script and anything it started).
-async fn kill_group(group: Option<u32>) {
-    #[cfg(unix)]
-    if let Some(group) = group {
-        // The `kill` command, rather than a signal call, keeps this crate free of unsafe code.
-        let _ = tokio::process::Command::new("kill")
-            .args(["-KILL", "--", &format!("-{group}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await;
-    }
-    #[cfg(not(unix))]
-    let _ = group;
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::{
@@ -230,10 +269,16 @@ mod tests {
 
     /// An HTTP server answering every request with the status in `status`.
     async fn server(status: Arc<AtomicU16>) -> Target {
+        counting_server(status, Arc::default()).await
+    }
+
+    /// The same, counting the connections it accepts in `accepted`.
+    async fn counting_server(status: Arc<AtomicU16>, accepted: Arc<std::sync::atomic::AtomicUsize>) -> Target {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let status = status.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |_request| {
@@ -251,6 +296,21 @@ mod tests {
             }
         });
         Target { host: "127.0.0.1".into(), port }
+    }
+
+    #[tokio::test]
+    async fn http_checks_share_one_pool_of_connections() {
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let target = counting_server(Arc::new(AtomicU16::new(200)), accepted.clone()).await;
+        let shared = HttpProbes::new();
+        let probe = Probe::Http { url: "/healthz".into(), expected_status: None };
+        let mut probers: Vec<Prober> = (0..10).map(|_| Prober::with_client(probe.clone(), target.clone(), &shared)).collect();
+        for _ in 0..3 {
+            for prober in &mut probers {
+                assert_eq!(prober.run(Duration::from_secs(2)).await.map(|o| o.0), Some(Health::Passing));
+            }
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "30 checks, one after another, over one connection");
     }
 
     #[tokio::test]

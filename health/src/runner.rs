@@ -17,13 +17,13 @@ use tokio::{
 use crate::{
     Health,
     metrics::HealthMetrics,
-    probe::{Outcome, Prober, Target},
+    probe::{HttpProbes, Outcome, Prober, Target},
     spec::{CheckSpec, Probe},
     state::{CheckState, FlapDamper, FlapPolicy, worst},
 };
 
 /// How a runner behaves.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RunnerOptions {
     pub flap: FlapPolicy,
     /// Start each check at a random point of its first interval, so that a control plane
@@ -35,11 +35,14 @@ pub struct RunnerOptions {
     /// whose checks restart (after a control-plane restart), so it does not flap. `None`: a new
     /// instance, critical until its checks pass.
     pub assume: Option<Health>,
+    /// The HTTP client of HTTP checks: one per process, shared by every runner made from
+    /// clones of these options, so checks reuse and bound their connections.
+    pub http: HttpProbes,
 }
 
 impl Default for RunnerOptions {
     fn default() -> Self {
-        Self { flap: FlapPolicy::default(), stagger: false, scripts_allowed: true, assume: None }
+        Self { flap: FlapPolicy::default(), stagger: false, scripts_allowed: true, assume: None, http: HttpProbes::new() }
     }
 }
 
@@ -140,8 +143,15 @@ fn status_of(check: &CheckSpec, state: &CheckState) -> CheckStatus {
     }
 }
 
-async fn probe_loop(index: usize, check: CheckSpec, target: Target, stagger: bool, results: mpsc::Sender<(usize, Outcome)>) {
-    let mut prober = Prober::new(check.probe.clone(), target);
+async fn probe_loop(
+    index: usize,
+    check: CheckSpec,
+    target: Target,
+    stagger: bool,
+    http: HttpProbes,
+    results: mpsc::Sender<(usize, Outcome)>,
+) {
+    let mut prober = Prober::with_client(check.probe.clone(), target, &http);
     if stagger {
         let spread = u64::try_from(check.interval.as_millis()).unwrap_or(u64::MAX).max(1);
         tokio::time::sleep(Duration::from_millis(rand::random_range(0..spread))).await;
@@ -183,7 +193,14 @@ async fn aggregate(
                 );
             }
             _ => {
-                probes.spawn(probe_loop(index, check.clone(), target.clone(), options.stagger, results_tx.clone()));
+                probes.spawn(probe_loop(
+                    index,
+                    check.clone(),
+                    target.clone(),
+                    options.stagger,
+                    options.http.clone(),
+                    results_tx.clone(),
+                ));
             }
         }
     }
