@@ -98,8 +98,8 @@ impl CheckSpec {
 
     /// Parses the sidecar's `--check` syntax: `http:/healthz`, `http:http://host:port/path`,
     /// `tcp`, `tcp:host:port`, `grpc`, `grpc:service`, `script:/path/to/cmd arg...`, `ttl:30s`,
-    /// each optionally followed by `,interval=2s`, `,timeout=1s`, `,success=2`, `,failure=3` (0 for the default),
-    /// and for HTTP `,expect=204`.
+    /// each optionally followed by `,interval=2s`, `,timeout=1s`, `,success=2`, `,failure=3`,
+    /// and for HTTP `,expect=204`. A threshold of 0 is the default, as in the API.
     pub fn parse(text: &str, interval: Duration) -> Result<Self, String> {
         let (head, options) = match text.split_once(',') {
             Some((head, options)) => (head, Some(options)),
