@@ -85,6 +85,8 @@ mod domain;
 mod forward;
 mod handler;
 mod name;
+#[cfg(test)]
+mod properties;
 mod resolv_conf;
 mod respond;
 
