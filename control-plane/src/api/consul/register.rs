@@ -56,6 +56,9 @@ pub fn instance(body: &Value) -> Result<v1::Instance, FieldError> {
         return Err(FieldError::new("Name", "is required"));
     }
     let id = string(body, "id", "ID")?.filter(|id| !id.is_empty()).unwrap_or_else(|| name.clone());
+    // Checked before the checks are, whose default ids are made of them.
+    ferry_proto::validate::service_name("Name", &name)?;
+    ferry_proto::validate::instance_id("ID", &id)?;
     let address = string(body, "address", "Address")?.unwrap_or_default();
     if address.is_empty() {
         return Err(FieldError::new("Address", "is required: Ferry has no agent node whose address a service could default to"));
@@ -113,6 +116,11 @@ pub fn instance(body: &Value) -> Result<v1::Instance, FieldError> {
         // when a service has several.
         let default_id = if count == 1 { format!("service:{id}") } else { format!("service:{id}:{}", n + 1) };
         let (check, after) = check(definition, &default_id).map_err(|e| prefixed(e, &field))?;
+        // Validated here, where the definition's own name is known: the registry names a check
+        // by its place among all of them, and `Check` comes before `Checks`, so it would call
+        // `Check` `Checks[0]` and `Checks[0]` `Checks[1]`.
+        ferry_proto::validate::check(&check)
+            .map_err(|e| prefixed(FieldError::new(consul_check_name(&e.field), e.reason), &field))?;
         checks.push(check);
         deregister_after = match (deregister_after, after) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -274,7 +282,16 @@ pub fn consul_field(field: &str) -> String {
 /// Ferry's validation refuses is named as the client wrote it.
 fn consul_check_field(rest: &str) -> String {
     let Some((index, field)) = rest.split_once("].") else { return rest.to_owned() };
-    let renamed = match field {
+    format!("{index}].{}", consul_check_name(field))
+}
+
+/// Consul's name of a field of `ferry.v1.Check`.
+fn consul_check_name(field: &str) -> &str {
+    match field {
+        "http.url" => "HTTP",
+        "tcp.address" => "TCP",
+        "grpc.address" | "grpc.service" => "GRPC",
+        "script.args" => "Args",
         "ttl.ttl" => "TTL",
         "interval" => "Interval",
         "timeout" => "Timeout",
@@ -282,8 +299,7 @@ fn consul_check_field(rest: &str) -> String {
         "failure_threshold" => "FailuresBeforeCritical",
         "id" => "CheckID",
         other => other,
-    };
-    format!("{index}].{renamed}")
+    }
 }
 
 fn prefixed(error: FieldError, parent: &str) -> FieldError {
@@ -475,16 +491,13 @@ mod tests {
         let refused =
             |instance: v1::Instance| consul_field(&ferry_proto::validate::instance(&instance).expect_err("out of range").field);
         assert_eq!(ferry_proto::validate::instance(&instance), Ok(()), "3h and 24h are in Ferry's range");
-        let long_ttl = register(json!({"Name": "web", "Address": "10.0.0.5", "Port": 80, "Check": {"TTL": "25h"}}))
-            .expect("parsed in this test");
-        assert_eq!(refused(long_ttl), "Checks[0].TTL", "Ferry's TTLs end at 24h");
+        let long_ttl = register(json!({"Name": "web", "Address": "10.0.0.5", "Port": 80, "Check": {"TTL": "25h"}}));
+        assert_eq!(long_ttl.expect_err("Ferry's TTLs end at 24h").field, "Check.TTL");
         let long_interval = register(json!({
             "Name": "web", "Address": "10.0.0.5", "Port": 80,
             "Check": {"HTTP": "http://10.0.0.5/", "Interval": "25h"}
-        }))
-        .expect("parsed in this test");
-        assert_eq!(long_interval.checks[0].interval.as_ref().map(|d| d.seconds), Some(25 * 3600));
-        assert_eq!(refused(long_interval), "Checks[0].Interval");
+        }));
+        assert_eq!(long_interval.expect_err("Ferry's intervals end at 24h").field, "Check.Interval");
         let long_after = register(json!({
             "Name": "web", "Address": "10.0.0.5", "Port": 80,
             "Check": {"TTL": "30s", "DeregisterCriticalServiceAfter": "9000h"}
@@ -494,6 +507,19 @@ mod tests {
         let overflow = register(json!({"Name": "web", "Address": "10.0.0.5", "Port": 80, "Check": {"TTL": "99999999999h"}}))
             .expect_err("past Go's range");
         assert_eq!(overflow.field, "Check.TTL");
+    }
+
+    #[test]
+    fn a_bad_check_is_named_as_the_client_wrote_it_beside_other_checks() {
+        // Found by a property test: validated with the rest of the instance, `Check` was
+        // reported as `Checks[0]`, and each of `Checks` one place off.
+        let body = |check: Value, checks: Value| json!({"Name": "web", "Address": "10.0.0.5", "Port": 80, "Check": check, "Checks": checks});
+        let good = json!({"TTL": "30s"});
+        let error = register(body(json!({"HTTP": "A", "Interval": "10s"}), json!([good.clone()]))).expect_err("a bad URL");
+        assert_eq!(error.field, "Check.HTTP", "{error}");
+        let error =
+            register(body(good, json!([{"TCP": "db:5432", "Interval": "10s", "Timeout": "20s"}]))).expect_err("a long timeout");
+        assert_eq!(error.field, "Checks[0].Timeout", "{error}");
     }
 
     #[test]
@@ -516,7 +542,7 @@ mod tests {
     fn ferry_field_names_read_back_as_consuls() {
         assert_eq!(consul_field("service"), "Name");
         assert_eq!(consul_field("metadata[\"k\"]"), "Meta[\"k\"]");
-        assert_eq!(consul_field("checks[1].http.url"), "Checks[1].http.url");
+        assert_eq!(consul_field("checks[1].http.url"), "Checks[1].HTTP");
         assert_eq!(consul_field("weight"), "Weights.Passing");
         assert_eq!(consul_field("idle"), "idle");
     }
