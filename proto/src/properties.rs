@@ -330,62 +330,6 @@ proptest! {
     }
 
     #[test]
-    fn a_valid_regex_compiles_within_the_limits(pattern in pattern(), header in any::<bool>()) {
-        let limits = Limits { regex_bytes: 256 << 10, ..Limits::DEFAULT };
-        let m = if header {
-            v1::RouteMatch { header_regex: [("x-user".to_owned(), pattern.clone())].into(), ..Default::default() }
-        } else {
-            v1::RouteMatch { path_regex: pattern.clone(), ..Default::default() }
-        };
-        let route = v1::Route {
-            service: "catalog".into(),
-            rules: vec![v1::RouteRule { r#match: Some(m.clone()), ..Default::default() }],
-            ..Default::default()
-        };
-        match validate::route_within(&route, &limits) {
-            Ok(()) => {
-                // What the control plane takes, every sidecar compiles, within the limit.
-                let nfa = regex_automata::nfa::thompson::NFA::new(&format!("^(?:{pattern})$")).expect("accepted patterns compile");
-                prop_assert!(nfa.memory_usage() <= limits.regex_bytes, "{pattern}: {} bytes", nfa.memory_usage());
-                let matcher = Matcher::compile(Some(&m));
-                prop_assert!(matcher.is_ok(), "{pattern}: {matcher:?}");
-            }
-            Err(error) => {
-                let expected = if header { "rules[0].match.header_regex[\"x-user\"]" } else { "rules[0].match.path_regex" };
-                prop_assert_eq!(error.field, expected, "{}", error.reason);
-            }
-        }
-    }
-
-    #[test]
-    fn many_regexes_are_refused_past_the_budget(patterns in prop::collection::vec(pattern(), 1..12)) {
-        let limits = Limits { header_rules: 8, regexes: 6, regex_bytes: 64 << 10 };
-        let rules = patterns
-            .iter()
-            .map(|p| v1::RouteRule {
-                r#match: Some(v1::RouteMatch { path_regex: p.clone(), ..Default::default() }),
-                ..Default::default()
-            })
-            .collect();
-        let route = v1::Route { service: "catalog".into(), rules, ..Default::default() };
-        match validate::route_within(&route, &limits) {
-            Ok(()) => {
-                prop_assert!(patterns.iter().filter(|p| !p.is_empty()).count() <= limits.regexes);
-                let bytes: usize = patterns
-                    .iter()
-                    .filter(|p| !p.is_empty())
-                    .map(|p| regex_automata::nfa::thompson::NFA::new(&format!("^(?:{p})$")).map_or(usize::MAX, |n| n.memory_usage()))
-                    .fold(0usize, usize::saturating_add);
-                prop_assert!(bytes <= limits.regex_bytes, "{bytes} bytes");
-            }
-            Err(error) => {
-                let at = error.field.strip_suffix(".match.path_regex").and_then(|r| r.strip_prefix("rules["));
-                prop_assert!(at.is_some(), "{error}");
-            }
-        }
-    }
-
-    #[test]
     fn any_route_match_is_validated_before_it_is_compiled(
         path in prop_oneof![Just(String::new()), any_text()],
         method in prop_oneof![Just(String::new()), ".{0,10}"],
@@ -442,6 +386,40 @@ proptest! {
     }
 
     #[test]
+    fn deep_nesting_is_refused_before_it_costs_much(
+        depth in 1usize..3000,
+        open in prop_oneof![Just("["), Just("{a: "), Just("- "), Just("{\"a\":")],
+    ) {
+        let text = format!("kind: Route\nservice: catalog\nrules: {}", open.repeat(depth));
+        let error = resources_from_yaml(&text).expect_err("unterminated");
+        prop_assert!(error.field.starts_with("documents[0]"), "{error}");
+        if depth > json::MAX_YAML_DEPTH && open != "- " {
+            // Refused by the linear screen, not by the full parser's recursion limit.
+            prop_assert!(error.reason.contains("nest more than"), "{error}");
+        }
+        let body = format!("{{\"kind\": \"Route\", \"service\": \"catalog\", \"rules\": {}", open.repeat(depth));
+        let _ = json::decode_slice::<v1::Route>("ferry.v1.Route", body.as_bytes());
+    }
+
+    #[test]
+    fn apply_errors_are_renamed_after_their_document(
+        item in 0usize..6,
+        rest in prop_oneof![Just(String::new()), Just(".resource".to_owned()), ".{0,16}"],
+        documents in prop::collection::vec(0usize..100, 0..4),
+        junk in ".{0,16}",
+    ) {
+        let field = format!("items[{item}]{rest}");
+        let renamed = json::name_document(&field, &documents);
+        match documents.get(item) {
+            Some(document) if !rest.starts_with(']') => {
+                prop_assert!(renamed.starts_with(&format!("documents[{document}]")), "{field} became {renamed}");
+            }
+            _ => {}
+        }
+        let _ = json::name_document(&junk, &documents);
+    }
+
+    #[test]
     fn too_many_rules_are_refused_by_count(n in (MAX_RULES - 2)..(MAX_RULES + 3)) {
         let route = v1::Route { service: "catalog".into(), rules: vec![v1::RouteRule::default(); n], ..Default::default() };
         match validate::route(&route) {
@@ -449,6 +427,67 @@ proptest! {
             Err(error) => {
                 prop_assert!(n > MAX_RULES);
                 prop_assert_eq!(error.field, "rules");
+            }
+        }
+    }
+}
+
+proptest! {
+    // A regex near the size limits takes milliseconds to compile in a debug build: fewer cases.
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn a_valid_regex_compiles_within_the_limits(pattern in pattern(), header in any::<bool>()) {
+        let limits = Limits { regex_bytes: 256 << 10, ..Limits::DEFAULT };
+        let m = if header {
+            v1::RouteMatch { header_regex: [("x-user".to_owned(), pattern.clone())].into(), ..Default::default() }
+        } else {
+            v1::RouteMatch { path_regex: pattern.clone(), ..Default::default() }
+        };
+        let route = v1::Route {
+            service: "catalog".into(),
+            rules: vec![v1::RouteRule { r#match: Some(m.clone()), ..Default::default() }],
+            ..Default::default()
+        };
+        match validate::route_within(&route, &limits) {
+            Ok(()) => {
+                // What the control plane takes, every sidecar compiles, within the limit.
+                let nfa = regex_automata::nfa::thompson::NFA::new(&format!("^(?:{pattern})$")).expect("accepted patterns compile");
+                prop_assert!(nfa.memory_usage() <= limits.regex_bytes, "{pattern}: {} bytes", nfa.memory_usage());
+                let matcher = Matcher::compile(Some(&m));
+                prop_assert!(matcher.is_ok(), "{pattern}: {matcher:?}");
+            }
+            Err(error) => {
+                let expected = if header { "rules[0].match.header_regex[\"x-user\"]" } else { "rules[0].match.path_regex" };
+                prop_assert_eq!(error.field, expected, "{}", error.reason);
+            }
+        }
+    }
+
+    #[test]
+    fn many_regexes_are_refused_past_the_budget(patterns in prop::collection::vec(pattern(), 1..12)) {
+        let limits = Limits { header_rules: 8, regexes: 6, regex_bytes: 64 << 10 };
+        let rules = patterns
+            .iter()
+            .map(|p| v1::RouteRule {
+                r#match: Some(v1::RouteMatch { path_regex: p.clone(), ..Default::default() }),
+                ..Default::default()
+            })
+            .collect();
+        let route = v1::Route { service: "catalog".into(), rules, ..Default::default() };
+        match validate::route_within(&route, &limits) {
+            Ok(()) => {
+                prop_assert!(patterns.iter().filter(|p| !p.is_empty()).count() <= limits.regexes);
+                let bytes: usize = patterns
+                    .iter()
+                    .filter(|p| !p.is_empty())
+                    .map(|p| regex_automata::nfa::thompson::NFA::new(&format!("^(?:{p})$")).map_or(usize::MAX, |n| n.memory_usage()))
+                    .fold(0usize, usize::saturating_add);
+                prop_assert!(bytes <= limits.regex_bytes, "{bytes} bytes");
+            }
+            Err(error) => {
+                let at = error.field.strip_suffix(".match.path_regex").and_then(|r| r.strip_prefix("rules["));
+                prop_assert!(at.is_some(), "{error}");
             }
         }
     }
