@@ -182,9 +182,19 @@ proptest! {
 
     #[test]
     fn a_bad_flag_value_is_refused_naming_the_flag(
-        flag in prop_oneof![Just("--upstream"), Just("--meta"), Just("--app"), Just("--check")],
+        flag in prop_oneof![
+            Just("--upstream"),
+            Just("--meta"),
+            Just("--app"),
+            Just("--check"),
+            Just("--connect-timeout"),
+            Just("--idle-timeout"),
+            Just("--check-interval"),
+            Just("--dns-ttl"),
+        ],
         value in prop_oneof![
             ".{0,30}",
+            "[0-9]{1,25}(ns|ms|s|m|h|d|years| )?",
             ("[a-z]{1,8}", "[0-9.:]{0,20}", prop::option::of(".{0,10}")).prop_map(|(n, a, o)| match o {
                 Some(o) => format!("{n}={a},{o}"),
                 None => format!("{n}={a}"),
