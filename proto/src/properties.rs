@@ -3,7 +3,8 @@
 //! the route matchers and regular expressions compiled from them.
 //!
 //! Each parser must not panic on any input, must keep its output bounded by the input or by the
-//! documented limits, and must name the field of an invalid value.
+//! documented limits, and must name the field of an invalid value. The [`wire`] module does the
+//! same for the messages gRPC peers send.
 
 use http::{HeaderMap, HeaderValue, Method};
 use proptest::prelude::*;
@@ -16,6 +17,9 @@ use crate::{
     v1,
     validate::{self, Limits, MAX_RULES},
 };
+
+/// The validation of protobuf messages from gRPC peers.
+mod wire;
 
 /// Short, to keep each case cheap: parsers see at most a few hundred bytes.
 fn any_text() -> impl Strategy<Value = String> {
