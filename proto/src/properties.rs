@@ -383,6 +383,26 @@ proptest! {
     }
 
     #[test]
+    fn a_request_host_comes_from_its_uri_or_host_header(
+        target in prop_oneof![Just(String::new()), "[a-zA-Z0-9.-]{1,16}(:[0-9]{1,5})?\\.?"],
+        host in prop::option::of(prop::collection::vec(any::<u8>(), 0..24)),
+    ) {
+        let uri: http::Uri = if target.is_empty() { "/items".parse() } else { format!("http://{target}/items").parse() }
+            .unwrap_or_else(|_| http::Uri::from_static("/items"));
+        let mut headers = HeaderMap::new();
+        if let Some(value) = host.as_deref().and_then(|h| HeaderValue::from_bytes(h).ok()) {
+            headers.insert(http::header::HOST, value);
+        }
+        let info = RequestInfo::of(&Method::GET, &uri, &headers);
+        let expected = uri.host().or_else(|| headers.get(http::header::HOST).and_then(|h| h.to_str().ok()));
+        match (info.host, expected) {
+            (Some(found), Some(from)) => prop_assert!(from.starts_with(found), "{found} from {from}"),
+            (None, None) => {}
+            (found, from) => prop_assert!(false, "{found:?} from {from:?}"),
+        }
+    }
+
+    #[test]
     fn a_stripped_port_leaves_a_prefix_of_the_authority(authority in prop_oneof![".{0,24}", "\\[?[0-9a-f:.]{0,16}\\]?(:[0-9]{0,6})?"]) {
         let host = strip_port(&authority);
         prop_assert!(authority.starts_with(host));
