@@ -100,14 +100,7 @@ pub fn instance(body: &Value) -> Result<v1::Instance, FieldError> {
     let region = locality.map(|l| string(l.as_object().unwrap_or(&Map::new()), "region", "Locality.Region")).transpose()?;
     let zone = locality.map(|l| string(l.as_object().unwrap_or(&Map::new()), "zone", "Locality.Zone")).transpose()?;
 
-    let mut definitions = Vec::new();
-    if let Some(check) = body.get("check").filter(|c| !is_empty(c)) {
-        definitions.push(("Check".to_owned(), check));
-    }
-    if let Some(checks) = body.get("checks").filter(|c| !c.is_null()) {
-        let checks = checks.as_array().ok_or_else(|| FieldError::new("Checks", "must be a list"))?;
-        definitions.extend(checks.iter().enumerate().map(|(i, c)| (format!("Checks[{i}]"), c)));
-    }
+    let definitions = check_definitions(body)?;
     let mut checks = Vec::with_capacity(definitions.len());
     let mut deregister_after: Option<Duration> = None;
     let count = definitions.len();
@@ -141,6 +134,44 @@ pub fn instance(body: &Value) -> Result<v1::Instance, FieldError> {
         deregister_critical_after: deregister_after.map(proto_duration),
         ..Default::default()
     })
+}
+
+/// The check definitions of a folded registration body, each with the name the client gave
+/// it (`Check`, `Checks[0]`, ...), in the order of the instance's checks.
+fn check_definitions(body: &Map<String, Value>) -> Result<Vec<(String, &Value)>, FieldError> {
+    let mut definitions = Vec::new();
+    if let Some(check) = body.get("check").filter(|c| !is_empty(c)) {
+        definitions.push(("Check".to_owned(), check));
+    }
+    if let Some(checks) = body.get("checks").filter(|c| !c.is_null()) {
+        let checks = checks.as_array().ok_or_else(|| FieldError::new("Checks", "must be a list"))?;
+        definitions.extend(checks.iter().enumerate().map(|(i, c)| (format!("Checks[{i}]"), c)));
+    }
+    Ok(definitions)
+}
+
+/// What the client called each check of the instance [`instance`] reads from `body`: `Check`
+/// comes first, so the instance's `checks[0]` is `Check` when there is one.
+pub fn check_names(body: &Value) -> Vec<String> {
+    let definitions = body.as_object().map(check_definitions);
+    definitions.and_then(Result::ok).map(|d| d.into_iter().map(|(name, _)| name).collect()).unwrap_or_default()
+}
+
+/// An error of the registry about the instance `names` came from ([`check_names`]), with a
+/// check named as the client wrote it: `checks[0].http.url` is `Check.HTTP` beside `Checks`.
+pub fn name_checks(error: FieldError, names: &[String]) -> FieldError {
+    let named = error.field.strip_prefix("checks[").and_then(|rest| {
+        let (index, rest) = rest.split_once(']')?;
+        let name = names.get(index.parse::<usize>().ok()?)?;
+        Some(match rest.strip_prefix('.') {
+            Some(inner) => format!("{name}.{}", consul_check_name(inner)),
+            None => name.clone(),
+        })
+    });
+    match named {
+        Some(field) => FieldError { field, reason: error.reason },
+        None => error,
+    }
 }
 
 /// Consul's `Weights.Passing` as Ferry's weight. Consul's default is 1 where Ferry's is
@@ -520,6 +551,20 @@ mod tests {
         let error =
             register(body(good, json!([{"TCP": "db:5432", "Interval": "10s", "Timeout": "20s"}]))).expect_err("a long timeout");
         assert_eq!(error.field, "Checks[0].Timeout", "{error}");
+    }
+
+    #[test]
+    fn registry_errors_name_checks_as_the_client_wrote_them() {
+        let body = fold_keys(json!({"Check": {"TTL": "5s"}, "Checks": [{"TTL": "5s"}, {"TTL": "5s"}]}));
+        let names = check_names(&body);
+        assert_eq!(names, ["Check", "Checks[0]", "Checks[1]"]);
+        let named = |field: &str| name_checks(FieldError::new(field, "refused"), &names).field;
+        assert_eq!(named("checks[0].http.url"), "Check.HTTP");
+        assert_eq!(named("checks[2].id"), "Checks[1].CheckID");
+        assert_eq!(named("checks[1]"), "Checks[0]");
+        assert_eq!(named("checks[3].id"), "checks[3].id", "no such check: left to consul_field");
+        assert_eq!(named("port"), "port");
+        assert_eq!(check_names(&fold_keys(json!({"Checks": [{"TTL": "5s"}]}))), ["Checks[0]"]);
     }
 
     #[test]
