@@ -20,6 +20,8 @@ pub mod dns;
 pub mod index;
 pub mod listener;
 pub mod metrics;
+#[cfg(test)]
+mod properties;
 pub mod registry;
 pub mod resources;
 pub mod server;

@@ -86,6 +86,8 @@ mod domain;
 mod forward;
 mod handler;
 mod name;
+#[cfg(test)]
+mod properties;
 mod resolv_conf;
 mod respond;
 

@@ -99,7 +99,7 @@ impl CheckSpec {
     /// Parses the sidecar's `--check` syntax: `http:/healthz`, `http:http://host:port/path`,
     /// `tcp`, `tcp:host:port`, `grpc`, `grpc:service`, `script:/path/to/cmd arg...`, `ttl:30s`,
     /// each optionally followed by `,interval=2s`, `,timeout=1s`, `,success=2`, `,failure=3`,
-    /// and for HTTP `,expect=204`.
+    /// and for HTTP `,expect=204`. A threshold of 0 is the default, as in the API.
     pub fn parse(text: &str, interval: Duration) -> Result<Self, String> {
         let (head, options) = match text.split_once(',') {
             Some((head, options)) => (head, Some(options)),
@@ -123,11 +123,13 @@ impl CheckSpec {
             let (key, value) = option.split_once('=').ok_or_else(|| format!("option {option:?} is not KEY=VALUE"))?;
             let duration = || humantime::parse_duration(value).map_err(|e| format!("{key}={value}: {e}"));
             let count = || value.parse::<u32>().map_err(|_| format!("{key}={value}: not a number"));
+            // 0 stands for the default, as in the API, which fills it in the same way.
+            let threshold = |default| count().map(|n| if n == 0 { default } else { n });
             match key {
                 "interval" => spec.interval = duration()?,
                 "timeout" => timeout = Some(duration()?),
-                "success" => spec.success_threshold = count()?,
-                "failure" => spec.failure_threshold = count()?,
+                "success" => spec.success_threshold = threshold(DEFAULT_SUCCESS_THRESHOLD)?,
+                "failure" => spec.failure_threshold = threshold(DEFAULT_FAILURE_THRESHOLD)?,
                 "expect" => match &mut spec.probe {
                     Probe::Http { expected_status, .. } => {
                         *expected_status = Some(value.parse().map_err(|_| format!("expect={value}: not a status code"))?)
@@ -249,6 +251,14 @@ mod tests {
             let error = CheckSpec::parse(text, Duration::from_secs(5)).expect_err(text);
             assert!(error.contains(words), "{text}: {error}");
         }
+    }
+
+    #[test]
+    fn a_zero_threshold_is_the_default_as_in_the_api() {
+        let spec = CheckSpec::parse("http:/,success=0,failure=0", DEFAULT_INTERVAL).expect("valid");
+        assert_eq!((spec.success_threshold, spec.failure_threshold), (DEFAULT_SUCCESS_THRESHOLD, DEFAULT_FAILURE_THRESHOLD));
+        let spec = CheckSpec { id: "web-1:http".into(), ..spec };
+        assert_eq!(CheckSpec::try_from(&spec.to_proto()), Ok(spec));
     }
 
     #[test]

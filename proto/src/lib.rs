@@ -9,6 +9,8 @@
 pub mod authz;
 pub mod json;
 pub mod matching;
+#[cfg(test)]
+mod properties;
 pub mod validate;
 
 /// Generated code of the `ferry.v1` package.

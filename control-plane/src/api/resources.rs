@@ -351,7 +351,7 @@ async fn put_one(
     let value: Result<serde_json::Value, String> = if is_json(&headers) {
         serde_json::from_slice(&body).map_err(|e| format!("not JSON: {e}"))
     } else {
-        json::refuse_aliases(&String::from_utf8_lossy(&body))
+        json::refuse_costly_yaml(&String::from_utf8_lossy(&body))
             .map_err(|e| e.reason)
             .and_then(|()| serde_yaml_ng::from_slice(&body).map_err(|e| format!("not valid YAML: {e}")))
     };

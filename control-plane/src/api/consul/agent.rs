@@ -28,11 +28,13 @@ pub async fn register(
 ) -> Result<Response, ConsulError> {
     let body = register::fold_keys(json_body(&body)?);
     let instance = register::instance(&body).map_err(ConsulError::field)?;
-    // From here on, what `PUT /v1/instances` does.
-    let spec = InstanceSpec::try_from(instance).map_err(ConsulError::field)?;
+    // From here on, what `PUT /v1/instances` does, with the checks named as the client named them.
+    let names = register::check_names(&body);
+    let refused = |error| ConsulError::field(register::name_checks(error, &names));
+    let spec = InstanceSpec::try_from(instance).map_err(refused)?;
     principal.require_service(&spec.service, "registering an instance")?;
     let http = &state.http;
-    http.checks.admit(&spec).await.map_err(ConsulError::field)?;
+    http.checks.admit(&spec).await.map_err(refused)?;
     let id = spec.id.clone();
     let registered = http.registry.register(spec).await;
     // Also when the store failed: the change is in memory, and the checks follow memory.

@@ -40,6 +40,8 @@ mod blocking;
 mod catalog;
 mod filter;
 mod health;
+#[cfg(test)]
+mod properties;
 mod register;
 mod shapes;
 mod tags;

@@ -56,6 +56,9 @@ pub fn instance(body: &Value) -> Result<v1::Instance, FieldError> {
         return Err(FieldError::new("Name", "is required"));
     }
     let id = string(body, "id", "ID")?.filter(|id| !id.is_empty()).unwrap_or_else(|| name.clone());
+    // Checked before the checks are, whose default ids are made of them.
+    ferry_proto::validate::service_name("Name", &name)?;
+    ferry_proto::validate::instance_id("ID", &id)?;
     let address = string(body, "address", "Address")?.unwrap_or_default();
     if address.is_empty() {
         return Err(FieldError::new("Address", "is required: Ferry has no agent node whose address a service could default to"));
@@ -97,14 +100,7 @@ pub fn instance(body: &Value) -> Result<v1::Instance, FieldError> {
     let region = locality.map(|l| string(l.as_object().unwrap_or(&Map::new()), "region", "Locality.Region")).transpose()?;
     let zone = locality.map(|l| string(l.as_object().unwrap_or(&Map::new()), "zone", "Locality.Zone")).transpose()?;
 
-    let mut definitions = Vec::new();
-    if let Some(check) = body.get("check").filter(|c| !is_empty(c)) {
-        definitions.push(("Check".to_owned(), check));
-    }
-    if let Some(checks) = body.get("checks").filter(|c| !c.is_null()) {
-        let checks = checks.as_array().ok_or_else(|| FieldError::new("Checks", "must be a list"))?;
-        definitions.extend(checks.iter().enumerate().map(|(i, c)| (format!("Checks[{i}]"), c)));
-    }
+    let definitions = check_definitions(body)?;
     let mut checks = Vec::with_capacity(definitions.len());
     let mut deregister_after: Option<Duration> = None;
     let count = definitions.len();
@@ -113,6 +109,11 @@ pub fn instance(body: &Value) -> Result<v1::Instance, FieldError> {
         // when a service has several.
         let default_id = if count == 1 { format!("service:{id}") } else { format!("service:{id}:{}", n + 1) };
         let (check, after) = check(definition, &default_id).map_err(|e| prefixed(e, &field))?;
+        // Validated here, where the definition's own name is known: the registry names a check
+        // by its place among all of them, and `Check` comes before `Checks`, so it would call
+        // `Check` `Checks[0]` and `Checks[0]` `Checks[1]`.
+        ferry_proto::validate::check(&check)
+            .map_err(|e| prefixed(FieldError::new(consul_check_name(&e.field), e.reason), &field))?;
         checks.push(check);
         deregister_after = match (deregister_after, after) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -133,6 +134,44 @@ pub fn instance(body: &Value) -> Result<v1::Instance, FieldError> {
         deregister_critical_after: deregister_after.map(proto_duration),
         ..Default::default()
     })
+}
+
+/// The check definitions of a folded registration body, each with the name the client gave
+/// it (`Check`, `Checks[0]`, ...), in the order of the instance's checks.
+fn check_definitions(body: &Map<String, Value>) -> Result<Vec<(String, &Value)>, FieldError> {
+    let mut definitions = Vec::new();
+    if let Some(check) = body.get("check").filter(|c| !is_empty(c)) {
+        definitions.push(("Check".to_owned(), check));
+    }
+    if let Some(checks) = body.get("checks").filter(|c| !c.is_null()) {
+        let checks = checks.as_array().ok_or_else(|| FieldError::new("Checks", "must be a list"))?;
+        definitions.extend(checks.iter().enumerate().map(|(i, c)| (format!("Checks[{i}]"), c)));
+    }
+    Ok(definitions)
+}
+
+/// What the client called each check of the instance [`instance`] reads from `body`: `Check`
+/// comes first, so the instance's `checks[0]` is `Check` when there is one.
+pub fn check_names(body: &Value) -> Vec<String> {
+    let definitions = body.as_object().map(check_definitions);
+    definitions.and_then(Result::ok).map(|d| d.into_iter().map(|(name, _)| name).collect()).unwrap_or_default()
+}
+
+/// An error of the registry about the instance `names` came from ([`check_names`]), with a
+/// check named as the client wrote it: `checks[0].http.url` is `Check.HTTP` beside `Checks`.
+pub fn name_checks(error: FieldError, names: &[String]) -> FieldError {
+    let named = error.field.strip_prefix("checks[").and_then(|rest| {
+        let (index, rest) = rest.split_once(']')?;
+        let name = names.get(index.parse::<usize>().ok()?)?;
+        Some(match rest.strip_prefix('.') {
+            Some(inner) => format!("{name}.{}", consul_check_name(inner)),
+            None => name.clone(),
+        })
+    });
+    match named {
+        Some(field) => FieldError { field, reason: error.reason },
+        None => error,
+    }
 }
 
 /// Consul's `Weights.Passing` as Ferry's weight. Consul's default is 1 where Ferry's is
@@ -274,7 +313,16 @@ pub fn consul_field(field: &str) -> String {
 /// Ferry's validation refuses is named as the client wrote it.
 fn consul_check_field(rest: &str) -> String {
     let Some((index, field)) = rest.split_once("].") else { return rest.to_owned() };
-    let renamed = match field {
+    format!("{index}].{}", consul_check_name(field))
+}
+
+/// Consul's name of a field of `ferry.v1.Check`.
+fn consul_check_name(field: &str) -> &str {
+    match field {
+        "http.url" => "HTTP",
+        "tcp.address" => "TCP",
+        "grpc.address" | "grpc.service" => "GRPC",
+        "script.args" => "Args",
         "ttl.ttl" => "TTL",
         "interval" => "Interval",
         "timeout" => "Timeout",
@@ -282,8 +330,7 @@ fn consul_check_field(rest: &str) -> String {
         "failure_threshold" => "FailuresBeforeCritical",
         "id" => "CheckID",
         other => other,
-    };
-    format!("{index}].{renamed}")
+    }
 }
 
 fn prefixed(error: FieldError, parent: &str) -> FieldError {
@@ -475,16 +522,13 @@ mod tests {
         let refused =
             |instance: v1::Instance| consul_field(&ferry_proto::validate::instance(&instance).expect_err("out of range").field);
         assert_eq!(ferry_proto::validate::instance(&instance), Ok(()), "3h and 24h are in Ferry's range");
-        let long_ttl = register(json!({"Name": "web", "Address": "10.0.0.5", "Port": 80, "Check": {"TTL": "25h"}}))
-            .expect("parsed in this test");
-        assert_eq!(refused(long_ttl), "Checks[0].TTL", "Ferry's TTLs end at 24h");
+        let long_ttl = register(json!({"Name": "web", "Address": "10.0.0.5", "Port": 80, "Check": {"TTL": "25h"}}));
+        assert_eq!(long_ttl.expect_err("Ferry's TTLs end at 24h").field, "Check.TTL");
         let long_interval = register(json!({
             "Name": "web", "Address": "10.0.0.5", "Port": 80,
             "Check": {"HTTP": "http://10.0.0.5/", "Interval": "25h"}
-        }))
-        .expect("parsed in this test");
-        assert_eq!(long_interval.checks[0].interval.as_ref().map(|d| d.seconds), Some(25 * 3600));
-        assert_eq!(refused(long_interval), "Checks[0].Interval");
+        }));
+        assert_eq!(long_interval.expect_err("Ferry's intervals end at 24h").field, "Check.Interval");
         let long_after = register(json!({
             "Name": "web", "Address": "10.0.0.5", "Port": 80,
             "Check": {"TTL": "30s", "DeregisterCriticalServiceAfter": "9000h"}
@@ -494,6 +538,33 @@ mod tests {
         let overflow = register(json!({"Name": "web", "Address": "10.0.0.5", "Port": 80, "Check": {"TTL": "99999999999h"}}))
             .expect_err("past Go's range");
         assert_eq!(overflow.field, "Check.TTL");
+    }
+
+    #[test]
+    fn a_bad_check_is_named_as_the_client_wrote_it_beside_other_checks() {
+        // Found by a property test: validated with the rest of the instance, `Check` was
+        // reported as `Checks[0]`, and each of `Checks` one place off.
+        let body = |check: Value, checks: Value| json!({"Name": "web", "Address": "10.0.0.5", "Port": 80, "Check": check, "Checks": checks});
+        let good = json!({"TTL": "30s"});
+        let error = register(body(json!({"HTTP": "A", "Interval": "10s"}), json!([good.clone()]))).expect_err("a bad URL");
+        assert_eq!(error.field, "Check.HTTP", "{error}");
+        let error =
+            register(body(good, json!([{"TCP": "db:5432", "Interval": "10s", "Timeout": "20s"}]))).expect_err("a long timeout");
+        assert_eq!(error.field, "Checks[0].Timeout", "{error}");
+    }
+
+    #[test]
+    fn registry_errors_name_checks_as_the_client_wrote_them() {
+        let body = fold_keys(json!({"Check": {"TTL": "5s"}, "Checks": [{"TTL": "5s"}, {"TTL": "5s"}]}));
+        let names = check_names(&body);
+        assert_eq!(names, ["Check", "Checks[0]", "Checks[1]"]);
+        let named = |field: &str| name_checks(FieldError::new(field, "refused"), &names).field;
+        assert_eq!(named("checks[0].http.url"), "Check.HTTP");
+        assert_eq!(named("checks[2].id"), "Checks[1].CheckID");
+        assert_eq!(named("checks[1]"), "Checks[0]");
+        assert_eq!(named("checks[3].id"), "checks[3].id", "no such check: left to consul_field");
+        assert_eq!(named("port"), "port");
+        assert_eq!(check_names(&fold_keys(json!({"Checks": [{"TTL": "5s"}]}))), ["Checks[0]"]);
     }
 
     #[test]
@@ -516,7 +587,7 @@ mod tests {
     fn ferry_field_names_read_back_as_consuls() {
         assert_eq!(consul_field("service"), "Name");
         assert_eq!(consul_field("metadata[\"k\"]"), "Meta[\"k\"]");
-        assert_eq!(consul_field("checks[1].http.url"), "Checks[1].http.url");
+        assert_eq!(consul_field("checks[1].http.url"), "Checks[1].HTTP");
         assert_eq!(consul_field("weight"), "Weights.Passing");
         assert_eq!(consul_field("idle"), "idle");
     }

@@ -318,3 +318,18 @@ fn the_node_has_a_usable_address_when_the_api_listens_everywhere() {
     assert_eq!(consul.leader, "127.0.0.1:8500");
     assert_eq!(consul.node().node, "ferry");
 }
+
+#[tokio::test]
+async fn a_check_the_registry_refuses_is_named_as_the_client_wrote_it() {
+    let api = api().await;
+    let body = serde_json::json!({
+        "Name": "web", "Address": "10.0.0.5", "Port": 80,
+        "Check": {"TTL": "30s"},
+        "Checks": [{"HTTP": "http://169.254.169.254/latest/meta-data/", "Interval": "10s"}]
+    });
+    let request = axum::http::Request::put("/v1/agent/service/register").body(Body::from(body.to_string())).expect("request");
+    let (status, _, text) = api.send(request).await;
+    let text = String::from_utf8_lossy(&text);
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert!(text.starts_with("Checks[0].HTTP: "), "{text}");
+}
