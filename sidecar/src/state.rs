@@ -184,7 +184,15 @@ impl StateDir {
             Err(error) => return Err(read_error(error)),
         }
         let bytes = tokio::fs::read(&self.file).await.map_err(read_error)?;
-        let file: StateFile = serde_json::from_slice(&bytes).map_err(|e| invalid(format!("not the JSON expected: {e}")))?;
+        // Decoded with the path of what fails (`services[0].snapshot.endpoints[0].port: invalid
+        // type ...`), so an operator need not count characters in the file to find it.
+        let file: StateFile =
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&bytes)).map_err(|e| {
+                match e.path().to_string() {
+                    path if path == "." => invalid(format!("not the JSON expected: {}", e.inner())),
+                    path => invalid(format!("not the JSON expected: {path}: {}", e.inner())),
+                }
+            })?;
         if file.format != FORMAT {
             return Err(invalid(format!("format {} is not the one this sidecar reads ({FORMAT})", file.format)));
         }
