@@ -10,6 +10,7 @@ use ferry_runtime::lock;
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use ferry_health::Health;
@@ -75,6 +76,11 @@ pub struct Catalog {
     max_services: usize,
     /// The mesh's address table, for an intercepting sidecar.
     addresses: Addresses,
+    /// Since when each service has had no watcher (see [`Catalog::sweep`]).
+    unwatched: Mutex<HashMap<Arc<str>, Instant>>,
+    /// Services dropped by a sweep whose pushes may still be in flight: ignored until watched
+    /// again. Bounded by the services held at once, as each was one of them.
+    evicted: Mutex<HashSet<Arc<str>>>,
 }
 
 impl ServiceConfig {
@@ -152,7 +158,54 @@ impl Catalog {
             applied: watch::Sender::new(0),
             max_services,
             addresses: Addresses::default(),
+            unwatched: Mutex::default(),
+            evicted: Mutex::default(),
         }
+    }
+
+    /// Drops every service nobody has watched for `idle_after` (no router, listener, route
+    /// backend or DNS question holds it), so that names asked for once, unknown ones among
+    /// them, do not stay subscribed; returns them. The control-plane client unsubscribes them
+    /// ([`Catalog::subscriptions_changed`] fires). A service asked for again is subscribed again.
+    pub fn sweep(&self, idle_after: Duration, now: Instant) -> Vec<Arc<str>> {
+        let mut services = lock(&self.services);
+        let mut unwatched = lock(&self.unwatched);
+        let mut dropped = Vec::new();
+        services.retain(|name, sender| {
+            if sender.receiver_count() > 0 {
+                unwatched.remove(name);
+                return true;
+            }
+            let since = *unwatched.entry(name.clone()).or_insert(now);
+            if now.saturating_duration_since(since) < idle_after {
+                return true;
+            }
+            unwatched.remove(name);
+            dropped.push(name.clone());
+            false
+        });
+        drop(unwatched);
+        drop(services);
+        if !dropped.is_empty() {
+            lock(&self.evicted).extend(dropped.iter().cloned());
+            self.subscriptions_changed.notify_one();
+        }
+        dropped
+    }
+
+    /// Makes room for one more service by dropping the one unwatched the longest, if any is.
+    fn make_room(&self, services: &mut HashMap<Arc<str>, watch::Sender<ServiceState>>) -> bool {
+        let mut unwatched = lock(&self.unwatched);
+        let oldest = services
+            .iter()
+            .filter(|(_, sender)| sender.receiver_count() == 0)
+            .min_by_key(|(name, _)| unwatched.get(*name).copied())
+            .map(|(name, _)| name.clone());
+        let Some(name) = oldest else { return false };
+        services.remove(&name);
+        unwatched.remove(&name);
+        lock(&self.evicted).insert(name);
+        true
     }
 
     /// The mesh's address table as held now (empty unless the sidecar intercepts).
@@ -182,9 +235,10 @@ impl Catalog {
         if let Some(sender) = services.get(service) {
             return Ok(sender.subscribe());
         }
-        if services.len() >= self.max_services {
+        if services.len() >= self.max_services && !self.make_room(&mut services) {
             return Err(TooManyServices(self.max_services));
         }
+        lock(&self.evicted).remove(service);
         let sender = watch::Sender::new(ServiceState::Pending);
         let receiver = sender.subscribe();
         services.insert(service.into(), sender);
@@ -236,7 +290,18 @@ impl Catalog {
             return Err(Rejection { error: "nonce: must not be empty".into(), services });
         }
         let mut services = lock(&self.services);
-        let updates = validated(&services, &push.resources, true)?;
+        // What the control plane sends for a service dropped since (its unsubscription may
+        // cross the push) is not kept: nobody asked for it any more.
+        let evicted = lock(&self.evicted);
+        let kept: Vec<v1::ServiceResources>;
+        let resources = if evicted.is_empty() || !push.resources.iter().any(|r| evicted.contains(r.service.as_str())) {
+            &push.resources
+        } else {
+            kept = push.resources.iter().filter(|r| !evicted.contains(r.service.as_str())).cloned().collect();
+            &kept
+        };
+        drop(evicted);
+        let updates = validated(&services, resources, true)?;
         let table = match &push.addresses {
             Some(update) => Some(
                 self.addresses
@@ -577,11 +642,40 @@ mod tests {
     }
 
     #[test]
-    fn on_demand_subscriptions_are_bounded() {
+    fn on_demand_subscriptions_are_bounded_and_make_room_by_dropping_an_unwatched_one() {
         let catalog = Catalog::new(2);
-        catalog.watch("a").expect("room");
-        catalog.watch("b").expect("room");
+        let a = catalog.watch("a").expect("room");
+        let b = catalog.watch("b").expect("room");
         catalog.watch("a").expect("already tracked");
+        // Both still watched: nothing can go.
         assert!(catalog.watch("c").is_err());
+        // `b` is no longer watched: it makes room for `c`.
+        drop(b);
+        let _c = catalog.watch("c").expect("room made");
+        let mut held: Vec<String> = catalog.subscriptions().iter().map(|s| s.to_string()).collect();
+        held.sort();
+        assert_eq!(held, ["a", "c"]);
+        drop(a);
+    }
+
+    #[test]
+    fn a_sweep_drops_what_nobody_watched_for_a_while_and_ignores_its_late_pushes() {
+        let catalog = Catalog::new(16);
+        let kept = catalog.watch("kept").expect("room");
+        drop(catalog.watch("ghost").expect("room"));
+        let start = Instant::now();
+        assert!(catalog.sweep(Duration::from_secs(30), start).is_empty(), "unwatched only since now");
+        assert!(catalog.sweep(Duration::from_secs(30), start + Duration::from_secs(10)).is_empty());
+        let dropped = catalog.sweep(Duration::from_secs(30), start + Duration::from_secs(31));
+        assert_eq!(dropped, vec![Arc::<str>::from("ghost")]);
+        assert_eq!(catalog.subscriptions(), vec![Arc::<str>::from("kept")]);
+        // A push for it that crossed the unsubscription is not kept.
+        catalog.apply(&push(vec![snapshot("ghost", 3, vec![endpoint("g", 80)])])).expect("applies");
+        assert!(catalog.state("ghost").is_none());
+        // Asked for again, it is tracked again.
+        let _again = catalog.watch("ghost").expect("room");
+        catalog.apply(&push(vec![snapshot("ghost", 4, vec![endpoint("g", 80)])])).expect("applies");
+        assert!(matches!(catalog.state("ghost"), Some(ServiceState::Known(_))));
+        drop(kept);
     }
 }

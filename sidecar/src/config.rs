@@ -153,6 +153,16 @@ pub struct Config {
     #[arg(long, env = "FERRY_DRAIN", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub drain: Duration,
 
+    /// A service this sidecar has not sent a request to for this long is forgotten: its stack
+    /// and subscription are dropped (asked for again, it is subscribed again).
+    #[arg(long, env = "FERRY_SERVICE_IDLE_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub service_idle_timeout: Duration,
+
+    /// A name asked for that is not a service of the mesh is remembered as unknown for this
+    /// long after its last use, then forgotten, so that typos and probes leave nothing behind.
+    #[arg(long, env = "FERRY_UNKNOWN_SERVICE_TTL", default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub unknown_service_ttl: Duration,
+
     /// How often the traffic figures are reported to the control plane. Hidden: shorter only
     /// makes end-to-end tests quick; the control plane's window counts in 5 s slots.
     #[arg(long, env = "FERRY_TRAFFIC_REPORT_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration, hide = true)]

@@ -196,3 +196,52 @@ async fn sidecars_report_their_traffic_and_ferryctl_top_shows_who_calls_whom() {
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.lines().any(|l| l.starts_with("frontend  catalog") && l.contains("100.00%")), "{table}");
 }
+
+#[tokio::test]
+async fn unknown_names_are_counted_as_one_and_forgotten() {
+    let control_plane = ControlPlane::start().await;
+    let app = HttpApp::start("catalog-app").await;
+    let _catalog = Sidecar::start(&control_plane.reach(), "catalog", Some(app.addr), &[]).await;
+    let client = Sidecar::start(&control_plane.reach(), "frontend", None, &["--unknown-service-ttl", "300ms"]).await;
+    control_plane.wait_passing("catalog", 1).await;
+    assert_eq!(proxy_get(client.outbound, "http://catalog/").await.expect("routed").0, 200);
+
+    for name in ["ghost-one", "ghost-two", "ghost-three"] {
+        let answer = proxy_get(client.outbound, &format!("http://{name}/")).await.expect("answered");
+        assert_eq!(answer.0, 503);
+        assert!(header(&answer, "x-ferry-error").starts_with("unknown_service: "), "{answer:?}");
+    }
+    // One series for every unknown name, none of their own.
+    let (_, _, metrics) = client::get(&format!("http://{}/metrics", client.admin)).await.expect("metrics");
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains(r#"ferry_requests_total{direction="outbound",service="unknown",route="-",status="unknown_service"} 3"#),
+        "{metrics}"
+    );
+    for family in ["ferry_requests_total", "ferry_request_duration_seconds_count"] {
+        let own = format!(r#"{family}{{direction="outbound",service="ghost"#);
+        assert!(!metrics.contains(&own), "no request series of their own: {metrics}");
+    }
+
+    // Remembered for a short while, then forgotten: no subscription is left behind, here or at
+    // the control plane. The service in use stays.
+    ferry_tests::eventually("the unknown names to be forgotten", || async {
+        let config = client.config().await;
+        let services = config["services"].as_object()?;
+        (!services.keys().any(|name| name.starts_with("ghost")) && services.contains_key("catalog")).then_some(())
+    })
+    .await;
+    ferry_tests::eventually("the control plane to drop the subscriptions", || async {
+        let (_, _, body) = control_plane.get("/v1/sidecars").await.ok()?;
+        let text = String::from_utf8_lossy(&body).into_owned();
+        (text.contains("catalog") && !text.contains("ghost")).then_some(())
+    })
+    .await;
+    assert_eq!(proxy_get(client.outbound, "http://catalog/").await.expect("routed").0, 200);
+    // Forgotten with their balancers' and guards' series.
+    let (_, _, metrics) = client::get(&format!("http://{}/metrics", client.admin)).await.expect("metrics");
+    assert!(!String::from_utf8_lossy(&metrics).contains("ghost"), "{}", String::from_utf8_lossy(&metrics));
+    // Asked for again, an unknown name is still refused the same way.
+    let answer = proxy_get(client.outbound, "http://ghost-one/").await.expect("answered");
+    assert!(header(&answer, "x-ferry-error").starts_with("unknown_service: "), "{answer:?}");
+}

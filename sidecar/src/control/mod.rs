@@ -368,8 +368,17 @@ async fn stream(
                 return Ok(());
             }
             () = catalog.subscriptions_changed() => {
+                let current: HashSet<Arc<str>> = catalog.subscriptions().into_iter().collect();
                 let new: Vec<String> =
-                    catalog.subscriptions().into_iter().filter(|s| subscribed.insert(s.clone())).map(|s| s.to_string()).collect();
+                    current.iter().filter(|s| subscribed.insert((*s).clone())).map(|s| s.to_string()).collect();
+                // Services the catalog dropped (nobody used them for a while): the control plane
+                // stops pushing them.
+                let gone: Vec<String> = subscribed.iter().filter(|s| !current.contains(*s)).map(|s| s.to_string()).collect();
+                subscribed.retain(|s| current.contains(s));
+                if !gone.is_empty() {
+                    tracing::debug!(services = ?gone, "unsubscribing");
+                    try_send(&outbound, sidecar_message::Message::Unsubscribe(v1::Unsubscribe { services: gone }))?;
+                }
                 if !new.is_empty() {
                     tracing::debug!(services = ?new, "subscribing");
                     try_send(&outbound, sidecar_message::Message::Subscribe(v1::Subscribe { services: new }))?;

@@ -44,6 +44,15 @@ impl BalanceMetrics {
         );
     }
 
+    /// Drops the series of `backend` (a service no longer tracked).
+    pub fn forget(&self, backend: &Arc<str>) {
+        for state in ["available", "ejected"] {
+            self.endpoints.remove(&EndpointLabels { backend: backend.clone(), state });
+        }
+        self.ejections.remove(&BackendLabels { backend: backend.clone() });
+        self.panic.remove(&BackendLabels { backend: backend.clone() });
+    }
+
     pub fn set_endpoints(&self, backend: &Arc<str>, available: usize, ejected: usize) {
         for (state, count) in [("available", available), ("ejected", ejected)] {
             self.endpoints.get_or_create(&EndpointLabels { backend: backend.clone(), state }).set(count as i64);

@@ -8,7 +8,10 @@
 use std::{
     collections::HashMap,
     convert::Infallible,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -51,6 +54,13 @@ pub use self::{
     router::Router,
 };
 
+/// The `service` label of outbound requests for services that do not exist.
+pub const UNKNOWN: &str = "unknown";
+
+/// How long a destination must have been idle for a new one to take its place when the
+/// sidecar tracks as many services as it may.
+const LEAST_IDLE_TO_MAKE_ROOM: Duration = Duration::from_secs(10);
+
 /// How outbound requests are handled.
 #[derive(Debug, Clone)]
 pub struct OutboundConfig {
@@ -69,13 +79,45 @@ pub struct OutboundConfig {
     pub runtime: tokio::runtime::Handle,
 }
 
-/// One destination service: its stack, its router (for the admin API), and the handles of
-/// its request metrics. Cheap to clone.
+/// One destination service: its stack, its router (for the admin API), the handles of its
+/// request metrics (made at its first request that is not for an unknown service, so names
+/// that do not exist never get series of their own) and when it was last used. Cheap to clone.
 #[derive(Clone)]
 pub struct Destination {
     stack: stack::DestinationStack,
     router: Router,
-    metrics: ServiceMetrics,
+    counting: Arc<Counting>,
+    /// Milliseconds since the outbound's epoch at its last request.
+    last_used: Arc<AtomicU64>,
+}
+
+/// How a destination's requests are counted: under its name once one of them is for a service
+/// that exists (the handles are made then), under `unknown` otherwise.
+struct Counting {
+    name: Arc<str>,
+    handles: OnceLock<ServiceMetrics>,
+    metrics: Metrics,
+    unknown: ServiceMetrics,
+}
+
+/// Which metrics count a request: known when it starts, or its destination's.
+enum Counted {
+    Now(ServiceMetrics),
+    Destination(Arc<Counting>),
+}
+
+impl Counted {
+    fn metrics(self, result: &Result<Response<Body>, BoxError>) -> ServiceMetrics {
+        match self {
+            Self::Now(metrics) => metrics,
+            Self::Destination(counting) => {
+                if result.as_ref().err().is_some_and(|e| e.is::<crate::errors::UnknownService>()) {
+                    return counting.unknown.clone();
+                }
+                counting.handles.get_or_init(|| counting.metrics.service("outbound", counting.name.clone())).clone()
+            }
+        }
+    }
 }
 
 /// The outbound proxy service. Cheap to clone.
@@ -97,6 +139,11 @@ struct Inner {
     metrics: Metrics,
     /// The request metrics of requests that name no service.
     unnamed: ServiceMetrics,
+    /// The request metrics of requests for services that do not exist, or that could not be
+    /// followed: one series for every such name, whatever the names.
+    unknown: ServiceMetrics,
+    /// What destinations' last uses count from.
+    epoch: Instant,
 }
 
 impl Outbound {
@@ -104,8 +151,11 @@ impl Outbound {
     pub fn new(catalog: Arc<Catalog>, config: OutboundConfig, metrics: Metrics) -> Self {
         let protections = Arc::new(Protections::new(metrics.clone()));
         let unnamed = metrics.service("outbound", Arc::from("-"));
+        let unknown = metrics.service("outbound", Arc::from(UNKNOWN));
         let destinations = ArcSwap::default();
-        let inner = Inner { catalog, config, destinations, building: Mutex::new(()), protections, metrics, unnamed };
+        let building = Mutex::new(());
+        let epoch = Instant::now();
+        let inner = Inner { catalog, config, destinations, building, protections, metrics, unnamed, unknown, epoch };
         Self { inner: Arc::new(inner), fixed: None, fixed_destination: Arc::default() }
     }
 
@@ -124,9 +174,14 @@ impl Outbound {
         self.inner.destinations.load().get(service).map(|destination| destination.router.clone())
     }
 
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.inner.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// The stack of `service`, built (and subscribed to) on first use.
     fn build(&self, service: &str) -> Result<Destination, BoxError> {
         if let Some(destination) = self.inner.destinations.load().get(service) {
+            destination.last_used.store(self.now_ms(), Ordering::Relaxed);
             return Ok(destination.clone());
         }
         let _building = ferry_runtime::lock(&self.inner.building);
@@ -134,18 +189,87 @@ impl Outbound {
             return Ok(destination.clone());
         }
         let inner = &self.inner;
-        let state = inner.catalog.watch(service)?;
+        let state = match inner.catalog.watch(service) {
+            Ok(state) => state,
+            // Full: the destination unused the longest makes room, if it has been idle a while.
+            Err(full) => {
+                self.drop_least_used(LEAST_IDLE_TO_MAKE_ROOM);
+                inner.catalog.sweep(Duration::ZERO, Instant::now());
+                inner.catalog.watch(service).map_err(|_| full)?
+            }
+        };
         let name: Arc<str> = service.into();
         let router = Router::new(name.clone(), inner.catalog.clone(), state, inner.config.clone(), inner.protections.clone());
         let destination = Destination {
             stack: stack::destination(router.clone(), inner.config.response_timeout),
             router,
-            metrics: inner.metrics.service("outbound", name.clone()),
+            counting: Arc::new(Counting {
+                name: name.clone(),
+                handles: OnceLock::new(),
+                metrics: inner.metrics.clone(),
+                unknown: inner.unknown.clone(),
+            }),
+            last_used: Arc::new(AtomicU64::new(self.now_ms())),
         };
         let mut destinations = HashMap::clone(&inner.destinations.load());
         destinations.insert(name, destination.clone());
         inner.destinations.store(Arc::new(destinations));
         Ok(destination)
+    }
+
+    /// Drops the destination unused the longest, if it has been idle for `idle` at least.
+    fn drop_least_used(&self, idle: Duration) {
+        let now = self.now_ms();
+        let idle = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        let destinations = self.inner.destinations.load();
+        let oldest = destinations
+            .iter()
+            .map(|(name, d)| (name, d.last_used.load(Ordering::Relaxed)))
+            .filter(|(_, used)| now.saturating_sub(*used) >= idle)
+            .min_by_key(|(_, used)| *used)
+            .map(|(name, _)| name.clone());
+        if let Some(name) = oldest {
+            let mut kept = HashMap::clone(&destinations);
+            kept.remove(&name);
+            self.inner.destinations.store(Arc::new(kept));
+            self.forget(&name);
+        }
+    }
+
+    /// Drops what the outbound keeps of `service` besides its stack: its guard (concurrency
+    /// limit, retry budget) and the series of its balancer and guard.
+    fn forget(&self, service: &Arc<str>) {
+        self.inner.protections.forget(service);
+        self.inner.config.balance_metrics.forget(service);
+    }
+
+    /// Drops the stacks of services not used for `idle` (for `unknown` when the service does not
+    /// exist), releasing their subscriptions to the catalog, which then drops what nobody else
+    /// watches ([`Catalog::sweep`]); returns how many were dropped. Per-upstream listeners keep
+    /// theirs.
+    pub fn sweep(&self, idle: Duration, unknown: Duration) -> usize {
+        let _building = ferry_runtime::lock(&self.inner.building);
+        let now = self.now_ms();
+        let destinations = self.inner.destinations.load();
+        let stale = |name: &Arc<str>, d: &Destination| {
+            let idle_ms = now.saturating_sub(d.last_used.load(Ordering::Relaxed));
+            let missing = match self.inner.catalog.state(name) {
+                Some(crate::catalog::ServiceState::Known(config)) => !config.exists,
+                Some(crate::catalog::ServiceState::Pending) | None => true,
+            };
+            let limit = if missing { unknown } else { idle };
+            u128::from(idle_ms) >= limit.as_millis()
+        };
+        let (gone, kept): (Vec<_>, Vec<_>) = destinations.iter().partition(|(name, d)| stale(name, d));
+        if gone.is_empty() {
+            return 0;
+        }
+        let kept: HashMap<Arc<str>, Destination> = kept.into_iter().map(|(n, d)| (n.clone(), d.clone())).collect();
+        self.inner.destinations.store(Arc::new(kept));
+        for (name, _) in &gone {
+            self.forget(name);
+        }
+        gone.len()
     }
 
     /// The destination of a request: the fixed one of a per-upstream listener, else the one its
@@ -181,31 +305,26 @@ impl Service<Request<Incoming>> for Outbound {
         let grpc = is_grpc(request.headers());
         let failed = |error: BoxError, counted: ServiceMetrics| ResponseFuture {
             call: Either::Right(futures::future::ready(Err(error))),
-            counted: Some(counted),
+            counted: Some(Counted::Now(counted)),
             grpc,
             started,
         };
         if request.method() == Method::CONNECT {
             let error: BoxError = Box::new(Unsupported("CONNECT tunnels are not supported: send plain HTTP through the proxy"));
-            let named = self.fixed.clone().or_else(|| target::service_of(&request).ok().map(Arc::from));
-            return failed(
-                error,
-                named.map_or_else(|| self.inner.unnamed.clone(), |name| self.inner.metrics.service("outbound", name)),
-            );
+            return failed(error, self.inner.unnamed.clone());
         }
         match self.destination_of(&request) {
             // Every layer below is always ready (see `stack`).
             Ok(destination) => ResponseFuture {
                 call: Either::Left(destination.stack.oneshot(forwardable(request))),
-                counted: Some(destination.metrics),
+                counted: Some(Counted::Destination(destination.counting)),
                 grpc,
                 started,
             },
-            // A service that cannot be followed is counted under its name, the slow way.
-            Err((error, service)) => failed(
-                error,
-                service.map_or_else(|| self.inner.unnamed.clone(), |name| self.inner.metrics.service("outbound", name)),
-            ),
+            // A service that cannot be followed is counted under `unknown`, whatever its name.
+            Err((error, service)) => {
+                failed(error, if service.is_some() { self.inner.unknown.clone() } else { self.inner.unnamed.clone() })
+            }
         }
     }
 }
@@ -218,7 +337,7 @@ type Failed = futures::future::Ready<Result<Response<Body>, BoxError>>;
 pub struct ResponseFuture {
     #[pin]
     call: Either<Oneshot<stack::DestinationStack, Request<Body>>, Failed>,
-    counted: Option<ServiceMetrics>,
+    counted: Option<Counted>,
     grpc: bool,
     started: Instant,
 }
@@ -235,6 +354,7 @@ impl std::future::Future for ResponseFuture {
         }
         let result = std::task::ready!(this.call.poll(cx));
         let Some(counted) = this.counted.take() else { return after_completion(*this.grpc) };
+        let counted = counted.metrics(&result);
         Poll::Ready(Ok(respond(&counted, "outbound", *this.grpc, *this.started, result)))
     }
 }

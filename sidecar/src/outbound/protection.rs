@@ -46,6 +46,15 @@ impl Protections {
         Self { metrics, guards: Mutex::new(HashMap::new()) }
     }
 
+    /// Drops the guard of `service` and its series (a service no longer tracked).
+    pub fn forget(&self, service: &Arc<str>) {
+        ferry_runtime::lock(&self.guards).remove(service);
+        let labels = DestinationLabels { service: service.clone() };
+        self.metrics.requests_in_flight.remove(&labels);
+        self.metrics.requests_shed.remove(&labels);
+        self.metrics.retries_refused.remove(&labels);
+    }
+
     /// The guard of `service`.
     pub fn get(&self, service: &Arc<str>) -> Arc<Protection> {
         let mut guards = ferry_runtime::lock(&self.guards);

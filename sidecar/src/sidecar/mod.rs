@@ -113,6 +113,7 @@ impl Sidecar {
         let Listeners { outbound, admin: admin_listener, inbound, upstreams, dns, outbound_v6, inbound_v6, dns_v6 } = listeners;
         let data_path = DataPath::build(&config, &shared)?;
         let mut servers = data_path.serve_outbound(&config, outbound, outbound_v6, upstreams, &shared)?;
+        servers.push(data_path.forget_idle_services(&config, &shared));
         let in_flight = InFlight::default();
         for listener in inbound.into_iter().chain(inbound_v6) {
             servers.extend(data_path.serve_inbound(&config, listener, &in_flight, &shared));

@@ -92,6 +92,32 @@ impl DataPath {
         Ok(Self { outbound, client, declared })
     }
 
+    /// Every few seconds, drops the stacks of services not used for `--service-idle-timeout`
+    /// (`--unknown-service-ttl` for names that do not exist), and then the subscriptions nobody
+    /// holds any more, so that names asked for once do not stay tracked.
+    pub fn forget_idle_services(&self, config: &Config, shared: &Shared<'_>) -> JoinHandle<()> {
+        let (outbound, catalog, shutdown) = (self.outbound.clone(), shared.catalog.clone(), shared.shutdown.clone());
+        let (idle, unknown) = (config.service_idle_timeout, config.unknown_service_ttl);
+        let every = unknown.min(idle).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let stacks = outbound.sweep(idle, unknown);
+                // A subscription nobody holds is kept as long as an unknown name is remembered,
+                // so that a name looked up again and again (DNS) is not subscribed each time.
+                let dropped = catalog.sweep(unknown, std::time::Instant::now());
+                if stacks > 0 || !dropped.is_empty() {
+                    tracing::debug!(stacks, services = ?dropped, "forgot services not used lately");
+                }
+            }
+        })
+    }
+
     /// Serves the outbound listener and every per-upstream one.
     pub fn serve_outbound(
         &self,
