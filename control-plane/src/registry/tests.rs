@@ -381,3 +381,18 @@ async fn a_replica_cut_off_too_long_writes_back_the_instances_of_sidecars_still_
     assert_eq!((back.replica.as_str(), back.health), ("a", Health::Passing));
     assert_eq!(a.reassert(), 0, "nothing more to write");
 }
+
+#[tokio::test]
+async fn placeholders_of_names_nobody_watches_stay_bounded() {
+    let registry = registry().await;
+    let held: Vec<_> = (0..10).map(|i| registry.watch(&format!("held-{i}"))).collect();
+    for i in 0..10_000 {
+        drop(registry.watch(&format!("once-{i}")));
+        let services = registry.lock().services.len();
+        assert!(services <= 512, "{services} services after {i} names watched once");
+    }
+    let state = registry.lock();
+    assert!((0..10).all(|i| state.services.contains_key(format!("held-{i}").as_str())));
+    drop(state);
+    drop(held);
+}

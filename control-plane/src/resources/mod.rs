@@ -159,6 +159,9 @@ impl Record {
 struct State {
     records: HashMap<(Kind, Arc<str>), Record>,
     watchers: HashMap<Arc<str>, watch::Sender<Arc<ServiceConfig>>>,
+    /// How many watchers the last sweep kept: the next sweeps once there are twice as many,
+    /// so each new name costs O(1) on average, not a scan of every watcher.
+    swept_at: usize,
 }
 
 /// The resources of the mesh.
@@ -215,7 +218,7 @@ impl Resources {
             }
         }
         Ok(Arc::new(Self {
-            state: Mutex::new(State { records, watchers: HashMap::new() }),
+            state: Mutex::new(State { records, watchers: HashMap::new(), swept_at: 0 }),
             writer: StoreWriter::spawn(store.clone()),
             store,
             shared,
@@ -235,8 +238,12 @@ impl Resources {
         if let Some(sender) = state.watchers.get(service) {
             return sender.subscribe();
         }
-        // Forget watchers nobody holds any more, so names watched once cannot pile up.
-        state.watchers.retain(|_, sender| sender.receiver_count() > 0);
+        // Forget watchers nobody holds any more, so names watched once cannot pile up: at most
+        // twice as many as were held at the last sweep.
+        if state.watchers.len() >= (2 * state.swept_at).max(64) {
+            state.watchers.retain(|_, sender| sender.receiver_count() > 0);
+            state.swept_at = state.watchers.len();
+        }
         let config = Arc::new(service_config(&state, service));
         let sender = watch::Sender::new(config);
         let receiver = sender.subscribe();
@@ -356,7 +363,7 @@ impl Resources {
             shared.check_available()?;
             let (guards, writes, answer) = {
                 let state = self.lock();
-                let mut scratch = State { records: state.records.clone(), watchers: HashMap::new() };
+                let mut scratch = State { records: state.records.clone(), watchers: HashMap::new(), swept_at: 0 };
                 drop(state);
                 let planned_on: HashMap<(Kind, Arc<str>), u64> =
                     scratch.records.iter().map(|(key, record)| (key.clone(), record.version())).collect();

@@ -297,3 +297,19 @@ async fn replicas_version_resources_by_the_stores_revision_and_guard_expected_ve
     }
     assert_eq!(a.history(Kind::Route, "catalog").len(), 2, "one history on every replica");
 }
+
+#[tokio::test]
+async fn watchers_of_names_nobody_holds_stay_bounded() {
+    let resources = resources().await;
+    let held: Vec<_> = (0..10).map(|i| resources.watch(&format!("held-{i}"))).collect();
+    for i in 0..10_000 {
+        drop(resources.watch(&format!("once-{i}")));
+        let watchers = resources.lock().watchers.len();
+        assert!(watchers <= 128, "{watchers} watchers after {i} names watched once");
+    }
+    // The ones still held are kept through every sweep.
+    let state = resources.lock();
+    assert!((0..10).all(|i| state.watchers.contains_key(format!("held-{i}").as_str())));
+    drop(state);
+    drop(held);
+}
