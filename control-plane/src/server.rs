@@ -322,6 +322,7 @@ impl ControlPlane {
         let dns_config = ferry_dns::ServeConfig {
             cache: ferry_dns::DnsConfig { ttl: config.dns_ttl, negative_ttl: config.dns_ttl },
             aliases: config.dns_domain.iter().flatten().cloned().collect(),
+            rate_limit: ferry_dns::RateLimit::default(),
         };
         let dns =
             ferry_dns::serve(dns_udp, dns_tcp, Arc::new(RegistryDirectory::new(registry.clone())), dns_config, shutdown.clone());

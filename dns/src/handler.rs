@@ -17,15 +17,21 @@
 //! without TCP fallback can still use), and since the OPT record is written last it is left out
 //! when the records fill the whole budget. Resolvers retry over TCP on TC either way.
 
+use std::time::Instant;
+
 use futures::future::BoxFuture;
 use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
 use hickory_server::{
-    net::runtime::Time,
+    net::{runtime::Time, xfer::Protocol},
     server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
     zone_handler::MessageResponseBuilder,
 };
 
-use crate::{forward::RequestFlags, respond::Responder};
+use crate::{
+    forward::RequestFlags,
+    limit::{ResponseLimiter, Verdict},
+    respond::Responder,
+};
 
 /// The EDNS version this server speaks (RFC 6891 section 6.1.3).
 const EDNS_VERSION: u8 = 0;
@@ -38,11 +44,12 @@ pub(crate) const MAX_UDP_PAYLOAD: u16 = 1232;
 /// Serves `ferry.` and its aliases (and, intercepting, every name) to hickory-server.
 pub(crate) struct DnsHandler {
     responder: Responder,
+    limiter: ResponseLimiter,
 }
 
 impl DnsHandler {
-    pub(crate) fn new(responder: Responder) -> Self {
-        Self { responder }
+    pub(crate) fn new(responder: Responder, limiter: ResponseLimiter) -> Self {
+        Self { responder, limiter }
     }
 
     async fn handle<R: ResponseHandler>(&self, request: &Request, mut response_handle: R) -> ResponseInfo {
@@ -89,8 +96,28 @@ impl DnsHandler {
                 metadata.authentic_data = answer.authentic_data;
                 // An intercepting server recurses for its app, through the upstreams.
                 metadata.recursion_available = self.responder.intercepts();
-                let response = builder.build(metadata, &answer.answers, &answer.authorities, &[], &answer.additionals);
-                response_handle.send_response(response).await
+                // UDP answers are rate limited per client network (see `limit`).
+                let verdict = match request.protocol() {
+                    Protocol::Udp => self.limiter.check(
+                        request.src().ip(),
+                        &info.query.name().to_string(),
+                        u16::from(info.query.query_type()),
+                        u16::from(answer.code),
+                        Instant::now(),
+                    ),
+                    _ => Verdict::Send,
+                };
+                match verdict {
+                    Verdict::Send => {
+                        let response = builder.build(metadata, &answer.answers, &answer.authorities, &[], &answer.additionals);
+                        response_handle.send_response(response).await
+                    }
+                    Verdict::Slip => {
+                        metadata.truncation = true;
+                        response_handle.send_response(builder.build_no_records(metadata)).await
+                    }
+                    Verdict::Drop => return ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() }),
+                }
             }
         };
         result.unwrap_or_else(|error| {

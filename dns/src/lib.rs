@@ -85,6 +85,7 @@ mod answer;
 mod domain;
 mod forward;
 mod handler;
+mod limit;
 mod name;
 #[cfg(test)]
 mod properties;
@@ -93,6 +94,7 @@ mod respond;
 
 pub use domain::{AliasDomain, InvalidAliasDomain};
 pub use forward::{MAX_CONCURRENT_FORWARDS, UPSTREAM_TIMEOUT};
+pub use limit::RateLimit;
 pub use respond::{LOOKUP_TIMEOUT, MAX_CONCURRENT_LOOKUPS};
 
 use crate::{
@@ -250,6 +252,8 @@ pub struct ServeConfig {
     /// The domains answered like `ferry.` besides it (default [`AliasDomain::defaults`],
     /// `consul.`); empty for none. Repeats do no harm.
     pub aliases: Vec<AliasDomain>,
+    /// How UDP answers are rate limited (see [`RateLimit`]).
+    pub rate_limit: RateLimit,
 }
 
 impl Default for ServeConfig {
@@ -260,7 +264,7 @@ impl Default for ServeConfig {
 
 impl From<DnsConfig> for ServeConfig {
     fn from(cache: DnsConfig) -> Self {
-        Self { cache, aliases: AliasDomain::defaults() }
+        Self { cache, aliases: AliasDomain::defaults(), rate_limit: RateLimit::default() }
     }
 }
 
@@ -312,7 +316,8 @@ pub async fn serve(
     config: impl Into<ServeConfig>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    run(udp, tcp, Responder::new(directory, &config.into(), None), shutdown).await
+    let config = config.into();
+    run(udp, tcp, Responder::new(directory, &config, None), config.rate_limit, shutdown).await
 }
 
 /// Serves DNS as the only resolver of an app whose port-53 traffic is redirected to `udp` and
@@ -350,7 +355,7 @@ pub async fn serve_intercepting(
         tracing::info!(?upstreams, ?search, "DNS intercepting: mesh names answered, other names forwarded");
     }
     let intercept = Intercept { search: resolv_conf.search, forwarder: Forwarder::new(upstreams, intercept.upstream_timeout) };
-    run(udp, tcp, Responder::new(directory, &config, Some(intercept)), shutdown).await
+    run(udp, tcp, Responder::new(directory, &config, Some(intercept)), config.rate_limit, shutdown).await
 }
 
 /// The resolver config at `path`, or an empty one (logged) when it cannot be read.
@@ -370,8 +375,14 @@ fn is_own_address(upstream: SocketAddr, own: SocketAddr) -> bool {
     upstream == own || (own.ip().is_unspecified() && upstream.port() == own.port() && upstream.ip().is_loopback())
 }
 
-async fn run(udp: UdpSocket, tcp: TcpListener, responder: Responder, shutdown: CancellationToken) -> io::Result<()> {
-    let mut server = Server::new(handler::DnsHandler::new(responder));
+async fn run(
+    udp: UdpSocket,
+    tcp: TcpListener,
+    responder: Responder,
+    limit: RateLimit,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let mut server = Server::new(handler::DnsHandler::new(responder, limit::ResponseLimiter::new(limit)));
     server.register_socket(udp);
     server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
 

@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use ferry_dns::{Directory, DnsConfig, DnsEndpoint, InterceptConfig, Lookup, VirtualIpLookup};
+use ferry_dns::{Directory, DnsConfig, DnsEndpoint, InterceptConfig, Lookup, RateLimit, ServeConfig, VirtualIpLookup};
 use futures::{FutureExt, future::BoxFuture};
 use hickory_resolver::{
     Resolver, TokioResolver,
@@ -120,10 +120,15 @@ impl TestServer {
     }
 
     async fn start_with(intercept: Option<InterceptConfig>) -> Self {
+        Self::start_limited(intercept, RateLimit::default()).await
+    }
+
+    async fn start_limited(intercept: Option<InterceptConfig>, rate_limit: RateLimit) -> Self {
         // One port for both, as a resolver retrying a truncated answer over TCP expects.
         let (udp, tcp) = ferry_dns::bind("127.0.0.1:0".parse().expect("address")).await.expect("bind on loopback");
         let (udp_addr, tcp_addr) = (udp.local_addr().expect("UDP address"), tcp.local_addr().expect("TCP address"));
-        let config = DnsConfig { ttl: Duration::from_secs(TTL.into()), negative_ttl: Duration::from_secs(NEGATIVE_TTL.into()) };
+        let cache = DnsConfig { ttl: Duration::from_secs(TTL.into()), negative_ttl: Duration::from_secs(NEGATIVE_TTL.into()) };
+        let config = ServeConfig { rate_limit, ..ServeConfig::from(cache) };
         let shutdown = CancellationToken::new();
         let directory = Arc::new(directory());
         let task = match intercept {
@@ -424,6 +429,39 @@ async fn udp_answers_are_capped_at_1232_bytes_whatever_the_client_advertises() {
     // A client that advertises less gets no more than that.
     let small = server.udp("catalog.service.ferry.", RecordType::A, Some(600)).await;
     assert_eq!(small.edns.as_ref().map(Edns::max_payload), Some(600));
+}
+
+/// Response rate limiting: a client that asks for the same answer over and over gets a burst,
+/// then some answers truncated (so that a real client retries over TCP) and the rest dropped;
+/// TCP is not limited. (Loopback is exempt by default; this server limits it, to test.)
+#[tokio::test]
+async fn identical_udp_answers_to_one_client_are_rate_limited() {
+    let limit = RateLimit { per_second: 1, burst: 5, slip: 2, exempt_loopback: false, max_buckets: 100 };
+    let server = TestServer::start_limited(None, limit).await;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let asked = 30;
+    for _ in 0..asked {
+        socket.send_to(&query("catalog.service.ferry.", RecordType::A, None), server.udp).await.expect("send");
+    }
+    let (mut full, mut truncated) = (0, 0);
+    let mut buffer = vec![0; 65535];
+    // Every answer the server sends arrives well within a second on loopback; the rest never do.
+    while let Ok(Ok((len, _))) = tokio::time::timeout(Duration::from_secs(1), socket.recv_from(&mut buffer)).await {
+        let response = Message::from_vec(&buffer[..len]).expect("a DNS message");
+        if response.metadata.truncation {
+            assert!(response.answers.is_empty(), "a slipped answer holds no records");
+            truncated += 1;
+        } else {
+            assert!(!response.answers.is_empty());
+            full += 1;
+        }
+    }
+    assert!((5..=6).contains(&full), "{full} full answers of {asked}: the burst, and at most one refilled");
+    assert!(truncated >= 10, "{truncated} truncated answers: every second limited one");
+    assert!(full + truncated < asked, "the rest were dropped");
+    // TCP carries the answer whatever the limit.
+    let over_tcp = server.tcp("catalog.service.ferry.", RecordType::A).await;
+    assert!(!over_tcp.metadata.truncation && !over_tcp.answers.is_empty(), "{over_tcp:?}");
 }
 
 #[tokio::test]

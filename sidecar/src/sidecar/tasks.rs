@@ -253,6 +253,7 @@ pub fn serve_dns(udp: UdpSocket, tcp: TcpListener, config: &Config, shared: &Sha
     let dns_config = ferry_dns::ServeConfig {
         cache: ferry_dns::DnsConfig { ttl: config.dns_ttl, negative_ttl: config.dns_ttl },
         aliases: config.dns_aliases(),
+        rate_limit: ferry_dns::RateLimit::default(),
     };
     let intercept = config
         .intercept
