@@ -73,10 +73,38 @@ pub async fn explain(question: Question, output: Output, control_plane: &Control
     if let Some(callers) = callers(control_plane).await {
         value["calling_sidecars"] = serde_json::to_value(callers).unwrap_or_default();
     }
-    match output {
-        Output::Table => Ok(text(&value)),
-        _ => super::encode(output, &value),
+    let shown = match output {
+        Output::Table => text(&value),
+        _ => super::encode(output, &value)?,
+    };
+    match would_fail(&value) {
+        None => Ok(shown),
+        Some(Failure::UnknownService) => {
+            let names = super::service_names(control_plane).await.unwrap_or_default();
+            let why = super::no_such_service(&question.service, names.iter().map(String::as_str));
+            Err(super::ShownFailure { shown, why: format!("{why}: requests to it get 503 unknown_service") }.into())
+        }
+        Some(Failure::NoEndpoints) => Err(super::ShownFailure {
+            shown,
+            why: format!("no endpoint of {} can take this request: it would get 503 no_endpoints", question.service),
+        }
+        .into()),
     }
+}
+
+/// Why a request explained would fail, when it would.
+enum Failure {
+    UnknownService,
+    NoEndpoints,
+}
+
+fn would_fail(v: &Value) -> Option<Failure> {
+    if v["service_exists"].as_bool() == Some(false) && v["gateway"].as_bool() != Some(true) {
+        return Some(Failure::UnknownService);
+    }
+    let backends = v["backends"].as_array()?;
+    let none_routable = !backends.is_empty() && backends.iter().all(|b| b["routable_endpoints"].as_u64() == Some(0));
+    none_routable.then_some(Failure::NoEndpoints)
 }
 
 /// How many connected sidecars subscribe to each service, from the control plane's
@@ -136,7 +164,7 @@ pub async fn authorization(question: Question, caller: &str, output: Output, api
         "because": decision.because(),
         "policy_version": decision.version,
     });
-    match output {
+    let shown = match output {
         Output::Table => {
             let verdict = if decision.allowed() { "ALLOWED" } else { "DENIED" };
             let version = if decision.version == 0 {
@@ -144,16 +172,21 @@ pub async fn authorization(question: Question, caller: &str, output: Output, api
             } else {
                 format!(" (authorization policy version {})", decision.version)
             };
-            Ok(format!(
+            format!(
                 "{verdict}: {caller} -> {} {} {}\ndecided by: {}{version}\n",
                 question.service,
                 method,
                 question.path,
                 decision.because()
-            ))
+            )
         }
-        _ => super::encode(output, &value),
+        _ => super::encode(output, &value)?,
+    };
+    if decision.allowed() {
+        return Ok(shown);
     }
+    let why = format!("{caller} may not make this request: it would get 403 forbidden");
+    Err(super::ShownFailure { shown, why }.into())
 }
 
 /// The circuit breaker line of one service.
@@ -165,11 +198,8 @@ fn breaker_line(breaker: &Value, callers: &Value) -> Option<String> {
         breaker["in_flight"], breaker["pending"],
     );
     if let Some(count) = callers.get(service).and_then(Value::as_u64) {
-        let plural = if count == 1 { "" } else { "s" };
-        line.push_str(&format!(
-            "; {count} sidecar{plural} call {service}: up to {} concurrent in all",
-            count.saturating_mul(concurrent)
-        ));
+        let callers = if count == 1 { "1 sidecar calls".to_owned() } else { format!("{count} sidecars call") };
+        line.push_str(&format!("; {callers} {service}: up to {} concurrent in all", count.saturating_mul(concurrent)));
     }
     Some(line)
 }

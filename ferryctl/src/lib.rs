@@ -290,6 +290,13 @@ pub fn main() -> ExitCode {
             eprintln!("error: {error}");
             ExitCode::from(ferry_runtime::EXIT_USAGE)
         }
+        Err(error) if error.is::<ShownFailure>() => {
+            if let Some(failure) = error.downcast_ref::<ShownFailure>() {
+                print!("{}", failure.shown);
+            }
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
         Err(error) => {
             match error.downcast_ref::<tonic::Status>() {
                 Some(status) => eprintln!("error: {}", status_text(status)),
@@ -298,6 +305,50 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A command whose answer is worth showing but means failure, such as `explain` of a request
+/// that would fail: `shown` is printed, then the error, and the exit status is 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{why}")]
+pub struct ShownFailure {
+    pub shown: String,
+    pub why: String,
+}
+
+/// The existing name closest to `wanted`, when one is close enough to be a typo of it.
+pub fn closest<'a>(wanted: &str, names: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = (wanted.chars().count() / 3).max(2);
+    names
+        .into_iter()
+        .filter(|name| *name != wanted)
+        .map(|name| (strsim::damerau_levenshtein(wanted, name), name))
+        .filter(|(distance, _)| *distance <= limit)
+        .min()
+        .map(|(_, name)| name)
+}
+
+/// What to say of `service` when the mesh has no such service: that, and the closest name.
+pub fn no_such_service<'a>(service: &str, names: impl IntoIterator<Item = &'a str>) -> String {
+    match closest(service, names) {
+        Some(name) => format!("there is no service {service:?} in the mesh; did you mean {name:?}?"),
+        None => format!("there is no service {service:?} in the mesh (`ferryctl services` lists them)"),
+    }
+}
+
+/// The names of the mesh's services (those with an instance registered).
+async fn service_names(api: &ControlPlane) -> anyhow::Result<Vec<String>> {
+    let response = registry(api).await?.list_services(v1::ListServicesRequest {}).await?.into_inner();
+    Ok(response.services.into_iter().map(|s| s.name).collect())
+}
+
+/// Fails, naming the closest service, when `service` is not a service of the mesh.
+pub(crate) async fn known_service(api: &ControlPlane, service: &str) -> anyhow::Result<()> {
+    let names = service_names(api).await?;
+    if names.iter().any(|name| name == service) {
+        return Ok(());
+    }
+    Err(anyhow!(no_such_service(service, names.iter().map(String::as_str))))
 }
 
 /// Runs one command and returns what to print: on the first address of `--control-plane` that
@@ -333,7 +384,15 @@ async fn execute(command: Command, output: Output, api: &ControlPlane, input: Op
                 metadata: metadata.into_iter().collect(),
                 zone: zone.unwrap_or_default(),
             };
-            let response = registry(api).await?.list_instances(request).await?.into_inner();
+            let service = request.service.clone();
+            let response = match registry(api).await?.list_instances(request).await {
+                Ok(response) => response.into_inner(),
+                Err(status) if status.code() == tonic::Code::NotFound => {
+                    known_service(api, &service).await?;
+                    return Err(status.into());
+                }
+                Err(status) => return Err(status.into()),
+            };
             render(output, &response, instances_table)
         }
         Command::Register {

@@ -313,6 +313,7 @@ pub async fn get(api: &ControlPlane, output: Output, kind: KindArg, service: Opt
     if let Some(service) = service
         && response.resources.is_empty()
     {
+        crate::known_service(api, &service).await?;
         return Err(anyhow::anyhow!("no {} for service {service:?}", kind.noun()));
     }
     render_resources(output, response.resources.iter())

@@ -235,7 +235,7 @@ async fn status_shows_per_resource_acks_and_nacks_and_explain_reads_the_sidecars
         text.contains("circuit breaker: catalog: 1024 concurrent / 256 pending per calling sidecar (here 0 in flight"),
         "{text}"
     );
-    assert!(text.contains(" call catalog: up to ") && text.contains(" concurrent in all"), "{text}");
+    assert!(text.contains(" calls catalog: up to ") && text.contains(" concurrent in all"), "{text}");
     assert!(text.contains("budget:   retries up to 20% of requests + 10/s over 10s"), "{text}");
 }
 
@@ -284,4 +284,38 @@ async fn the_gateway_routes_by_host_and_path() {
         assert!(client::header(&answer, "x-ferry-error").starts_with("no_route"), "{host}");
     }
     assert_eq!(catalog.hits() + inventory.hits(), 2);
+}
+
+#[tokio::test]
+async fn a_service_that_does_not_exist_is_named_with_the_closest_one_and_fails() {
+    let control_plane = ControlPlane::start().await;
+    let (_v1, _v2, _sidecars, client) = mesh(&control_plane).await;
+    let admin = client.admin.to_string();
+
+    for args in [vec!["instances", "catalgo"], vec!["get", "routes", "catalgo"]] {
+        let output = ferryctl(&control_plane, &args, None).await;
+        assert!(!output.status.success(), "{args:?}: {output:?}");
+        assert!(
+            stderr(&output).contains(r#"there is no service "catalgo" in the mesh; did you mean "catalog"?"#),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
+    // Nothing close: the error says how to list the services.
+    let output = ferryctl(&control_plane, &["instances", "zzzzzzzz"], None).await;
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("`ferryctl services` lists them"), "{}", stderr(&output));
+    // An existing service with no instance passing is not an error.
+    let output = ferryctl(&control_plane, &["instances", "catalog", "--passing"], None).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    // explain shows what the sidecar would do, and exits non-zero for a request that would fail.
+    let output = ferryctl(&control_plane, &["explain", "catalgo", "--sidecar", &admin], None).await;
+    assert!(!output.status.success(), "{output:?}");
+    assert!(stdout(&output).contains("no instance of catalgo is registered"), "{}", stdout(&output));
+    assert!(stderr(&output).contains(r#"did you mean "catalog"?"#), "{}", stderr(&output));
+    assert!(stderr(&output).contains("503 unknown_service"), "{}", stderr(&output));
+    let output = ferryctl(&control_plane, &["explain", "catalog", "--sidecar", &admin], None).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("1 sidecar calls catalog"), "{}", stdout(&output));
 }

@@ -486,6 +486,10 @@ rules:
     let text = String::from_utf8_lossy(&explain.stdout);
     assert!(text.starts_with("DENIED: frontend -> catalog GET /items/admin/x"), "{text}{explain:?}");
     assert!(text.contains("decided by: rules[1] (no-admin)"), "{text}");
+    // A request that would be refused is explained, and the exit status says it would fail.
+    assert!(!explain.status.success(), "{explain:?}");
+    assert!(String::from_utf8_lossy(&explain.stderr).contains("frontend may not make this request"), "{explain:?}");
     let explain = control_plane.ferryctl(&["explain", "catalog", "--from", "frontend", "--path", "/items/3"]).await;
     assert!(String::from_utf8_lossy(&explain.stdout).starts_with("ALLOWED"), "{explain:?}");
+    assert!(explain.status.success(), "{explain:?}");
 }
