@@ -137,6 +137,17 @@ async fn the_mesh_explains_what_it_cannot_route() {
     let answer = proxy_get(client.outbound, "http://ghost/").await.expect("answered");
     assert_eq!(answer.0, 503);
     assert!(header(&answer, "x-ferry-error").starts_with("unknown_service: "), "{answer:?}");
+    assert!(text(&answer).ends_with('\n'), "a body ends with a newline: {answer:?}");
+
+    // The admin listener says what it serves, and answers JSON as people read it.
+    let (status, _, index) = client::get(&format!("http://{}/", client.admin)).await.expect("index");
+    let index = String::from_utf8_lossy(&index);
+    assert_eq!(status, 200);
+    assert!(index.contains("/config") && index.contains("/explain") && index.ends_with('\n'), "{index}");
+    let (_, headers, config) = client::get(&format!("http://{}/config", client.admin)).await.expect("config");
+    let config = String::from_utf8_lossy(&config);
+    assert!(config.starts_with("{\n  \"") && config.ends_with("}\n"), "indented JSON: {config}");
+    assert_eq!(headers.get("content-type").map(|v| v.as_bytes()), Some(&b"application/json"[..]));
 
     let answer = host_get(client.outbound, "example.com", "/").await.expect("answered");
     assert_eq!(answer.0, 400);

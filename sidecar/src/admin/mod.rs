@@ -10,7 +10,7 @@ use std::{
 };
 
 use axum::{
-    Json, Router,
+    Router,
     body::Bytes,
     extract::{Path, Query, RawQuery, State},
     http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header},
@@ -63,9 +63,37 @@ pub struct AdminState {
     pub intercept: bool,
 }
 
+/// A JSON answer as people read it with `curl | less`: indented, ending with a newline.
+pub struct Pretty<T>(pub T);
+
+impl<T: serde::Serialize> IntoResponse for Pretty<T> {
+    fn into_response(self) -> Response {
+        match serde_json::to_vec_pretty(&self.0) {
+            Ok(mut body) => {
+                body.push(b'\n');
+                ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+            }
+            Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding JSON: {error}\n")).into_response(),
+        }
+    }
+}
+
+/// What `GET /` lists: every endpoint of the admin listener.
+const INDEX: &str = "Ferry sidecar admin listener
+GET  /ready              200 when ready to serve, 503 with the reasons otherwise
+GET  /live               200 while the process runs
+GET  /config             the config held: services, endpoints, routes, policies, trust (JSON)
+GET  /addresses          the mesh's address table, for an intercepting sidecar (JSON)
+GET  /explain?service=S  how a request to S would be routed (ferryctl explain asks this)
+GET  /metrics            Prometheus / OpenMetrics
+PUT  /ttl/pass|warn|fail renews the app's TTL check
+POST /shutdown           drains, deregisters and exits
+";
+
 /// The admin router.
 pub fn router(state: AdminState) -> Router {
     Router::new()
+        .route("/", get(|| async { INDEX }))
         .route("/ready", get(ready))
         .route("/live", get(|| async { "live\n" }))
         .route("/config", get(config))
@@ -138,7 +166,7 @@ async fn ready(State(state): State<AdminState>) -> Response {
 
 /// The mesh's address table, as an intercepting sidecar holds it: which service each virtual IP
 /// and endpoint address belongs to.
-async fn addresses(State(state): State<AdminState>) -> Json<Value> {
+async fn addresses(State(state): State<AdminState>) -> Pretty<Value> {
     let table = state.catalog.addresses();
     let mut services: Vec<_> = table.services.iter().collect();
     services.sort_by(|a, b| a.0.cmp(b.0));
@@ -149,10 +177,10 @@ async fn addresses(State(state): State<AdminState>) -> Json<Value> {
             (name.to_string(), json!({ "virtual_ip": entry.virtual_ip, "endpoints": endpoints }))
         })
         .collect();
-    Json(json!({ "intercept": state.intercept, "version": table.version, "services": services }))
+    Pretty(json!({ "intercept": state.intercept, "version": table.version, "services": services }))
 }
 
-async fn config(State(state): State<AdminState>) -> Json<Value> {
+async fn config(State(state): State<AdminState>) -> Pretty<Value> {
     let control = state.control.get();
     let services: serde_json::Map<String, Value> = state
         .catalog
@@ -190,7 +218,7 @@ async fn config(State(state): State<AdminState>) -> Json<Value> {
         })
         .collect();
     let instance: Option<&v1::Instance> = control.registered.as_ref();
-    Json(json!({
+    Pretty(json!({
         "service": state.service.to_string(),
         "node_id": state.node_id,
         "instance": instance,
@@ -248,7 +276,7 @@ fn identity(mesh: &Mesh) -> Value {
 /// route such a request, from the config it holds.
 async fn explain(State(state): State<AdminState>, RawQuery(query): RawQuery) -> Response {
     let bad = |field: &str, reason: String| {
-        (StatusCode::BAD_REQUEST, Json(json!({ "error": format!("{field}: {reason}"), "field": field }))).into_response()
+        (StatusCode::BAD_REQUEST, Pretty(json!({ "error": format!("{field}: {reason}"), "field": field }))).into_response()
     };
     let (mut service, mut path, mut method, mut host) = (None, "/".to_owned(), Method::GET, None);
     let mut headers = HeaderMap::new();
@@ -306,7 +334,7 @@ async fn explain(State(state): State<AdminState>, RawQuery(query): RawQuery) -> 
         "host": uri.host(),
         "headers": headers.iter().map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?"))).collect::<Vec<_>>(),
     });
-    Json(explanation).into_response()
+    Pretty(explanation).into_response()
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -321,7 +349,7 @@ async fn ttl(
     body: Bytes,
 ) -> Response {
     let bad = |field: &str, reason: String| {
-        (StatusCode::BAD_REQUEST, Json(json!({ "error": format!("{field}: {reason}"), "field": field }))).into_response()
+        (StatusCode::BAD_REQUEST, Pretty(json!({ "error": format!("{field}: {reason}"), "field": field }))).into_response()
     };
     let status = match status.as_str() {
         "pass" => Health::Passing,
@@ -337,14 +365,14 @@ async fn ttl(
     }
     let output = String::from_utf8_lossy(&body).trim().to_owned();
     match health.ttl(query.check.as_deref(), status, output).await {
-        Ok(check) => Json(json!({
+        Ok(check) => Pretty(json!({
             "id": check.id,
             "status": check.status.as_str(),
             "output": check.output,
         }))
         .into_response(),
         Err(error @ (TtlError::NoTtlCheck | TtlError::UnknownCheck(_))) => {
-            (StatusCode::NOT_FOUND, Json(json!({ "error": format!("check: {error}"), "field": "check" }))).into_response()
+            (StatusCode::NOT_FOUND, Pretty(json!({ "error": format!("check: {error}"), "field": "check" }))).into_response()
         }
         Err(error) => bad("check", error.to_string()),
     }
