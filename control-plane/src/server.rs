@@ -283,7 +283,7 @@ impl ControlPlane {
             .add_service(reflection_v1alpha)
             .add_service(RegistryServer::new(registry_api))
             .add_service(DiscoveryServer::new(discovery))
-            .add_service(ConfigServer::new(ConfigService::new(resources.clone(), sidecars.clone())))
+            .add_service(ConfigServer::new(ConfigService::new(resources.clone(), sidecars.clone(), registry.clone())))
             .add_service(IdentityServer::new(security.clone()))
             .add_service(CaServer::new(security.clone()))
             .add_service(TokensServer::new(security.clone()))

@@ -316,21 +316,9 @@ pub struct ShownFailure {
     pub why: String,
 }
 
-/// The existing name closest to `wanted`, when one is close enough to be a typo of it.
-pub fn closest<'a>(wanted: &str, names: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    let limit = (wanted.chars().count() / 3).max(2);
-    names
-        .into_iter()
-        .filter(|name| *name != wanted)
-        .map(|name| (strsim::damerau_levenshtein(wanted, name), name))
-        .filter(|(distance, _)| *distance <= limit)
-        .min()
-        .map(|(_, name)| name)
-}
-
 /// What to say of `service` when the mesh has no such service: that, and the closest name.
 pub fn no_such_service<'a>(service: &str, names: impl IntoIterator<Item = &'a str>) -> String {
-    match closest(service, names) {
+    match ferry_runtime::suggest::closest(service, names) {
         Some(name) => format!("there is no service {service:?} in the mesh; did you mean {name:?}?"),
         None => format!("there is no service {service:?} in the mesh (`ferryctl services` lists them)"),
     }

@@ -160,6 +160,30 @@ async fn status_shows_per_resource_acks_and_nacks_and_explain_reads_the_sidecars
     assert!(output.status.success(), "{}", stderr(&output));
     let note = "note: route/reports: service ghost has no instance that can take traffic";
     assert!(stdout(&output).contains(note), "{}", stdout(&output));
+    let note = r#"note: route/reports: no instance of "reports" is registered yet"#;
+    assert!(stdout(&output).contains(note), "{}", stdout(&output));
+    // A typo of a service's name: the closest is named. A subset that matches no instance: the
+    // values the instances do have.
+    let typo = "kind: Route\nservice: catalgo\nrules: [ { backends: [ { service: catalog } ] } ]\n---\nkind: ServicePolicy\nservice: catalog\nsubsets: { v1: { version: v1 }, v2: { version: v2 }, v3: { version: v3 } }\n";
+    let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(typo)).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let shown = stdout(&output);
+    assert!(
+        shown.contains(r#"note: route/catalgo: no instance of "catalgo" is registered yet; did you mean "catalog"?"#),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(
+            "note: policy/catalog: subset v3 (version=v3) matches no instance of catalog (its instances have version=v1, v2)"
+        ),
+        "{shown}"
+    );
+    assert!(!shown.contains("subset v1 ") && !shown.contains("subset v2 "), "{shown}");
+    // Two rules of one name: refused, naming both.
+    let twice = "kind: Route\nservice: catalog\nrules:\n  - { name: canary, backends: [ { subset: v2 } ] }\n  - { name: canary, backends: [ { subset: v1 } ] }\n";
+    let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(twice)).await;
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains(r#"rules[1].name: "canary" is also the name of rules[0]"#), "{}", stderr(&output));
 
     // A sidecar of another build that cannot apply what it is sent: it says so with a NACK.
     let channel = control_plane.channel().await;

@@ -108,7 +108,7 @@ pub fn router(
     auth: Auth,
     consul: Arc<super::consul::Consul>,
 ) -> Router {
-    let resources = super::resources::router(state.resources.clone(), state.sidecars.clone());
+    let resources = super::resources::router(state.resources.clone(), state.sidecars.clone(), state.registry.clone());
     let consul = super::consul::routes(state.clone(), consul);
     let routes = Router::new()
         .route("/v1/services", get(list_services))

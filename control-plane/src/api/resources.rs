@@ -24,6 +24,7 @@ use tonic::{Request, Status};
 use crate::{
     auth::{Denied, Principal},
     discovery::Sidecars,
+    registry::{Instance, Registry},
     resources::{Kind, ResourceError, Resources},
 };
 
@@ -45,10 +46,36 @@ pub fn body_type(headers: &HeaderMap, allowed: &[&str]) -> Result<(), String> {
 /// The content types of resource bodies.
 const RESOURCE_TYPES: [&str; 3] = ["application/yaml", "text/yaml", "application/json"];
 
-/// What may keep applied resources from doing what they seem to: an authorization policy that
-/// no rule lets one of its service's current callers through.
-pub fn notes(applied: &[v1::AppliedResource], sidecars: &Sidecars) -> Vec<String> {
+/// What may keep applied resources from doing what they seem to: a resource for a service that
+/// has no instance (naming the closest one that does), a subset whose labels match no instance
+/// (with the values its instances have), an authorization policy that no rule lets one of its
+/// service's current callers through.
+pub fn notes(applied: &[v1::AppliedResource], sidecars: &Sidecars, registry: &Registry) -> Vec<String> {
     let mut notes = Vec::new();
+    for resource in applied.iter().filter_map(|a| a.resource.as_ref()) {
+        let (label, service) = match &resource.kind {
+            Some(v1::resource::Kind::Route(route)) => ("route", route.service.as_str()),
+            Some(v1::resource::Kind::Policy(policy)) => ("policy", policy.service.as_str()),
+            Some(v1::resource::Kind::Authorization(policy)) => ("authorization", policy.service.as_str()),
+            None => continue,
+        };
+        let snapshot = registry.snapshot(service);
+        let instances: Vec<Arc<Instance>> =
+            snapshot.as_ref().map(|s| s.instances.values().cloned().collect()).unwrap_or_default();
+        // A service that had instances within the last day still holds its virtual IP.
+        if instances.is_empty() && snapshot.as_ref().is_none_or(|s| s.virtual_ip.is_none()) {
+            let names: Vec<String> = registry.services().into_iter().map(|s| s.name.to_string()).collect();
+            let hint = match ferry_runtime::suggest::closest(service, names.iter().map(String::as_str)) {
+                Some(name) => format!("; did you mean {name:?}?"),
+                None => String::new(),
+            };
+            notes.push(format!("{label}/{service}: no instance of {service:?} is registered yet{hint}"));
+            continue;
+        }
+        if let Some(v1::resource::Kind::Policy(policy)) = &resource.kind {
+            notes.extend(unmatched_subsets(policy, &instances));
+        }
+    }
     for resource in applied.iter().filter_map(|a| a.resource.as_ref()) {
         let Some(v1::resource::Kind::Authorization(policy)) = &resource.kind else { continue };
         let Ok(compiled) = ferry_proto::authz::Authorization::compile(policy, policy.version) else { continue };
@@ -63,6 +90,44 @@ pub fn notes(applied: &[v1::AppliedResource], sidecars: &Sidecars) -> Vec<String
                 if refused.len() == 1 { "it" } else { "they" },
             ));
         }
+    }
+    notes
+}
+
+/// A note for each subset of `policy` whose labels no current instance carries, with the values
+/// the instances do have for those labels.
+fn unmatched_subsets(policy: &v1::ServicePolicy, instances: &[Arc<Instance>]) -> Vec<String> {
+    let mut notes = Vec::new();
+    let mut subsets: Vec<_> = policy.subsets.iter().collect();
+    subsets.sort_by_key(|(name, _)| name.as_str());
+    for (name, subset) in subsets {
+        let matches = |i: &Arc<Instance>| subset.labels.iter().all(|(k, v)| i.metadata.get(k) == Some(v));
+        if subset.labels.is_empty() || instances.iter().any(matches) {
+            continue;
+        }
+        let mut wanted: Vec<_> = subset.labels.iter().collect();
+        wanted.sort();
+        let existing: Vec<String> = wanted
+            .iter()
+            .map(|(key, _)| {
+                let mut values: Vec<&str> =
+                    instances.iter().filter_map(|i| i.metadata.get(key.as_str())).map(String::as_str).collect();
+                values.sort_unstable();
+                values.dedup();
+                match values.as_slice() {
+                    [] => format!("no instance has {key}"),
+                    values => format!("{key}={}", values.join(", ")),
+                }
+            })
+            .collect();
+        let labels: Vec<String> = wanted.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        notes.push(format!(
+            "policy/{}: subset {name} ({}) matches no instance of {} (its instances have {}); a route to it gets 503 no_endpoints",
+            policy.service,
+            labels.join(", "),
+            policy.service,
+            existing.join("; "),
+        ));
     }
     notes
 }
@@ -90,12 +155,14 @@ fn kind_and_service(kind: i32, service: &str) -> Result<Kind, FieldError> {
 pub struct ConfigService {
     resources: Arc<Resources>,
     sidecars: Arc<Sidecars>,
+    registry: Arc<Registry>,
 }
 
 impl ConfigService {
-    /// A service over `resources`; `sidecars` tell who calls whom, for the apply notes.
-    pub fn new(resources: Arc<Resources>, sidecars: Arc<Sidecars>) -> Self {
-        Self { resources, sidecars }
+    /// A service over `resources`; `sidecars` tell who calls whom and `registry` which
+    /// instances exist, for the apply notes.
+    pub fn new(resources: Arc<Resources>, sidecars: Arc<Sidecars>, registry: Arc<Registry>) -> Self {
+        Self { resources, sidecars, registry }
     }
 }
 
@@ -106,7 +173,7 @@ impl Config for ConfigService {
         let request = request.into_inner();
         let applied = self.resources.apply(request.items, request.dry_run).await.map_err(status)?;
         log_applied(&applied, request.dry_run);
-        let notes = notes(&applied, &self.sidecars);
+        let notes = notes(&applied, &self.sidecars, &self.registry);
         Ok(tonic::Response::new(v1::ApplyResponse { applied, notes }))
     }
 
@@ -186,17 +253,18 @@ fn refused(code: StatusCode, error: impl std::fmt::Display) -> Response {
 pub struct ConfigState {
     resources: Arc<Resources>,
     sidecars: Arc<Sidecars>,
+    registry: Arc<Registry>,
 }
 
 /// The routes of the resources API, to merge into the HTTP API's router.
-pub fn router(resources: Arc<Resources>, sidecars: Arc<Sidecars>) -> Router {
+pub fn router(resources: Arc<Resources>, sidecars: Arc<Sidecars>, registry: Arc<Registry>) -> Router {
     Router::new()
         .route("/v1/apply", post(apply))
         .route("/v1/{kind}", get(list_kind))
         .route("/v1/{kind}/{service}", get(get_one).put(put_one).delete(delete_one))
         .route("/v1/{kind}/{service}/history", get(history))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(ConfigState { resources, sidecars })
+        .with_state(ConfigState { resources, sidecars, registry })
 }
 
 /// The kind a path names (`routes`, `policies` or `authorizations`), once `allowed` says the
@@ -277,7 +345,7 @@ async fn apply(
     match resources.apply(items, dry_run).await {
         Ok(applied) => {
             log_applied(&applied, dry_run);
-            let notes = notes(&applied, &state.sidecars);
+            let notes = notes(&applied, &state.sidecars, &state.registry);
             Json(v1::ApplyResponse { applied, notes }).into_response()
         }
         Err(error) if list => {

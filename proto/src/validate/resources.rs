@@ -146,6 +146,24 @@ pub fn route_within(route: &v1::Route, limits: &Limits) -> Result<(), FieldError
     for (i, rule) in route.rules.iter().enumerate() {
         route_rule(rule, &mut budget).map_err(|e| e.within(&format!("rules[{i}]")))?;
     }
+    unique_rule_names(route.rules.iter().map(|rule| rule.name.as_str()))
+}
+
+/// Refuses two rules of one resource with the same name, naming both: the name is how
+/// `ferryctl explain`, metrics and fault answers tell rules apart.
+fn unique_rule_names<'a>(names: impl Iterator<Item = &'a str>) -> Result<(), FieldError> {
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, name) in names.enumerate() {
+        if name.is_empty() {
+            continue;
+        }
+        if let Some(first) = seen.insert(name, i) {
+            return Err(FieldError::new(
+                format!("rules[{i}].name"),
+                format!("{name:?} is also the name of rules[{first}]; each rule's name must be unique"),
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -191,7 +209,7 @@ pub fn authorization_within(policy: &v1::AuthorizationPolicy, limits: &Limits) -
         }
         action(&format!("{at}.action"), &rule.action)?;
     }
-    Ok(())
+    unique_rule_names(policy.rules.iter().map(|rule| rule.name.as_str()))
 }
 
 /// The most callers one authorization rule names.
@@ -581,6 +599,19 @@ rules:
         );
         assert_eq!(super::route(&route), Ok(()));
         assert_eq!(route.rules[0].retries.as_ref().map(|r| r.on.clone()), Some(vec!["connect-failure".into(), "503".into()]));
+    }
+
+    #[test]
+    fn two_rules_of_one_name_are_refused_naming_both() {
+        let route = parse_route(
+            "kind: Route\nservice: catalog\nrules:\n  - name: canary\n  - name: rest\n  - name: canary\n  - {}\n  - {}\n",
+        );
+        let error = super::route(&route).expect_err("refused");
+        assert_eq!(error.field, "rules[2].name");
+        assert!(error.reason.contains("rules[0]") && error.reason.contains("\"canary\""), "{error}");
+        // Rules without a name may be many.
+        let unnamed = parse_route("kind: Route\nservice: catalog\nrules:\n  - {}\n  - {}\n");
+        assert_eq!(super::route(&unnamed), Ok(()));
     }
 
     #[test]
