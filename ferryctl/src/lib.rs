@@ -120,10 +120,10 @@ pub enum Command {
         /// grpc://HOST:PORT[/SERVICE], ttl:30s, or script:COMMAND ARGS...; repeat for more.
         #[arg(long = "check", value_name = "CHECK", value_parser = parse_check)]
         checks: Vec<v1::Check>,
-        /// Time between probes of every check given.
+        /// Time between probes of every check given [default: 10s].
         #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
         interval: Option<Duration>,
-        /// Remove the instance once it has been critical this long.
+        /// Remove the instance once it has been critical this long [default: never].
         #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
         deregister_critical_after: Option<Duration>,
     },
@@ -684,6 +684,16 @@ fn status_table(response: &v1::ListSidecarsResponse) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn register_help_shows_every_default() {
+        use clap::CommandFactory;
+        let mut command = Cli::command();
+        let help = command.find_subcommand_mut("register").expect("register").render_long_help().to_string();
+        for default in ["[default: 10s]", "[default: never]", "(default 100)", "defaults to SERVICE-ADDRESS-PORT"] {
+            assert!(help.contains(default), "{default} in:\n{help}");
+        }
+    }
 
     #[test]
     fn the_services_table_shows_each_virtual_ip_or_a_dash_in_its_last_column() {
