@@ -162,3 +162,32 @@ async fn routes_applied_outside_the_demo_are_shown_and_not_judged() {
         "the traffic after the deletion is judged:\n{output}"
     );
 }
+
+/// `ferry-demo | head`: once nobody reads its output the demo stops as on Ctrl-C, with no panic,
+/// and reports it as a program stopped by SIGPIPE would (141).
+#[tokio::test]
+async fn the_demo_ends_quietly_when_its_output_closes() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut demo = tokio::process::Command::new(binary("ferry-demo"))
+        .args(["--duration", "60s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starts");
+    let stderr = Arc::new(Mutex::new(String::new()));
+    collect(demo.stderr.take().expect("stderr"), stderr.clone());
+    // Read what `head -3` would, then close the pipe.
+    let mut lines = BufReader::new(demo.stdout.take().expect("stdout")).lines();
+    for _ in 0..3 {
+        lines.next_line().await.expect("reads").expect("a line");
+    }
+    drop(lines);
+    // It notices at its next write (once a second in the summary lines) and stops its children.
+    let status =
+        tokio::time::timeout(Duration::from_secs(60), demo.wait()).await.expect("ends well before --duration").expect("waits");
+    let stderr = stderr.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert_eq!(status.code(), Some(141), "{status:?}\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -117,6 +117,9 @@ fn main() -> ExitCode {
     let options =
         demo::Options { duration: args.duration, rate: args.rate, replicas: args.replicas as usize, scenario: args.scenario };
     match runtime.block_on(demo::run(options)) {
+        // Its output was a pipe that closed (`ferry-demo | head`): stopped cleanly, as a program
+        // killed by SIGPIPE would report it.
+        _ if ferry_examples::demo::out::closed() => ExitCode::from(141),
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(error) => {

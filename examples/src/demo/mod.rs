@@ -15,6 +15,7 @@
 //! tokens with the admin token the control plane writes at first start, and prints what a user
 //! pastes to use `ferryctl` against it.
 
+use crate::{say, show};
 use std::{
     collections::{HashMap, VecDeque},
     io::IsTerminal,
@@ -39,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 pub mod actions;
 pub mod config_api;
 pub mod in_force;
+pub mod out;
 pub mod ports;
 pub mod process;
 mod routing;
@@ -119,7 +121,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     // The logs of a run that failed, or could not start, are what explains it.
     if !matches!(result, Ok(true)) {
         let kept = dir.keep();
-        println!("logs kept in {}", kept.join("logs").display());
+        say!("logs kept in {}", kept.join("logs").display());
     }
     result
 }
@@ -128,7 +130,7 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
 async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
-    println!(
+    say!(
         "ferry demo: starting a control plane, {} services x {} {} (each instance behind its own sidecar) and a client sidecar",
         SERVICES.len(),
         options.replicas,
@@ -207,11 +209,11 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
     wait_client_sees(&http, &client, "frontend", options.replicas).await?;
 
     let keys = std::io::stdin().is_terminal();
-    println!("control plane  grpc {control_plane_url}  http {}", api.base());
-    println!("dashboard      {}/ui/  (sign in with the admin token below)", api.base());
-    println!("client sidecar {client_outbound}   try: curl -x http://{client_outbound} http://frontend/");
-    println!("               admin http://{}/config   upstream port {client_upstream}", client.addr("admin")?);
-    println!("logs           {}", logs.display());
+    say!("control plane  grpc {control_plane_url}  http {}", api.base());
+    say!("dashboard      {}/ui/  (sign in with the admin token below)", api.base());
+    say!("client sidecar {client_outbound}   try: curl -x http://{client_outbound} http://frontend/");
+    say!("               admin http://{}/config   upstream port {client_upstream}", client.addr("admin")?);
+    say!("logs           {}", logs.display());
     let bound: Vec<(&Port, String)> = control_plane_ports
         .iter()
         .map(|port| (port, &control_plane))
@@ -219,28 +221,44 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
         .map(|(port, process)| (port, process.bound.get(port.key).cloned().unwrap_or_default()))
         .collect();
     for line in port_notes(&bound) {
-        println!("{line}");
+        say!("{line}");
     }
-    println!("ferryctl       paste these two lines to use ferryctl (and curl) against this mesh:");
-    println!("                 export FERRY_TOKEN=$(cat {})", admin_file.display());
-    println!("                 export FERRY_CA_FILE={}", ca_file.display());
+    let sidecars: Vec<String> =
+        instances.iter().filter_map(|i| Some(format!("{} {}", i.id, i.sidecar.bound.get("admin")?))).collect();
+    say!("sidecar admins {}  (ferryctl explain --sidecar ADDR)", sidecars.join(", "));
+    // The same exports in a file, for `source`, so the live screen can name it in one line.
+    let mut exports = format!("export FERRY_TOKEN=$(cat {})\nexport FERRY_CA_FILE={}\n", admin_file.display(), ca_file.display());
+    say!("ferryctl       paste these two lines to use ferryctl (and curl) against this mesh:");
+    say!("                 export FERRY_TOKEN=$(cat {})", admin_file.display());
+    say!("                 export FERRY_CA_FILE={}", ca_file.display());
     if control_plane_url != "https://127.0.0.1:7070" {
-        println!("               and: export FERRY_CONTROL_PLANE={control_plane_url}");
+        say!("               and: export FERRY_CONTROL_PLANE={control_plane_url}");
+        exports.push_str(&format!("export FERRY_CONTROL_PLANE={control_plane_url}\n"));
     }
-    println!(
+    let env_file = dir.join("env");
+    std::fs::write(&env_file, exports).with_context(|| format!("writing {}", env_file.display()))?;
+    say!("               or: source {}", env_file.display());
+    // What stays at the top of the live screen: where everything is.
+    let mut header = vec![
+        format!("grpc {control_plane_url}  api {}  dashboard {}/ui/", api.base(), api.base()),
+        format!("client sidecar {client_outbound} (admin {})  logs {}", client.addr("admin")?, logs.display()),
+        format!("ferryctl/curl: source {}", env_file.display()),
+    ];
+    header.extend(port_notes(&bound));
+    say!(
         "routes         curl --cacert $FERRY_CA_FILE -H \"authorization: Bearer $FERRY_TOKEN\" -H 'content-type: application/yaml' --data-binary @{} {}/v1/apply",
         Scenario::Canary.path(),
         api.base()
     );
     let ferryctl = "ferryctl".to_owned();
-    println!(
+    say!(
         "               or {ferryctl} apply -f {}: the summary shows the routes in force, whoever applied them",
         Scenario::Canary.path()
     );
     if keys {
-        println!("               or type a key: {}", actions::keys_help());
+        say!("               or type a key: {}", actions::keys_help());
     }
-    println!();
+    say!();
 
     let traffic = Arc::new(Traffic::default());
     let in_flight = Arc::new(Semaphore::new(32));
@@ -287,14 +305,24 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
                     None => routing.note(format!("{:?} is not a key; {}", line.trim(), actions::keys_help())),
                 };
                 if !full_screen {
-                    println!("{note}");
+                    say!("{note}");
                 }
                 false
             }
             Some(outcome) = outcomes.recv() => {
                 let report = routing.finish(outcome, &traffic, &instances);
+                // The whole answer, diff and all; the live screen shows a few lines of it.
+                let actions_log = logs.join("actions.log");
+                if let Err(error) = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&actions_log)
+                    .and_then(|mut file| std::io::Write::write_all(&mut file, format!("{report}\n").as_bytes()))
+                {
+                    tracing::debug!(%error, file = %actions_log.display(), "cannot keep the action's answer");
+                }
                 if !full_screen {
-                    print!("{report}");
+                    show!("{report}");
                 }
                 false
             }
@@ -308,7 +336,7 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
             if let Some(note) = routing.observe(seen, &traffic, &instances)
                 && !full_screen
             {
-                println!("{note}");
+                say!("{note}");
             }
         }
         if full_screen || second {
@@ -325,12 +353,17 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
                 routes: (&routes.0, &routes.1),
                 keys,
                 last_action: routing.last_action.as_deref(),
+                compact: full_screen,
             };
             if full_screen {
-                print!("\x1b[2J\x1b[H{}", view.render());
+                show!("\x1b[2J\x1b[H{}\n{}", header.join("\n"), view.render());
             } else {
-                println!("{}", view.line());
+                say!("{}", view.line());
             }
+        }
+        // Nobody reads the output any more (`ferry-demo | head`): stop as on Ctrl-C.
+        if out::closed() {
+            break;
         }
         if !second {
             continue;
@@ -349,6 +382,8 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
         }
     }
 
+    // The rate is over the time traffic ran, not the shutdown that follows.
+    let ran_for = started.elapsed();
     stop_traffic.cancel();
     let _ = driver.await;
     // Let requests already sent finish.
@@ -366,7 +401,7 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
     .await;
     let seen = routes_seen.borrow().clone();
     if let Some(note) = routing.observe(seen, &traffic, &instances) {
-        println!("{note}");
+        say!("{note}");
     }
     poller.abort();
     stop_apps.cancel();
@@ -375,7 +410,7 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
     let window = span.to_owned();
     let routes = routing.in_force();
     let view = Summary {
-        elapsed: started.elapsed(),
+        elapsed: ran_for,
         traffic: &traffic,
         instances: &instances,
         health: &health,
@@ -384,12 +419,13 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
         routes: (&routes.0, &routes.1),
         keys: false,
         last_action: None,
+        compact: false,
     };
-    println!("\n{}", view.render());
+    say!("\n{}", view.render());
 
     let verdict = routing.verdict(&traffic, &instances).map_err(anyhow::Error::msg)?;
     for line in &verdict.lines {
-        println!("{line}");
+        say!("{line}");
     }
     let idle: Vec<String> =
         instances.iter().filter(|i| i.counters.served.load(Ordering::Relaxed) == 0).map(|i| i.id.clone()).collect();
@@ -404,20 +440,20 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
         bail!(failure);
     }
     for failure in &routing.failures {
-        println!("FAILED: {failure}");
+        say!("FAILED: {failure}");
     }
     if !idle.is_empty() {
-        println!("FAILED: no traffic reached {}", idle.join(", "));
+        say!("FAILED: no traffic reached {}", idle.join(", "));
     }
     match routing.active {
-        _ if !verdict.passed => println!("FAILED: {}: the traffic did not do what it should (see above)", verdict.label),
-        _ if !verdict.judged && success => println!(
+        _ if !verdict.passed => say!("FAILED: {}: the traffic did not do what it should (see above)", verdict.label),
+        _ if !verdict.judged && success => say!(
             "traffic flowed through every instance; the routes in force at the end were changed outside the demo, so their traffic is reported (above), not judged"
         ),
         // The window of a run without routes is the whole run; after a reset, it starts there.
-        None if success => println!("traffic flowed through every instance without errors {window}"),
+        None if success => say!("traffic flowed through every instance without errors {window}"),
         Some((scenario, _)) if success => {
-            println!("traffic flowed through every instance and did what the {} scenario says", scenario.name())
+            say!("traffic flowed through every instance and did what the {} scenario says", scenario.name())
         }
         _ => {}
     }

@@ -21,6 +21,40 @@ pub struct Summary<'a> {
     /// Whether keys are read, so their help is shown.
     pub keys: bool,
     pub last_action: Option<&'a str>,
+    /// For a live screen of 24 rows: no blank lines, long lines cut, the last action's answer
+    /// cut to a few lines (its whole text is in the logs folder, `actions.log`).
+    pub compact: bool,
+}
+
+/// The most lines of the last action's answer a live screen shows.
+const ACTION_LINES: usize = 3;
+
+/// The widest line a live screen shows uncut (a 100-column terminal).
+const WIDTH: usize = 99;
+
+/// `line` cut to [`WIDTH`] characters, marked when cut.
+fn cut(line: &str) -> String {
+    if line.chars().count() <= WIDTH {
+        return line.to_owned();
+    }
+    let mut kept: String = line.chars().take(WIDTH - 1).collect();
+    kept.push('…');
+    kept
+}
+
+/// The last action's answer in at most [`ACTION_LINES`] lines: its first and last lines and how
+/// many are left out between (a diff, mostly).
+pub fn brief(action: &str) -> String {
+    let lines: Vec<&str> = action.lines().collect();
+    if lines.len() <= ACTION_LINES {
+        return lines.iter().map(|l| cut(l)).collect::<Vec<_>>().join("\n");
+    }
+    let left_out = lines.len() - 2;
+    format!(
+        "{}\n  ... {left_out} more lines (the diff): see actions.log in the logs folder\n{}",
+        cut(lines[0]),
+        cut(lines[lines.len() - 1])
+    )
 }
 
 /// Each instance's requests served since `since`, and its share of its service's.
@@ -73,20 +107,22 @@ impl Summary<'_> {
         let ok = self.traffic.ok.load(Ordering::Relaxed);
         let errors = self.traffic.errors.load(Ordering::Relaxed);
         let rate = (ok + errors) as f64 / self.elapsed.as_secs_f64().max(0.001);
+        let blank = if self.compact { "" } else { "\n" };
         let mut out = format!(
             "ferry demo  {}s  {} requests through frontend ({rate:.1}/s)  {errors} errors",
             self.elapsed.as_secs(),
             ok + errors,
         );
         if let Some([p50, p90, p99]) = self.traffic.window().percentiles() {
-            let _ = write!(out, "  latency p50 {} p90 {} p99 {}", millis(p50), millis(p90), millis(p99));
+            let _ = write!(out, "  p50 {} p90 {} p99 {}", millis(p50), millis(p90), millis(p99));
         }
         out.push_str("\nclient -> frontend -> catalog -> inventory (gRPC); every hop sidecar to sidecar\n");
         let _ = writeln!(out, "{}", self.routes.0);
+        let share = if self.compact { format!("SHARE {}", self.span) } else { "SHARE".to_owned() };
         let _ = writeln!(
             out,
-            "\n{:<10} {:<12} {:<8} {:<9} {:>7} {:>7} {:>7}",
-            "SERVICE", "INSTANCE", "VERSION", "HEALTH", "SERVED", "FAILED", "SHARE"
+            "{blank}{:<10} {:<12} {:<8} {:<9} {:>7} {:>7} {:>7}",
+            "SERVICE", "INSTANCE", "VERSION", "HEALTH", "SERVED", "FAILED", share
         );
         for (instance, (_, share)) in self.instances.iter().zip(shares(self.instances, self.since)) {
             let _ = writeln!(
@@ -101,21 +137,28 @@ impl Summary<'_> {
                 share.map_or("-".to_owned(), |s| format!("{:.1}%", s * 100.0)),
             );
         }
-        let _ = writeln!(out, "SHARE: of its service's requests {}", self.span);
+        if !self.compact {
+            let _ = writeln!(out, "SHARE: of its service's requests {}", self.span);
+        }
         if let Some(split) = catalog_split(self.instances, self.since) {
             let _ = writeln!(out, "catalog by version {}: {split}", self.span);
         }
         if let Some(path) = self.traffic.last_path() {
-            let _ = writeln!(out, "\nlast request: {path}");
+            let _ = writeln!(out, "{blank}last request: {path}");
         }
         if let Some(error) = self.traffic.last_error() {
             let _ = writeln!(out, "last error:   {error}");
         }
         if self.keys {
-            let _ = writeln!(out, "\n{}", actions::keys_help());
+            let _ = writeln!(out, "{blank}{}", actions::keys_help());
         }
         if let Some(action) = self.last_action {
-            let _ = write!(out, "\n{action}");
+            let action = if self.compact { brief(action) } else { action.to_owned() };
+            let _ = write!(out, "{blank}{action}");
+        }
+        if self.compact {
+            // Every line fits a 100-column terminal, so none wraps onto the next row.
+            return out.lines().map(cut).collect::<Vec<_>>().join("\n") + "\n";
         }
         out
     }
@@ -133,5 +176,26 @@ impl Summary<'_> {
             let _ = write!(line, "  catalog {}: {split}", self.span);
         }
         line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_answer_is_cut_to_a_few_lines_that_fit_a_100_column_screen() {
+        let diff: Vec<String> = (0..20).map(|i| format!("      +line {i}")).collect();
+        let action =
+            format!("[21s] canary: POST .../v1/apply\n{}\n  in force on every sidecar that calls catalog (3)", diff.join("\n"));
+        let shown = brief(&action);
+        assert_eq!(shown.lines().count(), ACTION_LINES, "{shown}");
+        assert!(shown.starts_with("[21s] canary") && shown.ends_with("calls catalog (3)"), "{shown}");
+        assert!(shown.contains("20 more lines"), "{shown}");
+        let short = "[3s] \"x\" is not a key";
+        assert_eq!(brief(short), short);
+        let wide = "x".repeat(150);
+        assert_eq!(cut(&wide).chars().count(), WIDTH);
+        assert!(brief(&wide).chars().count() <= WIDTH);
     }
 }
