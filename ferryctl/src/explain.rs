@@ -234,6 +234,13 @@ fn text(v: &Value) -> String {
     if let Some(held) = v["held_route"].as_str() {
         line(format!("held:     a newer route waits: {held}"));
     }
+    for passed in v["passed_over"].as_array().into_iter().flatten() {
+        line(format!(
+            "not:      {}: {}",
+            passed["rule"].as_str().unwrap_or("?"),
+            passed["why"].as_str().unwrap_or("does not match")
+        ));
+    }
     match v["rule"]["label"].as_str() {
         Some(rule) => line(format!("rule:     {rule}")),
         None if v["gateway"].as_bool() == Some(true) && v["route_version"].is_u64() => {

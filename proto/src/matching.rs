@@ -24,6 +24,25 @@ enum ValueMatch {
 }
 
 impl ValueMatch {
+    /// Why `value` of `what` (`header x-canary`) fails this condition, if it does.
+    fn mismatch(&self, what: &str, value: Option<&str>) -> Option<String> {
+        if self.matches(value) {
+            return None;
+        }
+        Some(match (self, value) {
+            (_, None) => format!("{what} is absent"),
+            (Self::Exact(expected), Some(value)) if value.eq_ignore_ascii_case(expected) => {
+                format!("{what}: {value:?} is not {expected:?} (values are case-sensitive)")
+            }
+            (Self::Exact(expected), Some(value)) => format!("{what}: {value:?} is not {expected:?}"),
+            (Self::Regex(regex), Some(value)) => {
+                let pattern = regex.as_str().trim_start_matches("^(?:").trim_end_matches(")$");
+                format!("{what}: {value:?} does not match /{pattern}/")
+            }
+            (Self::Present, Some(_)) => format!("{what} is absent"),
+        })
+    }
+
     fn matches(&self, value: Option<&str>) -> bool {
         match (self, value) {
             (Self::Present, value) => value.is_some(),
@@ -126,6 +145,57 @@ impl Matcher {
             && self.hosts.is_empty()
     }
 
+    /// The first condition `request` fails, in words (`header x-canary: "True" is not "true"
+    /// (values are case-sensitive)`); `None` when it meets them all.
+    pub fn first_mismatch(&self, request: &RequestInfo<'_>) -> Option<String> {
+        let RequestInfo { method, path, query, headers, host } = *request;
+        let path_failure = match &self.path {
+            PathMatch::Any => None,
+            PathMatch::Exact(exact) => (path != exact).then(|| format!("path {path:?} is not {exact:?}")),
+            PathMatch::Prefix(prefix) => {
+                (!path.starts_with(prefix.as_str())).then(|| format!("path {path:?} does not start with {prefix:?}"))
+            }
+            PathMatch::Regex(regex) => (!regex.is_match(path)).then(|| {
+                let pattern = regex.as_str().trim_start_matches("^(?:").trim_end_matches(")$");
+                format!("path {path:?} does not match /{pattern}/")
+            }),
+        };
+        if path_failure.is_some() {
+            return path_failure;
+        }
+        if let Some(expected) = &self.method
+            && expected != method
+        {
+            return Some(format!("method {method} is not {expected}"));
+        }
+        for (name, condition) in &self.headers {
+            let value = headers.get(name).and_then(|v| v.to_str().ok());
+            if let Some(why) = condition.mismatch(&format!("header {name}"), value) {
+                return Some(why);
+            }
+        }
+        for (name, condition) in &self.query {
+            if let Some(why) = condition.mismatch(&format!("query {name}"), query_value(query, name)) {
+                return Some(why);
+            }
+        }
+        if !self.hosts.is_empty() && !host.is_some_and(|host| self.hosts.iter().any(|h| h.matches(host))) {
+            let wanted: Vec<String> = self
+                .hosts
+                .iter()
+                .map(|h| match h {
+                    HostMatch::Exact(exact) => exact.clone(),
+                    HostMatch::Suffix(suffix) => format!("*{suffix}"),
+                })
+                .collect();
+            return Some(match host {
+                Some(host) => format!("host {host:?} is not {}", wanted.join(" or ")),
+                None => format!("no host, and the rule wants {}", wanted.join(" or ")),
+            });
+        }
+        None
+    }
+
     /// Whether `request` meets every condition.
     pub fn matches(&self, request: &RequestInfo<'_>) -> bool {
         let RequestInfo { method, path, query, headers, host } = *request;
@@ -188,6 +258,40 @@ fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_failed_condition_is_said_in_words() {
+        let m = v1::RouteMatch {
+            path_prefix: "/api".into(),
+            method: "GET".into(),
+            headers: [("x-canary".to_owned(), "true".to_owned())].into(),
+            ..Default::default()
+        };
+        let matcher = Matcher::compile(Some(&m)).expect("compiles");
+        let why = |method: &Method, uri: &str, headers: &[(&str, &str)]| {
+            let uri: http::Uri = uri.parse().expect("uri");
+            let mut map = HeaderMap::new();
+            for (name, value) in headers {
+                map.insert(HeaderName::from_bytes(name.as_bytes()).expect("name"), value.parse().expect("value"));
+            }
+            matcher.first_mismatch(&RequestInfo::of(method, &uri, &map))
+        };
+        assert_eq!(why(&Method::GET, "/x", &[]).as_deref(), Some(r#"path "/x" does not start with "/api""#));
+        assert_eq!(why(&Method::POST, "/api/1", &[]).as_deref(), Some("method POST is not GET"));
+        assert_eq!(why(&Method::GET, "/api/1", &[]).as_deref(), Some("header x-canary is absent"));
+        assert_eq!(
+            why(&Method::GET, "/api/1", &[("x-canary", "True")]).as_deref(),
+            Some(r#"header x-canary: "True" is not "true" (values are case-sensitive)"#)
+        );
+        assert_eq!(why(&Method::GET, "/api/1", &[("x-canary", "true")]), None);
+        let regex = Matcher::compile(Some(&v1::RouteMatch { path_regex: "/items/[0-9]+".into(), ..Default::default() }))
+            .expect("compiles");
+        let uri: http::Uri = "/items/x".parse().expect("uri");
+        assert_eq!(
+            regex.first_mismatch(&RequestInfo::of(&Method::GET, &uri, &HeaderMap::new())).as_deref(),
+            Some(r#"path "/items/x" does not match //items/[0-9]+/"#)
+        );
+    }
 
     #[test]
     fn ports_are_stripped_from_hosts_only() {

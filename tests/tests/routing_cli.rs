@@ -254,6 +254,19 @@ async fn status_shows_per_resource_acks_and_nacks_and_explain_reads_the_sidecars
     let output = ferryctl(&control_plane, &["explain", "catalog", "--sidecar", &admin, "--path", "/x"], None).await;
     let text = stdout(&output);
     assert!(text.contains("rule:     rules[1]") && text.contains("backend:  catalog/v1 weight 90 (90.0%)"), "{text}");
+    // Each rule passed over, with the first condition the request fails.
+    assert!(text.contains(r#"not:      rules[0] (canary): path "/x" does not start with "/api""#), "{text}");
+    let output = ferryctl(
+        &control_plane,
+        &["explain", "catalog", "--sidecar", &admin, "--path", "/api/items", "--header", "x-canary=True"],
+        None,
+    )
+    .await;
+    let text = stdout(&output);
+    assert!(
+        text.contains(r#"not:      rules[0] (canary): header x-canary: "True" is not "true" (values are case-sensitive)"#),
+        "{text}"
+    );
     // The circuit breaker per calling sidecar, and in all, from the control plane's count.
     assert!(
         text.contains("circuit breaker: catalog: 1024 concurrent / 256 pending per calling sidecar (here 0 in flight"),

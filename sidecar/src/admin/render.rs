@@ -96,6 +96,7 @@ pub fn explanation(e: &Explanation) -> Value {
         "mirror": e.mirror.as_ref().map(|(b, p)| json!({ "backend": b.to_string(), "percent": p })),
         "rewrite_path_prefix": e.rewrite_path_prefix.as_ref().map(|(from, to)| json!({ "from": from, "to": to })),
         "no_rule_matches": e.no_rule_matches,
+        "passed_over": e.passed_over.iter().map(|(rule, why)| json!({ "rule": rule.as_ref(), "why": why })).collect::<Vec<_>>(),
         "service_exists": e.service_exists,
         "gateway": e.gateway,
         "host": e.host,

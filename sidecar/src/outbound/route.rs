@@ -245,6 +245,16 @@ impl RouteTable {
         self.rules.iter().find(|rule| rule.matcher.matches(request))
     }
 
+    /// Why each rule before `until` (every rule when `None`) does not match the request: its
+    /// label and the first condition it fails.
+    pub fn passed_over(&self, request: &RequestInfo<'_>, until: Option<usize>) -> Vec<(Arc<str>, String)> {
+        self.rules
+            .iter()
+            .take(until.unwrap_or(self.rules.len()))
+            .filter_map(|rule| Some((rule.label.clone(), rule.matcher.first_mismatch(request)?)))
+            .collect()
+    }
+
     /// Every backend the route sends to or mirrors to.
     pub fn references(&self) -> Vec<BackendRef> {
         let mut references: Vec<BackendRef> = Vec::new();

@@ -42,6 +42,9 @@ pub struct Explanation {
     pub mirror: Option<(BackendRef, f64)>,
     pub rewrite_path_prefix: Option<(String, String)>,
     pub no_rule_matches: bool,
+    /// Each rule before the one that matches (every rule when none does), with the first
+    /// condition the request fails: (label, why).
+    pub passed_over: Vec<(Arc<str>, String)>,
     /// `None` before the service's first config.
     pub service_exists: Option<bool>,
     pub gateway: bool,
@@ -181,6 +184,7 @@ impl Router {
             mirror: rule.and_then(|r| r.mirror.clone()),
             rewrite_path_prefix: rule.and_then(|r| r.rewrite_prefix.clone()),
             no_rule_matches: rule.is_none(),
+            passed_over: compiled.as_ref().map(|c| c.table.passed_over(&info, rule.map(|r| r.index))).unwrap_or_default(),
             service_exists: match &*inner.state.borrow() {
                 ServiceState::Known(config) => Some(config.exists),
                 ServiceState::Pending => None,
