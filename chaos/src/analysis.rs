@@ -9,7 +9,7 @@ use crate::{
     driver::Kind,
     faults::{Fault, VICTIM},
     mesh::{APPS, CHECK_FAILURES, CHECK_INTERVAL, PUSH_BOUND},
-    run::{Observations, Window},
+    run::{Observations, SHARE, Window},
 };
 
 /// The registry's view of catalog when it is whole.
@@ -38,6 +38,9 @@ pub struct Row {
     /// Seconds from removal until requests succeeded again and the registry and callers were
     /// whole; None when they were not by the window's end.
     pub recover: Option<f64>,
+    /// Seconds from removal until catalog-1 took its share of catalog's requests again (over
+    /// two seconds), for faults of catalog-1; None when it did not within the window.
+    pub share_back: Option<f64>,
     /// Seconds from removal to the first acknowledged write, when writes failed meanwhile.
     pub writes_resumed: Option<f64>,
     /// For a partition of catalog-1: seconds until every caller stopped routing to it.
@@ -138,7 +141,18 @@ fn row(obs: &Observations, window: &Window, durability: &Durability) -> Row {
         let routes = route_writes.iter().filter(|w| w.ok && w.t >= window.removed).map(|w| w.t);
         acked.chain(routes).min().map(|t| seconds(window.removed, t))
     });
+    let share_back = window.fault.filter(|f| f.hits_victim()).and_then(|_| share_back(obs, window));
     let mut notes: Vec<String> = window.note.iter().cloned().collect();
+    if window.fault.is_some() {
+        let served = |host: &str, from: u64, to: u64| {
+            obs.app_logs.get(host).map_or(0, |log| log.iter().filter(|(t, _, _)| *t >= from && *t < to).count())
+        };
+        notes.push(format!(
+            "while injected, catalog-1 served {} requests and catalog-2 {}",
+            served("catalog-1", window.start, window.removed),
+            served("catalog-2", window.start, window.removed)
+        ));
+    }
     let mut callers_stopped = None;
     if window.fault == Some(Fault::PartitionInstance) {
         let served = obs
@@ -162,6 +176,13 @@ fn row(obs: &Observations, window: &Window, durability: &Durability) -> Row {
             (None, _) => Some(0.0),
             (Some(a), None) => Some(a),
         };
+    }
+    if window.fault.is_some_and(Fault::hits_victim) && share_back.is_none_or(|s| s > 10.0) {
+        notes.push(format!(
+            "catalog-1 took less than {:.0}% of catalog's requests for {} after the removal, though both callers listed it routable. The likely cause: a caller's peak-EWMA estimate of an endpoint doubles with each failure (up to 10 s) and, while the endpoint gets no requests, decays towards zero with a 10 s time constant, so from 10 s it takes about 75 s to fall below a healthy instance's few milliseconds; with two endpoints, P2C compares both on every pick and the other one wins until then",
+            SHARE * 100.0,
+            share_back.map_or_else(|| "the rest of the window".to_owned(), |s| format!("{s:.1}s")),
+        ));
     }
     if let Some(failed) = route_writes.iter().find(|w| !w.ok) {
         notes.push(format!("first Route write refused ({}): {}", failed.via, failed.said.lines().next().unwrap_or("")));
@@ -189,6 +210,7 @@ fn row(obs: &Observations, window: &Window, durability: &Durability) -> Row {
         recover,
         writes_resumed,
         callers_stopped,
+        share_back,
         notes,
         p95_ms,
     }
@@ -225,7 +247,7 @@ fn recovery(obs: &Observations, window: &Window, traffic: &[&crate::driver::Reco
     };
     let mut views_whole = None;
     for host in ["frontend", "load"] {
-        let last = obs.views.iter().filter(|v| v.host == host && v.t < window.end).next_back();
+        let last = obs.views.iter().rfind(|v| v.host == host && v.t < window.end);
         match last {
             Some(view) if view.routable.as_ref().map(Vec::len) != Some(2) => return None,
             Some(view) if view.t >= window.removed => views_whole = views_whole.max(Some(view.t)),
@@ -234,6 +256,27 @@ fn recovery(obs: &Observations, window: &Window, traffic: &[&crate::driver::Reco
     }
     let whole = [last_failure, registry_whole, views_whole].into_iter().flatten().max();
     Some(whole.map_or(0.0, |t| seconds(window.removed, t)))
+}
+
+/// Seconds from removal to the first moment from which catalog-1 served at least
+/// [`SHARE`] of catalog's requests over the next two seconds.
+fn share_back(obs: &Observations, window: &Window) -> Option<f64> {
+    let times = |host: &str| -> Vec<u64> {
+        obs.app_logs.get(host).map_or(Vec::new(), |log| {
+            log.iter().map(|(t, _, _)| *t).filter(|t| *t >= window.removed && *t < window.end).collect()
+        })
+    };
+    let (first, second) = (times("catalog-1"), times("catalog-2"));
+    let mut at = window.removed;
+    while at + 2000 <= window.end {
+        let count = |times: &[u64]| times.iter().filter(|t| **t >= at && **t < at + 2000).count();
+        let (a, b) = (count(&first), count(&second));
+        if a + b >= 5 && a as f64 >= SHARE * (a + b) as f64 {
+            return Some(seconds(window.removed, at));
+        }
+        at += 250;
+    }
+    None
 }
 
 /// Latency at which a request must have waited on an unreachable endpoint: the connect timeout

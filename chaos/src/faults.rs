@@ -42,9 +42,9 @@ impl Fault {
         Fault::Loss(30),
         Fault::Duplicate,
         Fault::Reorder,
+        Fault::PartitionInstance,
         Fault::KillApp,
         Fault::KillSidecar,
-        Fault::PartitionInstance,
         Fault::PartitionControlPlane,
         Fault::KillControlPlane,
         Fault::DiskFull,
@@ -52,7 +52,36 @@ impl Fault {
 
     /// The faults of the bounded CI run.
     pub const CI: [Fault; 6] =
-        [Fault::Loss(5), Fault::KillApp, Fault::KillSidecar, Fault::PartitionInstance, Fault::KillControlPlane, Fault::DiskFull];
+        [Fault::Loss(5), Fault::PartitionInstance, Fault::KillApp, Fault::KillSidecar, Fault::KillControlPlane, Fault::DiskFull];
+
+    /// Whether it is done to catalog-1 (its link, its app or its sidecar).
+    pub fn hits_victim(self) -> bool {
+        !matches!(self, Fault::PartitionControlPlane | Fault::KillControlPlane | Fault::DiskFull)
+    }
+
+    /// Its name on the command line (`--fault`).
+    pub fn slug(self) -> String {
+        match self {
+            Fault::Delay => "delay".into(),
+            Fault::Loss(percent) => format!("loss-{percent}"),
+            Fault::Duplicate => "duplicate".into(),
+            Fault::Reorder => "reorder".into(),
+            Fault::PartitionInstance => "partition-instance".into(),
+            Fault::PartitionControlPlane => "partition-control-plane".into(),
+            Fault::KillApp => "kill-app".into(),
+            Fault::KillSidecar => "kill-sidecar".into(),
+            Fault::KillControlPlane => "kill-control-plane".into(),
+            Fault::DiskFull => "disk-full".into(),
+        }
+    }
+
+    /// The fault named `slug`.
+    pub fn parse(slug: &str) -> Result<Fault, String> {
+        Fault::ALL
+            .into_iter()
+            .find(|f| f.slug() == slug)
+            .ok_or_else(|| format!("no fault {slug}; one of {}", Fault::ALL.map(|f| f.slug()).join(", ")))
+    }
 
     /// A short name, for the table.
     pub fn name(self) -> String {
@@ -175,9 +204,11 @@ pub async fn inject(mesh: &mut Mesh, fault: Fault) -> anyhow::Result<Injected> {
             let mut tables = Vec::new();
             for (ns, dev) in [(mesh.lab.ns(VICTIM), inside), (mesh.lab.ns("hub"), outside)] {
                 let script = format!(
-                    "table netdev ferry_chaos {{ chain out {{ type filter hook egress device \"{dev}\" priority 0; numgen random mod 100 < 10 dup to \"{dev}\"; }} }}"
+                    "table netdev ferry_chaos {{\n  chain out {{\n    type filter hook egress device \"{dev}\" priority 0;\n    numgen random mod 100 < 10 dup to \"{dev}\"\n  }}\n}}\n"
                 );
-                run(StdCommand::new("ip").args(["netns", "exec", &ns, "nft", &script]))?;
+                let file = mesh.dir.join(format!("dup-{dev}.nft"));
+                std::fs::write(&file, script)?;
+                run(StdCommand::new("ip").args(["netns", "exec", &ns, "nft", "-f"]).arg(&file))?;
                 tables.push(ns);
             }
             Ok(Injected::Nft { tables })

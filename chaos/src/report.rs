@@ -22,12 +22,12 @@ fn reasons(row: &Row) -> String {
 /// The figures as a markdown table (also what is printed).
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| fault | window | sent | ok | failed idempotent | failed POST | failures by reason | duplicated POSTs | writes acked/tried | lost | p95 | detected | recovered |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| fault | window | sent | ok | failed idempotent | failed POST | failures by reason | duplicated POSTs | writes acked/tried | lost | p95 | detected | recovered | catalog-1's share back |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for row in rows {
         if let Some(why) = row.skipped {
-            let _ = writeln!(out, "| {} | not run: {why} |||||||||||", row.name);
+            let _ = writeln!(out, "| {} | not run: {why} ||||||||||||", row.name);
             continue;
         }
         let detect = row.detect.map_or("—".into(), |(s, what)| format!("{s:.1}s ({what})"));
@@ -40,9 +40,14 @@ pub fn table(rows: &[Row]) -> String {
             Some(s) => format!("{recover}; writes after {s:.1}s"),
             None => recover,
         };
+        let share = match (row.fault, row.share_back) {
+            (Some(f), Some(s)) if f.hits_victim() => format!("{s:.1}s"),
+            (Some(f), None) if f.hits_victim() => "not within the window".into(),
+            _ => "—".into(),
+        };
         let _ = writeln!(
             out,
-            "| {} | {:.0}s | {} | {} | {} | {} | {} | {} | {}/{} | {} | {} ms | {} | {} |",
+            "| {} | {:.0}s | {} | {} | {} | {} | {} | {} | {}/{} | {} | {} ms | {} | {} | {} |",
             row.name,
             row.seconds,
             row.sent,
@@ -57,6 +62,7 @@ pub fn table(rows: &[Row]) -> String {
             row.p95_ms,
             detect,
             recover,
+            share,
         );
     }
     out
@@ -160,10 +166,10 @@ What Ferry does to requests and to the control plane's writes when the network m
 processes die, measured by `ferry-chaos`, which writes this page (every run overwrites it; `--out
 DIR` writes it elsewhere, `--no-docs` nowhere). The figures below are from one `{mode}` run on a
 machine with {cores} cores shared with other work; every host is a network namespace on one
-Linux bridge on that machine, so the network is veth pairs and `tc netem`, not real links.
+Linux bridge on that machine, so the network is veth pairs, not real links. {netem}
 
 ```sh
-sudo cargo run -p ferry-chaos --bin ferry-chaos              # the full run, about {full_minutes} minutes
+sudo cargo run -p ferry-chaos --bin ferry-chaos              # the full run, ten to twenty minutes
 sudo cargo run -p ferry-chaos --bin ferry-chaos -- --ci      # bounded, about two minutes (CI runs it)
 sudo cargo run -p ferry-chaos --bin ferry-chaos -- --soak 30m  # a fault a minute, memory and descriptors sampled
 ```
@@ -222,14 +228,19 @@ Everything else is Ferry's default: connect timeout 1 s, the control plane's pus
 
 Each is injected for {inject} s while the traffic flows, then removed; the suite then waits up
 to {recover} s for the mesh to be whole again (the registry lists both catalog instances passing
-and both callers of catalog would route to both), and keeps the traffic {settle} s more. A
+both callers of catalog would route to both, and catalog-1 serves at least 20% of catalog's
+requests again), and keeps the traffic {settle} s more. A
 fault's window runs from its injection to that point; figures are of requests *sent* within it.
 
 | fault | what it does |
 |---|---|
 ",
             mode = plan.name,
-            full_minutes = 9,
+            netem = if self.obs.netem {
+                "Its kernel has `sch_netem`: delay, loss, duplication and reordering are `tc netem`."
+            } else {
+                "Its kernel has no `sch_netem` (no `netem` qdisc at all), so loss is iptables' `statistic` match, duplication an nftables `dup` rule, and delay and reordering, which nothing else can make, were not run."
+            },
             check = CHECK,
             rate = plan.rate,
             policies = POLICIES,
@@ -255,7 +266,9 @@ registry's view of catalog (polled four times a second), a change in what a call
 would route to (its sidecar's `/config`, polled four times a second), or a failed write.
 *recovered*: from the removal to the moment after which no request failed and the registry and
 both callers were whole again (and, when writes failed, the first write acknowledged after
-removal). *lost*: acknowledged writes of the window missing at the end. p95 is of the
+removal). *catalog-1's share back*: from the removal to the first moment from which catalog-1
+served at least 20% of catalog's requests over two seconds (the suite waits for that too before
+the next fault, within its bound). *lost*: acknowledged writes of the window missing at the end. p95 is of the
 successful requests' latency.
 
 {table}

@@ -92,6 +92,8 @@ pub struct Observations {
     pub route_writes: Vec<RouteWrite>,
     pub readback: Readback,
     pub samples: Samples,
+    /// Whether the kernel had `sch_netem`.
+    pub netem: bool,
 }
 
 /// The services' policies, applied before any sidecar starts, as an operator would.
@@ -201,7 +203,7 @@ pub async fn run(plan: Plan, bins: Bins) -> anyhow::Result<Observations> {
     }
     let views = std::mem::take(&mut *views.lock().unwrap_or_else(|p| p.into_inner()));
     let route_writes = std::mem::take(&mut *writes.lock().unwrap_or_else(|p| p.into_inner()));
-    Ok(Observations { plan, windows, records, app_logs, views, route_writes, readback, samples })
+    Ok(Observations { plan, windows, records, app_logs, views, route_writes, readback, samples, netem: mesh.netem })
 }
 
 /// The longest the fault phase can take.
@@ -263,7 +265,26 @@ async fn converged(mesh: &Mesh) -> bool {
             return false;
         }
     }
-    true
+    // And catalog-1 takes its share again: a fault that leaves it starved would hide what the
+    // next one does to it.
+    let now = now_ms();
+    let recent = |host: &str| recent_requests(&mesh.app_log(host), now.saturating_sub(2000));
+    let (first, second) = (recent("catalog-1"), recent("catalog-2"));
+    first + second >= 5 && first as f64 >= SHARE * (first + second) as f64
+}
+
+/// The share of catalog's requests an instance must take for catalog to count as whole.
+pub const SHARE: f64 = 0.2;
+
+/// How many requests the app log at `path` recorded since `since`, read from its tail.
+fn recent_requests(path: &std::path::Path, since: u64) -> usize {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else { return 0 };
+    let length = file.metadata().map_or(0, |m| m.len());
+    let _ = file.seek(SeekFrom::Start(length.saturating_sub(64 * 1024)));
+    let mut tail = String::new();
+    let _ = file.read_to_string(&mut tail);
+    tail.lines().filter_map(|l| l.split(' ').next()?.parse::<u64>().ok()).filter(|t| *t >= since).count()
 }
 
 /// Waits until [`converged`], sampling meanwhile, at most `within`.
