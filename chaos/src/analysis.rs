@@ -47,6 +47,8 @@ pub struct Row {
     pub callers_stopped: Option<f64>,
     /// What else the window showed, in sentences.
     pub notes: Vec<String>,
+    /// For a partition of catalog-1: how its traffic stopped.
+    pub partition_note: Option<String>,
     /// 95th percentile latency of the successful requests, in milliseconds.
     pub p95_ms: u32,
 }
@@ -143,7 +145,7 @@ fn row(obs: &Observations, window: &Window, durability: &Durability) -> Row {
     });
     let share_back = window.fault.filter(|f| f.hits_victim()).and_then(|_| share_back(obs, window));
     let mut notes: Vec<String> = window.note.iter().cloned().collect();
-    if window.fault.is_some() {
+    if window.fault.is_some() && window.skipped.is_none() {
         let served = |host: &str, from: u64, to: u64| {
             obs.app_logs.get(host).map_or(0, |log| log.iter().filter(|(t, _, _)| *t >= from && *t < to).count())
         };
@@ -154,6 +156,7 @@ fn row(obs: &Observations, window: &Window, durability: &Durability) -> Row {
         ));
     }
     let mut callers_stopped = None;
+    let mut partition_note = None;
     if window.fault == Some(Fault::PartitionInstance) {
         let served = obs
             .app_logs
@@ -163,12 +166,13 @@ fn row(obs: &Observations, window: &Window, durability: &Durability) -> Row {
         let slowed: Vec<_> = traffic.iter().filter(during).filter(|r| r.ms >= SLOWED_MS).collect();
         let last_slowed = slowed.iter().map(|r| r.t).max().map(|t| seconds(window.start, t));
         let views = views_stopped(obs, window);
-        notes.push(format!(
+        partition_note = Some(format!(
             "catalog-1's app served {served} requests during the partition; {} requests sent meanwhile took {SLOWED_MS} ms or more (an attempt waited on catalog-1), the last sent {}; both callers' views left catalog-1 out {}",
             slowed.len(),
             last_slowed.map_or("—".into(), |s| format!("{s:.2}s after the injection")),
             views.map_or("at no point of the fault".into(), |s| format!("after {s:.2}s")),
         ));
+        notes.extend(partition_note.clone());
         // Traffic stopped reaching it when no request was held up by it any more, or when the
         // callers formally stopped routing to it, whichever came first.
         callers_stopped = match (last_slowed, views) {
@@ -177,12 +181,21 @@ fn row(obs: &Observations, window: &Window, durability: &Durability) -> Row {
             (Some(a), None) => Some(a),
         };
     }
-    if window.fault.is_some_and(Fault::hits_victim) && share_back.is_none_or(|s| s > 10.0) {
+    if window.skipped.is_none() && window.fault.is_some_and(Fault::hits_victim) && share_back.is_none_or(|s| s > 10.0) {
         notes.push(format!(
-            "catalog-1 took less than {:.0}% of catalog's requests for {} after the removal, though both callers listed it routable. The likely cause: a caller's peak-EWMA estimate of an endpoint doubles with each failure (up to 10 s) and, while the endpoint gets no requests, decays towards zero with a 10 s time constant, so from 10 s it takes about 75 s to fall below a healthy instance's few milliseconds; with two endpoints, P2C compares both on every pick and the other one wins until then",
+            "catalog-1 took less than {:.0}% of catalog's requests for {} after the removal though both callers listed it routable ([why](#findings))",
             SHARE * 100.0,
             share_back.map_or_else(|| "the rest of the window".to_owned(), |s| format!("{s:.1}s")),
         ));
+    }
+    let failures: Vec<String> = traffic
+        .iter()
+        .filter(|r| !r.ok)
+        .take(5)
+        .map(|r| format!("{:?} +{:.1}s {}", r.kind, seconds(window.start, r.t), r.reason).to_lowercase())
+        .collect();
+    if !failures.is_empty() {
+        notes.push(format!("failed requests (kind, sent after the injection, reason): {}", failures.join(", ")));
     }
     if let Some(failed) = route_writes.iter().find(|w| !w.ok) {
         notes.push(format!("first Route write refused ({}): {}", failed.via, failed.said.lines().next().unwrap_or("")));
@@ -212,6 +225,7 @@ fn row(obs: &Observations, window: &Window, durability: &Durability) -> Row {
         callers_stopped,
         share_back,
         notes,
+        partition_note,
         p95_ms,
     }
 }
@@ -353,8 +367,8 @@ pub fn targets(rows: &[Row], durability: &Durability) -> Vec<Target> {
         ),
         passed: partition.map(|r| r.callers_stopped.is_some_and(|s| s <= bound.as_secs_f64())),
         showed: partition.map_or_else(String::new, |r| match r.callers_stopped {
-            Some(s) => format!("traffic stopped reaching catalog-1 after {s:.2}s ({})", r.notes.join("; ")),
-            None => format!("traffic did not stop reaching catalog-1 ({})", r.notes.join("; ")),
+            Some(s) => format!("traffic stopped reaching catalog-1 after {s:.2}s: {}", r.partition_note.clone().unwrap_or_default()),
+            None => format!("traffic did not stop reaching catalog-1: {}", r.partition_note.clone().unwrap_or_default()),
         }),
     });
     let lost = durability.registrations_lost.len() + usize::from(durability.route_lost);

@@ -68,6 +68,27 @@ pub fn table(rows: &[Row]) -> String {
     out
 }
 
+/// What the figures mean where they need explaining; written from the runs made so far, and
+/// to be read against this run's table.
+const FINDINGS: &str = "\
+- **A recovered instance can stay starved.** After a fault that made catalog-1 fail or answer
+  slowly (loss, a partition, its sidecar killed), both callers list it routable again within
+  seconds, yet catalog-1 may get almost no requests for tens of seconds (*catalog-1's share
+  back*). The likely cause is the balancer: a caller's peak-EWMA latency estimate of an endpoint
+  doubles with each failure (up to 10 s) and, while the endpoint gets no requests, only decays
+  towards zero with a 10 s time constant, so from 10 s it takes about 75 s to fall below a
+  healthy instance's few milliseconds; with two endpoints P2C compares both on every pick, and
+  the healthy one wins until then. Capacity is lost, not requests.
+- **Loss is absorbed by moving traffic.** Where the *while injected* counts show catalog-1
+  serving few requests under loss on its link, the callers moved catalog's requests to
+  catalog-2, and the loss target is met by avoidance as much as by retries.
+- **A partition is seen twice.** Callers stop sending to a partitioned instance within a couple
+  of seconds by its latency (its requests time out, retried elsewhere); the registry marks it
+  critical only when the control plane's keepalive on the sidecar's stream gives up (10 s
+  interval, 5 s timeout), which is when both callers' views leave it out.
+- `—` under *detected* means nothing the suite watches changed: no failed request, no change in
+  the registry or in the callers' views, no failed write.";
+
 /// What the windows showed beyond the table, as a list.
 pub fn notes(rows: &[Row]) -> String {
     let mut out = String::new();
@@ -139,6 +160,24 @@ impl Report<'_> {
         let path = dir.join("reliability.md");
         std::fs::write(&path, self.markdown())?;
         Ok(path)
+    }
+
+    fn findings(&self) -> String {
+        let mut findings = FINDINGS.to_owned();
+        if let Some(disk) = self.rows.iter().find(|r| r.fault == Some(Fault::DiskFull) && r.skipped.is_none()) {
+            let _ = write!(
+                findings,
+                "\n- **A full data directory** refused {} of the {} writes tried meanwhile{}.",
+                disk.writes_tried - disk.writes_acked,
+                disk.writes_tried,
+                if disk.writes_acked == disk.writes_tried && disk.writes_lost == 0 {
+                    " (the control plane's store reuses the pages it has), and all were read back at the end"
+                } else {
+                    ""
+                }
+            );
+        }
+        findings
     }
 
     fn durability_text(&self) -> String {
@@ -275,12 +314,17 @@ successful requests' latency.
 {notes}
 {durability}
 
+## Findings
+
+{findings}
+
 ## Targets
 
 {targets}
 ",
             table = table(self.rows),
             notes = notes(self.rows),
+            findings = self.findings(),
             durability = self.durability_text(),
             targets = targets_table(self.targets),
         );
