@@ -314,3 +314,26 @@ fn instances(body: &[u8]) -> String {
     view.sort();
     view.join(",")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reason_is_the_words_before_the_colon() {
+        assert_eq!(reason_of("no_endpoints: catalog has no passing endpoint"), "no_endpoints");
+        assert_eq!(reason_of("upstream_timeout"), "upstream_timeout");
+    }
+
+    #[test]
+    fn the_registry_view_lists_instances_by_id_with_their_health() {
+        let body = br#"{"instances": [{"id": "catalog-2", "health": "HEALTH_CRITICAL"}, {"id": "catalog-1", "health": "HEALTH_PASSING"}]}"#;
+        assert_eq!(instances(body), "catalog-1=passing,catalog-2=critical");
+    }
+
+    #[test]
+    fn only_gets_and_health_checks_are_idempotent() {
+        assert!(Kind::H1.idempotent() && Kind::H2.idempotent() && Kind::Grpc.idempotent());
+        assert!(!Kind::Post.idempotent());
+    }
+}

@@ -343,3 +343,23 @@ impl Drop for Injected {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_fault_parses_back_from_its_name_on_the_command_line() {
+        for fault in Fault::ALL {
+            assert_eq!(Fault::parse(&fault.slug()), Ok(fault));
+        }
+        assert!(Fault::parse("earthquake").is_err());
+    }
+
+    #[test]
+    fn only_delay_and_reordering_need_netem() {
+        let needs_netem: Vec<Fault> = Fault::ALL.into_iter().filter(|f| unsupported(*f, false).is_some()).collect();
+        assert_eq!(needs_netem, [Fault::Delay, Fault::Reorder]);
+        assert!(Fault::ALL.into_iter().all(|f| unsupported(f, true).is_none()));
+    }
+}

@@ -124,9 +124,13 @@ async fn suite(cli: Cli) -> anyhow::Result<()> {
     let plan = plan(&cli);
     let bins = mesh::Bins::build()?;
     let started = std::time::Instant::now();
+    // SIGTERM too (as `timeout` sends): leaving the run's future drops the mesh, which stops
+    // and removes everything it started.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let observed = tokio::select! {
         observed = run::run(plan, bins) => observed?,
         _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; everything it started is stopped and removed"),
+        _ = term.recv() => anyhow::bail!("terminated; everything it started is stopped and removed"),
     };
     let durability = analysis::durability(&observed);
     let rows = analysis::rows(&observed, &durability);

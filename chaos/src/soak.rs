@@ -78,3 +78,32 @@ fn sample(pid: u32) -> Option<Sample> {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
     Some(Sample { rss_kib, fds })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples(rss_kib: impl Iterator<Item = u64>) -> Samples {
+        let samples = rss_kib.map(|rss_kib| Sample { rss_kib, fds: 20 }).collect();
+        Samples { by_role: BTreeMap::from([("sidecar".to_owned(), samples)]) }
+    }
+
+    #[test]
+    fn a_flat_process_does_not_grow() {
+        let growth = samples(std::iter::repeat_n(30_000, 100)).growth();
+        assert!(!growth[0].grows, "{growth:?}");
+    }
+
+    #[test]
+    fn a_process_that_doubles_past_16_mib_grows_without_bound() {
+        let growth = samples((0..100).map(|i| 20_000 + i * 400)).growth();
+        assert!(growth[0].grows, "{growth:?}");
+        assert!(growth[0].rss_last_mib > growth[0].rss_first_mib * 1.5);
+    }
+
+    #[test]
+    fn a_small_process_that_grows_by_a_few_mib_is_not_flagged() {
+        let growth = samples((0..100).map(|i| 4_000 + i * 40)).growth();
+        assert!(!growth[0].grows, "{growth:?}");
+    }
+}
