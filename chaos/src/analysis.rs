@@ -201,7 +201,8 @@ fn row(obs: &Observations, window: &Window, durability: &Durability) -> Row {
         notes.push(format!("first Route write refused ({}): {}", failed.via, failed.said.lines().next().unwrap_or("")));
     }
     if let Some(failed) = writes.iter().find(|w| !w.ok) {
-        notes.push(format!("first registration refused: {} {}", failed.status, failed.reason));
+        let status = if failed.status == 0 { "no answer:".to_owned() } else { failed.status.to_string() };
+        notes.push(format!("first registration refused: {status} {}", failed.reason));
     }
 
     Row {

@@ -344,7 +344,11 @@ async fn write_routes(
             ("ferryctl apply", ok, said)
         } else {
             let (status, body) = access.api_call("POST", "/v1/apply", Some(("application/yaml", &yaml))).await;
-            ("POST /v1/apply", status == 200, format!("{status} {}", body.chars().take(120).collect::<String>()))
+            let said = match status {
+                0 => "no answer".to_owned(),
+                _ => format!("{status} {}", body.chars().take(120).collect::<String>()),
+            };
+            ("POST /v1/apply", status == 200, said)
         };
         writes.lock().unwrap_or_else(|p| p.into_inner()).push(RouteWrite { t, n, via, ok, said });
         tokio::time::sleep(Duration::from_secs(2)).await;
