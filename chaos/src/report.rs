@@ -260,13 +260,15 @@ Applied through the API before any sidecar started, as an operator would:
 {policies}```
 
 Everything else is Ferry's default: connect timeout 1 s, the control plane's push bound
-(`--push-max-delay`) {push} ms, its reconnect grace 30 s, gRPC keepalive on the sidecars' streams
-(10 s interval, 5 s timeout), retry budget 20% + 10/s.
+(`--push-max-delay`) {push} ms, its reconnect grace 30 s, its HTTP/2 keepalive on each sidecar's
+stream (a ping every 10 s, 5 s to answer), the retry budget (20% of requests + 10 a second).
+Every sidecar uses the admin token; a production mesh gives each a token for its own service,
+which none of the faults here depends on.
 
 ## Faults
 
 Each is injected for {inject} s while the traffic flows, then removed; the suite then waits up
-to {recover} s for the mesh to be whole again (the registry lists both catalog instances passing
+to {recover} s for the mesh to be whole again (the registry lists both catalog instances passing,
 both callers of catalog would route to both, and catalog-1 serves at least 20% of catalog's
 requests again), and keeps the traffic {settle} s more. A
 fault's window runs from its injection to that point; figures are of requests *sent* within it.
