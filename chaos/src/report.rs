@@ -164,6 +164,19 @@ impl Report<'_> {
 
     fn findings(&self) -> String {
         let mut findings = FINDINGS.to_owned();
+        let partition = self.rows.iter().find(|r| r.fault == Some(Fault::PartitionControlPlane) && r.skipped.is_none());
+        if let Some(row) = partition.filter(|r| r.reasons.contains_key("no_endpoints")) {
+            let _ = write!(
+                findings,
+                "\n- **Healing a partition of the control plane failed {} requests with `no_endpoints`** (their times \
+                 are in the notes above: at or just after the removal, {} s in). The likely cause: while partitioned, the \
+                 control plane's keepalive gives up on every sidecar's stream (10 s + 5 s) and marks their instances \
+                 critical, as for a sidecar that died; the first pushes after the streams are back still carry them \
+                 critical until each sidecar has re-attached its instance.",
+                row.reasons["no_endpoints"],
+                self.obs.plan.inject_for.as_secs(),
+            );
+        }
         if let Some(disk) = self.rows.iter().find(|r| r.fault == Some(Fault::DiskFull) && r.skipped.is_none()) {
             let _ = write!(
                 findings,
