@@ -6,6 +6,7 @@ use std::{fmt::Write as _, path::Path};
 
 use crate::{
     analysis::{Durability, Row, Target},
+    driver::Kind,
     faults::Fault,
     mesh::{CHECK, PUSH_BOUND},
     run::{Observations, POLICIES},
@@ -164,6 +165,16 @@ impl Report<'_> {
 
     fn findings(&self) -> String {
         let mut findings = FINDINGS.to_owned();
+        let grpc_app_failed = self.obs.traffic().filter(|r| r.kind == Kind::Grpc && !r.ok && r.reason == "app_failed").count();
+        if grpc_app_failed > 0 {
+            findings.push_str(
+                "\n- **A gRPC call answered `app_failed` is not retried**, health check or not: `app_failed` says \
+                 the peer sidecar reached its app and the exchange broke, so the call may have done its work, and \
+                 the mesh repeats it only for idempotent methods, which a gRPC call (a POST) is not. The failures \
+                 listed in the notes above as `grpc ... app_failed` are of this kind.",
+            );
+            let _ = write!(findings, " This run had {grpc_app_failed}.");
+        }
         let partition = self.rows.iter().find(|r| r.fault == Some(Fault::PartitionControlPlane) && r.skipped.is_none());
         if let Some(row) = partition.filter(|r| r.reasons.contains_key("no_endpoints")) {
             let _ = write!(
@@ -251,7 +262,9 @@ serves to a file (`time method id`), which is how POSTs seen twice are counted, 
 
 **Steady traffic** from the load host, through its sidecar, at {rate} requests a second in all:
 40% HTTP/1.1 `GET /items` to frontend, 20% h2c `GET /items` to frontend, 20% gRPC
-`grpc.health.v1.Health/Check` to catalog (idempotent: the mesh may retry them), and 20%
+`grpc.health.v1.Health/Check` to catalog (these three are counted as idempotent; the
+mesh, which sees every gRPC call as a POST, retries a gRPC call only on what its route's
+`retries.on` names for gRPC, here `unavailable`), and 20%
 HTTP/1.1 `POST /orders` to frontend with a unique `x-chaos-id` (not idempotent: the mesh must
 never send one twice to the app), each on a new connection with a 5 s client timeout. GETs and
 POSTs go frontend -> catalog -> inventory, three hops of sidecars. A request fails when it gets
