@@ -150,6 +150,11 @@ impl Process {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
     }
 
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Kills it (SIGKILL: no goodbye, no flush) and waits for it to exit.
     pub async fn kill(&mut self) {
         let _ = self.child.start_kill();
