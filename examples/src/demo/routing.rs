@@ -255,13 +255,35 @@ impl Routing {
                         notes.push(format!("{}: in force on every sidecar that calls them", outside.description));
                     }
                 }
-                _ => {
-                    let mut description = in_force::describe(&changes);
-                    if let Some(scenario) = in_force::same_as_scenario(&seen.routes) {
-                        let _ = write!(description, " (the routes of {})", scenario.path());
-                    }
+                _ if let Some(scenario) = in_force::same_as_scenario(&seen.routes) => {
+                    // The very routes of one of the demo's scenarios, applied by hand (as the
+                    // README's tour does): taken as that scenario, and judged by it.
+                    self.own = seen.routes.iter().map(|(service, route)| (service.clone(), route.version)).collect();
+                    self.active = Some((scenario, Instant::now()));
+                    self.outside = None;
+                    self.returning = Some(format!("since {} took effect", scenario.name()));
+                    let description = in_force::describe(&changes);
                     notes.push(format!(
-                        "{description}{}: not one of the demo's scenarios, so it reports the traffic sent under them and does not judge it",
+                        "{description}: the same routes as the demo's {} scenario ({}), so the demo takes them as that scenario: \
+                         it judges the requests sent once every sidecar holds them by what {} should do",
+                        scenario.name(),
+                        scenario.path(),
+                        scenario.name(),
+                    ));
+                    // Until every sidecar holds them, requests are reported, not judged.
+                    self.new_window(
+                        format!("since {}'s routes were applied", scenario.name()),
+                        Some(description),
+                        traffic,
+                        instances,
+                    );
+                }
+                _ => {
+                    let description = in_force::describe(&changes);
+                    notes.push(format!(
+                        "{description}{}: not the routes of any of the demo's scenarios, so the demo reports the requests sent \
+                         under them (in the summary, as not judged) and judges none of them; it judges again once the routes \
+                         are its own or none",
                         if seen.in_force() { ", in force on every sidecar" } else { "" }
                     ));
                     self.returning = None;
