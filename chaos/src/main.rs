@@ -145,7 +145,7 @@ async fn suite(cli: Cli) -> anyhow::Result<()> {
         took: started.elapsed(),
     };
     report.print();
-    let dir = match (&cli.out, cli.no_docs || cli.soak.is_some()) {
+    let dir = match (&cli.out, cli.no_docs) {
         (Some(dir), _) => Some(dir.clone()),
         (None, true) => None,
         (None, false) => Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("docs")),

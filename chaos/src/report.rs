@@ -113,6 +113,25 @@ pub fn targets_table(targets: &[Target]) -> String {
     out
 }
 
+/// Where the soak's section of the page begins (it runs to the end of the page).
+const SOAK_BEGIN: &str = "<!-- the soak's section, kept by other runs -->";
+
+/// The page to write over `old`: with a soak's `soak` section, `old` up to its soak section (or
+/// `main` when there is no page yet) and the new section; else `main` and `old`'s soak section.
+fn page(old: &str, main: String, soak: Option<String>) -> String {
+    match soak {
+        Some(section) => {
+            let before = old.split(SOAK_BEGIN).next().unwrap_or_default().trim_end();
+            let before = if before.is_empty() { main } else { format!("{before}\n") };
+            format!("{}\n{section}", before.trim_end_matches('\n').to_owned() + "\n")
+        }
+        None => match old.find(SOAK_BEGIN) {
+            Some(at) => format!("{}\n{}", main.trim_end_matches('\n').to_owned() + "\n", &old[at..]),
+            None => main,
+        },
+    }
+}
+
 /// The soak's figures as a markdown table.
 pub fn growth_table(growth: &[Growth]) -> String {
     let mut out = String::from(
@@ -155,12 +174,39 @@ impl Report<'_> {
         println!("the run took {:.0}s", self.took.as_secs_f64());
     }
 
-    /// Writes `reliability.md` into `dir`.
+    /// Writes `reliability.md` into `dir`. A soak writes its own section of the page (replacing
+    /// the last soak's, or added at its end); any other run rewrites the page but keeps the
+    /// soak's section, so one page holds both.
     pub fn write(&self, dir: &Path) -> anyhow::Result<std::path::PathBuf> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("reliability.md");
-        std::fs::write(&path, self.markdown())?;
+        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        let soak = self.obs.plan.soak.map(|length| self.soak_section(length));
+        std::fs::write(&path, page(&old, self.markdown(), soak))?;
         Ok(path)
+    }
+
+    /// The soak's section: its targets and every process's memory and descriptors.
+    fn soak_section(&self, length: std::time::Duration) -> String {
+        let cores = std::thread::available_parallelism().map_or(0, usize::from);
+        format!(
+            "{SOAK_BEGIN}
+## A soak of {length}
+
+`ferry-chaos --soak {length}`: the same mesh and steady traffic ({rate} requests a second), a
+fault injected every minute in turn, and every process's resident memory and open descriptors
+sampled each second, on a machine with {cores} cores. A process counts as growing without bound
+when the mean of the last fifth of its samples is more than half again the first fifth's and more
+than 16 MiB (or 32 descriptors) above it. The run took {took:.0}s.
+
+{targets}
+{growth}",
+            length = humantime::format_duration(length),
+            rate = self.obs.plan.rate,
+            took = self.took.as_secs_f64(),
+            targets = targets_table(self.targets),
+            growth = growth_table(self.growth),
+        )
     }
 
     fn findings(&self) -> String {
@@ -226,8 +272,9 @@ impl Report<'_> {
             "# Reliability
 
 What Ferry does to requests and to the control plane's writes when the network misbehaves and
-processes die, measured by `ferry-chaos`, which writes this page (every run overwrites it; `--out
-DIR` writes it elsewhere, `--no-docs` nowhere). The figures below are from one `{mode}` run on a
+processes die, measured by `ferry-chaos`, which writes this page (every run rewrites it but keeps
+the last soak's section at its end, which only a soak rewrites; `--out DIR` writes it elsewhere,
+`--no-docs` nowhere). The figures below are from one `{mode}` run on a
 machine with {cores} cores shared with other work; every host is a network namespace on one
 Linux bridge on that machine, so the network is veth pairs, not real links. {netem}
 
@@ -381,5 +428,26 @@ The run took {took:.0} s, setup included.
             took = self.took.as_secs_f64(),
         );
         md
+    }
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::*;
+
+    #[test]
+    fn a_soak_keeps_the_page_and_other_runs_keep_the_soak() {
+        let soak = |n: u32| format!("{SOAK_BEGIN}\n## A soak\n{n}\n");
+        // A first soak on no page writes a whole page with its section.
+        let first = page("", "# Page\nfull 1\n".into(), Some(soak(1)));
+        assert_eq!(first, format!("# Page\nfull 1\n\n{}", soak(1)));
+        // A full run rewrites the page and keeps the soak.
+        let second = page(&first, "# Page\nfull 2\n".into(), None);
+        assert_eq!(second, format!("# Page\nfull 2\n\n{}", soak(1)));
+        // Another soak replaces the section and keeps the page.
+        let third = page(&second, "# ignored\n".into(), Some(soak(2)));
+        assert_eq!(third, format!("# Page\nfull 2\n\n{}", soak(2)));
+        // With no soak ever, a full run is the page alone.
+        assert_eq!(page("# Old\n", "# New\n".into(), None), "# New\n");
     }
 }
