@@ -65,7 +65,15 @@ struct Bucket {
 #[derive(Debug)]
 pub struct ResponseLimiter {
     limit: RateLimit,
-    buckets: Mutex<HashMap<Key, Bucket>>,
+    buckets: Mutex<Buckets>,
+}
+
+#[derive(Debug, Default)]
+struct Buckets {
+    by_key: HashMap<Key, Bucket>,
+    /// When a full table was last swept: at most once a second, so that a flood of new keys
+    /// cannot make every answer scan the whole table.
+    swept_at: Option<Instant>,
 }
 
 /// The network a client address counts in.
@@ -90,11 +98,15 @@ impl ResponseLimiter {
         }
         let key = Key { network: network(client), name: name.to_ascii_lowercase(), qtype, code };
         let (per_second, burst) = (f64::from(limit.per_second.max(1)), f64::from(limit.burst.max(1)));
-        let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Buckets { by_key: buckets, swept_at } = &mut *guard;
         if !buckets.contains_key(&key) && buckets.len() >= limit.max_buckets {
-            // Forget the buckets that have refilled: they hold nothing a new one would not.
-            let refill = Duration::from_secs_f64(burst / per_second);
-            buckets.retain(|_, bucket| now.saturating_duration_since(bucket.at) < refill);
+            if swept_at.is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1)) {
+                // Forget the buckets that have refilled: they hold nothing a new one would not.
+                let refill = Duration::from_secs_f64(burst / per_second);
+                buckets.retain(|_, bucket| now.saturating_duration_since(bucket.at) < refill);
+                *swept_at = Some(now);
+            }
             if buckets.len() >= limit.max_buckets {
                 return Verdict::Drop;
             }
@@ -164,7 +176,7 @@ mod tests {
         }
         // Full of fresh buckets: a fifth key is limited rather than growing the table.
         assert_eq!(limiter.check(CLIENT, "n4.", 1, 0, now), Verdict::Drop);
-        assert_eq!(limiter.buckets.lock().expect("not poisoned").len(), 4);
+        assert_eq!(limiter.buckets.lock().expect("not poisoned").by_key.len(), 4);
         // Once they have refilled (burst / rate = 0.5 s), they make room.
         assert_eq!(limiter.check(CLIENT, "n4.", 1, 0, now + Duration::from_secs(1)), Verdict::Send);
     }

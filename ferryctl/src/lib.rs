@@ -437,7 +437,12 @@ async fn execute(command: Command, output: Output, api: &ControlPlane, input: Op
             let channel = connect(api).await?;
             let response = DiscoveryClient::new(channel.clone()).list_sidecars(v1::ListSidecarsRequest {}).await?.into_inner();
             let rollouts = routing::rollouts(channel.clone(), &response).await?;
-            let set_aside = RegistryClient::new(channel).list_set_aside(v1::ListSetAsideRequest {}).await?.into_inner().rows;
+            let set_aside = match RegistryClient::new(channel).list_set_aside(v1::ListSetAsideRequest {}).await {
+                Ok(response) => response.into_inner().rows,
+                // A control plane of an earlier build sets nothing aside.
+                Err(status) if status.code() == tonic::Code::Unimplemented => Vec::new(),
+                Err(status) => return Err(status.into()),
+            };
             match output {
                 Output::Table => Ok(status_table(&response) + &routing::rollouts_text(&rollouts) + &set_aside_text(&set_aside)),
                 _ => encode(

@@ -181,7 +181,12 @@ impl Outbound {
     /// The stack of `service`, built (and subscribed to) on first use.
     fn build(&self, service: &str) -> Result<Destination, BoxError> {
         if let Some(destination) = self.inner.destinations.load().get(service) {
-            destination.last_used.store(self.now_ms(), Ordering::Relaxed);
+            // A coarse mark (idle times are minutes): written at most once a second, so that the
+            // workers sending to one destination do not all write its cache line every request.
+            let now = self.now_ms();
+            if now.saturating_sub(destination.last_used.load(Ordering::Relaxed)) >= 1000 {
+                destination.last_used.store(now, Ordering::Relaxed);
+            }
             return Ok(destination.clone());
         }
         let _building = ferry_runtime::lock(&self.inner.building);
