@@ -78,6 +78,13 @@ pub struct Credentials {
 /// The sending half of a sidecar's stream.
 pub type Outbound = mpsc::Sender<Result<v1::ControlMessage, Status>>;
 
+/// Ends the stream with `status`, after whatever is still queued (the channel holds one
+/// message, so a `try_send` behind a queued push would drop the reason and end the stream with
+/// OK); a peer that reads nothing gets a second, then the stream ends all the same.
+async fn end_with(outbound: &Outbound, status: Status) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), outbound.send(Err(status))).await;
+}
+
 /// How a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ended {
@@ -260,17 +267,17 @@ impl Session {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => {
-                    let _ = outbound.try_send(Err(Status::unavailable("the control plane is shutting down")));
+                    end_with(&outbound, Status::unavailable("the control plane is shutting down")).await;
                     return Ended::Shutdown;
                 }
                 () = self.credentials.revoked.cancelled() => {
                     tracing::info!(node = %self.record.node_id, "closing stream: its token was revoked");
-                    let _ = outbound.try_send(Err(Status::unauthenticated("the token of this stream was revoked")));
+                    end_with(&outbound, Status::unauthenticated("the token of this stream was revoked")).await;
                     return Ended::Broken;
                 }
                 () = sleep_until(expires), if expires.is_some() => {
                     tracing::info!(node = %self.record.node_id, "closing stream: its token expired");
-                    let _ = outbound.try_send(Err(Status::unauthenticated("the token of this stream has expired")));
+                    end_with(&outbound, Status::unauthenticated("the token of this stream has expired")).await;
                     return Ended::Broken;
                 }
                 message = inbound.next() => match message {
@@ -279,7 +286,7 @@ impl Session {
                         Ok(false) => return Ended::Goodbye,
                         Err(status) => {
                             tracing::warn!(node = %self.record.node_id, error = %status.message(), "closing stream: protocol error");
-                            let _ = outbound.try_send(Err(status));
+                            end_with(&outbound, status).await;
                             return Ended::Broken;
                         }
                     },
