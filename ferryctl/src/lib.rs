@@ -591,7 +591,7 @@ fn instances_table(response: &v1::ListInstancesResponse) -> String {
             table.row(vec![
                 check.id.clone(),
                 kind.into(),
-                health_label(check.status).into(),
+                ferry_health::check_status_label(check.status).into(),
                 ago(check.last_transition.as_ref()),
                 output,
             ]);

@@ -90,8 +90,29 @@ impl TryFrom<i32> for Health {
             Ok(v1::Health::Warning) => Ok(Self::Warning),
             Ok(v1::Health::Critical) => Ok(Self::Critical),
             Ok(v1::Health::Draining) => Ok(Self::Draining),
-            Ok(v1::Health::Unspecified) | Err(_) => Err(UnknownHealth(value)),
+            Ok(v1::Health::Unspecified | v1::Health::NotChecked) | Err(_) => Err(UnknownHealth(value)),
         }
+    }
+}
+
+/// How tables and the dashboard name a check's status before its first result.
+pub const NOT_CHECKED: &str = "not checked yet";
+
+/// A check's status from the wire: its health and whether a result set it.
+/// `HEALTH_NOT_CHECKED` is a check with no result yet, which its instance counts as critical.
+pub fn check_status_from_wire(value: i32) -> Result<(Health, bool), UnknownHealth> {
+    if value == v1::Health::NotChecked as i32 {
+        return Ok((Health::Critical, false));
+    }
+    Health::try_from(value).map(|health| (health, true))
+}
+
+/// The name of a check's wire status in tables: `passing`, ..., or [`NOT_CHECKED`].
+pub fn check_status_label(value: i32) -> &'static str {
+    match check_status_from_wire(value) {
+        Ok((_, false)) => NOT_CHECKED,
+        Ok((health, true)) => health.as_str(),
+        Err(_) => "unknown",
     }
 }
 
@@ -106,6 +127,12 @@ mod tests {
             assert_eq!(Health::try_from(wire), Ok(health));
         }
         assert_eq!(Health::try_from(0), Err(UnknownHealth(0)));
+        assert_eq!(Health::try_from(v1::Health::NotChecked as i32), Err(UnknownHealth(5)), "a check's status only");
+        assert_eq!(check_status_from_wire(v1::Health::NotChecked as i32), Ok((Health::Critical, false)));
+        assert_eq!(check_status_from_wire(v1::Health::Warning as i32), Ok((Health::Warning, true)));
+        assert_eq!(check_status_label(v1::Health::NotChecked as i32), "not checked yet");
+        assert_eq!(check_status_label(v1::Health::Passing as i32), "passing");
+        assert_eq!(check_status_label(0), "unknown");
         assert_eq!(Health::try_from(42), Err(UnknownHealth(42)));
     }
 

@@ -14,6 +14,8 @@ use tokio::{
     time::{Instant, MissedTickBehavior},
 };
 
+use ferry_proto::v1;
+
 use crate::{
     Health,
     metrics::HealthMetrics,
@@ -26,8 +28,9 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct RunnerOptions {
     pub flap: FlapPolicy,
-    /// Start each check at a random point of its first interval, so that a control plane
-    /// starting with many instances does not probe them all at once.
+    /// Start each restarted check (see `assume`) at a random point of its first interval, so
+    /// that a control plane starting with many instances does not probe them all at once. The
+    /// checks of a new instance always probe at once: it is critical until they pass.
     pub stagger: bool,
     /// Whether script checks may run; when not, they stay critical and say why.
     pub scripts_allowed: bool,
@@ -51,9 +54,19 @@ impl Default for RunnerOptions {
 pub struct CheckStatus {
     pub id: String,
     pub kind: &'static str,
+    /// What the check counts as: until it has a result, the health assumed for it.
     pub status: Health,
     pub output: String,
     pub last_transition: SystemTime,
+    /// Whether a result (a probe, a renewal, an expiry) has set the status yet.
+    pub checked: bool,
+}
+
+impl CheckStatus {
+    /// The status as the API shows it: `HEALTH_NOT_CHECKED` until the check has a result.
+    pub fn wire_status(&self) -> v1::Health {
+        if self.checked { v1::Health::from(self.status) } else { v1::Health::NotChecked }
+    }
 }
 
 /// An instance's health and the checks behind it.
@@ -105,8 +118,16 @@ impl Drop for Runner {
 impl Runner {
     /// Starts running `checks` against `target`.
     pub fn start(checks: Vec<CheckSpec>, target: Target, options: RunnerOptions, metrics: HealthMetrics) -> Self {
-        let assumed = options.assume.filter(|h| *h != Health::Draining).unwrap_or(Health::Critical);
-        let states: Vec<CheckState> = checks.iter().map(|_| CheckState::assuming(assumed)).collect();
+        let assume = options.assume.filter(|h| *h != Health::Draining);
+        let assumed = assume.unwrap_or(Health::Critical);
+        let states: Vec<CheckState> = checks
+            .iter()
+            .map(|check| {
+                let mut state = CheckState::assuming(assumed);
+                state.output = first_output(check, assume, options.stagger);
+                state
+            })
+            .collect();
         let initial = Report {
             health: if checks.is_empty() { Health::Passing } else { assumed },
             checks: checks.iter().zip(&states).map(|(c, s)| status_of(c, s)).collect(),
@@ -133,6 +154,21 @@ impl Runner {
     }
 }
 
+/// What a check says before its first result: what it waits for, and what is assumed meanwhile.
+fn first_output(check: &CheckSpec, assume: Option<Health>, stagger: bool) -> String {
+    let waiting = match &check.probe {
+        Probe::Ttl { ttl } => format!("waiting for the first renewal (due within {})", humantime::format_duration(*ttl)),
+        _ if assume.is_some() && stagger => {
+            format!("the first probe runs within {}", humantime::format_duration(check.interval))
+        }
+        _ => "the first probe is under way".to_owned(),
+    };
+    match assume {
+        Some(health) => format!("{waiting}; assumed {health}, as before the restart, until then"),
+        None => format!("{waiting}; critical until then"),
+    }
+}
+
 fn status_of(check: &CheckSpec, state: &CheckState) -> CheckStatus {
     CheckStatus {
         id: check.id.clone(),
@@ -140,6 +176,7 @@ fn status_of(check: &CheckSpec, state: &CheckState) -> CheckStatus {
         status: state.status,
         output: state.output.clone(),
         last_transition: state.last_transition,
+        checked: state.checked,
     }
 }
 
@@ -183,7 +220,6 @@ async fn aggregate(
     for (index, check) in checks.iter().enumerate() {
         match &check.probe {
             Probe::Ttl { ttl } => {
-                states[index].output = "waiting for the first renewal".into();
                 ttl_deadlines[index] = Some(Instant::now() + *ttl);
             }
             Probe::Script { .. } if !options.scripts_allowed => {
@@ -197,7 +233,7 @@ async fn aggregate(
                     index,
                     check.clone(),
                     target.clone(),
-                    options.stagger,
+                    options.stagger && options.assume.is_some(),
                     options.http.clone(),
                     results_tx.clone(),
                 ));

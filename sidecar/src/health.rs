@@ -82,7 +82,7 @@ impl HealthWatch {
                 let spec = self.specs.iter().find(|s| s.id == status.id).map(CheckSpec::to_proto).unwrap_or_default();
                 v1::Check {
                     id: status.id.clone(),
-                    status: v1::Health::from(status.status) as i32,
+                    status: status.wire_status() as i32,
                     output: status.output.clone(),
                     last_transition: Some(ferry_proto::time::timestamp(status.last_transition)),
                     ..spec

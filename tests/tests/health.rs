@@ -109,6 +109,23 @@ async fn an_api_tcp_check_fails_when_the_port_closes_and_the_instance_is_then_re
 }
 
 #[tokio::test]
+async fn a_new_instance_is_probed_at_once_whatever_its_interval() {
+    let control_plane = ControlPlane::start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    // An hour between probes: only a first probe at registration can pass it in time.
+    let body = format!(
+        r#"{{"id": "db-1", "service": "db", "address": "127.0.0.1", "port": {port},
+            "checks": [{{"tcp": {{}}, "interval": "1h"}}]}}"#
+    );
+    let answer = put(&control_plane, "/v1/instances", &body).await;
+    assert_eq!(answer.0, 200, "{}", client::text(&answer));
+    let passing = control_plane.wait_health("db-1", "HEALTH_PASSING").await;
+    assert_eq!(check(&passing, "tcp")["status"], "HEALTH_PASSING", "{passing}");
+    drop(listener);
+}
+
+#[tokio::test]
 async fn script_checks_map_exit_codes_and_are_off_unless_enabled() {
     let dir = tempfile::tempdir().expect("tempdir");
     let code = dir.path().join("code");
@@ -145,6 +162,18 @@ async fn ttl_checks_expire_and_are_renewed_through_the_api_and_the_sidecar() {
     let body = r#"{"id": "job-1", "service": "jobs", "address": "127.0.0.1", "port": 9, "checks": [{"ttl": {"ttl": "1s"}}]}"#;
     assert_eq!(put(&control_plane, "/v1/instances", body).await.0, 200);
     control_plane.wait_health("job-1", "HEALTH_CRITICAL").await;
+    // Before its first renewal a check has no result: the JSON and ferryctl say so alike.
+    let body = r#"{"id": "job-0", "service": "jobs", "address": "127.0.0.1", "port": 9, "checks": [{"ttl": {"ttl": "1h"}}]}"#;
+    assert_eq!(put(&control_plane, "/v1/instances", body).await.0, 200);
+    let waiting = control_plane.wait_health("job-0", "HEALTH_CRITICAL").await;
+    assert_eq!(check(&waiting, "ttl")["status"], "HEALTH_NOT_CHECKED", "{waiting}");
+    let output = check(&waiting, "ttl")["output"].as_str().expect("output");
+    assert!(output.contains("waiting for the first renewal") && output.contains("critical until then"), "{output}");
+    let listed = control_plane.ferryctl(&["instances", "jobs"]).await;
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    let row = listed.lines().find(|l| l.starts_with("job-0:ttl")).unwrap_or_else(|| panic!("the check's row in:\n{listed}"));
+    let columns: Vec<&str> = row.split("  ").map(str::trim).filter(|c| !c.is_empty()).collect();
+    assert_eq!(columns.get(2), Some(&"not checked yet"), "the STATUS column of {row:?}");
 
     let renewed = put(&control_plane, "/v1/checks/job-1:ttl/pass", "all jobs done").await;
     assert_eq!(renewed.0, 200, "{}", client::text(&renewed));
@@ -180,8 +209,9 @@ async fn ttl_checks_expire_and_are_renewed_through_the_api_and_the_sidecar() {
     // A sidecar's TTL check is renewed through its admin listener, not the control plane.
     let app = HttpApp::start("worker-app").await;
     let worker =
-        Sidecar::spawn(&control_plane.reach(), "worker", Some(app.addr), &["--id", "worker-1", "--check", "ttl:2s"]).await;
-    control_plane.wait_health("worker-1", "HEALTH_CRITICAL").await;
+        Sidecar::spawn(&control_plane.reach(), "worker", Some(app.addr), &["--id", "worker-1", "--check", "ttl:1h"]).await;
+    let waiting = control_plane.wait_health("worker-1", "HEALTH_CRITICAL").await;
+    assert_eq!(check(&waiting, "ttl")["status"], "HEALTH_NOT_CHECKED", "as the sidecar reports it: {waiting}");
     let through_cp = put(&control_plane, "/v1/checks/worker-1:ttl/pass", "").await;
     assert_eq!(through_cp.0, 400);
     assert!(client::text(&through_cp).contains("PUT /ttl/pass"), "{}", client::text(&through_cp));
@@ -290,6 +320,12 @@ async fn api_instances_keep_their_health_across_a_restart_until_their_checks_run
     let checked = eventually("the first probe after the restart", || async {
         let instance = restarted.instance("db-1").await.expect("still registered");
         assert_eq!(instance["health"], "HEALTH_PASSING", "{instance}");
+        // Until then the check says it has no result, and what is assumed.
+        if check(&instance, "tcp")["status"] != "HEALTH_PASSING" {
+            assert_eq!(check(&instance, "tcp")["status"], "HEALTH_NOT_CHECKED", "{instance}");
+            let output = check(&instance, "tcp")["output"].as_str().expect("output");
+            assert!(output.contains("assumed passing, as before the restart"), "{output}");
+        }
         check(&instance, "tcp")["output"].as_str().is_some_and(|o| o.contains("connected")).then_some(instance)
     })
     .await;

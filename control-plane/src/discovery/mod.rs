@@ -80,13 +80,14 @@ pub(crate) fn health_report(report: &v1::HealthReport) -> Result<(Health, Vec<Ch
     for (i, check) in report.checks.iter().enumerate() {
         let at = |field: &str| format!("checks[{i}].{field}");
         validate::instance_id(&at("id"), &check.id)?;
-        let status = Health::try_from(check.status).map_err(|e| FieldError::new(at("status"), e.to_string()))?;
+        let (status, checked) =
+            ferry_health::check_status_from_wire(check.status).map_err(|e| FieldError::new(at("status"), e.to_string()))?;
         let output = ferry_health::state::truncate(check.output.clone());
         let kind = check.probe.as_ref().map_or("unknown", v1::check::Probe::kind);
         // A sidecar's clock, or a bad peer, must not put a transition in the future.
         let now = std::time::SystemTime::now();
         let last_transition = check.last_transition.map_or(now, system_time).min(now);
-        statuses.push(CheckStatus { id: check.id.clone(), kind, status, output, last_transition });
+        statuses.push(CheckStatus { id: check.id.clone(), kind, status, output, last_transition, checked });
     }
     Ok((health, statuses))
 }

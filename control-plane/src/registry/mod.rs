@@ -589,12 +589,14 @@ impl Registry {
             .into_iter()
             .filter_map(|s| {
                 let kind = instance.checks.iter().find(|c| c.id == s.id)?.probe.kind();
+                let (status, checked) = ferry_health::check_status_from_wire(s.status).ok()?;
                 Some(CheckStatus {
                     id: s.id,
                     kind,
-                    status: Health::try_from(s.status).ok()?,
+                    status,
                     output: s.output,
                     last_transition: std::time::UNIX_EPOCH + Duration::from_millis(s.last_transition_ms),
+                    checked,
                 })
             })
             .collect::<Vec<_>>();
@@ -708,7 +710,7 @@ impl Registry {
         if let Some(statuses) = state.check_statuses.get(&instance.id) {
             for check in &mut described.checks {
                 if let Some(status) = statuses.iter().find(|s| s.id == check.id) {
-                    check.status = v1::Health::from(status.status) as i32;
+                    check.status = status.wire_status() as i32;
                     check.output = status.output.clone();
                     check.last_transition = Some(timestamp(status.last_transition));
                 }
@@ -849,7 +851,7 @@ impl Registry {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct StoredStatus {
     id: String,
-    /// A `ferry.v1.Health`.
+    /// A `ferry.v1.Health`: `HEALTH_NOT_CHECKED` for a check with no result yet.
     status: i32,
     output: String,
     last_transition_ms: u64,
@@ -860,7 +862,7 @@ fn encode_statuses(statuses: &[CheckStatus]) -> Vec<u8> {
         .iter()
         .map(|s| StoredStatus {
             id: s.id.clone(),
-            status: v1::Health::from(s.status) as i32,
+            status: s.wire_status() as i32,
             output: s.output.clone(),
             last_transition_ms: u64::try_from(
                 s.last_transition.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis(),
@@ -874,7 +876,9 @@ fn encode_statuses(statuses: &[CheckStatus]) -> Vec<u8> {
 /// Whether two reports say the same of each check (outputs aside).
 fn same_verdicts(a: &[CheckStatus], b: &[CheckStatus]) -> bool {
     a.len() == b.len()
-        && a.iter().zip(b).all(|(a, b)| a.id == b.id && a.status == b.status && a.last_transition == b.last_transition)
+        && a.iter().zip(b).all(|(a, b)| {
+            a.id == b.id && a.status == b.status && a.checked == b.checked && a.last_transition == b.last_transition
+        })
 }
 
 fn instance_key(instance: &Instance) -> (Arc<str>, String) {

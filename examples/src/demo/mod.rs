@@ -644,7 +644,7 @@ async fn health(registry: &mut RegistryClient<ApiChannel>) -> HashMap<String, St
                     v1::Health::Warning => "warning",
                     v1::Health::Critical => "critical",
                     v1::Health::Draining => "draining",
-                    v1::Health::Unspecified => "unknown",
+                    v1::Health::Unspecified | v1::Health::NotChecked => "unknown",
                 });
                 health.insert(instance.id, label.to_owned());
             }

@@ -278,8 +278,8 @@ pub fn consul_weight(weight: u32) -> u32 {
     (weight / DEFAULT_WEIGHT).max(1)
 }
 
-/// Consul's name of a Ferry health: a check not yet run is critical, as in Consul; a draining
-/// instance is critical too (it takes no new traffic).
+/// Consul's name of a Ferry health: a check not yet run (`HEALTH_NOT_CHECKED`) is critical, as
+/// in Consul; a draining instance is critical too (it takes no new traffic).
 pub fn status(health: i32) -> &'static str {
     match v1::Health::try_from(health) {
         Ok(v1::Health::Passing) => "passing",
@@ -312,6 +312,12 @@ mod tests {
             assert_eq!((check.service_id.as_str(), check.service_name.as_str()), ("web-1", "web"));
             assert_eq!(view.entry(&consul).checks.len(), 1, "an instance without checks still has this one");
         }
+    }
+
+    #[test]
+    fn a_check_with_no_result_yet_is_critical_as_in_consul() {
+        assert_eq!(status(v1::Health::NotChecked as i32), "critical");
+        assert_eq!(status(v1::Health::Passing as i32), "passing");
     }
 
     #[test]

@@ -97,7 +97,7 @@ function setStatus(text, kind) {
 
 // ---- formatting ----
 
-const HEALTH_NAMES = { HEALTH_PASSING: 'passing', HEALTH_WARNING: 'warning', HEALTH_CRITICAL: 'critical', HEALTH_DRAINING: 'draining' };
+const HEALTH_NAMES = { HEALTH_PASSING: 'passing', HEALTH_WARNING: 'warning', HEALTH_CRITICAL: 'critical', HEALTH_DRAINING: 'draining', HEALTH_NOT_CHECKED: 'not checked yet' };
 const health = (value) => HEALTH_NAMES[value] || (value ? String(value).replace(/^HEALTH_/, '').toLowerCase() : 'unknown');
 const num = (v) => (typeof v === 'number' ? v : Number(v || 0));
 // Versions and indexes are uint64, strings in proto3 JSON: kept as strings so none rounds.
@@ -333,7 +333,7 @@ function renderServices() {
       h('tbody', null, instances.map((i) => h('tr', { 'data-instance': i.id },
         h('td', null, i.id), h('td', null, i.address + ':' + i.port),
         h('td', { class: 'health ' + health(i.health) }, health(i.health)),
-        h('td', { class: 'small' }, (i.checks || []).map((c) => h('div', null, h('span', { class: health(c.status) }, health(c.status)), ' ', c.id || '', c.output ? ': ' + c.output : ''))),
+        h('td', { class: 'small' }, (i.checks || []).map((c) => h('div', null, h('span', { class: health(c.status).replace(/ /g, '-') }, health(c.status)), ' ', c.id || '', c.output ? ': ' + c.output : ''))),
         h('td', null, i.zone || '—'), h('td', null, (i.metadata && i.metadata.version) || '—'),
         h('td', { class: 'num' }, num(i.weight) || 100)))));
     const resources = KINDS.map(([path, kind]) => {
