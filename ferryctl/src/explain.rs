@@ -227,7 +227,7 @@ fn text(v: &Value) -> String {
         ));
     }
     match v["route_version"].as_u64() {
-        Some(version) => line(format!("route:    version {version}")),
+        Some(version) => line(format!("route:    version {}", ferry_runtime::short::version(version))),
         None if v["gateway"].as_bool() == Some(true) => line("route:    none in force: the gateway answers 404 no_route".into()),
         None => line("route:    none (every request goes to all of the service's endpoints)".into()),
     }

@@ -24,6 +24,7 @@ use ferry_proto::{
     v1::{self, discovery_client::DiscoveryClient, registry_client::RegistryClient},
     validate,
 };
+use ferry_runtime::short::{VersionRef, Versions};
 use ferry_tls::api::{ApiChannel, ControlPlaneUrls};
 use serde::Serialize;
 
@@ -159,9 +160,10 @@ pub enum Command {
         kind: KindArg,
         /// The service.
         service: String,
-        /// Fail unless the resource is at this version.
-        #[arg(long, value_name = "VERSION")]
-        expected_version: Option<u64>,
+        /// Fail unless the resource is at this version: whole, or its last digits as tables show
+        /// them (…938275).
+        #[arg(long, value_name = "VERSION", value_parser = VersionRef::parse)]
+        expected_version: Option<VersionRef>,
     },
     /// The versions kept of a service's route, policy or authorization policy (the last 10),
     /// newest first.
@@ -178,9 +180,10 @@ pub enum Command {
         kind: KindArg,
         /// The service.
         service: String,
-        /// The version to return to, from `ferryctl history`.
-        #[arg(long, value_name = "VERSION")]
-        to: Option<u64>,
+        /// The version to return to, from `ferryctl history`: whole, or its last digits as the
+        /// table shows them (…938275).
+        #[arg(long, value_name = "VERSION", value_parser = VersionRef::parse)]
+        to: Option<VersionRef>,
     },
     /// Ask a sidecar how it would route a request: the rule that matches, the backends and
     /// subsets it picks from, the timeout and retries, from the config it holds. With --from,
@@ -444,7 +447,19 @@ async fn execute(command: Command, output: Output, api: &ControlPlane, input: Op
                 Err(status) => return Err(status.into()),
             };
             match output {
-                Output::Table => Ok(status_table(&response) + &routing::rollouts_text(&rollouts) + &set_aside_text(&set_aside)),
+                Output::Table => {
+                    // One short form per version across the whole answer.
+                    let versions = Versions::new(
+                        response
+                            .sidecars
+                            .iter()
+                            .flat_map(|s| s.subscriptions.iter().flat_map(|s| [s.acked_version, s.current_version]))
+                            .chain(rollouts.iter().map(|r| r.version)),
+                    );
+                    Ok(status_table(&response, &versions)
+                        + &routing::rollouts_text(&rollouts, &versions)
+                        + &set_aside_text(&set_aside))
+                }
                 _ => encode(
                     output,
                     &serde_json::json!({ "sidecars": response.sidecars, "resources": rollouts, "set_aside": set_aside }),
@@ -550,9 +565,10 @@ fn ago(timestamp: Option<&Timestamp>) -> String {
 fn services_table(response: &v1::ListServicesResponse) -> String {
     // Columns added later go last, so scripts that read columns by position keep working.
     let mut table = Table::new(&["SERVICE", "INSTANCES", "PASSING", "INDEX", "VIRTUAL IP"]);
+    let indexes = Versions::new(response.services.iter().map(|s| s.index));
     for s in &response.services {
         let virtual_ip = if s.virtual_ip.is_empty() { "-".to_owned() } else { s.virtual_ip.clone() };
-        table.row(vec![s.name.clone(), s.instances.to_string(), s.passing.to_string(), s.index.to_string(), virtual_ip]);
+        table.row(vec![s.name.clone(), s.instances.to_string(), s.passing.to_string(), indexes.show(s.index), virtual_ip]);
     }
     table.render()
 }
@@ -625,7 +641,7 @@ fn set_aside_text(rows: &[v1::SetAsideRow]) -> String {
     )
 }
 
-fn status_table(response: &v1::ListSidecarsResponse) -> String {
+fn status_table(response: &v1::ListSidecarsResponse, versions: &Versions) -> String {
     if response.sidecars.is_empty() {
         return "no sidecars connected\n".into();
     }
@@ -669,7 +685,10 @@ fn status_table(response: &v1::ListSidecarsResponse) -> String {
             } else {
                 "pending"
             };
-            first(&mut table, [s.service.clone(), s.acked_version.to_string(), s.current_version.to_string(), state.into()]);
+            first(
+                &mut table,
+                [s.service.clone(), versions.show(s.acked_version), versions.show(s.current_version), state.into()],
+            );
         }
         if let Some(nack) = &sidecar.last_nack {
             nacks.push(format!("{} rejected push {} {}: {}", sidecar.node_id, nack.nonce, ago(nack.at.as_ref()), nack.error));
@@ -716,5 +735,18 @@ mod tests {
              catalog  2          1        7      240.240.149.217\n\
              db       2          1        7      -\n"
         );
+    }
+
+    #[test]
+    fn tables_show_indexes_by_their_last_digits_and_json_keeps_them_whole() {
+        let summary = |name: &str, index: u64| v1::ServiceSummary { name: name.into(), index, ..Default::default() };
+        let response = v1::ListServicesResponse {
+            services: vec![summary("catalog", 1_796_655_541_938_275), summary("db", 1_796_655_541_938_270)],
+        };
+        let table = services_table(&response);
+        assert!(table.contains("catalog  0          0        …938275"), "{table}");
+        assert!(table.contains("db       0          0        …938270"), "{table}");
+        let json = encode(Output::Json, &response).expect("JSON");
+        assert!(json.contains("1796655541938275"), "{json}");
     }
 }

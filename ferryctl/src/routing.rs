@@ -13,6 +13,8 @@ use ferry_proto::{
 use ferry_tls::api::ApiChannel;
 use serde::Serialize;
 
+use ferry_runtime::short::{Unmatched, VersionRef, Versions};
+
 use super::{ControlPlane, Output, UsageError, ago, connect, table::Table};
 
 /// Which kind of resource a command is about.
@@ -232,6 +234,7 @@ fn render_resources<'a>(output: Output, resources: impl Iterator<Item = &'a v1::
                 return Ok("no resources\n".into());
             }
             let mut table = Table::new(&["RESOURCE", "VERSION", "APPLIED", "SUMMARY"]);
+            let versions = Versions::new(resources.iter().map(|r| label(r).1));
             for resource in resources {
                 let (name, version) = label(resource);
                 let (applied_at, summary) = match &resource.kind {
@@ -240,7 +243,7 @@ fn render_resources<'a>(output: Output, resources: impl Iterator<Item = &'a v1::
                     Some(v1::resource::Kind::Authorization(a)) => (a.applied_at.as_ref(), authorization_summary(a)),
                     None => (None, String::new()),
                 };
-                table.row(vec![name, version.to_string(), ago(applied_at), summary]);
+                table.row(vec![name, versions.show(version), ago(applied_at), summary]);
             }
             Ok(table.render())
         }
@@ -325,11 +328,31 @@ pub async fn delete(
     output: Output,
     kind: KindArg,
     service: String,
-    expected: Option<u64>,
+    expected: Option<VersionRef>,
 ) -> anyhow::Result<String> {
     check_service(&service)?;
-    let request = v1::DeleteRequest { kind: kind.proto() as i32, service, expected_version: expected };
-    let response = client(api).await?.delete(request).await?.into_inner();
+    let mut config = client(api).await?;
+    let expected_version = match expected {
+        None => None,
+        Some(VersionRef::Whole(whole)) => Some(whole),
+        // Its last digits, as a table shows them: they must be those of the current version,
+        // which is then the one the control plane checks, as if written whole.
+        Some(tail) => {
+            let request = v1::HistoryRequest { kind: kind.proto() as i32, service: service.clone() };
+            let entries = config.history(request).await?.into_inner().entries;
+            let current = entries.first().map_or(0, current_version);
+            if current == 0 || !tail.matches(current) {
+                let now = if current == 0 { "does not exist".to_owned() } else { format!("is at version {current}") };
+                return Err(anyhow::anyhow!(
+                    "expected_version: the {} of {service:?} {now}, not {tail}; nothing was deleted",
+                    kind.noun()
+                ));
+            }
+            Some(current)
+        }
+    };
+    let request = v1::DeleteRequest { kind: kind.proto() as i32, service, expected_version };
+    let response = config.delete(request).await?.into_inner();
     match (output, &response.resource) {
         (Output::Table, Some(resource)) => Ok(format!("{} deleted\n", label(resource).0)),
         (_, resource) => render_resources(output, resource.iter()),
@@ -358,6 +381,7 @@ pub async fn history(api: &ControlPlane, output: Output, kind: KindArg, service:
     match output {
         Output::Table => {
             let mut table = Table::new(&["VERSION", "APPLIED", "CHANGE"]);
+            let versions = Versions::new(response.entries.iter().map(|e| e.version));
             for entry in &response.entries {
                 let change = match &entry.resource {
                     None => "deleted".to_owned(),
@@ -368,7 +392,7 @@ pub async fn history(api: &ControlPlane, output: Output, kind: KindArg, service:
                         None => String::new(),
                     },
                 };
-                table.row(vec![entry.version.to_string(), ago(entry.at.as_ref()), change]);
+                table.row(vec![versions.show(entry.version), ago(entry.at.as_ref()), change]);
             }
             Ok(table.render())
         }
@@ -399,7 +423,7 @@ pub async fn rollback(
     output: Output,
     kind: KindArg,
     service: String,
-    to: Option<u64>,
+    to: Option<VersionRef>,
 ) -> anyhow::Result<String> {
     check_service(&service)?;
     let mut config = client(api).await?;
@@ -410,10 +434,17 @@ pub async fn rollback(
         return Err(anyhow::anyhow!("{} {service} has no history to roll back", kind_name(kind)));
     };
     let target = match to {
-        Some(version) => entries.iter().find(|e| e.version == version).ok_or_else(|| {
-            let kept: Vec<String> = entries.iter().map(|e| e.version.to_string()).collect();
-            UsageError(format!("--to {version}: not among the versions kept ({})", kept.join(", ")))
-        })?,
+        Some(wanted) => {
+            let kept = || entries.iter().map(|e| e.version.to_string()).collect::<Vec<_>>().join(", ");
+            let version = wanted.pick(entries.iter().map(|e| e.version)).map_err(|unmatched| match unmatched {
+                Unmatched::None => UsageError(format!("--to {wanted}: not among the versions kept ({})", kept())),
+                Unmatched::Several(several) => UsageError(format!(
+                    "--to {wanted}: several versions kept end so ({}); give more digits",
+                    several.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+                )),
+            })?;
+            entries.iter().find(|e| e.version == version).ok_or_else(|| UsageError(format!("--to {wanted}: not kept")))?
+        }
         None => entries
             .get(1)
             .ok_or_else(|| anyhow::anyhow!("{} {service} has only one version; nothing to roll back to", kind_name(kind)))?,
@@ -517,7 +548,7 @@ pub async fn rollouts(channel: ApiChannel, sidecars: &v1::ListSidecarsResponse) 
 }
 
 /// The rollouts as text, after the sidecar table.
-pub fn rollouts_text(rollouts: &[Rollout]) -> String {
+pub fn rollouts_text(rollouts: &[Rollout], versions: &Versions) -> String {
     if rollouts.is_empty() {
         return String::new();
     }
@@ -535,25 +566,23 @@ pub fn rollouts_text(rollouts: &[Rollout]) -> String {
         } else {
             "live everywhere"
         };
+        let version = versions.show(rollout.version);
         table.row(vec![
             rollout.resource.clone(),
-            rollout.version.to_string(),
+            version.clone(),
             rollout.acked.len().to_string(),
             rollout.pending.len().to_string(),
             rollout.rejected.len().to_string(),
             state.into(),
         ]);
         for node in &rollout.pending {
-            details.push_str(&format!("{} v{}: pending on {node}\n", rollout.resource, rollout.version));
+            details.push_str(&format!("{} v{version}: pending on {node}\n", rollout.resource));
         }
         for reason in &rollout.waiting_for {
-            details.push_str(&format!("{} v{}: {reason}\n", rollout.resource, rollout.version));
+            details.push_str(&format!("{} v{version}: {reason}\n", rollout.resource));
         }
         for rejected in &rollout.rejected {
-            details.push_str(&format!(
-                "{} v{}: rejected by {}: {}\n",
-                rollout.resource, rollout.version, rejected.node_id, rejected.error
-            ));
+            details.push_str(&format!("{} v{version}: rejected by {}: {}\n", rollout.resource, rejected.node_id, rejected.error));
         }
     }
     let mut out = String::from("\n");

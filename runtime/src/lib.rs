@@ -11,6 +11,7 @@ use clap::Parser;
 
 pub mod backoff;
 pub mod rng;
+pub mod short;
 pub mod suggest;
 
 /// Locks `mutex`, whether or not a panic elsewhere poisoned it: every critical section in Ferry

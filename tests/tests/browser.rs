@@ -51,6 +51,9 @@ async fn the_dashboard_shows_the_mesh_and_an_instance_failing_without_a_reload()
     });
     let traffic = Arc::new(AbortOnDrop(traffic));
 
+    // A policy that changes no traffic, for its version in the services table.
+    let policy = control_plane.apply("kind: ServicePolicy\nservice: catalog\nsubsets: { v1: { version: v1 } }\n").await;
+
     // With auth on, the page asks for a token, and a read token is enough.
     let page = format!("{}/ui/", control_plane.http_url());
     browser.client.goto(&page).await.expect("opens the dashboard");
@@ -71,6 +74,12 @@ async fn the_dashboard_shows_the_mesh_and_an_instance_failing_without_a_reload()
         browser.wait_for(&format!(r#"tr[data-edge="{edge}"]"#)).await;
     }
     browser.wait_text("#status", "live").await;
+    // Versions are shown by their last digits, as ferryctl shows them, and whole on hover.
+    let whole = policy[0].to_string();
+    let cell = r#"tr[data-service="catalog"] td:nth-child(6)"#;
+    browser.wait_text(cell, &format!("v…{}", &whole[whole.len() - 6..])).await;
+    let element = browser.client.find(Locator::Css(cell)).await.expect("the policy cell");
+    assert_eq!(element.attr("title").await.expect("its title"), Some(whole));
     let signed_in = browser.client.find(Locator::Css("#login")).await.expect("the form");
     assert!(!signed_in.is_displayed().await.expect("displayed?"), "the sign-in form is hidden once signed in");
 

@@ -120,7 +120,13 @@ async fn apply_get_history_and_rollback_through_ferryctl() {
         history.as_array().expect("entries").iter().map(|e| e["version"].as_u64().expect("version")).collect();
     assert_eq!(versions.len(), 2, "{history}");
     assert!(versions[0] > versions[1], "newest first: {versions:?}");
-    let output = ferryctl(&control_plane, &["rollback", "route", "catalog", "--to", &versions[1].to_string()], None).await;
+    // The table shows each version by its last digits, marked as cut; rollback takes that form.
+    let output = ferryctl(&control_plane, &["history", "route", "catalog"], None).await;
+    let table = stdout(&output);
+    let shown: Vec<&str> = table.lines().skip(1).filter_map(|l| l.split_whitespace().next()).collect();
+    let short = |v: u64| format!("…{}", &v.to_string()[v.to_string().len() - 6..]);
+    assert_eq!(shown, vec![short(versions[0]), short(versions[1])], "{table}");
+    let output = ferryctl(&control_plane, &["rollback", "route", "catalog", "--to", shown[1]], None).await;
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(stdout(&output).contains(&format!("rolled back to version {}", versions[1])), "{}", stdout(&output));
     wait_served_by(&client, "catalog-v2").await;
@@ -132,8 +138,16 @@ async fn apply_get_history_and_rollback_through_ferryctl() {
     let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(&yaml)).await;
     assert!(stdout(&output).contains("route/catalog unchanged"), "{}", stdout(&output));
 
-    // Deleting the route sends traffic to every endpoint again.
-    let output = ferryctl(&control_plane, &["delete", "route", "catalog"], None).await;
+    // Deleting the route sends traffic to every endpoint again. On condition of its version:
+    // an old one is refused, the current one's short form from `get` is taken.
+    let output = ferryctl(&control_plane, &["delete", "route", "catalog", "--expected-version", &short(versions[1])], None).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    assert!(stderr(&output).contains("nothing was deleted"), "{}", stderr(&output));
+    let output = ferryctl(&control_plane, &["get", "routes", "catalog"], None).await;
+    let table = stdout(&output);
+    let current = table.lines().nth(1).and_then(|l| l.split_whitespace().nth(1)).expect("the version column").to_owned();
+    assert!(current.starts_with('…') && current.chars().count() == 7, "{table}");
+    let output = ferryctl(&control_plane, &["delete", "route", "catalog", "--expected-version", &current], None).await;
     assert!(output.status.success(), "{}", stderr(&output));
     eventually("both versions to serve again", || async {
         let mut seen = std::collections::HashSet::new();

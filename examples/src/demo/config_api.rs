@@ -106,6 +106,7 @@ impl ConfigApi {
                 Err(error) => error.to_string(),
             };
             if Instant::now() >= deadline {
+                let version = ferry_runtime::short::version(version);
                 return Err(format!("authorization/{service} version {version} is not in force after {limit:?}: {last}"));
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -185,7 +186,8 @@ impl ConfigApi {
             for subscription in sidecar.subscriptions.iter().filter(|s| s.service == service) {
                 convergence.callers += 1;
                 if subscription.acked_version < version {
-                    let mut behind = format!("{} holds {service} version {}", sidecar.node_id, subscription.acked_version);
+                    let acked = ferry_runtime::short::version(subscription.acked_version);
+                    let mut behind = format!("{} holds {service} version {acked}", sidecar.node_id);
                     if let Some(nack) = &sidecar.last_nack {
                         behind.push_str(&format!(" and last rejected a push: {}", nack.error));
                     }
@@ -207,6 +209,7 @@ impl ConfigApi {
                 Err(error) => error.to_string(),
             };
             if Instant::now() >= deadline {
+                let version = ferry_runtime::short::version(version);
                 return Err(format!("{service} version {version} is not in force after {limit:?}: {last}"));
             }
             tokio::time::sleep(Duration::from_millis(25)).await;

@@ -103,7 +103,9 @@ pub enum Change {
 impl fmt::Display for Change {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Change::Applied { service, version } => write!(f, "route/{service} v{version} applied outside the demo"),
+            Change::Applied { service, version } => {
+                write!(f, "route/{service} v{} applied outside the demo", ferry_runtime::short::version(*version))
+            }
             Change::Deleted { service } => write!(f, "route/{service} deleted outside the demo"),
         }
     }
@@ -128,7 +130,7 @@ pub fn describe(changes: &[Change]) -> String {
     let applied: Vec<String> = changes
         .iter()
         .filter_map(|c| match c {
-            Change::Applied { service, version } => Some(format!("route/{service} v{version}")),
+            Change::Applied { service, version } => Some(format!("route/{service} v{}", ferry_runtime::short::version(*version))),
             Change::Deleted { .. } => None,
         })
         .collect();
@@ -216,6 +218,9 @@ mod tests {
             "route/catalog v12 and route/frontend v12 applied outside the demo; route/inventory deleted outside the demo"
         );
         assert_eq!(describe(&changes[..1]), "route/catalog v12 applied outside the demo");
+        // The control plane's versions are long: the screen shows their last digits.
+        let long = [Change::Applied { service: "catalog".into(), version: 1_796_655_541_938_275 }];
+        assert_eq!(describe(&long), "route/catalog v…938275 applied outside the demo");
         assert_eq!(and(&["a".into(), "b".into(), "c".into()]), "a, b and c");
     }
 

@@ -374,7 +374,7 @@ impl Routing {
                 .filter(|(service, version)| {
                     self.seen.as_ref().and_then(|s| s.routes.get(*service)).map(|r| r.version) == Some(**version)
                 })
-                .map(|(service, version)| format!("route/{service} v{version}"))
+                .map(|(service, version)| format!("route/{service} v{}", ferry_runtime::short::version(*version)))
                 .collect();
             if let (Some((scenario, _)), false) = (self.active, kept.is_empty()) {
                 let _ = write!(full, "; {} left of the demo's {}", in_force::and(&kept), scenario.name());
@@ -382,7 +382,11 @@ impl Routing {
             full.push_str(": not one of the demo's scenarios, so not judged");
             (full, format!("routes: {}", outside.description))
         } else if let Some((scenario, since)) = self.active {
-            let routes: Vec<String> = self.own.iter().map(|(service, version)| format!("route/{service} v{version}")).collect();
+            let routes: Vec<String> = self
+                .own
+                .iter()
+                .map(|(service, version)| format!("route/{service} v{}", ferry_runtime::short::version(*version)))
+                .collect();
             // A scenario without routes (lockdown) is an authorization policy.
             let routes = if routes.is_empty() { "authorization/catalog".to_owned() } else { in_force::and(&routes) };
             (

@@ -102,6 +102,10 @@ const health = (value) => HEALTH_NAMES[value] || (value ? String(value).replace(
 const num = (v) => (typeof v === 'number' ? v : Number(v || 0));
 // Versions and indexes are uint64, strings in proto3 JSON: kept as strings so none rounds.
 const ver = (v) => String(v || '0');
+// Versions come from a counter that starts at the clock in microseconds: tables show their last
+// six digits (as ferryctl does), and the whole value on hover.
+const short = (v) => { const s = ver(v); return s.length > 6 ? '…' + s.slice(-6) : s; };
+const verCell = (v) => h('td', { class: 'num', title: ver(v) }, 'v' + short(v));
 const rps = (v) => { const n = num(v); return n >= 100 ? n.toFixed(0) : n >= 10 ? n.toFixed(1) : n.toFixed(2); };
 const pct = (v) => (num(v) * 100).toFixed(num(v) >= 0.9995 || num(v) === 0 ? 0 : 1) + '%';
 const ms = (v) => { const n = num(v); return n >= 1000 ? (n / 1000).toFixed(2) + ' s' : n >= 10 ? n.toFixed(0) + ' ms' : n.toFixed(1) + ' ms'; };
@@ -271,8 +275,8 @@ function renderOverview() {
     : h('table', { class: 'rollout' },
       h('thead', null, h('tr', null, ['sidecar', 'resource', 'current', 'sent', 'acked', 'state'].map((c) => h('th', null, c)))),
       h('tbody', null, lagging.map((r) => h('tr', { class: r.state === 'NACK' ? 'nack' : '' },
-        h('td', null, r.sidecar.node_id), h('td', null, r.what), h('td', { class: 'num' }, 'v' + r.current),
-        h('td', { class: 'num' }, 'v' + r.sent), h('td', { class: 'num' }, 'v' + r.acked),
+        h('td', null, r.sidecar.node_id), h('td', null, r.what), verCell(r.current),
+        verCell(r.sent), verCell(r.acked),
         h('td', null, r.state, r.why ? h('div', { class: 'why' }, r.why) : null)))));
 
   const sidecarsEl = state.sidecars.length === 0
@@ -294,14 +298,14 @@ function renderOverview() {
 
 function resourceCell(kind, name) {
   const r = state.resources[kind].get(name);
-  return h('td', { class: 'num' }, r ? 'v' + ver(r.version) : '—');
+  return r ? verCell(r.version) : h('td', { class: 'num' }, '—');
 }
 
 function historyOf(kind, path, resource, body) {
   const key = kind + '/' + resource.service + '@' + ver(resource.version);
   const draw = (entries) => body.replaceChildren(entries.length === 0 ? h('p', { class: 'muted' }, 'No history.')
     : h('table', { class: 'history' }, h('tbody', null, entries.map((e) => h('tr', null,
-      h('td', { class: 'num' }, 'v' + ver(e.version)), h('td', null, when(e.at)),
+      verCell(e.version), h('td', null, when(e.at)),
       h('td', null, unwrap(e.resource) ? 'applied' : 'deleted'))))));
   if (state.history.has(key)) return draw(state.history.get(key));
   body.replaceChildren(h('p', { class: 'muted' }, 'Loading…'));
@@ -340,7 +344,7 @@ function renderServices() {
       const r = state.resources[kind].get(svc.name);
       if (!r) return h('div', { class: 'resource muted' }, kind + ': none');
       return details('history/' + kind + '/' + svc.name,
-        [kind + ' v' + ver(r.version), h('span', { class: 'muted' }, ' applied ' + when(r.applied_at))],
+        [h('span', { title: ver(r.version) }, kind + ' v' + short(r.version)), h('span', { class: 'muted' }, ' applied ' + when(r.applied_at))],
         (body) => historyOf(kind, path, r, body));
     });
     return h('div', { class: 'service', id: 'service-' + svc.name }, h('h3', null, svc.name), table, h('div', { class: 'resources' }, resources));
