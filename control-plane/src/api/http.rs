@@ -30,7 +30,7 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use axum::{
-    Extension, Json, Router,
+    Extension, Router,
     body::Bytes,
     extract::{
         DefaultBodyLimit, Path, Query, State,
@@ -55,7 +55,7 @@ use tower_http::{
 };
 use tracing::Level;
 
-use super::{Filter, instances_response, services_response};
+use super::{Filter, instances_response, json::Json, services_response};
 use crate::{
     auth::{Auth, Denied, Principal},
     ca::Authority,
@@ -101,6 +101,30 @@ async fn ready(State(state): State<HttpState>) -> (StatusCode, String) {
     }
 }
 
+/// What `GET /` lists: the endpoints of the HTTP API (docs/api.md has each in full).
+const INDEX: &str = "Ferry control plane: HTTP API (every /v1 endpoint needs a token; see docs/api.md)
+GET    /v1/services                    services, their instance counts and indexes
+GET    /v1/services/{name}             a service's instances; ?index=N&wait=60s blocks until a change
+PUT    /v1/instances                   registers an instance (JSON)
+GET    /v1/instances/{id}              one instance
+DELETE /v1/instances/{id}              deregisters it
+PUT    /v1/checks/{id}/pass|warn|fail  renews a TTL check
+GET    /v1/sidecars                    connected sidecars and the versions they acknowledged
+GET    /v1/traffic                     the last minute's traffic between services
+GET    /v1/store/set-aside             stored rows that could not be read at start-up
+POST   /v1/apply                       applies routes and policies (YAML or JSON); ?dry_run=true
+GET    /v1/routes|policies|authorizations[/{service}[/history]]
+PUT    /v1/routes|policies|authorizations/{service}
+DELETE /v1/routes|policies|authorizations/{service}
+GET    /v1/ca, /v1/ca/bundle           the mesh's CA and its trust bundle
+POST   /v1/ca/rotate, /v1/ca/retire    rotates the issuer, retires the old one
+GET    /v1/tokens, POST /v1/tokens, DELETE /v1/tokens/{id}
+GET    /v1/agent/..., /v1/catalog/..., /v1/health/...   the Consul-compatible API (docs/consul.md)
+GET    /ui/                            the dashboard
+GET    /metrics                        Prometheus / OpenMetrics (no token)
+GET    /ready                          200 while serving (no token)
+";
+
 /// The API's router: every route behind the token check of `auth`, Consul's among them.
 pub fn router(
     state: HttpState,
@@ -121,6 +145,7 @@ pub fn router(
         .route("/v1/store/set-aside", get(set_aside))
         .route("/metrics", get(metrics))
         .route("/ready", get(ready))
+        .route("/", get(|| async { INDEX }))
         .fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
             ApiError::not_found(format!("no endpoint {method} {}; see docs/api.md", uri.path()))
         })
@@ -157,10 +182,10 @@ fn is_json(_: StatusCode, _: Version, headers: &HeaderMap, _: &Extensions) -> bo
     headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"))
 }
 
-/// Paths anyone may read: scrapers and load balancers carry no token, and a browser loads the
-/// dashboard's assets (which hold no data) before it has one.
+/// Paths anyone may read: scrapers and load balancers carry no token, a browser loads the
+/// dashboard's assets (which hold no data) before it has one, and the index lists endpoints only.
 fn open(path: &str) -> bool {
-    path == "/metrics" || path == "/ready" || super::ui::is_ui_path(path)
+    path == "/" || path == "/metrics" || path == "/ready" || super::ui::is_ui_path(path)
 }
 
 /// Puts the caller's [`Principal`] in the request, or answers 401.

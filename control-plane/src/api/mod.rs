@@ -17,6 +17,7 @@ use crate::{
 pub mod consul;
 pub mod grpc;
 pub mod http;
+pub mod json;
 pub mod resources;
 pub mod security;
 pub mod ui;

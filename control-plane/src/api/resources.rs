@@ -7,7 +7,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use axum::{
-    Extension, Json, Router,
+    Extension, Router,
     body::Bytes,
     extract::{Path, Query, State},
     http::{HeaderMap, StatusCode, header},
@@ -27,6 +27,8 @@ use crate::{
     registry::{Instance, Registry},
     resources::{Kind, ResourceError, Resources},
 };
+
+use super::json::Json;
 
 /// The largest body `/v1/apply` and the PUTs read.
 pub const MAX_BODY_BYTES: usize = 1 << 20;

@@ -5,7 +5,7 @@
 use std::{sync::Arc, time::Duration};
 
 use axum::{
-    Extension, Json, Router,
+    Extension, Router,
     body::Bytes,
     extract::{Path, Query, State},
     http::{StatusCode, header},
@@ -23,6 +23,8 @@ use crate::{
     ca::{Authority, CaError},
     discovery::Sidecars,
 };
+
+use super::json::Json;
 
 /// The largest CSR accepted.
 const MAX_CSR_BYTES: usize = 16 << 10;

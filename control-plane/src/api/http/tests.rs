@@ -144,6 +144,24 @@ async fn small_answers_and_answers_that_are_not_json_are_sent_as_they_are() {
 }
 
 #[tokio::test]
+async fn every_answer_ends_with_a_newline_and_the_index_lists_the_endpoints() {
+    let api = api().await;
+    api.register("catalog", 1).await;
+    for path in ["/v1/services", "/v1/services/catalog", "/v1/services/nothing-here", "/v1/routes", "/nowhere", "/ready", "/"] {
+        let answer = api.get(path, None).await;
+        assert!(answer.2.ends_with(b"\n"), "{path}: {:?}", String::from_utf8_lossy(&answer.2));
+    }
+    let index = api.get("/", None).await;
+    assert_eq!(index.0, StatusCode::OK);
+    let index = String::from_utf8_lossy(&index.2);
+    for endpoint in ["/v1/services/{name}", "/v1/apply", "/v1/tokens", "/ui/", "/metrics"] {
+        assert!(index.contains(endpoint), "{endpoint} in:\n{index}");
+    }
+    assert!(open("/"), "the index holds no data: no token needed");
+    assert!(!open("/v1/services"));
+}
+
+#[tokio::test]
 async fn a_ttl_output_past_its_limit_is_refused_naming_the_body() {
     let api = api().await;
     let renew = |output: String| axum::http::Request::put("/v1/checks/db-1:ttl/pass").body(Body::from(output)).expect("request");
