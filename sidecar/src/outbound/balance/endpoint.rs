@@ -45,8 +45,10 @@ pub struct Tracked {
     outlier: Mutex<Outlier>,
     /// A probe request is in flight to this endpoint, whose ejection has run out.
     probing: AtomicBool,
-    /// Its latency has been sampled at least once.
+    /// Its latency has been sampled since it (last) became routable.
     measured: AtomicBool,
+    /// The estimate before the first sample, in seconds.
+    default_rtt: f64,
 }
 
 /// An optional instant in one atomic word: nanoseconds from its owner's epoch (negative for
@@ -118,7 +120,17 @@ impl Tracked {
             outlier: Mutex::new(Outlier::default()),
             probing: AtomicBool::new(false),
             measured: AtomicBool::new(false),
+            default_rtt: default_rtt.as_secs_f64(),
         }
+    }
+
+    /// Starts the latency estimate afresh, as for a new endpoint: what it learnt before it
+    /// stopped being routable (timeouts, penalties) says nothing of it now, and would starve it
+    /// until it decayed (tens of seconds after a 10 s penalty).
+    fn forget_latency(&self, now: Instant) {
+        self.rtt_seconds.store(self.default_rtt.to_bits(), Ordering::Relaxed);
+        self.rtt_updated.store(self.epoch, Some(now));
+        self.measured.store(false, Ordering::Relaxed);
     }
 
     /// An exchange starts.
@@ -176,18 +188,26 @@ impl Tracked {
         self.measured.load(Ordering::Relaxed)
     }
 
+    /// Folds in a response's latency; the first since the endpoint became routable is the
+    /// estimate.
     pub fn observe_latency(&self, now: Instant, sample: Duration, decay: Duration) {
-        self.measured.store(true, Ordering::Relaxed);
+        if !self.measured.swap(true, Ordering::Relaxed) {
+            self.rtt_seconds.store(sample.as_secs_f64().to_bits(), Ordering::Relaxed);
+            self.rtt_updated.store(self.epoch, Some(now));
+            return;
+        }
         self.observe(now, sample.as_secs_f64(), decay);
     }
 
-    /// Notes whether the endpoint is routable now; `warm` starts it past any slow start. Called
-    /// by config updates alone, one at a time.
+    /// Notes whether the endpoint is routable now; `warm` starts it past any slow start. An
+    /// endpoint routable again starts its latency estimate afresh. Called by config updates
+    /// alone, one at a time.
     pub fn set_routable(&self, routable: bool, now: Instant, warm: bool) {
         match (routable, self.routable_since.load(self.epoch)) {
             (true, None) => {
                 let since = if warm { now.checked_sub(Duration::from_secs(3600)).unwrap_or(now) } else { now };
                 self.routable_since.store(self.epoch, Some(since));
+                self.forget_latency(now);
             }
             (false, _) => self.routable_since.store(self.epoch, None),
             (true, Some(_)) => {}
@@ -357,5 +377,37 @@ impl OutlierSet {
         tracing::warn!(pool = %self.label, endpoint = %tracked.id, failures, ?duration, "endpoint ejected after consecutive failures");
         self.metrics.ejected(&self.label);
         self.publish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endpoint_routable_again_starts_its_latency_estimate_afresh() {
+        let now = Instant::now();
+        let decay = Duration::from_secs(10);
+        let tracked = Tracked::new("catalog-1", Duration::from_millis(30), now);
+        tracked.set_routable(true, now, false);
+        tracked.observe_latency(now, Duration::from_millis(2), decay);
+        assert!((tracked.latency(now, decay) - 0.002).abs() < 1e-9, "the first sample is the estimate");
+        // Timeouts while it failed push the estimate to the ceiling...
+        for _ in 0..10 {
+            tracked.penalize(now, decay);
+        }
+        assert!(tracked.latency(now, decay) >= PENALTY_CEILING.as_secs_f64() - 1e-9);
+        // ...and still 60 s later, well above a healthy peer's 2 ms: it would be starved.
+        assert!(tracked.latency(now + Duration::from_secs(60), decay) > 0.02);
+        // Critical, then passing again: it is tried as a new endpoint would be.
+        tracked.set_routable(false, now, false);
+        tracked.set_routable(true, now + Duration::from_secs(1), false);
+        assert!(!tracked.measured());
+        assert!((tracked.latency(now + Duration::from_secs(1), decay) - 0.030).abs() < 1e-9);
+        tracked.observe_latency(now + Duration::from_secs(1), Duration::from_millis(3), decay);
+        assert!((tracked.latency(now + Duration::from_secs(1), decay) - 0.003).abs() < 1e-9);
+        // Staying routable forgets nothing.
+        tracked.set_routable(true, now + Duration::from_secs(2), false);
+        assert!(tracked.measured());
     }
 }
