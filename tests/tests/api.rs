@@ -191,6 +191,21 @@ async fn ferryctl_registers_lists_and_reports_sidecar_status() {
 }
 
 #[tokio::test]
+async fn ferryctl_given_the_http_port_is_told_to_use_the_grpc_one() {
+    let control_plane = ControlPlane::start().await;
+    let output = tokio::process::Command::new(ferry_tests::binary("ferryctl"))
+        .envs(control_plane.ferryctl_env())
+        .args(["--control-plane", &control_plane.http_url(), "services"])
+        .output()
+        .await
+        .expect("ferryctl runs");
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(error.contains("this is the control plane's HTTP API") && error.contains("--grpc"), "{error}");
+    assert!(!error.contains("compression flag"), "{error}");
+}
+
+#[tokio::test]
 async fn bad_flags_exit_64_naming_the_flag_before_binding() {
     for (binary_name, args, flag) in [
         ("ferry-control-plane", vec!["--grpc", "not-an-address"], "--grpc"),

@@ -168,6 +168,7 @@ pub fn consul_router(state: HttpState, auth: Auth, consul: Arc<super::consul::Co
 fn edge(routes: Router, auth: Auth, consul_only: bool) -> Router {
     routes.layer(
         ServiceBuilder::new()
+            .layer(axum::middleware::from_fn(grpc_here))
             .layer(axum::middleware::from_fn_with_state(consul_only, super::consul::consul_token))
             // The span gives handler events their request; the layer's own events (each request
             // and answer, 5xx answers among them) are debug, so nothing is logged twice at info.
@@ -175,6 +176,20 @@ fn edge(routes: Router, auth: Auth, consul_only: bool) -> Router {
             .layer(CompressionLayer::new().compress_when(SizeAbove::new(MIN_COMPRESSED_BYTES).and(is_json)))
             .layer(axum::middleware::from_fn_with_state(auth, authenticate)),
     )
+}
+
+/// A gRPC call sent here (ferryctl or a gRPC client given the HTTP port) gets a gRPC status
+/// that says where to go, rather than a 404 its client reports as a protocol error.
+async fn grpc_here(request: axum::extract::Request, next: Next) -> Response {
+    let grpc = request.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if !grpc {
+        return next.run(request).await;
+    }
+    tonic::Status::unimplemented(
+        "this is the control plane's HTTP API (--http, port 7071 by default); gRPC clients and ferryctl's \
+         --control-plane use its gRPC address (--grpc, port 7070 by default)",
+    )
+    .into_http::<axum::body::Body>()
 }
 
 /// Whether an answer is JSON, the one kind of answer that grows large.

@@ -189,3 +189,17 @@ async fn the_service_list_shows_each_services_virtual_ip() {
     assert_eq!(listed["services"][0]["name"], "catalog");
     assert_eq!(listed["services"][0]["virtual_ip"], vip.to_string());
 }
+
+#[tokio::test]
+async fn a_grpc_call_to_the_http_port_is_told_where_grpc_is() {
+    let api = api().await;
+    let request = axum::http::Request::post("/ferry.v1.Registry/ListServices")
+        .header(header::CONTENT_TYPE, "application/grpc")
+        .body(Body::empty())
+        .expect("request");
+    let (status, headers, _) = api.send(request).await;
+    assert_eq!(status, StatusCode::OK, "a gRPC status, not an HTTP one");
+    assert_eq!(headers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"12"[..]));
+    let message = tonic::Status::from_header_map(&headers).expect("a status").message().to_owned();
+    assert!(message.contains("HTTP API") && message.contains("--grpc"), "{message}");
+}
