@@ -167,6 +167,9 @@ async fn ttl_checks_expire_and_are_renewed_through_the_api_and_the_sidecar() {
     assert_eq!(put(&control_plane, "/v1/instances", body).await.0, 200);
     let waiting = control_plane.wait_health("job-0", "HEALTH_CRITICAL").await;
     assert_eq!(check(&waiting, "ttl")["status"], "HEALTH_NOT_CHECKED", "{waiting}");
+    for unused in ["interval", "timeout", "success_threshold", "failure_threshold"] {
+        assert!(check(&waiting, "ttl").get(unused).is_none(), "a TTL check is not probed: no {unused} in {waiting}");
+    }
     let output = check(&waiting, "ttl")["output"].as_str().expect("output");
     assert!(output.contains("waiting for the first renewal") && output.contains("critical until then"), "{output}");
     let listed = control_plane.ferryctl(&["instances", "jobs"]).await;

@@ -706,6 +706,15 @@ impl Registry {
     /// The instance as the API shows it, with what its checks found last.
     pub fn describe(&self, instance: &Instance) -> v1::Instance {
         let mut described = instance.to_proto();
+        // A TTL check is renewed, never probed: its interval, timeout and thresholds mean nothing.
+        for check in &mut described.checks {
+            if matches!(check.probe, Some(v1::check::Probe::Ttl(_))) {
+                check.interval = None;
+                check.timeout = None;
+                check.success_threshold = 0;
+                check.failure_threshold = 0;
+            }
+        }
         let state = self.lock();
         if let Some(statuses) = state.check_statuses.get(&instance.id) {
             for check in &mut described.checks {
