@@ -410,6 +410,19 @@ async fn bad_resources_are_refused_naming_the_field_and_change_nothing() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().starts_with("items[0].resource.rules[0].backends[0].weight: "), "{}", status.message());
 
+    // A misspelled service gets the closest name, whatever else is wrong with its route.
+    let typo = "kind: Route\nservice: catlog\nrules: [ { backends: [ { subset: v1 } ] } ]\n";
+    let answer = control_plane.send_body(Method::POST, "/v1/apply", "application/yaml", typo).await.expect("answered");
+    assert_eq!(answer.0, 400, "{}", text(&answer));
+    let error: Value = serde_json::from_slice(&answer.2).expect("a JSON error");
+    let reason = error["error"].as_str().unwrap_or_default();
+    assert!(reason.ends_with(r#"(there is no service "catlog"; did you mean "catalog"?)"#), "{error}");
+    let typo = "kind: Route\nservice: catalog\nrules: [ { backends: [ { service: catalgo, subset: v1 } ] } ]\n";
+    let answer = control_plane.send_body(Method::POST, "/v1/apply", "application/yaml", typo).await.expect("answered");
+    let error: Value = serde_json::from_slice(&answer.2).expect("a JSON error");
+    let reason = error["error"].as_str().unwrap_or_default();
+    assert!(reason.contains(r#"there is no service "catalgo"; did you mean "catalog"?"#), "a backend's service too: {error}");
+
     // A valid dry run reports the change and stores nothing.
     let answer = control_plane
         .send_body(Method::POST, "/v1/apply?dry_run=true", "application/yaml", &bad_route("  - backends: [ { subset: v2 } ]\n"))

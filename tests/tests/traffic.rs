@@ -144,6 +144,10 @@ async fn the_mesh_explains_what_it_cannot_route() {
     let index = String::from_utf8_lossy(&index);
     assert_eq!(status, 200);
     assert!(index.contains("/config") && index.contains("/explain") && index.ends_with('\n'), "{index}");
+    let (status, _, missing) = client::get(&format!("http://{}/nowhere", client.admin)).await.expect("answered");
+    let missing = String::from_utf8_lossy(&missing);
+    assert_eq!(status, 404);
+    assert_eq!(missing, "no endpoint GET /nowhere; GET / lists them\n");
     let (_, headers, config) = client::get(&format!("http://{}/config", client.admin)).await.expect("config");
     let config = String::from_utf8_lossy(&config);
     assert!(config.starts_with("{\n  \"") && config.ends_with("}\n"), "indented JSON: {config}");

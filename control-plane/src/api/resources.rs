@@ -96,6 +96,40 @@ pub fn notes(applied: &[v1::AppliedResource], sidecars: &Sidecars, registry: &Re
     notes
 }
 
+/// An invalid item that names a service nobody knows (no instance, no resource) that is close to
+/// one that exists: a typo, most likely, whatever else its error says. Adds the closest name.
+fn unknown_service_hint(error: ResourceError, items: &[v1::ApplyItem], registry: &Registry) -> ResourceError {
+    let ResourceError::Invalid(mut field) = error else { return error };
+    let index =
+        field.field.strip_prefix("items[").and_then(|rest| rest.split_once(']')).and_then(|(i, _)| i.parse::<usize>().ok());
+    let Some(resource) = index.and_then(|i| items.get(i)).and_then(|item| item.resource.as_ref()) else {
+        return ResourceError::Invalid(field);
+    };
+    let mut named: Vec<&str> = Vec::new();
+    match &resource.kind {
+        Some(v1::resource::Kind::Route(route)) => {
+            named.push(&route.service);
+            for rule in &route.rules {
+                let mirror = rule.mirror.iter().filter_map(|m| m.backend.as_ref());
+                named.extend(rule.backends.iter().chain(mirror).map(|b| b.service.as_str()).filter(|s| !s.is_empty()));
+            }
+        }
+        Some(v1::resource::Kind::Policy(policy)) => named.push(&policy.service),
+        Some(v1::resource::Kind::Authorization(policy)) => named.push(&policy.service),
+        None => {}
+    }
+    named.sort_unstable();
+    named.dedup();
+    let known: Vec<String> = registry.services().into_iter().map(|s| s.name.to_string()).collect();
+    for service in named {
+        let unknown = registry.snapshot(service).is_none_or(|s| s.instances.is_empty() && s.virtual_ip.is_none());
+        if let (true, Some(closest)) = (unknown, ferry_runtime::suggest::closest(service, known.iter().map(String::as_str))) {
+            field.reason.push_str(&format!(" (there is no service {service:?}; did you mean {closest:?}?)"));
+        }
+    }
+    ResourceError::Invalid(field)
+}
+
 /// A note for each subset of `policy` whose labels no current instance carries, with the values
 /// the instances do have for those labels.
 fn unmatched_subsets(policy: &v1::ServicePolicy, instances: &[Arc<Instance>]) -> Vec<String> {
@@ -173,7 +207,11 @@ impl Config for ConfigService {
     async fn apply(&self, request: Request<v1::ApplyRequest>) -> Result<tonic::Response<v1::ApplyResponse>, Status> {
         Principal::of(&request)?.require_admin("applying resources")?;
         let request = request.into_inner();
-        let applied = self.resources.apply(request.items, request.dry_run).await.map_err(status)?;
+        let items = request.items;
+        let applied = match self.resources.apply(items.clone(), request.dry_run).await {
+            Ok(applied) => applied,
+            Err(error) => return Err(status(unknown_service_hint(error, &items, &self.registry))),
+        };
         log_applied(&applied, request.dry_run);
         let notes = notes(&applied, &self.sidecars, &self.registry);
         Ok(tonic::Response::new(v1::ApplyResponse { applied, notes }))
@@ -343,8 +381,10 @@ async fn apply(
         Err(error) => return http_error(error.into()),
     };
     let indexes: Vec<usize> = documents.iter().map(|(i, _)| *i).collect();
-    let items = documents.into_iter().map(|(_, r)| v1::ApplyItem { resource: Some(r), expected_version: None }).collect();
-    match resources.apply(items, dry_run).await {
+    let items: Vec<v1::ApplyItem> =
+        documents.into_iter().map(|(_, r)| v1::ApplyItem { resource: Some(r), expected_version: None }).collect();
+    let result = resources.apply(items.clone(), dry_run).await.map_err(|e| unknown_service_hint(e, &items, &state.registry));
+    match result {
         Ok(applied) => {
             log_applied(&applied, dry_run);
             let notes = notes(&applied, &state.sidecars, &state.registry);
@@ -445,7 +485,9 @@ async fn put_one(
     if Kind::of(&resource).is_some_and(|(_, s)| s != service) {
         return http_error(FieldError::new("service", format!("must match the path, {service:?}")).into());
     }
-    match state.resources.apply(vec![v1::ApplyItem { resource: Some(resource), expected_version }], false).await {
+    let items = vec![v1::ApplyItem { resource: Some(resource), expected_version }];
+    let result = state.resources.apply(items.clone(), false).await.map_err(|e| unknown_service_hint(e, &items, &state.registry));
+    match result {
         Ok(mut applied) => {
             log_applied(&applied, false);
             let resource = applied.pop().and_then(|a| a.resource).unwrap_or_default();

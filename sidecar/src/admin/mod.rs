@@ -102,6 +102,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/ttl/{status}", put(ttl))
         .route("/shutdown", post(shutdown))
+        .fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
+            (StatusCode::NOT_FOUND, format!("no endpoint {method} {}; GET / lists them\n", uri.path()))
+        })
         .with_state(state)
 }
 
