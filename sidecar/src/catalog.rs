@@ -81,6 +81,17 @@ pub struct Catalog {
     /// Services dropped by a sweep whose pushes may still be in flight: ignored until watched
     /// again. Bounded by the services held at once, as each was one of them.
     evicted: Mutex<HashSet<Arc<str>>>,
+    /// Right after the stream to the control plane is (re)established: see [`Catalog::settle`].
+    settle: Mutex<Settle>,
+}
+
+/// The settling window after a (re)connection, and the configs pushed in it that were held back.
+#[derive(Debug, Default)]
+struct Settle {
+    until: Option<Instant>,
+    /// As pushed, by service: the configs whose endpoints are not in force yet (those in force
+    /// are the ones held before). Deltas build on these, as the control plane sent them.
+    pushed: HashMap<Arc<str>, Arc<ServiceConfig>>,
 }
 
 impl ServiceConfig {
@@ -160,7 +171,59 @@ impl Catalog {
             addresses: Addresses::default(),
             unwatched: Mutex::default(),
             evicted: Mutex::default(),
+            settle: Mutex::default(),
         }
+    }
+
+    /// Opens the settling window that follows a (re)connection to the control plane, until
+    /// `until`. Its view lags then: when its partition heals, or another replica takes over, the
+    /// instances of sidecars that lost their streams as well stay critical, or are missing, until
+    /// each of those sidecars has reconnected (within its backoff). Meanwhile a push that would
+    /// leave a service with no routable endpoint where the sidecar has some keeps those in force
+    /// (the rest of the push applies); the pushed endpoints apply when a later push brings a
+    /// routable one, or at [`Catalog::settled`]. So healing a partition fails no request, and a
+    /// service really gone is dropped at most `until` late, as it would have been had the stream
+    /// come back that much later.
+    pub fn settle(&self, until: Instant) {
+        lock(&self.settle).until = Some(until);
+    }
+
+    /// Ends the settling window opened for `until` (a later one stays open): every config held
+    /// back applies as pushed. Returns the services it applied to.
+    pub fn settled(&self, until: Instant) -> Vec<Arc<str>> {
+        // Locked in the order apply locks them.
+        let services = lock(&self.services);
+        let mut settle = lock(&self.settle);
+        if settle.until != Some(until) {
+            return Vec::new();
+        }
+        settle.until = None;
+        let pushed = std::mem::take(&mut settle.pushed);
+        let mut applied = Vec::new();
+        for (name, config) in pushed {
+            let Some(sender) = services.get(&name) else { continue };
+            let current = match &*sender.borrow() {
+                ServiceState::Known(current) => current.version,
+                ServiceState::Pending => continue,
+            };
+            // A later push replaced it, and went through settle itself.
+            if current != config.version {
+                continue;
+            }
+            tracing::info!(
+                service = %name,
+                routable = config.routable(),
+                "the control plane still lists no routable endpoint after the reconnection settled: applying its view"
+            );
+            sender.send_replace(ServiceState::Known(config));
+            applied.push(name);
+        }
+        drop(services);
+        drop(settle);
+        if !applied.is_empty() {
+            self.applied.send_modify(|applied| *applied = applied.wrapping_add(1));
+        }
+        applied
     }
 
     /// Drops every service nobody has watched for `idle_after` (no router, listener, route
@@ -273,6 +336,21 @@ impl Catalog {
         lock(&self.services).iter().map(|(name, sender)| (name.clone(), sender.borrow().clone())).collect()
     }
 
+    /// Every service's config as the control plane pushed it: the same as [`Catalog::states`]
+    /// but for those held back while settling. What is saved, so that the versions a restarted
+    /// sidecar reports match the endpoints the control plane's deltas build on.
+    pub fn pushed_states(&self) -> BTreeMap<Arc<str>, ServiceState> {
+        let services = lock(&self.services);
+        let settle = lock(&self.settle);
+        services
+            .iter()
+            .map(|(name, sender)| match settle.pushed.get(name) {
+                Some(pushed) => (name.clone(), ServiceState::Known(pushed.clone())),
+                None => (name.clone(), sender.borrow().clone()),
+            })
+            .collect()
+    }
+
     /// The state of `service`, if subscribed.
     pub fn state(&self, service: &str) -> Option<ServiceState> {
         lock(&self.services).get(service).map(|sender| sender.borrow().clone())
@@ -301,7 +379,8 @@ impl Catalog {
             &kept
         };
         drop(evicted);
-        let updates = validated(&services, resources, true)?;
+        let mut settle = lock(&self.settle);
+        let updates = validated(&services, &settle.pushed, resources, true)?;
         let table = match &push.addresses {
             Some(update) => Some(
                 self.addresses
@@ -313,8 +392,32 @@ impl Catalog {
         if let Some(table) = table {
             self.addresses.store(table);
         }
+        let settling = settle.until.is_some_and(|until| Instant::now() < until);
         for config in updates {
             let name = config.name.clone();
+            let in_force = services.get(&name).and_then(|sender| match &*sender.borrow() {
+                ServiceState::Known(config) => Some(config.clone()),
+                ServiceState::Pending => None,
+            });
+            let config = match in_force {
+                Some(in_force) if settling && config.routable() == 0 && in_force.routable() > 0 => {
+                    if !settle.pushed.contains_key(&name) {
+                        tracing::info!(
+                            service = %name,
+                            kept = in_force.routable(),
+                            "the control plane lists no routable endpoint right after reconnecting: keeping those held \
+                             while its other sidecars reconnect"
+                        );
+                    }
+                    let pushed = Arc::new(config);
+                    settle.pushed.insert(name.clone(), pushed.clone());
+                    ServiceConfig { endpoints: in_force.endpoints.clone(), exists: true, ..(*pushed).clone() }
+                }
+                _ => {
+                    settle.pushed.remove(&name);
+                    config
+                }
+            };
             let state = ServiceState::Known(Arc::new(config));
             match services.get(&name) {
                 Some(sender) => {
@@ -325,6 +428,7 @@ impl Catalog {
                 }
             }
         }
+        drop(settle);
         drop(services);
         self.applied.send_modify(|applied| *applied = applied.wrapping_add(1));
         Ok(())
@@ -335,7 +439,7 @@ impl Catalog {
     /// Returns the services restored; those new to the catalog are subscribed to.
     pub fn restore(&self, resources: &[v1::ServiceResources]) -> Result<Vec<Arc<str>>, Rejection> {
         let mut services = lock(&self.services);
-        let updates = validated(&services, resources, false)?;
+        let updates = validated(&services, &HashMap::new(), resources, false)?;
         let new = updates.iter().filter(|config| !services.contains_key(&config.name)).count();
         if services.len() + new > self.max_services {
             return Err(Rejection {
@@ -377,6 +481,7 @@ impl Catalog {
 /// from nothing otherwise.
 fn validated(
     services: &HashMap<Arc<str>, watch::Sender<ServiceState>>,
+    pushed: &HashMap<Arc<str>, Arc<ServiceConfig>>,
     resources: &[v1::ServiceResources],
     on_held: bool,
 ) -> Result<Vec<ServiceConfig>, Rejection> {
@@ -391,10 +496,14 @@ fn validated(
         if !seen.insert(resources.service.as_str()) {
             return Err(reject(validate::FieldError::new("service", "appears twice in one push")));
         }
-        let held = services.get(resources.service.as_str()).filter(|_| on_held).and_then(|sender| match &*sender.borrow() {
-            ServiceState::Known(config) => Some(config.clone()),
-            ServiceState::Pending => None,
-        });
+        // What the control plane last sent: held back while settling, else what is in force.
+        let held = match pushed.get(resources.service.as_str()) {
+            Some(config) if on_held => Some(config.clone()),
+            _ => services.get(resources.service.as_str()).filter(|_| on_held).and_then(|sender| match &*sender.borrow() {
+                ServiceState::Known(config) => Some(config.clone()),
+                ServiceState::Pending => None,
+            }),
+        };
         updates.push(next_config(resources, held.as_deref()).map_err(reject)?);
     }
     Ok(updates)
@@ -511,6 +620,69 @@ mod tests {
             Some(ServiceState::Known(config)) => config,
             other => panic!("expected {service} known, got {other:?}"),
         }
+    }
+
+    fn critical(mut endpoint: v1::Endpoint) -> v1::Endpoint {
+        endpoint.health = v1::Health::Critical as i32;
+        endpoint
+    }
+
+    #[test]
+    fn right_after_a_reconnection_a_push_with_no_routable_endpoint_keeps_those_held() {
+        let catalog = Catalog::new(16);
+        catalog.apply(&push(vec![snapshot("catalog", 5, vec![endpoint("a", 8080), endpoint("b", 8081)])])).expect("applies");
+        // Without a reconnection, the control plane's word is final.
+        catalog.apply(&push(vec![snapshot("catalog", 6, vec![critical(endpoint("a", 8080))])])).expect("applies");
+        assert_eq!(known(&catalog, "catalog").routable(), 0);
+        catalog.apply(&push(vec![snapshot("catalog", 7, vec![endpoint("a", 8080), endpoint("b", 8081)])])).expect("applies");
+
+        // Reconnected: the control plane lists both critical while their sidecars reconnect.
+        let until = Instant::now() + Duration::from_secs(3600);
+        catalog.settle(until);
+        let lagging = vec![critical(endpoint("a", 8080)), critical(endpoint("b", 8081))];
+        catalog.apply(&push(vec![snapshot("catalog", 8, lagging)])).expect("applies");
+        let in_force = known(&catalog, "catalog");
+        assert_eq!((in_force.version, in_force.routable()), (8, 2), "the endpoints held stay in force");
+        let saved = catalog.pushed_states();
+        let Some(ServiceState::Known(pushed)) = saved.get("catalog") else { panic!("saved: {saved:?}") };
+        assert_eq!(pushed.routable(), 0, "what is saved is what was pushed");
+        // A delta builds on what was pushed: a back, b still critical.
+        let delta = v1::ServiceResources {
+            service: "catalog".into(),
+            version: 9,
+            exists: true,
+            endpoints: Some(Endpoints::Delta(v1::EndpointDelta {
+                base_version: 8,
+                upserted: vec![endpoint("a", 8080)],
+                removed: Vec::new(),
+            })),
+            ..Default::default()
+        };
+        catalog.apply(&push(vec![delta])).expect("applies");
+        let in_force = known(&catalog, "catalog");
+        assert_eq!((in_force.version, in_force.routable()), (9, 1), "{in_force:?}");
+        assert!(catalog.settled(until).is_empty(), "nothing held any more");
+    }
+
+    #[test]
+    fn when_the_reconnection_settles_what_was_pushed_applies() {
+        let catalog = Catalog::new(16);
+        catalog.apply(&push(vec![snapshot("catalog", 5, vec![endpoint("a", 8080)])])).expect("applies");
+        let until = Instant::now() + Duration::from_secs(3600);
+        catalog.settle(until);
+        catalog.apply(&push(vec![snapshot("catalog", 6, Vec::new())])).expect("applies");
+        assert_eq!(known(&catalog, "catalog").routable(), 1);
+        // A later reconnection's window is not ended by an earlier one's timer.
+        let later = until + Duration::from_secs(1);
+        catalog.settle(later);
+        assert!(catalog.settled(until).is_empty());
+        assert_eq!(catalog.settled(later), vec![Arc::<str>::from("catalog")]);
+        let in_force = known(&catalog, "catalog");
+        assert_eq!((in_force.version, in_force.routable(), in_force.exists), (6, 0, false));
+        // Closed: the next push applies as it is.
+        catalog.apply(&push(vec![snapshot("catalog", 7, vec![endpoint("a", 8080)])])).expect("applies");
+        catalog.apply(&push(vec![snapshot("catalog", 8, Vec::new())])).expect("applies");
+        assert_eq!(known(&catalog, "catalog").routable(), 0);
     }
 
     #[tokio::test]

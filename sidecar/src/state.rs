@@ -202,10 +202,10 @@ impl StateDir {
     }
 }
 
-/// Every service the catalog knows, as full snapshots.
+/// Every service the catalog knows, as full snapshots of what the control plane pushed.
 pub fn snapshot(catalog: &Catalog) -> Vec<v1::ServiceResources> {
     catalog
-        .states()
+        .pushed_states()
         .into_values()
         .filter_map(|state| match state {
             ServiceState::Known(config) => Some(config.to_resources()),

@@ -58,6 +58,10 @@ pub const TRAFFIC_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 /// How long the control plane may take to answer Hello.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long after a (re)connection its view may lag, beyond the longest reconnect backoff (which
+/// the other sidecars wait, at worst, before they reconnect too): see [`Catalog::settle`].
+const SETTLE_MARGIN: Duration = Duration::from_secs(5);
+
 /// How to reach the control plane and what to tell it.
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
@@ -210,7 +214,7 @@ fn apply(push: &v1::Push, catalog: &Catalog, mesh: &Mesh) -> Result<(), Rejectio
 async fn stream(
     config: &ControlConfig,
     target: &Target,
-    catalog: &Catalog,
+    catalog: &Arc<Catalog>,
     mesh: &Mesh,
     status: &ControlStatus,
     metrics: &Metrics,
@@ -279,6 +283,13 @@ async fn stream(
     match first.and_then(|m| m.message) {
         Some(control_message::Message::Welcome(welcome)) => {
             *welcomed = true;
+            let until = std::time::Instant::now() + config.backoff_max + SETTLE_MARGIN;
+            catalog.settle(until);
+            let settling = catalog.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
+                settling.settled(until);
+            });
             tracing::info!(
                 url = %target.url,
                 address = %target.addr,
