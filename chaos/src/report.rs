@@ -72,14 +72,17 @@ pub fn table(rows: &[Row]) -> String {
 /// What the figures mean where they need explaining; written from the runs made so far, and
 /// to be read against this run's table.
 const FINDINGS: &str = "\
-- **A recovered instance can stay starved.** After a fault that made catalog-1 fail or answer
-  slowly (loss, a partition, its sidecar killed), both callers list it routable again within
-  seconds, yet catalog-1 may get almost no requests for tens of seconds (*catalog-1's share
-  back*). The likely cause is the balancer: a caller's peak-EWMA latency estimate of an endpoint
-  doubles with each failure (up to 10 s) and, while the endpoint gets no requests, only decays
-  towards zero with a 10 s time constant, so from 10 s it takes about 75 s to fall below a
-  healthy instance's few milliseconds; with two endpoints P2C compares both on every pick, and
-  the healthy one wins until then. Capacity is lost, not requests.
+- **A recovered instance takes its share back at once** (*catalog-1's share back*). A caller
+  starts its peak-EWMA latency estimate of an endpoint afresh when the endpoint becomes routable
+  again, as for a new one: the timeouts it met while the endpoint failed (each doubling the
+  estimate, up to 10 s) would otherwise keep it above a healthy peer's few milliseconds for tens
+  of seconds, decaying with a 10 s time constant, and with two endpoints P2C would pick the
+  healthy one every time until then.
+- **Healing a partition of the control plane** fails nothing when the callers, right after they
+  reconnect, keep the endpoints they hold while the control plane still lists none routable:
+  its keepalive gave up on every sidecar's stream (10 s + 5 s) and marked their instances
+  critical, and it lists them so until each of those sidecars has reconnected, within its
+  backoff. A caller holds them for at most its longest backoff and 5 s.
 - **Loss is absorbed by moving traffic.** Where the *while injected* counts show catalog-1
   serving few requests under loss on its link, the callers moved catalog's requests to
   catalog-2, and the loss target is met by avoidance as much as by retries.
@@ -226,10 +229,9 @@ than 16 MiB (or 32 descriptors) above it. The run took {took:.0}s.
             let _ = write!(
                 findings,
                 "\n- **Healing a partition of the control plane failed {} requests with `no_endpoints`** (their times \
-                 are in the notes above: at or just after the removal, {} s in). The likely cause: while partitioned, the \
-                 control plane's keepalive gives up on every sidecar's stream (10 s + 5 s) and marks their instances \
-                 critical, as for a sidecar that died; the first pushes after the streams are back still carry them \
-                 critical until each sidecar has re-attached its instance.",
+                 are in the notes above: at or just after the removal, {} s in), although callers hold their endpoints \
+                 while the control plane's view settles after a reconnection: a caller whose hold ended before the \
+                 other sidecars reconnected, or that had no endpoint of the service before, can meet it.",
                 row.reasons["no_endpoints"],
                 self.obs.plan.inject_for.as_secs(),
             );
