@@ -124,11 +124,14 @@ impl Tracked {
         }
     }
 
-    /// Starts the latency estimate afresh, as for a new endpoint: what it learnt before it
-    /// stopped being routable (timeouts, penalties) says nothing of it now, and would starve it
-    /// until it decayed (tens of seconds after a 10 s penalty).
-    fn forget_latency(&self, now: Instant) {
-        self.rtt_seconds.store(self.default_rtt.to_bits(), Ordering::Relaxed);
+    /// Starts the latency estimate afresh, from `baseline` (the fastest estimate among its
+    /// routable peers; the default RTT when none is measured): what it learnt before it stopped
+    /// being routable (timeouts, penalties) says nothing of it now, and would starve it until it
+    /// decayed (tens of seconds after a 10 s penalty). From there it competes with its peers at
+    /// once, and a slow answer raises its estimate at once (peak-EWMA).
+    fn forget_latency(&self, now: Instant, baseline: Option<f64>) {
+        let start = baseline.filter(|b| b.is_finite() && *b > 0.0).unwrap_or(self.default_rtt);
+        self.rtt_seconds.store(start.to_bits(), Ordering::Relaxed);
         self.rtt_updated.store(self.epoch, Some(now));
         self.measured.store(false, Ordering::Relaxed);
     }
@@ -188,26 +191,20 @@ impl Tracked {
         self.measured.load(Ordering::Relaxed)
     }
 
-    /// Folds in a response's latency; the first since the endpoint became routable is the
-    /// estimate.
     pub fn observe_latency(&self, now: Instant, sample: Duration, decay: Duration) {
-        if !self.measured.swap(true, Ordering::Relaxed) {
-            self.rtt_seconds.store(sample.as_secs_f64().to_bits(), Ordering::Relaxed);
-            self.rtt_updated.store(self.epoch, Some(now));
-            return;
-        }
+        self.measured.store(true, Ordering::Relaxed);
         self.observe(now, sample.as_secs_f64(), decay);
     }
 
     /// Notes whether the endpoint is routable now; `warm` starts it past any slow start. An
-    /// endpoint routable again starts its latency estimate afresh. Called by config updates
-    /// alone, one at a time.
-    pub fn set_routable(&self, routable: bool, now: Instant, warm: bool) {
+    /// endpoint that becomes routable (again) starts its latency estimate from `baseline`, its
+    /// routable peers' fastest. Called by config updates alone, one at a time.
+    pub fn set_routable(&self, routable: bool, now: Instant, warm: bool, baseline: Option<f64>) {
         match (routable, self.routable_since.load(self.epoch)) {
             (true, None) => {
                 let since = if warm { now.checked_sub(Duration::from_secs(3600)).unwrap_or(now) } else { now };
                 self.routable_since.store(self.epoch, Some(since));
-                self.forget_latency(now);
+                self.forget_latency(now, baseline);
             }
             (false, _) => self.routable_since.store(self.epoch, None),
             (true, Some(_)) => {}
@@ -385,13 +382,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_endpoint_routable_again_starts_its_latency_estimate_afresh() {
+    fn an_endpoint_routable_again_starts_from_its_peers_estimate() {
         let now = Instant::now();
         let decay = Duration::from_secs(10);
         let tracked = Tracked::new("catalog-1", Duration::from_millis(30), now);
-        tracked.set_routable(true, now, false);
-        tracked.observe_latency(now, Duration::from_millis(2), decay);
-        assert!((tracked.latency(now, decay) - 0.002).abs() < 1e-9, "the first sample is the estimate");
+        tracked.set_routable(true, now, false, None);
+        assert!((tracked.latency(now, decay) - 0.030).abs() < 1e-9, "the default RTT with no peer measured");
         // Timeouts while it failed push the estimate to the ceiling...
         for _ in 0..10 {
             tracked.penalize(now, decay);
@@ -399,15 +395,18 @@ mod tests {
         assert!(tracked.latency(now, decay) >= PENALTY_CEILING.as_secs_f64() - 1e-9);
         // ...and still 60 s later, well above a healthy peer's 2 ms: it would be starved.
         assert!(tracked.latency(now + Duration::from_secs(60), decay) > 0.02);
-        // Critical, then passing again: it is tried as a new endpoint would be.
-        tracked.set_routable(false, now, false);
-        tracked.set_routable(true, now + Duration::from_secs(1), false);
+        // Critical, then passing again: it starts from its peers' fastest estimate.
+        tracked.set_routable(false, now, false, None);
+        let back = now + Duration::from_secs(1);
+        tracked.set_routable(true, back, false, Some(0.002));
         assert!(!tracked.measured());
-        assert!((tracked.latency(now + Duration::from_secs(1), decay) - 0.030).abs() < 1e-9);
-        tracked.observe_latency(now + Duration::from_secs(1), Duration::from_millis(3), decay);
-        assert!((tracked.latency(now + Duration::from_secs(1), decay) - 0.003).abs() < 1e-9);
+        assert!((tracked.latency(back, decay) - 0.002).abs() < 1e-9);
+        // A slow answer counts at once (peak-EWMA).
+        tracked.observe_latency(back, Duration::from_millis(40), decay);
+        assert!((tracked.latency(back, decay) - 0.040).abs() < 1e-9);
         // Staying routable forgets nothing.
-        tracked.set_routable(true, now + Duration::from_secs(2), false);
+        tracked.set_routable(true, back + Duration::from_secs(1), false, Some(0.002));
         assert!(tracked.measured());
+        assert!(tracked.latency(back, decay) > 0.03);
     }
 }

@@ -312,6 +312,15 @@ impl<S: Clone> Shared<S> {
             None => true,
         };
         let zone = self.config.zone.as_deref().filter(|z| !z.is_empty());
+        // Where an endpoint that becomes routable starts its latency estimate: the fastest of
+        // those routable until now that have been measured.
+        let decay = resilience.balancing.decay;
+        let baseline = builder
+            .built
+            .values()
+            .filter(|b| b.endpoint.health.is_routable() && b.tracked.measured())
+            .map(|b| b.tracked.latency(now, decay))
+            .fold(None, |min: Option<f64>, l| Some(min.map_or(l, |m| m.min(l))));
         let mut built = HashMap::with_capacity(config.endpoints.len());
         let mut members = Vec::new();
         let mut total = 0;
@@ -333,7 +342,7 @@ impl<S: Clone> Shared<S> {
                 }
             };
             let routable = endpoint.health.is_routable();
-            tracked.set_routable(routable, now, warm);
+            tracked.set_routable(routable, now, warm, baseline);
             if routable {
                 members.push(Member { service: service.clone(), endpoint: endpoint.clone(), tracked: tracked.clone() });
             }
