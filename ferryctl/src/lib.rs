@@ -30,6 +30,7 @@ use serde::Serialize;
 
 mod control_plane;
 mod explain;
+mod out;
 mod routing;
 mod security;
 mod table;
@@ -276,7 +277,7 @@ pub fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("error: starting the runtime: {error}");
+            out::stderr(&format!("error: starting the runtime: {error}\n"));
             return ExitCode::FAILURE;
         }
     };
@@ -284,27 +285,31 @@ pub fn main() -> ExitCode {
         Command::Top { watch: true } => runtime.block_on(top::watch(&cli)).map(|()| String::new()),
         _ => runtime.block_on(run(cli)),
     };
+    let result = result.and_then(|text| out::stdout(&text));
     match result {
-        Ok(text) => {
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
+        Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`| head`): it wanted no more, and there is nobody to tell.
+        Err(error) if error.is::<out::StdoutClosed>() => ExitCode::from(out::EXIT_STDOUT_CLOSED),
         Err(error) if error.is::<UsageError>() => {
-            eprintln!("error: {error}");
+            out::stderr(&format!("error: {error}\n"));
             ExitCode::from(ferry_runtime::EXIT_USAGE)
         }
         Err(error) if error.is::<ShownFailure>() => {
-            if let Some(failure) = error.downcast_ref::<ShownFailure>() {
-                print!("{}", failure.shown);
+            if let Some(failure) = error.downcast_ref::<ShownFailure>()
+                && let Err(closed) = out::stdout(&failure.shown)
+                && closed.is::<out::StdoutClosed>()
+            {
+                return ExitCode::from(out::EXIT_STDOUT_CLOSED);
             }
-            eprintln!("error: {error}");
+            out::stderr(&format!("error: {error}\n"));
             ExitCode::FAILURE
         }
         Err(error) => {
-            match error.downcast_ref::<tonic::Status>() {
-                Some(status) => eprintln!("error: {}", status_text(status)),
-                None => eprintln!("error: {}", ferry_runtime::error_chain(error.as_ref())),
-            }
+            let text = match error.downcast_ref::<tonic::Status>() {
+                Some(status) => status_text(status),
+                None => ferry_runtime::error_chain(error.as_ref()),
+            };
+            out::stderr(&format!("error: {text}\n"));
             ExitCode::FAILURE
         }
     }
