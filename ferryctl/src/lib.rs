@@ -305,13 +305,18 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         Err(error) => {
-            let text = match error.downcast_ref::<tonic::Status>() {
-                Some(status) => status_text(status),
-                None => ferry_runtime::error_chain(error.as_ref()),
-            };
-            out::stderr(&format!("error: {text}\n"));
+            out::stderr(&format!("error: {}\n", error_text(&error)));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An error in one line: a refusal of the control plane in its own words, any other with its
+/// causes.
+fn error_text(error: &anyhow::Error) -> String {
+    match error.downcast_ref::<tonic::Status>() {
+        Some(status) => status_text(status),
+        None => ferry_runtime::error_chain(error.as_ref()),
     }
 }
 
