@@ -688,7 +688,11 @@ fn status_table(response: &v1::ListSidecarsResponse, versions: &Versions) -> Str
                 .last_nack
                 .as_ref()
                 .is_some_and(|n| n.versions.get(&s.service) == Some(&s.sent_version) && s.acked_version != s.sent_version);
-            let state = if s.acked_version == s.current_version {
+            // Version 0 is the registry's "nothing under this name" (a typo, or a service gone):
+            // in sync with nothing is no news that it exists.
+            let state = if s.current_version == 0 {
+                "no such service"
+            } else if s.acked_version == s.current_version {
                 "in sync"
             } else if nacked {
                 "rejected"
@@ -745,6 +749,33 @@ mod tests {
              catalog  2          1        7      240.240.149.217\n\
              db       2          1        7      -\n"
         );
+    }
+
+    #[test]
+    fn a_subscription_to_a_name_nothing_exists_under_is_no_such_service_not_in_sync() {
+        let subscription = |service: &str, version: u64| v1::SubscriptionStatus {
+            service: service.into(),
+            current_version: version,
+            sent_version: version,
+            acked_version: version,
+            ..Default::default()
+        };
+        let response = v1::ListSidecarsResponse {
+            sidecars: vec![v1::SidecarStatus {
+                node_id: "client-1".into(),
+                service: "client".into(),
+                subscriptions: vec![subscription("catalog", 7), subscription("nowhere", 0)],
+                ..Default::default()
+            }],
+        };
+        let versions = Versions::new([7, 0]);
+        let table = status_table(&response, &versions);
+        let state = |service: &str| {
+            let row = table.lines().find(|l| l.split_whitespace().nth(3) == Some(service)).unwrap_or_else(|| panic!("{table}"));
+            row.split("  ").map(str::trim).filter(|c| !c.is_empty()).last().unwrap_or_default().to_owned()
+        };
+        assert_eq!(state("catalog"), "in sync", "{table}");
+        assert_eq!(state("nowhere"), "no such service", "{table}");
     }
 
     #[test]
