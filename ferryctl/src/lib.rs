@@ -29,6 +29,7 @@ use ferry_tls::api::{ApiChannel, ControlPlaneUrls};
 use serde::Serialize;
 
 mod control_plane;
+mod documents;
 mod explain;
 mod out;
 mod routing;
@@ -139,7 +140,8 @@ pub enum Command {
     /// and which rejected it and why.
     Status,
     /// Apply Route, ServicePolicy and AuthorizationPolicy resources from multi-document YAML
-    /// (or JSON), all or none.
+    /// (or JSON), all or none. A document that is a list of resources, such as what
+    /// `ferryctl get -o json` prints, counts as those resources.
     Apply {
         /// The file to read, or - for standard input.
         #[arg(short = 'f', long = "filename", value_name = "FILE|-")]

@@ -137,6 +137,25 @@ async fn apply_get_history_and_rollback_through_ferryctl() {
     assert!(yaml.starts_with("kind: Route\nservice: catalog\n"), "{yaml}");
     let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(&yaml)).await;
     assert!(stdout(&output).contains("route/catalog unchanged"), "{}", stdout(&output));
+    // get -o json prints a list: it applies again unchanged too, and a stale copy is refused on
+    // its version, naming its place in the list.
+    let output = ferryctl(&control_plane, &["-o", "json", "get", "routes", "catalog"], None).await;
+    let json = stdout(&output);
+    assert!(json.starts_with('['), "{json}");
+    let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(&json)).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("route/catalog unchanged"), "{}", stdout(&output));
+    let renamed = "kind: Route\nservice: catalog\nrules:\n  - name: all\n    backends: [ { subset: v2 } ]\n";
+    let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(renamed)).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(&json)).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    let error = stderr(&output);
+    assert!(error.contains("documents[0][0].version") && error.contains("nothing was applied"), "{error}");
+    // The YAML of before the change, likewise.
+    let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(&yaml)).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    assert!(stderr(&output).contains("documents[0].version"), "{}", stderr(&output));
 
     // Deleting the route sends traffic to every endpoint again. On condition of its version:
     // an old one is refused, the current one's short form from `get` is taken.
