@@ -67,6 +67,17 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// What `ferryctl check` reports of a TTL check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CheckStatusArg {
+    /// Passing: the instance takes traffic.
+    Pass,
+    /// Warning: it still takes traffic.
+    Warn,
+    /// Critical: it takes none.
+    Fail,
+}
+
 /// How results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -129,6 +140,17 @@ pub enum Command {
         /// Remove the instance once it has been critical this long [default: never].
         #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
         deregister_critical_after: Option<Duration>,
+    },
+    /// Renew a TTL check (one registered with --check ttl:DURATION): report it passing,
+    /// warning or failing, with a note, until its TTL runs out again.
+    Check {
+        /// pass, warn or fail.
+        status: CheckStatusArg,
+        /// The check's id, such as db-1:ttl (`ferryctl instances SERVICE` lists them).
+        check_id: String,
+        /// The check's output, such as why it fails (at most 4096 bytes) [default: none].
+        #[arg(long, value_name = "TEXT")]
+        note: Option<String>,
     },
     /// Remove an instance by id.
     Deregister {
@@ -264,6 +286,9 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
     let (key, value) = s.split_once('=').ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
     Ok((key.to_owned(), value.to_owned()))
 }
+
+/// The longest note `ferryctl check` sends, as the control plane takes it.
+const MAX_CHECK_NOTE_BYTES: usize = 4096;
 
 /// An error from the user's input rather than from the control plane.
 #[derive(Debug, thiserror::Error)]
@@ -437,7 +462,38 @@ async fn execute(command: Command, output: Output, api: &ControlPlane, input: Op
             let response = registry(api).await?.register(v1::RegisterRequest { instance: Some(instance) }).await?.into_inner();
             render(output, &response, |r| {
                 let i = r.instance.clone().unwrap_or_default();
-                format!("registered {} ({}:{}) in service {}\n", i.id, i.address, i.port, i.service)
+                let mut text = format!("registered {} ({}:{}) in service {}\n", i.id, i.address, i.port, i.service);
+                for check in i.checks.iter().filter(|c| matches!(c.probe, Some(v1::check::Probe::Ttl(_)))) {
+                    text.push_str(&format!("renew it with: ferryctl check pass {}\n", check.id));
+                }
+                text
+            })
+        }
+        Command::Check { status, check_id, note } => {
+            validate::instance_id("CHECK_ID", &check_id).map_err(|e| UsageError(e.to_string()))?;
+            let note = note.unwrap_or_default();
+            if note.len() > MAX_CHECK_NOTE_BYTES {
+                return Err(
+                    UsageError(format!("--note: must be at most {MAX_CHECK_NOTE_BYTES} bytes, not {}", note.len())).into()
+                );
+            }
+            let health = match status {
+                CheckStatusArg::Pass => v1::Health::Passing,
+                CheckStatusArg::Warn => v1::Health::Warning,
+                CheckStatusArg::Fail => v1::Health::Critical,
+            };
+            let request = v1::UpdateTtlRequest { check_id: check_id.clone(), status: health as i32, output: note };
+            let response = match registry(api).await?.update_ttl(request).await {
+                Ok(response) => response.into_inner(),
+                // Another replica may serve it.
+                Err(status) if status.code() == tonic::Code::Unavailable => return Err(status.into()),
+                Err(status) => return Err(anyhow!("check {check_id:?}: {}", status_text(&status))),
+            };
+            render(output, &response, |r| {
+                let check = r.check.clone().unwrap_or_default();
+                let id = if check.id.is_empty() { check_id.clone() } else { check.id };
+                let output = check.output.lines().next().map(|l| format!(": {l}")).unwrap_or_default();
+                format!("check {id} is {}{output}\n", ferry_health::check_status_label(check.status))
             })
         }
         Command::Deregister { id } => {

@@ -57,3 +57,36 @@ async fn a_reader_that_goes_away_ends_ferryctl_quietly() {
     assert!(matches!(status.code(), Some(0 | 141)), "{status:?}\n{stderr}");
     assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{stderr}");
 }
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test]
+async fn a_ttl_check_is_renewed_with_ferryctl_check() {
+    let control_plane = ControlPlane::start().await;
+    let register = ["register", "--service", "jobs", "--id", "job-1", "--address", "127.0.0.1", "--port", "9"];
+    let output = control_plane.ferryctl(&[&register[..], &["--check", "ttl:1h"]].concat()).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    // Register says how to renew it, with the check's real id.
+    assert!(text(&output.stdout).contains("renew it with: ferryctl check pass job-1:ttl\n"), "{}", text(&output.stdout));
+
+    let output = control_plane.ferryctl(&["check", "pass", "job-1:ttl", "--note", "all jobs done"]).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(text(&output.stdout), "check job-1:ttl is passing: all jobs done\n");
+    let output = control_plane.ferryctl(&["instances", "jobs"]).await;
+    let table = text(&output.stdout);
+    let row = table.lines().find(|l| l.starts_with("job-1 ")).unwrap_or_else(|| panic!("{table}"));
+    assert_eq!(row.split_whitespace().nth(2), Some("passing"), "{table}");
+    let check = table.lines().find(|l| l.starts_with("job-1:ttl ")).unwrap_or_else(|| panic!("{table}"));
+    assert!(check.contains("passing") && check.contains("all jobs done"), "{table}");
+
+    let output = control_plane.ferryctl(&["check", "fail", "job-1:ttl"]).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).starts_with("check job-1:ttl is critical"), "{}", text(&output.stdout));
+
+    // A check that does not exist: the error names it.
+    let output = control_plane.ferryctl(&["check", "pass", "job-2:ttl"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(text(&output.stderr).starts_with("error: check \"job-2:ttl\": "), "{}", text(&output.stderr));
+}
