@@ -174,7 +174,8 @@ pub enum Command {
     },
     /// Show routes, policies or authorization policies, of one service or all.
     Get {
-        /// routes, policies or authorizations.
+        /// route, policy or authorization (each plural works too: routes, policies,
+        /// authorizations).
         kind: KindArg,
         /// Only this service's.
         service: Option<String>,
@@ -297,10 +298,11 @@ struct UsageError(String);
 
 /// Runs `ferryctl` with the process arguments.
 pub fn main() -> ExitCode {
-    let cli = match ferry_runtime::parse::<Cli, _, _>(std::env::args_os()) {
+    let cli = match parse(std::env::args_os().collect()) {
         Ok(cli) => cli,
         Err(code) => return code,
     };
+    let token_given = cli.token.as_ref().is_some_and(|t| !t.trim().is_empty());
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -332,10 +334,40 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         Err(error) => {
-            out::stderr(&format!("error: {}\n", error_text(&error)));
+            let mut text = error_text(&error);
+            if !token_given && error.downcast_ref::<tonic::Status>().is_some_and(|s| s.code() == tonic::Code::Unauthenticated) {
+                text.push_str(" (no token was given: pass --token or set FERRY_TOKEN)");
+            }
+            out::stderr(&format!("error: {text}\n"));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The flags whose value may come from the environment.
+const FROM_ENV: [&str; 4] = ["control_plane", "token", "ca_file", "output"];
+
+/// Parses the command line as [`ferry_runtime::parse`] does, but with usage errors that do not
+/// blame what the environment set: clap counts a flag set through its variable (FERRY_TOKEN) as
+/// given, and lists it in the usage line of an error (`Usage: ferryctl token create --kind
+/// <KIND> --token <TOKEN> --ca-file <FILE>`), which reads as if it were required. The error is
+/// told again from a parse that ignores the environment, when that parse fails the same way.
+fn parse(args: Vec<std::ffi::OsString>) -> Result<Cli, ExitCode> {
+    use clap::{CommandFactory, FromArgMatches};
+    let error = match Cli::command().try_get_matches_from(&args).and_then(|m| Cli::from_arg_matches(&m)) {
+        Ok(cli) => return Ok(cli),
+        Err(error) => error,
+    };
+    let mut without_env = Cli::command();
+    for id in FROM_ENV {
+        without_env = without_env.mut_arg(id, |arg| arg.env(None));
+    }
+    let error = match without_env.try_get_matches_from(&args) {
+        Err(plain) if plain.kind() == error.kind() => plain,
+        _ => error,
+    };
+    let _ = error.print();
+    Err(if error.use_stderr() { ExitCode::from(ferry_runtime::EXIT_USAGE) } else { ExitCode::SUCCESS })
 }
 
 /// An error in one line: a refusal of the control plane in its own words, any other with its
@@ -834,6 +866,21 @@ mod tests {
         };
         assert_eq!(state("catalog"), "in sync", "{table}");
         assert_eq!(state("nowhere"), "no such service", "{table}");
+    }
+
+    #[test]
+    fn get_help_names_the_kinds_as_they_are_accepted() {
+        use clap::CommandFactory;
+        let mut command = Cli::command();
+        let help = command.find_subcommand_mut("get").expect("get").render_long_help().to_string();
+        assert!(help.contains("route, policy or authorization (each plural works too"), "{help}");
+        for value in ["route", "policy", "authorization"] {
+            assert!(help.contains(&format!("- {value}:")), "{value} in:\n{help}");
+        }
+        for plural in ["routes", "policies", "authorizations"] {
+            let parsed = Cli::try_parse_from(["ferryctl", "get", plural]).expect(plural);
+            assert!(matches!(parsed.command, Command::Get { .. }), "{plural}");
+        }
     }
 
     #[test]

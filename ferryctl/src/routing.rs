@@ -319,6 +319,11 @@ pub async fn get(api: &ControlPlane, output: Output, kind: KindArg, service: Opt
         crate::known_service(api, &service).await?;
         return Err(anyhow::anyhow!("no {} for service {service:?}", kind.noun()));
     }
+    // Empty YAML is no text at all: say so where it does not spoil the stream (JSON has `[]`,
+    // the table its own line).
+    if output == Output::Yaml && response.resources.is_empty() {
+        crate::out::stderr("no resources\n");
+    }
     render_resources(output, response.resources.iter())
 }
 

@@ -90,3 +90,57 @@ async fn a_ttl_check_is_renewed_with_ferryctl_check() {
     assert_eq!(output.status.code(), Some(1));
     assert!(text(&output.stderr).starts_with("error: check \"job-2:ttl\": "), "{}", text(&output.stderr));
 }
+
+#[tokio::test]
+async fn token_create_names_its_row_on_stderr_and_empty_yaml_says_so_on_stderr() {
+    let control_plane = ControlPlane::start().await;
+    let output = control_plane.ferryctl(&["token", "create", "--kind", "read", "--ttl", "1h"]).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let secret = text(&output.stdout);
+    let secret = secret.trim_end();
+    assert_eq!(text(&output.stdout).lines().count(), 1, "the secret alone on stdout");
+    let said = text(&output.stderr);
+    assert!(said.starts_with("created token ") && said.contains("(kind read, expires "), "{said}");
+    assert!(!said.contains(secret), "never the secret on stderr: {said}");
+    let id = said.split_whitespace().nth(2).expect("the id").to_owned();
+    let listed = text(&control_plane.ferryctl(&["token", "list"]).await.stdout);
+    let row = listed.lines().find(|l| l.starts_with(&format!("{id} "))).unwrap_or_else(|| panic!("{id} in:\n{listed}"));
+    assert!(row.contains("read"), "{row}");
+
+    // No authorization policy: empty YAML, said on stderr; JSON an empty list; exit 0 both.
+    let output = control_plane.ferryctl(&["-o", "yaml", "get", "authorization"]).await;
+    assert_eq!(
+        (output.status.code(), text(&output.stdout), text(&output.stderr)),
+        (Some(0), String::new(), "no resources\n".into())
+    );
+    let output = control_plane.ferryctl(&["-o", "json", "get", "authorization"]).await;
+    assert_eq!((output.status.code(), text(&output.stdout)), (Some(0), "[]\n".into()));
+
+    // No token at all: the error says both ways to give one.
+    let output = tokio::process::Command::new(binary("ferryctl"))
+        .envs(control_plane.ferryctl_env().into_iter().filter(|(name, _)| *name != "FERRY_TOKEN"))
+        .env_remove("FERRY_TOKEN")
+        .arg("services")
+        .output()
+        .await
+        .expect("ferryctl runs");
+    assert_eq!(output.status.code(), Some(1));
+    let error = text(&output.stderr);
+    assert!(error.contains("not authenticated") && error.contains("pass --token or set FERRY_TOKEN"), "{error}");
+}
+
+#[tokio::test]
+async fn a_usage_error_does_not_list_the_flags_the_environment_set() {
+    let output = tokio::process::Command::new(binary("ferryctl"))
+        .env("FERRY_TOKEN", "secret")
+        .env("FERRY_CA_FILE", "/nonexistent/ca.pem")
+        .args(["token", "create", "--service", "catalog"])
+        .output()
+        .await
+        .expect("ferryctl runs");
+    assert_eq!(output.status.code(), Some(64));
+    let error = text(&output.stderr);
+    let usage = error.lines().find(|l| l.starts_with("Usage: ")).unwrap_or_else(|| panic!("{error}"));
+    assert_eq!(usage, "Usage: ferryctl token create --kind <KIND> --service <SERVICE>", "{error}");
+    assert!(error.contains("--kind <KIND>"), "{error}");
+}
