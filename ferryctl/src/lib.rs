@@ -353,6 +353,14 @@ const FROM_ENV: [&str; 4] = ["control_plane", "token", "ca_file", "output"];
 /// <KIND> --token <TOKEN> --ca-file <FILE>`), which reads as if it were required. The error is
 /// told again from a parse that ignores the environment, when that parse fails the same way.
 fn parse(args: Vec<std::ffi::OsString>) -> Result<Cli, ExitCode> {
+    try_parse(args).map_err(|error| {
+        let _ = error.print();
+        if error.use_stderr() { ExitCode::from(ferry_runtime::EXIT_USAGE) } else { ExitCode::SUCCESS }
+    })
+}
+
+/// [`parse`] without the printing: the command, or the error (or help) to show.
+fn try_parse(args: Vec<std::ffi::OsString>) -> Result<Cli, clap::Error> {
     use clap::{CommandFactory, FromArgMatches};
     let error = match Cli::command().try_get_matches_from(&args).and_then(|m| Cli::from_arg_matches(&m)) {
         Ok(cli) => return Ok(cli),
@@ -362,12 +370,11 @@ fn parse(args: Vec<std::ffi::OsString>) -> Result<Cli, ExitCode> {
     for id in FROM_ENV {
         without_env = without_env.mut_arg(id, |arg| arg.env(None));
     }
-    let error = match without_env.try_get_matches_from(&args) {
-        Err(plain) if plain.kind() == error.kind() => plain,
+    // Help and version are no errors, and their text shows the variables.
+    Err(match without_env.try_get_matches_from(&args) {
+        Err(plain) if error.use_stderr() && plain.kind() == error.kind() => plain,
         _ => error,
-    };
-    let _ = error.print();
-    Err(if error.use_stderr() { ExitCode::from(ferry_runtime::EXIT_USAGE) } else { ExitCode::SUCCESS })
+    })
 }
 
 /// An error in one line: a refusal of the control plane in its own words, any other with its
@@ -866,6 +873,17 @@ mod tests {
         };
         assert_eq!(state("catalog"), "in sync", "{table}");
         assert_eq!(state("nowhere"), "no such service", "{table}");
+    }
+
+    #[test]
+    fn usage_errors_come_from_the_flags_given_and_help_still_shows_the_variables() {
+        let args = |list: &[&str]| list.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let error = try_parse(args(&["ferryctl", "token", "create", "--token", "x"])).expect_err("no --kind");
+        let text = error.render().to_string();
+        // A flag given on the command line is still named, as clap would.
+        assert!(text.contains("Usage: ferryctl token create --kind <KIND> --token <TOKEN>"), "{text}");
+        let help = try_parse(args(&["ferryctl", "token", "create", "--help"])).expect_err("help").render().to_string();
+        assert!(help.contains("[env: FERRY_TOKEN]") && help.contains("[env: FERRY_CA_FILE"), "{help}");
     }
 
     #[test]
