@@ -66,23 +66,24 @@ pub async fn explain(question: Question, output: Output, control_plane: &Control
     if let Some(callers) = callers(control_plane).await {
         value["calling_sidecars"] = serde_json::to_value(callers).unwrap_or_default();
     }
-    // The request goes out as the asked sidecar: whether the service's policy lets it in.
-    let decision = match own_caller(&question.sidecar).await {
-        Ok(caller) => match decide(&question, caller.as_caller(), control_plane).await {
-            Ok((decision, method)) => {
-                value["authorization"] = authorization_value(&question, &caller.name(), &method, &decision);
-                Some((caller, decision))
+    // The request goes out as the asked sidecar: whether the service's policy lets it in. (A
+    // gateway routes to other services by host: it has no single service to ask about.)
+    let mut decision = None;
+    if value["gateway"].as_bool() != Some(true) {
+        let decided = async {
+            let caller = own_caller(&question.sidecar).await?;
+            let (decision, method) = decide(&question, caller.as_caller(), control_plane).await?;
+            anyhow::Ok((caller, decision, method))
+        };
+        value["authorization"] = match decided.await {
+            Ok((caller, verdict, method)) => {
+                let shown = authorization_value(&question, &caller.name(), &method, &verdict);
+                decision = Some((caller, verdict));
+                shown
             }
-            Err(error) => {
-                value["authorization"] = serde_json::json!({ "error": super::error_text(&error) });
-                None
-            }
-        },
-        Err(error) => {
-            value["authorization"] = serde_json::json!({ "error": super::error_text(&error) });
-            None
-        }
-    };
+            Err(error) => serde_json::json!({ "error": super::error_text(&error) }),
+        };
+    }
     let shown = match output {
         Output::Table => text(&value),
         _ => super::encode(output, &value)?,
