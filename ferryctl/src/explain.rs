@@ -33,7 +33,6 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Asks the sidecar and renders its answer.
 pub async fn explain(question: Question, output: Output, control_plane: &ControlPlane) -> anyhow::Result<String> {
-    let base = if question.sidecar.contains("://") { question.sidecar.clone() } else { format!("http://{}", question.sidecar) };
     let mut query = form_urlencoded::Serializer::new(String::new());
     // Methods are case-sensitive in HTTP, but nobody means `post` as a method of its own.
     let method = question.method.to_ascii_uppercase();
@@ -44,20 +43,8 @@ pub async fn explain(question: Question, output: Output, control_plane: &Control
     if let Some(host) = &question.host {
         query.append_pair("host", host);
     }
-    let url = format!("{}/explain?{}", base.trim_end_matches('/'), query.finish());
-    let uri: http::Uri = url.parse().map_err(|e| UsageError(format!("--sidecar {:?}: {e}", question.sidecar)))?;
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let response = tokio::time::timeout(TIMEOUT, client.get(uri))
-        .await
-        .map_err(|_| anyhow::anyhow!("the sidecar at {} did not answer within {TIMEOUT:?}", question.sidecar))?
-        .with_context(|| format!("cannot reach the sidecar's admin listener at {}", question.sidecar))?;
-    let status = response.status();
-    let body = response.into_body().collect().await.context("reading the sidecar's answer")?.to_bytes();
+    let (status, value) = admin_get(&question.sidecar, &format!("/explain?{}", query.finish())).await?;
     let hint = format!("is {} a sidecar's admin listener (--sidecar, default 127.0.0.1:15000)?", question.sidecar);
-    let Ok(value) = serde_json::from_slice::<Value>(&body) else {
-        let text = String::from_utf8_lossy(&body);
-        return Err(anyhow::anyhow!("{} answered {status}, not an explanation: {}; {hint}", question.sidecar, text.trim()));
-    };
     match status {
         _ if status.is_success() => {}
         http::StatusCode::BAD_REQUEST => {
@@ -68,43 +55,156 @@ pub async fn explain(question: Question, output: Output, control_plane: &Control
             return Err(anyhow::anyhow!("{} answered {status}: {error}; {hint}", question.sidecar));
         }
     }
+    // A service that does not exist has nothing to explain: the error alone, with the closest
+    // name, rather than a made-up route for it.
+    if unknown(&value) {
+        let names = super::service_names(control_plane).await.unwrap_or_default();
+        return Err(anyhow::anyhow!(unknown_service(&question.service, names.iter().map(String::as_str))));
+    }
     let mut value = value;
     // Best effort: without the control plane, the limits are shown per sidecar only.
     if let Some(callers) = callers(control_plane).await {
         value["calling_sidecars"] = serde_json::to_value(callers).unwrap_or_default();
     }
+    // The request goes out as the asked sidecar: whether the service's policy lets it in. (A
+    // gateway routes to other services by host: it has no single service to ask about.)
+    let mut decision = None;
+    if value["gateway"].as_bool() != Some(true) {
+        let decided = async {
+            let caller = own_caller(&question.sidecar).await?;
+            let (decision, method) = decide(&question, caller.as_caller(), control_plane).await?;
+            anyhow::Ok((caller, decision, method))
+        };
+        value["authorization"] = match decided.await {
+            Ok((caller, verdict, method)) => {
+                let shown = authorization_value(&question, &caller.name(), &method, &verdict);
+                decision = Some((caller, verdict));
+                shown
+            }
+            Err(error) => serde_json::json!({ "error": super::error_text(&error) }),
+        };
+    }
     let shown = match output {
         Output::Table => text(&value),
         _ => super::encode(output, &value)?,
     };
-    match would_fail(&value) {
-        None => Ok(shown),
-        Some(Failure::UnknownService) => {
-            let names = super::service_names(control_plane).await.unwrap_or_default();
-            let why = super::no_such_service(&question.service, names.iter().map(String::as_str));
-            Err(super::ShownFailure { shown, why: format!("{why}: requests to it get 503 unknown_service") }.into())
-        }
-        Some(Failure::NoEndpoints) => Err(super::ShownFailure {
+    if would_fail(&value) {
+        return Err(super::ShownFailure {
             shown,
             why: format!("no endpoint of {} can take this request: it would get 503 no_endpoints", question.service),
         }
-        .into()),
+        .into());
+    }
+    match decision {
+        Some((caller, decision)) if !decision.allowed() => {
+            let why = format!("{} may not make this request: it would get 403 forbidden", caller.name());
+            Err(super::ShownFailure { shown, why }.into())
+        }
+        _ => Ok(shown),
     }
 }
 
-/// Why a request explained would fail, when it would.
-enum Failure {
-    UnknownService,
-    NoEndpoints,
+/// What to say of `service` when the asked sidecar knows no such service: that, the closest
+/// name, and what a request to it gets.
+fn unknown_service<'a>(service: &str, names: impl IntoIterator<Item = &'a str>) -> String {
+    let hint = match ferry_runtime::suggest::closest(service, names) {
+        Some(name) => format!("did you mean {name:?}?"),
+        None => "`ferryctl services` lists them".to_owned(),
+    };
+    format!("there is no service {service:?} ({hint}); a request to it gets 503 unknown_service")
 }
 
-fn would_fail(v: &Value) -> Option<Failure> {
-    if v["service_exists"].as_bool() == Some(false) && v["gateway"].as_bool() != Some(true) {
-        return Some(Failure::UnknownService);
+/// `GET path` of the sidecar's admin listener at `sidecar` (HOST:PORT or a URL): its status
+/// and its JSON answer.
+async fn admin_get(sidecar: &str, path: &str) -> anyhow::Result<(http::StatusCode, Value)> {
+    let base = if sidecar.contains("://") { sidecar.to_owned() } else { format!("http://{sidecar}") };
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let uri: http::Uri = url.parse().map_err(|e| UsageError(format!("--sidecar {sidecar:?}: {e}")))?;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let response = tokio::time::timeout(TIMEOUT, client.get(uri))
+        .await
+        .map_err(|_| anyhow::anyhow!("the sidecar at {sidecar} did not answer within {TIMEOUT:?}"))?
+        .with_context(|| format!("cannot reach the sidecar's admin listener at {sidecar}"))?;
+    let status = response.status();
+    let body = response.into_body().collect().await.context("reading the sidecar's answer")?.to_bytes();
+    let Ok(value) = serde_json::from_slice::<Value>(&body) else {
+        let text = String::from_utf8_lossy(&body);
+        let hint = format!("is {sidecar} a sidecar's admin listener (--sidecar, default 127.0.0.1:15000)?");
+        return Err(anyhow::anyhow!("{sidecar} answered {status}, not an explanation: {}; {hint}", text.trim()));
+    };
+    Ok((status, value))
+}
+
+/// Who a sidecar's requests come from, as the called sidecar sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum OwnCaller {
+    /// Its mesh identity: the service its leaf was issued for.
+    Service(String),
+    /// It holds no leaf, so it calls in plaintext, without an identity.
+    Unauthenticated,
+}
+
+impl OwnCaller {
+    fn as_caller(&self) -> Caller<'_> {
+        match self {
+            Self::Service(service) => Caller::Service(service),
+            Self::Unauthenticated => Caller::Unauthenticated,
+        }
     }
-    let backends = v["backends"].as_array()?;
-    let none_routable = !backends.is_empty() && backends.iter().all(|b| b["routable_endpoints"].as_u64() == Some(0));
-    none_routable.then_some(Failure::NoEndpoints)
+
+    fn name(&self) -> String {
+        self.as_caller().to_string()
+    }
+}
+
+/// The caller the sidecar at `sidecar` is, from its `/config`: the service of the identity it
+/// holds (what mTLS proves to the called sidecar), or, from a sidecar that does not show its
+/// identity, the service it runs for.
+async fn own_caller(sidecar: &str) -> anyhow::Result<OwnCaller> {
+    let (status, config) = admin_get(sidecar, "/config").await?;
+    if !status.is_success() {
+        return Err(anyhow::anyhow!("{sidecar}/config answered {status}"));
+    }
+    own_caller_from(&config).ok_or_else(|| anyhow::anyhow!("{sidecar}/config shows neither its identity nor its service"))
+}
+
+fn own_caller_from(config: &Value) -> Option<OwnCaller> {
+    match &config["identity"] {
+        // A sidecar of a build that shows its identity.
+        Value::Object(identity) => Some(match identity.get("identity").and_then(Value::as_str) {
+            Some(uri) => match ferry_tls::identity::Identity::parse(uri) {
+                Ok(identity) => OwnCaller::Service(identity.service),
+                Err(_) => OwnCaller::Unauthenticated,
+            },
+            None => OwnCaller::Unauthenticated,
+        }),
+        _ => config["service"].as_str().filter(|s| !s.is_empty()).map(|s| OwnCaller::Service(s.to_owned())),
+    }
+}
+
+/// The authorization decision as `-o json` shows it.
+fn authorization_value(question: &Question, caller: &str, method: &http::Method, decision: &Decision) -> Value {
+    serde_json::json!({
+        "service": question.service,
+        "caller": caller,
+        "method": method.as_str(),
+        "path": question.path,
+        "decision": decision.action.as_str(),
+        "rule": decision.rule,
+        "because": decision.because(),
+        "policy_version": decision.version,
+    })
+}
+
+/// Whether the sidecar knows no such service (a gateway routes by host, not by service).
+fn unknown(v: &Value) -> bool {
+    v["service_exists"].as_bool() == Some(false) && v["gateway"].as_bool() != Some(true)
+}
+
+/// Whether the request explained would fail for want of an endpoint.
+fn would_fail(v: &Value) -> bool {
+    let Some(backends) = v["backends"].as_array() else { return false };
+    !backends.is_empty() && backends.iter().all(|b| b["routable_endpoints"].as_u64() == Some(0))
 }
 
 /// How many connected sidecars subscribe to each service, from the control plane's
@@ -127,6 +227,36 @@ async fn callers(control_plane: &ControlPlane) -> Option<BTreeMap<String, usize>
 /// `ferryctl explain SERVICE --from CALLER`: the authorization decision for a request of
 /// `caller`, and the rule that makes it.
 pub async fn authorization(question: Question, caller: &str, output: Output, api: &ControlPlane) -> anyhow::Result<String> {
+    let (decision, method) = decide(&question, Caller::Service(caller), api).await?;
+    let value = authorization_value(&question, caller, &method, &decision);
+    let shown = match output {
+        Output::Table => {
+            let verdict = if decision.allowed() { "ALLOWED" } else { "DENIED" };
+            let version = if decision.version == 0 {
+                String::new()
+            } else {
+                format!(" (authorization policy version {})", decision.version)
+            };
+            format!(
+                "{verdict}: {caller} -> {} {} {}\ndecided by: {}{version}\n",
+                question.service,
+                method,
+                question.path,
+                decision.because()
+            )
+        }
+        _ => super::encode(output, &value)?,
+    };
+    if decision.allowed() {
+        return Ok(shown);
+    }
+    let why = format!("{caller} may not make this request: it would get 403 forbidden");
+    Err(super::ShownFailure { shown, why }.into())
+}
+
+/// The decision of the service's authorization policy, from the control plane, on the request
+/// of `question` made by `caller`; and the request's method.
+async fn decide(question: &Question, caller: Caller<'_>, api: &ControlPlane) -> anyhow::Result<(Decision, http::Method)> {
     let request = v1::GetRequest { kind: v1::ResourceKind::Authorization as i32, service: question.service.clone() };
     let policy = match ConfigClient::new(super::connect(api).await?).get(request).await {
         Ok(response) => match response.into_inner().resource.and_then(|r| r.kind) {
@@ -151,42 +281,10 @@ pub async fn authorization(question: Question, caller: &str, output: Output, api
     let decision = match &policy {
         Some(policy) => Authorization::compile(policy, policy.version)
             .map_err(|e| anyhow::anyhow!("the policy does not compile: {e}"))?
-            .evaluate(Caller::Service(caller), &Request::Http(info)),
+            .evaluate(caller, &Request::Http(info)),
         None => Decision::no_policy(),
     };
-    let value = serde_json::json!({
-        "service": question.service,
-        "caller": caller,
-        "method": method.as_str(),
-        "path": question.path,
-        "decision": decision.action.as_str(),
-        "rule": decision.rule,
-        "because": decision.because(),
-        "policy_version": decision.version,
-    });
-    let shown = match output {
-        Output::Table => {
-            let verdict = if decision.allowed() { "ALLOWED" } else { "DENIED" };
-            let version = if decision.version == 0 {
-                String::new()
-            } else {
-                format!(" (authorization policy version {})", decision.version)
-            };
-            format!(
-                "{verdict}: {caller} -> {} {} {}\ndecided by: {}{version}\n",
-                question.service,
-                method,
-                question.path,
-                decision.because()
-            )
-        }
-        _ => super::encode(output, &value)?,
-    };
-    if decision.allowed() {
-        return Ok(shown);
-    }
-    let why = format!("{caller} may not make this request: it would get 403 forbidden");
-    Err(super::ShownFailure { shown, why }.into())
+    Ok((decision, method))
 }
 
 /// The circuit breaker line of one service.
@@ -312,5 +410,73 @@ fn text(v: &Value) -> String {
     if let Some(rewrite) = v["rewrite_path_prefix"].as_object() {
         line(format!("rewrite:  path prefix {} → {}", rewrite["from"], rewrite["to"]));
     }
+    if let Some(line_text) = authz_line(&v["authorization"]) {
+        line(line_text);
+    }
     out
+}
+
+/// The `authz:` line: whether the service's policy lets the asked sidecar make the request.
+fn authz_line(authorization: &Value) -> Option<String> {
+    let authorization = authorization.as_object()?;
+    if let Some(error) = authorization.get("error").and_then(Value::as_str) {
+        return Some(format!("authz:    not checked: {error}"));
+    }
+    let verdict = if authorization.get("decision").and_then(Value::as_str) == Some("allow") { "allowed" } else { "denied" };
+    let version = match authorization.get("policy_version").and_then(Value::as_u64) {
+        Some(version) if version > 0 => format!(" (authorization policy version {})", ferry_runtime::short::version(version)),
+        _ => String::new(),
+    };
+    Some(format!(
+        "authz:    {verdict} for {} (this sidecar's identity): decided by {}{version}",
+        authorization.get("caller").and_then(Value::as_str).unwrap_or("?"),
+        authorization.get("because").and_then(Value::as_str).unwrap_or("?"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_service_reads_as_one_sentence_with_the_closest_name() {
+        assert_eq!(
+            unknown_service("catalgo", ["catalog", "frontend"]),
+            r#"there is no service "catalgo" (did you mean "catalog"?); a request to it gets 503 unknown_service"#
+        );
+        assert_eq!(
+            unknown_service("zzzzzzzz", ["catalog"]),
+            "there is no service \"zzzzzzzz\" (`ferryctl services` lists them); a request to it gets 503 unknown_service"
+        );
+    }
+
+    #[test]
+    fn the_asked_sidecar_calls_as_its_identity_or_unauthenticated_without_one() {
+        let config = serde_json::json!({
+            "service": "client",
+            "identity": { "identity": "spiffe://ferry.local/service/client", "mtls": "strict" },
+        });
+        assert_eq!(own_caller_from(&config), Some(OwnCaller::Service("client".into())));
+        let config = serde_json::json!({ "service": "client", "identity": { "identity": null } });
+        assert_eq!(own_caller_from(&config), Some(OwnCaller::Unauthenticated));
+        // A sidecar that does not show its identity: the service it runs for.
+        assert_eq!(own_caller_from(&serde_json::json!({ "service": "client" })), Some(OwnCaller::Service("client".into())));
+        assert_eq!(own_caller_from(&serde_json::json!({})), None);
+    }
+
+    #[test]
+    fn the_authz_line_says_the_verdict_the_caller_and_the_deciding_rule() {
+        let value = serde_json::json!({
+            "authorization": {
+                "caller": "client", "decision": "deny", "because": "the default (deny)", "policy_version": 1_796_655_541_938_275_u64,
+            },
+        });
+        let shown = text(&value);
+        assert!(
+            shown.contains("authz:    denied for client (this sidecar's identity): decided by the default (deny) (authorization policy version …938275)"),
+            "{shown}"
+        );
+        let value = serde_json::json!({ "authorization": { "error": "cannot reach the control plane" } });
+        assert!(text(&value).contains("authz:    not checked: cannot reach the control plane"));
+    }
 }

@@ -29,7 +29,9 @@ use ferry_tls::api::{ApiChannel, ControlPlaneUrls};
 use serde::Serialize;
 
 mod control_plane;
+mod documents;
 mod explain;
+mod out;
 mod routing;
 mod security;
 mod table;
@@ -63,6 +65,17 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// What `ferryctl check` reports of a TTL check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CheckStatusArg {
+    /// Passing: the instance takes traffic.
+    Pass,
+    /// Warning: it still takes traffic.
+    Warn,
+    /// Critical: it takes none.
+    Fail,
 }
 
 /// How results are printed.
@@ -128,6 +141,17 @@ pub enum Command {
         #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
         deregister_critical_after: Option<Duration>,
     },
+    /// Renew a TTL check (one registered with --check ttl:DURATION): report it passing,
+    /// warning or failing, with a note, until its TTL runs out again.
+    Check {
+        /// pass, warn or fail.
+        status: CheckStatusArg,
+        /// The check's id, such as db-1:ttl (`ferryctl instances SERVICE` lists them).
+        check_id: String,
+        /// The check's output, such as why it fails (at most 4096 bytes) [default: none].
+        #[arg(long, value_name = "TEXT")]
+        note: Option<String>,
+    },
     /// Remove an instance by id.
     Deregister {
         /// The instance's id.
@@ -138,7 +162,8 @@ pub enum Command {
     /// and which rejected it and why.
     Status,
     /// Apply Route, ServicePolicy and AuthorizationPolicy resources from multi-document YAML
-    /// (or JSON), all or none.
+    /// (or JSON), all or none. A document that is a list of resources, such as what
+    /// `ferryctl get -o json` prints, counts as those resources.
     Apply {
         /// The file to read, or - for standard input.
         #[arg(short = 'f', long = "filename", value_name = "FILE|-")]
@@ -149,7 +174,8 @@ pub enum Command {
     },
     /// Show routes, policies or authorization policies, of one service or all.
     Get {
-        /// routes, policies or authorizations.
+        /// route, policy or authorization (each plural works too: routes, policies,
+        /// authorizations).
         kind: KindArg,
         /// Only this service's.
         service: Option<String>,
@@ -262,6 +288,9 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
     Ok((key.to_owned(), value.to_owned()))
 }
 
+/// The longest note `ferryctl check` sends, as the control plane takes it.
+const MAX_CHECK_NOTE_BYTES: usize = 4096;
+
 /// An error from the user's input rather than from the control plane.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -269,14 +298,15 @@ struct UsageError(String);
 
 /// Runs `ferryctl` with the process arguments.
 pub fn main() -> ExitCode {
-    let cli = match ferry_runtime::parse::<Cli, _, _>(std::env::args_os()) {
+    let cli = match parse(std::env::args_os().collect()) {
         Ok(cli) => cli,
         Err(code) => return code,
     };
+    let token_given = cli.token.as_ref().is_some_and(|t| !t.trim().is_empty());
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("error: starting the runtime: {error}");
+            out::stderr(&format!("error: starting the runtime: {error}\n"));
             return ExitCode::FAILURE;
         }
     };
@@ -284,29 +314,75 @@ pub fn main() -> ExitCode {
         Command::Top { watch: true } => runtime.block_on(top::watch(&cli)).map(|()| String::new()),
         _ => runtime.block_on(run(cli)),
     };
+    let result = result.and_then(|text| out::stdout(&text));
     match result {
-        Ok(text) => {
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
+        Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`| head`): it wanted no more, and there is nobody to tell.
+        Err(error) if error.is::<out::StdoutClosed>() => ExitCode::from(out::EXIT_STDOUT_CLOSED),
         Err(error) if error.is::<UsageError>() => {
-            eprintln!("error: {error}");
+            out::stderr(&format!("error: {error}\n"));
             ExitCode::from(ferry_runtime::EXIT_USAGE)
         }
         Err(error) if error.is::<ShownFailure>() => {
-            if let Some(failure) = error.downcast_ref::<ShownFailure>() {
-                print!("{}", failure.shown);
+            if let Some(failure) = error.downcast_ref::<ShownFailure>()
+                && let Err(closed) = out::stdout(&failure.shown)
+                && closed.is::<out::StdoutClosed>()
+            {
+                return ExitCode::from(out::EXIT_STDOUT_CLOSED);
             }
-            eprintln!("error: {error}");
+            out::stderr(&format!("error: {error}\n"));
             ExitCode::FAILURE
         }
         Err(error) => {
-            match error.downcast_ref::<tonic::Status>() {
-                Some(status) => eprintln!("error: {}", status_text(status)),
-                None => eprintln!("error: {}", ferry_runtime::error_chain(error.as_ref())),
+            let mut text = error_text(&error);
+            if !token_given && error.downcast_ref::<tonic::Status>().is_some_and(|s| s.code() == tonic::Code::Unauthenticated) {
+                text.push_str(" (no token was given: pass --token or set FERRY_TOKEN)");
             }
+            out::stderr(&format!("error: {text}\n"));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The flags whose value may come from the environment.
+const FROM_ENV: [&str; 4] = ["control_plane", "token", "ca_file", "output"];
+
+/// Parses the command line as [`ferry_runtime::parse`] does, but with usage errors that do not
+/// blame what the environment set: clap counts a flag set through its variable (FERRY_TOKEN) as
+/// given, and lists it in the usage line of an error (`Usage: ferryctl token create --kind
+/// <KIND> --token <TOKEN> --ca-file <FILE>`), which reads as if it were required. The error is
+/// told again from a parse that ignores the environment, when that parse fails the same way.
+fn parse(args: Vec<std::ffi::OsString>) -> Result<Cli, ExitCode> {
+    try_parse(args).map_err(|error| {
+        let _ = error.print();
+        if error.use_stderr() { ExitCode::from(ferry_runtime::EXIT_USAGE) } else { ExitCode::SUCCESS }
+    })
+}
+
+/// [`parse`] without the printing: the command, or the error (or help) to show.
+fn try_parse(args: Vec<std::ffi::OsString>) -> Result<Cli, clap::Error> {
+    use clap::{CommandFactory, FromArgMatches};
+    let error = match Cli::command().try_get_matches_from(&args).and_then(|m| Cli::from_arg_matches(&m)) {
+        Ok(cli) => return Ok(cli),
+        Err(error) => error,
+    };
+    let mut without_env = Cli::command();
+    for id in FROM_ENV {
+        without_env = without_env.mut_arg(id, |arg| arg.env(None));
+    }
+    // Help and version are no errors, and their text shows the variables.
+    Err(match without_env.try_get_matches_from(&args) {
+        Err(plain) if error.use_stderr() && plain.kind() == error.kind() => plain,
+        _ => error,
+    })
+}
+
+/// An error in one line: a refusal of the control plane in its own words, any other with its
+/// causes.
+fn error_text(error: &anyhow::Error) -> String {
+    match error.downcast_ref::<tonic::Status>() {
+        Some(status) => status_text(status),
+        None => ferry_runtime::error_chain(error.as_ref()),
     }
 }
 
@@ -425,7 +501,38 @@ async fn execute(command: Command, output: Output, api: &ControlPlane, input: Op
             let response = registry(api).await?.register(v1::RegisterRequest { instance: Some(instance) }).await?.into_inner();
             render(output, &response, |r| {
                 let i = r.instance.clone().unwrap_or_default();
-                format!("registered {} ({}:{}) in service {}\n", i.id, i.address, i.port, i.service)
+                let mut text = format!("registered {} ({}:{}) in service {}\n", i.id, i.address, i.port, i.service);
+                for check in i.checks.iter().filter(|c| matches!(c.probe, Some(v1::check::Probe::Ttl(_)))) {
+                    text.push_str(&format!("renew it with: ferryctl check pass {}\n", check.id));
+                }
+                text
+            })
+        }
+        Command::Check { status, check_id, note } => {
+            validate::instance_id("CHECK_ID", &check_id).map_err(|e| UsageError(e.to_string()))?;
+            let note = note.unwrap_or_default();
+            if note.len() > MAX_CHECK_NOTE_BYTES {
+                return Err(
+                    UsageError(format!("--note: must be at most {MAX_CHECK_NOTE_BYTES} bytes, not {}", note.len())).into()
+                );
+            }
+            let health = match status {
+                CheckStatusArg::Pass => v1::Health::Passing,
+                CheckStatusArg::Warn => v1::Health::Warning,
+                CheckStatusArg::Fail => v1::Health::Critical,
+            };
+            let request = v1::UpdateTtlRequest { check_id: check_id.clone(), status: health as i32, output: note };
+            let response = match registry(api).await?.update_ttl(request).await {
+                Ok(response) => response.into_inner(),
+                // Another replica may serve it.
+                Err(status) if status.code() == tonic::Code::Unavailable => return Err(status.into()),
+                Err(status) => return Err(anyhow!("check {check_id:?}: {}", status_text(&status))),
+            };
+            render(output, &response, |r| {
+                let check = r.check.clone().unwrap_or_default();
+                let id = if check.id.is_empty() { check_id.clone() } else { check.id };
+                let output = check.output.lines().next().map(|l| format!(": {l}")).unwrap_or_default();
+                format!("check {id} is {}{output}\n", ferry_health::check_status_label(check.status))
             })
         }
         Command::Deregister { id } => {
@@ -678,7 +785,11 @@ fn status_table(response: &v1::ListSidecarsResponse, versions: &Versions) -> Str
                 .last_nack
                 .as_ref()
                 .is_some_and(|n| n.versions.get(&s.service) == Some(&s.sent_version) && s.acked_version != s.sent_version);
-            let state = if s.acked_version == s.current_version {
+            // Version 0 is the registry's "nothing under this name" (a typo, or a service gone):
+            // in sync with nothing is no news that it exists.
+            let state = if s.current_version == 0 {
+                "no such service"
+            } else if s.acked_version == s.current_version {
                 "in sync"
             } else if nacked {
                 "rejected"
@@ -735,6 +846,59 @@ mod tests {
              catalog  2          1        7      240.240.149.217\n\
              db       2          1        7      -\n"
         );
+    }
+
+    #[test]
+    fn a_subscription_to_a_name_nothing_exists_under_is_no_such_service_not_in_sync() {
+        let subscription = |service: &str, version: u64| v1::SubscriptionStatus {
+            service: service.into(),
+            current_version: version,
+            sent_version: version,
+            acked_version: version,
+            ..Default::default()
+        };
+        let response = v1::ListSidecarsResponse {
+            sidecars: vec![v1::SidecarStatus {
+                node_id: "client-1".into(),
+                service: "client".into(),
+                subscriptions: vec![subscription("catalog", 7), subscription("nowhere", 0)],
+                ..Default::default()
+            }],
+        };
+        let versions = Versions::new([7, 0]);
+        let table = status_table(&response, &versions);
+        let state = |service: &str| {
+            let row = table.lines().find(|l| l.split_whitespace().nth(3) == Some(service)).unwrap_or_else(|| panic!("{table}"));
+            row.split("  ").map(str::trim).filter(|c| !c.is_empty()).last().unwrap_or_default().to_owned()
+        };
+        assert_eq!(state("catalog"), "in sync", "{table}");
+        assert_eq!(state("nowhere"), "no such service", "{table}");
+    }
+
+    #[test]
+    fn usage_errors_come_from_the_flags_given_and_help_still_shows_the_variables() {
+        let args = |list: &[&str]| list.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let error = try_parse(args(&["ferryctl", "token", "create", "--token", "x"])).expect_err("no --kind");
+        let text = error.render().to_string();
+        // A flag given on the command line is still named, as clap would.
+        assert!(text.contains("Usage: ferryctl token create --kind <KIND> --token <TOKEN>"), "{text}");
+        let help = try_parse(args(&["ferryctl", "token", "create", "--help"])).expect_err("help").render().to_string();
+        assert!(help.contains("[env: FERRY_TOKEN]") && help.contains("[env: FERRY_CA_FILE"), "{help}");
+    }
+
+    #[test]
+    fn get_help_names_the_kinds_as_they_are_accepted() {
+        use clap::CommandFactory;
+        let mut command = Cli::command();
+        let help = command.find_subcommand_mut("get").expect("get").render_long_help().to_string();
+        assert!(help.contains("route, policy or authorization (each plural works too"), "{help}");
+        for value in ["route", "policy", "authorization"] {
+            assert!(help.contains(&format!("- {value}:")), "{value} in:\n{help}");
+        }
+        for plural in ["routes", "policies", "authorizations"] {
+            let parsed = Cli::try_parse_from(["ferryctl", "get", plural]).expect(plural);
+            assert!(matches!(parsed.command, Command::Get { .. }), "{plural}");
+        }
     }
 
     #[test]

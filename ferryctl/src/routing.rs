@@ -88,11 +88,11 @@ impl Input {
 pub async fn apply(api: &ControlPlane, output: Output, input: &Input, dry_run: bool) -> anyhow::Result<String> {
     let Input { name, text } = input;
     // Checked here with the server's rules, so a mistake is named before anything is sent.
-    let documents = json::documents_from_yaml(text).map_err(|e| anyhow::anyhow!("{name}: {e}; nothing was applied"))?;
+    let documents = crate::documents::resources(text).map_err(|e| anyhow::anyhow!("{name}: {e}; nothing was applied"))?;
     if documents.is_empty() {
         return Err(anyhow::anyhow!("{name}: no resources in the file; nothing was applied"));
     }
-    let indexes: Vec<usize> = documents.iter().map(|(i, _)| *i).collect();
+    let places: Vec<String> = documents.iter().map(|(at, _)| at.clone()).collect();
     let items = documents.into_iter().map(|(_, r)| v1::ApplyItem { resource: Some(r), expected_version: None }).collect();
     let channel = connect(api).await?;
     let response = match ConfigClient::new(channel.clone()).apply(v1::ApplyRequest { items, dry_run }).await {
@@ -101,7 +101,7 @@ pub async fn apply(api: &ControlPlane, output: Output, input: &Input, dry_run: b
         Err(status) if status.code() == tonic::Code::Unavailable => return Err(status.into()),
         Err(status) => {
             // The server names the item; the user knows the document.
-            let message = json::name_document(status.message(), &indexes);
+            let message = crate::documents::name_place(status.message(), &places);
             return Err(anyhow::anyhow!("{name}: {message}; nothing was applied"));
         }
     };
@@ -318,6 +318,11 @@ pub async fn get(api: &ControlPlane, output: Output, kind: KindArg, service: Opt
     {
         crate::known_service(api, &service).await?;
         return Err(anyhow::anyhow!("no {} for service {service:?}", kind.noun()));
+    }
+    // Empty YAML is no text at all: say so where it does not spoil the stream (JSON has `[]`,
+    // the table its own line).
+    if output == Output::Yaml && response.resources.is_empty() {
+        crate::out::stderr("no resources\n");
     }
     render_resources(output, response.resources.iter())
 }

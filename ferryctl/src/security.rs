@@ -85,6 +85,10 @@ pub async fn token(api: &ControlPlane, output: Output, command: TokenCommand) ->
                 description,
             };
             let response = client.create(request).await?.into_inner();
+            // Which row of `token list` it is, on stderr: stdout stays the secret alone.
+            if let (Output::Table, Some(token)) = (output, &response.token) {
+                crate::out::stderr(&created_line(token));
+            }
             match output {
                 // The secret alone, so that `$(ferryctl token create ...)` is the token.
                 Output::Table => Ok(format!("{}\n", response.secret)),
@@ -97,18 +101,10 @@ pub async fn token(api: &ControlPlane, output: Output, command: TokenCommand) ->
                 Output::Table => {
                     let mut table = Table::new(&["ID", "KIND", "SERVICE", "CREATED", "EXPIRES", "DESCRIPTION"]);
                     for token in &response.tokens {
-                        let kind = v1::TokenKind::try_from(token.kind).map_or("unknown", |k| match k {
-                            v1::TokenKind::Admin => "admin",
-                            v1::TokenKind::Read => "read",
-                            v1::TokenKind::Sidecar => "sidecar",
-                            v1::TokenKind::Unspecified => "unknown",
-                        });
-                        let expires = token.expires_at.map_or("never".to_owned(), |at| {
-                            humantime::format_rfc3339_seconds(ferry_proto::time::system_time(at)).to_string()
-                        });
+                        let expires = expires(token);
                         table.row(vec![
                             token.id.clone(),
-                            kind.into(),
+                            kind(token).into(),
                             if token.service.is_empty() { "-".into() } else { token.service.clone() },
                             ago(token.created_at.as_ref()),
                             expires,
@@ -128,6 +124,29 @@ pub async fn token(api: &ControlPlane, output: Output, command: TokenCommand) ->
             }
         }
     }
+}
+
+/// A token's kind in one word.
+fn kind(token: &v1::Token) -> &'static str {
+    v1::TokenKind::try_from(token.kind).map_or("unknown", |k| match k {
+        v1::TokenKind::Admin => "admin",
+        v1::TokenKind::Read => "read",
+        v1::TokenKind::Sidecar => "sidecar",
+        v1::TokenKind::Unspecified => "unknown",
+    })
+}
+
+/// When a token expires, as `token list` shows it.
+fn expires(token: &v1::Token) -> String {
+    token
+        .expires_at
+        .map_or("never".to_owned(), |at| humantime::format_rfc3339_seconds(ferry_proto::time::system_time(at)).to_string())
+}
+
+/// What `token create` says on stderr of the token it made: never its secret.
+fn created_line(token: &v1::Token) -> String {
+    let service = if token.service.is_empty() { String::new() } else { format!(" for service {}", token.service) };
+    format!("created token {} (kind {}{service}, expires {})\n", token.id, kind(token), expires(token))
 }
 
 /// Runs a CA command.
@@ -185,4 +204,26 @@ fn status_text(status: &v1::CaStatus) -> String {
         out.push_str(&format!("behind        {}\n", status.behind.join(", ")));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_created_line_names_the_row_of_token_list_and_never_the_secret() {
+        let token = v1::Token {
+            id: "tok-7f3a".into(),
+            kind: v1::TokenKind::Sidecar as i32,
+            service: "catalog".into(),
+            expires_at: Some(ferry_proto::types::Timestamp { seconds: 1_800_000_000, nanos: 0 }),
+            ..Default::default()
+        };
+        assert_eq!(
+            created_line(&token),
+            "created token tok-7f3a (kind sidecar for service catalog, expires 2027-01-15T08:00:00Z)\n"
+        );
+        let token = v1::Token { id: "tok-1".into(), kind: v1::TokenKind::Read as i32, ..Default::default() };
+        assert_eq!(created_line(&token), "created token tok-1 (kind read, expires never)\n");
+    }
 }

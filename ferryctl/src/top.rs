@@ -32,11 +32,10 @@ pub async fn watch(cli: &Cli) -> anyhow::Result<()> {
                 Err(error) => api.failed(error).await?,
             }
         };
-        if terminal {
-            // Clear the screen and put the cursor home.
-            print!("\x1b[2J\x1b[H");
-        }
-        print!("{text}");
+        // Cleared first on a terminal: the screen, then the cursor home. A reader gone away ends
+        // the loop with `StdoutClosed`, which `main` turns into a quiet exit.
+        let clear = if terminal { "\x1b[2J\x1b[H" } else { "" };
+        crate::out::stdout(&format!("{clear}{text}"))?;
         tokio::select! {
             () = tokio::time::sleep(WATCH_INTERVAL) => {}
             _ = tokio::signal::ctrl_c() => return Ok(()),

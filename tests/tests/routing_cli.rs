@@ -137,6 +137,25 @@ async fn apply_get_history_and_rollback_through_ferryctl() {
     assert!(yaml.starts_with("kind: Route\nservice: catalog\n"), "{yaml}");
     let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(&yaml)).await;
     assert!(stdout(&output).contains("route/catalog unchanged"), "{}", stdout(&output));
+    // get -o json prints a list: it applies again unchanged too, and a stale copy is refused on
+    // its version, naming its place in the list.
+    let output = ferryctl(&control_plane, &["-o", "json", "get", "routes", "catalog"], None).await;
+    let json = stdout(&output);
+    assert!(json.starts_with('['), "{json}");
+    let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(&json)).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("route/catalog unchanged"), "{}", stdout(&output));
+    let renamed = "kind: Route\nservice: catalog\nrules:\n  - name: all\n    backends: [ { subset: v2 } ]\n";
+    let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(renamed)).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(&json)).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    let error = stderr(&output);
+    assert!(error.contains("documents[0][0].version") && error.contains("nothing was applied"), "{error}");
+    // The YAML of before the change, likewise.
+    let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(&yaml)).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    assert!(stderr(&output).contains("documents[0].version"), "{}", stderr(&output));
 
     // Deleting the route sends traffic to every endpoint again. On condition of its version:
     // an old one is refused, the current one's short form from `get` is taken.
@@ -360,13 +379,70 @@ async fn a_service_that_does_not_exist_is_named_with_the_closest_one_and_fails()
     let output = ferryctl(&control_plane, &["instances", "catalog", "--passing"], None).await;
     assert!(output.status.success(), "{}", stderr(&output));
 
-    // explain shows what the sidecar would do, and exits non-zero for a request that would fail.
-    let output = ferryctl(&control_plane, &["explain", "catalgo", "--sidecar", &admin], None).await;
-    assert!(!output.status.success(), "{output:?}");
-    assert!(stdout(&output).contains("no instance of catalgo is registered"), "{}", stdout(&output));
-    assert!(stderr(&output).contains(r#"did you mean "catalog"?"#), "{}", stderr(&output));
-    assert!(stderr(&output).contains("503 unknown_service"), "{}", stderr(&output));
+    // explain of a service that does not exist: the error alone, no made-up explanation, and
+    // exit 1; as JSON too.
+    for args in [vec!["explain", "catalgo", "--sidecar", &admin], vec!["-o", "json", "explain", "catalgo", "--sidecar", &admin]] {
+        let output = ferryctl(&control_plane, &args, None).await;
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+        assert_eq!(stdout(&output), "", "{args:?}");
+        assert_eq!(
+            stderr(&output),
+            "error: there is no service \"catalgo\" (did you mean \"catalog\"?); a request to it gets 503 unknown_service\n"
+        );
+    }
+    let output = ferryctl(&control_plane, &["explain", "nowhere", "--sidecar", &admin], None).await;
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert_eq!(stdout(&output), "");
+    assert!(stderr(&output).contains(r#"there is no service "nowhere" ("#), "{}", stderr(&output));
     let output = ferryctl(&control_plane, &["explain", "catalog", "--sidecar", &admin], None).await;
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(stdout(&output).contains("1 sidecar calls catalog"), "{}", stdout(&output));
+}
+
+#[tokio::test]
+async fn explain_without_from_decides_authorization_for_the_asked_sidecar_as_its_requests_are() {
+    let control_plane = ControlPlane::start().await;
+    let (_v1, _v2, _servers, client) = mesh(&control_plane).await;
+    let url = control_plane.reach();
+    let frontend =
+        Sidecar::start(&url, "frontend", None, &["--node-id", "frontend-1", "--upstream", "catalog=127.0.0.1:0"]).await;
+    frontend.wait_endpoints("catalog", 2).await;
+    let lockdown = include_str!("../../examples/routes/lockdown.yaml");
+    let output = ferryctl(&control_plane, &["apply", "-f", "-"], Some(lockdown)).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    // In force: the client's own request is refused.
+    eventually("the lockdown to refuse the client", || async {
+        let answer = client::proxy_get(client.outbound, "http://catalog/items").await.ok()?;
+        (answer.0 == 403).then_some(())
+    })
+    .await;
+
+    // explain, asked of the client sidecar, says so: the route, then the authz line, exit 1.
+    let admin = client.admin.to_string();
+    let output = ferryctl(&control_plane, &["explain", "catalog", "--path", "/items", "--sidecar", &admin], None).await;
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let text = stdout(&output);
+    assert!(text.contains("backend:  catalog"), "{text}");
+    assert!(text.contains("authz:    denied for client (this sidecar's identity): decided by the default (deny)"), "{text}");
+    assert!(stderr(&output).contains("client may not make this request: it would get 403 forbidden"), "{}", stderr(&output));
+    let output =
+        ferryctl(&control_plane, &["-o", "json", "explain", "catalog", "--path", "/items", "--sidecar", &admin], None).await;
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(
+        (json["authorization"]["caller"].as_str(), json["authorization"]["decision"].as_str()),
+        (Some("client"), Some("deny"))
+    );
+
+    // Asked of a frontend sidecar: allowed by the rule, as frontend's real request is.
+    let answer = client::proxy_get(frontend.outbound, "http://catalog/items").await.expect("answered");
+    assert_eq!(answer.0, 200, "{}", client::text(&answer));
+    let admin = frontend.admin.to_string();
+    let output = ferryctl(&control_plane, &["explain", "catalog", "--path", "/items", "--sidecar", &admin], None).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("authz:    allowed for frontend (this sidecar's identity): decided by rules[0] (frontend-only)"),
+        "{}",
+        stdout(&output)
+    );
 }
