@@ -19,8 +19,18 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 
 /// Runs `ferry-demo ARGS...` to its end; returns whether it exited 0, and its stdout.
 async fn demo(args: &[&str]) -> (bool, String) {
+    demo_with_env(args, &[]).await
+}
+
+/// Runs `ferry-demo ARGS...` with `env` added to its environment, as [`demo`] does.
+async fn demo_with_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let run = tokio::process::Command::new(binary("ferry-demo")).args(args).stdin(Stdio::null()).kill_on_drop(true).output();
+    let run = tokio::process::Command::new(binary("ferry-demo"))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
     let output = tokio::time::timeout(Duration::from_secs(120), run).await.expect("the demo ends by itself").expect("runs");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -35,6 +45,22 @@ async fn the_demo_runs_traffic_through_every_instance_without_errors() {
     for instance in ["frontend-1", "frontend-2", "catalog-1", "catalog-2", "inventory-1", "inventory-2"] {
         assert!(output.contains(instance), "{instance} in the summary:\n{output}");
     }
+}
+
+/// A shell where the user sourced the demo's env file (or uses another Ferry) exports Ferry's
+/// variables: none of them reaches the demo's control plane and sidecars, which would take them
+/// as their own flags (a sidecar refuses --token-file beside FERRY_TOKEN).
+#[tokio::test]
+async fn the_demo_runs_in_a_shell_that_exports_ferrys_variables() {
+    let env = [
+        ("FERRY_TOKEN", "bogus"),
+        ("FERRY_CA_FILE", "/nonexistent"),
+        ("FERRY_CONTROL_PLANE", "https://127.0.0.1:1"),
+        ("FERRY_DEMO_FRONTEND_1_ADMIN", "127.0.0.1:1"),
+    ];
+    let (success, output) = demo_with_env(&["--duration", "4s"], &env).await;
+    assert!(success, "{output}");
+    assert!(output.contains("traffic flowed through every instance without errors"), "{output}");
 }
 
 #[tokio::test]
