@@ -200,7 +200,8 @@ async fn routes_applied_outside_the_demo_are_shown_and_not_judged() {
 }
 
 /// `ferry-demo | head`: once nobody reads its output the demo stops as on Ctrl-C, with no panic,
-/// and reports it as a program stopped by SIGPIPE would (141).
+/// removes its temporary folder (which holds the admin token), and reports it as a program
+/// stopped by SIGPIPE would (141).
 #[tokio::test]
 async fn the_demo_ends_quietly_when_its_output_closes() {
     let _turn = ONE_AT_A_TIME.lock().await;
@@ -214,11 +215,16 @@ async fn the_demo_ends_quietly_when_its_output_closes() {
         .expect("starts");
     let stderr = Arc::new(Mutex::new(String::new()));
     collect(demo.stderr.take().expect("stderr"), stderr.clone());
-    // Read what `head -3` would, then close the pipe.
+    // Read as `head` would, up to the line that names the logs folder
+    // (`logs  /tmp/ferry-demo-XXXX/logs`), then close the pipe.
     let mut lines = BufReader::new(demo.stdout.take().expect("stdout")).lines();
-    for _ in 0..3 {
-        lines.next_line().await.expect("reads").expect("a line");
+    let mut folder = None;
+    while folder.is_none() {
+        let line = lines.next_line().await.expect("reads").expect("a line naming the logs folder");
+        folder = line.strip_prefix("logs ").map(|logs| std::path::PathBuf::from(logs.trim()));
     }
+    let folder = folder.and_then(|logs| logs.parent().map(std::path::Path::to_path_buf)).expect("the logs' folder");
+    assert!(folder.join("data/admin.token").exists(), "{} holds the admin token while the demo runs", folder.display());
     drop(lines);
     // It notices at its next write (once a second in the summary lines) and stops its children.
     let status =
@@ -226,4 +232,7 @@ async fn the_demo_ends_quietly_when_its_output_closes() {
     let stderr = stderr.lock().unwrap_or_else(|p| p.into_inner()).clone();
     assert_eq!(status.code(), Some(141), "{status:?}\n{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // Its folder goes, admin token and all, as at the end of a run that passed.
+    assert!(!folder.exists(), "{} is left behind:\n{stderr}", folder.display());
+    assert!(stderr.contains("removed"), "it says so on stderr:\n{stderr}");
 }

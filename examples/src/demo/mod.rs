@@ -18,7 +18,7 @@
 use crate::{say, show};
 use std::{
     collections::{HashMap, VecDeque},
-    io::IsTerminal,
+    io::{IsTerminal, Write as _},
     net::SocketAddr,
     path::Path,
     sync::{Arc, atomic::Ordering},
@@ -118,6 +118,18 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     }
     let dir = tempfile::Builder::new().prefix("ferry-demo-").tempdir().context("creating a working directory")?;
     let result = run_in(dir.path(), options).await;
+    if out::closed() {
+        // Nobody reads the output any more (`ferry-demo | head`): the reader cut the run short,
+        // so its verdict says nothing, and nobody would learn where kept logs are. The folder
+        // goes, secrets and all, as at the end of a run that passed; stderr says so.
+        let path = dir.path().display().to_string();
+        let note = match dir.close() {
+            Ok(()) => format!("ferry-demo: its output was closed: every process stopped, {path} removed"),
+            Err(error) => format!("ferry-demo: its output was closed: every process stopped; removing {path}: {error}"),
+        };
+        let _ = writeln!(std::io::stderr(), "{note}");
+        return result;
+    }
     // The logs of a run that failed, or could not start, are what explains it.
     if !matches!(result, Ok(true)) {
         let kept = dir.keep();
