@@ -46,6 +46,7 @@ pub mod process;
 mod routing;
 pub mod scenario;
 mod summary;
+pub mod text;
 pub mod traffic;
 
 use self::{

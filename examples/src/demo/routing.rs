@@ -25,6 +25,7 @@ use super::{
     config_api::ConfigApi,
     in_force::{self, Change, RoutesSeen},
     scenario::{Expectation, Measured, Scenario, Verdict},
+    text::count,
     traffic::{self, Traffic},
 };
 use crate::apps::Counters;
@@ -452,17 +453,17 @@ impl Routing {
             .map(|u| {
                 let (ok, errors) = (u.traffic.ok(), u.traffic.errors());
                 let mut line = format!(
-                    "not judged: {}s to {}s, under {}: {} requests through frontend, {errors} failed",
+                    "not judged: {}s to {}s, under {}: {} through frontend, {errors} failed",
                     u.from.as_secs(),
                     u.to.unwrap_or(end).as_secs(),
                     u.description,
-                    ok + errors,
+                    count(ok + errors, "request"),
                 );
                 let last = u.end.as_ref().unwrap_or(&now);
                 let injected = last.injected.saturating_sub(u.start.injected);
                 if injected > 0 {
                     let calls = last.catalog_calls.saturating_sub(u.start.catalog_calls);
-                    let _ = write!(line, "; the mesh aborted {injected} of frontend's {calls} calls to catalog");
+                    let _ = write!(line, "; the mesh aborted {injected} of frontend's {} to catalog", count(calls, "call"));
                 }
                 let versions: Vec<String> =
                     u.traffic.versions().iter().map(|(v, (plain, canary))| format!("{v} {}", plain + canary)).collect();

@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, fmt::Write as _, sync::atomic::Ordering, time::Duration};
 
-use super::{Instance, actions, traffic::Traffic};
+use super::{Instance, actions, text::count, traffic::Traffic};
 
 /// What the summary shows.
 pub struct Summary<'a> {
@@ -109,9 +109,10 @@ impl Summary<'_> {
         let rate = (ok + errors) as f64 / self.elapsed.as_secs_f64().max(0.001);
         let blank = if self.compact { "" } else { "\n" };
         let mut out = format!(
-            "ferry demo  {}s  {} requests through frontend ({rate:.1}/s)  {errors} errors",
+            "ferry demo  {}s  {} through frontend ({rate:.1}/s)  {}",
             self.elapsed.as_secs(),
-            ok + errors,
+            count(ok + errors, "request"),
+            count(errors, "error"),
         );
         if let Some([p50, p90, p99]) = self.traffic.window().percentiles() {
             let _ = write!(out, "  p50 {} p90 {} p99 {}", millis(p50), millis(p90), millis(p99));
@@ -166,10 +167,10 @@ impl Summary<'_> {
     /// One line, for a log that scrolls.
     pub fn line(&self) -> String {
         let mut line = format!(
-            "{:>4}s  {} ok  {} errors",
+            "{:>4}s  {} ok  {}",
             self.elapsed.as_secs(),
             self.traffic.ok.load(Ordering::Relaxed),
-            self.traffic.errors.load(Ordering::Relaxed)
+            count(self.traffic.errors.load(Ordering::Relaxed), "error")
         );
         let _ = write!(line, "  {}", self.routes.1);
         if let Some(split) = catalog_split(self.instances, self.since) {
