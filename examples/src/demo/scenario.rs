@@ -347,6 +347,43 @@ mod tests {
         }
     }
 
+    /// The curl command of a scenario's comments, its continued lines joined.
+    fn curl_in_comments(yaml: &str) -> Option<String> {
+        let comments: Vec<&str> = yaml.lines().filter_map(|l| l.strip_prefix('#')).map(str::trim).collect();
+        let start = comments.iter().position(|l| l.starts_with("curl "))?;
+        let mut command = String::new();
+        for line in &comments[start..] {
+            match line.strip_suffix('\\') {
+                Some(continued) => command.push_str(continued),
+                None => {
+                    command.push_str(line);
+                    return Some(command);
+                }
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn the_curl_in_each_scenarios_comments_is_the_readmes_and_can_work() {
+        for scenario in Scenario::ALL {
+            let command = curl_in_comments(scenario.yaml()).unwrap_or_else(|| panic!("{}: no curl command", scenario.path()));
+            // The API is HTTPS with a token: the README's `api` helper, written out.
+            let expected = format!(
+                "curl -s --cacert \"$FERRY_CA_FILE\" -H \"authorization: Bearer $FERRY_TOKEN\" \
+                 -H 'content-type: application/yaml' --data-binary @{} https://127.0.0.1:7071/v1/apply",
+                scenario.path()
+            );
+            assert_eq!(command, expected, "{}", scenario.path());
+            assert!(scenario.yaml().contains(&format!("ferryctl apply -f {}", scenario.path())), "{}", scenario.path());
+        }
+        let readme = include_str!("../../../README.md");
+        assert!(
+            readme.contains(r#"api() { curl -s --cacert "$FERRY_CA_FILE" -H "authorization: Bearer $FERRY_TOKEN" "$@"; }"#),
+            "the README's api helper changed: change the scenarios' comments with it"
+        );
+    }
+
     #[test]
     fn the_scenarios_share_one_policy() {
         let policies: Vec<v1::ServicePolicy> = Scenario::ALL
