@@ -413,8 +413,10 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
     })
     .await;
     let seen = routes_seen.borrow().clone();
+    // On a terminal, the lines from here on wrap at word boundaries rather than mid-word.
+    let terminal = std::io::stdout().is_terminal();
     if let Some(note) = routing.observe(seen, &traffic, &instances) {
-        say!("{note}");
+        say_wrapped(&note, terminal);
     }
     poller.abort();
     stop_apps.cancel();
@@ -434,11 +436,13 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
         last_action: None,
         compact: false,
     };
-    say!("\n{}", view.render());
+    say!();
+    say_wrapped(&view.render(), terminal);
+    say!();
 
     let verdict = routing.verdict(&traffic, &instances).map_err(anyhow::Error::msg)?;
     for line in &verdict.lines {
-        say!("{line}");
+        say_wrapped(line, terminal);
     }
     let idle: Vec<String> =
         instances.iter().filter(|i| i.counters.served.load(Ordering::Relaxed) == 0).map(|i| i.id.clone()).collect();
@@ -453,24 +457,41 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
         bail!(failure);
     }
     for failure in &routing.failures {
-        say!("FAILED: {failure}");
+        say_wrapped(&format!("FAILED: {failure}"), terminal);
     }
     if !idle.is_empty() {
-        say!("FAILED: no traffic reached {}", idle.join(", "));
+        say_wrapped(&format!("FAILED: no traffic reached {}", idle.join(", ")), terminal);
     }
-    match routing.active {
-        _ if !verdict.passed => say!("FAILED: {}: the traffic did not do what it should (see above)", verdict.label),
-        _ if !verdict.judged && success => say!(
-            "traffic flowed through every instance; the routes in force at the end were changed outside the demo, so their traffic is reported (above), not judged"
-        ),
+    let last = match routing.active {
+        _ if !verdict.passed => format!("FAILED: {}: the traffic did not do what it should (see above)", verdict.label),
+        _ if !verdict.judged && success => "traffic flowed through every instance; the routes in force at the end were changed \
+                                            outside the demo, so their traffic is reported (above), not judged"
+            .to_owned(),
         // The window of a run without routes is the whole run; after a reset, it starts there.
-        None if success => say!("traffic flowed through every instance without errors {window}"),
+        None if success => format!("traffic flowed through every instance without errors {window}"),
         Some((scenario, _)) if success => {
-            say!("traffic flowed through every instance and did what the {} scenario says", scenario.name())
+            format!("traffic flowed through every instance and did what the {} scenario says", scenario.name())
         }
-        _ => {}
+        _ => String::new(),
+    };
+    if !last.is_empty() {
+        say_wrapped(&last, terminal);
     }
     Ok(success)
+}
+
+/// Prints `text`; on a `terminal`, its lines longer than 100 columns wrap at word boundaries
+/// (a pipe or a file gets each line whole, for grep).
+fn say_wrapped(text: &str, terminal: bool) {
+    for line in text.lines() {
+        if terminal {
+            for row in text::wrap(line, text::WIDTH) {
+                say!("{row}");
+            }
+        } else {
+            say!("{line}");
+        }
+    }
 }
 
 fn args(values: &[&str]) -> Vec<String> {
