@@ -172,7 +172,7 @@ pub async fn apply(api: &ConfigApi, scenario: Scenario) -> Outcome {
 /// instance again, from every caller. Service policies stay: they only name subsets.
 pub async fn reset(api: &ConfigApi) -> Outcome {
     let started = Instant::now();
-    let mut report = String::from("reset:\n");
+    let mut report = String::from("reset: deleting the demo's routes and catalog's authorization policy\n");
     let mut targets = BTreeMap::new();
     let mut authorizations = BTreeMap::new();
     let mut routes = BTreeMap::new();

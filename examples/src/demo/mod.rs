@@ -44,6 +44,7 @@ pub mod out;
 pub mod ports;
 pub mod process;
 mod routing;
+pub mod screen;
 pub mod scenario;
 mod summary;
 pub mod text;
@@ -366,10 +367,9 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
                 routes: (&routes.0, &routes.1),
                 keys,
                 last_action: routing.last_action.as_deref(),
-                compact: full_screen,
             };
             if full_screen {
-                show!("\x1b[2J\x1b[H{}\n{}", header.join("\n"), view.render());
+                show!("\x1b[2J\x1b[H{}", view.frame(&header));
             } else {
                 say!("{}", view.line());
             }
@@ -434,7 +434,6 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
         routes: (&routes.0, &routes.1),
         keys: false,
         last_action: None,
-        compact: false,
     };
     say!();
     say_wrapped(&view.render(), terminal);
