@@ -145,6 +145,22 @@ async fn routes_applied_outside_the_demo_are_shown_and_not_judged() {
         Some((addr, token, ca))
     })
     .await;
+    // The env file the demo names ("or: source /tmp/.../env") also exports its sidecars' admin
+    // addresses: `ferryctl explain catalog --sidecar "$FERRY_DEMO_FRONTEND_1_ADMIN"` asks one of
+    // the sidecars that run catalog's routes.
+    let env_file = eventually("the demo to name its env file", || async {
+        now().lines().find_map(|l| l.trim().strip_prefix("or: source ").map(str::to_owned))
+    })
+    .await;
+    let env = std::fs::read_to_string(&env_file).expect("the env file");
+    assert!(env.contains("export FERRY_TOKEN=") && env.contains("\n# The admin listeners"), "{env}");
+    let admin = env.lines().find_map(|l| l.strip_prefix("export FERRY_DEMO_FRONTEND_1_ADMIN=")).expect("frontend-1's admin");
+    for id in ["FRONTEND_2", "CATALOG_1", "CATALOG_2", "INVENTORY_1", "INVENTORY_2", "CLIENT"] {
+        assert!(env.contains(&format!("export FERRY_DEMO_{id}_ADMIN=127.0.0.1:")), "{id} in:\n{env}");
+    }
+    let config = client::get(&format!("http://{admin}/config")).await.expect("frontend-1's sidecar answers on its admin");
+    assert_eq!(config.0, StatusCode::OK, "{}", client::text(&config));
+    assert!(client::text(&config).contains("\"node_id\": \"frontend-1\""), "frontend-1's sidecar: {}", client::text(&config));
     let token = std::fs::read_to_string(&token_file).expect("the admin token file");
     let ca = std::fs::read_to_string(&ca_file).expect("the CA file");
     let api = ferry_tls::api::HttpApi::new(addr, Some(&ca), Some(token.trim().to_owned())).expect("TLS config");

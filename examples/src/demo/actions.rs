@@ -62,7 +62,7 @@ pub fn keys_help() -> String {
     for scenario in Scenario::ALL {
         let _ = write!(help, "  {} {}", scenario.key(), scenario.name());
     }
-    help.push_str("  r reset  q quit");
+    help.push_str("  r reset  ? help  q quit");
     help
 }
 
@@ -266,7 +266,8 @@ mod tests {
         assert_eq!(Action::parse("r"), Some(Action::Reset));
         assert_eq!(Action::parse("q"), Some(Action::Quit));
         assert_eq!(Action::parse("x"), None);
-        assert!(keys_help().contains("h header-canary"));
+        assert!(keys_help().contains("h header-canary") && keys_help().contains("? help"));
+        assert_eq!(Action::parse("?"), Some(Action::Help));
         assert_eq!(Action::parse("l"), Some(Action::Apply(Scenario::Lockdown)));
     }
 }

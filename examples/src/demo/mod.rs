@@ -38,20 +38,22 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 pub mod actions;
+pub mod admins;
 pub mod config_api;
 pub mod in_force;
 pub mod out;
 pub mod ports;
 pub mod process;
 mod routing;
-pub mod screen;
 pub mod scenario;
+pub mod screen;
 mod summary;
 pub mod text;
 pub mod traffic;
 
 use self::{
     actions::Action,
+    admins::Admin,
     config_api::ConfigApi,
     ports::{Port, port_notes},
     process::{CONTROL_PLANE, Process, SIDECAR},
@@ -240,6 +242,15 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
     let sidecars: Vec<String> =
         instances.iter().filter_map(|i| Some(format!("{} {}", i.id, i.sidecar.bound.get("admin")?))).collect();
     say!("sidecar admins {}  (ferryctl explain --sidecar ADDR)", sidecars.join(", "));
+    // The same in the env file and the `?` key's answer, as the live screen has no room for them.
+    let admins: Vec<Admin> = instances
+        .iter()
+        .map(|i| (i.service, i.id.as_str(), &i.sidecar))
+        .chain([(CLIENT_SERVICE, "client", &client)])
+        .filter_map(|(service, id, sidecar)| {
+            Some(Admin { service: service.to_owned(), id: id.to_owned(), addr: sidecar.bound.get("admin")?.clone() })
+        })
+        .collect();
     // The same exports in a file, for `source`, so the live screen can name it in one line.
     let mut exports = format!("export FERRY_TOKEN=$(cat {})\nexport FERRY_CA_FILE={}\n", admin_file.display(), ca_file.display());
     say!("ferryctl       paste these two lines to use ferryctl (and curl) against this mesh:");
@@ -249,6 +260,7 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
         say!("               and: export FERRY_CONTROL_PLANE={control_plane_url}");
         exports.push_str(&format!("export FERRY_CONTROL_PLANE={control_plane_url}\n"));
     }
+    exports.push_str(&admins::env_lines(&admins));
     let env_file = dir.join("env");
     std::fs::write(&env_file, exports).with_context(|| format!("writing {}", env_file.display()))?;
     say!("               or: source {}", env_file.display());
@@ -256,7 +268,7 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
     let mut header = vec![
         format!("grpc {control_plane_url}  api {}  dashboard {}/ui/", api.base(), api.base()),
         format!("client sidecar {client_outbound} (admin {})  logs {}", client.addr("admin")?, logs.display()),
-        format!("ferryctl/curl: source {}", env_file.display()),
+        format!("ferryctl/curl: source {}  (sidecar admins: ? or $FERRY_DEMO_*_ADMIN)", env_file.display()),
     ];
     header.extend(port_notes(&bound));
     say!(
@@ -314,6 +326,7 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
                 };
                 let note = match Action::parse(&line) {
                     Some(Action::Quit) => break,
+                    Some(Action::Help) => routing.note(admins::help(&admins)),
                     Some(action) => routing.start(action),
                     None if line.trim().is_empty() => continue,
                     None => routing.note(format!("{:?} is not a key; {}", line.trim(), actions::keys_help())),
