@@ -272,7 +272,7 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
     ];
     header.extend(port_notes(&bound));
     say!(
-        "routes         curl --cacert $FERRY_CA_FILE -H \"authorization: Bearer $FERRY_TOKEN\" -H 'content-type: application/yaml' --data-binary @{} {}/v1/apply",
+        "routes         curl -s --cacert \"$FERRY_CA_FILE\" -H \"authorization: Bearer $FERRY_TOKEN\" -H 'content-type: application/yaml' --data-binary @{} {}/v1/apply",
         Scenario::Canary.path(),
         api.base()
     );
@@ -297,7 +297,9 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
         stop_traffic.clone(),
     ));
 
-    let full_screen = options.duration.is_none() && std::io::stdout().is_terminal();
+    // On a terminal, lines that scroll wrap at word boundaries rather than mid-word.
+    let terminal = std::io::stdout().is_terminal();
+    let full_screen = options.duration.is_none() && terminal;
     let mut lines = keys.then(actions::read_lines);
     let (mut routing, mut outcomes) = Routing::new(api.clone(), &instances);
     if let Some(scenario) = options.scenario {
@@ -332,7 +334,7 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
                     None => routing.note(format!("{:?} is not a key; {}", line.trim(), actions::keys_help())),
                 };
                 if !full_screen {
-                    say!("{note}");
+                    say_wrapped(note, terminal);
                 }
                 false
             }
@@ -349,7 +351,7 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
                     tracing::debug!(%error, file = %actions_log.display(), "cannot keep the action's answer");
                 }
                 if !full_screen {
-                    show!("{report}");
+                    say_wrapped(report, terminal);
                 }
                 false
             }
@@ -363,7 +365,7 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
             if let Some(note) = routing.observe(seen, &traffic, &instances)
                 && !full_screen
             {
-                say!("{note}");
+                say_wrapped(&note, terminal);
             }
         }
         if full_screen || second {
@@ -384,7 +386,7 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
             if full_screen {
                 show!("\x1b[2J\x1b[H{}", view.frame(&header));
             } else {
-                say!("{}", view.line());
+                say_wrapped(&view.line(), terminal);
             }
         }
         // Nobody reads the output any more (`ferry-demo | head`): stop as on Ctrl-C.
@@ -426,8 +428,6 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
     })
     .await;
     let seen = routes_seen.borrow().clone();
-    // On a terminal, the lines from here on wrap at word boundaries rather than mid-word.
-    let terminal = std::io::stdout().is_terminal();
     if let Some(note) = routing.observe(seen, &traffic, &instances) {
         say_wrapped(&note, terminal);
     }
