@@ -15,7 +15,8 @@ const ABOUT_MORE: &str = r#"With --replicas 2 or more, the last catalog replica 
 routing scenarios of examples/routes/ change where catalog's traffic goes: apply one with
 --scenario once traffic flows, or, when stdin is a terminal, by typing a key and Enter while
 the demo runs: c canary, h header-canary, f fault, l lockdown, r reset (delete the routes and
-catalog's authorization policy), q quit. One request in 5 carries `x-canary: true`.
+catalog's authorization policy), ? help (with the sidecars' admin addresses), q quit. One
+request in 5 carries `x-canary: true`.
 
 The mesh runs with its secure defaults: the control plane authenticates every API call with
 a token and serves TLS, and every sidecar holds a token of its own service and talks mTLS to
