@@ -11,7 +11,7 @@ use std::{
     },
 };
 
-use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use http_body_util::{BodyExt, Empty};
@@ -168,7 +168,7 @@ pub async fn catalog(
         Calls::Direct => Endpoint::from_static(DIRECT_INVENTORY).connect_lazy(),
     };
     let app = CatalogApp { instance, version, counters, inventory: InventoryClient::new(channel) };
-    let router = Router::new().route("/items", get(list_items)).route("/healthz", get(|| async { "ok" })).with_state(app);
+    let router = Router::new().route("/items", get(list_items)).route("/healthz", get(|| async { "ok\n" })).with_state(app);
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
@@ -191,12 +191,12 @@ async fn items(app: &CatalogApp) -> axum::response::Response {
                 app.counters.failed();
                 let message = format!("inventory: {}: {}", status.code(), status.message());
                 tracing::warn!(instance = %app.instance, "GET /items failed: {message}");
-                return (StatusCode::BAD_GATEWAY, message).into_response();
+                return (StatusCode::BAD_GATEWAY, format!("{message}\n")).into_response();
             }
         }
     }
     app.counters.served();
-    Json(Items { catalog: app.instance.clone(), items }).into_response()
+    json_response(&Items { catalog: app.instance.clone(), items })
 }
 
 /// Frontend's answer to `GET /`.
@@ -226,7 +226,7 @@ pub async fn frontend(
 ) -> anyhow::Result<()> {
     let client = Client::builder(TokioExecutor::new()).build_http();
     let app = FrontendApp { instance, counters, calls, client };
-    let router = Router::new().route("/", get(page)).route("/healthz", get(|| async { "ok" })).with_state(app);
+    let router = Router::new().route("/", get(page)).route("/healthz", get(|| async { "ok\n" })).with_state(app);
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
@@ -243,7 +243,7 @@ async fn page(State(app): State<FrontendApp>, headers: HeaderMap) -> axum::respo
             app.counters.served();
             let catalog_version = reply.headers.get(VERSION_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("unknown");
             let page = Page { frontend: app.instance.clone(), catalog_version: catalog_version.to_owned(), catalog: reply.body };
-            Json(page).into_response()
+            json_response(&page)
         }
         Err(error) => {
             app.counters.failed();
@@ -254,7 +254,7 @@ async fn page(State(app): State<FrontendApp>, headers: HeaderMap) -> axum::respo
             // nothing of why.
             let error = ferry_runtime::error_chain(&error);
             tracing::warn!(instance = %app.instance, "GET / failed: catalog: {error}");
-            (StatusCode::BAD_GATEWAY, format!("catalog: {error}")).into_response()
+            (StatusCode::BAD_GATEWAY, format!("catalog: {error}\n")).into_response()
         }
     }
 }
@@ -317,6 +317,76 @@ pub async fn get_json<T: for<'de> Deserialize<'de>>(
 
 impl IntoResponse for CallError {
     fn into_response(self) -> axum::response::Response {
-        (StatusCode::BAD_GATEWAY, self.to_string()).into_response()
+        (StatusCode::BAD_GATEWAY, format!("{self}\n")).into_response()
+    }
+}
+
+/// `value` as a JSON answer that ends with a newline, as every text answer of the apps does, so
+/// that `curl` leaves the shell's prompt on a line of its own.
+fn json_response(value: &impl Serialize) -> axum::response::Response {
+    match serde_json::to_vec(value) {
+        Ok(mut body) => {
+            body.push(b'\n');
+            ([(http::header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the answer as JSON: {error}\n")).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// GETs `path` at `addr`: its status and body.
+    async fn get(addr: SocketAddr, path: &str) -> (StatusCode, String) {
+        let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let request = http::Request::get(format!("http://{addr}{path}")).body(Empty::new()).expect("a valid request");
+        let response = client.request(request).await.expect("an answer");
+        let status = response.status();
+        let body = response.into_body().collect().await.expect("a body").to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    async fn listener() -> (TcpListener, SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a free port");
+        let addr = listener.local_addr().expect("bound");
+        (listener, addr)
+    }
+
+    #[tokio::test]
+    async fn every_answer_of_the_apps_ends_with_a_newline() {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let counters = Arc::new(Counters::default());
+        let (inventory_listener, inventory_addr) = listener().await;
+        let (catalog_listener, catalog_addr) = listener().await;
+        let (frontend_listener, frontend_addr) = listener().await;
+        // Each app calls the next one straight, as it would call its sidecar.
+        tokio::spawn(inventory(inventory_listener, "inventory-1".into(), counters.clone(), stop.clone().cancelled_owned()));
+        let calls = Calls::Sidecar(inventory_addr);
+        let catalog_app =
+            catalog(catalog_listener, "catalog-1".into(), "v1", calls, counters.clone(), stop.clone().cancelled_owned());
+        tokio::spawn(catalog_app);
+        let calls = Calls::Sidecar(catalog_addr);
+        tokio::spawn(frontend(frontend_listener, "frontend-1".into(), calls, counters.clone(), stop.clone().cancelled_owned()));
+
+        let (status, page) = get(frontend_addr, "/").await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        assert!(page.starts_with('{') && page.ends_with("}\n"), "{page:?}");
+        let (status, items) = get(catalog_addr, "/items").await;
+        assert_eq!(status, StatusCode::OK, "{items}");
+        assert!(items.ends_with("}\n"), "{items:?}");
+        for addr in [frontend_addr, catalog_addr] {
+            assert_eq!(get(addr, "/healthz").await, (StatusCode::OK, "ok\n".to_owned()));
+        }
+        // An error answer too: a frontend whose catalog is gone.
+        let (gone_listener, gone_addr) = listener().await;
+        drop(gone_listener);
+        let (lonely_listener, lonely_addr) = listener().await;
+        let calls = Calls::Sidecar(gone_addr);
+        tokio::spawn(frontend(lonely_listener, "frontend-2".into(), calls, counters, stop.clone().cancelled_owned()));
+        let (status, error) = get(lonely_addr, "/").await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{error}");
+        assert!(error.starts_with("catalog: ") && error.ends_with('\n') && error.matches('\n').count() == 1, "{error:?}");
+        stop.cancel();
     }
 }

@@ -19,8 +19,18 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 
 /// Runs `ferry-demo ARGS...` to its end; returns whether it exited 0, and its stdout.
 async fn demo(args: &[&str]) -> (bool, String) {
+    demo_with_env(args, &[]).await
+}
+
+/// Runs `ferry-demo ARGS...` with `env` added to its environment, as [`demo`] does.
+async fn demo_with_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let run = tokio::process::Command::new(binary("ferry-demo")).args(args).stdin(Stdio::null()).kill_on_drop(true).output();
+    let run = tokio::process::Command::new(binary("ferry-demo"))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
     let output = tokio::time::timeout(Duration::from_secs(120), run).await.expect("the demo ends by itself").expect("runs");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -35,6 +45,22 @@ async fn the_demo_runs_traffic_through_every_instance_without_errors() {
     for instance in ["frontend-1", "frontend-2", "catalog-1", "catalog-2", "inventory-1", "inventory-2"] {
         assert!(output.contains(instance), "{instance} in the summary:\n{output}");
     }
+}
+
+/// A shell where the user sourced the demo's env file (or uses another Ferry) exports Ferry's
+/// variables: none of them reaches the demo's control plane and sidecars, which would take them
+/// as their own flags (a sidecar refuses --token-file beside FERRY_TOKEN).
+#[tokio::test]
+async fn the_demo_runs_in_a_shell_that_exports_ferrys_variables() {
+    let env = [
+        ("FERRY_TOKEN", "bogus"),
+        ("FERRY_CA_FILE", "/nonexistent"),
+        ("FERRY_CONTROL_PLANE", "https://127.0.0.1:1"),
+        ("FERRY_DEMO_FRONTEND_1_ADMIN", "127.0.0.1:1"),
+    ];
+    let (success, output) = demo_with_env(&["--duration", "4s"], &env).await;
+    assert!(success, "{output}");
+    assert!(output.contains("traffic flowed through every instance without errors"), "{output}");
 }
 
 #[tokio::test]
@@ -119,6 +145,22 @@ async fn routes_applied_outside_the_demo_are_shown_and_not_judged() {
         Some((addr, token, ca))
     })
     .await;
+    // The env file the demo names ("or: source /tmp/.../env") also exports its sidecars' admin
+    // addresses: `ferryctl explain catalog --sidecar "$FERRY_DEMO_FRONTEND_1_ADMIN"` asks one of
+    // the sidecars that run catalog's routes.
+    let env_file = eventually("the demo to name its env file", || async {
+        now().lines().find_map(|l| l.trim().strip_prefix("or: source ").map(str::to_owned))
+    })
+    .await;
+    let env = std::fs::read_to_string(&env_file).expect("the env file");
+    assert!(env.contains("export FERRY_TOKEN=") && env.contains("\n# The admin listeners"), "{env}");
+    let admin = env.lines().find_map(|l| l.strip_prefix("export FERRY_DEMO_FRONTEND_1_ADMIN=")).expect("frontend-1's admin");
+    for id in ["FRONTEND_2", "CATALOG_1", "CATALOG_2", "INVENTORY_1", "INVENTORY_2", "CLIENT"] {
+        assert!(env.contains(&format!("export FERRY_DEMO_{id}_ADMIN=127.0.0.1:")), "{id} in:\n{env}");
+    }
+    let config = client::get(&format!("http://{admin}/config")).await.expect("frontend-1's sidecar answers on its admin");
+    assert_eq!(config.0, StatusCode::OK, "{}", client::text(&config));
+    assert!(client::text(&config).contains("\"node_id\": \"frontend-1\""), "frontend-1's sidecar: {}", client::text(&config));
     let token = std::fs::read_to_string(&token_file).expect("the admin token file");
     let ca = std::fs::read_to_string(&ca_file).expect("the CA file");
     let api = ferry_tls::api::HttpApi::new(addr, Some(&ca), Some(token.trim().to_owned())).expect("TLS config");
@@ -174,7 +216,8 @@ async fn routes_applied_outside_the_demo_are_shown_and_not_judged() {
 }
 
 /// `ferry-demo | head`: once nobody reads its output the demo stops as on Ctrl-C, with no panic,
-/// and reports it as a program stopped by SIGPIPE would (141).
+/// removes its temporary folder (which holds the admin token), and reports it as a program
+/// stopped by SIGPIPE would (141).
 #[tokio::test]
 async fn the_demo_ends_quietly_when_its_output_closes() {
     let _turn = ONE_AT_A_TIME.lock().await;
@@ -188,11 +231,16 @@ async fn the_demo_ends_quietly_when_its_output_closes() {
         .expect("starts");
     let stderr = Arc::new(Mutex::new(String::new()));
     collect(demo.stderr.take().expect("stderr"), stderr.clone());
-    // Read what `head -3` would, then close the pipe.
+    // Read as `head` would, up to the line that names the logs folder
+    // (`logs  /tmp/ferry-demo-XXXX/logs`), then close the pipe.
     let mut lines = BufReader::new(demo.stdout.take().expect("stdout")).lines();
-    for _ in 0..3 {
-        lines.next_line().await.expect("reads").expect("a line");
+    let mut folder = None;
+    while folder.is_none() {
+        let line = lines.next_line().await.expect("reads").expect("a line naming the logs folder");
+        folder = line.strip_prefix("logs ").map(|logs| std::path::PathBuf::from(logs.trim()));
     }
+    let folder = folder.and_then(|logs| logs.parent().map(std::path::Path::to_path_buf)).expect("the logs' folder");
+    assert!(folder.join("data/admin.token").exists(), "{} holds the admin token while the demo runs", folder.display());
     drop(lines);
     // It notices at its next write (once a second in the summary lines) and stops its children.
     let status =
@@ -200,4 +248,7 @@ async fn the_demo_ends_quietly_when_its_output_closes() {
     let stderr = stderr.lock().unwrap_or_else(|p| p.into_inner()).clone();
     assert_eq!(status.code(), Some(141), "{status:?}\n{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // Its folder goes, admin token and all, as at the end of a run that passed.
+    assert!(!folder.exists(), "{} is left behind:\n{stderr}", folder.display());
+    assert!(stderr.contains("removed"), "it says so on stderr:\n{stderr}");
 }

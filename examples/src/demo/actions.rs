@@ -62,7 +62,7 @@ pub fn keys_help() -> String {
     for scenario in Scenario::ALL {
         let _ = write!(help, "  {} {}", scenario.key(), scenario.name());
     }
-    help.push_str("  r reset  q quit");
+    help.push_str("  r reset  ? help  q quit");
     help
 }
 
@@ -172,7 +172,7 @@ pub async fn apply(api: &ConfigApi, scenario: Scenario) -> Outcome {
 /// instance again, from every caller. Service policies stay: they only name subsets.
 pub async fn reset(api: &ConfigApi) -> Outcome {
     let started = Instant::now();
-    let mut report = String::from("reset:\n");
+    let mut report = String::from("reset: deleting the demo's routes and catalog's authorization policy\n");
     let mut targets = BTreeMap::new();
     let mut authorizations = BTreeMap::new();
     let mut routes = BTreeMap::new();
@@ -266,7 +266,8 @@ mod tests {
         assert_eq!(Action::parse("r"), Some(Action::Reset));
         assert_eq!(Action::parse("q"), Some(Action::Quit));
         assert_eq!(Action::parse("x"), None);
-        assert!(keys_help().contains("h header-canary"));
+        assert!(keys_help().contains("h header-canary") && keys_help().contains("? help"));
+        assert_eq!(Action::parse("?"), Some(Action::Help));
         assert_eq!(Action::parse("l"), Some(Action::Apply(Scenario::Lockdown)));
     }
 }

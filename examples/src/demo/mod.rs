@@ -18,7 +18,7 @@
 use crate::{say, show};
 use std::{
     collections::{HashMap, VecDeque},
-    io::IsTerminal,
+    io::{IsTerminal, Write as _},
     net::SocketAddr,
     path::Path,
     sync::{Arc, atomic::Ordering},
@@ -38,6 +38,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 pub mod actions;
+pub mod admins;
 pub mod config_api;
 pub mod in_force;
 pub mod out;
@@ -45,11 +46,14 @@ pub mod ports;
 pub mod process;
 mod routing;
 pub mod scenario;
+pub mod screen;
 mod summary;
+pub mod text;
 pub mod traffic;
 
 use self::{
     actions::Action,
+    admins::Admin,
     config_api::ConfigApi,
     ports::{Port, port_notes},
     process::{CONTROL_PLANE, Process, SIDECAR},
@@ -118,6 +122,18 @@ pub async fn run(options: Options) -> anyhow::Result<bool> {
     }
     let dir = tempfile::Builder::new().prefix("ferry-demo-").tempdir().context("creating a working directory")?;
     let result = run_in(dir.path(), options).await;
+    if out::closed() {
+        // Nobody reads the output any more (`ferry-demo | head`): the reader cut the run short,
+        // so its verdict says nothing, and nobody would learn where kept logs are. The folder
+        // goes, secrets and all, as at the end of a run that passed; stderr says so.
+        let path = dir.path().display().to_string();
+        let note = match dir.close() {
+            Ok(()) => format!("ferry-demo: its output was closed: every process stopped, {path} removed"),
+            Err(error) => format!("ferry-demo: its output was closed: every process stopped; removing {path}: {error}"),
+        };
+        let _ = writeln!(std::io::stderr(), "{note}");
+        return result;
+    }
     // The logs of a run that failed, or could not start, are what explains it.
     if !matches!(result, Ok(true)) {
         let kept = dir.keep();
@@ -226,6 +242,15 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
     let sidecars: Vec<String> =
         instances.iter().filter_map(|i| Some(format!("{} {}", i.id, i.sidecar.bound.get("admin")?))).collect();
     say!("sidecar admins {}  (ferryctl explain --sidecar ADDR)", sidecars.join(", "));
+    // The same in the env file and the `?` key's answer, as the live screen has no room for them.
+    let admins: Vec<Admin> = instances
+        .iter()
+        .map(|i| (i.service, i.id.as_str(), &i.sidecar))
+        .chain([(CLIENT_SERVICE, "client", &client)])
+        .filter_map(|(service, id, sidecar)| {
+            Some(Admin { service: service.to_owned(), id: id.to_owned(), addr: sidecar.bound.get("admin")?.clone() })
+        })
+        .collect();
     // The same exports in a file, for `source`, so the live screen can name it in one line.
     let mut exports = format!("export FERRY_TOKEN=$(cat {})\nexport FERRY_CA_FILE={}\n", admin_file.display(), ca_file.display());
     say!("ferryctl       paste these two lines to use ferryctl (and curl) against this mesh:");
@@ -235,6 +260,7 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
         say!("               and: export FERRY_CONTROL_PLANE={control_plane_url}");
         exports.push_str(&format!("export FERRY_CONTROL_PLANE={control_plane_url}\n"));
     }
+    exports.push_str(&admins::env_lines(&admins));
     let env_file = dir.join("env");
     std::fs::write(&env_file, exports).with_context(|| format!("writing {}", env_file.display()))?;
     say!("               or: source {}", env_file.display());
@@ -242,11 +268,11 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
     let mut header = vec![
         format!("grpc {control_plane_url}  api {}  dashboard {}/ui/", api.base(), api.base()),
         format!("client sidecar {client_outbound} (admin {})  logs {}", client.addr("admin")?, logs.display()),
-        format!("ferryctl/curl: source {}", env_file.display()),
+        format!("ferryctl/curl: source {}  (sidecar admins: ? or $FERRY_DEMO_*_ADMIN)", env_file.display()),
     ];
     header.extend(port_notes(&bound));
     say!(
-        "routes         curl --cacert $FERRY_CA_FILE -H \"authorization: Bearer $FERRY_TOKEN\" -H 'content-type: application/yaml' --data-binary @{} {}/v1/apply",
+        "routes         curl -s --cacert \"$FERRY_CA_FILE\" -H \"authorization: Bearer $FERRY_TOKEN\" -H 'content-type: application/yaml' --data-binary @{} {}/v1/apply",
         Scenario::Canary.path(),
         api.base()
     );
@@ -271,7 +297,9 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
         stop_traffic.clone(),
     ));
 
-    let full_screen = options.duration.is_none() && std::io::stdout().is_terminal();
+    // On a terminal, lines that scroll wrap at word boundaries rather than mid-word.
+    let terminal = std::io::stdout().is_terminal();
+    let full_screen = options.duration.is_none() && terminal;
     let mut lines = keys.then(actions::read_lines);
     let (mut routing, mut outcomes) = Routing::new(api.clone(), &instances);
     if let Some(scenario) = options.scenario {
@@ -300,12 +328,13 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
                 };
                 let note = match Action::parse(&line) {
                     Some(Action::Quit) => break,
+                    Some(Action::Help) => routing.note(admins::help(&admins)),
                     Some(action) => routing.start(action),
                     None if line.trim().is_empty() => continue,
                     None => routing.note(format!("{:?} is not a key; {}", line.trim(), actions::keys_help())),
                 };
                 if !full_screen {
-                    say!("{note}");
+                    say_wrapped(note, terminal);
                 }
                 false
             }
@@ -322,7 +351,7 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
                     tracing::debug!(%error, file = %actions_log.display(), "cannot keep the action's answer");
                 }
                 if !full_screen {
-                    show!("{report}");
+                    say_wrapped(report, terminal);
                 }
                 false
             }
@@ -336,7 +365,7 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
             if let Some(note) = routing.observe(seen, &traffic, &instances)
                 && !full_screen
             {
-                say!("{note}");
+                say_wrapped(&note, terminal);
             }
         }
         if full_screen || second {
@@ -353,12 +382,11 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
                 routes: (&routes.0, &routes.1),
                 keys,
                 last_action: routing.last_action.as_deref(),
-                compact: full_screen,
             };
             if full_screen {
-                show!("\x1b[2J\x1b[H{}\n{}", header.join("\n"), view.render());
+                show!("\x1b[2J\x1b[H{}", view.frame(&header));
             } else {
-                say!("{}", view.line());
+                say_wrapped(&view.line(), terminal);
             }
         }
         // Nobody reads the output any more (`ferry-demo | head`): stop as on Ctrl-C.
@@ -401,7 +429,7 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
     .await;
     let seen = routes_seen.borrow().clone();
     if let Some(note) = routing.observe(seen, &traffic, &instances) {
-        say!("{note}");
+        say_wrapped(&note, terminal);
     }
     poller.abort();
     stop_apps.cancel();
@@ -419,13 +447,14 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
         routes: (&routes.0, &routes.1),
         keys: false,
         last_action: None,
-        compact: false,
     };
-    say!("\n{}", view.render());
+    say!();
+    say_wrapped(&view.render(), terminal);
+    say!();
 
     let verdict = routing.verdict(&traffic, &instances).map_err(anyhow::Error::msg)?;
     for line in &verdict.lines {
-        say!("{line}");
+        say_wrapped(line, terminal);
     }
     let idle: Vec<String> =
         instances.iter().filter(|i| i.counters.served.load(Ordering::Relaxed) == 0).map(|i| i.id.clone()).collect();
@@ -440,24 +469,41 @@ async fn run_in(dir: &Path, options: Options) -> anyhow::Result<bool> {
         bail!(failure);
     }
     for failure in &routing.failures {
-        say!("FAILED: {failure}");
+        say_wrapped(&format!("FAILED: {failure}"), terminal);
     }
     if !idle.is_empty() {
-        say!("FAILED: no traffic reached {}", idle.join(", "));
+        say_wrapped(&format!("FAILED: no traffic reached {}", idle.join(", ")), terminal);
     }
-    match routing.active {
-        _ if !verdict.passed => say!("FAILED: {}: the traffic did not do what it should (see above)", verdict.label),
-        _ if !verdict.judged && success => say!(
-            "traffic flowed through every instance; the routes in force at the end were changed outside the demo, so their traffic is reported (above), not judged"
-        ),
+    let last = match routing.active {
+        _ if !verdict.passed => format!("FAILED: {}: the traffic did not do what it should (see above)", verdict.label),
+        _ if !verdict.judged && success => "traffic flowed through every instance; the routes in force at the end were changed \
+                                            outside the demo, so their traffic is reported (above), not judged"
+            .to_owned(),
         // The window of a run without routes is the whole run; after a reset, it starts there.
-        None if success => say!("traffic flowed through every instance without errors {window}"),
+        None if success => format!("traffic flowed through every instance without errors {window}"),
         Some((scenario, _)) if success => {
-            say!("traffic flowed through every instance and did what the {} scenario says", scenario.name())
+            format!("traffic flowed through every instance and did what the {} scenario says", scenario.name())
         }
-        _ => {}
+        _ => String::new(),
+    };
+    if !last.is_empty() {
+        say_wrapped(&last, terminal);
     }
     Ok(success)
+}
+
+/// Prints `text`; on a `terminal`, its lines longer than 100 columns wrap at word boundaries
+/// (a pipe or a file gets each line whole, for grep).
+fn say_wrapped(text: &str, terminal: bool) {
+    for line in text.lines() {
+        if terminal {
+            for row in text::wrap(line, text::WIDTH) {
+                say!("{row}");
+            }
+        } else {
+            say!("{line}");
+        }
+    }
 }
 
 fn args(values: &[&str]) -> Vec<String> {

@@ -4,6 +4,7 @@
 
 use std::{
     collections::HashMap,
+    ffi::OsString,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Stdio,
@@ -37,7 +38,15 @@ impl Process {
     pub async fn start(role: &str, name: &str, args: &[String], logs: &Path) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("locating ferry-demo")?;
         let log = logs.join(format!("{name}.log"));
-        let mut child = Command::new(exe)
+        let mut command = Command::new(exe);
+        // A shell where the user sourced the demo's env file (or ran Ferry before) exports
+        // FERRY_TOKEN, FERRY_CA_FILE and more, which the children's flags would take as their
+        // own (a sidecar refuses --token-file beside FERRY_TOKEN): they get only what the demo
+        // passes them.
+        for key in inherited_ferry_vars(std::env::vars_os().map(|(key, _)| key)) {
+            command.env_remove(key);
+        }
+        let mut child = command
             .arg(role)
             .args(args)
             .env("FERRY_LOG", "info")
@@ -117,6 +126,12 @@ fn parse_pairs(line: &str) -> HashMap<String, String> {
     line.split_whitespace().filter_map(|token| token.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
 }
 
+/// The names among `keys` of Ferry's environment variables (`FERRY_...`), which no child of the
+/// demo inherits.
+fn inherited_ferry_vars(keys: impl Iterator<Item = OsString>) -> Vec<OsString> {
+    keys.filter(|key| key.as_encoded_bytes().starts_with(b"FERRY_")).collect()
+}
+
 /// In a child: exits the process when the parent's end of stdin closes.
 pub fn exit_with_parent() {
     std::thread::spawn(|| {
@@ -140,6 +155,13 @@ mod tests {
         let pairs = parse_pairs(line);
         assert_eq!(pairs["outbound"], "127.0.0.1:46359");
         assert_eq!(pairs["inbound"], "none");
+    }
+
+    #[test]
+    fn children_inherit_no_ferry_variable_of_the_users_shell() {
+        let keys = ["FERRY_TOKEN", "FERRY_CA_FILE", "FERRY_CONTROL_PLANE", "PATH", "HOME", "MY_FERRY_THING", "FERRY_DEMO_X"];
+        let removed = inherited_ferry_vars(keys.into_iter().map(OsString::from));
+        assert_eq!(removed, ["FERRY_TOKEN", "FERRY_CA_FILE", "FERRY_CONTROL_PLANE", "FERRY_DEMO_X"]);
     }
 
     #[test]

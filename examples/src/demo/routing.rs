@@ -25,6 +25,7 @@ use super::{
     config_api::ConfigApi,
     in_force::{self, Change, RoutesSeen},
     scenario::{Expectation, Measured, Scenario, Verdict},
+    text::count,
     traffic::{self, Traffic},
 };
 use crate::apps::Counters;
@@ -70,8 +71,9 @@ struct Window {
     started: Instant,
     /// What started it, in words ("since the reset").
     words: String,
-    /// The routes changed outside the demo its requests were sent under, if they were: such a
-    /// window is reported, never judged.
+    /// Why it is not judged, if it is not, in words that follow "not judged: 3s to 9s,": "under
+    /// route/catalog v12 applied outside the demo", or "while the deletion of route/catalog
+    /// reached every sidecar". Such a window is reported, never judged.
     outside: Option<String>,
 }
 
@@ -273,7 +275,7 @@ impl Routing {
                     // Until every sidecar holds them, requests are reported, not judged.
                     self.new_window(
                         format!("since {}'s routes were applied", scenario.name()),
-                        Some(description),
+                        Some(reaching(&format!("the {} scenario's routes (applied outside the demo)", scenario.name()))),
                         traffic,
                         instances,
                     );
@@ -293,7 +295,12 @@ impl Routing {
                         since: Instant::now(),
                         in_force: seen.in_force(),
                     });
-                    self.new_window("since the change outside the demo".to_owned(), Some(description), traffic, instances);
+                    self.new_window(
+                        "since the change outside the demo".to_owned(),
+                        Some(format!("under {description}")),
+                        traffic,
+                        instances,
+                    );
                 }
             }
             return notes;
@@ -318,7 +325,8 @@ impl Routing {
             notes.push(format!("{what}: the routes in force are {now}"));
             if self.window.outside.is_none() {
                 // The window of the demo's own routes ends with them.
-                self.new_window(format!("since the deletion of {names}"), Some(what), traffic, instances);
+                let while_ = reaching(&format!("the deletion of {names} (outside the demo)"));
+                self.new_window(format!("since the deletion of {names}"), Some(while_), traffic, instances);
             }
             self.returning = Some(format!("since the deletion of {names} took effect"));
         }
@@ -450,26 +458,18 @@ impl Routing {
             // again within a poll) has nothing to report.
             .filter(|u| u.to.is_none() || u.traffic.ok() + u.traffic.errors() > 0)
             .map(|u| {
-                let (ok, errors) = (u.traffic.ok(), u.traffic.errors());
-                let mut line = format!(
-                    "not judged: {}s to {}s, under {}: {} requests through frontend, {errors} failed",
-                    u.from.as_secs(),
-                    u.to.unwrap_or(end).as_secs(),
-                    u.description,
-                    ok + errors,
-                );
                 let last = u.end.as_ref().unwrap_or(&now);
                 let injected = last.injected.saturating_sub(u.start.injected);
-                if injected > 0 {
-                    let calls = last.catalog_calls.saturating_sub(u.start.catalog_calls);
-                    let _ = write!(line, "; the mesh aborted {injected} of frontend's {calls} calls to catalog");
-                }
+                let calls = last.catalog_calls.saturating_sub(u.start.catalog_calls);
                 let versions: Vec<String> =
                     u.traffic.versions().iter().map(|(v, (plain, canary))| format!("{v} {}", plain + canary)).collect();
-                if !versions.is_empty() {
-                    let _ = write!(line, "; catalog answered {}", versions.join(", "));
-                }
-                line
+                unjudged_line(
+                    (u.from, u.to.unwrap_or(end)),
+                    &u.description,
+                    (u.traffic.ok(), u.traffic.errors()),
+                    (injected, calls),
+                    &versions,
+                )
             })
             .collect();
         if self.window.outside.is_some() {
@@ -497,5 +497,69 @@ impl Routing {
         lines.append(&mut verdict.lines);
         verdict.lines = lines;
         Ok(verdict)
+    }
+}
+
+/// A window that lasts only while `change` reaches every sidecar, in the words of
+/// [`Window::outside`]: the requests sent meanwhile met some sidecars with it and some without.
+fn reaching(change: &str) -> String {
+    format!("while {change} reached every sidecar")
+}
+
+/// The final report's line for a window that was not judged: from `span.0` to `span.1`, sent
+/// `description` ("under ...", "while ..."), `requests` (succeeded, failed) through frontend,
+/// `aborted` (injected, of frontend's calls to catalog), and catalog's answers by version.
+fn unjudged_line(
+    span: (Duration, Duration),
+    description: &str,
+    requests: (u64, u64),
+    aborted: (u64, u64),
+    versions: &[String],
+) -> String {
+    let (ok, errors) = requests;
+    let mut line = format!(
+        "not judged: {}s to {}s, {description}: {} through frontend, {errors} failed",
+        span.0.as_secs(),
+        span.1.as_secs(),
+        count(ok + errors, "request"),
+    );
+    let (injected, calls) = aborted;
+    if injected > 0 {
+        let _ = write!(line, "; the mesh aborted {injected} of frontend's {} to catalog", count(calls, "call"));
+    }
+    if !versions.is_empty() {
+        let _ = write!(line, "; catalog answered {}", versions.join(", "));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_before_every_sidecar_holds_a_recognised_scenario_says_so() {
+        let secs = Duration::from_secs;
+        let description = reaching(&format!("the {} scenario's routes (applied outside the demo)", Scenario::Canary.name()));
+        let versions = ["v1 17".to_owned(), "v2 2".to_owned()];
+        assert_eq!(
+            unjudged_line((secs(121), secs(122)), &description, (19, 0), (0, 19), &versions),
+            "not judged: 121s to 122s, while the canary scenario's routes (applied outside the demo) reached every \
+             sidecar: 19 requests through frontend, 0 failed; catalog answered v1 17, v2 2"
+        );
+        let deletion = reaching("the deletion of route/catalog (outside the demo)");
+        assert_eq!(
+            unjudged_line((secs(30), secs(31)), &deletion, (1, 0), (0, 1), &[]),
+            "not judged: 30s to 31s, while the deletion of route/catalog (outside the demo) reached every sidecar: \
+             1 request through frontend, 0 failed"
+        );
+        // Routes of one's own are what the requests were sent under, for as long as they were.
+        let outside =
+            format!("under {}", in_force::describe(&[in_force::Change::Applied { service: "catalog".into(), version: 12 }]));
+        assert_eq!(
+            unjudged_line((secs(40), secs(60)), &outside, (380, 20), (21, 400), &[]),
+            "not judged: 40s to 60s, under route/catalog v12 applied outside the demo: 400 requests through frontend, \
+             20 failed; the mesh aborted 21 of frontend's 400 calls to catalog"
+        );
     }
 }

@@ -9,6 +9,8 @@ use std::{collections::BTreeMap, time::Duration};
 
 use ferry_proto::{json, v1, validate};
 
+use super::text::count;
+
 /// The services whose routes the scenarios set, and `r` deletes.
 pub const ROUTED: [&str; 2] = ["catalog", "frontend"];
 
@@ -212,7 +214,7 @@ impl Expectation {
         match self {
             Expectation::Clean | Expectation::Split { .. } | Expectation::Header | Expectation::Lockdown if m.errors > 0 => {
                 passed = false;
-                lines.push(format!("{label}: {} of {} requests failed", m.errors, m.ok + m.errors));
+                lines.push(format!("{label}: {} of {} failed", m.errors, count(m.ok + m.errors, "request")));
             }
             _ => {}
         }
@@ -221,8 +223,8 @@ impl Expectation {
             Expectation::Lockdown => {
                 let p = &m.probes;
                 lines.push(format!(
-                    "{label}: the client sidecar's own calls to catalog: {} refused (403 forbidden), {} answered, {} failed otherwise; {} requests through frontend succeeded",
-                    p.refused, p.answered, p.other, m.ok
+                    "{label}: the client sidecar's own calls to catalog: {} refused (403 forbidden), {} answered, {} failed otherwise; {} through frontend succeeded",
+                    p.refused, p.answered, p.other, count(m.ok, "request")
                 ));
                 if p.refused == 0 || p.answered > 0 || p.other > 0 {
                     passed = false;
@@ -236,17 +238,19 @@ impl Expectation {
                 let share = v2 as f64 / n.max(1) as f64;
                 let allowed = tolerance(*v2_share, n);
                 lines.push(format!(
-                    "{label}: catalog answered {n} requests: v1 {v1} ({}), v2 {v2} ({})",
+                    "{label}: catalog answered {}: v1 {v1} ({}), v2 {v2} ({})",
+                    count(n, "request"),
                     percent(1.0 - share),
                     percent(share)
                 ));
                 let near = (share - v2_share).abs() <= allowed;
                 lines.push(format!(
-                    "{label}: v2's share {} is {} {:.1} points of the route's {} ({SIGMAS} standard deviations at {n} requests)",
+                    "{label}: v2's share {} is {} {:.1} points of the route's {} ({SIGMAS} standard deviations at {})",
                     percent(share),
                     if near { "within" } else { "NOT within" },
                     allowed * 100.0,
                     percent(*v2_share),
+                    count(n, "request"),
                 ));
                 if v1 == 0 || v2 == 0 {
                     passed = false;
@@ -266,8 +270,8 @@ impl Expectation {
                 if v1_canary > 0 || v2_plain > 0 || strays > 0 {
                     passed = false;
                     lines.push(format!(
-                        "{label}: {} requests went to the wrong version (by version: {})",
-                        v1_canary + v2_plain + strays,
+                        "{label}: {} went to the wrong version (by version: {})",
+                        count(v1_canary + v2_plain + strays, "request"),
                         split.join(", ")
                     ));
                 }
@@ -284,8 +288,9 @@ impl Expectation {
                 let allowed = tolerance(*abort_share, n);
                 let near = n > 0 && (share - abort_share).abs() <= allowed;
                 lines.push(format!(
-                    "{label}: the mesh aborted {} of frontend's {n} calls to catalog ({}), {} {:.1} points of the route's {} ({SIGMAS} standard deviations)",
+                    "{label}: the mesh aborted {} of frontend's {} to catalog ({}), {} {:.1} points of the route's {} ({SIGMAS} standard deviations)",
                     m.injected,
+                    count(n, "call"),
                     percent(share),
                     if near { "within" } else { "NOT within" },
                     allowed * 100.0,
@@ -295,15 +300,17 @@ impl Expectation {
                 let success = m.ok as f64 / total.max(1) as f64;
                 let enough = success >= MIN_FAULT_SUCCESS;
                 lines.push(format!(
-                    "{label}: {} of {total} requests through frontend succeeded ({}; at least {} must), the client's retries absorbing the aborts",
+                    "{label}: {} of {} through frontend succeeded ({}; at least {} must), the client's retries absorbing the aborts",
                     m.ok,
+                    count(total, "request"),
                     percent(success),
                     percent(MIN_FAULT_SUCCESS),
                 ));
                 if let (Some((delay_share, duration)), Some((slow, of))) = (delay, m.slow) {
                     lines.push(format!(
-                        "{label}: {} of the last {of} requests took {} or more (the route delays {} of catalog calls by that much)",
+                        "{label}: {} of the last {} took {} or more (the route delays {} of catalog calls by that much)",
                         percent(slow),
+                        count(of as u64, "request"),
                         humantime::format_duration(*duration),
                         percent(*delay_share),
                     ));
@@ -338,6 +345,43 @@ mod tests {
             }
             scenario.expectation().unwrap_or_else(|e| panic!("{e}"));
         }
+    }
+
+    /// The curl command of a scenario's comments, its continued lines joined.
+    fn curl_in_comments(yaml: &str) -> Option<String> {
+        let comments: Vec<&str> = yaml.lines().filter_map(|l| l.strip_prefix('#')).map(str::trim).collect();
+        let start = comments.iter().position(|l| l.starts_with("curl "))?;
+        let mut command = String::new();
+        for line in &comments[start..] {
+            match line.strip_suffix('\\') {
+                Some(continued) => command.push_str(continued),
+                None => {
+                    command.push_str(line);
+                    return Some(command);
+                }
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn the_curl_in_each_scenarios_comments_is_the_readmes_and_can_work() {
+        for scenario in Scenario::ALL {
+            let command = curl_in_comments(scenario.yaml()).unwrap_or_else(|| panic!("{}: no curl command", scenario.path()));
+            // The API is HTTPS with a token: the README's `api` helper, written out.
+            let expected = format!(
+                "curl -s --cacert \"$FERRY_CA_FILE\" -H \"authorization: Bearer $FERRY_TOKEN\" \
+                 -H 'content-type: application/yaml' --data-binary @{} https://127.0.0.1:7071/v1/apply",
+                scenario.path()
+            );
+            assert_eq!(command, expected, "{}", scenario.path());
+            assert!(scenario.yaml().contains(&format!("ferryctl apply -f {}", scenario.path())), "{}", scenario.path());
+        }
+        let readme = include_str!("../../../README.md");
+        assert!(
+            readme.contains(r#"api() { curl -s --cacert "$FERRY_CA_FILE" -H "authorization: Bearer $FERRY_TOKEN" "$@"; }"#),
+            "the README's api helper changed: change the scenarios' comments with it"
+        );
     }
 
     #[test]
@@ -398,6 +442,23 @@ mod tests {
         assert!(!fault.judge("fault", &no_aborts).passed, "the fault must show");
         let unretried = Measured { ok: 180, errors: 20, ..good };
         assert!(!fault.judge("fault", &unretried).passed, "90% is not enough");
+    }
+
+    #[test]
+    fn verdicts_count_one_as_one() {
+        let one_failed = Measured { ok: 1, errors: 1, ..Measured::default() };
+        let lines = Expectation::Clean.judge("no routes", &one_failed).lines;
+        assert_eq!(lines, ["no routes: 1 of 2 requests failed"]);
+        let stray = Measured { ok: 100, versions: versions(&[("v1", 80, 0), ("v2", 1, 19)]), ..Measured::default() };
+        let lines = Expectation::Header.judge("h", &stray).lines;
+        assert!(lines.iter().any(|l| l.starts_with("h: 1 request went to the wrong version")), "{lines:?}");
+        let one = Measured {
+            ok: 1,
+            probes: super::super::traffic::Probes { refused: 1, answered: 0, other: 0 },
+            ..Measured::default()
+        };
+        let lines = Expectation::Lockdown.judge("lockdown", &one).lines;
+        assert!(lines[0].ends_with("; 1 request through frontend succeeded"), "{lines:?}");
     }
 
     #[test]
