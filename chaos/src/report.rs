@@ -72,12 +72,17 @@ pub fn table(rows: &[Row]) -> String {
 /// What the figures mean where they need explaining; written from the runs made so far, and
 /// to be read against this run's table.
 const FINDINGS: &str = "\
-- **A recovered instance takes its share back at once** (*catalog-1's share back*). A caller
-  starts its peak-EWMA latency estimate of an endpoint afresh when the endpoint becomes routable
-  again, as for a new one: the timeouts it met while the endpoint failed (each doubling the
-  estimate, up to 10 s) would otherwise keep it above a healthy peer's few milliseconds for tens
-  of seconds, decaying with a 10 s time constant, and with two endpoints P2C would pick the
-  healthy one every time until then.
+- **An instance whose health came back takes its share back within seconds** (*catalog-1's
+  share back* after a partition of it, or a kill of its app or sidecar). A caller starts its
+  peak-EWMA latency estimate of an endpoint that becomes routable again from its routable peers'
+  fastest, and averages in its first answer (whose new connection's handshake says nothing of
+  the answers after it): the timeouts met while it failed (each doubling the estimate, up to
+  10 s) would otherwise keep it above a healthy peer's few milliseconds for tens of seconds.
+- **After loss or duplication on its link, catalog-1 still gets little traffic for a while**
+  though both callers list it routable: it never stopped being routable, so nothing resets the
+  slow answers its retransmissions caused; with two endpoints P2C compares both on every pick,
+  and the estimate only decays (10 s time constant) while catalog-1 gets no requests. Capacity
+  is lost, not requests.
 - **Healing a partition of the control plane** fails nothing when the callers, right after they
   reconnect, keep the endpoints they hold while the control plane still lists none routable:
   its keepalive gave up on every sidecar's stream (10 s + 5 s) and marked their instances

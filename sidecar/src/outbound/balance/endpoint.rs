@@ -164,10 +164,13 @@ impl Tracked {
 
     /// Folds a sample into the estimate. Two samples folded at once may lose one: the estimate
     /// is a heuristic, and a lost sample costs less than a lock on every response.
-    fn observe(&self, now: Instant, sample: f64, decay: Duration) {
+    /// `peak` takes a slower sample at once; without it, every sample is averaged in (the
+    /// first answer after an endpoint becomes routable, whose new connection's handshake says
+    /// nothing of the answers after it).
+    fn observe(&self, now: Instant, sample: f64, decay: Duration, peak: bool) {
         let seconds = f64::from_bits(self.rtt_seconds.load(Ordering::Relaxed));
         let updated = self.rtt_updated.load(self.epoch).unwrap_or(self.epoch);
-        let next = if sample > seconds {
+        let next = if peak && sample > seconds {
             sample
         } else {
             let elapsed = now.saturating_duration_since(updated).as_secs_f64();
@@ -183,7 +186,7 @@ impl Tracked {
     pub fn penalize(&self, now: Instant, decay: Duration) {
         self.measured.store(true, Ordering::Relaxed);
         let penalty = (self.latency(now, decay) * 2.0).clamp(PENALTY_FLOOR.as_secs_f64(), PENALTY_CEILING.as_secs_f64());
-        self.observe(now, penalty, decay);
+        self.observe(now, penalty, decay, true);
     }
 
     /// Whether its latency has been sampled yet.
@@ -191,9 +194,11 @@ impl Tracked {
         self.measured.load(Ordering::Relaxed)
     }
 
+    /// Folds in an answer's latency; the first since the endpoint became routable is averaged
+    /// in rather than taken as a peak.
     pub fn observe_latency(&self, now: Instant, sample: Duration, decay: Duration) {
-        self.measured.store(true, Ordering::Relaxed);
-        self.observe(now, sample.as_secs_f64(), decay);
+        let first = !self.measured.swap(true, Ordering::Relaxed);
+        self.observe(now, sample.as_secs_f64(), decay, !first);
     }
 
     /// Notes whether the endpoint is routable now; `warm` starts it past any slow start. An
@@ -401,7 +406,10 @@ mod tests {
         tracked.set_routable(true, back, false, Some(0.002));
         assert!(!tracked.measured());
         assert!((tracked.latency(back, decay) - 0.002).abs() < 1e-9);
-        // A slow answer counts at once (peak-EWMA).
+        // Its first answer (a new connection's) is averaged in; a slow one after it counts at
+        // once (peak-EWMA).
+        tracked.observe_latency(back, Duration::from_millis(40), decay);
+        assert!((tracked.latency(back, decay) - 0.002).abs() < 1e-9, "averaged in at no time since: no weight");
         tracked.observe_latency(back, Duration::from_millis(40), decay);
         assert!((tracked.latency(back, decay) - 0.040).abs() < 1e-9);
         // Staying routable forgets nothing.
