@@ -227,8 +227,19 @@ async fn each_kind_of_token_does_what_it_may_and_nothing_else() {
     assert_eq!(code(registry.register(register("payments")).await.map(|_| ())), Some(tonic::Code::PermissionDenied));
     assert_eq!(code(registry.list_services(v1::ListServicesRequest {}).await.map(|_| ())), Some(tonic::Code::PermissionDenied));
     // Its stream's instance is the stream's: not even its own token deletes it through the API.
-    let deregister = registry.deregister(v1::DeregisterRequest { id: "catalog-1".into() }).await;
+    let deregister = registry.deregister(v1::DeregisterRequest { id: "catalog-1".into(), force: true }).await;
     assert_eq!(code(deregister.map(|_| ())), Some(tonic::Code::PermissionDenied));
+    // An admin is told whose it is, and removes it only with force.
+    let mut as_admin = RegistryClient::new(served.admin());
+    let refused =
+        as_admin.deregister(v1::DeregisterRequest { id: "catalog-1".into(), force: false }).await.expect_err("the sidecar's");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains(r#"belongs to sidecar "node-1""#) && refused.message().contains("--force"),
+        "{}",
+        refused.message()
+    );
+    assert!(served.registry.instance("catalog-1").is_some(), "still registered");
 
     let csr = ferry_tls::csr::request("catalog").expect("csr");
     let mut identity = IdentityClient::new(as_sidecar);

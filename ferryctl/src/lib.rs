@@ -156,6 +156,10 @@ pub enum Command {
     Deregister {
         /// The instance's id.
         id: String,
+        /// Remove an instance its sidecar registered too (it is out of the mesh until that
+        /// sidecar reconnects; drain the sidecar instead to take it out for good).
+        #[arg(long)]
+        force: bool,
     },
     /// Show connected sidecars, the versions they acknowledged, and any rejected push; then,
     /// for every route and policy, which sidecars run its current version, which have yet to,
@@ -535,9 +539,9 @@ async fn execute(command: Command, output: Output, api: &ControlPlane, input: Op
                 format!("check {id} is {}{output}\n", ferry_health::check_status_label(check.status))
             })
         }
-        Command::Deregister { id } => {
+        Command::Deregister { id, force } => {
             validate::instance_id("ID", &id).map_err(|e| UsageError(e.to_string()))?;
-            let response = registry(api).await?.deregister(v1::DeregisterRequest { id }).await?.into_inner();
+            let response = registry(api).await?.deregister(v1::DeregisterRequest { id, force }).await?.into_inner();
             render(output, &response, |r| {
                 let i = r.instance.clone().unwrap_or_default();
                 format!("deregistered {} from service {}\n", i.id, i.service)
@@ -629,6 +633,8 @@ fn status_text(status: &tonic::Status) -> String {
         Code::Unauthenticated => format!("not authenticated: {}", status.message()),
         Code::PermissionDenied => format!("permission denied: {}", status.message()),
         Code::DeadlineExceeded => format!("the control plane did not answer in time: {}", status.message()),
+        // Said by whatever answered where a method is not served: its message says what it is.
+        Code::Unimplemented if !status.message().is_empty() => status.message().to_owned(),
         code => format!("{}: {}", code.description(), status.message()),
     }
 }

@@ -91,7 +91,7 @@ async fn the_watch_stream_sends_every_change() {
     assert_eq!(second.instances.len(), 1);
     assert!(second.index > first.index);
 
-    registry.deregister(v1::DeregisterRequest { id: "db-1".into() }).await.expect("deregisters");
+    registry.deregister(v1::DeregisterRequest { id: "db-1".into(), force: false }).await.expect("deregisters");
     let third = updates.next().await.expect("a change").expect("ok");
     assert!(third.instances.is_empty());
     assert!(third.index > second.index);
@@ -183,6 +183,17 @@ async fn ferryctl_registers_lists_and_reports_sidecar_status() {
     assert_eq!(subscription["service"], "catalog");
     assert_eq!(subscription["acked_version"], subscription["current_version"]);
 
+    // The sidecar's own instance: refused, naming the sidecar, unless forced.
+    let output = control_plane.ferryctl(&["deregister", "catalog-1"]).await;
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(error.contains(r#"instance "catalog-1" belongs to sidecar "catalog-1""#) && error.contains("--force"), "{error}");
+    assert!(control_plane.instance("catalog-1").await.is_some(), "nothing was removed");
+    let answer = control_plane.send_json(http::Method::DELETE, "/v1/instances/catalog-1", "").await.expect("answered");
+    assert_eq!(answer.0, 409, "{answer:?}");
+    let output = control_plane.ferryctl(&["deregister", "--force", "catalog-1"]).await;
+    assert!(output.status.success(), "{output:?}");
+
     let output = control_plane.ferryctl(&["deregister", "db-10.0.0.1-5432"]).await;
     assert!(output.status.success(), "{output:?}");
     let output = control_plane.ferryctl(&["deregister", "db-10.0.0.1-5432"]).await;
@@ -201,7 +212,7 @@ async fn ferryctl_given_the_http_port_is_told_to_use_the_grpc_one() {
         .expect("ferryctl runs");
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     let error = String::from_utf8_lossy(&output.stderr);
-    assert!(error.contains("this is the control plane's HTTP API") && error.contains("--grpc"), "{error}");
+    assert!(error.starts_with("error: this is the control plane's HTTP API") && error.contains("--grpc"), "{error}");
     assert!(!error.contains("compression flag"), "{error}");
 }
 

@@ -146,7 +146,7 @@ impl RegistryApi {
                 Ok(Made { version, returned })
             }
             ChangeKind::Remove => {
-                client.deregister(v1::DeregisterRequest { id: extra.id.clone() }).await.context("deregistering")?;
+                client.deregister(v1::DeregisterRequest { id: extra.id.clone(), force: false }).await.context("deregistering")?;
                 let returned = Instant::now();
                 // The deregistration answers no index: read the service's, which is at least it.
                 let request = v1::ListInstancesRequest { service: service_name(s), ..Default::default() };

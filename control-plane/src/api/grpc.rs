@@ -60,9 +60,13 @@ impl RegistryApi for RegistryService {
 
     async fn deregister(&self, request: Request<v1::DeregisterRequest>) -> Result<Response<v1::DeregisterResponse>, Status> {
         let principal = Principal::of(&request)?;
-        let id = request.into_inner().id;
+        let v1::DeregisterRequest { id, force } = request.into_inner();
         validate::instance_id("id", &id).map_err(invalid)?;
-        super::may_deregister(&principal, self.registry.instance(&id).as_deref())?;
+        let existing = self.registry.instance(&id);
+        super::may_deregister(&principal, existing.as_deref())?;
+        if let Some(why) = super::sidecar_owned(existing.as_deref(), force) {
+            return Err(Status::failed_precondition(why));
+        }
         let removed = self.registry.deregister(&id).await;
         self.checks.sync(&id);
         let removed = removed.map_err(|e| registry_status(e, ""))?;

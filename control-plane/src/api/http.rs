@@ -404,9 +404,24 @@ async fn deregister(
     State(state): State<HttpState>,
     Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
+    Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Json<v1::DeregisterResponse>, ApiError> {
     validate::instance_id("id", &id).map_err(ApiError::bad_request)?;
-    super::may_deregister(&principal, state.registry.instance(&id).as_deref())?;
+    let force = match pairs.iter().find(|(k, _)| k == "force").map(|(_, v)| v.as_str()) {
+        None | Some("false") => false,
+        Some("" | "true") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(validate::FieldError::new(
+                "force",
+                format!("must be true or false, got {other:?}"),
+            )));
+        }
+    };
+    let existing = state.registry.instance(&id);
+    super::may_deregister(&principal, existing.as_deref())?;
+    if let Some(why) = super::sidecar_owned(existing.as_deref(), force) {
+        return Err(ApiError { status: StatusCode::CONFLICT, error: why, field: Some("force".into()) });
+    }
     let removed = state.registry.deregister(&id).await;
     state.checks.sync(&id);
     let removed = removed?;

@@ -42,6 +42,21 @@ pub fn may_deregister(principal: &Principal, instance: Option<&Instance>) -> Res
     }
 }
 
+/// Why deregistering `instance` without `force` is refused: its sidecar registered it and keeps
+/// it while connected, and would not register it again (it is out of the mesh until the sidecar
+/// reconnects), so removing it by hand is almost always a mistake.
+pub fn sidecar_owned(instance: Option<&Instance>, force: bool) -> Option<String> {
+    let instance = instance?;
+    let node = instance.node_id().filter(|_| !force)?;
+    Some(format!(
+        "instance {:?} belongs to sidecar {node:?}, which registered it on its config stream and keeps it while \
+         connected; removed, it is out of the mesh until that sidecar reconnects. To take it out, drain the sidecar \
+         (POST /shutdown on its admin listener, or stop it); to remove it anyway, deregister with force \
+         (ferryctl deregister --force, ?force=true)",
+        instance.id
+    ))
+}
+
 /// The gRPC status for a registry error; field errors are reported under `prefix`.
 pub fn registry_status(error: RegistryError, prefix: &str) -> Status {
     match error {

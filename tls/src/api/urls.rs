@@ -143,6 +143,10 @@ impl ControlPlaneUrl {
         let https = match uri.scheme_str() {
             Some("https") => true,
             Some("http") => false,
+            // HOST:PORT alone, as other tools take it: say the URL meant.
+            None if uri.host().is_some() && uri.port_u16().is_some() => {
+                return Err(format!("must be http://HOST:PORT or https://HOST:PORT (did you mean https://{s}?)"));
+            }
             _ => return Err("must be http://HOST:PORT or https://HOST:PORT".into()),
         };
         let host = match uri.host() {
@@ -263,6 +267,8 @@ mod tests {
 
     #[test]
     fn bad_entries_are_named() {
+        let error = ControlPlaneUrls::parse("127.0.0.1:7070").expect_err("no scheme");
+        assert_eq!(error, "must be http://HOST:PORT or https://HOST:PORT (did you mean https://127.0.0.1:7070?)");
         let error = ControlPlaneUrls::parse("ftp://x").expect_err("a single bad URL");
         assert_eq!(error, "must be http://HOST:PORT or https://HOST:PORT", "a single URL reads as before");
         let error = ControlPlaneUrls::parse("https://a:7070,ftp://b:7070").expect_err("a bad second URL");
