@@ -227,6 +227,11 @@ async fn callers(control_plane: &ControlPlane) -> Option<BTreeMap<String, usize>
 /// `ferryctl explain SERVICE --from CALLER`: the authorization decision for a request of
 /// `caller`, and the rule that makes it.
 pub async fn authorization(question: Question, caller: &str, output: Output, api: &ControlPlane) -> anyhow::Result<String> {
+    // A service that does not exist has no policy to decide by: the request gets 503 anyway.
+    let names = super::service_names(api).await?;
+    if !names.iter().any(|name| *name == question.service) {
+        return Err(anyhow::anyhow!(unknown_service(&question.service, names.iter().map(String::as_str))));
+    }
     let (decision, method) = decide(&question, Caller::Service(caller), api).await?;
     let value = authorization_value(&question, caller, &method, &decision);
     let shown = match output {
@@ -235,7 +240,7 @@ pub async fn authorization(question: Question, caller: &str, output: Output, api
             let version = if decision.version == 0 {
                 String::new()
             } else {
-                format!(" (authorization policy version {})", decision.version)
+                format!(" (authorization policy version {})", ferry_runtime::short::version(decision.version))
             };
             format!(
                 "{verdict}: {caller} -> {} {} {}\ndecided by: {}{version}\n",

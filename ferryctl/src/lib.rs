@@ -413,6 +413,22 @@ async fn service_names(api: &ControlPlane) -> anyhow::Result<Vec<String>> {
     Ok(response.services.into_iter().map(|s| s.name).collect())
 }
 
+/// The TTL checks of the instance whose id is `id`, when there is one (an instance id given
+/// where a check id was meant); best effort, over at most 256 services.
+async fn instance_checks(api: &ControlPlane, id: &str) -> Option<Vec<String>> {
+    let mut registry = registry(api).await.ok()?;
+    let services = registry.list_services(v1::ListServicesRequest {}).await.ok()?.into_inner().services;
+    for service in services.into_iter().take(256) {
+        let request = v1::ListInstancesRequest { service: service.name, ..Default::default() };
+        let Ok(response) = registry.list_instances(request).await else { continue };
+        if let Some(instance) = response.into_inner().instances.into_iter().find(|i| i.id == id) {
+            let ttl = instance.checks.into_iter().filter(|c| matches!(c.probe, Some(v1::check::Probe::Ttl(_))));
+            return Some(ttl.map(|c| c.id).collect());
+        }
+    }
+    None
+}
+
 /// Fails, naming the closest service, when `service` is not a service of the mesh.
 pub(crate) async fn known_service(api: &ControlPlane, service: &str) -> anyhow::Result<()> {
     let names = service_names(api).await?;
@@ -530,6 +546,14 @@ async fn execute(command: Command, output: Output, api: &ControlPlane, input: Op
                 Ok(response) => response.into_inner(),
                 // Another replica may serve it.
                 Err(status) if status.code() == tonic::Code::Unavailable => return Err(status.into()),
+                Err(status) if status.code() == tonic::Code::NotFound => {
+                    let hint = match instance_checks(api, &check_id).await {
+                        Some(checks) if checks.is_empty() => format!("; {check_id:?} is an instance, with no TTL check"),
+                        Some(checks) => format!("; {check_id:?} is an instance: its TTL check is {}", checks.join(" or ")),
+                        None => String::new(),
+                    };
+                    return Err(anyhow!("check {check_id:?}: {}{hint}", status_text(&status)));
+                }
                 Err(status) => return Err(anyhow!("check {check_id:?}: {}", status_text(&status))),
             };
             render(output, &response, |r| {

@@ -89,6 +89,10 @@ async fn a_ttl_check_is_renewed_with_ferryctl_check() {
     let output = control_plane.ferryctl(&["check", "pass", "job-2:ttl"]).await;
     assert_eq!(output.status.code(), Some(1));
     assert!(text(&output.stderr).starts_with("error: check \"job-2:ttl\": "), "{}", text(&output.stderr));
+    // The instance's id where its check's was meant: the check is named.
+    let output = control_plane.ferryctl(&["check", "pass", "job-1"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(text(&output.stderr).contains(r#""job-1" is an instance: its TTL check is job-1:ttl"#), "{}", text(&output.stderr));
 }
 
 #[tokio::test]

@@ -416,12 +416,13 @@ async fn bad_resources_are_refused_naming_the_field_and_change_nothing() {
     assert_eq!(answer.0, 400, "{}", text(&answer));
     let error: Value = serde_json::from_slice(&answer.2).expect("a JSON error");
     let reason = error["error"].as_str().unwrap_or_default();
-    assert!(reason.ends_with(r#"(there is no service "catlog"; did you mean "catalog"?)"#), "{error}");
+    let field = "documents[0].rules[0].backends[0].subset";
+    assert!(reason.starts_with(&format!(r#"{field}: there is no service "catlog" (did you mean "catalog"?); "#)), "{error}");
     let typo = "kind: Route\nservice: catalog\nrules: [ { backends: [ { service: catalgo, subset: v1 } ] } ]\n";
     let answer = control_plane.send_body(Method::POST, "/v1/apply", "application/yaml", typo).await.expect("answered");
     let error: Value = serde_json::from_slice(&answer.2).expect("a JSON error");
     let reason = error["error"].as_str().unwrap_or_default();
-    assert!(reason.contains(r#"there is no service "catalgo"; did you mean "catalog"?"#), "a backend's service too: {error}");
+    assert!(reason.contains(r#"there is no service "catalgo" (did you mean "catalog"?)"#), "a backend's service too: {error}");
 
     // A valid dry run reports the change and stores nothing.
     let answer = control_plane

@@ -492,4 +492,12 @@ rules:
     let explain = control_plane.ferryctl(&["explain", "catalog", "--from", "frontend", "--path", "/items/3"]).await;
     assert!(String::from_utf8_lossy(&explain.stdout).starts_with("ALLOWED"), "{explain:?}");
     assert!(explain.status.success(), "{explain:?}");
+    // A misspelled service is not explained as allowed: it does not exist.
+    let explain = control_plane.ferryctl(&["explain", "catalgo", "--from", "frontend"]).await;
+    assert_eq!(explain.status.code(), Some(1), "{explain:?}");
+    assert!(explain.stdout.is_empty(), "{explain:?}");
+    assert!(
+        String::from_utf8_lossy(&explain.stderr).contains(r#"there is no service "catalgo" (did you mean "catalog"?)"#),
+        "{explain:?}"
+    );
 }

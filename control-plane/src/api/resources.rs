@@ -121,11 +121,16 @@ fn unknown_service_hint(error: ResourceError, items: &[v1::ApplyItem], registry:
     named.sort_unstable();
     named.dedup();
     let known: Vec<String> = registry.services().into_iter().map(|s| s.name.to_string()).collect();
+    let mut typos = Vec::new();
     for service in named {
         let unknown = registry.snapshot(service).is_none_or(|s| s.instances.is_empty() && s.virtual_ip.is_none());
         if let (true, Some(closest)) = (unknown, ferry_runtime::suggest::closest(service, known.iter().map(String::as_str))) {
-            field.reason.push_str(&format!(" (there is no service {service:?}; did you mean {closest:?}?)"));
+            typos.push(format!("there is no service {service:?} (did you mean {closest:?}?)"));
         }
+    }
+    // The likely mistake first, then what the check itself found.
+    if !typos.is_empty() {
+        field.reason = format!("{}; {}", typos.join("; "), field.reason);
     }
     ResourceError::Invalid(field)
 }
