@@ -229,7 +229,7 @@ async fn callers(control_plane: &ControlPlane) -> Option<BTreeMap<String, usize>
 pub async fn authorization(question: Question, caller: &str, output: Output, api: &ControlPlane) -> anyhow::Result<String> {
     // A service that does not exist has no policy to decide by: the request gets 503 anyway.
     let names = super::service_names(api).await?;
-    if !names.iter().any(|name| *name == question.service) {
+    if !names.contains(&question.service) {
         return Err(anyhow::anyhow!(unknown_service(&question.service, names.iter().map(String::as_str))));
     }
     let (decision, method) = decide(&question, Caller::Service(caller), api).await?;
