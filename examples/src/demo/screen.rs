@@ -143,8 +143,11 @@ fn weight(index: usize, line: &str) -> u8 {
         // What each resource became ("Route catalog: version 12 (changed)", "DELETE ..."); the
         // diff under it is indented further.
         3
-    } else {
+    } else if line.starts_with('+') || line.starts_with('-') {
+        // A line the change adds or removes, before the diff's unchanged context.
         4
+    } else {
+        5
     }
 }
 
@@ -194,6 +197,14 @@ pub fn answer(text: &str, rows: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_diff_short_of_rows_shows_what_changed_before_its_context() {
+        let text = "[21s] header canary: POST /v1/apply\n  Route catalog: version …748 (changed)\n       kind: Route\n       service: catalog\n       rules:\n      -  - backends: [ { subset: v1 } ]\n      +  - name: opted-in\n";
+        let shown = answer(text, 4);
+        assert!(shown.iter().any(|l| l.contains("-  - backends: [ { subset: v1 } ]")), "{shown:#?}");
+        assert!(!shown.iter().any(|l| l.contains("kind: Route")), "{shown:#?}");
+    }
 
     /// The answer to `l` as the demo gives it, diff and all.
     fn lockdown_answer() -> String {
