@@ -64,8 +64,9 @@ async fn every_kind_of_token_may_do_what_it_should_over_http_and_nothing_else() 
         (Method::PUT, "/v1/instances", Some((json, payments)), [401, 403, 403, 200]),
         (Method::DELETE, "/v1/instances/payments-api", None, [401, 403, 403, 200]),
         (Method::DELETE, "/v1/instances/catalog-api", None, [401, 403, 200, 404]),
-        // Its sidecar's: only an admin deletes it through the API.
-        (Method::DELETE, "/v1/instances/catalog-1", None, [401, 403, 403, 200]),
+        // Its sidecar's: only an admin deletes it through the API, and only with force.
+        (Method::DELETE, "/v1/instances/catalog-1", None, [401, 403, 403, 409]),
+        (Method::DELETE, "/v1/instances/catalog-1?force=true", None, [401, 403, 403, 200]),
     ];
     let tokens = [None, Some(read.as_str()), Some(sidecar.as_str()), Some(admin.as_str())];
     for (method, path, body, expected) in table {
@@ -83,7 +84,7 @@ async fn every_kind_of_token_may_do_what_it_should_over_http_and_nothing_else() 
     assert_eq!(answer.1.get("www-authenticate").and_then(|v| v.to_str().ok()), Some("Bearer"));
 
     // The metrics count what was refused and what the CA signed: the table's tokenless calls
-    // (16 of its rows need a token) and the guess above; catalog's certificate.
+    // (17 of its rows need a token) and the guess above; catalog's certificate.
     let metrics = control_plane.api().with_token(None).call(Method::GET, "/metrics", None).await.expect("metrics");
     let metrics = text(&metrics);
     let value = |name: &str| {
@@ -92,7 +93,7 @@ async fn every_kind_of_token_may_do_what_it_should_over_http_and_nothing_else() 
             .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
             .unwrap_or_else(|| panic!("{name} in\n{metrics}"))
     };
-    assert_eq!(value("ferry_api_unauthenticated_total"), 17.0);
+    assert_eq!(value("ferry_api_unauthenticated_total"), 18.0);
     assert!(value("ferry_certificates_issued_total") >= 1.0);
     assert!(value("ferry_ca_issuer_expiration_timestamp_seconds") > 1.7e9);
     assert_eq!(value("ferry_trust_bundle_version"), 1.0);
