@@ -82,13 +82,15 @@ impl HealthWatch {
                 let spec = self.specs.iter().find(|s| s.id == status.id).map(CheckSpec::to_proto).unwrap_or_default();
                 v1::Check {
                     id: status.id.clone(),
-                    status: status.wire_status() as i32,
+                    // As an earlier control plane reads it; `unchecked` says the rest.
+                    status: v1::Health::from(status.status) as i32,
                     output: status.output.clone(),
                     last_transition: Some(ferry_proto::time::timestamp(status.last_transition)),
                     ..spec
                 }
             })
             .collect();
-        (v1::HealthReport { health: v1::Health::from(health) as i32, checks }, (report.generation, draining))
+        let unchecked = report.checks.iter().filter(|c| !c.checked).map(|c| c.id.clone()).collect();
+        (v1::HealthReport { health: v1::Health::from(health) as i32, checks, unchecked }, (report.generation, draining))
     }
 }

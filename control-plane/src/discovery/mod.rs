@@ -76,12 +76,16 @@ pub(crate) fn health_report(report: &v1::HealthReport) -> Result<(Health, Vec<Ch
     if report.checks.len() > validate::MAX_CHECKS {
         return Err(FieldError::new("checks", format!("at most {} checks", validate::MAX_CHECKS)));
     }
+    if report.unchecked.len() > report.checks.len() {
+        return Err(FieldError::new("unchecked", "lists more checks than the report has"));
+    }
     let mut statuses = Vec::with_capacity(report.checks.len());
     for (i, check) in report.checks.iter().enumerate() {
         let at = |field: &str| format!("checks[{i}].{field}");
         validate::instance_id(&at("id"), &check.id)?;
         let (status, checked) =
             ferry_health::check_status_from_wire(check.status).map_err(|e| FieldError::new(at("status"), e.to_string()))?;
+        let checked = checked && !report.unchecked.contains(&check.id);
         let output = ferry_health::state::truncate(check.output.clone());
         let kind = check.probe.as_ref().map_or("unknown", v1::check::Probe::kind);
         // A sidecar's clock, or a bad peer, must not put a transition in the future.
@@ -270,5 +274,41 @@ impl Discovery for DiscoveryService {
     async fn traffic(&self, request: Request<v1::TrafficRequest>) -> Result<Response<v1::TrafficResponse>, Status> {
         Principal::of(&request)?.require_read("reading traffic figures")?;
         Ok(Response::new(self.traffic.snapshot()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(id: &str, status: v1::Health) -> v1::Check {
+        v1::Check { id: id.into(), status: status as i32, output: "waiting".into(), ..Default::default() }
+    }
+
+    #[test]
+    fn a_check_with_no_result_yet_is_read_from_unchecked_or_from_its_status() {
+        let report = v1::HealthReport {
+            health: v1::Health::Critical as i32,
+            // As a sidecar sends it: the assumed status, and the id in `unchecked`.
+            checks: vec![check("app:ttl", v1::Health::Critical), check("app:http", v1::Health::Passing)],
+            unchecked: vec!["app:ttl".into()],
+        };
+        let (_, statuses) = health_report(&report).expect("valid");
+        let checked: Vec<(&str, Health, bool)> = statuses.iter().map(|s| (s.id.as_str(), s.status, s.checked)).collect();
+        assert_eq!(checked, [("app:ttl", Health::Critical, false), ("app:http", Health::Passing, true)]);
+        assert_eq!(statuses[0].wire_status(), v1::Health::NotChecked);
+
+        // The status itself says it too.
+        let report = v1::HealthReport {
+            health: v1::Health::Critical as i32,
+            checks: vec![check("app:ttl", v1::Health::NotChecked)],
+            unchecked: Vec::new(),
+        };
+        let (_, statuses) = health_report(&report).expect("valid");
+        assert!(!statuses[0].checked);
+
+        let too_many =
+            v1::HealthReport { health: v1::Health::Passing as i32, unchecked: vec!["a:ttl".into()], ..Default::default() };
+        assert_eq!(health_report(&too_many).map(|_| ()).expect_err("refused").field, "unchecked");
     }
 }
