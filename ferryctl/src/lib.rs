@@ -29,7 +29,6 @@ use ferry_tls::api::{ApiChannel, ControlPlaneUrls};
 use serde::Serialize;
 
 mod control_plane;
-mod documents;
 mod explain;
 mod out;
 mod routing;

@@ -88,7 +88,7 @@ impl Input {
 pub async fn apply(api: &ControlPlane, output: Output, input: &Input, dry_run: bool) -> anyhow::Result<String> {
     let Input { name, text } = input;
     // Checked here with the server's rules, so a mistake is named before anything is sent.
-    let documents = crate::documents::resources(text).map_err(|e| anyhow::anyhow!("{name}: {e}; nothing was applied"))?;
+    let documents = json::placed_resources_from_yaml(text).map_err(|e| anyhow::anyhow!("{name}: {e}; nothing was applied"))?;
     if documents.is_empty() {
         return Err(anyhow::anyhow!("{name}: no resources in the file; nothing was applied"));
     }
@@ -101,7 +101,7 @@ pub async fn apply(api: &ControlPlane, output: Output, input: &Input, dry_run: b
         Err(status) if status.code() == tonic::Code::Unavailable => return Err(status.into()),
         Err(status) => {
             // The server names the item; the user knows the document.
-            let message = crate::documents::name_place(status.message(), &places);
+            let message = json::name_item(status.message(), |i| places.get(i).cloned());
             return Err(anyhow::anyhow!("{name}: {message}; nothing was applied"));
         }
     };

@@ -230,18 +230,45 @@ pub fn resources_from_yaml(text: &str) -> Result<Vec<v1::Resource>, FieldError> 
 ///
 /// Costly YAML is refused before anything is built ([`refuse_costly_yaml`]).
 pub fn documents_from_yaml(text: &str) -> Result<Vec<(usize, v1::Resource)>, FieldError> {
+    Ok(yaml_resources(text, false)?.into_iter().map(|(document, _, resource)| (document, resource)).collect())
+}
+
+/// The same, but a document may also be a list of resources (what `ferryctl get -o json`
+/// prints), which count in order; each resource with where it stands: `documents[1]`, or
+/// `documents[0][2]` inside a list, as its errors name it.
+pub fn placed_resources_from_yaml(text: &str) -> Result<Vec<(String, v1::Resource)>, FieldError> {
+    Ok(yaml_resources(text, true)?
+        .into_iter()
+        .map(|(document, item, resource)| match item {
+            Some(item) => (format!("documents[{document}][{item}]"), resource),
+            None => (format!("documents[{document}]"), resource),
+        })
+        .collect())
+}
+
+/// The validated resources of `text`, each with its document and, when `lists` lets a
+/// document be a list of them, its index in that list.
+fn yaml_resources(text: &str, lists: bool) -> Result<Vec<(usize, Option<usize>, v1::Resource)>, FieldError> {
     use serde::Deserialize;
     refuse_costly_yaml(text)?;
+    let resource = |at: &str, value: Value| -> Result<v1::Resource, FieldError> {
+        let resource = resource_from_value(value).map_err(|e| e.within(at))?;
+        crate::validate::resource(&resource).map_err(|e| e.within(at))?;
+        Ok(resource)
+    };
     let mut resources = Vec::new();
     for (i, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let at = format!("documents[{i}]");
         let value = Value::deserialize(document).map_err(|e| FieldError::new(&at, format!("not valid YAML: {e}")))?;
-        if value.is_null() {
-            continue;
+        match value {
+            Value::Null => {}
+            Value::Array(items) if lists => {
+                for (j, item) in items.into_iter().enumerate() {
+                    resources.push((i, Some(j), resource(&format!("{at}[{j}]"), item)?));
+                }
+            }
+            value => resources.push((i, None, resource(&at, value)?)),
         }
-        let resource = resource_from_value(value).map_err(|e| e.within(&at))?;
-        crate::validate::resource(&resource).map_err(|e| e.within(&at))?;
-        resources.push((i, resource));
     }
     Ok(resources)
 }
@@ -301,11 +328,17 @@ pub fn refuse_costly_yaml(text: &str) -> Result<(), FieldError> {
 /// Renames the item an apply error names (`items[1].resource.rules[0]...`) after the YAML
 /// document it came from (`documents[2].rules[0]...`), given each item's document index.
 pub fn name_document(text: &str, documents: &[usize]) -> String {
+    name_item(text, |i| documents.get(i).map(|document| format!("documents[{document}]")))
+}
+
+/// Renames the item an apply error names (`items[1].resource...`) to `place(1)` (`documents[0][1]...`);
+/// any other text, or an item `place` does not know, is left as it is.
+pub fn name_item(text: &str, place: impl Fn(usize) -> Option<String>) -> String {
     let Some(rest) = text.strip_prefix("items[") else { return text.to_owned() };
     let Some((index, rest)) = rest.split_once(']') else { return text.to_owned() };
-    let Some(document) = index.parse::<usize>().ok().and_then(|i| documents.get(i)) else { return text.to_owned() };
+    let Some(place) = index.parse::<usize>().ok().and_then(place) else { return text.to_owned() };
     let rest = rest.strip_prefix(".resource").unwrap_or(rest);
-    format!("documents[{document}]{rest}")
+    format!("{place}{rest}")
 }
 
 /// A resource as a JSON object with its `kind` first.
@@ -332,6 +365,32 @@ pub fn resource_to_yaml(resource: &v1::Resource) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const LISTED_ROUTE: &str = r#"{"kind": "Route", "service": "catalog", "rules": [{"backends": [{"service": "catalog"}]}]}"#;
+
+    #[test]
+    fn a_list_of_resources_counts_as_those_resources_in_order_where_lists_are_taken() {
+        let policy = r#"{"kind": "AuthorizationPolicy", "service": "catalog", "default": "deny", "rules": []}"#;
+        let text = format!("[{LISTED_ROUTE}, {policy}]\n---\n{LISTED_ROUTE}\n");
+        let places: Vec<String> = placed_resources_from_yaml(&text).expect("valid").into_iter().map(|(at, _)| at).collect();
+        assert_eq!(places, ["documents[0][0]", "documents[0][1]", "documents[1]"]);
+        assert_eq!(placed_resources_from_yaml("[]\n").expect("valid").len(), 0);
+        assert!(documents_from_yaml(&text).is_err(), "the server's documents are resources, not lists");
+    }
+
+    #[test]
+    fn errors_name_the_place_inside_the_list() {
+        let bad =
+            r#"{"kind": "Route", "service": "catalog", "rules": [{"backends": [{"service": "catalog", "weight": 20000}]}]}"#;
+        let error = placed_resources_from_yaml(&format!("[{LISTED_ROUTE}, {bad}]")).expect_err("weight too high").to_string();
+        assert!(error.starts_with("documents[0][1].rules[0].backends[0].weight: "), "{error}");
+        let error = placed_resources_from_yaml(&format!("[{LISTED_ROUTE}, 7]")).expect_err("not a resource").to_string();
+        assert!(error.starts_with("documents[0][1]"), "{error}");
+        let places = ["documents[0][0]".to_owned(), "documents[0][1]".to_owned()];
+        let place = |i: usize| places.get(i).cloned();
+        assert_eq!(name_item("items[1].resource.rules[0]: no", place), "documents[0][1].rules[0]: no");
+        assert_eq!(name_item("something else", place), "something else");
+    }
 
     #[test]
     fn numbers_of_the_wrong_kind_are_named() {
